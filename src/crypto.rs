@@ -1,0 +1,402 @@
+//! AES-256-GCM sealing, HKDF-SHA256 derivation and HMAC-SHA256, all through `ring`.
+//!
+//! Pure: no IO, no storage, no policy. Every key is a [`SecretKey`] (zeroized on drop, no
+//! `Debug` of its bytes); every ciphertext is a self-describing [`envelope`](self#envelope):
+//!
+//! ```text
+//! byte 0      format version (1)
+//! byte 1      algorithm (1 = AES-256-GCM, 96-bit random nonce, 128-bit tag)
+//! bytes 2..6  key version, u32 big-endian (which KEK/DEK generation sealed it)
+//! bytes 6..18 nonce
+//! rest        ciphertext ‖ tag
+//! ```
+//!
+//! The AEAD's associated data is the 6-byte header followed by the caller's context (record
+//! id, field name, …, each length-prefixed), so the header and the context are both
+//! authenticated: a flipped bit anywhere, or a ciphertext moved to another record or field,
+//! fails to open.
+
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use ring::hkdf;
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
+use zeroize::Zeroizing;
+
+/// Bytes in every key Kluis handles (AES-256, HMAC-SHA256 and HKDF-SHA256 keys alike).
+pub const KEY_LEN: usize = 32;
+/// Bytes in an AES-GCM nonce.
+pub const NONCE_LEN: usize = 12;
+/// Bytes in an AES-GCM tag.
+pub const TAG_LEN: usize = 16;
+/// Bytes in an envelope header (format, algorithm, key version).
+pub const HEADER_LEN: usize = 6;
+/// Bytes an envelope adds to its plaintext.
+pub const OVERHEAD: usize = HEADER_LEN + NONCE_LEN + TAG_LEN;
+/// The only envelope format this build writes and reads.
+pub const FORMAT_V1: u8 = 1;
+/// Algorithm id of AES-256-GCM with a random 96-bit nonce.
+pub const ALG_AES_256_GCM: u8 = 1;
+
+/// Why a cryptographic operation failed. Deliberately without detail: an AEAD failure says
+/// nothing about which byte was wrong.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CryptoError {
+    /// The ciphertext, its header or its context did not authenticate under the key.
+    #[error("ciphertext failed authentication")]
+    Authentication,
+    /// The envelope names a format or algorithm this build does not know, or is too short.
+    #[error("unsupported or malformed envelope")]
+    Malformed,
+    /// The operating system's random number generator failed.
+    #[error("random number generator failed")]
+    Random,
+}
+
+/// A 256-bit secret. Zeroized on drop; its bytes are reached only through
+/// [`SecretKey::expose_secret`]; `Debug` prints no bytes.
+pub struct SecretKey(Zeroizing<[u8; KEY_LEN]>);
+
+impl SecretKey {
+    /// Wraps key bytes; the caller's copy should be zeroized by the caller.
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+
+    /// A fresh key from the operating system's CSPRNG.
+    pub fn generate() -> Result<Self, CryptoError> {
+        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        SystemRandom::new()
+            .fill(bytes.as_mut())
+            .map_err(|_| CryptoError::Random)?;
+        Ok(Self(bytes))
+    }
+
+    /// The raw key bytes. Named so that every use stands out in review.
+    pub fn expose_secret(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
+    /// Parses a key from 64 hex digits (surrounding whitespace ignored).
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        hex::decode_to_slice(text.trim(), bytes.as_mut()).ok()?;
+        Some(Self(bytes))
+    }
+
+    /// The key as 64 lowercase hex digits, in a zeroizing string.
+    pub fn to_hex(&self) -> Zeroizing<String> {
+        Zeroizing::new(hex::encode(self.0.as_ref()))
+    }
+
+    fn aead_key(&self) -> LessSafeKey {
+        LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, self.0.as_ref())
+                .expect("a 32-byte key is always a valid AES-256-GCM key"),
+        )
+    }
+}
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretKey(...)")
+    }
+}
+
+/// Fills `out` from the operating system's CSPRNG.
+pub fn random_fill(out: &mut [u8]) -> Result<(), CryptoError> {
+    SystemRandom::new()
+        .fill(out)
+        .map_err(|_| CryptoError::Random)
+}
+
+/// Builds an AEAD/MAC context from parts, each prefixed by its length (u32 big-endian), so
+/// that `("ab", "c")` and `("a", "bc")` never collide.
+pub fn context(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 4).sum());
+    for part in parts {
+        let len = u32::try_from(part.len()).expect("context parts are names and ids, far below 4 GiB");
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+/// The parsed header of an envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnvelopeHeader {
+    /// Envelope format version.
+    pub format: u8,
+    /// Algorithm id.
+    pub algorithm: u8,
+    /// Version of the key that sealed it.
+    pub key_version: u32,
+}
+
+impl EnvelopeHeader {
+    /// Reads the header of `sealed` without opening it.
+    pub fn parse(sealed: &[u8]) -> Result<Self, CryptoError> {
+        if sealed.len() < OVERHEAD {
+            return Err(CryptoError::Malformed);
+        }
+        let header = Self {
+            format: sealed[0],
+            algorithm: sealed[1],
+            key_version: u32::from_be_bytes([sealed[2], sealed[3], sealed[4], sealed[5]]),
+        };
+        if header.format != FORMAT_V1 || header.algorithm != ALG_AES_256_GCM {
+            return Err(CryptoError::Malformed);
+        }
+        Ok(header)
+    }
+
+    fn to_bytes(self) -> [u8; HEADER_LEN] {
+        let v = self.key_version.to_be_bytes();
+        [self.format, self.algorithm, v[0], v[1], v[2], v[3]]
+    }
+}
+
+fn aad_bytes(header: &[u8], context: &[u8]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(header.len() + context.len());
+    aad.extend_from_slice(header);
+    aad.extend_from_slice(context);
+    aad
+}
+
+/// Seals `plaintext` under `key` into a fresh envelope with a random nonce; `context` is
+/// authenticated but not stored (use [`context`] to build it).
+pub fn seal(
+    key: &SecretKey,
+    key_version: u32,
+    context: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    seal_with(&key.aead_key(), key_version, context, plaintext)
+}
+
+fn seal_with(
+    key: &LessSafeKey,
+    key_version: u32,
+    context: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    let header = EnvelopeHeader {
+        format: FORMAT_V1,
+        algorithm: ALG_AES_256_GCM,
+        key_version,
+    }
+    .to_bytes();
+    let mut nonce = [0u8; NONCE_LEN];
+    random_fill(&mut nonce)?;
+    let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(plaintext);
+    let aad = aad_bytes(&header, context);
+    let tag = key
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&aad),
+            &mut out[HEADER_LEN + NONCE_LEN..],
+        )
+        .map_err(|_| CryptoError::Authentication)?;
+    out.extend_from_slice(tag.as_ref());
+    Ok(out)
+}
+
+/// Opens an envelope made by [`seal`] under the same key and context.
+pub fn open(
+    key: &SecretKey,
+    context: &[u8],
+    sealed: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    EnvelopeHeader::parse(sealed)?;
+    let (header, rest) = sealed.split_at(HEADER_LEN);
+    let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
+    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoError::Malformed)?;
+    let aad = aad_bytes(header, context);
+    let mut buf = Zeroizing::new(ciphertext.to_vec());
+    let len = key
+        .aead_key()
+        .open_in_place(nonce, Aad::from(&aad), buf.as_mut_slice())
+        .map_err(|_| CryptoError::Authentication)?
+        .len();
+    buf.truncate(len);
+    Ok(buf)
+}
+
+/// A key for sealing many values in a row (one key schedule, many seals).
+pub struct SealingKey {
+    key: LessSafeKey,
+    version: u32,
+}
+
+impl SealingKey {
+    /// Prepares `key` (of the given version) for repeated sealing.
+    pub fn new(key: &SecretKey, version: u32) -> Self {
+        Self {
+            key: key.aead_key(),
+            version,
+        }
+    }
+
+    /// Same as [`seal`] with this key.
+    pub fn seal(&self, context: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        seal_with(&self.key, self.version, context, plaintext)
+    }
+}
+
+impl std::fmt::Debug for SealingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SealingKey(AES-256-GCM, version {})", self.version)
+    }
+}
+
+/// HKDF-SHA256: derives a 256-bit key from `ikm` with `salt` and `info` (the label).
+pub fn hkdf_sha256(salt: &[u8], ikm: &SecretKey, info: &[&[u8]]) -> SecretKey {
+    hkdf_sha256_raw(salt, ikm.expose_secret(), info)
+}
+
+/// HKDF-SHA256 over raw input keying material (used by known-answer tests and key loading).
+pub fn hkdf_sha256_raw(salt: &[u8], ikm: &[u8], info: &[&[u8]]) -> SecretKey {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(ikm);
+    let okm = prk
+        .expand(info, hkdf::HKDF_SHA256)
+        .expect("32 bytes is within HKDF-SHA256's 255 × 32 output limit");
+    let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+    okm.fill(bytes.as_mut())
+        .expect("output length equals HKDF_SHA256's length");
+    SecretKey(bytes)
+}
+
+/// HKDF-SHA256 with an arbitrary output length (known-answer tests only need this form).
+pub fn hkdf_sha256_len(
+    salt: &[u8],
+    ikm: &[u8],
+    info: &[u8],
+    len: usize,
+) -> Option<Zeroizing<Vec<u8>>> {
+    struct Len(usize);
+    impl hkdf::KeyType for Len {
+        fn len(&self) -> usize {
+            self.0
+        }
+    }
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(ikm);
+    let info = [info];
+    let okm = prk.expand(&info, Len(len)).ok()?;
+    let mut out = Zeroizing::new(vec![0u8; len]);
+    okm.fill(out.as_mut_slice()).ok()?;
+    Some(out)
+}
+
+/// HMAC-SHA256 of the concatenation of `parts`.
+pub fn hmac_sha256(key: &SecretKey, parts: &[&[u8]]) -> [u8; 32] {
+    hmac_sha256_raw(key.expose_secret(), parts)
+}
+
+/// HMAC-SHA256 under raw key bytes of any length.
+pub fn hmac_sha256_raw(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, key);
+    let mut ctx = hmac::Context::with_key(&key);
+    for part in parts {
+        ctx.update(part);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.sign().as_ref());
+    out
+}
+
+/// Checks an HMAC-SHA256 tag in constant time.
+pub fn hmac_sha256_verify(key: &SecretKey, parts: &[&[u8]], tag: &[u8]) -> bool {
+    let expected = hmac_sha256(key, parts);
+    ct_eq(&expected, tag)
+}
+
+/// Constant-time equality of two byte strings (length is not secret).
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+/// SHA-256 of the concatenation of `parts`.
+pub fn sha256(parts: &[&[u8]]) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in parts {
+        ctx.update(part);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// Raw AES-256-GCM with an explicit nonce, for known-answer tests against published vectors.
+/// Named `danger_` because a caller-chosen nonce must never repeat under one key.
+pub fn danger_aes256gcm_seal_with_nonce(
+    key: &[u8; KEY_LEN],
+    nonce: [u8; NONCE_LEN],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Vec<u8> {
+    let key = LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, key).expect("a 32-byte key is a valid AES-256 key"),
+    );
+    let mut buf = plaintext.to_vec();
+    key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
+        .expect("sealing cannot fail below ring's 64 GiB input limit");
+    buf
+}
+
+/// Raw AES-256-GCM open of `ciphertext ‖ tag` with an explicit nonce (known-answer tests).
+pub fn aes256gcm_open_with_nonce(
+    key: &[u8; KEY_LEN],
+    nonce: [u8; NONCE_LEN],
+    aad: &[u8],
+    ciphertext_and_tag: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    let key = LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, key).expect("a 32-byte key is a valid AES-256 key"),
+    );
+    let mut buf = Zeroizing::new(ciphertext_and_tag.to_vec());
+    let len = key
+        .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), buf.as_mut_slice())
+        .map_err(|_| CryptoError::Authentication)?
+        .len();
+    buf.truncate(len);
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_open_round_trip_and_context_binding() {
+        let key = SecretKey::generate().expect("rng");
+        let ctx = context(&[b"record", b"field"]);
+        let sealed = seal(&key, 7, &ctx, b"hello").expect("seal");
+        assert_eq!(EnvelopeHeader::parse(&sealed).expect("header").key_version, 7);
+        assert_eq!(open(&key, &ctx, &sealed).expect("open").as_slice(), b"hello");
+        let other = context(&[b"record", b"other"]);
+        assert_eq!(open(&key, &other, &sealed), Err(CryptoError::Authentication));
+    }
+
+    #[test]
+    fn header_is_authenticated() {
+        let key = SecretKey::generate().expect("rng");
+        let mut sealed = seal(&key, 1, b"", b"x").expect("seal");
+        sealed[5] ^= 1; // key version 1 → 0
+        assert_eq!(open(&key, b"", &sealed), Err(CryptoError::Authentication));
+    }
+
+    #[test]
+    fn context_parts_do_not_collide() {
+        assert_ne!(context(&[b"ab", b"c"]), context(&[b"a", b"bc"]));
+    }
+
+    #[test]
+    fn debug_prints_no_key_bytes() {
+        let key = SecretKey::from_bytes([0xAB; 32]);
+        let shown = format!("{key:?}");
+        assert!(!shown.contains("ab") && !shown.contains("171"));
+    }
+}

@@ -1,0 +1,390 @@
+//! The key hierarchy: master key → versioned per-category KEKs (stored wrapped) → per-record,
+//! per-category DEKs; plus the blind-index root and the record-integrity key, both stored
+//! wrapped by the master key.
+//!
+//! ```text
+//! master key (file 0600 or KLUIS_MASTER_KEY; never in the store)
+//!  ├─ HKDF "kluis/v1/key-check"  → key check value (detects a wrong master key at start-up)
+//!  └─ HKDF "kluis/v1/wrap"       → wraps, in the store's `meta` keyspace:
+//!       ├─ kek/<category>/<version>   random 256-bit KEKs; the active version wraps new DEKs
+//!       ├─ index-root/1               random; HKDF(root, field name) → blind-index HMAC key
+//!       └─ integrity/<version>        random; HMAC-SHA256 over each stored record
+//! ```
+//!
+//! Everything that must be shared by several Kluis instances (KEK versions, which one is
+//! active, the key check value) lives in the store, not in process memory alone.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use zeroize::Zeroizing;
+
+use crate::crypto::{self, CryptoError, SecretKey};
+use crate::schema::Category;
+use crate::store::{Batch, Expect, Keyspace, Store, StoreError};
+
+const LABEL_KEY_CHECK: &[u8] = b"kluis/v1/key-check";
+const LABEL_WRAP: &[u8] = b"kluis/v1/wrap";
+const LABEL_INDEX_FIELD: &[u8] = b"kluis/v1/blind-index";
+const CTX_KEK: &[u8] = b"kluis/v1/kek";
+const CTX_INDEX_ROOT: &[u8] = b"kluis/v1/index-root";
+const CTX_INTEGRITY: &[u8] = b"kluis/v1/integrity";
+const CTX_DEK: &[u8] = b"kluis/v1/dek";
+const SALT: &[u8] = b"kluis";
+
+const META_KEY_CHECK: &[u8] = b"key-check";
+const META_KEK_PREFIX: &str = "kek/";
+const META_INDEX_ROOT: &[u8] = b"index-root/1";
+const META_INTEGRITY: &[u8] = b"integrity/1";
+
+/// Environment variable that may hold the master key (64 hex digits) instead of a file.
+pub const MASTER_KEY_ENV: &str = "KLUIS_MASTER_KEY";
+
+/// Key failures.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The master key file is readable by group or others.
+    #[error("master key file {path} is accessible by group or others (mode {mode:o}); run `chmod 600 {path}`")]
+    Permissions {
+        /// The file.
+        path: String,
+        /// Its mode bits.
+        mode: u32,
+    },
+    /// The master key file or variable could not be read or is not 64 hex digits.
+    #[error("master key {0}")]
+    BadMasterKey(String),
+    /// The master key does not match the one this data directory was created with.
+    #[error("the master key does not match this data directory (key check value differs): refusing to start. Use the master key the data directory was created with")]
+    WrongMasterKey,
+    /// A stored wrapped key failed authentication.
+    #[error("stored key `{0}` failed authentication (tampered or wrong master key)")]
+    Corrupt(String),
+    /// A data key could not be unwrapped.
+    #[error("data key of category {0} failed authentication")]
+    Dek(Category),
+    /// A record names a KEK version the ring does not have.
+    #[error("KEK {0} version {1} is not available")]
+    MissingKek(Category, u32),
+    /// Randomness or sealing failed.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The master key: the root of the hierarchy, never written to the store.
+pub struct MasterKey(SecretKey);
+
+impl MasterKey {
+    /// Reads a master key file (64 hex digits); refuses a file readable by group or others.
+    pub fn load_file(path: &Path) -> Result<MasterKey, KeyError> {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| KeyError::BadMasterKey(format!("file {}: {e}", path.display())))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Permissions {
+                path: path.display().to_string(),
+                mode,
+            });
+        }
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| KeyError::BadMasterKey(format!("file {}: {e}", path.display())))?,
+        );
+        SecretKey::from_hex(&text).map(MasterKey).ok_or_else(|| {
+            KeyError::BadMasterKey(format!("file {} must hold 64 hex digits", path.display()))
+        })
+    }
+
+    /// Reads the master key from [`MASTER_KEY_ENV`], if set.
+    pub fn from_env() -> Result<Option<MasterKey>, KeyError> {
+        match std::env::var(MASTER_KEY_ENV) {
+            Ok(v) => {
+                let v = Zeroizing::new(v);
+                SecretKey::from_hex(&v).map(|k| Some(MasterKey(k))).ok_or_else(|| {
+                    KeyError::BadMasterKey(format!("in {MASTER_KEY_ENV} must be 64 hex digits"))
+                })
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Creates a new random master key file with mode 0600; refuses to overwrite.
+    pub fn create_file(path: &Path) -> Result<MasterKey, KeyError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let key = SecretKey::generate()?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| KeyError::BadMasterKey(format!("directory {}: {e}", dir.display())))?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| KeyError::BadMasterKey(format!("file {}: {e}", path.display())))?;
+        let text = Zeroizing::new(format!("{}\n", key.to_hex().as_str()));
+        file.write_all(text.as_bytes())
+            .and_then(|_| file.sync_all())
+            .map_err(|e| KeyError::BadMasterKey(format!("file {}: {e}", path.display())))?;
+        Ok(MasterKey(key))
+    }
+
+    /// Wraps raw key material (tests and tools).
+    pub fn from_secret(key: SecretKey) -> MasterKey {
+        MasterKey(key)
+    }
+
+    fn check_value(&self) -> [u8; 32] {
+        let k = crypto::hkdf_sha256(SALT, &self.0, &[LABEL_KEY_CHECK]);
+        crypto::hmac_sha256(&k, &[b"kluis key check value"])
+    }
+
+    fn wrapping_key(&self) -> SecretKey {
+        crypto::hkdf_sha256(SALT, &self.0, &[LABEL_WRAP])
+    }
+}
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(...)")
+    }
+}
+
+/// A data key (DEK) as stored in a record: sealed under a KEK version.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WrappedDek {
+    /// The KEK version that wraps it.
+    pub kek_version: u32,
+    /// The envelope.
+    pub sealed: Vec<u8>,
+}
+
+/// The unwrapped keys a running vault uses.
+pub struct KeyRing {
+    keks: BTreeMap<(Category, u32), SecretKey>,
+    active: BTreeMap<Category, u32>,
+    index_root: SecretKey,
+    index_keys: parking_lot::RwLock<BTreeMap<String, std::sync::Arc<SecretKey>>>,
+    integrity: SecretKey,
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("active_kek_versions", &self.active)
+            .finish_non_exhaustive()
+    }
+}
+
+fn kek_meta_key(category: Category, version: u32) -> Vec<u8> {
+    format!("{META_KEK_PREFIX}{}/{version:010}", category.as_str()).into_bytes()
+}
+
+fn unwrap_stored(
+    wrap: &SecretKey,
+    ctx: &[u8],
+    sealed: &[u8],
+    name: &str,
+) -> Result<SecretKey, KeyError> {
+    let bytes = crypto::open(wrap, ctx, sealed).map_err(|_| KeyError::Corrupt(name.into()))?;
+    let arr: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| KeyError::Corrupt(name.into()))?;
+    Ok(SecretKey::from_bytes(arr))
+}
+
+impl KeyRing {
+    /// Loads the key ring from the store, creating it on first start. Refuses a master key
+    /// that does not match the store's key check value.
+    pub async fn open<S: Store>(store: &S, master: &MasterKey) -> Result<KeyRing, KeyError> {
+        let check = master.check_value();
+        match store.get(Keyspace::Meta, META_KEY_CHECK).await? {
+            Some(stored) if crypto::ct_eq(&stored, &check) => {}
+            Some(_) => return Err(KeyError::WrongMasterKey),
+            None => Self::create(store, master, check).await?,
+        }
+        Self::load(store, master).await
+    }
+
+    async fn create<S: Store>(store: &S, master: &MasterKey, check: [u8; 32]) -> Result<(), KeyError> {
+        let wrap = master.wrapping_key();
+        let mut batch = Batch::default();
+        batch.expect(Keyspace::Meta, META_KEY_CHECK.to_vec(), Expect::Absent);
+        batch.put(Keyspace::Meta, META_KEY_CHECK.to_vec(), check.to_vec());
+        for category in Category::ALL {
+            let kek = SecretKey::generate()?;
+            let ctx = crypto::context(&[CTX_KEK, category.as_str().as_bytes(), &1u32.to_be_bytes()]);
+            let sealed = crypto::seal(&wrap, 1, &ctx, kek.expose_secret())?;
+            batch.put(Keyspace::Meta, kek_meta_key(category, 1), sealed);
+        }
+        let root = SecretKey::generate()?;
+        let sealed = crypto::seal(&wrap, 1, &crypto::context(&[CTX_INDEX_ROOT]), root.expose_secret())?;
+        batch.put(Keyspace::Meta, META_INDEX_ROOT.to_vec(), sealed);
+        let integrity = SecretKey::generate()?;
+        let sealed = crypto::seal(&wrap, 1, &crypto::context(&[CTX_INTEGRITY]), integrity.expose_secret())?;
+        batch.put(Keyspace::Meta, META_INTEGRITY.to_vec(), sealed);
+        match store.commit(batch).await {
+            // Another instance initialised the store first: use its keys.
+            Ok(()) | Err(StoreError::Conflict) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn load<S: Store>(store: &S, master: &MasterKey) -> Result<KeyRing, KeyError> {
+        let wrap = master.wrapping_key();
+        let mut keks = BTreeMap::new();
+        let mut active = BTreeMap::new();
+        let entries = store
+            .scan(Keyspace::Meta, META_KEK_PREFIX.as_bytes(), None, usize::MAX)
+            .await?;
+        for (key, sealed) in entries {
+            let name = String::from_utf8_lossy(&key).to_string();
+            let mut parts = name[META_KEK_PREFIX.len()..].split('/');
+            let category = parts.next().and_then(Category::parse);
+            let version = parts.next().and_then(|v| v.parse::<u32>().ok());
+            let (Some(category), Some(version)) = (category, version) else {
+                return Err(KeyError::Corrupt(name));
+            };
+            let ctx = crypto::context(&[CTX_KEK, category.as_str().as_bytes(), &version.to_be_bytes()]);
+            keks.insert((category, version), unwrap_stored(&wrap, &ctx, &sealed, &name)?);
+            let a = active.entry(category).or_insert(version);
+            *a = (*a).max(version);
+        }
+        for category in Category::ALL {
+            if !active.contains_key(&category) {
+                return Err(KeyError::MissingKek(category, 1));
+            }
+        }
+        let get = |key: &'static [u8]| async move {
+            store
+                .get(Keyspace::Meta, key)
+                .await?
+                .ok_or_else(|| KeyError::Corrupt(String::from_utf8_lossy(key).into()))
+        };
+        let index_root = unwrap_stored(
+            &wrap,
+            &crypto::context(&[CTX_INDEX_ROOT]),
+            &get(META_INDEX_ROOT).await?,
+            "index-root/1",
+        )?;
+        let integrity = unwrap_stored(
+            &wrap,
+            &crypto::context(&[CTX_INTEGRITY]),
+            &get(META_INTEGRITY).await?,
+            "integrity/1",
+        )?;
+        Ok(KeyRing {
+            keks,
+            active,
+            index_root,
+            index_keys: parking_lot::RwLock::new(BTreeMap::new()),
+            integrity,
+        })
+    }
+
+    fn dek_context(record_id: &[u8], category: Category, kek_version: u32) -> Vec<u8> {
+        crypto::context(&[
+            CTX_DEK,
+            record_id,
+            category.as_str().as_bytes(),
+            &kek_version.to_be_bytes(),
+        ])
+    }
+
+    /// Wraps a fresh DEK for `category` of `record_id` under the category's active KEK.
+    pub fn wrap_dek(&self, record_id: &[u8], category: Category, dek: &SecretKey) -> Result<WrappedDek, KeyError> {
+        let version = *self
+            .active
+            .get(&category)
+            .ok_or(KeyError::MissingKek(category, 0))?;
+        let kek = self
+            .keks
+            .get(&(category, version))
+            .ok_or(KeyError::MissingKek(category, version))?;
+        let ctx = Self::dek_context(record_id, category, version);
+        Ok(WrappedDek {
+            kek_version: version,
+            sealed: crypto::seal(kek, version, &ctx, dek.expose_secret())?,
+        })
+    }
+
+    /// Unwraps the DEK of `category` of `record_id`.
+    pub fn unwrap_dek(&self, record_id: &[u8], category: Category, wrapped: &WrappedDek) -> Result<SecretKey, KeyError> {
+        let kek = self
+            .keks
+            .get(&(category, wrapped.kek_version))
+            .ok_or(KeyError::MissingKek(category, wrapped.kek_version))?;
+        let ctx = Self::dek_context(record_id, category, wrapped.kek_version);
+        let bytes = crypto::open(kek, &ctx, &wrapped.sealed).map_err(|_| KeyError::Dek(category))?;
+        let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| KeyError::Dek(category))?;
+        Ok(SecretKey::from_bytes(arr))
+    }
+
+    /// The blind-index HMAC key of `field`: HKDF(index root, field name).
+    pub fn index_key(&self, field: &str) -> std::sync::Arc<SecretKey> {
+        if let Some(k) = self.index_keys.read().get(field) {
+            return std::sync::Arc::clone(k);
+        }
+        let key = std::sync::Arc::new(crypto::hkdf_sha256(
+            SALT,
+            &self.index_root,
+            &[LABEL_INDEX_FIELD, b"/", field.as_bytes()],
+        ));
+        self.index_keys
+            .write()
+            .insert(field.to_string(), std::sync::Arc::clone(&key));
+        key
+    }
+
+    /// The record-integrity key and its version.
+    pub fn integrity_key(&self) -> (u32, &SecretKey) {
+        (1, &self.integrity)
+    }
+
+    /// The active KEK version of each category.
+    pub fn active_versions(&self) -> &BTreeMap<Category, u32> {
+        &self.active
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStore;
+
+    #[tokio::test]
+    async fn wrong_master_key_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let m1 = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let m2 = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let ring = KeyRing::open(&store, &m1).await.expect("first open creates");
+        let dek = SecretKey::generate().expect("rng");
+        let wrapped = ring.wrap_dek(b"rec", Category::Identity, &dek).expect("wrap");
+        let again = KeyRing::open(&store, &m1).await.expect("same key reopens");
+        let back = again.unwrap_dek(b"rec", Category::Identity, &wrapped).expect("unwrap");
+        assert_eq!(back.expose_secret(), dek.expose_secret());
+        assert!(again.unwrap_dek(b"other", Category::Identity, &wrapped).is_err());
+        assert!(again.unwrap_dek(b"rec", Category::Financial, &wrapped).is_err());
+        assert!(matches!(KeyRing::open(&store, &m2).await, Err(KeyError::WrongMasterKey)));
+    }
+
+    #[test]
+    fn master_key_file_permissions_are_enforced() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("master.key");
+        MasterKey::create_file(&path).expect("create");
+        assert_eq!(std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o600);
+        MasterKey::load_file(&path).expect("0600 loads");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        assert!(matches!(MasterKey::load_file(&path), Err(KeyError::Permissions { .. })));
+        assert!(MasterKey::create_file(&path).is_err(), "never overwrites");
+    }
+}

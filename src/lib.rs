@@ -1,0 +1,57 @@
+//! # Kluis — an encrypted candidate-records vault
+//!
+//! Kluis ("safe") stores a staffing agency's candidate and employee records with every
+//! sensitive field encrypted per record, and serves each calling system over gRPC only the
+//! fields its role is authorised for. Decryption is role-scoped cryptographically: a request
+//! unwraps only the data keys of the categories it may return.
+//!
+//! Kluis does **not** store plaintext anywhere (store, logs, errors, `Debug`), does not
+//! implement its own cryptographic primitives (`ring` does), and does not trust its storage:
+//! every record carries a MAC over its header and every field's ciphertext digest.
+//!
+//! ## Modules, in reading order
+//!
+//! Pure logic, no IO:
+//! - [`crypto`]: AES-256-GCM envelopes, HKDF, HMAC, typed secret keys.
+//! - [`schema`]: the field catalogue and typed values parsed at the edge (BSN, IBAN, …).
+//! - [`policy`]: roles, purposes, principals; deny by default.
+//! - [`record`]: the stored form of a record (MAC-protected header, sealed chunks).
+//!
+//! State and IO:
+//! - [`store`]: the storage trait (keyspaces, atomic durable batches) and the sled backend.
+//! - [`keys`]: master key, versioned KEKs, DEK wrapping, blind-index and integrity keys.
+//! - [`vault`]: the core operations, the main test boundary below gRPC.
+//! - [`error`]: the vault's error type.
+//!
+//! Edges:
+//! - [`service`]: tonic handlers, authentication, the one mapping of errors to gRPC status.
+//! - [`config`]: configuration file, dev mode and `kluis init`.
+//! - [`server`]: assembling and running the gRPC server (TLS, health, reflection, shutdown).
+//! - [`proto`]: the generated `kluis.v1` API.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod keys;
+pub mod policy;
+pub mod record;
+pub mod schema;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod vault;
+
+/// The generated `kluis.v1` gRPC API (messages, `Records` client and server).
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("kluis.v1");
+
+    /// Encoded file descriptor set, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kluis_descriptor");
+}
+
+pub use error::VaultError;
+pub use vault::Vault;

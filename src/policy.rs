@@ -1,0 +1,335 @@
+//! Who may do what: roles with per-category read/write rights and allowed purposes, and
+//! principals (callers) mapped to roles. Deny by default: anything not granted is refused.
+//!
+//! The policy keeps only SHA-256 hashes of bearer tokens. Tokens are 256-bit random values, so
+//! a plain hash is enough (no password stretching needed), and lookups compare every stored
+//! hash in constant time without stopping early.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::crypto;
+use crate::schema::Category;
+
+/// The shipped default policy (roles and purposes; no principals).
+pub const DEFAULT_POLICY_TOML: &str = include_str!("../config/policy.toml");
+
+/// The default role names, fixed: clients and scripts depend on them.
+pub const DEFAULT_ROLES: [&str; 6] = [
+    "recruiter",
+    "payroll",
+    "absence",
+    "privacy_officer",
+    "security_officer",
+    "auditor",
+];
+
+/// A role's rights.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Role {
+    /// The role's name.
+    pub name: String,
+    /// Categories it may read.
+    pub read: BTreeSet<Category>,
+    /// Categories it may write.
+    pub write: BTreeSet<Category>,
+    /// Purposes it may state.
+    pub purposes: BTreeSet<String>,
+}
+
+impl Role {
+    /// Whether the role may read `category`.
+    pub fn may_read(&self, category: Category) -> bool {
+        self.read.contains(&category)
+    }
+
+    /// Whether the role may write `category`.
+    pub fn may_write(&self, category: Category) -> bool {
+        self.write.contains(&category)
+    }
+
+    /// Whether the role may state `purpose`.
+    pub fn may_use(&self, purpose: &str) -> bool {
+        self.purposes.contains(purpose)
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The principal's name (from the policy).
+    pub principal: Arc<str>,
+    /// Its role.
+    pub role: Arc<Role>,
+}
+
+/// A purpose and its legal basis.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Purpose {
+    /// The GDPR Art. 6 basis: consent, contract, legal_obligation, vital_interest,
+    /// public_task or legitimate_interest.
+    pub legal_basis: LegalBasis,
+}
+
+/// GDPR Art. 6(1) legal bases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LegalBasis {
+    /// (a) consent.
+    Consent,
+    /// (b) performance of a contract.
+    Contract,
+    /// (c) legal obligation.
+    LegalObligation,
+    /// (d) vital interest.
+    VitalInterest,
+    /// (e) public task.
+    PublicTask,
+    /// (f) legitimate interest.
+    LegitimateInterest,
+}
+
+/// The whole policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    roles: BTreeMap<String, Arc<Role>>,
+    purposes: BTreeMap<String, Purpose>,
+    tokens: Vec<([u8; 32], Caller)>,
+    certs: BTreeMap<String, Caller>,
+}
+
+/// A policy file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The TOML did not parse.
+    #[error("policy is not valid TOML of the expected shape: {0}")]
+    Toml(#[from] toml::de::Error),
+    /// A rule is broken (named in the message).
+    #[error("policy: {0}")]
+    Rule(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    purposes: BTreeMap<String, Purpose>,
+    #[serde(default)]
+    roles: BTreeMap<String, RoleFile>,
+    #[serde(default)]
+    principals: Vec<PrincipalFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoleFile {
+    #[serde(default)]
+    read: Vec<String>,
+    #[serde(default)]
+    write: Vec<String>,
+    #[serde(default)]
+    purposes: Vec<String>,
+}
+
+/// A principal entry as written in the policy file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrincipalFile {
+    name: String,
+    role: String,
+    #[serde(default)]
+    token_sha256: Option<String>,
+    #[serde(default)]
+    cert_cn: Option<String>,
+}
+
+fn categories(role: &str, what: &str, names: &[String]) -> Result<BTreeSet<Category>, PolicyError> {
+    let mut out = BTreeSet::new();
+    for name in names {
+        if name == "all" {
+            out.extend(Category::ALL);
+        } else {
+            out.insert(Category::parse(name).ok_or_else(|| {
+                PolicyError::Rule(format!("role `{role}`: {what} names unknown category `{name}`"))
+            })?);
+        }
+    }
+    Ok(out)
+}
+
+impl Policy {
+    /// Parses a policy from TOML and checks that every reference resolves.
+    pub fn from_toml(text: &str) -> Result<Policy, PolicyError> {
+        let file: PolicyFile = toml::from_str(text)?;
+        let mut roles = BTreeMap::new();
+        for (name, r) in file.roles {
+            for p in &r.purposes {
+                if !file.purposes.contains_key(p) {
+                    return Err(PolicyError::Rule(format!(
+                        "role `{name}` names undefined purpose `{p}`"
+                    )));
+                }
+            }
+            let role = Role {
+                read: categories(&name, "read", &r.read)?,
+                write: categories(&name, "write", &r.write)?,
+                purposes: r.purposes.into_iter().collect(),
+                name: name.clone(),
+            };
+            roles.insert(name, Arc::new(role));
+        }
+        let mut policy = Policy {
+            roles,
+            purposes: file.purposes,
+            tokens: Vec::new(),
+            certs: BTreeMap::new(),
+        };
+        for p in file.principals {
+            match (p.token_sha256, p.cert_cn) {
+                (Some(hash), None) => {
+                    let mut bytes = [0u8; 32];
+                    hex::decode_to_slice(hash.trim(), &mut bytes).map_err(|_| {
+                        PolicyError::Rule(format!(
+                            "principal `{}`: token_sha256 must be 64 hex digits",
+                            p.name
+                        ))
+                    })?;
+                    policy.add_token_hash(&p.name, &p.role, bytes)?;
+                }
+                (None, Some(cn)) => policy.add_cert_principal(&p.name, &p.role, &cn)?,
+                _ => {
+                    return Err(PolicyError::Rule(format!(
+                        "principal `{}` needs exactly one of token_sha256 or cert_cn",
+                        p.name
+                    )))
+                }
+            }
+        }
+        Ok(policy)
+    }
+
+    /// The shipped default policy: the six default roles, no principals.
+    pub fn default_policy() -> Policy {
+        Policy::from_toml(DEFAULT_POLICY_TOML).expect("the compiled-in default policy is valid")
+    }
+
+    fn caller(&self, name: &str, role: &str) -> Result<Caller, PolicyError> {
+        let role = self.roles.get(role).ok_or_else(|| {
+            PolicyError::Rule(format!("principal `{name}` names undefined role `{role}`"))
+        })?;
+        Ok(Caller {
+            principal: Arc::from(name),
+            role: Arc::clone(role),
+        })
+    }
+
+    /// Adds a principal authenticated by a bearer token with the given SHA-256.
+    pub fn add_token_hash(&mut self, name: &str, role: &str, hash: [u8; 32]) -> Result<(), PolicyError> {
+        let caller = self.caller(name, role)?;
+        if self.tokens.iter().any(|(h, _)| crypto::ct_eq(h, &hash)) {
+            return Err(PolicyError::Rule(format!("principal `{name}`: token hash used twice")));
+        }
+        self.tokens.push((hash, caller));
+        Ok(())
+    }
+
+    /// Adds a principal authenticated by a TLS client certificate with common name `cn`.
+    pub fn add_cert_principal(&mut self, name: &str, role: &str, cn: &str) -> Result<(), PolicyError> {
+        let caller = self.caller(name, role)?;
+        if self.certs.insert(cn.to_string(), caller).is_some() {
+            return Err(PolicyError::Rule(format!("certificate name `{cn}` mapped twice")));
+        }
+        Ok(())
+    }
+
+    /// Finds the caller a bearer token belongs to. Compares against every stored hash in
+    /// constant time, without stopping at a match.
+    pub fn authenticate_token(&self, token: &str) -> Option<Caller> {
+        let hash = token_hash(token);
+        let mut found = None;
+        for (stored, caller) in &self.tokens {
+            if crypto::ct_eq(stored, &hash) {
+                found = Some(caller);
+            }
+        }
+        found.cloned()
+    }
+
+    /// Finds the caller a verified client certificate's common name belongs to.
+    pub fn authenticate_cert(&self, common_name: &str) -> Option<Caller> {
+        self.certs.get(common_name).cloned()
+    }
+
+    /// Looks a role up by name.
+    pub fn role(&self, name: &str) -> Option<&Arc<Role>> {
+        self.roles.get(name)
+    }
+
+    /// Looks a purpose up by name.
+    pub fn purpose(&self, name: &str) -> Option<&Purpose> {
+        self.purposes.get(name)
+    }
+
+    /// How many principals can authenticate.
+    pub fn principal_count(&self) -> usize {
+        self.tokens.len() + self.certs.len()
+    }
+}
+
+/// SHA-256 of a bearer token, as the policy stores it.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    crypto::sha256(&[token.as_bytes()])
+}
+
+/// A fresh bearer token: 32 random bytes, URL-safe base64 (43 characters), prefixed `kluis_`.
+pub fn generate_token() -> Result<Zeroizing<String>, crypto::CryptoError> {
+    use base64::Engine;
+    let mut bytes = Zeroizing::new([0u8; 32]);
+    crypto::random_fill(bytes.as_mut())?;
+    Ok(Zeroizing::new(format!(
+        "kluis_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes.as_ref())
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_policy_has_the_fixed_roles() {
+        let policy = Policy::default_policy();
+        for r in DEFAULT_ROLES {
+            assert!(policy.role(r).is_some(), "{r}");
+        }
+        let recruiter = policy.role("recruiter").expect("recruiter");
+        assert!(recruiter.may_read(Category::Cv) && !recruiter.may_read(Category::Identity));
+        let officer = policy.role("privacy_officer").expect("po");
+        assert!(Category::ALL.iter().all(|c| officer.may_read(*c)));
+        assert!(Category::ALL.iter().all(|c| !officer.may_write(*c)));
+        let sec = policy.role("security_officer").expect("sec");
+        assert!(sec.read.is_empty() && sec.write.is_empty() && sec.purposes.is_empty());
+    }
+
+    #[test]
+    fn tokens_authenticate_by_hash() {
+        let mut policy = Policy::default_policy();
+        policy
+            .add_token_hash("app", "recruiter", token_hash("secret-1"))
+            .expect("add");
+        let caller = policy.authenticate_token("secret-1").expect("known token");
+        assert_eq!(caller.role.name, "recruiter");
+        assert!(policy.authenticate_token("secret-2").is_none());
+        assert!(policy.add_token_hash("x", "nope", [0; 32]).is_err());
+    }
+
+    #[test]
+    fn unknown_category_is_refused() {
+        let err = Policy::from_toml("[roles.x]\nread = [\"secrets\"]\n").expect_err("bad");
+        assert!(err.to_string().contains("secrets"));
+    }
+}

@@ -1,0 +1,765 @@
+//! The field catalogue: which fields a record may hold, their category, type and limits, and
+//! the typed values (`Bsn`, `Iban`, …) that incoming values are parsed into at the edge.
+//!
+//! The schema is data (TOML); [`Schema::default_schema`] is `config/schema.toml`, compiled in.
+//! Parsing a value yields a [`Parsed`]: the normalised plaintext to seal (zeroizing) and, for
+//! searchable fields, the normalised form the blind index is computed over.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+/// The shipped default schema.
+pub const DEFAULT_SCHEMA_TOML: &str = include_str!("../config/schema.toml");
+
+/// A category of fields; each category has its own data key per record, so a role that may
+/// not read a category never causes its key to be unwrapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    /// Name, address, e-mail, phone.
+    Contact,
+    /// Date of birth, gender, nationality, photo, intro video.
+    Personal,
+    /// CV document, education, experience, tests, references, availability.
+    Cv,
+    /// BSN, identity document, work permit.
+    Identity,
+    /// IBAN, wage, payroll tax credit.
+    Financial,
+    /// Absence periods (dates only).
+    Absence,
+}
+
+impl Category {
+    /// Every category, in a fixed order.
+    pub const ALL: [Category; 6] = [
+        Category::Contact,
+        Category::Personal,
+        Category::Cv,
+        Category::Identity,
+        Category::Financial,
+        Category::Absence,
+    ];
+
+    /// The category's name as used in TOML, proto and storage.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::Contact => "contact",
+            Category::Personal => "personal",
+            Category::Cv => "cv",
+            Category::Identity => "identity",
+            Category::Financial => "financial",
+            Category::Absence => "absence",
+        }
+    }
+
+    /// Parses a category name.
+    pub fn parse(name: &str) -> Option<Category> {
+        Category::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+}
+
+impl fmt::Display for Category {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The type of a field and its limits.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FieldType {
+    /// Free text of at most `max_len` characters, no control characters except newline/tab.
+    Text {
+        /// Maximum length in characters.
+        max_len: usize,
+    },
+    /// An e-mail address (`local@domain.tld`); the index is over the lower-cased address.
+    Email,
+    /// A phone number: optional `+`, 8 to 15 digits, spaces, dashes and parentheses allowed.
+    Phone,
+    /// A Dutch postcode: four digits (first not 0), optional space, two letters.
+    Postcode,
+    /// An ISO 8601 calendar date, `YYYY-MM-DD`.
+    Date,
+    /// A Dutch citizen service number: 9 digits passing the 11-test.
+    Bsn,
+    /// An IBAN (ISO 13616): country, check digits passing mod-97, Dutch IBANs 18 characters.
+    Iban,
+    /// A non-negative amount with at most two decimals, e.g. `3125.50`.
+    Amount,
+    /// `true` or `false`.
+    Boolean,
+    /// One of a fixed set of values.
+    Enum {
+        /// The allowed values.
+        values: Vec<String>,
+    },
+    /// Date periods `YYYY-MM-DD/YYYY-MM-DD` (end may be empty: ongoing), comma separated.
+    Periods,
+    /// Binary content of at most `max_bytes`, with a content type from `content_types`.
+    Blob {
+        /// Maximum size in bytes.
+        max_bytes: usize,
+        /// Allowed content types (exact, lower-case).
+        content_types: Vec<String>,
+    },
+}
+
+impl FieldType {
+    /// Whether values of this type are blobs (bytes with a content type) rather than text.
+    pub fn is_blob(&self) -> bool {
+        matches!(self, FieldType::Blob { .. })
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            FieldType::Text { .. } => "text",
+            FieldType::Email => "email",
+            FieldType::Phone => "phone",
+            FieldType::Postcode => "postcode",
+            FieldType::Date => "date",
+            FieldType::Bsn => "bsn",
+            FieldType::Iban => "iban",
+            FieldType::Amount => "amount",
+            FieldType::Boolean => "boolean",
+            FieldType::Enum { .. } => "enum",
+            FieldType::Periods => "periods",
+            FieldType::Blob { .. } => "blob",
+        }
+    }
+}
+
+/// One field of the schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldDef {
+    /// The field's name (the key in `fields` maps).
+    pub name: String,
+    /// Its category.
+    pub category: Category,
+    /// Its type and limits.
+    pub kind: FieldType,
+    /// Whether a blind index is kept for exact-match search.
+    pub searchable: bool,
+}
+
+/// The whole field catalogue.
+#[derive(Debug, Clone)]
+pub struct Schema {
+    fields: BTreeMap<String, FieldDef>,
+}
+
+/// A schema file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// The TOML did not parse or did not match the schema format.
+    #[error("schema is not valid TOML of the expected shape: {0}")]
+    Toml(#[from] toml::de::Error),
+    /// A definition breaks a rule (named in the message).
+    #[error("schema field `{field}`: {rule}")]
+    Rule {
+        /// The field.
+        field: String,
+        /// The broken rule.
+        rule: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SchemaFile {
+    fields: BTreeMap<String, FieldFile>,
+}
+
+#[derive(Deserialize)]
+struct FieldFile {
+    category: Category,
+    #[serde(default)]
+    searchable: bool,
+    #[serde(flatten)]
+    kind: FieldType,
+}
+
+/// Longest field name accepted in a schema.
+pub const MAX_FIELD_NAME_LEN: usize = 64;
+
+impl Schema {
+    /// Parses a schema from TOML and checks its rules.
+    pub fn from_toml(text: &str) -> Result<Schema, SchemaError> {
+        let file: SchemaFile = toml::from_str(text)?;
+        let mut fields = BTreeMap::new();
+        for (name, f) in file.fields {
+            let rule = |rule: &str| SchemaError::Rule {
+                field: name.clone(),
+                rule: rule.to_string(),
+            };
+            if name.is_empty()
+                || name.len() > MAX_FIELD_NAME_LEN
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
+                return Err(rule("names are 1–64 characters of a-z, 0-9 and _"));
+            }
+            match &f.kind {
+                FieldType::Text { max_len } if *max_len == 0 => {
+                    return Err(rule("max_len must be positive"))
+                }
+                FieldType::Blob { max_bytes, content_types } => {
+                    if *max_bytes == 0 || content_types.is_empty() {
+                        return Err(rule("blobs need a positive max_bytes and content_types"));
+                    }
+                    if f.searchable {
+                        return Err(rule("blobs cannot be searchable"));
+                    }
+                }
+                FieldType::Enum { values } if values.is_empty() => {
+                    return Err(rule("enum needs at least one value"))
+                }
+                _ => {}
+            }
+            fields.insert(
+                name.clone(),
+                FieldDef {
+                    name,
+                    category: f.category,
+                    kind: f.kind,
+                    searchable: f.searchable,
+                },
+            );
+        }
+        Ok(Schema { fields })
+    }
+
+    /// The shipped default schema (`config/schema.toml`).
+    pub fn default_schema() -> Schema {
+        Schema::from_toml(DEFAULT_SCHEMA_TOML).expect("the compiled-in default schema is valid")
+    }
+
+    /// Looks a field up by name.
+    pub fn field(&self, name: &str) -> Option<&FieldDef> {
+        self.fields.get(name)
+    }
+
+    /// Every field, ordered by name.
+    pub fn fields(&self) -> impl Iterator<Item = &FieldDef> {
+        self.fields.values()
+    }
+
+    /// The largest value any field accepts, in bytes (for transport limits).
+    pub fn largest_value(&self) -> usize {
+        self.fields
+            .values()
+            .map(|f| match &f.kind {
+                FieldType::Blob { max_bytes, .. } => *max_bytes,
+                FieldType::Text { max_len } => max_len * 4,
+                _ => 256,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Why a value was refused; the message names the rule, never the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    /// The value breaks the field's format rule.
+    #[error("{0}")]
+    Invalid(String),
+    /// The value is larger than the field allows.
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+/// An incoming value before parsing: text or bytes with a content type.
+pub enum RawValue<'a> {
+    /// Text.
+    Text(&'a str),
+    /// Bytes, with the declared content type.
+    Blob(&'a [u8], &'a str),
+}
+
+/// A parsed, normalised value, ready to seal.
+pub struct Parsed {
+    /// The normalised plaintext (UTF-8 for text types).
+    pub plaintext: Zeroizing<Vec<u8>>,
+    /// The content type, for blobs.
+    pub content_type: Option<String>,
+    /// For searchable fields: the normalised form the blind index is computed over.
+    pub index_form: Option<Zeroizing<String>>,
+}
+
+impl fmt::Debug for Parsed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Parsed({} bytes)", self.plaintext.len())
+    }
+}
+
+impl FieldDef {
+    /// Parses an incoming value for this field.
+    pub fn parse(&self, raw: RawValue<'_>) -> Result<Parsed, ValueError> {
+        match (&self.kind, raw) {
+            (FieldType::Blob { max_bytes, content_types }, RawValue::Blob(bytes, content_type)) => {
+                if bytes.is_empty() {
+                    return Err(ValueError::Invalid(
+                        "must not be empty (use clear to remove a field)".into(),
+                    ));
+                }
+                if bytes.len() > *max_bytes {
+                    return Err(ValueError::TooLarge(format!(
+                        "is {} bytes, larger than the limit of {max_bytes} bytes",
+                        bytes.len()
+                    )));
+                }
+                let content_type = content_type.trim().to_ascii_lowercase();
+                if !content_types.iter().any(|c| *c == content_type) {
+                    return Err(ValueError::Invalid(format!(
+                        "content_type must be one of: {}",
+                        content_types.join(", ")
+                    )));
+                }
+                Ok(Parsed {
+                    plaintext: Zeroizing::new(bytes.to_vec()),
+                    content_type: Some(content_type),
+                    index_form: None,
+                })
+            }
+            (FieldType::Blob { .. }, RawValue::Text(_)) => Err(ValueError::Invalid(
+                "is a blob field: send bytes in `blob` with a content_type".into(),
+            )),
+            (_, RawValue::Blob(..)) => Err(ValueError::Invalid(format!(
+                "is a {} field: send the value in `text`, without content_type",
+                self.kind.name()
+            ))),
+            (kind, RawValue::Text(text)) => {
+                let normalised = parse_text(kind, text)?;
+                let index_form = self
+                    .searchable
+                    .then(|| Zeroizing::new(index_form(kind, &normalised)));
+                Ok(Parsed {
+                    plaintext: Zeroizing::new(normalised.as_bytes().to_vec()),
+                    content_type: None,
+                    index_form,
+                })
+            }
+        }
+    }
+
+    /// Parses a search value for this (searchable) field into its index form.
+    pub fn parse_search(&self, text: &str) -> Result<Zeroizing<String>, ValueError> {
+        let normalised = Zeroizing::new(parse_text(&self.kind, text)?);
+        Ok(Zeroizing::new(index_form(&self.kind, &normalised)))
+    }
+}
+
+fn index_form(kind: &FieldType, normalised: &str) -> String {
+    match kind {
+        FieldType::Email => normalised.to_lowercase(),
+        _ => normalised.to_string(),
+    }
+}
+
+fn invalid(rule: &str) -> ValueError {
+    ValueError::Invalid(rule.to_string())
+}
+
+/// Parses and normalises a text value of `kind`. The returned string is what gets sealed.
+fn parse_text(kind: &FieldType, text: &str) -> Result<String, ValueError> {
+    match kind {
+        FieldType::Text { max_len } => {
+            let chars = text.chars().count();
+            if text.trim().is_empty() {
+                return Err(invalid("must not be empty (use clear to remove a field)"));
+            }
+            if chars > *max_len {
+                return Err(ValueError::TooLarge(format!(
+                    "is {chars} characters, longer than the limit of {max_len}"
+                )));
+            }
+            if text
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\t' && c != '\r')
+            {
+                return Err(invalid("must not contain control characters"));
+            }
+            Ok(text.to_string())
+        }
+        FieldType::Email => Email::parse(text).map(|e| e.0),
+        FieldType::Phone => Phone::parse(text).map(|p| p.0),
+        FieldType::Postcode => Postcode::parse(text).map(|p| p.0),
+        FieldType::Date => Date::parse(text).map(|d| d.to_string()),
+        FieldType::Bsn => Bsn::parse(text).map(|b| b.0),
+        FieldType::Iban => Iban::parse(text).map(|i| i.0),
+        FieldType::Amount => parse_amount(text),
+        FieldType::Boolean => match text.trim() {
+            "true" => Ok("true".into()),
+            "false" => Ok("false".into()),
+            _ => Err(invalid("must be `true` or `false`")),
+        },
+        FieldType::Enum { values } => {
+            let t = text.trim();
+            if values.iter().any(|v| v == t) {
+                Ok(t.to_string())
+            } else {
+                Err(ValueError::Invalid(format!(
+                    "must be one of: {}",
+                    values.join(", ")
+                )))
+            }
+        }
+        FieldType::Periods => parse_periods(text),
+        FieldType::Blob { .. } => Err(invalid("is a blob field: send bytes in `blob`")),
+    }
+}
+
+/// A Dutch citizen service number (BSN): 9 digits passing the 11-test.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Bsn(String);
+
+impl Bsn {
+    /// Parses a BSN; spaces and dots between digits are ignored.
+    pub fn parse(text: &str) -> Result<Bsn, ValueError> {
+        let digits: Vec<u32> = text
+            .trim()
+            .chars()
+            .filter(|c| *c != ' ' && *c != '.')
+            .map(|c| c.to_digit(10).ok_or(()))
+            .collect::<Result<_, _>>()
+            .map_err(|_| invalid("BSN must be 9 digits and pass the 11-test"))?;
+        if digits.len() != 9 {
+            return Err(invalid("BSN must be 9 digits and pass the 11-test"));
+        }
+        let sum: i64 = digits
+            .iter()
+            .zip([9i64, 8, 7, 6, 5, 4, 3, 2, -1])
+            .map(|(d, w)| i64::from(*d) * w)
+            .sum();
+        if sum % 11 != 0 || digits.iter().all(|d| *d == 0) {
+            return Err(invalid("BSN must be 9 digits and pass the 11-test"));
+        }
+        Ok(Bsn(digits.iter().map(|d| char::from(b'0' + *d as u8)).collect()))
+    }
+
+    /// The nine digits.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Bsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Bsn(***)")
+    }
+}
+
+/// An IBAN, normalised to upper case without spaces.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Iban(String);
+
+impl Iban {
+    /// Parses an IBAN (spaces ignored, case-insensitive) and checks mod-97.
+    pub fn parse(text: &str) -> Result<Iban, ValueError> {
+        let rule = "IBAN must be a country code, two check digits and up to 30 letters or digits, passing the mod-97 check (Dutch IBANs are 18 characters)";
+        let s: String = text
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .map(|c| c.to_ascii_uppercase())
+            .collect();
+        let b = s.as_bytes();
+        if !(15..=34).contains(&b.len())
+            || !b[..2].iter().all(u8::is_ascii_uppercase)
+            || !b[2..4].iter().all(u8::is_ascii_digit)
+            || !b[4..].iter().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+        {
+            return Err(invalid(rule));
+        }
+        if &s[..2] == "NL" && b.len() != 18 {
+            return Err(invalid(rule));
+        }
+        let rearranged = s[4..].bytes().chain(s[..4].bytes());
+        let mut rem: u32 = 0;
+        for c in rearranged {
+            let v = if c.is_ascii_digit() {
+                u32::from(c - b'0')
+            } else {
+                u32::from(c - b'A') + 10
+            };
+            rem = if v >= 10 { (rem * 100 + v) % 97 } else { (rem * 10 + v) % 97 };
+        }
+        if rem != 1 {
+            return Err(invalid(rule));
+        }
+        Ok(Iban(s))
+    }
+}
+
+impl fmt::Debug for Iban {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Iban(***)")
+    }
+}
+
+/// An e-mail address (trimmed; case kept, the index lower-cases it).
+pub struct Email(String);
+
+impl Email {
+    /// Parses `local@domain.tld` (no spaces, at most 254 characters).
+    pub fn parse(text: &str) -> Result<Email, ValueError> {
+        let rule = "e-mail must look like local@domain.tld (no spaces, at most 254 characters)";
+        let s = text.trim();
+        let Some((local, domain)) = s.rsplit_once('@') else {
+            return Err(invalid(rule));
+        };
+        let ok = s.len() <= 254
+            && !local.is_empty()
+            && local.len() <= 64
+            && !local.contains('@')
+            && domain.contains('.')
+            && !domain.starts_with('.')
+            && !domain.ends_with('.')
+            && !domain.contains("..")
+            && domain
+                .chars()
+                .all(|c| c.is_alphanumeric() || c == '-' || c == '.')
+            && !s.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !ok {
+            return Err(invalid(rule));
+        }
+        Ok(Email(s.to_string()))
+    }
+}
+
+/// A phone number, normalised to an optional `+` and digits.
+pub struct Phone(String);
+
+impl Phone {
+    /// Parses a phone number: optional leading `+`, 8–15 digits, separators ` -().` allowed.
+    pub fn parse(text: &str) -> Result<Phone, ValueError> {
+        let rule = "phone must be an optional + and 8 to 15 digits (spaces, dashes, dots and parentheses allowed)";
+        let s = text.trim();
+        let (plus, rest) = match s.strip_prefix('+') {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        let mut digits = String::new();
+        for c in rest.chars() {
+            match c {
+                '0'..='9' => digits.push(c),
+                ' ' | '-' | '(' | ')' | '.' => {}
+                _ => return Err(invalid(rule)),
+            }
+        }
+        if !(8..=15).contains(&digits.len()) {
+            return Err(invalid(rule));
+        }
+        Ok(Phone(if plus { format!("+{digits}") } else { digits }))
+    }
+}
+
+/// A Dutch postcode, normalised to `1234 AB`.
+pub struct Postcode(String);
+
+impl Postcode {
+    /// Parses four digits (first not 0), an optional space and two letters.
+    pub fn parse(text: &str) -> Result<Postcode, ValueError> {
+        let rule = "postcode must be four digits (not starting with 0), an optional space and two letters, e.g. 3311 KG";
+        let s: Vec<char> = text.trim().chars().filter(|c| *c != ' ').collect();
+        let ok = s.len() == 6
+            && s[..4].iter().all(char::is_ascii_digit)
+            && s[0] != '0'
+            && s[4..].iter().all(char::is_ascii_alphabetic);
+        if !ok || text.trim().matches(' ').count() > 1 {
+            return Err(invalid(rule));
+        }
+        let digits: String = s[..4].iter().collect();
+        let letters: String = s[4..].iter().map(|c| c.to_ascii_uppercase()).collect();
+        Ok(Postcode(format!("{digits} {letters}")))
+    }
+}
+
+/// A calendar date.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Date {
+    year: u16,
+    month: u8,
+    day: u8,
+}
+
+impl Date {
+    /// Parses `YYYY-MM-DD` (years 1900–2199), checking the day exists.
+    pub fn parse(text: &str) -> Result<Date, ValueError> {
+        let rule = "date must be an existing calendar date written YYYY-MM-DD";
+        let b = text.trim().as_bytes();
+        if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+            return Err(invalid(rule));
+        }
+        let num = |r: std::ops::Range<usize>| -> Result<u16, ValueError> {
+            let s = &b[r];
+            if !s.iter().all(u8::is_ascii_digit) {
+                return Err(invalid(rule));
+            }
+            Ok(s.iter().fold(0u16, |acc, d| acc * 10 + u16::from(d - b'0')))
+        };
+        let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+        let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+        let days = match month {
+            1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+            4 | 6 | 9 | 11 => 30,
+            2 if leap => 29,
+            2 => 28,
+            _ => return Err(invalid(rule)),
+        };
+        if !(1900..=2199).contains(&year) || day == 0 || day > days {
+            return Err(invalid(rule));
+        }
+        Ok(Date {
+            year,
+            month: month as u8,
+            day: day as u8,
+        })
+    }
+}
+
+impl fmt::Display for Date {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04}-{:02}-{:02}", self.year, self.month, self.day)
+    }
+}
+
+fn parse_amount(text: &str) -> Result<String, ValueError> {
+    let rule = "amount must be a non-negative number with at most two decimals, e.g. 3125.50";
+    let s = text.trim();
+    let (int, frac) = match s.split_once('.') {
+        Some((i, f)) => (i, Some(f)),
+        None => (s, None),
+    };
+    let int_ok = !int.is_empty() && int.len() <= 12 && int.bytes().all(|b| b.is_ascii_digit());
+    let frac_ok = frac.is_none_or(|f| (1..=2).contains(&f.len()) && f.bytes().all(|b| b.is_ascii_digit()));
+    if !int_ok || !frac_ok {
+        return Err(invalid(rule));
+    }
+    let int = int.trim_start_matches('0');
+    let int = if int.is_empty() { "0" } else { int };
+    let frac = format!("{:0<2}", frac.unwrap_or(""));
+    Ok(format!("{int}.{frac}"))
+}
+
+fn parse_periods(text: &str) -> Result<String, ValueError> {
+    let rule = "periods must be comma-separated YYYY-MM-DD/YYYY-MM-DD ranges (end empty = ongoing, end not before start); no other text may be stored";
+    let mut out = Vec::new();
+    for part in text.split(',') {
+        let Some((start, end)) = part.trim().split_once('/') else {
+            return Err(invalid(rule));
+        };
+        let start = Date::parse(start).map_err(|_| invalid(rule))?;
+        if end.trim().is_empty() {
+            out.push(format!("{start}/"));
+            continue;
+        }
+        let end = Date::parse(end).map_err(|_| invalid(rule))?;
+        if end < start {
+            return Err(invalid(rule));
+        }
+        out.push(format!("{start}/{end}"));
+    }
+    if out.len() > 1000 {
+        return Err(ValueError::TooLarge("at most 1000 periods".into()));
+    }
+    Ok(out.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_schema_loads_with_every_category() {
+        let schema = Schema::default_schema();
+        for c in Category::ALL {
+            assert!(schema.fields().any(|f| f.category == c), "{c}");
+        }
+        assert!(schema.field("bsn").expect("bsn").searchable);
+        assert!(schema.field("email").expect("email").searchable);
+    }
+
+    #[test]
+    fn bsn_eleven_test() {
+        for (input, ok) in [
+            ("111222333", true),
+            ("123456782", true),
+            ("111222334", false),
+            ("12345678", false),
+            ("1234567820", false),
+            ("000000000", false),
+            ("12345678a", false),
+            ("123.456.782", true),
+        ] {
+            assert_eq!(Bsn::parse(input).is_ok(), ok, "{input}");
+        }
+    }
+
+    #[test]
+    fn iban_mod97() {
+        for (input, ok) in [
+            ("NL91ABNA0417164300", true),
+            ("nl91 abna 0417 1643 00", true),
+            ("NL91ABNA0417164301", false),
+            ("NL91ABNA041716430", false),
+            ("DE89370400440532013000", true),
+            ("GB82WEST12345698765432", true),
+            ("XX", false),
+        ] {
+            assert_eq!(Iban::parse(input).is_ok(), ok, "{input}");
+        }
+    }
+
+    #[test]
+    fn typed_values_normalise() {
+        assert_eq!(Postcode::parse("3311kg").expect("pc").0, "3311 KG");
+        assert!(Postcode::parse("0311 KG").is_err());
+        assert!(Postcode::parse("331 KG").is_err());
+        assert_eq!(Phone::parse("+31 (0)6-1234 5678").expect("phone").0, "+310612345678");
+        assert!(Date::parse("2023-02-29").is_err());
+        assert!(Date::parse("2024-02-29").is_ok());
+        assert_eq!(parse_amount("03125.5").expect("amount"), "3125.50");
+        assert!(parse_amount("-1").is_err());
+        assert!(parse_amount("1.234").is_err());
+        assert_eq!(
+            parse_periods("2026-01-05/2026-01-09, 2026-02-01/").expect("periods"),
+            "2026-01-05/2026-01-09,2026-02-01/"
+        );
+        assert!(parse_periods("2026-01-05/2026-01-01").is_err());
+        assert!(parse_periods("griep 2026-01-05/2026-01-09").is_err());
+        assert!(Email::parse("a@b.nl").is_ok());
+        assert!(Email::parse("a b@b.nl").is_err());
+        assert!(Email::parse("ab.nl").is_err());
+    }
+
+    #[test]
+    fn blob_rules() {
+        let schema = Schema::default_schema();
+        let cv = schema.field("cv_document").expect("cv");
+        assert!(cv.parse(RawValue::Blob(b"%PDF-1.7", "application/pdf")).is_ok());
+        assert!(matches!(
+            cv.parse(RawValue::Blob(b"x", "image/gif")),
+            Err(ValueError::Invalid(_))
+        ));
+        let big = vec![0u8; 16 * 1024 * 1024 + 1];
+        assert!(matches!(
+            cv.parse(RawValue::Blob(&big, "application/pdf")),
+            Err(ValueError::TooLarge(_))
+        ));
+        assert!(cv.parse(RawValue::Text("cv")).is_err());
+    }
+
+    #[test]
+    fn messages_never_contain_the_value() {
+        let schema = Schema::default_schema();
+        let bsn = schema.field("bsn").expect("bsn");
+        let err = bsn.parse(RawValue::Text("111222334")).expect_err("fails 11-test");
+        assert!(!err.to_string().contains("111222334"));
+    }
+}

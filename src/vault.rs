@@ -1,0 +1,700 @@
+//! The core: records in, records out. Checks the caller's purpose and rights, parses values
+//! at the edge, seals and opens fields, keeps blind indexes consistent, and commits every
+//! change as one atomic, durable batch. The main test boundary below the gRPC layer.
+//!
+//! Role-scoped decryption is cryptographic: a read unwraps only the DEKs of the categories it
+//! returns, and opens only the fields it returns.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::crypto::{self, SealingKey, SecretKey};
+use crate::error::VaultError;
+use crate::keys::{KeyRing, WrappedDek};
+use crate::policy::Caller;
+use crate::record::{self, FieldEntry, RecordBody, StoredDek, RECORD_FORMAT};
+use crate::schema::{Category, FieldDef, Parsed, RawValue, Schema, ValueError};
+use crate::store::{Batch, Expect, Keyspace, Store, StoreError};
+
+/// Default and maximum page sizes of [`Vault::list`].
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+/// Largest page [`Vault::list`] returns; larger requests are reduced to it.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+/// Most record ids [`Vault::find`] returns.
+pub const MAX_FIND_RESULTS: usize = 1000;
+/// Lifecycle of a newly created record.
+pub const LIFECYCLE_APPLICANT: &str = "applicant";
+const MAX_RETRIES: usize = 32;
+
+/// A field value going in or coming out. Its bytes are zeroized on drop and never printed.
+pub enum Value {
+    /// Text (typed values are normalised text).
+    Text(Zeroizing<String>),
+    /// Bytes with a content type.
+    Blob {
+        /// The bytes.
+        bytes: Zeroizing<Vec<u8>>,
+        /// The content type.
+        content_type: String,
+    },
+}
+
+impl std::fmt::Debug for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::Text(_) => f.write_str("Text(...)"),
+            Value::Blob { bytes, content_type } => {
+                write!(f, "Blob({} bytes, {content_type})", bytes.len())
+            }
+        }
+    }
+}
+
+/// A record's clear metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordMeta {
+    /// Record id.
+    pub id: Uuid,
+    /// Revision.
+    pub revision: u64,
+    /// Created, Unix milliseconds.
+    pub created_ms: i64,
+    /// Last updated, Unix milliseconds.
+    pub updated_ms: i64,
+    /// Lifecycle state.
+    pub lifecycle: String,
+    /// Categories holding data.
+    pub categories: Vec<String>,
+}
+
+/// What a read returns.
+#[derive(Debug)]
+pub struct ReadResult {
+    /// Record id.
+    pub id: Uuid,
+    /// Revision read.
+    pub revision: u64,
+    /// The readable fields asked for (all readable ones when none were named).
+    pub fields: Vec<(String, Value)>,
+    /// Fields on the record the caller's role may not read.
+    pub withheld: Vec<String>,
+}
+
+/// One page of [`Vault::list`].
+#[derive(Debug)]
+pub struct Page {
+    /// The records' metadata.
+    pub records: Vec<RecordMeta>,
+    /// Token for the next page; `None` at the end.
+    pub next_page_token: Option<String>,
+}
+
+/// The vault over a store.
+pub struct Vault<S> {
+    store: S,
+    schema: Arc<Schema>,
+    keys: Arc<KeyRing>,
+}
+
+impl<S: Store> Vault<S> {
+    /// A vault over `store` with `schema`, using `keys`.
+    pub fn new(store: S, schema: Arc<Schema>, keys: Arc<KeyRing>) -> Self {
+        Self { store, schema, keys }
+    }
+
+    /// The schema in force.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// The store (for tools and tests).
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Creates a record holding `fields`; every field must be writable by the caller's role.
+    pub async fn create(
+        &self,
+        caller: &Caller,
+        purpose: &str,
+        fields: Vec<(String, Value)>,
+    ) -> Result<(Uuid, u64), VaultError> {
+        check_purpose(caller, purpose)?;
+        if fields.is_empty() {
+            return Err(VaultError::invalid("fields", "at least one field is required"));
+        }
+        let parsed = self.parse_writes(caller, "fields", fields)?;
+        let id = Uuid::new_v4();
+        let idb = id.as_bytes().to_vec();
+        let now = now_ms();
+        let mut body = RecordBody {
+            format: RECORD_FORMAT,
+            id: idb.clone(),
+            revision: 1,
+            created_ms: now,
+            updated_ms: now,
+            lifecycle: LIFECYCLE_APPLICANT.into(),
+            deks: BTreeMap::new(),
+            fields: BTreeMap::new(),
+        };
+        let mut batch = Batch::default();
+        let mut sealers = BTreeMap::new();
+        for (def, value) in &parsed {
+            let sealer = match sealers.get(&def.category) {
+                Some(s) => s,
+                None => {
+                    let dek = SecretKey::generate()?;
+                    let wrapped = self.wrap(&idb, def.category, &dek)?;
+                    body.deks.insert(def.category.as_str().into(), wrapped);
+                    sealers
+                        .entry(def.category)
+                        .or_insert(SealingKey::new(&dek, 1))
+                }
+            };
+            let entry = self.write_field(&mut batch, sealer, &idb, def, value, 1)?;
+            body.fields.insert(def.name.clone(), entry);
+        }
+        let (kv, key) = self.keys.integrity_key();
+        batch.expect(Keyspace::Records, idb.clone(), Expect::Absent);
+        batch.put(Keyspace::Records, idb, body.seal(kv, key));
+        self.store.commit(batch).await?;
+        Ok((id, 1))
+    }
+
+    /// Reads fields of a record. With no `field_names`, returns every field the role may read.
+    pub async fn get(
+        &self,
+        caller: &Caller,
+        record_id: &str,
+        purpose: &str,
+        field_names: &[String],
+    ) -> Result<ReadResult, VaultError> {
+        let id = parse_record_id(record_id)?;
+        check_purpose(caller, purpose)?;
+        let mut wanted = BTreeSet::new();
+        for name in field_names {
+            let def = self.field_def("field_names", name)?;
+            if !caller.role.may_read(def.category) {
+                return Err(denied_field(caller, "read", def));
+            }
+            wanted.insert(def.name.as_str());
+        }
+        let idb = id.as_bytes();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (raw, body) = self.load(id).await?;
+            match self.read_fields(caller, idb, &body, &wanted).await {
+                Ok(fields) => {
+                    let withheld = body
+                        .fields
+                        .iter()
+                        .filter(|(_, e)| {
+                            Category::parse(&e.category).is_none_or(|c| !caller.role.may_read(c))
+                        })
+                        .map(|(n, _)| n.clone())
+                        .collect();
+                    return Ok(ReadResult {
+                        id,
+                        revision: body.revision,
+                        fields,
+                        withheld,
+                    });
+                }
+                // A concurrent update may have replaced the chunks between reading the header
+                // and the chunks: re-read; if the header did not change, the data is damaged.
+                Err(e @ VaultError::DataLoss { .. }) => {
+                    let now = self.store.get(Keyspace::Records, idb).await?;
+                    if now.as_deref() == Some(raw.as_slice()) || attempt >= MAX_RETRIES {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sets and clears fields; `expected_revision` 0 means no check.
+    pub async fn update(
+        &self,
+        caller: &Caller,
+        record_id: &str,
+        purpose: &str,
+        expected_revision: u64,
+        set: Vec<(String, Value)>,
+        clear: Vec<String>,
+    ) -> Result<u64, VaultError> {
+        let id = parse_record_id(record_id)?;
+        check_purpose(caller, purpose)?;
+        if set.is_empty() && clear.is_empty() {
+            return Err(VaultError::invalid("set", "nothing to update: set or clear at least one field"));
+        }
+        let mut cleared: BTreeMap<&str, &FieldDef> = BTreeMap::new();
+        for name in &clear {
+            let def = self.field_def("clear", name)?;
+            if set.iter().any(|(n, _)| n == name) {
+                return Err(VaultError::invalid(
+                    format!("clear.{name}"),
+                    "a field cannot be both set and cleared",
+                ));
+            }
+            if !caller.role.may_write(def.category) {
+                return Err(denied_field(caller, "write", def));
+            }
+            cleared.insert(def.name.as_str(), def);
+        }
+        let parsed = self.parse_writes(caller, "set", set)?;
+        let idb = id.as_bytes().to_vec();
+        for _ in 0..MAX_RETRIES {
+            let (raw, mut body) = self.load(id).await?;
+            if expected_revision != 0 && body.revision != expected_revision {
+                return Err(VaultError::StaleRevision {
+                    record_id: id.to_string(),
+                    expected: expected_revision,
+                    actual: body.revision,
+                });
+            }
+            let revision = body.revision + 1;
+            let mut batch = Batch::default();
+            let mut sealers: BTreeMap<Category, SealingKey> = BTreeMap::new();
+            for (def, value) in &parsed {
+                if let Some(old) = body.fields.remove(&def.name) {
+                    self.delete_field(&mut batch, &idb, &def.name, &old);
+                }
+                if !sealers.contains_key(&def.category) {
+                    let cat = def.category.as_str();
+                    let dek = match body.deks.get(cat) {
+                        Some(stored) => self.unwrap(&idb, def.category, stored)?,
+                        None => {
+                            let dek = SecretKey::generate()?;
+                            body.deks.insert(cat.into(), self.wrap(&idb, def.category, &dek)?);
+                            dek
+                        }
+                    };
+                    sealers.insert(def.category, SealingKey::new(&dek, 1));
+                }
+                let sealer = &sealers[&def.category];
+                let entry = self.write_field(&mut batch, sealer, &idb, def, value, revision)?;
+                body.fields.insert(def.name.clone(), entry);
+            }
+            for (name, def) in &cleared {
+                if let Some(old) = body.fields.remove(*name) {
+                    self.delete_field(&mut batch, &idb, name, &old);
+                }
+                let cat = def.category.as_str();
+                if !body.fields.values().any(|e| e.category == cat) {
+                    // Last field of the category gone: its data key goes too.
+                    body.deks.remove(cat);
+                }
+            }
+            body.revision = revision;
+            body.updated_ms = now_ms().max(body.updated_ms);
+            let (kv, key) = self.keys.integrity_key();
+            batch.expect(Keyspace::Records, idb.clone(), Expect::Value(raw));
+            batch.put(Keyspace::Records, idb.clone(), body.seal(kv, key));
+            match self.store.commit(batch).await {
+                Ok(()) => return Ok(revision),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(VaultError::Unavailable(StoreError::Conflict))
+    }
+
+    /// Finds records whose searchable `field_name` equals `value` (after normalisation).
+    pub async fn find(
+        &self,
+        caller: &Caller,
+        purpose: &str,
+        field_name: &str,
+        value: &str,
+    ) -> Result<Vec<Uuid>, VaultError> {
+        check_purpose(caller, purpose)?;
+        if field_name.is_empty() {
+            return Err(VaultError::invalid("field_name", "is required"));
+        }
+        let def = self.field_def("field_name", field_name)?;
+        if !def.searchable {
+            return Err(VaultError::invalid(
+                "field_name",
+                format!("field `{}` is not searchable (searchable: {})", def.name, self.searchable_names()),
+            ));
+        }
+        if !caller.role.may_read(def.category) {
+            return Err(denied_field(caller, "search", def));
+        }
+        let form = def
+            .parse_search(value)
+            .map_err(|e| value_error("value", e))?;
+        let tag = crypto::hmac_sha256(&self.keys.index_key(&def.name), &[form.as_bytes()]);
+        let prefix = record::index_prefix(&def.name, &tag);
+        let hits = self
+            .store
+            .scan(Keyspace::Index, &prefix, None, MAX_FIND_RESULTS)
+            .await?;
+        Ok(hits
+            .into_iter()
+            .filter_map(|(k, _)| Uuid::from_slice(&k[prefix.len()..]).ok())
+            .collect())
+    }
+
+    /// Lists record metadata in id order. Any role that may read some category may list.
+    pub async fn list(
+        &self,
+        caller: &Caller,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<Page, VaultError> {
+        if caller.role.read.is_empty() {
+            return Err(VaultError::PermissionDenied(format!(
+                "role `{}` may not list records (it may read no category)",
+                caller.role.name
+            )));
+        }
+        let size = match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        } as usize;
+        let after = if page_token.is_empty() {
+            None
+        } else {
+            Some(decode_page_token(page_token)?)
+        };
+        let rows = self
+            .store
+            .scan(Keyspace::Records, b"", after.as_ref().map(|u| u.as_bytes().as_slice()), size + 1)
+            .await?;
+        let more = rows.len() > size;
+        let mut records = Vec::with_capacity(size);
+        for (key, raw) in rows.into_iter().take(size) {
+            let id = Uuid::from_slice(&key).map_err(|_| VaultError::DataLoss {
+                record_id: hex::encode(&key),
+                part: "record key".into(),
+            })?;
+            let (_, key) = self.keys.integrity_key();
+            let body = RecordBody::open(&key_bytes(&id), &raw, key).map_err(|_| header_loss(id))?;
+            records.push(meta_of(id, &body));
+        }
+        let next_page_token = if more {
+            records.last().map(|m| encode_page_token(m.id))
+        } else {
+            None
+        };
+        Ok(Page {
+            records,
+            next_page_token,
+        })
+    }
+
+    fn field_def(&self, prefix: &str, name: &str) -> Result<&FieldDef, VaultError> {
+        self.schema.field(name).ok_or_else(|| {
+            VaultError::invalid(
+                format!("{prefix}.{}", printable_name(name)),
+                "unknown field (not in the schema)",
+            )
+        })
+    }
+
+    fn searchable_names(&self) -> String {
+        self.schema
+            .fields()
+            .filter(|f| f.searchable)
+            .map(|f| f.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Checks names and rights first (nothing parsed for a refused request), then values.
+    fn parse_writes(
+        &self,
+        caller: &Caller,
+        prefix: &str,
+        fields: Vec<(String, Value)>,
+    ) -> Result<Vec<(&FieldDef, Parsed)>, VaultError> {
+        let mut defs = Vec::with_capacity(fields.len());
+        for (name, _) in &fields {
+            defs.push(self.field_def(prefix, name)?);
+        }
+        for def in &defs {
+            if !caller.role.may_write(def.category) {
+                return Err(denied_field(caller, "write", def));
+            }
+        }
+        let mut out = Vec::with_capacity(fields.len());
+        for (def, (_, value)) in defs.into_iter().zip(fields) {
+            let raw = match &value {
+                Value::Text(t) => RawValue::Text(t),
+                Value::Blob { bytes, content_type } => RawValue::Blob(bytes, content_type),
+            };
+            let parsed = def
+                .parse(raw)
+                .map_err(|e| value_error(&format!("{prefix}.{}", def.name), e))?;
+            out.push((def, parsed));
+        }
+        Ok(out)
+    }
+
+    fn wrap(&self, id: &[u8], category: Category, dek: &SecretKey) -> Result<StoredDek, VaultError> {
+        let w = self
+            .keys
+            .wrap_dek(id, category, dek)
+            .map_err(|e| VaultError::Internal(e.to_string()))?;
+        Ok(StoredDek {
+            kek_version: w.kek_version,
+            sealed: w.sealed,
+        })
+    }
+
+    fn unwrap(&self, id: &[u8], category: Category, stored: &StoredDek) -> Result<SecretKey, VaultError> {
+        let wrapped = WrappedDek {
+            kek_version: stored.kek_version,
+            sealed: stored.sealed.clone(),
+        };
+        self.keys
+            .unwrap_dek(id, category, &wrapped)
+            .map_err(|_| VaultError::DataLoss {
+                record_id: uuid_string(id),
+                part: format!("data key of category {category}"),
+            })
+    }
+
+    fn write_field(
+        &self,
+        batch: &mut Batch,
+        sealer: &SealingKey,
+        id: &[u8],
+        def: &FieldDef,
+        value: &Parsed,
+        revision: u64,
+    ) -> Result<FieldEntry, VaultError> {
+        let sealed = record::seal_field(sealer, id, &def.name, &value.plaintext)?;
+        let chunks = u32::try_from(sealed.chunks.len()).expect("values are far below 2^32 chunks");
+        for (i, chunk) in sealed.chunks.into_iter().enumerate() {
+            let i = u32::try_from(i).expect("chunk index below chunk count");
+            batch.put(Keyspace::Fields, record::chunk_key(id, &def.name, revision, i), chunk);
+        }
+        let index_tag = match &value.index_form {
+            Some(form) => {
+                let tag = crypto::hmac_sha256(&self.keys.index_key(&def.name), &[form.as_bytes()]);
+                batch.put(Keyspace::Index, record::index_key(&def.name, &tag, id), Vec::new());
+                tag.to_vec()
+            }
+            None => Vec::new(),
+        };
+        Ok(FieldEntry {
+            category: def.category.as_str().into(),
+            revision,
+            chunks,
+            size: value.plaintext.len() as u64,
+            digest: sealed.digest.to_vec(),
+            content_type: value.content_type.clone().unwrap_or_default(),
+            index_tag,
+        })
+    }
+
+    fn delete_field(&self, batch: &mut Batch, id: &[u8], name: &str, entry: &FieldEntry) {
+        for i in 0..entry.chunks {
+            batch.delete(Keyspace::Fields, record::chunk_key(id, name, entry.revision, i));
+        }
+        if !entry.index_tag.is_empty() {
+            batch.delete(Keyspace::Index, record::index_key(name, &entry.index_tag, id));
+        }
+    }
+
+    async fn load(&self, id: Uuid) -> Result<(Vec<u8>, RecordBody), VaultError> {
+        let raw = self
+            .store
+            .get(Keyspace::Records, id.as_bytes())
+            .await?
+            .ok_or_else(|| VaultError::NotFound(id.to_string()))?;
+        let (_, key) = self.keys.integrity_key();
+        let body = RecordBody::open(id.as_bytes(), &raw, key).map_err(|_| header_loss(id))?;
+        Ok((raw, body))
+    }
+
+    async fn read_fields(
+        &self,
+        caller: &Caller,
+        id: &[u8],
+        body: &RecordBody,
+        wanted: &BTreeSet<&str>,
+    ) -> Result<Vec<(String, Value)>, VaultError> {
+        let mut selected = Vec::new();
+        for (name, entry) in &body.fields {
+            let Some(category) = Category::parse(&entry.category) else {
+                return Err(VaultError::DataLoss {
+                    record_id: uuid_string(id),
+                    part: format!("field {name} (unknown category)"),
+                });
+            };
+            let asked = if wanted.is_empty() {
+                caller.role.may_read(category)
+            } else {
+                wanted.contains(name.as_str())
+            };
+            if asked {
+                selected.push((name, entry, category));
+            }
+        }
+        let mut deks: BTreeMap<Category, SecretKey> = BTreeMap::new();
+        let mut out = Vec::with_capacity(selected.len());
+        for (name, entry, category) in selected {
+            if !deks.contains_key(&category) {
+                let stored = body.deks.get(category.as_str()).ok_or_else(|| VaultError::DataLoss {
+                    record_id: uuid_string(id),
+                    part: format!("data key of category {category} (missing)"),
+                })?;
+                deks.insert(category, self.unwrap(id, category, stored)?);
+            }
+            let plaintext = self.read_field(id, name, entry, &deks[&category]).await?;
+            let value = if entry.content_type.is_empty() {
+                let text = String::from_utf8(plaintext.to_vec()).map_err(|_| field_loss(id, name))?;
+                Value::Text(Zeroizing::new(text))
+            } else {
+                Value::Blob {
+                    bytes: plaintext,
+                    content_type: entry.content_type.clone(),
+                }
+            };
+            out.push((name.clone(), value));
+        }
+        Ok(out)
+    }
+
+    async fn read_field(
+        &self,
+        id: &[u8],
+        name: &str,
+        entry: &FieldEntry,
+        dek: &SecretKey,
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        let size = usize::try_from(entry.size).map_err(|_| field_loss(id, name))?;
+        let mut out = Zeroizing::new(Vec::with_capacity(size));
+        for i in 0..entry.chunks {
+            let key = record::chunk_key(id, name, entry.revision, i);
+            let sealed = self
+                .store
+                .get(Keyspace::Fields, &key)
+                .await?
+                .ok_or_else(|| field_loss(id, name))?;
+            digest.update(&sealed);
+            let ctx = record::chunk_context(id, name, i, entry.chunks);
+            let plain = crypto::open(dek, &ctx, &sealed).map_err(|_| field_loss(id, name))?;
+            out.extend_from_slice(&plain);
+        }
+        if !crypto::ct_eq(digest.finish().as_ref(), &entry.digest) || out.len() != size {
+            return Err(field_loss(id, name));
+        }
+        Ok(out)
+    }
+}
+
+/// The caller must name a purpose its role may use.
+fn check_purpose(caller: &Caller, purpose: &str) -> Result<(), VaultError> {
+    if purpose.is_empty() {
+        return Err(VaultError::invalid("purpose", "is required: name the purpose of this request"));
+    }
+    if !caller.role.may_use(purpose) {
+        return Err(VaultError::PermissionDenied(format!(
+            "purpose `{}` is not allowed for role `{}`",
+            printable_name(purpose),
+            caller.role.name
+        )));
+    }
+    Ok(())
+}
+
+fn denied_field(caller: &Caller, action: &str, def: &FieldDef) -> VaultError {
+    VaultError::PermissionDenied(format!(
+        "role `{}` may not {action} field `{}` (category {})",
+        caller.role.name, def.name, def.category
+    ))
+}
+
+fn value_error(field: &str, e: ValueError) -> VaultError {
+    match e {
+        ValueError::Invalid(rule) => VaultError::invalid(field, rule),
+        ValueError::TooLarge(rule) => VaultError::TooLarge {
+            field: field.into(),
+            rule,
+        },
+    }
+}
+
+/// Names from the request are echoed in errors: keep them short and printable.
+fn printable_name(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .take(64)
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .collect();
+    if name.chars().count() > 64 {
+        format!("{clean}…")
+    } else {
+        clean
+    }
+}
+
+fn parse_record_id(text: &str) -> Result<Uuid, VaultError> {
+    if text.is_empty() {
+        return Err(VaultError::invalid("record_id", "is required"));
+    }
+    Uuid::try_parse(text).map_err(|_| VaultError::invalid("record_id", "must be a UUID"))
+}
+
+fn encode_page_token(id: Uuid) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_bytes())
+}
+
+fn decode_page_token(token: &str) -> Result<Uuid, VaultError> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| Uuid::from_slice(&b).ok())
+        .ok_or_else(|| {
+            VaultError::invalid("page_token", "is not a token from a previous ListRecords response")
+        })
+}
+
+fn key_bytes(id: &Uuid) -> [u8; 16] {
+    *id.as_bytes()
+}
+
+fn meta_of(id: Uuid, body: &RecordBody) -> RecordMeta {
+    RecordMeta {
+        id,
+        revision: body.revision,
+        created_ms: body.created_ms,
+        updated_ms: body.updated_ms,
+        lifecycle: body.lifecycle.clone(),
+        categories: body.deks.keys().cloned().collect(),
+    }
+}
+
+fn uuid_string(id: &[u8]) -> String {
+    Uuid::from_slice(id).map_or_else(|_| hex::encode(id), |u| u.to_string())
+}
+
+fn header_loss(id: Uuid) -> VaultError {
+    VaultError::DataLoss {
+        record_id: id.to_string(),
+        part: "record header".into(),
+    }
+}
+
+fn field_loss(id: &[u8], name: &str) -> VaultError {
+    VaultError::DataLoss {
+        record_id: uuid_string(id),
+        part: format!("field {name}"),
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
