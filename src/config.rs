@@ -1,1 +1,414 @@
+//! Configuration: the `kluis.toml` file, dev mode (`kluis serve --dev`) and production set-up
+//! (`kluis init`). Resolves everything into [`Settings`], which the server runs from.
+//!
+//! Dev mode (fixed; scripts depend on it), run in a directory:
+//! - `./keys/master.key` (0600) is created on first start and reused later;
+//! - `./keys/dev-tokens.toml` holds a `[tokens]` table with one `role = "token"` line for
+//!   each default role, created on first start and reused later; only the tokens' hashes
+//!   enter the policy;
+//! - `./data` is the data directory; the listener is `127.0.0.1:50051` unless `--listen`
+//!   names another loopback address.
 
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::keys::{KeyError, MasterKey};
+use crate::policy::{self, Policy, PolicyError, DEFAULT_ROLES};
+use crate::schema::{Schema, SchemaError};
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// Default largest request, in bytes (room for several 16 MiB documents).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 80 * 1024 * 1024;
+
+/// Configuration failures; each says which file or setting and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration file is not valid.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// Why.
+        message: String,
+    },
+    /// A setting breaks a rule.
+    #[error("{0}")]
+    Rule(String),
+    /// The master key could not be used.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The schema could not be used.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// The policy could not be used.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ConfigError + '_ {
+    move |source| ConfigError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The `kluis.toml` file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Listen address, e.g. `127.0.0.1:50051`.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Data directory (sled), relative to the config file.
+    pub data_dir: PathBuf,
+    /// Master key file (64 hex digits, mode 0600), relative to the config file. If absent,
+    /// the key comes from `KLUIS_MASTER_KEY`.
+    #[serde(default)]
+    pub master_key_file: Option<PathBuf>,
+    /// Policy file, relative to the config file.
+    pub policy_file: PathBuf,
+    /// Schema file; the built-in default schema when absent.
+    #[serde(default)]
+    pub schema_file: Option<PathBuf>,
+    /// Allow a non-loopback listener without TLS (for a TLS-terminating sidecar only).
+    #[serde(default)]
+    pub allow_insecure_listen: bool,
+    /// Largest accepted request in bytes.
+    #[serde(default)]
+    pub max_request_bytes: Option<usize>,
+    /// TLS settings.
+    #[serde(default)]
+    pub tls: Option<TlsFile>,
+}
+
+/// TLS settings of the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// PEM certificate chain of the server.
+    pub cert_file: PathBuf,
+    /// PEM private key of the server.
+    pub key_file: PathBuf,
+    /// PEM CA certificates that client certificates must chain to (enables mTLS).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// Whether a client certificate is required (true) or optional (false, the default;
+    /// callers without one must send a bearer token).
+    #[serde(default)]
+    pub require_client_cert: bool,
+}
+
+/// Resolved TLS material.
+#[derive(Clone)]
+pub struct TlsSettings {
+    /// Server certificate chain, PEM.
+    pub cert_pem: Vec<u8>,
+    /// Server private key, PEM.
+    pub key_pem: Zeroizing<Vec<u8>>,
+    /// Client CA, PEM (mTLS) if any.
+    pub client_ca_pem: Option<Vec<u8>>,
+    /// Whether client certificates are required.
+    pub require_client_cert: bool,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("mtls", &self.client_ca_pem.is_some())
+            .field("require_client_cert", &self.require_client_cert)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything the server needs to run.
+pub struct Settings {
+    /// Listen address (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// The master key.
+    pub master_key: MasterKey,
+    /// Field schema.
+    pub schema: Schema,
+    /// Access policy.
+    pub policy: Policy,
+    /// TLS, if enabled.
+    pub tls: Option<TlsSettings>,
+    /// Whether a non-loopback listener without TLS is allowed.
+    pub allow_insecure_listen: bool,
+    /// Largest accepted request in bytes.
+    pub max_request_bytes: usize,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("tls", &self.tls)
+            .field("principals", &self.policy.principal_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Settings {
+    /// Checks the listener rule: a non-loopback address needs TLS or an explicit opt-out.
+    pub fn check_listener(&self) -> Result<(), ConfigError> {
+        if !self.listen.ip().is_loopback() && self.tls.is_none() && !self.allow_insecure_listen {
+            return Err(ConfigError::Rule(format!(
+                "refusing to listen on non-loopback address {} without TLS: configure [tls] or set allow_insecure_listen = true (only behind a TLS-terminating proxy)",
+                self.listen
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Parses a listen address.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse()
+        .map_err(|_| ConfigError::Rule(format!("listen address `{text}` is not host:port (e.g. 127.0.0.1:50051)")))
+}
+
+/// Loads production settings from a config file.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let file: ConfigFile = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let rel = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+    let master_key = match &file.master_key_file {
+        Some(p) => MasterKey::load_file(&rel(p))?,
+        None => MasterKey::from_env()?.ok_or_else(|| {
+            ConfigError::Rule(format!(
+                "no master key: set master_key_file in {} or the {} environment variable",
+                path.display(),
+                crate::keys::MASTER_KEY_ENV
+            ))
+        })?,
+    };
+    let schema = match &file.schema_file {
+        Some(p) => {
+            let p = rel(p);
+            Schema::from_toml(&std::fs::read_to_string(&p).map_err(io_err(&p))?)?
+        }
+        None => Schema::default_schema(),
+    };
+    let policy_path = rel(&file.policy_file);
+    let policy = Policy::from_toml(&std::fs::read_to_string(&policy_path).map_err(io_err(&policy_path))?)?;
+    let tls = match &file.tls {
+        Some(t) => Some(load_tls(t, &rel)?),
+        None => None,
+    };
+    Ok(Settings {
+        listen: parse_listen(file.listen.as_deref().unwrap_or(DEFAULT_LISTEN))?,
+        data_dir: rel(&file.data_dir),
+        master_key,
+        schema,
+        policy,
+        tls,
+        allow_insecure_listen: file.allow_insecure_listen,
+        max_request_bytes: file.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
+    })
+}
+
+fn load_tls(t: &TlsFile, rel: &dyn Fn(&Path) -> PathBuf) -> Result<TlsSettings, ConfigError> {
+    let read = |p: &Path| {
+        let p = rel(p);
+        std::fs::read(&p).map_err(io_err(&p))
+    };
+    Ok(TlsSettings {
+        cert_pem: read(&t.cert_file)?,
+        key_pem: Zeroizing::new(read(&t.key_file)?),
+        client_ca_pem: t.client_ca_file.as_deref().map(read).transpose()?,
+        require_client_cert: t.require_client_cert,
+    })
+}
+
+/// Settings for tests, benchmarks and tools: loopback port 0, the default schema, no TLS.
+pub fn ephemeral(data_dir: &Path, master_key: MasterKey, policy: Policy) -> Settings {
+    Settings {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: data_dir.to_path_buf(),
+        master_key,
+        schema: Schema::default_schema(),
+        policy,
+        tls: None,
+        allow_insecure_listen: false,
+        max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+    }
+}
+
+#[derive(Deserialize)]
+struct DevTokens {
+    tokens: BTreeMap<String, String>,
+}
+
+/// Dev-mode settings for the current directory `root`: creates `keys/master.key`,
+/// `keys/dev-tokens.toml` and `data/` on first start, reuses them afterwards.
+pub fn dev(root: &Path, listen: Option<&str>, data_dir: Option<&Path>) -> Result<Settings, ConfigError> {
+    let keys = root.join("keys");
+    std::fs::create_dir_all(&keys).map_err(io_err(&keys))?;
+    let key_path = keys.join("master.key");
+    let master_key = if key_path.exists() {
+        MasterKey::load_file(&key_path)?
+    } else {
+        MasterKey::create_file(&key_path)?
+    };
+    let tokens_path = keys.join("dev-tokens.toml");
+    if !tokens_path.exists() {
+        write_dev_tokens(&tokens_path)?;
+    }
+    let text = Zeroizing::new(std::fs::read_to_string(&tokens_path).map_err(io_err(&tokens_path))?);
+    let tokens: DevTokens = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+        path: tokens_path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let mut policy = Policy::default_policy();
+    for (role, token) in &tokens.tokens {
+        let token = Zeroizing::new(token.clone());
+        policy.add_token_hash(&format!("dev-{role}"), role, policy::token_hash(&token))?;
+    }
+    let listen = parse_listen(listen.unwrap_or(DEFAULT_LISTEN))?;
+    if !listen.ip().is_loopback() {
+        return Err(ConfigError::Rule(format!(
+            "dev mode listens on loopback only; `{listen}` is not a loopback address"
+        )));
+    }
+    Ok(Settings {
+        listen,
+        data_dir: data_dir.map_or_else(|| root.join("data"), Path::to_path_buf),
+        master_key,
+        schema: Schema::default_schema(),
+        policy,
+        tls: None,
+        allow_insecure_listen: false,
+        max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+    })
+}
+
+fn write_secret_file(path: &Path, text: &str) -> Result<(), ConfigError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(io_err(path))
+}
+
+fn write_dev_tokens(path: &Path) -> Result<(), ConfigError> {
+    let mut text = Zeroizing::new(String::from(
+        "# Kluis dev-mode bearer tokens, one per default role. Dev only: never use in production.\n[tokens]\n",
+    ));
+    for role in DEFAULT_ROLES {
+        let token = policy::generate_token().map_err(|e| ConfigError::Rule(e.to_string()))?;
+        text.push_str(&format!("{role} = \"{}\"\n", token.as_str()));
+    }
+    write_secret_file(path, &text)
+}
+
+/// What `kluis init` created.
+pub struct InitOutput {
+    /// The config file written.
+    pub config_path: PathBuf,
+    /// Principal name, role and token, to print once.
+    pub tokens: Vec<(String, String, Zeroizing<String>)>,
+}
+
+/// Production set-up in `dir`: a master key (0600), `policy.toml` with one principal per
+/// default role (token hashes only), `kluis.toml`. Refuses to overwrite anything.
+pub fn init(dir: &Path, listen: &str) -> Result<InitOutput, ConfigError> {
+    let config_path = dir.join("kluis.toml");
+    let policy_path = dir.join("policy.toml");
+    let key_path = dir.join("keys").join("master.key");
+    for p in [&config_path, &policy_path, &key_path] {
+        if p.exists() {
+            return Err(ConfigError::Rule(format!(
+                "{} already exists: kluis init never overwrites",
+                p.display()
+            )));
+        }
+    }
+    parse_listen(listen)?;
+    std::fs::create_dir_all(dir.join("keys")).map_err(io_err(dir))?;
+    MasterKey::create_file(&key_path)?;
+    let mut policy_text = String::from(policy::DEFAULT_POLICY_TOML);
+    let mut tokens = Vec::new();
+    for role in DEFAULT_ROLES {
+        let token = policy::generate_token().map_err(|e| ConfigError::Rule(e.to_string()))?;
+        let name = format!("{}-1", role.replace('_', "-"));
+        policy_text.push_str(&format!(
+            "\n[[principals]]\nname = \"{name}\"\nrole = \"{role}\"\ntoken_sha256 = \"{}\"\n",
+            hex::encode(policy::token_hash(&token))
+        ));
+        tokens.push((name, role.to_string(), token));
+    }
+    Policy::from_toml(&policy_text)?;
+    write_secret_file(&policy_path, &policy_text)?;
+    let config = format!(
+        "# Kluis configuration (see README.md, \"Configuration reference\").\nlisten = \"{listen}\"\ndata_dir = \"data\"\nmaster_key_file = \"keys/master.key\"\npolicy_file = \"policy.toml\"\n# schema_file = \"schema.toml\"   # default: the built-in schema\n# allow_insecure_listen = false\n# max_request_bytes = {DEFAULT_MAX_REQUEST_BYTES}\n\n# [tls]\n# cert_file = \"tls/server.crt\"\n# key_file = \"tls/server.key\"\n# client_ca_file = \"tls/clients-ca.crt\"   # enables mTLS\n# require_client_cert = false\n"
+    );
+    write_secret_file(&config_path, &config)?;
+    Ok(InitOutput { config_path, tokens })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_mode_creates_then_reuses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s1 = dev(dir.path(), None, None).expect("first start");
+        assert_eq!(s1.policy.principal_count(), 6);
+        let t1 = std::fs::read_to_string(dir.path().join("keys/dev-tokens.toml")).expect("tokens");
+        dev(dir.path(), None, None).expect("second start");
+        let t2 = std::fs::read_to_string(dir.path().join("keys/dev-tokens.toml")).expect("tokens");
+        assert_eq!(t1, t2);
+        assert!(dev(dir.path(), Some("0.0.0.0:50051"), None).is_err());
+    }
+
+    #[test]
+    fn init_writes_hashes_only_and_never_overwrites() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = init(dir.path(), DEFAULT_LISTEN).expect("init");
+        let policy = std::fs::read_to_string(dir.path().join("policy.toml")).expect("policy");
+        for (_, _, token) in &out.tokens {
+            assert!(!policy.contains(token.as_str()));
+        }
+        let settings = load(&out.config_path).expect("config loads");
+        assert!(settings.policy.authenticate_token(&out.tokens[0].2).is_some());
+        assert!(init(dir.path(), DEFAULT_LISTEN).is_err());
+    }
+
+    #[test]
+    fn non_loopback_without_tls_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = dev(dir.path(), None, None).expect("dev");
+        s.listen = "0.0.0.0:50051".parse().expect("addr");
+        assert!(s.check_listener().is_err());
+        s.allow_insecure_listen = true;
+        assert!(s.check_listener().is_ok());
+    }
+}

@@ -1,1 +1,173 @@
+//! Assembles and runs the gRPC server: the `Records` service, `grpc.health.v1`, server
+//! reflection, TLS/mTLS through rustls, and graceful shutdown.
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::config::{ConfigError, Settings};
+use crate::keys::{KeyError, KeyRing};
+use crate::proto::records_server::RecordsServer;
+use crate::service::{Authenticator, RecordsService};
+use crate::store::{SledStore, StoreError};
+use crate::vault::Vault;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Keys are unusable (e.g. wrong master key).
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The data directory could not be opened.
+    #[error("data directory: {0}")]
+    Store(#[from] StoreError),
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The transport failed.
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A running server.
+pub struct Running {
+    /// The bound address (useful with port 0).
+    pub local_addr: SocketAddr,
+    /// The vault behind it.
+    pub vault: Arc<Vault<SledStore>>,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Running {
+    /// Stops accepting requests, lets in-flight ones finish, and waits for the server to end.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.wait().await
+    }
+
+    /// Waits for the server to end.
+    pub async fn wait(self) -> Result<(), ServerError> {
+        match self.handle.await {
+            Ok(r) => Ok(r?),
+            Err(e) => Err(ServerError::Bind {
+                addr: self.local_addr,
+                source: std::io::Error::other(e.to_string()),
+            }),
+        }
+    }
+}
+
+/// Opens the vault (store and keys) of `settings`. Refuses a wrong master key.
+pub async fn open_vault(settings: &Settings) -> Result<Arc<Vault<SledStore>>, ServerError> {
+    let store = SledStore::open(&settings.data_dir)?;
+    let keys = KeyRing::open(&store, &settings.master_key).await?;
+    Ok(Arc::new(Vault::new(
+        store,
+        Arc::new(settings.schema.clone()),
+        Arc::new(keys),
+    )))
+}
+
+/// Starts the server in the background; it runs until [`Running::shutdown`].
+pub async fn start(settings: Settings) -> Result<Running, ServerError> {
+    settings.check_listener()?;
+    let vault = open_vault(&settings).await?;
+    let incoming = TcpIncoming::bind(settings.listen)
+        .map_err(|source| ServerError::Bind {
+            addr: settings.listen,
+            source,
+        })?
+        .with_nodelay(Some(true));
+    let local_addr = incoming.local_addr().map_err(|source| ServerError::Bind {
+        addr: settings.listen,
+        source,
+    })?;
+
+    let auth = Authenticator::new(Arc::new(settings.policy));
+    let records = RecordsServer::new(RecordsService::new(Arc::clone(&vault), auth))
+        .max_decoding_message_size(settings.max_request_bytes)
+        .max_encoding_message_size(settings.max_request_bytes);
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<RecordsServer<RecordsService<SledStore>>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ConfigError::Rule(format!("reflection: {e}")))?;
+
+    let mut builder = Server::builder();
+    if let Some(tls) = &settings.tls {
+        let mut config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&tls.cert_pem, tls.key_pem.as_slice()));
+        if let Some(ca) = &tls.client_ca_pem {
+            config = config
+                .client_ca_root(Certificate::from_pem(ca))
+                .client_auth_optional(!tls.require_client_cert);
+        }
+        builder = builder.tls_config(config)?;
+    }
+    let (tx, rx) = oneshot::channel::<()>();
+    let router = builder
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(records);
+    let handle = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = rx.await;
+                health_reporter
+                    .set_not_serving::<RecordsServer<RecordsService<SledStore>>>()
+                    .await;
+            })
+            .await
+    });
+    tracing::info!(%local_addr, tls = settings.tls.is_some(), "kluis listening");
+    Ok(Running {
+        local_addr,
+        vault,
+        shutdown: Some(tx),
+        handle,
+    })
+}
+
+/// Runs the server until `signal` completes, then shuts down gracefully.
+pub async fn run(settings: Settings, signal: impl Future<Output = ()>) -> Result<(), ServerError> {
+    let running = start(settings).await?;
+    signal.await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    running.shutdown().await
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

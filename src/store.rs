@@ -180,6 +180,10 @@ impl SledStore {
     /// Opens (creating if needed) a sled store in `dir`.
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(io)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+        }
         let db = sled::Config::new()
             .path(dir)
             .segment_size(SLED_SEGMENT_SIZE)

@@ -1,0 +1,104 @@
+//! One structured log line per request: request id, principal, role, method, record id,
+//! field names, status and latency. Never a field value: record ids are logged only when they
+//! parse as UUIDs, field names only when the schema knows them.
+
+use std::time::Instant;
+
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status};
+
+use crate::policy::Caller;
+
+/// Metadata key carrying the request id (taken from the caller if sane, else generated).
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Collects what a request's log line says, and writes it on [`RequestLog::finish`].
+pub struct RequestLog {
+    start: Instant,
+    method: &'static str,
+    request_id: String,
+    principal: Option<std::sync::Arc<str>>,
+    role: Option<String>,
+    record_id: Option<String>,
+    fields: Vec<String>,
+}
+
+impl RequestLog {
+    /// Starts the log of `method`.
+    pub fn start<T>(method: &'static str, request: &Request<T>) -> Self {
+        let request_id = request
+            .metadata()
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| {
+                !v.is_empty()
+                    && v.len() <= 64
+                    && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            })
+            .map(str::to_string)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        Self {
+            start: Instant::now(),
+            method,
+            request_id,
+            principal: None,
+            role: None,
+            record_id: None,
+            fields: Vec::new(),
+        }
+    }
+
+    /// Notes the authenticated caller and passes it through.
+    pub fn caller(&mut self, caller: Caller) -> Caller {
+        self.principal = Some(caller.principal.clone());
+        self.role = Some(caller.role.name.clone());
+        caller
+    }
+
+    /// Notes the record id, if it is a UUID.
+    pub fn record(&mut self, id: &str) {
+        if uuid::Uuid::try_parse(id).is_ok() {
+            self.record_id = Some(id.to_string());
+        }
+    }
+
+    /// Notes the field names involved.
+    pub fn fields(&mut self, names: Vec<String>) {
+        self.fields = names;
+    }
+
+    /// Writes the line and returns the response with the request id attached.
+    pub fn finish<T>(self, result: Result<T, Status>) -> Result<Response<T>, Status> {
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        tracing::info!(
+            request_id = %self.request_id,
+            principal = self.principal.as_deref().unwrap_or("-"),
+            role = self.role.as_deref().unwrap_or("-"),
+            method = self.method,
+            record_id = self.record_id.as_deref().unwrap_or("-"),
+            fields = %self.fields.join(","),
+            status = ?code,
+            latency_us = self.start.elapsed().as_micros() as u64,
+            "request"
+        );
+        let id = MetadataValue::try_from(self.request_id.as_str()).ok();
+        match result {
+            Ok(body) => {
+                let mut response = Response::new(body);
+                if let Some(id) = id {
+                    response.metadata_mut().insert(REQUEST_ID, id);
+                }
+                Ok(response)
+            }
+            Err(mut status) => {
+                if let Some(id) = id {
+                    status.metadata_mut().insert(REQUEST_ID, id);
+                }
+                Err(status)
+            }
+        }
+    }
+}
