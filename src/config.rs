@@ -20,6 +20,7 @@ use zeroize::Zeroizing;
 use crate::keys::{KeyError, MasterKey};
 use crate::policy::{self, Policy, PolicyError, DEFAULT_ROLES};
 use crate::schema::{Schema, SchemaError};
+use crate::store::Durability;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -153,6 +154,8 @@ pub struct Settings {
     pub allow_insecure_listen: bool,
     /// Largest accepted request in bytes.
     pub max_request_bytes: usize,
+    /// How writes are made durable (group commit; per-write only as a benchmark baseline).
+    pub durability: Durability,
 }
 
 impl std::fmt::Debug for Settings {
@@ -226,6 +229,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         tls,
         allow_insecure_listen: file.allow_insecure_listen,
         max_request_bytes: file.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
+        durability: Durability::GroupCommit,
     })
 }
 
@@ -253,6 +257,7 @@ pub fn ephemeral(data_dir: &Path, master_key: MasterKey, policy: Policy) -> Sett
         tls: None,
         allow_insecure_listen: false,
         max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+        durability: Durability::GroupCommit,
     }
 }
 
@@ -301,6 +306,7 @@ pub fn dev(root: &Path, listen: Option<&str>, data_dir: Option<&Path>) -> Result
         tls: None,
         allow_insecure_listen: false,
         max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+        durability: Durability::GroupCommit,
     })
 }
 

@@ -75,7 +75,7 @@ impl Running {
 
 /// Opens the vault (store and keys) of `settings`. Refuses a wrong master key.
 pub async fn open_vault(settings: &Settings) -> Result<Arc<Vault<SledStore>>, ServerError> {
-    let store = SledStore::open(&settings.data_dir)?;
+    let store = SledStore::open_with(&settings.data_dir, settings.durability)?;
     let keys = KeyRing::open(&store, &settings.master_key).await?;
     Ok(Arc::new(Vault::new(
         store,

@@ -158,6 +158,17 @@ pub trait Store: Send + Sync + 'static {
 /// Segment size for sled: its blob threshold is a quarter of this, minus a header.
 pub const SLED_SEGMENT_SIZE: usize = 2 * 1024 * 1024;
 
+/// How writes are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Concurrent writers share one sled flush + `fdatasync` (group commit). The default.
+    #[default]
+    GroupCommit,
+    /// Every write runs its own flush + `fdatasync`, one after another. Only a baseline for
+    /// the load benchmark; never faster.
+    PerWrite,
+}
+
 /// The embedded sled backend.
 #[derive(Clone)]
 pub struct SledStore {
@@ -170,6 +181,8 @@ struct SledInner {
     data_file: std::fs::File,
     dir: PathBuf,
     group: GroupCommit,
+    durability: Durability,
+    per_write: Mutex<()>,
 }
 
 fn io(e: impl std::fmt::Display) -> StoreError {
@@ -177,8 +190,13 @@ fn io(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl SledStore {
-    /// Opens (creating if needed) a sled store in `dir`.
+    /// Opens (creating if needed) a sled store in `dir`, with group commit.
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
+        SledStore::open_with(dir, Durability::GroupCommit)
+    }
+
+    /// Opens (creating if needed) a sled store in `dir` with the given durability mode.
+    pub fn open_with(dir: &Path, durability: Durability) -> Result<SledStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(io)?;
         {
             use std::os::unix::fs::PermissionsExt;
@@ -208,6 +226,8 @@ impl SledStore {
                 data_file,
                 dir: dir.to_path_buf(),
                 group: GroupCommit::default(),
+                durability,
+                per_write: Mutex::new(()),
             }),
         })
     }
@@ -314,6 +334,14 @@ impl Store for SledStore {
             SledStore::apply(&self.inner, &batch)?;
         }
         let inner = Arc::clone(&self.inner);
+        if self.inner.durability == Durability::PerWrite {
+            return tokio::task::spawn_blocking(move || {
+                let _one_at_a_time = inner.per_write.lock();
+                SledStore::make_durable(&inner)
+            })
+            .await
+            .map_err(io)?;
+        }
         self.inner
             .group
             .wait_durable(move || SledStore::make_durable(&inner))

@@ -1,0 +1,10 @@
+//! Kluis integration tests: one binary. Each test starts the real server on port 0 with a temp
+//! data dir (or the real `kluis` binary, for crash and log tests) and talks real gRPC.
+
+mod helpers;
+
+mod crypto_vectors;
+mod durability;
+mod policy_matrix;
+mod records;
+mod tamper;
