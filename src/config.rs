@@ -184,8 +184,11 @@ impl Settings {
 
 /// Parses a listen address.
 pub fn parse_listen(text: &str) -> Result<SocketAddr, ConfigError> {
-    text.parse()
-        .map_err(|_| ConfigError::Rule(format!("listen address `{text}` is not host:port (e.g. 127.0.0.1:50051)")))
+    text.parse().map_err(|_| {
+        ConfigError::Rule(format!(
+            "listen address `{text}` is not host:port (e.g. 127.0.0.1:50051)"
+        ))
+    })
 }
 
 /// Loads production settings from a config file.
@@ -196,7 +199,13 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         message: e.to_string(),
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
-    let rel = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+    let rel = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
     let master_key = match &file.master_key_file {
         Some(p) => MasterKey::load_file(&rel(p))?,
         None => MasterKey::from_env()?.ok_or_else(|| {
@@ -215,7 +224,8 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         None => Schema::default_schema(),
     };
     let policy_path = rel(&file.policy_file);
-    let policy = Policy::from_toml(&std::fs::read_to_string(&policy_path).map_err(io_err(&policy_path))?)?;
+    let policy =
+        Policy::from_toml(&std::fs::read_to_string(&policy_path).map_err(io_err(&policy_path))?)?;
     let tls = match &file.tls {
         Some(t) => Some(load_tls(t, &rel)?),
         None => None,
@@ -268,7 +278,11 @@ struct DevTokens {
 
 /// Dev-mode settings for the current directory `root`: creates `keys/master.key`,
 /// `keys/dev-tokens.toml` and `data/` on first start, reuses them afterwards.
-pub fn dev(root: &Path, listen: Option<&str>, data_dir: Option<&Path>) -> Result<Settings, ConfigError> {
+pub fn dev(
+    root: &Path,
+    listen: Option<&str>,
+    data_dir: Option<&Path>,
+) -> Result<Settings, ConfigError> {
     let keys = root.join("keys");
     std::fs::create_dir_all(&keys).map_err(io_err(&keys))?;
     let key_path = keys.join("master.key");
@@ -376,7 +390,10 @@ pub fn init(dir: &Path, listen: &str) -> Result<InitOutput, ConfigError> {
         "# Kluis configuration (see README.md, \"Configuration reference\").\nlisten = \"{listen}\"\ndata_dir = \"data\"\nmaster_key_file = \"keys/master.key\"\npolicy_file = \"policy.toml\"\n# schema_file = \"schema.toml\"   # default: the built-in schema\n# allow_insecure_listen = false\n# max_request_bytes = {DEFAULT_MAX_REQUEST_BYTES}\n\n# [tls]\n# cert_file = \"tls/server.crt\"\n# key_file = \"tls/server.key\"\n# client_ca_file = \"tls/clients-ca.crt\"   # enables mTLS\n# require_client_cert = false\n"
     );
     write_secret_file(&config_path, &config)?;
-    Ok(InitOutput { config_path, tokens })
+    Ok(InitOutput {
+        config_path,
+        tokens,
+    })
 }
 
 #[cfg(test)]
@@ -404,7 +421,10 @@ mod tests {
             assert!(!policy.contains(token.as_str()));
         }
         let settings = load(&out.config_path).expect("config loads");
-        assert!(settings.policy.authenticate_token(&out.tokens[0].2).is_some());
+        assert!(settings
+            .policy
+            .authenticate_token(&out.tokens[0].2)
+            .is_some());
         assert!(init(dir.path(), DEFAULT_LISTEN).is_err());
     }
 

@@ -114,7 +114,8 @@ pub fn random_fill(out: &mut [u8]) -> Result<(), CryptoError> {
 pub fn context(parts: &[&[u8]]) -> Vec<u8> {
     let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 4).sum());
     for part in parts {
-        let len = u32::try_from(part.len()).expect("context parts are names and ids, far below 4 GiB");
+        let len =
+            u32::try_from(part.len()).expect("context parts are names and ids, far below 4 GiB");
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(part);
     }
@@ -341,8 +342,12 @@ pub fn danger_aes256gcm_seal_with_nonce(
         UnboundKey::new(&AES_256_GCM, key).expect("a 32-byte key is a valid AES-256 key"),
     );
     let mut buf = plaintext.to_vec();
-    key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
-        .expect("sealing cannot fail below ring's 64 GiB input limit");
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(aad),
+        &mut buf,
+    )
+    .expect("sealing cannot fail below ring's 64 GiB input limit");
     buf
 }
 
@@ -358,7 +363,11 @@ pub fn aes256gcm_open_with_nonce(
     );
     let mut buf = Zeroizing::new(ciphertext_and_tag.to_vec());
     let len = key
-        .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), buf.as_mut_slice())
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            buf.as_mut_slice(),
+        )
         .map_err(|_| CryptoError::Authentication)?
         .len();
     buf.truncate(len);
@@ -374,10 +383,19 @@ mod tests {
         let key = SecretKey::generate().expect("rng");
         let ctx = context(&[b"record", b"field"]);
         let sealed = seal(&key, 7, &ctx, b"hello").expect("seal");
-        assert_eq!(EnvelopeHeader::parse(&sealed).expect("header").key_version, 7);
-        assert_eq!(open(&key, &ctx, &sealed).expect("open").as_slice(), b"hello");
+        assert_eq!(
+            EnvelopeHeader::parse(&sealed).expect("header").key_version,
+            7
+        );
+        assert_eq!(
+            open(&key, &ctx, &sealed).expect("open").as_slice(),
+            b"hello"
+        );
         let other = context(&[b"record", b"other"]);
-        assert_eq!(open(&key, &other, &sealed), Err(CryptoError::Authentication));
+        assert_eq!(
+            open(&key, &other, &sealed),
+            Err(CryptoError::Authentication)
+        );
     }
 
     #[test]

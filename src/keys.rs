@@ -105,9 +105,11 @@ impl MasterKey {
         match std::env::var(MASTER_KEY_ENV) {
             Ok(v) => {
                 let v = Zeroizing::new(v);
-                SecretKey::from_hex(&v).map(|k| Some(MasterKey(k))).ok_or_else(|| {
-                    KeyError::BadMasterKey(format!("in {MASTER_KEY_ENV} must be 64 hex digits"))
-                })
+                SecretKey::from_hex(&v)
+                    .map(|k| Some(MasterKey(k)))
+                    .ok_or_else(|| {
+                        KeyError::BadMasterKey(format!("in {MASTER_KEY_ENV} must be 64 hex digits"))
+                    })
             }
             Err(_) => Ok(None),
         }
@@ -212,22 +214,37 @@ impl KeyRing {
         Self::load(store, master).await
     }
 
-    async fn create<S: Store>(store: &S, master: &MasterKey, check: [u8; 32]) -> Result<(), KeyError> {
+    async fn create<S: Store>(
+        store: &S,
+        master: &MasterKey,
+        check: [u8; 32],
+    ) -> Result<(), KeyError> {
         let wrap = master.wrapping_key();
         let mut batch = Batch::default();
         batch.expect(Keyspace::Meta, META_KEY_CHECK.to_vec(), Expect::Absent);
         batch.put(Keyspace::Meta, META_KEY_CHECK.to_vec(), check.to_vec());
         for category in Category::ALL {
             let kek = SecretKey::generate()?;
-            let ctx = crypto::context(&[CTX_KEK, category.as_str().as_bytes(), &1u32.to_be_bytes()]);
+            let ctx =
+                crypto::context(&[CTX_KEK, category.as_str().as_bytes(), &1u32.to_be_bytes()]);
             let sealed = crypto::seal(&wrap, 1, &ctx, kek.expose_secret())?;
             batch.put(Keyspace::Meta, kek_meta_key(category, 1), sealed);
         }
         let root = SecretKey::generate()?;
-        let sealed = crypto::seal(&wrap, 1, &crypto::context(&[CTX_INDEX_ROOT]), root.expose_secret())?;
+        let sealed = crypto::seal(
+            &wrap,
+            1,
+            &crypto::context(&[CTX_INDEX_ROOT]),
+            root.expose_secret(),
+        )?;
         batch.put(Keyspace::Meta, META_INDEX_ROOT.to_vec(), sealed);
         let integrity = SecretKey::generate()?;
-        let sealed = crypto::seal(&wrap, 1, &crypto::context(&[CTX_INTEGRITY]), integrity.expose_secret())?;
+        let sealed = crypto::seal(
+            &wrap,
+            1,
+            &crypto::context(&[CTX_INTEGRITY]),
+            integrity.expose_secret(),
+        )?;
         batch.put(Keyspace::Meta, META_INTEGRITY.to_vec(), sealed);
         match store.commit(batch).await {
             // Another instance initialised the store first: use its keys.
@@ -251,8 +268,15 @@ impl KeyRing {
             let (Some(category), Some(version)) = (category, version) else {
                 return Err(KeyError::Corrupt(name));
             };
-            let ctx = crypto::context(&[CTX_KEK, category.as_str().as_bytes(), &version.to_be_bytes()]);
-            keks.insert((category, version), unwrap_stored(&wrap, &ctx, &sealed, &name)?);
+            let ctx = crypto::context(&[
+                CTX_KEK,
+                category.as_str().as_bytes(),
+                &version.to_be_bytes(),
+            ]);
+            keks.insert(
+                (category, version),
+                unwrap_stored(&wrap, &ctx, &sealed, &name)?,
+            );
             let a = active.entry(category).or_insert(version);
             *a = (*a).max(version);
         }
@@ -298,7 +322,12 @@ impl KeyRing {
     }
 
     /// Wraps a fresh DEK for `category` of `record_id` under the category's active KEK.
-    pub fn wrap_dek(&self, record_id: &[u8], category: Category, dek: &SecretKey) -> Result<WrappedDek, KeyError> {
+    pub fn wrap_dek(
+        &self,
+        record_id: &[u8],
+        category: Category,
+        dek: &SecretKey,
+    ) -> Result<WrappedDek, KeyError> {
         let version = *self
             .active
             .get(&category)
@@ -315,14 +344,23 @@ impl KeyRing {
     }
 
     /// Unwraps the DEK of `category` of `record_id`.
-    pub fn unwrap_dek(&self, record_id: &[u8], category: Category, wrapped: &WrappedDek) -> Result<SecretKey, KeyError> {
+    pub fn unwrap_dek(
+        &self,
+        record_id: &[u8],
+        category: Category,
+        wrapped: &WrappedDek,
+    ) -> Result<SecretKey, KeyError> {
         let kek = self
             .keks
             .get(&(category, wrapped.kek_version))
             .ok_or(KeyError::MissingKek(category, wrapped.kek_version))?;
         let ctx = Self::dek_context(record_id, category, wrapped.kek_version);
-        let bytes = crypto::open(kek, &ctx, &wrapped.sealed).map_err(|_| KeyError::Dek(category))?;
-        let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| KeyError::Dek(category))?;
+        let bytes =
+            crypto::open(kek, &ctx, &wrapped.sealed).map_err(|_| KeyError::Dek(category))?;
+        let arr: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| KeyError::Dek(category))?;
         Ok(SecretKey::from_bytes(arr))
     }
 
@@ -364,15 +402,28 @@ mod tests {
         let store = SledStore::open(dir.path()).expect("open");
         let m1 = MasterKey::from_secret(SecretKey::generate().expect("rng"));
         let m2 = MasterKey::from_secret(SecretKey::generate().expect("rng"));
-        let ring = KeyRing::open(&store, &m1).await.expect("first open creates");
+        let ring = KeyRing::open(&store, &m1)
+            .await
+            .expect("first open creates");
         let dek = SecretKey::generate().expect("rng");
-        let wrapped = ring.wrap_dek(b"rec", Category::Identity, &dek).expect("wrap");
+        let wrapped = ring
+            .wrap_dek(b"rec", Category::Identity, &dek)
+            .expect("wrap");
         let again = KeyRing::open(&store, &m1).await.expect("same key reopens");
-        let back = again.unwrap_dek(b"rec", Category::Identity, &wrapped).expect("unwrap");
+        let back = again
+            .unwrap_dek(b"rec", Category::Identity, &wrapped)
+            .expect("unwrap");
         assert_eq!(back.expose_secret(), dek.expose_secret());
-        assert!(again.unwrap_dek(b"other", Category::Identity, &wrapped).is_err());
-        assert!(again.unwrap_dek(b"rec", Category::Financial, &wrapped).is_err());
-        assert!(matches!(KeyRing::open(&store, &m2).await, Err(KeyError::WrongMasterKey)));
+        assert!(again
+            .unwrap_dek(b"other", Category::Identity, &wrapped)
+            .is_err());
+        assert!(again
+            .unwrap_dek(b"rec", Category::Financial, &wrapped)
+            .is_err());
+        assert!(matches!(
+            KeyRing::open(&store, &m2).await,
+            Err(KeyError::WrongMasterKey)
+        ));
     }
 
     #[test]
@@ -381,10 +432,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("master.key");
         MasterKey::create_file(&path).expect("create");
-        assert_eq!(std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777,
+            0o600
+        );
         MasterKey::load_file(&path).expect("0600 loads");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
-        assert!(matches!(MasterKey::load_file(&path), Err(KeyError::Permissions { .. })));
+        assert!(matches!(
+            MasterKey::load_file(&path),
+            Err(KeyError::Permissions { .. })
+        ));
         assert!(MasterKey::create_file(&path).is_err(), "never overwrites");
     }
 }

@@ -67,13 +67,22 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: Option<PathBuf>, dev: bool, listen: Option<String>, data_dir: Option<PathBuf>) -> ExitCode {
+fn serve(
+    config: Option<PathBuf>,
+    dev: bool,
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+) -> ExitCode {
     let settings = if dev {
         if config.is_some() {
             eprintln!("error: --dev and --config exclude each other");
             return ExitCode::from(2);
         }
-        kluis::config::dev(std::path::Path::new("."), listen.as_deref(), data_dir.as_deref())
+        kluis::config::dev(
+            std::path::Path::new("."),
+            listen.as_deref(),
+            data_dir.as_deref(),
+        )
     } else {
         let path = config.unwrap_or_else(|| PathBuf::from("kluis.toml"));
         if !path.exists() {
@@ -100,14 +109,20 @@ fn serve(config: Option<PathBuf>, dev: bool, listen: Option<String>, data_dir: O
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(kluis::server::run(settings, kluis::server::termination_signal())) {
+    match runtime.block_on(kluis::server::run(
+        settings,
+        kluis::server::termination_signal(),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -119,7 +134,10 @@ fn serve(config: Option<PathBuf>, dev: bool, listen: Option<String>, data_dir: O
 fn init(dir: PathBuf, listen: &str) -> ExitCode {
     match kluis::config::init(&dir, listen) {
         Ok(out) => {
-            println!("Created {} with a master key (keys/master.key, 0600) and policy.toml.", out.config_path.display());
+            println!(
+                "Created {} with a master key (keys/master.key, 0600) and policy.toml.",
+                out.config_path.display()
+            );
             println!("Bearer tokens, shown once (only their SHA-256 is stored):");
             for (name, role, token) in &out.tokens {
                 println!("  {name:<22} role {role:<17} {}", token.as_str());

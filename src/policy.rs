@@ -154,7 +154,9 @@ fn categories(role: &str, what: &str, names: &[String]) -> Result<BTreeSet<Categ
             out.extend(Category::ALL);
         } else {
             out.insert(Category::parse(name).ok_or_else(|| {
-                PolicyError::Rule(format!("role `{role}`: {what} names unknown category `{name}`"))
+                PolicyError::Rule(format!(
+                    "role `{role}`: {what} names unknown category `{name}`"
+                ))
             })?);
         }
     }
@@ -228,20 +230,34 @@ impl Policy {
     }
 
     /// Adds a principal authenticated by a bearer token with the given SHA-256.
-    pub fn add_token_hash(&mut self, name: &str, role: &str, hash: [u8; 32]) -> Result<(), PolicyError> {
+    pub fn add_token_hash(
+        &mut self,
+        name: &str,
+        role: &str,
+        hash: [u8; 32],
+    ) -> Result<(), PolicyError> {
         let caller = self.caller(name, role)?;
         if self.tokens.iter().any(|(h, _)| crypto::ct_eq(h, &hash)) {
-            return Err(PolicyError::Rule(format!("principal `{name}`: token hash used twice")));
+            return Err(PolicyError::Rule(format!(
+                "principal `{name}`: token hash used twice"
+            )));
         }
         self.tokens.push((hash, caller));
         Ok(())
     }
 
     /// Adds a principal authenticated by a TLS client certificate with common name `cn`.
-    pub fn add_cert_principal(&mut self, name: &str, role: &str, cn: &str) -> Result<(), PolicyError> {
+    pub fn add_cert_principal(
+        &mut self,
+        name: &str,
+        role: &str,
+        cn: &str,
+    ) -> Result<(), PolicyError> {
         let caller = self.caller(name, role)?;
         if self.certs.insert(cn.to_string(), caller).is_some() {
-            return Err(PolicyError::Rule(format!("certificate name `{cn}` mapped twice")));
+            return Err(PolicyError::Rule(format!(
+                "certificate name `{cn}` mapped twice"
+            )));
         }
         Ok(())
     }

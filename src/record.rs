@@ -204,13 +204,19 @@ pub fn seal_field(
         let start = i * CHUNK_LEN;
         let end = (start + CHUNK_LEN).min(plaintext.len());
         let i32 = u32::try_from(i).expect("chunk index below chunk count");
-        let sealed = dek.seal(&chunk_context(id, field, i32, count32), &plaintext[start..end])?;
+        let sealed = dek.seal(
+            &chunk_context(id, field, i32, count32),
+            &plaintext[start..end],
+        )?;
         digest.update(&sealed);
         chunks.push(sealed);
     }
     let mut out = [0u8; 32];
     out.copy_from_slice(digest.finish().as_ref());
-    Ok(SealedField { chunks, digest: out })
+    Ok(SealedField {
+        chunks,
+        digest: out,
+    })
 }
 
 #[cfg(test)]
@@ -246,7 +252,10 @@ mod tests {
     fn header_mac_detects_any_change_and_other_ids() {
         let key = SecretKey::generate().expect("rng");
         let stored = body().seal(1, &key);
-        assert_eq!(RecordBody::open(&[7; 16], &stored, &key).expect("opens"), body());
+        assert_eq!(
+            RecordBody::open(&[7; 16], &stored, &key).expect("opens"),
+            body()
+        );
         assert!(RecordBody::open(&[8; 16], &stored, &key).is_err());
         for i in 0..stored.len() {
             let mut bad = stored.clone();

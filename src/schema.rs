@@ -208,7 +208,10 @@ impl Schema {
                 FieldType::Text { max_len } if *max_len == 0 => {
                     return Err(rule("max_len must be positive"))
                 }
-                FieldType::Blob { max_bytes, content_types } => {
+                FieldType::Blob {
+                    max_bytes,
+                    content_types,
+                } => {
                     if *max_bytes == 0 || content_types.is_empty() {
                         return Err(rule("blobs need a positive max_bytes and content_types"));
                     }
@@ -302,7 +305,13 @@ impl FieldDef {
     /// Parses an incoming value for this field.
     pub fn parse(&self, raw: RawValue<'_>) -> Result<Parsed, ValueError> {
         match (&self.kind, raw) {
-            (FieldType::Blob { max_bytes, content_types }, RawValue::Blob(bytes, content_type)) => {
+            (
+                FieldType::Blob {
+                    max_bytes,
+                    content_types,
+                },
+                RawValue::Blob(bytes, content_type),
+            ) => {
                 if bytes.is_empty() {
                     return Err(ValueError::Invalid(
                         "must not be empty (use clear to remove a field)".into(),
@@ -440,7 +449,10 @@ impl Bsn {
         if sum % 11 != 0 || digits.iter().all(|d| *d == 0) {
             return Err(invalid("BSN must be 9 digits and pass the 11-test"));
         }
-        Ok(Bsn(digits.iter().map(|d| char::from(b'0' + *d as u8)).collect()))
+        Ok(Bsn(digits
+            .iter()
+            .map(|d| char::from(b'0' + *d as u8))
+            .collect()))
     }
 
     /// The nine digits.
@@ -472,7 +484,9 @@ impl Iban {
         if !(15..=34).contains(&b.len())
             || !b[..2].iter().all(u8::is_ascii_uppercase)
             || !b[2..4].iter().all(u8::is_ascii_digit)
-            || !b[4..].iter().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+            || !b[4..]
+                .iter()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
         {
             return Err(invalid(rule));
         }
@@ -487,7 +501,11 @@ impl Iban {
             } else {
                 u32::from(c - b'A') + 10
             };
-            rem = if v >= 10 { (rem * 100 + v) % 97 } else { (rem * 10 + v) % 97 };
+            rem = if v >= 10 {
+                (rem * 100 + v) % 97
+            } else {
+                (rem * 10 + v) % 97
+            };
         }
         if rem != 1 {
             return Err(invalid(rule));
@@ -637,7 +655,8 @@ fn parse_amount(text: &str) -> Result<String, ValueError> {
         None => (s, None),
     };
     let int_ok = !int.is_empty() && int.len() <= 12 && int.bytes().all(|b| b.is_ascii_digit());
-    let frac_ok = frac.is_none_or(|f| (1..=2).contains(&f.len()) && f.bytes().all(|b| b.is_ascii_digit()));
+    let frac_ok =
+        frac.is_none_or(|f| (1..=2).contains(&f.len()) && f.bytes().all(|b| b.is_ascii_digit()));
     if !int_ok || !frac_ok {
         return Err(invalid(rule));
     }
@@ -721,7 +740,10 @@ mod tests {
         assert_eq!(Postcode::parse("3311kg").expect("pc").0, "3311 KG");
         assert!(Postcode::parse("0311 KG").is_err());
         assert!(Postcode::parse("331 KG").is_err());
-        assert_eq!(Phone::parse("+31 (0)6-1234 5678").expect("phone").0, "+310612345678");
+        assert_eq!(
+            Phone::parse("+31 (0)6-1234 5678").expect("phone").0,
+            "+310612345678"
+        );
         assert!(Date::parse("2023-02-29").is_err());
         assert!(Date::parse("2024-02-29").is_ok());
         assert_eq!(parse_amount("03125.5").expect("amount"), "3125.50");
@@ -742,7 +764,9 @@ mod tests {
     fn blob_rules() {
         let schema = Schema::default_schema();
         let cv = schema.field("cv_document").expect("cv");
-        assert!(cv.parse(RawValue::Blob(b"%PDF-1.7", "application/pdf")).is_ok());
+        assert!(cv
+            .parse(RawValue::Blob(b"%PDF-1.7", "application/pdf"))
+            .is_ok());
         assert!(matches!(
             cv.parse(RawValue::Blob(b"x", "image/gif")),
             Err(ValueError::Invalid(_))
@@ -759,7 +783,9 @@ mod tests {
     fn messages_never_contain_the_value() {
         let schema = Schema::default_schema();
         let bsn = schema.field("bsn").expect("bsn");
-        let err = bsn.parse(RawValue::Text("111222334")).expect_err("fails 11-test");
+        let err = bsn
+            .parse(RawValue::Text("111222334"))
+            .expect_err("fails 11-test");
         assert!(!err.to_string().contains("111222334"));
     }
 }

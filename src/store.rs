@@ -443,7 +443,11 @@ mod tests {
         store.commit(b).await.expect("commit");
 
         let mut b = Batch::default();
-        b.expect(Keyspace::Records, b"r1".to_vec(), Expect::Value(b"old".to_vec()));
+        b.expect(
+            Keyspace::Records,
+            b"r1".to_vec(),
+            Expect::Value(b"old".to_vec()),
+        );
         b.put(Keyspace::Records, b"r1".to_vec(), b"v2".to_vec());
         b.delete(Keyspace::Index, b"i1".to_vec());
         assert!(matches!(store.commit(b).await, Err(StoreError::Conflict)));
@@ -451,7 +455,11 @@ mod tests {
             store.get(Keyspace::Records, b"r1").await.expect("get"),
             Some(b"v1".to_vec())
         );
-        assert!(store.get(Keyspace::Index, b"i1").await.expect("get").is_some());
+        assert!(store
+            .get(Keyspace::Index, b"i1")
+            .await
+            .expect("get")
+            .is_some());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,7 +472,11 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 for i in 0..20u32 {
                     let mut b = Batch::default();
-                    b.put(Keyspace::Records, [t.to_be_bytes(), i.to_be_bytes()].concat(), vec![1]);
+                    b.put(
+                        Keyspace::Records,
+                        [t.to_be_bytes(), i.to_be_bytes()].concat(),
+                        vec![1],
+                    );
                     store.commit(b).await.expect("commit");
                 }
             }));
@@ -472,9 +484,17 @@ mod tests {
         for t in tasks {
             t.await.expect("join");
         }
-        assert!(store.flush_count() < 640, "flushes: {}", store.flush_count());
+        assert!(
+            store.flush_count() < 640,
+            "flushes: {}",
+            store.flush_count()
+        );
         assert_eq!(
-            store.scan(Keyspace::Records, b"", None, 10_000).await.expect("scan").len(),
+            store
+                .scan(Keyspace::Records, b"", None, 10_000)
+                .await
+                .expect("scan")
+                .len(),
             640
         );
     }
@@ -483,8 +503,13 @@ mod tests {
     #[test]
     fn store_matches_a_btreemap_model_across_reopen() {
         use proptest::prelude::*;
-        let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
-        let config = ProptestConfig { cases: 16, ..ProptestConfig::default() };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        let config = ProptestConfig {
+            cases: 16,
+            ..ProptestConfig::default()
+        };
         proptest!(config, |(ops in proptest::collection::vec((0u8..2, 0u8..16, proptest::collection::vec(any::<u8>(), 0..64)), 1..60), reopen_at in 0usize..60)| {
             rt.block_on(async {
                 let dir = tempfile::tempdir().expect("tempdir");

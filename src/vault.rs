@@ -46,7 +46,10 @@ impl std::fmt::Debug for Value {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Value::Text(_) => f.write_str("Text(...)"),
-            Value::Blob { bytes, content_type } => {
+            Value::Blob {
+                bytes,
+                content_type,
+            } => {
                 write!(f, "Blob({} bytes, {content_type})", bytes.len())
             }
         }
@@ -102,7 +105,11 @@ pub struct Vault<S> {
 impl<S: Store> Vault<S> {
     /// A vault over `store` with `schema`, using `keys`.
     pub fn new(store: S, schema: Arc<Schema>, keys: Arc<KeyRing>) -> Self {
-        Self { store, schema, keys }
+        Self {
+            store,
+            schema,
+            keys,
+        }
     }
 
     /// The schema in force.
@@ -124,7 +131,10 @@ impl<S: Store> Vault<S> {
     ) -> Result<(Uuid, u64), VaultError> {
         check_purpose(caller, purpose)?;
         if fields.is_empty() {
-            return Err(VaultError::invalid("fields", "at least one field is required"));
+            return Err(VaultError::invalid(
+                "fields",
+                "at least one field is required",
+            ));
         }
         let parsed = self.parse_writes(caller, "fields", fields)?;
         let id = Uuid::new_v4();
@@ -230,7 +240,10 @@ impl<S: Store> Vault<S> {
         let id = parse_record_id(record_id)?;
         check_purpose(caller, purpose)?;
         if set.is_empty() && clear.is_empty() {
-            return Err(VaultError::invalid("set", "nothing to update: set or clear at least one field"));
+            return Err(VaultError::invalid(
+                "set",
+                "nothing to update: set or clear at least one field",
+            ));
         }
         let mut cleared: BTreeMap<&str, &FieldDef> = BTreeMap::new();
         for name in &clear {
@@ -270,7 +283,8 @@ impl<S: Store> Vault<S> {
                         Some(stored) => self.unwrap(&idb, def.category, stored)?,
                         None => {
                             let dek = SecretKey::generate()?;
-                            body.deks.insert(cat.into(), self.wrap(&idb, def.category, &dek)?);
+                            body.deks
+                                .insert(cat.into(), self.wrap(&idb, def.category, &dek)?);
                             dek
                         }
                     };
@@ -320,7 +334,11 @@ impl<S: Store> Vault<S> {
         if !def.searchable {
             return Err(VaultError::invalid(
                 "field_name",
-                format!("field `{}` is not searchable (searchable: {})", def.name, self.searchable_names()),
+                format!(
+                    "field `{}` is not searchable (searchable: {})",
+                    def.name,
+                    self.searchable_names()
+                ),
             ));
         }
         if !caller.role.may_read(def.category) {
@@ -365,7 +383,12 @@ impl<S: Store> Vault<S> {
         };
         let rows = self
             .store
-            .scan(Keyspace::Records, b"", after.as_ref().map(|u| u.as_bytes().as_slice()), size + 1)
+            .scan(
+                Keyspace::Records,
+                b"",
+                after.as_ref().map(|u| u.as_bytes().as_slice()),
+                size + 1,
+            )
             .await?;
         let more = rows.len() > size;
         let mut records = Vec::with_capacity(size);
@@ -427,7 +450,10 @@ impl<S: Store> Vault<S> {
         for (def, (_, value)) in defs.into_iter().zip(fields) {
             let raw = match &value {
                 Value::Text(t) => RawValue::Text(t),
-                Value::Blob { bytes, content_type } => RawValue::Blob(bytes, content_type),
+                Value::Blob {
+                    bytes,
+                    content_type,
+                } => RawValue::Blob(bytes, content_type),
             };
             let parsed = def
                 .parse(raw)
@@ -437,7 +463,12 @@ impl<S: Store> Vault<S> {
         Ok(out)
     }
 
-    fn wrap(&self, id: &[u8], category: Category, dek: &SecretKey) -> Result<StoredDek, VaultError> {
+    fn wrap(
+        &self,
+        id: &[u8],
+        category: Category,
+        dek: &SecretKey,
+    ) -> Result<StoredDek, VaultError> {
         let w = self
             .keys
             .wrap_dek(id, category, dek)
@@ -448,7 +479,12 @@ impl<S: Store> Vault<S> {
         })
     }
 
-    fn unwrap(&self, id: &[u8], category: Category, stored: &StoredDek) -> Result<SecretKey, VaultError> {
+    fn unwrap(
+        &self,
+        id: &[u8],
+        category: Category,
+        stored: &StoredDek,
+    ) -> Result<SecretKey, VaultError> {
         let wrapped = WrappedDek {
             kek_version: stored.kek_version,
             sealed: stored.sealed.clone(),
@@ -474,12 +510,20 @@ impl<S: Store> Vault<S> {
         let chunks = u32::try_from(sealed.chunks.len()).expect("values are far below 2^32 chunks");
         for (i, chunk) in sealed.chunks.into_iter().enumerate() {
             let i = u32::try_from(i).expect("chunk index below chunk count");
-            batch.put(Keyspace::Fields, record::chunk_key(id, &def.name, revision, i), chunk);
+            batch.put(
+                Keyspace::Fields,
+                record::chunk_key(id, &def.name, revision, i),
+                chunk,
+            );
         }
         let index_tag = match &value.index_form {
             Some(form) => {
                 let tag = crypto::hmac_sha256(&self.keys.index_key(&def.name), &[form.as_bytes()]);
-                batch.put(Keyspace::Index, record::index_key(&def.name, &tag, id), Vec::new());
+                batch.put(
+                    Keyspace::Index,
+                    record::index_key(&def.name, &tag, id),
+                    Vec::new(),
+                );
                 tag.to_vec()
             }
             None => Vec::new(),
@@ -497,10 +541,16 @@ impl<S: Store> Vault<S> {
 
     fn delete_field(&self, batch: &mut Batch, id: &[u8], name: &str, entry: &FieldEntry) {
         for i in 0..entry.chunks {
-            batch.delete(Keyspace::Fields, record::chunk_key(id, name, entry.revision, i));
+            batch.delete(
+                Keyspace::Fields,
+                record::chunk_key(id, name, entry.revision, i),
+            );
         }
         if !entry.index_tag.is_empty() {
-            batch.delete(Keyspace::Index, record::index_key(name, &entry.index_tag, id));
+            batch.delete(
+                Keyspace::Index,
+                record::index_key(name, &entry.index_tag, id),
+            );
         }
     }
 
@@ -543,15 +593,19 @@ impl<S: Store> Vault<S> {
         let mut out = Vec::with_capacity(selected.len());
         for (name, entry, category) in selected {
             if !deks.contains_key(&category) {
-                let stored = body.deks.get(category.as_str()).ok_or_else(|| VaultError::DataLoss {
-                    record_id: uuid_string(id),
-                    part: format!("data key of category {category} (missing)"),
-                })?;
+                let stored =
+                    body.deks
+                        .get(category.as_str())
+                        .ok_or_else(|| VaultError::DataLoss {
+                            record_id: uuid_string(id),
+                            part: format!("data key of category {category} (missing)"),
+                        })?;
                 deks.insert(category, self.unwrap(id, category, stored)?);
             }
             let plaintext = self.read_field(id, name, entry, &deks[&category]).await?;
             let value = if entry.content_type.is_empty() {
-                let text = String::from_utf8(plaintext.to_vec()).map_err(|_| field_loss(id, name))?;
+                let text =
+                    String::from_utf8(plaintext.to_vec()).map_err(|_| field_loss(id, name))?;
                 Value::Text(Zeroizing::new(text))
             } else {
                 Value::Blob {
@@ -596,7 +650,10 @@ impl<S: Store> Vault<S> {
 /// The caller must name a purpose its role may use.
 fn check_purpose(caller: &Caller, purpose: &str) -> Result<(), VaultError> {
     if purpose.is_empty() {
-        return Err(VaultError::invalid("purpose", "is required: name the purpose of this request"));
+        return Err(VaultError::invalid(
+            "purpose",
+            "is required: name the purpose of this request",
+        ));
     }
     if !caller.role.may_use(purpose) {
         return Err(VaultError::PermissionDenied(format!(
@@ -658,7 +715,10 @@ fn decode_page_token(token: &str) -> Result<Uuid, VaultError> {
         .ok()
         .and_then(|b| Uuid::from_slice(&b).ok())
         .ok_or_else(|| {
-            VaultError::invalid("page_token", "is not a token from a previous ListRecords response")
+            VaultError::invalid(
+                "page_token",
+                "is not a token from a previous ListRecords response",
+            )
         })
 }
 

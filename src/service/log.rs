@@ -33,7 +33,8 @@ impl RequestLog {
             .filter(|v| {
                 !v.is_empty()
                     && v.len() <= 64
-                    && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             })
             .map(str::to_string)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());

@@ -37,9 +37,9 @@ impl Authenticator {
     /// Finds the caller of `request`, or says why not.
     pub fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         if let Some(value) = request.metadata().get(AUTHORIZATION) {
-            let text = value
-                .to_str()
-                .map_err(|_| Status::unauthenticated("authorization metadata is not valid ASCII"))?;
+            let text = value.to_str().map_err(|_| {
+                Status::unauthenticated("authorization metadata is not valid ASCII")
+            })?;
             let token = text
                 .strip_prefix("Bearer ")
                 .or_else(|| text.strip_prefix("bearer "))
@@ -124,12 +124,10 @@ fn to_values(
                 bytes: Zeroizing::new(bytes),
                 content_type: value.content_type,
             },
-            None => {
-                return Err(Status::invalid_argument(format!(
-                    "{prefix}.{}: value is empty: set `text` or `blob` (use clear to remove a field)",
-                    status::printable(&name)
-                )))
-            }
+            None => return Err(Status::invalid_argument(format!(
+                "{prefix}.{}: value is empty: set `text` or `blob` (use clear to remove a field)",
+                status::printable(&name)
+            ))),
         };
         out.push((name, v));
     }

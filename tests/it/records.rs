@@ -1,1 +1,753 @@
-//! placeholder
+//! Records API behaviour: round trips, validation, revisions, search, listing, auth.
+
+use kluis::proto::{
+    CreateRecordRequest, FindRecordsRequest, GetRecordRequest, ListRecordsRequest,
+    UpdateRecordRequest,
+};
+use tonic::Code;
+
+use crate::helpers::*;
+
+async fn create(
+    client: &mut Client,
+    purpose: &str,
+    pairs: &[(&str, kluis::proto::FieldValue)],
+) -> String {
+    client
+        .create_record(CreateRecordRequest {
+            purpose: purpose.into(),
+            fields: fields(pairs),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .record_id
+}
+
+#[tokio::test]
+async fn recruiter_and_payroll_see_their_own_parts_of_one_record() {
+    // Arrange
+    let vault = spawn_vault().await;
+    let mut recruiter = vault.client("recruiter").await;
+    let mut payroll = vault.client("payroll").await;
+    let created = recruiter
+        .create_record(CreateRecordRequest {
+            purpose: "recruitment".into(),
+            fields: fields(&[
+                ("full_name", text("Jan Jansen")),
+                ("email", text("Jan.Jansen@Example.nl")),
+                ("postcode", text("3311kg")),
+                ("cv_document", blob(b"%PDF-1.7 cv", "application/pdf")),
+            ]),
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    assert_eq!(created.revision, 1);
+    let id = created.record_id;
+    let rev = payroll
+        .update_record(UpdateRecordRequest {
+            record_id: id.clone(),
+            purpose: "payroll".into(),
+            expected_revision: 1,
+            set: fields(&[
+                ("bsn", text("111222333")),
+                ("iban", text("nl91 abna 0417 1643 00")),
+            ]),
+            clear: vec![],
+        })
+        .await
+        .expect("payroll update")
+        .into_inner()
+        .revision;
+    assert_eq!(rev, 2);
+
+    // Act
+    let as_recruiter = recruiter
+        .get_record(GetRecordRequest {
+            record_id: id.clone(),
+            purpose: "recruitment".into(),
+            field_names: vec![],
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    let as_payroll = payroll
+        .get_record(GetRecordRequest {
+            record_id: id.clone(),
+            purpose: "payroll".into(),
+            field_names: vec![],
+        })
+        .await
+        .expect("get")
+        .into_inner();
+
+    // Assert
+    let mut names: Vec<_> = as_recruiter.fields.keys().cloned().collect();
+    names.sort();
+    assert_eq!(names, ["cv_document", "email", "full_name", "postcode"]);
+    assert_eq!(text_of(&as_recruiter.fields["postcode"]), "3311 KG");
+    assert_eq!(
+        text_of(&as_recruiter.fields["email"]),
+        "Jan.Jansen@Example.nl"
+    );
+    let cv = &as_recruiter.fields["cv_document"];
+    assert_eq!(cv.content_type, "application/pdf");
+    assert!(
+        cv.kind
+            == Some(kluis::proto::field_value::Kind::Blob(
+                b"%PDF-1.7 cv".to_vec()
+            ))
+    );
+    let mut withheld = as_recruiter.withheld.clone();
+    withheld.sort();
+    assert_eq!(withheld, ["bsn", "iban"]);
+    assert_eq!(as_recruiter.revision, 2);
+
+    let mut names: Vec<_> = as_payroll.fields.keys().cloned().collect();
+    names.sort();
+    assert_eq!(names, ["bsn", "email", "full_name", "iban", "postcode"]);
+    assert_eq!(text_of(&as_payroll.fields["iban"]), "NL91ABNA0417164300");
+    assert_eq!(as_payroll.withheld, ["cv_document"]);
+}
+
+#[tokio::test]
+async fn validation_errors_name_the_field_and_rule_and_change_nothing() {
+    let vault = spawn_vault().await;
+    let mut recruiter = vault.client("recruiter").await;
+    let mut payroll = vault.client("payroll").await;
+    let cases: Vec<(&str, CreateRecordRequest, Code, Vec<&str>)> = vec![
+        (
+            "missing purpose",
+            CreateRecordRequest {
+                purpose: "".into(),
+                fields: fields(&[("full_name", text("A"))]),
+            },
+            Code::InvalidArgument,
+            vec!["purpose", "required"],
+        ),
+        (
+            "no fields",
+            CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[]),
+            },
+            Code::InvalidArgument,
+            vec!["fields"],
+        ),
+        (
+            "unknown field",
+            CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("shoe_size", text("44"))]),
+            },
+            Code::InvalidArgument,
+            vec!["fields.shoe_size", "unknown field"],
+        ),
+        (
+            "bad email",
+            CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("email", text("not-an-email"))]),
+            },
+            Code::InvalidArgument,
+            vec!["fields.email", "e-mail"],
+        ),
+        (
+            "bad postcode",
+            CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("postcode", text("33110KG"))]),
+            },
+            Code::InvalidArgument,
+            vec!["fields.postcode", "postcode"],
+        ),
+        (
+            "bad date",
+            CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("date_of_birth", text("1990-02-30"))]),
+            },
+            Code::InvalidArgument,
+            vec!["fields.date_of_birth", "YYYY-MM-DD"],
+        ),
+        (
+            "bad phone",
+            CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("phone", text("call me"))]),
+            },
+            Code::InvalidArgument,
+            vec!["fields.phone"],
+        ),
+        (
+            "text too long",
+            CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("full_name", text(&"x".repeat(201)))]),
+            },
+            Code::ResourceExhausted,
+            vec!["fields.full_name", "200"],
+        ),
+        (
+            "blob type not allowed",
+            CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("cv_document", blob(b"GIF89a", "image/gif"))]),
+            },
+            Code::InvalidArgument,
+            vec!["fields.cv_document", "content_type"],
+        ),
+        (
+            "blob too large",
+            CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("photo", blob(&vec![0u8; 16 * 1024 * 1024 + 1], "image/png"))]),
+            },
+            Code::ResourceExhausted,
+            vec!["fields.photo", "16777216"],
+        ),
+        (
+            "text sent as blob",
+            CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("city", blob(b"Dordrecht", "text/plain"))]),
+            },
+            Code::InvalidArgument,
+            vec!["fields.city"],
+        ),
+        (
+            "empty value",
+            CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[(
+                    "city",
+                    kluis::proto::FieldValue {
+                        kind: None,
+                        content_type: String::new(),
+                    },
+                )]),
+            },
+            Code::InvalidArgument,
+            vec!["fields.city", "empty"],
+        ),
+    ];
+    for (name, request, code, needles) in cases {
+        let result = recruiter.create_record(request).await;
+        eprintln!("case {name}");
+        assert_status(result, code, &needles);
+    }
+    let payroll_cases: Vec<(&str, &str, &str, Vec<&str>)> = vec![
+        (
+            "bsn fails 11-test",
+            "bsn",
+            "111222334",
+            vec!["fields.bsn", "11-test"],
+        ),
+        (
+            "bsn too short",
+            "bsn",
+            "12345678",
+            vec!["fields.bsn", "9 digits"],
+        ),
+        (
+            "iban fails mod-97",
+            "iban",
+            "NL91ABNA0417164301",
+            vec!["fields.iban", "mod-97"],
+        ),
+        (
+            "wage not an amount",
+            "wage",
+            "lots",
+            vec!["fields.wage", "amount"],
+        ),
+        (
+            "unknown enum",
+            "id_document_type",
+            "library_card",
+            vec!["fields.id_document_type", "passport"],
+        ),
+    ];
+    for (name, field, value, needles) in payroll_cases {
+        eprintln!("case {name}");
+        let result = payroll
+            .create_record(CreateRecordRequest {
+                purpose: "payroll".into(),
+                fields: fields(&[(field, text(value))]),
+            })
+            .await;
+        assert_status(result, Code::InvalidArgument, &needles);
+        // The rejected value is never echoed back.
+    }
+
+    // Nothing was stored by any rejected request.
+    let mut officer = vault.client("privacy_officer").await;
+    let list = officer
+        .list_records(ListRecordsRequest {
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(
+        list.records.is_empty(),
+        "rejected requests stored {} records",
+        list.records.len()
+    );
+
+    // Bad ids and tokens.
+    assert_status(
+        recruiter
+            .get_record(GetRecordRequest {
+                record_id: "nope".into(),
+                purpose: "recruitment".into(),
+                field_names: vec![],
+            })
+            .await,
+        Code::InvalidArgument,
+        &["record_id", "UUID"],
+    );
+    assert_status(
+        officer
+            .list_records(ListRecordsRequest {
+                page_size: 10,
+                page_token: "garbage!".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+        &["page_token"],
+    );
+}
+
+#[tokio::test]
+async fn stale_revision_and_unknown_record() {
+    let vault = spawn_vault().await;
+    let mut recruiter = vault.client("recruiter").await;
+    let id = create(
+        &mut recruiter,
+        "recruitment",
+        &[("full_name", text("Piet"))],
+    )
+    .await;
+    let update = |rev: u64, name: &str| UpdateRecordRequest {
+        record_id: id.clone(),
+        purpose: "recruitment".into(),
+        expected_revision: rev,
+        set: fields(&[("full_name", text(name))]),
+        clear: vec![],
+    };
+    assert_eq!(
+        recruiter
+            .update_record(update(1, "Piet 2"))
+            .await
+            .expect("rev 1")
+            .into_inner()
+            .revision,
+        2
+    );
+    assert_status(
+        recruiter.update_record(update(1, "Piet 3")).await,
+        Code::FailedPrecondition,
+        &["expected_revision is 1", "revision 2"],
+    );
+    assert_eq!(
+        recruiter
+            .update_record(update(0, "Piet 4"))
+            .await
+            .expect("no check")
+            .into_inner()
+            .revision,
+        3
+    );
+    let got = recruiter
+        .get_record(GetRecordRequest {
+            record_id: id.clone(),
+            purpose: "recruitment".into(),
+            field_names: vec!["full_name".into()],
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(text_of(&got.fields["full_name"]), "Piet 4");
+    assert_eq!(got.revision, 3);
+
+    let missing = uuid::Uuid::new_v4().to_string();
+    assert_status(
+        recruiter
+            .get_record(GetRecordRequest {
+                record_id: missing.clone(),
+                purpose: "recruitment".into(),
+                field_names: vec![],
+            })
+            .await,
+        Code::NotFound,
+        &[&missing],
+    );
+    assert_status(
+        recruiter
+            .update_record(UpdateRecordRequest {
+                record_id: missing,
+                purpose: "recruitment".into(),
+                expected_revision: 0,
+                set: fields(&[("city", text("Utrecht"))]),
+                clear: vec![],
+            })
+            .await,
+        Code::NotFound,
+        &[],
+    );
+    assert_status(
+        recruiter
+            .update_record(UpdateRecordRequest {
+                record_id: id.clone(),
+                purpose: "recruitment".into(),
+                expected_revision: 0,
+                set: fields(&[("city", text("Utrecht"))]),
+                clear: vec!["city".into()],
+            })
+            .await,
+        Code::InvalidArgument,
+        &["city", "both set and cleared"],
+    );
+}
+
+#[tokio::test]
+async fn concurrent_updates_with_the_same_expected_revision_admit_exactly_one() {
+    let vault = spawn_vault().await;
+    let mut recruiter = vault.client("recruiter").await;
+    let id = create(
+        &mut recruiter,
+        "recruitment",
+        &[("full_name", text("Race"))],
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let mut c = vault.client("recruiter").await;
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            c.update_record(UpdateRecordRequest {
+                record_id: id,
+                purpose: "recruitment".into(),
+                expected_revision: 1,
+                set: fields(&[("city", text(&format!("City {i}")))]),
+                clear: vec![],
+            })
+            .await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.expect("join") {
+            Ok(_) => ok += 1,
+            Err(s) => assert_eq!(s.code(), Code::FailedPrecondition),
+        }
+    }
+    assert_eq!(ok, 1);
+}
+
+#[tokio::test]
+async fn blind_index_finds_by_normalised_value_and_follows_updates() {
+    let vault = spawn_vault().await;
+    let mut recruiter = vault.client("recruiter").await;
+    let mut payroll = vault.client("payroll").await;
+    let a = create(
+        &mut recruiter,
+        "recruitment",
+        &[("email", text("Anna@Example.NL"))],
+    )
+    .await;
+    let b = create(&mut payroll, "payroll", &[("bsn", text("123456782"))]).await;
+    let find = |purpose: &str, field: &str, value: &str| FindRecordsRequest {
+        purpose: purpose.into(),
+        field_name: field.into(),
+        value: value.into(),
+    };
+
+    let hits = recruiter
+        .find_records(find("recruitment", "email", " anna@example.nl "))
+        .await
+        .expect("find")
+        .into_inner();
+    assert_eq!(hits.record_ids, [a.clone()]);
+    let hits = payroll
+        .find_records(find("payroll", "bsn", "123 456 782"))
+        .await
+        .expect("find")
+        .into_inner();
+    assert_eq!(hits.record_ids, [b.clone()]);
+
+    // Update moves the index entry; clear removes it.
+    recruiter
+        .update_record(UpdateRecordRequest {
+            record_id: a.clone(),
+            purpose: "recruitment".into(),
+            expected_revision: 0,
+            set: fields(&[("email", text("anna@elsewhere.nl"))]),
+            clear: vec![],
+        })
+        .await
+        .expect("update");
+    assert!(recruiter
+        .find_records(find("recruitment", "email", "anna@example.nl"))
+        .await
+        .expect("find")
+        .into_inner()
+        .record_ids
+        .is_empty());
+    assert_eq!(
+        recruiter
+            .find_records(find("recruitment", "email", "ANNA@elsewhere.nl"))
+            .await
+            .expect("find")
+            .into_inner()
+            .record_ids,
+        [a.clone()]
+    );
+    recruiter
+        .update_record(UpdateRecordRequest {
+            record_id: a.clone(),
+            purpose: "recruitment".into(),
+            expected_revision: 0,
+            set: fields(&[]),
+            clear: vec!["email".into()],
+        })
+        .await
+        .expect("clear");
+    assert!(recruiter
+        .find_records(find("recruitment", "email", "anna@elsewhere.nl"))
+        .await
+        .expect("find")
+        .into_inner()
+        .record_ids
+        .is_empty());
+
+    // Rights and rules.
+    assert_status(
+        recruiter
+            .find_records(find("recruitment", "bsn", "123456782"))
+            .await,
+        Code::PermissionDenied,
+        &["bsn"],
+    );
+    assert_status(
+        recruiter
+            .find_records(find("recruitment", "full_name", "Anna"))
+            .await,
+        Code::InvalidArgument,
+        &["field_name", "not searchable"],
+    );
+    assert_status(
+        payroll
+            .find_records(find("payroll", "bsn", "111222334"))
+            .await,
+        Code::InvalidArgument,
+        &["value", "11-test"],
+    );
+    assert_status(
+        payroll.find_records(find("", "bsn", "111222333")).await,
+        Code::InvalidArgument,
+        &["purpose"],
+    );
+}
+
+#[tokio::test]
+async fn list_pages_through_metadata_only() {
+    let vault = spawn_vault().await;
+    let mut recruiter = vault.client("recruiter").await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        ids.push(
+            create(
+                &mut recruiter,
+                "recruitment",
+                &[("full_name", text(&format!("Person {i}")))],
+            )
+            .await,
+        );
+    }
+    ids.sort();
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = recruiter
+            .list_records(ListRecordsRequest {
+                page_size: 3,
+                page_token: token,
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        assert!(page.records.len() <= 3);
+        for r in &page.records {
+            assert_eq!(r.revision, 1);
+            assert_eq!(r.lifecycle, "applicant");
+            assert_eq!(r.categories, ["contact"]);
+            assert!(r.created_at.ends_with('Z'));
+        }
+        seen.extend(page.records.into_iter().map(|r| r.record_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, ids);
+    let mut auditor = vault.client("auditor").await;
+    assert_status(
+        auditor
+            .list_records(ListRecordsRequest {
+                page_size: 0,
+                page_token: String::new(),
+            })
+            .await,
+        Code::PermissionDenied,
+        &["auditor"],
+    );
+}
+
+#[tokio::test]
+async fn missing_and_bad_tokens_are_unauthenticated() {
+    let vault = spawn_vault().await;
+    let request = || GetRecordRequest {
+        record_id: uuid::Uuid::new_v4().to_string(),
+        purpose: "recruitment".into(),
+        field_names: vec![],
+    };
+    let mut none = vault.client_with_token(None).await;
+    assert_status(
+        none.get_record(request()).await,
+        Code::Unauthenticated,
+        &["Bearer"],
+    );
+    let mut bad = vault
+        .client_with_token(Some("Bearer kluis_not-a-real-token"))
+        .await;
+    assert_status(
+        bad.get_record(request()).await,
+        Code::Unauthenticated,
+        &["invalid"],
+    );
+    let mut basic = vault.client_with_token(Some("Basic dXNlcjpwYXNz")).await;
+    assert_status(
+        basic.get_record(request()).await,
+        Code::Unauthenticated,
+        &["Bearer"],
+    );
+    let mut create = vault.client_with_token(None).await;
+    assert_status(
+        create
+            .create_record(CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("city", text("Delft"))]),
+            })
+            .await,
+        Code::Unauthenticated,
+        &[],
+    );
+}
+
+#[tokio::test]
+async fn sixteen_mib_documents_round_trip_and_sled_blob_files_stay_unused() {
+    let vault = spawn_vault().await;
+    let mut recruiter = vault.client("recruiter").await;
+    let doc: Vec<u8> = (0..16 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let id = create(
+        &mut recruiter,
+        "recruitment",
+        &[
+            ("cv_document", blob(&doc, "application/pdf")),
+            ("photo", blob(&doc[..3_000_000], "image/jpeg")),
+        ],
+    )
+    .await;
+    let got = recruiter
+        .get_record(GetRecordRequest {
+            record_id: id.clone(),
+            purpose: "recruitment".into(),
+            field_names: vec!["cv_document".into()],
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert!(
+        got.fields["cv_document"].kind == Some(kluis::proto::field_value::Kind::Blob(doc.clone())),
+        "16 MiB document differs"
+    );
+    assert!(!got.fields.contains_key("photo"));
+    // Replace it: the old chunks go.
+    recruiter
+        .update_record(UpdateRecordRequest {
+            record_id: id,
+            purpose: "recruitment".into(),
+            expected_revision: 0,
+            set: fields(&[("cv_document", blob(&doc[..1000], "text/plain"))]),
+            clear: vec![],
+        })
+        .await
+        .expect("update");
+    let blobs = data_dir(&vault.dir).join("blobs");
+    let count = std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(count, 0, "sled wrote {count} unsynced blob files");
+}
+
+#[tokio::test]
+async fn health_and_reflection_run_beside_records() {
+    let vault = spawn_vault().await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", vault.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "kluis.v1.Records".into(),
+        })
+        .await
+        .expect("health")
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
+
+#[tokio::test]
+async fn restart_keeps_data_and_indexes() {
+    let mut vault = spawn_vault().await;
+    let mut payroll = vault.client("payroll").await;
+    let id = create(
+        &mut payroll,
+        "payroll",
+        &[("bsn", text("111222333")), ("wage", text("2500"))],
+    )
+    .await;
+    vault.restart().await;
+    let mut payroll = vault.client("payroll").await;
+    let got = payroll
+        .get_record(GetRecordRequest {
+            record_id: id.clone(),
+            purpose: "payroll".into(),
+            field_names: vec![],
+        })
+        .await
+        .expect("get after restart")
+        .into_inner();
+    assert_eq!(text_of(&got.fields["bsn"]), "111222333");
+    assert_eq!(text_of(&got.fields["wage"]), "2500.00");
+    let hits = payroll
+        .find_records(FindRecordsRequest {
+            purpose: "payroll".into(),
+            field_name: "bsn".into(),
+            value: "111222333".into(),
+        })
+        .await
+        .expect("find after restart")
+        .into_inner();
+    assert_eq!(hits.record_ids, [id]);
+}

@@ -1,1 +1,189 @@
-//! placeholder
+//! Stored data that was tampered with surfaces as DATA_LOSS naming record and field, never a
+//! panic, and never spreads to other records. A wrong master key refuses start-up.
+
+use kluis::proto::{CreateRecordRequest, GetRecordRequest};
+use kluis::store::{Batch, Keyspace, SledStore, Store};
+use tonic::Code;
+
+use crate::helpers::*;
+
+async fn create(vault: &TestVault, email: &str) -> String {
+    let mut c = vault.client("recruiter").await;
+    c.create_record(CreateRecordRequest {
+        purpose: "recruitment".into(),
+        fields: fields(&[("email", text(email)), ("full_name", text("Someone"))]),
+    })
+    .await
+    .expect("create")
+    .into_inner()
+    .record_id
+}
+
+async fn get(
+    vault: &TestVault,
+    id: &str,
+    names: &[&str],
+) -> Result<kluis::proto::GetRecordResponse, tonic::Status> {
+    let mut c = vault.client("recruiter").await;
+    c.get_record(GetRecordRequest {
+        record_id: id.into(),
+        purpose: "recruitment".into(),
+        field_names: names.iter().map(|s| s.to_string()).collect(),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+/// The chunk entries of `field` in record `id`.
+async fn chunks(store: &SledStore, id: &str, field: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let uuid = uuid::Uuid::parse_str(id).expect("uuid");
+    let mut prefix = uuid.as_bytes().to_vec();
+    prefix.extend_from_slice(field.as_bytes());
+    prefix.push(0);
+    store
+        .scan(Keyspace::Fields, &prefix, None, 100)
+        .await
+        .expect("scan")
+}
+
+#[tokio::test]
+async fn a_flipped_byte_in_a_field_is_data_loss_and_other_records_stay_readable() {
+    let mut vault = spawn_vault().await;
+    let a = create(&vault, "a@example.nl").await;
+    let b = create(&vault, "b@example.nl").await;
+    vault.stop().await;
+    {
+        let store = SledStore::open(&data_dir(&vault.dir)).expect("open store");
+        let (key, mut value) = chunks(&store, &a, "email").await.remove(0);
+        let last = value.len() - 1;
+        value[last] ^= 0x01;
+        let mut batch = Batch::default();
+        batch.put(Keyspace::Fields, key, value);
+        store.commit(batch).await.expect("tamper");
+    }
+    vault.start().await.expect("restart");
+
+    let err = get(&vault, &a, &[]).await.err().expect("tampered");
+    assert_eq!(err.code(), Code::DataLoss);
+    assert!(
+        err.message().contains(&a) && err.message().contains("email"),
+        "{}",
+        err.message()
+    );
+    // The untouched field of the same record is still readable on its own.
+    let ok = get(&vault, &a, &["full_name"]).await.expect("other field");
+    assert_eq!(text_of(&ok.fields["full_name"]), "Someone");
+    let ok = get(&vault, &b, &[]).await.expect("other record");
+    assert_eq!(text_of(&ok.fields["email"]), "b@example.nl");
+}
+
+#[tokio::test]
+async fn ciphertext_swapped_between_records_is_data_loss() {
+    let mut vault = spawn_vault().await;
+    let a = create(&vault, "a@example.nl").await;
+    let b = create(&vault, "b@example.nl").await;
+    vault.stop().await;
+    {
+        let store = SledStore::open(&data_dir(&vault.dir)).expect("open store");
+        let (_, a_value) = chunks(&store, &a, "email").await.remove(0);
+        let (b_key, _) = chunks(&store, &b, "email").await.remove(0);
+        let mut batch = Batch::default();
+        batch.put(Keyspace::Fields, b_key, a_value);
+        store.commit(batch).await.expect("swap");
+    }
+    vault.start().await.expect("restart");
+    let err = get(&vault, &b, &["email"]).await.err().expect("swapped");
+    assert_eq!(err.code(), Code::DataLoss);
+    assert!(
+        err.message().contains(&b) && err.message().contains("email"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        text_of(&get(&vault, &a, &["email"]).await.expect("a intact").fields["email"]),
+        "a@example.nl"
+    );
+}
+
+#[tokio::test]
+async fn headers_swapped_or_rolled_back_are_data_loss() {
+    let mut vault = spawn_vault().await;
+    let a = create(&vault, "a@example.nl").await;
+    let b = create(&vault, "b@example.nl").await;
+    vault.stop().await;
+    {
+        let store = SledStore::open(&data_dir(&vault.dir)).expect("open store");
+        let a_id = uuid::Uuid::parse_str(&a).expect("uuid");
+        let b_id = uuid::Uuid::parse_str(&b).expect("uuid");
+        let a_header = store
+            .get(Keyspace::Records, a_id.as_bytes())
+            .await
+            .expect("get")
+            .expect("a");
+        let mut batch = Batch::default();
+        batch.put(Keyspace::Records, b_id.as_bytes().to_vec(), a_header);
+        store.commit(batch).await.expect("swap headers");
+    }
+    vault.start().await.expect("restart");
+    let err = get(&vault, &b, &[]).await.err().expect("swapped header");
+    assert_eq!(err.code(), Code::DataLoss);
+    assert!(
+        err.message().contains(&b) && err.message().contains("header"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test]
+async fn a_field_rolled_back_to_an_older_ciphertext_is_data_loss() {
+    let mut vault = spawn_vault().await;
+    let a = create(&vault, "old@example.nl").await;
+    vault.stop().await;
+    let old = {
+        let store = SledStore::open(&data_dir(&vault.dir)).expect("open store");
+        chunks(&store, &a, "email").await.remove(0).1
+    };
+    vault.start().await.expect("restart");
+    let mut c = vault.client("recruiter").await;
+    c.update_record(kluis::proto::UpdateRecordRequest {
+        record_id: a.clone(),
+        purpose: "recruitment".into(),
+        expected_revision: 0,
+        set: fields(&[("email", text("new@example.nl"))]),
+        clear: vec![],
+    })
+    .await
+    .expect("update");
+    vault.stop().await;
+    {
+        // Same record, same field, same DEK, valid AEAD: only the header's digest catches it.
+        let store = SledStore::open(&data_dir(&vault.dir)).expect("open store");
+        let (key, _) = chunks(&store, &a, "email").await.remove(0);
+        let mut batch = Batch::default();
+        batch.put(Keyspace::Fields, key, old);
+        store.commit(batch).await.expect("roll back");
+    }
+    vault.start().await.expect("restart");
+    let err = get(&vault, &a, &["email"])
+        .await
+        .err()
+        .expect("rolled back");
+    assert_eq!(err.code(), Code::DataLoss);
+}
+
+#[tokio::test]
+async fn a_wrong_master_key_refuses_to_start() {
+    let mut vault = spawn_vault().await;
+    create(&vault, "a@example.nl").await;
+    vault.stop().await;
+    let other = kluis::crypto::SecretKey::generate()
+        .expect("rng")
+        .to_hex()
+        .to_string();
+    let err = match vault.start_with_master(&other).await {
+        Ok(_) => panic!("started with a wrong master key"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("master key does not match"), "{err}");
+    vault.start().await.expect("the right key still works");
+}

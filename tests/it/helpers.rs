@@ -1,0 +1,211 @@
+//! `spawn_vault()`: the real server on port 0 with a temp data dir, and typed clients per role.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+
+use kluis::crypto::SecretKey;
+use kluis::keys::MasterKey;
+use kluis::policy::{self, Policy, DEFAULT_ROLES};
+use kluis::proto::records_client::RecordsClient;
+use kluis::proto::{field_value::Kind, FieldValue};
+use kluis::server::Running;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+/// Adds `authorization: Bearer <token>` to every request.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// An interceptor sending `token` as a bearer token.
+pub fn bearer(token: &str) -> Bearer {
+    Bearer(Some(
+        format!("Bearer {token}").parse().expect("ascii token"),
+    ))
+}
+
+pub type Client = RecordsClient<InterceptedService<Channel, Bearer>>;
+
+/// A running vault for one test.
+pub struct TestVault {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub tokens: BTreeMap<String, String>,
+    master_hex: String,
+    running: Option<Running>,
+}
+
+pub fn data_dir(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    dir.path().join("data")
+}
+
+fn policy_with(tokens: &BTreeMap<String, String>) -> Policy {
+    let mut policy = Policy::default_policy();
+    for (role, token) in tokens {
+        policy
+            .add_token_hash(&format!("test-{role}"), role, policy::token_hash(token))
+            .expect("default role");
+    }
+    policy
+}
+
+/// Starts a vault with one token per default role.
+pub async fn spawn_vault() -> TestVault {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens: BTreeMap<String, String> = DEFAULT_ROLES
+        .iter()
+        .map(|r| {
+            (
+                r.to_string(),
+                policy::generate_token().expect("rng").to_string(),
+            )
+        })
+        .collect();
+    let master = SecretKey::generate().expect("rng");
+    let master_hex = master.to_hex().to_string();
+    let mut vault = TestVault {
+        dir,
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        tokens,
+        master_hex,
+        running: None,
+    };
+    vault.start().await.expect("vault starts");
+    vault
+}
+
+impl TestVault {
+    fn settings(&self, master_hex: &str) -> kluis::config::Settings {
+        let master = MasterKey::from_secret(SecretKey::from_hex(master_hex).expect("hex"));
+        kluis::config::ephemeral(&data_dir(&self.dir), master, policy_with(&self.tokens))
+    }
+
+    /// Starts (or restarts) the server on the same data dir.
+    pub async fn start(&mut self) -> Result<(), kluis::server::ServerError> {
+        let running = kluis::server::start(self.settings(&self.master_hex.clone())).await?;
+        self.addr = running.local_addr;
+        self.running = Some(running);
+        Ok(())
+    }
+
+    /// Tries to start with another master key.
+    pub async fn start_with_master(
+        &self,
+        master_hex: &str,
+    ) -> Result<Running, kluis::server::ServerError> {
+        kluis::server::start(self.settings(master_hex)).await
+    }
+
+    /// Stops the server gracefully (data dir kept).
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await.expect("clean shutdown");
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.start().await.expect("restart");
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    /// A client authenticated as `role` (one of the default roles).
+    pub async fn client(&self, role: &str) -> Client {
+        let token = &self.tokens[role];
+        self.client_with_token(Some(&format!("Bearer {token}")))
+            .await
+    }
+
+    /// A client sending exactly this authorization value (or none).
+    pub async fn client_with_token(&self, authorization: Option<&str>) -> Client {
+        let value = authorization.map(|a| a.parse().expect("ascii"));
+        RecordsClient::with_interceptor(self.channel().await, Bearer(value))
+            .max_decoding_message_size(96 * 1024 * 1024)
+            .max_encoding_message_size(96 * 1024 * 1024)
+    }
+}
+
+pub fn text(v: &str) -> FieldValue {
+    FieldValue {
+        kind: Some(Kind::Text(v.to_string())),
+        content_type: String::new(),
+    }
+}
+
+pub fn blob(bytes: &[u8], content_type: &str) -> FieldValue {
+    FieldValue {
+        kind: Some(Kind::Blob(bytes.to_vec())),
+        content_type: content_type.to_string(),
+    }
+}
+
+pub fn fields(pairs: &[(&str, FieldValue)]) -> HashMap<String, FieldValue> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
+pub fn text_of(v: &FieldValue) -> &str {
+    match &v.kind {
+        Some(Kind::Text(t)) => t,
+        _ => panic!("expected a text value"),
+    }
+}
+
+/// Asserts a status code and that the message mentions every `needle`.
+#[track_caller]
+pub fn assert_status<T>(result: Result<T, Status>, code: Code, needles: &[&str]) {
+    match result {
+        Ok(_) => panic!("expected {code:?}, got OK"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "message: {}", s.message());
+            for n in needles {
+                assert!(
+                    s.message().contains(n),
+                    "{:?} does not mention {n:?}",
+                    s.message()
+                );
+            }
+        }
+    }
+}
+
+/// A valid value for a field of the default schema.
+pub fn sample_value(field: &str) -> FieldValue {
+    match field {
+        "email" => text("jan.jansen@example.nl"),
+        "phone" => text("+31 6 1234 5678"),
+        "postcode" => text("3311 KG"),
+        "date_of_birth" | "id_document_expiry" => text("1990-04-01"),
+        "bsn" => text("111222333"),
+        "iban" => text("NL91ABNA0417164300"),
+        "wage" => text("3125.50"),
+        "payroll_tax_credit" => text("true"),
+        "id_document_type" => text("passport"),
+        "absence_periods" => text("2026-01-05/2026-01-09"),
+        "photo" => blob(b"\x89PNG fake image", "image/png"),
+        "intro_video" => blob(b"fake mp4", "video/mp4"),
+        "cv_document" => blob(b"%PDF-1.7 fake cv", "application/pdf"),
+        "id_scan" => blob(b"%PDF-1.7 fake scan", "application/pdf"),
+        _ => text("Sample text"),
+    }
+}
