@@ -8,7 +8,7 @@
 //!                       fields: name → { category, revision written, chunk count, size,
 //!                                        SHA-256 of its chunk envelopes, content type,
 //!                                        blind-index tag } }
-//!   mac  = HMAC-SHA256(integrity key, context("kluis/v1/record", id, body))
+//!   mac  = HMAC-SHA256(integrity key, context("kluis/v1/record", key version, id, body))
 //! fields/<id> ‖ <name> ‖ 0x00 ‖ <revision u64> ‖ <chunk u32>  → envelope (≤ 16 KiB plaintext)
 //! index/<name> ‖ 0x00 ‖ <HMAC of normalised value> ‖ <id>    → empty
 //! ```
@@ -119,7 +119,8 @@ impl RecordBody {
     /// Encodes and MACs the body.
     pub fn seal(&self, key_version: u32, key: &SecretKey) -> Vec<u8> {
         let body = self.encode_to_vec();
-        let mac = crypto::hmac_sha256(key, &[&crypto::context(&[CTX_RECORD, &self.id, &body])]);
+        let ctx = crypto::context(&[CTX_RECORD, &key_version.to_be_bytes(), &self.id, &body]);
+        let mac = crypto::hmac_sha256(key, &[&ctx]);
         StoredRecord {
             body,
             mac_key_version: key_version,
@@ -128,10 +129,19 @@ impl RecordBody {
         .encode_to_vec()
     }
 
-    /// Decodes a stored header, checking its MAC and that it belongs to `id`.
-    pub fn open(id: &[u8], stored: &[u8], key: &SecretKey) -> Result<RecordBody, HeaderError> {
+    /// Decodes a stored header, checking its MAC (under integrity key `key_version`) and that
+    /// it belongs to `id`.
+    pub fn open(
+        id: &[u8],
+        stored: &[u8],
+        key_version: u32,
+        key: &SecretKey,
+    ) -> Result<RecordBody, HeaderError> {
         let stored = StoredRecord::decode(stored).map_err(|_| HeaderError)?;
-        let ctx = crypto::context(&[CTX_RECORD, id, &stored.body]);
+        if stored.mac_key_version != key_version {
+            return Err(HeaderError);
+        }
+        let ctx = crypto::context(&[CTX_RECORD, &key_version.to_be_bytes(), id, &stored.body]);
         if !crypto::hmac_sha256_verify(key, &[&ctx], &stored.mac) {
             return Err(HeaderError);
         }
@@ -253,14 +263,17 @@ mod tests {
         let key = SecretKey::generate().expect("rng");
         let stored = body().seal(1, &key);
         assert_eq!(
-            RecordBody::open(&[7; 16], &stored, &key).expect("opens"),
+            RecordBody::open(&[7; 16], &stored, 1, &key).expect("opens"),
             body()
         );
-        assert!(RecordBody::open(&[8; 16], &stored, &key).is_err());
+        assert!(RecordBody::open(&[8; 16], &stored, 1, &key).is_err());
         for i in 0..stored.len() {
             let mut bad = stored.clone();
             bad[i] ^= 0x01;
-            assert!(RecordBody::open(&[7; 16], &bad, &key).is_err(), "byte {i}");
+            assert!(
+                RecordBody::open(&[7; 16], &bad, 1, &key).is_err(),
+                "byte {i}"
+            );
         }
     }
 

@@ -324,7 +324,7 @@ impl FieldDef {
                     )));
                 }
                 let content_type = content_type.trim().to_ascii_lowercase();
-                if !content_types.iter().any(|c| *c == content_type) {
+                if !content_types.contains(&content_type) {
                     return Err(ValueError::Invalid(format!(
                         "content_type must be one of: {}",
                         content_types.join(", ")

@@ -82,6 +82,9 @@ pub enum Op {
     Delete(Keyspace, Vec<u8>),
 }
 
+/// Key–value pairs returned by [`Store::scan`], in key order.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// A set of conditions and writes applied atomically: all or nothing.
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
@@ -149,7 +152,7 @@ pub trait Store: Send + Sync + 'static {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> impl Future<Output = Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Entries, StoreError>> + Send;
 
     /// Applies `batch` atomically; returns only once it is durable.
     fn commit(&self, batch: Batch) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -306,7 +309,7 @@ impl Store for SledStore {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Entries, StoreError> {
         use std::ops::Bound;
         let start = match after {
             Some(a) if a >= prefix => Bound::Excluded(a.to_vec()),

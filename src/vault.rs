@@ -5,6 +5,7 @@
 //! Role-scoped decryption is cryptographic: a read unwraps only the DEKs of the categories it
 //! returns, and opens only the fields it returns.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -153,17 +154,7 @@ impl<S: Store> Vault<S> {
         let mut batch = Batch::default();
         let mut sealers = BTreeMap::new();
         for (def, value) in &parsed {
-            let sealer = match sealers.get(&def.category) {
-                Some(s) => s,
-                None => {
-                    let dek = SecretKey::generate()?;
-                    let wrapped = self.wrap(&idb, def.category, &dek)?;
-                    body.deks.insert(def.category.as_str().into(), wrapped);
-                    sealers
-                        .entry(def.category)
-                        .or_insert(SealingKey::new(&dek, 1))
-                }
-            };
+            let sealer = self.sealer(&mut sealers, &mut body, def.category)?;
             let entry = self.write_field(&mut batch, sealer, &idb, def, value, 1)?;
             body.fields.insert(def.name.clone(), entry);
         }
@@ -277,20 +268,7 @@ impl<S: Store> Vault<S> {
                 if let Some(old) = body.fields.remove(&def.name) {
                     self.delete_field(&mut batch, &idb, &def.name, &old);
                 }
-                if !sealers.contains_key(&def.category) {
-                    let cat = def.category.as_str();
-                    let dek = match body.deks.get(cat) {
-                        Some(stored) => self.unwrap(&idb, def.category, stored)?,
-                        None => {
-                            let dek = SecretKey::generate()?;
-                            body.deks
-                                .insert(cat.into(), self.wrap(&idb, def.category, &dek)?);
-                            dek
-                        }
-                    };
-                    sealers.insert(def.category, SealingKey::new(&dek, 1));
-                }
-                let sealer = &sealers[&def.category];
+                let sealer = self.sealer(&mut sealers, &mut body, def.category)?;
                 let entry = self.write_field(&mut batch, sealer, &idb, def, value, revision)?;
                 body.fields.insert(def.name.clone(), entry);
             }
@@ -397,8 +375,9 @@ impl<S: Store> Vault<S> {
                 record_id: hex::encode(&key),
                 part: "record key".into(),
             })?;
-            let (_, key) = self.keys.integrity_key();
-            let body = RecordBody::open(&key_bytes(&id), &raw, key).map_err(|_| header_loss(id))?;
+            let (kv, key) = self.keys.integrity_key();
+            let body =
+                RecordBody::open(id.as_bytes(), &raw, kv, key).map_err(|_| header_loss(id))?;
             records.push(meta_of(id, &body));
         }
         let next_page_token = if more {
@@ -497,6 +476,31 @@ impl<S: Store> Vault<S> {
             })
     }
 
+    /// The sealing key of `category` in this write: the record's DEK of that category,
+    /// unwrapped once, or a fresh DEK wrapped into the header when the category is new.
+    fn sealer<'a>(
+        &self,
+        sealers: &'a mut BTreeMap<Category, SealingKey>,
+        body: &mut RecordBody,
+        category: Category,
+    ) -> Result<&'a SealingKey, VaultError> {
+        match sealers.entry(category) {
+            Entry::Occupied(e) => Ok(e.into_mut()),
+            Entry::Vacant(e) => {
+                let dek = match body.deks.get(category.as_str()) {
+                    Some(stored) => self.unwrap(&body.id, category, stored)?,
+                    None => {
+                        let dek = SecretKey::generate()?;
+                        let wrapped = self.wrap(&body.id, category, &dek)?;
+                        body.deks.insert(category.as_str().into(), wrapped);
+                        dek
+                    }
+                };
+                Ok(e.insert(SealingKey::new(&dek, 1)))
+            }
+        }
+    }
+
     fn write_field(
         &self,
         batch: &mut Batch,
@@ -560,8 +564,8 @@ impl<S: Store> Vault<S> {
             .get(Keyspace::Records, id.as_bytes())
             .await?
             .ok_or_else(|| VaultError::NotFound(id.to_string()))?;
-        let (_, key) = self.keys.integrity_key();
-        let body = RecordBody::open(id.as_bytes(), &raw, key).map_err(|_| header_loss(id))?;
+        let (kv, key) = self.keys.integrity_key();
+        let body = RecordBody::open(id.as_bytes(), &raw, kv, key).map_err(|_| header_loss(id))?;
         Ok((raw, body))
     }
 
@@ -592,17 +596,20 @@ impl<S: Store> Vault<S> {
         let mut deks: BTreeMap<Category, SecretKey> = BTreeMap::new();
         let mut out = Vec::with_capacity(selected.len());
         for (name, entry, category) in selected {
-            if !deks.contains_key(&category) {
-                let stored =
-                    body.deks
-                        .get(category.as_str())
-                        .ok_or_else(|| VaultError::DataLoss {
-                            record_id: uuid_string(id),
-                            part: format!("data key of category {category} (missing)"),
-                        })?;
-                deks.insert(category, self.unwrap(id, category, stored)?);
-            }
-            let plaintext = self.read_field(id, name, entry, &deks[&category]).await?;
+            let dek = match deks.entry(category) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => {
+                    let stored =
+                        body.deks
+                            .get(category.as_str())
+                            .ok_or_else(|| VaultError::DataLoss {
+                                record_id: uuid_string(id),
+                                part: format!("data key of category {category} (missing)"),
+                            })?;
+                    e.insert(self.unwrap(id, category, stored)?)
+                }
+            };
+            let plaintext = self.read_field(id, name, entry, dek).await?;
             let value = if entry.content_type.is_empty() {
                 let text =
                     String::from_utf8(plaintext.to_vec()).map_err(|_| field_loss(id, name))?;
@@ -720,10 +727,6 @@ fn decode_page_token(token: &str) -> Result<Uuid, VaultError> {
                 "is not a token from a previous ListRecords response",
             )
         })
-}
-
-fn key_bytes(id: &Uuid) -> [u8; 16] {
-    *id.as_bytes()
 }
 
 fn meta_of(id: Uuid, body: &RecordBody) -> RecordMeta {

@@ -124,10 +124,12 @@ fn to_values(
                 bytes: Zeroizing::new(bytes),
                 content_type: value.content_type,
             },
-            None => return Err(Status::invalid_argument(format!(
+            None => {
+                return Err(Status::invalid_argument(format!(
                 "{prefix}.{}: value is empty: set `text` or `blob` (use clear to remove a field)",
                 status::printable(&name)
-            ))),
+            )))
+            }
         };
         out.push((name, v));
     }

@@ -20,7 +20,16 @@ struct Process {
     log: PathBuf,
 }
 
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Starts `kluis serve --dev --listen 127.0.0.1:0` in `dir`, logging to a file named `log_name`.
+/// The child is killed and reaped when the returned `Process` drops.
+#[allow(clippy::zombie_processes)]
 fn start_dev(dir: &Path, log_name: &str) -> Process {
     let log = dir.join(log_name);
     let file = std::fs::File::create(&log).expect("log file");
