@@ -8,3 +8,4 @@ mod durability;
 mod policy_matrix;
 mod records;
 mod tamper;
+mod tls;

@@ -1,0 +1,250 @@
+//! TLS and mTLS through rustls: the principal comes from the client certificate's common name.
+
+use kluis::config::TlsSettings;
+use kluis::crypto::SecretKey;
+use kluis::keys::MasterKey;
+use kluis::policy::{self, Policy};
+use kluis::proto::records_client::RecordsClient;
+use kluis::proto::{CreateRecordRequest, GetRecordRequest};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::Code;
+
+use crate::helpers::*;
+
+type Ca = CertifiedIssuer<'static, KeyPair>;
+
+fn ca(name: &str) -> Ca {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("ca")
+}
+
+/// A leaf certificate and key (PEM) signed by `ca`.
+fn leaf(ca: &Ca, cn: &str, client: bool) -> (String, String) {
+    let names = if client {
+        vec![]
+    } else {
+        vec!["localhost".to_string(), "127.0.0.1".to_string()]
+    };
+    let mut params = CertificateParams::new(names).expect("params");
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.extended_key_usages = vec![if client {
+        ExtendedKeyUsagePurpose::ClientAuth
+    } else {
+        ExtendedKeyUsagePurpose::ServerAuth
+    }];
+    let key = KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, ca).expect("sign");
+    (cert.pem(), key.serialize_pem())
+}
+
+struct TlsVault {
+    _dir: tempfile::TempDir,
+    running: kluis::server::Running,
+    ca_pem: String,
+}
+
+const RECRUITER_TOKEN: &str = "kluis_tls-test-recruiter-token";
+
+async fn spawn_tls_vault(ca: &Ca, require_client_cert: bool) -> TlsVault {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert_pem, key_pem) = leaf(ca, "kluis.test", false);
+    let mut policy = Policy::default_policy();
+    policy
+        .add_cert_principal("payroll-mtls", "payroll", "payroll.example.internal")
+        .expect("principal");
+    policy
+        .add_token_hash(
+            "recruitment-app",
+            "recruiter",
+            policy::token_hash(RECRUITER_TOKEN),
+        )
+        .expect("principal");
+    let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+    let mut settings = kluis::config::ephemeral(&dir.path().join("data"), master, policy);
+    settings.tls = Some(TlsSettings {
+        cert_pem: cert_pem.into_bytes(),
+        key_pem: zeroize::Zeroizing::new(key_pem.into_bytes()),
+        client_ca_pem: Some(ca.pem().into_bytes()),
+        require_client_cert,
+    });
+    let running = kluis::server::start(settings)
+        .await
+        .expect("tls vault starts");
+    TlsVault {
+        _dir: dir,
+        running,
+        ca_pem: ca.pem(),
+    }
+}
+
+impl TlsVault {
+    async fn channel(
+        &self,
+        identity: Option<(String, String)>,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .domain_name("localhost");
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        Channel::from_shared(format!(
+            "https://127.0.0.1:{}",
+            self.running.local_addr.port()
+        ))
+        .expect("uri")
+        .tls_config(tls)?
+        .connect()
+        .await
+    }
+}
+
+fn create_payroll_record() -> CreateRecordRequest {
+    CreateRecordRequest {
+        purpose: "payroll".into(),
+        fields: fields(&[
+            ("bsn", text("111222333")),
+            ("iban", text("NL91ABNA0417164300")),
+        ]),
+    }
+}
+
+#[tokio::test]
+async fn mtls_client_certificate_maps_to_its_role() {
+    let ca = ca("Kluis test CA");
+    let vault = spawn_tls_vault(&ca, false).await;
+    let channel = vault
+        .channel(Some(leaf(&ca, "payroll.example.internal", true)))
+        .await
+        .expect("mTLS connects");
+    let mut payroll = RecordsClient::new(channel);
+    let id = payroll
+        .create_record(create_payroll_record())
+        .await
+        .expect("payroll by certificate")
+        .into_inner()
+        .record_id;
+    let got = payroll
+        .get_record(GetRecordRequest {
+            record_id: id.clone(),
+            purpose: "payroll".into(),
+            field_names: vec![],
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(text_of(&got.fields["bsn"]), "111222333");
+    // The certificate's role is payroll, not recruiter.
+    assert_status(
+        payroll
+            .get_record(GetRecordRequest {
+                record_id: id,
+                purpose: "recruitment".into(),
+                field_names: vec![],
+            })
+            .await,
+        Code::PermissionDenied,
+        &["recruitment"],
+    );
+
+    let channel = vault
+        .channel(Some(leaf(&ca, "unknown.example.internal", true)))
+        .await
+        .expect("connects");
+    let mut stranger = RecordsClient::new(channel);
+    assert_status(
+        stranger.create_record(create_payroll_record()).await,
+        Code::Unauthenticated,
+        &["certificate"],
+    );
+}
+
+#[tokio::test]
+async fn tls_with_a_bearer_token_and_without_a_client_certificate() {
+    let ca = ca("Kluis test CA");
+    let vault = spawn_tls_vault(&ca, false).await;
+    let channel = vault.channel(None).await.expect("TLS connects");
+    let mut recruiter = RecordsClient::with_interceptor(channel.clone(), bearer(RECRUITER_TOKEN));
+    recruiter
+        .create_record(CreateRecordRequest {
+            purpose: "recruitment".into(),
+            fields: fields(&[("full_name", text("Over TLS"))]),
+        })
+        .await
+        .expect("token over TLS");
+    let mut anonymous = RecordsClient::new(channel);
+    assert_status(
+        anonymous.create_record(create_payroll_record()).await,
+        Code::Unauthenticated,
+        &[],
+    );
+
+    // Plaintext HTTP/2 to the TLS port gets nowhere.
+    let plain = Channel::from_shared(format!(
+        "http://127.0.0.1:{}",
+        vault.running.local_addr.port()
+    ))
+    .expect("uri");
+    let result = match plain.connect().await {
+        Ok(ch) => RecordsClient::with_interceptor(ch, bearer(RECRUITER_TOKEN))
+            .create_record(CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("full_name", text("x"))]),
+            })
+            .await
+            .is_ok(),
+        Err(_) => false,
+    };
+    assert!(
+        !result,
+        "a plaintext request was served by the TLS listener"
+    );
+}
+
+#[tokio::test]
+async fn required_client_certificates_and_foreign_cas_are_refused() {
+    let ca_ = ca("Kluis test CA");
+    let vault = spawn_tls_vault(&ca_, true).await;
+    let works = vault
+        .channel(Some(leaf(&ca_, "payroll.example.internal", true)))
+        .await
+        .expect("connects");
+    RecordsClient::new(works)
+        .create_record(create_payroll_record())
+        .await
+        .expect("certificate accepted");
+
+    async fn refused(channel: Result<Channel, tonic::transport::Error>) -> bool {
+        match channel {
+            Err(_) => true,
+            Ok(ch) => RecordsClient::new(ch)
+                .create_record(create_payroll_record())
+                .await
+                .is_err(),
+        }
+    }
+    assert!(
+        refused(vault.channel(None).await).await,
+        "no client certificate was accepted"
+    );
+    let other = ca("Some other CA");
+    assert!(
+        refused(
+            vault
+                .channel(Some(leaf(&other, "payroll.example.internal", true)))
+                .await
+        )
+        .await,
+        "a foreign CA's certificate was accepted"
+    );
+}
