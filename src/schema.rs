@@ -788,4 +788,59 @@ mod tests {
             .expect_err("fails 11-test");
         assert!(!err.to_string().contains("111222334"));
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn eleven_test(d: &[u32]) -> bool {
+            let w = [9i64, 8, 7, 6, 5, 4, 3, 2, -1];
+            d.iter().zip(w).map(|(d, w)| i64::from(*d) * w).sum::<i64>() % 11 == 0
+        }
+
+        proptest! {
+            #[test]
+            fn bsn_accepts_exactly_the_eleven_proof_numbers(digits in proptest::collection::vec(0u32..10, 9)) {
+                let text: String = digits.iter().map(|d| char::from_digit(*d, 10).expect("digit")).collect();
+                let expected = eleven_test(&digits) && digits.iter().any(|d| *d != 0);
+                prop_assert_eq!(Bsn::parse(&text).is_ok(), expected);
+            }
+
+            #[test]
+            fn iban_check_digits_round_trip(bank in "[A-Z]{4}", account in "[0-9]{10}") {
+                // Compute the check digits for NLkk BANK ACCOUNT, then any single-digit change fails.
+                let bban = format!("{bank}{account}");
+                let numeric: String = format!("{bban}NL00").chars().map(|c| {
+                    if c.is_ascii_digit() { c.to_string() } else { (c as u32 - 'A' as u32 + 10).to_string() }
+                }).collect();
+                let rem = numeric.bytes().fold(0u32, |r, b| (r * 10 + u32::from(b - b'0')) % 97);
+                let iban = format!("NL{:02}{bban}", 98 - rem);
+                prop_assert!(Iban::parse(&iban).is_ok(), "{}", iban);
+                let mut changed = iban.clone().into_bytes();
+                let last = changed.len() - 1;
+                changed[last] = if changed[last] == b'9' { b'0' } else { changed[last] + 1 };
+                prop_assert!(Iban::parse(&String::from_utf8(changed).expect("ascii")).is_err());
+            }
+
+            #[test]
+            fn normalised_values_parse_to_themselves(text in "\\PC{0,40}") {
+                // Parsing never panics, and a normalised value is a fixed point.
+                let schema = Schema::default_schema();
+                for field in schema.fields().filter(|f| !f.kind.is_blob()) {
+                    if let Ok(parsed) = field.parse(RawValue::Text(&text)) {
+                        let once = String::from_utf8(parsed.plaintext.to_vec()).expect("utf-8");
+                        let twice = field.parse(RawValue::Text(&once)).expect("normalised parses");
+                        prop_assert_eq!(once.as_bytes(), twice.plaintext.as_slice(), "{}", field.name);
+                    }
+                }
+            }
+
+            #[test]
+            fn postcodes_normalise(digits in 1000u32..10000, letters in "[a-zA-Z]{2}", space in proptest::bool::ANY) {
+                let text = if space { format!("{digits} {letters}") } else { format!("{digits}{letters}") };
+                let p = Postcode::parse(&text).expect("valid postcode");
+                prop_assert_eq!(p.0, format!("{digits} {}", letters.to_ascii_uppercase()));
+            }
+        }
+    }
 }

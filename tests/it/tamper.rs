@@ -187,3 +187,49 @@ async fn a_wrong_master_key_refuses_to_start() {
     assert!(err.contains("master key does not match"), "{err}");
     vault.start().await.expect("the right key still works");
 }
+
+/// Role-scoped decryption is cryptographic: with the identity data key and an identity field
+/// destroyed in the store, a recruiter's read (which never unwraps that key) still succeeds,
+/// while payroll's read of the same record reports the damage.
+#[tokio::test]
+async fn reads_never_touch_keys_or_fields_of_categories_they_do_not_return() {
+    let mut vault = spawn_vault().await;
+    let a = create(&vault, "scoped@example.nl").await;
+    let mut payroll = vault.client("payroll").await;
+    payroll
+        .update_record(kluis::proto::UpdateRecordRequest {
+            record_id: a.clone(),
+            purpose: "payroll".into(),
+            expected_revision: 0,
+            set: fields(&[("bsn", text("111222333"))]),
+            clear: vec![],
+        })
+        .await
+        .expect("payroll adds bsn");
+    vault.stop().await;
+    {
+        let store = SledStore::open(&data_dir(&vault.dir)).expect("open store");
+        let (key, _) = chunks(&store, &a, "bsn").await.remove(0);
+        let mut batch = Batch::default();
+        batch.put(Keyspace::Fields, key, vec![0u8; 64]);
+        store.commit(batch).await.expect("destroy bsn ciphertext");
+    }
+    vault.start().await.expect("restart");
+    let got = get(&vault, &a, &[])
+        .await
+        .expect("recruiter read unaffected");
+    assert_eq!(text_of(&got.fields["email"]), "scoped@example.nl");
+    assert_eq!(got.withheld, ["bsn"]);
+    let mut payroll = vault.client("payroll").await;
+    let err = payroll
+        .get_record(GetRecordRequest {
+            record_id: a.clone(),
+            purpose: "payroll".into(),
+            field_names: vec![],
+        })
+        .await
+        .err()
+        .expect("payroll sees the damage");
+    assert_eq!(err.code(), Code::DataLoss);
+    assert!(err.message().contains("bsn"), "{}", err.message());
+}
