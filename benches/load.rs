@@ -1,1 +1,584 @@
-fn main() {}
+//! End-to-end load benchmark over gRPC on loopback, in one process:
+//!
+//! - the real vault (`kluis::server::start`, group commit), on a temporary data directory;
+//! - a second vault with `Durability::PerWrite` (one sled flush + fdatasync per write,
+//!   serialised): the durability baseline;
+//! - a no-op `Records` service (no authentication, no crypto, no storage): the transport ceiling.
+//!
+//! Scenarios, in order, each with a warm-up and then a measured window:
+//! (a) no-op GetRecord, (b) no-op CreateRecord, (c) vault CreateRecord (group commit),
+//! (d) vault GetRecord of records created in (c), (e) per-write-fsync vault CreateRecord.
+//!
+//! Load: `KLUIS_LOAD_CONCURRENCY` (default 32) client tasks, each sending requests back to
+//! back, spread round-robin over `KLUIS_LOAD_CHANNELS` (default 4) HTTP/2 connections per
+//! target. Window: `KLUIS_LOAD_SECS` seconds (default 5) after a 0.5 s warm-up.
+//!
+//! Run with `cargo bench --bench load`. Without `--bench` on the command line (e.g. under
+//! `cargo test --all-targets`) it runs a short smoke pass (0.2 s windows) instead.
+//! Exits non-zero if any request fails.
+
+use std::collections::HashMap;
+use std::error::Error;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kluis::config::ephemeral;
+use kluis::crypto::SecretKey;
+use kluis::keys::MasterKey;
+use kluis::policy::{token_hash, Policy};
+use kluis::proto::field_value::Kind;
+use kluis::proto::records_client::RecordsClient;
+use kluis::proto::records_server::{Records, RecordsServer};
+use kluis::proto::{
+    CreateRecordRequest, CreateRecordResponse, FieldValue, FindRecordsRequest, FindRecordsResponse,
+    GetRecordRequest, GetRecordResponse, ListRecordsRequest, ListRecordsResponse,
+    UpdateRecordRequest, UpdateRecordResponse,
+};
+use kluis::server::Running;
+use kluis::store::Durability;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+type BoxError = Box<dyn Error + Send + Sync>;
+
+/// Bearer token of the benchmark principal (role `recruiter`).
+const TOKEN: &str = "kluis_load-bench-token-not-a-secret-0123456789abcdef";
+const PURPOSE: &str = "recruitment";
+const WARM_UP: Duration = Duration::from_millis(500);
+const NOOP_RECORD_ID: &str = "3f2504e0-4f89-41d3-9a0c-0305e82c3301";
+
+// ---------------------------------------------------------------------------------------------
+// The no-op service: the transport ceiling.
+
+/// Answers immediately: no authentication, no parsing, no crypto, no storage.
+struct Noop;
+
+fn text(value: &str) -> FieldValue {
+    FieldValue {
+        kind: Some(Kind::Text(value.to_string())),
+        content_type: String::new(),
+    }
+}
+
+#[tonic::async_trait]
+impl Records for Noop {
+    async fn create_record(
+        &self,
+        _request: Request<CreateRecordRequest>,
+    ) -> Result<Response<CreateRecordResponse>, Status> {
+        Ok(Response::new(CreateRecordResponse {
+            record_id: NOOP_RECORD_ID.to_string(),
+            revision: 1,
+        }))
+    }
+
+    async fn get_record(
+        &self,
+        request: Request<GetRecordRequest>,
+    ) -> Result<Response<GetRecordResponse>, Status> {
+        // The same shape as the vault's answer to scenario (d): the four contact fields.
+        let fields = HashMap::from([
+            ("full_name".to_string(), text("Johanna de Vries")),
+            ("email".to_string(), text("bench-c-00-0000000@example.com")),
+            ("phone".to_string(), text("+31612345678")),
+            ("city".to_string(), text("Zwolle")),
+        ]);
+        Ok(Response::new(GetRecordResponse {
+            record_id: request.into_inner().record_id,
+            revision: 1,
+            fields,
+            withheld: Vec::new(),
+        }))
+    }
+
+    async fn update_record(
+        &self,
+        _request: Request<UpdateRecordRequest>,
+    ) -> Result<Response<UpdateRecordResponse>, Status> {
+        Err(Status::unimplemented("no-op benchmark service"))
+    }
+
+    async fn find_records(
+        &self,
+        _request: Request<FindRecordsRequest>,
+    ) -> Result<Response<FindRecordsResponse>, Status> {
+        Err(Status::unimplemented("no-op benchmark service"))
+    }
+
+    async fn list_records(
+        &self,
+        _request: Request<ListRecordsRequest>,
+    ) -> Result<Response<ListRecordsResponse>, Status> {
+        Err(Status::unimplemented("no-op benchmark service"))
+    }
+}
+
+struct NoopServer {
+    addr: SocketAddr,
+    shutdown: oneshot::Sender<()>,
+    handle: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+fn start_noop() -> Result<NoopServer, BoxError> {
+    let incoming =
+        TcpIncoming::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?.with_nodelay(Some(true));
+    let addr = incoming.local_addr()?;
+    let (shutdown, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RecordsServer::new(Noop))
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = rx.await;
+            }),
+    );
+    Ok(NoopServer {
+        addr,
+        shutdown,
+        handle,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vaults.
+
+async fn start_vault(dir: &std::path::Path, durability: Durability) -> Result<Running, BoxError> {
+    let mut policy = Policy::default_policy();
+    policy.add_token_hash("bench", "recruiter", token_hash(TOKEN))?;
+    let master = MasterKey::from_secret(SecretKey::generate()?);
+    let mut settings = ephemeral(dir, master, policy);
+    settings.durability = durability;
+    Ok(kluis::server::start(settings).await?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load generation.
+
+#[derive(Clone)]
+enum Op {
+    /// GetRecord of the fixed id (no-op server).
+    NoopGet,
+    /// CreateRecord with the benchmark payload (no-op server).
+    NoopCreate,
+    /// CreateRecord with the benchmark payload; `tag` keeps e-mail addresses unique.
+    Create { tag: &'static str },
+    /// GetRecord of the given ids, round-robin.
+    Get { ids: Arc<Vec<String>> },
+}
+
+fn create_request(tag: &str, task: usize, seq: u64) -> CreateRecordRequest {
+    let fields = HashMap::from([
+        ("full_name".to_string(), text("Johanna de Vries")),
+        (
+            "email".to_string(),
+            text(&format!("bench-{tag}-{task:02}-{seq:07}@example.com")),
+        ),
+        ("phone".to_string(), text("+31612345678")),
+        ("city".to_string(), text("Zwolle")),
+    ]);
+    CreateRecordRequest {
+        purpose: PURPOSE.to_string(),
+        fields,
+    }
+}
+
+fn get_request(record_id: String) -> GetRecordRequest {
+    GetRecordRequest {
+        record_id,
+        purpose: PURPOSE.to_string(),
+        field_names: Vec::new(),
+    }
+}
+
+fn with_auth<T>(message: T, auth: &MetadataValue<Ascii>) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert("authorization", auth.clone());
+    request
+}
+
+/// One request; returns the created record id for creates.
+async fn call(
+    client: &mut RecordsClient<Channel>,
+    op: &Op,
+    auth: &MetadataValue<Ascii>,
+    task: usize,
+    seq: u64,
+    concurrency: usize,
+) -> Result<Option<String>, Status> {
+    match op {
+        Op::NoopGet => {
+            let r = client
+                .get_record(with_auth(get_request(NOOP_RECORD_ID.to_string()), auth))
+                .await?;
+            check_get(&r.into_inner())?;
+            Ok(None)
+        }
+        Op::NoopCreate => {
+            client
+                .create_record(with_auth(create_request("noop", task, seq), auth))
+                .await?;
+            Ok(None)
+        }
+        Op::Create { tag } => {
+            let r = client
+                .create_record(with_auth(create_request(tag, task, seq), auth))
+                .await?;
+            Ok(Some(r.into_inner().record_id))
+        }
+        Op::Get { ids } => {
+            let n = u64::try_from(ids.len()).unwrap_or(u64::MAX);
+            let k = (seq * concurrency as u64 + task as u64) % n.max(1);
+            let id = ids[usize::try_from(k).unwrap_or(0)].clone();
+            let r = client.get_record(with_auth(get_request(id), auth)).await?;
+            check_get(&r.into_inner())?;
+            Ok(None)
+        }
+    }
+}
+
+/// A GetRecord answer must carry the four fields (so a silently empty read is an error).
+fn check_get(response: &GetRecordResponse) -> Result<(), Status> {
+    if response.fields.len() == 4 && response.fields.contains_key("email") {
+        Ok(())
+    } else {
+        Err(Status::internal(format!(
+            "GetRecord returned {} fields, expected 4",
+            response.fields.len()
+        )))
+    }
+}
+
+#[derive(Clone, Copy)]
+struct LoadConfig {
+    concurrency: usize,
+    channels: usize,
+    window: Duration,
+    warm_up: Duration,
+}
+
+struct TaskResult {
+    latencies_ns: Vec<u64>,
+    measured_started: u64,
+    last_done: Option<Instant>,
+    errors: u64,
+    first_error: Option<String>,
+    created: Vec<String>,
+}
+
+struct ScenarioResult {
+    name: String,
+    ops_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+    requests: u64,
+    first_error: Option<String>,
+    created: Vec<String>,
+}
+
+async fn connect(addr: SocketAddr, channels: usize) -> Result<Vec<Channel>, BoxError> {
+    let mut out = Vec::with_capacity(channels);
+    for _ in 0..channels {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        out.push(channel);
+    }
+    Ok(out)
+}
+
+/// Nearest-rank percentile of sorted nanosecond latencies, in microseconds.
+fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
+    if sorted_ns.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p * sorted_ns.len() as f64).ceil() as usize).clamp(1, sorted_ns.len());
+    sorted_ns[rank - 1] as f64 / 1000.0
+}
+
+async fn run_scenario(
+    name: &str,
+    addr: SocketAddr,
+    op: Op,
+    cfg: LoadConfig,
+) -> Result<ScenarioResult, BoxError> {
+    let channels = connect(addr, cfg.channels).await?;
+    let auth: MetadataValue<Ascii> = format!("Bearer {TOKEN}").parse()?;
+    let start = Instant::now();
+    let measure_from = start + cfg.warm_up;
+    let measure_until = measure_from + cfg.window;
+    let mut tasks = Vec::with_capacity(cfg.concurrency);
+    for task in 0..cfg.concurrency {
+        let mut client = RecordsClient::new(channels[task % channels.len()].clone())
+            .max_decoding_message_size(usize::MAX);
+        let op = op.clone();
+        let auth = auth.clone();
+        let concurrency = cfg.concurrency;
+        tasks.push(tokio::spawn(async move {
+            let mut result = TaskResult {
+                latencies_ns: Vec::with_capacity(1 << 14),
+                measured_started: 0,
+                last_done: None,
+                errors: 0,
+                first_error: None,
+                created: Vec::new(),
+            };
+            let mut seq = 0u64;
+            loop {
+                let t0 = Instant::now();
+                if t0 >= measure_until {
+                    break;
+                }
+                let outcome = call(&mut client, &op, &auth, task, seq, concurrency).await;
+                let t1 = Instant::now();
+                seq += 1;
+                let measured = t0 >= measure_from;
+                match outcome {
+                    Ok(created) => {
+                        if let Some(id) = created {
+                            result.created.push(id);
+                        }
+                        if measured {
+                            result.measured_started += 1;
+                            result
+                                .latencies_ns
+                                .push(u64::try_from((t1 - t0).as_nanos()).unwrap_or(u64::MAX));
+                            result.last_done = Some(t1);
+                        }
+                    }
+                    Err(status) => {
+                        result.errors += 1;
+                        if result.first_error.is_none() {
+                            result.first_error =
+                                Some(format!("{:?}: {}", status.code(), status.message()));
+                        }
+                        // Do not spin on a broken target.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            result
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut requests = 0;
+    let mut errors = 0;
+    let mut first_error = None;
+    let mut last_done = measure_from;
+    let mut created = Vec::new();
+    for t in tasks {
+        let r = t.await?;
+        latencies.extend_from_slice(&r.latencies_ns);
+        requests += r.measured_started;
+        errors += r.errors;
+        if first_error.is_none() {
+            first_error = r.first_error;
+        }
+        if let Some(done) = r.last_done {
+            last_done = last_done.max(done);
+        }
+        created.extend(r.created);
+    }
+    drop(channels);
+    latencies.sort_unstable();
+    // Requests started in the window, over the time from the window's start to the last
+    // completion (which may run a little past the window's end).
+    let elapsed = (last_done - measure_from).as_secs_f64().max(1e-9);
+    Ok(ScenarioResult {
+        name: name.to_string(),
+        ops_per_s: requests as f64 / elapsed,
+        p50_us: percentile_us(&latencies, 0.50),
+        p99_us: percentile_us(&latencies, 0.99),
+        errors,
+        requests,
+        first_error,
+        created,
+    })
+}
+
+fn print_header() {
+    println!(
+        "{:<36} {:>11} {:>10} {:>10} {:>8} {:>9}",
+        "scenario", "ops/s", "p50 µs", "p99 µs", "errors", "requests"
+    );
+}
+
+fn print_row(r: &ScenarioResult) {
+    println!(
+        "{:<36} {:>11.1} {:>10.0} {:>10.0} {:>8} {:>9}",
+        r.name, r.ops_per_s, r.p50_us, r.p99_us, r.errors, r.requests
+    );
+    if let Some(e) = &r.first_error {
+        println!("    first error: {e}");
+    }
+}
+
+fn env_parse<T: std::str::FromStr>(name: &str) -> Result<Option<T>, BoxError> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("{name}={v} is not a valid value").into()),
+        Err(_) => Ok(None),
+    }
+}
+
+fn load_config() -> Result<LoadConfig, BoxError> {
+    let bench_mode = std::env::args().any(|a| a == "--bench");
+    let default_secs = if bench_mode { 5.0 } else { 0.2 };
+    let secs: f64 = env_parse("KLUIS_LOAD_SECS")?.unwrap_or(default_secs);
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err("KLUIS_LOAD_SECS must be a positive number of seconds".into());
+    }
+    let concurrency: usize = env_parse("KLUIS_LOAD_CONCURRENCY")?.unwrap_or(32).max(1);
+    let channels: usize = env_parse("KLUIS_LOAD_CHANNELS")?
+        .unwrap_or(4)
+        .clamp(1, concurrency);
+    Ok(LoadConfig {
+        concurrency,
+        channels,
+        window: Duration::from_secs_f64(secs),
+        warm_up: if bench_mode { WARM_UP } else { Duration::ZERO },
+    })
+}
+
+fn flush_line(label: &str, flushes: u64, commits: usize) {
+    let per = if flushes == 0 {
+        0.0
+    } else {
+        commits as f64 / flushes as f64
+    };
+    println!("    {label}: {commits} commits, {flushes} flushes ({per:.1} commits per flush)");
+}
+
+async fn run() -> Result<(), BoxError> {
+    let cfg = load_config()?;
+    println!(
+        "kluis load bench: {} client tasks over {} HTTP/2 connections per target, {:.1} s window after {:.1} s warm-up, {} runtime worker threads",
+        cfg.concurrency,
+        cfg.channels,
+        cfg.window.as_secs_f64(),
+        cfg.warm_up.as_secs_f64(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    );
+    let group_dir = tempfile::tempdir()?;
+    let per_write_dir = tempfile::tempdir()?;
+    let vault = start_vault(group_dir.path(), Durability::GroupCommit).await?;
+    let per_write = start_vault(per_write_dir.path(), Durability::PerWrite).await?;
+    let noop = start_noop()?;
+    println!(
+        "noop {}, vault (group commit) {} on {}, vault (per-write fsync) {} on {}",
+        noop.addr,
+        vault.local_addr,
+        group_dir.path().display(),
+        per_write.local_addr,
+        per_write_dir.path().display()
+    );
+    println!();
+    print_header();
+
+    let mut results = Vec::new();
+    // Prints a scenario's row; a failed request aborts the run (non-zero exit).
+    let mut step = |r: ScenarioResult| -> Result<(), BoxError> {
+        print_row(&r);
+        if r.errors > 0 {
+            return Err(format!("{}: {} requests failed", r.name, r.errors).into());
+        }
+        results.push(r);
+        Ok(())
+    };
+
+    step(run_scenario("(a) noop GetRecord", noop.addr, Op::NoopGet, cfg).await?)?;
+    step(run_scenario("(b) noop CreateRecord", noop.addr, Op::NoopCreate, cfg).await?)?;
+
+    let flushes_before = vault.vault.store().flush_count();
+    let create = run_scenario(
+        "(c) vault CreateRecord (group commit)",
+        vault.local_addr,
+        Op::Create { tag: "c" },
+        cfg,
+    )
+    .await?;
+    let group_flushes = vault.vault.store().flush_count() - flushes_before;
+    let ids = Arc::new(create.created.clone());
+    let group_commits = ids.len();
+    step(create)?;
+
+    if ids.is_empty() {
+        return Err("scenario (c) created no records: nothing to read in (d)".into());
+    }
+    step(
+        run_scenario(
+            "(d) vault GetRecord",
+            vault.local_addr,
+            Op::Get {
+                ids: Arc::clone(&ids),
+            },
+            cfg,
+        )
+        .await?,
+    )?;
+
+    let flushes_before = per_write.vault.store().flush_count();
+    let fsync = run_scenario(
+        "(e) vault CreateRecord (fsync/write)",
+        per_write.local_addr,
+        Op::Create { tag: "e" },
+        cfg,
+    )
+    .await?;
+    let per_write_flushes = per_write.vault.store().flush_count() - flushes_before;
+    let per_write_commits = fsync.created.len();
+    step(fsync)?;
+
+    println!();
+    flush_line("(c) group commit", group_flushes, group_commits);
+    flush_line("(e) per-write", per_write_flushes, per_write_commits);
+
+    vault.shutdown().await?;
+    per_write.shutdown().await?;
+    let _ = noop.shutdown.send(());
+    noop.handle.await??;
+
+    let ops = |i: usize| results[i].ops_per_s;
+    let get_noop = ops(3) / ops(0);
+    let create_noop = ops(2) / ops(1);
+    let create_fsync = ops(2) / ops(4);
+    println!();
+    let verdict = |x: f64, target: f64| if x >= target { "met" } else { "MISSED" };
+    println!("target get/noop >= 0.50: {}", verdict(get_noop, 0.5));
+    println!("target create/noop >= 0.25: {}", verdict(create_noop, 0.25));
+    println!(
+        "target create/fsync-per-write >= 5.00: {}",
+        verdict(create_fsync, 5.0)
+    );
+    println!("ratio get/noop {get_noop:.2}");
+    println!("ratio create/noop {create_noop:.2}");
+    println!("ratio create/fsync-per-write {create_fsync:.2}");
+    Ok(())
+}
+
+fn main() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("load bench: cannot build the tokio runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    let outcome = runtime.block_on(run());
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    if let Err(e) = outcome {
+        eprintln!("load bench failed: {e}");
+        std::process::exit(1);
+    }
+}

@@ -221,6 +221,9 @@ impl SledStore {
         db.flush().map_err(io)?;
         let data_file = std::fs::File::open(dir.join("db")).map_err(io)?;
         data_file.sync_all().map_err(io)?;
+        if let Ok(conf) = std::fs::File::open(dir.join("conf")) {
+            conf.sync_all().map_err(io)?;
+        }
         sync_dir(dir).map_err(io)?;
         Ok(SledStore {
             inner: Arc::new(SledInner {
