@@ -311,16 +311,10 @@ pub fn dev(
             "dev mode listens on loopback only; `{listen}` is not a loopback address"
         )));
     }
+    let data_dir = data_dir.map_or_else(|| root.join("data"), Path::to_path_buf);
     Ok(Settings {
         listen,
-        data_dir: data_dir.map_or_else(|| root.join("data"), Path::to_path_buf),
-        master_key,
-        schema: Schema::default_schema(),
-        policy,
-        tls: None,
-        allow_insecure_listen: false,
-        max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
-        durability: Durability::GroupCommit,
+        ..ephemeral(&data_dir, master_key, policy)
     })
 }
 
