@@ -107,11 +107,16 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     health_reporter
         .set_serving::<RecordsServer<RecordsService<SledStore>>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ConfigError::Rule(format!("reflection: {e}")))?;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error =
+        |e: tonic_reflection::server::Error| ConfigError::Rule(format!("reflection: {e}"));
+    // v1 for current tools, v1alpha for older grpcurl and grpc_cli.
+    let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
 
     let mut builder = Server::builder();
     if let Some(tls) = &settings.tls {
@@ -127,7 +132,8 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     let (tx, rx) = oneshot::channel::<()>();
     let router = builder
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(records);
     let handle = tokio::spawn(async move {
         router
