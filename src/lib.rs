@@ -19,6 +19,7 @@
 //!
 //! State and IO:
 //! - [`store`]: the storage trait (keyspaces, atomic durable batches) and the sled backend.
+//! - [`wal`]: the write-ahead log that makes sled writes durable (group commit).
 //! - [`keys`]: master key, versioned KEKs, DEK wrapping, blind-index and integrity keys.
 //! - [`vault`]: the core operations, the main test boundary below gRPC.
 //! - [`error`]: the vault's error type.
@@ -43,6 +44,7 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod vault;
+pub mod wal;
 
 /// The generated `kluis.v1` gRPC API (messages, `Records` client and server).
 #[allow(missing_docs, clippy::all)]

@@ -139,6 +139,13 @@ async fn kill_9_during_concurrent_writes_loses_no_acknowledged_write() {
         assert_eq!(text_of(&got.fields["full_name"]), name);
     }
     eprintln!("{} acknowledged writes all survived kill -9", acked.len());
+    let restart_log = std::fs::read_to_string(&process.log).expect("log");
+    if let Some(line) = restart_log
+        .lines()
+        .find(|l| l.contains("replayed the write-ahead log"))
+    {
+        eprintln!("{line}");
+    }
     process.child.kill().expect("stop");
     let _ = process.child.wait();
 }
