@@ -180,14 +180,25 @@ fn seal_with(
     context: &[u8],
     plaintext: &[u8],
 ) -> Result<Vec<u8>, CryptoError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    random_fill(&mut nonce)?;
+    Ok(seal_with_nonce(key, key_version, nonce, context, plaintext))
+}
+
+/// Seals with a nonce the caller drew at random for this one envelope.
+fn seal_with_nonce(
+    key: &LessSafeKey,
+    key_version: u32,
+    nonce: [u8; NONCE_LEN],
+    context: &[u8],
+    plaintext: &[u8],
+) -> Vec<u8> {
     let header = EnvelopeHeader {
         format: FORMAT_V1,
         algorithm: ALG_AES_256_GCM,
         key_version,
     }
     .to_bytes();
-    let mut nonce = [0u8; NONCE_LEN];
-    random_fill(&mut nonce)?;
     let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
     out.extend_from_slice(&header);
     out.extend_from_slice(&nonce);
@@ -199,9 +210,22 @@ fn seal_with(
             Aad::from(&aad),
             &mut out[HEADER_LEN + NONCE_LEN..],
         )
-        .map_err(|_| CryptoError::Authentication)?;
+        .expect("sealing fails only above ring's 64 GiB input limit");
     out.extend_from_slice(tag.as_ref());
-    Ok(out)
+    out
+}
+
+/// The part of an envelope that commits to its ciphertext: nonce ‖ tag. Under a key the
+/// reader holds and an attacker does not, no other ciphertext verifies with the same nonce and
+/// tag, so a MAC over these 28 bytes stands for a MAC over the whole envelope.
+pub fn commitment(sealed: &[u8]) -> Result<[&[u8]; 2], CryptoError> {
+    if sealed.len() < OVERHEAD {
+        return Err(CryptoError::Malformed);
+    }
+    Ok([
+        &sealed[HEADER_LEN..HEADER_LEN + NONCE_LEN],
+        &sealed[sealed.len() - TAG_LEN..],
+    ])
 }
 
 /// Opens an envelope made by [`seal`] under the same key and context.
@@ -243,6 +267,38 @@ impl SealingKey {
     /// Same as [`seal`] with this key.
     pub fn seal(&self, context: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
         seal_with(&self.key, self.version, context, plaintext)
+    }
+
+    /// Seals `plaintext` in chunks of `chunk_len` bytes (at least one chunk, even when empty),
+    /// chunk `i` of `n` under `context(i, n)`, each with its own random nonce (drawn in one
+    /// call to the system's generator).
+    pub fn seal_chunks(
+        &self,
+        plaintext: &[u8],
+        chunk_len: usize,
+        context: impl Fn(u32, u32) -> Vec<u8>,
+    ) -> Result<Vec<Vec<u8>>, CryptoError> {
+        let count = plaintext.len().div_ceil(chunk_len).max(1);
+        let count32 = u32::try_from(count).map_err(|_| CryptoError::Malformed)?;
+        let mut nonces = vec![0u8; count * NONCE_LEN];
+        random_fill(&mut nonces)?;
+        let mut out = Vec::with_capacity(count);
+        for (i, nonce) in nonces.chunks_exact(NONCE_LEN).enumerate() {
+            let start = i * chunk_len;
+            let end = (start + chunk_len).min(plaintext.len());
+            let nonce: [u8; NONCE_LEN] = nonce
+                .try_into()
+                .expect("chunks_exact yields NONCE_LEN bytes");
+            let i32 = u32::try_from(i).expect("chunk index below chunk count");
+            out.push(seal_with_nonce(
+                &self.key,
+                self.version,
+                nonce,
+                &context(i32, count32),
+                &plaintext[start..end],
+            ));
+        }
+        Ok(out)
     }
 }
 

@@ -6,7 +6,7 @@
 //!   body = RecordBody { id, revision, timestamps, lifecycle,
 //!                       deks:   category → wrapped DEK,
 //!                       fields: name → { category, revision written, chunk count, size,
-//!                                        SHA-256 of its chunk envelopes, content type,
+//!                                        SHA-256 of its chunks' nonce ‖ tag, content type,
 //!                                        blind-index tag } }
 //!   mac  = HMAC-SHA256(integrity key, context("kluis/v1/record", key version, id, body))
 //! fields/<id> ‖ <name> ‖ 0x00 ‖ <revision u64> ‖ <chunk u32>  → envelope (≤ 16 KiB plaintext)
@@ -99,7 +99,7 @@ pub struct FieldEntry {
     /// Plaintext size in bytes.
     #[prost(uint64, tag = "4")]
     pub size: u64,
-    /// SHA-256 over the chunk envelopes, in order.
+    /// SHA-256 over each chunk envelope's nonce ‖ tag, in order.
     #[prost(bytes = "vec", tag = "5")]
     pub digest: Vec<u8>,
     /// Content type (blobs only).
@@ -195,7 +195,7 @@ pub fn index_key(field: &str, tag: &[u8], id: &[u8]) -> Vec<u8> {
 pub struct SealedField {
     /// The chunk envelopes, in order.
     pub chunks: Vec<Vec<u8>>,
-    /// SHA-256 over the envelopes.
+    /// SHA-256 over every chunk's nonce ‖ tag, in order (see [`crypto::commitment`]).
     pub digest: [u8; 32],
 }
 
@@ -206,27 +206,46 @@ pub fn seal_field(
     field: &str,
     plaintext: &[u8],
 ) -> Result<SealedField, crypto::CryptoError> {
-    let count = plaintext.len().div_ceil(CHUNK_LEN).max(1);
-    let count32 = u32::try_from(count).expect("values are limited far below 2^32 chunks");
-    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut chunks = Vec::with_capacity(count);
-    for i in 0..count {
-        let start = i * CHUNK_LEN;
-        let end = (start + CHUNK_LEN).min(plaintext.len());
-        let i32 = u32::try_from(i).expect("chunk index below chunk count");
-        let sealed = dek.seal(
-            &chunk_context(id, field, i32, count32),
-            &plaintext[start..end],
-        )?;
-        digest.update(&sealed);
-        chunks.push(sealed);
+    let chunks = dek.seal_chunks(plaintext, CHUNK_LEN, |i, n| chunk_context(id, field, i, n))?;
+    let mut digest = FieldDigest::new();
+    for chunk in &chunks {
+        digest.add(chunk)?;
     }
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest.finish().as_ref());
     Ok(SealedField {
         chunks,
-        digest: out,
+        digest: digest.finish(),
     })
+}
+
+/// The digest a header keeps of a field: SHA-256 over each chunk envelope's nonce ‖ tag.
+pub struct FieldDigest(ring::digest::Context);
+
+impl FieldDigest {
+    /// An empty digest.
+    pub fn new() -> Self {
+        Self(ring::digest::Context::new(&ring::digest::SHA256))
+    }
+
+    /// Adds the next chunk envelope.
+    pub fn add(&mut self, envelope: &[u8]) -> Result<(), crypto::CryptoError> {
+        for part in crypto::commitment(envelope)? {
+            self.0.update(part);
+        }
+        Ok(())
+    }
+
+    /// The digest.
+    pub fn finish(self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(self.0.finish().as_ref());
+        out
+    }
+}
+
+impl Default for FieldDigest {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 #[cfg(test)]

@@ -632,7 +632,7 @@ impl<S: Store> Vault<S> {
         entry: &FieldEntry,
         dek: &SecretKey,
     ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut digest = record::FieldDigest::new();
         let size = usize::try_from(entry.size).map_err(|_| field_loss(id, name))?;
         let mut out = Zeroizing::new(Vec::with_capacity(size));
         for i in 0..entry.chunks {
@@ -642,12 +642,12 @@ impl<S: Store> Vault<S> {
                 .get(Keyspace::Fields, &key)
                 .await?
                 .ok_or_else(|| field_loss(id, name))?;
-            digest.update(&sealed);
+            digest.add(&sealed).map_err(|_| field_loss(id, name))?;
             let ctx = record::chunk_context(id, name, i, entry.chunks);
             let plain = crypto::open(dek, &ctx, &sealed).map_err(|_| field_loss(id, name))?;
             out.extend_from_slice(&plain);
         }
-        if !crypto::ct_eq(digest.finish().as_ref(), &entry.digest) || out.len() != size {
+        if !crypto::ct_eq(&digest.finish(), &entry.digest) || out.len() != size {
             return Err(field_loss(id, name));
         }
         Ok(out)

@@ -547,8 +547,13 @@ proptest! {
             prop_assert_eq!(reference_open(&key, &recounted, chunk), None);
         }
         prop_assert_eq!(joined, data);
-        let envelopes: Vec<&[u8]> = sealed.chunks.iter().map(Vec::as_slice).collect();
-        prop_assert_eq!(sealed.digest, crypto::sha256(&envelopes));
+        // The digest commits to every chunk's nonce ‖ tag (bytes 6..18 and the last 16), in order.
+        let parts: Vec<&[u8]> = sealed
+            .chunks
+            .iter()
+            .flat_map(|c| [&c[HEADER_LEN..HEADER_LEN + NONCE_LEN], &c[c.len() - TAG_LEN..]])
+            .collect();
+        prop_assert_eq!(sealed.digest, crypto::sha256(&parts));
     }
 }
 
