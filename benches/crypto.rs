@@ -1,6 +1,6 @@
 //! Cryptographic throughput: raw AES-256-GCM (`ring` and the RustCrypto `aes-gcm` crate),
-//! Kluis field sealing (16 KiB chunked envelopes plus a SHA-256 digest), and the envelope
-//! work of a typical 20-field record.
+//! Kluis field sealing (16 KiB chunked envelopes plus a digest committing to each chunk), and
+//! the envelope work of a typical 20-field record.
 //!
 //! Run with `cargo bench --bench crypto` (about 2 minutes on 2 cores). After criterion's own
 //! output, a summary table is printed from criterion's estimates
@@ -11,11 +11,8 @@
 //! - `seal/ring/*`, `open/ring/*`: `ring::aead::LessSafeKey` in place, preallocated buffer.
 //! - `seal/aes-gcm-crate/*`, `open/aes-gcm-crate/*`: `aes_gcm::Aes256Gcm` in place, detached tag.
 //! - `field_seal/kluis/*`: `kluis::record::seal_field` (what the vault does for a blob field).
-//! - `field_seal/chunks-without-digest/*`: the same envelopes without the digest, built with
-//!   `SealingKey::seal` and `record::chunk_context` (for analysis only).
 //! - `field_open/kluis/*`: opening those chunks with `kluis::crypto::open` and checking the
-//!   digest (the crypto part of the vault's read path, without the store).
-//! - `digest/sha256/*`: `kluis::crypto::sha256` alone (part of field sealing's cost).
+//!   field digest (the crypto part of the vault's read path, without the store).
 //! - `envelope/record20/{encrypt,decrypt}`: 4 category DEKs wrapped under a KEK, 20 short
 //!   text fields sealed / opened.
 
@@ -181,34 +178,19 @@ fn bench_open(c: &mut Criterion) {
 }
 
 /// What the vault's read path does per field, minus the store: open every chunk envelope and
-/// check the digest over them.
+/// check the field digest over them (as `Vault::read_field` does).
 fn open_field(dek: &SecretKey, id: &[u8], name: &str, sealed: &SealedField) -> Vec<u8> {
     let n = u32::try_from(sealed.chunks.len()).expect("chunk count fits u32");
-    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut digest = record::FieldDigest::new();
     let mut out = Vec::new();
     for (i, chunk) in sealed.chunks.iter().enumerate() {
         let i = u32::try_from(i).expect("chunk index fits u32");
-        digest.update(chunk);
+        digest.add(chunk).expect("well-formed envelope");
         let plain = crypto::open(dek, &record::chunk_context(id, name, i, n), chunk).expect("open");
         out.extend_from_slice(&plain);
     }
-    assert!(crypto::ct_eq(digest.finish().as_ref(), &sealed.digest));
+    assert!(crypto::ct_eq(&digest.finish(), &sealed.digest));
     out
-}
-
-/// `record::seal_field` minus the digest: one envelope per 16 KiB chunk, same contexts.
-fn seal_chunks_only(sealing: &SealingKey, id: &[u8], name: &str, plain: &[u8]) -> Vec<Vec<u8>> {
-    let n = u32::try_from(plain.len().div_ceil(record::CHUNK_LEN).max(1)).expect("fits u32");
-    plain
-        .chunks(record::CHUNK_LEN)
-        .enumerate()
-        .map(|(i, chunk)| {
-            let i = u32::try_from(i).expect("chunk index fits u32");
-            sealing
-                .seal(&record::chunk_context(id, name, i, n), chunk)
-                .expect("seal")
-        })
-        .collect()
 }
 
 fn bench_field(c: &mut Criterion) {
@@ -225,10 +207,6 @@ fn bench_field(c: &mut Criterion) {
                     .expect("seal")
             });
         });
-        // For analysis: the same chunk envelopes without the SHA-256 digest over them.
-        group.bench_function(BenchmarkId::new("chunks-without-digest", label), |b| {
-            b.iter(|| seal_chunks_only(&sealing, &RECORD_ID, "cv_document", black_box(&plain)));
-        });
     }
     group.finish();
 
@@ -241,17 +219,6 @@ fn bench_field(c: &mut Criterion) {
         assert_eq!(open_field(&dek, &RECORD_ID, "cv_document", &sealed), plain);
         group.bench_function(BenchmarkId::new("kluis", label), |b| {
             b.iter(|| open_field(&dek, &RECORD_ID, "cv_document", black_box(&sealed)));
-        });
-    }
-    group.finish();
-
-    let mut group = c.benchmark_group("digest");
-    group.warm_up_time(WARM_UP).measurement_time(MEASURE);
-    for (len, label) in FIELD_SIZES {
-        size_config(&mut group, len);
-        let plain = data(len);
-        group.bench_function(BenchmarkId::new("sha256", label), |b| {
-            b.iter(|| crypto::sha256(&[black_box(&plain)]));
         });
     }
     group.finish();
@@ -463,7 +430,7 @@ fn summary() {
         criterion_dir().display()
     );
     println!(
-        "{:>6}  {:>9} {:>9} {:>9} {:>9}  {:>10} {:>7}  {:>9} {:>10} {:>9}",
+        "{:>6}  {:>9} {:>9} {:>9} {:>9}  {:>10} {:>7}  {:>10} {:>7}",
         "size",
         "seal ring",
         "seal rc",
@@ -471,33 +438,32 @@ fn summary() {
         "open rc",
         "field_seal",
         "fs/ring",
-        "no-digest",
         "field_open",
-        "sha256"
+        "fo/ring"
     );
+    let ratio = |ring: Option<f64>, ours: Option<f64>| match (ring, ours) {
+        (Some(r), Some(f)) => format!("{:.2}", r / f),
+        _ => "-".into(),
+    };
     for (len, label) in RAW_SIZES {
         let field = FIELD_SIZES.iter().any(|(l, _)| *l == len);
-        let field_est = |group: &str, function: &str| {
-            field.then(|| estimate_ns(group, function, label)).flatten()
-        };
-        let seal_ring = estimate_ns("seal", "ring", label);
-        let field_seal = field_est("field_seal", "kluis");
-        let ratio = match (seal_ring, field_seal) {
-            (Some(r), Some(f)) => format!("{:.2}", r / f),
-            _ => "-".into(),
-        };
+        let field_est = |group: &str| field.then(|| estimate_ns(group, "kluis", label)).flatten();
+        let (seal_ring, open_ring) = (
+            estimate_ns("seal", "ring", label),
+            estimate_ns("open", "ring", label),
+        );
+        let (field_seal, field_open) = (field_est("field_seal"), field_est("field_open"));
         println!(
-            "{:>6}  {:>9} {:>9} {:>9} {:>9}  {:>10} {:>7}  {:>9} {:>10} {:>9}",
+            "{:>6}  {:>9} {:>9} {:>9} {:>9}  {:>10} {:>7}  {:>10} {:>7}",
             label,
             fmt_gib(len, seal_ring),
             fmt_gib(len, estimate_ns("seal", "aes-gcm-crate", label)),
-            fmt_gib(len, estimate_ns("open", "ring", label)),
+            fmt_gib(len, open_ring),
             fmt_gib(len, estimate_ns("open", "aes-gcm-crate", label)),
             fmt_gib(len, field_seal),
-            ratio,
-            fmt_gib(len, field_est("field_seal", "chunks-without-digest")),
-            fmt_gib(len, field_est("field_open", "kluis")),
-            fmt_gib(len, field_est("digest", "sha256")),
+            ratio(seal_ring, field_seal),
+            fmt_gib(len, field_open),
+            ratio(open_ring, field_open),
         );
     }
     for op in ["encrypt", "decrypt"] {
@@ -507,12 +473,37 @@ fn summary() {
     }
     println!(
         "(rc = aes-gcm crate; fs/ring = field_seal/kluis ÷ seal/ring throughput, target ≥ 0.80 \
-         from 64 KiB; no-digest = field_seal/chunks-without-digest)"
+         from 64 KiB; fo/ring = field_open/kluis ÷ open/ring)"
     );
+}
+
+/// CPU time of this process so far (user + system), from `/proc/self/stat` (USER_HZ = 100).
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// Busy CPU time of the whole machine so far (user, nice, system, irq, softirq, steal).
+fn machine_busy() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)? + v.get(7)?;
+    Some(Duration::from_millis(busy * 10))
 }
 
 fn main() {
     check_record20();
+    let started = std::time::Instant::now();
+    let (cpu_start, busy_start) = (process_cpu(), machine_busy());
     let mut c = Criterion::default().without_plots().configure_from_args();
     bench_seal(&mut c);
     bench_open(&mut c);
@@ -522,5 +513,17 @@ fn main() {
     // Under `cargo test --benches` criterion only checks that each benchmark runs once.
     if std::env::args().any(|a| a == "--bench") {
         summary();
+        if let (Some(c0), Some(c1), Some(b0), Some(b1)) =
+            (cpu_start, process_cpu(), busy_start, machine_busy())
+        {
+            let secs = started.elapsed().as_secs_f64();
+            let other = (b1.saturating_sub(b0).as_secs_f64() - c1.saturating_sub(c0).as_secs_f64())
+                .max(0.0)
+                / secs;
+            println!(
+                "rest of the machine during this run: {other:.2} cores on average (criterion runs on \
+                 one core; well above 0.1 means the figures are disturbed)"
+            );
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! End-to-end load benchmark over gRPC on loopback, in one process:
 //!
 //! - the real vault (`kluis::server::start`, group commit), on a temporary data directory;
-//! - a second vault with `Durability::PerWrite` (one sled flush + fdatasync per write,
-//!   serialised): the durability baseline;
+//! - a second vault with `Durability::PerWrite` (every write runs its own sync + fdatasync,
+//!   one after another): the durability baseline;
 //! - a no-op `Records` service (no authentication, no crypto, no storage): the transport ceiling.
 //!
 //! Scenarios, in order, each with a warm-up and then a measured window:
@@ -16,6 +16,11 @@
 //! Run with `cargo bench --bench load`. Without `--bench` on the command line (e.g. under
 //! `cargo test --all-targets`) it runs a short smoke pass (0.2 s windows) instead.
 //! Exits non-zero if any request fails.
+//!
+//! Columns: ops/s (requests started in the window ÷ time to the last completion), p50/p99
+//! latency, errors, requests, `cores` (this process's CPU time per second: clients and servers
+//! together), `cpu µs/op`, and `other` (CPU used by the rest of the machine during the window,
+//! from `/proc/stat`; a row with more than 0.25 is flagged as disturbed).
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -50,6 +55,8 @@ type BoxError = Box<dyn Error + Send + Sync>;
 const TOKEN: &str = "kluis_load-bench-token-not-a-secret-0123456789abcdef";
 const PURPOSE: &str = "recruitment";
 const WARM_UP: Duration = Duration::from_millis(500);
+/// Above this many cores used by other processes during a window, the row is flagged.
+const OTHER_CORES_WARN: f64 = 0.25;
 const NOOP_RECORD_ID: &str = "3f2504e0-4f89-41d3-9a0c-0305e82c3301";
 
 // ---------------------------------------------------------------------------------------------
@@ -282,6 +289,24 @@ struct ScenarioResult {
     created: Vec<String>,
     /// Process CPU time (all threads: clients and servers) per second of the window.
     cpu_cores: f64,
+    /// CPU time of everything else on the machine per second of the window (other processes,
+    /// steal): a disturbed measurement if well above zero.
+    other_cores: f64,
+}
+
+/// Busy CPU time of the whole machine so far (user, nice, system, irq, softirq, steal), from
+/// the first line of `/proc/stat`; `None` where that is unavailable.
+fn machine_busy() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)? + v.get(7)?;
+    Some(Duration::from_millis(busy * 10))
 }
 
 /// CPU time of this process so far (user + system, all threads), from `/proc/self/stat`;
@@ -381,13 +406,15 @@ async fn run_scenario(
         }));
     }
     tokio::time::sleep_until(measure_from.into()).await;
-    let cpu_start = process_cpu();
+    let (cpu_start, busy_start) = (process_cpu(), machine_busy());
     tokio::time::sleep_until(measure_until.into()).await;
-    let cpu_end = process_cpu();
-    let cpu_cores = match (cpu_start, cpu_end) {
-        (Some(a), Some(b)) => (b.saturating_sub(a)).as_secs_f64() / cfg.window.as_secs_f64(),
+    let (cpu_end, busy_end) = (process_cpu(), machine_busy());
+    let per_window = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+        (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64() / cfg.window.as_secs_f64(),
         _ => f64::NAN,
     };
+    let cpu_cores = per_window(cpu_start, cpu_end);
+    let other_cores = (per_window(busy_start, busy_end) - cpu_cores).max(0.0);
     let mut latencies = Vec::new();
     let mut requests = 0;
     let mut errors = 0;
@@ -422,19 +449,28 @@ async fn run_scenario(
         first_error,
         created,
         cpu_cores,
+        other_cores,
     })
 }
 
 fn print_header() {
     println!(
-        "{:<38} {:>10} {:>9} {:>9} {:>7} {:>9} {:>6} {:>8}",
-        "scenario", "ops/s", "p50 µs", "p99 µs", "errors", "requests", "cores", "cpu µs/op"
+        "{:<38} {:>10} {:>9} {:>9} {:>7} {:>9} {:>6} {:>9} {:>6}",
+        "scenario",
+        "ops/s",
+        "p50 µs",
+        "p99 µs",
+        "errors",
+        "requests",
+        "cores",
+        "cpu µs/op",
+        "other"
     );
 }
 
 fn print_row(r: &ScenarioResult) {
     println!(
-        "{:<38} {:>10.1} {:>9.0} {:>9.0} {:>7} {:>9} {:>6.2} {:>8.0}",
+        "{:<38} {:>10.1} {:>9.0} {:>9.0} {:>7} {:>9} {:>6.2} {:>9.0} {:>6.2}",
         r.name,
         r.ops_per_s,
         r.p50_us,
@@ -442,8 +478,15 @@ fn print_row(r: &ScenarioResult) {
         r.errors,
         r.requests,
         r.cpu_cores,
-        r.cpu_cores * 1e6 / r.ops_per_s
+        r.cpu_cores * 1e6 / r.ops_per_s,
+        r.other_cores
     );
+    if r.other_cores > OTHER_CORES_WARN {
+        println!(
+            "    warning: the rest of the machine used {:.2} cores during this window: disturbed",
+            r.other_cores
+        );
+    }
     if let Some(e) = &r.first_error {
         println!("    first error: {e}");
     }
@@ -480,13 +523,15 @@ fn load_config() -> Result<LoadConfig, BoxError> {
     })
 }
 
+/// Commits and durable syncs (`SledStore::flush_count`) during a create scenario, warm-up
+/// included.
 fn flush_line(label: &str, flushes: u64, commits: usize) {
-    let per = if flushes == 0 {
-        0.0
+    if flushes == 0 {
+        println!("    {label}: {commits} commits (this store does not count its syncs)");
     } else {
-        commits as f64 / flushes as f64
-    };
-    println!("    {label}: {commits} commits, {flushes} flushes ({per:.1} commits per flush)");
+        let per = commits as f64 / flushes as f64;
+        println!("    {label}: {commits} commits, {flushes} syncs ({per:.1} commits per sync)");
+    }
 }
 
 async fn run() -> Result<(), BoxError> {
@@ -562,6 +607,7 @@ async fn run() -> Result<(), BoxError> {
         .await?,
     )?;
 
+    let flushes_before = per_write.vault.store().flush_count();
     let fsync = run_scenario(
         "(e) vault CreateRecord (fsync/write)",
         per_write.local_addr,
@@ -569,14 +615,13 @@ async fn run() -> Result<(), BoxError> {
         cfg,
     )
     .await?;
+    let per_write_flushes = per_write.vault.store().flush_count() - flushes_before;
     let per_write_commits = fsync.created.len();
     step(fsync)?;
 
     println!();
     flush_line("(c) group commit", group_flushes, group_commits);
-    println!(
-        "    (e) per-write: {per_write_commits} commits, one flush + fdatasync each, serialised"
-    );
+    flush_line("(e) per-write", per_write_flushes, per_write_commits);
 
     vault.shutdown().await?;
     per_write.shutdown().await?;
@@ -589,13 +634,13 @@ async fn run() -> Result<(), BoxError> {
     let create_fsync = ops(2) / ops(4);
     println!();
     if cfg.bench_mode {
-        let verdict = |x: f64, target: f64| if x >= target { "met" } else { "MISSED" };
-        println!("target get/noop >= 0.50: {}", verdict(get_noop, 0.5));
-        println!("target create/noop >= 0.25: {}", verdict(create_noop, 0.25));
-        println!(
-            "target create/fsync-per-write >= 5.00: {}",
-            verdict(create_fsync, 5.0)
-        );
+        let verdict = |name: &str, x: f64, target: f64| {
+            let v = if x >= target { "met" } else { "MISSED" };
+            println!("target {name} >= {target:.2}: {v} ({x:.3})");
+        };
+        verdict("get/noop", get_noop, 0.5);
+        verdict("create/noop", create_noop, 0.25);
+        verdict("create/fsync-per-write", create_fsync, 5.0);
     }
     println!("ratio get/noop {get_noop:.2}");
     println!("ratio create/noop {create_noop:.2}");
