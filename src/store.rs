@@ -15,12 +15,15 @@
 //! - every batch is applied to sled and appended, in the same order, to Kluis's own
 //!   write-ahead log ([`crate::wal`]); a write is acknowledged once its log frame is written
 //!   and `fdatasync`ed, so it survives power loss, not only `kill -9`;
-//! - concurrent writers share one log write + `fdatasync` (group commit): a writer waits for
-//!   the first sync that starts after its frame was queued; one writer at a time runs it;
+//! - writers queue their batches for one commit-leader thread (group commit): it takes every
+//!   batch queued so far, applies the group in a single sled transaction (checking each
+//!   batch's conditions in order, so a conflicting batch is skipped and reported alone),
+//!   appends the applied batches to the log, syncs it once, and answers every writer; batches
+//!   that arrive meanwhile form the next group;
 //! - at start-up the log is replayed over sled's recovered state (sled records, in the same
 //!   transaction as each batch, the last sequence number it applied), then sled is flushed and
-//!   fsynced and the log starts afresh; every 64 MiB of log a checkpoint does the same in the
-//!   background;
+//!   fsynced and the log starts afresh; every 64 MiB of log the leader does the same
+//!   (checkpoint);
 //! - 2 MiB segments (blob threshold ≈ 512 KiB per logged page) and 16 KiB value chunks keep
 //!   every sled page below the threshold, so sled's unsynced blob files are never used
 //!   (`<dir>/blobs` stays empty; a test checks it).
@@ -30,7 +33,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -190,33 +193,29 @@ pub struct SledStore {
     inner: Arc<SledInner>,
 }
 
+/// Owns the queue to the commit leader; dropping it stops and joins the leader.
 struct SledInner {
+    shared: Arc<Shared>,
+    queue: std::sync::mpsc::Sender<Pending>,
+    leader: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the commit leader and the readers share.
+struct Shared {
     db: sled::Db,
     trees: [sled::Tree; 4],
     data_file: std::fs::File,
     dir: PathBuf,
     durability: Durability,
-    /// Applies batches to sled and appends their frames, in one order.
-    log: Mutex<LogState>,
-    /// The open log file; held by whoever writes and syncs it.
-    file: Mutex<LogFile>,
-    /// Sequence number up to which batches are durable.
-    durable: tokio::sync::watch::Sender<u64>,
-    /// Whether a group flush is running.
-    flushing: AtomicBool,
-    /// Whether a checkpoint is running.
-    checkpointing: AtomicBool,
     /// Set after a failed write or sync.
     poisoned: Mutex<Option<String>>,
     flushes: AtomicU64,
 }
 
-struct LogState {
-    next_seq: u64,
-    /// Frames applied to sled but not yet written to the log file.
-    pending: Vec<u8>,
-    /// Sequence number of the last frame in `pending` (or before it).
-    last_seq: u64,
+/// A batch waiting for the commit leader.
+struct Pending {
+    batch: Batch,
+    reply: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
 }
 
 struct LogFile {
@@ -224,6 +223,11 @@ struct LogFile {
     no: u64,
     len: u64,
 }
+
+/// Most batches one group applies in a single sled transaction.
+const MAX_GROUP: usize = 256;
+/// Most bytes one group carries (a group is closed early when it grows past this).
+const MAX_GROUP_BYTES: usize = 64 * 1024 * 1024;
 
 fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
@@ -302,41 +306,44 @@ impl SledStore {
         }
         sync_dir(&wal_dir).map_err(io)?;
         sync_dir(dir).map_err(io)?;
+        let shared = Arc::new(Shared {
+            db,
+            trees,
+            data_file,
+            dir: dir.to_path_buf(),
+            durability,
+            poisoned: Mutex::new(None),
+            flushes: AtomicU64::new(0),
+        });
+        let (queue, pending) = std::sync::mpsc::channel();
+        let leader_shared = Arc::clone(&shared);
+        let log = LogFile { file, no, len: 0 };
+        let leader = std::thread::Builder::new()
+            .name("kluis-commit".into())
+            .spawn(move || leader_shared.lead(pending, log, last + 1))
+            .map_err(io)?;
         Ok(SledStore {
             inner: Arc::new(SledInner {
-                db,
-                trees,
-                data_file,
-                dir: dir.to_path_buf(),
-                durability,
-                log: Mutex::new(LogState {
-                    next_seq: last + 1,
-                    pending: Vec::new(),
-                    last_seq: last,
-                }),
-                file: Mutex::new(LogFile { file, no, len: 0 }),
-                durable: tokio::sync::watch::channel(last).0,
-                flushing: AtomicBool::new(false),
-                checkpointing: AtomicBool::new(false),
-                poisoned: Mutex::new(None),
-                flushes: AtomicU64::new(0),
+                shared,
+                queue,
+                leader: Some(leader),
             }),
         })
     }
 
     /// The data directory.
     pub fn dir(&self) -> &Path {
-        &self.inner.dir
+        &self.inner.shared.dir
     }
 
     /// How many log syncs have run; with concurrent writers this is lower than the number
     /// of commits.
     pub fn flush_count(&self) -> u64 {
-        self.inner.flushes.load(Ordering::Relaxed)
+        self.inner.shared.flushes.load(Ordering::Relaxed)
     }
 
     fn tree(&self, ks: Keyspace) -> &sled::Tree {
-        &self.inner.trees[ks as usize]
+        &self.inner.shared.trees[ks as usize]
     }
 }
 
@@ -394,7 +401,18 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-impl SledInner {
+impl Drop for SledInner {
+    fn drop(&mut self) {
+        // Closing the queue ends the leader's loop; wait for it so the data dir is released.
+        let (closed, _) = std::sync::mpsc::channel();
+        drop(std::mem::replace(&mut self.queue, closed));
+        if let Some(leader) = self.leader.take() {
+            let _ = leader.join();
+        }
+    }
+}
+
+impl Shared {
     fn check_poisoned(&self) -> Result<(), StoreError> {
         match &*self.poisoned.lock() {
             Some(reason) => Err(StoreError::Poisoned(reason.clone())),
@@ -402,107 +420,170 @@ impl SledInner {
         }
     }
 
-    /// Applies the batch to sled and queues its log frame, under one lock so that the log
-    /// order is the apply order. Returns the batch's sequence number.
-    fn apply_and_log(&self, batch: &Batch) -> Result<u64, StoreError> {
-        let mut log = self.log.lock();
-        let seq = log.next_seq;
-        apply(&self.trees, batch, seq)?;
-        wal::encode_frame(&mut log.pending, seq, &batch.ops);
-        log.next_seq += 1;
-        log.last_seq = seq;
-        Ok(seq)
+    /// The commit leader: takes every batch queued so far (group commit), applies the group
+    /// in one sled transaction, appends the applied batches to the log, syncs it once, and
+    /// answers each writer. In per-write mode every group is a single batch.
+    fn lead(
+        self: Arc<Self>,
+        queue: std::sync::mpsc::Receiver<Pending>,
+        mut log: LogFile,
+        mut next_seq: u64,
+    ) {
+        while let Ok(first) = queue.recv() {
+            let mut group = vec![first];
+            if self.durability == Durability::GroupCommit {
+                let mut bytes = group[0].batch.bytes();
+                while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
+                    match queue.try_recv() {
+                        Ok(p) => {
+                            bytes += p.batch.bytes();
+                            group.push(p);
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            let results = self.commit_group(&mut log, &mut next_seq, &group);
+            for (pending, result) in group.into_iter().zip(results) {
+                // A writer that went away (cancelled request) needs no answer.
+                let _ = pending.reply.send(result);
+            }
+        }
     }
 
-    /// Writes every queued frame to the log file and syncs it; returns the sequence number
-    /// now durable. With `always_sync`, syncs even when nothing was queued.
-    fn write_log(self: &Arc<Self>, always_sync: bool) -> Result<u64, StoreError> {
-        let mut file = self.file.lock();
-        let (frames, upto) = {
-            let mut log = self.log.lock();
-            (std::mem::take(&mut log.pending), log.last_seq)
+    fn commit_group(
+        &self,
+        log: &mut LogFile,
+        next_seq: &mut u64,
+        group: &[Pending],
+    ) -> Vec<Result<(), StoreError>> {
+        if let Err(e) = self.check_poisoned() {
+            return group
+                .iter()
+                .map(|_| Err(StoreError::Poisoned(e.to_string())))
+                .collect();
+        }
+        let applied = match apply_group(&self.trees, group, *next_seq) {
+            Ok(applied) => applied,
+            Err(e) => {
+                return group
+                    .iter()
+                    .map(|_| Err(StoreError::Io(e.to_string())))
+                    .collect()
+            }
         };
-        if frames.is_empty() && !always_sync {
-            // Everything queued before was written and synced by an earlier flush.
-            return Ok(upto);
+        let mut frames = Vec::new();
+        for (pending, ok) in group.iter().zip(&applied) {
+            if *ok {
+                wal::encode_frame(&mut frames, *next_seq, &pending.batch.ops);
+                *next_seq += 1;
+            }
         }
-        let result = (|| {
-            use std::io::Write;
-            file.file.write_all(&frames)?;
-            file.file.sync_data()
-        })();
-        self.flushes.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = result {
-            let reason = format!("write-ahead log write or sync failed: {e}");
-            *self.poisoned.lock() = Some(reason.clone());
-            return Err(StoreError::Poisoned(reason));
+        if !frames.is_empty() || self.durability == Durability::PerWrite {
+            let written = (|| {
+                use std::io::Write;
+                log.file.write_all(&frames)?;
+                log.file.sync_data()
+            })();
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = written {
+                let reason = format!("write-ahead log write or sync failed: {e}");
+                *self.poisoned.lock() = Some(reason.clone());
+                return group
+                    .iter()
+                    .map(|_| Err(StoreError::Poisoned(reason.clone())))
+                    .collect();
+            }
+            log.len += frames.len() as u64;
+            if log.len > CHECKPOINT_BYTES {
+                if let Err(e) = self.checkpoint(log) {
+                    // The old log stays and is replayed at the next start; nothing is lost.
+                    tracing::error!(error = %e, "checkpoint failed");
+                }
+            }
         }
-        file.len += frames.len() as u64;
-        if file.len > CHECKPOINT_BYTES && !self.checkpointing.swap(true, Ordering::SeqCst) {
-            self.rotate(&mut file)?;
-        }
-        Ok(upto)
+        applied
+            .into_iter()
+            .map(|ok| {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(StoreError::Conflict)
+                }
+            })
+            .collect()
     }
 
-    /// Starts a new log file and, in the background, makes sled durable and deletes the old
-    /// one (every batch in it was applied to sled before it was written to the log).
-    fn rotate(self: &Arc<Self>, file: &mut LogFile) -> Result<(), StoreError> {
+    /// Starts a new log file, makes sled durable, and deletes the old log file (every batch
+    /// in it was applied to sled before it was written to the log). Runs on the leader, so
+    /// commits wait for it: one sled flush per `CHECKPOINT_BYTES` of log.
+    fn checkpoint(&self, log: &mut LogFile) -> Result<(), StoreError> {
         let wal_dir = wal::dir(&self.dir);
-        let new = create_log_file(&wal_dir, file.no + 1)?;
-        let old = wal::file_path(&wal_dir, file.no);
-        *file = LogFile {
+        let new = create_log_file(&wal_dir, log.no + 1)?;
+        let old = wal::file_path(&wal_dir, log.no);
+        *log = LogFile {
             file: new,
-            no: file.no + 1,
+            no: log.no + 1,
             len: 0,
         };
-        let inner = Arc::clone(self);
-        std::thread::spawn(move || {
-            let result = inner
-                .db
-                .flush()
-                .map_err(io)
-                .and_then(|_| inner.data_file.sync_data().map_err(io))
-                .and_then(|_| std::fs::remove_file(&old).map_err(io))
-                .and_then(|_| sync_dir(&wal_dir).map_err(io));
-            if let Err(e) = result {
-                tracing::error!(error = %e, "checkpoint failed; the log is kept and replayed at the next start");
-            }
-            inner.checkpointing.store(false, Ordering::SeqCst);
-        });
-        Ok(())
+        self.db.flush().map_err(io)?;
+        self.data_file.sync_data().map_err(io)?;
+        std::fs::remove_file(&old).map_err(io)?;
+        sync_dir(&wal_dir).map_err(io)
     }
+}
 
-    /// Group commit: returns once the batch with sequence number `seq` is durable. One writer
-    /// at a time writes and syncs the log for every frame queued so far.
-    async fn wait_durable(self: &Arc<Self>, seq: u64) -> Result<(), StoreError> {
-        let mut rx = self.durable.subscribe();
-        loop {
-            let durable = *rx.borrow_and_update();
-            self.check_poisoned()?;
-            if durable >= seq {
-                return Ok(());
+/// Applies a group of batches in one sled transaction, in order: a batch whose conditions do
+/// not hold (seeing the writes of the batches before it) is skipped and reported `false`.
+/// Records the last applied sequence number (`first_seq` + applied − 1).
+fn apply_group(
+    trees: &[sled::Tree; 4],
+    group: &[Pending],
+    first_seq: u64,
+) -> Result<Vec<bool>, StoreError> {
+    let [meta, records, fields, index] = trees;
+    let result = (meta, records, fields, index).transaction(|(m, r, f, i)| {
+        let pick = |ks: Keyspace| match ks {
+            Keyspace::Meta => m,
+            Keyspace::Records => r,
+            Keyspace::Fields => f,
+            Keyspace::Index => i,
+        };
+        let mut applied = Vec::with_capacity(group.len());
+        for pending in group {
+            let batch = &pending.batch;
+            let mut holds = true;
+            for (ks, key, expect) in &batch.expects {
+                let current = pick(*ks).get(key.as_slice())?;
+                holds &= match expect {
+                    Expect::Absent => current.is_none(),
+                    Expect::Value(v) => current.as_deref() == Some(v.as_slice()),
+                };
             }
-            if !self.flushing.swap(true, Ordering::SeqCst) {
-                let inner = Arc::clone(self);
-                let result = tokio::task::spawn_blocking(move || inner.write_log(false))
-                    .await
-                    .map_err(io)
-                    .and_then(|r| r);
-                // Reset before publishing, so that a waiter who saw `flushing` set is
-                // guaranteed to be woken by the publication below.
-                self.flushing.store(false, Ordering::SeqCst);
-                self.durable.send_modify(|d| {
-                    if let Ok(upto) = &result {
-                        *d = (*d).max(*upto);
+            if holds {
+                for op in &batch.ops {
+                    match op {
+                        Op::Put(ks, key, value) => {
+                            pick(*ks).insert(key.as_slice(), value.as_slice())?;
+                        }
+                        Op::Delete(ks, key) => {
+                            pick(*ks).remove(key.as_slice())?;
+                        }
                     }
-                });
-                result?;
-                continue;
+                }
             }
-            if rx.changed().await.is_err() {
-                return Err(StoreError::Io("group commit channel closed".into()));
-            }
+            applied.push(holds);
         }
+        let count = applied.iter().filter(|a| **a).count() as u64;
+        if count > 0 {
+            m.insert(WAL_APPLIED, &(first_seq + count - 1).to_be_bytes())?;
+        }
+        Ok::<_, ConflictableTransactionError<()>>(applied)
+    });
+    match result {
+        Ok(applied) => Ok(applied),
+        Err(TransactionError::Abort(())) => Err(StoreError::Conflict),
+        Err(TransactionError::Storage(e)) => Err(io(e)),
     }
 }
 
@@ -534,26 +615,18 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    /// Queues the batch for the commit leader and waits for its answer: applied and durable,
+    /// or a conflict (nothing written).
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
-        self.inner.check_poisoned()?;
-        let seq = if batch.bytes() > 256 * 1024 {
-            let inner = Arc::clone(&self.inner);
-            tokio::task::spawn_blocking(move || inner.apply_and_log(&batch))
-                .await
-                .map_err(io)??
-        } else {
-            self.inner.apply_and_log(&batch)?
-        };
-        match self.inner.durability {
-            Durability::GroupCommit => self.inner.wait_durable(seq).await,
-            Durability::PerWrite => {
-                let inner = Arc::clone(&self.inner);
-                tokio::task::spawn_blocking(move || inner.write_log(true))
-                    .await
-                    .map_err(io)?
-                    .map(|_| ())
-            }
-        }
+        self.inner.shared.check_poisoned()?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.inner
+            .queue
+            .send(Pending { batch, reply })
+            .map_err(|_| StoreError::Io("the store is closed".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Io("the commit leader stopped".into()))?
     }
 }
 
