@@ -212,10 +212,30 @@ struct Shared {
     flushes: AtomicU64,
 }
 
+/// Where a writer waits for its batch's outcome.
+type Reply = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
+
+/// Frames of one applied group on their way to the log writer, with the answers to send
+/// once they are durable.
+struct SyncJob {
+    frames: Vec<u8>,
+    replies: Vec<(Reply, Result<(), StoreError>)>,
+}
+
+impl SyncJob {
+    /// Answers every writer of the job with `f` applied to its result.
+    fn answer(self, f: impl Fn(Result<(), StoreError>) -> Result<(), StoreError>) {
+        for (reply, result) in self.replies {
+            // A writer that went away (cancelled request) needs no answer.
+            let _ = reply.send(f(result));
+        }
+    }
+}
+
 /// A batch waiting for the commit leader.
 struct Pending {
     batch: Batch,
-    reply: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+    reply: Reply,
 }
 
 struct LogFile {
@@ -421,14 +441,24 @@ impl Shared {
     }
 
     /// The commit leader: takes every batch queued so far (group commit), applies the group
-    /// in one sled transaction, appends the applied batches to the log, syncs it once, and
-    /// answers each writer. In per-write mode every group is a single batch.
+    /// in one sled transaction and hands the applied batches' frames to the log writer, which
+    /// writes and syncs them while the leader applies the next group (a two-stage pipeline).
+    /// In per-write mode every group is a single batch with its own sync.
     fn lead(
         self: Arc<Self>,
         queue: std::sync::mpsc::Receiver<Pending>,
-        mut log: LogFile,
+        log: LogFile,
         mut next_seq: u64,
     ) {
+        let (to_writer, jobs) = std::sync::mpsc::sync_channel::<SyncJob>(2);
+        let writer_shared = Arc::clone(&self);
+        let writer = std::thread::Builder::new()
+            .name("kluis-log".into())
+            .spawn(move || writer_shared.write_log(jobs, log));
+        let Ok(writer) = writer else {
+            *self.poisoned.lock() = Some("could not start the log writer thread".into());
+            return;
+        };
         while let Ok(first) = queue.recv() {
             let mut group = vec![first];
             if self.durability == Durability::GroupCommit {
@@ -443,75 +473,84 @@ impl Shared {
                     }
                 }
             }
-            let results = self.commit_group(&mut log, &mut next_seq, &group);
-            for (pending, result) in group.into_iter().zip(results) {
-                // A writer that went away (cancelled request) needs no answer.
-                let _ = pending.reply.send(result);
+            let job = self.apply_and_encode(&mut next_seq, group);
+            if let Err(std::sync::mpsc::SendError(job)) = to_writer.send(job) {
+                job.answer(|_| Err(StoreError::Io("the log writer stopped".into())));
             }
+        }
+        drop(to_writer);
+        let _ = writer.join();
+    }
+
+    /// Applies a group and encodes the applied batches' frames; answers nothing yet.
+    fn apply_and_encode(&self, next_seq: &mut u64, group: Vec<Pending>) -> SyncJob {
+        let mut frames = Vec::new();
+        let results: Vec<Result<(), StoreError>> = match self.check_poisoned() {
+            Err(e) => group
+                .iter()
+                .map(|_| Err(StoreError::Poisoned(e.to_string())))
+                .collect(),
+            Ok(()) => match apply_group(&self.trees, &group, *next_seq) {
+                Err(e) => group
+                    .iter()
+                    .map(|_| Err(StoreError::Io(e.to_string())))
+                    .collect(),
+                Ok(applied) => {
+                    for (pending, ok) in group.iter().zip(&applied) {
+                        if *ok {
+                            wal::encode_frame(&mut frames, *next_seq, &pending.batch.ops);
+                            *next_seq += 1;
+                        }
+                    }
+                    applied
+                        .into_iter()
+                        .map(|ok| {
+                            if ok {
+                                Ok(())
+                            } else {
+                                Err(StoreError::Conflict)
+                            }
+                        })
+                        .collect()
+                }
+            },
+        };
+        SyncJob {
+            frames,
+            replies: group.into_iter().map(|p| p.reply).zip(results).collect(),
         }
     }
 
-    fn commit_group(
-        &self,
-        log: &mut LogFile,
-        next_seq: &mut u64,
-        group: &[Pending],
-    ) -> Vec<Result<(), StoreError>> {
-        if let Err(e) = self.check_poisoned() {
-            return group
-                .iter()
-                .map(|_| Err(StoreError::Poisoned(e.to_string())))
-                .collect();
-        }
-        let applied = match apply_group(&self.trees, group, *next_seq) {
-            Ok(applied) => applied,
-            Err(e) => {
-                return group
-                    .iter()
-                    .map(|_| Err(StoreError::Io(e.to_string())))
-                    .collect()
+    /// The log writer: appends each job's frames, syncs, answers the job's writers, and
+    /// checkpoints every `CHECKPOINT_BYTES` of log.
+    fn write_log(&self, jobs: std::sync::mpsc::Receiver<SyncJob>, mut log: LogFile) {
+        while let Ok(job) = jobs.recv() {
+            let any_applied = job.replies.iter().any(|(_, r)| r.is_ok());
+            if !any_applied && self.durability == Durability::GroupCommit {
+                job.answer(|r| r);
+                continue;
             }
-        };
-        let mut frames = Vec::new();
-        for (pending, ok) in group.iter().zip(&applied) {
-            if *ok {
-                wal::encode_frame(&mut frames, *next_seq, &pending.batch.ops);
-                *next_seq += 1;
-            }
-        }
-        if !frames.is_empty() || self.durability == Durability::PerWrite {
             let written = (|| {
                 use std::io::Write;
-                log.file.write_all(&frames)?;
+                log.file.write_all(&job.frames)?;
                 log.file.sync_data()
             })();
             self.flushes.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = written {
                 let reason = format!("write-ahead log write or sync failed: {e}");
                 *self.poisoned.lock() = Some(reason.clone());
-                return group
-                    .iter()
-                    .map(|_| Err(StoreError::Poisoned(reason.clone())))
-                    .collect();
+                job.answer(|_| Err(StoreError::Poisoned(reason.clone())));
+                continue;
             }
-            log.len += frames.len() as u64;
+            log.len += job.frames.len() as u64;
+            job.answer(|r| r);
             if log.len > CHECKPOINT_BYTES {
-                if let Err(e) = self.checkpoint(log) {
+                if let Err(e) = self.checkpoint(&mut log) {
                     // The old log stays and is replayed at the next start; nothing is lost.
                     tracing::error!(error = %e, "checkpoint failed");
                 }
             }
         }
-        applied
-            .into_iter()
-            .map(|ok| {
-                if ok {
-                    Ok(())
-                } else {
-                    Err(StoreError::Conflict)
-                }
-            })
-            .collect()
     }
 
     /// Starts a new log file, makes sled durable, and deletes the old log file (every batch
