@@ -306,7 +306,7 @@ impl SledStore {
                     expects: Vec::new(),
                     ops: frame.ops,
                 };
-                apply(&trees, &batch, frame.seq)?;
+                apply_batches(&trees, &[&batch], frame.seq)?;
                 last = last.max(frame.seq);
             }
         }
@@ -375,46 +375,6 @@ fn create_log_file(wal_dir: &Path, no: u64) -> Result<std::fs::File, StoreError>
         .map_err(io)?;
     sync_dir(wal_dir).map_err(io)?;
     Ok(file)
-}
-
-/// Applies `batch` to sled in one transaction, recording `seq` as the last applied batch.
-fn apply(trees: &[sled::Tree; 4], batch: &Batch, seq: u64) -> Result<(), StoreError> {
-    let [meta, records, fields, index] = trees;
-    let result = (meta, records, fields, index).transaction(|(m, r, f, i)| {
-        let pick = |ks: Keyspace| match ks {
-            Keyspace::Meta => m,
-            Keyspace::Records => r,
-            Keyspace::Fields => f,
-            Keyspace::Index => i,
-        };
-        for (ks, key, expect) in &batch.expects {
-            let current = pick(*ks).get(key.as_slice())?;
-            let holds = match expect {
-                Expect::Absent => current.is_none(),
-                Expect::Value(v) => current.as_deref() == Some(v.as_slice()),
-            };
-            if !holds {
-                return Err(ConflictableTransactionError::Abort(()));
-            }
-        }
-        for op in &batch.ops {
-            match op {
-                Op::Put(ks, key, value) => {
-                    pick(*ks).insert(key.as_slice(), value.as_slice())?;
-                }
-                Op::Delete(ks, key) => {
-                    pick(*ks).remove(key.as_slice())?;
-                }
-            }
-        }
-        m.insert(WAL_APPLIED, &seq.to_be_bytes())?;
-        Ok(())
-    });
-    match result {
-        Ok(()) => Ok(()),
-        Err(TransactionError::Abort(())) => Err(StoreError::Conflict),
-        Err(TransactionError::Storage(e)) => Err(io(e)),
-    }
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -490,7 +450,11 @@ impl Shared {
                 .iter()
                 .map(|_| Err(StoreError::Poisoned(e.to_string())))
                 .collect(),
-            Ok(()) => match apply_group(&self.trees, &group, *next_seq) {
+            Ok(()) => match apply_batches(
+                &self.trees,
+                &group.iter().map(|p| &p.batch).collect::<Vec<_>>(),
+                *next_seq,
+            ) {
                 Err(e) => group
                     .iter()
                     .map(|_| Err(StoreError::Io(e.to_string())))
@@ -572,12 +536,12 @@ impl Shared {
     }
 }
 
-/// Applies a group of batches in one sled transaction, in order: a batch whose conditions do
+/// Applies batches in one sled transaction, in order: a batch whose conditions do
 /// not hold (seeing the writes of the batches before it) is skipped and reported `false`.
 /// Records the last applied sequence number (`first_seq` + applied − 1).
-fn apply_group(
+fn apply_batches(
     trees: &[sled::Tree; 4],
-    group: &[Pending],
+    batches: &[&Batch],
     first_seq: u64,
 ) -> Result<Vec<bool>, StoreError> {
     let [meta, records, fields, index] = trees;
@@ -588,9 +552,8 @@ fn apply_group(
             Keyspace::Fields => f,
             Keyspace::Index => i,
         };
-        let mut applied = Vec::with_capacity(group.len());
-        for pending in group {
-            let batch = &pending.batch;
+        let mut applied = Vec::with_capacity(batches.len());
+        for batch in batches {
             let mut holds = true;
             for (ks, key, expect) in &batch.expects {
                 let current = pick(*ks).get(key.as_slice())?;
