@@ -308,6 +308,61 @@ impl std::fmt::Debug for SealingKey {
     }
 }
 
+/// A key for opening many envelopes in a row (one key schedule, many opens), appending the
+/// plaintexts to one zeroizing buffer without intermediate copies.
+pub struct OpeningKey {
+    key: LessSafeKey,
+}
+
+impl OpeningKey {
+    /// Prepares `key` for repeated opening.
+    pub fn new(key: &SecretKey) -> Self {
+        Self {
+            key: key.aead_key(),
+        }
+    }
+
+    /// Opens `sealed` (made by [`seal`] under the same key and context) and appends its
+    /// plaintext to `out`. The ciphertext is decrypted in place inside `out`; on failure `out`
+    /// is left as it was. Reserve `plaintext length + TAG_LEN` in `out` beforehand, so that it
+    /// never reallocates (a reallocation would leave a plaintext copy behind unzeroized).
+    pub fn open_append(
+        &self,
+        context: &[u8],
+        sealed: &[u8],
+        out: &mut Zeroizing<Vec<u8>>,
+    ) -> Result<(), CryptoError> {
+        EnvelopeHeader::parse(sealed)?;
+        let (header, rest) = sealed.split_at(HEADER_LEN);
+        let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoError::Malformed)?;
+        let aad = aad_bytes(header, context);
+        let start = out.len();
+        out.extend_from_slice(ciphertext);
+        match self
+            .key
+            .open_in_place(nonce, Aad::from(&aad), &mut out[start..])
+        {
+            Ok(plaintext) => {
+                let len = plaintext.len();
+                out.truncate(start + len);
+                Ok(())
+            }
+            Err(_) => {
+                zeroize::Zeroize::zeroize(&mut out[start..]);
+                out.truncate(start);
+                Err(CryptoError::Authentication)
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for OpeningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OpeningKey(AES-256-GCM)")
+    }
+}
+
 /// HKDF-SHA256: derives a 256-bit key from `ikm` with `salt` and `info` (the label).
 pub fn hkdf_sha256(salt: &[u8], ikm: &SecretKey, info: &[&[u8]]) -> SecretKey {
     hkdf_sha256_raw(salt, ikm.expose_secret(), info)
@@ -452,6 +507,23 @@ mod tests {
             open(&key, &other, &sealed),
             Err(CryptoError::Authentication)
         );
+    }
+
+    #[test]
+    fn opening_key_appends_and_leaves_out_untouched_on_failure() {
+        let key = SecretKey::generate().expect("rng");
+        let sealing = SealingKey::new(&key, 1);
+        let a = sealing.seal(b"a", b"hello ").expect("seal");
+        let b = sealing.seal(b"b", b"world").expect("seal");
+        let opener = OpeningKey::new(&key);
+        let mut out = Zeroizing::new(Vec::with_capacity(11 + TAG_LEN));
+        opener.open_append(b"a", &a, &mut out).expect("open a");
+        assert_eq!(
+            opener.open_append(b"a", &b, &mut out),
+            Err(CryptoError::Authentication)
+        );
+        opener.open_append(b"b", &b, &mut out).expect("open b");
+        assert_eq!(out.as_slice(), b"hello world");
     }
 
     #[test]

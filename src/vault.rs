@@ -609,10 +609,13 @@ impl<S: Store> Vault<S> {
                     e.insert(self.unwrap(id, category, stored)?)
                 }
             };
-            let plaintext = self.read_field(id, name, entry, dek).await?;
+            let mut plaintext = self.read_field(id, name, entry, dek).await?;
             let value = if entry.content_type.is_empty() {
-                let text =
-                    String::from_utf8(plaintext.to_vec()).map_err(|_| field_loss(id, name))?;
+                // Move the bytes into the string (no copy); invalid UTF-8 is zeroized on drop.
+                let text = String::from_utf8(std::mem::take(&mut *plaintext)).map_err(|e| {
+                    drop(Zeroizing::new(e.into_bytes()));
+                    field_loss(id, name)
+                })?;
                 Value::Text(Zeroizing::new(text))
             } else {
                 Value::Blob {
@@ -634,7 +637,9 @@ impl<S: Store> Vault<S> {
     ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
         let mut digest = record::FieldDigest::new();
         let size = usize::try_from(entry.size).map_err(|_| field_loss(id, name))?;
-        let mut out = Zeroizing::new(Vec::with_capacity(size));
+        // Room for the last chunk's tag too, so `out` never reallocates (see `open_append`).
+        let mut out = Zeroizing::new(Vec::with_capacity(size + crypto::TAG_LEN));
+        let opener = crypto::OpeningKey::new(dek);
         for i in 0..entry.chunks {
             let key = record::chunk_key(id, name, entry.revision, i);
             let sealed = self
@@ -643,9 +648,13 @@ impl<S: Store> Vault<S> {
                 .await?
                 .ok_or_else(|| field_loss(id, name))?;
             digest.add(&sealed).map_err(|_| field_loss(id, name))?;
+            if out.len() + sealed.len().saturating_sub(crypto::OVERHEAD) > size {
+                return Err(field_loss(id, name));
+            }
             let ctx = record::chunk_context(id, name, i, entry.chunks);
-            let plain = crypto::open(dek, &ctx, &sealed).map_err(|_| field_loss(id, name))?;
-            out.extend_from_slice(&plain);
+            opener
+                .open_append(&ctx, &sealed, &mut out)
+                .map_err(|_| field_loss(id, name))?;
         }
         if !crypto::ct_eq(&digest.finish(), &entry.digest) || out.len() != size {
             return Err(field_loss(id, name));
