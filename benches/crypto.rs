@@ -11,7 +11,7 @@
 //! - `seal/ring/*`, `open/ring/*`: `ring::aead::LessSafeKey` in place, preallocated buffer.
 //! - `seal/aes-gcm-crate/*`, `open/aes-gcm-crate/*`: `aes_gcm::Aes256Gcm` in place, detached tag.
 //! - `field_seal/kluis/*`: `kluis::record::seal_field` (what the vault does for a blob field).
-//! - `field_open/kluis/*`: opening those chunks with `kluis::crypto::open` and checking the
+//! - `field_open/kluis/*`: opening those chunks with `kluis::crypto::OpeningKey` and checking the
 //!   field digest (the crypto part of the vault's read path, without the store).
 //! - `envelope/record20/{encrypt,decrypt}`: 4 category DEKs wrapped under a KEK, 20 short
 //!   text fields sealed / opened.
@@ -179,18 +179,27 @@ fn bench_open(c: &mut Criterion) {
 
 /// What the vault's read path does per field, minus the store: open every chunk envelope and
 /// check the field digest over them (as `Vault::read_field` does).
+/// The crypto part of the vault's read path (`Vault::read_field`): one `OpeningKey` per
+/// field, every chunk opened in place into one zeroizing buffer, the field digest checked.
 fn open_field(dek: &SecretKey, id: &[u8], name: &str, sealed: &SealedField) -> Vec<u8> {
     let n = u32::try_from(sealed.chunks.len()).expect("chunk count fits u32");
+    let size: usize = sealed
+        .chunks
+        .iter()
+        .map(|c| c.len() - crypto::OVERHEAD)
+        .sum();
     let mut digest = record::FieldDigest::new();
-    let mut out = Vec::new();
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(size + crypto::TAG_LEN));
+    let opener = crypto::OpeningKey::new(dek);
     for (i, chunk) in sealed.chunks.iter().enumerate() {
         let i = u32::try_from(i).expect("chunk index fits u32");
         digest.add(chunk).expect("well-formed envelope");
-        let plain = crypto::open(dek, &record::chunk_context(id, name, i, n), chunk).expect("open");
-        out.extend_from_slice(&plain);
+        opener
+            .open_append(&record::chunk_context(id, name, i, n), chunk, &mut out)
+            .expect("open");
     }
     assert!(crypto::ct_eq(&digest.finish(), &sealed.digest));
-    out
+    std::mem::take(&mut *out)
 }
 
 fn bench_field(c: &mut Criterion) {
