@@ -16,6 +16,9 @@
 //! - `envelope/record20/{encrypt,decrypt}`: 4 category DEKs wrapped under a KEK, 20 short
 //!   text fields sealed / opened.
 
+mod common;
+use common::{machine_busy, process_cpu};
+
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -484,29 +487,6 @@ fn summary() {
         "(rc = aes-gcm crate; fs/ring = field_seal/kluis ÷ seal/ring throughput, target ≥ 0.80 \
          from 64 KiB; fo/ring = field_open/kluis ÷ open/ring)"
     );
-}
-
-/// CPU time of this process so far (user + system), from `/proc/self/stat` (USER_HZ = 100).
-fn process_cpu() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(Duration::from_millis(ticks * 10))
-}
-
-/// Busy CPU time of the whole machine so far (user, nice, system, irq, softirq, steal).
-fn machine_busy() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let v: Vec<u64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)? + v.get(7)?;
-    Some(Duration::from_millis(busy * 10))
 }
 
 fn main() {

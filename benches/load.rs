@@ -22,6 +22,9 @@
 //! together), `cpu µs/op`, and `other` (CPU used by the rest of the machine during the window,
 //! from `/proc/stat`; a row with more than 0.25 is flagged as disturbed).
 
+mod common;
+use common::{machine_busy, process_cpu};
+
 use std::collections::HashMap;
 use std::error::Error;
 use std::net::SocketAddr;
@@ -292,32 +295,6 @@ struct ScenarioResult {
     /// CPU time of everything else on the machine per second of the window (other processes,
     /// steal): a disturbed measurement if well above zero.
     other_cores: f64,
-}
-
-/// Busy CPU time of the whole machine so far (user, nice, system, irq, softirq, steal), from
-/// the first line of `/proc/stat`; `None` where that is unavailable.
-fn machine_busy() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().next()?;
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    // user nice system idle iowait irq softirq steal
-    let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)? + v.get(7)?;
-    Some(Duration::from_millis(busy * 10))
-}
-
-/// CPU time of this process so far (user + system, all threads), from `/proc/self/stat`;
-/// `None` where that is unavailable. Resolution: 10 ms (USER_HZ = 100).
-fn process_cpu() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(Duration::from_millis(ticks * 10))
 }
 
 async fn connect(addr: SocketAddr, channels: usize) -> Result<Vec<Channel>, BoxError> {

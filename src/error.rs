@@ -75,3 +75,18 @@ impl From<crate::crypto::CryptoError> for VaultError {
         VaultError::Internal(e.to_string())
     }
 }
+
+/// A request-supplied name made safe to echo in an error or log: printable ASCII only, at most
+/// 64 characters (longer names end in `…`).
+pub fn printable_name(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .take(64)
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .collect();
+    if name.chars().count() > 64 {
+        format!("{clean}…")
+    } else {
+        clean
+    }
+}

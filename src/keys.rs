@@ -343,20 +343,20 @@ impl KeyRing {
         })
     }
 
-    /// Unwraps the DEK of `category` of `record_id`.
+    /// Unwraps the DEK of `category` of `record_id`, sealed under KEK version `kek_version`.
     pub fn unwrap_dek(
         &self,
         record_id: &[u8],
         category: Category,
-        wrapped: &WrappedDek,
+        kek_version: u32,
+        sealed: &[u8],
     ) -> Result<SecretKey, KeyError> {
         let kek = self
             .keks
-            .get(&(category, wrapped.kek_version))
-            .ok_or(KeyError::MissingKek(category, wrapped.kek_version))?;
-        let ctx = Self::dek_context(record_id, category, wrapped.kek_version);
-        let bytes =
-            crypto::open(kek, &ctx, &wrapped.sealed).map_err(|_| KeyError::Dek(category))?;
+            .get(&(category, kek_version))
+            .ok_or(KeyError::MissingKek(category, kek_version))?;
+        let ctx = Self::dek_context(record_id, category, kek_version);
+        let bytes = crypto::open(kek, &ctx, sealed).map_err(|_| KeyError::Dek(category))?;
         let arr: [u8; 32] = bytes
             .as_slice()
             .try_into()
@@ -411,14 +411,29 @@ mod tests {
             .expect("wrap");
         let again = KeyRing::open(&store, &m1).await.expect("same key reopens");
         let back = again
-            .unwrap_dek(b"rec", Category::Identity, &wrapped)
+            .unwrap_dek(
+                b"rec",
+                Category::Identity,
+                wrapped.kek_version,
+                &wrapped.sealed,
+            )
             .expect("unwrap");
         assert_eq!(back.expose_secret(), dek.expose_secret());
         assert!(again
-            .unwrap_dek(b"other", Category::Identity, &wrapped)
+            .unwrap_dek(
+                b"other",
+                Category::Identity,
+                wrapped.kek_version,
+                &wrapped.sealed
+            )
             .is_err());
         assert!(again
-            .unwrap_dek(b"rec", Category::Financial, &wrapped)
+            .unwrap_dek(
+                b"rec",
+                Category::Financial,
+                wrapped.kek_version,
+                &wrapped.sealed
+            )
             .is_err());
         assert!(matches!(
             KeyRing::open(&store, &m2).await,

@@ -13,8 +13,8 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::crypto::{self, SealingKey, SecretKey};
-use crate::error::VaultError;
-use crate::keys::{KeyRing, WrappedDek};
+use crate::error::{printable_name, VaultError};
+use crate::keys::KeyRing;
 use crate::policy::Caller;
 use crate::record::{self, FieldEntry, RecordBody, StoredDek, RECORD_FORMAT};
 use crate::schema::{Category, FieldDef, Parsed, RawValue, Schema, ValueError};
@@ -464,12 +464,8 @@ impl<S: Store> Vault<S> {
         category: Category,
         stored: &StoredDek,
     ) -> Result<SecretKey, VaultError> {
-        let wrapped = WrappedDek {
-            kek_version: stored.kek_version,
-            sealed: stored.sealed.clone(),
-        };
         self.keys
-            .unwrap_dek(id, category, &wrapped)
+            .unwrap_dek(id, category, stored.kek_version, &stored.sealed)
             .map_err(|_| VaultError::DataLoss {
                 record_id: uuid_string(id),
                 part: format!("data key of category {category}"),
@@ -695,20 +691,6 @@ fn value_error(field: &str, e: ValueError) -> VaultError {
             field: field.into(),
             rule,
         },
-    }
-}
-
-/// Names from the request are echoed in errors: keep them short and printable.
-fn printable_name(name: &str) -> String {
-    let clean: String = name
-        .chars()
-        .take(64)
-        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
-        .collect();
-    if name.chars().count() > 64 {
-        format!("{clean}…")
-    } else {
-        clean
     }
 }
 

@@ -115,7 +115,7 @@ fn to_values(
                 if !value.content_type.is_empty() {
                     return Err(Status::invalid_argument(format!(
                         "{prefix}.{}: content_type applies only to blob values",
-                        status::printable(&name)
+                        crate::error::printable_name(&name)
                     )));
                 }
                 Value::Text(Zeroizing::new(text))
@@ -127,7 +127,7 @@ fn to_values(
             None => {
                 return Err(Status::invalid_argument(format!(
                 "{prefix}.{}: value is empty: set `text` or `blob` (use clear to remove a field)",
-                status::printable(&name)
+                crate::error::printable_name(&name)
             )))
             }
         };

@@ -27,11 +27,3 @@ pub fn from_vault(e: VaultError) -> Status {
         }
     }
 }
-
-/// A request-supplied name made safe to echo: printable ASCII, at most 64 characters.
-pub fn printable(name: &str) -> String {
-    name.chars()
-        .take(64)
-        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
-        .collect()
-}
