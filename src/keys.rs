@@ -117,21 +117,9 @@ impl MasterKey {
 
     /// Creates a new random master key file with mode 0600; refuses to overwrite.
     pub fn create_file(path: &Path) -> Result<MasterKey, KeyError> {
-        use std::os::unix::fs::OpenOptionsExt;
         let key = SecretKey::generate()?;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| KeyError::BadMasterKey(format!("directory {}: {e}", dir.display())))?;
-        }
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| KeyError::BadMasterKey(format!("file {}: {e}", path.display())))?;
         let text = Zeroizing::new(format!("{}\n", key.to_hex().as_str()));
-        file.write_all(text.as_bytes())
-            .and_then(|_| file.sync_all())
+        write_secret_file(path, text.as_bytes())
             .map_err(|e| KeyError::BadMasterKey(format!("file {}: {e}", path.display())))?;
         Ok(MasterKey(key))
     }
@@ -155,6 +143,26 @@ impl std::fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("MasterKey(...)")
     }
+}
+
+/// Writes a new secret file with mode 0600 (creating its directory), fsynced; refuses to
+/// overwrite an existing file.
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// A data key (DEK) as stored in a record: sealed under a KEK version.

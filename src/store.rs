@@ -40,7 +40,7 @@ use parking_lot::Mutex;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use crate::wal;
+use crate::{audit, wal};
 
 /// A keyspace: a separate ordered map of byte keys to byte values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,15 +53,18 @@ pub enum Keyspace {
     Fields,
     /// Blind-index entries: field, HMAC of the normalised value, record id → empty.
     Index,
+    /// The audit chain: sequence number → event ([`crate::audit`]).
+    Audit,
 }
 
 impl Keyspace {
     /// Every keyspace.
-    pub const ALL: [Keyspace; 4] = [
+    pub const ALL: [Keyspace; 5] = [
         Keyspace::Meta,
         Keyspace::Records,
         Keyspace::Fields,
         Keyspace::Index,
+        Keyspace::Audit,
     ];
 
     /// The keyspace's name (sled tree / SQL table).
@@ -71,6 +74,7 @@ impl Keyspace {
             Keyspace::Records => "records",
             Keyspace::Fields => "fields",
             Keyspace::Index => "index",
+            Keyspace::Audit => "audit",
         }
     }
 }
@@ -103,6 +107,10 @@ pub struct Batch {
     pub expects: Vec<(Keyspace, Vec<u8>, Expect)>,
     /// Writes, in order.
     pub ops: Vec<Op>,
+    /// Audit event bodies ([`crate::audit::Draft::encode`]) to append to the audit chain in
+    /// the same transaction: the store gives each the next sequence number, a time and its
+    /// chain hash, and moves the chain head.
+    pub events: Vec<Vec<u8>>,
 }
 
 impl Batch {
@@ -121,6 +129,11 @@ impl Batch {
         self.ops.push(Op::Delete(ks, key));
     }
 
+    /// Adds an audit event (its encoded body).
+    pub fn append_event(&mut self, body: Vec<u8>) {
+        self.events.push(body);
+    }
+
     fn bytes(&self) -> usize {
         self.ops
             .iter()
@@ -128,7 +141,8 @@ impl Batch {
                 Op::Put(_, k, v) => k.len() + v.len(),
                 Op::Delete(_, k) => k.len(),
             })
-            .sum()
+            .sum::<usize>()
+            + self.events.iter().map(Vec::len).sum::<usize>()
     }
 }
 
@@ -203,7 +217,7 @@ struct SledInner {
 /// What the commit leader and the readers share.
 struct Shared {
     db: sled::Db,
-    trees: [sled::Tree; 4],
+    trees: [sled::Tree; 5],
     data_file: std::fs::File,
     dir: PathBuf,
     durability: Durability,
@@ -279,6 +293,7 @@ impl SledStore {
             tree(Keyspace::Records)?,
             tree(Keyspace::Fields)?,
             tree(Keyspace::Index)?,
+            tree(Keyspace::Audit)?,
         ];
         let data_file = std::fs::File::open(dir.join("db")).map_err(io)?;
         let wal_dir = wal::dir(dir);
@@ -305,8 +320,11 @@ impl SledStore {
                 let batch = Batch {
                     expects: Vec::new(),
                     ops: frame.ops,
+                    events: Vec::new(),
                 };
-                apply_batches(&trees, &[&batch], frame.seq)?;
+                // Logged frames hold their events already linked (as plain writes).
+                let mut head = audit::Head::default();
+                apply_batches(&trees, &[&batch], frame.seq, &mut head)?;
                 last = last.max(frame.seq);
             }
         }
@@ -335,12 +353,20 @@ impl SledStore {
             poisoned: Mutex::new(None),
             flushes: AtomicU64::new(0),
         });
+        let head = match shared.trees[Keyspace::Meta as usize]
+            .get(audit::META_HEAD)
+            .map_err(io)?
+        {
+            None => audit::Head::default(),
+            Some(v) => audit::Head::decode(&v)
+                .ok_or_else(|| StoreError::Io("the audit chain head is malformed".into()))?,
+        };
         let (queue, pending) = std::sync::mpsc::channel();
         let leader_shared = Arc::clone(&shared);
         let log = LogFile { file, no, len: 0 };
         let leader = std::thread::Builder::new()
             .name("kluis-commit".into())
-            .spawn(move || leader_shared.lead(pending, log, last + 1))
+            .spawn(move || leader_shared.lead(pending, log, last + 1, head))
             .map_err(io)?;
         Ok(SledStore {
             inner: Arc::new(SledInner {
@@ -409,6 +435,7 @@ impl Shared {
         queue: std::sync::mpsc::Receiver<Pending>,
         log: LogFile,
         mut next_seq: u64,
+        mut head: audit::Head,
     ) {
         let (to_writer, jobs) = std::sync::mpsc::sync_channel::<SyncJob>(2);
         let writer_shared = Arc::clone(&self);
@@ -433,7 +460,7 @@ impl Shared {
                     }
                 }
             }
-            let job = self.apply_and_encode(&mut next_seq, group);
+            let job = self.apply_and_encode(&mut next_seq, &mut head, group);
             if let Err(std::sync::mpsc::SendError(job)) = to_writer.send(job) {
                 job.answer(|_| Err(StoreError::Io("the log writer stopped".into())));
             }
@@ -443,7 +470,12 @@ impl Shared {
     }
 
     /// Applies a group and encodes the applied batches' frames; answers nothing yet.
-    fn apply_and_encode(&self, next_seq: &mut u64, group: Vec<Pending>) -> SyncJob {
+    fn apply_and_encode(
+        &self,
+        next_seq: &mut u64,
+        head: &mut audit::Head,
+        group: Vec<Pending>,
+    ) -> SyncJob {
         let mut frames = Vec::new();
         let results: Vec<Result<(), StoreError>> = match self.check_poisoned() {
             Err(e) => group
@@ -454,29 +486,28 @@ impl Shared {
                 &self.trees,
                 &group.iter().map(|p| &p.batch).collect::<Vec<_>>(),
                 *next_seq,
+                head,
             ) {
                 Err(e) => group
                     .iter()
                     .map(|_| Err(StoreError::Io(e.to_string())))
                     .collect(),
-                Ok(applied) => {
-                    for (pending, ok) in group.iter().zip(&applied) {
-                        if *ok {
-                            wal::encode_frame(&mut frames, *next_seq, &pending.batch.ops);
+                Ok(applied) => group
+                    .iter()
+                    .zip(applied)
+                    .map(|(pending, linked)| match linked {
+                        Some(linked) => {
+                            wal::encode_frame(
+                                &mut frames,
+                                *next_seq,
+                                pending.batch.ops.iter().chain(&linked),
+                            );
                             *next_seq += 1;
+                            Ok(())
                         }
-                    }
-                    applied
-                        .into_iter()
-                        .map(|ok| {
-                            if ok {
-                                Ok(())
-                            } else {
-                                Err(StoreError::Conflict)
-                            }
-                        })
-                        .collect()
-                }
+                        None => Err(StoreError::Conflict),
+                    })
+                    .collect(),
             },
         };
         SyncJob {
@@ -536,22 +567,29 @@ impl Shared {
     }
 }
 
-/// Applies batches in one sled transaction, in order: a batch whose conditions do
-/// not hold (seeing the writes of the batches before it) is skipped and reported `false`.
-/// Records the last applied sequence number (`first_seq` + applied − 1).
+/// Applies batches in one sled transaction, in order: a batch whose conditions do not hold
+/// (seeing the writes of the batches before it) is skipped and reported `None`; an applied
+/// batch is reported with the writes that link its audit events into the chain after
+/// `head` (which advances), which the log records after the batch's own writes. Records the last applied sequence number
+/// (`first_seq` + applied − 1).
 fn apply_batches(
-    trees: &[sled::Tree; 4],
+    trees: &[sled::Tree; 5],
     batches: &[&Batch],
     first_seq: u64,
-) -> Result<Vec<bool>, StoreError> {
-    let [meta, records, fields, index] = trees;
-    let result = (meta, records, fields, index).transaction(|(m, r, f, i)| {
+    head: &mut audit::Head,
+) -> Result<Vec<Option<Vec<Op>>>, StoreError> {
+    let [meta, records, fields, index, audit_tree] = trees;
+    let now = audit::now_ms();
+    let result = (meta, records, fields, index, audit_tree).transaction(|(m, r, f, i, a)| {
         let pick = |ks: Keyspace| match ks {
             Keyspace::Meta => m,
             Keyspace::Records => r,
             Keyspace::Fields => f,
             Keyspace::Index => i,
+            Keyspace::Audit => a,
         };
+        // The closure may run again on a sled conflict: work on a copy of the head.
+        let mut chain = *head;
         let mut applied = Vec::with_capacity(batches.len());
         for batch in batches {
             let mut holds = true;
@@ -562,28 +600,35 @@ fn apply_batches(
                     Expect::Value(v) => current.as_deref() == Some(v.as_slice()),
                 };
             }
-            if holds {
-                for op in &batch.ops {
-                    match op {
-                        Op::Put(ks, key, value) => {
-                            pick(*ks).insert(key.as_slice(), value.as_slice())?;
-                        }
-                        Op::Delete(ks, key) => {
-                            pick(*ks).remove(key.as_slice())?;
-                        }
+            if !holds {
+                applied.push(None);
+                continue;
+            }
+            let mut linked = Vec::new();
+            audit::link_events(&mut chain, now, &batch.events, &mut linked);
+            for op in batch.ops.iter().chain(&linked) {
+                match op {
+                    Op::Put(ks, key, value) => {
+                        pick(*ks).insert(key.as_slice(), value.as_slice())?;
+                    }
+                    Op::Delete(ks, key) => {
+                        pick(*ks).remove(key.as_slice())?;
                     }
                 }
             }
-            applied.push(holds);
+            applied.push(Some(linked));
         }
-        let count = applied.iter().filter(|a| **a).count() as u64;
+        let count = applied.iter().filter(|a| a.is_some()).count() as u64;
         if count > 0 {
             m.insert(WAL_APPLIED, &(first_seq + count - 1).to_be_bytes())?;
         }
-        Ok::<_, ConflictableTransactionError<()>>(applied)
+        Ok::<_, ConflictableTransactionError<()>>((applied, chain))
     });
     match result {
-        Ok(applied) => Ok(applied),
+        Ok((applied, chain)) => {
+            *head = chain;
+            Ok(applied)
+        }
         Err(TransactionError::Abort(())) => Err(StoreError::Conflict),
         Err(TransactionError::Storage(e)) => Err(io(e)),
     }

@@ -26,7 +26,7 @@ const OP_PUT: u8 = 1;
 const OP_DELETE: u8 = 2;
 
 /// Appends the frame of batch `seq` with `ops` to `out`.
-pub fn encode_frame(out: &mut Vec<u8>, seq: u64, ops: &[Op]) {
+pub fn encode_frame<'a>(out: &mut Vec<u8>, seq: u64, ops: impl IntoIterator<Item = &'a Op>) {
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER]);
     for op in ops {
@@ -164,8 +164,8 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         let bytes = || proptest::collection::vec(any::<u8>(), 0..40);
         prop_oneof![
-            (0usize..4, bytes(), bytes()).prop_map(|(k, key, v)| Op::Put(Keyspace::ALL[k], key, v)),
-            (0usize..4, bytes()).prop_map(|(k, key)| Op::Delete(Keyspace::ALL[k], key)),
+            (0usize..5, bytes(), bytes()).prop_map(|(k, key, v)| Op::Put(Keyspace::ALL[k], key, v)),
+            (0usize..5, bytes()).prop_map(|(k, key)| Op::Delete(Keyspace::ALL[k], key)),
         ]
     }
 

@@ -1,0 +1,1147 @@
+//! The audit trail: every access to a record or a key is an event in a SHA-256 hash chain,
+//! written in the same atomic, durable batch as the change it records (or, for a read, before
+//! the data is returned). Events hold names, never values, so they survive record erasure.
+//!
+//! ```text
+//! audit/<seq u64 BE>  → seq u64 ‖ time ms i64 ‖ hash [32] ‖ body
+//!   body = version u8 (1) ‖ principal ‖ role ‖ purpose ‖ action ‖ record id
+//!          ‖ field count u16 ‖ field names… ‖ outcome        (each string: u16 BE length ‖ UTF-8)
+//!   hash = SHA-256("kluis/v1/audit-event" ‖ previous hash ‖ seq ‖ time ‖ body)
+//!          (previous hash of event 1: 32 zero bytes)
+//! meta/audit/head              → seq ‖ time ‖ hash of the last event
+//! meta/audit/checkpoint/<seq>  → seq ‖ signed-at ms ‖ hash ‖ Ed25519 signature [64]
+//!   signature over "kluis/v1/audit-checkpoint" ‖ seq ‖ signed-at ‖ hash
+//! meta/audit/checkpoint-last   → seq of the newest checkpoint
+//! ```
+//!
+//! The store's commit leader assigns sequence numbers and times (never decreasing) and links
+//! each event to the head, inside the batch's transaction ([`link_events`]), so the chain is
+//! total and gap-free however many writers there are. The head lives in the store, not in
+//! process memory, so several instances over one database extend one chain.
+//!
+//! Tamper evidence: changing, deleting or reordering an event breaks the chain at that event
+//! ([`verify`] names it). Rewriting the whole chain consistently is caught by the signed
+//! checkpoints: their Ed25519 key lives under `keys/`, out of reach of someone with database
+//! access only. Deleting checkpoints too is caught by coverage: no more than
+//! `2 × checkpoint_every` events may follow the newest checkpoint.
+
+use std::path::Path;
+
+use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+
+use crate::store::{Keyspace, Op, Store, StoreError};
+
+/// Domain label of the event hash.
+const LABEL_EVENT: &[u8] = b"kluis/v1/audit-event";
+/// Domain label of a checkpoint signature.
+const LABEL_CHECKPOINT: &[u8] = b"kluis/v1/audit-checkpoint";
+/// Meta key of the chain head.
+pub const META_HEAD: &[u8] = b"audit/head";
+/// Meta key prefix of checkpoints.
+pub const META_CHECKPOINT: &[u8] = b"audit/checkpoint/";
+/// Meta key of the newest checkpoint's sequence number.
+pub const META_CHECKPOINT_LAST: &[u8] = b"audit/checkpoint-last";
+/// Version byte of the event body encoding.
+const BODY_VERSION: u8 = 1;
+/// Bytes before an event's body: seq, time, hash.
+const EVENT_HEADER: usize = 8 + 8 + 32;
+/// Longest string field of an event (longer ones are cut, at a character boundary).
+const MAX_STR: usize = 1024;
+
+/// Outcome of an audited operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It succeeded.
+    Ok,
+    /// Authentication or authorisation refused it.
+    Denied,
+    /// The request was rejected (bad argument, unknown record, stale revision, too large).
+    Invalid,
+    /// It failed (storage, damaged data, internal).
+    Error,
+}
+
+impl Outcome {
+    /// The outcome's name in events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Denied => "denied",
+            Outcome::Invalid => "invalid",
+            Outcome::Error => "error",
+        }
+    }
+
+    /// The outcome of a gRPC status code.
+    pub fn of_code(code: tonic::Code) -> Outcome {
+        use tonic::Code;
+        match code {
+            Code::Ok => Outcome::Ok,
+            Code::Unauthenticated | Code::PermissionDenied => Outcome::Denied,
+            Code::InvalidArgument
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::ResourceExhausted
+            | Code::OutOfRange
+            | Code::AlreadyExists => Outcome::Invalid,
+            _ => Outcome::Error,
+        }
+    }
+}
+
+/// An event before the store gives it a sequence number, a time and a hash.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Draft {
+    /// Who called (empty when authentication failed).
+    pub principal: String,
+    /// Their role (empty when authentication failed).
+    pub role: String,
+    /// The purpose stated (empty when none; `<unknown>` when not a configured purpose).
+    pub purpose: String,
+    /// The RPC method, e.g. `GetRecord`.
+    pub action: String,
+    /// The record touched, if any.
+    pub record_id: String,
+    /// Names of the fields touched (never values).
+    pub field_names: Vec<String>,
+    /// `ok`, `denied`, `invalid` or `error`.
+    pub outcome: String,
+}
+
+impl Draft {
+    /// A draft for `action` by `principal` in `role`.
+    pub fn new(action: &str, principal: &str, role: &str) -> Draft {
+        Draft {
+            action: action.to_string(),
+            principal: principal.to_string(),
+            role: role.to_string(),
+            ..Draft::default()
+        }
+    }
+
+    /// The canonical encoding of the event's body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.field_names.len() * 16);
+        out.push(BODY_VERSION);
+        for s in [
+            &self.principal,
+            &self.role,
+            &self.purpose,
+            &self.action,
+            &self.record_id,
+        ] {
+            put_str(&mut out, s);
+        }
+        let names = &self.field_names[..self.field_names.len().min(usize::from(u16::MAX))];
+        out.extend_from_slice(&(names.len() as u16).to_be_bytes());
+        for name in names {
+            put_str(&mut out, name);
+        }
+        put_str(&mut out, &self.outcome);
+        out
+    }
+
+    /// Decodes a body; `None` if it is not a well-formed body.
+    pub fn decode(bytes: &[u8]) -> Option<Draft> {
+        let mut r = Reader(bytes);
+        if r.take(1)? != [BODY_VERSION] {
+            return None;
+        }
+        let principal = r.string()?;
+        let role = r.string()?;
+        let purpose = r.string()?;
+        let action = r.string()?;
+        let record_id = r.string()?;
+        let count = u16::from_be_bytes(r.take(2)?.try_into().ok()?);
+        let mut field_names = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
+            field_names.push(r.string()?);
+        }
+        let outcome = r.string()?;
+        if !r.0.is_empty() {
+            return None;
+        }
+        Some(Draft {
+            principal,
+            role,
+            purpose,
+            action,
+            record_id,
+            field_names,
+            outcome,
+        })
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let mut end = s.len().min(MAX_STR);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.extend_from_slice(&(end as u16).to_be_bytes());
+    out.extend_from_slice(&s.as_bytes()[..end]);
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn string(&mut self) -> Option<String> {
+        let len = u16::from_be_bytes(self.take(2)?.try_into().ok()?);
+        String::from_utf8(self.take(usize::from(len))?.to_vec()).ok()
+    }
+}
+
+/// A stored event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Sequence number, from 1, gap-free.
+    pub seq: u64,
+    /// When the store appended it, Unix milliseconds (never decreasing along the chain).
+    pub time_ms: i64,
+    /// Its chain hash.
+    pub hash: [u8; 32],
+    /// What happened.
+    pub draft: Draft,
+    /// The encoded body the hash covers.
+    pub body: Vec<u8>,
+}
+
+impl Event {
+    /// Parses a stored event value; `None` if it is malformed.
+    pub fn parse(value: &[u8]) -> Option<Event> {
+        if value.len() < EVENT_HEADER {
+            return None;
+        }
+        let seq = u64::from_be_bytes(value[0..8].try_into().ok()?);
+        let time_ms = i64::from_be_bytes(value[8..16].try_into().ok()?);
+        let hash: [u8; 32] = value[16..48].try_into().ok()?;
+        let body = value[EVENT_HEADER..].to_vec();
+        let draft = Draft::decode(&body)?;
+        Some(Event {
+            seq,
+            time_ms,
+            hash,
+            draft,
+            body,
+        })
+    }
+}
+
+/// The chain head: the last event's sequence number, time and hash (all zero when empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Head {
+    /// Last sequence number (0: no events).
+    pub seq: u64,
+    /// Its time.
+    pub time_ms: i64,
+    /// Its hash.
+    pub hash: [u8; 32],
+}
+
+impl Head {
+    /// Encodes the head.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(48);
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.time_ms.to_be_bytes());
+        out.extend_from_slice(&self.hash);
+        out
+    }
+
+    /// Decodes a head; `None` if malformed.
+    pub fn decode(bytes: &[u8]) -> Option<Head> {
+        if bytes.len() != 48 {
+            return None;
+        }
+        Some(Head {
+            seq: u64::from_be_bytes(bytes[0..8].try_into().ok()?),
+            time_ms: i64::from_be_bytes(bytes[8..16].try_into().ok()?),
+            hash: bytes[16..48].try_into().ok()?,
+        })
+    }
+
+    /// Reads the head from a store.
+    pub async fn load(store: &impl Store) -> Result<Head, StoreError> {
+        match store.get(Keyspace::Meta, META_HEAD).await? {
+            None => Ok(Head::default()),
+            Some(v) => Head::decode(&v)
+                .ok_or_else(|| StoreError::Io("the audit chain head is malformed".into())),
+        }
+    }
+}
+
+/// The key of event `seq`.
+pub fn event_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+/// The hash of event `seq` at `time_ms` with `body`, following `prev`.
+pub fn link(prev: &[u8; 32], seq: u64, time_ms: i64, body: &[u8]) -> [u8; 32] {
+    crate::crypto::sha256(&[
+        LABEL_EVENT,
+        prev,
+        &seq.to_be_bytes(),
+        &time_ms.to_be_bytes(),
+        body,
+    ])
+}
+
+/// Appends `bodies` to the chain after `head` at `now_ms`: returns the writes (events and the
+/// new head) and advances `head`. Called by the store inside the batch's transaction.
+pub fn link_events(head: &mut Head, now_ms: i64, bodies: &[Vec<u8>], ops: &mut Vec<Op>) {
+    if bodies.is_empty() {
+        return;
+    }
+    for body in bodies {
+        let seq = head.seq + 1;
+        let time_ms = now_ms.max(head.time_ms);
+        let hash = link(&head.hash, seq, time_ms, body);
+        let mut value = Vec::with_capacity(EVENT_HEADER + body.len());
+        value.extend_from_slice(&seq.to_be_bytes());
+        value.extend_from_slice(&time_ms.to_be_bytes());
+        value.extend_from_slice(&hash);
+        value.extend_from_slice(body);
+        ops.push(Op::Put(Keyspace::Audit, event_key(seq).to_vec(), value));
+        *head = Head { seq, time_ms, hash };
+    }
+    ops.push(Op::Put(Keyspace::Meta, META_HEAD.to_vec(), head.encode()));
+}
+
+/// Current Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+// ---------------------------------------------------------------------------------------
+// Checkpoints
+
+/// A signed checkpoint of the chain head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The head's sequence number.
+    pub seq: u64,
+    /// When it was signed, Unix milliseconds.
+    pub signed_ms: i64,
+    /// The head's hash.
+    pub hash: [u8; 32],
+    /// Ed25519 signature.
+    pub signature: [u8; 64],
+}
+
+impl Checkpoint {
+    fn message(seq: u64, signed_ms: i64, hash: &[u8; 32]) -> Vec<u8> {
+        let mut m = Vec::with_capacity(LABEL_CHECKPOINT.len() + 48);
+        m.extend_from_slice(LABEL_CHECKPOINT);
+        m.extend_from_slice(&seq.to_be_bytes());
+        m.extend_from_slice(&signed_ms.to_be_bytes());
+        m.extend_from_slice(hash);
+        m
+    }
+
+    /// Encodes the checkpoint.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(112);
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.signed_ms.to_be_bytes());
+        out.extend_from_slice(&self.hash);
+        out.extend_from_slice(&self.signature);
+        out
+    }
+
+    /// Decodes a checkpoint; `None` if malformed.
+    pub fn decode(bytes: &[u8]) -> Option<Checkpoint> {
+        if bytes.len() != 112 {
+            return None;
+        }
+        Some(Checkpoint {
+            seq: u64::from_be_bytes(bytes[0..8].try_into().ok()?),
+            signed_ms: i64::from_be_bytes(bytes[8..16].try_into().ok()?),
+            hash: bytes[16..48].try_into().ok()?,
+            signature: bytes[48..112].try_into().ok()?,
+        })
+    }
+
+    /// Whether `public_key` signed this checkpoint.
+    pub fn verify(&self, public_key: &[u8; 32]) -> bool {
+        UnparsedPublicKey::new(&ED25519, public_key)
+            .verify(
+                &Checkpoint::message(self.seq, self.signed_ms, &self.hash),
+                &self.signature,
+            )
+            .is_ok()
+    }
+}
+
+/// The Ed25519 key that signs checkpoints. Its private half never leaves this type: no Debug,
+/// Display or Serialize; ring keeps it and zeroizes nothing we hold (the PKCS#8 document is
+/// dropped, zeroized, right after parsing).
+pub struct Signer {
+    pair: Ed25519KeyPair,
+}
+
+/// File name of the checkpoint signing key under `keys/`.
+pub const SIGNING_KEY_FILE: &str = "audit-signing.key";
+/// File name of its public key (hex), for offline verification.
+pub const PUBLIC_KEY_FILE: &str = "audit-signing.pub";
+
+/// Signing key failures.
+#[derive(Debug, thiserror::Error)]
+pub enum SignerError {
+    /// The key file could not be read, written or parsed, or has loose permissions.
+    #[error("audit signing key {path}: {reason}")]
+    File {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Signer {
+    /// Loads the PKCS#8 key at `path` (mode 0600 or stricter); with `create`, generates it
+    /// (and `audit-signing.pub` beside it) when absent.
+    pub fn load_or_create(path: &Path, create: bool) -> Result<Signer, SignerError> {
+        use std::os::unix::fs::PermissionsExt;
+        let err = |reason: String| SignerError::File {
+            path: path.display().to_string(),
+            reason,
+        };
+        if !path.exists() {
+            if !create {
+                return Err(err("does not exist (run `kluis init`)".into()));
+            }
+            let rng = ring::rand::SystemRandom::new();
+            let pkcs8 = zeroize::Zeroizing::new(
+                Ed25519KeyPair::generate_pkcs8(&rng)
+                    .map_err(|_| err("key generation failed".into()))?
+                    .as_ref()
+                    .to_vec(),
+            );
+            crate::keys::write_secret_file(path, &pkcs8).map_err(|e| err(e.to_string()))?;
+            let signer = Signer::from_pkcs8(&pkcs8).map_err(err)?;
+            if let Some(dir) = path.parent() {
+                std::fs::write(dir.join(PUBLIC_KEY_FILE), signer.public_key_hex() + "\n")
+                    .map_err(|e| err(format!("writing the public key: {e}")))?;
+            }
+            return Ok(signer);
+        }
+        let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(err(format!(
+                "is accessible by group or others (mode {mode:o}); run `chmod 600 {}`",
+                path.display()
+            )));
+        }
+        let pkcs8 = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| err(e.to_string()))?);
+        Signer::from_pkcs8(&pkcs8).map_err(err)
+    }
+
+    fn from_pkcs8(pkcs8: &[u8]) -> Result<Signer, String> {
+        Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8)
+            .map(|pair| Signer { pair })
+            .map_err(|e| format!("not an Ed25519 PKCS#8 key: {e}"))
+    }
+
+    /// The public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(self.pair.public_key().as_ref());
+        out
+    }
+
+    /// The public key in hex.
+    pub fn public_key_hex(&self) -> String {
+        hex::encode(self.public_key())
+    }
+
+    /// Signs a checkpoint of `head` at `signed_ms`.
+    pub fn sign(&self, head: &Head, signed_ms: i64) -> Checkpoint {
+        let sig = self
+            .pair
+            .sign(&Checkpoint::message(head.seq, signed_ms, &head.hash));
+        let mut signature = [0u8; 64];
+        signature.copy_from_slice(sig.as_ref());
+        Checkpoint {
+            seq: head.seq,
+            signed_ms,
+            hash: head.hash,
+            signature,
+        }
+    }
+}
+
+/// Reads a public key file: 64 hex digits, or the PKCS#8 private key itself.
+pub fn read_public_key(path: &Path) -> Result<[u8; 32], SignerError> {
+    let err = |reason: String| SignerError::File {
+        path: path.display().to_string(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    if let Ok(text) = std::str::from_utf8(&bytes) {
+        if let Ok(raw) = hex::decode(text.trim()) {
+            return raw
+                .try_into()
+                .map_err(|_| err("a public key is 32 bytes (64 hex digits)".into()));
+        }
+    }
+    let signer = Signer::from_pkcs8(&zeroize::Zeroizing::new(bytes)).map_err(err)?;
+    Ok(signer.public_key())
+}
+
+/// Signs and stores a checkpoint of the current head if one is due: the head is at least
+/// `every` events past the newest checkpoint, or `force` and the head moved at all.
+/// Returns the checkpoint written, if any.
+pub async fn checkpoint_if_due(
+    store: &impl Store,
+    signer: &Signer,
+    every: u64,
+    force: bool,
+) -> Result<Option<Checkpoint>, StoreError> {
+    let head = Head::load(store).await?;
+    let last_raw = store.get(Keyspace::Meta, META_CHECKPOINT_LAST).await?;
+    let last = last_raw
+        .as_deref()
+        .and_then(|v| <[u8; 8]>::try_from(v).ok())
+        .map_or(0, u64::from_be_bytes);
+    let due = head.seq > last && (force || head.seq - last >= every.max(1));
+    if !due {
+        return Ok(None);
+    }
+    let cp = signer.sign(&head, now_ms());
+    let mut batch = crate::store::Batch::default();
+    batch.expect(
+        Keyspace::Meta,
+        META_CHECKPOINT_LAST.to_vec(),
+        match last_raw {
+            Some(v) => crate::store::Expect::Value(v),
+            None => crate::store::Expect::Absent,
+        },
+    );
+    batch.put(Keyspace::Meta, checkpoint_key(cp.seq), cp.encode());
+    batch.put(
+        Keyspace::Meta,
+        META_CHECKPOINT_LAST.to_vec(),
+        cp.seq.to_be_bytes().to_vec(),
+    );
+    match store.commit(batch).await {
+        Ok(()) => Ok(Some(cp)),
+        // Another instance checkpointed meanwhile.
+        Err(StoreError::Conflict) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The meta key of the checkpoint at `seq`.
+pub fn checkpoint_key(seq: u64) -> Vec<u8> {
+    let mut key = META_CHECKPOINT.to_vec();
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+// ---------------------------------------------------------------------------------------
+// Verification
+
+/// What [`verify`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    /// Whether the chain, the head and every checkpoint hold.
+    pub ok: bool,
+    /// Events whose hash was checked.
+    pub events_checked: u64,
+    /// The first event that does not verify (0 when `ok`).
+    pub first_bad_seq: u64,
+    /// The hash of the last event checked.
+    pub head_hash: [u8; 32],
+    /// Checkpoints whose signature and hash were checked.
+    pub checkpoints_checked: u64,
+    /// Why verification failed (empty when `ok`).
+    pub reason: String,
+}
+
+/// Events read per store scan while verifying or querying.
+const SCAN_PAGE: usize = 4096;
+
+/// Verifies the whole chain: every event's sequence number, hash and link to the one before,
+/// the stored head, every checkpoint's signature (under `public_key`) and hash, and that no
+/// more than `max_uncovered` events follow the newest checkpoint.
+pub async fn verify(
+    store: &impl Store,
+    public_key: &[u8; 32],
+    max_uncovered: u64,
+) -> Result<Verification, StoreError> {
+    let mut v = Verification {
+        ok: true,
+        events_checked: 0,
+        first_bad_seq: 0,
+        head_hash: [0; 32],
+        checkpoints_checked: 0,
+        reason: String::new(),
+    };
+    let fail = |v: &mut Verification, seq: u64, reason: String| {
+        if v.ok {
+            v.ok = false;
+            v.first_bad_seq = seq;
+            v.reason = reason;
+        }
+    };
+    // Checkpoints first (few): seq → hash they sign.
+    let mut checkpoints = std::collections::BTreeMap::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = store
+            .scan(Keyspace::Meta, META_CHECKPOINT, after.as_deref(), SCAN_PAGE)
+            .await?;
+        let Some((last_key, _)) = page.last() else {
+            break;
+        };
+        after = Some(last_key.clone());
+        for (key, value) in page {
+            let key_seq = key[META_CHECKPOINT.len()..]
+                .try_into()
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            match Checkpoint::decode(&value) {
+                Some(cp) if cp.seq == key_seq && cp.verify(public_key) => {
+                    checkpoints.insert(cp.seq, cp.hash);
+                }
+                _ => {
+                    checkpoints.insert(key_seq, [0xff; 32]);
+                    fail(
+                        &mut v,
+                        key_seq.max(1),
+                        format!("checkpoint at event {key_seq} has a bad signature"),
+                    );
+                }
+            }
+        }
+    }
+
+    let head_raw = store.get(Keyspace::Meta, META_HEAD).await?;
+    let head = match head_raw.as_deref().map(Head::decode) {
+        None => Head::default(),
+        Some(Some(h)) => h,
+        Some(None) => {
+            fail(&mut v, 1, "the stored chain head is malformed".into());
+            Head::default()
+        }
+    };
+
+    let mut prev = [0u8; 32];
+    let mut prev_time = i64::MIN;
+    let mut expected = 1u64;
+    // Start of the span since the last checkpoint that verified.
+    let mut last_good_checkpoint = 0u64;
+    let mut after: Option<Vec<u8>> = None;
+    'scan: loop {
+        let page = store
+            .scan(Keyspace::Audit, b"", after.as_deref(), SCAN_PAGE)
+            .await?;
+        let Some((last_key, _)) = page.last() else {
+            break;
+        };
+        after = Some(last_key.clone());
+        for (key, value) in page {
+            let key_seq = <[u8; 8]>::try_from(key.as_slice())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            if key_seq != expected {
+                fail(
+                    &mut v,
+                    expected,
+                    format!("event {expected} is missing (next stored key is {key_seq})"),
+                );
+                break 'scan;
+            }
+            let Some(event) = Event::parse(&value) else {
+                fail(&mut v, expected, format!("event {expected} is malformed"));
+                break 'scan;
+            };
+            if event.seq != expected {
+                fail(
+                    &mut v,
+                    expected,
+                    format!(
+                        "event {expected} holds sequence number {} (moved)",
+                        event.seq
+                    ),
+                );
+                break 'scan;
+            }
+            if event.time_ms < prev_time {
+                fail(
+                    &mut v,
+                    expected,
+                    format!("event {expected} is older than the event before it"),
+                );
+                break 'scan;
+            }
+            let hash = link(&prev, event.seq, event.time_ms, &event.body);
+            if !crate::crypto::ct_eq(&hash, &event.hash) {
+                fail(
+                    &mut v,
+                    expected,
+                    format!("event {expected} does not match its hash (changed, or the event before it was)"),
+                );
+                break 'scan;
+            }
+            if let Some(signed) = checkpoints.get(&expected) {
+                v.checkpoints_checked += 1;
+                if signed != &hash {
+                    fail(
+                        &mut v,
+                        last_good_checkpoint + 1,
+                        format!(
+                            "signed checkpoint at event {expected} does not match the chain: events {}..={expected} were rewritten",
+                            last_good_checkpoint + 1
+                        ),
+                    );
+                    break 'scan;
+                }
+                last_good_checkpoint = expected;
+            }
+            v.events_checked += 1;
+            v.head_hash = hash;
+            prev = hash;
+            prev_time = event.time_ms;
+            expected += 1;
+        }
+    }
+    let last = expected - 1;
+    if v.ok {
+        if head.seq != last || (last > 0 && head.hash != prev) {
+            fail(
+                &mut v,
+                (last.min(head.seq)) + 1,
+                format!(
+                    "the chain head says event {} but the chain ends at event {last} (events removed from the end?)",
+                    head.seq
+                ),
+            );
+        } else if let Some((&seq, _)) = checkpoints.range(last + 1..).next() {
+            fail(
+                &mut v,
+                last + 1,
+                format!("a signed checkpoint names event {seq}, beyond the chain's end at {last}"),
+            );
+        } else if last.saturating_sub(last_good_checkpoint) > max_uncovered {
+            fail(
+                &mut v,
+                last_good_checkpoint + 1,
+                format!(
+                    "events {}..={last} are not covered by a signed checkpoint (at most {max_uncovered} may be): checkpoints deleted?",
+                    last_good_checkpoint + 1
+                ),
+            );
+        }
+    }
+    Ok(v)
+}
+
+// ---------------------------------------------------------------------------------------
+// Queries
+
+/// Which events a query wants; empty parts match everything.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only this record.
+    pub record_id: Option<String>,
+    /// Only this principal.
+    pub principal: Option<String>,
+    /// Only events at or after this time (Unix ms).
+    pub since_ms: Option<i64>,
+    /// Only events before this time (Unix ms).
+    pub until_ms: Option<i64>,
+}
+
+impl Filter {
+    fn matches(&self, e: &Event) -> bool {
+        self.record_id
+            .as_deref()
+            .is_none_or(|r| e.draft.record_id == r)
+            && self
+                .principal
+                .as_deref()
+                .is_none_or(|p| e.draft.principal == p)
+            && self.since_ms.is_none_or(|s| e.time_ms >= s)
+            && self.until_ms.is_none_or(|u| e.time_ms < u)
+    }
+}
+
+/// One page of a query.
+#[derive(Debug)]
+pub struct QueryPage {
+    /// Matching events in sequence order.
+    pub events: Vec<Event>,
+    /// Sequence number to continue after; `None` at the end.
+    pub next_after: Option<u64>,
+}
+
+/// Most events a query examines for one page; a page may hold fewer than asked for (then
+/// `next_after` says where to continue).
+pub const MAX_SCANNED_PER_PAGE: usize = 200_000;
+
+/// Events matching `filter` after sequence number `after`, at most `limit`.
+///
+/// Times never decrease along the chain, so `since` starts the scan at the first event at
+/// or after it (binary search) and `until` ends it.
+pub async fn query(
+    store: &impl Store,
+    filter: &Filter,
+    after: u64,
+    limit: usize,
+) -> Result<QueryPage, StoreError> {
+    let head = Head::load(store).await?;
+    let mut start = after;
+    if let Some(since) = filter.since_ms {
+        start = start.max(
+            first_at_or_after(store, since, head.seq)
+                .await?
+                .saturating_sub(1),
+        );
+    }
+    let mut events = Vec::new();
+    let mut scanned = 0usize;
+    let mut cursor = start;
+    loop {
+        if cursor >= head.seq {
+            return Ok(QueryPage {
+                events,
+                next_after: None,
+            });
+        }
+        let page = store
+            .scan(
+                Keyspace::Audit,
+                b"",
+                Some(&event_key(cursor)),
+                SCAN_PAGE.min(MAX_SCANNED_PER_PAGE - scanned).max(1),
+            )
+            .await?;
+        if page.is_empty() {
+            return Ok(QueryPage {
+                events,
+                next_after: None,
+            });
+        }
+        for (key, value) in page {
+            scanned += 1;
+            cursor = <[u8; 8]>::try_from(key.as_slice())
+                .map(u64::from_be_bytes)
+                .unwrap_or(cursor + 1);
+            let Some(event) = Event::parse(&value) else {
+                continue;
+            };
+            if filter.until_ms.is_some_and(|u| event.time_ms >= u) {
+                return Ok(QueryPage {
+                    events,
+                    next_after: None,
+                });
+            }
+            if filter.matches(&event) {
+                events.push(event);
+                if events.len() >= limit {
+                    let more = cursor < head.seq;
+                    return Ok(QueryPage {
+                        events,
+                        next_after: more.then_some(cursor),
+                    });
+                }
+            }
+            if scanned >= MAX_SCANNED_PER_PAGE {
+                return Ok(QueryPage {
+                    events,
+                    next_after: (cursor < head.seq).then_some(cursor),
+                });
+            }
+        }
+    }
+}
+
+/// The first sequence number whose event time is ≥ `time_ms` (head + 1 if none).
+async fn first_at_or_after(
+    store: &impl Store,
+    time_ms: i64,
+    head_seq: u64,
+) -> Result<u64, StoreError> {
+    let (mut lo, mut hi) = (1u64, head_seq + 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let time = match store.get(Keyspace::Audit, &event_key(mid)).await? {
+            Some(v) => Event::parse(&v).map_or(i64::MIN, |e| e.time_ms),
+            None => i64::MIN,
+        };
+        if time >= time_ms {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Ok(lo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn draft() -> Draft {
+        Draft {
+            principal: "recruitment-app".into(),
+            role: "recruiter".into(),
+            purpose: "recruitment".into(),
+            action: "GetRecord".into(),
+            record_id: "0b5e6f0e-3d4c-4d7e-9a77-1f2e3d4c5b6a".into(),
+            field_names: vec!["email".into(), "first_name".into()],
+            outcome: "ok".into(),
+        }
+    }
+
+    #[test]
+    fn body_round_trips_and_rejects_trailing_bytes() {
+        let d = draft();
+        let enc = d.encode();
+        assert_eq!(Draft::decode(&enc), Some(d));
+        let mut longer = enc.clone();
+        longer.push(0);
+        assert_eq!(Draft::decode(&longer), None);
+        assert_eq!(Draft::decode(&enc[..enc.len() - 1]), None);
+    }
+
+    #[test]
+    fn long_strings_are_cut_at_a_character_boundary() {
+        let mut d = draft();
+        d.principal = "é".repeat(2000);
+        let back = Draft::decode(&d.encode()).expect("decodes");
+        assert!(back.principal.len() <= MAX_STR);
+        assert!(back.principal.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn linking_advances_the_head_and_times_never_decrease() {
+        let mut head = Head::default();
+        let mut ops = Vec::new();
+        link_events(&mut head, 1000, &[draft().encode()], &mut ops);
+        link_events(
+            &mut head,
+            900,
+            &[draft().encode(), draft().encode()],
+            &mut ops,
+        );
+        assert_eq!(head.seq, 3);
+        assert_eq!(head.time_ms, 1000);
+        let events: Vec<Event> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Put(Keyspace::Audit, _, v) => Event::parse(v),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(events.len(), 3);
+        let mut prev = [0u8; 32];
+        for (i, e) in events.iter().enumerate() {
+            assert_eq!(e.seq, i as u64 + 1);
+            assert_eq!(e.hash, link(&prev, e.seq, e.time_ms, &e.body));
+            prev = e.hash;
+        }
+        assert_eq!(head.hash, prev);
+    }
+
+    #[test]
+    fn checkpoint_signatures_verify_only_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(SIGNING_KEY_FILE);
+        let signer = Signer::load_or_create(&path, true).expect("created");
+        let again = Signer::load_or_create(&path, false).expect("loaded");
+        assert_eq!(signer.public_key(), again.public_key());
+        assert_eq!(
+            read_public_key(&dir.path().join(PUBLIC_KEY_FILE)).expect("pub"),
+            signer.public_key()
+        );
+        let head = Head {
+            seq: 7,
+            time_ms: 5,
+            hash: [3; 32],
+        };
+        let cp = signer.sign(&head, 99);
+        let decoded = Checkpoint::decode(&cp.encode()).expect("decodes");
+        assert!(decoded.verify(&signer.public_key()));
+        for i in 0..cp.encode().len() {
+            let mut bad = cp.encode();
+            bad[i] ^= 1;
+            if let Some(bad) = Checkpoint::decode(&bad) {
+                assert!(!bad.verify(&signer.public_key()), "byte {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn loose_signing_key_permissions_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(SIGNING_KEY_FILE);
+        Signer::load_or_create(&path, true).expect("created");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let err = Signer::load_or_create(&path, false)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+    }
+
+    fn event_batch(n: usize) -> crate::store::Batch {
+        let mut b = crate::store::Batch::default();
+        for _ in 0..n {
+            b.append_event(draft().encode());
+        }
+        b
+    }
+
+    #[tokio::test]
+    async fn chain_over_the_store_verifies_and_localises_tampering() {
+        use crate::store::{Batch, Expect, SledStore};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signer = Signer::load_or_create(&dir.path().join("k"), true).expect("signer");
+        let pk = signer.public_key();
+        {
+            let store = SledStore::open(&dir.path().join("data")).expect("open");
+            // Concurrent writers: one gap-free chain.
+            let mut tasks = Vec::new();
+            for _ in 0..8 {
+                let store = store.clone();
+                tasks.push(tokio::spawn(async move {
+                    for _ in 0..10 {
+                        store.commit(event_batch(2)).await.expect("commit");
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.expect("task");
+            }
+            // A batch whose condition fails leaves no event.
+            let mut refused = event_batch(1);
+            refused.expect(Keyspace::Meta, b"x".to_vec(), Expect::Value(b"y".to_vec()));
+            assert!(matches!(
+                store.commit(refused).await,
+                Err(StoreError::Conflict)
+            ));
+            assert_eq!(Head::load(&store).await.expect("head").seq, 160);
+            let cp = checkpoint_if_due(&store, &signer, 100, false)
+                .await
+                .expect("checkpoint")
+                .expect("due");
+            assert_eq!(cp.seq, 160);
+            assert!(checkpoint_if_due(&store, &signer, 100, true)
+                .await
+                .expect("checkpoint")
+                .is_none());
+            store.commit(event_batch(5)).await.expect("commit");
+            let v = verify(&store, &pk, 10).await.expect("verify");
+            assert!(v.ok, "{v:?}");
+            assert_eq!(v.events_checked, 165);
+            assert_eq!(v.checkpoints_checked, 1);
+            // Fewer than `max_uncovered` may follow the checkpoint.
+            let v = verify(&store, &pk, 4).await.expect("verify");
+            assert_eq!((v.ok, v.first_bad_seq), (false, 161), "{v:?}");
+            let page = query(&store, &Filter::default(), 150, 3).await.expect("q");
+            assert_eq!(
+                page.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+                vec![151, 152, 153]
+            );
+            assert_eq!(page.next_after, Some(153));
+
+            // Change event 42's body.
+            let raw = store
+                .get(Keyspace::Audit, &event_key(42))
+                .await
+                .expect("get")
+                .expect("present");
+            let mut changed = raw.clone();
+            let last = changed.len() - 1;
+            changed[last] ^= 1;
+            let mut b = Batch::default();
+            b.put(Keyspace::Audit, event_key(42).to_vec(), changed);
+            store.commit(b).await.expect("tamper");
+            let v = verify(&store, &pk, 10).await.expect("verify");
+            assert_eq!((v.ok, v.first_bad_seq), (false, 42), "{v:?}");
+            // Put it back: whole again.
+            let mut b = Batch::default();
+            b.put(Keyspace::Audit, event_key(42).to_vec(), raw);
+            store.commit(b).await.expect("restore");
+            assert!(verify(&store, &pk, 10).await.expect("verify").ok);
+        }
+        // The chain and head survive a reopen (log replay or sled), and keep growing.
+        let store = SledStore::open(&dir.path().join("data")).expect("reopen");
+        store.commit(event_batch(1)).await.expect("commit");
+        let v = verify(&store, &pk, 10).await.expect("verify");
+        assert!(v.ok, "{v:?}");
+        assert_eq!(v.events_checked, 166);
+        // Rewriting the chain consistently from event 10 on is caught by the checkpoint.
+        let mut prev = match Event::parse(
+            &store
+                .get(Keyspace::Audit, &event_key(9))
+                .await
+                .expect("get")
+                .expect("present"),
+        ) {
+            Some(e) => e.hash,
+            None => panic!("event 9 parses"),
+        };
+        let mut b = Batch::default();
+        let mut head = Head::default();
+        let t = now_ms() + 1;
+        for seq in 10..=166 {
+            let mut d = draft();
+            d.principal = "someone-else".into();
+            let body = d.encode();
+            let hash = link(&prev, seq, t, &body);
+            let mut value = seq.to_be_bytes().to_vec();
+            value.extend_from_slice(&t.to_be_bytes());
+            value.extend_from_slice(&hash);
+            value.extend_from_slice(&body);
+            b.put(Keyspace::Audit, event_key(seq).to_vec(), value);
+            prev = hash;
+            head = Head {
+                seq,
+                time_ms: t,
+                hash,
+            };
+        }
+        b.put(Keyspace::Meta, META_HEAD.to_vec(), head.encode());
+        store.commit(b).await.expect("rewrite");
+        let v = verify(&store, &pk, 1000).await.expect("verify");
+        assert!(!v.ok);
+        assert!(v.reason.contains("checkpoint"), "{v:?}");
+        assert_eq!(v.first_bad_seq, 1, "{v:?}");
+    }
+
+    proptest! {
+        #[test]
+        fn any_draft_round_trips(
+            principal in ".{0,40}", role in "[a-z_]{0,20}", purpose in "[a-z_]{0,20}",
+            action in "[A-Za-z]{0,20}", record_id in "[0-9a-f-]{0,36}",
+            field_names in proptest::collection::vec("[a-z_]{1,20}", 0..12),
+            outcome in "(ok|denied|invalid|error)",
+        ) {
+            let d = Draft { principal, role, purpose, action, record_id, field_names, outcome };
+            prop_assert_eq!(Draft::decode(&d.encode()), Some(d));
+        }
+
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Draft::decode(&bytes);
+            let _ = Event::parse(&bytes);
+            let _ = Checkpoint::decode(&bytes);
+            let _ = Head::decode(&bytes);
+        }
+    }
+}
