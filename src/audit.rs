@@ -200,6 +200,28 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// An operation's event while it runs: the service fills in who and what, the vault adds
+/// the record and fields, and the event is written either inside the operation's own batch
+/// (a change: `written` becomes true once it is durable) or afterwards by
+/// [`crate::Vault::record_event`] (reads, refusals, failures).
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    /// The event so far.
+    pub draft: Draft,
+    /// Whether it was written with the change.
+    pub written: bool,
+}
+
+impl Context {
+    /// A context for `action`.
+    pub fn new(action: &str) -> Context {
+        Context {
+            draft: Draft::new(action, "", ""),
+            written: false,
+        }
+    }
+}
+
 /// A stored event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
@@ -314,6 +336,13 @@ pub fn link_events(head: &mut Head, now_ms: i64, bodies: &[Vec<u8>], ops: &mut V
         *head = Head { seq, time_ms, hash };
     }
     ops.push(Op::Put(Keyspace::Meta, META_HEAD.to_vec(), head.encode()));
+}
+
+/// Most events that may follow the newest checkpoint in a sound chain when checkpoints are
+/// signed every `checkpoint_every` events: twice that, plus a margin for the events that
+/// arrive while a checkpoint is being signed or when the server stops uncleanly.
+pub fn max_uncovered(checkpoint_every: u64) -> u64 {
+    checkpoint_every.saturating_mul(2).saturating_add(1000)
 }
 
 /// Current Unix time in milliseconds.

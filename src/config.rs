@@ -95,6 +95,86 @@ pub struct ConfigFile {
     /// TLS settings.
     #[serde(default)]
     pub tls: Option<TlsFile>,
+    /// Audit trail settings.
+    #[serde(default)]
+    pub audit: AuditFile,
+}
+
+/// The `[audit]` section of the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFile {
+    /// Ed25519 key (PKCS#8, mode 0600) that signs checkpoints, relative to the config file.
+    #[serde(default = "default_signing_key_file")]
+    pub signing_key_file: PathBuf,
+    /// Sign a checkpoint after this many events…
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// …or after this many seconds, whichever comes first (when there are new events).
+    #[serde(default = "default_checkpoint_interval_secs")]
+    pub checkpoint_interval_secs: u64,
+}
+
+impl Default for AuditFile {
+    fn default() -> Self {
+        AuditFile {
+            signing_key_file: default_signing_key_file(),
+            checkpoint_every: default_checkpoint_every(),
+            checkpoint_interval_secs: default_checkpoint_interval_secs(),
+        }
+    }
+}
+
+fn default_signing_key_file() -> PathBuf {
+    PathBuf::from("keys").join(crate::audit::SIGNING_KEY_FILE)
+}
+
+/// Default events between checkpoints.
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 1000;
+/// Default seconds between checkpoints.
+pub const DEFAULT_CHECKPOINT_INTERVAL_SECS: u64 = 60;
+
+fn default_checkpoint_every() -> u64 {
+    DEFAULT_CHECKPOINT_EVERY
+}
+
+fn default_checkpoint_interval_secs() -> u64 {
+    DEFAULT_CHECKPOINT_INTERVAL_SECS
+}
+
+/// Resolved audit settings.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    /// Whether events are written. Always true in the server; `false` exists only so the load
+    /// benchmark can measure what auditing costs. Not settable from the config file.
+    pub enabled: bool,
+    /// The checkpoint signing key file.
+    pub signing_key_file: PathBuf,
+    /// Whether to create the signing key if absent (dev mode and tests; `kluis init` creates
+    /// it in production).
+    pub create_signing_key: bool,
+    /// Events between checkpoints.
+    pub checkpoint_every: u64,
+    /// Time between checkpoints.
+    pub checkpoint_interval: std::time::Duration,
+}
+
+impl AuditSettings {
+    /// Defaults with the signing key in `keys_dir`.
+    pub fn in_keys_dir(keys_dir: &Path, create_signing_key: bool) -> AuditSettings {
+        AuditSettings {
+            enabled: true,
+            signing_key_file: keys_dir.join(crate::audit::SIGNING_KEY_FILE),
+            create_signing_key,
+            checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
+            checkpoint_interval: std::time::Duration::from_secs(DEFAULT_CHECKPOINT_INTERVAL_SECS),
+        }
+    }
+
+    /// Most events that may follow the newest checkpoint in a sound chain.
+    pub fn max_uncovered(&self) -> u64 {
+        crate::audit::max_uncovered(self.checkpoint_every)
+    }
 }
 
 /// TLS settings of the config file.
@@ -156,6 +236,8 @@ pub struct Settings {
     pub max_request_bytes: usize,
     /// How writes are made durable (group commit; per-write only as a benchmark baseline).
     pub durability: Durability,
+    /// The audit trail.
+    pub audit: AuditSettings,
 }
 
 impl std::fmt::Debug for Settings {
@@ -240,6 +322,15 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         allow_insecure_listen: file.allow_insecure_listen,
         max_request_bytes: file.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
         durability: Durability::GroupCommit,
+        audit: AuditSettings {
+            enabled: true,
+            signing_key_file: rel(&file.audit.signing_key_file),
+            create_signing_key: false,
+            checkpoint_every: file.audit.checkpoint_every.max(1),
+            checkpoint_interval: std::time::Duration::from_secs(
+                file.audit.checkpoint_interval_secs.max(1),
+            ),
+        },
     })
 }
 
@@ -256,8 +347,12 @@ fn load_tls(t: &TlsFile, rel: &dyn Fn(&Path) -> PathBuf) -> Result<TlsSettings, 
     })
 }
 
-/// Settings for tests, benchmarks and tools: loopback port 0, the default schema, no TLS.
+/// Settings for tests, benchmarks and tools: loopback port 0, the default schema, no TLS, the
+/// audit signing key in `keys/` beside the data directory (created if absent).
 pub fn ephemeral(data_dir: &Path, master_key: MasterKey, policy: Policy) -> Settings {
+    let keys_dir = data_dir
+        .parent()
+        .map_or_else(|| PathBuf::from("keys"), |p| p.join("keys"));
     Settings {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         data_dir: data_dir.to_path_buf(),
@@ -268,6 +363,7 @@ pub fn ephemeral(data_dir: &Path, master_key: MasterKey, policy: Policy) -> Sett
         allow_insecure_listen: false,
         max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         durability: Durability::GroupCommit,
+        audit: AuditSettings::in_keys_dir(&keys_dir, true),
     }
 }
 
@@ -312,8 +408,11 @@ pub fn dev(
         )));
     }
     let data_dir = data_dir.map_or_else(|| root.join("data"), Path::to_path_buf);
+    crate::audit::Signer::load_or_create(&keys.join(crate::audit::SIGNING_KEY_FILE), true)
+        .map_err(|e| ConfigError::Rule(e.to_string()))?;
     Ok(Settings {
         listen,
+        audit: AuditSettings::in_keys_dir(&keys, true),
         ..ephemeral(&data_dir, master_key, policy)
     })
 }
@@ -367,6 +466,11 @@ pub fn init(dir: &Path, listen: &str) -> Result<InitOutput, ConfigError> {
     parse_listen(listen)?;
     std::fs::create_dir_all(dir.join("keys")).map_err(io_err(dir))?;
     MasterKey::create_file(&key_path)?;
+    crate::audit::Signer::load_or_create(
+        &dir.join("keys").join(crate::audit::SIGNING_KEY_FILE),
+        true,
+    )
+    .map_err(|e| ConfigError::Rule(e.to_string()))?;
     let mut policy_text = String::from(policy::DEFAULT_POLICY_TOML);
     let mut tokens = Vec::new();
     for role in DEFAULT_ROLES {
@@ -381,7 +485,7 @@ pub fn init(dir: &Path, listen: &str) -> Result<InitOutput, ConfigError> {
     Policy::from_toml(&policy_text)?;
     write_secret_file(&policy_path, &policy_text)?;
     let config = format!(
-        "# Kluis configuration (see README.md, \"Configuration reference\").\nlisten = \"{listen}\"\ndata_dir = \"data\"\nmaster_key_file = \"keys/master.key\"\npolicy_file = \"policy.toml\"\n# schema_file = \"schema.toml\"   # default: the built-in schema\n# allow_insecure_listen = false\n# max_request_bytes = {DEFAULT_MAX_REQUEST_BYTES}\n\n# [tls]\n# cert_file = \"tls/server.crt\"\n# key_file = \"tls/server.key\"\n# client_ca_file = \"tls/clients-ca.crt\"   # enables mTLS\n# require_client_cert = false\n"
+        "# Kluis configuration (see README.md, \"Configuration reference\").\nlisten = \"{listen}\"\ndata_dir = \"data\"\nmaster_key_file = \"keys/master.key\"\npolicy_file = \"policy.toml\"\n# schema_file = \"schema.toml\"   # default: the built-in schema\n# allow_insecure_listen = false\n# max_request_bytes = {DEFAULT_MAX_REQUEST_BYTES}\n\n# [tls]\n# cert_file = \"tls/server.crt\"\n# key_file = \"tls/server.key\"\n# client_ca_file = \"tls/clients-ca.crt\"   # enables mTLS\n# require_client_cert = false\n\n# [audit]\n# signing_key_file = \"keys/audit-signing.key\"   # Ed25519, signs chain checkpoints\n# checkpoint_every = {DEFAULT_CHECKPOINT_EVERY}                          # events between checkpoints\n# checkpoint_interval_secs = {DEFAULT_CHECKPOINT_INTERVAL_SECS}                    # or seconds, whichever first\n"
     );
     write_secret_file(&config_path, &config)?;
     Ok(InitOutput {

@@ -49,6 +49,10 @@ pub enum VaultError {
     /// The store could not be read or written; nothing was changed.
     #[error("storage unavailable")]
     Unavailable(#[source] StoreError),
+    /// The audit event could not be written, so the operation was refused: nothing was
+    /// changed and nothing is returned.
+    #[error("audit trail unavailable")]
+    AuditUnavailable(#[source] StoreError),
     /// An internal failure (randomness, a broken invariant); nothing was changed.
     #[error("internal error")]
     Internal(String),

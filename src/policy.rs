@@ -38,6 +38,20 @@ pub struct Role {
     pub write: BTreeSet<Category>,
     /// Purposes it may state.
     pub purposes: BTreeSet<String>,
+    /// What it may do with the audit trail.
+    pub audit: BTreeSet<AuditRight>,
+}
+
+/// A right over the audit trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditRight {
+    /// Query events with any filter (`QueryEvents`).
+    Query,
+    /// Query only the events of one named record (a data subject's access request).
+    QueryByRecord,
+    /// Verify the chain (`VerifyChain`).
+    Verify,
 }
 
 impl Role {
@@ -133,6 +147,8 @@ struct RoleFile {
     write: Vec<String>,
     #[serde(default)]
     purposes: Vec<String>,
+    #[serde(default)]
+    audit: Vec<AuditRight>,
 }
 
 /// A principal entry as written in the policy file.
@@ -180,6 +196,7 @@ impl Policy {
                 read: categories(&name, "read", &r.read)?,
                 write: categories(&name, "write", &r.write)?,
                 purposes: r.purposes.into_iter().collect(),
+                audit: r.audit.into_iter().collect(),
                 name: name.clone(),
             };
             roles.insert(name, Arc::new(role));

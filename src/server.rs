@@ -9,9 +9,12 @@ use tokio::sync::oneshot;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+use crate::audit::Signer;
 use crate::config::{ConfigError, Settings};
 use crate::keys::{KeyError, KeyRing};
+use crate::proto::audit_server::AuditServer;
 use crate::proto::records_server::RecordsServer;
+use crate::service::audit_service::AuditService;
 use crate::service::{Authenticator, RecordsService};
 use crate::store::{SledStore, StoreError};
 use crate::vault::Vault;
@@ -40,6 +43,9 @@ pub enum ServerError {
     /// The transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The audit signing key is unusable.
+    #[error(transparent)]
+    AuditKey(#[from] crate::audit::SignerError),
 }
 
 /// A running server.
@@ -50,6 +56,13 @@ pub struct Running {
     pub vault: Arc<Vault<SledStore>>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    checkpoints: Option<Checkpointer>,
+}
+
+/// The background task that signs audit checkpoints.
+struct Checkpointer {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
@@ -61,15 +74,20 @@ impl Running {
         self.wait().await
     }
 
-    /// Waits for the server to end.
-    pub async fn wait(self) -> Result<(), ServerError> {
-        match self.handle.await {
-            Ok(r) => Ok(r?),
+    /// Waits for the server to end, then signs a last checkpoint.
+    pub async fn wait(mut self) -> Result<(), ServerError> {
+        let served = match (&mut self.handle).await {
+            Ok(r) => r.map_err(ServerError::from),
             Err(e) => Err(ServerError::Bind {
                 addr: self.local_addr,
                 source: std::io::Error::other(e.to_string()),
             }),
+        };
+        if let Some(cp) = self.checkpoints.take() {
+            let _ = cp.stop.send(());
+            let _ = cp.task.await;
         }
+        served
     }
 }
 
@@ -77,11 +95,46 @@ impl Running {
 pub async fn open_vault(settings: &Settings) -> Result<Arc<Vault<SledStore>>, ServerError> {
     let store = SledStore::open_with(&settings.data_dir, settings.durability)?;
     let keys = KeyRing::open(&store, &settings.master_key).await?;
-    Ok(Arc::new(Vault::new(
-        store,
-        Arc::new(settings.schema.clone()),
-        Arc::new(keys),
-    )))
+    let vault = Vault::new(store, Arc::new(settings.schema.clone()), Arc::new(keys));
+    Ok(Arc::new(if settings.audit.enabled {
+        vault
+    } else {
+        vault.without_auditing()
+    }))
+}
+
+/// Signs a checkpoint whenever `every` events or `interval` have passed (with new events),
+/// and a last one when stopped.
+fn spawn_checkpointer(
+    vault: Arc<Vault<SledStore>>,
+    signer: Signer,
+    every: u64,
+    interval: std::time::Duration,
+) -> Checkpointer {
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let poll = std::time::Duration::from_millis(25).min(interval);
+        let mut last_forced = tokio::time::Instant::now();
+        loop {
+            let stopping = tokio::select! {
+                _ = &mut stopped => true,
+                _ = tokio::time::sleep(poll) => false,
+            };
+            let force = stopping || last_forced.elapsed() >= interval;
+            if force {
+                last_forced = tokio::time::Instant::now();
+            }
+            match crate::audit::checkpoint_if_due(vault.store(), &signer, every, force).await {
+                Ok(Some(cp)) => tracing::debug!(seq = cp.seq, "signed audit checkpoint"),
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "audit checkpoint failed"),
+            }
+            if stopping {
+                return;
+            }
+        }
+    });
+    Checkpointer { stop, task }
 }
 
 /// Starts the server in the background; it runs until [`Running::shutdown`].
@@ -99,6 +152,22 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         source,
     })?;
 
+    let signer = Signer::load_or_create(
+        &settings.audit.signing_key_file,
+        settings.audit.create_signing_key,
+    )?;
+    let audit = AuditServer::new(AuditService::new(
+        Arc::clone(&vault),
+        Authenticator::new(Arc::new(settings.policy.clone())),
+        signer.public_key(),
+        settings.audit.max_uncovered(),
+    ));
+    let checkpoints = spawn_checkpointer(
+        Arc::clone(&vault),
+        signer,
+        settings.audit.checkpoint_every,
+        settings.audit.checkpoint_interval,
+    );
     let auth = Authenticator::new(Arc::new(settings.policy));
     let records = RecordsServer::new(RecordsService::new(Arc::clone(&vault), auth))
         .max_decoding_message_size(settings.max_request_bytes)
@@ -134,7 +203,8 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(records);
+        .add_service(records)
+        .add_service(audit);
     let handle = tokio::spawn(async move {
         router
             .serve_with_incoming_shutdown(incoming, async move {
@@ -151,6 +221,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         vault,
         shutdown: Some(tx),
         handle,
+        checkpoints: Some(checkpoints),
     })
 }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
+use crate::audit;
 use crate::crypto::{self, SealingKey, SecretKey};
 use crate::error::{printable_name, VaultError};
 use crate::keys::KeyRing;
@@ -101,15 +102,52 @@ pub struct Vault<S> {
     store: S,
     schema: Arc<Schema>,
     keys: Arc<KeyRing>,
+    auditing: bool,
 }
 
 impl<S: Store> Vault<S> {
-    /// A vault over `store` with `schema`, using `keys`.
+    /// A vault over `store` with `schema`, using `keys`; it writes audit events.
     pub fn new(store: S, schema: Arc<Schema>, keys: Arc<KeyRing>) -> Self {
         Self {
             store,
             schema,
             keys,
+            auditing: true,
+        }
+    }
+
+    /// Turns audit events off. Only for measuring what auditing costs (the load benchmark):
+    /// the server always audits.
+    pub fn without_auditing(mut self) -> Self {
+        self.auditing = false;
+        self
+    }
+
+    /// Writes the event of an operation that did not write it in its own batch (reads,
+    /// refusals, failures), with `outcome`. Fails closed: if the event cannot be written the
+    /// caller must not return data or report success.
+    pub async fn record_event(
+        &self,
+        mut event: audit::Context,
+        outcome: audit::Outcome,
+    ) -> Result<(), VaultError> {
+        if event.written || !self.auditing {
+            return Ok(());
+        }
+        event.draft.outcome = outcome.as_str().to_string();
+        let mut batch = Batch::default();
+        batch.append_event(event.draft.encode());
+        self.store
+            .commit(batch)
+            .await
+            .map_err(VaultError::AuditUnavailable)
+    }
+
+    /// Adds the `ok` event of a change to the change's own batch.
+    fn attach_event(&self, batch: &mut Batch, event: &mut audit::Context) {
+        if self.auditing {
+            event.draft.outcome = audit::Outcome::Ok.as_str().to_string();
+            batch.append_event(event.draft.encode());
         }
     }
 
@@ -129,6 +167,7 @@ impl<S: Store> Vault<S> {
         caller: &Caller,
         purpose: &str,
         fields: Vec<(String, Value)>,
+        event: &mut audit::Context,
     ) -> Result<(Uuid, u64), VaultError> {
         check_purpose(caller, purpose)?;
         if fields.is_empty() {
@@ -161,7 +200,11 @@ impl<S: Store> Vault<S> {
         let (kv, key) = self.keys.integrity_key();
         batch.expect(Keyspace::Records, idb.clone(), Expect::Absent);
         batch.put(Keyspace::Records, idb, body.seal(kv, key));
+        event.draft.record_id = id.to_string();
+        event.draft.field_names = parsed.iter().map(|(d, _)| d.name.clone()).collect();
+        self.attach_event(&mut batch, event);
         self.store.commit(batch).await?;
+        event.written = true;
         Ok((id, 1))
     }
 
@@ -227,6 +270,7 @@ impl<S: Store> Vault<S> {
         expected_revision: u64,
         set: Vec<(String, Value)>,
         clear: Vec<String>,
+        event: &mut audit::Context,
     ) -> Result<u64, VaultError> {
         let id = parse_record_id(record_id)?;
         check_purpose(caller, purpose)?;
@@ -287,8 +331,12 @@ impl<S: Store> Vault<S> {
             let (kv, key) = self.keys.integrity_key();
             batch.expect(Keyspace::Records, idb.clone(), Expect::Value(raw));
             batch.put(Keyspace::Records, idb.clone(), body.seal(kv, key));
+            self.attach_event(&mut batch, event);
             match self.store.commit(batch).await {
-                Ok(()) => return Ok(revision),
+                Ok(()) => {
+                    event.written = true;
+                    return Ok(revision);
+                }
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e.into()),
             }

@@ -2,6 +2,7 @@
 //! logs one line per request, and maps errors to status codes in one place ([`status`]).
 //! No business logic lives here: that is [`crate::vault`].
 
+pub mod audit_service;
 mod log;
 pub mod status;
 
@@ -11,6 +12,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 use zeroize::Zeroizing;
 
+use crate::audit;
 use crate::policy::{Caller, Policy};
 use crate::proto::{self, field_value::Kind};
 use crate::store::Store;
@@ -25,7 +27,7 @@ pub const AUTHORIZATION: &str = "authorization";
 /// verified TLS client certificate.
 #[derive(Clone)]
 pub struct Authenticator {
-    policy: Arc<Policy>,
+    pub(crate) policy: Arc<Policy>,
 }
 
 impl Authenticator {
@@ -176,6 +178,72 @@ pub fn meta_to_proto(meta: crate::vault::RecordMeta) -> proto::RecordMeta {
     }
 }
 
+/// A record id as it may appear in an event: a UUID, or `<invalid>` (so that a value sent
+/// by mistake in place of an id never lands in the trail).
+pub(crate) fn event_record_id(id: &str) -> String {
+    match uuid::Uuid::parse_str(id) {
+        Ok(u) => u.to_string(),
+        Err(_) if id.is_empty() => String::new(),
+        Err(_) => "<invalid>".to_string(),
+    }
+}
+
+impl<S: Store> RecordsService<S> {
+    /// Writes the request's event unless its change already did (fail closed: an event that
+    /// cannot be written turns the answer into UNAVAILABLE), then logs and answers.
+    async fn finish<T>(
+        &self,
+        log: RequestLog,
+        ev: audit::Context,
+        result: Result<T, Status>,
+    ) -> Result<Response<T>, Status> {
+        finish(&self.vault, log, ev, result).await
+    }
+
+    /// Authenticates, filling in the event and the log line.
+    fn caller<T>(
+        &self,
+        request: &Request<T>,
+        log: &mut RequestLog,
+        ev: &mut audit::Context,
+    ) -> Result<Caller, Status> {
+        let caller = self.auth.authenticate(request)?;
+        ev.draft.principal = caller.principal.to_string();
+        ev.draft.role = caller.role.name.clone();
+        Ok(log.caller(caller))
+    }
+
+    fn purpose_name(&self, purpose: &str) -> String {
+        if purpose.is_empty() || self.auth.policy.purpose(purpose).is_some() {
+            purpose.to_string()
+        } else {
+            "<unknown>".to_string()
+        }
+    }
+}
+
+/// See [`RecordsService::finish`].
+pub(crate) async fn finish<S: Store, T>(
+    vault: &Vault<S>,
+    log: RequestLog,
+    ev: audit::Context,
+    result: Result<T, Status>,
+) -> Result<Response<T>, Status> {
+    let outcome = match &result {
+        Ok(_) => audit::Outcome::Ok,
+        Err(status) => audit::Outcome::of_code(status.code()),
+    };
+    let result = match vault.record_event(ev, outcome).await {
+        Ok(()) => result,
+        Err(e) => {
+            // Nothing is returned: the response (and any values in it) is dropped here.
+            drop(result);
+            Err(status::from_vault(e))
+        }
+    };
+    log.finish(result)
+}
+
 #[tonic::async_trait]
 impl<S: Store> proto::records_server::Records for RecordsService<S> {
     #[instrument(skip_all)]
@@ -184,17 +252,21 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         request: Request<proto::CreateRecordRequest>,
     ) -> Result<Response<proto::CreateRecordResponse>, Status> {
         let mut log = RequestLog::start("CreateRecord", &request);
-        let caller = match self.auth.authenticate(&request) {
-            Ok(c) => log.caller(c),
-            Err(e) => return log.finish(Err(e)),
+        let mut ev = audit::Context::new("CreateRecord");
+        let caller = match self.caller(&request, &mut log, &mut ev) {
+            Ok(c) => c,
+            Err(e) => return self.finish(log, ev, Err(e)).await,
         };
         let req = request.into_inner();
-        log.fields(self.known_names(req.fields.keys()));
+        let names = self.known_names(req.fields.keys());
+        log.fields(names.clone());
+        ev.draft.purpose = self.purpose_name(&req.purpose);
+        ev.draft.field_names = names;
         let result = async {
             let fields = to_values("fields", req.fields)?;
             let (id, revision) = self
                 .vault
-                .create(&caller, &req.purpose, fields)
+                .create(&caller, &req.purpose, fields, &mut ev)
                 .await
                 .map_err(status::from_vault)?;
             Ok(proto::CreateRecordResponse {
@@ -206,7 +278,7 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         if let Ok(r) = &result {
             log.record(&r.record_id);
         }
-        log.finish(result)
+        self.finish(log, ev, result).await
     }
 
     #[instrument(skip_all)]
@@ -215,19 +287,24 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         request: Request<proto::GetRecordRequest>,
     ) -> Result<Response<proto::GetRecordResponse>, Status> {
         let mut log = RequestLog::start("GetRecord", &request);
-        let caller = match self.auth.authenticate(&request) {
-            Ok(c) => log.caller(c),
-            Err(e) => return log.finish(Err(e)),
+        let mut ev = audit::Context::new("GetRecord");
+        let caller = match self.caller(&request, &mut log, &mut ev) {
+            Ok(c) => c,
+            Err(e) => return self.finish(log, ev, Err(e)).await,
         };
         let req = request.into_inner();
         log.record(&req.record_id);
+        ev.draft.record_id = event_record_id(&req.record_id);
+        ev.draft.purpose = self.purpose_name(&req.purpose);
         let result = self
             .vault
             .get(&caller, &req.record_id, &req.purpose, &req.field_names)
             .await
             .map_err(status::from_vault);
         let result = result.map(|read| {
-            log.fields(read.fields.iter().map(|(n, _)| n.clone()).collect());
+            let names: Vec<String> = read.fields.iter().map(|(n, _)| n.clone()).collect();
+            log.fields(names.clone());
+            ev.draft.field_names = names;
             proto::GetRecordResponse {
                 record_id: read.id.to_string(),
                 revision: read.revision,
@@ -236,9 +313,11 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
             }
         });
         if result.is_err() {
-            log.fields(self.known_names(req.field_names.iter()));
+            let names = self.known_names(req.field_names.iter());
+            log.fields(names.clone());
+            ev.draft.field_names = names;
         }
-        log.finish(result)
+        self.finish(log, ev, result).await
     }
 
     #[instrument(skip_all)]
@@ -247,13 +326,18 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         request: Request<proto::UpdateRecordRequest>,
     ) -> Result<Response<proto::UpdateRecordResponse>, Status> {
         let mut log = RequestLog::start("UpdateRecord", &request);
-        let caller = match self.auth.authenticate(&request) {
-            Ok(c) => log.caller(c),
-            Err(e) => return log.finish(Err(e)),
+        let mut ev = audit::Context::new("UpdateRecord");
+        let caller = match self.caller(&request, &mut log, &mut ev) {
+            Ok(c) => c,
+            Err(e) => return self.finish(log, ev, Err(e)).await,
         };
         let req = request.into_inner();
         log.record(&req.record_id);
-        log.fields(self.known_names(req.set.keys().chain(req.clear.iter())));
+        let names = self.known_names(req.set.keys().chain(req.clear.iter()));
+        log.fields(names.clone());
+        ev.draft.record_id = event_record_id(&req.record_id);
+        ev.draft.purpose = self.purpose_name(&req.purpose);
+        ev.draft.field_names = names;
         let result = async {
             let set = to_values("set", req.set)?;
             let revision = self
@@ -265,13 +349,14 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
                     req.expected_revision,
                     set,
                     req.clear,
+                    &mut ev,
                 )
                 .await
                 .map_err(status::from_vault)?;
             Ok(proto::UpdateRecordResponse { revision })
         }
         .await;
-        log.finish(result)
+        self.finish(log, ev, result).await
     }
 
     #[instrument(skip_all)]
@@ -280,13 +365,17 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         request: Request<proto::FindRecordsRequest>,
     ) -> Result<Response<proto::FindRecordsResponse>, Status> {
         let mut log = RequestLog::start("FindRecords", &request);
-        let caller = match self.auth.authenticate(&request) {
-            Ok(c) => log.caller(c),
-            Err(e) => return log.finish(Err(e)),
+        let mut ev = audit::Context::new("FindRecords");
+        let caller = match self.caller(&request, &mut log, &mut ev) {
+            Ok(c) => c,
+            Err(e) => return self.finish(log, ev, Err(e)).await,
         };
         let req = request.into_inner();
         let value = Zeroizing::new(req.value);
-        log.fields(self.known_names(std::iter::once(&req.field_name)));
+        let names = self.known_names(std::iter::once(&req.field_name));
+        log.fields(names.clone());
+        ev.draft.purpose = self.purpose_name(&req.purpose);
+        ev.draft.field_names = names;
         let result = self
             .vault
             .find(&caller, &req.purpose, &req.field_name, &value)
@@ -295,7 +384,7 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
             .map(|ids| proto::FindRecordsResponse {
                 record_ids: ids.into_iter().map(|id| id.to_string()).collect(),
             });
-        log.finish(result)
+        self.finish(log, ev, result).await
     }
 
     #[instrument(skip_all)]
@@ -304,9 +393,10 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         request: Request<proto::ListRecordsRequest>,
     ) -> Result<Response<proto::ListRecordsResponse>, Status> {
         let mut log = RequestLog::start("ListRecords", &request);
-        let caller = match self.auth.authenticate(&request) {
-            Ok(c) => log.caller(c),
-            Err(e) => return log.finish(Err(e)),
+        let mut ev = audit::Context::new("ListRecords");
+        let caller = match self.caller(&request, &mut log, &mut ev) {
+            Ok(c) => c,
+            Err(e) => return self.finish(log, ev, Err(e)).await,
         };
         let req = request.into_inner();
         let result = self
@@ -318,6 +408,6 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
                 records: page.records.into_iter().map(meta_to_proto).collect(),
                 next_page_token: page.next_page_token.unwrap_or_default(),
             });
-        log.finish(result)
+        self.finish(log, ev, result).await
     }
 }

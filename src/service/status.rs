@@ -21,6 +21,12 @@ pub fn from_vault(e: VaultError) -> Status {
             tracing::error!(error = %source, "storage failure");
             Status::unavailable("storage unavailable; nothing was changed")
         }
+        VaultError::AuditUnavailable(source) => {
+            tracing::error!(error = %source, "audit event could not be written; operation refused");
+            Status::unavailable(
+                "audit trail unavailable: the operation was refused; nothing was changed or returned",
+            )
+        }
         VaultError::Internal(detail) => {
             tracing::error!(error = %detail, "internal error");
             Status::internal("internal error; nothing was changed")

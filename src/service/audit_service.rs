@@ -1,0 +1,219 @@
+//! The `kluis.v1.Audit` service: querying and verifying the audit trail. Its own calls are
+//! audited too.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::{event_record_id, finish, Authenticator, RequestLog};
+use crate::audit::{self, Filter};
+use crate::policy::{AuditRight, Caller};
+use crate::proto;
+use crate::store::Store;
+use crate::vault::Vault;
+
+/// Default page size of `QueryEvents`.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+/// Largest page of `QueryEvents`; larger requests are reduced to it.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// The `kluis.v1.Audit` service.
+pub struct AuditService<S> {
+    vault: Arc<Vault<S>>,
+    auth: Authenticator,
+    public_key: [u8; 32],
+    max_uncovered: u64,
+}
+
+impl<S: Store> AuditService<S> {
+    /// A service over `vault`'s store, verifying checkpoints with `public_key` and allowing at
+    /// most `max_uncovered` events after the newest checkpoint.
+    pub fn new(
+        vault: Arc<Vault<S>>,
+        auth: Authenticator,
+        public_key: [u8; 32],
+        max_uncovered: u64,
+    ) -> Self {
+        Self {
+            vault,
+            auth,
+            public_key,
+            max_uncovered,
+        }
+    }
+
+    fn caller<T>(
+        &self,
+        request: &Request<T>,
+        log: &mut RequestLog,
+        ev: &mut audit::Context,
+    ) -> Result<Caller, Status> {
+        let caller = self.auth.authenticate(request)?;
+        ev.draft.principal = caller.principal.to_string();
+        ev.draft.role = caller.role.name.clone();
+        Ok(log.caller(caller))
+    }
+}
+
+fn to_ms(field: &str, ts: Option<prost_types::Timestamp>) -> Result<Option<i64>, Status> {
+    let Some(ts) = ts else { return Ok(None) };
+    if !(0..1_000_000_000).contains(&ts.nanos) {
+        return Err(Status::invalid_argument(format!(
+            "{field}: nanos must be in 0..999999999"
+        )));
+    }
+    ts.seconds
+        .checked_mul(1000)
+        .and_then(|ms| ms.checked_add(i64::from(ts.nanos / 1_000_000)))
+        .map(Some)
+        .ok_or_else(|| Status::invalid_argument(format!("{field}: out of range")))
+}
+
+fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+/// The proto form of a stored event.
+pub fn event_to_proto(e: audit::Event) -> proto::AuditEvent {
+    proto::AuditEvent {
+        seq: e.seq,
+        time: Some(timestamp(e.time_ms)),
+        principal: e.draft.principal,
+        role: e.draft.role,
+        purpose: e.draft.purpose,
+        action: e.draft.action,
+        record_id: e.draft.record_id,
+        field_names: e.draft.field_names,
+        outcome: e.draft.outcome,
+        hash: e.hash.to_vec(),
+    }
+}
+
+fn encode_page_token(after: u64) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(after.to_be_bytes())
+}
+
+fn decode_page_token(token: &str) -> Result<u64, Status> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| {
+            Status::invalid_argument(
+                "page_token: not a token returned by QueryEvents (pass it back unchanged)",
+            )
+        })
+}
+
+#[tonic::async_trait]
+impl<S: Store> proto::audit_server::Audit for AuditService<S> {
+    #[instrument(skip_all)]
+    async fn query_events(
+        &self,
+        request: Request<proto::QueryEventsRequest>,
+    ) -> Result<Response<proto::QueryEventsResponse>, Status> {
+        let mut log = RequestLog::start("QueryEvents", &request);
+        let mut ev = audit::Context::new("QueryEvents");
+        let caller = match self.caller(&request, &mut log, &mut ev) {
+            Ok(c) => c,
+            Err(e) => return finish(&self.vault, log, ev, Err(e)).await,
+        };
+        let req = request.into_inner();
+        log.record(&req.record_id);
+        ev.draft.record_id = event_record_id(&req.record_id);
+        let result = async {
+            let rights = &caller.role.audit;
+            if !rights.contains(&AuditRight::Query) {
+                if !rights.contains(&AuditRight::QueryByRecord) {
+                    return Err(Status::permission_denied(format!(
+                        "role `{}` may not query the audit trail",
+                        caller.role.name
+                    )));
+                }
+                if req.record_id.is_empty() {
+                    return Err(Status::permission_denied(format!(
+                        "role `{}` may query the audit trail only by record_id: set record_id",
+                        caller.role.name
+                    )));
+                }
+            }
+            if !req.record_id.is_empty() && uuid::Uuid::parse_str(&req.record_id).is_err() {
+                return Err(Status::invalid_argument(
+                    "record_id: not a record id (a UUID such as 3f2c…-…)",
+                ));
+            }
+            let since_ms = to_ms("since", req.since)?;
+            let until_ms = to_ms("until", req.until)?;
+            if let (Some(s), Some(u)) = (since_ms, until_ms) {
+                if u <= s {
+                    return Err(Status::invalid_argument("until: must be later than since"));
+                }
+            }
+            let after = if req.page_token.is_empty() {
+                0
+            } else {
+                decode_page_token(&req.page_token)?
+            };
+            let size = match req.page_size {
+                0 => DEFAULT_PAGE_SIZE,
+                n => n.min(MAX_PAGE_SIZE),
+            } as usize;
+            let filter = Filter {
+                record_id: (!req.record_id.is_empty()).then(|| event_record_id(&req.record_id)),
+                principal: (!req.principal.is_empty()).then_some(req.principal),
+                since_ms,
+                until_ms,
+            };
+            let page = audit::query(self.vault.store(), &filter, after, size)
+                .await
+                .map_err(|e| super::status::from_vault(e.into()))?;
+            Ok(proto::QueryEventsResponse {
+                events: page.events.into_iter().map(event_to_proto).collect(),
+                next_page_token: page.next_after.map(encode_page_token).unwrap_or_default(),
+            })
+        }
+        .await;
+        finish(&self.vault, log, ev, result).await
+    }
+
+    #[instrument(skip_all)]
+    async fn verify_chain(
+        &self,
+        request: Request<proto::VerifyChainRequest>,
+    ) -> Result<Response<proto::VerifyChainResponse>, Status> {
+        let mut log = RequestLog::start("VerifyChain", &request);
+        let mut ev = audit::Context::new("VerifyChain");
+        let caller = match self.caller(&request, &mut log, &mut ev) {
+            Ok(c) => c,
+            Err(e) => return finish(&self.vault, log, ev, Err(e)).await,
+        };
+        let result = async {
+            if !caller.role.audit.contains(&AuditRight::Verify) {
+                return Err(Status::permission_denied(format!(
+                    "role `{}` may not verify the audit trail",
+                    caller.role.name
+                )));
+            }
+            let v = audit::verify(self.vault.store(), &self.public_key, self.max_uncovered)
+                .await
+                .map_err(|e| super::status::from_vault(e.into()))?;
+            if !v.ok {
+                tracing::error!(first_bad_seq = v.first_bad_seq, reason = %v.reason, "audit chain verification failed");
+            }
+            Ok(proto::VerifyChainResponse {
+                ok: v.ok,
+                events_checked: v.events_checked,
+                first_bad_seq: v.first_bad_seq,
+                head_hash: v.head_hash.to_vec(),
+            })
+        }
+        .await;
+        finish(&self.vault, log, ev, result).await
+    }
+}
