@@ -88,6 +88,17 @@ pub struct ReadResult {
     pub withheld: Vec<String>,
 }
 
+/// What [`Vault::update`] changes.
+#[derive(Debug, Default)]
+pub struct Change {
+    /// The revision the caller read; 0 means no check.
+    pub expected_revision: u64,
+    /// Fields to set.
+    pub set: Vec<(String, Value)>,
+    /// Fields to clear.
+    pub clear: Vec<String>,
+}
+
 /// One page of [`Vault::list`].
 #[derive(Debug)]
 pub struct Page {
@@ -261,17 +272,20 @@ impl<S: Store> Vault<S> {
         }
     }
 
-    /// Sets and clears fields; `expected_revision` 0 means no check.
+    /// Sets and clears fields (`change.expected_revision` 0 means no check).
     pub async fn update(
         &self,
         caller: &Caller,
         record_id: &str,
         purpose: &str,
-        expected_revision: u64,
-        set: Vec<(String, Value)>,
-        clear: Vec<String>,
+        change: Change,
         event: &mut audit::Context,
     ) -> Result<u64, VaultError> {
+        let Change {
+            expected_revision,
+            set,
+            clear,
+        } = change;
         let id = parse_record_id(record_id)?;
         check_purpose(caller, purpose)?;
         if set.is_empty() && clear.is_empty() {

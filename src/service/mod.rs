@@ -16,7 +16,7 @@ use crate::audit;
 use crate::policy::{Caller, Policy};
 use crate::proto::{self, field_value::Kind};
 use crate::store::Store;
-use crate::vault::{Value, Vault};
+use crate::vault::{Change, Value, Vault};
 
 pub use log::RequestLog;
 
@@ -346,9 +346,11 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
                     &caller,
                     &req.record_id,
                     &req.purpose,
-                    req.expected_revision,
-                    set,
-                    req.clear,
+                    Change {
+                        expected_revision: req.expected_revision,
+                        set,
+                        clear: req.clear,
+                    },
                     &mut ev,
                 )
                 .await
