@@ -7,7 +7,10 @@
 //!
 //! Scenarios, in order, each with a warm-up and then a measured window:
 //! (a) no-op GetRecord, (b) no-op CreateRecord, (c) vault CreateRecord (group commit),
-//! (d) vault GetRecord of records created in (c), (e) per-write-fsync vault CreateRecord.
+//! (d) vault GetRecord of records created in (c) (each read writes its audit event and waits
+//! for it to be durable), (e) per-write-fsync vault CreateRecord, (f) GetRecord of the same
+//! records from the same data directory, the vault restarted with auditing off (only the
+//! benchmark can turn it off): `ratio get audit-on/off` is (d) ÷ (f).
 //!
 //! Load: `KLUIS_LOAD_CONCURRENCY` (default 32) client tasks, each sending requests back to
 //! back, spread round-robin over `KLUIS_LOAD_CHANNELS` (default 4) HTTP/2 connections per
@@ -156,12 +159,19 @@ fn start_noop() -> Result<NoopServer, BoxError> {
 // ---------------------------------------------------------------------------------------------
 // Vaults.
 
-async fn start_vault(dir: &std::path::Path, durability: Durability) -> Result<Running, BoxError> {
+/// Starts a vault over `<dir>/data` (keys in `<dir>/keys`) with master key `master`.
+async fn start_vault(
+    dir: &std::path::Path,
+    master: &SecretKey,
+    durability: Durability,
+    audit: bool,
+) -> Result<Running, BoxError> {
     let mut policy = Policy::default_policy();
     policy.add_token_hash("bench", "recruiter", token_hash(TOKEN))?;
-    let master = MasterKey::from_secret(SecretKey::generate()?);
-    let mut settings = ephemeral(dir, master, policy);
+    let master = MasterKey::from_secret(SecretKey::from_bytes(*master.expose_secret()));
+    let mut settings = ephemeral(&dir.join("data"), master, policy);
     settings.durability = durability;
+    settings.audit.enabled = audit;
     Ok(kluis::server::start(settings).await?)
 }
 
@@ -528,8 +538,9 @@ async fn run() -> Result<(), BoxError> {
     }
     let group_dir = tempfile::tempdir()?;
     let per_write_dir = tempfile::tempdir()?;
-    let vault = start_vault(group_dir.path(), Durability::GroupCommit).await?;
-    let per_write = start_vault(per_write_dir.path(), Durability::PerWrite).await?;
+    let master = SecretKey::generate()?;
+    let vault = start_vault(group_dir.path(), &master, Durability::GroupCommit, true).await?;
+    let per_write = start_vault(per_write_dir.path(), &master, Durability::PerWrite, true).await?;
     let noop = start_noop()?;
     println!(
         "noop {}, vault (group commit) {} on {}, vault (per-write fsync) {} on {}",
@@ -596,12 +607,27 @@ async fn run() -> Result<(), BoxError> {
     let per_write_commits = fsync.created.len();
     step(fsync)?;
 
+    per_write.shutdown().await?;
+    // The same records, served by the same vault restarted with auditing off.
+    vault.shutdown().await?;
+    let unaudited = start_vault(group_dir.path(), &master, Durability::GroupCommit, false).await?;
+    step(
+        run_scenario(
+            "(f) vault GetRecord, audit off",
+            unaudited.local_addr,
+            Op::Get {
+                ids: Arc::clone(&ids),
+            },
+            cfg,
+        )
+        .await?,
+    )?;
+    unaudited.shutdown().await?;
+
     println!();
     flush_line("(c) group commit", group_flushes, group_commits);
     flush_line("(e) per-write", per_write_flushes, per_write_commits);
 
-    vault.shutdown().await?;
-    per_write.shutdown().await?;
     let _ = noop.shutdown.send(());
     noop.handle.await??;
 
@@ -609,6 +635,7 @@ async fn run() -> Result<(), BoxError> {
     let get_noop = ops(3) / ops(0);
     let create_noop = ops(2) / ops(1);
     let create_fsync = ops(2) / ops(4);
+    let audit_on_off = ops(3) / ops(5);
     println!();
     if cfg.bench_mode {
         let verdict = |name: &str, x: f64, target: f64| {
@@ -618,10 +645,12 @@ async fn run() -> Result<(), BoxError> {
         verdict("get/noop", get_noop, 0.5);
         verdict("create/noop", create_noop, 0.25);
         verdict("create/fsync-per-write", create_fsync, 5.0);
+        verdict("get audit-on/audit-off", audit_on_off, 0.8);
     }
     println!("ratio get/noop {get_noop:.2}");
     println!("ratio create/noop {create_noop:.2}");
     println!("ratio create/fsync-per-write {create_fsync:.2}");
+    println!("ratio get audit-on/off {audit_on_off:.2}");
     Ok(())
 }
 

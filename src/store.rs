@@ -516,10 +516,17 @@ impl Shared {
         }
     }
 
-    /// The log writer: appends each job's frames, syncs, answers the job's writers, and
-    /// checkpoints every `CHECKPOINT_BYTES` of log.
+    /// The log writer: appends the frames of every job queued so far, syncs once, answers
+    /// their writers, and checkpoints every `CHECKPOINT_BYTES` of log.
     fn write_log(&self, jobs: std::sync::mpsc::Receiver<SyncJob>, mut log: LogFile) {
-        while let Ok(job) = jobs.recv() {
+        while let Ok(mut job) = jobs.recv() {
+            if self.durability == Durability::GroupCommit {
+                // Groups the leader applied while the last sync ran share this one.
+                while let Ok(more) = jobs.try_recv() {
+                    job.frames.extend_from_slice(&more.frames);
+                    job.replies.extend(more.replies);
+                }
+            }
             let any_applied = job.replies.iter().any(|(_, r)| r.is_ok());
             if !any_applied && self.durability == Durability::GroupCommit {
                 job.answer(|r| r);
