@@ -224,6 +224,24 @@ struct Shared {
     /// Set after a failed write or sync.
     poisoned: Mutex<Option<String>>,
     flushes: AtomicU64,
+    /// Highest batch sequence number known durable in the log.
+    durable_seq: AtomicU64,
+    /// Writers of groups whose log write failed: the leader answers them once it has undone
+    /// those groups in sled.
+    failed: Mutex<Vec<Reply>>,
+    /// Test hook: the next log write fails.
+    #[cfg(test)]
+    fail_next_write: std::sync::atomic::AtomicBool,
+}
+
+/// What it takes to undo one applied group in sled if its log write fails: the previous
+/// value of every key it wrote, in write order, and the chain head and sequence number
+/// before it.
+struct Undo {
+    first_seq: u64,
+    last_seq: u64,
+    head_before: audit::Head,
+    previous: Vec<(Keyspace, Vec<u8>, Option<sled::IVec>)>,
 }
 
 /// Where a writer waits for its batch's outcome.
@@ -233,6 +251,8 @@ type Reply = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 /// once they are durable.
 struct SyncJob {
     frames: Vec<u8>,
+    /// Sequence number of the job's last frame.
+    last_seq: u64,
     replies: Vec<(Reply, Result<(), StoreError>)>,
 }
 
@@ -324,7 +344,7 @@ impl SledStore {
                 };
                 // Logged frames hold their events already linked (as plain writes).
                 let mut head = audit::Head::default();
-                apply_batches(&trees, &[&batch], frame.seq, &mut head)?;
+                apply_batches(&trees, &[&batch], frame.seq, &mut head, None)?;
                 last = last.max(frame.seq);
             }
         }
@@ -352,6 +372,10 @@ impl SledStore {
             durability,
             poisoned: Mutex::new(None),
             flushes: AtomicU64::new(0),
+            durable_seq: AtomicU64::new(last),
+            failed: Mutex::new(Vec::new()),
+            #[cfg(test)]
+            fail_next_write: std::sync::atomic::AtomicBool::new(false),
         });
         let head = match shared.trees[Keyspace::Meta as usize]
             .get(audit::META_HEAD)
@@ -430,6 +454,11 @@ impl Shared {
     /// in one sled transaction and hands the applied batches' frames to the log writer, which
     /// writes and syncs them while the leader applies the next group (a two-stage pipeline).
     /// In per-write mode every group is a single batch with its own sync.
+    ///
+    /// Until a group is durable the leader keeps its undo record. If a log write fails, the
+    /// writer poisons the store and hands the group's writers back; the leader then undoes, in
+    /// reverse order, every group applied to sled but not durable, before answering them: a
+    /// failed write changes nothing, not even until the next restart.
     fn lead(
         self: Arc<Self>,
         queue: std::sync::mpsc::Receiver<Pending>,
@@ -446,7 +475,22 @@ impl Shared {
             *self.poisoned.lock() = Some("could not start the log writer thread".into());
             return;
         };
-        while let Ok(first) = queue.recv() {
+        let mut in_flight: std::collections::VecDeque<Undo> = std::collections::VecDeque::new();
+        loop {
+            self.settle(&mut in_flight, &mut next_seq, &mut head);
+            let first = if in_flight.is_empty() {
+                match queue.recv() {
+                    Ok(p) => p,
+                    Err(_) => break,
+                }
+            } else {
+                // Groups in flight: wake up now and then to settle them.
+                match queue.recv_timeout(std::time::Duration::from_millis(2)) {
+                    Ok(p) => p,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            };
             let mut group = vec![first];
             if self.durability == Durability::GroupCommit {
                 let mut bytes = group[0].batch.bytes();
@@ -460,13 +504,53 @@ impl Shared {
                     }
                 }
             }
-            let job = self.apply_and_encode(&mut next_seq, &mut head, group);
+            let (job, undo) = self.apply_and_encode(&mut next_seq, &mut head, group);
+            in_flight.extend(undo);
             if let Err(std::sync::mpsc::SendError(job)) = to_writer.send(job) {
-                job.answer(|_| Err(StoreError::Io("the log writer stopped".into())));
+                *self.poisoned.lock() = Some("the log writer stopped".into());
+                self.failed
+                    .lock()
+                    .extend(job.replies.into_iter().map(|(r, _)| r));
             }
         }
         drop(to_writer);
         let _ = writer.join();
+        self.settle(&mut in_flight, &mut next_seq, &mut head);
+    }
+
+    /// Forgets the undo records of durable groups; if log writes failed, undoes every group
+    /// still in flight (newest first) and answers the failed writers.
+    fn settle(
+        &self,
+        in_flight: &mut std::collections::VecDeque<Undo>,
+        next_seq: &mut u64,
+        head: &mut audit::Head,
+    ) {
+        let durable = self.durable_seq.load(Ordering::Acquire);
+        while in_flight.front().is_some_and(|u| u.last_seq <= durable) {
+            in_flight.pop_front();
+        }
+        let failed = std::mem::take(&mut *self.failed.lock());
+        if failed.is_empty() {
+            return;
+        }
+        let reason = self
+            .check_poisoned()
+            .err()
+            .map_or_else(|| "log write failed".to_string(), |e| e.to_string());
+        if let Some(oldest) = in_flight.front() {
+            *next_seq = oldest.first_seq;
+            *head = oldest.head_before;
+        }
+        let undo: Vec<Undo> = in_flight.drain(..).rev().collect();
+        if let Err(e) = undo_groups(&self.trees, &undo) {
+            // sled itself failed: the data dir must not be served on; the log (which lacks
+            // these groups) is the truth at the next start only if sled did not persist them.
+            tracing::error!(error = %e, "undoing groups whose log write failed also failed");
+        }
+        for reply in failed {
+            let _ = reply.send(Err(StoreError::Poisoned(reason.clone())));
+        }
     }
 
     /// Applies a group and encodes the applied batches' frames; answers nothing yet.
@@ -475,7 +559,10 @@ impl Shared {
         next_seq: &mut u64,
         head: &mut audit::Head,
         group: Vec<Pending>,
-    ) -> SyncJob {
+    ) -> (SyncJob, Option<Undo>) {
+        let first_seq = *next_seq;
+        let head_before = *head;
+        let mut previous = Vec::new();
         let mut frames = Vec::new();
         let results: Vec<Result<(), StoreError>> = match self.check_poisoned() {
             Err(e) => group
@@ -487,6 +574,7 @@ impl Shared {
                 &group.iter().map(|p| &p.batch).collect::<Vec<_>>(),
                 *next_seq,
                 head,
+                Some(&mut previous),
             ) {
                 Err(e) => group
                     .iter()
@@ -510,10 +598,18 @@ impl Shared {
                     .collect(),
             },
         };
-        SyncJob {
+        let undo = (*next_seq > first_seq).then(|| Undo {
+            first_seq,
+            last_seq: *next_seq - 1,
+            head_before,
+            previous,
+        });
+        let job = SyncJob {
             frames,
+            last_seq: *next_seq - 1,
             replies: group.into_iter().map(|p| p.reply).zip(results).collect(),
-        }
+        };
+        (job, undo)
     }
 
     /// The log writer: appends the frames of every job queued so far, syncs once, answers
@@ -525,6 +621,7 @@ impl Shared {
                 while let Ok(more) = jobs.try_recv() {
                     job.frames.extend_from_slice(&more.frames);
                     job.replies.extend(more.replies);
+                    job.last_seq = job.last_seq.max(more.last_seq);
                 }
             }
             let any_applied = job.replies.iter().any(|(_, r)| r.is_ok());
@@ -532,19 +629,39 @@ impl Shared {
                 job.answer(|r| r);
                 continue;
             }
+            if self.check_poisoned().is_err() {
+                // An earlier job failed: the leader undoes this one too, then answers.
+                self.failed
+                    .lock()
+                    .extend(job.replies.into_iter().map(|(r, _)| r));
+                continue;
+            }
             let written = (|| {
                 use std::io::Write;
+                #[cfg(test)]
+                if self.fail_next_write.swap(false, Ordering::SeqCst) {
+                    log.file.write_all(&job.frames[..job.frames.len() / 2])?;
+                    return Err(std::io::Error::other("injected log write failure"));
+                }
                 log.file.write_all(&job.frames)?;
                 log.file.sync_data()
             })();
             self.flushes.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = written {
+                // Cut off whatever part of the frames reached the file, so that a later
+                // write-back cannot make the failed batches reappear at the next start.
+                let _ = log.file.set_len(log.len);
+                let _ = log.file.sync_data();
                 let reason = format!("write-ahead log write or sync failed: {e}");
-                *self.poisoned.lock() = Some(reason.clone());
-                job.answer(|_| Err(StoreError::Poisoned(reason.clone())));
+                tracing::error!(error = %e, "write-ahead log write failed; the store refuses writes until restart");
+                *self.poisoned.lock() = Some(reason);
+                self.failed
+                    .lock()
+                    .extend(job.replies.into_iter().map(|(r, _)| r));
                 continue;
             }
             log.len += job.frames.len() as u64;
+            self.durable_seq.store(job.last_seq, Ordering::Release);
             job.answer(|r| r);
             if log.len > CHECKPOINT_BYTES {
                 if let Err(e) = self.checkpoint(&mut log) {
@@ -584,6 +701,7 @@ fn apply_batches(
     batches: &[&Batch],
     first_seq: u64,
     head: &mut audit::Head,
+    mut undo: Option<&mut Vec<(Keyspace, Vec<u8>, Option<sled::IVec>)>>,
 ) -> Result<Vec<Option<Vec<Op>>>, StoreError> {
     let [meta, records, fields, index, audit_tree] = trees;
     let now = audit::now_ms();
@@ -597,6 +715,8 @@ fn apply_batches(
         };
         // The closure may run again on a sled conflict: work on a copy of the head.
         let mut chain = *head;
+        let mut previous = Vec::new();
+        let keep = undo.is_some();
         let mut applied = Vec::with_capacity(batches.len());
         for batch in batches {
             let mut holds = true;
@@ -614,31 +734,67 @@ fn apply_batches(
             let mut linked = Vec::new();
             audit::link_events(&mut chain, now, &batch.events, &mut linked);
             for op in batch.ops.iter().chain(&linked) {
-                match op {
+                let (ks, key, old) = match op {
                     Op::Put(ks, key, value) => {
-                        pick(*ks).insert(key.as_slice(), value.as_slice())?;
+                        (ks, key, pick(*ks).insert(key.as_slice(), value.as_slice())?)
                     }
-                    Op::Delete(ks, key) => {
-                        pick(*ks).remove(key.as_slice())?;
-                    }
+                    Op::Delete(ks, key) => (ks, key, pick(*ks).remove(key.as_slice())?),
+                };
+                if keep {
+                    previous.push((*ks, key.clone(), old));
                 }
             }
             applied.push(Some(linked));
         }
         let count = applied.iter().filter(|a| a.is_some()).count() as u64;
         if count > 0 {
-            m.insert(WAL_APPLIED, &(first_seq + count - 1).to_be_bytes())?;
+            let old = m.insert(WAL_APPLIED, &(first_seq + count - 1).to_be_bytes())?;
+            if keep {
+                previous.push((Keyspace::Meta, WAL_APPLIED.to_vec(), old));
+            }
         }
-        Ok::<_, ConflictableTransactionError<()>>((applied, chain))
+        Ok::<_, ConflictableTransactionError<()>>((applied, chain, previous))
     });
     match result {
-        Ok((applied, chain)) => {
+        Ok((applied, chain, previous)) => {
             *head = chain;
+            if let Some(undo) = undo.as_mut() {
+                undo.extend(previous);
+            }
             Ok(applied)
         }
         Err(TransactionError::Abort(())) => Err(StoreError::Conflict),
         Err(TransactionError::Storage(e)) => Err(io(e)),
     }
+}
+
+/// Undoes groups (given newest first) in one sled transaction, restoring each key's value
+/// from before the group, last write first.
+fn undo_groups(trees: &[sled::Tree; 5], groups: &[Undo]) -> Result<(), StoreError> {
+    let [meta, records, fields, index, audit_tree] = trees;
+    let result = (meta, records, fields, index, audit_tree).transaction(|(m, r, f, i, a)| {
+        let pick = |ks: Keyspace| match ks {
+            Keyspace::Meta => m,
+            Keyspace::Records => r,
+            Keyspace::Fields => f,
+            Keyspace::Index => i,
+            Keyspace::Audit => a,
+        };
+        for group in groups {
+            for (ks, key, old) in group.previous.iter().rev() {
+                match old {
+                    Some(v) => {
+                        pick(*ks).insert(key.as_slice(), v.clone())?;
+                    }
+                    None => {
+                        pick(*ks).remove(key.as_slice())?;
+                    }
+                }
+            }
+        }
+        Ok::<_, ConflictableTransactionError<()>>(())
+    });
+    result.map_err(|e| StoreError::Io(format!("{e:?}")))
 }
 
 impl Store for SledStore {
@@ -717,6 +873,83 @@ mod tests {
             .await
             .expect("get")
             .is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_log_write_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = SledStore::open(dir.path()).expect("open");
+            let mut b = Batch::default();
+            b.put(Keyspace::Records, b"kept".to_vec(), b"1".to_vec());
+            b.append_event(b"event one".to_vec());
+            store.commit(b).await.expect("commit");
+            store
+                .inner
+                .shared
+                .fail_next_write
+                .store(true, Ordering::SeqCst);
+            // Several writers at once: whichever groups were applied to sled are undone.
+            let mut tasks = Vec::new();
+            for i in 0..8u8 {
+                let store = store.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut b = Batch::default();
+                    b.put(Keyspace::Records, vec![b'n', i], b"new".to_vec());
+                    b.append_event(b"event".to_vec());
+                    store.commit(b).await
+                }));
+            }
+            let mut failed = 0usize;
+            for t in tasks {
+                if t.await.expect("task").is_err() {
+                    failed += 1;
+                }
+            }
+            assert!(failed >= 1);
+            // Every write after the failure is refused.
+            let mut b = Batch::default();
+            b.put(Keyspace::Records, b"later".to_vec(), b"1".to_vec());
+            assert!(matches!(
+                store.commit(b).await,
+                Err(StoreError::Poisoned(_))
+            ));
+            // What failed is not visible, not even before a restart (writes that were durable
+            // before the failure remain).
+            let visible_new = store
+                .scan(Keyspace::Records, b"n", None, 100)
+                .await
+                .expect("scan")
+                .len();
+            assert_eq!(
+                8 - failed,
+                visible_new,
+                "only acknowledged writes are visible"
+            );
+            let head = audit::Head::load(&store).await.expect("head");
+            assert_eq!(head.seq, 1 + (8 - failed) as u64);
+        }
+        let store = SledStore::open(dir.path()).expect("reopen");
+        assert!(store
+            .get(Keyspace::Records, b"later")
+            .await
+            .expect("get")
+            .is_none());
+        let new = store
+            .scan(Keyspace::Records, b"n", None, 100)
+            .await
+            .expect("scan");
+        let head = audit::Head::load(&store).await.expect("head");
+        assert_eq!(head.seq, 1 + new.len() as u64);
+        // The store takes writes again, and the chain continues without a gap.
+        let mut b = Batch::default();
+        b.append_event(b"after restart".to_vec());
+        store.commit(b).await.expect("commit");
+        let events = store
+            .scan(Keyspace::Audit, b"", None, 100)
+            .await
+            .expect("scan");
+        assert_eq!(events.len() as u64, head.seq + 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
