@@ -530,10 +530,16 @@ pub fn read_public_key(path: &Path) -> Result<[u8; 32], SignerError> {
 /// Signs and stores a checkpoint of the current head if one is due: the head is at least
 /// `every` events past the newest checkpoint, or `force` and the head moved at all.
 /// Returns the checkpoint written, if any.
+///
+/// A checkpoint vouches for continuity: before signing, the events since the newest
+/// checkpoint are re-linked from its signed hash up to the head. If that fails, or if
+/// checkpoints are missing while more than `max_uncovered` events exist, nothing is signed
+/// and an error says why, so that the signer never launders a rewritten chain.
 pub async fn checkpoint_if_due(
     store: &impl Store,
     signer: &Signer,
     every: u64,
+    max_uncovered: u64,
     force: bool,
 ) -> Result<Option<Checkpoint>, StoreError> {
     let head = Head::load(store).await?;
@@ -545,6 +551,65 @@ pub async fn checkpoint_if_due(
     let due = head.seq > last && (force || head.seq - last >= every.max(1));
     if !due {
         return Ok(None);
+    }
+    let refuse =
+        |why: String| StoreError::Io(format!("refusing to sign an audit checkpoint: {why}"));
+    let mut prev = [0u8; 32];
+    if last > 0 {
+        let cp = store
+            .get(Keyspace::Meta, &checkpoint_key(last))
+            .await?
+            .and_then(|v| Checkpoint::decode(&v))
+            .filter(|cp| cp.seq == last && cp.verify(&signer.public_key()))
+            .ok_or_else(|| {
+                refuse(format!(
+                    "the newest checkpoint (event {last}) is missing or forged"
+                ))
+            })?;
+        prev = cp.hash;
+    } else if head.seq > max_uncovered {
+        return Err(refuse(format!(
+            "{} events but no checkpoint (checkpoints deleted?)",
+            head.seq
+        )));
+    }
+    let mut after = (last > 0).then(|| event_key(last).to_vec());
+    let mut expected = last + 1;
+    if last > 0 {
+        // The checkpointed event itself must still carry the signed hash.
+        let e = store
+            .get(Keyspace::Audit, &event_key(last))
+            .await?
+            .and_then(|v| Event::parse(&v))
+            .ok_or_else(|| refuse(format!("event {last} is missing or malformed")))?;
+        if e.hash != prev {
+            return Err(refuse(format!("event {last} differs from its checkpoint")));
+        }
+    }
+    while expected <= head.seq {
+        let page = store
+            .scan(Keyspace::Audit, b"", after.as_deref(), SCAN_PAGE)
+            .await?;
+        if page.is_empty() {
+            break;
+        }
+        for (key, value) in &page {
+            if expected > head.seq {
+                break;
+            }
+            let e = Event::parse(value)
+                .filter(|e| e.seq == expected && key.as_slice() == event_key(expected))
+                .ok_or_else(|| refuse(format!("event {expected} is missing or moved")))?;
+            if link(&prev, e.seq, e.time_ms, &e.body) != e.hash {
+                return Err(refuse(format!("event {expected} does not match its hash")));
+            }
+            prev = e.hash;
+            expected += 1;
+        }
+        after = page.last().map(|(k, _)| k.clone());
+    }
+    if expected <= head.seq || prev != head.hash {
+        return Err(refuse("the chain does not reach the stored head".into()));
     }
     let cp = signer.sign(&head, now_ms());
     let mut batch = crate::store::Batch::default();
@@ -1064,12 +1129,12 @@ mod tests {
                 Err(StoreError::Conflict)
             ));
             assert_eq!(Head::load(&store).await.expect("head").seq, 160);
-            let cp = checkpoint_if_due(&store, &signer, 100, false)
+            let cp = checkpoint_if_due(&store, &signer, 100, 1000, false)
                 .await
                 .expect("checkpoint")
                 .expect("due");
             assert_eq!(cp.seq, 160);
-            assert!(checkpoint_if_due(&store, &signer, 100, true)
+            assert!(checkpoint_if_due(&store, &signer, 100, 1000, true)
                 .await
                 .expect("checkpoint")
                 .is_none());

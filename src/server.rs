@@ -109,12 +109,14 @@ fn spawn_checkpointer(
     vault: Arc<Vault<SledStore>>,
     signer: Signer,
     every: u64,
+    max_uncovered: u64,
     interval: std::time::Duration,
 ) -> Checkpointer {
     let (stop, mut stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let poll = std::time::Duration::from_millis(25).min(interval);
         let mut last_forced = tokio::time::Instant::now();
+        let mut last_error: Option<String> = None;
         loop {
             let stopping = tokio::select! {
                 _ = &mut stopped => true,
@@ -124,10 +126,28 @@ fn spawn_checkpointer(
             if force {
                 last_forced = tokio::time::Instant::now();
             }
-            match crate::audit::checkpoint_if_due(vault.store(), &signer, every, force).await {
-                Ok(Some(cp)) => tracing::debug!(seq = cp.seq, "signed audit checkpoint"),
+            match crate::audit::checkpoint_if_due(
+                vault.store(),
+                &signer,
+                every,
+                max_uncovered,
+                force,
+            )
+            .await
+            {
+                Ok(Some(cp)) => {
+                    tracing::debug!(seq = cp.seq, "signed audit checkpoint");
+                    last_error = None;
+                }
                 Ok(None) => {}
-                Err(e) => tracing::error!(error = %e, "audit checkpoint failed"),
+                Err(e) => {
+                    // Said once per distinct failure, not every poll.
+                    let text = e.to_string();
+                    if last_error.as_deref() != Some(text.as_str()) {
+                        tracing::error!(error = %text, "audit checkpoint failed");
+                        last_error = Some(text);
+                    }
+                }
             }
             if stopping {
                 return;
@@ -166,6 +186,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         Arc::clone(&vault),
         signer,
         settings.audit.checkpoint_every,
+        settings.audit.max_uncovered(),
         settings.audit.checkpoint_interval,
     );
     let auth = Authenticator::new(Arc::new(settings.policy));
@@ -227,11 +248,17 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
 
 /// Runs the server until `signal` completes, then shuts down gracefully.
 pub async fn run(settings: Settings, signal: impl Future<Output = ()>) -> Result<(), ServerError> {
+    // A write past the file-size limit must fail with EFBIG (and the operation fail closed),
+    // not kill the process with SIGXFSZ; handling the signal replaces its default action.
+    let _xfsz = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(SIGXFSZ));
     let running = start(settings).await?;
     signal.await;
     tracing::info!("shutting down: finishing in-flight requests");
     running.shutdown().await
 }
+
+/// SIGXFSZ on Linux.
+const SIGXFSZ: i32 = 25;
 
 /// Completes on SIGTERM or SIGINT.
 pub async fn termination_signal() {

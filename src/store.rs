@@ -241,8 +241,11 @@ struct Undo {
     first_seq: u64,
     last_seq: u64,
     head_before: audit::Head,
-    previous: Vec<(Keyspace, Vec<u8>, Option<sled::IVec>)>,
+    previous: Previous,
 }
+
+/// Keys a group wrote, each with its value before the write (`None`: it was absent).
+type Previous = Vec<(Keyspace, Vec<u8>, Option<sled::IVec>)>;
 
 /// Where a writer waits for its batch's outcome.
 type Reply = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
@@ -701,7 +704,7 @@ fn apply_batches(
     batches: &[&Batch],
     first_seq: u64,
     head: &mut audit::Head,
-    mut undo: Option<&mut Vec<(Keyspace, Vec<u8>, Option<sled::IVec>)>>,
+    mut undo: Option<&mut Previous>,
 ) -> Result<Vec<Option<Vec<Op>>>, StoreError> {
     let [meta, records, fields, index, audit_tree] = trees;
     let now = audit::now_ms();

@@ -288,13 +288,14 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
     ) -> Result<Response<proto::GetRecordResponse>, Status> {
         let mut log = RequestLog::start("GetRecord", &request);
         let mut ev = audit::Context::new("GetRecord");
+        // Named even when authentication fails: probing a record is worth knowing about.
+        ev.draft.record_id = event_record_id(&request.get_ref().record_id);
         let caller = match self.caller(&request, &mut log, &mut ev) {
             Ok(c) => c,
             Err(e) => return self.finish(log, ev, Err(e)).await,
         };
         let req = request.into_inner();
         log.record(&req.record_id);
-        ev.draft.record_id = event_record_id(&req.record_id);
         ev.draft.purpose = self.purpose_name(&req.purpose);
         let result = self
             .vault
@@ -327,6 +328,8 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
     ) -> Result<Response<proto::UpdateRecordResponse>, Status> {
         let mut log = RequestLog::start("UpdateRecord", &request);
         let mut ev = audit::Context::new("UpdateRecord");
+        // Named even when authentication fails: probing a record is worth knowing about.
+        ev.draft.record_id = event_record_id(&request.get_ref().record_id);
         let caller = match self.caller(&request, &mut log, &mut ev) {
             Ok(c) => c,
             Err(e) => return self.finish(log, ev, Err(e)).await,
@@ -335,7 +338,6 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         log.record(&req.record_id);
         let names = self.known_names(req.set.keys().chain(req.clear.iter()));
         log.fields(names.clone());
-        ev.draft.record_id = event_record_id(&req.record_id);
         ev.draft.purpose = self.purpose_name(&req.purpose);
         ev.draft.field_names = names;
         let result = async {

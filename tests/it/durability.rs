@@ -14,9 +14,9 @@ use tonic::transport::Channel;
 
 use crate::helpers::*;
 
-struct Process {
-    child: Child,
-    addr: String,
+pub(crate) struct Process {
+    pub(crate) child: Child,
+    pub(crate) addr: String,
     log: PathBuf,
 }
 
@@ -30,7 +30,7 @@ impl Drop for Process {
 /// Starts `kluis serve --dev --listen 127.0.0.1:0` in `dir`, logging to a file named `log_name`.
 /// The child is killed and reaped when the returned `Process` drops.
 #[allow(clippy::zombie_processes)]
-fn start_dev(dir: &Path, log_name: &str) -> Process {
+pub(crate) fn start_dev(dir: &Path, log_name: &str) -> Process {
     let log = dir.join(log_name);
     let file = std::fs::File::create(&log).expect("log file");
     let child = Command::new(env!("CARGO_BIN_EXE_kluis"))
@@ -58,7 +58,7 @@ fn start_dev(dir: &Path, log_name: &str) -> Process {
     }
 }
 
-fn dev_tokens(dir: &Path) -> BTreeMap<String, String> {
+pub(crate) fn dev_tokens(dir: &Path) -> BTreeMap<String, String> {
     #[derive(serde::Deserialize)]
     struct Tokens {
         tokens: BTreeMap<String, String>,

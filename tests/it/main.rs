@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod audit;
 mod crypto_vectors;
 mod durability;
 mod policy_matrix;

@@ -1,0 +1,769 @@
+//! The audit trail through real gRPC: every Records call leaves exactly its event; query
+//! rights and filters; VerifyChain finds a changed, deleted, moved or rewritten event; the
+//! service fails closed when the event cannot be written; no value reaches an event.
+
+use std::time::Duration;
+
+use kluis::audit::{self, event_key, Event, Head};
+use kluis::proto::audit_client::AuditClient;
+use kluis::proto::{
+    AuditEvent, CreateRecordRequest, FindRecordsRequest, GetRecordRequest, ListRecordsRequest,
+    QueryEventsRequest, UpdateRecordRequest, VerifyChainRequest,
+};
+use kluis::store::{Batch, Keyspace, SledStore, Store};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::helpers::*;
+
+type Auditor = AuditClient<InterceptedService<Channel, Bearer>>;
+
+async fn audit_client(addr: &str, token: &str) -> Auditor {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    AuditClient::with_interceptor(channel, bearer(token))
+}
+
+async fn auditor(v: &TestVault, role: &str) -> Auditor {
+    audit_client(&v.addr.to_string(), &v.tokens[role]).await
+}
+
+/// Every event (as the auditor sees them), following page tokens.
+async fn all_events(a: &mut Auditor, req: QueryEventsRequest) -> Vec<AuditEvent> {
+    let mut out = Vec::new();
+    let mut req = req;
+    loop {
+        let page = a
+            .query_events(req.clone())
+            .await
+            .expect("query")
+            .into_inner();
+        out.extend(page.events);
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        req.page_token = page.next_page_token;
+    }
+}
+
+/// (principal, role, purpose, action, record id, sorted field names, outcome)
+type Row = (String, String, String, String, String, Vec<String>, String);
+
+fn row(e: &AuditEvent) -> Row {
+    let mut names = e.field_names.clone();
+    names.sort();
+    (
+        e.principal.clone(),
+        e.role.clone(),
+        e.purpose.clone(),
+        e.action.clone(),
+        e.record_id.clone(),
+        names,
+        e.outcome.clone(),
+    )
+}
+
+fn expect(
+    principal: &str,
+    role: &str,
+    purpose: &str,
+    action: &str,
+    record: &str,
+    fields: &[&str],
+    outcome: &str,
+) -> Row {
+    let mut names: Vec<String> = fields.iter().map(|s| s.to_string()).collect();
+    names.sort();
+    (
+        principal.into(),
+        role.into(),
+        purpose.into(),
+        action.into(),
+        record.into(),
+        names,
+        outcome.into(),
+    )
+}
+
+async fn head_seq(v: &TestVault) -> u64 {
+    let mut a = auditor(v, "auditor").await;
+    all_events(&mut a, QueryEventsRequest::default())
+        .await
+        .last()
+        .map_or(0, |e| e.seq)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_records_call_leaves_exactly_its_event() {
+    let v = spawn_vault().await;
+    let mut recruiter = v.client("recruiter").await;
+    let mut payroll = v.client("payroll").await;
+    let before = head_seq(&v).await;
+
+    let id = recruiter
+        .create_record(CreateRecordRequest {
+            purpose: "recruitment".into(),
+            fields: fields(&[
+                ("full_name", text("Anna Planted-Name")),
+                ("email", text("anna.planted@example.nl")),
+            ]),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .record_id;
+    let get = |names: &[&str], purpose: &str| GetRecordRequest {
+        record_id: id.clone(),
+        purpose: purpose.into(),
+        field_names: names.iter().map(|s| s.to_string()).collect(),
+    };
+    recruiter
+        .get_record(get(&[], "recruitment"))
+        .await
+        .expect("get");
+    assert_status(
+        recruiter.get_record(get(&["bsn"], "recruitment")).await,
+        Code::PermissionDenied,
+        &["bsn"],
+    );
+    assert_status(
+        recruiter.get_record(get(&[], "payroll")).await,
+        Code::PermissionDenied,
+        &["payroll"],
+    );
+    assert_status(
+        recruiter.get_record(get(&[], "made_up_purpose")).await,
+        Code::PermissionDenied,
+        &[],
+    );
+    assert_status(
+        recruiter
+            .create_record(CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("email", text("not-an-email"))]),
+            })
+            .await,
+        Code::InvalidArgument,
+        &["email"],
+    );
+    payroll
+        .update_record(UpdateRecordRequest {
+            record_id: id.clone(),
+            purpose: "payroll".into(),
+            expected_revision: 1,
+            set: fields(&[
+                ("bsn", text("111222333")),
+                ("iban", text("NL91ABNA0417164300")),
+            ]),
+            clear: vec![],
+        })
+        .await
+        .expect("update");
+    assert_status(
+        recruiter
+            .update_record(UpdateRecordRequest {
+                record_id: id.clone(),
+                purpose: "recruitment".into(),
+                expected_revision: 1,
+                set: fields(&[("city", text("Zwolle"))]),
+                clear: vec![],
+            })
+            .await,
+        Code::FailedPrecondition,
+        &["stale"],
+    );
+    recruiter
+        .find_records(FindRecordsRequest {
+            purpose: "recruitment".into(),
+            field_name: "email".into(),
+            value: "anna.planted@example.nl".into(),
+        })
+        .await
+        .expect("find");
+    recruiter
+        .list_records(ListRecordsRequest::default())
+        .await
+        .expect("list");
+    let mut anonymous = v.client_with_token(None).await;
+    assert_status(
+        anonymous.get_record(get(&[], "recruitment")).await,
+        Code::Unauthenticated,
+        &[],
+    );
+    let missing = "00000000-0000-4000-8000-000000000000";
+    assert_status(
+        recruiter
+            .get_record(GetRecordRequest {
+                record_id: missing.into(),
+                purpose: "recruitment".into(),
+                field_names: vec![],
+            })
+            .await,
+        Code::NotFound,
+        &[],
+    );
+    // A value sent where an id belongs never reaches the trail.
+    assert_status(
+        recruiter
+            .get_record(GetRecordRequest {
+                record_id: "111222333".into(),
+                purpose: "recruitment".into(),
+                field_names: vec!["111222333".into()],
+            })
+            .await,
+        Code::InvalidArgument,
+        &[],
+    );
+
+    let mut a = auditor(&v, "auditor").await;
+    let events = all_events(&mut a, QueryEventsRequest::default()).await;
+    let ours: Vec<&AuditEvent> = events
+        .iter()
+        .filter(|e| e.seq > before && e.principal != "test-auditor")
+        .collect();
+    let (r, p) = ("test-recruiter", "test-payroll");
+    let expected = vec![
+        expect(
+            r,
+            "recruiter",
+            "recruitment",
+            "CreateRecord",
+            &id,
+            &["email", "full_name"],
+            "ok",
+        ),
+        expect(
+            r,
+            "recruiter",
+            "recruitment",
+            "GetRecord",
+            &id,
+            &["email", "full_name"],
+            "ok",
+        ),
+        expect(
+            r,
+            "recruiter",
+            "recruitment",
+            "GetRecord",
+            &id,
+            &["bsn"],
+            "denied",
+        ),
+        expect(r, "recruiter", "payroll", "GetRecord", &id, &[], "denied"),
+        expect(r, "recruiter", "<unknown>", "GetRecord", &id, &[], "denied"),
+        expect(
+            r,
+            "recruiter",
+            "recruitment",
+            "CreateRecord",
+            "",
+            &["email"],
+            "invalid",
+        ),
+        expect(
+            p,
+            "payroll",
+            "payroll",
+            "UpdateRecord",
+            &id,
+            &["bsn", "iban"],
+            "ok",
+        ),
+        expect(
+            r,
+            "recruiter",
+            "recruitment",
+            "UpdateRecord",
+            &id,
+            &["city"],
+            "invalid",
+        ),
+        expect(
+            r,
+            "recruiter",
+            "recruitment",
+            "FindRecords",
+            "",
+            &["email"],
+            "ok",
+        ),
+        expect(r, "recruiter", "", "ListRecords", "", &[], "ok"),
+        expect("", "", "", "GetRecord", &id, &[], "denied"),
+        expect(
+            r,
+            "recruiter",
+            "recruitment",
+            "GetRecord",
+            missing,
+            &[],
+            "invalid",
+        ),
+        expect(
+            r,
+            "recruiter",
+            "recruitment",
+            "GetRecord",
+            "<invalid>",
+            &["<unknown>"],
+            "invalid",
+        ),
+    ];
+    assert_eq!(
+        ours.iter().map(|e| row(e)).collect::<Vec<_>>(),
+        expected,
+        "events: {:#?}",
+        ours.iter().map(|e| row(e)).collect::<Vec<_>>()
+    );
+    // Gap-free sequence numbers, times that never decrease, a hash on each.
+    for pair in events.windows(2) {
+        assert_eq!(pair[1].seq, pair[0].seq + 1);
+        let t = |e: &AuditEvent| e.time.as_ref().map(|t| (t.seconds, t.nanos));
+        assert!(t(&pair[1]) >= t(&pair[0]));
+    }
+    assert!(events.iter().all(|e| e.hash.len() == 32));
+    // The auditor's own query is an event too.
+    let after = all_events(&mut a, QueryEventsRequest::default()).await;
+    let last = after.last().expect("events");
+    assert_eq!(
+        (last.principal.as_str(), last.action.as_str()),
+        ("test-auditor", "QueryEvents")
+    );
+    // No planted value in any event.
+    let dump = format!("{:?}", after.iter().map(row).collect::<Vec<_>>());
+    for planted in [
+        "Anna Planted-Name",
+        "anna.planted",
+        "111222333",
+        "NL91ABNA0417164300",
+    ] {
+        assert!(!dump.contains(planted), "{planted} in the trail");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_rights_filters_and_pages() {
+    let v = spawn_vault().await;
+    let mut recruiter = v.client("recruiter").await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let id = recruiter
+            .create_record(CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("full_name", text(&format!("Person {i}")))]),
+            })
+            .await
+            .expect("create")
+            .into_inner()
+            .record_id;
+        ids.push(id);
+    }
+    let mid = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for id in &ids {
+        recruiter
+            .get_record(GetRecordRequest {
+                record_id: id.clone(),
+                purpose: "recruitment".into(),
+                field_names: vec![],
+            })
+            .await
+            .expect("get");
+    }
+    let mut payroll = v.client("payroll").await;
+    payroll
+        .get_record(GetRecordRequest {
+            record_id: ids[0].clone(),
+            purpose: "payroll".into(),
+            field_names: vec![],
+        })
+        .await
+        .expect("payroll reads (nothing it may read is there)");
+
+    // Filters combine.
+    let mut a = auditor(&v, "auditor").await;
+    let since = prost_types::Timestamp {
+        seconds: mid.timestamp(),
+        nanos: mid.timestamp_subsec_nanos() as i32,
+    };
+    let recruiter_after = all_events(
+        &mut a,
+        QueryEventsRequest {
+            principal: "test-recruiter".into(),
+            since: Some(since),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(recruiter_after.len(), 3);
+    assert!(recruiter_after.iter().all(|e| e.action == "GetRecord"));
+    let one = all_events(
+        &mut a,
+        QueryEventsRequest {
+            principal: "test-payroll".into(),
+            record_id: ids[0].clone(),
+            since: Some(since),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(one.len(), 1);
+    let before_mid = all_events(
+        &mut a,
+        QueryEventsRequest {
+            principal: "test-recruiter".into(),
+            until: Some(since),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(before_mid.len(), 3);
+    assert!(before_mid.iter().all(|e| e.action == "CreateRecord"));
+    // Pages of one.
+    let mut pages = 0;
+    let mut req = QueryEventsRequest {
+        principal: "test-recruiter".into(),
+        page_size: 1,
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    loop {
+        let page = a
+            .query_events(req.clone())
+            .await
+            .expect("page")
+            .into_inner();
+        pages += 1;
+        seen.extend(page.events.into_iter().map(|e| e.seq));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        req.page_token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 6);
+    assert!(pages >= 6);
+    // Bad arguments name the field.
+    assert_status(
+        a.query_events(QueryEventsRequest {
+            record_id: "not-a-uuid".into(),
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+        &["record_id"],
+    );
+    assert_status(
+        a.query_events(QueryEventsRequest {
+            since: Some(since),
+            until: Some(since),
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+        &["until"],
+    );
+    assert_status(
+        a.query_events(QueryEventsRequest {
+            page_token: "%%%".into(),
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+        &["page_token"],
+    );
+    // Rights.
+    for role in ["recruiter", "payroll", "absence", "security_officer"] {
+        let mut c = auditor(&v, role).await;
+        assert_status(
+            c.query_events(QueryEventsRequest::default()).await,
+            Code::PermissionDenied,
+            &["audit"],
+        );
+    }
+    for role in ["recruiter", "payroll", "absence", "privacy_officer"] {
+        let mut c = auditor(&v, role).await;
+        assert_status(
+            c.verify_chain(VerifyChainRequest {}).await,
+            Code::PermissionDenied,
+            &["verify"],
+        );
+    }
+    let mut po = auditor(&v, "privacy_officer").await;
+    assert_status(
+        po.query_events(QueryEventsRequest::default()).await,
+        Code::PermissionDenied,
+        &["record_id"],
+    );
+    let subject = all_events(
+        &mut po,
+        QueryEventsRequest {
+            record_id: ids[0].clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        subject
+            .iter()
+            .map(|e| (e.principal.as_str(), e.action.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            ("test-recruiter", "CreateRecord"),
+            ("test-recruiter", "GetRecord"),
+            ("test-payroll", "GetRecord"),
+            // Querying the trail about a record is itself an event about that record.
+            ("test-auditor", "QueryEvents"),
+        ]
+    );
+    let mut so = auditor(&v, "security_officer").await;
+    let verified = so
+        .verify_chain(VerifyChainRequest {})
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(verified.ok);
+    assert!(verified.events_checked >= 7);
+}
+
+async fn stored_event(store: &SledStore, seq: u64) -> Vec<u8> {
+    store
+        .get(Keyspace::Audit, &event_key(seq))
+        .await
+        .expect("read")
+        .expect("event present")
+}
+
+async fn put_event(store: &SledStore, seq: u64, value: Vec<u8>) {
+    let mut b = Batch::default();
+    b.put(Keyspace::Audit, event_key(seq).to_vec(), value);
+    store.commit(b).await.expect("write");
+}
+
+async fn verify(v: &TestVault) -> kluis::proto::VerifyChainResponse {
+    let mut a = auditor(v, "auditor").await;
+    a.verify_chain(VerifyChainRequest {})
+        .await
+        .expect("verify")
+        .into_inner()
+}
+
+/// Runs `f` on the store of the stopped vault, then restarts it.
+async fn offline<F, Fut>(v: &mut TestVault, f: F)
+where
+    F: FnOnce(SledStore) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    v.stop().await;
+    let store = SledStore::open(&data_dir(&v.dir)).expect("open store offline");
+    f(store).await;
+    v.start().await.expect("restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_chain_names_the_first_changed_deleted_or_moved_event() {
+    let mut v = spawn_vault().await;
+    let mut recruiter = v.client("recruiter").await;
+    for i in 0..6 {
+        recruiter
+            .create_record(CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("full_name", text(&format!("Person {i}")))]),
+            })
+            .await
+            .expect("create");
+    }
+    let ok = verify(&v).await;
+    assert!(ok.ok && ok.first_bad_seq == 0);
+
+    // Changed: one byte of event 3's body.
+    offline(&mut v, |store| async move {
+        let mut changed = stored_event(&store, 3).await;
+        let n = changed.len();
+        changed[n - 2] ^= 0x20;
+        put_event(&store, 3, changed).await;
+    })
+    .await;
+    let bad = verify(&v).await;
+    assert_eq!((bad.ok, bad.first_bad_seq), (false, 3), "{bad:?}");
+
+    // Restore it (recomputing nothing): whole again. Then delete event 4.
+    offline(&mut v, |store| async move {
+        let raw = stored_event(&store, 3).await;
+        let mut fixed = raw.clone();
+        let n = fixed.len();
+        fixed[n - 2] ^= 0x20;
+        put_event(&store, 3, fixed).await;
+    })
+    .await;
+    assert!(verify(&v).await.ok);
+    offline(&mut v, |store| async move {
+        let mut b = Batch::default();
+        b.delete(Keyspace::Audit, event_key(4).to_vec());
+        store.commit(b).await.expect("delete");
+    })
+    .await;
+    let bad = verify(&v).await;
+    assert_eq!((bad.ok, bad.first_bad_seq), (false, 4), "{bad:?}");
+
+    // Reordered: events 5 and 6 swapped (on a fresh vault, so 4 is intact).
+    let mut w = spawn_vault().await;
+    let mut recruiter = w.client("recruiter").await;
+    for i in 0..6 {
+        recruiter
+            .create_record(CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("full_name", text(&format!("Person {i}")))]),
+            })
+            .await
+            .expect("create");
+    }
+    offline(&mut w, |store| async move {
+        let five = stored_event(&store, 5).await;
+        let six = stored_event(&store, 6).await;
+        put_event(&store, 5, six).await;
+        put_event(&store, 6, five).await;
+    })
+    .await;
+    let bad = verify(&w).await;
+    assert_eq!((bad.ok, bad.first_bad_seq), (false, 5), "{bad:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consistently_rewritten_chain_fails_checkpoint_verification() {
+    let mut v = spawn_vault().await;
+    let mut recruiter = v.client("recruiter").await;
+    for i in 0..4 {
+        recruiter
+            .create_record(CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("full_name", text(&format!("Person {i}")))]),
+            })
+            .await
+            .expect("create");
+    }
+    // Stopping signs a checkpoint of the head.
+    offline(&mut v, |store| async move {
+        let head = Head::load(&store).await.expect("head");
+        assert!(head.seq >= 4);
+        // An insider rewrites every event (here: blames someone else), recomputing every
+        // hash and the head, so the chain itself is consistent.
+        let mut prev = [0u8; 32];
+        let mut b = Batch::default();
+        let mut new_head = Head::default();
+        for seq in 1..=head.seq {
+            let e = Event::parse(&stored_event(&store, seq).await).expect("event");
+            let mut d = e.draft.clone();
+            d.principal = "someone-else".into();
+            let body = d.encode();
+            let hash = audit::link(&prev, seq, e.time_ms, &body);
+            let mut value = seq.to_be_bytes().to_vec();
+            value.extend_from_slice(&e.time_ms.to_be_bytes());
+            value.extend_from_slice(&hash);
+            value.extend_from_slice(&body);
+            b.put(Keyspace::Audit, event_key(seq).to_vec(), value);
+            prev = hash;
+            new_head = Head {
+                seq,
+                time_ms: e.time_ms,
+                hash,
+            };
+        }
+        b.put(Keyspace::Meta, audit::META_HEAD.to_vec(), new_head.encode());
+        store.commit(b).await.expect("rewrite");
+    })
+    .await;
+    let bad = verify(&v).await;
+    assert!(!bad.ok, "{bad:?}");
+    assert_eq!(bad.first_bad_seq, 1);
+
+    // Deleting the checkpoints as well does not help: the chain is then uncovered.
+    let mut w = spawn_vault().await;
+    let mut recruiter = w.client("recruiter").await;
+    recruiter
+        .create_record(CreateRecordRequest {
+            purpose: "recruitment".into(),
+            fields: fields(&[("full_name", text("Someone"))]),
+        })
+        .await
+        .expect("create");
+    w.stop().await;
+    // Over `max_uncovered` events with no checkpoint.
+    let store = SledStore::open(&data_dir(&w.dir)).expect("open");
+    let limit = kluis::audit::max_uncovered(kluis::config::DEFAULT_CHECKPOINT_EVERY);
+    let mut b = Batch::default();
+    for _ in 0..=limit {
+        b.append_event(kluis::audit::Draft::new("GetRecord", "forged", "recruiter").encode());
+    }
+    store.commit(b).await.expect("append");
+    let cps = store
+        .scan(Keyspace::Meta, kluis::audit::META_CHECKPOINT, None, 1000)
+        .await
+        .expect("scan");
+    let mut b = Batch::default();
+    for (k, _) in cps {
+        b.delete(Keyspace::Meta, k);
+    }
+    b.delete(Keyspace::Meta, kluis::audit::META_CHECKPOINT_LAST.to_vec());
+    store.commit(b).await.expect("delete checkpoints");
+    drop(store);
+    // Started with checkpoints far apart, so the server does not re-cover the tail at once.
+    w.start().await.expect("restart");
+    let bad = verify(&w).await;
+    assert!(!bad.ok, "{bad:?}");
+    assert_eq!(bad.first_bad_seq, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_are_signed_while_running_and_at_shutdown() {
+    let mut v = spawn_vault().await;
+    let recruiter = v.client("recruiter").await;
+    // More than `checkpoint_every` events: the running server signs a checkpoint.
+    let n = kluis::config::DEFAULT_CHECKPOINT_EVERY;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut c = recruiter.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..(n / 8 + 10) {
+                c.list_records(ListRecordsRequest::default())
+                    .await
+                    .expect("list");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = recruiter.clone();
+    c.list_records(ListRecordsRequest::default())
+        .await
+        .expect("list");
+    v.stop().await;
+    let store = SledStore::open(&data_dir(&v.dir)).expect("open");
+    let head = Head::load(&store).await.expect("head");
+    let cps: Vec<u64> = store
+        .scan(Keyspace::Meta, audit::META_CHECKPOINT, None, 1000)
+        .await
+        .expect("scan")
+        .into_iter()
+        .filter_map(|(_, v)| audit::Checkpoint::decode(&v))
+        .map(|cp| cp.seq)
+        .collect();
+    assert!(
+        cps.iter().any(|&s| s >= n && s < head.seq),
+        "a checkpoint while running: {cps:?}, head {}",
+        head.seq
+    );
+    assert_eq!(cps.last(), Some(&head.seq), "a checkpoint at shutdown");
+    let pk = audit::read_public_key(&v.dir.path().join("keys").join(audit::PUBLIC_KEY_FILE))
+        .expect("public key");
+    let report = audit::verify(&store, &pk, audit::max_uncovered(n))
+        .await
+        .expect("verify");
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.checkpoints_checked as usize, cps.len());
+}
