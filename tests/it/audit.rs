@@ -767,3 +767,161 @@ async fn checkpoints_are_signed_while_running_and_at_shutdown() {
     assert!(report.ok, "{report:?}");
     assert_eq!(report.checkpoints_checked as usize, cps.len());
 }
+
+/// The real binary in dev mode with its log on a pipe (a file-size limit must not hit the log).
+struct Piped {
+    child: std::process::Child,
+    addr: String,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Drop for Piped {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_piped(dir: &std::path::Path) -> Piped {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kluis"))
+        .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn kluis");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sink = std::sync::Arc::clone(&log);
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(addr) = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("local_addr="))
+            {
+                let _ = tx.send(addr.to_string());
+            }
+            let mut log = sink.lock().expect("log lock");
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("kluis did not start");
+    Piped { child, addr, log }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_no_event_can_be_written_nothing_is_returned_or_changed() {
+    use crate::durability::dev_tokens;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_piped(dir.path());
+    let tokens = dev_tokens(dir.path());
+    let connect = |addr: String, role: &str| {
+        let token = tokens[role].clone();
+        async move {
+            let channel = Channel::from_shared(format!("http://{addr}"))
+                .expect("uri")
+                .connect()
+                .await
+                .expect("connect");
+            kluis::proto::records_client::RecordsClient::with_interceptor(channel, bearer(&token))
+        }
+    };
+    let mut recruiter = connect(server.addr.clone(), "recruiter").await;
+    let id = recruiter
+        .create_record(CreateRecordRequest {
+            purpose: "recruitment".into(),
+            fields: fields(&[("full_name", text("Fail Closed-Planted"))]),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .record_id;
+    let get = GetRecordRequest {
+        record_id: id.clone(),
+        purpose: "recruitment".into(),
+        field_names: vec![],
+    };
+    recruiter.get_record(get.clone()).await.expect("get");
+
+    // From now on no file of the server may grow: the next log write fails (EFBIG).
+    let wal = dir.path().join("data").join("wal");
+    let size = std::fs::read_dir(&wal)
+        .expect("wal dir")
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .max()
+        .expect("a log file");
+    let limited = std::process::Command::new("prlimit")
+        .arg(format!("--pid={}", server.child.id()))
+        .arg(format!("--fsize={size}"))
+        .status()
+        .expect("run prlimit");
+    assert!(limited.success(), "prlimit failed");
+
+    // A read whose event cannot be written returns nothing.
+    let refused = recruiter.get_record(get.clone()).await;
+    assert_status(
+        refused,
+        Code::Unavailable,
+        &["audit trail unavailable", "nothing was changed or returned"],
+    );
+    // A change whose event cannot be written changes nothing.
+    assert_status(
+        recruiter
+            .create_record(CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("full_name", text("Never Stored"))]),
+            })
+            .await,
+        Code::Unavailable,
+        &[],
+    );
+    {
+        let log = server.log.lock().expect("log");
+        assert!(
+            log.contains("audit event could not be written"),
+            "the log says why: {log}"
+        );
+        assert!(!log.contains("Fail Closed-Planted") && !log.contains("Never Stored"));
+    }
+    // Not even before a restart.
+    let listed = recruiter.list_records(ListRecordsRequest::default()).await;
+    assert_status(listed, Code::Unavailable, &[]);
+    drop(server);
+
+    let server = start_piped(dir.path());
+    let mut recruiter = connect(server.addr.clone(), "recruiter").await;
+    let records = recruiter
+        .list_records(ListRecordsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .records;
+    assert_eq!(records.len(), 1, "the refused create left no record");
+    assert_eq!(records[0].record_id, id);
+    let mut a = audit_client(&server.addr, &tokens["auditor"]).await;
+    let events = all_events(&mut a, QueryEventsRequest::default()).await;
+    let reads = events
+        .iter()
+        .filter(|e| e.action == "GetRecord" && e.outcome == "ok")
+        .count();
+    assert_eq!(reads, 1, "only the read that answered is in the trail");
+    assert!(!events
+        .iter()
+        .any(|e| e.action == "CreateRecord" && e.outcome == "ok" && e.record_id != id));
+    let verified = a
+        .verify_chain(VerifyChainRequest {})
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(verified.ok, "{verified:?}");
+}
