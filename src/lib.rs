@@ -28,12 +28,14 @@
 //! - [`service`]: tonic handlers, authentication, the one mapping of errors to gRPC status.
 //! - [`config`]: configuration file, dev mode and `kluis init`.
 //! - [`server`]: assembling and running the gRPC server (TLS, health, reflection, shutdown).
+//! - [`cli`]: the `kluis` subcommands beyond `serve`/`init` (`kluis audit verify|export|breach-report`).
 //! - [`proto`]: the generated `kluis.v1` API.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod audit;
+pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod error;

@@ -1,5 +1,6 @@
 //! The `kluis` command line: `serve` runs the vault, `init` sets up production key material
-//! and configuration. Thin: everything happens in the library.
+//! and configuration, `audit` verifies, exports and reports on the audit trail. Thin:
+//! everything happens in the library ([`kluis::cli`] for the subcommands' logic).
 
 #![forbid(unsafe_code)]
 
@@ -44,18 +45,32 @@ enum Command {
         #[arg(long, default_value = kluis::config::DEFAULT_LISTEN)]
         listen: String,
     },
+    /// Audit trail tools: verify the chain offline, export events, breach reports.
+    #[command(after_help = kluis::cli::audit::EXIT_CODES)]
+    Audit {
+        #[command(subcommand)]
+        command: kluis::cli::audit::AuditCommand,
+    },
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The audit tools print results, not a running log: warnings only unless KLUIS_LOG says.
+    let default_level = match cli.command {
+        Command::Audit { .. } => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KLUIS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
+        // An unwritable log (full disk, file-size limit) must not turn into a panic in a
+        // request handler: tracing-subscriber would otherwise `eprintln!` about it.
+        .log_internal_errors(false)
         .init();
-    let cli = Cli::parse();
     match cli.command {
         Command::Serve {
             config,
@@ -64,6 +79,30 @@ fn main() -> ExitCode {
             data_dir,
         } => serve(config, dev, listen, data_dir),
         Command::Init { dir, listen } => init(dir, &listen),
+        Command::Audit { command } => audit(&command),
+    }
+}
+
+/// Runs an audit tool: its result on stdout, errors on stderr, exit code 0, 1 or 2.
+fn audit(command: &kluis::cli::audit::AuditCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(kluis::cli::audit::EXIT_USAGE);
+        }
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match runtime.block_on(kluis::cli::audit::run(command, &mut out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            drop(out);
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
     }
 }
 

@@ -228,10 +228,35 @@ struct Shared {
     durable_seq: AtomicU64,
     /// Writers of groups whose log write failed: the leader answers them once it has undone
     /// those groups in sled.
-    failed: Mutex<Vec<Reply>>,
+    failed: Mutex<Failed>,
     /// Test hook: the next log write fails.
     #[cfg(test)]
     fail_next_write: std::sync::atomic::AtomicBool,
+}
+
+/// Writers waiting for the leader to undo their failed groups, and how far it has undone.
+#[derive(Default)]
+struct Failed {
+    replies: Vec<Reply>,
+    /// Highest batch sequence number undone; jobs at or below it are answered at once.
+    undone_through: u64,
+}
+
+impl Failed {
+    /// Hands a failed job's writers to the leader, or answers them if their groups are
+    /// already undone. Under the lock, so that the leader cannot finish undoing (and go to
+    /// sleep) between the check and the hand-over.
+    fn hand_over(this: &Mutex<Failed>, job: SyncJob, reason: &str) {
+        let mut failed = this.lock();
+        if job.last_seq <= failed.undone_through {
+            drop(failed);
+            job.answer(|_| Err(StoreError::Poisoned(reason.to_string())));
+        } else {
+            failed
+                .replies
+                .extend(job.replies.into_iter().map(|(r, _)| r));
+        }
+    }
 }
 
 /// What it takes to undo one applied group in sled if its log write fails: the previous
@@ -376,7 +401,7 @@ impl SledStore {
             poisoned: Mutex::new(None),
             flushes: AtomicU64::new(0),
             durable_seq: AtomicU64::new(last),
-            failed: Mutex::new(Vec::new()),
+            failed: Mutex::new(Failed::default()),
             #[cfg(test)]
             fail_next_write: std::sync::atomic::AtomicBool::new(false),
         });
@@ -510,10 +535,9 @@ impl Shared {
             let (job, undo) = self.apply_and_encode(&mut next_seq, &mut head, group);
             in_flight.extend(undo);
             if let Err(std::sync::mpsc::SendError(job)) = to_writer.send(job) {
-                *self.poisoned.lock() = Some("the log writer stopped".into());
-                self.failed
-                    .lock()
-                    .extend(job.replies.into_iter().map(|(r, _)| r));
+                let reason = "the log writer stopped";
+                *self.poisoned.lock() = Some(reason.into());
+                Failed::hand_over(&self.failed, job, reason);
             }
         }
         drop(to_writer);
@@ -533,8 +557,9 @@ impl Shared {
         while in_flight.front().is_some_and(|u| u.last_seq <= durable) {
             in_flight.pop_front();
         }
-        let failed = std::mem::take(&mut *self.failed.lock());
-        if failed.is_empty() {
+        // Held while undoing: see `Failed::hand_over`.
+        let mut failed = self.failed.lock();
+        if failed.replies.is_empty() {
             return;
         }
         let reason = self
@@ -546,12 +571,15 @@ impl Shared {
             *head = oldest.head_before;
         }
         let undo: Vec<Undo> = in_flight.drain(..).rev().collect();
+        if let Some(newest) = undo.first() {
+            failed.undone_through = failed.undone_through.max(newest.last_seq);
+        }
         if let Err(e) = undo_groups(&self.trees, &undo) {
             // sled itself failed: the data dir must not be served on; the log (which lacks
             // these groups) is the truth at the next start only if sled did not persist them.
             tracing::error!(error = %e, "undoing groups whose log write failed also failed");
         }
-        for reply in failed {
+        for reply in std::mem::take(&mut failed.replies) {
             let _ = reply.send(Err(StoreError::Poisoned(reason.clone())));
         }
     }
@@ -632,11 +660,9 @@ impl Shared {
                 job.answer(|r| r);
                 continue;
             }
-            if self.check_poisoned().is_err() {
+            if let Err(e) = self.check_poisoned() {
                 // An earlier job failed: the leader undoes this one too, then answers.
-                self.failed
-                    .lock()
-                    .extend(job.replies.into_iter().map(|(r, _)| r));
+                Failed::hand_over(&self.failed, job, &e.to_string());
                 continue;
             }
             let written = (|| {
@@ -657,10 +683,8 @@ impl Shared {
                 let _ = log.file.sync_data();
                 let reason = format!("write-ahead log write or sync failed: {e}");
                 tracing::error!(error = %e, "write-ahead log write failed; the store refuses writes until restart");
-                *self.poisoned.lock() = Some(reason);
-                self.failed
-                    .lock()
-                    .extend(job.replies.into_iter().map(|(r, _)| r));
+                *self.poisoned.lock() = Some(reason.clone());
+                Failed::hand_over(&self.failed, job, &reason);
                 continue;
             }
             log.len += job.frames.len() as u64;

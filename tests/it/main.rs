@@ -4,6 +4,7 @@
 mod helpers;
 
 mod audit;
+mod audit_cli;
 mod crypto_vectors;
 mod durability;
 mod policy_matrix;

@@ -1,0 +1,1224 @@
+//! `kluis audit …`: tools over the audit trail ([`crate::audit`]).
+//!
+//! - `verify`: checks the whole chain offline, with the server stopped (what the
+//!   `kluis.v1.Audit/VerifyChain` RPC does for a running server).
+//! - `export`: events as JSON lines, read from the data directory or asked of a running
+//!   server (`kluis.v1.Audit/QueryEvents`, bearer token in `$KLUIS_TOKEN`).
+//! - `breach-report`: which records and which fields one principal touched in a time window,
+//!   the input to a 72-hour breach notification.
+//!
+//! `export` and `breach-report` read through one [`EventSource`]: the store or the server.
+//! Events hold names, never values, so nothing here can print a field value.
+//!
+//! Exit codes: 0 ok; [`EXIT_FAILED`] when the chain does not verify or the server refuses a
+//! call; [`EXIT_USAGE`] for usage, configuration and IO errors.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::builder::NonEmptyStringValueParser;
+use clap::{Args, Subcommand, ValueEnum};
+use serde::{Serialize, Serializer};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use zeroize::Zeroizing;
+
+use crate::audit::{self, Filter};
+use crate::proto;
+use crate::proto::audit_client::AuditClient;
+use crate::store::{SledStore, StoreError};
+
+/// Exit code: the chain does not verify, or the server refused the request.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code: usage, configuration or IO error.
+pub const EXIT_USAGE: u8 = 2;
+
+/// The exit codes, for `--help`.
+pub const EXIT_CODES: &str = "Exit codes:\n  0  ok\n  1  the audit chain does not verify, or the server refused the request (its gRPC status is printed)\n  2  usage, configuration or IO error (also: the data directory is in use by a running server)";
+
+/// The environment variable holding the bearer token for `--server`.
+pub const TOKEN_ENV: &str = "KLUIS_TOKEN";
+
+/// Events asked for per page, offline and online (the server's largest page).
+const PAGE_SIZE: u32 = crate::service::audit_service::MAX_PAGE_SIZE;
+
+/// Largest gRPC response accepted (a page of 1000 events with long field lists).
+const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Where `--server` points when neither it nor `--data-dir` is given.
+pub fn default_server() -> String {
+    format!("http://{}", crate::config::DEFAULT_LISTEN)
+}
+
+// ---------------------------------------------------------------------------------------
+// Arguments
+
+/// `kluis audit` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Verifies the whole audit chain offline (server stopped).
+    ///
+    /// Checks every event's hash and link, the stored head, every signed checkpoint and that
+    /// recent events are covered by one. Prints `ok: …` or `FAILED: first bad event …`. For a
+    /// running server use the kluis.v1.Audit/VerifyChain RPC instead.
+    #[command(after_help = EXIT_CODES)]
+    Verify(VerifyArgs),
+    /// Prints audit events as JSON lines.
+    ///
+    /// One event per line, in sequence order: seq, time (RFC 3339 UTC), principal, role,
+    /// purpose, action, record_id, field_names, outcome, hash (hex). Names only, never values.
+    #[command(after_help = EXIT_CODES)]
+    Export(ExportArgs),
+    /// Which records and fields one principal touched in a window.
+    ///
+    /// The input to a breach notification: per record the fields touched, the actions, the
+    /// number of events, first and last time and the outcomes, over [--since, --until).
+    /// Events that named no record (searches, listings) are counted in the header.
+    #[command(after_help = EXIT_CODES)]
+    BreachReport(BreachReportArgs),
+}
+
+/// `kluis audit verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The data directory (the server must be stopped).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// The checkpoint signing public key (64 hex digits) [default: <parent of DIR>/keys/audit-signing.pub].
+    #[arg(long, value_name = "FILE")]
+    pub public_key: Option<PathBuf>,
+    /// The server's `checkpoint_every` setting: at most 2×N+1000 events may follow the newest
+    /// signed checkpoint.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = crate::config::DEFAULT_CHECKPOINT_EVERY,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub checkpoint_every: u64,
+}
+
+/// Where `export` and `breach-report` read events.
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    /// Read this data directory directly (the server must be stopped).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["server", "ca_cert"])]
+    pub data_dir: Option<PathBuf>,
+    /// Ask this running server (kluis.v1.Audit/QueryEvents), sending $KLUIS_TOKEN as the bearer
+    /// token (a role with the audit `query` right, e.g. auditor). Used when --data-dir is not
+    /// given [default: http://127.0.0.1:50051].
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
+    /// CA certificate (PEM) that signed the server's certificate, for an https:// --server.
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// `kluis audit export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Where to read the events.
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Only the events of this record (its id, a UUID).
+    #[arg(long, value_name = "ID", value_parser = parse_record_id)]
+    pub record: Option<String>,
+    /// Only the events of this principal (its name in the policy).
+    #[arg(long, value_name = "P", value_parser = NonEmptyStringValueParser::new())]
+    pub principal: Option<String>,
+    /// Only events at or after T: RFC 3339 (2026-11-25T10:00:00Z) or a date (2026-11-25,
+    /// midnight UTC).
+    #[arg(long, value_name = "T", value_parser = parse_time)]
+    pub since: Option<i64>,
+    /// Only events before T (same forms as --since).
+    #[arg(long, value_name = "T", value_parser = parse_time)]
+    pub until: Option<i64>,
+}
+
+/// `kluis audit breach-report`.
+#[derive(Debug, Args)]
+pub struct BreachReportArgs {
+    /// Where to read the events.
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// The principal (its name in the policy) whose accesses to report.
+    #[arg(long, value_name = "P", value_parser = NonEmptyStringValueParser::new())]
+    pub principal: String,
+    /// Start of the window, inclusive: RFC 3339 (2026-11-25T10:00:00Z) or a date (2026-11-25,
+    /// midnight UTC).
+    #[arg(long, value_name = "T", value_parser = parse_time)]
+    pub since: i64,
+    /// End of the window, exclusive (same forms as --since).
+    #[arg(long, value_name = "T", value_parser = parse_time)]
+    pub until: i64,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// Output format of `breach-report`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// An aligned text table.
+    Table,
+    /// One JSON document.
+    Json,
+}
+
+/// Parses a time argument: RFC 3339 with any offset, or a date `YYYY-MM-DD` (midnight UTC).
+/// Returns Unix milliseconds.
+pub fn parse_time(text: &str) -> Result<i64, String> {
+    let text = text.trim();
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(t.timestamp_millis());
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        if let Some(t) = d.and_hms_opt(0, 0, 0) {
+            return Ok(t.and_utc().timestamp_millis());
+        }
+    }
+    Err(
+        "not a time: use RFC 3339 (2026-11-25T10:00:00Z) or a date (2026-11-25, midnight UTC)"
+            .into(),
+    )
+}
+
+/// Parses a record id argument into the form events hold (lower-case, hyphenated UUID).
+pub fn parse_record_id(text: &str) -> Result<String, String> {
+    uuid::Uuid::parse_str(text.trim())
+        .map(|u| u.to_string())
+        .map_err(|_| "not a record id (a UUID such as 3f2c9a4e-…)".into())
+}
+
+/// Unix milliseconds as RFC 3339 UTC with milliseconds, e.g. `2026-11-25T10:00:00.000Z`.
+pub fn rfc3339_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map_or_else(
+        || format!("{ms}ms"),
+        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    )
+}
+
+fn ser_time<S: Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339_ms(*ms))
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors
+
+/// Why an audit command did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad arguments or environment.
+    #[error("{0}")]
+    Usage(String),
+    /// A file, the store or the connection failed.
+    #[error("{0}")]
+    Io(String),
+    /// The server answered with an error status.
+    #[error("the server refused {method}: {}: {}", code_name(status.code()), status.message())]
+    Refused {
+        /// The RPC.
+        method: &'static str,
+        /// Its status.
+        status: tonic::Status,
+    },
+    /// The chain does not verify (the details were printed).
+    #[error("the audit chain does not verify")]
+    VerificationFailed,
+    /// Standard output was closed (e.g. piped into `head`): not an error, [`run`] ends quietly.
+    #[error("standard output closed")]
+    OutputClosed,
+}
+
+impl CliError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) | CliError::Io(_) => EXIT_USAGE,
+            CliError::Refused { .. } | CliError::VerificationFailed => EXIT_FAILED,
+            CliError::OutputClosed => 0,
+        }
+    }
+}
+
+fn output_error(e: std::io::Error) -> CliError {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        CliError::OutputClosed
+    } else {
+        CliError::Io(format!("writing the output: {e}"))
+    }
+}
+
+fn store_error(e: StoreError) -> CliError {
+    CliError::Io(format!("reading the audit trail: {e}"))
+}
+
+/// The canonical name of a gRPC status code, e.g. `PERMISSION_DENIED`.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// An error and its sources, `: `-separated (tonic's transport errors say little on top).
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    let mut last = text.clone();
+    while let Some(s) = source {
+        let part = s.to_string();
+        // hyper and tonic repeat a message at several levels.
+        if part != last {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        last = part;
+        source = s.source();
+    }
+    text
+}
+
+/// `1 event`, `2 events`.
+fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("{n} {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Events and where they come from
+
+/// One audit event, from the store or from the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    /// Sequence number.
+    pub seq: u64,
+    /// Unix milliseconds.
+    pub time_ms: i64,
+    /// Who called (empty when authentication failed).
+    pub principal: String,
+    /// Their role.
+    pub role: String,
+    /// The purpose stated.
+    pub purpose: String,
+    /// The RPC method.
+    pub action: String,
+    /// The record touched (empty when none).
+    pub record_id: String,
+    /// Names of the fields touched.
+    pub field_names: Vec<String>,
+    /// `ok`, `denied`, `invalid` or `error`.
+    pub outcome: String,
+    /// The chain hash.
+    pub hash: Vec<u8>,
+}
+
+impl From<audit::Event> for AuditRow {
+    fn from(e: audit::Event) -> AuditRow {
+        AuditRow {
+            seq: e.seq,
+            time_ms: e.time_ms,
+            principal: e.draft.principal,
+            role: e.draft.role,
+            purpose: e.draft.purpose,
+            action: e.draft.action,
+            record_id: e.draft.record_id,
+            field_names: e.draft.field_names,
+            outcome: e.draft.outcome,
+            hash: e.hash.to_vec(),
+        }
+    }
+}
+
+impl From<proto::AuditEvent> for AuditRow {
+    fn from(e: proto::AuditEvent) -> AuditRow {
+        let time_ms = e.time.map_or(0, |t| {
+            t.seconds
+                .saturating_mul(1000)
+                .saturating_add(i64::from(t.nanos) / 1_000_000)
+        });
+        AuditRow {
+            seq: e.seq,
+            time_ms,
+            principal: e.principal,
+            role: e.role,
+            purpose: e.purpose,
+            action: e.action,
+            record_id: e.record_id,
+            field_names: e.field_names,
+            outcome: e.outcome,
+            hash: e.hash,
+        }
+    }
+}
+
+/// The JSON form of an event, one line of `export`.
+#[derive(Serialize)]
+struct JsonEvent<'a> {
+    seq: u64,
+    time: String,
+    principal: &'a str,
+    role: &'a str,
+    purpose: &'a str,
+    action: &'a str,
+    record_id: &'a str,
+    field_names: &'a [String],
+    outcome: &'a str,
+    hash: String,
+}
+
+impl AuditRow {
+    /// Writes the event as one JSON line.
+    pub fn write_json_line(&self, out: &mut dyn Write) -> Result<(), CliError> {
+        let json = JsonEvent {
+            seq: self.seq,
+            time: rfc3339_ms(self.time_ms),
+            principal: &self.principal,
+            role: &self.role,
+            purpose: &self.purpose,
+            action: &self.action,
+            record_id: &self.record_id,
+            field_names: &self.field_names,
+            outcome: &self.outcome,
+            hash: hex::encode(&self.hash),
+        };
+        serde_json::to_writer(&mut *out, &json).map_err(|e| match e.io_error_kind() {
+            Some(std::io::ErrorKind::BrokenPipe) => CliError::OutputClosed,
+            _ => CliError::Io(format!("writing the output: {e}")),
+        })?;
+        out.write_all(b"\n").map_err(output_error)
+    }
+}
+
+/// Sends `authorization: Bearer <token>` with every request. No `Debug`: it holds the token.
+#[derive(Clone)]
+pub struct BearerToken(MetadataValue<Ascii>);
+
+impl BearerToken {
+    /// A bearer token.
+    pub fn new(token: &str) -> Result<BearerToken, CliError> {
+        let header = Zeroizing::new(format!("Bearer {}", token.trim()));
+        let mut value: MetadataValue<Ascii> = header.parse().map_err(|_| {
+            CliError::Usage(format!(
+                "{TOKEN_ENV} is not a valid bearer token (printable ASCII only)"
+            ))
+        })?;
+        value.set_sensitive(true);
+        Ok(BearerToken(value))
+    }
+
+    /// The token in `$KLUIS_TOKEN`.
+    pub fn from_env() -> Result<BearerToken, CliError> {
+        let missing = || {
+            CliError::Usage(format!(
+                "{TOKEN_ENV} is not set: asking a server needs a bearer token of a role with audit rights (e.g. auditor) in {TOKEN_ENV}; or read the data directory with --data-dir while the server is stopped"
+            ))
+        };
+        let token = Zeroizing::new(std::env::var(TOKEN_ENV).map_err(|_| missing())?);
+        if token.trim().is_empty() {
+            return Err(missing());
+        }
+        BearerToken::new(&token)
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// The gRPC client of the `Audit` service, authenticated by a bearer token.
+pub type Client = AuditClient<InterceptedService<Channel, BearerToken>>;
+
+/// Connects to the server at `url` (http:// or https://; https needs `ca_cert`).
+pub async fn connect(
+    url: &str,
+    ca_cert: Option<&Path>,
+    token: BearerToken,
+) -> Result<Client, CliError> {
+    let mut endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| CliError::Usage(format!("--server {url}: not a URL: {e}")))?
+        .connect_timeout(Duration::from_secs(10));
+    match (endpoint.uri().scheme_str(), ca_cert) {
+        (Some("https"), Some(path)) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| CliError::Io(format!("--ca-cert {}: {e}", path.display())))?;
+            endpoint = endpoint
+                .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+                .map_err(|e| {
+                    CliError::Usage(format!("--ca-cert {}: {}", path.display(), with_sources(&e)))
+                })?;
+        }
+        (Some("https"), None) => {
+            return Err(CliError::Usage(format!(
+                "--server {url}: https needs --ca-cert FILE (the CA certificate, PEM, that signed the server's certificate)"
+            )))
+        }
+        (Some("http"), Some(_)) => {
+            return Err(CliError::Usage(
+                "--ca-cert applies to an https:// --server only".into(),
+            ))
+        }
+        (Some("http"), None) => {}
+        _ => {
+            return Err(CliError::Usage(format!(
+                "--server {url}: use http://HOST:PORT or https://HOST:PORT"
+            )))
+        }
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| CliError::Io(format!("cannot connect to {url}: {}", with_sources(&e))))?;
+    Ok(AuditClient::with_interceptor(channel, token).max_decoding_message_size(MAX_RESPONSE_BYTES))
+}
+
+/// The canonical data directory `dir`, if it holds a Kluis store; never creates one.
+fn existing_data_dir(dir: &Path) -> Result<PathBuf, CliError> {
+    let canonical = std::fs::canonicalize(dir)
+        .map_err(|e| CliError::Usage(format!("--data-dir {}: {e}", dir.display())))?;
+    if !canonical.is_dir() || !canonical.join("db").is_file() {
+        return Err(CliError::Usage(format!(
+            "--data-dir {}: not a Kluis data directory (no database in it)",
+            dir.display()
+        )));
+    }
+    Ok(canonical)
+}
+
+/// Opens the store in the data directory `dir` (replaying its write-ahead log). `in_use` says
+/// what to do instead when a running server holds the directory's lock.
+pub fn open_store(dir: &Path, in_use: &str) -> Result<SledStore, CliError> {
+    let canonical = existing_data_dir(dir)?;
+    SledStore::open(&canonical).map_err(|e| {
+        let text = e.to_string();
+        if text.contains("could not acquire lock") {
+            CliError::Usage(format!(
+                "the data directory {} is in use by a running server: stop the server first, or {in_use}",
+                dir.display()
+            ))
+        } else {
+            CliError::Io(format!("opening the data directory {}: {text}", dir.display()))
+        }
+    })
+}
+
+/// What to do instead of reading a data directory a server holds.
+const USE_SERVER: &str = "ask the running server with --server URL (and $KLUIS_TOKEN)";
+/// What to do instead of verifying a data directory a server holds.
+const USE_VERIFY_CHAIN: &str = "verify the running server's chain with the kluis.v1.Audit/VerifyChain RPC (role auditor or security_officer)";
+
+/// Where `export` and `breach-report` read events: the store, or a running server.
+pub enum EventSource {
+    /// A data directory opened directly (server stopped).
+    Store(SledStore),
+    /// A running server's `kluis.v1.Audit/QueryEvents`.
+    Server(Client),
+}
+
+impl EventSource {
+    /// The source `args` name; a server by default.
+    pub async fn open(args: &SourceArgs) -> Result<EventSource, CliError> {
+        match &args.data_dir {
+            Some(dir) => Ok(EventSource::Store(open_store(dir, USE_SERVER)?)),
+            None => {
+                let url = args.server.clone().unwrap_or_else(default_server);
+                let token = BearerToken::from_env()?;
+                Ok(EventSource::Server(
+                    connect(&url, args.ca_cert.as_deref(), token).await?,
+                ))
+            }
+        }
+    }
+
+    /// Calls `each` with every event matching `filter`, in sequence order, page by page.
+    pub async fn for_each(
+        &mut self,
+        filter: &Filter,
+        mut each: impl FnMut(AuditRow) -> Result<(), CliError>,
+    ) -> Result<(), CliError> {
+        match self {
+            EventSource::Store(store) => {
+                let mut after = 0;
+                loop {
+                    let page = audit::query(store, filter, after, PAGE_SIZE as usize)
+                        .await
+                        .map_err(store_error)?;
+                    for event in page.events {
+                        each(AuditRow::from(event))?;
+                    }
+                    match page.next_after {
+                        Some(next) if next > after => after = next,
+                        _ => return Ok(()),
+                    }
+                }
+            }
+            EventSource::Server(client) => {
+                let mut page_token = String::new();
+                loop {
+                    let request = proto::QueryEventsRequest {
+                        record_id: filter.record_id.clone().unwrap_or_default(),
+                        principal: filter.principal.clone().unwrap_or_default(),
+                        since: filter.since_ms.map(timestamp),
+                        until: filter.until_ms.map(timestamp),
+                        page_size: PAGE_SIZE,
+                        page_token: page_token.clone(),
+                    };
+                    let page = client
+                        .query_events(request)
+                        .await
+                        .map_err(|status| CliError::Refused {
+                            method: "QueryEvents",
+                            status,
+                        })?
+                        .into_inner();
+                    for event in page.events {
+                        each(AuditRow::from(event))?;
+                    }
+                    if page.next_page_token.is_empty() {
+                        return Ok(());
+                    }
+                    if page.next_page_token == page_token {
+                        return Err(CliError::Io(
+                            "the server returned the same page token twice".into(),
+                        ));
+                    }
+                    page_token = page.next_page_token;
+                }
+            }
+        }
+    }
+}
+
+fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+fn check_window(since: Option<i64>, until: Option<i64>) -> Result<(), CliError> {
+    match (since, until) {
+        (Some(s), Some(u)) if u <= s => {
+            Err(CliError::Usage("--until must be later than --since".into()))
+        }
+        _ => Ok(()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Breach report
+
+/// One record in a breach report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecordTouch {
+    /// The record.
+    pub record_id: String,
+    /// Names of the fields touched, sorted (every outcome: see `outcomes`).
+    pub field_names: Vec<String>,
+    /// The RPC methods, sorted.
+    pub actions: Vec<String>,
+    /// How many events.
+    pub events: u64,
+    /// The first event's time.
+    #[serde(serialize_with = "ser_time")]
+    pub first: i64,
+    /// The last event's time.
+    #[serde(serialize_with = "ser_time")]
+    pub last: i64,
+    /// Events per outcome (`ok`, `denied`, `invalid`, `error`).
+    pub outcomes: BTreeMap<String, u64>,
+}
+
+/// The principal's events that named no record (searches, listings, audit queries).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct WithoutRecord {
+    /// How many events.
+    pub events: u64,
+    /// Events per RPC method.
+    pub actions: BTreeMap<String, u64>,
+    /// Names of the fields they named (e.g. the field searched), sorted.
+    pub field_names: Vec<String>,
+}
+
+/// Which records and fields one principal touched in a window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BreachReport {
+    /// The principal.
+    pub principal: String,
+    /// Start of the window (inclusive).
+    #[serde(serialize_with = "ser_time")]
+    pub since: i64,
+    /// End of the window (exclusive).
+    #[serde(serialize_with = "ser_time")]
+    pub until: i64,
+    /// Every event of the principal in the window.
+    pub total_events: u64,
+    /// How many records.
+    pub records_touched: u64,
+    /// Every field name named by any of the events, sorted.
+    pub distinct_fields: Vec<String>,
+    /// The events that named no record.
+    pub without_record: WithoutRecord,
+    /// The records, in the order the principal first touched them.
+    pub records: Vec<RecordTouch>,
+}
+
+#[derive(Default)]
+struct RecordAcc {
+    first_seq: u64,
+    fields: BTreeSet<String>,
+    actions: BTreeSet<String>,
+    events: u64,
+    first: i64,
+    last: i64,
+    outcomes: BTreeMap<String, u64>,
+}
+
+/// Builds a [`BreachReport`] one event at a time (events in sequence order). Events of other
+/// principals or outside the window are ignored.
+pub struct BreachAggregator {
+    principal: String,
+    since: i64,
+    until: i64,
+    total: u64,
+    records: BTreeMap<String, RecordAcc>,
+    without_record: WithoutRecord,
+    fields_without_record: BTreeSet<String>,
+}
+
+impl BreachAggregator {
+    /// An empty report of `principal` over [`since`, `until`) (Unix ms).
+    pub fn new(principal: &str, since: i64, until: i64) -> BreachAggregator {
+        BreachAggregator {
+            principal: principal.to_string(),
+            since,
+            until,
+            total: 0,
+            records: BTreeMap::new(),
+            without_record: WithoutRecord::default(),
+            fields_without_record: BTreeSet::new(),
+        }
+    }
+
+    /// Adds one event.
+    pub fn add(&mut self, e: &AuditRow) {
+        if e.principal != self.principal || e.time_ms < self.since || e.time_ms >= self.until {
+            return;
+        }
+        self.total += 1;
+        if e.record_id.is_empty() {
+            self.without_record.events += 1;
+            *self
+                .without_record
+                .actions
+                .entry(e.action.clone())
+                .or_default() += 1;
+            self.fields_without_record
+                .extend(e.field_names.iter().cloned());
+            return;
+        }
+        let acc = self
+            .records
+            .entry(e.record_id.clone())
+            .or_insert_with(|| RecordAcc {
+                first_seq: e.seq,
+                first: e.time_ms,
+                last: e.time_ms,
+                ..RecordAcc::default()
+            });
+        acc.events += 1;
+        acc.first = acc.first.min(e.time_ms);
+        acc.last = acc.last.max(e.time_ms);
+        acc.first_seq = acc.first_seq.min(e.seq);
+        acc.fields.extend(e.field_names.iter().cloned());
+        acc.actions.insert(e.action.clone());
+        *acc.outcomes.entry(e.outcome.clone()).or_default() += 1;
+    }
+
+    /// The report.
+    pub fn finish(self) -> BreachReport {
+        let mut distinct: BTreeSet<String> = self.fields_without_record.clone();
+        let mut records: Vec<(u64, RecordTouch)> = self
+            .records
+            .into_iter()
+            .map(|(record_id, acc)| {
+                distinct.extend(acc.fields.iter().cloned());
+                (
+                    acc.first_seq,
+                    RecordTouch {
+                        record_id,
+                        field_names: acc.fields.into_iter().collect(),
+                        actions: acc.actions.into_iter().collect(),
+                        events: acc.events,
+                        first: acc.first,
+                        last: acc.last,
+                        outcomes: acc.outcomes,
+                    },
+                )
+            })
+            .collect();
+        records.sort_by_key(|(first_seq, _)| *first_seq);
+        let mut without_record = self.without_record;
+        without_record.field_names = self.fields_without_record.into_iter().collect();
+        BreachReport {
+            principal: self.principal,
+            since: self.since,
+            until: self.until,
+            total_events: self.total,
+            records_touched: records.len() as u64,
+            distinct_fields: distinct.into_iter().collect(),
+            without_record,
+            records: records.into_iter().map(|(_, r)| r).collect(),
+        }
+    }
+}
+
+/// The breach report of `principal` over [`since`, `until`) from `events`.
+pub fn breach_report<'a>(
+    principal: &str,
+    since: i64,
+    until: i64,
+    events: impl IntoIterator<Item = &'a AuditRow>,
+) -> BreachReport {
+    let mut agg = BreachAggregator::new(principal, since, until);
+    for e in events {
+        agg.add(e);
+    }
+    agg.finish()
+}
+
+fn counts(map: &BTreeMap<String, u64>, sep: &str) -> String {
+    map.iter()
+        .map(|(k, n)| format!("{k}{sep}{n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The report as readable text: a header and an aligned table, one row per record.
+pub fn render_table(r: &BreachReport) -> String {
+    let mut out = String::new();
+    let line = |out: &mut String, label: &str, value: String| {
+        out.push_str(&format!("{label:<18}{value}\n"));
+    };
+    line(&mut out, "Principal:", r.principal.clone());
+    line(
+        &mut out,
+        "Window:",
+        format!(
+            "{} to {} (until exclusive)",
+            rfc3339_ms(r.since),
+            rfc3339_ms(r.until)
+        ),
+    );
+    line(&mut out, "Events:", r.total_events.to_string());
+    line(&mut out, "Records touched:", r.records_touched.to_string());
+    line(
+        &mut out,
+        "Distinct fields:",
+        if r.distinct_fields.is_empty() {
+            "0".into()
+        } else {
+            format!(
+                "{} ({})",
+                r.distinct_fields.len(),
+                r.distinct_fields.join(", ")
+            )
+        },
+    );
+    let w = &r.without_record;
+    let mut without = plural(w.events, "event");
+    if w.events > 0 {
+        without.push_str(&format!(" ({})", counts(&w.actions, " ")));
+    }
+    if !w.field_names.is_empty() {
+        without.push_str(&format!(", fields named: {}", w.field_names.join(", ")));
+    }
+    line(&mut out, "Without a record:", without);
+    out.push('\n');
+    if r.records.is_empty() {
+        out.push_str("No record was touched in this window.\n");
+        return out;
+    }
+    let header = [
+        "RECORD", "EVENTS", "FIRST", "LAST", "OUTCOMES", "ACTIONS", "FIELDS",
+    ];
+    let rows: Vec<[String; 7]> = r
+        .records
+        .iter()
+        .map(|t| {
+            [
+                t.record_id.clone(),
+                t.events.to_string(),
+                rfc3339_ms(t.first),
+                rfc3339_ms(t.last),
+                counts(&t.outcomes, "="),
+                t.actions.join(","),
+                t.field_names.join(","),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut push_row = |cells: [&str; 7]| {
+        let mut text = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            let last = i + 1 == cells.len();
+            if i > 0 {
+                text.push_str("  ");
+            }
+            if i == 1 {
+                text.push_str(&format!("{cell:>width$}", width = widths[i]));
+            } else if last {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<width$}", width = widths[i]));
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    push_row(header);
+    for row in &rows {
+        push_row([
+            &row[0], &row[1], &row[2], &row[3], &row[4], &row[5], &row[6],
+        ]);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Commands
+
+/// Runs an audit command, writing its result to `out` (errors are for the caller to print).
+pub async fn run(command: &AuditCommand, out: &mut dyn Write) -> Result<(), CliError> {
+    let result = match command {
+        AuditCommand::Verify(args) => verify(args, out).await,
+        AuditCommand::Export(args) => export(args, out).await,
+        AuditCommand::BreachReport(args) => breach(args, out).await,
+    };
+    let flushed = out.flush().map_err(output_error);
+    match result.and(flushed) {
+        Err(CliError::OutputClosed) => Ok(()),
+        other => other,
+    }
+}
+
+/// The public key beside the data directory: `<parent of DIR>/keys/audit-signing.pub`.
+fn default_public_key(data_dir: &Path) -> Result<PathBuf, CliError> {
+    let canonical = existing_data_dir(data_dir)?;
+    canonical
+        .parent()
+        .map(|p| p.join("keys").join(audit::PUBLIC_KEY_FILE))
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "--data-dir {} has no parent directory: pass --public-key FILE",
+                data_dir.display()
+            ))
+        })
+}
+
+/// `kluis audit verify`.
+pub async fn verify(args: &VerifyArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let key_path = match &args.public_key {
+        Some(p) => p.clone(),
+        None => default_public_key(&args.data_dir)?,
+    };
+    let public_key = audit::read_public_key(&key_path)
+        .map_err(|e| CliError::Io(format!("{e} (pass the key with --public-key FILE)")))?;
+    let store = open_store(&args.data_dir, USE_VERIFY_CHAIN)?;
+    let v = audit::verify(
+        &store,
+        &public_key,
+        audit::max_uncovered(args.checkpoint_every),
+    )
+    .await
+    .map_err(store_error)?;
+    drop(store);
+    if v.ok {
+        writeln!(
+            out,
+            "ok: {}, {}, head {}",
+            plural(v.events_checked, "event"),
+            plural(v.checkpoints_checked, "checkpoint"),
+            hex::encode(v.head_hash)
+        )
+        .map_err(output_error)
+    } else {
+        writeln!(
+            out,
+            "FAILED: first bad event {}: {}\n{} checked before it, {}",
+            v.first_bad_seq,
+            v.reason,
+            plural(v.events_checked, "event"),
+            plural(v.checkpoints_checked, "checkpoint")
+        )
+        .map_err(output_error)?;
+        Err(CliError::VerificationFailed)
+    }
+}
+
+/// `kluis audit export`.
+pub async fn export(args: &ExportArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    check_window(args.since, args.until)?;
+    let filter = Filter {
+        record_id: args.record.clone(),
+        principal: args.principal.clone(),
+        since_ms: args.since,
+        until_ms: args.until,
+    };
+    let mut source = EventSource::open(&args.source).await?;
+    source
+        .for_each(&filter, |event| event.write_json_line(out))
+        .await
+}
+
+/// `kluis audit breach-report`.
+pub async fn breach(args: &BreachReportArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    check_window(Some(args.since), Some(args.until))?;
+    let filter = Filter {
+        record_id: None,
+        principal: Some(args.principal.clone()),
+        since_ms: Some(args.since),
+        until_ms: Some(args.until),
+    };
+    let mut source = EventSource::open(&args.source).await?;
+    let mut agg = BreachAggregator::new(&args.principal, args.since, args.until);
+    source
+        .for_each(&filter, |event| {
+            agg.add(&event);
+            Ok(())
+        })
+        .await?;
+    let report = agg.finish();
+    match args.format {
+        Format::Table => out
+            .write_all(render_table(&report).as_bytes())
+            .map_err(output_error),
+        Format::Json => {
+            let text = serde_json::to_string_pretty(&report)
+                .map_err(|e| CliError::Io(format!("encoding the report: {e}")))?;
+            writeln!(out, "{text}").map_err(output_error)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const R1: &str = "0b5e6f0e-3d4c-4d7e-9a77-1f2e3d4c5b6a";
+    const R2: &str = "1c6f7a1f-4e5d-4e8f-8b88-2a3f4e5d6c7b";
+
+    fn row(seq: u64, time_ms: i64, principal: &str, action: &str, record: &str) -> AuditRow {
+        AuditRow {
+            seq,
+            time_ms,
+            principal: principal.into(),
+            role: "recruiter".into(),
+            purpose: "recruitment".into(),
+            action: action.into(),
+            record_id: record.into(),
+            field_names: Vec::new(),
+            outcome: "ok".into(),
+            hash: vec![seq as u8; 32],
+        }
+    }
+
+    fn with(mut r: AuditRow, fields: &[&str], outcome: &str) -> AuditRow {
+        r.field_names = fields.iter().map(|f| f.to_string()).collect();
+        r.outcome = outcome.into();
+        r
+    }
+
+    #[test]
+    fn breach_report_aggregates_per_record_and_counts_record_less_events() {
+        let events = vec![
+            with(
+                row(1, 1000, "app", "CreateRecord", R2),
+                &["full_name", "email"],
+                "ok",
+            ),
+            with(row(2, 1500, "app", "GetRecord", R1), &["phone"], "ok"),
+            with(row(3, 2000, "app", "GetRecord", R2), &["bsn"], "denied"),
+            with(row(4, 2500, "app", "FindRecords", ""), &["email"], "ok"),
+            row(5, 2600, "app", "ListRecords", ""),
+            // Another principal, and events outside the window: not in the report.
+            with(row(6, 2700, "other", "GetRecord", R1), &["iban"], "ok"),
+            with(row(7, 9000, "app", "GetRecord", R1), &["wage"], "ok"),
+            with(row(0, 999, "app", "GetRecord", R1), &["wage"], "ok"),
+            with(
+                row(8, 3000, "app", "UpdateRecord", R2),
+                &["email", "city"],
+                "ok",
+            ),
+        ];
+        let r = breach_report("app", 1000, 9000, &events);
+        assert_eq!(r.total_events, 6);
+        assert_eq!(r.records_touched, 2);
+        assert_eq!(
+            r.distinct_fields,
+            vec!["bsn", "city", "email", "full_name", "phone"]
+        );
+        assert_eq!(r.without_record.events, 2);
+        assert_eq!(
+            r.without_record.actions,
+            BTreeMap::from([("FindRecords".into(), 1), ("ListRecords".into(), 1)])
+        );
+        assert_eq!(r.without_record.field_names, vec!["email"]);
+        // First touched first.
+        assert_eq!(r.records[0].record_id, R2);
+        assert_eq!(
+            r.records[0],
+            RecordTouch {
+                record_id: R2.into(),
+                field_names: vec![
+                    "bsn".into(),
+                    "city".into(),
+                    "email".into(),
+                    "full_name".into()
+                ],
+                actions: vec![
+                    "CreateRecord".into(),
+                    "GetRecord".into(),
+                    "UpdateRecord".into()
+                ],
+                events: 3,
+                first: 1000,
+                last: 3000,
+                outcomes: BTreeMap::from([("denied".into(), 1), ("ok".into(), 2)]),
+            }
+        );
+        assert_eq!(r.records[1].record_id, R1);
+        assert_eq!(r.records[1].field_names, vec!["phone"]);
+        assert_eq!(r.records[1].events, 1);
+
+        let json: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&r).expect("json")).expect("parses");
+        assert_eq!(json["since"], "1970-01-01T00:00:01.000Z");
+        assert_eq!(json["records"][0]["last"], "1970-01-01T00:00:03.000Z");
+        assert_eq!(json["records"][0]["outcomes"]["denied"], 1);
+
+        let table = render_table(&r);
+        assert!(table.contains("Records touched:  2"), "{table}");
+        assert!(
+            table.contains("2 events (FindRecords 1 ListRecords 1)"),
+            "{table}"
+        );
+        let lines: Vec<&str> = table.lines().collect();
+        let head = lines
+            .iter()
+            .position(|l| l.starts_with("RECORD"))
+            .expect("table header");
+        // Columns line up: every row's FIRST column starts where the header's does.
+        let col = lines[head].find("FIRST").expect("FIRST");
+        for l in &lines[head + 1..] {
+            assert_eq!(&l[col..col + 5], "1970-", "{table}");
+        }
+        assert!(lines[head + 1].starts_with(R2));
+        assert!(lines[head + 1].ends_with("bsn,city,email,full_name"));
+    }
+
+    #[test]
+    fn an_empty_report_says_so() {
+        let r = breach_report("app", 0, 10, &[]);
+        assert_eq!((r.total_events, r.records_touched), (0, 0));
+        assert!(render_table(&r).contains("No record was touched"));
+    }
+
+    #[test]
+    fn times_parse_as_rfc3339_or_date() {
+        assert_eq!(parse_time("1970-01-02"), Ok(86_400_000));
+        assert_eq!(parse_time("1970-01-01T00:00:01.5Z"), Ok(1500));
+        assert_eq!(parse_time("1970-01-01T01:00:00+01:00"), Ok(0));
+        for bad in [
+            "",
+            "yesterday",
+            "2026-13-01",
+            "2026-11-25 10:00",
+            "1732528800",
+        ] {
+            assert!(parse_time(bad).is_err(), "{bad}");
+        }
+        assert_eq!(rfc3339_ms(1500), "1970-01-01T00:00:01.500Z");
+        assert_eq!(
+            parse_record_id("0B5E6F0E-3D4C-4D7E-9A77-1F2E3D4C5B6A"),
+            Ok(R1.to_string())
+        );
+        assert!(parse_record_id("not-a-uuid").is_err());
+    }
+
+    #[test]
+    fn events_export_as_json_lines() {
+        let mut out = Vec::new();
+        let e = with(row(7, 1500, "app", "GetRecord", R1), &["email"], "ok");
+        e.write_json_line(&mut out).expect("written");
+        e.write_json_line(&mut out).expect("written");
+        let text = String::from_utf8(out).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        let v: serde_json::Value = serde_json::from_str(lines[0]).expect("json");
+        assert_eq!(v["seq"], 7);
+        assert_eq!(v["time"], "1970-01-01T00:00:01.500Z");
+        assert_eq!(v["record_id"], R1);
+        assert_eq!(v["field_names"], serde_json::json!(["email"]));
+        assert_eq!(v["hash"], "07".repeat(32));
+        let keys: Vec<&String> = v.as_object().expect("object").keys().collect();
+        assert_eq!(keys.len(), 10);
+    }
+
+    #[tokio::test]
+    async fn a_data_dir_held_by_a_server_is_refused_with_advice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let err = open_store(&data, USE_SERVER).err().expect("no dir");
+        assert_eq!(err.exit_code(), EXIT_USAGE);
+        std::fs::create_dir(&data).expect("mkdir");
+        let err = open_store(&data, USE_SERVER).err().expect("no store");
+        assert!(
+            err.to_string().contains("not a Kluis data directory"),
+            "{err}"
+        );
+        let held = SledStore::open(&data).expect("open");
+        let err = open_store(&data, USE_VERIFY_CHAIN).err().expect("locked");
+        assert_eq!(err.exit_code(), EXIT_USAGE);
+        assert!(err.to_string().contains("stop the server"), "{err}");
+        assert!(err.to_string().contains("VerifyChain"), "{err}");
+        drop(held);
+        assert!(open_store(&data, USE_SERVER).is_ok());
+    }
+}

@@ -1,0 +1,6 @@
+//! The `kluis` command line beyond `serve` and `init`: each subcommand group's arguments
+//! (clap derive) and logic live here, so that `main.rs` stays thin and the logic is testable.
+//!
+//! - [`audit`]: `kluis audit verify | export | breach-report`.
+
+pub mod audit;
