@@ -226,6 +226,9 @@ struct Shared {
     flushes: AtomicU64,
     /// Highest batch sequence number known durable in the log.
     durable_seq: AtomicU64,
+    /// Writers inside `commit` (queued, applied or syncing): the log writer waits a little
+    /// for those not yet in its group, so that one `fdatasync` serves them all.
+    waiting: std::sync::atomic::AtomicUsize,
     /// Writers of groups whose log write failed: the leader answers them once it has undone
     /// those groups in sled.
     failed: Mutex<Failed>,
@@ -306,6 +309,8 @@ struct LogFile {
     len: u64,
 }
 
+/// Longest the log writer waits for writers already inside `commit` to join its group.
+const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_micros(1500);
 /// Most batches one group applies in a single sled transaction.
 const MAX_GROUP: usize = 256;
 /// Most bytes one group carries (a group is closed early when it grows past this).
@@ -401,6 +406,7 @@ impl SledStore {
             poisoned: Mutex::new(None),
             flushes: AtomicU64::new(0),
             durable_seq: AtomicU64::new(last),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
             failed: Mutex::new(Failed::default()),
             #[cfg(test)]
             fail_next_write: std::sync::atomic::AtomicBool::new(false),
@@ -649,10 +655,27 @@ impl Shared {
         while let Ok(mut job) = jobs.recv() {
             if self.durability == Durability::GroupCommit {
                 // Groups the leader applied while the last sync ran share this one.
-                while let Ok(more) = jobs.try_recv() {
+                let merge = |job: &mut SyncJob, more: SyncJob| {
                     job.frames.extend_from_slice(&more.frames);
                     job.replies.extend(more.replies);
                     job.last_seq = job.last_seq.max(more.last_seq);
+                };
+                while let Ok(more) = jobs.try_recv() {
+                    merge(&mut job, more);
+                }
+                // Other writers are on their way (being applied, or about to be queued):
+                // wait up to COMMIT_DELAY for them, so that one sync serves them all. An
+                // `fdatasync` costs far more CPU than this wait, and a lone writer never waits.
+                let deadline = std::time::Instant::now() + COMMIT_DELAY;
+                while job.replies.len() < self.waiting.load(Ordering::Acquire) {
+                    let now = std::time::Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    match jobs.recv_timeout(deadline - now) {
+                        Ok(more) => merge(&mut job, more),
+                        Err(_) => break,
+                    }
                 }
             }
             let any_applied = job.replies.iter().any(|(_, r)| r.is_ok());
@@ -856,6 +879,15 @@ impl Store for SledStore {
     /// or a conflict (nothing written).
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         self.inner.shared.check_poisoned()?;
+        /// Counts this writer in `waiting` until it returns (or is cancelled).
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.inner.shared.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&self.inner.shared.waiting);
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.inner
             .queue
