@@ -213,6 +213,63 @@ async fn offline_verify_says_ok_then_names_the_tampered_event() {
     );
     assert!(bad.stdout.contains("2 events checked"), "{}", bad.all());
 
+    // Put event 3 back, then delete event 4, then (restored) swap events 4 and 5.
+    async fn edit(data: &str, f: impl FnOnce(&mut BTreeMap<u64, Vec<u8>>)) {
+        let store = SledStore::open(Path::new(data)).expect("open store");
+        let mut events = BTreeMap::new();
+        for seq in 1..=5u64 {
+            if let Some(v) = store
+                .get(Keyspace::Audit, &kluis::audit::event_key(seq))
+                .await
+                .expect("get")
+            {
+                events.insert(seq, v);
+            }
+        }
+        f(&mut events);
+        let mut batch = Batch::default();
+        for seq in 1..=5u64 {
+            let key = kluis::audit::event_key(seq).to_vec();
+            match events.remove(&seq) {
+                Some(v) => batch.put(Keyspace::Audit, key, v),
+                None => batch.delete(Keyspace::Audit, key),
+            }
+        }
+        store.commit(batch).await.expect("edit");
+    }
+    let flip_back = |events: &mut BTreeMap<u64, Vec<u8>>| {
+        if let Some(v) = events.get_mut(&3) {
+            let last = v.len() - 1;
+            v[last] ^= 0x01;
+        }
+    };
+    edit(&data, flip_back).await;
+    let ok = kluis(&["audit", "verify", "--data-dir", &data], None).await;
+    assert_eq!(ok.code, 0, "{}", ok.all());
+    let mut kept = None;
+    edit(&data, |events| kept = events.remove(&4)).await;
+    let deleted = kluis(&["audit", "verify", "--data-dir", &data], None).await;
+    assert_eq!(deleted.code, 1, "{}", deleted.all());
+    assert!(
+        deleted.stdout.starts_with("FAILED: first bad event 4: "),
+        "{}",
+        deleted.all()
+    );
+    let four = kept.expect("event 4 was there");
+    edit(&data, |events| {
+        let five = events.remove(&5).expect("event 5");
+        events.insert(4, five);
+        events.insert(5, four);
+    })
+    .await;
+    let moved = kluis(&["audit", "verify", "--data-dir", &data], None).await;
+    assert_eq!(moved.code, 1, "{}", moved.all());
+    assert!(
+        moved.stdout.starts_with("FAILED: first bad event 4: "),
+        "{}",
+        moved.all()
+    );
+
     // No such data directory: a usage error, and nothing created.
     let missing = path(&vault.dir.path().join("nowhere"));
     let none = kluis(&["audit", "verify", "--data-dir", &missing], None).await;
