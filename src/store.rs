@@ -756,13 +756,7 @@ fn apply_batches(
     let [meta, records, fields, index, audit_tree] = trees;
     let now = audit::now_ms();
     let result = (meta, records, fields, index, audit_tree).transaction(|(m, r, f, i, a)| {
-        let pick = |ks: Keyspace| match ks {
-            Keyspace::Meta => m,
-            Keyspace::Records => r,
-            Keyspace::Fields => f,
-            Keyspace::Index => i,
-            Keyspace::Audit => a,
-        };
+        let pick = |ks: Keyspace| [m, r, f, i, a][ks as usize];
         // The closure may run again on a sled conflict: work on a copy of the head.
         let mut chain = *head;
         let mut previous = Vec::new();
@@ -823,13 +817,7 @@ fn apply_batches(
 fn undo_groups(trees: &[sled::Tree; 5], groups: &[Undo]) -> Result<(), StoreError> {
     let [meta, records, fields, index, audit_tree] = trees;
     let result = (meta, records, fields, index, audit_tree).transaction(|(m, r, f, i, a)| {
-        let pick = |ks: Keyspace| match ks {
-            Keyspace::Meta => m,
-            Keyspace::Records => r,
-            Keyspace::Fields => f,
-            Keyspace::Index => i,
-            Keyspace::Audit => a,
-        };
+        let pick = |ks: Keyspace| [m, r, f, i, a][ks as usize];
         for group in groups {
             for (ks, key, old) in group.previous.iter().rev() {
                 match old {

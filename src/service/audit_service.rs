@@ -50,10 +50,7 @@ impl<S: Store> AuditService<S> {
         log: &mut RequestLog,
         ev: &mut audit::Context,
     ) -> Result<Caller, Status> {
-        let caller = self.auth.authenticate(request)?;
-        ev.draft.principal = caller.principal.to_string();
-        ev.draft.role = caller.role.name.clone();
-        Ok(log.caller(caller))
+        self.auth.caller(request, log, ev)
     }
 }
 

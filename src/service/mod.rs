@@ -36,6 +36,19 @@ impl Authenticator {
         Self { policy }
     }
 
+    /// Authenticates `request`, naming the caller in its event and its log line.
+    pub(crate) fn caller<T>(
+        &self,
+        request: &Request<T>,
+        log: &mut RequestLog,
+        ev: &mut audit::Context,
+    ) -> Result<Caller, Status> {
+        let caller = self.authenticate(request)?;
+        ev.draft.principal = caller.principal.to_string();
+        ev.draft.role = caller.role.name.clone();
+        Ok(log.caller(caller))
+    }
+
     /// Finds the caller of `request`, or says why not.
     pub fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         if let Some(value) = request.metadata().get(AUTHORIZATION) {
@@ -200,17 +213,13 @@ impl<S: Store> RecordsService<S> {
         finish(&self.vault, log, ev, result).await
     }
 
-    /// Authenticates, filling in the event and the log line.
     fn caller<T>(
         &self,
         request: &Request<T>,
         log: &mut RequestLog,
         ev: &mut audit::Context,
     ) -> Result<Caller, Status> {
-        let caller = self.auth.authenticate(request)?;
-        ev.draft.principal = caller.principal.to_string();
-        ev.draft.role = caller.role.name.clone();
-        Ok(log.caller(caller))
+        self.auth.caller(request, log, ev)
     }
 
     fn purpose_name(&self, purpose: &str) -> String {
