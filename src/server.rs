@@ -87,6 +87,13 @@ impl Running {
             let _ = cp.stop.send(());
             let _ = cp.task.await;
         }
+        // Connection tasks may still hold the services (and so the vault) for a moment after
+        // the server future ends; wait for them, so that the data directory is released when
+        // this returns and `self` drops.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while Arc::strong_count(&self.vault) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         served
     }
 }
