@@ -204,6 +204,9 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     health_reporter
         .set_serving::<RecordsServer<RecordsService<SledStore>>>()
         .await;
+    health_reporter
+        .set_serving::<AuditServer<AuditService<SledStore>>>()
+        .await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -239,6 +242,9 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
                 let _ = rx.await;
                 health_reporter
                     .set_not_serving::<RecordsServer<RecordsService<SledStore>>>()
+                    .await;
+                health_reporter
+                    .set_not_serving::<AuditServer<AuditService<SledStore>>>()
                     .await;
             })
             .await
