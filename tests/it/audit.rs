@@ -925,3 +925,35 @@ async fn when_no_event_can_be_written_nothing_is_returned_or_changed() {
         .into_inner();
     assert!(verified.ok, "{verified:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_chain_holds_on_a_busy_server() {
+    let v = spawn_vault().await;
+    let recruiter = v.client("recruiter").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut c = recruiter.clone();
+        let stop = std::sync::Arc::clone(&stop);
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.list_records(ListRecordsRequest::default())
+                    .await
+                    .expect("list");
+            }
+        }));
+    }
+    let mut so = auditor(&v, "security_officer").await;
+    for _ in 0..10 {
+        let r = so
+            .verify_chain(VerifyChainRequest {})
+            .await
+            .expect("verify")
+            .into_inner();
+        assert!(r.ok, "events written meanwhile are not a failure: {r:?}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("task");
+    }
+}
