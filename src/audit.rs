@@ -317,12 +317,10 @@ pub fn link(prev: &[u8; 32], seq: u64, time_ms: i64, body: &[u8]) -> [u8; 32] {
     ])
 }
 
-/// Appends `bodies` to the chain after `head` at `now_ms`: returns the writes (events and the
-/// new head) and advances `head`. Called by the store inside the batch's transaction.
+/// Appends `bodies` to the chain after `head` at `now_ms`: pushes the events' writes and
+/// advances `head`. Called by the store inside the batch's transaction; the store writes the
+/// new head (`META_HEAD`) once per group, after its last event.
 pub fn link_events(head: &mut Head, now_ms: i64, bodies: &[Vec<u8>], ops: &mut Vec<Op>) {
-    if bodies.is_empty() {
-        return;
-    }
     for body in bodies {
         let seq = head.seq + 1;
         let time_ms = now_ms.max(head.time_ms);
@@ -335,7 +333,6 @@ pub fn link_events(head: &mut Head, now_ms: i64, bodies: &[Vec<u8>], ops: &mut V
         ops.push(Op::Put(Keyspace::Audit, event_key(seq).to_vec(), value));
         *head = Head { seq, time_ms, hash };
     }
-    ops.push(Op::Put(Keyspace::Meta, META_HEAD.to_vec(), head.encode()));
 }
 
 /// Most events that may follow the newest checkpoint in a sound chain when checkpoints are

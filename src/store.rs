@@ -384,6 +384,25 @@ impl SledStore {
         if last > applied {
             tracing::info!(batches = last - applied, "replayed the write-ahead log");
         }
+        // The head is logged once per group, with its last batch: if a crash tore a group's
+        // frames, the replayed events may run past the stored head. Move it to the last event.
+        if let Some((_, value)) = trees[Keyspace::Audit as usize].last().map_err(io)? {
+            let stored = trees[Keyspace::Meta as usize]
+                .get(audit::META_HEAD)
+                .map_err(io)?
+                .and_then(|v| audit::Head::decode(&v))
+                .unwrap_or_default();
+            if let Some(e) = audit::Event::parse(&value).filter(|e| e.seq > stored.seq) {
+                let head = audit::Head {
+                    seq: e.seq,
+                    time_ms: e.time_ms,
+                    hash: e.hash,
+                };
+                trees[Keyspace::Meta as usize]
+                    .insert(audit::META_HEAD, head.encode())
+                    .map_err(io)?;
+            }
+        }
         // Make sled hold everything, then start a fresh log.
         db.flush().map_err(io)?;
         data_file.sync_all().map_err(io)?;
@@ -790,6 +809,17 @@ fn apply_batches(
             }
             applied.push(Some(linked));
         }
+        if chain != *head {
+            // The head once per group, logged with the group's last applied batch.
+            let value = chain.encode();
+            let old = m.insert(audit::META_HEAD, value.as_slice())?;
+            if keep {
+                previous.push((Keyspace::Meta, audit::META_HEAD.to_vec(), old));
+            }
+            if let Some(last) = applied.iter_mut().rev().find_map(Option::as_mut) {
+                last.push(Op::Put(Keyspace::Meta, audit::META_HEAD.to_vec(), value));
+            }
+        }
         let count = applied.iter().filter(|a| a.is_some()).count() as u64;
         if count > 0 {
             let old = m.insert(WAL_APPLIED, &(first_seq + count - 1).to_be_bytes())?;
@@ -920,6 +950,33 @@ mod tests {
             .await
             .expect("get")
             .is_some());
+    }
+
+    #[tokio::test]
+    async fn a_head_behind_the_events_moves_to_the_last_event_on_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = SledStore::open(dir.path()).expect("open");
+            let mut b = Batch::default();
+            b.append_event(audit::Draft::new("GetRecord", "p", "r").encode());
+            b.append_event(audit::Draft::new("GetRecord", "p", "r").encode());
+            store.commit(b).await.expect("commit");
+            // As after a torn group: events replayed, the head write not.
+            let mut b = Batch::default();
+            b.put(
+                Keyspace::Meta,
+                audit::META_HEAD.to_vec(),
+                audit::Head::default().encode(),
+            );
+            store.commit(b).await.expect("commit");
+        }
+        let store = SledStore::open(dir.path()).expect("reopen");
+        let head = audit::Head::load(&store).await.expect("head");
+        assert_eq!(head.seq, 2);
+        let mut b = Batch::default();
+        b.append_event(audit::Draft::new("GetRecord", "p", "r").encode());
+        store.commit(b).await.expect("commit");
+        assert_eq!(audit::Head::load(&store).await.expect("head").seq, 3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
