@@ -337,19 +337,9 @@ pub struct AuditRow {
 }
 
 impl From<audit::Event> for AuditRow {
+    /// Through the same proto form the server sends, so offline and online rows agree.
     fn from(e: audit::Event) -> AuditRow {
-        AuditRow {
-            seq: e.seq,
-            time_ms: e.time_ms,
-            principal: e.draft.principal,
-            role: e.draft.role,
-            purpose: e.draft.purpose,
-            action: e.draft.action,
-            record_id: e.draft.record_id,
-            field_names: e.draft.field_names,
-            outcome: e.draft.outcome,
-            hash: e.hash.to_vec(),
-        }
+        crate::service::audit_service::event_to_proto(e).into()
     }
 }
 

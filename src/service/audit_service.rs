@@ -7,9 +7,9 @@ use base64::Engine;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::{event_record_id, finish, Authenticator, RequestLog};
+use super::{event_record_id, finish, Authenticator};
 use crate::audit::{self, Filter};
-use crate::policy::{AuditRight, Caller};
+use crate::policy::AuditRight;
 use crate::proto;
 use crate::store::Store;
 use crate::vault::Vault;
@@ -42,15 +42,6 @@ impl<S: Store> AuditService<S> {
             public_key,
             max_uncovered,
         }
-    }
-
-    fn caller<T>(
-        &self,
-        request: &Request<T>,
-        log: &mut RequestLog,
-        ev: &mut audit::Context,
-    ) -> Result<Caller, Status> {
-        self.auth.caller(request, log, ev)
     }
 }
 
@@ -115,9 +106,8 @@ impl<S: Store> proto::audit_server::Audit for AuditService<S> {
         &self,
         request: Request<proto::QueryEventsRequest>,
     ) -> Result<Response<proto::QueryEventsResponse>, Status> {
-        let mut log = RequestLog::start("QueryEvents", &request);
-        let mut ev = audit::Context::new("QueryEvents");
-        let caller = match self.caller(&request, &mut log, &mut ev) {
+        let (mut log, mut ev, caller) = self.auth.begin("QueryEvents", &request);
+        let caller = match caller {
             Ok(c) => c,
             Err(e) => return finish(&self.vault, log, ev, Err(e)).await,
         };
@@ -184,9 +174,8 @@ impl<S: Store> proto::audit_server::Audit for AuditService<S> {
         &self,
         request: Request<proto::VerifyChainRequest>,
     ) -> Result<Response<proto::VerifyChainResponse>, Status> {
-        let mut log = RequestLog::start("VerifyChain", &request);
-        let mut ev = audit::Context::new("VerifyChain");
-        let caller = match self.caller(&request, &mut log, &mut ev) {
+        let (log, ev, caller) = self.auth.begin("VerifyChain", &request);
+        let caller = match caller {
             Ok(c) => c,
             Err(e) => return finish(&self.vault, log, ev, Err(e)).await,
         };

@@ -36,17 +36,21 @@ impl Authenticator {
         Self { policy }
     }
 
-    /// Authenticates `request`, naming the caller in its event and its log line.
-    pub(crate) fn caller<T>(
+    /// Starts handling `action`: its log line and its audit event, and the caller (named in
+    /// both) or why authentication failed.
+    pub(crate) fn begin<T>(
         &self,
+        action: &'static str,
         request: &Request<T>,
-        log: &mut RequestLog,
-        ev: &mut audit::Context,
-    ) -> Result<Caller, Status> {
-        let caller = self.authenticate(request)?;
-        ev.draft.principal = caller.principal.to_string();
-        ev.draft.role = caller.role.name.clone();
-        Ok(log.caller(caller))
+    ) -> (RequestLog, audit::Context, Result<Caller, Status>) {
+        let mut log = RequestLog::start(action, request);
+        let mut ev = audit::Context::new(action);
+        let caller = self.authenticate(request).map(|caller| {
+            ev.draft.principal = caller.principal.to_string();
+            ev.draft.role = caller.role.name.clone();
+            log.caller(caller)
+        });
+        (log, ev, caller)
     }
 
     /// Finds the caller of `request`, or says why not.
@@ -213,15 +217,6 @@ impl<S: Store> RecordsService<S> {
         finish(&self.vault, log, ev, result).await
     }
 
-    fn caller<T>(
-        &self,
-        request: &Request<T>,
-        log: &mut RequestLog,
-        ev: &mut audit::Context,
-    ) -> Result<Caller, Status> {
-        self.auth.caller(request, log, ev)
-    }
-
     fn purpose_name(&self, purpose: &str) -> String {
         if purpose.is_empty() || self.auth.policy.purpose(purpose).is_some() {
             purpose.to_string()
@@ -260,9 +255,8 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         &self,
         request: Request<proto::CreateRecordRequest>,
     ) -> Result<Response<proto::CreateRecordResponse>, Status> {
-        let mut log = RequestLog::start("CreateRecord", &request);
-        let mut ev = audit::Context::new("CreateRecord");
-        let caller = match self.caller(&request, &mut log, &mut ev) {
+        let (mut log, mut ev, caller) = self.auth.begin("CreateRecord", &request);
+        let caller = match caller {
             Ok(c) => c,
             Err(e) => return self.finish(log, ev, Err(e)).await,
         };
@@ -295,11 +289,10 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         &self,
         request: Request<proto::GetRecordRequest>,
     ) -> Result<Response<proto::GetRecordResponse>, Status> {
-        let mut log = RequestLog::start("GetRecord", &request);
-        let mut ev = audit::Context::new("GetRecord");
+        let (mut log, mut ev, caller) = self.auth.begin("GetRecord", &request);
         // Named even when authentication fails: probing a record is worth knowing about.
         ev.draft.record_id = event_record_id(&request.get_ref().record_id);
-        let caller = match self.caller(&request, &mut log, &mut ev) {
+        let caller = match caller {
             Ok(c) => c,
             Err(e) => return self.finish(log, ev, Err(e)).await,
         };
@@ -335,11 +328,10 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         &self,
         request: Request<proto::UpdateRecordRequest>,
     ) -> Result<Response<proto::UpdateRecordResponse>, Status> {
-        let mut log = RequestLog::start("UpdateRecord", &request);
-        let mut ev = audit::Context::new("UpdateRecord");
+        let (mut log, mut ev, caller) = self.auth.begin("UpdateRecord", &request);
         // Named even when authentication fails: probing a record is worth knowing about.
         ev.draft.record_id = event_record_id(&request.get_ref().record_id);
-        let caller = match self.caller(&request, &mut log, &mut ev) {
+        let caller = match caller {
             Ok(c) => c,
             Err(e) => return self.finish(log, ev, Err(e)).await,
         };
@@ -377,9 +369,8 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         &self,
         request: Request<proto::FindRecordsRequest>,
     ) -> Result<Response<proto::FindRecordsResponse>, Status> {
-        let mut log = RequestLog::start("FindRecords", &request);
-        let mut ev = audit::Context::new("FindRecords");
-        let caller = match self.caller(&request, &mut log, &mut ev) {
+        let (mut log, mut ev, caller) = self.auth.begin("FindRecords", &request);
+        let caller = match caller {
             Ok(c) => c,
             Err(e) => return self.finish(log, ev, Err(e)).await,
         };
@@ -405,9 +396,8 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         &self,
         request: Request<proto::ListRecordsRequest>,
     ) -> Result<Response<proto::ListRecordsResponse>, Status> {
-        let mut log = RequestLog::start("ListRecords", &request);
-        let mut ev = audit::Context::new("ListRecords");
-        let caller = match self.caller(&request, &mut log, &mut ev) {
+        let (log, ev, caller) = self.auth.begin("ListRecords", &request);
+        let caller = match caller {
             Ok(c) => c,
             Err(e) => return self.finish(log, ev, Err(e)).await,
         };
