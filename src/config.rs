@@ -98,6 +98,72 @@ pub struct ConfigFile {
     /// Audit trail settings.
     #[serde(default)]
     pub audit: AuditFile,
+    /// Key rotation schedule.
+    #[serde(default)]
+    pub keys: KeysFile,
+}
+
+/// The `[keys]` section of the config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysFile {
+    /// Category → days after which its active KEK is rotated and the category rewrapped.
+    #[serde(default)]
+    pub rotate_after_days: BTreeMap<String, u32>,
+    /// Seconds between checks of the schedule (default 3600).
+    #[serde(default)]
+    pub schedule_check_secs: Option<u64>,
+}
+
+/// Default seconds between checks of the key rotation schedule.
+pub const DEFAULT_SCHEDULE_CHECK_SECS: u64 = 3600;
+
+/// Resolved key rotation schedule.
+#[derive(Debug, Clone)]
+pub struct KeySettings {
+    /// Category → age after which its active KEK is rotated (and the category rewrapped).
+    pub rotate_after: BTreeMap<crate::schema::Category, std::time::Duration>,
+    /// Time between checks of the schedule.
+    pub schedule_check: std::time::Duration,
+}
+
+impl Default for KeySettings {
+    fn default() -> Self {
+        KeySettings {
+            rotate_after: BTreeMap::new(),
+            schedule_check: std::time::Duration::from_secs(DEFAULT_SCHEDULE_CHECK_SECS),
+        }
+    }
+}
+
+impl KeysFile {
+    fn resolve(&self) -> Result<KeySettings, ConfigError> {
+        let mut rotate_after = BTreeMap::new();
+        for (name, days) in &self.rotate_after_days {
+            let category = crate::schema::Category::parse(name).ok_or_else(|| {
+                ConfigError::Rule(format!(
+                    "[keys] rotate_after_days names unknown category `{name}` (categories: contact, personal, identity, financial, cv, absence)"
+                ))
+            })?;
+            if *days == 0 {
+                return Err(ConfigError::Rule(format!(
+                    "[keys] rotate_after_days.{name} must be at least 1"
+                )));
+            }
+            rotate_after.insert(
+                category,
+                std::time::Duration::from_secs(u64::from(*days) * 86_400),
+            );
+        }
+        Ok(KeySettings {
+            rotate_after,
+            schedule_check: std::time::Duration::from_secs(
+                self.schedule_check_secs
+                    .unwrap_or(DEFAULT_SCHEDULE_CHECK_SECS)
+                    .max(1),
+            ),
+        })
+    }
 }
 
 /// The `[audit]` section of the config file.
@@ -238,6 +304,8 @@ pub struct Settings {
     pub durability: Durability,
     /// The audit trail.
     pub audit: AuditSettings,
+    /// Key rotation schedule.
+    pub keys: KeySettings,
 }
 
 impl std::fmt::Debug for Settings {
@@ -331,6 +399,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
                 file.audit.checkpoint_interval_secs.max(1),
             ),
         },
+        keys: file.keys.resolve()?,
     })
 }
 
@@ -364,6 +433,7 @@ pub fn ephemeral(data_dir: &Path, master_key: MasterKey, policy: Policy) -> Sett
         max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         durability: Durability::GroupCommit,
         audit: AuditSettings::in_keys_dir(&keys_dir, true),
+        keys: KeySettings::default(),
     }
 }
 
@@ -485,7 +555,7 @@ pub fn init(dir: &Path, listen: &str) -> Result<InitOutput, ConfigError> {
     Policy::from_toml(&policy_text)?;
     write_secret_file(&policy_path, &policy_text)?;
     let config = format!(
-        "# Kluis configuration (see README.md, \"Configuration reference\").\nlisten = \"{listen}\"\ndata_dir = \"data\"\nmaster_key_file = \"keys/master.key\"\npolicy_file = \"policy.toml\"\n# schema_file = \"schema.toml\"   # default: the built-in schema\n# allow_insecure_listen = false\n# max_request_bytes = {DEFAULT_MAX_REQUEST_BYTES}\n\n# [tls]\n# cert_file = \"tls/server.crt\"\n# key_file = \"tls/server.key\"\n# client_ca_file = \"tls/clients-ca.crt\"   # enables mTLS\n# require_client_cert = false\n\n# [audit]\n# signing_key_file = \"keys/audit-signing.key\"   # Ed25519, signs chain checkpoints\n# checkpoint_every = {DEFAULT_CHECKPOINT_EVERY}                          # events between checkpoints\n# checkpoint_interval_secs = {DEFAULT_CHECKPOINT_INTERVAL_SECS}                    # or seconds, whichever first\n"
+        "# Kluis configuration (see README.md, \"Configuration reference\").\nlisten = \"{listen}\"\ndata_dir = \"data\"\nmaster_key_file = \"keys/master.key\"\npolicy_file = \"policy.toml\"\n# schema_file = \"schema.toml\"   # default: the built-in schema\n# allow_insecure_listen = false\n# max_request_bytes = {DEFAULT_MAX_REQUEST_BYTES}\n\n# [tls]\n# cert_file = \"tls/server.crt\"\n# key_file = \"tls/server.key\"\n# client_ca_file = \"tls/clients-ca.crt\"   # enables mTLS\n# require_client_cert = false\n\n# [audit]\n# signing_key_file = \"keys/audit-signing.key\"   # Ed25519, signs chain checkpoints\n# checkpoint_every = {DEFAULT_CHECKPOINT_EVERY}                          # events between checkpoints\n# checkpoint_interval_secs = {DEFAULT_CHECKPOINT_INTERVAL_SECS}                    # or seconds, whichever first\n\n# [keys]\n# schedule_check_secs = {DEFAULT_SCHEDULE_CHECK_SECS}\n# [keys.rotate_after_days]   # rotate the KEK and rewrap the category when this old\n# identity = 90\n# financial = 90\n"
     );
     write_secret_file(&config_path, &config)?;
     Ok(InitOutput {

@@ -38,6 +38,9 @@ pub enum VaultError {
         /// What the record is at.
         actual: u64,
     },
+    /// The operation is not possible in the current state (message says why and what to do).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// Stored data failed authentication: `part` names the field, key or header.
     #[error("record {record_id}: stored {part} failed authentication (tampered or corrupted)")]
     DataLoss {

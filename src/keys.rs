@@ -35,6 +35,7 @@ const SALT: &[u8] = b"kluis";
 
 const META_KEY_CHECK: &[u8] = b"key-check";
 const META_KEK_PREFIX: &str = "kek/";
+const META_KEK_INFO_PREFIX: &str = "kek-info/";
 const META_INDEX_ROOT: &[u8] = b"index-root/1";
 const META_INTEGRITY: &[u8] = b"integrity/1";
 
@@ -174,10 +175,65 @@ pub struct WrappedDek {
     pub sealed: Vec<u8>,
 }
 
-/// The unwrapped keys a running vault uses.
-pub struct KeyRing {
-    keks: BTreeMap<(Category, u32), SecretKey>,
+/// The state of a KEK version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KekState {
+    /// Wraps new DEKs (the newest version of its category).
+    Active,
+    /// Only unwraps DEKs that still name it; rewrap moves them to the active version.
+    DecryptOnly,
+    /// Destroyed: removed from the store and zeroized in memory.
+    Retired,
+}
+
+impl KekState {
+    /// The state's name in the API (`active`, `decrypt_only`, `retired`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KekState::Active => "active",
+            KekState::DecryptOnly => "decrypt_only",
+            KekState::Retired => "retired",
+        }
+    }
+}
+
+/// Clear facts about a KEK version, kept in `meta/kek-info/<category>/<version>` (also after
+/// the key itself is destroyed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct KekInfo {
+    /// When the version was made, Unix milliseconds (0 if unknown).
+    pub created_ms: i64,
+    /// When it was destroyed, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_ms: Option<i64>,
+}
+
+/// One KEK version as [`KeyRing::versions`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionStatus {
+    /// Category.
+    pub category: Category,
+    /// Version.
+    pub version: u32,
+    /// State.
+    pub state: KekState,
+    /// Facts kept about it.
+    pub info: KekInfo,
+}
+
+/// The KEKs held in memory, their facts and the active version of each category.
+#[derive(Default)]
+struct KekTable {
+    keys: BTreeMap<(Category, u32), std::sync::Arc<SecretKey>>,
+    info: BTreeMap<(Category, u32), KekInfo>,
     active: BTreeMap<Category, u32>,
+}
+
+/// The unwrapped keys a running vault uses. KEK versions change at run time (rotation,
+/// retirement); every change is committed to the store first and applied in memory after.
+pub struct KeyRing {
+    wrap: SecretKey,
+    keks: parking_lot::RwLock<KekTable>,
     index_root: SecretKey,
     index_keys: parking_lot::RwLock<BTreeMap<String, std::sync::Arc<SecretKey>>>,
     integrity: SecretKey,
@@ -186,13 +242,34 @@ pub struct KeyRing {
 impl std::fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyRing")
-            .field("active_kek_versions", &self.active)
+            .field("active_kek_versions", &self.keks.read().active)
             .finish_non_exhaustive()
     }
 }
 
-fn kek_meta_key(category: Category, version: u32) -> Vec<u8> {
+/// Meta key of KEK `version` of `category` (wrapped by the master key).
+pub fn kek_meta_key(category: Category, version: u32) -> Vec<u8> {
     format!("{META_KEK_PREFIX}{}/{version:010}", category.as_str()).into_bytes()
+}
+
+fn kek_info_key(category: Category, version: u32) -> Vec<u8> {
+    format!("{META_KEK_INFO_PREFIX}{}/{version:010}", category.as_str()).into_bytes()
+}
+
+fn kek_context(category: Category, version: u32) -> Vec<u8> {
+    crypto::context(&[
+        CTX_KEK,
+        category.as_str().as_bytes(),
+        &version.to_be_bytes(),
+    ])
+}
+
+/// Parses `<prefix><category>/<version>`.
+fn parse_kek_name(name: &str, prefix: &str) -> Option<(Category, u32)> {
+    let mut parts = name.strip_prefix(prefix)?.split('/');
+    let category = parts.next().and_then(Category::parse)?;
+    let version = parts.next().and_then(|v| v.parse::<u32>().ok())?;
+    parts.next().is_none().then_some((category, version))
 }
 
 fn unwrap_stored(
@@ -207,6 +284,35 @@ fn unwrap_stored(
         .try_into()
         .map_err(|_| KeyError::Corrupt(name.into()))?;
     Ok(SecretKey::from_bytes(arr))
+}
+
+/// Why a key operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyOpError {
+    /// The version does not exist.
+    #[error("category {0} has no KEK version {1}")]
+    NoSuchVersion(Category, u32),
+    /// The version is the active one.
+    #[error("KEK {0} version {1} is the active version: rotate first, then rewrap")]
+    Active(Category, u32),
+    /// The version was already retired.
+    #[error("KEK {0} version {1} is already retired")]
+    AlreadyRetired(Category, u32),
+    /// Another instance changed the keys at the same moment.
+    #[error("the key ring changed concurrently; retry")]
+    Concurrent,
+    /// A key or the store failed.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+impl From<StoreError> for KeyOpError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => KeyOpError::Concurrent,
+            e => KeyOpError::Key(KeyError::Store(e)),
+        }
+    }
 }
 
 impl KeyRing {
@@ -228,15 +334,22 @@ impl KeyRing {
         check: [u8; 32],
     ) -> Result<(), KeyError> {
         let wrap = master.wrapping_key();
+        let now = chrono::Utc::now().timestamp_millis();
         let mut batch = Batch::default();
         batch.expect(Keyspace::Meta, META_KEY_CHECK.to_vec(), Expect::Absent);
         batch.put(Keyspace::Meta, META_KEY_CHECK.to_vec(), check.to_vec());
         for category in Category::ALL {
             let kek = SecretKey::generate()?;
-            let ctx =
-                crypto::context(&[CTX_KEK, category.as_str().as_bytes(), &1u32.to_be_bytes()]);
-            let sealed = crypto::seal(&wrap, 1, &ctx, kek.expose_secret())?;
+            let sealed = crypto::seal(&wrap, 1, &kek_context(category, 1), kek.expose_secret())?;
             batch.put(Keyspace::Meta, kek_meta_key(category, 1), sealed);
+            batch.put(
+                Keyspace::Meta,
+                kek_info_key(category, 1),
+                info_bytes(&KekInfo {
+                    created_ms: now,
+                    retired_ms: None,
+                }),
+            );
         }
         let root = SecretKey::generate()?;
         let sealed = crypto::seal(
@@ -263,36 +376,7 @@ impl KeyRing {
 
     async fn load<S: Store>(store: &S, master: &MasterKey) -> Result<KeyRing, KeyError> {
         let wrap = master.wrapping_key();
-        let mut keks = BTreeMap::new();
-        let mut active = BTreeMap::new();
-        let entries = store
-            .scan(Keyspace::Meta, META_KEK_PREFIX.as_bytes(), None, usize::MAX)
-            .await?;
-        for (key, sealed) in entries {
-            let name = String::from_utf8_lossy(&key).to_string();
-            let mut parts = name[META_KEK_PREFIX.len()..].split('/');
-            let category = parts.next().and_then(Category::parse);
-            let version = parts.next().and_then(|v| v.parse::<u32>().ok());
-            let (Some(category), Some(version)) = (category, version) else {
-                return Err(KeyError::Corrupt(name));
-            };
-            let ctx = crypto::context(&[
-                CTX_KEK,
-                category.as_str().as_bytes(),
-                &version.to_be_bytes(),
-            ]);
-            keks.insert(
-                (category, version),
-                unwrap_stored(&wrap, &ctx, &sealed, &name)?,
-            );
-            let a = active.entry(category).or_insert(version);
-            *a = (*a).max(version);
-        }
-        for category in Category::ALL {
-            if !active.contains_key(&category) {
-                return Err(KeyError::MissingKek(category, 1));
-            }
-        }
+        let table = Self::load_table(store, &wrap).await?;
         let get = |key: &'static [u8]| async move {
             store
                 .get(Keyspace::Meta, key)
@@ -312,12 +396,64 @@ impl KeyRing {
             "integrity/1",
         )?;
         Ok(KeyRing {
-            keks,
-            active,
+            wrap,
+            keks: parking_lot::RwLock::new(table),
             index_root,
             index_keys: parking_lot::RwLock::new(BTreeMap::new()),
             integrity,
         })
+    }
+
+    async fn load_table<S: Store>(store: &S, wrap: &SecretKey) -> Result<KekTable, KeyError> {
+        let mut table = KekTable::default();
+        let entries = store
+            .scan(Keyspace::Meta, META_KEK_PREFIX.as_bytes(), None, usize::MAX)
+            .await?;
+        for (key, sealed) in entries {
+            let name = String::from_utf8_lossy(&key).to_string();
+            let (category, version) = parse_kek_name(&name, META_KEK_PREFIX)
+                .ok_or_else(|| KeyError::Corrupt(name.clone()))?;
+            let kek = unwrap_stored(wrap, &kek_context(category, version), &sealed, &name)?;
+            table
+                .keys
+                .insert((category, version), std::sync::Arc::new(kek));
+            let a = table.active.entry(category).or_insert(version);
+            *a = (*a).max(version);
+        }
+        for category in Category::ALL {
+            if !table.active.contains_key(&category) {
+                return Err(KeyError::MissingKek(category, 1));
+            }
+        }
+        let infos = store
+            .scan(
+                Keyspace::Meta,
+                META_KEK_INFO_PREFIX.as_bytes(),
+                None,
+                usize::MAX,
+            )
+            .await?;
+        for (key, value) in infos {
+            let name = String::from_utf8_lossy(&key).to_string();
+            let id = parse_kek_name(&name, META_KEK_INFO_PREFIX)
+                .ok_or_else(|| KeyError::Corrupt(name.clone()))?;
+            let info: KekInfo =
+                serde_json::from_slice(&value).map_err(|_| KeyError::Corrupt(name.clone()))?;
+            table.info.insert(id, info);
+        }
+        // Versions made before facts were kept: known to exist, time unknown.
+        for id in table.keys.keys() {
+            table.info.entry(*id).or_default();
+        }
+        Ok(table)
+    }
+
+    /// Re-reads the KEK versions from the store (after another instance or an offline tool
+    /// changed them).
+    pub async fn reload<S: Store>(&self, store: &S) -> Result<(), KeyError> {
+        let table = Self::load_table(store, &self.wrap).await?;
+        *self.keks.write() = table;
+        Ok(())
     }
 
     fn dek_context(record_id: &[u8], category: Category, kek_version: u32) -> Vec<u8> {
@@ -329,25 +465,30 @@ impl KeyRing {
         ])
     }
 
-    /// Wraps a fresh DEK for `category` of `record_id` under the category's active KEK.
+    /// Wraps a DEK for `category` of `record_id` under the category's active KEK.
     pub fn wrap_dek(
         &self,
         record_id: &[u8],
         category: Category,
         dek: &SecretKey,
     ) -> Result<WrappedDek, KeyError> {
-        let version = *self
-            .active
-            .get(&category)
-            .ok_or(KeyError::MissingKek(category, 0))?;
-        let kek = self
-            .keks
-            .get(&(category, version))
-            .ok_or(KeyError::MissingKek(category, version))?;
+        let (version, kek) = {
+            let table = self.keks.read();
+            let version = *table
+                .active
+                .get(&category)
+                .ok_or(KeyError::MissingKek(category, 0))?;
+            let kek = table
+                .keys
+                .get(&(category, version))
+                .cloned()
+                .ok_or(KeyError::MissingKek(category, version))?;
+            (version, kek)
+        };
         let ctx = Self::dek_context(record_id, category, version);
         Ok(WrappedDek {
             kek_version: version,
-            sealed: crypto::seal(kek, version, &ctx, dek.expose_secret())?,
+            sealed: crypto::seal(&kek, version, &ctx, dek.expose_secret())?,
         })
     }
 
@@ -361,10 +502,13 @@ impl KeyRing {
     ) -> Result<SecretKey, KeyError> {
         let kek = self
             .keks
+            .read()
+            .keys
             .get(&(category, kek_version))
+            .cloned()
             .ok_or(KeyError::MissingKek(category, kek_version))?;
         let ctx = Self::dek_context(record_id, category, kek_version);
-        let bytes = crypto::open(kek, &ctx, sealed).map_err(|_| KeyError::Dek(category))?;
+        let bytes = crypto::open(&kek, &ctx, sealed).map_err(|_| KeyError::Dek(category))?;
         let arr: [u8; 32] = bytes
             .as_slice()
             .try_into()
@@ -394,9 +538,251 @@ impl KeyRing {
     }
 
     /// The active KEK version of each category.
-    pub fn active_versions(&self) -> &BTreeMap<Category, u32> {
-        &self.active
+    pub fn active_versions(&self) -> BTreeMap<Category, u32> {
+        self.keks.read().active.clone()
     }
+
+    /// The active KEK version of `category`.
+    pub fn active_version(&self, category: Category) -> Option<u32> {
+        self.keks.read().active.get(&category).copied()
+    }
+
+    /// Every KEK version the store knows, retired ones included, by category and version.
+    pub fn versions(&self) -> Vec<VersionStatus> {
+        let table = self.keks.read();
+        table
+            .info
+            .iter()
+            .map(|(&(category, version), info)| VersionStatus {
+                category,
+                version,
+                info: *info,
+                state: if !table.keys.contains_key(&(category, version)) {
+                    KekState::Retired
+                } else if table.active.get(&category) == Some(&version) {
+                    KekState::Active
+                } else {
+                    KekState::DecryptOnly
+                },
+            })
+            .collect()
+    }
+
+    /// Makes a new KEK version active for each of `categories`, in one atomic batch together
+    /// with `events` (audit event bodies). Older versions become decrypt-only. Returns the new
+    /// versions.
+    pub async fn rotate<S: Store>(
+        &self,
+        store: &S,
+        categories: &[Category],
+        events: Vec<Vec<u8>>,
+    ) -> Result<Vec<(Category, u32)>, KeyOpError> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut batch = Batch::default();
+        let mut made = Vec::new();
+        {
+            let table = self.keks.read();
+            for &category in categories {
+                // Retired versions count too: a version number is never reused.
+                let newest = table
+                    .info
+                    .keys()
+                    .filter(|(c, _)| *c == category)
+                    .map(|(_, v)| *v)
+                    .chain(table.active.get(&category).copied())
+                    .max()
+                    .unwrap_or(0);
+                let version = newest + 1;
+                let kek = SecretKey::generate().map_err(KeyError::from)?;
+                let sealed = crypto::seal(
+                    &self.wrap,
+                    1,
+                    &kek_context(category, version),
+                    kek.expose_secret(),
+                )
+                .map_err(KeyError::from)?;
+                batch.expect(
+                    Keyspace::Meta,
+                    kek_meta_key(category, version),
+                    Expect::Absent,
+                );
+                batch.expect(
+                    Keyspace::Meta,
+                    kek_info_key(category, version),
+                    Expect::Absent,
+                );
+                batch.put(Keyspace::Meta, kek_meta_key(category, version), sealed);
+                let info = KekInfo {
+                    created_ms: now,
+                    retired_ms: None,
+                };
+                batch.put(
+                    Keyspace::Meta,
+                    kek_info_key(category, version),
+                    info_bytes(&info),
+                );
+                made.push((category, version, kek, info));
+            }
+        }
+        for event in events {
+            batch.append_event(event);
+        }
+        store.commit(batch).await?;
+        let mut table = self.keks.write();
+        let mut out = Vec::with_capacity(made.len());
+        for (category, version, kek, info) in made {
+            table
+                .keys
+                .insert((category, version), std::sync::Arc::new(kek));
+            table.info.insert((category, version), info);
+            let a = table.active.entry(category).or_insert(version);
+            *a = (*a).max(version);
+            out.push((category, version));
+        }
+        Ok(out)
+    }
+
+    /// Whether KEK `version` of `category` may be retired as far as its state goes (it exists,
+    /// is not retired yet and is not the active version); returns its facts.
+    pub fn retirable(&self, category: Category, version: u32) -> Result<KekInfo, KeyOpError> {
+        let table = self.keks.read();
+        let Some(info) = table.info.get(&(category, version)).copied() else {
+            return Err(KeyOpError::NoSuchVersion(category, version));
+        };
+        if !table.keys.contains_key(&(category, version)) {
+            return Err(KeyOpError::AlreadyRetired(category, version));
+        }
+        if table.active.get(&category) == Some(&version) {
+            return Err(KeyOpError::Active(category, version));
+        }
+        Ok(info)
+    }
+
+    /// Destroys KEK `version` of `category`: removes it from the store (in one atomic batch
+    /// with `events`) and zeroizes it in memory. The caller must have checked that no record
+    /// still needs it; writes that wrap a new DEK under a version expect its key to exist, so
+    /// none can slip in meanwhile. Refuses the active version.
+    pub async fn retire<S: Store>(
+        &self,
+        store: &S,
+        category: Category,
+        version: u32,
+        events: Vec<Vec<u8>>,
+    ) -> Result<(), KeyOpError> {
+        let info = self.retirable(category, version)?;
+        let retired = KekInfo {
+            retired_ms: Some(chrono::Utc::now().timestamp_millis()),
+            ..info
+        };
+        let mut batch = Batch::default();
+        batch.expect(
+            Keyspace::Meta,
+            kek_meta_key(category, version),
+            Expect::Present,
+        );
+        batch.delete(Keyspace::Meta, kek_meta_key(category, version));
+        batch.put(
+            Keyspace::Meta,
+            kek_info_key(category, version),
+            info_bytes(&retired),
+        );
+        for event in events {
+            batch.append_event(event);
+        }
+        store.commit(batch).await?;
+        let mut table = self.keks.write();
+        // Dropping the last reference zeroizes the key (`SecretKey` zeroizes on drop).
+        table.keys.remove(&(category, version));
+        table.info.insert((category, version), retired);
+        Ok(())
+    }
+}
+
+fn info_bytes(info: &KekInfo) -> Vec<u8> {
+    serde_json::to_vec(info).expect("KekInfo serializes (plain integers)")
+}
+
+/// Re-wraps every key the master key protects (the key check value, every KEK, the
+/// blind-index root and the integrity key) under `new`, in one atomic, durable batch with
+/// `events`. Each stored key is expected unchanged, so a concurrent change makes it fail
+/// whole. A crash leaves the store wholly under `old` or wholly under `new`. Returns the
+/// number of keys re-wrapped.
+pub async fn rotate_master<S: Store>(
+    store: &S,
+    old: &MasterKey,
+    new: &MasterKey,
+    events: Vec<Vec<u8>>,
+) -> Result<usize, KeyError> {
+    match store.get(Keyspace::Meta, META_KEY_CHECK).await? {
+        Some(stored) if crypto::ct_eq(&stored, &old.check_value()) => {}
+        _ => return Err(KeyError::WrongMasterKey),
+    }
+    let old_wrap = old.wrapping_key();
+    let new_wrap = new.wrapping_key();
+    let mut batch = Batch::default();
+    let mut count = 0;
+    let mut rewrap = |batch: &mut Batch, key: Vec<u8>, sealed: Vec<u8>, ctx: Vec<u8>| {
+        let name = String::from_utf8_lossy(&key).to_string();
+        let secret = unwrap_stored(&old_wrap, &ctx, &sealed, &name)?;
+        let resealed = crypto::seal(&new_wrap, 1, &ctx, secret.expose_secret())?;
+        batch.expect(Keyspace::Meta, key.clone(), Expect::Value(sealed));
+        batch.put(Keyspace::Meta, key, resealed);
+        count += 1;
+        Ok::<(), KeyError>(())
+    };
+    for (key, sealed) in store
+        .scan(Keyspace::Meta, META_KEK_PREFIX.as_bytes(), None, usize::MAX)
+        .await?
+    {
+        let name = String::from_utf8_lossy(&key).to_string();
+        let (category, version) = parse_kek_name(&name, META_KEK_PREFIX)
+            .ok_or_else(|| KeyError::Corrupt(name.clone()))?;
+        rewrap(&mut batch, key, sealed, kek_context(category, version))?;
+    }
+    for (key, ctx) in [
+        (META_INDEX_ROOT, crypto::context(&[CTX_INDEX_ROOT])),
+        (META_INTEGRITY, crypto::context(&[CTX_INTEGRITY])),
+    ] {
+        let sealed = store
+            .get(Keyspace::Meta, key)
+            .await?
+            .ok_or_else(|| KeyError::Corrupt(String::from_utf8_lossy(key).into()))?;
+        rewrap(&mut batch, key.to_vec(), sealed, ctx)?;
+    }
+    batch.expect(
+        Keyspace::Meta,
+        META_KEY_CHECK.to_vec(),
+        Expect::Value(old.check_value().to_vec()),
+    );
+    batch.put(
+        Keyspace::Meta,
+        META_KEY_CHECK.to_vec(),
+        new.check_value().to_vec(),
+    );
+    for event in events {
+        batch.append_event(event);
+    }
+    store.commit(batch).await?;
+    Ok(count)
+}
+
+/// Which of two master keys opens the store: `Some(true)` for `a`, `Some(false)` for `b`,
+/// `None` for neither.
+pub async fn which_master_key<S: Store>(
+    store: &S,
+    a: &MasterKey,
+    b: &MasterKey,
+) -> Result<Option<bool>, KeyError> {
+    let Some(stored) = store.get(Keyspace::Meta, META_KEY_CHECK).await? else {
+        return Ok(None);
+    };
+    Ok(if crypto::ct_eq(&stored, &a.check_value()) {
+        Some(true)
+    } else if crypto::ct_eq(&stored, &b.check_value()) {
+        Some(false)
+    } else {
+        None
+    })
 }
 
 #[cfg(test)]

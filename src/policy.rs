@@ -40,6 +40,37 @@ pub struct Role {
     pub purposes: BTreeSet<String>,
     /// What it may do with the audit trail.
     pub audit: BTreeSet<AuditRight>,
+    /// What it may do with the keys.
+    pub keys: BTreeSet<KeyRight>,
+}
+
+/// A right over the key hierarchy (service `Keys`). None of them reads record data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyRight {
+    /// `GetKeyStatus`.
+    Status,
+    /// `RotateKey`.
+    Rotate,
+    /// `Rewrap`.
+    Rewrap,
+    /// `Rekey`.
+    Rekey,
+    /// `RetireKeyVersion`.
+    Retire,
+}
+
+impl KeyRight {
+    /// The right's name in the policy file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyRight::Status => "status",
+            KeyRight::Rotate => "rotate",
+            KeyRight::Rewrap => "rewrap",
+            KeyRight::Rekey => "rekey",
+            KeyRight::Retire => "retire",
+        }
+    }
 }
 
 /// A right over the audit trail.
@@ -149,6 +180,8 @@ struct RoleFile {
     purposes: Vec<String>,
     #[serde(default)]
     audit: Vec<AuditRight>,
+    #[serde(default)]
+    keys: Vec<KeyRight>,
 }
 
 /// A principal entry as written in the policy file.
@@ -197,6 +230,7 @@ impl Policy {
                 write: categories(&name, "write", &r.write)?,
                 purposes: r.purposes.into_iter().collect(),
                 audit: r.audit.into_iter().collect(),
+                keys: r.keys.into_iter().collect(),
                 name: name.clone(),
             };
             roles.insert(name, Arc::new(role));

@@ -82,6 +82,9 @@ pub struct StoredDek {
     /// The envelope.
     #[prost(bytes = "vec", tag = "2")]
     pub sealed: Vec<u8>,
+    /// When this DEK was made, Unix milliseconds (re-key makes a new one).
+    #[prost(int64, tag = "3")]
+    pub created_ms: i64,
 }
 
 /// A field's entry in the header.

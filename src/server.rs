@@ -13,8 +13,11 @@ use crate::audit::Signer;
 use crate::config::{ConfigError, Settings};
 use crate::keys::{KeyError, KeyRing};
 use crate::proto::audit_server::AuditServer;
+use crate::proto::keys_server::KeysServer;
 use crate::proto::records_server::RecordsServer;
+use crate::rotation::Jobs;
 use crate::service::audit_service::AuditService;
+use crate::service::keys_service::KeysService;
 use crate::service::{Authenticator, RecordsService};
 use crate::store::{SledStore, StoreError};
 use crate::vault::Vault;
@@ -57,6 +60,8 @@ pub struct Running {
     shutdown: Option<oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     checkpoints: Option<Checkpointer>,
+    jobs: Arc<Jobs<SledStore>>,
+    schedule: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// The background task that signs audit checkpoints.
@@ -83,6 +88,12 @@ impl Running {
                 source: std::io::Error::other(e.to_string()),
             }),
         };
+        if let Some(schedule) = self.schedule.take() {
+            schedule.abort();
+            let _ = schedule.await;
+        }
+        // A running key job stops here and resumes from its last page on the next start.
+        self.jobs.stop().await;
         if let Some(cp) = self.checkpoints.take() {
             let _ = cp.stop.send(());
             let _ = cp.task.await;
@@ -164,6 +175,25 @@ fn spawn_checkpointer(
     Checkpointer { stop, task }
 }
 
+/// Rotates each scheduled category's KEK once it is older than its `rotate_after_days`, then
+/// rewraps the category; checks every `schedule_check`. Each rotation is an audit event of
+/// [`crate::rotation::SCHEDULE_PRINCIPAL`], committed with the new key, and a log line.
+fn spawn_key_schedule(
+    jobs: Arc<Jobs<SledStore>>,
+    settings: crate::config::KeySettings,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            for (&category, &age) in &settings.rotate_after {
+                if let Err(e) = crate::rotation::scheduled(&jobs, category, age).await {
+                    tracing::error!(category = category.as_str(), error = %e, "scheduled key rotation failed; retrying at the next check");
+                }
+            }
+            tokio::time::sleep(settings.schedule_check).await;
+        }
+    })
+}
+
 /// Starts the server in the background; it runs until [`Running::shutdown`].
 pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     settings.check_listener()?;
@@ -196,6 +226,20 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         settings.audit.max_uncovered(),
         settings.audit.checkpoint_interval,
     );
+    let jobs = Jobs::new(Arc::clone(&vault));
+    if jobs
+        .resume()
+        .await
+        .map_err(|e| ConfigError::Rule(format!("resuming the key job: {e}")))?
+    {
+        tracing::info!("an unfinished key job was resumed");
+    }
+    let schedule = (!settings.keys.rotate_after.is_empty())
+        .then(|| spawn_key_schedule(Arc::clone(&jobs), settings.keys.clone()));
+    let keys = KeysServer::new(KeysService::new(
+        Arc::clone(&jobs),
+        Authenticator::new(Arc::new(settings.policy.clone())),
+    ));
     let auth = Authenticator::new(Arc::new(settings.policy));
     let records = RecordsServer::new(RecordsService::new(Arc::clone(&vault), auth))
         .max_decoding_message_size(settings.max_request_bytes)
@@ -206,6 +250,9 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         .await;
     health_reporter
         .set_serving::<AuditServer<AuditService<SledStore>>>()
+        .await;
+    health_reporter
+        .set_serving::<KeysServer<KeysService<SledStore>>>()
         .await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -235,7 +282,8 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(records)
-        .add_service(audit);
+        .add_service(audit)
+        .add_service(keys);
     let handle = tokio::spawn(async move {
         router
             .serve_with_incoming_shutdown(incoming, async move {
@@ -245,6 +293,9 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
                     .await;
                 health_reporter
                     .set_not_serving::<AuditServer<AuditService<SledStore>>>()
+                    .await;
+                health_reporter
+                    .set_not_serving::<KeysServer<KeysService<SledStore>>>()
                     .await;
             })
             .await
@@ -256,6 +307,8 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         shutdown: Some(tx),
         handle,
         checkpoints: Some(checkpoints),
+        jobs,
+        schedule,
     })
 }
 

@@ -86,6 +86,8 @@ pub enum Expect {
     Absent,
     /// The key must hold exactly this value.
     Value(Vec<u8>),
+    /// The key must exist (any value).
+    Present,
 }
 
 /// One write of a batch.
@@ -788,6 +790,7 @@ fn apply_batches(
                 holds &= match expect {
                     Expect::Absent => current.is_none(),
                     Expect::Value(v) => current.as_deref() == Some(v.as_slice()),
+                    Expect::Present => current.is_some(),
                 };
             }
             if !holds {

@@ -172,6 +172,16 @@ impl<S: Store> Vault<S> {
         &self.store
     }
 
+    /// The key ring.
+    pub fn keys(&self) -> &Arc<KeyRing> {
+        &self.keys
+    }
+
+    /// Whether this vault writes audit events.
+    pub fn auditing(&self) -> bool {
+        self.auditing
+    }
+
     /// Creates a record holding `fields`; every field must be writable by the caller's role.
     pub async fn create(
         &self,
@@ -208,6 +218,7 @@ impl<S: Store> Vault<S> {
             let entry = self.write_field(&mut batch, sealer, &idb, def, value, 1)?;
             body.fields.insert(def.name.clone(), entry);
         }
+        expect_keks(&mut batch, &body, sealers.keys());
         let (kv, key) = self.keys.integrity_key();
         batch.expect(Keyspace::Records, idb.clone(), Expect::Absent);
         batch.put(Keyspace::Records, idb, body.seal(kv, key));
@@ -340,6 +351,7 @@ impl<S: Store> Vault<S> {
                     body.deks.remove(cat);
                 }
             }
+            expect_keks(&mut batch, &body, sealers.keys());
             body.revision = revision;
             body.updated_ms = now_ms().max(body.updated_ms);
             let (kv, key) = self.keys.integrity_key();
@@ -504,7 +516,7 @@ impl<S: Store> Vault<S> {
         Ok(out)
     }
 
-    fn wrap(
+    pub(crate) fn wrap(
         &self,
         id: &[u8],
         category: Category,
@@ -517,10 +529,11 @@ impl<S: Store> Vault<S> {
         Ok(StoredDek {
             kek_version: w.kek_version,
             sealed: w.sealed,
+            created_ms: now_ms(),
         })
     }
 
-    fn unwrap(
+    pub(crate) fn unwrap(
         &self,
         id: &[u8],
         category: Category,
@@ -616,7 +629,7 @@ impl<S: Store> Vault<S> {
         }
     }
 
-    async fn load(&self, id: Uuid) -> Result<(Vec<u8>, RecordBody), VaultError> {
+    pub(crate) async fn load(&self, id: Uuid) -> Result<(Vec<u8>, RecordBody), VaultError> {
         let raw = self
             .store
             .get(Keyspace::Records, id.as_bytes())
@@ -686,7 +699,7 @@ impl<S: Store> Vault<S> {
         Ok(out)
     }
 
-    async fn read_field(
+    pub(crate) async fn read_field(
         &self,
         id: &[u8],
         name: &str,
@@ -718,6 +731,25 @@ impl<S: Store> Vault<S> {
             return Err(field_loss(id, name));
         }
         Ok(out)
+    }
+}
+
+/// A write that seals with a category's DEK expects the KEK wrapping it to still exist, so
+/// that a version being retired (checked unused, then destroyed) cannot gain a record
+/// meanwhile: such a write conflicts and is retried under the active version.
+pub(crate) fn expect_keks<'a>(
+    batch: &mut Batch,
+    body: &RecordBody,
+    categories: impl Iterator<Item = &'a Category>,
+) {
+    for category in categories {
+        if let Some(dek) = body.deks.get(category.as_str()) {
+            batch.expect(
+                Keyspace::Meta,
+                crate::keys::kek_meta_key(*category, dek.kek_version),
+                Expect::Present,
+            );
+        }
     }
 }
 
@@ -793,24 +825,24 @@ fn meta_of(id: Uuid, body: &RecordBody) -> RecordMeta {
     }
 }
 
-fn uuid_string(id: &[u8]) -> String {
+pub(crate) fn uuid_string(id: &[u8]) -> String {
     Uuid::from_slice(id).map_or_else(|_| hex::encode(id), |u| u.to_string())
 }
 
-fn header_loss(id: Uuid) -> VaultError {
+pub(crate) fn header_loss(id: Uuid) -> VaultError {
     VaultError::DataLoss {
         record_id: id.to_string(),
         part: "record header".into(),
     }
 }
 
-fn field_loss(id: &[u8], name: &str) -> VaultError {
+pub(crate) fn field_loss(id: &[u8], name: &str) -> VaultError {
     VaultError::DataLoss {
         record_id: uuid_string(id),
         part: format!("field {name}"),
     }
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }

@@ -3,6 +3,7 @@
 //! No business logic lives here: that is [`crate::vault`].
 
 pub mod audit_service;
+pub mod keys_service;
 mod log;
 pub mod status;
 

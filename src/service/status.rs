@@ -12,7 +12,9 @@ pub fn from_vault(e: VaultError) -> Status {
         VaultError::TooLarge { .. } => Status::resource_exhausted(e.to_string()),
         VaultError::PermissionDenied(_) => Status::permission_denied(e.to_string()),
         VaultError::NotFound(_) => Status::not_found(e.to_string()),
-        VaultError::StaleRevision { .. } => Status::failed_precondition(e.to_string()),
+        VaultError::StaleRevision { .. } | VaultError::FailedPrecondition(_) => {
+            Status::failed_precondition(e.to_string())
+        }
         VaultError::DataLoss { .. } => {
             tracing::error!(error = %e, "stored data failed authentication");
             Status::data_loss(e.to_string())

@@ -44,6 +44,8 @@ pub struct TestVault {
     pub tokens: BTreeMap<String, String>,
     master_hex: String,
     running: Option<Running>,
+    /// Changes applied to the settings of every start (e.g. a key schedule).
+    pub tweak: Option<fn(&mut kluis::config::Settings)>,
 }
 
 pub fn data_dir(dir: &tempfile::TempDir) -> std::path::PathBuf {
@@ -80,6 +82,7 @@ pub async fn spawn_vault() -> TestVault {
         tokens,
         master_hex,
         running: None,
+        tweak: None,
     };
     vault.start().await.expect("vault starts");
     vault
@@ -88,7 +91,23 @@ pub async fn spawn_vault() -> TestVault {
 impl TestVault {
     fn settings(&self, master_hex: &str) -> kluis::config::Settings {
         let master = MasterKey::from_secret(SecretKey::from_hex(master_hex).expect("hex"));
-        kluis::config::ephemeral(&data_dir(&self.dir), master, policy_with(&self.tokens))
+        let mut settings =
+            kluis::config::ephemeral(&data_dir(&self.dir), master, policy_with(&self.tokens));
+        if let Some(tweak) = self.tweak {
+            tweak(&mut settings);
+        }
+        settings
+    }
+
+    /// The master key, as hex.
+    #[allow(dead_code)]
+    pub fn master_hex(&self) -> &str {
+        &self.master_hex
+    }
+
+    /// The running server's vault (for looking at stored bytes; panics when stopped).
+    pub fn vault(&self) -> &std::sync::Arc<kluis::Vault<kluis::store::SledStore>> {
+        &self.running.as_ref().expect("the server is running").vault
     }
 
     /// Starts (or restarts) the server on the same data dir.
@@ -119,7 +138,7 @@ impl TestVault {
         self.start().await.expect("restart");
     }
 
-    async fn channel(&self) -> Channel {
+    pub async fn channel(&self) -> Channel {
         Channel::from_shared(format!("http://{}", self.addr))
             .expect("uri")
             .connect()

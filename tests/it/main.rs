@@ -7,6 +7,7 @@ mod audit;
 mod audit_cli;
 mod crypto_vectors;
 mod durability;
+mod keys;
 mod policy_matrix;
 mod records;
 mod tamper;

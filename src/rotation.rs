@@ -1,0 +1,661 @@
+//! Key lifecycle over a vault: exact per-version record counts, and the persisted background
+//! jobs that move data keys to the active KEK (rewrap) or replace them (re-key).
+//!
+//! ```text
+//! meta/job/current → JobState (JSON): kind, category, total, done, cursor (last record id
+//!                    handled), started, finished, error
+//! ```
+//!
+//! A job walks the `records` keyspace in id order, a page at a time. Each page is one atomic
+//! batch: the re-sealed record headers (each expected unchanged since it was read), for a
+//! re-key the re-encrypted field chunks, one audit event per record (principal
+//! [`JOB_PRINCIPAL`]) and the job state with its new cursor. A crash therefore loses at most
+//! the page in flight, and the job resumes from the cursor stored with the last page; redoing
+//! a record is harmless (idempotent: rewrap skips keys already under the active KEK, re-key
+//! skips keys made after the job started). A page that meets a concurrent change is redone
+//! record by record. Rewrap ends with a count: if records still need it (a rotation during
+//! the job, a write from an instance with an older key ring), it runs another pass.
+//!
+//! Counts are exact because they are counted: a scan of every record header (MAC-checked).
+//! That is O(records) per status call; the PostgreSQL store will keep the KEK version in an
+//! indexed column instead.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::audit;
+use crate::crypto::{SealingKey, SecretKey};
+use crate::error::VaultError;
+use crate::record::{self, RecordBody};
+use crate::schema::Category;
+use crate::store::{Batch, Expect, Keyspace, Store, StoreError};
+use crate::vault::{self, Vault};
+
+/// Principal of the audit events a job writes.
+pub const JOB_PRINCIPAL: &str = "system:key-job";
+/// Principal of the audit events of scheduled rotations.
+pub const SCHEDULE_PRINCIPAL: &str = "system:key-schedule";
+/// Role named in system events.
+pub const SYSTEM_ROLE: &str = "system";
+/// Meta key of the current (or last) job.
+pub const META_JOB: &[u8] = b"job/current";
+/// Records per job page (one atomic batch).
+pub const JOB_PAGE: usize = 1024;
+/// Passes a rewrap makes before it gives up on records that keep needing it.
+const MAX_PASSES: u32 = 8;
+/// Tries per record when a page is redone record by record.
+const MAX_RECORD_TRIES: usize = 32;
+
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// Re-wraps data keys under the active KEK; field ciphertext is untouched.
+    Rewrap,
+    /// Replaces a category's data keys and re-encrypts its fields.
+    Rekey,
+}
+
+impl JobKind {
+    /// The job's name (`rewrap`, `rekey`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Rewrap => "rewrap",
+            JobKind::Rekey => "rekey",
+        }
+    }
+
+    fn record_action(self) -> &'static str {
+        match self {
+            JobKind::Rewrap => "RewrapRecord",
+            JobKind::Rekey => "RekeyRecord",
+        }
+    }
+
+    fn finished_action(self) -> &'static str {
+        match self {
+            JobKind::Rewrap => "RewrapFinished",
+            JobKind::Rekey => "RekeyFinished",
+        }
+    }
+}
+
+/// A job as stored in `meta/job/current`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JobState {
+    /// Job id.
+    pub id: String,
+    /// What it does.
+    pub kind: JobKind,
+    /// Its category; `None` = every category (rewrap only).
+    pub category: Option<String>,
+    /// Records that needed the job when it started.
+    pub total: u64,
+    /// Records handled so far.
+    pub done: u64,
+    /// Hex id of the last record handled in the current pass.
+    pub cursor: Option<String>,
+    /// Pass number, from 1.
+    pub pass: u32,
+    /// Start, Unix milliseconds.
+    pub started_ms: i64,
+    /// End, Unix milliseconds, once finished.
+    #[serde(default)]
+    pub finished_ms: Option<i64>,
+    /// Who asked for it.
+    pub requested_by: String,
+    /// Why it stopped, if it failed (it resumes on the next request or restart).
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl JobState {
+    fn scope(&self) -> Result<Option<Category>, VaultError> {
+        match &self.category {
+            None => Ok(None),
+            Some(c) => Category::parse(c)
+                .map(Some)
+                .ok_or_else(|| VaultError::Internal(format!("stored job names category {c}"))),
+        }
+    }
+
+    fn progress(&self) -> Progress {
+        Progress {
+            category: self.category.clone().unwrap_or_default(),
+            done: self.done.min(self.total),
+            total: self.total,
+            finished: self.finished_ms.is_some(),
+            error: self.error.clone(),
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("JobState serializes (strings and integers)")
+    }
+}
+
+/// A job's progress, as streamed to callers.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Progress {
+    /// The job's category; empty = every category.
+    pub category: String,
+    /// Records handled.
+    pub done: u64,
+    /// Records that needed the job when it started.
+    pub total: u64,
+    /// Whether it has finished.
+    pub finished: bool,
+    /// Why it stopped, if it failed.
+    pub error: Option<String>,
+}
+
+/// Reads the stored job, if any.
+pub async fn stored_job<S: Store>(store: &S) -> Result<Option<JobState>, VaultError> {
+    match store.get(Keyspace::Meta, META_JOB).await? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|_| VaultError::Internal("stored job state is unreadable".into())),
+    }
+}
+
+/// Calls `f` with every record's id and opened header, in id order.
+async fn each_record<S: Store>(
+    vault: &Vault<S>,
+    mut f: impl FnMut(&[u8], &RecordBody),
+) -> Result<(), VaultError> {
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = vault
+            .store()
+            .scan(Keyspace::Records, b"", after.as_deref(), JOB_PAGE)
+            .await?;
+        let Some((last, _)) = page.last() else {
+            return Ok(());
+        };
+        after = Some(last.clone());
+        for (key, raw) in &page {
+            f(key, &open_header(vault, key, raw)?);
+        }
+    }
+}
+
+fn open_header<S: Store>(
+    vault: &Vault<S>,
+    key: &[u8],
+    raw: &[u8],
+) -> Result<RecordBody, VaultError> {
+    let (kv, ik) = vault.keys().integrity_key();
+    RecordBody::open(key, raw, kv, ik).map_err(|_| VaultError::DataLoss {
+        record_id: vault::uuid_string(key),
+        part: "record header".into(),
+    })
+}
+
+/// Exactly how many records each KEK version wraps a data key for, by category and version.
+pub async fn version_counts<S: Store>(
+    vault: &Vault<S>,
+) -> Result<BTreeMap<(Category, u32), u64>, VaultError> {
+    let mut counts = BTreeMap::new();
+    each_record(vault, |_, body| {
+        for (name, dek) in &body.deks {
+            if let Some(category) = Category::parse(name) {
+                *counts.entry((category, dek.kek_version)).or_insert(0) += 1;
+            }
+        }
+    })
+    .await?;
+    Ok(counts)
+}
+
+/// The categories of `body` that a job of `kind` over `scope` still has to handle.
+fn needs<S: Store>(
+    vault: &Vault<S>,
+    kind: JobKind,
+    scope: Option<Category>,
+    started_ms: i64,
+    body: &RecordBody,
+) -> Vec<Category> {
+    let active = vault.keys().active_versions();
+    body.deks
+        .iter()
+        .filter_map(|(name, dek)| {
+            let category = Category::parse(name)?;
+            if scope.is_some_and(|s| s != category) {
+                return None;
+            }
+            let due = match kind {
+                JobKind::Rewrap => active.get(&category) != Some(&dek.kek_version),
+                JobKind::Rekey => dek.created_ms <= started_ms,
+            };
+            due.then_some(category)
+        })
+        .collect()
+}
+
+/// How many records a job of `kind` over `scope` started at `started_ms` has to handle.
+pub async fn count_needing<S: Store>(
+    vault: &Vault<S>,
+    kind: JobKind,
+    scope: Option<Category>,
+    started_ms: i64,
+) -> Result<u64, VaultError> {
+    let mut n = 0;
+    each_record(vault, |_, body| {
+        if !needs(vault, kind, scope, started_ms, body).is_empty() {
+            n += 1;
+        }
+    })
+    .await?;
+    Ok(n)
+}
+
+/// Re-wraps or re-keys the categories of one record that need it, adding the writes (header
+/// expected unchanged, chunks, event) to `batch`. Returns whether the record needed anything.
+async fn handle_record<S: Store>(
+    vault: &Vault<S>,
+    job: &JobState,
+    scope: Option<Category>,
+    key: &[u8],
+    raw: &[u8],
+    batch: &mut Batch,
+) -> Result<bool, VaultError> {
+    let mut body = open_header(vault, key, raw)?;
+    let due = needs(vault, job.kind, scope, job.started_ms, &body);
+    if due.is_empty() {
+        return Ok(false);
+    }
+    let id = body.id.clone();
+    let mut fields_touched = Vec::new();
+    for &category in &due {
+        let stored = body
+            .deks
+            .get(category.as_str())
+            .cloned()
+            .ok_or_else(|| VaultError::Internal("a due category has a data key".into()))?;
+        let dek = vault.unwrap(&id, category, &stored)?;
+        match job.kind {
+            JobKind::Rewrap => {
+                let mut wrapped = vault.wrap(&id, category, &dek)?;
+                // The same data key: keep when it was made.
+                wrapped.created_ms = stored.created_ms;
+                body.deks.insert(category.as_str().into(), wrapped);
+            }
+            JobKind::Rekey => {
+                let fresh = SecretKey::generate()?;
+                let sealer = SealingKey::new(&fresh, 1);
+                for (name, entry) in body.fields.iter_mut() {
+                    if entry.category != category.as_str() {
+                        continue;
+                    }
+                    let plaintext: Zeroizing<Vec<u8>> =
+                        vault.read_field(&id, name, entry, &dek).await?;
+                    let sealed = record::seal_field(&sealer, &id, name, &plaintext)?;
+                    let chunks = u32::try_from(sealed.chunks.len())
+                        .expect("values are far below 2^32 chunks");
+                    for i in chunks..entry.chunks {
+                        batch.delete(
+                            Keyspace::Fields,
+                            record::chunk_key(&id, name, entry.revision, i),
+                        );
+                    }
+                    for (i, chunk) in sealed.chunks.into_iter().enumerate() {
+                        let i = u32::try_from(i).expect("chunk index below chunk count");
+                        batch.put(
+                            Keyspace::Fields,
+                            record::chunk_key(&id, name, entry.revision, i),
+                            chunk,
+                        );
+                    }
+                    entry.chunks = chunks;
+                    entry.digest = sealed.digest.to_vec();
+                    fields_touched.push(name.clone());
+                }
+                let mut wrapped = vault.wrap(&id, category, &fresh)?;
+                // Made after the job started, so a resumed job never re-keys it again.
+                wrapped.created_ms = wrapped.created_ms.max(job.started_ms + 1);
+                body.deks.insert(category.as_str().into(), wrapped);
+            }
+        }
+    }
+    vault::expect_keks(batch, &body, due.iter());
+    let (kv, ik) = vault.keys().integrity_key();
+    batch.expect(Keyspace::Records, key.to_vec(), Expect::Value(raw.to_vec()));
+    batch.put(Keyspace::Records, key.to_vec(), body.seal(kv, ik));
+    if vault.auditing() {
+        let mut draft = audit::Draft::new(job.kind.record_action(), JOB_PRINCIPAL, SYSTEM_ROLE);
+        draft.record_id = vault::uuid_string(key);
+        draft.field_names = fields_touched;
+        draft.outcome = audit::Outcome::Ok.as_str().into();
+        batch.append_event(draft.encode());
+    }
+    Ok(true)
+}
+
+/// Runs (or resumes) `job` to its end, publishing progress on `tx` after every page.
+async fn run<S: Store>(
+    vault: &Vault<S>,
+    mut job: JobState,
+    tx: &watch::Sender<Progress>,
+) -> Result<(), VaultError> {
+    let scope = job.scope()?;
+    tx.send_replace(job.progress());
+    loop {
+        let after = match &job.cursor {
+            Some(h) => Some(
+                hex::decode(h)
+                    .map_err(|_| VaultError::Internal("stored job cursor is not hex".into()))?,
+            ),
+            None => None,
+        };
+        let page = vault
+            .store()
+            .scan(Keyspace::Records, b"", after.as_deref(), JOB_PAGE)
+            .await?;
+        let Some((last, _)) = page.last() else {
+            // End of a pass: a rewrap checks nothing was left behind.
+            if job.kind == JobKind::Rewrap {
+                let left = count_needing(vault, job.kind, scope, job.started_ms).await?;
+                if left > 0 {
+                    if job.pass >= MAX_PASSES {
+                        return Err(VaultError::Internal(format!(
+                            "{left} records still need rewrapping after {MAX_PASSES} passes"
+                        )));
+                    }
+                    tracing::info!(job = %job.id, left, "rewrap: another pass");
+                    job.pass += 1;
+                    job.cursor = None;
+                    continue;
+                }
+            }
+            job.done = job.total;
+            job.finished_ms = Some(vault::now_ms());
+            let mut batch = Batch::default();
+            batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
+            if vault.auditing() {
+                let mut draft =
+                    audit::Draft::new(job.kind.finished_action(), JOB_PRINCIPAL, SYSTEM_ROLE);
+                draft.field_names = job.category.iter().cloned().collect();
+                draft.outcome = audit::Outcome::Ok.as_str().into();
+                batch.append_event(draft.encode());
+            }
+            vault.store().commit(batch).await?;
+            tracing::info!(job = %job.id, kind = job.kind.as_str(), total = job.total, "key job finished");
+            tx.send_replace(job.progress());
+            return Ok(());
+        };
+        let last = last.clone();
+        let mut batch = Batch::default();
+        let mut handled = 0u64;
+        for (key, raw) in &page {
+            if handle_record(vault, &job, scope, key, raw, &mut batch).await? {
+                handled += 1;
+            }
+        }
+        job.cursor = Some(hex::encode(&last));
+        job.done += handled;
+        batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
+        match vault.store().commit(batch).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict) => {
+                // A concurrent write touched a record of this page: redo it record by record.
+                job.done -= handled;
+                job.done += redo_page(vault, &job, scope, &page).await?;
+                let mut batch = Batch::default();
+                batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
+                vault.store().commit(batch).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tx.send_replace(job.progress());
+    }
+}
+
+/// Handles each record of `page` in its own batch, re-reading it on a conflict.
+async fn redo_page<S: Store>(
+    vault: &Vault<S>,
+    job: &JobState,
+    scope: Option<Category>,
+    page: &[(Vec<u8>, Vec<u8>)],
+) -> Result<u64, VaultError> {
+    let mut handled = 0;
+    for (key, _) in page {
+        for attempt in 1.. {
+            let Some(raw) = vault.store().get(Keyspace::Records, key).await? else {
+                break;
+            };
+            let mut batch = Batch::default();
+            if !handle_record(vault, job, scope, key, &raw, &mut batch).await? {
+                break;
+            }
+            match vault.store().commit(batch).await {
+                Ok(()) => {
+                    handled += 1;
+                    break;
+                }
+                Err(StoreError::Conflict) if attempt < MAX_RECORD_TRIES => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(handled)
+}
+
+/// The job running in this process, if any.
+struct Active {
+    kind: JobKind,
+    scope: Option<Category>,
+    progress: watch::Receiver<Progress>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts, resumes and attaches to key jobs. One job runs at a time.
+pub struct Jobs<S> {
+    vault: Arc<Vault<S>>,
+    active: tokio::sync::Mutex<Option<Active>>,
+}
+
+impl<S: Store> Jobs<S> {
+    /// Jobs over `vault`.
+    pub fn new(vault: Arc<Vault<S>>) -> Arc<Self> {
+        Arc::new(Self {
+            vault,
+            active: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The vault.
+    pub fn vault(&self) -> &Arc<Vault<S>> {
+        &self.vault
+    }
+
+    /// Starts a job of `kind` over `scope` (or attaches to the running one that covers it)
+    /// and returns its progress. A job of another kind or scope still running is a
+    /// FAILED_PRECONDITION. A stored job left unfinished (crash, restart, failure) is resumed
+    /// when it covers the request.
+    pub async fn start(
+        &self,
+        kind: JobKind,
+        scope: Option<Category>,
+        requested_by: &str,
+    ) -> Result<watch::Receiver<Progress>, VaultError> {
+        let mut active = self.active.lock().await;
+        if let Some(a) = active.as_ref() {
+            if !a.task.is_finished() {
+                let covers = a.kind == kind && (a.scope.is_none() || a.scope == scope);
+                if covers {
+                    return Ok(a.progress.clone());
+                }
+                return Err(VaultError::FailedPrecondition(format!(
+                    "a {} job{} is running; wait for it to finish (one key job runs at a time)",
+                    a.kind.as_str(),
+                    a.scope
+                        .map(|c| format!(" of category {c}"))
+                        .unwrap_or_else(|| " of every category".into()),
+                )));
+            }
+        }
+        let stored = stored_job(self.vault.store()).await?;
+        let job = match stored {
+            Some(mut job)
+                if job.finished_ms.is_none()
+                    && job.kind == kind
+                    && (job.category.is_none()
+                        || job.category.as_deref() == scope.map(Category::as_str)) =>
+            {
+                job.error = None;
+                job
+            }
+            previous => {
+                let started_ms = vault::now_ms();
+                let total = count_needing(&self.vault, kind, scope, started_ms).await?;
+                let job = JobState {
+                    id: Uuid::new_v4().to_string(),
+                    kind,
+                    category: scope.map(|c| c.as_str().to_string()),
+                    total,
+                    done: 0,
+                    cursor: None,
+                    pass: 1,
+                    started_ms,
+                    finished_ms: None,
+                    requested_by: requested_by.to_string(),
+                    error: None,
+                };
+                // Only one job at a time, also across instances sharing the store.
+                let mut batch = Batch::default();
+                match self.vault.store().get(Keyspace::Meta, META_JOB).await? {
+                    Some(bytes) => {
+                        batch.expect(Keyspace::Meta, META_JOB.to_vec(), Expect::Value(bytes))
+                    }
+                    None => batch.expect(Keyspace::Meta, META_JOB.to_vec(), Expect::Absent),
+                }
+                if let Some(p) = previous.filter(|p| p.finished_ms.is_none()) {
+                    tracing::warn!(job = %p.id, kind = p.kind.as_str(), "an unfinished key job is replaced by a new one");
+                }
+                batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
+                self.vault
+                    .store()
+                    .commit(batch)
+                    .await
+                    .map_err(|e| match e {
+                        StoreError::Conflict => VaultError::FailedPrecondition(
+                            "another key job started at the same moment; retry".into(),
+                        ),
+                        e => e.into(),
+                    })?;
+                tracing::info!(job = %job.id, kind = kind.as_str(), total, "key job started");
+                job
+            }
+        };
+        let progress = self.spawn(job, &mut active);
+        Ok(progress)
+    }
+
+    /// Resumes a stored job left unfinished (at start-up). Returns whether one was resumed.
+    pub async fn resume(&self) -> Result<bool, VaultError> {
+        let mut active = self.active.lock().await;
+        match stored_job(self.vault.store()).await? {
+            Some(job) if job.finished_ms.is_none() && job.error.is_none() => {
+                tracing::info!(job = %job.id, kind = job.kind.as_str(), done = job.done, total = job.total, "resuming key job");
+                self.spawn(job, &mut active);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn spawn(&self, job: JobState, active: &mut Option<Active>) -> watch::Receiver<Progress> {
+        let (tx, rx) = watch::channel(job.progress());
+        let kind = job.kind;
+        let scope = job.scope().ok().flatten();
+        let vault = Arc::clone(&self.vault);
+        let task = tokio::spawn(async move {
+            let id = job.id.clone();
+            if let Err(e) = run(&vault, job, &tx).await {
+                let text = e.to_string();
+                tracing::error!(job = %id, error = %text, "key job stopped");
+                // Remember why, so that status calls and the next request can say so.
+                if let Ok(Some(mut stored)) = stored_job(vault.store()).await {
+                    if stored.id == id {
+                        stored.error = Some(text.clone());
+                        let mut batch = Batch::default();
+                        batch.put(Keyspace::Meta, META_JOB.to_vec(), stored.encode());
+                        let _ = vault.store().commit(batch).await;
+                    }
+                }
+                tx.send_modify(|p| p.error = Some(text));
+            }
+        });
+        *active = Some(Active {
+            kind,
+            scope,
+            progress: rx.clone(),
+            task,
+        });
+        rx
+    }
+
+    /// Stops the running job (at shutdown); it resumes from its last page on the next start.
+    pub async fn stop(&self) {
+        if let Some(a) = self.active.lock().await.take() {
+            a.task.abort();
+            let _ = a.task.await;
+        }
+    }
+}
+
+/// One check of the rotation schedule for `category`: rotates its KEK if the active version
+/// is older than `age` (audited as [`SCHEDULE_PRINCIPAL`], in the rotation's own batch), and
+/// starts a rewrap of the category while records still need one (unless another job runs;
+/// the next check tries again).
+pub async fn scheduled<S: Store>(
+    jobs: &Jobs<S>,
+    category: Category,
+    age: std::time::Duration,
+) -> Result<(), VaultError> {
+    let vault = jobs.vault();
+    let keys = vault.keys();
+    let active = keys.active_version(category).unwrap_or(0);
+    let created = keys
+        .versions()
+        .into_iter()
+        .find(|v| v.category == category && v.version == active)
+        .map_or(0, |v| v.info.created_ms);
+    let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+    if vault::now_ms().saturating_sub(created) >= age_ms {
+        let mut events = Vec::new();
+        if vault.auditing() {
+            let mut draft = audit::Draft::new("RotateKey", SCHEDULE_PRINCIPAL, SYSTEM_ROLE);
+            draft.field_names = vec![category.as_str().to_string()];
+            draft.outcome = audit::Outcome::Ok.as_str().into();
+            events.push(draft.encode());
+        }
+        let made = keys
+            .rotate(vault.store(), &[category], events)
+            .await
+            .map_err(|e| VaultError::Internal(e.to_string()))?;
+        for (category, version) in made {
+            tracing::info!(
+                category = category.as_str(),
+                version,
+                previous = active,
+                "scheduled key rotation: the KEK was due (rotate_after_days); rewrapping the category"
+            );
+        }
+    }
+    if count_needing(vault, JobKind::Rewrap, Some(category), vault::now_ms()).await? > 0 {
+        match jobs
+            .start(JobKind::Rewrap, Some(category), SCHEDULE_PRINCIPAL)
+            .await
+        {
+            Ok(_) | Err(VaultError::FailedPrecondition(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

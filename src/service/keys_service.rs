@@ -1,0 +1,325 @@
+//! The `kluis.v1.Keys` service: key status, rotation, rewrap and re-key jobs, retirement.
+//! Rights are policy data (`keys = [...]`, by default only `security_officer`); none of these
+//! calls reads or returns record data. Every call is an audit event; a rotation or retirement
+//! commits its event in the same atomic batch as the key change.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::{finish, status, Authenticator};
+use crate::audit;
+use crate::error::{printable_name, VaultError};
+use crate::policy::{Caller, KeyRight};
+use crate::proto;
+use crate::rotation::{self, JobKind, Jobs, Progress};
+use crate::schema::Category;
+use crate::store::Store;
+
+/// The `kluis.v1.Keys` service.
+pub struct KeysService<S> {
+    jobs: Arc<Jobs<S>>,
+    auth: Authenticator,
+}
+
+impl<S: Store> KeysService<S> {
+    /// A service running key jobs through `jobs`, authenticating with `auth`.
+    pub fn new(jobs: Arc<Jobs<S>>, auth: Authenticator) -> Self {
+        Self { jobs, auth }
+    }
+}
+
+fn require(caller: &Caller, right: KeyRight) -> Result<(), Status> {
+    if caller.role.keys.contains(&right) {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "role `{}` may not {} keys (policy right keys = [\"{}\"] is not granted)",
+            caller.role.name,
+            right.as_str(),
+            right.as_str()
+        )))
+    }
+}
+
+/// Parses a request's category; empty means every category where `empty_ok`.
+fn parse_category(text: &str, empty_ok: bool) -> Result<Option<Category>, Status> {
+    if text.is_empty() {
+        return if empty_ok {
+            Ok(None)
+        } else {
+            Err(Status::invalid_argument("category: is required"))
+        };
+    }
+    Category::parse(text).map(Some).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "category: unknown category `{}` (categories: {})",
+            printable_name(text),
+            Category::ALL.map(Category::as_str).join(", ")
+        ))
+    })
+}
+
+/// The category names an event records for `scope`.
+fn scope_names(scope: Option<Category>) -> Vec<String> {
+    match scope {
+        Some(c) => vec![c.as_str().to_string()],
+        None => Vec::new(),
+    }
+}
+
+fn timestamp(ms: i64) -> Option<prost_types::Timestamp> {
+    (ms > 0).then(|| prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    })
+}
+
+/// Every category's KEK versions with their states and exact record counts.
+pub async fn key_status<S: Store>(jobs: &Jobs<S>) -> Result<proto::KeyStatus, VaultError> {
+    let vault = jobs.vault();
+    let counts = rotation::version_counts(vault).await?;
+    let versions = vault.keys().versions();
+    let active = vault.keys().active_versions();
+    let categories = Category::ALL
+        .iter()
+        .map(|&category| proto::CategoryKeys {
+            category: category.as_str().to_string(),
+            active_version: active.get(&category).copied().unwrap_or(0),
+            versions: versions
+                .iter()
+                .filter(|v| v.category == category)
+                .map(|v| proto::KeyVersion {
+                    version: v.version,
+                    state: v.state.as_str().to_string(),
+                    created: timestamp(v.info.created_ms),
+                    records: counts.get(&(category, v.version)).copied().unwrap_or(0),
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(proto::KeyStatus { categories })
+}
+
+fn progress_to_proto(p: &Progress) -> proto::RewrapProgress {
+    proto::RewrapProgress {
+        category: p.category.clone(),
+        done: p.done,
+        total: p.total,
+        finished: p.finished,
+    }
+}
+
+/// The stream of a job's progress: the current state, then every change, until it finishes
+/// (or stops with an error, which ends the stream with ABORTED).
+pub type ProgressStream =
+    Pin<Box<dyn Stream<Item = Result<proto::RewrapProgress, Status>> + Send + 'static>>;
+
+fn progress_stream(rx: tokio::sync::watch::Receiver<Progress>) -> ProgressStream {
+    let stream = futures::stream::unfold(Some(rx), |state| async move {
+        let mut rx = state?;
+        let p = rx.borrow_and_update().clone();
+        if let Some(error) = p.error {
+            return Some((
+                Err(Status::aborted(format!(
+                    "the key job stopped: {error}; it resumes from its last checkpoint on the next request or restart"
+                ))),
+                None,
+            ));
+        }
+        let item = Ok(progress_to_proto(&p));
+        if p.finished {
+            return Some((item, None));
+        }
+        // Wait for the next change; a closed channel (job ended) still yields its last state.
+        let _ = rx.changed().await;
+        Some((item, Some(rx)))
+    });
+    Box::pin(stream)
+}
+
+impl<S: Store> KeysService<S> {
+    async fn start_job(
+        &self,
+        action: &'static str,
+        kind: JobKind,
+        request: Request<String>,
+        empty_ok: bool,
+    ) -> Result<Response<ProgressStream>, Status> {
+        let (log, mut ev, caller) = self.auth.begin(action, &request);
+        let caller = match caller {
+            Ok(c) => c,
+            Err(e) => return finish(self.jobs.vault(), log, ev, Err(e)).await,
+        };
+        let category = request.into_inner();
+        let result = async {
+            require(
+                &caller,
+                match kind {
+                    JobKind::Rewrap => KeyRight::Rewrap,
+                    JobKind::Rekey => KeyRight::Rekey,
+                },
+            )?;
+            let scope = parse_category(&category, empty_ok)?;
+            ev.draft.field_names = scope_names(scope);
+            let rx = self
+                .jobs
+                .start(kind, scope, &caller.principal)
+                .await
+                .map_err(status::from_vault)?;
+            Ok(progress_stream(rx))
+        }
+        .await;
+        finish(self.jobs.vault(), log, ev, result).await
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> proto::keys_server::Keys for KeysService<S> {
+    #[instrument(skip_all)]
+    async fn get_key_status(
+        &self,
+        request: Request<proto::GetKeyStatusRequest>,
+    ) -> Result<Response<proto::KeyStatus>, Status> {
+        let (log, ev, caller) = self.auth.begin("GetKeyStatus", &request);
+        let result = async {
+            require(&caller?, KeyRight::Status)?;
+            key_status(&self.jobs).await.map_err(status::from_vault)
+        }
+        .await;
+        finish(self.jobs.vault(), log, ev, result).await
+    }
+
+    #[instrument(skip_all)]
+    async fn rotate_key(
+        &self,
+        request: Request<proto::RotateKeyRequest>,
+    ) -> Result<Response<proto::KeyStatus>, Status> {
+        let (log, mut ev, caller) = self.auth.begin("RotateKey", &request);
+        let req = request.into_inner();
+        let result = async {
+            require(&caller?, KeyRight::Rotate)?;
+            let scope = parse_category(&req.category, true)?;
+            let categories: Vec<Category> = match scope {
+                Some(c) => vec![c],
+                None => Category::ALL.to_vec(),
+            };
+            ev.draft.field_names = categories.iter().map(|c| c.as_str().into()).collect();
+            let vault = self.jobs.vault();
+            let mut events = Vec::new();
+            if vault.auditing() {
+                let mut draft = ev.draft.clone();
+                draft.outcome = audit::Outcome::Ok.as_str().into();
+                events.push(draft.encode());
+            }
+            let made = vault
+                .keys()
+                .rotate(vault.store(), &categories, events)
+                .await
+                .map_err(key_op_status)?;
+            ev.written = vault.auditing();
+            for (category, version) in made {
+                tracing::info!(category = category.as_str(), version, "KEK rotated");
+            }
+            key_status(&self.jobs).await.map_err(status::from_vault)
+        }
+        .await;
+        finish(self.jobs.vault(), log, ev, result).await
+    }
+
+    type RewrapStream = ProgressStream;
+
+    #[instrument(skip_all)]
+    async fn rewrap(
+        &self,
+        request: Request<proto::RewrapRequest>,
+    ) -> Result<Response<Self::RewrapStream>, Status> {
+        let request = request.map(|r| r.category);
+        self.start_job("Rewrap", JobKind::Rewrap, request, true)
+            .await
+    }
+
+    type RekeyStream = ProgressStream;
+
+    #[instrument(skip_all)]
+    async fn rekey(
+        &self,
+        request: Request<proto::RekeyRequest>,
+    ) -> Result<Response<Self::RekeyStream>, Status> {
+        let request = request.map(|r| r.category);
+        self.start_job("Rekey", JobKind::Rekey, request, false)
+            .await
+    }
+
+    #[instrument(skip_all)]
+    async fn retire_key_version(
+        &self,
+        request: Request<proto::RetireKeyVersionRequest>,
+    ) -> Result<Response<proto::KeyStatus>, Status> {
+        let (log, mut ev, caller) = self.auth.begin("RetireKeyVersion", &request);
+        let req = request.into_inner();
+        let result = async {
+            require(&caller?, KeyRight::Retire)?;
+            let category = parse_category(&req.category, false)?
+                .expect("a required category is present");
+            ev.draft.field_names = vec![category.as_str().to_string()];
+            if req.version == 0 {
+                return Err(Status::invalid_argument("version: is required (1 or more)"));
+            }
+            let vault = self.jobs.vault();
+            vault
+                .keys()
+                .retirable(category, req.version)
+                .map_err(key_op_status)?;
+            let counts = rotation::version_counts(vault)
+                .await
+                .map_err(status::from_vault)?;
+            let left = counts.get(&(category, req.version)).copied().unwrap_or(0);
+            if left > 0 {
+                return Err(Status::failed_precondition(format!(
+                    "version: KEK {category} version {} still wraps the data keys of {left} record{}; run Rewrap (category {category}) first",
+                    req.version,
+                    if left == 1 { "" } else { "s" }
+                )));
+            }
+            let mut events = Vec::new();
+            if vault.auditing() {
+                let mut draft = ev.draft.clone();
+                draft.outcome = audit::Outcome::Ok.as_str().into();
+                events.push(draft.encode());
+            }
+            vault
+                .keys()
+                .retire(vault.store(), category, req.version, events)
+                .await
+                .map_err(key_op_status)?;
+            ev.written = vault.auditing();
+            tracing::info!(
+                category = category.as_str(),
+                version = req.version,
+                "KEK retired (destroyed)"
+            );
+            key_status(&self.jobs).await.map_err(status::from_vault)
+        }
+        .await;
+        finish(self.jobs.vault(), log, ev, result).await
+    }
+}
+
+fn key_op_status(e: crate::keys::KeyOpError) -> Status {
+    use crate::keys::KeyOpError;
+    match e {
+        KeyOpError::NoSuchVersion(..) => Status::not_found(format!("version: {e}")),
+        KeyOpError::Active(..) | KeyOpError::AlreadyRetired(..) => {
+            Status::failed_precondition(format!("version: {e}"))
+        }
+        KeyOpError::Concurrent => Status::aborted(e.to_string()),
+        KeyOpError::Key(inner) => {
+            tracing::error!(error = %inner, "key operation failed");
+            Status::unavailable("the key operation failed; nothing was changed")
+        }
+    }
+}

@@ -1,0 +1,866 @@
+//! The `Keys` service through real gRPC: exact per-version counts, rotate → rewrap → retire,
+//! rights, re-key, rotation and rewrap under concurrent traffic, a retired version that no
+//! longer opens an old copy of the data, the rotation schedule, and `kill -9` in the middle of
+//! a rewrap (the real binary).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use kluis::proto::audit_client::AuditClient;
+use kluis::proto::keys_client::KeysClient;
+use kluis::proto::{
+    CreateRecordRequest, GetKeyStatusRequest, GetRecordRequest, KeyStatus, QueryEventsRequest,
+    RekeyRequest, RetireKeyVersionRequest, RewrapProgress, RewrapRequest, RotateKeyRequest,
+    UpdateRecordRequest,
+};
+use kluis::schema::Category;
+use kluis::store::{Keyspace, Store};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::helpers::*;
+
+type Keys = KeysClient<InterceptedService<Channel, Bearer>>;
+
+async fn keys_at(addr: &str, token: &str) -> Keys {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    KeysClient::with_interceptor(channel, bearer(token))
+}
+
+async fn keys(v: &TestVault, role: &str) -> Keys {
+    keys_at(&v.addr.to_string(), &v.tokens[role]).await
+}
+
+/// (state, records) of each version of `category`, and its active version.
+fn versions(status: &KeyStatus, category: &str) -> (u32, BTreeMap<u32, (String, u64)>) {
+    let c = status
+        .categories
+        .iter()
+        .find(|c| c.category == category)
+        .unwrap_or_else(|| panic!("category {category} in status"));
+    (
+        c.active_version,
+        c.versions
+            .iter()
+            .map(|v| (v.version, (v.state.clone(), v.records)))
+            .collect(),
+    )
+}
+
+async fn status(k: &mut Keys) -> KeyStatus {
+    k.get_key_status(GetKeyStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+}
+
+/// Runs a job's stream to its end; returns every progress message.
+async fn drain(
+    stream: Result<tonic::Response<tonic::Streaming<RewrapProgress>>, tonic::Status>,
+) -> Vec<RewrapProgress> {
+    let mut stream = stream.expect("job starts").into_inner();
+    let mut out = Vec::new();
+    while let Some(p) = stream.message().await.expect("progress") {
+        out.push(p);
+    }
+    out
+}
+
+/// Creates `n` records with contact + personal fields (recruiter), and identity + financial
+/// fields (payroll) on every other one. Returns the ids.
+async fn create_records(v: &TestVault, n: usize) -> Vec<String> {
+    let mut recruiter = v.client("recruiter").await;
+    let mut payroll = v.client("payroll").await;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = recruiter
+            .create_record(CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[
+                    ("full_name", text(&format!("Kandidaat {i}"))),
+                    ("email", text(&format!("k{i}@example.nl"))),
+                ]),
+            })
+            .await
+            .expect("create")
+            .into_inner()
+            .record_id;
+        if i % 2 == 0 {
+            payroll
+                .update_record(UpdateRecordRequest {
+                    record_id: id.clone(),
+                    purpose: "payroll".into(),
+                    expected_revision: 0,
+                    set: fields(&[
+                        ("bsn", text("111222333")),
+                        ("iban", text("NL91ABNA0417164300")),
+                    ]),
+                    clear: vec![],
+                })
+                .await
+                .expect("payroll update");
+        }
+        ids.push(id);
+    }
+    ids
+}
+
+async fn read_all(v: &TestVault, ids: &[String]) {
+    let mut payroll = v.client("payroll").await;
+    let mut recruiter = v.client("recruiter").await;
+    for (i, id) in ids.iter().enumerate() {
+        let got = recruiter
+            .get_record(GetRecordRequest {
+                record_id: id.clone(),
+                purpose: "recruitment".into(),
+                field_names: vec![],
+            })
+            .await
+            .unwrap_or_else(|e| panic!("record {id} reads back: {e}"))
+            .into_inner();
+        assert_eq!(text_of(&got.fields["full_name"]), format!("Kandidaat {i}"));
+        if i % 2 == 0 {
+            let got = payroll
+                .get_record(GetRecordRequest {
+                    record_id: id.clone(),
+                    purpose: "payroll".into(),
+                    field_names: vec!["bsn".into(), "iban".into()],
+                })
+                .await
+                .unwrap_or_else(|e| panic!("record {id} identity reads back: {e}"))
+                .into_inner();
+            assert_eq!(text_of(&got.fields["bsn"]), "111222333");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_rewrap_retire_with_exact_counts_and_audit() {
+    let mut v = spawn_vault().await;
+    let ids = create_records(&v, 9).await;
+    let mut k = keys(&v, "security_officer").await;
+
+    let s = status(&mut k).await;
+    assert_eq!(s.categories.len(), 6);
+    assert_eq!(
+        versions(&s, "contact"),
+        (1, BTreeMap::from([(1, ("active".into(), 9))]))
+    );
+    assert_eq!(
+        versions(&s, "identity"),
+        (1, BTreeMap::from([(1, ("active".into(), 5))]))
+    );
+    assert_eq!(versions(&s, "cv").1[&1].1, 0);
+    assert!(s.categories[0].versions[0].created.is_some());
+
+    // Rotate identity only: new DEKs use v2, existing ones stay on v1 (decrypt-only).
+    let s = k
+        .rotate_key(RotateKeyRequest {
+            category: "identity".into(),
+        })
+        .await
+        .expect("rotate")
+        .into_inner();
+    assert_eq!(
+        versions(&s, "identity"),
+        (
+            2,
+            BTreeMap::from([(1, ("decrypt_only".into(), 5)), (2, ("active".into(), 0))])
+        )
+    );
+    assert_eq!(versions(&s, "contact").0, 1, "other categories unchanged");
+    // A new identity data key is wrapped by v2.
+    let more = create_records(&v, 1).await;
+    assert_eq!(versions(&status(&mut k).await, "identity").1[&2].1, 1);
+
+    // Retire refused while in use, for the active version and for unknown versions.
+    assert_status(
+        k.retire_key_version(RetireKeyVersionRequest {
+            category: "identity".into(),
+            version: 1,
+        })
+        .await,
+        Code::FailedPrecondition,
+        &["5 records", "Rewrap"],
+    );
+    assert_status(
+        k.retire_key_version(RetireKeyVersionRequest {
+            category: "identity".into(),
+            version: 2,
+        })
+        .await,
+        Code::FailedPrecondition,
+        &["active"],
+    );
+    assert_status(
+        k.retire_key_version(RetireKeyVersionRequest {
+            category: "identity".into(),
+            version: 7,
+        })
+        .await,
+        Code::NotFound,
+        &["version"],
+    );
+    assert_status(
+        k.retire_key_version(RetireKeyVersionRequest {
+            category: "bsn".into(),
+            version: 1,
+        })
+        .await,
+        Code::InvalidArgument,
+        &["category", "unknown"],
+    );
+
+    // Rewrap: streams progress to finished; total = the records that needed it.
+    let progress = drain(
+        k.rewrap(RewrapRequest {
+            category: "identity".into(),
+        })
+        .await,
+    )
+    .await;
+    let last = progress.last().expect("at least one message");
+    assert!(last.finished);
+    assert_eq!(
+        (last.done, last.total, last.category.as_str()),
+        (5, 5, "identity")
+    );
+    assert!(progress.iter().all(|p| p.done <= p.total));
+    let s = status(&mut k).await;
+    assert_eq!(
+        versions(&s, "identity"),
+        (
+            2,
+            BTreeMap::from([(1, ("decrypt_only".into(), 0)), (2, ("active".into(), 6))])
+        )
+    );
+    // A second rewrap has nothing to do and says so.
+    let again = drain(
+        k.rewrap(RewrapRequest {
+            category: "identity".into(),
+        })
+        .await,
+    )
+    .await;
+    let last = again.last().expect("message");
+    assert_eq!((last.done, last.total, last.finished), (0, 0, true));
+
+    // Retire: accepted now; the KEK is gone from the store and shows as retired.
+    let s = k
+        .retire_key_version(RetireKeyVersionRequest {
+            category: "identity".into(),
+            version: 1,
+        })
+        .await
+        .expect("retire")
+        .into_inner();
+    assert_eq!(versions(&s, "identity").1[&1], ("retired".into(), 0));
+    assert!(v
+        .vault()
+        .store()
+        .get(
+            Keyspace::Meta,
+            &kluis::keys::kek_meta_key(Category::Identity, 1)
+        )
+        .await
+        .expect("get")
+        .is_none());
+    assert_status(
+        k.retire_key_version(RetireKeyVersionRequest {
+            category: "identity".into(),
+            version: 1,
+        })
+        .await,
+        Code::FailedPrecondition,
+        &["already retired"],
+    );
+
+    // Every record reads back, before and after a restart; the retired state persists.
+    let mut all = ids.clone();
+    all.extend(more.iter().cloned());
+    read_all(&v, &ids).await;
+    v.restart().await;
+    read_all(&v, &ids).await;
+    let mut k = keys(&v, "security_officer").await;
+    let s = status(&mut k).await;
+    assert_eq!(versions(&s, "identity").1[&1], ("retired".into(), 0));
+    assert_eq!(versions(&s, "identity").1[&2], ("active".into(), 6));
+
+    // The trail holds each key operation and each record the job touched.
+    let mut auditor =
+        AuditClient::with_interceptor(v.channel().await, bearer(&v.tokens["auditor"]));
+    let mut events = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = auditor
+            .query_events(QueryEventsRequest {
+                page_size: 1000,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("query")
+            .into_inner();
+        events.extend(page.events);
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    let count = |action: &str, principal: &str, outcome: &str| {
+        events
+            .iter()
+            .filter(|e| e.action == action && e.principal == principal && e.outcome == outcome)
+            .count()
+    };
+    assert_eq!(count("RotateKey", "test-security_officer", "ok"), 1);
+    assert_eq!(count("Rewrap", "test-security_officer", "ok"), 2);
+    assert_eq!(count("RewrapRecord", "system:key-job", "ok"), 5);
+    assert_eq!(count("RewrapFinished", "system:key-job", "ok"), 2);
+    assert_eq!(count("RetireKeyVersion", "test-security_officer", "ok"), 1);
+    assert_eq!(
+        count("RetireKeyVersion", "test-security_officer", "invalid"),
+        5
+    );
+    assert!(count("GetKeyStatus", "test-security_officer", "ok") >= 4);
+    let rewrapped: std::collections::BTreeSet<_> = events
+        .iter()
+        .filter(|e| e.action == "RewrapRecord")
+        .map(|e| e.record_id.clone())
+        .collect();
+    let expected: std::collections::BTreeSet<_> = ids.iter().step_by(2).cloned().collect();
+    assert_eq!(rewrapped, expected);
+    let retire = events
+        .iter()
+        .find(|e| e.action == "RetireKeyVersion" && e.outcome == "ok")
+        .expect("retire event");
+    assert_eq!(retire.field_names, vec!["identity".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_security_officer_manages_keys_and_it_reads_no_data() {
+    let v = spawn_vault().await;
+    let ids = create_records(&v, 1).await;
+    for role in [
+        "recruiter",
+        "payroll",
+        "absence",
+        "privacy_officer",
+        "auditor",
+    ] {
+        let mut k = keys(&v, role).await;
+        assert_status(
+            k.get_key_status(GetKeyStatusRequest {}).await,
+            Code::PermissionDenied,
+            &["may not status keys"],
+        );
+        assert_status(
+            k.rotate_key(RotateKeyRequest::default()).await,
+            Code::PermissionDenied,
+            &["rotate"],
+        );
+        assert_status(
+            k.rewrap(RewrapRequest::default()).await,
+            Code::PermissionDenied,
+            &["rewrap"],
+        );
+        assert_status(
+            k.rekey(RekeyRequest {
+                category: "identity".into(),
+            })
+            .await,
+            Code::PermissionDenied,
+            &["rekey"],
+        );
+        assert_status(
+            k.retire_key_version(RetireKeyVersionRequest {
+                category: "identity".into(),
+                version: 1,
+            })
+            .await,
+            Code::PermissionDenied,
+            &["retire"],
+        );
+    }
+    let mut nobody = keys_at(&v.addr.to_string(), "not-a-token").await;
+    assert_status(
+        nobody.get_key_status(GetKeyStatusRequest {}).await,
+        Code::Unauthenticated,
+        &[],
+    );
+    // The security officer still cannot read record data.
+    let mut so = v.client("security_officer").await;
+    for purpose in ["payroll", "recruitment", "data_subject_request"] {
+        assert_status(
+            so.get_record(GetRecordRequest {
+                record_id: ids[0].clone(),
+                purpose: purpose.into(),
+                field_names: vec![],
+            })
+            .await,
+            Code::PermissionDenied,
+            &[],
+        );
+    }
+    let mut k = keys(&v, "security_officer").await;
+    assert_status(
+        k.rekey(RekeyRequest {
+            category: String::new(),
+        })
+        .await,
+        Code::InvalidArgument,
+        &["category", "required"],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rekey_replaces_data_keys_and_re_encrypts_fields() {
+    let v = spawn_vault().await;
+    let mut recruiter = v.client("recruiter").await;
+    let cv: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let id = recruiter
+            .create_record(CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[
+                    ("full_name", text(&format!("Kandidaat {i}"))),
+                    ("cv_document", blob(&cv, "application/pdf")),
+                ]),
+            })
+            .await
+            .expect("create")
+            .into_inner()
+            .record_id;
+        ids.push(id);
+    }
+    let store = v.vault().store();
+    let snapshot = |prefix: Vec<u8>| async move {
+        let mut out = store
+            .scan(Keyspace::Fields, &prefix, None, usize::MAX)
+            .await
+            .expect("scan");
+        out.sort();
+        out
+    };
+    let first = uuid::Uuid::parse_str(&ids[0]).expect("uuid");
+    let before_chunks = snapshot(first.as_bytes().to_vec()).await;
+    let before_header = store
+        .get(Keyspace::Records, first.as_bytes())
+        .await
+        .expect("get")
+        .expect("record");
+
+    let mut k = keys(&v, "security_officer").await;
+    let progress = drain(
+        k.rekey(RekeyRequest {
+            category: "cv".into(),
+        })
+        .await,
+    )
+    .await;
+    let last = progress.last().expect("message");
+    assert_eq!((last.done, last.total, last.finished), (4, 4, true));
+    assert_eq!(last.category, "cv");
+
+    let after_chunks = snapshot(first.as_bytes().to_vec()).await;
+    assert_eq!(before_chunks.len(), after_chunks.len());
+    let name_chunk = |k: &[u8]| k[16..].starts_with(b"cv_document");
+    for ((k1, c1), (k2, c2)) in before_chunks.iter().zip(&after_chunks) {
+        assert_eq!(k1, k2);
+        if name_chunk(k1) {
+            assert_ne!(c1, c2, "cv chunk re-encrypted");
+        } else {
+            assert_eq!(c1, c2, "other categories untouched");
+        }
+    }
+    let after_header = store
+        .get(Keyspace::Records, first.as_bytes())
+        .await
+        .expect("get")
+        .expect("record");
+    assert_ne!(before_header, after_header);
+    // Data and revision unchanged.
+    for (i, id) in ids.iter().enumerate() {
+        let got = recruiter
+            .get_record(GetRecordRequest {
+                record_id: id.clone(),
+                purpose: "recruitment".into(),
+                field_names: vec![],
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        assert_eq!(got.revision, 1);
+        assert_eq!(text_of(&got.fields["full_name"]), format!("Kandidaat {i}"));
+        match &got.fields["cv_document"].kind {
+            Some(kluis::proto::field_value::Kind::Blob(b)) => assert_eq!(b, &cv),
+            _ => panic!("cv is a blob"),
+        }
+    }
+    // A second re-key makes fresh keys again (a new job, all 4 records).
+    let again = drain(
+        k.rekey(RekeyRequest {
+            category: "cv".into(),
+        })
+        .await,
+    )
+    .await;
+    assert_eq!(again.last().map(|p| (p.done, p.total)), Some((4, 4)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_and_rewrap_while_clients_read_and_write() {
+    let v = spawn_vault().await;
+    let ids = create_records(&v, 200).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let mut recruiter = v.client("recruiter").await;
+        let mut payroll = v.client("payroll").await;
+        let ids = ids.clone();
+        let stop = std::sync::Arc::clone(&stop);
+        workers.push(tokio::spawn(async move {
+            let mut written = Vec::new();
+            let mut n = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = &ids[(n * 7 + w) % ids.len()];
+                n += 1;
+                let name = format!("Worker {w} write {n}");
+                recruiter
+                    .update_record(UpdateRecordRequest {
+                        record_id: id.clone(),
+                        purpose: "recruitment".into(),
+                        expected_revision: 0,
+                        set: fields(&[("full_name", text(&name))]),
+                        clear: vec![],
+                    })
+                    .await
+                    .expect("update during rotation");
+                let got = payroll
+                    .get_record(GetRecordRequest {
+                        record_id: id.clone(),
+                        purpose: "payroll".into(),
+                        field_names: vec![],
+                    })
+                    .await
+                    .expect("read during rotation")
+                    .into_inner();
+                assert!(got.fields.contains_key("email"));
+                let created = payroll
+                    .create_record(CreateRecordRequest {
+                        purpose: "payroll".into(),
+                        fields: fields(&[("bsn", text("111222333"))]),
+                    })
+                    .await
+                    .expect("create during rotation")
+                    .into_inner()
+                    .record_id;
+                written.push((id.clone(), name, created));
+            }
+            written
+        }));
+    }
+    let mut k = keys(&v, "security_officer").await;
+    for _ in 0..2 {
+        k.rotate_key(RotateKeyRequest::default())
+            .await
+            .expect("rotate all");
+        let progress = drain(k.rewrap(RewrapRequest::default()).await).await;
+        assert!(progress.last().expect("message").finished);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut last_name: BTreeMap<String, String> = BTreeMap::new();
+    let mut created = Vec::new();
+    let mut writes = 0;
+    for w in workers {
+        for (id, name, new) in w.await.expect("worker") {
+            writes += 1;
+            last_name.insert(id, name);
+            created.push(new);
+        }
+    }
+    assert!(writes > 10, "traffic ran alongside: {writes} rounds");
+    // Nothing left on old versions; counts add up to the records holding each category.
+    let s = status(&mut k).await;
+    for c in &s.categories {
+        assert_eq!(c.active_version, 3, "{}", c.category);
+        for ver in &c.versions {
+            if ver.version != 3 {
+                assert_eq!(ver.records, 0, "{} v{}", c.category, ver.version);
+            }
+        }
+    }
+    let (_, identity) = versions(&s, "identity");
+    assert_eq!(identity[&3].1, (100 + created.len()) as u64);
+    let (_, contact) = versions(&s, "contact");
+    assert_eq!(contact[&3].1, 200);
+    // Every record reads back: one writer per record id slot, so the last write of each wins
+    // unless two workers shared an id; check those the map holds via any reader.
+    let mut recruiter = v.client("recruiter").await;
+    for id in &ids {
+        recruiter
+            .get_record(GetRecordRequest {
+                record_id: id.clone(),
+                purpose: "recruitment".into(),
+                field_names: vec![],
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{id} reads back: {e}"));
+    }
+    let mut payroll = v.client("payroll").await;
+    for id in &created {
+        let got = payroll
+            .get_record(GetRecordRequest {
+                record_id: id.clone(),
+                purpose: "payroll".into(),
+                field_names: vec!["bsn".into()],
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{id} reads back: {e}"))
+            .into_inner();
+        assert_eq!(text_of(&got.fields["bsn"]), "111222333");
+    }
+    assert!(!last_name.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_version_no_longer_opens_a_copy_taken_before_the_rotation() {
+    let mut v = spawn_vault().await;
+    let ids = create_records(&v, 4).await;
+    v.stop().await;
+    let old_copy = tempfile::tempdir().expect("tempdir");
+    copy_dir(&data_dir(&v.dir), old_copy.path());
+    v.start().await.expect("start");
+
+    let mut k = keys(&v, "security_officer").await;
+    k.rotate_key(RotateKeyRequest {
+        category: "identity".into(),
+    })
+    .await
+    .expect("rotate");
+    drain(
+        k.rewrap(RewrapRequest {
+            category: "identity".into(),
+        })
+        .await,
+    )
+    .await;
+    k.retire_key_version(RetireKeyVersionRequest {
+        category: "identity".into(),
+        version: 1,
+    })
+    .await
+    .expect("retire");
+
+    // The old copy's identity data keys are wrapped by v1, which the current keys no longer
+    // hold; other categories (not rotated) still open.
+    let old = kluis::store::SledStore::open(old_copy.path()).expect("open old copy");
+    let ring = v.vault().keys();
+    let id = uuid::Uuid::parse_str(&ids[0]).expect("uuid");
+    let raw = old
+        .get(Keyspace::Records, id.as_bytes())
+        .await
+        .expect("get")
+        .expect("record in old copy");
+    let (kv, ik) = ring.integrity_key();
+    let body = kluis::record::RecordBody::open(id.as_bytes(), &raw, kv, ik).expect("header");
+    let identity = &body.deks["identity"];
+    assert_eq!(identity.kek_version, 1);
+    assert!(matches!(
+        ring.unwrap_dek(id.as_bytes(), Category::Identity, 1, &identity.sealed),
+        Err(kluis::keys::KeyError::MissingKek(Category::Identity, 1))
+    ));
+    let contact = &body.deks["contact"];
+    ring.unwrap_dek(
+        id.as_bytes(),
+        Category::Contact,
+        contact.kek_version,
+        &contact.sealed,
+    )
+    .expect("contact (not rotated) still opens");
+    // The current data still reads.
+    read_all(&v, &ids).await;
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schedule_rotates_a_due_key_and_rewraps_by_itself() {
+    let mut v = spawn_vault().await;
+    let ids = create_records(&v, 6).await;
+    v.stop().await;
+    // Make identity v1 two days old, offline.
+    {
+        let store = kluis::store::SledStore::open(&data_dir(&v.dir)).expect("open");
+        let key = b"kek-info/identity/0000000001".to_vec();
+        let old = chrono::Utc::now().timestamp_millis() - 2 * 86_400_000;
+        let mut batch = kluis::store::Batch::default();
+        batch.put(
+            Keyspace::Meta,
+            key,
+            format!("{{\"created_ms\":{old}}}").into_bytes(),
+        );
+        store.commit(batch).await.expect("commit");
+    }
+    v.tweak = Some(|s| {
+        s.keys
+            .rotate_after
+            .insert(Category::Identity, Duration::from_secs(86_400));
+        s.keys
+            .rotate_after
+            .insert(Category::Contact, Duration::from_secs(86_400));
+        s.keys.schedule_check = Duration::from_millis(200);
+    });
+    v.start().await.expect("start");
+    let mut k = keys(&v, "security_officer").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(&mut k).await;
+        let (active, vs) = versions(&s, "identity");
+        if active == 2 && vs[&1].1 == 0 && vs[&2].1 == 3 {
+            // contact is fresh (created now): not due, not rotated.
+            assert_eq!(versions(&s, "contact").0, 1);
+            break;
+        }
+        assert!(Instant::now() < deadline, "schedule did not rotate: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Not rotated again: v2 is fresh.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(versions(&status(&mut k).await, "identity").0, 2);
+    read_all(&v, &ids).await;
+    let mut auditor =
+        AuditClient::with_interceptor(v.channel().await, bearer(&v.tokens["auditor"]));
+    let events = auditor
+        .query_events(QueryEventsRequest {
+            principal: "system:key-schedule".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner()
+        .events;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].action, "RotateKey");
+    assert_eq!(events[0].field_names, vec!["identity".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_the_middle_of_a_rewrap_resumes_and_finishes() {
+    use crate::durability::{dev_tokens, start_dev};
+    use kluis::proto::records_client::RecordsClient;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut process = start_dev(dir.path(), "run1.log");
+    let tokens = dev_tokens(dir.path());
+    let connect = |addr: String, token: String| async move {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        RecordsClient::with_interceptor(channel, bearer(&token))
+    };
+    // Enough records that a rewrap of every category takes many pages.
+    let per_writer = 500;
+    let mut writers = Vec::new();
+    for _ in 0..24 {
+        let mut c = connect(process.addr.clone(), tokens["payroll"].clone()).await;
+        writers.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..per_writer {
+                let id = c
+                    .create_record(CreateRecordRequest {
+                        purpose: "payroll".into(),
+                        fields: fields(&[
+                            ("bsn", text("111222333")),
+                            ("wage", text(&format!("{}.00", 2000 + i))),
+                        ]),
+                    })
+                    .await
+                    .expect("create")
+                    .into_inner()
+                    .record_id;
+                ids.push((id, format!("{}.00", 2000 + i)));
+            }
+            ids
+        }));
+    }
+    let mut records = Vec::new();
+    for w in writers {
+        records.extend(w.await.expect("writer"));
+    }
+    let total = records.len() as u64;
+    let mut k = keys_at(&process.addr, &tokens["security_officer"]).await;
+    k.rotate_key(RotateKeyRequest::default())
+        .await
+        .expect("rotate");
+    let mut stream = k
+        .rewrap(RewrapRequest::default())
+        .await
+        .expect("rewrap starts")
+        .into_inner();
+    let mut seen = 0;
+    while let Some(p) = stream.message().await.expect("progress") {
+        assert_eq!(p.total, total);
+        if p.done > 0 {
+            assert!(!p.finished, "the job finished before it could be killed");
+            seen = p.done;
+            break;
+        }
+    }
+    process.child.kill().expect("SIGKILL");
+    process.child.wait().expect("reaped");
+    assert!(seen > 0 && seen < total, "killed mid-job at {seen}/{total}");
+
+    let process = start_dev(dir.path(), "run2.log");
+    let mut k = keys_at(&process.addr, &tokens["security_officer"]).await;
+    // Attach to the resumed job and follow it to its end.
+    let progress = drain(k.rewrap(RewrapRequest::default()).await).await;
+    let last = progress.last().expect("message");
+    assert!(last.finished);
+    assert_eq!(last.total, total, "the resumed job keeps its total");
+    let log = std::fs::read_to_string(dir.path().join("run2.log")).expect("log");
+    assert!(log.contains("resuming key job"), "{log}");
+    let s = status(&mut k).await;
+    for c in &s.categories {
+        for ver in &c.versions {
+            if ver.version != c.active_version {
+                assert_eq!(ver.records, 0, "{} v{}", c.category, ver.version);
+            }
+        }
+    }
+    assert_eq!(versions(&s, "identity").1[&2].1, total);
+    assert_eq!(versions(&s, "financial").1[&2].1, total);
+    let mut c = connect(process.addr.clone(), tokens["payroll"].clone()).await;
+    for (id, wage) in &records {
+        let got = c
+            .get_record(GetRecordRequest {
+                record_id: id.clone(),
+                purpose: "payroll".into(),
+                field_names: vec!["wage".into(), "bsn".into()],
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{id} reads back after kill -9 mid-rewrap: {e}"))
+            .into_inner();
+        assert_eq!(text_of(&got.fields["wage"]), wage);
+    }
+}
