@@ -835,6 +835,114 @@ mod tests {
         ));
     }
 
+    #[tokio::test]
+    async fn rotate_retire_and_rotate_the_master_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let m1 = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let m2 = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let ring = KeyRing::open(&store, &m1).await.expect("create");
+        let dek = SecretKey::generate().expect("rng");
+        let old = ring.wrap_dek(b"r", Category::Identity, &dek).expect("wrap");
+        assert_eq!(old.kek_version, 1);
+
+        let made = ring
+            .rotate(&store, &[Category::Identity], vec![])
+            .await
+            .expect("rotate");
+        assert_eq!(made, vec![(Category::Identity, 2)]);
+        let new = ring.wrap_dek(b"r", Category::Identity, &dek).expect("wrap");
+        assert_eq!(new.kek_version, 2);
+        assert_eq!(ring.active_version(Category::Contact), Some(1));
+        let state = |ring: &KeyRing, v: u32| {
+            ring.versions()
+                .into_iter()
+                .find(|s| s.category == Category::Identity && s.version == v)
+                .map(|s| s.state)
+        };
+        assert_eq!(state(&ring, 1), Some(KekState::DecryptOnly));
+        assert_eq!(state(&ring, 2), Some(KekState::Active));
+        // Decrypt-only still opens.
+        ring.unwrap_dek(b"r", Category::Identity, 1, &old.sealed)
+            .expect("v1 opens");
+
+        assert!(matches!(
+            ring.retire(&store, Category::Identity, 2, vec![]).await,
+            Err(KeyOpError::Active(Category::Identity, 2))
+        ));
+        assert!(matches!(
+            ring.retire(&store, Category::Identity, 9, vec![]).await,
+            Err(KeyOpError::NoSuchVersion(Category::Identity, 9))
+        ));
+        ring.retire(&store, Category::Identity, 1, vec![])
+            .await
+            .expect("retire");
+        assert!(matches!(
+            ring.unwrap_dek(b"r", Category::Identity, 1, &old.sealed),
+            Err(KeyError::MissingKek(Category::Identity, 1))
+        ));
+        assert!(matches!(
+            ring.retire(&store, Category::Identity, 1, vec![]).await,
+            Err(KeyOpError::AlreadyRetired(Category::Identity, 1))
+        ));
+        assert_eq!(
+            store
+                .get(Keyspace::Meta, &kek_meta_key(Category::Identity, 1))
+                .await
+                .expect("get"),
+            None,
+            "destroyed in the store"
+        );
+
+        // A reopened ring agrees; version numbers are never reused.
+        let again = KeyRing::open(&store, &m1).await.expect("reopen");
+        assert_eq!(state(&again, 1), Some(KekState::Retired));
+        assert!(again
+            .versions()
+            .iter()
+            .any(|v| v.version == 1 && v.info.retired_ms.is_some()));
+        let made = again
+            .rotate(&store, &[Category::Identity], vec![])
+            .await
+            .expect("rotate");
+        assert_eq!(made, vec![(Category::Identity, 3)]);
+        // A ring that has not seen the other's rotation conflicts instead of reusing v3.
+        assert!(matches!(
+            ring.rotate(&store, &[Category::Identity], vec![]).await,
+            Err(KeyOpError::Concurrent)
+        ));
+        ring.reload(&store).await.expect("reload");
+        assert_eq!(ring.active_version(Category::Identity), Some(3));
+
+        // Master key rotation: one atomic batch; afterwards only the new key opens.
+        assert!(matches!(
+            rotate_master(&store, &m2, &m1, vec![]).await,
+            Err(KeyError::WrongMasterKey)
+        ));
+        let n = rotate_master(&store, &m1, &m2, vec![])
+            .await
+            .expect("rotate master");
+        // 6 categories: identity v2, v3 + 5 × v1; plus index root and integrity key.
+        assert_eq!(n, 2 + 5 + 2);
+        assert_eq!(
+            which_master_key(&store, &m1, &m2).await.expect("which"),
+            Some(false)
+        );
+        assert!(matches!(
+            KeyRing::open(&store, &m1).await,
+            Err(KeyError::WrongMasterKey)
+        ));
+        let under_m2 = KeyRing::open(&store, &m2).await.expect("new key opens");
+        let back = under_m2
+            .unwrap_dek(b"r", Category::Identity, 2, &new.sealed)
+            .expect("KEK v2 survives the master rotation");
+        assert_eq!(back.expose_secret(), dek.expose_secret());
+        assert_eq!(
+            under_m2.integrity_key().1.expose_secret(),
+            again.integrity_key().1.expose_secret()
+        );
+    }
+
     #[test]
     fn master_key_file_permissions_are_enforced() {
         use std::os::unix::fs::PermissionsExt;

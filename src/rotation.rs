@@ -45,6 +45,9 @@ pub const SYSTEM_ROLE: &str = "system";
 pub const META_JOB: &[u8] = b"job/current";
 /// Records per job page (one atomic batch).
 pub const JOB_PAGE: usize = 1024;
+/// A job batch is committed once it holds this many bytes (re-keyed chunks), even before
+/// the end of its page.
+pub const JOB_BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// Passes a rewrap makes before it gives up on records that keep needing it.
 const MAX_PASSES: u32 = 8;
 /// Tries per record when a page is redone record by record.
@@ -388,14 +391,22 @@ async fn run<S: Store>(
             tx.send_replace(job.progress());
             return Ok(());
         };
-        let last = last.clone();
+        let mut last = last.clone();
         let mut batch = Batch::default();
         let mut handled = 0u64;
+        let mut taken = 0;
         for (key, raw) in &page {
             if handle_record(vault, &job, scope, key, raw, &mut batch).await? {
                 handled += 1;
             }
+            taken += 1;
+            // Re-keyed fields make big batches: end the batch early, the rest follows.
+            if batch.bytes() >= JOB_BATCH_BYTES {
+                last = key.clone();
+                break;
+            }
         }
+        let page = &page[..taken];
         job.cursor = Some(hex::encode(&last));
         job.done += handled;
         batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
@@ -404,7 +415,7 @@ async fn run<S: Store>(
             Err(StoreError::Conflict) => {
                 // A concurrent write touched a record of this page: redo it record by record.
                 job.done -= handled;
-                job.done += redo_page(vault, &job, scope, &page).await?;
+                job.done += redo_page(vault, &job, scope, page).await?;
                 let mut batch = Batch::default();
                 batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
                 vault.store().commit(batch).await?;

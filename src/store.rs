@@ -136,7 +136,8 @@ impl Batch {
         self.events.push(body);
     }
 
-    fn bytes(&self) -> usize {
+    /// Approximate size: keys, values and event bodies.
+    pub fn bytes(&self) -> usize {
         self.ops
             .iter()
             .map(|op| match op {
