@@ -6,13 +6,17 @@
 //! master key (file 0600 or KLUIS_MASTER_KEY; never in the store)
 //!  ├─ HKDF "kluis/v1/key-check"  → key check value (detects a wrong master key at start-up)
 //!  └─ HKDF "kluis/v1/wrap"       → wraps, in the store's `meta` keyspace:
-//!       ├─ kek/<category>/<version>   random 256-bit KEKs; the active version wraps new DEKs
+//!       ├─ kek/<category>/<version>   random 256-bit KEKs; the active (highest) version wraps
+//!       │                             new DEKs; older ones are decrypt-only until retired
+//!       │                             (deleted; `kek-info/<category>/<version>` keeps the facts)
 //!       ├─ index-root/1               random; HKDF(root, field name) → blind-index HMAC key
 //!       └─ integrity/<version>        random; HMAC-SHA256 over each stored record
 //! ```
 //!
 //! Everything that must be shared by several Kluis instances (KEK versions, which one is
-//! active, the key check value) lives in the store, not in process memory alone.
+//! active, the key check value) lives in the store, not in process memory alone. Rotation,
+//! retirement and master key rotation commit to the store first and change memory after;
+//! [`KeyRing::reload`] picks up changes made by another instance or an offline tool.
 
 use std::collections::BTreeMap;
 use std::io::Write;

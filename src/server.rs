@@ -60,7 +60,7 @@ pub struct Running {
     shutdown: Option<oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     checkpoints: Option<Checkpointer>,
-    jobs: Arc<Jobs<SledStore>>,
+    jobs: Option<Arc<Jobs<SledStore>>>,
     schedule: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -93,7 +93,9 @@ impl Running {
             let _ = schedule.await;
         }
         // A running key job stops here and resumes from its last page on the next start.
-        self.jobs.stop().await;
+        if let Some(jobs) = self.jobs.take() {
+            jobs.stop().await;
+        }
         if let Some(cp) = self.checkpoints.take() {
             let _ = cp.stop.send(());
             let _ = cp.task.await;
@@ -307,7 +309,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         shutdown: Some(tx),
         handle,
         checkpoints: Some(checkpoints),
-        jobs,
+        jobs: Some(jobs),
         schedule,
     })
 }
