@@ -780,7 +780,7 @@ async fn kill_9_in_the_middle_of_a_rewrap_resumes_and_finishes() {
         RecordsClient::with_interceptor(channel, bearer(&token))
     };
     // Enough records that a rewrap of every category takes many pages.
-    let per_writer = 500;
+    let per_writer = 125;
     let mut writers = Vec::new();
     for _ in 0..24 {
         let mut c = connect(process.addr.clone(), tokens["payroll"].clone()).await;
@@ -806,7 +806,13 @@ async fn kill_9_in_the_middle_of_a_rewrap_resumes_and_finishes() {
     }
     let mut records = Vec::new();
     for w in writers {
-        records.extend(w.await.expect("writer"));
+        match w.await {
+            Ok(ids) => records.extend(ids),
+            Err(e) => panic!(
+                "writer: {e}; server log:\n{}",
+                std::fs::read_to_string(dir.path().join("run1.log")).unwrap_or_default()
+            ),
+        }
     }
     let total = records.len() as u64;
     let mut k = keys_at(&process.addr, &tokens["security_officer"]).await;
@@ -850,17 +856,27 @@ async fn kill_9_in_the_middle_of_a_rewrap_resumes_and_finishes() {
     }
     assert_eq!(versions(&s, "identity").1[&2].1, total);
     assert_eq!(versions(&s, "financial").1[&2].1, total);
-    let mut c = connect(process.addr.clone(), tokens["payroll"].clone()).await;
-    for (id, wage) in &records {
-        let got = c
-            .get_record(GetRecordRequest {
-                record_id: id.clone(),
-                purpose: "payroll".into(),
-                field_names: vec!["wage".into(), "bsn".into()],
-            })
-            .await
-            .unwrap_or_else(|e| panic!("{id} reads back after kill -9 mid-rewrap: {e}"))
-            .into_inner();
-        assert_eq!(text_of(&got.fields["wage"]), wage);
+    // Every record reads back (8 readers in parallel).
+    let mut readers = Vec::new();
+    for chunk in records.chunks(records.len().div_ceil(8)) {
+        let mut c = connect(process.addr.clone(), tokens["payroll"].clone()).await;
+        let chunk = chunk.to_vec();
+        readers.push(tokio::spawn(async move {
+            for (id, wage) in &chunk {
+                let got = c
+                    .get_record(GetRecordRequest {
+                        record_id: id.clone(),
+                        purpose: "payroll".into(),
+                        field_names: vec!["wage".into(), "bsn".into()],
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("{id} reads back after kill -9 mid-rewrap: {e}"))
+                    .into_inner();
+                assert_eq!(text_of(&got.fields["wage"]), wage);
+            }
+        }));
+    }
+    for r in readers {
+        r.await.expect("reader");
     }
 }
