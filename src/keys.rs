@@ -546,6 +546,11 @@ impl KeyRing {
         self.keks.read().active.clone()
     }
 
+    /// Whether the ring holds KEK `version` of `category` (not retired, not unknown).
+    pub fn holds(&self, category: Category, version: u32) -> bool {
+        self.keks.read().keys.contains_key(&(category, version))
+    }
+
     /// The active KEK version of `category`.
     pub fn active_version(&self, category: Category) -> Option<u32> {
         self.keks.read().active.get(&category).copied()

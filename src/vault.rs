@@ -637,6 +637,17 @@ impl<S: Store> Vault<S> {
             .ok_or_else(|| VaultError::NotFound(id.to_string()))?;
         let (kv, key) = self.keys.integrity_key();
         let body = RecordBody::open(id.as_bytes(), &raw, kv, key).map_err(|_| header_loss(id))?;
+        // A KEK version this ring has not seen was made by another instance sharing the store
+        // (or an offline tool): pick up the store's key ring once.
+        let unknown = body.deks.iter().any(|(name, dek)| {
+            Category::parse(name).is_some_and(|c| !self.keys.holds(c, dek.kek_version))
+        });
+        if unknown {
+            self.keys
+                .reload(&self.store)
+                .await
+                .map_err(|e| VaultError::Internal(format!("reloading the key ring: {e}")))?;
+        }
         Ok((raw, body))
     }
 
