@@ -1,6 +1,7 @@
 //! The `kluis` command line: `serve` runs the vault, `init` sets up production key material
-//! and configuration, `audit` verifies, exports and reports on the audit trail. Thin:
-//! everything happens in the library ([`kluis::cli`] for the subcommands' logic).
+//! and configuration, `audit` verifies, exports and reports on the audit trail, `keys` manages
+//! the key lifecycle. Thin: everything happens in the library ([`kluis::cli`] for the
+//! subcommands' logic).
 
 #![forbid(unsafe_code)]
 
@@ -51,13 +52,21 @@ enum Command {
         #[command(subcommand)]
         command: kluis::cli::audit::AuditCommand,
     },
+    /// Key lifecycle for the security team: KEK status, rotation, rewrap, re-key and
+    /// retirement on a running server; offline master key rotation.
+    #[command(after_help = kluis::cli::keys::EXIT_CODES)]
+    Keys {
+        #[command(subcommand)]
+        command: kluis::cli::keys::KeysCommand,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The audit tools print results, not a running log: warnings only unless KLUIS_LOG says.
+    // The audit and key tools print results, not a running log: warnings only unless
+    // KLUIS_LOG says.
     let default_level = match cli.command {
-        Command::Audit { .. } => "warn",
+        Command::Audit { .. } | Command::Keys { .. } => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -80,6 +89,7 @@ fn main() -> ExitCode {
         } => serve(config, dev, listen, data_dir),
         Command::Init { dir, listen } => init(dir, &listen),
         Command::Audit { command } => audit(&command),
+        Command::Keys { command } => keys(&command),
     }
 }
 
@@ -97,6 +107,29 @@ fn audit(command: &kluis::cli::audit::AuditCommand) -> ExitCode {
     };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     match runtime.block_on(kluis::cli::audit::run(command, &mut out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            drop(out);
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Runs a key tool: its result on stdout, progress and errors on stderr, exit code 0, 1 or 2.
+fn keys(command: &kluis::cli::keys::KeysCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(kluis::cli::keys::EXIT_USAGE);
+        }
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match runtime.block_on(kluis::cli::keys::run(command, &mut out)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             drop(out);

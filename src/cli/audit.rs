@@ -245,7 +245,7 @@ impl CliError {
     }
 }
 
-fn output_error(e: std::io::Error) -> CliError {
+pub(crate) fn output_error(e: std::io::Error) -> CliError {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         CliError::OutputClosed
     } else {
@@ -282,7 +282,7 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 }
 
 /// An error and its sources, `: `-separated (tonic's transport errors say little on top).
-fn with_sources(e: &dyn std::error::Error) -> String {
+pub(crate) fn with_sources(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     let mut last = text.clone();
@@ -300,7 +300,7 @@ fn with_sources(e: &dyn std::error::Error) -> String {
 }
 
 /// `1 event`, `2 events`.
-fn plural(n: u64, noun: &str) -> String {
+pub(crate) fn plural(n: u64, noun: &str) -> String {
     if n == 1 {
         format!("{n} {noun}")
     } else {
@@ -450,12 +450,8 @@ impl Interceptor for BearerToken {
 /// The gRPC client of the `Audit` service, authenticated by a bearer token.
 pub type Client = AuditClient<InterceptedService<Channel, BearerToken>>;
 
-/// Connects to the server at `url` (http:// or https://; https needs `ca_cert`).
-pub async fn connect(
-    url: &str,
-    ca_cert: Option<&Path>,
-    token: BearerToken,
-) -> Result<Client, CliError> {
+/// A channel to the server at `url` (http:// or https://; https needs `ca_cert`).
+pub async fn channel(url: &str, ca_cert: Option<&Path>) -> Result<Channel, CliError> {
     let mut endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| CliError::Usage(format!("--server {url}: not a URL: {e}")))?
         .connect_timeout(Duration::from_secs(10));
@@ -486,10 +482,19 @@ pub async fn connect(
             )))
         }
     }
-    let channel = endpoint
+    endpoint
         .connect()
         .await
-        .map_err(|e| CliError::Io(format!("cannot connect to {url}: {}", with_sources(&e))))?;
+        .map_err(|e| CliError::Io(format!("cannot connect to {url}: {}", with_sources(&e))))
+}
+
+/// Connects to the server at `url` (http:// or https://; https needs `ca_cert`).
+pub async fn connect(
+    url: &str,
+    ca_cert: Option<&Path>,
+    token: BearerToken,
+) -> Result<Client, CliError> {
+    let channel = channel(url, ca_cert).await?;
     Ok(AuditClient::with_interceptor(channel, token).max_decoding_message_size(MAX_RESPONSE_BYTES))
 }
 

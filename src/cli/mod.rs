@@ -2,5 +2,7 @@
 //! (clap derive) and logic live here, so that `main.rs` stays thin and the logic is testable.
 //!
 //! - [`audit`]: `kluis audit verify | export | breach-report`.
+//! - [`keys`]: `kluis keys status | rotate | rewrap | rekey | retire | rotate-master`.
 
 pub mod audit;
+pub mod keys;

@@ -8,6 +8,7 @@ mod audit_cli;
 mod crypto_vectors;
 mod durability;
 mod keys;
+mod keys_cli;
 mod policy_matrix;
 mod records;
 mod tamper;

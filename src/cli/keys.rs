@@ -1,0 +1,1438 @@
+//! `kluis keys …`: the key lifecycle for the security team.
+//!
+//! Over a running server (`kluis.v1.Keys`, bearer token of a role with key rights, e.g.
+//! `security_officer`, in `$KLUIS_TOKEN`):
+//! - `status`: every category's KEK versions, their states and how many records each wraps;
+//! - `rotate [CATEGORY]`: a new active KEK version (every category when none is named);
+//! - `rewrap [CATEGORY]`, `rekey CATEGORY`: runs (or attaches to) the job and follows its
+//!   progress stream to the end, with a progress bar on a terminal;
+//! - `retire CATEGORY VERSION`: destroys a KEK version no record needs any more.
+//!
+//! Offline, with the server stopped:
+//! - `rotate-master --new-key FILE`: re-wraps every key the master key protects under a new
+//!   master key and installs the new key where the old one was. Each step can be repeated:
+//!   re-running the same command after a crash at any point finishes the job, and re-running
+//!   it after it finished changes nothing.
+//!
+//! None of these prints a key or record data. Exit codes: 0 ok; [`EXIT_FAILED`] when the
+//! server refuses or fails a call; [`EXIT_USAGE`] for usage, configuration, IO and connection
+//! errors (and for everything `rotate-master` cannot do).
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::builder::NonEmptyStringValueParser;
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use zeroize::Zeroizing;
+
+use super::audit::{
+    channel, default_server, open_store, output_error, plural, BearerToken, CliError, Format,
+    TOKEN_ENV,
+};
+use crate::audit::{Draft, Outcome};
+use crate::keys::{self, MasterKey, MASTER_KEY_ENV};
+use crate::proto;
+use crate::proto::keys_client::KeysClient;
+use crate::store::SledStore;
+
+pub use super::audit::{EXIT_FAILED, EXIT_USAGE};
+
+/// The exit codes, for `--help`.
+pub const EXIT_CODES: &str = "Exit codes:\n  0  ok\n  1  the server refused or failed the call (its gRPC status is printed), or a rewrap/rekey\n     progress stream ended before the job finished\n  2  usage, configuration, IO or connection error; for rotate-master also: the data directory\n     is in use by a running server, or neither key opens it";
+
+/// Role named in the audit event of an offline master key rotation.
+pub const ROTATE_MASTER_ROLE: &str = "security_officer";
+/// Action of the audit event of an offline master key rotation.
+pub const ROTATE_MASTER_ACTION: &str = "RotateMasterKey";
+/// Suffix of the receipt `rotate-master` leaves beside `--new-key FILE` once it has moved the
+/// new key into place (the receipt holds no key).
+pub const RECEIPT_SUFFIX: &str = ".installed";
+/// Suffix of the temporary files `rotate-master` writes a key to before it renames it into
+/// place.
+const PARTIAL_SUFFIX: &str = ".partial";
+
+/// Largest gRPC response accepted (a status of every category and version is small).
+const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+/// What to do instead of rotating the master key of a data directory a server holds.
+const STOP_SERVER_FIRST: &str =
+    "keep the current master key (it can only be rotated while the server is stopped)";
+
+// ---------------------------------------------------------------------------------------
+// Arguments
+
+/// `kluis keys` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Every category's KEK versions, their states and how many records each wraps.
+    ///
+    /// One row per category and version: CATEGORY, VERSION (the active one marked `*`),
+    /// STATE (active, decrypt_only, retired), CREATED (RFC 3339 UTC, `-` when unknown) and
+    /// RECORDS (exactly how many records' data keys of the category the version wraps).
+    #[command(after_help = EXIT_CODES)]
+    Status(StatusArgs),
+    /// Makes a new KEK version active for new data keys.
+    ///
+    /// Rotates CATEGORY, or every category when none is named. Older versions become
+    /// decrypt_only; the records they wrap move to the new version when `kluis keys rewrap`
+    /// runs. Prints the new active versions and the resulting status.
+    #[command(after_help = EXIT_CODES)]
+    Rotate(RotateArgs),
+    /// Re-wraps data keys under the active KEK and follows the job to its end.
+    ///
+    /// Starts the rewrap job of CATEGORY (every category when none is named), or attaches to
+    /// the one running, and shows its progress on stderr until it has finished; then prints
+    /// `rewrap finished: N of M records`. Field ciphertext is not touched. Interrupting this
+    /// command does not stop the job: it runs on in the server; run the command again to
+    /// follow it.
+    #[command(after_help = EXIT_CODES)]
+    Rewrap(RewrapArgs),
+    /// Replaces a category's data keys, re-encrypting its fields, and follows the job.
+    ///
+    /// Like rewrap, but every record's data key of CATEGORY is replaced by a fresh one and
+    /// the category's fields are re-encrypted under it. Prints `rekey finished: N of M
+    /// records` at the end.
+    #[command(after_help = EXIT_CODES)]
+    Rekey(RekeyArgs),
+    /// Destroys a KEK version that no record needs any more.
+    ///
+    /// Refused (FAILED_PRECONDITION) for the active version and while records still need the
+    /// version (rewrap first). Prints the resulting status.
+    #[command(after_help = EXIT_CODES)]
+    Retire(RetireArgs),
+    /// Offline: replaces the master key (the server must be stopped).
+    ///
+    /// Re-wraps every key the master key protects (KEKs, blind-index root, integrity key and
+    /// the key check value) under the key in --new-key FILE, in one atomic batch with an audit
+    /// event; FILE is created (random, mode 0600) when it does not exist. Then moves FILE over
+    /// the master key file the configuration names (or, when the key comes from
+    /// KLUIS_MASTER_KEY, leaves FILE in place: set the variable to its content). A receipt
+    /// FILE.installed (no key in it) records the move.
+    ///
+    /// Safe to repeat: after a crash at any point, running the same command again finishes
+    /// the job; after it has finished, running it again does nothing. Destroy every copy of
+    /// the old key afterwards, backups included.
+    #[command(after_help = EXIT_CODES)]
+    RotateMaster(RotateMasterArgs),
+}
+
+/// Which server to ask.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// The running server, sent $KLUIS_TOKEN as the bearer token (a role with key rights,
+    /// e.g. security_officer) [default: http://127.0.0.1:50051].
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
+    /// CA certificate (PEM) that signed the server's certificate, for an https:// --server.
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// `kluis keys status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The server.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// `kluis keys rotate`.
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// The category to rotate (contact, personal, cv, identity, financial, absence)
+    /// [default: every category].
+    #[arg(value_name = "CATEGORY", value_parser = NonEmptyStringValueParser::new())]
+    pub category: Option<String>,
+    /// The server.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// `kluis keys rewrap`.
+#[derive(Debug, Args)]
+pub struct RewrapArgs {
+    /// The category to rewrap [default: every category].
+    #[arg(value_name = "CATEGORY", value_parser = NonEmptyStringValueParser::new())]
+    pub category: Option<String>,
+    /// The server.
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// `kluis keys rekey`.
+#[derive(Debug, Args)]
+pub struct RekeyArgs {
+    /// The category to re-key.
+    #[arg(value_name = "CATEGORY", value_parser = NonEmptyStringValueParser::new())]
+    pub category: String,
+    /// The server.
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// `kluis keys retire`.
+#[derive(Debug, Args)]
+pub struct RetireArgs {
+    /// The category.
+    #[arg(value_name = "CATEGORY", value_parser = NonEmptyStringValueParser::new())]
+    pub category: String,
+    /// The KEK version to destroy.
+    #[arg(value_name = "VERSION", value_parser = clap::value_parser!(u32).range(1..))]
+    pub version: u32,
+    /// The server.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// `kluis keys rotate-master`.
+#[derive(Debug, Args)]
+pub struct RotateMasterArgs {
+    /// The new master key: used if FILE exists (64 hex digits, mode 0600), else created
+    /// (random, mode 0600). Moved over the current master key file when done.
+    #[arg(long, value_name = "FILE")]
+    pub new_key: PathBuf,
+    /// Configuration file naming the data directory and the master key file (or none:
+    /// then the key is in KLUIS_MASTER_KEY) [default: ./kluis.toml].
+    #[arg(long, value_name = "FILE", conflicts_with = "dev")]
+    pub config: Option<PathBuf>,
+    /// Dev mode layout: the master key in ./keys/master.key, the data in ./data.
+    #[arg(long)]
+    pub dev: bool,
+    /// Data directory (overrides the configuration's).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Small helpers
+
+fn refused(method: &'static str) -> impl FnOnce(tonic::Status) -> CliError {
+    move |status| CliError::Refused { method, status }
+}
+
+// ---------------------------------------------------------------------------------------
+// Connecting
+
+/// The gRPC client of the `Keys` service, authenticated by a bearer token.
+pub type Client = KeysClient<InterceptedService<Channel, BearerToken>>;
+
+/// The bearer token in `$KLUIS_TOKEN` (a usage error when unset or empty).
+pub fn token_from_env() -> Result<BearerToken, CliError> {
+    let missing = || {
+        CliError::Usage(format!(
+            "{TOKEN_ENV} is not set: the keys commands need the bearer token of a role with key rights (e.g. security_officer) in {TOKEN_ENV}"
+        ))
+    };
+    let token = Zeroizing::new(std::env::var(TOKEN_ENV).map_err(|_| missing())?);
+    if token.trim().is_empty() {
+        return Err(missing());
+    }
+    BearerToken::new(&token)
+}
+
+/// Connects to the server `args` name, with the token in `$KLUIS_TOKEN`.
+pub async fn connect(args: &ServerArgs) -> Result<Client, CliError> {
+    let url = args.server.clone().unwrap_or_else(default_server);
+    let token = token_from_env()?;
+    let channel = channel(&url, args.ca_cert.as_deref()).await?;
+    Ok(KeysClient::with_interceptor(channel, token).max_decoding_message_size(MAX_RESPONSE_BYTES))
+}
+
+// ---------------------------------------------------------------------------------------
+// Key status: table and JSON
+
+/// A protobuf timestamp as RFC 3339 UTC to the second; `-` when absent or out of range.
+pub fn created_text(t: Option<&prost_types::Timestamp>) -> String {
+    t.and_then(|t| {
+        chrono::DateTime::from_timestamp(t.seconds, t.nanos.clamp(0, 999_999_999) as u32)
+    })
+    .map_or_else(
+        || "-".to_string(),
+        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    )
+}
+
+#[derive(Serialize)]
+struct JsonStatus<'a> {
+    categories: Vec<JsonCategory<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonCategory<'a> {
+    category: &'a str,
+    active_version: u32,
+    versions: Vec<JsonVersion<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonVersion<'a> {
+    version: u32,
+    state: &'a str,
+    /// RFC 3339 UTC, `null` when unknown.
+    created: Option<String>,
+    records: u64,
+}
+
+fn sorted_versions(c: &proto::CategoryKeys) -> Vec<&proto::KeyVersion> {
+    let mut versions: Vec<&proto::KeyVersion> = c.versions.iter().collect();
+    versions.sort_by_key(|v| v.version);
+    versions
+}
+
+/// The status as one pretty-printed JSON document:
+/// `{"categories": [{"category", "active_version", "versions": [{"version", "state",
+/// "created", "records"}]}]}`.
+pub fn status_json(status: &proto::KeyStatus) -> String {
+    let doc = JsonStatus {
+        categories: status
+            .categories
+            .iter()
+            .map(|c| JsonCategory {
+                category: &c.category,
+                active_version: c.active_version,
+                versions: sorted_versions(c)
+                    .into_iter()
+                    .map(|v| JsonVersion {
+                        version: v.version,
+                        state: &v.state,
+                        created: v.created.as_ref().map(|t| created_text(Some(t))),
+                        records: v.records,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    };
+    serde_json::to_string_pretty(&doc).expect("plain strings and integers serialize")
+}
+
+/// The status as an aligned table, one row per category and version, the active version
+/// marked `*`.
+pub fn render_status(status: &proto::KeyStatus) -> String {
+    const HEADER: [&str; 5] = ["CATEGORY", "VERSION", "STATE", "CREATED", "RECORDS"];
+    let mut rows: Vec<[String; 5]> = Vec::new();
+    for c in &status.categories {
+        let versions = sorted_versions(c);
+        if versions.is_empty() {
+            rows.push([
+                c.category.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ]);
+        }
+        for v in versions {
+            let marker = if v.version == c.active_version {
+                " *"
+            } else {
+                ""
+            };
+            rows.push([
+                c.category.clone(),
+                format!("{}{marker}", v.version),
+                v.state.clone(),
+                created_text(v.created.as_ref()),
+                v.records.to_string(),
+            ]);
+        }
+    }
+    let mut widths = HEADER.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut push = |cells: [&str; 5]| {
+        let mut line = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            if i == 4 {
+                line.push_str(&format!("{cell:>width$}", width = widths[i]));
+            } else {
+                line.push_str(&format!("{cell:<width$}", width = widths[i]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    };
+    push(HEADER);
+    for row in &rows {
+        push([&row[0], &row[1], &row[2], &row[3], &row[4]]);
+    }
+    out.push_str("* the active version: wraps new data keys\n");
+    out
+}
+
+fn write_status(
+    status: &proto::KeyStatus,
+    format: Format,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let text = match format {
+        Format::Table => render_status(status),
+        Format::Json => format!("{}\n", status_json(status)),
+    };
+    out.write_all(text.as_bytes()).map_err(output_error)
+}
+
+// ---------------------------------------------------------------------------------------
+// Job progress
+
+/// How a job's progress is shown on stderr: a redrawn bar on a terminal, otherwise a line
+/// now and then.
+pub struct ProgressView<W: Write> {
+    sink: W,
+    kind: &'static str,
+    terminal: bool,
+    last_drawn: Option<Instant>,
+    drawn_width: usize,
+    last_line: String,
+    interval: Duration,
+}
+
+/// Width of the bar, in characters.
+const BAR_WIDTH: usize = 30;
+
+impl<W: Write> ProgressView<W> {
+    /// A view of a `kind` job (`rewrap`, `rekey`) writing to `sink`; `terminal` draws a bar.
+    pub fn new(sink: W, kind: &'static str, terminal: bool) -> Self {
+        ProgressView {
+            sink,
+            kind,
+            terminal,
+            last_drawn: None,
+            drawn_width: 0,
+            last_line: String::new(),
+            interval: if terminal {
+                Duration::from_millis(100)
+            } else {
+                Duration::from_secs(1)
+            },
+        }
+    }
+
+    /// `rewrap identity`, `rewrap every category`.
+    fn label(&self, p: &proto::RewrapProgress) -> String {
+        if p.category.is_empty() {
+            format!("{} every category", self.kind)
+        } else {
+            format!("{} {}", self.kind, p.category)
+        }
+    }
+
+    /// The bar line: `rewrap identity [#####-----] 1200/5000 24%`.
+    pub fn bar(&self, p: &proto::RewrapProgress) -> String {
+        let filled = if p.total == 0 {
+            if p.finished {
+                BAR_WIDTH
+            } else {
+                0
+            }
+        } else {
+            (u128::from(p.done.min(p.total)) * BAR_WIDTH as u128 / u128::from(p.total)) as usize
+        };
+        let percent = if p.total == 0 {
+            if p.finished {
+                100
+            } else {
+                0
+            }
+        } else {
+            u128::from(p.done.min(p.total)) * 100 / u128::from(p.total)
+        };
+        format!(
+            "{} [{}{}] {}/{} {percent}%",
+            self.label(p),
+            "#".repeat(filled),
+            "-".repeat(BAR_WIDTH - filled),
+            p.done,
+            p.total
+        )
+    }
+
+    /// The plain line: `rewrap identity: 1200/5000`.
+    pub fn line(&self, p: &proto::RewrapProgress) -> String {
+        format!("{}: {}/{}", self.label(p), p.done, p.total)
+    }
+
+    /// Shows `p` if enough time has passed since the last update (always the first and the
+    /// finished one). Progress output is best effort: a failing stderr is ignored.
+    pub fn update(&mut self, p: &proto::RewrapProgress) {
+        let now = Instant::now();
+        let due = p.finished
+            || self
+                .last_drawn
+                .is_none_or(|t| now.duration_since(t) >= self.interval);
+        if !due {
+            return;
+        }
+        self.last_drawn = Some(now);
+        if self.terminal {
+            let text = self.bar(p);
+            let width = text.chars().count();
+            let pad = self.drawn_width.saturating_sub(width);
+            let _ = write!(self.sink, "\r{text}{}", " ".repeat(pad));
+            self.drawn_width = width;
+        } else {
+            // The finished message may repeat the last one shown.
+            let line = self.line(p);
+            if line == self.last_line {
+                return;
+            }
+            let _ = writeln!(self.sink, "{line}");
+            self.last_line = line;
+        }
+        let _ = self.sink.flush();
+    }
+
+    /// Ends the bar's line (on a terminal), so that what follows starts on a new line.
+    pub fn end(&mut self) {
+        if self.terminal && self.drawn_width > 0 {
+            let _ = writeln!(self.sink);
+            let _ = self.sink.flush();
+            self.drawn_width = 0;
+        }
+    }
+
+    /// The sink (for tests).
+    pub fn into_sink(self) -> W {
+        self.sink
+    }
+}
+
+/// Follows a job's progress stream to its end, showing it in `view`; returns the finished
+/// message. A stream that ends without one is an error ([`EXIT_FAILED`]).
+pub async fn follow<W: Write>(
+    method: &'static str,
+    stream: &mut tonic::Streaming<proto::RewrapProgress>,
+    view: &mut ProgressView<W>,
+) -> Result<proto::RewrapProgress, CliError> {
+    loop {
+        match stream.message().await {
+            Ok(Some(p)) => {
+                view.update(&p);
+                if p.finished {
+                    view.end();
+                    return Ok(p);
+                }
+            }
+            Ok(None) => {
+                view.end();
+                return Err(CliError::Refused {
+                    method,
+                    status: tonic::Status::unavailable(
+                        "the progress stream ended before the job finished (the job resumes from its last checkpoint on the server; run this command again to follow it)",
+                    ),
+                });
+            }
+            Err(status) => {
+                view.end();
+                return Err(CliError::Refused { method, status });
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Online commands
+
+/// `kluis keys status`.
+pub async fn status(args: &StatusArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let mut client = connect(&args.server).await?;
+    let status = client
+        .get_key_status(proto::GetKeyStatusRequest {})
+        .await
+        .map_err(refused("GetKeyStatus"))?
+        .into_inner();
+    write_status(&status, args.format, out)
+}
+
+/// `kluis keys rotate`.
+pub async fn rotate(args: &RotateArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let mut client = connect(&args.server).await?;
+    let status = client
+        .rotate_key(proto::RotateKeyRequest {
+            category: args.category.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(refused("RotateKey"))?
+        .into_inner();
+    if args.format == Format::Table {
+        let rotated: Vec<String> = status
+            .categories
+            .iter()
+            .filter(|c| {
+                args.category
+                    .as_ref()
+                    .is_none_or(|name| *name == c.category)
+            })
+            .map(|c| format!("{} {}", c.category, c.active_version))
+            .collect();
+        let next = match &args.category {
+            Some(c) => format!("kluis keys rewrap {c}"),
+            None => "kluis keys rewrap".to_string(),
+        };
+        writeln!(
+            out,
+            "rotated: new active KEK versions: {}\nOlder versions are decrypt_only until `{next}` has moved their records.\n",
+            rotated.join(", ")
+        )
+        .map_err(output_error)?;
+    }
+    write_status(&status, args.format, out)
+}
+
+async fn run_job(
+    kind: &'static str,
+    method: &'static str,
+    stream: tonic::Streaming<proto::RewrapProgress>,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let mut stream = stream;
+    let stderr = std::io::stderr();
+    let terminal = stderr.is_terminal();
+    let mut view = ProgressView::new(stderr, kind, terminal);
+    let p = follow(method, &mut stream, &mut view).await?;
+    let scope = if p.category.is_empty() {
+        "every category".to_string()
+    } else {
+        format!("category {}", p.category)
+    };
+    writeln!(
+        out,
+        "{kind} finished: {} of {} ({scope})",
+        p.done,
+        plural(p.total, "record")
+    )
+    .map_err(output_error)
+}
+
+/// `kluis keys rewrap`.
+pub async fn rewrap(args: &RewrapArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let mut client = connect(&args.server).await?;
+    let stream = client
+        .rewrap(proto::RewrapRequest {
+            category: args.category.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(refused("Rewrap"))?
+        .into_inner();
+    run_job("rewrap", "Rewrap", stream, out).await
+}
+
+/// `kluis keys rekey`.
+pub async fn rekey(args: &RekeyArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let mut client = connect(&args.server).await?;
+    let stream = client
+        .rekey(proto::RekeyRequest {
+            category: args.category.clone(),
+        })
+        .await
+        .map_err(refused("Rekey"))?
+        .into_inner();
+    run_job("rekey", "Rekey", stream, out).await
+}
+
+/// `kluis keys retire`.
+pub async fn retire(args: &RetireArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let mut client = connect(&args.server).await?;
+    let status = client
+        .retire_key_version(proto::RetireKeyVersionRequest {
+            category: args.category.clone(),
+            version: args.version,
+        })
+        .await
+        .map_err(refused("RetireKeyVersion"))?
+        .into_inner();
+    if args.format == Format::Table {
+        writeln!(
+            out,
+            "retired: KEK {} version {} is destroyed\n",
+            args.category, args.version
+        )
+        .map_err(output_error)?;
+    }
+    write_status(&status, args.format, out)
+}
+
+// ---------------------------------------------------------------------------------------
+// Offline master key rotation
+
+/// Where the current master key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MasterKeySource {
+    /// A file (the configuration's `master_key_file`, or `keys/master.key` in dev mode).
+    File(PathBuf),
+    /// The [`MASTER_KEY_ENV`] environment variable.
+    Env,
+}
+
+/// The data directory and the current master key, as the server would find them.
+#[derive(Debug)]
+pub struct MasterKeySetup {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// Where the current master key comes from.
+    pub source: MasterKeySource,
+    /// The current master key.
+    pub key: MasterKey,
+}
+
+/// Resolves the data directory and the current master key of `args`: from the configuration
+/// file (relative paths relative to it), or the dev-mode layout under the current directory.
+pub fn resolve_setup(args: &RotateMasterArgs) -> Result<MasterKeySetup, CliError> {
+    let (data_dir, source) = if args.dev {
+        let root = Path::new(".");
+        (
+            root.join("data"),
+            MasterKeySource::File(root.join("keys").join("master.key")),
+        )
+    } else {
+        let path = args
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("kluis.toml"));
+        if !path.exists() {
+            return Err(CliError::Usage(format!(
+                "no configuration at {}: pass --config FILE, or --dev in a dev-mode directory",
+                path.display()
+            )));
+        }
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| CliError::Io(format!("{}: {e}", path.display())))?;
+        let file: crate::config::ConfigFile = toml::from_str(&text)
+            .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        (
+            rel(&file.data_dir),
+            match &file.master_key_file {
+                Some(p) => MasterKeySource::File(rel(p)),
+                None => MasterKeySource::Env,
+            },
+        )
+    };
+    let data_dir = args.data_dir.clone().unwrap_or(data_dir);
+    let key = match &source {
+        MasterKeySource::File(p) => {
+            MasterKey::load_file(p).map_err(|e| CliError::Usage(format!("current {e}")))?
+        }
+        MasterKeySource::Env => MasterKey::from_env()
+            .map_err(|e| CliError::Usage(e.to_string()))?
+            .ok_or_else(|| {
+                CliError::Usage(format!(
+                    "no master key: the configuration names no master_key_file and {MASTER_KEY_ENV} is not set"
+                ))
+            })?,
+    };
+    Ok(MasterKeySetup {
+        data_dir,
+        source,
+        key,
+    })
+}
+
+/// `path` with `suffix` appended to its file name.
+fn sibling(path: &Path, suffix: &str) -> Result<PathBuf, CliError> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| CliError::Usage(format!("{} does not name a file", path.display())))?;
+    let mut name = name.to_os_string();
+    name.push(suffix);
+    Ok(path.with_file_name(name))
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), CliError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| CliError::Io(format!("syncing directory {}: {e}", dir.display())))
+}
+
+fn remove_if_present(path: &Path) -> Result<(), CliError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(CliError::Io(format!("removing {}: {e}", path.display()))),
+    }
+}
+
+/// Loads the new master key from `path`, or creates it there (random, 0600). Created whole
+/// or not at all: written to `<path>.partial`, synced, then linked into place (never over
+/// an existing file). A `.partial` left by an interrupted run is removed first.
+fn load_or_create_new_key(path: &Path) -> Result<(MasterKey, bool), CliError> {
+    let partial = sibling(path, PARTIAL_SUFFIX)?;
+    remove_if_present(&partial)?;
+    if path.exists() {
+        let key =
+            MasterKey::load_file(path).map_err(|e| CliError::Usage(format!("--new-key: {e}")))?;
+        return Ok((key, false));
+    }
+    let key = MasterKey::create_file(&partial)
+        .map_err(|e| CliError::Io(format!("--new-key: creating the new {e}")))?;
+    let linked = match std::fs::hard_link(&partial, path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(CliError::Usage(format!(
+            "--new-key {} appeared while it was being created: run the command again",
+            path.display()
+        ))),
+        // A file system without hard links: rename (nothing is there: checked above).
+        Err(_) => std::fs::rename(&partial, path)
+            .map_err(|e| CliError::Io(format!("--new-key {}: {e}", path.display()))),
+    };
+    let removed = remove_if_present(&partial);
+    linked?;
+    removed?;
+    sync_dir(parent_dir(path))?;
+    Ok((key, true))
+}
+
+/// Writes the receipt (no key in it) saying that `new_key` was installed as `target`.
+fn write_receipt(receipt: &Path, new_key: &Path, target: &Path) -> Result<(), CliError> {
+    let text = format!(
+        "`kluis keys rotate-master` moved the master key in {} to {} at {}.\n\
+         This file holds no key. While it exists and {} does not, running the same command\n\
+         again does nothing. Delete this file before rotating again with the same --new-key path.\n",
+        new_key.display(),
+        target.display(),
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        new_key.display(),
+    );
+    let partial = sibling(receipt, PARTIAL_SUFFIX)?;
+    let io = |e: std::io::Error| CliError::Io(format!("writing {}: {e}", receipt.display()));
+    let mut file = std::fs::File::create(&partial).map_err(io)?;
+    file.write_all(text.as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&partial, receipt).map_err(io)?;
+    sync_dir(parent_dir(receipt))
+}
+
+/// Moves the key file `new_key` over `target`, atomically: a rename in the same file system;
+/// across file systems a synced copy in `target`'s directory renamed over it, then `new_key`
+/// is removed. Both directories are synced.
+fn install_key_file(new_key: &Path, target: &Path) -> Result<(), CliError> {
+    match std::fs::rename(new_key, target) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
+            let contents = Zeroizing::new(
+                std::fs::read(new_key)
+                    .map_err(|e| CliError::Io(format!("reading {}: {e}", new_key.display())))?,
+            );
+            let partial = sibling(target, PARTIAL_SUFFIX)?;
+            remove_if_present(&partial)?;
+            keys::write_secret_file(&partial, &contents)
+                .map_err(|e| CliError::Io(format!("writing {}: {e}", partial.display())))?;
+            std::fs::rename(&partial, target).map_err(|e| {
+                CliError::Io(format!(
+                    "moving {} to {}: {e}",
+                    partial.display(),
+                    target.display()
+                ))
+            })?;
+            sync_dir(parent_dir(target))?;
+            remove_if_present(new_key)?;
+        }
+        Err(e) => {
+            return Err(CliError::Io(format!(
+                "moving {} to {}: {e}",
+                new_key.display(),
+                target.display()
+            )))
+        }
+    }
+    sync_dir(parent_dir(target))?;
+    sync_dir(parent_dir(new_key))
+}
+
+/// `cli:$USER`: the principal of the rotation's audit event.
+fn cli_principal() -> String {
+    let user: String = std::env::var("USER")
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(64)
+        .collect();
+    format!("cli:{}", if user.is_empty() { "unknown" } else { &user })
+}
+
+/// What an offline master key rotation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RotateMasterOutcome {
+    /// The keys were re-wrapped now (how many) and the new key installed.
+    Rotated(usize),
+    /// An earlier run had re-wrapped the keys; this run installed the new key.
+    Completed,
+    /// Everything had been done already.
+    NothingToDo,
+}
+
+/// Rotates the master key of `setup`'s data directory to the key in `new_key` (created when
+/// absent), installs it, and prints what happened to `out`. See [`KeysCommand::RotateMaster`].
+pub async fn rotate_master_with(
+    setup: MasterKeySetup,
+    new_key: &Path,
+    principal: &str,
+    out: &mut dyn Write,
+) -> Result<RotateMasterOutcome, CliError> {
+    // A bare file name is in the current directory (which is then synced by name).
+    let new_key = if new_key.parent().is_some_and(|p| p.as_os_str().is_empty()) {
+        Path::new(".").join(new_key)
+    } else {
+        new_key.to_path_buf()
+    };
+    // First the data directory: a running server holds it, and then nothing may change.
+    let store = open_store(&setup.data_dir, STOP_SERVER_FIRST)?;
+    let result = rotate_master_in(&store, setup, &new_key, principal).await;
+    // Release the data directory before reporting.
+    drop(store);
+    let (outcome, message) = result?;
+    out.write_all(message.as_bytes()).map_err(output_error)?;
+    Ok(outcome)
+}
+
+fn key_error(e: keys::KeyError) -> CliError {
+    CliError::Io(format!("the data directory's keys: {e}"))
+}
+
+async fn rotate_master_in(
+    store: &SledStore,
+    setup: MasterKeySetup,
+    new_path: &Path,
+    principal: &str,
+) -> Result<(RotateMasterOutcome, String), CliError> {
+    let MasterKeySetup {
+        data_dir,
+        source,
+        key: old,
+    } = setup;
+    let receipt = sibling(new_path, RECEIPT_SUFFIX)?;
+    let target = match &source {
+        MasterKeySource::File(p) => {
+            let real = std::fs::canonicalize(p)
+                .map_err(|e| CliError::Io(format!("{}: {e}", p.display())))?;
+            if new_path.exists() {
+                let new_real = std::fs::canonicalize(new_path)
+                    .map_err(|e| CliError::Io(format!("--new-key {}: {e}", new_path.display())))?;
+                if new_real == real {
+                    return Err(CliError::Usage(format!(
+                        "--new-key {} is the current master key file: name a new file (it is created if absent)",
+                        new_path.display()
+                    )));
+                }
+            } else if receipt.exists() {
+                // Finished before: the new key was moved into place. Check that it opens the
+                // data directory, and sync the directories again (the run may have crashed
+                // before it did).
+                return match keys::which_master_key(store, &old, &old)
+                    .await
+                    .map_err(key_error)?
+                {
+                    Some(_) => {
+                        sync_dir(parent_dir(&real))?;
+                        sync_dir(parent_dir(new_path))?;
+                        Ok((
+                            RotateMasterOutcome::NothingToDo,
+                            format!(
+                                "nothing to do: the master key was already rotated: {} holds the new key and it opens the data directory {} (receipt: {}).\nTo rotate again, delete the receipt or pass another --new-key path.\n",
+                                p.display(),
+                                data_dir.display(),
+                                receipt.display()
+                            ),
+                        ))
+                    }
+                    None => Err(CliError::Usage(format!(
+                        "the receipt {} says the new key was moved to {}, but the key in {} does not open the data directory {}: restore the matching key, or delete the receipt to rotate again",
+                        receipt.display(),
+                        p.display(),
+                        p.display(),
+                        data_dir.display()
+                    ))),
+                };
+            }
+            Some(real)
+        }
+        MasterKeySource::Env => None,
+    };
+
+    let (new, created) = load_or_create_new_key(new_path)?;
+    let which = keys::which_master_key(store, &old, &new)
+        .await
+        .map_err(key_error)?;
+    let outcome = match which {
+        Some(true) => {
+            let same = keys::which_master_key(store, &new, &old)
+                .await
+                .map_err(key_error)?
+                == Some(true);
+            if !same {
+                let mut draft = Draft::new(ROTATE_MASTER_ACTION, principal, ROTATE_MASTER_ROLE);
+                draft.outcome = Outcome::Ok.as_str().to_string();
+                let count = keys::rotate_master(store, &old, &new, vec![draft.encode()])
+                    .await
+                    .map_err(|e| {
+                        CliError::Io(format!(
+                            "re-wrapping the keys failed, nothing was changed: {e}"
+                        ))
+                    })?;
+                RotateMasterOutcome::Rotated(count)
+            } else if target.is_some() && receipt.exists() {
+                // Moved across file systems by an earlier run that stopped before removing
+                // --new-key: the current key file holds the new key already.
+                RotateMasterOutcome::Completed
+            } else if target.is_some() {
+                return Err(CliError::Usage(format!(
+                    "--new-key {} holds the current master key: name a new file (it is created if absent)",
+                    new_path.display()
+                )));
+            } else {
+                return Ok((
+                    RotateMasterOutcome::NothingToDo,
+                    format!(
+                        "nothing to do: the master key was already rotated: {MASTER_KEY_ENV} holds the key in {}, and it opens the data directory {}\n",
+                        new_path.display(),
+                        data_dir.display()
+                    ),
+                ));
+            }
+        }
+        Some(false) => RotateMasterOutcome::Completed,
+        None => {
+            return Err(CliError::Usage(format!(
+                "neither key opens this data directory ({}): the current master key{} and --new-key {} both fail its key check",
+                data_dir.display(),
+                match &source {
+                    MasterKeySource::File(p) => format!(" in {}", p.display()),
+                    MasterKeySource::Env => format!(" in {MASTER_KEY_ENV}"),
+                },
+                if created {
+                    format!("{} (just created)", new_path.display())
+                } else {
+                    new_path.display().to_string()
+                }
+            )))
+        }
+    };
+    let done = match &outcome {
+        RotateMasterOutcome::Rotated(n) => format!(
+            "master key rotated: {} re-wrapped under the new key",
+            plural(*n as u64, "key")
+        ),
+        _ => "master key rotated: the keys were re-wrapped under the new key by an earlier run"
+            .to_string(),
+    };
+    let message = match (&source, target) {
+        (MasterKeySource::File(p), Some(real)) => {
+            write_receipt(&receipt, new_path, p)?;
+            install_key_file(new_path, &real)?;
+            format!(
+                "{done}; {} now holds the new key; the old key no longer opens the data directory {}.\nDestroy every copy of the old key (backups too), and back up {} offline: without it no record can be read.\n",
+                p.display(),
+                data_dir.display(),
+                p.display()
+            )
+        }
+        _ => format!(
+            "{done}; the old key no longer opens the data directory {}.\nSet {MASTER_KEY_ENV} to the content of {} (64 hex digits) before starting the server; keep {} as the offline backup of the new key.\nDestroy every copy of the old key (backups too).\n",
+            data_dir.display(),
+            new_path.display(),
+            new_path.display()
+        ),
+    };
+    Ok((outcome, message))
+}
+
+/// `kluis keys rotate-master`.
+pub async fn rotate_master(args: &RotateMasterArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let setup = resolve_setup(args)?;
+    rotate_master_with(setup, &args.new_key, &cli_principal(), out)
+        .await
+        .map(drop)
+}
+
+// ---------------------------------------------------------------------------------------
+// Commands
+
+/// Runs a keys command, writing its result to `out` (errors are for the caller to print as
+/// `error: …`; a refused call's text carries the gRPC code name, see
+/// [`code_name`](super::audit::code_name)).
+pub async fn run(command: &KeysCommand, out: &mut dyn Write) -> Result<(), CliError> {
+    let result = match command {
+        KeysCommand::Status(args) => status(args, out).await,
+        KeysCommand::Rotate(args) => rotate(args, out).await,
+        KeysCommand::Rewrap(args) => rewrap(args, out).await,
+        KeysCommand::Rekey(args) => rekey(args, out).await,
+        KeysCommand::Retire(args) => retire(args, out).await,
+        KeysCommand::RotateMaster(args) => rotate_master(args, out).await,
+    };
+    let flushed = out.flush().map_err(output_error);
+    match result.and(flushed) {
+        Err(CliError::OutputClosed) => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::SecretKey;
+    use crate::keys::KeyRing;
+
+    fn version(v: u32, state: &str, created: Option<i64>, records: u64) -> proto::KeyVersion {
+        proto::KeyVersion {
+            version: v,
+            state: state.into(),
+            created: created.map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
+            records,
+        }
+    }
+
+    fn sample_status() -> proto::KeyStatus {
+        proto::KeyStatus {
+            categories: vec![
+                proto::CategoryKeys {
+                    category: "contact".into(),
+                    active_version: 1,
+                    versions: vec![version(1, "active", Some(86_400), 12)],
+                },
+                proto::CategoryKeys {
+                    category: "identity".into(),
+                    active_version: 2,
+                    versions: vec![
+                        version(2, "active", Some(172_800), 0),
+                        version(1, "decrypt_only", None, 1234),
+                    ],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn the_status_table_lines_up_and_marks_the_active_version() {
+        let table = render_status(&sample_status());
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[0],
+            "CATEGORY  VERSION  STATE         CREATED               RECORDS"
+        );
+        assert_eq!(
+            lines[1],
+            "contact   1 *      active        1970-01-02T00:00:00Z       12"
+        );
+        // Versions in order; an unknown creation time is `-`.
+        assert_eq!(
+            lines[2],
+            "identity  1        decrypt_only  -                        1234"
+        );
+        assert_eq!(
+            lines[3],
+            "identity  2 *      active        1970-01-03T00:00:00Z        0"
+        );
+        assert!(lines[4].starts_with("* the active version"));
+    }
+
+    #[test]
+    fn the_status_json_is_one_document() {
+        let v: serde_json::Value =
+            serde_json::from_str(&status_json(&sample_status())).expect("json");
+        assert_eq!(v["categories"][1]["category"], "identity");
+        assert_eq!(v["categories"][1]["active_version"], 2);
+        assert_eq!(v["categories"][1]["versions"][0]["version"], 1);
+        assert_eq!(
+            v["categories"][1]["versions"][0]["created"],
+            serde_json::Value::Null
+        );
+        assert_eq!(v["categories"][1]["versions"][0]["records"], 1234);
+        assert_eq!(
+            v["categories"][1]["versions"][1]["created"],
+            "1970-01-03T00:00:00Z"
+        );
+    }
+
+    fn progress(category: &str, done: u64, total: u64, finished: bool) -> proto::RewrapProgress {
+        proto::RewrapProgress {
+            category: category.into(),
+            done,
+            total,
+            finished,
+        }
+    }
+
+    #[test]
+    fn progress_draws_a_bar_on_a_terminal_and_lines_otherwise() {
+        let view = ProgressView::new(Vec::new(), "rewrap", true);
+        assert_eq!(
+            view.bar(&progress("identity", 1200, 5000, false)),
+            format!(
+                "rewrap identity [{}{}] 1200/5000 24%",
+                "#".repeat(7),
+                "-".repeat(23)
+            )
+        );
+        assert_eq!(
+            view.bar(&progress("", 0, 0, true)),
+            format!("rewrap every category [{}] 0/0 100%", "#".repeat(30))
+        );
+
+        let mut lines = ProgressView::new(Vec::new(), "rekey", false);
+        lines.update(&progress("cv", 0, 10, false));
+        // Within a second of the last line: not shown; the finished one always is.
+        lines.update(&progress("cv", 5, 10, false));
+        lines.update(&progress("cv", 10, 10, true));
+        // The same state again (an empty job's first and finished message): shown once.
+        lines.update(&progress("cv", 10, 10, true));
+        lines.end();
+        let text = String::from_utf8(lines.into_sink()).expect("utf-8");
+        assert_eq!(text, "rekey cv: 0/10\nrekey cv: 10/10\n");
+
+        let mut bar = ProgressView::new(Vec::new(), "rewrap", true);
+        bar.update(&progress("cv", 10, 100, false));
+        bar.update(&progress("cv", 100, 100, true));
+        bar.end();
+        let text = String::from_utf8(bar.into_sink()).expect("utf-8");
+        assert!(text.starts_with("\rrewrap cv ["), "{text:?}");
+        assert!(text.ends_with("100/100 100%\n"), "{text:?}");
+    }
+
+    /// A data directory whose keys were made with the key in `keys/master.key`.
+    async fn vault_dir() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let key_file = dir.path().join("keys").join("master.key");
+        let master = MasterKey::create_file(&key_file).expect("key file");
+        let store = SledStore::open(&data).expect("open");
+        KeyRing::open(&store, &master).await.expect("keys made");
+        drop(store);
+        (dir, data, key_file)
+    }
+
+    fn file_setup(data: &Path, key_file: &Path) -> MasterKeySetup {
+        MasterKeySetup {
+            data_dir: data.to_path_buf(),
+            source: MasterKeySource::File(key_file.to_path_buf()),
+            key: MasterKey::load_file(key_file).expect("current key"),
+        }
+    }
+
+    async fn opens(data: &Path, key_file: &Path) -> bool {
+        let store = SledStore::open(data).expect("open");
+        let key = MasterKey::load_file(key_file).expect("key");
+        KeyRing::open(&store, &key).await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn rotate_master_installs_the_new_key_and_then_does_nothing() {
+        let (dir, data, key_file) = vault_dir().await;
+        let old_copy = dir.path().join("old.key");
+        std::fs::copy(&key_file, &old_copy).expect("copy");
+        let new_key = dir.path().join("new.key");
+        let mut out = Vec::new();
+        let outcome = rotate_master_with(file_setup(&data, &key_file), &new_key, "cli:t", &mut out)
+            .await
+            .expect("rotated");
+        assert_eq!(outcome, RotateMasterOutcome::Rotated(6 + 2));
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(text.contains("8 keys re-wrapped"), "{text}");
+        assert!(text.contains("Destroy every copy of the old key"), "{text}");
+        assert!(!new_key.exists(), "moved into place");
+        assert!(sibling(&new_key, RECEIPT_SUFFIX).expect("name").exists());
+        assert!(opens(&data, &key_file).await, "the installed key opens");
+        assert!(!opens(&data, &old_copy).await, "the old key does not");
+
+        let mut out = Vec::new();
+        let again = rotate_master_with(file_setup(&data, &key_file), &new_key, "cli:t", &mut out)
+            .await
+            .expect("repeat");
+        assert_eq!(again, RotateMasterOutcome::NothingToDo);
+        assert!(!new_key.exists(), "no new key was made");
+        assert!(opens(&data, &key_file).await);
+
+        // The audit event of the rotation is in the chain.
+        let store = SledStore::open(&data).expect("open");
+        let page = crate::audit::query(&store, &crate::audit::Filter::default(), 0, 100)
+            .await
+            .expect("query");
+        let event = page
+            .events
+            .iter()
+            .find(|e| e.draft.action == ROTATE_MASTER_ACTION)
+            .expect("event");
+        assert_eq!(event.draft.principal, "cli:t");
+        assert_eq!(event.draft.role, ROTATE_MASTER_ROLE);
+        assert_eq!(event.draft.outcome, "ok");
+    }
+
+    #[tokio::test]
+    async fn rotate_master_finishes_what_an_interrupted_run_started() {
+        // Committed, not installed: the new key opens the data, the old file still has the
+        // old key.
+        let (dir, data, key_file) = vault_dir().await;
+        let new_key = dir.path().join("new.key");
+        let new = MasterKey::create_file(&new_key).expect("new key");
+        {
+            let store = SledStore::open(&data).expect("open");
+            let old = MasterKey::load_file(&key_file).expect("old");
+            keys::rotate_master(&store, &old, &new, Vec::new())
+                .await
+                .expect("rotated");
+        }
+        let mut out = Vec::new();
+        let outcome = rotate_master_with(file_setup(&data, &key_file), &new_key, "cli:t", &mut out)
+            .await
+            .expect("finished");
+        assert_eq!(outcome, RotateMasterOutcome::Completed);
+        assert!(opens(&data, &key_file).await);
+        assert!(!new_key.exists());
+
+        // Copied across file systems, not yet removed: both files hold the new key.
+        let (dir, data, key_file) = vault_dir().await;
+        let new_key = dir.path().join("new.key");
+        rotate_master_with(
+            file_setup(&data, &key_file),
+            &new_key,
+            "cli:t",
+            &mut Vec::new(),
+        )
+        .await
+        .expect("rotated");
+        std::fs::copy(&key_file, &new_key).expect("copy back");
+        let outcome = rotate_master_with(
+            file_setup(&data, &key_file),
+            &new_key,
+            "cli:t",
+            &mut Vec::new(),
+        )
+        .await
+        .expect("finished");
+        assert_eq!(outcome, RotateMasterOutcome::Completed);
+        assert!(!new_key.exists());
+        assert!(opens(&data, &key_file).await);
+
+        // A half-written new key file from a killed run is replaced.
+        let (dir, data, key_file) = vault_dir().await;
+        let new_key = dir.path().join("new.key");
+        std::fs::write(sibling(&new_key, PARTIAL_SUFFIX).expect("name"), "12").expect("partial");
+        rotate_master_with(
+            file_setup(&data, &key_file),
+            &new_key,
+            "cli:t",
+            &mut Vec::new(),
+        )
+        .await
+        .expect("rotated");
+        assert!(!sibling(&new_key, PARTIAL_SUFFIX).expect("name").exists());
+        assert!(opens(&data, &key_file).await);
+    }
+
+    #[tokio::test]
+    async fn rotate_master_refuses_what_it_cannot_do() {
+        let (dir, data, key_file) = vault_dir().await;
+        // The current key as the new one: by path, or a copy of it.
+        let err = rotate_master_with(
+            file_setup(&data, &key_file),
+            &key_file,
+            "t",
+            &mut Vec::new(),
+        )
+        .await
+        .expect_err("same file");
+        assert_eq!(err.exit_code(), EXIT_USAGE);
+        let copy = dir.path().join("copy.key");
+        std::fs::copy(&key_file, &copy).expect("copy");
+        let err = rotate_master_with(file_setup(&data, &key_file), &copy, "t", &mut Vec::new())
+            .await
+            .expect_err("same key");
+        assert!(err.to_string().contains("current master key"), "{err}");
+        assert!(copy.exists(), "a copy of the current key is never removed");
+
+        // Neither key opens it.
+        let stranger = dir.path().join("stranger.key");
+        MasterKey::create_file(&stranger).expect("key");
+        let setup = MasterKeySetup {
+            key: MasterKey::load_file(&stranger).expect("key"),
+            ..file_setup(&data, &key_file)
+        };
+        let err = rotate_master_with(setup, &dir.path().join("n.key"), "t", &mut Vec::new())
+            .await
+            .expect_err("neither");
+        assert_eq!(err.exit_code(), EXIT_USAGE);
+        assert!(err.to_string().contains("neither key"), "{err}");
+
+        // A data directory in use.
+        let held = SledStore::open(&data).expect("open");
+        let err = rotate_master_with(
+            file_setup(&data, &key_file),
+            &dir.path().join("m.key"),
+            "t",
+            &mut Vec::new(),
+        )
+        .await
+        .expect_err("in use");
+        assert_eq!(err.exit_code(), EXIT_USAGE);
+        assert!(err.to_string().contains("in use"), "{err}");
+        assert!(!dir.path().join("m.key").exists(), "nothing made");
+        drop(held);
+        assert!(opens(&data, &key_file).await, "nothing changed");
+    }
+
+    #[tokio::test]
+    async fn with_the_key_in_the_environment_the_new_file_stays() {
+        let (dir, data, key_file) = vault_dir().await;
+        let env_setup = |key: SecretKey| MasterKeySetup {
+            data_dir: data.clone(),
+            source: MasterKeySource::Env,
+            key: MasterKey::from_secret(key),
+        };
+        let old_hex = std::fs::read_to_string(&key_file).expect("read");
+        let old = || SecretKey::from_hex(&old_hex).expect("hex");
+        let new_key = dir.path().join("new.key");
+        let mut out = Vec::new();
+        let outcome = rotate_master_with(env_setup(old()), &new_key, "t", &mut out)
+            .await
+            .expect("rotated");
+        assert!(matches!(outcome, RotateMasterOutcome::Rotated(_)));
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(text.contains(MASTER_KEY_ENV), "{text}");
+        assert!(new_key.exists());
+        assert!(opens(&data, &new_key).await);
+        // Again with the old key in the variable: says so again; with the new one: done.
+        let again = rotate_master_with(env_setup(old()), &new_key, "t", &mut Vec::new())
+            .await
+            .expect("again");
+        assert_eq!(again, RotateMasterOutcome::Completed);
+        let new_hex = std::fs::read_to_string(&new_key).expect("read");
+        let new = SecretKey::from_hex(&new_hex).expect("hex");
+        let done = rotate_master_with(env_setup(new), &new_key, "t", &mut Vec::new())
+            .await
+            .expect("done");
+        assert_eq!(done, RotateMasterOutcome::NothingToDo);
+    }
+}
