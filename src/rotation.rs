@@ -20,7 +20,7 @@
 //! That is O(records) per status call; the PostgreSQL store will keep the KEK version in an
 //! indexed column instead.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -266,6 +266,7 @@ async fn handle_record<S: Store>(
     key: &[u8],
     raw: &[u8],
     batch: &mut Batch,
+    keks: &mut BTreeSet<(Category, u32)>,
 ) -> Result<bool, VaultError> {
     let mut body = open_header(vault, key, raw)?;
     let due = needs(vault, job.kind, scope, job.started_ms, &body);
@@ -325,7 +326,13 @@ async fn handle_record<S: Store>(
             }
         }
     }
-    vault::expect_keks(batch, &body, due.iter());
+    // The KEKs now wrapping this record's new or moved DEKs must still exist at commit
+    // (expected once per batch, see `expect_keks`).
+    for category in &due {
+        if let Some(dek) = body.deks.get(category.as_str()) {
+            keks.insert((*category, dek.kek_version));
+        }
+    }
     let (kv, ik) = vault.keys().integrity_key();
     batch.expect(Keyspace::Records, key.to_vec(), Expect::Value(raw.to_vec()));
     batch.put(Keyspace::Records, key.to_vec(), body.seal(kv, ik));
@@ -339,7 +346,75 @@ async fn handle_record<S: Store>(
     Ok(true)
 }
 
-/// Runs (or resumes) `job` to its end, publishing progress on `tx` after every page.
+/// Adds an `Expect::Present` on each KEK in `keks` (see [`vault::expect_keks`]).
+fn expect_keks(batch: &mut Batch, keks: &BTreeSet<(Category, u32)>) {
+    for &(category, version) in keks {
+        batch.expect(
+            Keyspace::Meta,
+            crate::keys::kek_meta_key(category, version),
+            Expect::Present,
+        );
+    }
+}
+
+/// One job batch, prepared and not yet committed.
+struct Prepared {
+    batch: Batch,
+    /// The records it covers (their headers as read).
+    page: Vec<(Vec<u8>, Vec<u8>)>,
+    /// How many of them needed the job.
+    handled: u64,
+}
+
+/// Reads the records after `after` and prepares the batch handling them: up to [`JOB_PAGE`]
+/// records or [`JOB_BATCH_BYTES`]. `None` at the end of a pass.
+async fn prepare<S: Store>(
+    vault: &Vault<S>,
+    job: &JobState,
+    scope: Option<Category>,
+    after: Option<Vec<u8>>,
+) -> Result<Option<Prepared>, VaultError> {
+    let mut page = vault
+        .store()
+        .scan(Keyspace::Records, b"", after.as_deref(), JOB_PAGE)
+        .await?;
+    if page.is_empty() {
+        return Ok(None);
+    }
+    let mut batch = Batch::default();
+    let mut keks = BTreeSet::new();
+    let mut handled = 0u64;
+    let mut taken = 0;
+    for (key, raw) in &page {
+        if handle_record(vault, job, scope, key, raw, &mut batch, &mut keks).await? {
+            handled += 1;
+        }
+        taken += 1;
+        // Re-keyed fields make big batches: end the batch early, the rest follows.
+        if batch.bytes() >= JOB_BATCH_BYTES {
+            break;
+        }
+    }
+    page.truncate(taken);
+    expect_keks(&mut batch, &keks);
+    Ok(Some(Prepared {
+        batch,
+        page,
+        handled,
+    }))
+}
+
+fn cursor_bytes(job: &JobState) -> Result<Option<Vec<u8>>, VaultError> {
+    job.cursor
+        .as_deref()
+        .map(|h| {
+            hex::decode(h).map_err(|_| VaultError::Internal("stored job cursor is not hex".into()))
+        })
+        .transpose()
+}
+
+/// Runs (or resumes) `job` to its end, publishing progress on `tx` after every batch. While
+/// one batch commits, the next one is prepared (they cover different records).
 async fn run<S: Store>(
     vault: &Vault<S>,
     mut job: JobState,
@@ -347,19 +422,14 @@ async fn run<S: Store>(
 ) -> Result<(), VaultError> {
     let scope = job.scope()?;
     tx.send_replace(job.progress());
+    let mut next = prepare(vault, &job, scope, cursor_bytes(&job)?).await?;
     loop {
-        let after = match &job.cursor {
-            Some(h) => Some(
-                hex::decode(h)
-                    .map_err(|_| VaultError::Internal("stored job cursor is not hex".into()))?,
-            ),
-            None => None,
-        };
-        let page = vault
-            .store()
-            .scan(Keyspace::Records, b"", after.as_deref(), JOB_PAGE)
-            .await?;
-        let Some((last, _)) = page.last() else {
+        let Some(Prepared {
+            mut batch,
+            page,
+            handled,
+        }) = next
+        else {
             // End of a pass: a rewrap checks nothing was left behind.
             if job.kind == JobKind::Rewrap {
                 let left = count_needing(vault, job.kind, scope, job.started_ms).await?;
@@ -372,6 +442,7 @@ async fn run<S: Store>(
                     tracing::info!(job = %job.id, left, "rewrap: another pass");
                     job.pass += 1;
                     job.cursor = None;
+                    next = prepare(vault, &job, scope, None).await?;
                     continue;
                 }
             }
@@ -391,37 +462,30 @@ async fn run<S: Store>(
             tx.send_replace(job.progress());
             return Ok(());
         };
-        let mut last = last.clone();
-        let mut batch = Batch::default();
-        let mut handled = 0u64;
-        let mut taken = 0;
-        for (key, raw) in &page {
-            if handle_record(vault, &job, scope, key, raw, &mut batch).await? {
-                handled += 1;
-            }
-            taken += 1;
-            // Re-keyed fields make big batches: end the batch early, the rest follows.
-            if batch.bytes() >= JOB_BATCH_BYTES {
-                last = key.clone();
-                break;
-            }
-        }
-        let page = &page[..taken];
+        let last = page
+            .last()
+            .map(|(k, _)| k.clone())
+            .expect("a prepared batch covers at least one record");
         job.cursor = Some(hex::encode(&last));
         job.done += handled;
         batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
-        match vault.store().commit(batch).await {
+        let (committed, following) = tokio::join!(
+            vault.store().commit(batch),
+            prepare(vault, &job, scope, Some(last))
+        );
+        match committed {
             Ok(()) => {}
             Err(StoreError::Conflict) => {
-                // A concurrent write touched a record of this page: redo it record by record.
+                // A concurrent write touched a record of this batch: redo it record by record.
                 job.done -= handled;
-                job.done += redo_page(vault, &job, scope, page).await?;
+                job.done += redo_page(vault, &job, scope, &page).await?;
                 let mut batch = Batch::default();
                 batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
                 vault.store().commit(batch).await?;
             }
             Err(e) => return Err(e.into()),
         }
+        next = following?;
         tx.send_replace(job.progress());
     }
 }
@@ -440,9 +504,11 @@ async fn redo_page<S: Store>(
                 break;
             };
             let mut batch = Batch::default();
-            if !handle_record(vault, job, scope, key, &raw, &mut batch).await? {
+            let mut keks = BTreeSet::new();
+            if !handle_record(vault, job, scope, key, &raw, &mut batch, &mut keks).await? {
                 break;
             }
+            expect_keks(&mut batch, &keks);
             match vault.store().commit(batch).await {
                 Ok(()) => {
                     handled += 1;
@@ -786,13 +852,21 @@ mod tests {
             .await
             .expect("scan");
         let mut batch = Batch::default();
+        let mut keks = BTreeSet::new();
         for (key, raw) in &page {
-            assert!(
-                handle_record(&vault, &job, Some(Category::Identity), key, raw, &mut batch)
-                    .await
-                    .expect("handle")
-            );
+            assert!(handle_record(
+                &vault,
+                &job,
+                Some(Category::Identity),
+                key,
+                raw,
+                &mut batch,
+                &mut keks
+            )
+            .await
+            .expect("handle"));
         }
+        expect_keks(&mut batch, &keks);
         // An update lands between reading the page and committing it.
         let mut ev = audit::Context::new("UpdateRecord");
         vault
