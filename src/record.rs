@@ -113,6 +113,22 @@ pub struct FieldEntry {
     pub index_tag: Vec<u8>,
 }
 
+/// Only the data keys of a record body (decoding skips the field entries).
+#[derive(Clone, PartialEq, Message)]
+struct DeksOnly {
+    #[prost(btree_map = "string, message", tag = "7")]
+    deks: BTreeMap<String, StoredDek>,
+}
+
+/// The wrapped DEKs a stored header names, without checking its MAC: for counting which KEK
+/// versions records need (a job still opens and checks every header it changes).
+pub fn peek_deks(stored: &[u8]) -> Result<BTreeMap<String, StoredDek>, HeaderError> {
+    let stored = StoredRecord::decode(stored).map_err(|_| HeaderError)?;
+    DeksOnly::decode(stored.body.as_slice())
+        .map(|d| d.deks)
+        .map_err(|_| HeaderError)
+}
+
 /// A header that could not be read back.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("record header failed its integrity check")]
