@@ -683,7 +683,19 @@ impl<S: Store> Jobs<S> {
                         stored.error = Some(text.clone());
                         let mut batch = Batch::default();
                         batch.put(Keyspace::Meta, META_JOB.to_vec(), stored.encode());
-                        let _ = vault.store().commit(batch).await;
+                        if vault.auditing() {
+                            let mut draft = audit::Draft::new(
+                                stored.kind.finished_action(),
+                                JOB_PRINCIPAL,
+                                SYSTEM_ROLE,
+                            );
+                            draft.field_names = stored.category.iter().cloned().collect();
+                            draft.outcome = audit::Outcome::Error.as_str().into();
+                            batch.append_event(draft.encode());
+                        }
+                        if let Err(e) = vault.store().commit(batch).await {
+                            tracing::error!(job = %id, error = %e, "the key job's failure could not be recorded");
+                        }
                     }
                 }
                 tx.send_modify(|p| p.error = Some(text));

@@ -880,3 +880,95 @@ async fn kill_9_in_the_middle_of_a_rewrap_resumes_and_finishes() {
         r.await.expect("reader");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_meets_a_damaged_record_stops_names_it_and_resumes_once_repaired() {
+    let mut v = spawn_vault().await;
+    let ids = create_records(&v, 6).await;
+    let mut k = keys(&v, "security_officer").await;
+    k.rotate_key(RotateKeyRequest {
+        category: "identity".into(),
+    })
+    .await
+    .expect("rotate");
+    v.stop().await;
+    // Flip the last byte of one identity record's header (its MAC), offline.
+    let damaged = uuid::Uuid::parse_str(&ids[2]).expect("uuid");
+    let original = {
+        let store = kluis::store::SledStore::open(&data_dir(&v.dir)).expect("open");
+        let raw = store
+            .get(Keyspace::Records, damaged.as_bytes())
+            .await
+            .expect("get")
+            .expect("record");
+        let mut bad = raw.clone();
+        *bad.last_mut().expect("non-empty") ^= 1;
+        let mut batch = kluis::store::Batch::default();
+        batch.put(Keyspace::Records, damaged.as_bytes().to_vec(), bad);
+        store.commit(batch).await.expect("commit");
+        raw
+    };
+    v.start().await.expect("start");
+    let mut k = keys(&v, "security_officer").await;
+    let mut stream = k
+        .rewrap(RewrapRequest {
+            category: "identity".into(),
+        })
+        .await
+        .expect("job starts")
+        .into_inner();
+    let error = loop {
+        match stream.message().await {
+            Ok(Some(p)) => assert!(!p.finished, "finished over a damaged record"),
+            Ok(None) => panic!("stream ended without an error"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(error.code(), Code::Aborted, "{}", error.message());
+    assert!(error.message().contains(&ids[2]), "{}", error.message());
+    assert!(
+        error.message().contains("record header"),
+        "{}",
+        error.message()
+    );
+
+    // Repair (restore the header, offline), then Rewrap resumes the same job and finishes.
+    v.stop().await;
+    {
+        let store = kluis::store::SledStore::open(&data_dir(&v.dir)).expect("open");
+        let mut batch = kluis::store::Batch::default();
+        batch.put(Keyspace::Records, damaged.as_bytes().to_vec(), original);
+        store.commit(batch).await.expect("commit");
+    }
+    v.start().await.expect("start");
+    let mut k = keys(&v, "security_officer").await;
+    let progress = drain(
+        k.rewrap(RewrapRequest {
+            category: "identity".into(),
+        })
+        .await,
+    )
+    .await;
+    let last = progress.last().expect("message");
+    assert_eq!((last.done, last.total, last.finished), (3, 3, true));
+    assert_eq!(versions(&status(&mut k).await, "identity").1[&1].1, 0);
+    read_all(&v, &ids).await;
+    let mut auditor =
+        AuditClient::with_interceptor(v.channel().await, bearer(&v.tokens["auditor"]));
+    let events = auditor
+        .query_events(QueryEventsRequest {
+            principal: "system:key-job".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner()
+        .events;
+    let outcomes: Vec<_> = events
+        .iter()
+        .filter(|e| e.action == "RewrapFinished")
+        .map(|e| e.outcome.as_str())
+        .collect();
+    assert_eq!(outcomes, vec!["error", "ok"]);
+}
