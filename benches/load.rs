@@ -129,6 +129,34 @@ impl Records for Noop {
     ) -> Result<Response<ListRecordsResponse>, Status> {
         Err(Status::unimplemented("no-op benchmark service"))
     }
+
+    async fn set_lifecycle(
+        &self,
+        _: Request<kluis::proto::SetLifecycleRequest>,
+    ) -> Result<Response<kluis::proto::RecordMeta>, Status> {
+        Err(Status::unimplemented("no-op benchmark service"))
+    }
+
+    async fn set_consent(
+        &self,
+        _: Request<kluis::proto::SetConsentRequest>,
+    ) -> Result<Response<kluis::proto::RecordMeta>, Status> {
+        Err(Status::unimplemented("no-op benchmark service"))
+    }
+
+    async fn set_restriction(
+        &self,
+        _: Request<kluis::proto::SetRestrictionRequest>,
+    ) -> Result<Response<kluis::proto::RecordMeta>, Status> {
+        Err(Status::unimplemented("no-op benchmark service"))
+    }
+
+    async fn set_legal_hold(
+        &self,
+        _: Request<kluis::proto::SetLegalHoldRequest>,
+    ) -> Result<Response<kluis::proto::RecordMeta>, Status> {
+        Err(Status::unimplemented("no-op benchmark service"))
+    }
 }
 
 struct NoopServer {

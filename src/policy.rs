@@ -42,6 +42,34 @@ pub struct Role {
     pub audit: BTreeSet<AuditRight>,
     /// What it may do with the keys.
     pub keys: BTreeSet<KeyRight>,
+    /// Which record-state operations it may call.
+    pub records: BTreeSet<RecordRight>,
+}
+
+/// A right over a record's processing state (service `Records`). None reads field values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordRight {
+    /// `SetLifecycle`.
+    SetLifecycle,
+    /// `SetConsent`.
+    SetConsent,
+    /// `SetRestriction`.
+    SetRestriction,
+    /// `SetLegalHold`.
+    SetLegalHold,
+}
+
+impl RecordRight {
+    /// The right's name in the policy file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordRight::SetLifecycle => "set_lifecycle",
+            RecordRight::SetConsent => "set_consent",
+            RecordRight::SetRestriction => "set_restriction",
+            RecordRight::SetLegalHold => "set_legal_hold",
+        }
+    }
 }
 
 /// A right over the key hierarchy (service `Keys`). None of them reads record data.
@@ -118,6 +146,10 @@ pub struct Purpose {
     /// The GDPR Art. 6 basis: consent, contract, legal_obligation, vital_interest,
     /// public_task or legitimate_interest.
     pub legal_basis: LegalBasis,
+    /// Whether a record may be processed for this purpose only with its subject's consent
+    /// (`SetConsent`).
+    #[serde(default)]
+    pub requires_consent: bool,
 }
 
 /// GDPR Art. 6(1) legal bases.
@@ -182,6 +214,8 @@ struct RoleFile {
     audit: Vec<AuditRight>,
     #[serde(default)]
     keys: Vec<KeyRight>,
+    #[serde(default)]
+    records: Vec<RecordRight>,
 }
 
 /// A principal entry as written in the policy file.
@@ -231,6 +265,7 @@ impl Policy {
                 purposes: r.purposes.into_iter().collect(),
                 audit: r.audit.into_iter().collect(),
                 keys: r.keys.into_iter().collect(),
+                records: r.records.into_iter().collect(),
                 name: name.clone(),
             };
             roles.insert(name, Arc::new(role));

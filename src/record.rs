@@ -71,6 +71,35 @@ pub struct RecordBody {
     /// Field name → where and what its ciphertext is.
     #[prost(btree_map = "string, message", tag = "8")]
     pub fields: BTreeMap<String, FieldEntry>,
+    /// ISO date the lifecycle stage began (empty: the creation date).
+    #[prost(string, tag = "9")]
+    pub lifecycle_date: String,
+    /// Restricted (Art. 18): only stored.
+    #[prost(bool, tag = "10")]
+    pub restricted: bool,
+    /// Why it is restricted (free text of the privacy officer; no field values).
+    #[prost(string, tag = "11")]
+    pub restriction_reason: String,
+    /// Under legal hold: not erasable.
+    #[prost(bool, tag = "12")]
+    pub legal_hold: bool,
+    /// Why it is held.
+    #[prost(string, tag = "13")]
+    pub legal_hold_reason: String,
+    /// Purpose → consent (or objection) state.
+    #[prost(btree_map = "string, message", tag = "14")]
+    pub consents: BTreeMap<String, ConsentEntry>,
+}
+
+/// Consent for a purpose (for a legitimate-interest purpose, `granted = false` is an objection).
+#[derive(Clone, PartialEq, Message)]
+pub struct ConsentEntry {
+    /// Given (true) or withdrawn / objected (false).
+    #[prost(bool, tag = "1")]
+    pub granted: bool,
+    /// When it last changed, Unix milliseconds.
+    #[prost(int64, tag = "2")]
+    pub changed_ms: i64,
 }
 
 /// A wrapped DEK.
@@ -291,6 +320,18 @@ mod tests {
                     digest: vec![1; 32],
                     content_type: String::new(),
                     index_tag: vec![2; 32],
+                },
+            )]),
+            lifecycle_date: "2026-01-05".into(),
+            restricted: true,
+            restriction_reason: "contested".into(),
+            legal_hold: true,
+            legal_hold_reason: "case".into(),
+            consents: BTreeMap::from([(
+                "talent_pool".to_string(),
+                ConsentEntry {
+                    granted: true,
+                    changed_ms: 3,
                 },
             )]),
         }

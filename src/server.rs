@@ -115,7 +115,8 @@ impl Running {
 pub async fn open_vault(settings: &Settings) -> Result<Arc<Vault<SledStore>>, ServerError> {
     let store = SledStore::open_with(&settings.data_dir, settings.durability)?;
     let keys = KeyRing::open(&store, &settings.master_key).await?;
-    let vault = Vault::new(store, Arc::new(settings.schema.clone()), Arc::new(keys));
+    let vault = Vault::new(store, Arc::new(settings.schema.clone()), Arc::new(keys))
+        .with_policy(Arc::new(settings.policy.clone()));
     Ok(Arc::new(if settings.audit.enabled {
         vault
     } else {

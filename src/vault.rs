@@ -16,7 +16,7 @@ use crate::audit;
 use crate::crypto::{self, SealingKey, SecretKey};
 use crate::error::{printable_name, VaultError};
 use crate::keys::KeyRing;
-use crate::policy::Caller;
+use crate::policy::{Caller, LegalBasis, Policy, RecordRight};
 use crate::record::{self, FieldEntry, RecordBody, StoredDek, RECORD_FORMAT};
 use crate::schema::{Category, FieldDef, Parsed, RawValue, Schema, ValueError};
 use crate::store::{Batch, Expect, Keyspace, Store, StoreError};
@@ -71,8 +71,67 @@ pub struct RecordMeta {
     pub updated_ms: i64,
     /// Lifecycle state.
     pub lifecycle: String,
+    /// ISO date the lifecycle stage began (empty: the creation date).
+    pub lifecycle_date: String,
+    /// Restricted (Art. 18).
+    pub restricted: bool,
+    /// Under legal hold.
+    pub legal_hold: bool,
+    /// Purpose → (granted, changed ms).
+    pub consents: Vec<(String, bool, i64)>,
     /// Categories holding data.
     pub categories: Vec<String>,
+}
+
+/// A change of a record's processing state ([`Vault::set_state`]).
+#[derive(Debug, Clone)]
+pub enum StateChange {
+    /// New lifecycle stage and the ISO date it began.
+    Lifecycle {
+        /// `applicant`, `procedure_closed`, `employed` or `ended`.
+        stage: String,
+        /// ISO date.
+        date: String,
+    },
+    /// Consent given or withdrawn (objection, for a legitimate-interest purpose).
+    Consent {
+        /// The purpose.
+        purpose: String,
+        /// Given?
+        granted: bool,
+    },
+    /// Restriction set or lifted.
+    Restriction {
+        /// Restricted?
+        restricted: bool,
+        /// Why.
+        reason: String,
+    },
+    /// Legal hold set or lifted.
+    LegalHold {
+        /// Held?
+        hold: bool,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The lifecycle stages.
+pub const LIFECYCLE_STAGES: [&str; 4] = ["applicant", "procedure_closed", "employed", "ended"];
+/// Longest reason for a restriction or legal hold.
+pub const MAX_REASON_CHARS: usize = 500;
+/// The purpose under which data-subject requests run (never blocked by restriction).
+pub const PURPOSE_DSR: &str = "data_subject_request";
+
+impl StateChange {
+    fn right(&self) -> RecordRight {
+        match self {
+            StateChange::Lifecycle { .. } => RecordRight::SetLifecycle,
+            StateChange::Consent { .. } => RecordRight::SetConsent,
+            StateChange::Restriction { .. } => RecordRight::SetRestriction,
+            StateChange::LegalHold { .. } => RecordRight::SetLegalHold,
+        }
+    }
 }
 
 /// What a read returns.
@@ -114,6 +173,7 @@ pub struct Vault<S> {
     schema: Arc<Schema>,
     keys: Arc<KeyRing>,
     auditing: bool,
+    policy: Arc<Policy>,
 }
 
 impl<S: Store> Vault<S> {
@@ -124,7 +184,14 @@ impl<S: Store> Vault<S> {
             schema,
             keys,
             auditing: true,
+            policy: Arc::new(Policy::default_policy()),
         }
+    }
+
+    /// Uses `policy`'s purposes (consent, legal basis) instead of the default policy's.
+    pub fn with_policy(mut self, policy: Arc<Policy>) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Turns audit events off. Only for measuring what auditing costs (the load benchmark):
@@ -191,6 +258,15 @@ impl<S: Store> Vault<S> {
         event: &mut audit::Context,
     ) -> Result<(Uuid, u64), VaultError> {
         check_purpose(caller, purpose)?;
+        if self
+            .policy
+            .purpose(purpose)
+            .is_some_and(|p| p.requires_consent)
+        {
+            return Err(VaultError::FailedPrecondition(format!(
+                "purpose `{purpose}` requires the data subject's consent, which a new record cannot have: create it under another purpose, then record consent with SetConsent"
+            )));
+        }
         if fields.is_empty() {
             return Err(VaultError::invalid(
                 "fields",
@@ -210,6 +286,7 @@ impl<S: Store> Vault<S> {
             lifecycle: LIFECYCLE_APPLICANT.into(),
             deks: BTreeMap::new(),
             fields: BTreeMap::new(),
+            ..RecordBody::default()
         };
         let mut batch = Batch::default();
         let mut sealers = BTreeMap::new();
@@ -253,6 +330,7 @@ impl<S: Store> Vault<S> {
         loop {
             attempt += 1;
             let (raw, body) = self.load(id).await?;
+            self.check_processing(id, &body, purpose)?;
             match self.read_fields(caller, idb, &body, &wanted).await {
                 Ok(fields) => {
                     let withheld = body
@@ -323,6 +401,7 @@ impl<S: Store> Vault<S> {
         let idb = id.as_bytes().to_vec();
         for _ in 0..MAX_RETRIES {
             let (raw, mut body) = self.load(id).await?;
+            self.check_processing(id, &body, purpose)?;
             if expected_revision != 0 && body.revision != expected_revision {
                 return Err(VaultError::StaleRevision {
                     record_id: id.to_string(),
@@ -405,10 +484,200 @@ impl<S: Store> Vault<S> {
             .store
             .scan(Keyspace::Index, &prefix, None, MAX_FIND_RESULTS)
             .await?;
-        Ok(hits
-            .into_iter()
-            .filter_map(|(k, _)| Uuid::from_slice(&k[prefix.len()..]).ok())
-            .collect())
+        let mut out = Vec::with_capacity(hits.len());
+        for (k, _) in hits {
+            let Ok(id) = Uuid::from_slice(&k[prefix.len()..]) else {
+                continue;
+            };
+            // Restricted records, and records this purpose may not be used for, are left out.
+            match self.load(id).await {
+                Ok((_, body)) if self.check_processing(id, &body, purpose).is_ok() => out.push(id),
+                Ok(_) | Err(VaultError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the record may be processed for `purpose`: not restricted (except for a
+    /// data-subject request), consent given where the purpose requires it, no objection to a
+    /// legitimate-interest purpose.
+    fn check_processing(
+        &self,
+        id: Uuid,
+        body: &RecordBody,
+        purpose: &str,
+    ) -> Result<(), VaultError> {
+        if body.restricted && purpose != PURPOSE_DSR {
+            return Err(VaultError::FailedPrecondition(format!(
+                "record {id} is restricted (GDPR Art. 18): it is only stored; processing is refused until the privacy officer lifts the restriction"
+            )));
+        }
+        let Some(p) = self.policy.purpose(purpose) else {
+            return Ok(());
+        };
+        let consent = body.consents.get(purpose).map(|c| c.granted);
+        if p.requires_consent && consent != Some(true) {
+            return Err(VaultError::FailedPrecondition(format!(
+                "record {id}: purpose `{purpose}` requires the data subject's consent, which is {}",
+                if consent == Some(false) {
+                    "withdrawn"
+                } else {
+                    "not recorded"
+                }
+            )));
+        }
+        if p.legal_basis == LegalBasis::LegitimateInterest && consent == Some(false) {
+            return Err(VaultError::FailedPrecondition(format!(
+                "record {id}: the data subject objected to purpose `{purpose}` (GDPR Art. 21)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Changes a record's processing state (lifecycle, consent, restriction, legal hold) and
+    /// returns its metadata. Bumps the revision; the event rides in the change's batch.
+    pub async fn set_state(
+        &self,
+        caller: &Caller,
+        record_id: &str,
+        change: StateChange,
+        event: &mut audit::Context,
+    ) -> Result<RecordMeta, VaultError> {
+        let id = parse_record_id(record_id)?;
+        let right = change.right();
+        if !caller.role.records.contains(&right) {
+            return Err(VaultError::PermissionDenied(format!(
+                "role `{}` may not call {} (policy right records = [\"{}\"] is not granted)",
+                caller.role.name,
+                match right {
+                    RecordRight::SetLifecycle => "SetLifecycle",
+                    RecordRight::SetConsent => "SetConsent",
+                    RecordRight::SetRestriction => "SetRestriction",
+                    RecordRight::SetLegalHold => "SetLegalHold",
+                },
+                right.as_str()
+            )));
+        }
+        match &change {
+            StateChange::Lifecycle { stage, date } => {
+                if !LIFECYCLE_STAGES.contains(&stage.as_str()) {
+                    return Err(VaultError::invalid(
+                        "stage",
+                        format!("must be one of {}", LIFECYCLE_STAGES.join(", ")),
+                    ));
+                }
+                if date.is_empty() {
+                    return Err(VaultError::invalid(
+                        "date",
+                        "is required (ISO date, YYYY-MM-DD)",
+                    ));
+                }
+                if chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").is_err() || date.len() != 10
+                {
+                    return Err(VaultError::invalid(
+                        "date",
+                        "must be an ISO date (YYYY-MM-DD)",
+                    ));
+                }
+            }
+            StateChange::Consent { purpose, .. } => {
+                if purpose.is_empty() {
+                    return Err(VaultError::invalid("purpose", "is required"));
+                }
+                let p = self.policy.purpose(purpose).ok_or_else(|| {
+                    VaultError::invalid(
+                        "purpose",
+                        format!("unknown purpose `{}`", printable_name(purpose)),
+                    )
+                })?;
+                if !(p.requires_consent
+                    || matches!(
+                        p.legal_basis,
+                        LegalBasis::Consent | LegalBasis::LegitimateInterest
+                    ))
+                {
+                    return Err(VaultError::invalid(
+                        "purpose",
+                        format!("purpose `{purpose}` rests on neither consent nor legitimate interest: there is no consent or objection to record"),
+                    ));
+                }
+            }
+            StateChange::Restriction {
+                restricted: on,
+                reason,
+            }
+            | StateChange::LegalHold { hold: on, reason } => {
+                if *on && reason.trim().is_empty() {
+                    return Err(VaultError::invalid("reason", "is required when setting it"));
+                }
+                if reason.chars().count() > MAX_REASON_CHARS {
+                    return Err(VaultError::invalid(
+                        "reason",
+                        format!("at most {MAX_REASON_CHARS} characters"),
+                    ));
+                }
+            }
+        }
+        event.draft.record_id = id.to_string();
+        let idb = id.as_bytes().to_vec();
+        for _ in 0..MAX_RETRIES {
+            let (raw, mut body) = self.load(id).await?;
+            let processing = match &change {
+                StateChange::Lifecycle { .. } => true,
+                StateChange::Consent { granted, .. } => *granted,
+                _ => false,
+            };
+            if processing && body.restricted {
+                return Err(VaultError::FailedPrecondition(format!(
+                    "record {id} is restricted (GDPR Art. 18): it is only stored; processing is refused until the privacy officer lifts the restriction"
+                )));
+            }
+            let now = now_ms().max(body.updated_ms);
+            match &change {
+                StateChange::Lifecycle { stage, date } => {
+                    body.lifecycle = stage.clone();
+                    body.lifecycle_date = date.clone();
+                }
+                StateChange::Consent { purpose, granted } => {
+                    body.consents.insert(
+                        purpose.clone(),
+                        record::ConsentEntry {
+                            granted: *granted,
+                            changed_ms: now,
+                        },
+                    );
+                }
+                StateChange::Restriction { restricted, reason } => {
+                    body.restricted = *restricted;
+                    body.restriction_reason = if *restricted {
+                        reason.clone()
+                    } else {
+                        String::new()
+                    };
+                }
+                StateChange::LegalHold { hold, reason } => {
+                    body.legal_hold = *hold;
+                    body.legal_hold_reason = if *hold { reason.clone() } else { String::new() };
+                }
+            }
+            body.revision += 1;
+            body.updated_ms = now;
+            let mut batch = Batch::default();
+            let (kv, key) = self.keys.integrity_key();
+            batch.expect(Keyspace::Records, idb.clone(), Expect::Value(raw));
+            batch.put(Keyspace::Records, idb.clone(), body.seal(kv, key));
+            self.attach_event(&mut batch, event);
+            match self.store.commit(batch).await {
+                Ok(()) => {
+                    event.written = self.auditing;
+                    return Ok(meta_of(id, &body));
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(VaultError::Unavailable(StoreError::Conflict))
     }
 
     /// Lists record metadata in id order. Any role that may read some category may list.
@@ -832,6 +1101,14 @@ fn meta_of(id: Uuid, body: &RecordBody) -> RecordMeta {
         created_ms: body.created_ms,
         updated_ms: body.updated_ms,
         lifecycle: body.lifecycle.clone(),
+        lifecycle_date: body.lifecycle_date.clone(),
+        restricted: body.restricted,
+        legal_hold: body.legal_hold,
+        consents: body
+            .consents
+            .iter()
+            .map(|(p, c)| (p.clone(), c.granted, c.changed_ms))
+            .collect(),
         categories: body.deks.keys().cloned().collect(),
     }
 }

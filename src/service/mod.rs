@@ -17,7 +17,7 @@ use crate::audit;
 use crate::policy::{Caller, Policy};
 use crate::proto::{self, field_value::Kind};
 use crate::store::Store;
-use crate::vault::{Change, Value, Vault};
+use crate::vault::{Change, StateChange, Value, Vault};
 
 pub use log::RequestLog;
 
@@ -191,7 +191,23 @@ pub fn meta_to_proto(meta: crate::vault::RecordMeta) -> proto::RecordMeta {
         revision: meta.revision,
         created_at: timestamp(meta.created_ms),
         updated_at: timestamp(meta.updated_ms),
+        lifecycle_stage: meta.lifecycle.clone(),
         lifecycle: meta.lifecycle,
+        lifecycle_date: meta.lifecycle_date,
+        restricted: meta.restricted,
+        legal_hold: meta.legal_hold,
+        consents: meta
+            .consents
+            .into_iter()
+            .map(|(purpose, granted, changed_ms)| proto::Consent {
+                purpose,
+                granted,
+                changed: Some(prost_types::Timestamp {
+                    seconds: changed_ms.div_euclid(1000),
+                    nanos: (changed_ms.rem_euclid(1000) * 1_000_000) as i32,
+                }),
+            })
+            .collect(),
         categories: meta.categories,
     }
 }
@@ -412,6 +428,93 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
                 records: page.records.into_iter().map(meta_to_proto).collect(),
                 next_page_token: page.next_page_token.unwrap_or_default(),
             });
+        self.finish(log, ev, result).await
+    }
+
+    #[instrument(skip_all)]
+    async fn set_lifecycle(
+        &self,
+        request: Request<proto::SetLifecycleRequest>,
+    ) -> Result<Response<proto::RecordMeta>, Status> {
+        let (log, ev, caller) = self.auth.begin("SetLifecycle", &request);
+        let req = request.into_inner();
+        let change = StateChange::Lifecycle {
+            stage: req.stage,
+            date: req.date,
+        };
+        self.set_state(log, ev, caller, &req.record_id, change)
+            .await
+    }
+
+    #[instrument(skip_all)]
+    async fn set_consent(
+        &self,
+        request: Request<proto::SetConsentRequest>,
+    ) -> Result<Response<proto::RecordMeta>, Status> {
+        let (log, mut ev, caller) = self.auth.begin("SetConsent", &request);
+        let req = request.into_inner();
+        ev.draft.purpose = self.purpose_name(&req.purpose);
+        let change = StateChange::Consent {
+            purpose: req.purpose,
+            granted: req.granted,
+        };
+        self.set_state(log, ev, caller, &req.record_id, change)
+            .await
+    }
+
+    #[instrument(skip_all)]
+    async fn set_restriction(
+        &self,
+        request: Request<proto::SetRestrictionRequest>,
+    ) -> Result<Response<proto::RecordMeta>, Status> {
+        let (log, ev, caller) = self.auth.begin("SetRestriction", &request);
+        let req = request.into_inner();
+        let change = StateChange::Restriction {
+            restricted: req.restricted,
+            reason: req.reason,
+        };
+        self.set_state(log, ev, caller, &req.record_id, change)
+            .await
+    }
+
+    #[instrument(skip_all)]
+    async fn set_legal_hold(
+        &self,
+        request: Request<proto::SetLegalHoldRequest>,
+    ) -> Result<Response<proto::RecordMeta>, Status> {
+        let (log, ev, caller) = self.auth.begin("SetLegalHold", &request);
+        let req = request.into_inner();
+        let change = StateChange::LegalHold {
+            hold: req.hold,
+            reason: req.reason,
+        };
+        self.set_state(log, ev, caller, &req.record_id, change)
+            .await
+    }
+}
+
+impl<S: Store> RecordsService<S> {
+    /// The shared body of the record-state RPCs.
+    async fn set_state(
+        &self,
+        mut log: RequestLog,
+        mut ev: audit::Context,
+        caller: Result<Caller, Status>,
+        record_id: &str,
+        change: StateChange,
+    ) -> Result<Response<proto::RecordMeta>, Status> {
+        let caller = match caller {
+            Ok(c) => c,
+            Err(e) => return self.finish(log, ev, Err(e)).await,
+        };
+        ev.draft.record_id = event_record_id(record_id);
+        log.record(record_id);
+        let result = self
+            .vault
+            .set_state(&caller, record_id, change, &mut ev)
+            .await
+            .map(meta_to_proto)
+            .map_err(status::from_vault);
         self.finish(log, ev, result).await
     }
 }

@@ -824,18 +824,29 @@ async fn kill_9_in_the_middle_of_a_rewrap_resumes_and_finishes() {
         .await
         .expect("rewrap starts")
         .into_inner();
-    let mut seen = 0;
-    while let Some(p) = stream.message().await.expect("progress") {
-        assert_eq!(p.total, total);
-        if p.done > 0 {
-            assert!(!p.finished, "the job finished before it could be killed");
-            seen = p.done;
-            break;
-        }
-    }
+    // Kill as soon as the job has started (its state is stored before the first message).
+    let first = stream
+        .message()
+        .await
+        .expect("progress")
+        .expect("a first message");
+    assert_eq!(first.total, total);
+    assert!(!first.finished);
     process.child.kill().expect("SIGKILL");
     process.child.wait().expect("reaped");
-    assert!(seen > 0 && seen < total, "killed mid-job at {seen}/{total}");
+    // The stored job (after log replay) is unfinished: the kill hit it mid-way.
+    {
+        let store = kluis::store::SledStore::open(&dir.path().join("data")).expect("open");
+        let job = kluis::rotation::stored_job(&store)
+            .await
+            .expect("read job")
+            .expect("a stored job");
+        assert!(
+            job.finished_ms.is_none(),
+            "killed before it finished: {job:?}"
+        );
+        assert!(job.done < total);
+    }
 
     let process = start_dev(dir.path(), "run2.log");
     let mut k = keys_at(&process.addr, &tokens["security_officer"]).await;

@@ -10,6 +10,7 @@ mod durability;
 mod keys;
 mod keys_cli;
 mod policy_matrix;
+mod privacy;
 mod records;
 mod tamper;
 mod tls;

@@ -284,6 +284,18 @@ async fn get_without_names_returns_exactly_the_readable_fields_and_withholds_the
 async fn purposes_are_checked_per_role() {
     let vault = spawn_vault().await;
     let id = full_record(&vault).await;
+    // talent_pool rests on consent (tests/it/privacy.rs): give it, so that only the role and
+    // purpose decide here.
+    vault
+        .client("recruiter")
+        .await
+        .set_consent(kluis::proto::SetConsentRequest {
+            record_id: id.clone(),
+            purpose: "talent_pool".into(),
+            granted: true,
+        })
+        .await
+        .expect("consent");
     for (role, allowed) in PURPOSES {
         let mut client = vault.client(role).await;
         for purpose in ALL_PURPOSES {

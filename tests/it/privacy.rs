@@ -1,0 +1,471 @@
+//! Record processing state through real gRPC (issue 5, first part): lifecycle, consent and
+//! objection per purpose, restriction (Art. 18) and legal hold, with their rights and events.
+
+use kluis::proto::audit_client::AuditClient;
+use kluis::proto::{
+    CreateRecordRequest, FindRecordsRequest, GetRecordRequest, ListRecordsRequest,
+    QueryEventsRequest, SetConsentRequest, SetLegalHoldRequest, SetLifecycleRequest,
+    SetRestrictionRequest, UpdateRecordRequest,
+};
+use tonic::Code;
+
+use crate::helpers::*;
+
+async fn applicant(v: &TestVault, email: &str) -> String {
+    v.client("recruiter")
+        .await
+        .create_record(CreateRecordRequest {
+            purpose: "recruitment".into(),
+            fields: fields(&[("full_name", text("Anna de Vries")), ("email", text(email))]),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .record_id
+}
+
+fn get(id: &str, purpose: &str) -> GetRecordRequest {
+    GetRecordRequest {
+        record_id: id.into(),
+        purpose: purpose.into(),
+        field_names: vec![],
+    }
+}
+
+fn find(purpose: &str, email: &str) -> FindRecordsRequest {
+    FindRecordsRequest {
+        purpose: purpose.into(),
+        field_name: "email".into(),
+        value: email.into(),
+    }
+}
+
+fn consent(id: &str, purpose: &str, granted: bool) -> SetConsentRequest {
+    SetConsentRequest {
+        record_id: id.into(),
+        purpose: purpose.into(),
+        granted,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_stages_with_dates_rights_and_validation() {
+    let v = spawn_vault().await;
+    let id = applicant(&v, "anna@example.nl").await;
+    let mut recruiter = v.client("recruiter").await;
+    let meta = recruiter
+        .set_lifecycle(SetLifecycleRequest {
+            record_id: id.clone(),
+            stage: "employed".into(),
+            date: "2026-01-05".into(),
+        })
+        .await
+        .expect("recruiter sets the stage")
+        .into_inner();
+    assert_eq!(
+        (
+            meta.lifecycle_stage.as_str(),
+            meta.lifecycle.as_str(),
+            meta.lifecycle_date.as_str(),
+            meta.revision
+        ),
+        ("employed", "employed", "2026-01-05", 2)
+    );
+    let mut payroll = v.client("payroll").await;
+    let meta = payroll
+        .set_lifecycle(SetLifecycleRequest {
+            record_id: id.clone(),
+            stage: "ended".into(),
+            date: "2026-10-31".into(),
+        })
+        .await
+        .expect("payroll sets the stage")
+        .into_inner();
+    assert_eq!(meta.lifecycle_stage, "ended");
+    for role in ["absence", "privacy_officer", "security_officer", "auditor"] {
+        assert_status(
+            v.client(role)
+                .await
+                .set_lifecycle(SetLifecycleRequest {
+                    record_id: id.clone(),
+                    stage: "employed".into(),
+                    date: "2026-01-05".into(),
+                })
+                .await,
+            Code::PermissionDenied,
+            &["SetLifecycle", "set_lifecycle"],
+        );
+    }
+    let bad = |stage: &str, date: &str, record: &str| SetLifecycleRequest {
+        record_id: record.into(),
+        stage: stage.into(),
+        date: date.into(),
+    };
+    assert_status(
+        recruiter
+            .set_lifecycle(bad("hired", "2026-01-05", &id))
+            .await,
+        Code::InvalidArgument,
+        &["stage", "applicant, procedure_closed, employed, ended"],
+    );
+    for date in ["", "2026-13-01", "5 Jan 2026", "2026-1-5"] {
+        assert_status(
+            recruiter.set_lifecycle(bad("employed", date, &id)).await,
+            Code::InvalidArgument,
+            &["date"],
+        );
+    }
+    assert_status(
+        recruiter
+            .set_lifecycle(bad("employed", "2026-01-05", "123"))
+            .await,
+        Code::InvalidArgument,
+        &["record_id"],
+    );
+    assert_status(
+        recruiter
+            .set_lifecycle(bad(
+                "employed",
+                "2026-01-05",
+                "00000000-0000-4000-8000-000000000000",
+            ))
+            .await,
+        Code::NotFound,
+        &[],
+    );
+    // Nothing above changed the record.
+    let listed = recruiter
+        .list_records(ListRecordsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .records;
+    assert_eq!(listed[0].lifecycle_stage, "ended");
+    assert_eq!(listed[0].revision, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_gates_talent_pool_and_an_objection_stops_personal_offers() {
+    let v = spawn_vault().await;
+    let id = applicant(&v, "bram@example.nl").await;
+    let mut recruiter = v.client("recruiter").await;
+    // A consent-based purpose cannot create or read without consent.
+    assert_status(
+        recruiter
+            .create_record(CreateRecordRequest {
+                purpose: "talent_pool".into(),
+                fields: fields(&[("full_name", text("X"))]),
+            })
+            .await,
+        Code::FailedPrecondition,
+        &["talent_pool", "consent"],
+    );
+    assert_status(
+        recruiter.get_record(get(&id, "talent_pool")).await,
+        Code::FailedPrecondition,
+        &["consent", "not recorded"],
+    );
+    let found = recruiter
+        .find_records(find("talent_pool", "bram@example.nl"))
+        .await
+        .expect("find")
+        .into_inner();
+    assert!(found.record_ids.is_empty());
+
+    let meta = recruiter
+        .set_consent(consent(&id, "talent_pool", true))
+        .await
+        .expect("consent given")
+        .into_inner();
+    let c = &meta.consents[0];
+    assert_eq!((c.purpose.as_str(), c.granted), ("talent_pool", true));
+    assert!(c.changed.is_some());
+    recruiter
+        .get_record(get(&id, "talent_pool"))
+        .await
+        .expect("talent pool read with consent");
+    assert_eq!(
+        recruiter
+            .find_records(find("talent_pool", "bram@example.nl"))
+            .await
+            .expect("find")
+            .into_inner()
+            .record_ids,
+        vec![id.clone()]
+    );
+    // Withdrawal (here by the privacy officer) takes effect at once.
+    v.client("privacy_officer")
+        .await
+        .set_consent(consent(&id, "talent_pool", false))
+        .await
+        .expect("withdrawn");
+    assert_status(
+        recruiter.get_record(get(&id, "talent_pool")).await,
+        Code::FailedPrecondition,
+        &["withdrawn"],
+    );
+    recruiter
+        .get_record(get(&id, "recruitment"))
+        .await
+        .expect("recruitment does not rest on consent");
+
+    // Objection to a legitimate-interest purpose.
+    recruiter
+        .get_record(get(&id, "personal_offers"))
+        .await
+        .expect("allowed before the objection");
+    recruiter
+        .set_consent(consent(&id, "personal_offers", false))
+        .await
+        .expect("objection recorded");
+    assert_status(
+        recruiter.get_record(get(&id, "personal_offers")).await,
+        Code::FailedPrecondition,
+        &["objected", "personal_offers"],
+    );
+    assert_status(
+        recruiter
+            .update_record(UpdateRecordRequest {
+                record_id: id.clone(),
+                purpose: "personal_offers".into(),
+                expected_revision: 0,
+                set: fields(&[("full_name", text("Y"))]),
+                clear: vec![],
+            })
+            .await,
+        Code::FailedPrecondition,
+        &["objected"],
+    );
+
+    // Purposes without consent or objection, unknown purposes, other roles.
+    assert_status(
+        recruiter
+            .set_consent(consent(&id, "recruitment", true))
+            .await,
+        Code::InvalidArgument,
+        &["purpose", "neither consent nor legitimate interest"],
+    );
+    assert_status(
+        recruiter.set_consent(consent(&id, "marketing", true)).await,
+        Code::InvalidArgument,
+        &["purpose", "unknown"],
+    );
+    assert_status(
+        v.client("payroll")
+            .await
+            .set_consent(consent(&id, "talent_pool", true))
+            .await,
+        Code::PermissionDenied,
+        &["set_consent"],
+    );
+
+    // Each change is an event with the record and the purpose.
+    let events = AuditClient::with_interceptor(v.channel().await, bearer(&v.tokens["auditor"]))
+        .query_events(QueryEventsRequest {
+            record_id: id.clone(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner()
+        .events;
+    let consents: Vec<_> = events
+        .iter()
+        .filter(|e| e.action == "SetConsent")
+        .map(|e| (e.principal.as_str(), e.purpose.as_str(), e.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        consents,
+        vec![
+            ("test-recruiter", "talent_pool", "ok"),
+            ("test-privacy_officer", "talent_pool", "ok"),
+            ("test-recruiter", "personal_offers", "ok"),
+            ("test-recruiter", "recruitment", "invalid"),
+            ("test-recruiter", "<unknown>", "invalid"),
+            ("test-payroll", "talent_pool", "denied"),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restricted_record_is_only_stored_until_the_restriction_is_lifted() {
+    let v = spawn_vault().await;
+    let id = applicant(&v, "cas@example.nl").await;
+    let mut po = v.client("privacy_officer").await;
+    let mut recruiter = v.client("recruiter").await;
+    assert_status(
+        po.set_restriction(SetRestrictionRequest {
+            record_id: id.clone(),
+            restricted: true,
+            reason: "  ".into(),
+        })
+        .await,
+        Code::InvalidArgument,
+        &["reason", "required"],
+    );
+    assert_status(
+        recruiter
+            .set_restriction(SetRestrictionRequest {
+                record_id: id.clone(),
+                restricted: true,
+                reason: "x".into(),
+            })
+            .await,
+        Code::PermissionDenied,
+        &["set_restriction"],
+    );
+    let meta = po
+        .set_restriction(SetRestrictionRequest {
+            record_id: id.clone(),
+            restricted: true,
+            reason: "accuracy contested (Art. 18(1)(a))".into(),
+        })
+        .await
+        .expect("restrict")
+        .into_inner();
+    assert!(meta.restricted);
+
+    assert_status(
+        recruiter.get_record(get(&id, "recruitment")).await,
+        Code::FailedPrecondition,
+        &["restricted", &id],
+    );
+    assert_status(
+        recruiter
+            .update_record(UpdateRecordRequest {
+                record_id: id.clone(),
+                purpose: "recruitment".into(),
+                expected_revision: 0,
+                set: fields(&[("full_name", text("Z"))]),
+                clear: vec![],
+            })
+            .await,
+        Code::FailedPrecondition,
+        &["restricted"],
+    );
+    assert_status(
+        recruiter
+            .set_lifecycle(SetLifecycleRequest {
+                record_id: id.clone(),
+                stage: "procedure_closed".into(),
+                date: "2026-11-01".into(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        &["restricted"],
+    );
+    assert!(recruiter
+        .find_records(find("recruitment", "cas@example.nl"))
+        .await
+        .expect("find")
+        .into_inner()
+        .record_ids
+        .is_empty());
+    let listed = recruiter
+        .list_records(ListRecordsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .records;
+    assert!(listed[0].restricted, "listing shows the state, not data");
+    // The privacy officer can still read it for the data subject.
+    po.get_record(get(&id, "data_subject_request"))
+        .await
+        .expect("data subject request");
+
+    po.set_restriction(SetRestrictionRequest {
+        record_id: id.clone(),
+        restricted: false,
+        reason: String::new(),
+    })
+    .await
+    .expect("lift");
+    recruiter
+        .get_record(get(&id, "recruitment"))
+        .await
+        .expect("processing again");
+    assert_eq!(
+        recruiter
+            .find_records(find("recruitment", "cas@example.nl"))
+            .await
+            .expect("find")
+            .into_inner()
+            .record_ids,
+        vec![id.clone()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legal_hold_is_set_and_lifted_by_the_privacy_officer_only() {
+    let mut v = spawn_vault().await;
+    let id = applicant(&v, "dirk@example.nl").await;
+    let mut po = v.client("privacy_officer").await;
+    assert_status(
+        po.set_legal_hold(SetLegalHoldRequest {
+            record_id: id.clone(),
+            hold: true,
+            reason: String::new(),
+        })
+        .await,
+        Code::InvalidArgument,
+        &["reason"],
+    );
+    assert_status(
+        po.set_legal_hold(SetLegalHoldRequest {
+            record_id: id.clone(),
+            hold: true,
+            reason: "x".repeat(501),
+        })
+        .await,
+        Code::InvalidArgument,
+        &["reason", "500"],
+    );
+    assert_status(
+        v.client("payroll")
+            .await
+            .set_legal_hold(SetLegalHoldRequest {
+                record_id: id.clone(),
+                hold: true,
+                reason: "court case".into(),
+            })
+            .await,
+        Code::PermissionDenied,
+        &["set_legal_hold"],
+    );
+    let meta = po
+        .set_legal_hold(SetLegalHoldRequest {
+            record_id: id.clone(),
+            hold: true,
+            reason: "labour court case 2026/113".into(),
+        })
+        .await
+        .expect("hold")
+        .into_inner();
+    assert!(meta.legal_hold);
+    // A hold does not stop processing; it survives a restart.
+    v.client("recruiter")
+        .await
+        .get_record(get(&id, "recruitment"))
+        .await
+        .expect("read under hold");
+    v.restart().await;
+    let mut po = v.client("privacy_officer").await;
+    let listed = po
+        .list_records(ListRecordsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .records;
+    assert!(listed[0].legal_hold);
+    let meta = po
+        .set_legal_hold(SetLegalHoldRequest {
+            record_id: id.clone(),
+            hold: false,
+            reason: String::new(),
+        })
+        .await
+        .expect("lift")
+        .into_inner();
+    assert!(!meta.legal_hold);
+}
