@@ -22,6 +22,7 @@
 //! - [`wal`]: the write-ahead log that makes sled writes durable (group commit).
 //! - [`keys`]: master key, versioned KEKs, DEK wrapping, blind-index and integrity keys.
 //! - [`vault`]: the core operations, the main test boundary below gRPC.
+//! - [`retention`]: retention rules and the deadlines of each category of a record.
 //! - [`rotation`]: key lifecycle jobs (rewrap, re-key) and exact per-KEK-version counts.
 //! - [`error`]: the vault's error type.
 //!
@@ -43,6 +44,7 @@ pub mod error;
 pub mod keys;
 pub mod policy;
 pub mod record;
+pub mod retention;
 pub mod rotation;
 pub mod schema;
 pub mod server;

@@ -1,0 +1,341 @@
+//! Retention rules as data, and the two deadlines each category of a record gets from its
+//! lifecycle: the **legal duty to keep** (blocks erasure on request until it ends) and the
+//! **maximum period** (after it the data must go, request or not). Pure logic, no IO.
+//!
+//! Defaults (`../shared/domain.md`; configurable in `[retention]`, not legal advice):
+//!
+//! | who | category | clock starts | duty to keep | maximum period |
+//! |---|---|---|---|---|
+//! | applicant never hired | all | procedure closed | none | 28 days; 365 with `talent_pool` consent |
+//! | employee | identity, financial | — | while employed (`employment_ongoing`) | — |
+//! | former employee | identity | employment ended | 5 years | 5 years |
+//! | former employee | financial | employment ended | 7 years | 7 years |
+//! | former employee | absence, contact, personal, cv | employment ended | none | 2 years |
+//!
+//! An applicant still in procedure has no clock yet: nothing is kept under a duty, and the
+//! maximum period starts when the procedure closes.
+
+use std::collections::BTreeMap;
+
+use chrono::{Months, NaiveDate};
+use serde::Deserialize;
+
+use crate::record::RecordBody;
+use crate::schema::Category;
+
+/// Basis named for data kept while someone is employed.
+pub const BASIS_EMPLOYMENT_ONGOING: &str = "employment_ongoing";
+
+/// What happens to a former employee's category.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FormerEmployeeRule {
+    /// Years after employment ended during which erasure on request is refused (0 = none).
+    #[serde(default)]
+    pub keep_years: u32,
+    /// Years after employment ended after which the sweeper erases the category.
+    pub max_years: u32,
+    /// The legal basis of the duty (or of the period), as shown to the data subject.
+    pub basis: String,
+}
+
+/// The retention rules (`[retention]` in kluis.toml).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRules {
+    /// Days after the procedure closed that an applicant never hired is kept.
+    #[serde(default = "default_applicant_days")]
+    pub applicant_max_days: u32,
+    /// With consent for this purpose, an applicant is kept longer…
+    #[serde(default = "default_consent_purpose")]
+    pub applicant_consent_purpose: String,
+    /// …this many days after the procedure closed.
+    #[serde(default = "default_consent_days")]
+    pub applicant_consent_max_days: u32,
+    /// Basis of the applicant periods.
+    #[serde(default = "default_applicant_basis")]
+    pub applicant_basis: String,
+    /// Categories kept while someone is employed (the contract needs them).
+    #[serde(default = "default_ongoing")]
+    pub keep_while_employed: Vec<String>,
+    /// Per category: what happens after employment ended.
+    #[serde(default = "default_former")]
+    pub former_employee: BTreeMap<String, FormerEmployeeRule>,
+}
+
+fn default_applicant_days() -> u32 {
+    28
+}
+fn default_consent_purpose() -> String {
+    "talent_pool".into()
+}
+fn default_consent_days() -> u32 {
+    365
+}
+fn default_applicant_basis() -> String {
+    "AP guidance on applicant data: 4 weeks after the procedure, 1 year with consent".into()
+}
+fn default_ongoing() -> Vec<String> {
+    vec!["identity".into(), "financial".into()]
+}
+fn default_former() -> BTreeMap<String, FormerEmployeeRule> {
+    let rule = |keep, max, basis: &str| FormerEmployeeRule {
+        keep_years: keep,
+        max_years: max,
+        basis: basis.into(),
+    };
+    BTreeMap::from([
+        (
+            "identity".into(),
+            rule(5, 5, "payroll tax law (Wet op de loonbelasting 1964): BSN and ID copy kept 5 years after employment"),
+        ),
+        (
+            "financial".into(),
+            rule(7, 7, "fiscal retention duty (Algemene wet inzake rijksbelastingen art. 52): 7 years"),
+        ),
+        (
+            "absence".into(),
+            rule(0, 2, "AP guidance on absence data: 2 years after employment"),
+        ),
+        (
+            "contact".into(),
+            rule(0, 2, "personnel file practice: 2 years after employment"),
+        ),
+        (
+            "personal".into(),
+            rule(0, 2, "personnel file practice: 2 years after employment"),
+        ),
+        (
+            "cv".into(),
+            rule(0, 2, "personnel file practice: 2 years after employment"),
+        ),
+    ])
+}
+
+impl Default for RetentionRules {
+    fn default() -> Self {
+        RetentionRules {
+            applicant_max_days: default_applicant_days(),
+            applicant_consent_purpose: default_consent_purpose(),
+            applicant_consent_max_days: default_consent_days(),
+            applicant_basis: default_applicant_basis(),
+            keep_while_employed: default_ongoing(),
+            former_employee: default_former(),
+        }
+    }
+}
+
+impl RetentionRules {
+    /// Checks that every category named exists and every former-employee category has a rule.
+    pub fn validate(&self) -> Result<(), String> {
+        for name in self
+            .keep_while_employed
+            .iter()
+            .chain(self.former_employee.keys())
+        {
+            if Category::parse(name).is_none() {
+                return Err(format!("[retention] names unknown category `{name}`"));
+            }
+        }
+        for c in Category::ALL {
+            let Some(rule) = self.former_employee.get(c.as_str()) else {
+                return Err(format!(
+                    "[retention.former_employee.{c}] is missing: every category needs a maximum period"
+                ));
+            };
+            if rule.keep_years > rule.max_years {
+                return Err(format!(
+                    "[retention.former_employee.{c}] keep_years exceeds max_years"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The legal duty to keep a category.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Duty {
+    /// None: erasure on request removes it.
+    None,
+    /// Kept while employed (no end date yet).
+    Ongoing,
+    /// Kept until this date (exclusive: erasable on it).
+    Until(NaiveDate),
+}
+
+/// A category's deadlines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deadlines {
+    /// The category.
+    pub category: Category,
+    /// The duty to keep.
+    pub duty: Duty,
+    /// When the maximum period ends (the sweeper erases on this date), if the clock runs.
+    pub erase_on: Option<NaiveDate>,
+    /// The legal basis.
+    pub basis: String,
+}
+
+impl Deadlines {
+    /// Whether erasure on request must keep the category on `today`.
+    pub fn retained_on(&self, today: NaiveDate) -> bool {
+        match self.duty {
+            Duty::None => false,
+            Duty::Ongoing => true,
+            Duty::Until(d) => today < d,
+        }
+    }
+
+    /// Whether the sweeper erases the category on `today`.
+    pub fn expired_on(&self, today: NaiveDate) -> bool {
+        self.erase_on.is_some_and(|d| d <= today)
+    }
+}
+
+/// The date a record's current stage began: its `lifecycle_date`, else its creation date.
+pub fn stage_date(body: &RecordBody) -> NaiveDate {
+    NaiveDate::parse_from_str(&body.lifecycle_date, "%Y-%m-%d").unwrap_or_else(|_| {
+        chrono::DateTime::from_timestamp_millis(body.created_ms)
+            .map(|t| t.date_naive())
+            .unwrap_or_default()
+    })
+}
+
+fn plus_years(d: NaiveDate, years: u32) -> NaiveDate {
+    d.checked_add_months(Months::new(years.saturating_mul(12)))
+        .unwrap_or(NaiveDate::MAX)
+}
+
+fn plus_days(d: NaiveDate, days: u32) -> NaiveDate {
+    d.checked_add_days(chrono::Days::new(u64::from(days)))
+        .unwrap_or(NaiveDate::MAX)
+}
+
+/// The deadlines of every category holding data on `body`.
+pub fn deadlines(rules: &RetentionRules, body: &RecordBody) -> Vec<Deadlines> {
+    let since = stage_date(body);
+    body.deks
+        .keys()
+        .filter_map(|name| Category::parse(name))
+        .map(|category| {
+            let former = rules.former_employee.get(category.as_str());
+            let (duty, erase_on, basis) = match body.lifecycle.as_str() {
+                "employed" if rules.keep_while_employed.iter().any(|c| c == category.as_str()) => {
+                    (Duty::Ongoing, None, BASIS_EMPLOYMENT_ONGOING.to_string())
+                }
+                "employed" => (Duty::None, None, String::new()),
+                "ended" => match former {
+                    Some(r) => (
+                        if r.keep_years > 0 {
+                            Duty::Until(plus_years(since, r.keep_years))
+                        } else {
+                            Duty::None
+                        },
+                        Some(plus_years(since, r.max_years)),
+                        r.basis.clone(),
+                    ),
+                    None => (Duty::None, None, String::new()),
+                },
+                "procedure_closed" => {
+                    let consent = body
+                        .consents
+                        .get(&rules.applicant_consent_purpose)
+                        .is_some_and(|c| c.granted);
+                    let days = if consent {
+                        rules.applicant_consent_max_days
+                    } else {
+                        rules.applicant_max_days
+                    };
+                    (
+                        Duty::None,
+                        Some(plus_days(since, days)),
+                        rules.applicant_basis.clone(),
+                    )
+                }
+                // An applicant in procedure: no clock yet.
+                _ => (Duty::None, None, String::new()),
+            };
+            Deadlines {
+                category,
+                duty,
+                erase_on,
+                basis,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{ConsentEntry, StoredDek};
+
+    fn body(stage: &str, date: &str, cats: &[Category]) -> RecordBody {
+        RecordBody {
+            lifecycle: stage.into(),
+            lifecycle_date: date.into(),
+            deks: cats
+                .iter()
+                .map(|c| (c.as_str().to_string(), StoredDek::default()))
+                .collect(),
+            ..RecordBody::default()
+        }
+    }
+
+    fn d(s: &str) -> NaiveDate {
+        NaiveDate::parse_from_str(s, "%Y-%m-%d").expect("date")
+    }
+
+    #[test]
+    fn default_rules_are_valid() {
+        RetentionRules::default().validate().expect("valid");
+    }
+
+    #[test]
+    fn former_employee_identity_5_years_financial_7_others_2() {
+        let rules = RetentionRules::default();
+        let b = body(
+            "ended",
+            "2026-03-31",
+            &[Category::Identity, Category::Financial, Category::Contact, Category::Absence],
+        );
+        let ds: BTreeMap<_, _> = deadlines(&rules, &b)
+            .into_iter()
+            .map(|x| (x.category, x))
+            .collect();
+        assert_eq!(ds[&Category::Identity].duty, Duty::Until(d("2031-03-31")));
+        assert_eq!(ds[&Category::Identity].erase_on, Some(d("2031-03-31")));
+        assert_eq!(ds[&Category::Financial].erase_on, Some(d("2033-03-31")));
+        assert_eq!(ds[&Category::Contact].duty, Duty::None);
+        assert_eq!(ds[&Category::Contact].erase_on, Some(d("2028-03-31")));
+        assert_eq!(ds[&Category::Absence].erase_on, Some(d("2028-03-31")));
+        assert!(ds[&Category::Identity].retained_on(d("2031-03-30")));
+        assert!(!ds[&Category::Identity].retained_on(d("2031-03-31")));
+        assert!(!ds[&Category::Identity].expired_on(d("2031-03-30")));
+        assert!(ds[&Category::Identity].expired_on(d("2031-03-31")));
+    }
+
+    #[test]
+    fn applicants_4_weeks_or_a_year_with_consent_and_employees_keep_their_contract_data() {
+        let rules = RetentionRules::default();
+        let mut b = body("procedure_closed", "2026-01-10", &[Category::Contact]);
+        assert_eq!(deadlines(&rules, &b)[0].erase_on, Some(d("2026-02-07")));
+        b.consents.insert(
+            "talent_pool".into(),
+            ConsentEntry {
+                granted: true,
+                changed_ms: 0,
+            },
+        );
+        assert_eq!(deadlines(&rules, &b)[0].erase_on, Some(d("2027-01-10")));
+        let applicant = body("applicant", "", &[Category::Contact]);
+        assert_eq!(deadlines(&rules, &applicant)[0].erase_on, None);
+        let employed = body("employed", "2026-01-05", &[Category::Identity, Category::Cv]);
+        let ds = deadlines(&rules, &employed);
+        assert_eq!(ds[0].category, Category::Cv);
+        assert_eq!(ds[0].duty, Duty::None);
+        assert_eq!(ds[1].duty, Duty::Ongoing);
+        assert_eq!(ds[1].basis, BASIS_EMPLOYMENT_ONGOING);
+    }
+}
