@@ -151,6 +151,13 @@ impl Records for Noop {
         Err(Status::unimplemented("no-op benchmark service"))
     }
 
+    async fn erase_record(
+        &self,
+        _: Request<kluis::proto::EraseRecordRequest>,
+    ) -> Result<Response<kluis::proto::EraseRecordResponse>, Status> {
+        Err(Status::unimplemented("no-op benchmark service"))
+    }
+
     async fn set_legal_hold(
         &self,
         _: Request<kluis::proto::SetLegalHoldRequest>,

@@ -101,6 +101,9 @@ pub struct ConfigFile {
     /// Key rotation schedule.
     #[serde(default)]
     pub keys: KeysFile,
+    /// Retention rules (defaults from the privacy statement; see `retention`).
+    #[serde(default)]
+    pub retention: crate::retention::RetentionRules,
 }
 
 /// The `[keys]` section of the config file.
@@ -306,6 +309,8 @@ pub struct Settings {
     pub audit: AuditSettings,
     /// Key rotation schedule.
     pub keys: KeySettings,
+    /// Retention rules.
+    pub retention: crate::retention::RetentionRules,
 }
 
 impl std::fmt::Debug for Settings {
@@ -400,6 +405,10 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
             ),
         },
         keys: file.keys.resolve()?,
+        retention: {
+            file.retention.validate().map_err(ConfigError::Rule)?;
+            file.retention.clone()
+        },
     })
 }
 
@@ -434,6 +443,7 @@ pub fn ephemeral(data_dir: &Path, master_key: MasterKey, policy: Policy) -> Sett
         durability: Durability::GroupCommit,
         audit: AuditSettings::in_keys_dir(&keys_dir, true),
         keys: KeySettings::default(),
+        retention: crate::retention::RetentionRules::default(),
     }
 }
 

@@ -58,6 +58,8 @@ pub enum RecordRight {
     SetRestriction,
     /// `SetLegalHold`.
     SetLegalHold,
+    /// `EraseRecord`.
+    Erase,
 }
 
 impl RecordRight {
@@ -68,6 +70,7 @@ impl RecordRight {
             RecordRight::SetConsent => "set_consent",
             RecordRight::SetRestriction => "set_restriction",
             RecordRight::SetLegalHold => "set_legal_hold",
+            RecordRight::Erase => "erase",
         }
     }
 }

@@ -221,7 +221,12 @@ pub fn deadlines(rules: &RetentionRules, body: &RecordBody) -> Vec<Deadlines> {
         .map(|category| {
             let former = rules.former_employee.get(category.as_str());
             let (duty, erase_on, basis) = match body.lifecycle.as_str() {
-                "employed" if rules.keep_while_employed.iter().any(|c| c == category.as_str()) => {
+                "employed"
+                    if rules
+                        .keep_while_employed
+                        .iter()
+                        .any(|c| c == category.as_str()) =>
+                {
                     (Duty::Ongoing, None, BASIS_EMPLOYMENT_ONGOING.to_string())
                 }
                 "employed" => (Duty::None, None, String::new()),
@@ -298,7 +303,12 @@ mod tests {
         let b = body(
             "ended",
             "2026-03-31",
-            &[Category::Identity, Category::Financial, Category::Contact, Category::Absence],
+            &[
+                Category::Identity,
+                Category::Financial,
+                Category::Contact,
+                Category::Absence,
+            ],
         );
         let ds: BTreeMap<_, _> = deadlines(&rules, &b)
             .into_iter()
@@ -331,7 +341,11 @@ mod tests {
         assert_eq!(deadlines(&rules, &b)[0].erase_on, Some(d("2027-01-10")));
         let applicant = body("applicant", "", &[Category::Contact]);
         assert_eq!(deadlines(&rules, &applicant)[0].erase_on, None);
-        let employed = body("employed", "2026-01-05", &[Category::Identity, Category::Cv]);
+        let employed = body(
+            "employed",
+            "2026-01-05",
+            &[Category::Identity, Category::Cv],
+        );
         let ds = deadlines(&rules, &employed);
         assert_eq!(ds[0].category, Category::Cv);
         assert_eq!(ds[0].duty, Duty::None);

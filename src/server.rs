@@ -116,7 +116,8 @@ pub async fn open_vault(settings: &Settings) -> Result<Arc<Vault<SledStore>>, Se
     let store = SledStore::open_with(&settings.data_dir, settings.durability)?;
     let keys = KeyRing::open(&store, &settings.master_key).await?;
     let vault = Vault::new(store, Arc::new(settings.schema.clone()), Arc::new(keys))
-        .with_policy(Arc::new(settings.policy.clone()));
+        .with_policy(Arc::new(settings.policy.clone()))
+        .with_retention(Arc::new(settings.retention.clone()));
     Ok(Arc::new(if settings.audit.enabled {
         vault
     } else {

@@ -18,6 +18,7 @@ use crate::error::{printable_name, VaultError};
 use crate::keys::KeyRing;
 use crate::policy::{Caller, LegalBasis, Policy, RecordRight};
 use crate::record::{self, FieldEntry, RecordBody, StoredDek, RECORD_FORMAT};
+use crate::retention::{self, Duty, RetentionRules};
 use crate::schema::{Category, FieldDef, Parsed, RawValue, Schema, ValueError};
 use crate::store::{Batch, Expect, Keyspace, Store, StoreError};
 
@@ -116,6 +117,15 @@ pub enum StateChange {
     },
 }
 
+/// What [`Vault::erase`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Erasure {
+    /// Categories whose data keys and ciphertext were deleted.
+    pub erased: Vec<String>,
+    /// Categories kept under a legal duty: (category, until ISO date or "", basis).
+    pub retained: Vec<(String, String, String)>,
+}
+
 /// The lifecycle stages.
 pub const LIFECYCLE_STAGES: [&str; 4] = ["applicant", "procedure_closed", "employed", "ended"];
 /// Longest reason for a restriction or legal hold.
@@ -174,6 +184,7 @@ pub struct Vault<S> {
     keys: Arc<KeyRing>,
     auditing: bool,
     policy: Arc<Policy>,
+    retention: Arc<RetentionRules>,
 }
 
 impl<S: Store> Vault<S> {
@@ -185,7 +196,19 @@ impl<S: Store> Vault<S> {
             keys,
             auditing: true,
             policy: Arc::new(Policy::default_policy()),
+            retention: Arc::new(RetentionRules::default()),
         }
+    }
+
+    /// Uses `rules` for retention instead of the defaults.
+    pub fn with_retention(mut self, rules: Arc<RetentionRules>) -> Self {
+        self.retention = rules;
+        self
+    }
+
+    /// The retention rules in force.
+    pub fn retention(&self) -> &RetentionRules {
+        &self.retention
     }
 
     /// Uses `policy`'s purposes (consent, legal basis) instead of the default policy's.
@@ -499,6 +522,119 @@ impl<S: Store> Vault<S> {
         Ok(out)
     }
 
+    /// Erases a record on request (crypto-shredding), as of `today`: deletes the data keys,
+    /// field ciphertext and blind-index entries of every category not under a legal duty to
+    /// keep; the record itself goes when nothing is kept. Legal hold refuses it.
+    pub async fn erase(
+        &self,
+        caller: &Caller,
+        record_id: &str,
+        reason: &str,
+        today: chrono::NaiveDate,
+        event: &mut audit::Context,
+    ) -> Result<Erasure, VaultError> {
+        let id = parse_record_id(record_id)?;
+        check_purpose(caller, PURPOSE_DSR)?;
+        if !caller.role.records.contains(&RecordRight::Erase) {
+            return Err(VaultError::PermissionDenied(format!(
+                "role `{}` may not call EraseRecord (policy right records = [\"erase\"] is not granted)",
+                caller.role.name
+            )));
+        }
+        if reason.trim().is_empty() {
+            return Err(VaultError::invalid(
+                "reason",
+                "is required (why the record is erased)",
+            ));
+        }
+        if reason.chars().count() > MAX_REASON_CHARS {
+            return Err(VaultError::invalid(
+                "reason",
+                format!("at most {MAX_REASON_CHARS} characters"),
+            ));
+        }
+        event.draft.record_id = id.to_string();
+        let idb = id.as_bytes().to_vec();
+        for _ in 0..MAX_RETRIES {
+            let (raw, mut body) = self.load(id).await?;
+            if body.legal_hold {
+                return Err(VaultError::FailedPrecondition(format!(
+                    "record {id} is under legal hold: it cannot be erased until the hold is lifted"
+                )));
+            }
+            let (batch, erasure, names) = self.shred(&idb, &raw, &mut body, |d| {
+                if d.retained_on(today) {
+                    Some(match d.duty {
+                        Duty::Until(date) => date.format("%Y-%m-%d").to_string(),
+                        _ => String::new(),
+                    })
+                } else {
+                    None
+                }
+            })?;
+            let mut batch = batch;
+            event.draft.field_names = names;
+            self.attach_event(&mut batch, event);
+            match self.store.commit(batch).await {
+                Ok(()) => {
+                    event.written = self.auditing;
+                    return Ok(erasure);
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(VaultError::Unavailable(StoreError::Conflict))
+    }
+
+    /// Builds the batch that deletes every category of `body` for which `keep` answers `None`
+    /// (`Some(until)` keeps it). Returns the batch (expecting the header `raw`), what was
+    /// erased and kept, and the names of the erased fields.
+    pub(crate) fn shred(
+        &self,
+        idb: &[u8],
+        raw: &[u8],
+        body: &mut RecordBody,
+        keep: impl Fn(&retention::Deadlines) -> Option<String>,
+    ) -> Result<(Batch, Erasure, Vec<String>), VaultError> {
+        let mut batch = Batch::default();
+        let mut erasure = Erasure::default();
+        let mut names = Vec::new();
+        for d in retention::deadlines(&self.retention, body) {
+            let cat = d.category.as_str();
+            if let Some(until) = keep(&d) {
+                erasure
+                    .retained
+                    .push((cat.to_string(), until, d.basis.clone()));
+                continue;
+            }
+            let doomed: Vec<String> = body
+                .fields
+                .iter()
+                .filter(|(_, e)| e.category == cat)
+                .map(|(n, _)| n.clone())
+                .collect();
+            for name in doomed {
+                if let Some(entry) = body.fields.remove(&name) {
+                    self.delete_field(&mut batch, idb, &name, &entry);
+                }
+                names.push(name);
+            }
+            body.deks.remove(cat);
+            erasure.erased.push(cat.to_string());
+        }
+        batch.expect(Keyspace::Records, idb.to_vec(), Expect::Value(raw.to_vec()));
+        if body.deks.is_empty() {
+            batch.delete(Keyspace::Records, idb.to_vec());
+        } else {
+            body.revision += 1;
+            body.updated_ms = now_ms().max(body.updated_ms);
+            let (kv, key) = self.keys.integrity_key();
+            batch.put(Keyspace::Records, idb.to_vec(), body.seal(kv, key));
+        }
+        Ok((batch, erasure, names))
+    }
+
     /// Whether the record may be processed for `purpose`: not restricted (except for a
     /// data-subject request), consent given where the purpose requires it, no objection to a
     /// legitimate-interest purpose.
@@ -555,6 +691,7 @@ impl<S: Store> Vault<S> {
                     RecordRight::SetConsent => "SetConsent",
                     RecordRight::SetRestriction => "SetRestriction",
                     RecordRight::SetLegalHold => "SetLegalHold",
+                    RecordRight::Erase => "EraseRecord",
                 },
                 right.as_str()
             )));

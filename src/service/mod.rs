@@ -477,6 +477,13 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
             .await
     }
 
+    async fn erase_record(
+        &self,
+        request: Request<proto::EraseRecordRequest>,
+    ) -> Result<Response<proto::EraseRecordResponse>, Status> {
+        self.erase(request).await
+    }
+
     #[instrument(skip_all)]
     async fn set_legal_hold(
         &self,
@@ -494,6 +501,41 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
 }
 
 impl<S: Store> RecordsService<S> {
+    #[instrument(skip_all)]
+    async fn erase(
+        &self,
+        request: Request<proto::EraseRecordRequest>,
+    ) -> Result<Response<proto::EraseRecordResponse>, Status> {
+        let (mut log, mut ev, caller) = self.auth.begin("EraseRecord", &request);
+        let caller = match caller {
+            Ok(c) => c,
+            Err(e) => return self.finish(log, ev, Err(e)).await,
+        };
+        let req = request.into_inner();
+        ev.draft.record_id = event_record_id(&req.record_id);
+        ev.draft.purpose = crate::vault::PURPOSE_DSR.to_string();
+        log.record(&req.record_id);
+        let today = chrono::Utc::now().date_naive();
+        let result = self
+            .vault
+            .erase(&caller, &req.record_id, &req.reason, today, &mut ev)
+            .await
+            .map(|e| proto::EraseRecordResponse {
+                erased_categories: e.erased,
+                retained: e
+                    .retained
+                    .into_iter()
+                    .map(|(category, until, basis)| proto::Retained {
+                        category,
+                        until,
+                        basis,
+                    })
+                    .collect(),
+            })
+            .map_err(status::from_vault);
+        self.finish(log, ev, result).await
+    }
+
     /// The shared body of the record-state RPCs.
     async fn set_state(
         &self,

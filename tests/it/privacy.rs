@@ -469,3 +469,217 @@ async fn legal_hold_is_set_and_lifted_by_the_privacy_officer_only() {
         .into_inner();
     assert!(!meta.legal_hold);
 }
+
+fn erase(id: &str) -> kluis::proto::EraseRecordRequest {
+    kluis::proto::EraseRecordRequest {
+        record_id: id.into(),
+        reason: "data subject request 2026-11-25".into(),
+    }
+}
+
+/// An applicant with contact + personal data, later given identity + financial data by payroll.
+async fn employee(v: &TestVault, email: &str, stage: &str, date: &str) -> String {
+    let id = applicant(v, email).await;
+    v.client("payroll")
+        .await
+        .update_record(UpdateRecordRequest {
+            record_id: id.clone(),
+            purpose: "payroll".into(),
+            expected_revision: 0,
+            set: fields(&[
+                ("bsn", text("111222333")),
+                ("iban", text("NL91ABNA0417164300")),
+            ]),
+            clear: vec![],
+        })
+        .await
+        .expect("payroll data");
+    v.client("payroll")
+        .await
+        .set_lifecycle(SetLifecycleRequest {
+            record_id: id.clone(),
+            stage: stage.into(),
+            date: date.into(),
+        })
+        .await
+        .expect("stage");
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_removes_what_no_duty_keeps_and_names_what_stays() {
+    let v = spawn_vault().await;
+    let mut po = v.client("privacy_officer").await;
+    let mut recruiter = v.client("recruiter").await;
+
+    // An applicant: everything goes, the record answers NOT_FOUND, the index forgets it.
+    let id = applicant(&v, "eva@example.nl").await;
+    let out = po
+        .erase_record(erase(&id))
+        .await
+        .expect("erase")
+        .into_inner();
+    assert_eq!(out.erased_categories, vec!["contact"]);
+    assert!(out.retained.is_empty());
+    assert_status(
+        recruiter.get_record(get(&id, "recruitment")).await,
+        Code::NotFound,
+        &[],
+    );
+    assert!(recruiter
+        .find_records(find("recruitment", "eva@example.nl"))
+        .await
+        .expect("find")
+        .into_inner()
+        .record_ids
+        .is_empty());
+    let uuid = uuid::Uuid::parse_str(&id).expect("uuid");
+    let store = v.vault().store();
+    use kluis::store::{Keyspace, Store};
+    assert!(store
+        .scan(Keyspace::Fields, uuid.as_bytes(), None, 10)
+        .await
+        .expect("scan")
+        .is_empty());
+    let index = store
+        .scan(Keyspace::Index, b"", None, usize::MAX)
+        .await
+        .expect("scan");
+    assert!(index.iter().all(|(k, _)| !k.ends_with(uuid.as_bytes())));
+
+    // Still employed: identity and financial stay (employment_ongoing, no end date yet).
+    let id = employee(&v, "finn@example.nl", "employed", "2026-01-05").await;
+    let out = po
+        .erase_record(erase(&id))
+        .await
+        .expect("erase")
+        .into_inner();
+    assert_eq!(out.erased_categories, vec!["contact"]);
+    let kept: Vec<_> = out
+        .retained
+        .iter()
+        .map(|r| (r.category.as_str(), r.until.as_str(), r.basis.as_str()))
+        .collect();
+    assert_eq!(
+        kept,
+        vec![
+            ("financial", "", "employment_ongoing"),
+            ("identity", "", "employment_ongoing")
+        ]
+    );
+    let got = v
+        .client("payroll")
+        .await
+        .get_record(get(&id, "payroll"))
+        .await
+        .expect("payroll still reads what is kept")
+        .into_inner();
+    let mut names: Vec<_> = got.fields.keys().cloned().collect();
+    names.sort();
+    assert_eq!(names, vec!["bsn", "iban"]);
+    assert!(
+        got.withheld.is_empty(),
+        "erased fields are gone, not withheld"
+    );
+
+    // A former employee: identity until 5 years, financial until 7 years after the end.
+    let id = employee(&v, "gijs@example.nl", "ended", "2024-06-30").await;
+    let out = po
+        .erase_record(erase(&id))
+        .await
+        .expect("erase")
+        .into_inner();
+    let kept: Vec<_> = out
+        .retained
+        .iter()
+        .map(|r| (r.category.as_str(), r.until.as_str()))
+        .collect();
+    assert_eq!(
+        kept,
+        vec![("financial", "2031-06-30"), ("identity", "2029-06-30")]
+    );
+    assert!(out.retained.iter().all(|r| !r.basis.is_empty()));
+
+    // Erasure events name fields, never values; the trail outlives the data.
+    let events = AuditClient::with_interceptor(v.channel().await, bearer(&v.tokens["auditor"]))
+        .query_events(QueryEventsRequest {
+            record_id: id.clone(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner()
+        .events;
+    let e = events
+        .iter()
+        .find(|e| e.action == "EraseRecord")
+        .expect("erase event");
+    assert_eq!(
+        (e.purpose.as_str(), e.outcome.as_str()),
+        ("data_subject_request", "ok")
+    );
+    let mut erased = e.field_names.clone();
+    erased.sort();
+    assert_eq!(erased, vec!["email", "full_name"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legal_hold_blocks_erasure_and_only_the_privacy_officer_erases() {
+    let v = spawn_vault().await;
+    let id = applicant(&v, "hans@example.nl").await;
+    let mut po = v.client("privacy_officer").await;
+    assert_status(
+        v.client("recruiter").await.erase_record(erase(&id)).await,
+        Code::PermissionDenied,
+        &["data_subject_request"],
+    );
+    assert_status(
+        po.erase_record(kluis::proto::EraseRecordRequest {
+            record_id: id.clone(),
+            reason: String::new(),
+        })
+        .await,
+        Code::InvalidArgument,
+        &["reason"],
+    );
+    assert_status(
+        po.erase_record(erase("nope")).await,
+        Code::InvalidArgument,
+        &["record_id"],
+    );
+    po.set_legal_hold(SetLegalHoldRequest {
+        record_id: id.clone(),
+        hold: true,
+        reason: "claim pending".into(),
+    })
+    .await
+    .expect("hold");
+    assert_status(
+        po.erase_record(erase(&id)).await,
+        Code::FailedPrecondition,
+        &["legal hold"],
+    );
+    v.client("recruiter")
+        .await
+        .get_record(get(&id, "recruitment"))
+        .await
+        .expect("nothing was erased");
+    po.set_legal_hold(SetLegalHoldRequest {
+        record_id: id.clone(),
+        hold: false,
+        reason: String::new(),
+    })
+    .await
+    .expect("lift");
+    // A restricted record can still be erased.
+    po.set_restriction(SetRestrictionRequest {
+        record_id: id.clone(),
+        restricted: true,
+        reason: "objection pending".into(),
+    })
+    .await
+    .expect("restrict");
+    po.erase_record(erase(&id)).await.expect("erase");
+    assert_status(po.erase_record(erase(&id)).await, Code::NotFound, &[]);
+}
