@@ -311,6 +311,8 @@ pub struct Settings {
     pub keys: KeySettings,
     /// Retention rules.
     pub retention: crate::retention::RetentionRules,
+    /// Today's date for retention (the system clock; tests inject another).
+    pub clock: crate::vault::Clock,
 }
 
 impl std::fmt::Debug for Settings {
@@ -409,6 +411,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
             file.retention.validate().map_err(ConfigError::Rule)?;
             file.retention.clone()
         },
+        clock: crate::vault::system_clock(),
     })
 }
 
@@ -444,6 +447,7 @@ pub fn ephemeral(data_dir: &Path, master_key: MasterKey, policy: Policy) -> Sett
         audit: AuditSettings::in_keys_dir(&keys_dir, true),
         keys: KeySettings::default(),
         retention: crate::retention::RetentionRules::default(),
+        clock: crate::vault::system_clock(),
     }
 }
 

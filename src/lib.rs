@@ -23,6 +23,7 @@
 //! - [`keys`]: master key, versioned KEKs, DEK wrapping, blind-index and integrity keys.
 //! - [`vault`]: the core operations, the main test boundary below gRPC.
 //! - [`retention`]: retention rules and the deadlines of each category of a record.
+//! - [`sweeper`]: the retention sweeper and its plan.
 //! - [`rotation`]: key lifecycle jobs (rewrap, re-key) and exact per-KEK-version counts.
 //! - [`error`]: the vault's error type.
 //!
@@ -50,6 +51,7 @@ pub mod schema;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod sweeper;
 pub mod vault;
 pub mod wal;
 

@@ -61,6 +61,13 @@ pub struct RetentionRules {
     /// Per category: what happens after employment ended.
     #[serde(default = "default_former")]
     pub former_employee: BTreeMap<String, FormerEmployeeRule>,
+    /// Seconds between runs of the retention sweeper (it also runs at start-up).
+    #[serde(default = "default_sweep_secs")]
+    pub sweep_interval_secs: u64,
+}
+
+fn default_sweep_secs() -> u64 {
+    3600
 }
 
 fn default_applicant_days() -> u32 {
@@ -121,6 +128,7 @@ impl Default for RetentionRules {
             applicant_basis: default_applicant_basis(),
             keep_while_employed: default_ongoing(),
             former_employee: default_former(),
+            sweep_interval_secs: default_sweep_secs(),
         }
     }
 }

@@ -62,6 +62,7 @@ pub struct Running {
     checkpoints: Option<Checkpointer>,
     jobs: Option<Arc<Jobs<SledStore>>>,
     schedule: Option<tokio::task::JoinHandle<()>>,
+    sweeper: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// The background task that signs audit checkpoints.
@@ -88,9 +89,12 @@ impl Running {
                 source: std::io::Error::other(e.to_string()),
             }),
         };
-        if let Some(schedule) = self.schedule.take() {
-            schedule.abort();
-            let _ = schedule.await;
+        for task in [self.schedule.take(), self.sweeper.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
+            let _ = task.await;
         }
         // A running key job stops here and resumes from its last page on the next start.
         if let Some(jobs) = self.jobs.take() {
@@ -117,7 +121,8 @@ pub async fn open_vault(settings: &Settings) -> Result<Arc<Vault<SledStore>>, Se
     let keys = KeyRing::open(&store, &settings.master_key).await?;
     let vault = Vault::new(store, Arc::new(settings.schema.clone()), Arc::new(keys))
         .with_policy(Arc::new(settings.policy.clone()))
-        .with_retention(Arc::new(settings.retention.clone()));
+        .with_retention(Arc::new(settings.retention.clone()))
+        .with_clock(Arc::clone(&settings.clock));
     Ok(Arc::new(if settings.audit.enabled {
         vault
     } else {
@@ -198,6 +203,31 @@ fn spawn_key_schedule(
     })
 }
 
+/// Runs the retention sweeper at start-up and then every `interval`.
+fn spawn_sweeper(
+    vault: Arc<Vault<SledStore>>,
+    interval: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let today = vault.today();
+            match crate::sweeper::sweep(&vault, today).await {
+                Ok(s) if !s.erased.is_empty() || !s.held.is_empty() => tracing::info!(
+                    %today,
+                    erased = s.erased.len(),
+                    held = s.held.len(),
+                    "retention sweep"
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "retention sweep failed; retrying at the next run")
+                }
+            }
+            tokio::time::sleep(interval).await;
+        }
+    })
+}
+
 /// Starts the server in the background; it runs until [`Running::shutdown`].
 pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     settings.check_listener()?;
@@ -240,6 +270,10 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     }
     let schedule = (!settings.keys.rotate_after.is_empty())
         .then(|| spawn_key_schedule(Arc::clone(&jobs), settings.keys.clone()));
+    let sweeper = spawn_sweeper(
+        Arc::clone(&vault),
+        std::time::Duration::from_secs(settings.retention.sweep_interval_secs.max(1)),
+    );
     let keys = KeysServer::new(KeysService::new(
         Arc::clone(&jobs),
         Authenticator::new(Arc::new(settings.policy.clone())),
@@ -313,6 +347,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         checkpoints: Some(checkpoints),
         jobs: Some(jobs),
         schedule,
+        sweeper: Some(sweeper),
     })
 }
 

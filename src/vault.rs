@@ -185,6 +185,15 @@ pub struct Vault<S> {
     auditing: bool,
     policy: Arc<Policy>,
     retention: Arc<RetentionRules>,
+    clock: Clock,
+}
+
+/// Today's date, as the vault sees it (UTC). Injectable so that tests can move time.
+pub type Clock = Arc<dyn Fn() -> chrono::NaiveDate + Send + Sync>;
+
+/// The real clock: today in UTC.
+pub fn system_clock() -> Clock {
+    Arc::new(|| chrono::Utc::now().date_naive())
 }
 
 impl<S: Store> Vault<S> {
@@ -197,7 +206,19 @@ impl<S: Store> Vault<S> {
             auditing: true,
             policy: Arc::new(Policy::default_policy()),
             retention: Arc::new(RetentionRules::default()),
+            clock: system_clock(),
         }
+    }
+
+    /// Uses `clock` for today's date (retention deadlines) instead of the system clock.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Today, by the vault's clock.
+    pub fn today(&self) -> chrono::NaiveDate {
+        (self.clock)()
     }
 
     /// Uses `rules` for retention instead of the defaults.

@@ -515,7 +515,7 @@ impl<S: Store> RecordsService<S> {
         ev.draft.record_id = event_record_id(&req.record_id);
         ev.draft.purpose = crate::vault::PURPOSE_DSR.to_string();
         log.record(&req.record_id);
-        let today = chrono::Utc::now().date_naive();
+        let today = self.vault.today();
         let result = self
             .vault
             .erase(&caller, &req.record_id, &req.reason, today, &mut ev)

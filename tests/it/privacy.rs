@@ -683,3 +683,160 @@ async fn legal_hold_blocks_erasure_and_only_the_privacy_officer_erases() {
     po.erase_record(erase(&id)).await.expect("erase");
     assert_status(po.erase_record(erase(&id)).await, Code::NotFound, &[]);
 }
+
+/// The injected clock of the sweeper test: days since 1970-01-01.
+static SWEEP_TODAY: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+fn set_today(date: &str) {
+    let d = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").expect("date");
+    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch");
+    SWEEP_TODAY.store((d - epoch).num_days(), std::sync::atomic::Ordering::SeqCst);
+}
+
+async fn until_gone(v: &TestVault, id: &str, role: &str, purpose: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match v.client(role).await.get_record(get(id, purpose)).await {
+            Err(s) if s.code() == Code::NotFound => return,
+            _ => {}
+        }
+        assert!(std::time::Instant::now() < deadline, "{id} was not swept");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_erases_each_category_when_its_period_ends() {
+    set_today("2026-01-20");
+    let mut v = spawn_vault().await;
+    let plain = applicant(&v, "a@example.nl").await;
+    let pooled = applicant(&v, "b@example.nl").await;
+    let held = applicant(&v, "d@example.nl").await;
+    let mut recruiter = v.client("recruiter").await;
+    for id in [&plain, &pooled, &held] {
+        recruiter
+            .set_lifecycle(SetLifecycleRequest {
+                record_id: id.clone(),
+                stage: "procedure_closed".into(),
+                date: "2026-01-10".into(),
+            })
+            .await
+            .expect("closed");
+    }
+    recruiter
+        .set_consent(consent(&pooled, "talent_pool", true))
+        .await
+        .expect("consent");
+    v.client("privacy_officer")
+        .await
+        .set_legal_hold(SetLegalHoldRequest {
+            record_id: held.clone(),
+            hold: true,
+            reason: "claim".into(),
+        })
+        .await
+        .expect("hold");
+    let former = employee(&v, "c@example.nl", "ended", "2026-03-31").await;
+
+    // The sweeper runs with the injected clock, every second.
+    v.tweak = Some(|s| {
+        s.clock = std::sync::Arc::new(|| {
+            chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch")
+                + chrono::Days::new(SWEEP_TODAY.load(std::sync::atomic::Ordering::SeqCst) as u64)
+        });
+        s.retention.sweep_interval_secs = 1;
+    });
+    v.restart().await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    v.client("recruiter")
+        .await
+        .get_record(get(&plain, "recruitment"))
+        .await
+        .expect("within 4 weeks: kept");
+
+    // 4 weeks after the procedure closed: the applicant goes; consent and hold keep the others.
+    set_today("2026-02-07");
+    until_gone(&v, &plain, "recruiter", "recruitment").await;
+    v.client("recruiter")
+        .await
+        .get_record(get(&pooled, "talent_pool"))
+        .await
+        .expect("talent pool (consent) kept");
+    v.client("recruiter")
+        .await
+        .get_record(get(&held, "recruitment"))
+        .await
+        .expect("legal hold kept");
+
+    // A year with consent.
+    set_today("2027-01-10");
+    until_gone(&v, &pooled, "recruiter", "recruitment").await;
+
+    // Former employee: contact after 2 years, identity after 5, financial after 7.
+    set_today("2028-03-31");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let got = v
+            .client("payroll")
+            .await
+            .get_record(get(&former, "payroll"))
+            .await
+            .expect("payroll reads")
+            .into_inner();
+        if !got.fields.contains_key("email") {
+            assert!(got.fields.contains_key("bsn") && got.fields.contains_key("iban"));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "contact not swept");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    set_today("2031-03-31");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let got = v
+            .client("payroll")
+            .await
+            .get_record(get(&former, "payroll"))
+            .await
+            .expect("payroll reads")
+            .into_inner();
+        if !got.fields.contains_key("bsn") {
+            assert!(got.fields.contains_key("iban"), "financial kept 7 years");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "identity not swept");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    set_today("2033-03-31");
+    until_gone(&v, &former, "payroll", "payroll").await;
+    v.client("recruiter")
+        .await
+        .get_record(get(&held, "recruitment"))
+        .await
+        .expect("legal hold still kept");
+
+    let events = AuditClient::with_interceptor(v.channel().await, bearer(&v.tokens["auditor"]))
+        .query_events(QueryEventsRequest {
+            principal: "system:retention".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner()
+        .events;
+    let swept: Vec<_> = events
+        .iter()
+        .map(|e| (e.record_id.as_str(), e.action.as_str()))
+        .collect();
+    assert_eq!(
+        swept,
+        vec![
+            (plain.as_str(), "EraseRecord"),
+            (pooled.as_str(), "EraseRecord"),
+            (former.as_str(), "EraseRecord"),
+            (former.as_str(), "EraseRecord"),
+            (former.as_str(), "EraseRecord"),
+        ]
+    );
+}
