@@ -158,6 +158,13 @@ impl Records for Noop {
         Err(Status::unimplemented("no-op benchmark service"))
     }
 
+    async fn export_record(
+        &self,
+        _: Request<kluis::proto::ExportRecordRequest>,
+    ) -> Result<Response<kluis::proto::ExportRecordResponse>, Status> {
+        Err(Status::unimplemented("no-op benchmark service"))
+    }
+
     async fn set_legal_hold(
         &self,
         _: Request<kluis::proto::SetLegalHoldRequest>,

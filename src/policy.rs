@@ -60,6 +60,8 @@ pub enum RecordRight {
     SetLegalHold,
     /// `EraseRecord`.
     Erase,
+    /// `ExportRecord`.
+    Export,
 }
 
 impl RecordRight {
@@ -71,6 +73,7 @@ impl RecordRight {
             RecordRight::SetRestriction => "set_restriction",
             RecordRight::SetLegalHold => "set_legal_hold",
             RecordRight::Erase => "erase",
+            RecordRight::Export => "export",
         }
     }
 }

@@ -608,6 +608,120 @@ impl<S: Store> Vault<S> {
         Err(VaultError::Unavailable(StoreError::Conflict))
     }
 
+    /// The whole record as one versioned JSON document for its data subject (access and
+    /// portability): every field (blobs base64 with content type; never masked), metadata,
+    /// lifecycle, consents, retention deadlines per category and the access history from the
+    /// audit trail (who, role, purpose, when, which fields — never values). The document is
+    /// zeroized when dropped.
+    pub async fn export(
+        &self,
+        caller: &Caller,
+        record_id: &str,
+        event: &mut audit::Context,
+    ) -> Result<Zeroizing<String>, VaultError> {
+        use base64::Engine;
+        let id = parse_record_id(record_id)?;
+        check_purpose(caller, PURPOSE_DSR)?;
+        if !caller.role.records.contains(&RecordRight::Export) {
+            return Err(VaultError::PermissionDenied(format!(
+                "role `{}` may not call ExportRecord (policy right records = [\"export\"] is not granted)",
+                caller.role.name
+            )));
+        }
+        let (_, body) = self.load(id).await?;
+        let names: Vec<String> = body.fields.keys().cloned().collect();
+        let wanted: BTreeSet<&str> = names.iter().map(String::as_str).collect();
+        let values = self
+            .read_fields(caller, id.as_bytes(), &body, &wanted)
+            .await?;
+        event.draft.record_id = id.to_string();
+        event.draft.field_names = names;
+        let mut fields = serde_json::Map::new();
+        for (name, value) in values {
+            let v = match value {
+                Value::Text(t) => serde_json::json!({ "text": t.as_str() }),
+                Value::Blob {
+                    bytes,
+                    content_type,
+                } => serde_json::json!({
+                    "blob_base64": base64::engine::general_purpose::STANDARD.encode(bytes.as_slice()),
+                    "content_type": content_type,
+                }),
+            };
+            fields.insert(name, v);
+        }
+        let iso = |ms: i64| {
+            chrono::DateTime::from_timestamp_millis(ms)
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                .unwrap_or_default()
+        };
+        let retention: Vec<_> = retention::deadlines(&self.retention, &body)
+            .into_iter()
+            .map(|d| {
+                serde_json::json!({
+                    "category": d.category.as_str(),
+                    "keep_until": match d.duty {
+                        Duty::Until(date) => serde_json::Value::String(date.format("%Y-%m-%d").to_string()),
+                        Duty::Ongoing => serde_json::Value::String(crate::retention::BASIS_EMPLOYMENT_ONGOING.into()),
+                        Duty::None => serde_json::Value::Null,
+                    },
+                    "erase_on": d.erase_on.map(|e| e.format("%Y-%m-%d").to_string()),
+                    "basis": d.basis,
+                })
+            })
+            .collect();
+        let mut history = Vec::new();
+        let filter = audit::Filter {
+            record_id: Some(id.to_string()),
+            ..audit::Filter::default()
+        };
+        let mut after = 0;
+        loop {
+            let page = audit::query(&self.store, &filter, after, 1000).await?;
+            for e in page.events {
+                history.push(serde_json::json!({
+                    "seq": e.seq,
+                    "time": iso(e.time_ms),
+                    "principal": e.draft.principal,
+                    "role": e.draft.role,
+                    "purpose": e.draft.purpose,
+                    "action": e.draft.action,
+                    "fields": e.draft.field_names,
+                    "outcome": e.draft.outcome,
+                }));
+            }
+            match page.next_after {
+                Some(n) => after = n,
+                None => break,
+            }
+        }
+        let doc = serde_json::json!({
+            "format": "kluis.record-export",
+            "version": 1,
+            "exported_at": iso(now_ms()),
+            "record_id": id.to_string(),
+            "revision": body.revision,
+            "created_at": iso(body.created_ms),
+            "updated_at": iso(body.updated_ms),
+            "lifecycle": { "stage": body.lifecycle, "date": body.lifecycle_date },
+            "restricted": body.restricted,
+            "legal_hold": body.legal_hold,
+            "consents": body.consents.iter().map(|(p, c)| serde_json::json!({
+                "purpose": p, "granted": c.granted, "changed": iso(c.changed_ms),
+            })).collect::<Vec<_>>(),
+            "fields": fields,
+            "retention": retention,
+            "access_history": history,
+        });
+        let text = Zeroizing::new(
+            serde_json::to_string_pretty(&doc)
+                .map_err(|e| VaultError::Internal(format!("export encoding: {e}")))?,
+        );
+        // The JSON value tree held copies of the plaintext: clear what can be reached.
+        drop(doc);
+        Ok(text)
+    }
+
     /// Builds the batch that deletes every category of `body` for which `keep` answers `None`
     /// (`Some(until)` keeps it). Returns the batch (expecting the header `raw`), what was
     /// erased and kept, and the names of the erased fields.
@@ -713,6 +827,7 @@ impl<S: Store> Vault<S> {
                     RecordRight::SetRestriction => "SetRestriction",
                     RecordRight::SetLegalHold => "SetLegalHold",
                     RecordRight::Erase => "EraseRecord",
+                    RecordRight::Export => "ExportRecord",
                 },
                 right.as_str()
             )));

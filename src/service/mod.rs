@@ -485,6 +485,31 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
     }
 
     #[instrument(skip_all)]
+    async fn export_record(
+        &self,
+        request: Request<proto::ExportRecordRequest>,
+    ) -> Result<Response<proto::ExportRecordResponse>, Status> {
+        let (mut log, mut ev, caller) = self.auth.begin("ExportRecord", &request);
+        let caller = match caller {
+            Ok(c) => c,
+            Err(e) => return self.finish(log, ev, Err(e)).await,
+        };
+        let req = request.into_inner();
+        ev.draft.record_id = event_record_id(&req.record_id);
+        ev.draft.purpose = crate::vault::PURPOSE_DSR.to_string();
+        log.record(&req.record_id);
+        let result = self
+            .vault
+            .export(&caller, &req.record_id, &mut ev)
+            .await
+            .map(|mut json| proto::ExportRecordResponse {
+                json: std::mem::take(&mut *json),
+            })
+            .map_err(status::from_vault);
+        self.finish(log, ev, result).await
+    }
+
+    #[instrument(skip_all)]
     async fn set_legal_hold(
         &self,
         request: Request<proto::SetLegalHoldRequest>,

@@ -840,3 +840,152 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_returns_every_field_metadata_deadlines_and_access_history() {
+    use base64::Engine;
+    let v = spawn_vault().await;
+    let cv: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
+    let id = v
+        .client("recruiter")
+        .await
+        .create_record(CreateRecordRequest {
+            purpose: "recruitment".into(),
+            fields: fields(&[
+                ("full_name", text("Ilse Bakker")),
+                ("email", text("ilse@example.nl")),
+                ("cv_document", blob(&cv, "application/pdf")),
+            ]),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .record_id;
+    v.client("payroll")
+        .await
+        .update_record(UpdateRecordRequest {
+            record_id: id.clone(),
+            purpose: "payroll".into(),
+            expected_revision: 0,
+            set: fields(&[("bsn", text("111222333"))]),
+            clear: vec![],
+        })
+        .await
+        .expect("payroll");
+    v.client("payroll")
+        .await
+        .set_lifecycle(SetLifecycleRequest {
+            record_id: id.clone(),
+            stage: "ended".into(),
+            date: "2026-03-31".into(),
+        })
+        .await
+        .expect("ended");
+    let mut recruiter = v.client("recruiter").await;
+    recruiter
+        .set_consent(consent(&id, "personal_offers", false))
+        .await
+        .expect("objection");
+    recruiter
+        .get_record(GetRecordRequest {
+            record_id: id.clone(),
+            purpose: "recruitment".into(),
+            field_names: vec!["email".into()],
+        })
+        .await
+        .expect("read");
+    let mut po = v.client("privacy_officer").await;
+    // Exportable while restricted too.
+    po.set_restriction(SetRestrictionRequest {
+        record_id: id.clone(),
+        restricted: true,
+        reason: "access request under review".into(),
+    })
+    .await
+    .expect("restrict");
+
+    for role in ["recruiter", "payroll", "auditor", "security_officer"] {
+        assert_status(
+            v.client(role)
+                .await
+                .export_record(kluis::proto::ExportRecordRequest {
+                    record_id: id.clone(),
+                })
+                .await,
+            Code::PermissionDenied,
+            &[],
+        );
+    }
+    let json = po
+        .export_record(kluis::proto::ExportRecordRequest {
+            record_id: id.clone(),
+        })
+        .await
+        .expect("export")
+        .into_inner()
+        .json;
+    let doc: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(doc["format"], "kluis.record-export");
+    assert_eq!(doc["version"], 1);
+    assert_eq!(doc["record_id"], id.as_str());
+    assert_eq!(doc["lifecycle"]["stage"], "ended");
+    assert_eq!(doc["lifecycle"]["date"], "2026-03-31");
+    assert_eq!(doc["restricted"], true);
+    assert_eq!(doc["fields"]["full_name"]["text"], "Ilse Bakker");
+    assert_eq!(doc["fields"]["bsn"]["text"], "111222333", "never masked");
+    assert_eq!(
+        doc["fields"]["cv_document"]["content_type"],
+        "application/pdf"
+    );
+    let back = base64::engine::general_purpose::STANDARD
+        .decode(
+            doc["fields"]["cv_document"]["blob_base64"]
+                .as_str()
+                .expect("b64"),
+        )
+        .expect("base64");
+    assert_eq!(back, cv);
+    let consents = doc["consents"].as_array().expect("consents");
+    assert_eq!(consents[0]["purpose"], "personal_offers");
+    assert_eq!(consents[0]["granted"], false);
+    let retention = doc["retention"].as_array().expect("retention");
+    let identity = retention
+        .iter()
+        .find(|r| r["category"] == "identity")
+        .expect("identity deadline");
+    assert_eq!(identity["keep_until"], "2031-03-31");
+    assert_eq!(identity["erase_on"], "2031-03-31");
+    let history = doc["access_history"].as_array().expect("history");
+    let actions: Vec<_> = history
+        .iter()
+        .map(|h| {
+            (
+                h["principal"].as_str().expect("p"),
+                h["action"].as_str().expect("a"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            ("test-recruiter", "CreateRecord"),
+            ("test-payroll", "UpdateRecord"),
+            ("test-payroll", "SetLifecycle"),
+            ("test-recruiter", "SetConsent"),
+            ("test-recruiter", "GetRecord"),
+            ("test-privacy_officer", "SetRestriction"),
+            // The refused export attempts are part of the history too.
+            ("test-recruiter", "ExportRecord"),
+            ("test-payroll", "ExportRecord"),
+            ("test-auditor", "ExportRecord"),
+            ("test-security_officer", "ExportRecord"),
+        ]
+    );
+    assert!(history[6..].iter().all(|h| h["outcome"] == "denied"));
+    let read = &history[4];
+    assert_eq!(read["fields"], serde_json::json!(["email"]));
+    assert_eq!(read["purpose"], "recruitment");
+    assert!(!history
+        .iter()
+        .any(|h| h.to_string().contains("Ilse") || h.to_string().contains("111222333")));
+}
