@@ -383,6 +383,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
     let policy_path = rel(&file.policy_file);
     let policy =
         Policy::from_toml(&std::fs::read_to_string(&policy_path).map_err(io_err(&policy_path))?)?;
+    policy.check_masked(&schema)?;
     let tls = match &file.tls {
         Some(t) => Some(load_tls(t, &rel)?),
         None => None,

@@ -1,7 +1,7 @@
 //! The `kluis` command line: `serve` runs the vault, `init` sets up production key material
 //! and configuration, `audit` verifies, exports and reports on the audit trail, `keys` manages
-//! the key lifecycle. Thin: everything happens in the library ([`kluis::cli`] for the
-//! subcommands' logic).
+//! the key lifecycle, `retention` shows what the retention sweeper would erase. Thin:
+//! everything happens in the library ([`kluis::cli`] for the subcommands' logic).
 
 #![forbid(unsafe_code)]
 
@@ -59,14 +59,21 @@ enum Command {
         #[command(subcommand)]
         command: kluis::cli::keys::KeysCommand,
     },
+    /// Retention: what the retention sweeper would erase and when, computed offline without
+    /// changing anything.
+    #[command(after_help = kluis::cli::retention::EXIT_CODES)]
+    Retention {
+        #[command(subcommand)]
+        command: kluis::cli::retention::RetentionCommand,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The audit and key tools print results, not a running log: warnings only unless
+    // The audit, key and retention tools print results, not a running log: warnings only unless
     // KLUIS_LOG says.
     let default_level = match cli.command {
-        Command::Audit { .. } | Command::Keys { .. } => "warn",
+        Command::Audit { .. } | Command::Keys { .. } | Command::Retention { .. } => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -90,6 +97,7 @@ fn main() -> ExitCode {
         Command::Init { dir, listen } => init(dir, &listen),
         Command::Audit { command } => audit(&command),
         Command::Keys { command } => keys(&command),
+        Command::Retention { command } => retention(&command),
     }
 }
 
@@ -130,6 +138,29 @@ fn keys(command: &kluis::cli::keys::KeysCommand) -> ExitCode {
     };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     match runtime.block_on(kluis::cli::keys::run(command, &mut out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            drop(out);
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Runs a retention tool: its result on stdout, errors on stderr, exit code 0 or 2.
+fn retention(command: &kluis::cli::retention::RetentionCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(kluis::cli::retention::EXIT_USAGE);
+        }
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match runtime.block_on(kluis::cli::retention::run(command, &mut out)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             drop(out);

@@ -44,6 +44,8 @@ pub struct Role {
     pub keys: BTreeSet<KeyRight>,
     /// Which record-state operations it may call.
     pub records: BTreeSet<RecordRight>,
+    /// Categories and field names it may read only masked (this wins over `read`).
+    pub masked: BTreeSet<String>,
 }
 
 /// A right over a record's processing state (service `Records`). None reads field values.
@@ -120,9 +122,20 @@ pub enum AuditRight {
 }
 
 impl Role {
-    /// Whether the role may read `category`.
+    /// Whether the role may read `category` in full (some of its fields may still be masked:
+    /// see [`Role::masks`]).
     pub fn may_read(&self, category: Category) -> bool {
         self.read.contains(&category)
+    }
+
+    /// Whether the role sees field `field` of `category` only masked.
+    pub fn masks(&self, category: Category, field: &str) -> bool {
+        self.masked.contains(category.as_str()) || self.masked.contains(field)
+    }
+
+    /// Whether the role may read field `field` of `category` at all (in full or masked).
+    pub fn may_see(&self, category: Category, field: &str) -> bool {
+        self.may_read(category) || self.masks(category, field)
     }
 
     /// Whether the role may write `category`.
@@ -222,6 +235,8 @@ struct RoleFile {
     keys: Vec<KeyRight>,
     #[serde(default)]
     records: Vec<RecordRight>,
+    #[serde(default)]
+    masked: Vec<String>,
 }
 
 /// A principal entry as written in the policy file.
@@ -272,6 +287,7 @@ impl Policy {
                 audit: r.audit.into_iter().collect(),
                 keys: r.keys.into_iter().collect(),
                 records: r.records.into_iter().collect(),
+                masked: r.masked.into_iter().collect(),
                 name: name.clone(),
             };
             roles.insert(name, Arc::new(role));
@@ -372,6 +388,22 @@ impl Policy {
         self.certs.get(common_name).cloned()
     }
 
+    /// Checks that every `masked` entry names a category or a field of `schema` (a typo would
+    /// otherwise leave a field unmasked).
+    pub fn check_masked(&self, schema: &crate::schema::Schema) -> Result<(), PolicyError> {
+        for role in self.roles.values() {
+            for name in &role.masked {
+                if Category::parse(name).is_none() && schema.field(name).is_none() {
+                    return Err(PolicyError::Rule(format!(
+                        "role `{}`: masked names `{name}`, which is neither a category nor a field of the schema",
+                        role.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Looks a role up by name.
     pub fn role(&self, name: &str) -> Option<&Arc<Role>> {
         self.roles.get(name)
@@ -407,6 +439,29 @@ pub fn generate_token() -> Result<Zeroizing<String>, crypto::CryptoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masked_entries_must_name_a_category_or_a_field() {
+        let schema = crate::schema::Schema::default_schema();
+        Policy::default_policy()
+            .check_masked(&schema)
+            .expect("the default policy masks real fields");
+        let text = DEFAULT_POLICY_TOML.replace(
+            "masked = [\"bsn\", \"iban\"]",
+            "masked = [\"bsn\", \"ibna\"]",
+        );
+        assert_ne!(text, DEFAULT_POLICY_TOML);
+        let err = Policy::from_toml(&text)
+            .expect("parses")
+            .check_masked(&schema)
+            .expect_err("typo refused");
+        assert!(err.to_string().contains("ibna"));
+        let po = Policy::default_policy();
+        let role = po.role("privacy_officer").expect("role");
+        assert!(role.masks(Category::Identity, "bsn"));
+        assert!(!role.masks(Category::Identity, "id_scan"));
+        assert!(role.may_see(Category::Identity, "bsn"));
+    }
 
     #[test]
     fn default_policy_has_the_fixed_roles() {

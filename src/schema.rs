@@ -110,6 +110,43 @@ pub enum FieldType {
 }
 
 impl FieldType {
+    /// The masked form of a (normalised) text value of this type, for roles that may see a
+    /// field only masked: BSN and IBAN keep their last 4 characters, an e-mail its first letter
+    /// and domain, a phone its last 2 digits, a date its year; anything else is hidden whole.
+    /// `None` for blobs (never returned masked: withheld instead).
+    pub fn mask(&self, value: &str) -> Option<String> {
+        let tail = |n: usize| {
+            let chars: Vec<char> = value.chars().filter(|c| !c.is_whitespace()).collect();
+            let keep = chars.len().min(n);
+            let hidden = chars.len() - keep;
+            let mut out = "*".repeat(hidden);
+            out.extend(&chars[hidden..]);
+            out
+        };
+        Some(match self {
+            FieldType::Bsn | FieldType::Iban => tail(4),
+            FieldType::Phone => {
+                let digits: Vec<char> = value.chars().filter(char::is_ascii_digit).collect();
+                let keep = digits.len().min(2);
+                format!(
+                    "{}{}",
+                    "*".repeat(digits.len() - keep),
+                    digits[digits.len() - keep..].iter().collect::<String>()
+                )
+            }
+            FieldType::Email => match value.split_once('@') {
+                Some((local, domain)) => {
+                    let first: String = local.chars().take(1).collect();
+                    format!("{first}***@{domain}")
+                }
+                None => "***".to_string(),
+            },
+            FieldType::Date => format!("{}-**-**", value.chars().take(4).collect::<String>()),
+            FieldType::Blob { .. } => return None,
+            _ => "***".to_string(),
+        })
+    }
+
     /// Whether values of this type are blobs (bytes with a content type) rather than text.
     pub fn is_blob(&self) -> bool {
         matches!(self, FieldType::Blob { .. })
@@ -693,6 +730,36 @@ fn parse_periods(text: &str) -> Result<String, ValueError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masks_keep_only_what_the_rule_allows() {
+        let blob = FieldType::Blob {
+            max_bytes: 1,
+            content_types: vec![],
+        };
+        assert_eq!(
+            FieldType::Bsn.mask("111222333").as_deref(),
+            Some("*****2333")
+        );
+        assert_eq!(
+            FieldType::Iban.mask("NL91ABNA0417164300").as_deref(),
+            Some("**************4300")
+        );
+        assert_eq!(
+            FieldType::Email.mask("jan.jansen@example.nl").as_deref(),
+            Some("j***@example.nl")
+        );
+        assert_eq!(
+            FieldType::Phone.mask("+31 6 1234 5678").as_deref(),
+            Some("*********78")
+        );
+        assert_eq!(
+            FieldType::Date.mask("1990-04-01").as_deref(),
+            Some("1990-**-**")
+        );
+        assert_eq!(FieldType::Amount.mask("3125.50").as_deref(), Some("***"));
+        assert_eq!(blob.mask("x"), None);
+    }
 
     #[test]
     fn default_schema_loads_with_every_category() {

@@ -364,7 +364,7 @@ impl<S: Store> Vault<S> {
         let mut wanted = BTreeSet::new();
         for name in field_names {
             let def = self.field_def("field_names", name)?;
-            if !caller.role.may_read(def.category) {
+            if !self.visible(caller, def) {
                 return Err(denied_field(caller, "read", def));
             }
             wanted.insert(def.name.as_str());
@@ -375,15 +375,17 @@ impl<S: Store> Vault<S> {
             attempt += 1;
             let (raw, body) = self.load(id).await?;
             self.check_processing(id, &body, purpose)?;
-            match self.read_fields(caller, idb, &body, &wanted).await {
+            match self.read_fields(caller, idb, &body, &wanted, true).await {
                 Ok(fields) => {
                     let withheld = body
                         .fields
-                        .iter()
-                        .filter(|(_, e)| {
-                            Category::parse(&e.category).is_none_or(|c| !caller.role.may_read(c))
+                        .keys()
+                        .filter(|n| {
+                            self.schema
+                                .field(n)
+                                .is_none_or(|d| !self.visible(caller, d))
                         })
-                        .map(|(n, _)| n.clone())
+                        .cloned()
                         .collect();
                     return Ok(ReadResult {
                         id,
@@ -632,7 +634,7 @@ impl<S: Store> Vault<S> {
         let names: Vec<String> = body.fields.keys().cloned().collect();
         let wanted: BTreeSet<&str> = names.iter().map(String::as_str).collect();
         let values = self
-            .read_fields(caller, id.as_bytes(), &body, &wanted)
+            .read_fields(caller, id.as_bytes(), &body, &wanted, false)
             .await?;
         event.draft.record_id = id.to_string();
         event.draft.field_names = names;
@@ -1193,12 +1195,25 @@ impl<S: Store> Vault<S> {
         Ok((raw, body))
     }
 
+    /// Whether `caller` gets field `def` at all: in full, or masked (blobs are never returned
+    /// masked, so a role that sees a blob only masked does not get it).
+    fn visible(&self, caller: &Caller, def: &FieldDef) -> bool {
+        if caller.role.masks(def.category, &def.name) {
+            !def.kind.is_blob()
+        } else {
+            caller.role.may_read(def.category)
+        }
+    }
+
+    /// Opens the selected fields (`wanted`, or every visible one when empty); with `masking`,
+    /// fields the role sees only masked are returned masked.
     async fn read_fields(
         &self,
         caller: &Caller,
         id: &[u8],
         body: &RecordBody,
         wanted: &BTreeSet<&str>,
+        masking: bool,
     ) -> Result<Vec<(String, Value)>, VaultError> {
         let mut selected = Vec::new();
         for (name, entry) in &body.fields {
@@ -1209,7 +1224,9 @@ impl<S: Store> Vault<S> {
                 });
             };
             let asked = if wanted.is_empty() {
-                caller.role.may_read(category)
+                self.schema
+                    .field(name)
+                    .is_some_and(|d| self.visible(caller, d))
             } else {
                 wanted.contains(name.as_str())
             };
@@ -1240,7 +1257,13 @@ impl<S: Store> Vault<S> {
                     drop(Zeroizing::new(e.into_bytes()));
                     field_loss(id, name)
                 })?;
-                Value::Text(Zeroizing::new(text))
+                let text = Zeroizing::new(text);
+                match self.schema.field(name) {
+                    Some(def) if masking && caller.role.masks(category, name) => {
+                        Value::Text(Zeroizing::new(def.kind.mask(&text).unwrap_or_default()))
+                    }
+                    _ => Value::Text(text),
+                }
             } else {
                 Value::Blob {
                     bytes: plaintext,

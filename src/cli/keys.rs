@@ -697,17 +697,26 @@ pub struct MasterKeySetup {
 /// Resolves the data directory and the current master key of `args`: from the configuration
 /// file (relative paths relative to it), or the dev-mode layout under the current directory.
 pub fn resolve_setup(args: &RotateMasterArgs) -> Result<MasterKeySetup, CliError> {
-    let (data_dir, source) = if args.dev {
+    resolve_setup_from(args.config.clone(), args.dev, args.data_dir.clone())
+}
+
+/// [`resolve_setup`] for any offline command with `--config FILE | --dev` and `--data-dir
+/// DIR`: the configuration file `config` (default `./kluis.toml`; relative paths in it are
+/// relative to it), or with `dev` the dev-mode layout under the current directory; `data_dir`
+/// overrides the data directory either names.
+pub fn resolve_setup_from(
+    config: Option<PathBuf>,
+    dev: bool,
+    data_dir: Option<PathBuf>,
+) -> Result<MasterKeySetup, CliError> {
+    let (resolved_dir, source) = if dev {
         let root = Path::new(".");
         (
             root.join("data"),
             MasterKeySource::File(root.join("keys").join("master.key")),
         )
     } else {
-        let path = args
-            .config
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("kluis.toml"));
+        let path = config.unwrap_or_else(|| PathBuf::from("kluis.toml"));
         if !path.exists() {
             return Err(CliError::Usage(format!(
                 "no configuration at {}: pass --config FILE, or --dev in a dev-mode directory",
@@ -734,7 +743,7 @@ pub fn resolve_setup(args: &RotateMasterArgs) -> Result<MasterKeySetup, CliError
             },
         )
     };
-    let data_dir = args.data_dir.clone().unwrap_or(data_dir);
+    let data_dir = data_dir.unwrap_or(resolved_dir);
     let key = match &source {
         MasterKeySource::File(p) => {
             MasterKey::load_file(p).map_err(|e| CliError::Usage(format!("current {e}")))?

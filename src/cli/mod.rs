@@ -3,6 +3,8 @@
 //!
 //! - [`audit`]: `kluis audit verify | export | breach-report`.
 //! - [`keys`]: `kluis keys status | rotate | rewrap | rekey | retire | rotate-master`.
+//! - [`retention`]: `kluis retention plan` (what the retention sweeper would erase, and when).
 
 pub mod audit;
 pub mod keys;
+pub mod retention;

@@ -12,5 +12,6 @@ mod keys_cli;
 mod policy_matrix;
 mod privacy;
 mod records;
+mod retention_cli;
 mod tamper;
 mod tls;

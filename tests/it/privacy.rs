@@ -989,3 +989,44 @@ async fn export_returns_every_field_metadata_deadlines_and_access_history() {
         .iter()
         .any(|h| h.to_string().contains("Ilse") || h.to_string().contains("111222333")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_show_bsn_and_iban_masked_but_payroll_and_exports_see_them_in_full() {
+    let v = spawn_vault().await;
+    let id = employee(&v, "jan@example.nl", "employed", "2026-01-05").await;
+    let mut po = v.client("privacy_officer").await;
+    let got = po
+        .get_record(get(&id, "data_subject_request"))
+        .await
+        .expect("read")
+        .into_inner();
+    assert_eq!(text_of(&got.fields["bsn"]), "*****2333");
+    assert_eq!(text_of(&got.fields["iban"]), "**************4300");
+    assert_eq!(
+        text_of(&got.fields["email"]),
+        "jan@example.nl",
+        "not masked"
+    );
+    let payroll = v
+        .client("payroll")
+        .await
+        .get_record(get(&id, "payroll"))
+        .await
+        .expect("read")
+        .into_inner();
+    assert_eq!(text_of(&payroll.fields["bsn"]), "111222333");
+    assert_eq!(text_of(&payroll.fields["iban"]), "NL91ABNA0417164300");
+    let json = po
+        .export_record(kluis::proto::ExportRecordRequest {
+            record_id: id.clone(),
+        })
+        .await
+        .expect("export")
+        .into_inner()
+        .json;
+    let doc: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(
+        doc["fields"]["bsn"]["text"], "111222333",
+        "exports are never masked"
+    );
+}

@@ -1,0 +1,481 @@
+//! `kluis retention …`: what the retention sweeper ([`crate::sweeper`]) would do.
+//!
+//! - `plan`: offline, with the server stopped: every category of every record whose maximum
+//!   retention period has a date, with that date and whether it has come (as of `--at`,
+//!   default today UTC), under the retention rules of the configuration (`[retention]`; the
+//!   defaults with `--dev`). Nothing is erased and nothing is written: the data directory is
+//!   opened, read and released.
+//!
+//! Exit codes: 0 ok; [`EXIT_USAGE`] for usage, configuration and IO errors, a data directory
+//! in use by a running server, and a master key that does not open the data directory.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::NaiveDate;
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use super::audit::{open_store, output_error, CliError, Format};
+use super::keys::{resolve_setup_from, MasterKeySetup};
+use crate::config::ConfigFile;
+use crate::keys::{self, KeyRing};
+use crate::retention::RetentionRules;
+use crate::schema::Schema;
+use crate::store::{Keyspace, SledStore, Store};
+use crate::sweeper::{self, Planned};
+use crate::vault::Vault;
+
+pub use super::audit::EXIT_USAGE;
+
+/// The exit codes, for `--help`.
+pub const EXIT_CODES: &str = "Exit codes:\n  0  ok\n  2  usage, configuration or IO error (also: the data directory is in use by a running\n     server, or the master key does not open it)";
+
+/// What to do instead of planning over a data directory a server holds.
+const STOP_SERVER_FIRST: &str = "plan on a backup of it restored elsewhere (--data-dir DIR)";
+
+/// Records read per page when counting them.
+const PAGE: usize = 1024;
+
+/// The status of a category that is due and not held.
+pub const STATUS_DUE: &str = "due";
+/// The status of a category that is due but kept by a legal hold.
+pub const STATUS_HELD: &str = "held (legal hold)";
+/// The status of a category whose date has not come.
+pub const STATUS_SCHEDULED: &str = "scheduled";
+/// The status of a category whose date has not come, on a record under legal hold.
+pub const STATUS_SCHEDULED_HELD: &str = "scheduled (legal hold)";
+
+// ---------------------------------------------------------------------------------------
+// Arguments
+
+/// `kluis retention` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RetentionCommand {
+    /// Offline: what the retention sweeper would erase and when (changes nothing).
+    ///
+    /// One row per category of a record whose maximum retention period has a date, sorted by
+    /// that date: ERASE ON, RECORD, STAGE, CATEGORY, STATUS and BASIS. STATUS is `due` when the
+    /// date is on or before --at, `held (legal hold)` when it is due but a legal hold keeps
+    /// the record, `scheduled` when the date is later (`scheduled (legal hold)` on a record
+    /// under hold). Then a summary, and how many records have no running clock (applicants
+    /// still in procedure, employees: their data is kept until the stage changes).
+    ///
+    /// The rules come from the configuration's [retention] section (the defaults with --dev).
+    /// The server must be stopped: the data directory is read directly, and nothing is written
+    /// to it.
+    #[command(after_help = EXIT_CODES)]
+    Plan(PlanArgs),
+}
+
+/// `kluis retention plan`.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The date to plan for, YYYY-MM-DD: categories whose date is on or before it are due
+    /// [default: today, UTC].
+    #[arg(long, value_name = "DATE", value_parser = parse_date)]
+    pub at: Option<NaiveDate>,
+    /// Configuration file naming the data directory, the master key file (or none: then the
+    /// key is in KLUIS_MASTER_KEY), the schema and the retention rules [default: ./kluis.toml].
+    #[arg(long, value_name = "FILE", conflicts_with = "dev")]
+    pub config: Option<PathBuf>,
+    /// Dev mode layout: the master key in ./keys/master.key, the data in ./data, the default
+    /// retention rules.
+    #[arg(long)]
+    pub dev: bool,
+    /// Data directory (overrides the configuration's).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// Parses `--at`: an ISO date `YYYY-MM-DD`.
+pub fn parse_date(text: &str) -> Result<NaiveDate, String> {
+    let text = text.trim();
+    match NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        Ok(d) if text.len() == 10 => Ok(d),
+        _ => Err("not a date: use YYYY-MM-DD (e.g. 2026-11-25)".into()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The plan
+
+/// A retention plan as of one date.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The date the plan is for.
+    pub at: NaiveDate,
+    /// Every category with a date, sorted by date ([`sweeper::plan`]).
+    pub entries: Vec<Planned>,
+    /// How many records the data directory holds.
+    pub records: u64,
+}
+
+impl Plan {
+    /// Categories due by the plan's date, held ones included.
+    pub fn due(&self) -> u64 {
+        count(self.entries.iter().filter(|e| e.due))
+    }
+
+    /// Records with a category due by the plan's date.
+    pub fn due_records(&self) -> u64 {
+        let ids: BTreeSet<&str> = self
+            .entries
+            .iter()
+            .filter(|e| e.due)
+            .map(|e| e.record_id.as_str())
+            .collect();
+        count(ids.into_iter())
+    }
+
+    /// Due categories that a legal hold keeps.
+    pub fn held(&self) -> u64 {
+        count(self.entries.iter().filter(|e| e.due && e.legal_hold))
+    }
+
+    /// Categories whose date comes after the plan's date.
+    pub fn scheduled(&self) -> u64 {
+        count(self.entries.iter().filter(|e| !e.due))
+    }
+
+    /// Records none of whose categories has a date (applicants in procedure, employees).
+    pub fn without_clock(&self) -> u64 {
+        let with: BTreeSet<&str> = self.entries.iter().map(|e| e.record_id.as_str()).collect();
+        self.records.saturating_sub(count(with.into_iter()))
+    }
+}
+
+fn count<T>(items: impl Iterator<Item = T>) -> u64 {
+    u64::try_from(items.count()).unwrap_or(u64::MAX)
+}
+
+/// The STATUS cell of an entry.
+pub fn status(entry: &Planned) -> &'static str {
+    match (entry.due, entry.legal_hold) {
+        (true, false) => STATUS_DUE,
+        (true, true) => STATUS_HELD,
+        (false, false) => STATUS_SCHEDULED,
+        (false, true) => STATUS_SCHEDULED_HELD,
+    }
+}
+
+/// `1 category`, `2 categories`.
+fn counted(n: u64, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("{n} {one}")
+    } else {
+        format!("{n} {many}")
+    }
+}
+
+/// The plan as an aligned table, a summary line and (when there are any) a line on the
+/// records without a running clock.
+pub fn render_plan(plan: &Plan) -> String {
+    const HEADER: [&str; 6] = ["ERASE ON", "RECORD", "STAGE", "CATEGORY", "STATUS", "BASIS"];
+    let at = plan.at.format("%Y-%m-%d");
+    let mut out = String::new();
+    if plan.entries.is_empty() {
+        out.push_str("Nothing is scheduled for erasure.\n");
+    } else {
+        let rows: Vec<[&str; 6]> = plan
+            .entries
+            .iter()
+            .map(|e| {
+                [
+                    e.erase_on.as_str(),
+                    e.record_id.as_str(),
+                    e.stage.as_str(),
+                    e.category.as_str(),
+                    status(e),
+                    e.basis.as_str(),
+                ]
+            })
+            .collect();
+        let mut widths = HEADER.map(str::len);
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        for row in std::iter::once(&HEADER).chain(&rows) {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                if i > 0 {
+                    line.push_str("  ");
+                }
+                line.push_str(&format!("{cell:<width$}", width = widths[i]));
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "{} of {} due by {at} ({} held by legal hold); {} more scheduled later\n",
+        counted(plan.due(), "category", "categories"),
+        counted(plan.due_records(), "record", "records"),
+        plan.held(),
+        plan.scheduled(),
+    ));
+    let without = plan.without_clock();
+    if without > 0 {
+        out.push_str(&format!(
+            "{} no running clock (applicants in procedure, employees)\n",
+            counted(without, "record has", "records have"),
+        ));
+    }
+    out
+}
+
+#[derive(Serialize)]
+struct JsonPlan<'a> {
+    at: String,
+    entries: &'a [Planned],
+    due: u64,
+    held: u64,
+    scheduled: u64,
+    without_clock: u64,
+}
+
+/// The plan as one pretty-printed JSON document: `{"at", "entries": [{"record_id", "stage",
+/// "category", "erase_on", "due", "legal_hold", "basis"}], "due", "held", "scheduled",
+/// "without_clock"}` (the counts as in the table's summary).
+pub fn plan_json(plan: &Plan) -> String {
+    let doc = JsonPlan {
+        at: plan.at.format("%Y-%m-%d").to_string(),
+        entries: &plan.entries,
+        due: plan.due(),
+        held: plan.held(),
+        scheduled: plan.scheduled(),
+        without_clock: plan.without_clock(),
+    };
+    serde_json::to_string_pretty(&doc).expect("plain strings, booleans and integers serialize")
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading the data directory
+
+/// The retention rules and schema of the configuration (the defaults in dev mode), the
+/// rules validated.
+fn load_rules(config: Option<&Path>, dev: bool) -> Result<(RetentionRules, Schema), CliError> {
+    if dev {
+        return Ok((RetentionRules::default(), Schema::default_schema()));
+    }
+    let path = config.unwrap_or(Path::new("kluis.toml"));
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::Io(format!("{}: {e}", path.display())))?;
+    let file: ConfigFile =
+        toml::from_str(&text).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+    file.retention
+        .validate()
+        .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+    let schema = match &file.schema_file {
+        Some(p) => {
+            let p = if p.is_absolute() {
+                p.clone()
+            } else {
+                path.parent().unwrap_or(Path::new(".")).join(p)
+            };
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| CliError::Io(format!("{}: {e}", p.display())))?;
+            Schema::from_toml(&text)
+                .map_err(|e| CliError::Usage(format!("{}: {e}", p.display())))?
+        }
+        None => Schema::default_schema(),
+    };
+    Ok((file.retention, schema))
+}
+
+/// How many records `store` holds.
+async fn count_records(store: &SledStore) -> Result<u64, CliError> {
+    let mut total: u64 = 0;
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = store
+            .scan(Keyspace::Records, b"", after.as_deref(), PAGE)
+            .await
+            .map_err(|e| CliError::Io(format!("reading the records: {e}")))?;
+        let Some((last, _)) = page.last() else {
+            return Ok(total);
+        };
+        after = Some(last.clone());
+        total = total.saturating_add(count(page.iter()));
+    }
+}
+
+/// The plan of the data directory `setup` names, as of `at`, under `rules`. Opens the
+/// directory (refused while a server holds it), reads and releases it; writes nothing.
+pub async fn plan_offline(
+    setup: MasterKeySetup,
+    rules: RetentionRules,
+    schema: Schema,
+    at: NaiveDate,
+) -> Result<Plan, CliError> {
+    let store = open_store(&setup.data_dir, STOP_SERVER_FIRST)?;
+    // `KeyRing::open` would create the keys of an empty store: check the key first, so that
+    // nothing is written.
+    let opens = keys::which_master_key(&store, &setup.key, &setup.key)
+        .await
+        .map_err(|e| CliError::Io(format!("the data directory's keys: {e}")))?;
+    if opens != Some(true) {
+        return Err(CliError::Usage(format!(
+            "the master key does not open the data directory {} (a wrong key, or no vault in it)",
+            setup.data_dir.display()
+        )));
+    }
+    let ring = KeyRing::open(&store, &setup.key)
+        .await
+        .map_err(|e| CliError::Io(format!("the data directory's keys: {e}")))?;
+    let records = count_records(&store).await?;
+    let vault = Vault::new(store, Arc::new(schema), Arc::new(ring)).with_retention(Arc::new(rules));
+    let entries = sweeper::plan(&vault, at)
+        .await
+        .map_err(|e| CliError::Io(format!("reading the records: {e}")))?;
+    // Release the data directory before reporting.
+    drop(vault);
+    Ok(Plan {
+        at,
+        entries,
+        records,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Commands
+
+/// `kluis retention plan`.
+pub async fn plan(args: &PlanArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let at = args.at.unwrap_or_else(|| chrono::Utc::now().date_naive());
+    let setup = resolve_setup_from(args.config.clone(), args.dev, args.data_dir.clone())?;
+    let (rules, schema) = load_rules(args.config.as_deref(), args.dev)?;
+    let plan = plan_offline(setup, rules, schema, at).await?;
+    let text = match args.format {
+        Format::Table => render_plan(&plan),
+        Format::Json => format!("{}\n", plan_json(&plan)),
+    };
+    out.write_all(text.as_bytes()).map_err(output_error)
+}
+
+/// Runs a retention command, writing its result to `out` (errors are for the caller to print
+/// as `error: …`).
+pub async fn run(command: &RetentionCommand, out: &mut dyn Write) -> Result<(), CliError> {
+    let result = match command {
+        RetentionCommand::Plan(args) => plan(args, out).await,
+    };
+    let flushed = out.flush().map_err(output_error);
+    match result.and(flushed) {
+        Err(CliError::OutputClosed) => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, on: &str, category: &str, due: bool, held: bool) -> Planned {
+        Planned {
+            record_id: id.into(),
+            stage: "ended".into(),
+            category: category.into(),
+            erase_on: on.into(),
+            due,
+            legal_hold: held,
+            basis: "some basis".into(),
+        }
+    }
+
+    fn sample() -> Plan {
+        Plan {
+            at: NaiveDate::from_ymd_opt(2026, 2, 7).expect("date"),
+            entries: vec![
+                entry("a", "2026-02-07", "contact", true, false),
+                entry("h", "2026-02-07", "contact", true, true),
+                entry("b", "2027-01-10", "contact", false, false),
+                entry("c", "2028-03-31", "contact", false, true),
+            ],
+            records: 6,
+        }
+    }
+
+    #[test]
+    fn dates_are_iso() {
+        assert_eq!(
+            parse_date("2026-02-07"),
+            Ok(NaiveDate::from_ymd_opt(2026, 2, 7).expect("date"))
+        );
+        for bad in ["2026-2-7", "07-02-2026", "2026-02-30", "", "tomorrow"] {
+            assert!(parse_date(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_table_has_a_status_per_row_and_a_summary() {
+        let text = render_plan(&sample());
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0]
+                .split_whitespace()
+                .eq(["ERASE", "ON", "RECORD", "STAGE", "CATEGORY", "STATUS", "BASIS"]),
+            "{text}"
+        );
+        let status_at = lines[0].find("STATUS").expect("STATUS column");
+        let statuses: Vec<&str> = lines[1..5]
+            .iter()
+            .map(|l| l[status_at..].split("  ").next().expect("a cell"))
+            .collect();
+        assert_eq!(
+            statuses,
+            [
+                STATUS_DUE,
+                STATUS_HELD,
+                STATUS_SCHEDULED,
+                STATUS_SCHEDULED_HELD
+            ]
+        );
+        assert_eq!(lines[5], "");
+        assert_eq!(
+            lines[6],
+            "2 categories of 2 records due by 2026-02-07 (1 held by legal hold); 2 more scheduled later"
+        );
+        assert_eq!(
+            lines[7],
+            "2 records have no running clock (applicants in procedure, employees)"
+        );
+        assert_eq!(lines.len(), 8);
+    }
+
+    #[test]
+    fn an_empty_plan_says_so() {
+        let plan = Plan {
+            at: NaiveDate::from_ymd_opt(2026, 2, 7).expect("date"),
+            entries: vec![],
+            records: 1,
+        };
+        assert_eq!(
+            render_plan(&plan),
+            "Nothing is scheduled for erasure.\n0 categories of 0 records due by 2026-02-07 (0 held by legal hold); 0 more scheduled later\n1 record has no running clock (applicants in procedure, employees)\n"
+        );
+    }
+
+    #[test]
+    fn the_json_is_one_document_with_the_counts() {
+        let doc: serde_json::Value =
+            serde_json::from_str(&plan_json(&sample())).expect("one JSON document");
+        assert_eq!(doc["at"], "2026-02-07");
+        assert_eq!(doc["due"], 2);
+        assert_eq!(doc["held"], 1);
+        assert_eq!(doc["scheduled"], 2);
+        assert_eq!(doc["without_clock"], 2);
+        let entries = doc["entries"].as_array().expect("entries");
+        assert_eq!(entries.len(), 4);
+        assert_eq!(entries[1]["record_id"], "h");
+        assert_eq!(entries[1]["legal_hold"], true);
+        assert_eq!(entries[1]["due"], true);
+    }
+}
