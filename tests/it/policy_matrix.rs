@@ -191,7 +191,10 @@ async fn role_field_operation_matrix_of_the_default_policy() {
                     // The default policy shows BSN and IBAN masked to the privacy officer
                     // (tests/it/privacy.rs checks the masks); everything else in full.
                     if row.role == "privacy_officer" && matches!(*field, "bsn" | "iban") {
-                        assert!(text_of(&r.fields[*field]).starts_with("*****"), "read {ctx}");
+                        assert!(
+                            text_of(&r.fields[*field]).starts_with("*****"),
+                            "read {ctx}"
+                        );
                     } else {
                         assert!(
                             r.fields[*field].kind == sample_value(field).kind,
