@@ -140,6 +140,9 @@ pub struct FieldEntry {
     /// Blind-index tag (searchable fields only).
     #[prost(bytes = "vec", tag = "7")]
     pub index_tag: Vec<u8>,
+    /// When this value was written, Unix milliseconds (0: before this was kept).
+    #[prost(int64, tag = "8")]
+    pub written_ms: i64,
 }
 
 /// Only the data keys of a record body (decoding skips the field entries).
@@ -320,6 +323,7 @@ mod tests {
                     digest: vec![1; 32],
                     content_type: String::new(),
                     index_tag: vec![2; 32],
+                    written_ms: 2,
                 },
             )]),
             lifecycle_date: "2026-01-05".into(),

@@ -117,6 +117,16 @@ pub enum StateChange {
     },
 }
 
+/// What [`Vault::update`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Updated {
+    /// The new revision.
+    pub revision: u64,
+    /// Principals (other than the caller) who read a changed field since it was last written
+    /// before this change: the recipients to inform of a rectification.
+    pub notify: Vec<String>,
+}
+
 /// What [`Vault::erase`] did.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Erasure {
@@ -415,7 +425,7 @@ impl<S: Store> Vault<S> {
         purpose: &str,
         change: Change,
         event: &mut audit::Context,
-    ) -> Result<u64, VaultError> {
+    ) -> Result<Updated, VaultError> {
         let Change {
             expected_revision,
             set,
@@ -456,6 +466,14 @@ impl<S: Store> Vault<S> {
                 });
             }
             let revision = body.revision + 1;
+            // Who read a changed field since it was last written (before this change).
+            let changed: BTreeMap<String, i64> = parsed
+                .iter()
+                .map(|(d, _)| d.name.as_str())
+                .chain(cleared.keys().copied())
+                .filter_map(|n| body.fields.get(n).map(|e| (n.to_string(), e.written_ms)))
+                .collect();
+            let notify = self.readers_since(id, &changed, &caller.principal).await?;
             let mut batch = Batch::default();
             let mut sealers: BTreeMap<Category, SealingKey> = BTreeMap::new();
             for (def, value) in &parsed {
@@ -486,7 +504,7 @@ impl<S: Store> Vault<S> {
             match self.store.commit(batch).await {
                 Ok(()) => {
                     event.written = true;
-                    return Ok(revision);
+                    return Ok(Updated { revision, notify });
                 }
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e.into()),
@@ -770,6 +788,47 @@ impl<S: Store> Vault<S> {
             batch.put(Keyspace::Records, idb.to_vec(), body.seal(kv, key));
         }
         Ok((batch, erasure, names))
+    }
+
+    /// The principals other than `except` with a successful `GetRecord` of record `id` that
+    /// returned one of `fields` at or after that field's write time. Reads the record's events
+    /// from the oldest write time on (binary search by time, then a scan of the chain).
+    async fn readers_since(
+        &self,
+        id: Uuid,
+        fields: &BTreeMap<String, i64>,
+        except: &str,
+    ) -> Result<Vec<String>, VaultError> {
+        let Some(since) = fields.values().min().copied() else {
+            return Ok(Vec::new());
+        };
+        let filter = audit::Filter {
+            record_id: Some(id.to_string()),
+            since_ms: Some(since),
+            ..audit::Filter::default()
+        };
+        let mut readers = BTreeSet::new();
+        let mut after = 0;
+        loop {
+            let page = audit::query(&self.store, &filter, after, 1000).await?;
+            for e in page.events {
+                let read_one = e.draft.action == "GetRecord"
+                    && e.draft.outcome == audit::Outcome::Ok.as_str()
+                    && e.draft.principal != except
+                    && e.draft
+                        .field_names
+                        .iter()
+                        .any(|n| fields.get(n).is_some_and(|written| e.time_ms >= *written));
+                if read_one {
+                    readers.insert(e.draft.principal);
+                }
+            }
+            match page.next_after {
+                Some(n) => after = n,
+                None => break,
+            }
+        }
+        Ok(readers.into_iter().collect())
     }
 
     /// Whether the record may be processed for `purpose`: not restricted (except for a
@@ -1155,6 +1214,7 @@ impl<S: Store> Vault<S> {
             digest: sealed.digest.to_vec(),
             content_type: value.content_type.clone().unwrap_or_default(),
             index_tag,
+            written_ms: now_ms(),
         })
     }
 

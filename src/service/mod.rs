@@ -360,7 +360,7 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         ev.draft.field_names = names;
         let result = async {
             let set = to_values("set", req.set)?;
-            let revision = self
+            let updated = self
                 .vault
                 .update(
                     &caller,
@@ -375,7 +375,10 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
                 )
                 .await
                 .map_err(status::from_vault)?;
-            Ok(proto::UpdateRecordResponse { revision })
+            Ok(proto::UpdateRecordResponse {
+                revision: updated.revision,
+                notify: updated.notify,
+            })
         }
         .await;
         self.finish(log, ev, result).await

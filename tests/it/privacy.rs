@@ -1030,3 +1030,77 @@ async fn lookups_show_bsn_and_iban_masked_but_payroll_and_exports_see_them_in_fu
         "exports are never masked"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rectification_names_who_read_the_changed_fields_since_they_last_changed() {
+    let v = spawn_vault().await;
+    let id = applicant(&v, "karin@example.nl").await;
+    let read = |names: &[&str]| GetRecordRequest {
+        record_id: id.clone(),
+        purpose: String::new(),
+        field_names: names.iter().map(|n| n.to_string()).collect(),
+    };
+    let mut payroll = v.client("payroll").await;
+    payroll
+        .get_record(GetRecordRequest {
+            purpose: "payroll".into(),
+            ..read(&["email"])
+        })
+        .await
+        .expect("payroll reads the email");
+    v.client("absence")
+        .await
+        .get_record(GetRecordRequest {
+            purpose: "absence_management".into(),
+            ..read(&[])
+        })
+        .await
+        .expect("absence reads every contact field");
+    v.client("privacy_officer")
+        .await
+        .get_record(GetRecordRequest {
+            purpose: "data_subject_request".into(),
+            ..read(&["full_name"])
+        })
+        .await
+        .expect("privacy officer reads only the name");
+    // A refused read is no recipient.
+    assert_status(
+        payroll
+            .get_record(GetRecordRequest {
+                purpose: "recruitment".into(),
+                ..read(&["email"])
+            })
+            .await,
+        Code::PermissionDenied,
+        &[],
+    );
+    let mut recruiter = v.client("recruiter").await;
+    recruiter
+        .get_record(GetRecordRequest {
+            purpose: "recruitment".into(),
+            ..read(&["email"])
+        })
+        .await
+        .expect("the recruiter's own read");
+    let change = |email: &str| UpdateRecordRequest {
+        record_id: id.clone(),
+        purpose: "recruitment".into(),
+        expected_revision: 0,
+        set: fields(&[("email", text(email))]),
+        clear: vec![],
+    };
+    let out = recruiter
+        .update_record(change("karin.b@example.nl"))
+        .await
+        .expect("rectify")
+        .into_inner();
+    assert_eq!(out.notify, vec!["test-absence", "test-payroll"]);
+    // Nobody read the new value yet.
+    let out = recruiter
+        .update_record(change("karin.bos@example.nl"))
+        .await
+        .expect("rectify again")
+        .into_inner();
+    assert!(out.notify.is_empty(), "{:?}", out.notify);
+}
