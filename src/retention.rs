@@ -347,6 +347,15 @@ mod tests {
             },
         );
         assert_eq!(deadlines(&rules, &b)[0].erase_on, Some(d("2027-01-10")));
+        // Withdrawal takes the period back to 4 weeks.
+        b.consents.insert(
+            "talent_pool".into(),
+            ConsentEntry {
+                granted: false,
+                changed_ms: 1,
+            },
+        );
+        assert_eq!(deadlines(&rules, &b)[0].erase_on, Some(d("2026-02-07")));
         let applicant = body("applicant", "", &[Category::Contact]);
         assert_eq!(deadlines(&rules, &applicant)[0].erase_on, None);
         let employed = body(
