@@ -1,6 +1,7 @@
 //! The `kluis` command line: `serve` runs the vault, `init` sets up production key material
 //! and configuration, `audit` verifies, exports and reports on the audit trail, `keys` manages
-//! the key lifecycle, `retention` shows what the retention sweeper would erase. Thin:
+//! the key lifecycle, `retention` shows what the retention sweeper would erase, `export` writes
+//! a record's data-subject export to a file. Thin:
 //! everything happens in the library ([`kluis::cli`] for the subcommands' logic).
 
 #![forbid(unsafe_code)]
@@ -66,14 +67,22 @@ enum Command {
         #[command(subcommand)]
         command: kluis::cli::retention::RetentionCommand,
     },
+    /// Writes a record's data-subject export (every field in full, metadata, consents,
+    /// retention deadlines, access history) to a file, mode 0600; prints a summary, never a
+    /// value.
+    #[command(after_help = kluis::cli::export::EXIT_CODES)]
+    Export(kluis::cli::export::ExportArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The audit, key and retention tools print results, not a running log: warnings only unless
-    // KLUIS_LOG says.
+    // The audit, key, retention and export tools print results, not a running log: warnings
+    // only unless KLUIS_LOG says.
     let default_level = match cli.command {
-        Command::Audit { .. } | Command::Keys { .. } | Command::Retention { .. } => "warn",
+        Command::Audit { .. }
+        | Command::Keys { .. }
+        | Command::Retention { .. }
+        | Command::Export(_) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -98,6 +107,7 @@ fn main() -> ExitCode {
         Command::Audit { command } => audit(&command),
         Command::Keys { command } => keys(&command),
         Command::Retention { command } => retention(&command),
+        Command::Export(args) => export(&args),
     }
 }
 
@@ -161,6 +171,29 @@ fn retention(command: &kluis::cli::retention::RetentionCommand) -> ExitCode {
     };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     match runtime.block_on(kluis::cli::retention::run(command, &mut out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            drop(out);
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Runs the export: its summary on stdout, errors on stderr, exit code 0, 1 or 2.
+fn export(args: &kluis::cli::export::ExportArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(kluis::cli::export::EXIT_USAGE);
+        }
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match runtime.block_on(kluis::cli::export::run(args, &mut out)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             drop(out);

@@ -7,6 +7,7 @@ mod audit;
 mod audit_cli;
 mod crypto_vectors;
 mod durability;
+mod export_cli;
 mod keys;
 mod keys_cli;
 mod policy_matrix;

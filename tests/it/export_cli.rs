@@ -1,0 +1,291 @@
+//! The real `kluis export RECORD_ID` binary against a real vault: the privacy officer's export
+//! lands in a 0600 file holding the whole document (blobs included), the summary names no
+//! value; an existing file is kept unless --force; refusals and usage errors have their exit
+//! codes.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use base64::Engine;
+use kluis::proto::CreateRecordRequest;
+use serde_json::Value;
+
+use crate::helpers::*;
+
+/// What a run of the binary printed and returned.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn all(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `kluis <args>` in `cwd` off the async runtime (so that the in-process server keeps
+/// serving), with `KLUIS_TOKEN` set to `token` if given and unset otherwise.
+async fn kluis(cwd: &Path, args: &[impl AsRef<str>], token: Option<&str>) -> Run {
+    let args: Vec<String> = args.iter().map(|a| a.as_ref().to_string()).collect();
+    let token = token.map(str::to_string);
+    let cwd = cwd.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kluis"));
+        cmd.args(&args)
+            .current_dir(&cwd)
+            .env_remove("KLUIS_TOKEN")
+            .env_remove("KLUIS_LOG")
+            .env_remove("KLUIS_MASTER_KEY")
+            .stdin(Stdio::null());
+        if let Some(t) = &token {
+            cmd.env("KLUIS_TOKEN", t);
+        }
+        let out = cmd.output().expect("run kluis");
+        Run {
+            code: out.status.code().expect("exited"),
+            stdout: String::from_utf8(out.stdout).expect("utf-8 stdout"),
+            stderr: String::from_utf8(out.stderr).expect("utf-8 stderr"),
+        }
+    })
+    .await
+    .expect("join")
+}
+
+fn path(p: &Path) -> String {
+    p.to_str().expect("utf-8 path").to_string()
+}
+
+/// `kluis export <id> --server <url> <more>`.
+fn export_args(url: &str, id: &str, more: &[&str]) -> Vec<String> {
+    let mut all: Vec<String> = vec!["export".into(), id.into(), "--server".into(), url.into()];
+    all.extend(more.iter().map(|s| s.to_string()));
+    all
+}
+
+/// The text fields' values and the blob's bytes of the test record.
+const NAME: &str = "Ilse Bakker";
+const EMAIL: &str = "ilse@example.nl";
+
+fn cv() -> Vec<u8> {
+    (0..200_000u32).map(|i| (i % 251) as u8).collect()
+}
+
+async fn record_with_cv(vault: &TestVault) -> String {
+    vault
+        .client("recruiter")
+        .await
+        .create_record(CreateRecordRequest {
+            purpose: "recruitment".into(),
+            fields: fields(&[
+                ("full_name", text(NAME)),
+                ("email", text(EMAIL)),
+                ("cv_document", blob(&cv(), "application/pdf")),
+            ]),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .record_id
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
+}
+
+/// The names in `dir` (to see that no temporary file stays behind).
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_privacy_officer_exports_a_record_to_a_0600_file_and_force_replaces_it() {
+    let vault = spawn_vault().await;
+    let url = format!("http://{}", vault.addr);
+    let officer = Some(vault.tokens["privacy_officer"].as_str());
+    let id = record_with_cv(&vault).await;
+    let work = tempfile::tempdir().expect("tempdir");
+
+    // The default file name, in the current directory.
+    let run = kluis(work.path(), &export_args(&url, &id, &[]), officer).await;
+    assert_eq!(run.code, 0, "{}", run.all());
+    let default_name = format!("export-{id}.json");
+    let file = work.path().join(&default_name);
+    assert_eq!(mode(&file), 0o600);
+    let bytes = std::fs::read(&file).expect("read");
+    let doc: Value = serde_json::from_slice(&bytes).expect("json");
+    assert_eq!(doc["format"], "kluis.record-export");
+    assert_eq!(doc["record_id"], id.as_str());
+    assert_eq!(doc["fields"]["full_name"]["text"], NAME);
+    assert_eq!(
+        doc["fields"]["cv_document"]["content_type"],
+        "application/pdf"
+    );
+    let back = base64::engine::general_purpose::STANDARD
+        .decode(
+            doc["fields"]["cv_document"]["blob_base64"]
+                .as_str()
+                .expect("base64 text"),
+        )
+        .expect("base64");
+    assert_eq!(back, cv());
+    let events = doc["access_history"].as_array().expect("history").len();
+    assert_eq!(
+        run.stdout,
+        format!(
+            "exported record {id} to {default_name} ({} bytes, 3 fields, {events} access event{})\n",
+            bytes.len(),
+            if events == 1 { "" } else { "s" }
+        )
+    );
+    for value in [NAME, EMAIL, "JVBERi"] {
+        assert!(!run.all().contains(value), "{value}: {}", run.all());
+    }
+    assert_eq!(names(work.path()), vec![default_name.clone()]);
+
+    // Without --force an existing file stays as it is, and the server is not asked.
+    let out = work.path().join("sub").join("mine.json");
+    std::fs::create_dir(work.path().join("sub")).expect("mkdir");
+    std::fs::write(&out, b"keep me").expect("write");
+    let run = kluis(
+        work.path(),
+        &export_args(&url, &id, &["--out", &path(&out)]),
+        officer,
+    )
+    .await;
+    assert_eq!(run.code, 2, "{}", run.all());
+    assert!(run.stderr.contains("--force"), "{}", run.all());
+    assert!(run.stdout.is_empty(), "{}", run.all());
+    assert_eq!(std::fs::read(&out).expect("read"), b"keep me");
+    let run = kluis(work.path(), &export_args(&url, &id, &[]), officer).await;
+    assert_eq!(run.code, 2, "{}", run.all());
+    assert_eq!(std::fs::read(&file).expect("read"), bytes);
+
+    // With --force it is replaced, 0600 whatever the old file's mode.
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let run = kluis(
+        work.path(),
+        &export_args(&url, &id, &["--out", &path(&out), "--force"]),
+        officer,
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert!(
+        run.stdout
+            .starts_with(&format!("exported record {id} to {} (", path(&out))),
+        "{}",
+        run.all()
+    );
+    assert_eq!(mode(&out), 0o600);
+    let doc: Value = serde_json::from_slice(&std::fs::read(&out).expect("read")).expect("json");
+    assert_eq!(doc["format"], "kluis.record-export");
+    // The earlier export is in this one's access history.
+    let history = doc["access_history"].as_array().expect("history");
+    assert!(history.len() > events, "{}", history.len());
+    assert_eq!(
+        names(&work.path().join("sub")),
+        vec!["mine.json".to_string()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_and_usage_errors_have_their_exit_codes() {
+    let vault = spawn_vault().await;
+    let url = format!("http://{}", vault.addr);
+    let officer = Some(vault.tokens["privacy_officer"].as_str());
+    let id = record_with_cv(&vault).await;
+    let work = tempfile::tempdir().expect("tempdir");
+
+    let run = kluis(
+        work.path(),
+        &export_args(&url, &id, &[]),
+        Some(&vault.tokens["recruiter"]),
+    )
+    .await;
+    assert_eq!(run.code, 1, "{}", run.all());
+    assert!(
+        run.stderr
+            .contains("error: the server refused ExportRecord: PERMISSION_DENIED: "),
+        "{}",
+        run.all()
+    );
+    assert!(run.stdout.is_empty(), "{}", run.all());
+
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let run = kluis(work.path(), &export_args(&url, &unknown, &[]), officer).await;
+    assert_eq!(run.code, 1, "{}", run.all());
+    assert!(
+        run.stderr
+            .contains("error: the server refused ExportRecord: NOT_FOUND: "),
+        "{}",
+        run.all()
+    );
+
+    let run = kluis(work.path(), &export_args(&url, "not-a-uuid", &[]), officer).await;
+    assert_eq!(run.code, 2, "{}", run.all());
+    assert!(run.stderr.contains("not a record id"), "{}", run.all());
+
+    let run = kluis(work.path(), &export_args(&url, &id, &[]), None).await;
+    assert_eq!(run.code, 2, "{}", run.all());
+    assert!(run.stderr.contains("KLUIS_TOKEN"), "{}", run.all());
+
+    // Nothing listens on a port just released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let run = kluis(
+        work.path(),
+        &export_args(&format!("http://127.0.0.1:{port}"), &id, &[]),
+        officer,
+    )
+    .await;
+    assert_eq!(run.code, 2, "{}", run.all());
+    assert!(run.stderr.contains("cannot connect"), "{}", run.all());
+
+    let run = kluis(
+        work.path(),
+        &export_args(&format!("https://{}", vault.addr), &id, &[]),
+        officer,
+    )
+    .await;
+    assert_eq!(run.code, 2, "{}", run.all());
+    assert!(run.stderr.contains("--ca-cert"), "{}", run.all());
+
+    // A directory as --out, even with --force.
+    let run = kluis(
+        work.path(),
+        &export_args(&url, &id, &["--out", &path(work.path()), "--force"]),
+        officer,
+    )
+    .await;
+    assert_eq!(run.code, 2, "{}", run.all());
+    assert!(run.stderr.contains("directory"), "{}", run.all());
+
+    // An --out in a directory that does not exist.
+    let missing = work.path().join("no").join("such.json");
+    let run = kluis(
+        work.path(),
+        &export_args(&url, &id, &["--out", &path(&missing)]),
+        officer,
+    )
+    .await;
+    assert_eq!(run.code, 2, "{}", run.all());
+    assert!(run.stderr.contains("does not exist"), "{}", run.all());
+
+    // None of these wrote anything.
+    assert!(names(work.path()).is_empty(), "{:?}", names(work.path()));
+
+    let help = kluis(work.path(), &["export", "--help"], None).await;
+    assert_eq!(help.code, 0, "{}", help.all());
+    assert!(help.stdout.contains("--force"), "{}", help.stdout);
+    assert!(help.stdout.contains("Exit codes"), "{}", help.stdout);
+}
