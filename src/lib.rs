@@ -31,7 +31,7 @@
 //! - [`service`]: tonic handlers, authentication, the one mapping of errors to gRPC status.
 //! - [`config`]: configuration file, dev mode and `kluis init`.
 //! - [`server`]: assembling and running the gRPC server (TLS, health, reflection, shutdown).
-//! - [`cli`]: the `kluis` subcommands beyond `serve`/`init` (`kluis audit verify|export|breach-report`).
+//! - [`cli`]: the `kluis` subcommands beyond `serve`/`init`: `audit`, `keys`, `export`, `retention`.
 //! - [`proto`]: the generated `kluis.v1` API.
 
 #![forbid(unsafe_code)]
@@ -55,7 +55,7 @@ pub mod sweeper;
 pub mod vault;
 pub mod wal;
 
-/// The generated `kluis.v1` gRPC API (messages, `Records` client and server).
+/// The generated `kluis.v1` gRPC API (messages, clients and servers of `Records`, `Audit` and `Keys`).
 #[allow(missing_docs, clippy::all)]
 pub mod proto {
     tonic::include_proto!("kluis.v1");
