@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -104,15 +105,31 @@ fn main() -> ExitCode {
             data_dir,
         } => serve(config, dev, listen, data_dir),
         Command::Init { dir, listen } => init(dir, &listen),
-        Command::Audit { command } => audit(&command),
-        Command::Keys { command } => keys(&command),
-        Command::Retention { command } => retention(&command),
-        Command::Export(args) => export(&args),
+        // Each future owns its arguments and borrows only the output.
+        Command::Audit { command } => {
+            tool(move |out| Box::pin(async move { kluis::cli::audit::run(&command, out).await }))
+        }
+        Command::Keys { command } => {
+            tool(move |out| Box::pin(async move { kluis::cli::keys::run(&command, out).await }))
+        }
+        Command::Retention { command } => tool(move |out| {
+            Box::pin(async move { kluis::cli::retention::run(&command, out).await })
+        }),
+        Command::Export(args) => {
+            tool(move |out| Box::pin(async move { kluis::cli::export::run(&args, out).await }))
+        }
     }
 }
 
-/// Runs an audit tool: its result on stdout, errors on stderr, exit code 0, 1 or 2.
-fn audit(command: &kluis::cli::audit::AuditCommand) -> ExitCode {
+/// Runs a tool subcommand: its result on stdout, progress and errors on stderr, exit code 0,
+/// 1 (refused, or the chain does not verify) or 2 (usage, configuration, IO).
+fn tool(
+    run: impl for<'a> FnOnce(
+        &'a mut dyn Write,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), kluis::cli::audit::CliError>> + 'a>,
+    >,
+) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -124,76 +141,7 @@ fn audit(command: &kluis::cli::audit::AuditCommand) -> ExitCode {
         }
     };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    match runtime.block_on(kluis::cli::audit::run(command, &mut out)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            drop(out);
-            eprintln!("error: {e}");
-            ExitCode::from(e.exit_code())
-        }
-    }
-}
-
-/// Runs a key tool: its result on stdout, progress and errors on stderr, exit code 0, 1 or 2.
-fn keys(command: &kluis::cli::keys::KeysCommand) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(kluis::cli::keys::EXIT_USAGE);
-        }
-    };
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    match runtime.block_on(kluis::cli::keys::run(command, &mut out)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            drop(out);
-            eprintln!("error: {e}");
-            ExitCode::from(e.exit_code())
-        }
-    }
-}
-
-/// Runs a retention tool: its result on stdout, errors on stderr, exit code 0 or 2.
-fn retention(command: &kluis::cli::retention::RetentionCommand) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(kluis::cli::retention::EXIT_USAGE);
-        }
-    };
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    match runtime.block_on(kluis::cli::retention::run(command, &mut out)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            drop(out);
-            eprintln!("error: {e}");
-            ExitCode::from(e.exit_code())
-        }
-    }
-}
-
-/// Runs the export: its summary on stdout, errors on stderr, exit code 0, 1 or 2.
-fn export(args: &kluis::cli::export::ExportArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(kluis::cli::export::EXIT_USAGE);
-        }
-    };
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    match runtime.block_on(kluis::cli::export::run(args, &mut out)) {
+    match runtime.block_on(run(&mut out)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             drop(out);
