@@ -337,12 +337,27 @@ impl SledStore {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         }
-        let db = sled::Config::new()
-            .path(dir)
-            .segment_size(SLED_SEGMENT_SIZE)
-            .cache_capacity(256 * 1024 * 1024)
-            .open()
-            .map_err(io)?;
+        // A store of this process that was just dropped may still hold sled's file lock for a
+        // moment (sled's background threads release it): retry briefly before reporting the
+        // directory as in use.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let db = loop {
+            match sled::Config::new()
+                .path(dir)
+                .segment_size(SLED_SEGMENT_SIZE)
+                .cache_capacity(256 * 1024 * 1024)
+                .open()
+            {
+                Ok(db) => break db,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(io(e)),
+            }
+        };
         let tree = |ks: Keyspace| db.open_tree(ks.name()).map_err(io);
         let trees = [
             tree(Keyspace::Meta)?,
