@@ -243,6 +243,14 @@ impl<S: Store> RecordsService<S> {
     }
 }
 
+/// Names a data-subject request (erase, export) on `record_id` in its log line and event: they
+/// carry no purpose field and run under `data_subject_request`.
+fn data_subject_request(log: &mut RequestLog, ev: &mut audit::Context, record_id: &str) {
+    ev.draft.record_id = event_record_id(record_id);
+    ev.draft.purpose = crate::vault::PURPOSE_DSR.to_string();
+    log.record(record_id);
+}
+
 /// See [`RecordsService::finish`].
 pub(crate) async fn finish<S: Store, T>(
     vault: &Vault<S>,
@@ -480,11 +488,37 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
             .await
     }
 
+    #[instrument(skip_all)]
     async fn erase_record(
         &self,
         request: Request<proto::EraseRecordRequest>,
     ) -> Result<Response<proto::EraseRecordResponse>, Status> {
-        self.erase(request).await
+        let (mut log, mut ev, caller) = self.auth.begin("EraseRecord", &request);
+        let caller = match caller {
+            Ok(c) => c,
+            Err(e) => return self.finish(log, ev, Err(e)).await,
+        };
+        let req = request.into_inner();
+        data_subject_request(&mut log, &mut ev, &req.record_id);
+        let today = self.vault.today();
+        let result = self
+            .vault
+            .erase(&caller, &req.record_id, &req.reason, today, &mut ev)
+            .await
+            .map(|e| proto::EraseRecordResponse {
+                erased_categories: e.erased,
+                retained: e
+                    .retained
+                    .into_iter()
+                    .map(|(category, until, basis)| proto::Retained {
+                        category,
+                        until,
+                        basis,
+                    })
+                    .collect(),
+            })
+            .map_err(status::from_vault);
+        self.finish(log, ev, result).await
     }
 
     #[instrument(skip_all)]
@@ -498,9 +532,7 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
             Err(e) => return self.finish(log, ev, Err(e)).await,
         };
         let req = request.into_inner();
-        ev.draft.record_id = event_record_id(&req.record_id);
-        ev.draft.purpose = crate::vault::PURPOSE_DSR.to_string();
-        log.record(&req.record_id);
+        data_subject_request(&mut log, &mut ev, &req.record_id);
         let result = self
             .vault
             .export(&caller, &req.record_id, &mut ev)
@@ -529,41 +561,6 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
 }
 
 impl<S: Store> RecordsService<S> {
-    #[instrument(skip_all)]
-    async fn erase(
-        &self,
-        request: Request<proto::EraseRecordRequest>,
-    ) -> Result<Response<proto::EraseRecordResponse>, Status> {
-        let (mut log, mut ev, caller) = self.auth.begin("EraseRecord", &request);
-        let caller = match caller {
-            Ok(c) => c,
-            Err(e) => return self.finish(log, ev, Err(e)).await,
-        };
-        let req = request.into_inner();
-        ev.draft.record_id = event_record_id(&req.record_id);
-        ev.draft.purpose = crate::vault::PURPOSE_DSR.to_string();
-        log.record(&req.record_id);
-        let today = self.vault.today();
-        let result = self
-            .vault
-            .erase(&caller, &req.record_id, &req.reason, today, &mut ev)
-            .await
-            .map(|e| proto::EraseRecordResponse {
-                erased_categories: e.erased,
-                retained: e
-                    .retained
-                    .into_iter()
-                    .map(|(category, until, basis)| proto::Retained {
-                        category,
-                        until,
-                        basis,
-                    })
-                    .collect(),
-            })
-            .map_err(status::from_vault);
-        self.finish(log, ev, result).await
-    }
-
     /// The shared body of the record-state RPCs.
     async fn set_state(
         &self,
