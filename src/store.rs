@@ -12,18 +12,25 @@
 //! cache nor the file's metadata, and values above its blob threshold live in separate files it
 //! never fsyncs. Calling it on every commit is also slow: it contends with concurrent writers.
 //! [`SledStore`] therefore does not rely on it for acknowledged writes:
-//! - every batch is applied to sled and appended, in the same order, to Kluis's own
-//!   write-ahead log ([`crate::wal`]); a write is acknowledged once its log frame is written
-//!   and `fdatasync`ed, so it survives power loss, not only `kill -9`;
 //! - writers queue their batches for one commit-leader thread (group commit): it takes every
-//!   batch queued so far, applies the group in a single sled transaction (checking each
-//!   batch's conditions in order, so a conflicting batch is skipped and reported alone),
-//!   appends the applied batches to the log, syncs it once, and answers every writer; batches
-//!   that arrive meanwhile form the next group;
-//! - at start-up the log is replayed over sled's recovered state (sled records, in the same
-//!   transaction as each batch, the last sequence number it applied), then sled is flushed and
-//!   fsynced and the log starts afresh; every 64 MiB of log the leader does the same
-//!   (checkpoint);
+//!   batch queued so far and checks each batch's conditions in order, against sled and the
+//!   writes it accepted before (so a conflicting batch is skipped and reported alone); it
+//!   links the accepted batches' audit events into the chain and hands the group to the log
+//!   writer, then checks the next group;
+//! - the log writer appends the accepted batches to Kluis's own write-ahead log
+//!   ([`crate::wal`]), one write and one `fdatasync` for every group waiting, and only then
+//!   applies them to sled and answers their writers: a write is acknowledged once it is
+//!   durable, so it survives power loss, not only `kill -9`, and sled never holds a write the
+//!   log lacks (a failed log write has nothing to undo);
+//! - writes reach sled as plain inserts and removes, not sled transactions: sled 0.34 rolls
+//!   and writes its own log buffer, with `sync_file_range`, at every transaction, a disk write
+//!   per group that the log makes useless. Readers take a shared lock that the log writer
+//!   holds exclusively while it applies a group, so a reader sees a group whole or not at all;
+//! - at start-up the log is replayed over sled's recovered state. sled recovers a prefix of
+//!   its own log (up to the last contiguous message), and the sequence number of the last
+//!   batch applied is written after each group's writes, so replaying every logged batch
+//!   above it restores what sled lost. Then sled is flushed and fsynced and the log starts
+//!   afresh; every 64 MiB of log the log writer does the same (checkpoint);
 //! - 2 MiB segments (blob threshold ≈ 512 KiB per logged page) and 16 KiB value chunks keep
 //!   every sled page below the threshold, so sled's unsynced blob files are never used
 //!   (`<dir>/blobs` stays empty; a test checks it).
@@ -37,8 +44,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 
 use crate::{audit, wal};
 
@@ -217,7 +222,7 @@ struct SledInner {
     leader: Option<std::thread::JoinHandle<()>>,
 }
 
-/// What the commit leader and the readers share.
+/// What the commit leader, the log writer and the readers share.
 struct Shared {
     db: sled::Db,
     trees: [sled::Tree; 5],
@@ -227,65 +232,36 @@ struct Shared {
     /// Set after a failed write or sync.
     poisoned: Mutex<Option<String>>,
     flushes: AtomicU64,
-    /// Highest batch sequence number known durable in the log.
-    durable_seq: AtomicU64,
-    /// Writers inside `commit` (queued, applied or syncing): the log writer waits a little
+    /// Writers inside `commit` (queued, checked or syncing): the log writer waits a little
     /// for those not yet in its group, so that one `fdatasync` serves them all.
     waiting: std::sync::atomic::AtomicUsize,
-    /// Writers of groups whose log write failed: the leader answers them once it has undone
-    /// those groups in sled.
-    failed: Mutex<Failed>,
+    /// Writes the leader has accepted but the log writer has not yet applied to sled (they
+    /// are not durable yet, or being applied): what later batches' conditions must see.
+    pending: Mutex<PendingWrites>,
+    /// Held (write) while a group is applied to sled, (read) by every read: a reader sees a
+    /// group entirely or not at all, as a sled transaction would give.
+    apply: parking_lot::RwLock<()>,
     /// Test hook: the next log write fails.
     #[cfg(test)]
     fail_next_write: std::sync::atomic::AtomicBool,
 }
 
-/// Writers waiting for the leader to undo their failed groups, and how far it has undone.
-#[derive(Default)]
-struct Failed {
-    replies: Vec<Reply>,
-    /// Highest batch sequence number undone; jobs at or below it are answered at once.
-    undone_through: u64,
-}
-
-impl Failed {
-    /// Hands a failed job's writers to the leader, or answers them if their groups are
-    /// already undone. Under the lock, so that the leader cannot finish undoing (and go to
-    /// sleep) between the check and the hand-over.
-    fn hand_over(this: &Mutex<Failed>, job: SyncJob, reason: &str) {
-        let mut failed = this.lock();
-        if job.last_seq <= failed.undone_through {
-            drop(failed);
-            job.answer(|_| Err(StoreError::Poisoned(reason.to_string())));
-        } else {
-            failed
-                .replies
-                .extend(job.replies.into_iter().map(|(r, _)| r));
-        }
-    }
-}
-
-/// What it takes to undo one applied group in sled if its log write fails: the previous
-/// value of every key it wrote, in write order, and the chain head and sequence number
-/// before it.
-struct Undo {
-    first_seq: u64,
-    last_seq: u64,
-    head_before: audit::Head,
-    previous: Previous,
-}
-
-/// Keys a group wrote, each with its value before the write (`None`: it was absent).
-type Previous = Vec<(Keyspace, Vec<u8>, Option<sled::IVec>)>;
+/// Accepted, not yet applied writes by key: the job that wrote the key last, and where in
+/// that job's operations its write is.
+type PendingWrites = std::collections::HashMap<(Keyspace, Vec<u8>), (u64, Arc<Vec<Op>>, usize)>;
 
 /// Where a writer waits for its batch's outcome.
 type Reply = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 
-/// Frames of one applied group on their way to the log writer, with the answers to send
-/// once they are durable.
+/// One group on its way from the leader to the log writer: the frames to make durable,
+/// then the writes to apply to sled, then the answers.
 struct SyncJob {
+    /// Leader-assigned number of the group (keys of `pending` written by it carry it).
+    id: u64,
     frames: Vec<u8>,
-    /// Sequence number of the job's last frame.
+    /// The applied batches' writes, in order (empty if no batch held).
+    ops: Arc<Vec<Op>>,
+    /// Sequence number of the job's last frame (0: none).
     last_seq: u64,
     replies: Vec<(Reply, Result<(), StoreError>)>,
 }
@@ -314,7 +290,7 @@ struct LogFile {
 
 /// Longest the log writer waits for writers already inside `commit` to join its group.
 const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_micros(1500);
-/// Most batches one group applies in a single sled transaction.
+/// Most batches one group carries.
 const MAX_GROUP: usize = 256;
 /// Most bytes one group carries (a group is closed early when it grows past this).
 const MAX_GROUP_BYTES: usize = 64 * 1024 * 1024;
@@ -388,14 +364,8 @@ impl SledStore {
                 )));
             }
             for frame in frames.into_iter().filter(|f| f.seq > applied) {
-                let batch = Batch {
-                    expects: Vec::new(),
-                    ops: frame.ops,
-                    events: Vec::new(),
-                };
                 // Logged frames hold their events already linked (as plain writes).
-                let mut head = audit::Head::default();
-                apply_batches(&trees, &[&batch], frame.seq, &mut head, None)?;
+                apply_ops(&trees, &frame.ops, frame.seq)?;
                 last = last.max(frame.seq);
             }
         }
@@ -442,9 +412,9 @@ impl SledStore {
             durability,
             poisoned: Mutex::new(None),
             flushes: AtomicU64::new(0),
-            durable_seq: AtomicU64::new(last),
             waiting: std::sync::atomic::AtomicUsize::new(0),
-            failed: Mutex::new(Failed::default()),
+            pending: Mutex::new(PendingWrites::new()),
+            apply: parking_lot::RwLock::new(()),
             #[cfg(test)]
             fail_next_write: std::sync::atomic::AtomicBool::new(false),
         });
@@ -521,15 +491,16 @@ impl Shared {
         }
     }
 
-    /// The commit leader: takes every batch queued so far (group commit), applies the group
-    /// in one sled transaction and hands the applied batches' frames to the log writer, which
-    /// writes and syncs them while the leader applies the next group (a two-stage pipeline).
-    /// In per-write mode every group is a single batch with its own sync.
+    /// The commit leader: takes every batch queued so far (group commit), checks each
+    /// batch's conditions in order against sled and the writes accepted before it, links
+    /// the accepted batches' audit events into the chain, and hands the group to the log
+    /// writer, which makes it durable and only then applies it to sled. The leader checks
+    /// the next group meanwhile (a two-stage pipeline). In per-write mode every group is a
+    /// single batch with its own sync.
     ///
-    /// Until a group is durable the leader keeps its undo record. If a log write fails, the
-    /// writer poisons the store and hands the group's writers back; the leader then undoes, in
-    /// reverse order, every group applied to sled but not durable, before answering them: a
-    /// failed write changes nothing, not even until the next restart.
+    /// Nothing reaches sled before it is durable in the log, so a failed log write has
+    /// nothing to undo: it poisons the store and its writers (and those of every later
+    /// group) get the error.
     fn lead(
         self: Arc<Self>,
         queue: std::sync::mpsc::Receiver<Pending>,
@@ -546,22 +517,8 @@ impl Shared {
             *self.poisoned.lock() = Some("could not start the log writer thread".into());
             return;
         };
-        let mut in_flight: std::collections::VecDeque<Undo> = std::collections::VecDeque::new();
-        loop {
-            self.settle(&mut in_flight, &mut next_seq, &mut head);
-            let first = if in_flight.is_empty() {
-                match queue.recv() {
-                    Ok(p) => p,
-                    Err(_) => break,
-                }
-            } else {
-                // Groups in flight: wake up now and then to settle them.
-                match queue.recv_timeout(std::time::Duration::from_millis(2)) {
-                    Ok(p) => p,
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                }
-            };
+        let mut job_id = 0u64;
+        while let Ok(first) = queue.recv() {
             let mut group = vec![first];
             if self.durability == Durability::GroupCommit {
                 let mut bytes = group[0].batch.bytes();
@@ -575,164 +532,193 @@ impl Shared {
                     }
                 }
             }
-            let (job, undo) = self.apply_and_encode(&mut next_seq, &mut head, group);
-            in_flight.extend(undo);
+            job_id += 1;
+            let job = self.accept(job_id, &mut next_seq, &mut head, group);
             if let Err(std::sync::mpsc::SendError(job)) = to_writer.send(job) {
-                let reason = "the log writer stopped";
-                *self.poisoned.lock() = Some(reason.into());
-                Failed::hand_over(&self.failed, job, reason);
+                let reason = "the log writer stopped".to_string();
+                *self.poisoned.lock() = Some(reason.clone());
+                self.forget(&job);
+                job.answer(|_| Err(StoreError::Poisoned(reason.clone())));
             }
         }
         drop(to_writer);
         let _ = writer.join();
-        self.settle(&mut in_flight, &mut next_seq, &mut head);
     }
 
-    /// Forgets the undo records of durable groups; if log writes failed, undoes every group
-    /// still in flight (newest first) and answers the failed writers.
-    fn settle(
+    /// Checks a group's batches in order and encodes the frames of those that hold; their
+    /// writes become pending (seen by the conditions of later batches) until applied.
+    fn accept(
         &self,
-        in_flight: &mut std::collections::VecDeque<Undo>,
-        next_seq: &mut u64,
-        head: &mut audit::Head,
-    ) {
-        let durable = self.durable_seq.load(Ordering::Acquire);
-        while in_flight.front().is_some_and(|u| u.last_seq <= durable) {
-            in_flight.pop_front();
-        }
-        // Held while undoing: see `Failed::hand_over`.
-        let mut failed = self.failed.lock();
-        if failed.replies.is_empty() {
-            return;
-        }
-        let reason = self
-            .check_poisoned()
-            .err()
-            .map_or_else(|| "log write failed".to_string(), |e| e.to_string());
-        if let Some(oldest) = in_flight.front() {
-            *next_seq = oldest.first_seq;
-            *head = oldest.head_before;
-        }
-        let undo: Vec<Undo> = in_flight.drain(..).rev().collect();
-        if let Some(newest) = undo.first() {
-            failed.undone_through = failed.undone_through.max(newest.last_seq);
-        }
-        if let Err(e) = undo_groups(&self.trees, &undo) {
-            // sled itself failed: the data dir must not be served on; the log (which lacks
-            // these groups) is the truth at the next start only if sled did not persist them.
-            tracing::error!(error = %e, "undoing groups whose log write failed also failed");
-        }
-        for reply in std::mem::take(&mut failed.replies) {
-            let _ = reply.send(Err(StoreError::Poisoned(reason.clone())));
-        }
-    }
-
-    /// Applies a group and encodes the applied batches' frames; answers nothing yet.
-    fn apply_and_encode(
-        &self,
+        id: u64,
         next_seq: &mut u64,
         head: &mut audit::Head,
         group: Vec<Pending>,
-    ) -> (SyncJob, Option<Undo>) {
-        let first_seq = *next_seq;
+    ) -> SyncJob {
+        let mut job = SyncJob {
+            id,
+            frames: Vec::new(),
+            ops: Arc::new(Vec::new()),
+            last_seq: 0,
+            replies: Vec::with_capacity(group.len()),
+        };
+        if let Err(e) = self.check_poisoned() {
+            job.replies = group
+                .into_iter()
+                .map(|p| (p.reply, Err(StoreError::Poisoned(e.to_string()))))
+                .collect();
+            return job;
+        }
+        let now = audit::now_ms();
         let head_before = *head;
-        let mut previous = Vec::new();
-        let mut frames = Vec::new();
-        let results: Vec<Result<(), StoreError>> = match self.check_poisoned() {
-            Err(e) => group
+        let mut ops: Vec<Op> = Vec::new();
+        // Each accepted batch's sequence number and the end of its writes in `ops`.
+        let mut accepted: Vec<(u64, usize)> = Vec::new();
+        // This group's writes so far, by key: the index of the last write in `ops`.
+        let mut mine: std::collections::HashMap<(Keyspace, Vec<u8>), usize> =
+            std::collections::HashMap::new();
+        let mut pending = self.pending.lock();
+        let mut linked = Vec::new();
+        for p in group {
+            let holds = p
+                .batch
+                .expects
                 .iter()
-                .map(|_| Err(StoreError::Poisoned(e.to_string())))
-                .collect(),
-            Ok(()) => match apply_batches(
-                &self.trees,
-                &group.iter().map(|p| &p.batch).collect::<Vec<_>>(),
-                *next_seq,
-                head,
-                Some(&mut previous),
-            ) {
-                Err(e) => group
-                    .iter()
-                    .map(|_| Err(StoreError::Io(e.to_string())))
-                    .collect(),
-                Ok(applied) => group
-                    .iter()
-                    .zip(applied)
-                    .map(|(pending, linked)| match linked {
-                        Some(linked) => {
-                            wal::encode_frame(
-                                &mut frames,
-                                *next_seq,
-                                pending.batch.ops.iter().chain(&linked),
-                            );
-                            *next_seq += 1;
-                            Ok(())
+                .try_fold(true, |holds, (ks, key, expect)| {
+                    if !holds {
+                        return Ok(false);
+                    }
+                    let slot = (*ks, key.clone());
+                    let mine_op = mine.get(&slot).map(|&i| &ops[i]);
+                    let pending_op = || pending.get(&slot).map(|(_, job_ops, i)| &job_ops[*i]);
+                    let current: Option<Option<&[u8]>> =
+                        mine_op.or_else(pending_op).map(|op| match op {
+                            Op::Put(_, _, v) => Some(v.as_slice()),
+                            Op::Delete(..) => None,
+                        });
+                    let stored;
+                    let current = match current {
+                        Some(c) => c,
+                        None => {
+                            stored = self.trees[*ks as usize].get(key).map_err(io)?;
+                            stored.as_deref()
                         }
-                        None => Err(StoreError::Conflict),
+                    };
+                    Ok::<_, StoreError>(match expect {
+                        Expect::Absent => current.is_none(),
+                        Expect::Value(v) => current == Some(v.as_slice()),
+                        Expect::Present => current.is_some(),
                     })
-                    .collect(),
-            },
-        };
-        let undo = (*next_seq > first_seq).then(|| Undo {
-            first_seq,
-            last_seq: *next_seq - 1,
-            head_before,
-            previous,
-        });
-        let job = SyncJob {
-            frames,
-            last_seq: *next_seq - 1,
-            replies: group.into_iter().map(|p| p.reply).zip(results).collect(),
-        };
-        (job, undo)
+                });
+            match holds {
+                Err(e) => job.replies.push((p.reply, Err(e))),
+                Ok(false) => job.replies.push((p.reply, Err(StoreError::Conflict))),
+                Ok(true) => {
+                    linked.clear();
+                    audit::link_events(head, now, &p.batch.events, &mut linked);
+                    let start = ops.len();
+                    ops.extend(p.batch.ops);
+                    ops.append(&mut linked);
+                    for (i, op) in ops.iter().enumerate().skip(start) {
+                        let (ks, key) = op_key(op);
+                        mine.insert((ks, key.to_vec()), i);
+                    }
+                    accepted.push((*next_seq, ops.len()));
+                    *next_seq += 1;
+                    job.replies.push((p.reply, Ok(())));
+                }
+            }
+        }
+        if *head != head_before {
+            // The head once per group, logged with the group's last accepted batch.
+            ops.push(Op::Put(
+                Keyspace::Meta,
+                audit::META_HEAD.to_vec(),
+                head.encode(),
+            ));
+            if let Some(last) = accepted.last_mut() {
+                last.1 = ops.len();
+            }
+        }
+        let mut start = 0;
+        for &(seq, end) in &accepted {
+            wal::encode_frame(&mut job.frames, seq, &ops[start..end]);
+            start = end;
+        }
+        let ops = Arc::new(ops);
+        for (i, op) in ops.iter().enumerate() {
+            let (ks, key) = op_key(op);
+            pending.insert((ks, key.to_vec()), (id, Arc::clone(&ops), i));
+        }
+        job.last_seq = accepted.last().map_or(0, |&(seq, _)| seq);
+        job.ops = ops;
+        job
     }
 
-    /// The log writer: appends the frames of every job queued so far, syncs once, answers
-    /// their writers, and checkpoints every `CHECKPOINT_BYTES` of log.
+    /// Drops a job's pending writes (those no later job overwrote).
+    fn forget(&self, job: &SyncJob) {
+        let mut pending = self.pending.lock();
+        for op in job.ops.iter() {
+            let (ks, key) = op_key(op);
+            let slot = (ks, key.to_vec());
+            if pending.get(&slot).is_some_and(|(id, _, _)| *id == job.id) {
+                pending.remove(&slot);
+            }
+        }
+    }
+
+    /// The log writer: appends the frames of every job queued so far, syncs once, applies
+    /// the jobs to sled, answers their writers, and checkpoints every `CHECKPOINT_BYTES` of
+    /// log.
     fn write_log(&self, jobs: std::sync::mpsc::Receiver<SyncJob>, mut log: LogFile) {
-        while let Ok(mut job) = jobs.recv() {
+        while let Ok(first) = jobs.recv() {
+            let mut group = vec![first];
             if self.durability == Durability::GroupCommit {
-                // Groups the leader applied while the last sync ran share this one.
-                let merge = |job: &mut SyncJob, more: SyncJob| {
-                    job.frames.extend_from_slice(&more.frames);
-                    job.replies.extend(more.replies);
-                    job.last_seq = job.last_seq.max(more.last_seq);
-                };
+                // Groups the leader accepted while the last sync ran share this one.
                 while let Ok(more) = jobs.try_recv() {
-                    merge(&mut job, more);
+                    group.push(more);
                 }
-                // Other writers are on their way (being applied, or about to be queued):
+                // Other writers are on their way (being checked, or about to be queued):
                 // wait up to COMMIT_DELAY for them, so that one sync serves them all. An
                 // `fdatasync` costs far more CPU than this wait, and a lone writer never waits.
                 let deadline = std::time::Instant::now() + COMMIT_DELAY;
-                while job.replies.len() < self.waiting.load(Ordering::Acquire) {
+                let replies = |g: &[SyncJob]| g.iter().map(|j| j.replies.len()).sum::<usize>();
+                while replies(&group) < self.waiting.load(Ordering::Acquire) {
                     let now = std::time::Instant::now();
                     if now >= deadline {
                         break;
                     }
                     match jobs.recv_timeout(deadline - now) {
-                        Ok(more) => merge(&mut job, more),
+                        Ok(more) => group.push(more),
                         Err(_) => break,
                     }
                 }
             }
-            let any_applied = job.replies.iter().any(|(_, r)| r.is_ok());
-            if !any_applied && self.durability == Durability::GroupCommit {
-                job.answer(|r| r);
+            if group.iter().all(|j| j.frames.is_empty()) {
+                // Conflicts and refusals only: nothing to write.
+                for job in group {
+                    job.answer(|r| r);
+                }
                 continue;
             }
             if let Err(e) = self.check_poisoned() {
-                // An earlier job failed: the leader undoes this one too, then answers.
-                Failed::hand_over(&self.failed, job, &e.to_string());
+                // An earlier job failed: nothing of these reached sled; refuse them.
+                self.fail(group, &e.to_string());
                 continue;
             }
+            let frames_len: usize = group.iter().map(|j| j.frames.len()).sum();
             let written = (|| {
-                use std::io::Write;
+                let mut slices: Vec<std::io::IoSlice<'_>> = group
+                    .iter()
+                    .map(|j| std::io::IoSlice::new(&j.frames))
+                    .collect();
                 #[cfg(test)]
                 if self.fail_next_write.swap(false, Ordering::SeqCst) {
-                    log.file.write_all(&job.frames[..job.frames.len() / 2])?;
+                    use std::io::Write;
+                    let all: Vec<u8> = group.iter().flat_map(|j| j.frames.clone()).collect();
+                    log.file.write_all(&all[..all.len() / 2])?;
                     return Err(std::io::Error::other("injected log write failure"));
                 }
-                log.file.write_all(&job.frames)?;
+                write_all_vectored(&mut log.file, &mut slices)?;
                 log.file.sync_data()
             })();
             self.flushes.fetch_add(1, Ordering::Relaxed);
@@ -744,12 +730,31 @@ impl Shared {
                 let reason = format!("write-ahead log write or sync failed: {e}");
                 tracing::error!(error = %e, "write-ahead log write failed; the store refuses writes until restart");
                 *self.poisoned.lock() = Some(reason.clone());
-                Failed::hand_over(&self.failed, job, &reason);
+                self.fail(group, &reason);
                 continue;
             }
-            log.len += job.frames.len() as u64;
-            self.durable_seq.store(job.last_seq, Ordering::Release);
-            job.answer(|r| r);
+            log.len += frames_len as u64;
+            // Durable: apply to sled (readers see each job whole), then answer.
+            let mut applied = Ok(());
+            for job in &group {
+                if applied.is_ok() && !job.ops.is_empty() {
+                    let _apply = self.apply.write();
+                    applied = apply_ops(&self.trees, &job.ops, job.last_seq);
+                }
+                self.forget(job);
+            }
+            if let Err(e) = applied {
+                // The log holds these jobs: the next start replays them. Until then sled
+                // may lack them, so refuse further writes.
+                let reason = format!("applying durable writes to sled failed: {e}");
+                tracing::error!(error = %e, "applying to sled failed; the store refuses writes until restart");
+                *self.poisoned.lock() = Some(reason.clone());
+                self.fail(group, &reason);
+                continue;
+            }
+            for job in group {
+                job.answer(|r| r);
+            }
             if log.len > CHECKPOINT_BYTES {
                 if let Err(e) = self.checkpoint(&mut log) {
                     // The old log stays and is replayed at the next start; nothing is lost.
@@ -759,9 +764,18 @@ impl Shared {
         }
     }
 
+    /// Answers every accepted writer of `group` with the poisoning reason (their writes
+    /// never reached sled) and drops their pending writes.
+    fn fail(&self, group: Vec<SyncJob>, reason: &str) {
+        for job in group {
+            self.forget(&job);
+            job.answer(|r| r.and(Err(StoreError::Poisoned(reason.to_string()))));
+        }
+    }
+
     /// Starts a new log file, makes sled durable, and deletes the old log file (every batch
-    /// in it was applied to sled before it was written to the log). Runs on the leader, so
-    /// commits wait for it: one sled flush per `CHECKPOINT_BYTES` of log.
+    /// in it was applied to sled before this runs). Runs on the log writer, so commits wait
+    /// for it: one sled flush per `CHECKPOINT_BYTES` of log.
     fn checkpoint(&self, log: &mut LogFile) -> Result<(), StoreError> {
         let wal_dir = wal::dir(&self.dir);
         let new = create_log_file(&wal_dir, log.no + 1)?;
@@ -778,114 +792,58 @@ impl Shared {
     }
 }
 
-/// Applies batches in one sled transaction, in order: a batch whose conditions do not hold
-/// (seeing the writes of the batches before it) is skipped and reported `None`; an applied
-/// batch is reported with the writes that link its audit events into the chain after
-/// `head` (which advances), which the log records after the batch's own writes. Records the last applied sequence number
-/// (`first_seq` + applied − 1).
-fn apply_batches(
-    trees: &[sled::Tree; 5],
-    batches: &[&Batch],
-    first_seq: u64,
-    head: &mut audit::Head,
-    mut undo: Option<&mut Previous>,
-) -> Result<Vec<Option<Vec<Op>>>, StoreError> {
-    let [meta, records, fields, index, audit_tree] = trees;
-    let now = audit::now_ms();
-    let result = (meta, records, fields, index, audit_tree).transaction(|(m, r, f, i, a)| {
-        let pick = |ks: Keyspace| [m, r, f, i, a][ks as usize];
-        // The closure may run again on a sled conflict: work on a copy of the head.
-        let mut chain = *head;
-        let mut previous = Vec::new();
-        let keep = undo.is_some();
-        let mut applied = Vec::with_capacity(batches.len());
-        for batch in batches {
-            let mut holds = true;
-            for (ks, key, expect) in &batch.expects {
-                let current = pick(*ks).get(key.as_slice())?;
-                holds &= match expect {
-                    Expect::Absent => current.is_none(),
-                    Expect::Value(v) => current.as_deref() == Some(v.as_slice()),
-                    Expect::Present => current.is_some(),
-                };
-            }
-            if !holds {
-                applied.push(None);
-                continue;
-            }
-            let mut linked = Vec::new();
-            audit::link_events(&mut chain, now, &batch.events, &mut linked);
-            for op in batch.ops.iter().chain(&linked) {
-                let (ks, key, old) = match op {
-                    Op::Put(ks, key, value) => {
-                        (ks, key, pick(*ks).insert(key.as_slice(), value.as_slice())?)
-                    }
-                    Op::Delete(ks, key) => (ks, key, pick(*ks).remove(key.as_slice())?),
-                };
-                if keep {
-                    previous.push((*ks, key.clone(), old));
-                }
-            }
-            applied.push(Some(linked));
-        }
-        if chain != *head {
-            // The head once per group, logged with the group's last applied batch.
-            let value = chain.encode();
-            let old = m.insert(audit::META_HEAD, value.as_slice())?;
-            if keep {
-                previous.push((Keyspace::Meta, audit::META_HEAD.to_vec(), old));
-            }
-            if let Some(last) = applied.iter_mut().rev().find_map(Option::as_mut) {
-                last.push(Op::Put(Keyspace::Meta, audit::META_HEAD.to_vec(), value));
-            }
-        }
-        let count = applied.iter().filter(|a| a.is_some()).count() as u64;
-        if count > 0 {
-            let old = m.insert(WAL_APPLIED, &(first_seq + count - 1).to_be_bytes())?;
-            if keep {
-                previous.push((Keyspace::Meta, WAL_APPLIED.to_vec(), old));
-            }
-        }
-        Ok::<_, ConflictableTransactionError<()>>((applied, chain, previous))
-    });
-    match result {
-        Ok((applied, chain, previous)) => {
-            *head = chain;
-            if let Some(undo) = undo.as_mut() {
-                undo.extend(previous);
-            }
-            Ok(applied)
-        }
-        Err(TransactionError::Abort(())) => Err(StoreError::Conflict),
-        Err(TransactionError::Storage(e)) => Err(io(e)),
+/// The keyspace and key an operation writes.
+fn op_key(op: &Op) -> (Keyspace, &[u8]) {
+    match op {
+        Op::Put(ks, key, _) | Op::Delete(ks, key) => (*ks, key.as_slice()),
     }
 }
 
-/// Undoes groups (given newest first) in one sled transaction, restoring each key's value
-/// from before the group, last write first.
-fn undo_groups(trees: &[sled::Tree; 5], groups: &[Undo]) -> Result<(), StoreError> {
-    let [meta, records, fields, index, audit_tree] = trees;
-    let result = (meta, records, fields, index, audit_tree).transaction(|(m, r, f, i, a)| {
-        let pick = |ks: Keyspace| [m, r, f, i, a][ks as usize];
-        for group in groups {
-            for (ks, key, old) in group.previous.iter().rev() {
-                match old {
-                    Some(v) => {
-                        pick(*ks).insert(key.as_slice(), v.clone())?;
-                    }
-                    None => {
-                        pick(*ks).remove(key.as_slice())?;
-                    }
-                }
+/// Writes every slice, retrying on short writes.
+fn write_all_vectored(
+    file: &mut std::fs::File,
+    mut slices: &mut [std::io::IoSlice<'_>],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    while !slices.is_empty() {
+        match file.write_vectored(slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Applies durable writes to sled with plain inserts and removes, in order, then records
+/// `seq` as the last batch applied. No sled transaction: sled rolls and writes its own
+/// log buffer (with `sync_file_range`) at every transaction, which costs a disk write per
+/// group for nothing, since the write-ahead log already holds the group. sled recovers a
+/// prefix of its log, so after a crash it holds every write up to some point of this
+/// sequence, and the replay from `WAL_APPLIED` (written last) redoes the rest.
+fn apply_ops(trees: &[sled::Tree; 5], ops: &[Op], seq: u64) -> Result<(), StoreError> {
+    for op in ops {
+        match op {
+            Op::Put(ks, key, value) => {
+                trees[*ks as usize]
+                    .insert(key.as_slice(), value.as_slice())
+                    .map_err(io)?;
+            }
+            Op::Delete(ks, key) => {
+                trees[*ks as usize].remove(key.as_slice()).map_err(io)?;
             }
         }
-        Ok::<_, ConflictableTransactionError<()>>(())
-    });
-    result.map_err(|e| StoreError::Io(format!("{e:?}")))
+    }
+    trees[Keyspace::Meta as usize]
+        .insert(WAL_APPLIED, &seq.to_be_bytes())
+        .map_err(io)?;
+    Ok(())
 }
 
 impl Store for SledStore {
     async fn get(&self, ks: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let _whole_groups = self.inner.shared.apply.read();
         Ok(self.tree(ks).get(key).map_err(io)?.map(|v| v.to_vec()))
     }
 
@@ -902,6 +860,7 @@ impl Store for SledStore {
             _ => Bound::Included(prefix.to_vec()),
         };
         let mut out = Vec::new();
+        let _whole_groups = self.inner.shared.apply.read();
         for item in self.tree(ks).range((start, Bound::Unbounded)) {
             let (k, v) = item.map_err(io)?;
             if !k.starts_with(prefix) || out.len() >= limit {
@@ -1073,6 +1032,66 @@ mod tests {
             .await
             .expect("scan");
         assert_eq!(events.len() as u64, head.seq + 1);
+    }
+
+    /// Conditions see the writes accepted before them, also those not yet durable or
+    /// applied: concurrent compare-and-set increments never lose one, and of many
+    /// concurrent creates of one key exactly one wins.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conditions_see_writes_still_in_the_pipeline() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut b = Batch::default();
+                b.expect(Keyspace::Meta, b"once".to_vec(), Expect::Absent);
+                b.put(Keyspace::Meta, b"once".to_vec(), vec![1]);
+                let created = store.commit(b).await;
+                let mut conflicts = 0u32;
+                for _ in 0..25 {
+                    loop {
+                        let now = store.get(Keyspace::Meta, b"counter").await.expect("get");
+                        let n = now
+                            .as_deref()
+                            .map_or(0, |v| u64::from_be_bytes(v.try_into().expect("8 bytes")));
+                        let mut b = Batch::default();
+                        b.expect(
+                            Keyspace::Meta,
+                            b"counter".to_vec(),
+                            match now {
+                                Some(v) => Expect::Value(v),
+                                None => Expect::Absent,
+                            },
+                        );
+                        b.put(
+                            Keyspace::Meta,
+                            b"counter".to_vec(),
+                            (n + 1).to_be_bytes().to_vec(),
+                        );
+                        match store.commit(b).await {
+                            Ok(()) => break,
+                            Err(StoreError::Conflict) => conflicts += 1,
+                            Err(e) => panic!("commit: {e}"),
+                        }
+                    }
+                }
+                (created.is_ok(), conflicts)
+            }));
+        }
+        let mut winners = 0;
+        for t in tasks {
+            let (won, _) = t.await.expect("task");
+            winners += usize::from(won);
+        }
+        assert_eq!(winners, 1, "exactly one create of the same key wins");
+        let counter = store.get(Keyspace::Meta, b"counter").await.expect("get");
+        assert_eq!(counter, Some(400u64.to_be_bytes().to_vec()));
+        drop(store);
+        let store = SledStore::open(dir.path()).expect("reopen");
+        let counter = store.get(Keyspace::Meta, b"counter").await.expect("get");
+        assert_eq!(counter, Some(400u64.to_be_bytes().to_vec()));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
