@@ -18,8 +18,9 @@
 //!   links the accepted batches' audit events into the chain and hands the group to the log
 //!   writer, then checks the next group;
 //! - the log writer appends the accepted batches to Kluis's own write-ahead log
-//!   ([`crate::wal`]), one write and one `fdatasync` for every group waiting, and only then
-//!   applies them to sled and answers their writers: a write is acknowledged once it is
+//!   ([`crate::wal`]), one write and one `fdatasync` for every group waiting, and hands them
+//!   to the applier thread, which applies them to sled in log order and only then answers
+//!   their writers (while the log writer syncs the next groups): a write is acknowledged once it is
 //!   durable, so it survives power loss, not only `kill -9`, and sled never holds a write the
 //!   log lacks (a failed log write has nothing to undo);
 //! - writes reach sled as plain inserts and removes, not sled transactions: sled 0.34 rolls
@@ -235,6 +236,9 @@ struct Shared {
     /// Writers inside `commit` (queued, checked or syncing): the log writer waits a little
     /// for those not yet in its group, so that one `fdatasync` serves them all.
     waiting: std::sync::atomic::AtomicUsize,
+    /// Of those, the writers whose batches are durable and with the applier: they will not
+    /// join another sync.
+    applying: std::sync::atomic::AtomicUsize,
     /// Writes the leader has accepted but the log writer has not yet applied to sled (they
     /// are not durable yet, or being applied): what later batches' conditions must see.
     pending: Mutex<PendingWrites>,
@@ -274,6 +278,14 @@ impl SyncJob {
             let _ = reply.send(f(result));
         }
     }
+}
+
+/// What the log writer hands the applier, in log order.
+enum Durable {
+    /// Jobs whose frames are durable.
+    Group(Vec<SyncJob>),
+    /// Log file `n` holds nothing that is not applied once the groups before this are.
+    Checkpoint(u64),
 }
 
 /// A batch waiting for the commit leader.
@@ -413,6 +425,7 @@ impl SledStore {
             poisoned: Mutex::new(None),
             flushes: AtomicU64::new(0),
             waiting: std::sync::atomic::AtomicUsize::new(0),
+            applying: std::sync::atomic::AtomicUsize::new(0),
             pending: Mutex::new(PendingWrites::new()),
             apply: parking_lot::RwLock::new(()),
             #[cfg(test)]
@@ -669,7 +682,20 @@ impl Shared {
     /// The log writer: appends the frames of every job queued so far, syncs once, applies
     /// the jobs to sled, answers their writers, and checkpoints every `CHECKPOINT_BYTES` of
     /// log.
-    fn write_log(&self, jobs: std::sync::mpsc::Receiver<SyncJob>, mut log: LogFile) {
+    fn write_log(self: Arc<Self>, jobs: std::sync::mpsc::Receiver<SyncJob>, mut log: LogFile) {
+        let (to_applier, durable) = std::sync::mpsc::sync_channel::<Durable>(4);
+        let applier_shared = Arc::clone(&self);
+        let applier = std::thread::Builder::new()
+            .name("kluis-apply".into())
+            .spawn(move || applier_shared.apply_durable(durable));
+        let Ok(applier) = applier else {
+            let reason = "could not start the apply thread".to_string();
+            *self.poisoned.lock() = Some(reason.clone());
+            while let Ok(job) = jobs.recv() {
+                self.fail(vec![job], &reason);
+            }
+            return;
+        };
         while let Ok(first) = jobs.recv() {
             let mut group = vec![first];
             if self.durability == Durability::GroupCommit {
@@ -682,7 +708,12 @@ impl Shared {
                 // `fdatasync` costs far more CPU than this wait, and a lone writer never waits.
                 let deadline = std::time::Instant::now() + COMMIT_DELAY;
                 let replies = |g: &[SyncJob]| g.iter().map(|j| j.replies.len()).sum::<usize>();
-                while replies(&group) < self.waiting.load(Ordering::Acquire) {
+                let others = || {
+                    self.waiting
+                        .load(Ordering::Acquire)
+                        .saturating_sub(self.applying.load(Ordering::Acquire))
+                };
+                while replies(&group) < others() {
                     let now = std::time::Instant::now();
                     if now >= deadline {
                         break;
@@ -734,32 +765,88 @@ impl Shared {
                 continue;
             }
             log.len += frames_len as u64;
-            // Durable: apply to sled (readers see each job whole), then answer.
-            let mut applied = Ok(());
-            for job in &group {
-                if applied.is_ok() && !job.ops.is_empty() {
-                    let _apply = self.apply.write();
-                    applied = apply_ops(&self.trees, &job.ops, job.last_seq);
-                }
-                self.forget(job);
-            }
-            if let Err(e) = applied {
-                // The log holds these jobs: the next start replays them. Until then sled
-                // may lack them, so refuse further writes.
-                let reason = format!("applying durable writes to sled failed: {e}");
-                tracing::error!(error = %e, "applying to sled failed; the store refuses writes until restart");
+            // Durable: the applier applies the group to sled and answers its writers while
+            // this thread syncs the next one.
+            let handed: usize = group.iter().map(|j| j.replies.len()).sum();
+            self.applying.fetch_add(handed, Ordering::AcqRel);
+            if let Err(std::sync::mpsc::SendError(Durable::Group(group))) =
+                to_applier.send(Durable::Group(group))
+            {
+                let reason = "the apply thread stopped".to_string();
                 *self.poisoned.lock() = Some(reason.clone());
+                self.applying.fetch_sub(handed, Ordering::AcqRel);
                 self.fail(group, &reason);
-                continue;
-            }
-            for job in group {
-                job.answer(|r| r);
             }
             if log.len > CHECKPOINT_BYTES {
-                if let Err(e) = self.checkpoint(&mut log) {
-                    // The old log stays and is replayed at the next start; nothing is lost.
-                    tracing::error!(error = %e, "checkpoint failed");
+                // Start a new log file; the applier makes sled durable and deletes the old
+                // one once it has applied everything before it.
+                let wal_dir = wal::dir(&self.dir);
+                match create_log_file(&wal_dir, log.no + 1) {
+                    Ok(file) => {
+                        let old = log.no;
+                        log = LogFile {
+                            file,
+                            no: old + 1,
+                            len: 0,
+                        };
+                        let _ = to_applier.send(Durable::Checkpoint(old));
+                    }
+                    // The log file grows on; nothing is lost.
+                    Err(e) => tracing::error!(error = %e, "starting a new log file failed"),
                 }
+            }
+        }
+        drop(to_applier);
+        let _ = applier.join();
+    }
+
+    /// The applier: applies durable groups to sled in log order (readers see each job
+    /// whole), drops their pending writes, answers their writers; and runs checkpoints.
+    fn apply_durable(&self, durable: std::sync::mpsc::Receiver<Durable>) {
+        let mut broken: Option<String> = None;
+        while let Ok(next) = durable.recv() {
+            match next {
+                Durable::Group(group) => {
+                    let handed: usize = group.iter().map(|j| j.replies.len()).sum();
+                    // Counted out before the answers, so that `applying` never exceeds the
+                    // writers still in `waiting`.
+                    self.applying.fetch_sub(handed, Ordering::AcqRel);
+                    if let Some(reason) = &broken {
+                        self.fail(group, reason);
+                        continue;
+                    }
+                    let mut applied = Ok(());
+                    for job in &group {
+                        if applied.is_ok() && !job.ops.is_empty() {
+                            let _apply = self.apply.write();
+                            applied = apply_ops(&self.trees, &job.ops, job.last_seq);
+                        }
+                    }
+                    match applied {
+                        Ok(()) => {
+                            for job in group {
+                                self.forget(&job);
+                                job.answer(|r| r);
+                            }
+                        }
+                        Err(e) => {
+                            // The log holds these groups: the next start replays them.
+                            // Until then sled may lack them, so refuse every later write.
+                            let reason = format!("applying durable writes to sled failed: {e}");
+                            tracing::error!(error = %e, "applying to sled failed; the store refuses writes until restart");
+                            *self.poisoned.lock() = Some(reason.clone());
+                            self.fail(group, &reason);
+                            broken = Some(reason);
+                        }
+                    }
+                }
+                Durable::Checkpoint(old) if broken.is_none() => {
+                    if let Err(e) = self.checkpoint(old) {
+                        // The old log stays and is replayed at the next start; nothing is lost.
+                        tracing::error!(error = %e, "checkpoint failed");
+                    }
+                }
+                Durable::Checkpoint(_) => {}
             }
         }
     }
@@ -773,21 +860,13 @@ impl Shared {
         }
     }
 
-    /// Starts a new log file, makes sled durable, and deletes the old log file (every batch
-    /// in it was applied to sled before this runs). Runs on the log writer, so commits wait
-    /// for it: one sled flush per `CHECKPOINT_BYTES` of log.
-    fn checkpoint(&self, log: &mut LogFile) -> Result<(), StoreError> {
+    /// Makes sled durable and deletes the log file `old` (every batch in it is applied to
+    /// sled when this runs): one sled flush per `CHECKPOINT_BYTES` of log.
+    fn checkpoint(&self, old: u64) -> Result<(), StoreError> {
         let wal_dir = wal::dir(&self.dir);
-        let new = create_log_file(&wal_dir, log.no + 1)?;
-        let old = wal::file_path(&wal_dir, log.no);
-        *log = LogFile {
-            file: new,
-            no: log.no + 1,
-            len: 0,
-        };
         self.db.flush().map_err(io)?;
         self.data_file.sync_data().map_err(io)?;
-        std::fs::remove_file(&old).map_err(io)?;
+        std::fs::remove_file(wal::file_path(&wal_dir, old)).map_err(io)?;
         sync_dir(&wal_dir).map_err(io)
     }
 }
