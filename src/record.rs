@@ -42,6 +42,12 @@ pub struct StoredRecord {
     /// HMAC-SHA256 over the record id and body.
     #[prost(bytes = "vec", tag = "3")]
     pub mac: Vec<u8>,
+    /// The chunk envelopes of fields kept in the header ([`FieldEntry::in_header`]), by field
+    /// name. Outside the MAC, like chunks in the `fields` keyspace: each is authenticated by
+    /// its AEAD tag (bound to record, field and chunk) and by the field digest in the MACed
+    /// body, so damage to one shows as damage to that field alone.
+    #[prost(btree_map = "string, bytes", tag = "4")]
+    pub inline: BTreeMap<String, Vec<u8>>,
 }
 
 /// The record's clear metadata and references to its sealed parts.
@@ -143,7 +149,21 @@ pub struct FieldEntry {
     /// When this value was written, Unix milliseconds (0: before this was kept).
     #[prost(int64, tag = "8")]
     pub written_ms: i64,
+    /// In memory: the value's only chunk envelope when the field is kept in the header
+    /// (`in_header`). Never part of the MACed body: [`RecordBody::seal`] moves it to
+    /// [`StoredRecord::inline`] and [`RecordBody::open`] brings it back.
+    #[prost(bytes = "vec", tag = "9")]
+    pub inline: Vec<u8>,
+    /// The value is one chunk of at most [`INLINE_MAX`] bytes, kept in the stored header
+    /// instead of as a separate `fields` entry.
+    #[prost(bool, tag = "10")]
+    pub in_header: bool,
 }
+
+/// Largest chunk envelope kept inside the record header: short text values (names, BSN,
+/// IBAN, addresses) live with the header, so reading or writing a typical record is one
+/// store key instead of one per field.
+pub const INLINE_MAX: usize = 512;
 
 /// Only the data keys of a record body (decoding skips the field entries).
 #[derive(Clone, PartialEq, Message)]
@@ -169,13 +189,26 @@ pub struct HeaderError;
 impl RecordBody {
     /// Encodes and MACs the body.
     pub fn seal(&self, key_version: u32, key: &SecretKey) -> Vec<u8> {
-        let body = self.encode_to_vec();
+        let mut inline = BTreeMap::new();
+        let body = if self.fields.values().any(|e| !e.inline.is_empty()) {
+            let mut stripped = self.clone();
+            for (name, entry) in stripped.fields.iter_mut() {
+                if !entry.inline.is_empty() {
+                    entry.in_header = true;
+                    inline.insert(name.clone(), std::mem::take(&mut entry.inline));
+                }
+            }
+            stripped.encode_to_vec()
+        } else {
+            self.encode_to_vec()
+        };
         let ctx = crypto::context(&[CTX_RECORD, &key_version.to_be_bytes(), &self.id, &body]);
         let mac = crypto::hmac_sha256(key, &[&ctx]);
         StoredRecord {
             body,
             mac_key_version: key_version,
             mac: mac.to_vec(),
+            inline,
         }
         .encode_to_vec()
     }
@@ -196,9 +229,19 @@ impl RecordBody {
         if !crypto::hmac_sha256_verify(key, &[&ctx], &stored.mac) {
             return Err(HeaderError);
         }
-        let body = RecordBody::decode(stored.body.as_slice()).map_err(|_| HeaderError)?;
+        let mut body = RecordBody::decode(stored.body.as_slice()).map_err(|_| HeaderError)?;
         if body.id != id || body.format != RECORD_FORMAT {
             return Err(HeaderError);
+        }
+        let mut inline = stored.inline;
+        for (name, entry) in body.fields.iter_mut() {
+            // Whatever the MACed body holds here is not trusted; a missing chunk stays
+            // empty and reads as damage to this field.
+            entry.inline = if entry.in_header {
+                inline.remove(name).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
         }
         Ok(body)
     }
@@ -324,6 +367,8 @@ mod tests {
                     content_type: String::new(),
                     index_tag: vec![2; 32],
                     written_ms: 2,
+                    inline: Vec::new(),
+                    in_header: false,
                 },
             )]),
             lifecycle_date: "2026-01-05".into(),
@@ -357,6 +402,38 @@ mod tests {
                 RecordBody::open(&[7; 16], &bad, 1, &key).is_err(),
                 "byte {i}"
             );
+        }
+    }
+
+    /// A field kept in the header travels outside the MAC: opening restores it; damage to
+    /// it leaves the header valid and changes only that field's chunk (which its AEAD tag and
+    /// the MACed digest catch when it is read); damage anywhere else is refused.
+    #[test]
+    fn header_kept_chunks_sit_outside_the_mac() {
+        let key = SecretKey::generate().expect("rng");
+        let mut with_inline = body();
+        let entry = with_inline.fields.get_mut("email").expect("email");
+        entry.inline = vec![3; 45];
+        entry.in_header = true;
+        let stored = with_inline.seal(1, &key);
+        let decoded = StoredRecord::decode(stored.as_slice()).expect("decode");
+        assert_eq!(decoded.inline["email"], vec![3; 45]);
+        assert!(!decoded.body.windows(45).any(|w| w == [3; 45]));
+        assert_eq!(
+            RecordBody::open(&[7; 16], &stored, 1, &key).expect("opens"),
+            with_inline
+        );
+        for i in 0..stored.len() {
+            let mut bad = stored.clone();
+            bad[i] ^= 0x01;
+            if let Ok(opened) = RecordBody::open(&[7; 16], &bad, 1, &key) {
+                let mut expected = with_inline.clone();
+                let email = expected.fields.get_mut("email").expect("email");
+                let got = &opened.fields["email"].inline;
+                assert_ne!(got, &email.inline, "byte {i} changed nothing");
+                email.inline = got.clone();
+                assert_eq!(opened, expected, "byte {i} changed more than the chunk");
+            }
         }
     }
 

@@ -320,22 +320,17 @@ async fn handle_record<S: Store>(
                     let plaintext: Zeroizing<Vec<u8>> =
                         vault.read_field(&id, name, entry, &dek).await?;
                     let sealed = record::seal_field(&sealer, &id, name, &plaintext)?;
-                    let chunks = u32::try_from(sealed.chunks.len())
-                        .expect("values are far below 2^32 chunks");
-                    for i in chunks..entry.chunks {
-                        batch.delete(
-                            Keyspace::Fields,
-                            record::chunk_key(&id, name, entry.revision, i),
-                        );
-                    }
-                    for (i, chunk) in sealed.chunks.into_iter().enumerate() {
-                        let i = u32::try_from(i).expect("chunk index below chunk count");
-                        batch.put(
-                            Keyspace::Fields,
-                            record::chunk_key(&id, name, entry.revision, i),
-                            chunk,
-                        );
-                    }
+                    let stored_before = if entry.in_header { 0 } else { entry.chunks };
+                    let (chunks, inline) = crate::vault::place_chunks(
+                        batch,
+                        &id,
+                        name,
+                        entry.revision,
+                        sealed.chunks,
+                        stored_before,
+                    );
+                    entry.in_header = !inline.is_empty();
+                    entry.inline = inline;
                     entry.chunks = chunks;
                     entry.digest = sealed.digest.to_vec();
                     fields_touched.push(name.clone());

@@ -1185,15 +1185,7 @@ impl<S: Store> Vault<S> {
         revision: u64,
     ) -> Result<FieldEntry, VaultError> {
         let sealed = record::seal_field(sealer, id, &def.name, &value.plaintext)?;
-        let chunks = u32::try_from(sealed.chunks.len()).expect("values are far below 2^32 chunks");
-        for (i, chunk) in sealed.chunks.into_iter().enumerate() {
-            let i = u32::try_from(i).expect("chunk index below chunk count");
-            batch.put(
-                Keyspace::Fields,
-                record::chunk_key(id, &def.name, revision, i),
-                chunk,
-            );
-        }
+        let (chunks, inline) = place_chunks(batch, id, &def.name, revision, sealed.chunks, 0);
         let index_tag = match &value.index_form {
             Some(form) => {
                 let tag = crypto::hmac_sha256(&self.keys.index_key(&def.name), &[form.as_bytes()]);
@@ -1215,11 +1207,14 @@ impl<S: Store> Vault<S> {
             content_type: value.content_type.clone().unwrap_or_default(),
             index_tag,
             written_ms: now_ms(),
+            in_header: !inline.is_empty(),
+            inline,
         })
     }
 
     fn delete_field(&self, batch: &mut Batch, id: &[u8], name: &str, entry: &FieldEntry) {
-        for i in 0..entry.chunks {
+        let stored_chunks = if entry.in_header { 0 } else { entry.chunks };
+        for i in 0..stored_chunks {
             batch.delete(
                 Keyspace::Fields,
                 record::chunk_key(id, name, entry.revision, i),
@@ -1348,19 +1343,28 @@ impl<S: Store> Vault<S> {
         let mut out = Zeroizing::new(Vec::with_capacity(size + crypto::TAG_LEN));
         let opener = crypto::OpeningKey::new(dek);
         for i in 0..entry.chunks {
-            let key = record::chunk_key(id, name, entry.revision, i);
-            let sealed = self
-                .store
-                .get(Keyspace::Fields, &key)
-                .await?
-                .ok_or_else(|| field_loss(id, name))?;
-            digest.add(&sealed).map_err(|_| field_loss(id, name))?;
+            let stored;
+            let sealed: &[u8] = if entry.in_header {
+                if entry.chunks != 1 || entry.inline.is_empty() {
+                    return Err(field_loss(id, name));
+                }
+                &entry.inline
+            } else {
+                let key = record::chunk_key(id, name, entry.revision, i);
+                stored = self
+                    .store
+                    .get(Keyspace::Fields, &key)
+                    .await?
+                    .ok_or_else(|| field_loss(id, name))?;
+                &stored
+            };
+            digest.add(sealed).map_err(|_| field_loss(id, name))?;
             if out.len() + sealed.len().saturating_sub(crypto::OVERHEAD) > size {
                 return Err(field_loss(id, name));
             }
             let ctx = record::chunk_context(id, name, i, entry.chunks);
             opener
-                .open_append(&ctx, &sealed, &mut out)
+                .open_append(&ctx, sealed, &mut out)
                 .map_err(|_| field_loss(id, name))?;
         }
         if !crypto::ct_eq(&digest.finish(), &entry.digest) || out.len() != size {
@@ -1368,6 +1372,40 @@ impl<S: Store> Vault<S> {
         }
         Ok(out)
     }
+}
+
+/// Puts a field's sealed chunks into `batch` under `revision`, or keeps a single small chunk
+/// for the header ([`record::INLINE_MAX`]); deletes the stored chunks numbered from the new
+/// count up to `stored_before` (chunks of the same revision written before, e.g. by re-key).
+/// Returns the chunk count and the inline chunk (empty when the chunks are stored).
+pub(crate) fn place_chunks(
+    batch: &mut Batch,
+    id: &[u8],
+    name: &str,
+    revision: u64,
+    chunks: Vec<Vec<u8>>,
+    stored_before: u32,
+) -> (u32, Vec<u8>) {
+    let count = u32::try_from(chunks.len()).expect("values are far below 2^32 chunks");
+    let mut chunks = chunks;
+    if count == 1 && chunks[0].len() <= record::INLINE_MAX {
+        for i in 0..stored_before {
+            batch.delete(Keyspace::Fields, record::chunk_key(id, name, revision, i));
+        }
+        return (count, chunks.pop().expect("one chunk"));
+    }
+    for i in count..stored_before {
+        batch.delete(Keyspace::Fields, record::chunk_key(id, name, revision, i));
+    }
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let i = u32::try_from(i).expect("chunk index below chunk count");
+        batch.put(
+            Keyspace::Fields,
+            record::chunk_key(id, name, revision, i),
+            chunk,
+        );
+    }
+    (count, Vec::new())
 }
 
 /// A write that seals with a category's DEK expects the KEK wrapping it to still exist, so

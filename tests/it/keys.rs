@@ -903,7 +903,7 @@ async fn a_job_that_meets_a_damaged_record_stops_names_it_and_resumes_once_repai
     .await
     .expect("rotate");
     v.stop().await;
-    // Flip the last byte of one identity record's header (its MAC), offline.
+    // Flip a byte of one identity record's header MAC, offline.
     let damaged = uuid::Uuid::parse_str(&ids[2]).expect("uuid");
     let original = {
         let store = kluis::store::SledStore::open(&data_dir(&v.dir)).expect("open");
@@ -912,8 +912,10 @@ async fn a_job_that_meets_a_damaged_record_stops_names_it_and_resumes_once_repai
             .await
             .expect("get")
             .expect("record");
-        let mut bad = raw.clone();
-        *bad.last_mut().expect("non-empty") ^= 1;
+        let mut header = <kluis::record::StoredRecord as prost::Message>::decode(raw.as_slice())
+            .expect("decode header");
+        header.mac[0] ^= 1;
+        let bad = prost::Message::encode_to_vec(&header);
         let mut batch = kluis::store::Batch::default();
         batch.put(Keyspace::Records, damaged.as_bytes().to_vec(), bad);
         store.commit(batch).await.expect("commit");

@@ -2,7 +2,9 @@
 //! panic, and never spreads to other records. A wrong master key refuses start-up.
 
 use kluis::proto::{CreateRecordRequest, GetRecordRequest};
+use kluis::record::StoredRecord;
 use kluis::store::{Batch, Keyspace, SledStore, Store};
+use prost::Message;
 use tonic::Code;
 
 use crate::helpers::*;
@@ -34,7 +36,8 @@ async fn get(
     .map(|r| r.into_inner())
 }
 
-/// The chunk entries of `field` in record `id`.
+/// The chunk entries of `field` in record `id` in the `fields` keyspace (fields too large to
+/// live in the header).
 async fn chunks(store: &SledStore, id: &str, field: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
     let uuid = uuid::Uuid::parse_str(id).expect("uuid");
     let mut prefix = uuid.as_bytes().to_vec();
@@ -46,6 +49,46 @@ async fn chunks(store: &SledStore, id: &str, field: &str) -> Vec<(Vec<u8>, Vec<u
         .expect("scan")
 }
 
+/// The first chunk envelope of `field` in record `id`, wherever it is stored: in the record
+/// header (short values) or in the `fields` keyspace.
+async fn first_chunk(store: &SledStore, id: &str, field: &str) -> Vec<u8> {
+    let uuid = uuid::Uuid::parse_str(id).expect("uuid");
+    let raw = store
+        .get(Keyspace::Records, uuid.as_bytes())
+        .await
+        .expect("get")
+        .expect("header");
+    let header = StoredRecord::decode(raw.as_slice()).expect("decode header");
+    match header.inline.get(field) {
+        Some(chunk) => chunk.clone(),
+        None => chunks(store, id, field).await.remove(0).1,
+    }
+}
+
+/// Replaces the first chunk envelope of `field` in record `id` where it is stored.
+async fn set_first_chunk(store: &SledStore, id: &str, field: &str, chunk: Vec<u8>) {
+    let uuid = uuid::Uuid::parse_str(id).expect("uuid");
+    let raw = store
+        .get(Keyspace::Records, uuid.as_bytes())
+        .await
+        .expect("get")
+        .expect("header");
+    let mut header = StoredRecord::decode(raw.as_slice()).expect("decode header");
+    let mut batch = Batch::default();
+    if let Some(slot) = header.inline.get_mut(field) {
+        *slot = chunk;
+        batch.put(
+            Keyspace::Records,
+            uuid.as_bytes().to_vec(),
+            header.encode_to_vec(),
+        );
+    } else {
+        let (key, _) = chunks(store, id, field).await.remove(0);
+        batch.put(Keyspace::Fields, key, chunk);
+    }
+    store.commit(batch).await.expect("tamper");
+}
+
 #[tokio::test]
 async fn a_flipped_byte_in_a_field_is_data_loss_and_other_records_stay_readable() {
     let mut vault = spawn_vault().await;
@@ -54,12 +97,10 @@ async fn a_flipped_byte_in_a_field_is_data_loss_and_other_records_stay_readable(
     vault.stop().await;
     {
         let store = SledStore::open(&data_dir(&vault.dir)).expect("open store");
-        let (key, mut value) = chunks(&store, &a, "email").await.remove(0);
+        let mut value = first_chunk(&store, &a, "email").await;
         let last = value.len() - 1;
         value[last] ^= 0x01;
-        let mut batch = Batch::default();
-        batch.put(Keyspace::Fields, key, value);
-        store.commit(batch).await.expect("tamper");
+        set_first_chunk(&store, &a, "email", value).await;
     }
     vault.start().await.expect("restart");
 
@@ -85,11 +126,8 @@ async fn ciphertext_swapped_between_records_is_data_loss() {
     vault.stop().await;
     {
         let store = SledStore::open(&data_dir(&vault.dir)).expect("open store");
-        let (_, a_value) = chunks(&store, &a, "email").await.remove(0);
-        let (b_key, _) = chunks(&store, &b, "email").await.remove(0);
-        let mut batch = Batch::default();
-        batch.put(Keyspace::Fields, b_key, a_value);
-        store.commit(batch).await.expect("swap");
+        let a_value = first_chunk(&store, &a, "email").await;
+        set_first_chunk(&store, &b, "email", a_value).await;
     }
     vault.start().await.expect("restart");
     let err = get(&vault, &b, &["email"]).await.err().expect("swapped");
@@ -141,7 +179,7 @@ async fn a_field_rolled_back_to_an_older_ciphertext_is_data_loss() {
     vault.stop().await;
     let old = {
         let store = SledStore::open(&data_dir(&vault.dir)).expect("open store");
-        chunks(&store, &a, "email").await.remove(0).1
+        first_chunk(&store, &a, "email").await
     };
     vault.start().await.expect("restart");
     let mut c = vault.client("recruiter").await;
@@ -158,10 +196,7 @@ async fn a_field_rolled_back_to_an_older_ciphertext_is_data_loss() {
     {
         // Same record, same field, same DEK, valid AEAD: only the header's digest catches it.
         let store = SledStore::open(&data_dir(&vault.dir)).expect("open store");
-        let (key, _) = chunks(&store, &a, "email").await.remove(0);
-        let mut batch = Batch::default();
-        batch.put(Keyspace::Fields, key, old);
-        store.commit(batch).await.expect("roll back");
+        set_first_chunk(&store, &a, "email", old).await;
     }
     vault.start().await.expect("restart");
     let err = get(&vault, &a, &["email"])
@@ -209,10 +244,7 @@ async fn reads_never_touch_keys_or_fields_of_categories_they_do_not_return() {
     vault.stop().await;
     {
         let store = SledStore::open(&data_dir(&vault.dir)).expect("open store");
-        let (key, _) = chunks(&store, &a, "bsn").await.remove(0);
-        let mut batch = Batch::default();
-        batch.put(Keyspace::Fields, key, vec![0u8; 64]);
-        store.commit(batch).await.expect("destroy bsn ciphertext");
+        set_first_chunk(&store, &a, "bsn", vec![0u8; 64]).await;
     }
     vault.start().await.expect("restart");
     let got = get(&vault, &a, &[])
@@ -232,4 +264,59 @@ async fn reads_never_touch_keys_or_fields_of_categories_they_do_not_return() {
         .expect("payroll sees the damage");
     assert_eq!(err.code(), Code::DataLoss);
     assert!(err.message().contains("bsn"), "{}", err.message());
+}
+
+/// Values too large for the header live as chunks in the `fields` keyspace: a flipped byte in
+/// one chunk, or a chunk swapped in from another record, is DATA_LOSS naming the field, and
+/// the record's short fields (kept in its header) stay readable.
+#[tokio::test]
+async fn a_damaged_chunk_of_a_large_field_is_data_loss_naming_the_field() {
+    let mut vault = spawn_vault().await;
+    let mut c = vault.client("recruiter").await;
+    let mut ids = Vec::new();
+    for n in 0..2u8 {
+        let cv: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8 ^ n).collect();
+        let id = c
+            .create_record(CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[
+                    ("full_name", text("Someone")),
+                    ("cv_document", blob(&cv, "application/pdf")),
+                ]),
+            })
+            .await
+            .expect("create")
+            .into_inner()
+            .record_id;
+        ids.push(id);
+    }
+    let (a, b) = (ids[0].clone(), ids[1].clone());
+    vault.stop().await;
+    {
+        let store = SledStore::open(&data_dir(&vault.dir)).expect("open store");
+        let a_chunks = chunks(&store, &a, "cv_document").await;
+        assert_eq!(a_chunks.len(), 3, "40 000 bytes are three 16 KiB chunks");
+        let (key, mut value) = a_chunks[1].clone();
+        value[40] ^= 0x80;
+        let b_first = chunks(&store, &b, "cv_document").await.remove(0);
+        let mut batch = Batch::default();
+        batch.put(Keyspace::Fields, key, value);
+        batch.put(Keyspace::Fields, b_first.0, a_chunks[0].1.clone());
+        store.commit(batch).await.expect("tamper");
+    }
+    vault.start().await.expect("restart");
+    for id in [&a, &b] {
+        let err = get(&vault, id, &["cv_document"])
+            .await
+            .err()
+            .expect("damaged");
+        assert_eq!(err.code(), Code::DataLoss);
+        assert!(
+            err.message().contains(id.as_str()) && err.message().contains("cv_document"),
+            "{}",
+            err.message()
+        );
+        let ok = get(&vault, id, &["full_name"]).await.expect("short field");
+        assert_eq!(text_of(&ok.fields["full_name"]), "Someone");
+    }
 }
