@@ -724,47 +724,45 @@ impl Shared {
                     }
                 }
             }
-            if group.iter().all(|j| j.frames.is_empty()) {
-                // Conflicts and refusals only: nothing to write.
-                for job in group {
-                    job.answer(|r| r);
+            // A group of conflicts and refusals only has nothing to write, but still goes
+            // through the applier: answers leave in log order, so a writer that retries after
+            // a conflict sees the write it conflicted with.
+            if group.iter().any(|j| !j.frames.is_empty()) {
+                if let Err(e) = self.check_poisoned() {
+                    // An earlier job failed: nothing of these reached sled; refuse them.
+                    self.fail(group, &e.to_string());
+                    continue;
                 }
-                continue;
-            }
-            if let Err(e) = self.check_poisoned() {
-                // An earlier job failed: nothing of these reached sled; refuse them.
-                self.fail(group, &e.to_string());
-                continue;
-            }
-            let frames_len: usize = group.iter().map(|j| j.frames.len()).sum();
-            let written = (|| {
-                let mut slices: Vec<std::io::IoSlice<'_>> = group
-                    .iter()
-                    .map(|j| std::io::IoSlice::new(&j.frames))
-                    .collect();
-                #[cfg(test)]
-                if self.fail_next_write.swap(false, Ordering::SeqCst) {
-                    use std::io::Write;
-                    let all: Vec<u8> = group.iter().flat_map(|j| j.frames.clone()).collect();
-                    log.file.write_all(&all[..all.len() / 2])?;
-                    return Err(std::io::Error::other("injected log write failure"));
+                let frames_len: usize = group.iter().map(|j| j.frames.len()).sum();
+                let written = (|| {
+                    let mut slices: Vec<std::io::IoSlice<'_>> = group
+                        .iter()
+                        .map(|j| std::io::IoSlice::new(&j.frames))
+                        .collect();
+                    #[cfg(test)]
+                    if self.fail_next_write.swap(false, Ordering::SeqCst) {
+                        use std::io::Write;
+                        let all: Vec<u8> = group.iter().flat_map(|j| j.frames.clone()).collect();
+                        log.file.write_all(&all[..all.len() / 2])?;
+                        return Err(std::io::Error::other("injected log write failure"));
+                    }
+                    write_all_vectored(&mut log.file, &mut slices)?;
+                    log.file.sync_data()
+                })();
+                self.flushes.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = written {
+                    // Cut off whatever part of the frames reached the file, so that a later
+                    // write-back cannot make the failed batches reappear at the next start.
+                    let _ = log.file.set_len(log.len);
+                    let _ = log.file.sync_data();
+                    let reason = format!("write-ahead log write or sync failed: {e}");
+                    tracing::error!(error = %e, "write-ahead log write failed; the store refuses writes until restart");
+                    *self.poisoned.lock() = Some(reason.clone());
+                    self.fail(group, &reason);
+                    continue;
                 }
-                write_all_vectored(&mut log.file, &mut slices)?;
-                log.file.sync_data()
-            })();
-            self.flushes.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = written {
-                // Cut off whatever part of the frames reached the file, so that a later
-                // write-back cannot make the failed batches reappear at the next start.
-                let _ = log.file.set_len(log.len);
-                let _ = log.file.sync_data();
-                let reason = format!("write-ahead log write or sync failed: {e}");
-                tracing::error!(error = %e, "write-ahead log write failed; the store refuses writes until restart");
-                *self.poisoned.lock() = Some(reason.clone());
-                self.fail(group, &reason);
-                continue;
+                log.len += frames_len as u64;
             }
-            log.len += frames_len as u64;
             // Durable: the applier applies the group to sled and answers its writers while
             // this thread syncs the next one.
             let handed: usize = group.iter().map(|j| j.replies.len()).sum();
