@@ -49,16 +49,21 @@ async fn chunks(store: &SledStore, id: &str, field: &str) -> Vec<(Vec<u8>, Vec<u
         .expect("scan")
 }
 
-/// The first chunk envelope of `field` in record `id`, wherever it is stored: in the record
-/// header (short values) or in the `fields` keyspace.
-async fn first_chunk(store: &SledStore, id: &str, field: &str) -> Vec<u8> {
+/// The stored header of record `id`, decoded but not checked.
+async fn stored_header(store: &SledStore, id: &str) -> StoredRecord {
     let uuid = uuid::Uuid::parse_str(id).expect("uuid");
     let raw = store
         .get(Keyspace::Records, uuid.as_bytes())
         .await
         .expect("get")
         .expect("header");
-    let header = StoredRecord::decode(raw.as_slice()).expect("decode header");
+    StoredRecord::decode(raw.as_slice()).expect("decode header")
+}
+
+/// The first chunk envelope of `field` in record `id`, wherever it is stored: in the record
+/// header (short values) or in the `fields` keyspace.
+async fn first_chunk(store: &SledStore, id: &str, field: &str) -> Vec<u8> {
+    let header = stored_header(store, id).await;
     match header.inline.get(field) {
         Some(chunk) => chunk.clone(),
         None => chunks(store, id, field).await.remove(0).1,
@@ -68,12 +73,7 @@ async fn first_chunk(store: &SledStore, id: &str, field: &str) -> Vec<u8> {
 /// Replaces the first chunk envelope of `field` in record `id` where it is stored.
 async fn set_first_chunk(store: &SledStore, id: &str, field: &str, chunk: Vec<u8>) {
     let uuid = uuid::Uuid::parse_str(id).expect("uuid");
-    let raw = store
-        .get(Keyspace::Records, uuid.as_bytes())
-        .await
-        .expect("get")
-        .expect("header");
-    let mut header = StoredRecord::decode(raw.as_slice()).expect("decode header");
+    let mut header = stored_header(store, id).await;
     let mut batch = Batch::default();
     if let Some(slot) = header.inline.get_mut(field) {
         *slot = chunk;
