@@ -26,6 +26,10 @@
 //! from `/proc/stat`; a row with more than 0.25 is flagged as disturbed).
 
 mod common;
+
+/// The allocator of the `kluis` binary (src/main.rs), so that the figures are the server's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use common::{machine_busy, process_cpu};
 
 use std::collections::HashMap;

@@ -71,7 +71,8 @@ pub struct Frame {
 }
 
 /// Decodes frames from the start of `bytes`. Returns the frames and whether the bytes ended
-/// cleanly (`true`) or in a torn or corrupt frame (`false`).
+/// cleanly (`true`: after the last frame, nothing or only zeros, which the log writer puts
+/// ahead of its frames) or in a torn or corrupt frame (`false`).
 pub fn decode_frames(bytes: &[u8]) -> (Vec<Frame>, bool) {
     let mut frames = Vec::new();
     let mut at = 0;
@@ -81,7 +82,8 @@ pub fn decode_frames(bytes: &[u8]) -> (Vec<Frame>, bool) {
                 frames.push(frame);
                 at += used;
             }
-            None => return (frames, false),
+            // Zeros written ahead of the frames: the clean end of the log.
+            None => return (frames, bytes[at..].iter().all(|&b| b == 0)),
         }
     }
     (frames, true)
@@ -194,6 +196,12 @@ mod tests {
             for (f, ops) in frames.iter().zip(&batches) {
                 prop_assert!(f.ops.len() == ops.len() && f.ops.iter().zip(ops).all(|(a, b)| same(a, b)));
             }
+            // Zeros written ahead of the frames end the log cleanly.
+            let mut padded = log.clone();
+            padded.resize(log.len() + cut.index(3 * FRAME_HEADER), 0);
+            let (frames, clean) = decode_frames(&padded);
+            prop_assert!(clean);
+            prop_assert_eq!(frames.len(), batches.len());
             // A torn tail: a strict prefix of frames, never garbage.
             let cut = cut.index(log.len());
             let (frames, _) = decode_frames(&log[..cut]);

@@ -852,14 +852,16 @@ async fn when_no_event_can_be_written_nothing_is_returned_or_changed() {
     };
     recruiter.get_record(get.clone()).await.expect("get");
 
-    // From now on no file of the server may grow: the next log write fails (EFBIG).
+    // From now on the server may write no byte past the end of the frames in its log (the
+    // zeros after them are written ahead): the next log write fails (EFBIG).
     let wal = dir.path().join("data").join("wal");
-    let size = std::fs::read_dir(&wal)
+    let newest = std::fs::read_dir(&wal)
         .expect("wal dir")
-        .filter_map(|e| e.ok()?.metadata().ok())
-        .map(|m| m.len())
+        .filter_map(|e| Some(e.ok()?.path()))
         .max()
         .expect("a log file");
+    let log = std::fs::read(&newest).expect("read the log");
+    let size = log.iter().rposition(|&b| b != 0).expect("frames in the log") + 1;
     let limited = std::process::Command::new("prlimit")
         .arg(format!("--pid={}", server.child.id()))
         .arg(format!("--fsize={size}"))
