@@ -861,7 +861,11 @@ async fn when_no_event_can_be_written_nothing_is_returned_or_changed() {
         .max()
         .expect("a log file");
     let log = std::fs::read(&newest).expect("read the log");
-    let size = log.iter().rposition(|&b| b != 0).expect("frames in the log") + 1;
+    let size = log
+        .iter()
+        .rposition(|&b| b != 0)
+        .expect("frames in the log")
+        + 1;
     let limited = std::process::Command::new("prlimit")
         .arg(format!("--pid={}", server.child.id()))
         .arg(format!("--fsize={size}"))
