@@ -3,7 +3,10 @@
 //! the data is returned). Events hold names, never values, so they survive record erasure.
 //!
 //! ```text
-//! audit/<seq u64 BE>  → seq u64 ‖ time ms i64 ‖ hash [32] ‖ body
+//! audit/<seq u64 BE of the block's last event>  → block
+//!   block = 0xB1 ‖ (event length u32 BE ‖ event)…   consecutive events, at most ~16 KiB
+//!           (a value without the 0xB1 byte is one event alone: the format before blocks)
+//!   event = seq u64 ‖ time ms i64 ‖ hash [32] ‖ body
 //!   body = version u8 (1) ‖ principal ‖ role ‖ purpose ‖ action ‖ record id
 //!          ‖ field count u16 ‖ field names… ‖ outcome        (each string: u16 BE length ‖ UTF-8)
 //!   hash = SHA-256("kluis/v1/audit-event" ‖ previous hash ‖ seq ‖ time ‖ body)
@@ -15,8 +18,10 @@
 //! ```
 //!
 //! The store's commit leader assigns sequence numbers and times (never decreasing) and links
-//! each event to the head, inside the batch's transaction ([`link_events`]), so the chain is
-//! total and gap-free however many writers there are. The head lives in the store, not in
+//! each event to the head, inside the batch's atomic write ([`EventBlocks`]), so the chain is
+//! total and gap-free however many writers there are. The events of one commit group are
+//! stored in blocks, one key per ~16 KiB of events: one sled insert per group instead of one
+//! per event (an insert costs ~15 µs; an audited read writes one event). The head lives in the store, not in
 //! process memory, so several instances over one database extend one chain.
 //!
 //! Tamper evidence: changing, deleting or reordering an event breaks the chain at that event
@@ -47,6 +52,11 @@ const BODY_VERSION: u8 = 1;
 const EVENT_HEADER: usize = 8 + 8 + 32;
 /// Longest string field of an event (longer ones are cut, at a character boundary).
 const MAX_STR: usize = 1024;
+/// First byte of a stored block of events.
+const BLOCK_MAGIC: u8 = 0xB1;
+/// A block is closed once it holds this many bytes. With sled's 16 entries per leaf this
+/// keeps every logged page far below sled's blob threshold (~512 KiB), as chunks do.
+const BLOCK_BYTES: usize = 16 * 1024;
 
 /// Outcome of an audited operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -317,22 +327,219 @@ pub fn link(prev: &[u8; 32], seq: u64, time_ms: i64, body: &[u8]) -> [u8; 32] {
     ])
 }
 
-/// Appends `bodies` to the chain after `head` at `now_ms`: pushes the events' writes and
-/// advances `head`. Called by the store inside the batch's transaction; the store writes the
-/// new head (`META_HEAD`) once per group, after its last event.
-pub fn link_events(head: &mut Head, now_ms: i64, bodies: &[Vec<u8>], ops: &mut Vec<Op>) {
-    for body in bodies {
-        let seq = head.seq + 1;
-        let time_ms = now_ms.max(head.time_ms);
-        let hash = link(&head.hash, seq, time_ms, body);
-        let mut value = Vec::with_capacity(EVENT_HEADER + body.len());
-        value.extend_from_slice(&seq.to_be_bytes());
-        value.extend_from_slice(&time_ms.to_be_bytes());
-        value.extend_from_slice(&hash);
-        value.extend_from_slice(body);
-        ops.push(Op::Put(Keyspace::Audit, event_key(seq).to_vec(), value));
-        *head = Head { seq, time_ms, hash };
+/// Events linked into the chain and not yet stored: the store's commit leader links the
+/// events of a group's batches ([`EventBlocks::link`]) and writes them as blocks
+/// ([`EventBlocks::into_ops`]) in the group's atomic write.
+#[derive(Default)]
+pub struct EventBlocks {
+    /// Closed blocks and the last one, with the sequence number of their last event.
+    blocks: Vec<(u64, Vec<u8>)>,
+}
+
+impl EventBlocks {
+    /// Appends `bodies` to the chain after `head` at `now_ms` and advances `head`. The store
+    /// writes the new head (`META_HEAD`) once per group, after its events.
+    pub fn link(&mut self, head: &mut Head, now_ms: i64, bodies: &[Vec<u8>]) {
+        for body in bodies {
+            let seq = head.seq + 1;
+            let time_ms = now_ms.max(head.time_ms);
+            let hash = link(&head.hash, seq, time_ms, body);
+            let len = EVENT_HEADER + body.len();
+            let open = match self.blocks.last_mut() {
+                Some((_, block)) if block.len() + 4 + len <= BLOCK_BYTES => block,
+                _ => {
+                    let mut block = Vec::with_capacity(BLOCK_BYTES.min(1 + 4 + len * 8));
+                    block.push(BLOCK_MAGIC);
+                    self.blocks.push((seq, block));
+                    &mut self.blocks.last_mut().expect("a block was just pushed").1
+                }
+            };
+            let len = u32::try_from(len).expect("event strings are capped far below 4 GiB");
+            open.extend_from_slice(&len.to_be_bytes());
+            open.extend_from_slice(&seq.to_be_bytes());
+            open.extend_from_slice(&time_ms.to_be_bytes());
+            open.extend_from_slice(&hash);
+            open.extend_from_slice(body);
+            if let Some(last) = self.blocks.last_mut() {
+                last.0 = seq;
+            }
+            *head = Head { seq, time_ms, hash };
+        }
     }
+
+    /// Whether no event was linked.
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// The writes that store the blocks.
+    pub fn into_ops(self, ops: &mut Vec<Op>) {
+        for (last_seq, block) in self.blocks {
+            ops.push(Op::Put(
+                Keyspace::Audit,
+                event_key(last_seq).to_vec(),
+                block,
+            ));
+        }
+    }
+}
+
+/// The events of a stored audit value in order, as raw bytes (each parsed by
+/// [`Event::parse`]); `None` if the block's framing is broken.
+pub fn split_block(value: &[u8]) -> Option<Vec<&[u8]>> {
+    let Some((&BLOCK_MAGIC, mut rest)) = value.split_first() else {
+        // One event alone (the format before blocks).
+        return Some(vec![value]);
+    };
+    let mut events = Vec::new();
+    while !rest.is_empty() {
+        let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let event = rest.get(4..4usize.checked_add(len)?)?;
+        events.push(event);
+        rest = &rest[4 + len..];
+    }
+    (!events.is_empty()).then_some(events)
+}
+
+/// One stored event as read by [`EventScan`].
+#[derive(Debug)]
+pub struct StoredEvent {
+    /// The sequence number in the key of the event's block (its last event's).
+    pub block_key: u64,
+    /// Whether the event is its block's last.
+    pub last_in_block: bool,
+    /// The event's bytes; `None` if its block's framing is broken.
+    pub raw: Option<Vec<u8>>,
+}
+
+/// Reads stored events in key order from a sequence number on, a page of blocks at a time.
+pub struct EventScan {
+    after: Option<Vec<u8>>,
+    from: u64,
+    first_block: bool,
+    buffered: std::collections::VecDeque<StoredEvent>,
+    done: bool,
+}
+
+impl EventScan {
+    /// Events from sequence number `from` (≥ 1) on: those before it in the first block read
+    /// are skipped.
+    pub fn from(from: u64) -> EventScan {
+        EventScan {
+            after: Some(event_key(from.saturating_sub(1)).to_vec()),
+            from,
+            first_block: true,
+            buffered: std::collections::VecDeque::new(),
+            done: false,
+        }
+    }
+
+    /// The next stored event, or `None` at the end.
+    pub async fn next(&mut self, store: &impl Store) -> Result<Option<StoredEvent>, StoreError> {
+        while self.buffered.is_empty() && !self.done {
+            let page = store
+                .scan(Keyspace::Audit, b"", self.after.as_deref(), SCAN_BLOCKS)
+                .await?;
+            let Some((last_key, _)) = page.last() else {
+                self.done = true;
+                break;
+            };
+            self.after = Some(last_key.clone());
+            for (key, value) in page {
+                let block_key = <[u8; 8]>::try_from(key.as_slice())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                let first = std::mem::take(&mut self.first_block);
+                match split_block(&value) {
+                    None => self.buffered.push_back(StoredEvent {
+                        block_key,
+                        last_in_block: true,
+                        raw: None,
+                    }),
+                    Some(events) => {
+                        let n = events.len();
+                        for (i, raw) in events.into_iter().enumerate() {
+                            if first && event_seq(raw).is_some_and(|seq| seq < self.from) {
+                                continue;
+                            }
+                            self.buffered.push_back(StoredEvent {
+                                block_key,
+                                last_in_block: i + 1 == n,
+                                raw: Some(raw.to_vec()),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(self.buffered.pop_front())
+    }
+}
+
+/// The sequence number at the start of an event's bytes.
+fn event_seq(raw: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(raw.get(..8)?.try_into().ok()?))
+}
+
+/// Blocks read per store scan.
+const SCAN_BLOCKS: usize = 64;
+
+/// The stored bytes of event `seq`, found in its block: what someone with database access
+/// sees (for forensics and tamper tests).
+pub async fn raw_event(store: &impl Store, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    let mut scan = EventScan::from(seq);
+    Ok(scan
+        .next(store)
+        .await?
+        .and_then(|e| e.raw)
+        .filter(|raw| event_seq(raw) == Some(seq)))
+}
+
+/// Replaces (`Some`) or removes (`None`) the stored bytes of the event at sequence number
+/// `seq`, inside its block, leaving every other event as it is: what an insider with
+/// database access could do (for tamper tests and drills).
+pub async fn overwrite_raw_event(
+    store: &impl Store,
+    seq: u64,
+    value: Option<Vec<u8>>,
+) -> Result<(), StoreError> {
+    let page = store
+        .scan(
+            Keyspace::Audit,
+            b"",
+            Some(&event_key(seq.saturating_sub(1))),
+            1,
+        )
+        .await?;
+    let Some((key, block)) = page.into_iter().next() else {
+        return Err(StoreError::Io(format!("no stored block holds event {seq}")));
+    };
+    let events = split_block(&block)
+        .ok_or_else(|| StoreError::Io(format!("the block holding event {seq} is malformed")))?;
+    let at = events
+        .iter()
+        .position(|raw| event_seq(raw) == Some(seq))
+        .ok_or_else(|| StoreError::Io(format!("no stored block holds event {seq}")))?;
+    let mut out = vec![BLOCK_MAGIC];
+    for (i, raw) in events.iter().enumerate() {
+        let raw: &[u8] = if i == at {
+            match &value {
+                Some(v) => v,
+                None => continue,
+            }
+        } else {
+            raw
+        };
+        out.extend_from_slice(&(raw.len() as u32).to_be_bytes());
+        out.extend_from_slice(raw);
+    }
+    let mut batch = crate::store::Batch::default();
+    if out.len() == 1 {
+        batch.delete(Keyspace::Audit, key);
+    } else {
+        batch.put(Keyspace::Audit, key, out);
+    }
+    store.commit(batch).await
 }
 
 /// Most events that may follow the newest checkpoint in a sound chain when checkpoints are
@@ -570,12 +777,10 @@ pub async fn checkpoint_if_due(
             head.seq
         )));
     }
-    let mut after = (last > 0).then(|| event_key(last).to_vec());
     let mut expected = last + 1;
     if last > 0 {
         // The checkpointed event itself must still carry the signed hash.
-        let e = store
-            .get(Keyspace::Audit, &event_key(last))
+        let e = raw_event(store, last)
             .await?
             .and_then(|v| Event::parse(&v))
             .ok_or_else(|| refuse(format!("event {last} is missing or malformed")))?;
@@ -583,27 +788,22 @@ pub async fn checkpoint_if_due(
             return Err(refuse(format!("event {last} differs from its checkpoint")));
         }
     }
+    let mut scan = EventScan::from(expected);
     while expected <= head.seq {
-        let page = store
-            .scan(Keyspace::Audit, b"", after.as_deref(), SCAN_PAGE)
-            .await?;
-        if page.is_empty() {
+        let Some(stored) = scan.next(store).await? else {
             break;
+        };
+        let e = stored
+            .raw
+            .as_deref()
+            .and_then(Event::parse)
+            .filter(|e| e.seq == expected && (!stored.last_in_block || stored.block_key == e.seq))
+            .ok_or_else(|| refuse(format!("event {expected} is missing or moved")))?;
+        if link(&prev, e.seq, e.time_ms, &e.body) != e.hash {
+            return Err(refuse(format!("event {expected} does not match its hash")));
         }
-        for (key, value) in &page {
-            if expected > head.seq {
-                break;
-            }
-            let e = Event::parse(value)
-                .filter(|e| e.seq == expected && key.as_slice() == event_key(expected))
-                .ok_or_else(|| refuse(format!("event {expected} is missing or moved")))?;
-            if link(&prev, e.seq, e.time_ms, &e.body) != e.hash {
-                return Err(refuse(format!("event {expected} does not match its hash")));
-            }
-            prev = e.hash;
-            expected += 1;
-        }
-        after = page.last().map(|(k, _)| k.clone());
+        prev = e.hash;
+        expected += 1;
     }
     if expected <= head.seq || prev != head.hash {
         return Err(refuse("the chain does not reach the stored head".into()));
@@ -732,42 +932,42 @@ pub async fn verify(
     let mut expected = 1u64;
     // Start of the span since the last checkpoint that verified.
     let mut last_good_checkpoint = 0u64;
-    let mut after: Option<Vec<u8>> = None;
+    let mut scan = EventScan::from(1);
     'scan: loop {
-        let page = store
-            .scan(Keyspace::Audit, b"", after.as_deref(), SCAN_PAGE)
-            .await?;
-        let Some((last_key, _)) = page.last() else {
+        let Some(stored) = scan.next(store).await? else {
             break;
         };
-        after = Some(last_key.clone());
-        for (key, value) in page {
-            let key_seq = <[u8; 8]>::try_from(key.as_slice())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
-            if expected > head.seq && key_seq > head.seq {
-                // Appended after the head was read (a live server): not part of this check.
-                break 'scan;
-            }
-            if key_seq != expected {
-                fail(
-                    &mut v,
-                    expected,
-                    format!("event {expected} is missing (next stored key is {key_seq})"),
-                );
-                break 'scan;
-            }
-            let Some(event) = Event::parse(&value) else {
+        {
+            let Some(raw) = stored.raw.as_deref() else {
                 fail(&mut v, expected, format!("event {expected} is malformed"));
                 break 'scan;
             };
-            if event.seq != expected {
+            let seq = event_seq(raw).unwrap_or(0);
+            if expected > head.seq && seq > head.seq {
+                // Appended after the head was read (a live server): not part of this check.
+                break 'scan;
+            }
+            if seq != expected {
                 fail(
                     &mut v,
                     expected,
                     format!(
-                        "event {expected} holds sequence number {} (moved)",
-                        event.seq
+                        "event {expected} is missing or moved (the next stored event says {seq})"
+                    ),
+                );
+                break 'scan;
+            }
+            let Some(event) = Event::parse(raw) else {
+                fail(&mut v, expected, format!("event {expected} is malformed"));
+                break 'scan;
+            };
+            if stored.last_in_block && stored.block_key != event.seq {
+                fail(
+                    &mut v,
+                    expected,
+                    format!(
+                        "event {expected} is stored under the key of event {} (moved)",
+                        stored.block_key
                     ),
                 );
                 break 'scan;
@@ -907,6 +1107,7 @@ pub async fn query(
     let mut events = Vec::new();
     let mut scanned = 0usize;
     let mut cursor = start;
+    let mut scan = EventScan::from(cursor + 1);
     loop {
         if cursor >= head.seq {
             return Ok(QueryPage {
@@ -914,50 +1115,42 @@ pub async fn query(
                 next_after: None,
             });
         }
-        let page = store
-            .scan(
-                Keyspace::Audit,
-                b"",
-                Some(&event_key(cursor)),
-                SCAN_PAGE.min(MAX_SCANNED_PER_PAGE - scanned).max(1),
-            )
-            .await?;
-        if page.is_empty() {
+        let Some(stored) = scan.next(store).await? else {
+            return Ok(QueryPage {
+                events,
+                next_after: None,
+            });
+        };
+        scanned += 1;
+        let Some(event) = stored.raw.as_deref().and_then(Event::parse) else {
+            continue;
+        };
+        if event.seq <= cursor {
+            // Out of order (tampered): `verify` names it; a query moves on.
+            continue;
+        }
+        cursor = event.seq;
+        if filter.until_ms.is_some_and(|u| event.time_ms >= u) {
             return Ok(QueryPage {
                 events,
                 next_after: None,
             });
         }
-        for (key, value) in page {
-            scanned += 1;
-            cursor = <[u8; 8]>::try_from(key.as_slice())
-                .map(u64::from_be_bytes)
-                .unwrap_or(cursor + 1);
-            let Some(event) = Event::parse(&value) else {
-                continue;
-            };
-            if filter.until_ms.is_some_and(|u| event.time_ms >= u) {
+        if filter.matches(&event) {
+            events.push(event);
+            if events.len() >= limit {
+                let more = cursor < head.seq;
                 return Ok(QueryPage {
                     events,
-                    next_after: None,
+                    next_after: more.then_some(cursor),
                 });
             }
-            if filter.matches(&event) {
-                events.push(event);
-                if events.len() >= limit {
-                    let more = cursor < head.seq;
-                    return Ok(QueryPage {
-                        events,
-                        next_after: more.then_some(cursor),
-                    });
-                }
-            }
-            if scanned >= MAX_SCANNED_PER_PAGE {
-                return Ok(QueryPage {
-                    events,
-                    next_after: (cursor < head.seq).then_some(cursor),
-                });
-            }
+        }
+        if scanned >= MAX_SCANNED_PER_PAGE {
+            return Ok(QueryPage {
+                events,
+                next_after: (cursor < head.seq).then_some(cursor),
+            });
         }
     }
 }
@@ -971,7 +1164,7 @@ async fn first_at_or_after(
     let (mut lo, mut hi) = (1u64, head_seq + 1);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        let time = match store.get(Keyspace::Audit, &event_key(mid)).await? {
+        let time = match raw_event(store, mid).await? {
             Some(v) => Event::parse(&v).map_or(i64::MIN, |e| e.time_ms),
             None => i64::MIN,
         };
@@ -1022,24 +1215,61 @@ mod tests {
     }
 
     #[test]
+    fn events_fill_blocks_of_at_most_16_kib_keyed_by_their_last_event() {
+        let mut head = Head::default();
+        let mut blocks = EventBlocks::default();
+        let bodies: Vec<Vec<u8>> = (0..500).map(|_| draft().encode()).collect();
+        blocks.link(&mut head, 1, &bodies[..200]);
+        blocks.link(&mut head, 2, &bodies[200..]);
+        let mut ops = Vec::new();
+        blocks.into_ops(&mut ops);
+        assert!(ops.len() > 1, "500 events need several blocks");
+        let mut expected = 1;
+        for op in &ops {
+            let Op::Put(Keyspace::Audit, key, block) = op else {
+                panic!("only audit blocks");
+            };
+            assert!(block.len() <= BLOCK_BYTES);
+            let events = split_block(block).expect("well framed");
+            for raw in &events {
+                assert_eq!(Event::parse(raw).expect("parses").seq, expected);
+                expected += 1;
+            }
+            assert_eq!(key.as_slice(), event_key(expected - 1));
+        }
+        assert_eq!(expected, 501);
+        // A broken frame is refused, a value without the block byte is one event alone.
+        let Op::Put(_, _, block) = &ops[0] else {
+            panic!("a put");
+        };
+        assert!(split_block(&block[..block.len() - 1]).is_none());
+        assert!(split_block(&[BLOCK_MAGIC]).is_none());
+        let single = split_block(&block[5..]).expect("one event alone");
+        assert_eq!(single.len(), 1);
+    }
+
+    #[test]
     fn linking_advances_the_head_and_times_never_decrease() {
         let mut head = Head::default();
-        let mut ops = Vec::new();
-        link_events(&mut head, 1000, &[draft().encode()], &mut ops);
-        link_events(
-            &mut head,
-            900,
-            &[draft().encode(), draft().encode()],
-            &mut ops,
-        );
+        let mut blocks = EventBlocks::default();
+        blocks.link(&mut head, 1000, &[draft().encode()]);
+        blocks.link(&mut head, 900, &[draft().encode(), draft().encode()]);
         assert_eq!(head.seq, 3);
         assert_eq!(head.time_ms, 1000);
+        let mut ops = Vec::new();
+        blocks.into_ops(&mut ops);
+        assert_eq!(ops.len(), 1, "three small events share one block");
         let events: Vec<Event> = ops
             .iter()
             .filter_map(|op| match op {
-                Op::Put(Keyspace::Audit, _, v) => Event::parse(v),
+                Op::Put(Keyspace::Audit, key, v) => {
+                    assert_eq!(key.as_slice(), event_key(3), "keyed by its last event");
+                    split_block(v)
+                }
                 _ => None,
             })
+            .flatten()
+            .filter_map(Event::parse)
             .collect();
         assert_eq!(events.len(), 3);
         let mut prev = [0u8; 32];
@@ -1155,23 +1385,19 @@ mod tests {
             assert_eq!(page.next_after, Some(153));
 
             // Change event 42's body.
-            let raw = store
-                .get(Keyspace::Audit, &event_key(42))
-                .await
-                .expect("get")
-                .expect("present");
+            let raw = raw_event(&store, 42).await.expect("get").expect("present");
             let mut changed = raw.clone();
             let last = changed.len() - 1;
             changed[last] ^= 1;
-            let mut b = Batch::default();
-            b.put(Keyspace::Audit, event_key(42).to_vec(), changed);
-            store.commit(b).await.expect("tamper");
+            overwrite_raw_event(&store, 42, Some(changed))
+                .await
+                .expect("tamper");
             let v = verify(&store, &pk, 10).await.expect("verify");
             assert_eq!((v.ok, v.first_bad_seq), (false, 42), "{v:?}");
             // Put it back: whole again.
-            let mut b = Batch::default();
-            b.put(Keyspace::Audit, event_key(42).to_vec(), raw);
-            store.commit(b).await.expect("restore");
+            overwrite_raw_event(&store, 42, Some(raw))
+                .await
+                .expect("restore");
             assert!(verify(&store, &pk, 10).await.expect("verify").ok);
         }
         // The chain and head survive a reopen (log replay or sled), and keep growing.
@@ -1181,17 +1407,28 @@ mod tests {
         assert!(v.ok, "{v:?}");
         assert_eq!(v.events_checked, 166);
         // Rewriting the chain consistently from event 10 on is caught by the checkpoint.
-        let mut prev = match Event::parse(
-            &store
-                .get(Keyspace::Audit, &event_key(9))
-                .await
-                .expect("get")
-                .expect("present"),
-        ) {
+        // (Written as one event per key, the format before blocks, which readers still take.)
+        let mut b = Batch::default();
+        for (key, _) in store
+            .scan(Keyspace::Audit, b"", None, 100_000)
+            .await
+            .expect("scan")
+        {
+            b.delete(Keyspace::Audit, key);
+        }
+        for seq in 1..=9 {
+            let raw = raw_event(&store, seq).await.expect("get").expect("present");
+            b.put(Keyspace::Audit, event_key(seq).to_vec(), raw);
+        }
+        let mut prev = match raw_event(&store, 9)
+            .await
+            .expect("get")
+            .as_deref()
+            .and_then(Event::parse)
+        {
             Some(e) => e.hash,
             None => panic!("event 9 parses"),
         };
-        let mut b = Batch::default();
         let mut head = Head::default();
         let t = now_ms() + 1;
         for seq in 10..=166 {
@@ -1235,6 +1472,7 @@ mod tests {
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Draft::decode(&bytes);
             let _ = Event::parse(&bytes);
+            let _ = split_block(&bytes);
             let _ = Checkpoint::decode(&bytes);
             let _ = Head::decode(&bytes);
         }

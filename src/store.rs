@@ -439,7 +439,9 @@ impl SledStore {
                 .map_err(io)?
                 .and_then(|v| audit::Head::decode(&v))
                 .unwrap_or_default();
-            if let Some(e) = audit::Event::parse(&value).filter(|e| e.seq > stored.seq) {
+            let last_event = audit::split_block(&value)
+                .and_then(|events| events.last().and_then(|raw| audit::Event::parse(raw)));
+            if let Some(e) = last_event.filter(|e| e.seq > stored.seq) {
                 let head = audit::Head {
                     seq: e.seq,
                     time_ms: e.time_ms,
@@ -651,13 +653,13 @@ impl Shared {
         let now = audit::now_ms();
         let head_before = *head;
         let mut ops: Vec<Op> = Vec::new();
-        // Each accepted batch's sequence number and the end of its writes in `ops`.
-        let mut accepted: Vec<(u64, usize)> = Vec::new();
+        // Each accepted batch's sequence number.
+        let mut accepted: Vec<u64> = Vec::new();
         // This group's writes so far, by key: the index of the last write in `ops`.
         let mut mine: std::collections::HashMap<(Keyspace, Vec<u8>), usize> =
             std::collections::HashMap::new();
         let mut pending = self.pending.lock();
-        let mut linked = Vec::new();
+        let mut events = audit::EventBlocks::default();
         for p in group {
             let holds = p
                 .batch
@@ -693,43 +695,40 @@ impl Shared {
                 Err(e) => job.replies.push((p.reply, Err(e))),
                 Ok(false) => job.replies.push((p.reply, Err(StoreError::Conflict))),
                 Ok(true) => {
-                    linked.clear();
-                    audit::link_events(head, now, &p.batch.events, &mut linked);
+                    events.link(head, now, &p.batch.events);
                     let start = ops.len();
                     ops.extend(p.batch.ops);
-                    ops.append(&mut linked);
                     for (i, op) in ops.iter().enumerate().skip(start) {
                         let (ks, key) = op_key(op);
                         mine.insert((ks, key.to_vec()), i);
                     }
-                    accepted.push((*next_seq, ops.len()));
+                    accepted.push(*next_seq);
                     *next_seq += 1;
                     job.replies.push((p.reply, Ok(())));
                 }
             }
         }
+        // The group's events in blocks, then the head: no batch of the group conditions on
+        // them (they are new keys, and the head is the leader's).
+        events.into_ops(&mut ops);
         if *head != head_before {
-            // The head once per group, logged with the group's last accepted batch.
             ops.push(Op::Put(
                 Keyspace::Meta,
                 audit::META_HEAD.to_vec(),
                 head.encode(),
             ));
-            if let Some(last) = accepted.last_mut() {
-                last.1 = ops.len();
-            }
         }
-        let mut start = 0;
-        for &(seq, end) in &accepted {
-            wal::encode_frame(&mut job.frames, seq, &ops[start..end]);
-            start = end;
+        // One frame for the group: its batches and events are durable, replayed or lost
+        // together (a block holds the events of several batches).
+        if let Some(&last) = accepted.last() {
+            wal::encode_frame(&mut job.frames, last, &ops);
         }
         let ops = Arc::new(ops);
         for (i, op) in ops.iter().enumerate() {
             let (ks, key) = op_key(op);
             pending.insert((ks, key.to_vec()), (id, Arc::clone(&ops), i));
         }
-        job.last_seq = accepted.last().map_or(0, |&(seq, _)| seq);
+        job.last_seq = accepted.last().copied().unwrap_or(0);
         job.ops = ops;
         job
     }
@@ -1138,11 +1137,14 @@ mod tests {
         let mut b = Batch::default();
         b.append_event(b"after restart".to_vec());
         store.commit(b).await.expect("commit");
-        let events = store
+        let events: usize = store
             .scan(Keyspace::Audit, b"", None, 100)
             .await
-            .expect("scan");
-        assert_eq!(events.len() as u64, head.seq + 1);
+            .expect("scan")
+            .iter()
+            .map(|(_, block)| audit::split_block(block).expect("a block").len())
+            .sum();
+        assert_eq!(events as u64, head.seq + 1);
     }
 
     /// Conditions see the writes accepted before them, also those not yet durable or

@@ -1,6 +1,8 @@
 //! The write-ahead log that makes sled writes durable without sled's flush on the hot path.
 //!
-//! Every applied batch is appended to the log as one frame; concurrent writers share one
+//! Every commit group (the batches the leader accepted together, their audit event blocks
+//! and the new chain head) is appended to the log as one frame, numbered by the group's last
+//! batch; concurrent writers share one
 //! `write` + `fdatasync` of the log (group commit). sled itself is flushed only at checkpoints
 //! (and by its own background flusher), after which older log files are deleted.
 //!
@@ -11,7 +13,8 @@
 //! ```
 //!
 //! Recovery replays, in order, the frames whose sequence number is above the one sled recorded
-//! as applied (`store/wal-applied` is written in the same sled transaction as each batch, so
+//! as applied (`store/wal-applied` is written after each group's writes, and sled recovers a
+//! prefix of its own log, so
 //! sled's recovered state says exactly which batches it holds). A frame that is cut short or
 //! fails its CRC ends the last log file (a write torn by the crash: it was never acknowledged);
 //! anywhere else it is corruption and opening fails.

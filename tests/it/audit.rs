@@ -529,18 +529,19 @@ async fn query_rights_filters_and_pages() {
     assert!(verified.events_checked >= 7);
 }
 
+/// Event `seq` as stored (inside its block).
 async fn stored_event(store: &SledStore, seq: u64) -> Vec<u8> {
-    store
-        .get(Keyspace::Audit, &event_key(seq))
+    audit::raw_event(store, seq)
         .await
         .expect("read")
         .expect("event present")
 }
 
+/// Overwrites event `seq` inside its block, as an insider could.
 async fn put_event(store: &SledStore, seq: u64, value: Vec<u8>) {
-    let mut b = Batch::default();
-    b.put(Keyspace::Audit, event_key(seq).to_vec(), value);
-    store.commit(b).await.expect("write");
+    audit::overwrite_raw_event(store, seq, Some(value))
+        .await
+        .expect("write");
 }
 
 async fn verify(v: &TestVault) -> kluis::proto::VerifyChainResponse {
@@ -601,9 +602,9 @@ async fn verify_chain_names_the_first_changed_deleted_or_moved_event() {
     .await;
     assert!(verify(&v).await.ok);
     offline(&mut v, |store| async move {
-        let mut b = Batch::default();
-        b.delete(Keyspace::Audit, event_key(4).to_vec());
-        store.commit(b).await.expect("delete");
+        audit::overwrite_raw_event(&store, 4, None)
+            .await
+            .expect("delete");
     })
     .await;
     let bad = verify(&v).await;
@@ -653,6 +654,14 @@ async fn a_consistently_rewritten_chain_fails_checkpoint_verification() {
         // hash and the head, so the chain itself is consistent.
         let mut prev = [0u8; 32];
         let mut b = Batch::default();
+        // Written back as one event per key (the format before blocks, which readers take).
+        for (key, _) in store
+            .scan(Keyspace::Audit, b"", None, 100_000)
+            .await
+            .expect("scan")
+        {
+            b.delete(Keyspace::Audit, key);
+        }
         let mut new_head = Head::default();
         for seq in 1..=head.seq {
             let e = Event::parse(&stored_event(&store, seq).await).expect("event");

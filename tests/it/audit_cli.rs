@@ -191,17 +191,15 @@ async fn offline_verify_says_ok_then_names_the_tampered_event() {
     // Flip a byte near the end of event 3.
     {
         let store = SledStore::open(&data_dir(&vault.dir)).expect("open store");
-        let key = kluis::audit::event_key(3);
-        let mut value = store
-            .get(Keyspace::Audit, &key)
+        let mut value = kluis::audit::raw_event(&store, 3)
             .await
             .expect("get")
             .expect("event 3");
         let last = value.len() - 1;
         value[last] ^= 0x01;
-        let mut batch = Batch::default();
-        batch.put(Keyspace::Audit, key.to_vec(), value);
-        store.commit(batch).await.expect("tamper");
+        kluis::audit::overwrite_raw_event(&store, 3, Some(value))
+            .await
+            .expect("tamper");
     }
     let bad = kluis(&["audit", "verify", "--data-dir", &data], None).await;
     assert_eq!(bad.code, 1, "{}", bad.all());
@@ -216,24 +214,24 @@ async fn offline_verify_says_ok_then_names_the_tampered_event() {
     // Put event 3 back, then delete event 4, then (restored) swap events 4 and 5.
     async fn edit(data: &str, f: impl FnOnce(&mut BTreeMap<u64, Vec<u8>>)) {
         let store = SledStore::open(Path::new(data)).expect("open store");
+        // Every event, each written back under its own key (the format before blocks, which
+        // readers still take), so that an event can be deleted and put back.
         let mut events = BTreeMap::new();
-        for seq in 1..=5u64 {
-            if let Some(v) = store
-                .get(Keyspace::Audit, &kluis::audit::event_key(seq))
-                .await
-                .expect("get")
-            {
-                events.insert(seq, v);
+        let mut batch = Batch::default();
+        for (key, block) in store
+            .scan(Keyspace::Audit, b"", None, 100_000)
+            .await
+            .expect("scan")
+        {
+            batch.delete(Keyspace::Audit, key);
+            for raw in kluis::audit::split_block(&block).expect("a block") {
+                let e = kluis::audit::Event::parse(raw).expect("an event");
+                events.insert(e.seq, raw.to_vec());
             }
         }
         f(&mut events);
-        let mut batch = Batch::default();
-        for seq in 1..=5u64 {
-            let key = kluis::audit::event_key(seq).to_vec();
-            match events.remove(&seq) {
-                Some(v) => batch.put(Keyspace::Audit, key, v),
-                None => batch.delete(Keyspace::Audit, key),
-            }
+        for (seq, v) in events {
+            batch.put(Keyspace::Audit, kluis::audit::event_key(seq).to_vec(), v);
         }
         store.commit(batch).await.expect("edit");
     }
