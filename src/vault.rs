@@ -648,12 +648,28 @@ impl<S: Store> Vault<S> {
                 caller.role.name
             )));
         }
-        let (_, body) = self.load(id).await?;
-        let names: Vec<String> = body.fields.keys().cloned().collect();
-        let wanted: BTreeSet<&str> = names.iter().map(String::as_str).collect();
-        let values = self
-            .read_fields(caller, id.as_bytes(), &body, &wanted, false)
-            .await?;
+        // As in `get`: a concurrent update may replace the chunks between reading the header
+        // and the chunks; re-read, and only an unchanged header makes it damage.
+        let mut attempt = 0;
+        let (body, names, values) = loop {
+            attempt += 1;
+            let (raw, body) = self.load(id).await?;
+            let names: Vec<String> = body.fields.keys().cloned().collect();
+            let wanted: BTreeSet<&str> = names.iter().map(String::as_str).collect();
+            match self
+                .read_fields(caller, id.as_bytes(), &body, &wanted, false)
+                .await
+            {
+                Ok(values) => break (body, names, values),
+                Err(e @ VaultError::DataLoss { .. }) => {
+                    let now = self.store.get(Keyspace::Records, id.as_bytes()).await?;
+                    if now.as_deref() == Some(raw.as_slice()) || attempt >= MAX_RETRIES {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
         event.draft.record_id = id.to_string();
         event.draft.field_names = names;
         let mut fields = serde_json::Map::new();
