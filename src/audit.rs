@@ -484,6 +484,34 @@ fn event_seq(raw: &[u8]) -> Option<u64> {
 /// Blocks read per store scan.
 const SCAN_BLOCKS: usize = 64;
 
+/// Every stored event's bytes by sequence number, with a delete of every stored audit key
+/// added to `batch`: what an insider rewriting the trail starts from (for tamper tests and
+/// drills). Events that do not parse are left out of the map.
+pub async fn take_raw_events(
+    store: &impl Store,
+    batch: &mut crate::store::Batch,
+) -> Result<std::collections::BTreeMap<u64, Vec<u8>>, StoreError> {
+    let mut events = std::collections::BTreeMap::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = store
+            .scan(Keyspace::Audit, b"", after.as_deref(), SCAN_BLOCKS)
+            .await?;
+        let Some((last, _)) = page.last() else {
+            return Ok(events);
+        };
+        after = Some(last.clone());
+        for (key, block) in page {
+            for raw in split_block(&block).unwrap_or_default() {
+                if let Some(seq) = event_seq(raw) {
+                    events.insert(seq, raw.to_vec());
+                }
+            }
+            batch.delete(Keyspace::Audit, key);
+        }
+    }
+}
+
 /// The stored bytes of event `seq`, found in its block: what someone with database access
 /// sees (for forensics and tamper tests).
 pub async fn raw_event(store: &impl Store, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
@@ -1409,16 +1437,9 @@ mod tests {
         // Rewriting the chain consistently from event 10 on is caught by the checkpoint.
         // (Written as one event per key, the format before blocks, which readers still take.)
         let mut b = Batch::default();
-        for (key, _) in store
-            .scan(Keyspace::Audit, b"", None, 100_000)
-            .await
-            .expect("scan")
-        {
-            b.delete(Keyspace::Audit, key);
-        }
-        for seq in 1..=9 {
-            let raw = raw_event(&store, seq).await.expect("get").expect("present");
-            b.put(Keyspace::Audit, event_key(seq).to_vec(), raw);
+        let stored = take_raw_events(&store, &mut b).await.expect("scan");
+        for (seq, raw) in stored.range(1..=9) {
+            b.put(Keyspace::Audit, event_key(*seq).to_vec(), raw.clone());
         }
         let mut prev = match raw_event(&store, 9)
             .await

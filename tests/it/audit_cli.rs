@@ -216,19 +216,10 @@ async fn offline_verify_says_ok_then_names_the_tampered_event() {
         let store = SledStore::open(Path::new(data)).expect("open store");
         // Every event, each written back under its own key (the format before blocks, which
         // readers still take), so that an event can be deleted and put back.
-        let mut events = BTreeMap::new();
         let mut batch = Batch::default();
-        for (key, block) in store
-            .scan(Keyspace::Audit, b"", None, 100_000)
+        let mut events = kluis::audit::take_raw_events(&store, &mut batch)
             .await
-            .expect("scan")
-        {
-            batch.delete(Keyspace::Audit, key);
-            for raw in kluis::audit::split_block(&block).expect("a block") {
-                let e = kluis::audit::Event::parse(raw).expect("an event");
-                events.insert(e.seq, raw.to_vec());
-            }
-        }
+            .expect("scan");
         f(&mut events);
         for (seq, v) in events {
             batch.put(Keyspace::Audit, kluis::audit::event_key(seq).to_vec(), v);
