@@ -515,12 +515,29 @@ pub async fn take_raw_events(
 /// The stored bytes of event `seq`, found in its block: what someone with database access
 /// sees (for forensics and tamper tests).
 pub async fn raw_event(store: &impl Store, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
-    let mut scan = EventScan::from(seq);
-    Ok(scan
-        .next(store)
-        .await?
-        .and_then(|e| e.raw)
-        .filter(|raw| event_seq(raw) == Some(seq)))
+    Ok(block_holding(store, seq).await?.and_then(|(_, block)| {
+        split_block(&block)?
+            .into_iter()
+            .find(|raw| event_seq(raw) == Some(seq))
+            .map(<[u8]>::to_vec)
+    }))
+}
+
+/// The stored block that holds event `seq` if any: the first whose key (its last event's
+/// sequence number) is at or after `seq`.
+async fn block_holding(
+    store: &impl Store,
+    seq: u64,
+) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    let page = store
+        .scan(
+            Keyspace::Audit,
+            b"",
+            Some(&event_key(seq.saturating_sub(1))),
+            1,
+        )
+        .await?;
+    Ok(page.into_iter().next())
 }
 
 /// Replaces (`Some`) or removes (`None`) the stored bytes of the event at sequence number
@@ -531,15 +548,7 @@ pub async fn overwrite_raw_event(
     seq: u64,
     value: Option<Vec<u8>>,
 ) -> Result<(), StoreError> {
-    let page = store
-        .scan(
-            Keyspace::Audit,
-            b"",
-            Some(&event_key(seq.saturating_sub(1))),
-            1,
-        )
-        .await?;
-    let Some((key, block)) = page.into_iter().next() else {
+    let Some((key, block)) = block_holding(store, seq).await? else {
         return Err(StoreError::Io(format!("no stored block holds event {seq}")));
     };
     let events = split_block(&block)
