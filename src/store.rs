@@ -759,9 +759,9 @@ impl Shared {
         }
     }
 
-    /// The log writer: appends the frames of every job queued so far, syncs once, applies
-    /// the jobs to sled, answers their writers, and checkpoints every `CHECKPOINT_BYTES` of
-    /// log.
+    /// The log writer: appends the frames of every job queued so far, syncs once, and hands
+    /// the jobs to the applier (which applies them to sled and answers their writers); starts
+    /// a new log file every `CHECKPOINT_BYTES` (the applier checkpoints the old one).
     fn write_log(self: Arc<Self>, jobs: std::sync::mpsc::Receiver<SyncJob>, mut log: LogFile) {
         let (to_applier, durable) = std::sync::mpsc::sync_channel::<Durable>(4);
         let applier_shared = Arc::clone(&self);
