@@ -970,83 +970,79 @@ pub async fn verify(
     // Start of the span since the last checkpoint that verified.
     let mut last_good_checkpoint = 0u64;
     let mut scan = EventScan::from(1);
-    'scan: loop {
+    loop {
         let Some(stored) = scan.next(store).await? else {
             break;
         };
-        {
-            let Some(raw) = stored.raw.as_deref() else {
-                fail(&mut v, expected, format!("event {expected} is malformed"));
-                break 'scan;
-            };
-            let seq = event_seq(raw).unwrap_or(0);
-            if expected > head.seq && seq > head.seq {
-                // Appended after the head was read (a live server): not part of this check.
-                break 'scan;
-            }
-            if seq != expected {
-                fail(
-                    &mut v,
-                    expected,
-                    format!(
-                        "event {expected} is missing or moved (the next stored event says {seq})"
-                    ),
-                );
-                break 'scan;
-            }
-            let Some(event) = Event::parse(raw) else {
-                fail(&mut v, expected, format!("event {expected} is malformed"));
-                break 'scan;
-            };
-            if stored.last_in_block && stored.block_key != event.seq {
-                fail(
-                    &mut v,
-                    expected,
-                    format!(
-                        "event {expected} is stored under the key of event {} (moved)",
-                        stored.block_key
-                    ),
-                );
-                break 'scan;
-            }
-            if event.time_ms < prev_time {
-                fail(
-                    &mut v,
-                    expected,
-                    format!("event {expected} is older than the event before it"),
-                );
-                break 'scan;
-            }
-            let hash = link(&prev, event.seq, event.time_ms, &event.body);
-            if !crate::crypto::ct_eq(&hash, &event.hash) {
-                fail(
-                    &mut v,
-                    expected,
-                    format!("event {expected} does not match its hash (changed, or the event before it was)"),
-                );
-                break 'scan;
-            }
-            if let Some(signed) = checkpoints.get(&expected) {
-                v.checkpoints_checked += 1;
-                if signed != &hash {
-                    fail(
-                        &mut v,
-                        last_good_checkpoint + 1,
-                        format!(
-                            "signed checkpoint at event {expected} does not match the chain: events {}..={expected} were rewritten",
-                            last_good_checkpoint + 1
-                        ),
-                    );
-                    break 'scan;
-                }
-                last_good_checkpoint = expected;
-            }
-            v.events_checked += 1;
-            v.head_hash = hash;
-            prev = hash;
-            prev_time = event.time_ms;
-            expected += 1;
+        let Some(raw) = stored.raw.as_deref() else {
+            fail(&mut v, expected, format!("event {expected} is malformed"));
+            break;
+        };
+        let seq = event_seq(raw).unwrap_or(0);
+        if expected > head.seq && seq > head.seq {
+            // Appended after the head was read (a live server): not part of this check.
+            break;
         }
+        if seq != expected {
+            fail(
+                &mut v,
+                expected,
+                format!("event {expected} is missing or moved (the next stored event says {seq})"),
+            );
+            break;
+        }
+        let Some(event) = Event::parse(raw) else {
+            fail(&mut v, expected, format!("event {expected} is malformed"));
+            break;
+        };
+        if stored.last_in_block && stored.block_key != event.seq {
+            fail(
+                &mut v,
+                expected,
+                format!(
+                    "event {expected} is stored under the key of event {} (moved)",
+                    stored.block_key
+                ),
+            );
+            break;
+        }
+        if event.time_ms < prev_time {
+            fail(
+                &mut v,
+                expected,
+                format!("event {expected} is older than the event before it"),
+            );
+            break;
+        }
+        let hash = link(&prev, event.seq, event.time_ms, &event.body);
+        if !crate::crypto::ct_eq(&hash, &event.hash) {
+            fail(
+                &mut v,
+                expected,
+                format!("event {expected} does not match its hash (changed, or the event before it was)"),
+            );
+            break;
+        }
+        if let Some(signed) = checkpoints.get(&expected) {
+            v.checkpoints_checked += 1;
+            if signed != &hash {
+                fail(
+                    &mut v,
+                    last_good_checkpoint + 1,
+                    format!(
+                        "signed checkpoint at event {expected} does not match the chain: events {}..={expected} were rewritten",
+                        last_good_checkpoint + 1
+                    ),
+                );
+                break;
+            }
+            last_good_checkpoint = expected;
+        }
+        v.events_checked += 1;
+        v.head_hash = hash;
+        prev = hash;
+        prev_time = event.time_ms;
+        expected += 1;
     }
     let last = expected - 1;
     if v.ok {
