@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use kluis::proto::{CreateRecordRequest, FindRecordsRequest, GetRecordRequest};
 use kluis::store::{Batch, Keyspace, SledStore, Store};
@@ -13,46 +12,13 @@ use serde_json::Value;
 
 use crate::helpers::*;
 
-/// What a run of the binary printed and returned.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn all(&self) -> String {
-        format!("{}\n{}", self.stdout, self.stderr)
-    }
-}
-
-/// Runs `kluis <args>` (off the async runtime, so an in-process server keeps serving), with
-/// `KLUIS_TOKEN` set to `token` if given and unset otherwise.
+/// Runs `kluis <args>` off the async runtime, with `KLUIS_TOKEN` = `token` if given.
 async fn kluis(args: &[impl AsRef<str>], token: Option<&str>) -> Run {
-    let args: Vec<String> = args.iter().map(|a| a.as_ref().to_string()).collect();
-    let token = token.map(str::to_string);
-    tokio::task::spawn_blocking(move || {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kluis"));
-        cmd.args(&args)
-            .env_remove("KLUIS_TOKEN")
-            .env_remove("KLUIS_LOG")
-            .stdin(Stdio::null());
-        if let Some(t) = token {
-            cmd.env("KLUIS_TOKEN", t);
-        }
-        let out = cmd.output().expect("run kluis");
-        Run {
-            code: out.status.code().expect("exited"),
-            stdout: String::from_utf8(out.stdout).expect("utf-8 stdout"),
-            stderr: String::from_utf8(out.stderr).expect("utf-8 stderr"),
-        }
-    })
-    .await
-    .expect("join")
+    run_kluis(None, args, token).await
 }
 
 fn path(p: &Path) -> String {
-    p.to_str().expect("utf-8 path").to_string()
+    path_arg(p)
 }
 
 fn server(vault: &TestVault) -> String {

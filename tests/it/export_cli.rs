@@ -5,7 +5,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use base64::Engine;
 use kluis::proto::CreateRecordRequest;
@@ -13,49 +12,14 @@ use serde_json::Value;
 
 use crate::helpers::*;
 
-/// What a run of the binary printed and returned.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn all(&self) -> String {
-        format!("{}\n{}", self.stdout, self.stderr)
-    }
-}
-
 /// Runs `kluis <args>` in `cwd` off the async runtime (so that the in-process server keeps
-/// serving), with `KLUIS_TOKEN` set to `token` if given and unset otherwise.
+/// serving), with `KLUIS_TOKEN` = `token` if given.
 async fn kluis(cwd: &Path, args: &[impl AsRef<str>], token: Option<&str>) -> Run {
-    let args: Vec<String> = args.iter().map(|a| a.as_ref().to_string()).collect();
-    let token = token.map(str::to_string);
-    let cwd = cwd.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kluis"));
-        cmd.args(&args)
-            .current_dir(&cwd)
-            .env_remove("KLUIS_TOKEN")
-            .env_remove("KLUIS_LOG")
-            .env_remove("KLUIS_MASTER_KEY")
-            .stdin(Stdio::null());
-        if let Some(t) = &token {
-            cmd.env("KLUIS_TOKEN", t);
-        }
-        let out = cmd.output().expect("run kluis");
-        Run {
-            code: out.status.code().expect("exited"),
-            stdout: String::from_utf8(out.stdout).expect("utf-8 stdout"),
-            stderr: String::from_utf8(out.stderr).expect("utf-8 stderr"),
-        }
-    })
-    .await
-    .expect("join")
+    run_kluis(Some(cwd), args, token).await
 }
 
 fn path(p: &Path) -> String {
-    p.to_str().expect("utf-8 path").to_string()
+    path_arg(p)
 }
 
 /// `kluis export <id> --server <url> <more>`.

@@ -222,3 +222,59 @@ pub fn sample_value(field: &str) -> FieldValue {
         _ => text("Sample text"),
     }
 }
+
+/// What a run of the `kluis` binary printed and returned.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// Both outputs, for assertion messages.
+    pub fn all(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `kluis <args>` now, in `cwd` if given, with no `KLUIS_*` variable but `KLUIS_TOKEN`
+/// set to `token` if given.
+pub fn run_kluis_now(cwd: Option<&std::path::Path>, args: &[String], token: Option<&str>) -> Run {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kluis"));
+    cmd.args(args)
+        .env_remove("KLUIS_TOKEN")
+        .env_remove("KLUIS_LOG")
+        .env_remove("KLUIS_MASTER_KEY")
+        .stdin(std::process::Stdio::null());
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    if let Some(t) = token {
+        cmd.env("KLUIS_TOKEN", t);
+    }
+    let out = cmd.output().expect("run kluis");
+    Run {
+        code: out.status.code().expect("exited"),
+        stdout: String::from_utf8(out.stdout).expect("utf-8 stdout"),
+        stderr: String::from_utf8(out.stderr).expect("utf-8 stderr"),
+    }
+}
+
+/// [`run_kluis_now`] off the async runtime, so that an in-process server keeps serving.
+pub async fn run_kluis(
+    cwd: Option<&std::path::Path>,
+    args: &[impl AsRef<str>],
+    token: Option<&str>,
+) -> Run {
+    let args: Vec<String> = args.iter().map(|a| a.as_ref().to_string()).collect();
+    let token = token.map(str::to_string);
+    let cwd = cwd.map(std::path::Path::to_path_buf);
+    tokio::task::spawn_blocking(move || run_kluis_now(cwd.as_deref(), &args, token.as_deref()))
+        .await
+        .expect("join")
+}
+
+/// A path as a command-line argument.
+pub fn path_arg(p: &std::path::Path) -> String {
+    p.to_str().expect("utf-8 path").to_string()
+}

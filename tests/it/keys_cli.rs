@@ -19,49 +19,13 @@ use tonic::transport::Channel;
 
 use crate::helpers::*;
 
-/// What a run of the binary printed and returned.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn all(&self) -> String {
-        format!("{}\n{}", self.stdout, self.stderr)
-    }
-}
-
-/// Runs `kluis <args>` now, with `KLUIS_TOKEN` set to `token` if given and unset otherwise.
-fn kluis_now(args: &[String], token: Option<&str>) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kluis"));
-    cmd.args(args)
-        .env_remove("KLUIS_TOKEN")
-        .env_remove("KLUIS_LOG")
-        .env_remove("KLUIS_MASTER_KEY")
-        .stdin(Stdio::null());
-    if let Some(t) = token {
-        cmd.env("KLUIS_TOKEN", t);
-    }
-    let out = cmd.output().expect("run kluis");
-    Run {
-        code: out.status.code().expect("exited"),
-        stdout: String::from_utf8(out.stdout).expect("utf-8 stdout"),
-        stderr: String::from_utf8(out.stderr).expect("utf-8 stderr"),
-    }
-}
-
 /// Runs `kluis <args>` off the async runtime, so that an in-process server keeps serving.
 async fn kluis(args: &[impl AsRef<str>], token: Option<&str>) -> Run {
-    let args: Vec<String> = args.iter().map(|a| a.as_ref().to_string()).collect();
-    let token = token.map(str::to_string);
-    tokio::task::spawn_blocking(move || kluis_now(&args, token.as_deref()))
-        .await
-        .expect("join")
+    run_kluis(None, args, token).await
 }
 
 fn path(p: &Path) -> String {
-    p.to_str().expect("utf-8 path").to_string()
+    path_arg(p)
 }
 
 /// `kluis keys <args> --server <url>`.

@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use kluis::proto::records_client::RecordsClient;
@@ -20,40 +19,10 @@ use tonic::transport::Channel;
 
 use crate::helpers::*;
 
-/// What a run of the binary printed and returned.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn all(&self) -> String {
-        format!("{}\n{}", self.stdout, self.stderr)
-    }
-}
-
 /// Runs `kluis <args>` off the async runtime (an in-process server keeps serving), with no
 /// `KLUIS_*` variables.
 async fn kluis(args: &[&str]) -> Run {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(env!("CARGO_BIN_EXE_kluis"))
-            .args(&args)
-            .env_remove("KLUIS_TOKEN")
-            .env_remove("KLUIS_LOG")
-            .env_remove("KLUIS_MASTER_KEY")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run kluis");
-        Run {
-            code: out.status.code().expect("exited"),
-            stdout: String::from_utf8(out.stdout).expect("utf-8 stdout"),
-            stderr: String::from_utf8(out.stderr).expect("utf-8 stderr"),
-        }
-    })
-    .await
-    .expect("join")
+    run_kluis(None, args, None).await
 }
 
 fn path(p: &Path) -> &str {
