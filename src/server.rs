@@ -252,7 +252,8 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         Authenticator::new(Arc::new(settings.policy.clone())),
         signer.public_key(),
         settings.audit.max_uncovered(),
-    ));
+    ))
+    .max_decoding_message_size(settings.max_request_bytes);
     let checkpoints = spawn_checkpointer(
         Arc::clone(&vault),
         signer,
@@ -277,7 +278,8 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     let keys = KeysServer::new(KeysService::new(
         Arc::clone(&jobs),
         Authenticator::new(Arc::new(settings.policy.clone())),
-    ));
+    ))
+    .max_decoding_message_size(settings.max_request_bytes);
     let auth = Authenticator::new(Arc::new(settings.policy));
     let records = RecordsServer::new(RecordsService::new(Arc::clone(&vault), auth))
         .max_decoding_message_size(settings.max_request_bytes)
@@ -303,7 +305,11 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
 
-    let mut builder = Server::builder();
+    let limit = settings.max_request_bytes;
+    let mut builder =
+        Server::builder().layer(tower::util::MapResponseLayer::new(move |response| {
+            request_too_large_status(response, limit)
+        }));
     if let Some(tls) = &settings.tls {
         let mut config = ServerTlsConfig::new()
             .identity(Identity::from_pem(&tls.cert_pem, tls.key_pem.as_slice()));
@@ -379,4 +385,36 @@ pub async fn termination_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// Answers a request over the size limit with `RESOURCE_EXHAUSTED`, the code of every size
+/// limit, naming the limit. tonic refuses a message over `max_decoding_message_size` while
+/// decoding it, before any handler runs, with `OUT_OF_RANGE` ("decoded message length too
+/// large"): that trailers-only answer is rewritten here. (Such a request never reaches a
+/// handler, so it is not authenticated and leaves no audit event.)
+fn request_too_large_status(
+    mut response: http::Response<tonic::body::Body>,
+    limit: usize,
+) -> http::Response<tonic::body::Body> {
+    let headers = response.headers_mut();
+    let out_of_range = headers.get("grpc-status").is_some_and(|v| v == "11");
+    let too_large = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .is_some_and(|m| {
+            m.contains("decoded%20message%20length%20too%20large")
+                || m.contains("decoded message length too large")
+        });
+    if out_of_range && too_large {
+        let status = tonic::Status::resource_exhausted(format!(
+            "request too large: a request may hold at most {limit} bytes (max_request_bytes)"
+        ));
+        let replacement = status.into_http::<tonic::body::Body>();
+        for name in ["grpc-status", "grpc-message"] {
+            if let Some(value) = replacement.headers().get(name) {
+                headers.insert(name, value.clone());
+            }
+        }
+    }
+    response
 }

@@ -808,3 +808,41 @@ async fn reflection_lists_the_services_in_v1_and_v1alpha() {
         .into_inner();
     assert!(stream.message().await.expect("message").is_some());
 }
+
+#[tokio::test]
+async fn a_request_over_max_request_bytes_is_resource_exhausted_and_changes_nothing() {
+    let mut v = spawn_vault().await;
+    v.stop().await;
+    v.tweak = Some(|s| s.max_request_bytes = 1024 * 1024);
+    v.start().await.expect("restart with a 1 MiB request limit");
+    let mut recruiter = v.client("recruiter").await;
+    // Within every field's own limit (16 MiB), over the whole request's.
+    let refused = recruiter
+        .create_record(CreateRecordRequest {
+            purpose: "recruitment".into(),
+            fields: fields(&[(
+                "cv_document",
+                blob(&vec![b'%'; 2 * 1024 * 1024], "application/pdf"),
+            )]),
+        })
+        .await;
+    assert_status(
+        refused,
+        Code::ResourceExhausted,
+        &["request too large", "1048576", "max_request_bytes"],
+    );
+    let listed = recruiter
+        .list_records(ListRecordsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.records.is_empty(), "nothing was created");
+    // Under the limit the same call goes through.
+    recruiter
+        .create_record(CreateRecordRequest {
+            purpose: "recruitment".into(),
+            fields: fields(&[("cv_document", blob(b"%PDF-1.7 cv", "application/pdf"))]),
+        })
+        .await
+        .expect("a small request is served");
+}
