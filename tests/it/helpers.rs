@@ -278,3 +278,20 @@ pub async fn run_kluis(
 pub fn path_arg(p: &std::path::Path) -> String {
     p.to_str().expect("utf-8 path").to_string()
 }
+
+/// Creates a record with `pairs` under `purpose` and returns its id.
+pub async fn create_with(
+    client: &mut Client,
+    purpose: &str,
+    pairs: &[(&str, FieldValue)],
+) -> String {
+    client
+        .create_record(kluis::proto::CreateRecordRequest {
+            purpose: purpose.into(),
+            fields: fields(pairs),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .record_id
+}

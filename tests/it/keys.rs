@@ -425,18 +425,15 @@ async fn rekey_replaces_data_keys_and_re_encrypts_fields() {
     let cv: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
     let mut ids = Vec::new();
     for i in 0..4 {
-        let id = recruiter
-            .create_record(CreateRecordRequest {
-                purpose: "recruitment".into(),
-                fields: fields(&[
-                    ("full_name", text(&format!("Kandidaat {i}"))),
-                    ("cv_document", blob(&cv, "application/pdf")),
-                ]),
-            })
-            .await
-            .expect("create")
-            .into_inner()
-            .record_id;
+        let id = create_with(
+            &mut recruiter,
+            "recruitment",
+            &[
+                ("full_name", text(&format!("Kandidaat {i}"))),
+                ("cv_document", blob(&cv, "application/pdf")),
+            ],
+        )
+        .await;
         ids.push(id);
     }
     let store = v.vault().store();

@@ -8,22 +8,6 @@ use tonic::Code;
 
 use crate::helpers::*;
 
-async fn create(
-    client: &mut Client,
-    purpose: &str,
-    pairs: &[(&str, kluis::proto::FieldValue)],
-) -> String {
-    client
-        .create_record(CreateRecordRequest {
-            purpose: purpose.into(),
-            fields: fields(pairs),
-        })
-        .await
-        .expect("create")
-        .into_inner()
-        .record_id
-}
-
 #[tokio::test]
 async fn recruiter_and_payroll_see_their_own_parts_of_one_record() {
     // Arrange
@@ -325,7 +309,7 @@ async fn validation_errors_name_the_field_and_rule_and_change_nothing() {
 async fn stale_revision_and_unknown_record() {
     let vault = spawn_vault().await;
     let mut recruiter = vault.client("recruiter").await;
-    let id = create(
+    let id = create_with(
         &mut recruiter,
         "recruitment",
         &[("full_name", text("Piet"))],
@@ -417,7 +401,7 @@ async fn stale_revision_and_unknown_record() {
 async fn concurrent_updates_with_the_same_expected_revision_admit_exactly_one() {
     let vault = spawn_vault().await;
     let mut recruiter = vault.client("recruiter").await;
-    let id = create(
+    let id = create_with(
         &mut recruiter,
         "recruitment",
         &[("full_name", text("Race"))],
@@ -453,13 +437,13 @@ async fn blind_index_finds_by_normalised_value_and_follows_updates() {
     let vault = spawn_vault().await;
     let mut recruiter = vault.client("recruiter").await;
     let mut payroll = vault.client("payroll").await;
-    let a = create(
+    let a = create_with(
         &mut recruiter,
         "recruitment",
         &[("email", text("Anna@Example.NL"))],
     )
     .await;
-    let b = create(&mut payroll, "payroll", &[("bsn", text("123456782"))]).await;
+    let b = create_with(&mut payroll, "payroll", &[("bsn", text("123456782"))]).await;
     let find = |purpose: &str, field: &str, value: &str| FindRecordsRequest {
         purpose: purpose.into(),
         field_name: field.into(),
@@ -560,7 +544,7 @@ async fn list_pages_through_metadata_only() {
     let mut ids = Vec::new();
     for i in 0..7 {
         ids.push(
-            create(
+            create_with(
                 &mut recruiter,
                 "recruitment",
                 &[("full_name", text(&format!("Person {i}")))],
@@ -655,7 +639,7 @@ async fn sixteen_mib_documents_round_trip_and_sled_blob_files_stay_unused() {
     let doc: Vec<u8> = (0..16 * 1024 * 1024u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
-    let id = create(
+    let id = create_with(
         &mut recruiter,
         "recruitment",
         &[
@@ -724,7 +708,7 @@ async fn health_and_reflection_run_beside_records() {
 async fn restart_keeps_data_and_indexes() {
     let mut vault = spawn_vault().await;
     let mut payroll = vault.client("payroll").await;
-    let id = create(
+    let id = create_with(
         &mut payroll,
         "payroll",
         &[("bsn", text("111222333")), ("wage", text("2500"))],

@@ -276,18 +276,15 @@ async fn a_damaged_chunk_of_a_large_field_is_data_loss_naming_the_field() {
     let mut ids = Vec::new();
     for n in 0..2u8 {
         let cv: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8 ^ n).collect();
-        let id = c
-            .create_record(CreateRecordRequest {
-                purpose: "recruitment".into(),
-                fields: fields(&[
-                    ("full_name", text("Someone")),
-                    ("cv_document", blob(&cv, "application/pdf")),
-                ]),
-            })
-            .await
-            .expect("create")
-            .into_inner()
-            .record_id;
+        let id = create_with(
+            &mut c,
+            "recruitment",
+            &[
+                ("full_name", text("Someone")),
+                ("cv_document", blob(&cv, "application/pdf")),
+            ],
+        )
+        .await;
         ids.push(id);
     }
     let (a, b) = (ids[0].clone(), ids[1].clone());
