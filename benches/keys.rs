@@ -422,7 +422,7 @@ impl RewrapResult {
     }
 }
 
-async fn timed_counts(vault: &Vault<SledStore>) -> Result<(Duration, u64), BoxError> {
+async fn timed_counts(vault: &Arc<Vault<SledStore>>) -> Result<(Duration, u64), BoxError> {
     let t = Instant::now();
     let counts = rotation::version_counts(vault).await?;
     Ok((t.elapsed(), counts.values().sum()))

@@ -180,9 +180,47 @@ fn seal_with(
     context: &[u8],
     plaintext: &[u8],
 ) -> Result<Vec<u8>, CryptoError> {
-    let mut nonce = [0u8; NONCE_LEN];
-    random_fill(&mut nonce)?;
+    let nonce = fresh_nonce()?;
     Ok(seal_with_nonce(key, key_version, nonce, context, plaintext))
+}
+
+/// Nonces drawn from the operating system's CSPRNG per call to it (one system call per
+/// [`NONCE_POOL`] nonces rather than per nonce: a rewrap seals three data keys per record).
+const NONCE_POOL: usize = 256;
+
+/// Random bytes drawn for nonces and not yet used, on this thread. Nonces are public (every
+/// envelope carries its own), so this buffer holds nothing secret; each byte is handed out
+/// once and the buffer is refilled only when it is used up.
+struct NonceBuffer {
+    bytes: [u8; NONCE_POOL * NONCE_LEN],
+    used: usize,
+}
+
+thread_local! {
+    static NONCES: std::cell::RefCell<NonceBuffer> = const {
+        std::cell::RefCell::new(NonceBuffer {
+            bytes: [0u8; NONCE_POOL * NONCE_LEN],
+            used: NONCE_POOL * NONCE_LEN,
+        })
+    };
+}
+
+/// A fresh random 96-bit nonce, never handed out before.
+pub fn fresh_nonce() -> Result<[u8; NONCE_LEN], CryptoError> {
+    NONCES.with(|cell| {
+        let mut pool = cell.borrow_mut();
+        if pool.used + NONCE_LEN > pool.bytes.len() {
+            random_fill(&mut pool.bytes)?;
+            pool.used = 0;
+        }
+        let start = pool.used;
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&pool.bytes[start..start + NONCE_LEN]);
+        // Never hand out the same bytes twice, even if a refill were to fail later.
+        pool.bytes[start..start + NONCE_LEN].fill(0);
+        pool.used = start + NONCE_LEN;
+        Ok(nonce)
+    })
 }
 
 /// Seals with a nonce the caller drew at random for this one envelope.
@@ -488,6 +526,27 @@ pub fn aes256gcm_open_with_nonce(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Nonces come from a per-thread buffer refilled from the system generator: across many
+    /// refills, and on several threads at once, no nonce is ever handed out twice.
+    #[test]
+    fn pooled_nonces_never_repeat() {
+        let draw = || {
+            (0..NONCE_POOL * 9 + 5)
+                .map(|_| fresh_nonce().expect("rng"))
+                .collect::<Vec<_>>()
+        };
+        let others: Vec<_> = (0..3).map(|_| std::thread::spawn(draw)).collect();
+        let mut all = draw();
+        for t in others {
+            all.extend(t.join().expect("thread"));
+        }
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n);
+        assert!(!all.contains(&[0u8; NONCE_LEN]));
+    }
 
     #[test]
     fn seal_open_round_trip_and_context_binding() {

@@ -175,10 +175,283 @@ struct DeksOnly {
 /// The wrapped DEKs a stored header names, without checking its MAC: for counting which KEK
 /// versions records need (a job still opens and checks every header it changes).
 pub fn peek_deks(stored: &[u8]) -> Result<BTreeMap<String, StoredDek>, HeaderError> {
-    let stored = StoredRecord::decode(stored).map_err(|_| HeaderError)?;
-    DeksOnly::decode(stored.body.as_slice())
+    let parts = StoredParts::parse(stored)?;
+    DeksOnly::decode(parts.body)
         .map(|d| d.deks)
         .map_err(|_| HeaderError)
+}
+
+/// What identifies a body: its format and record id (decoding skips everything else).
+#[derive(Clone, PartialEq, Message)]
+struct BodyIdentity {
+    #[prost(uint32, tag = "1")]
+    format: u32,
+    #[prost(bytes = "vec", tag = "2")]
+    id: Vec<u8>,
+    #[prost(btree_map = "string, message", tag = "7")]
+    deks: BTreeMap<String, StoredDek>,
+}
+
+/// The `mac_key_version` field of [`StoredRecord`] and the fields before and after it, for
+/// re-encoding a header with a new body and MAC while keeping the rest byte for byte.
+#[derive(Clone, PartialEq, Message)]
+struct StoredHead {
+    #[prost(bytes = "vec", tag = "1")]
+    body: Vec<u8>,
+    #[prost(uint32, tag = "2")]
+    mac_key_version: u32,
+    #[prost(bytes = "vec", tag = "3")]
+    mac: Vec<u8>,
+}
+
+/// A stored header split into its parts without copying (protobuf wire format, as prost
+/// decodes it: for a repeated scalar field the last occurrence wins).
+struct StoredParts<'a> {
+    body: &'a [u8],
+    mac_key_version: u32,
+    mac: &'a [u8],
+    /// Every top-level field other than body, key version and MAC (the header-kept chunks),
+    /// raw and in order.
+    rest: Vec<&'a [u8]>,
+}
+
+impl<'a> StoredParts<'a> {
+    fn parse(stored: &'a [u8]) -> Result<Self, HeaderError> {
+        let mut parts = StoredParts {
+            body: &[],
+            mac_key_version: 0,
+            mac: &[],
+            rest: Vec::new(),
+        };
+        for field in WireFields::new(stored) {
+            let field = field?;
+            match (field.tag, field.wire_type) {
+                (1, 2) => parts.body = field.value,
+                (2, 0) => parts.mac_key_version = field.varint_u32()?,
+                (3, 2) => parts.mac = field.value,
+                (1..=3, _) => return Err(HeaderError),
+                (4, 2) => {
+                    check_inline_entry(field.value)?;
+                    parts.rest.push(field.raw);
+                }
+                (4, _) => return Err(HeaderError),
+                _ => parts.rest.push(field.raw),
+            }
+        }
+        Ok(parts)
+    }
+}
+
+/// Checks an entry of [`StoredRecord::inline`] as prost would decode it: a UTF-8 name (1)
+/// and bytes (2), other fields skipped.
+fn check_inline_entry(entry: &[u8]) -> Result<(), HeaderError> {
+    for field in WireFields::new(entry) {
+        let field = field?;
+        match (field.tag, field.wire_type) {
+            (1, 2) => {
+                std::str::from_utf8(field.value).map_err(|_| HeaderError)?;
+            }
+            (2, 2) => {}
+            (1 | 2, _) => return Err(HeaderError),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// One top-level field of an encoded protobuf message.
+struct WireField<'a> {
+    tag: u32,
+    wire_type: u8,
+    /// The whole field, key included.
+    raw: &'a [u8],
+    /// Its value: the payload of a length-delimited field, else the value's bytes.
+    value: &'a [u8],
+}
+
+impl WireField<'_> {
+    fn varint_u32(&self) -> Result<u32, HeaderError> {
+        let (v, _) = read_varint(self.value)?;
+        // prost truncates a 64-bit varint to the field's 32 bits.
+        Ok(v as u32)
+    }
+}
+
+/// Walks the top-level fields of an encoded protobuf message.
+struct WireFields<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl<'a> WireFields<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Self { buf, at: 0 }
+    }
+
+    fn next_field(&mut self) -> Result<WireField<'a>, HeaderError> {
+        let start = self.at;
+        let rest = &self.buf[start..];
+        let (key, key_len) = read_varint(rest)?;
+        let tag = u32::try_from(key >> 3).map_err(|_| HeaderError)?;
+        let wire_type = (key & 7) as u8;
+        if tag == 0 {
+            return Err(HeaderError);
+        }
+        let after_key = &rest[key_len..];
+        let (value_start, value_len) = match wire_type {
+            0 => (0, read_varint(after_key)?.1),
+            1 => (0, 8),
+            2 => {
+                let (len, len_len) = read_varint(after_key)?;
+                (len_len, usize::try_from(len).map_err(|_| HeaderError)?)
+            }
+            5 => (0, 4),
+            _ => return Err(HeaderError),
+        };
+        let end = value_start
+            .checked_add(value_len)
+            .filter(|&end| end <= after_key.len())
+            .ok_or(HeaderError)?;
+        self.at = start + key_len + end;
+        Ok(WireField {
+            tag,
+            wire_type,
+            raw: &rest[..key_len + end],
+            value: &after_key[value_start..end],
+        })
+    }
+}
+
+impl<'a> Iterator for WireFields<'a> {
+    type Item = Result<WireField<'a>, HeaderError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.at >= self.buf.len() {
+            return None;
+        }
+        let field = self.next_field();
+        if field.is_err() {
+            // Stop after the first error.
+            self.at = self.buf.len();
+        }
+        Some(field)
+    }
+}
+
+/// Reads a base-128 varint: its value and how many bytes it took (at most 10).
+fn read_varint(buf: &[u8]) -> Result<(u64, usize), HeaderError> {
+    let mut value = 0u64;
+    for (i, &byte) in buf.iter().take(10).enumerate() {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            if i == 9 && byte > 1 {
+                return Err(HeaderError);
+            }
+            return Ok((value, i + 1));
+        }
+    }
+    Err(HeaderError)
+}
+
+/// A stored header opened for its data keys alone, MAC checked: what a rewrap reads and
+/// changes. [`DekHeader::seal`] re-encodes the header with [`DekHeader::deks`] in place of the
+/// stored ones and every other byte of the body and of the header-kept chunks as it was, so
+/// a rewrap neither decodes nor rebuilds the field entries (the result is the same bytes as
+/// [`RecordBody::open`], changing `deks`, then [`RecordBody::seal`]).
+pub struct DekHeader<'a> {
+    /// The record id.
+    pub id: &'a [u8],
+    /// Category name → wrapped DEK, as stored; change these, then [`DekHeader::seal`].
+    pub deks: BTreeMap<String, StoredDek>,
+    body: &'a [u8],
+    rest: Vec<&'a [u8]>,
+}
+
+impl<'a> DekHeader<'a> {
+    /// Opens `stored` as [`RecordBody::open`] does (MAC under integrity key `key_version`,
+    /// record id, format), decoding only the data keys.
+    pub fn open(
+        id: &'a [u8],
+        stored: &'a [u8],
+        key_version: u32,
+        key: &SecretKey,
+    ) -> Result<Self, HeaderError> {
+        let parts = StoredParts::parse(stored)?;
+        if parts.mac_key_version != key_version {
+            return Err(HeaderError);
+        }
+        if !crypto::hmac_sha256_verify(
+            key,
+            &mac_parts(key_version, id, parts.body).as_parts(),
+            parts.mac,
+        ) {
+            return Err(HeaderError);
+        }
+        let ident = BodyIdentity::decode(parts.body).map_err(|_| HeaderError)?;
+        if ident.id != id || ident.format != RECORD_FORMAT {
+            return Err(HeaderError);
+        }
+        Ok(Self {
+            id,
+            deks: ident.deks,
+            body: parts.body,
+            rest: parts.rest,
+        })
+    }
+
+    /// The stored header with [`DekHeader::deks`], MACed under integrity key `key_version`.
+    pub fn seal(&self, key_version: u32, key: &SecretKey) -> Result<Vec<u8>, HeaderError> {
+        let deks = DeksOnly {
+            deks: self.deks.clone(),
+        }
+        .encode_to_vec();
+        let mut body = Vec::with_capacity(self.body.len() + deks.len());
+        let mut placed = false;
+        for field in WireFields::new(self.body) {
+            let field = field?;
+            if field.tag >= 7 && !placed {
+                body.extend_from_slice(&deks);
+                placed = true;
+            }
+            if field.tag != 7 {
+                body.extend_from_slice(field.raw);
+            }
+        }
+        if !placed {
+            body.extend_from_slice(&deks);
+        }
+        let mac = crypto::hmac_sha256(key, &mac_parts(key_version, self.id, &body).as_parts());
+        let mut out = StoredHead {
+            body,
+            mac_key_version: key_version,
+            mac: mac.to_vec(),
+        }
+        .encode_to_vec();
+        for raw in &self.rest {
+            out.extend_from_slice(raw);
+        }
+        Ok(out)
+    }
+}
+
+/// The header MAC's input, `crypto::context(&[CTX_RECORD, key version, id, body])`, as a
+/// short prefix and the body, so that the body is not copied to be MACed.
+struct MacParts<'a> {
+    prefix: Vec<u8>,
+    body: &'a [u8],
+}
+
+impl MacParts<'_> {
+    fn as_parts(&self) -> [&[u8]; 2] {
+        [&self.prefix, self.body]
+    }
+}
+
+fn mac_parts<'a>(key_version: u32, id: &[u8], body: &'a [u8]) -> MacParts<'a> {
+    let mut prefix = crypto::context(&[CTX_RECORD, &key_version.to_be_bytes(), id]);
+    let len = u32::try_from(body.len()).expect("a record body is far below 4 GiB");
+    prefix.extend_from_slice(&len.to_be_bytes());
+    MacParts { prefix, body }
 }
 
 /// A header that could not be read back.
@@ -202,8 +475,7 @@ impl RecordBody {
         } else {
             self.encode_to_vec()
         };
-        let ctx = crypto::context(&[CTX_RECORD, &key_version.to_be_bytes(), &self.id, &body]);
-        let mac = crypto::hmac_sha256(key, &[&ctx]);
+        let mac = crypto::hmac_sha256(key, &mac_parts(key_version, &self.id, &body).as_parts());
         StoredRecord {
             body,
             mac_key_version: key_version,
@@ -225,8 +497,11 @@ impl RecordBody {
         if stored.mac_key_version != key_version {
             return Err(HeaderError);
         }
-        let ctx = crypto::context(&[CTX_RECORD, &key_version.to_be_bytes(), id, &stored.body]);
-        if !crypto::hmac_sha256_verify(key, &[&ctx], &stored.mac) {
+        if !crypto::hmac_sha256_verify(
+            key,
+            &mac_parts(key_version, id, &stored.body).as_parts(),
+            &stored.mac,
+        ) {
             return Err(HeaderError);
         }
         let mut body = RecordBody::decode(stored.body.as_slice()).map_err(|_| HeaderError)?;
@@ -434,6 +709,117 @@ mod tests {
                 email.inline = got.clone();
                 assert_eq!(opened, expected, "byte {i} changed more than the chunk");
             }
+        }
+    }
+
+    fn arb_dek() -> impl Strategy<Value = StoredDek> {
+        (
+            1u32..5,
+            proptest::collection::vec(any::<u8>(), 0..70),
+            any::<i64>(),
+        )
+            .prop_map(|(kek_version, sealed, created_ms)| StoredDek {
+                kek_version,
+                sealed,
+                created_ms,
+            })
+    }
+
+    fn arb_deks() -> impl Strategy<Value = BTreeMap<String, StoredDek>> {
+        proptest::collection::btree_map(
+            proptest::sample::select(vec!["contact", "identity", "financial", "cv", "absence"])
+                .prop_map(String::from),
+            arb_dek(),
+            0..5,
+        )
+    }
+
+    fn arb_body() -> impl Strategy<Value = RecordBody> {
+        let field = (
+            any::<bool>(),
+            proptest::collection::vec(any::<u8>(), 0..60),
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..33),
+        )
+            .prop_map(|(in_header, chunk, revision, index_tag)| FieldEntry {
+                category: "contact".into(),
+                revision,
+                chunks: 1,
+                size: chunk.len() as u64,
+                digest: vec![5; 32],
+                content_type: String::new(),
+                index_tag,
+                written_ms: 9,
+                inline: if in_header { chunk } else { Vec::new() },
+                in_header: false,
+            });
+        (
+            arb_deks(),
+            proptest::collection::btree_map("[a-z_]{1,12}", field, 0..6),
+            any::<u64>(),
+            any::<bool>(),
+        )
+            .prop_map(|(deks, fields, revision, held)| {
+                let mut b = body();
+                b.deks = deks;
+                b.fields = fields;
+                b.revision = revision;
+                b.legal_hold = held;
+                b
+            })
+    }
+
+    proptest! {
+        /// Re-sealing a header through `DekHeader` (data keys only, the rest copied byte for
+        /// byte) gives exactly the bytes of a full open, change and seal.
+        #[test]
+        fn dek_header_reseal_matches_the_full_path(b in arb_body(), new_deks in arb_deks()) {
+            let key = SecretKey::generate().expect("rng");
+            let stored = b.seal(1, &key);
+            let full = RecordBody::open(&[7; 16], &stored, 1, &key).expect("opens");
+            let mut header = DekHeader::open(&[7; 16], &stored, 1, &key).expect("opens");
+            prop_assert_eq!(&header.deks, &full.deks);
+            prop_assert_eq!(peek_deks(&stored).expect("peek"), full.deks.clone());
+            // Unchanged, it re-seals to the same bytes.
+            prop_assert_eq!(header.seal(1, &key).expect("seal"), stored.clone());
+            header.deks = new_deks.clone();
+            let spliced = header.seal(1, &key).expect("seal");
+            let mut changed = full.clone();
+            changed.deks = new_deks;
+            prop_assert_eq!(&spliced, &changed.seal(1, &key));
+            prop_assert_eq!(RecordBody::open(&[7; 16], &spliced, 1, &key).expect("opens"), changed);
+            prop_assert!(DekHeader::open(&[8; 16], &stored, 1, &key).is_err());
+            prop_assert!(DekHeader::open(&[7; 16], &stored, 2, &key).is_err());
+            let other = SecretKey::generate().expect("rng");
+            prop_assert!(DekHeader::open(&[7; 16], &stored, 1, &other).is_err());
+        }
+
+        /// A damaged header that `DekHeader` accepts is one the full open accepts too, with
+        /// the same data keys (damage outside the MAC, to header-kept chunks, is the only kind).
+        #[test]
+        fn dek_header_accepts_no_damage_the_full_open_refuses(b in arb_body(), seed in any::<u64>()) {
+            let key = SecretKey::generate().expect("rng");
+            let stored = b.seal(1, &key);
+            let step = usize::try_from(seed % 7).expect("small") + 1;
+            for i in (0..stored.len()).step_by(step) {
+                for bit in [0x01u8, 0x80] {
+                    let mut bad = stored.clone();
+                    bad[i] ^= bit;
+                    if let Ok(h) = DekHeader::open(&[7; 16], &bad, 1, &key) {
+                        let full = RecordBody::open(&[7; 16], &bad, 1, &key);
+                        prop_assert!(full.is_ok(), "byte {} bit {}", i, bit);
+                        prop_assert_eq!(&h.deks, &full.expect("ok").deks);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn wire_walker_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            for f in WireFields::new(&bytes) {
+                if f.is_err() { break; }
+            }
+            let _ = peek_deks(&bytes);
         }
     }
 

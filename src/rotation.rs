@@ -23,6 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use futures::StreamExt;
 use tokio::sync::watch;
 use uuid::Uuid;
 use zeroize::Zeroizing;
@@ -166,25 +167,52 @@ pub async fn stored_job<S: Store>(store: &S) -> Result<Option<JobState>, VaultEr
     }
 }
 
-/// Calls `f` with every record's id and opened header, in id order.
-async fn each_record<S: Store>(
-    vault: &Vault<S>,
-    mut f: impl FnMut(&[u8], &RecordBody),
-) -> Result<(), VaultError> {
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let page = vault
-            .store()
-            .scan(Keyspace::Records, b"", after.as_deref(), JOB_PAGE)
-            .await?;
-        let Some((last, _)) = page.last() else {
-            return Ok(());
-        };
-        after = Some(last.clone());
-        for (key, raw) in &page {
-            f(key, &open_header(vault, key, raw)?);
-        }
-    }
+/// Folds `f` over every stored record header (id, raw header) on two tasks, each walking
+/// half of the id space (record ids are random, so the halves are about equal), and merges
+/// the two results with `merge`. Each task reads its half a key prefix at a time.
+async fn fold_headers<S, T, F>(
+    vault: &Arc<Vault<S>>,
+    f: F,
+    merge: impl FnOnce(T, T) -> T,
+) -> Result<T, VaultError>
+where
+    S: Store,
+    T: Default + Send + 'static,
+    F: Fn(&mut T, &[u8], &[u8]) -> Result<(), VaultError> + Clone + Send + Sync + 'static,
+{
+    let half = |first: std::ops::RangeInclusive<u8>| {
+        let vault = Arc::clone(vault);
+        let f = f.clone();
+        tokio::spawn(async move {
+            let mut acc = T::default();
+            for byte in first {
+                let prefix = [byte];
+                let mut after: Option<Vec<u8>> = None;
+                loop {
+                    let page = vault
+                        .store()
+                        .scan(Keyspace::Records, &prefix, after.as_deref(), JOB_PAGE)
+                        .await?;
+                    for (key, raw) in &page {
+                        f(&mut acc, key, raw)?;
+                    }
+                    match page.into_iter().last() {
+                        Some((last, _)) => after = Some(last),
+                        None => break,
+                    }
+                }
+            }
+            Ok::<T, VaultError>(acc)
+        })
+    };
+    let low = half(0..=127);
+    let high = half(128..=255);
+    let joined = |r: Result<Result<T, VaultError>, tokio::task::JoinError>| {
+        r.map_err(|e| VaultError::Internal(format!("a key count task failed: {e}")))?
+    };
+    let low = joined(low.await)?;
+    let high = joined(high.await)?;
+    Ok(merge(low, high))
 }
 
 fn open_header<S: Store>(
@@ -200,19 +228,35 @@ fn open_header<S: Store>(
 }
 
 /// Exactly how many records each KEK version wraps a data key for, by category and version.
+/// Every header is MAC-checked ([`record::DekHeader`]: the data keys alone are decoded).
 pub async fn version_counts<S: Store>(
-    vault: &Vault<S>,
+    vault: &Arc<Vault<S>>,
 ) -> Result<BTreeMap<(Category, u32), u64>, VaultError> {
-    let mut counts = BTreeMap::new();
-    each_record(vault, |_, body| {
-        for (name, dek) in &body.deks {
-            if let Some(category) = Category::parse(name) {
-                *counts.entry((category, dek.kek_version)).or_insert(0) += 1;
+    let keys = Arc::clone(vault);
+    fold_headers(
+        vault,
+        move |counts: &mut BTreeMap<(Category, u32), u64>, key, raw| {
+            let (kv, ik) = keys.keys().integrity_key();
+            let header =
+                record::DekHeader::open(key, raw, kv, ik).map_err(|_| VaultError::DataLoss {
+                    record_id: vault::uuid_string(key),
+                    part: "record header".into(),
+                })?;
+            for (name, dek) in &header.deks {
+                if let Some(category) = Category::parse(name) {
+                    *counts.entry((category, dek.kek_version)).or_insert(0) += 1;
+                }
             }
-        }
-    })
-    .await?;
-    Ok(counts)
+            Ok(())
+        },
+        |mut a, b| {
+            for (k, n) in b {
+                *a.entry(k).or_insert(0) += n;
+            }
+            a
+        },
+    )
+    .await
 }
 
 /// The categories of a record (its wrapped `deks`) that a job of `kind` over `scope` still
@@ -243,37 +287,32 @@ fn needs(
 /// only the data keys of each header (no MAC check: the job itself checks every header it
 /// changes), so a count costs a fraction of a pass.
 pub async fn count_needing<S: Store>(
-    vault: &Vault<S>,
+    vault: &Arc<Vault<S>>,
     kind: JobKind,
     scope: Option<Category>,
     started_ms: i64,
 ) -> Result<u64, VaultError> {
     let active = vault.keys().active_versions();
-    let mut n = 0;
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let page = vault
-            .store()
-            .scan(Keyspace::Records, b"", after.as_deref(), JOB_PAGE)
-            .await?;
-        let Some((last, _)) = page.last() else {
-            return Ok(n);
-        };
-        after = Some(last.clone());
-        for (key, raw) in &page {
+    fold_headers(
+        vault,
+        move |n: &mut u64, key, raw| {
             let deks = record::peek_deks(raw).map_err(|_| VaultError::DataLoss {
                 record_id: vault::uuid_string(key),
                 part: "record header".into(),
             })?;
             if !needs(&active, kind, scope, started_ms, &deks).is_empty() {
-                n += 1;
+                *n += 1;
             }
-        }
-    }
+            Ok(())
+        },
+        |a, b| a + b,
+    )
+    .await
 }
 
-/// Re-wraps or re-keys the categories of one record that need it, adding the writes (header
-/// expected unchanged, chunks, event) to `batch`. Returns whether the record needed anything.
+/// Re-wraps ([`rewrap_record`]) or re-keys the categories of one record that need it, adding
+/// the writes (header expected unchanged, chunks, event) to `batch`. Returns whether the
+/// record needed anything.
 async fn handle_record<S: Store>(
     vault: &Vault<S>,
     job: &JobState,
@@ -283,6 +322,9 @@ async fn handle_record<S: Store>(
     batch: &mut Batch,
     keks: &mut BTreeSet<(Category, u32)>,
 ) -> Result<bool, VaultError> {
+    if job.kind == JobKind::Rewrap {
+        return rewrap_record(vault, job, scope, key, raw, batch, keks);
+    }
     let mut body = open_header(vault, key, raw)?;
     let due = needs(
         &vault.keys().active_versions(),
@@ -303,44 +345,33 @@ async fn handle_record<S: Store>(
             .cloned()
             .ok_or_else(|| VaultError::Internal("a due category has a data key".into()))?;
         let dek = vault.unwrap(&id, category, &stored)?;
-        match job.kind {
-            JobKind::Rewrap => {
-                let mut wrapped = vault.wrap(&id, category, &dek)?;
-                // The same data key: keep when it was made.
-                wrapped.created_ms = stored.created_ms;
-                body.deks.insert(category.as_str().into(), wrapped);
+        let fresh = SecretKey::generate()?;
+        let sealer = SealingKey::new(&fresh, 1);
+        for (name, entry) in body.fields.iter_mut() {
+            if entry.category != category.as_str() {
+                continue;
             }
-            JobKind::Rekey => {
-                let fresh = SecretKey::generate()?;
-                let sealer = SealingKey::new(&fresh, 1);
-                for (name, entry) in body.fields.iter_mut() {
-                    if entry.category != category.as_str() {
-                        continue;
-                    }
-                    let plaintext: Zeroizing<Vec<u8>> =
-                        vault.read_field(&id, name, entry, &dek).await?;
-                    let sealed = record::seal_field(&sealer, &id, name, &plaintext)?;
-                    let stored_before = if entry.in_header { 0 } else { entry.chunks };
-                    let (chunks, inline) = crate::vault::place_chunks(
-                        batch,
-                        &id,
-                        name,
-                        entry.revision,
-                        sealed.chunks,
-                        stored_before,
-                    );
-                    entry.in_header = !inline.is_empty();
-                    entry.inline = inline;
-                    entry.chunks = chunks;
-                    entry.digest = sealed.digest.to_vec();
-                    fields_touched.push(name.clone());
-                }
-                let mut wrapped = vault.wrap(&id, category, &fresh)?;
-                // Made after the job started, so a resumed job never re-keys it again.
-                wrapped.created_ms = wrapped.created_ms.max(job.started_ms + 1);
-                body.deks.insert(category.as_str().into(), wrapped);
-            }
+            let plaintext: Zeroizing<Vec<u8>> = vault.read_field(&id, name, entry, &dek).await?;
+            let sealed = record::seal_field(&sealer, &id, name, &plaintext)?;
+            let stored_before = if entry.in_header { 0 } else { entry.chunks };
+            let (chunks, inline) = crate::vault::place_chunks(
+                batch,
+                &id,
+                name,
+                entry.revision,
+                sealed.chunks,
+                stored_before,
+            );
+            entry.in_header = !inline.is_empty();
+            entry.inline = inline;
+            entry.chunks = chunks;
+            entry.digest = sealed.digest.to_vec();
+            fields_touched.push(name.clone());
         }
+        let mut wrapped = vault.wrap(&id, category, &fresh)?;
+        // Made after the job started, so a resumed job never re-keys it again.
+        wrapped.created_ms = wrapped.created_ms.max(job.started_ms + 1);
+        body.deks.insert(category.as_str().into(), wrapped);
     }
     // The KEKs now wrapping this record's new or moved DEKs must still exist at commit
     // (expected once per batch, see `expect_keks`).
@@ -356,6 +387,61 @@ async fn handle_record<S: Store>(
         let mut draft = audit::Draft::new(job.kind.record_action(), JOB_PRINCIPAL, SYSTEM_ROLE);
         draft.record_id = vault::uuid_string(key);
         draft.field_names = fields_touched;
+        draft.outcome = audit::Outcome::Ok.as_str().into();
+        batch.append_event(draft.encode());
+    }
+    Ok(true)
+}
+
+/// [`handle_record`] for a rewrap: only the header's data keys are decoded and changed
+/// ([`record::DekHeader`]); the rest of the header is copied as it was.
+fn rewrap_record<S: Store>(
+    vault: &Vault<S>,
+    job: &JobState,
+    scope: Option<Category>,
+    key: &[u8],
+    raw: &[u8],
+    batch: &mut Batch,
+    keks: &mut BTreeSet<(Category, u32)>,
+) -> Result<bool, VaultError> {
+    let damaged = || VaultError::DataLoss {
+        record_id: vault::uuid_string(key),
+        part: "record header".into(),
+    };
+    let (kv, ik) = vault.keys().integrity_key();
+    let mut header = record::DekHeader::open(key, raw, kv, ik).map_err(|_| damaged())?;
+    let due = needs(
+        &vault.keys().active_versions(),
+        job.kind,
+        scope,
+        job.started_ms,
+        &header.deks,
+    );
+    if due.is_empty() {
+        return Ok(false);
+    }
+    for category in due {
+        let stored = header
+            .deks
+            .get(category.as_str())
+            .ok_or_else(|| VaultError::Internal("a due category has a data key".into()))?;
+        let dek = vault.unwrap(key, category, stored)?;
+        let mut wrapped = vault.wrap(key, category, &dek)?;
+        // The same data key: keep when it was made.
+        wrapped.created_ms = stored.created_ms;
+        // The KEK now wrapping it must still exist at commit (see `expect_keks`).
+        keks.insert((category, wrapped.kek_version));
+        header.deks.insert(category.as_str().into(), wrapped);
+    }
+    batch.expect(Keyspace::Records, key.to_vec(), Expect::Value(raw.to_vec()));
+    batch.put(
+        Keyspace::Records,
+        key.to_vec(),
+        header.seal(kv, ik).map_err(|_| damaged())?,
+    );
+    if vault.auditing() {
+        let mut draft = audit::Draft::new(job.kind.record_action(), JOB_PRINCIPAL, SYSTEM_ROLE);
+        draft.record_id = vault::uuid_string(key);
         draft.outcome = audit::Outcome::Ok.as_str().into();
         batch.append_event(draft.encode());
     }
@@ -483,8 +569,25 @@ fn cursor_bytes(job: &JobState) -> Result<Option<Vec<u8>>, VaultError> {
         .transpose()
 }
 
-/// Runs (or resumes) `job` to its end, publishing progress on `tx` after every batch. While
-/// one batch commits, the next one is prepared (they cover different records).
+/// Job batches committing at once: while the store logs and applies one, the leader checks
+/// the next, and the job prepares the one after.
+const COMMITS_IN_FLIGHT: usize = 2;
+
+/// The records a job batch covers (ids and headers as read).
+type Page = Vec<(Vec<u8>, Vec<u8>)>;
+/// How a job batch's commit ended, with the records it covers and how many it handled.
+type Committed = (Result<(), StoreError>, Page, u64);
+/// A job batch being committed.
+type InFlight<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Committed> + Send + 'a>>;
+
+/// Runs (or resumes) `job` to its end, publishing progress on `tx` after every batch.
+///
+/// Up to [`COMMITS_IN_FLIGHT`] batches commit while the next one is prepared (they cover
+/// different records, and the store applies them in the order they were handed over). Each
+/// batch carries the job state with its cursor. If a batch meets a concurrent change, its
+/// page is redone record by record while a later batch may already be durable; a crash in
+/// between leaves the page's records behind the stored cursor, where the count at the end of
+/// the pass finds them and another pass handles them.
 async fn run<S: Store>(
     vault: &Arc<Vault<S>>,
     mut job: JobState,
@@ -492,6 +595,11 @@ async fn run<S: Store>(
 ) -> Result<(), VaultError> {
     let scope = job.scope()?;
     tx.send_replace(job.progress());
+    let store = vault.store();
+    let mut commits: futures::stream::FuturesOrdered<InFlight<'_>> =
+        futures::stream::FuturesOrdered::new();
+    // Records handled by batches still in flight (counted in `job.done`, not yet published).
+    let mut unsettled = 0u64;
     let mut next = prepare(vault, &job, scope, cursor_bytes(&job)?).await?;
     loop {
         let Some(Prepared {
@@ -500,6 +608,9 @@ async fn run<S: Store>(
             handled,
         }) = next
         else {
+            while let Some(done) = commits.next().await {
+                settle(vault, &mut job, scope, done, &mut unsettled, tx).await?;
+            }
             // End of a pass: a rewrap checks nothing was left behind.
             if job.kind == JobKind::Rewrap {
                 let left = count_needing(vault, job.kind, scope, job.started_ms).await?;
@@ -527,7 +638,7 @@ async fn run<S: Store>(
                 draft.outcome = audit::Outcome::Ok.as_str().into();
                 batch.append_event(draft.encode());
             }
-            vault.store().commit(batch).await?;
+            store.commit(batch).await?;
             tracing::info!(job = %job.id, kind = job.kind.as_str(), total = job.total, "key job finished");
             tx.send_replace(job.progress());
             return Ok(());
@@ -539,25 +650,59 @@ async fn run<S: Store>(
         job.cursor = Some(hex::encode(&last));
         job.done += handled;
         batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
-        let (committed, following) = tokio::join!(
-            vault.store().commit(batch),
-            prepare(vault, &job, scope, Some(last))
-        );
-        match committed {
-            Ok(()) => {}
-            Err(StoreError::Conflict) => {
-                // A concurrent write touched a record of this batch: redo it record by record.
-                job.done -= handled;
-                job.done += redo_page(vault, &job, scope, &page).await?;
-                let mut batch = Batch::default();
-                batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
-                vault.store().commit(batch).await?;
+        unsettled += handled;
+        commits.push_back(Box::pin(async move {
+            (store.commit(batch).await, page, handled)
+        }));
+        // Prepare the next batch while the batches in flight commit; settle those that end.
+        let snapshot = job.clone();
+        let following = prepare(vault, &snapshot, scope, Some(last));
+        tokio::pin!(following);
+        let following = loop {
+            tokio::select! {
+                biased;
+                Some(done) = commits.next(), if !commits.is_empty() => {
+                    settle(vault, &mut job, scope, done, &mut unsettled, tx).await?;
+                }
+                prepared = &mut following => break prepared,
             }
-            Err(e) => return Err(e.into()),
+        };
+        while commits.len() >= COMMITS_IN_FLIGHT {
+            if let Some(done) = commits.next().await {
+                settle(vault, &mut job, scope, done, &mut unsettled, tx).await?;
+            }
         }
         next = following?;
-        tx.send_replace(job.progress());
     }
+}
+
+/// Handles the end of one batch's commit: on a conflict (a concurrent write touched one of
+/// its records) its page is redone record by record. Then publishes progress, counting only
+/// settled batches.
+async fn settle<S: Store>(
+    vault: &Vault<S>,
+    job: &mut JobState,
+    scope: Option<Category>,
+    (committed, page, handled): Committed,
+    unsettled: &mut u64,
+    tx: &watch::Sender<Progress>,
+) -> Result<(), VaultError> {
+    *unsettled -= handled;
+    match committed {
+        Ok(()) => {}
+        Err(StoreError::Conflict) => {
+            job.done -= handled;
+            job.done += redo_page(vault, job, scope, &page).await?;
+            let mut batch = Batch::default();
+            batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
+            vault.store().commit(batch).await?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let mut progress = job.progress();
+    progress.done = progress.done.saturating_sub(*unsettled);
+    tx.send_replace(progress);
+    Ok(())
 }
 
 /// Handles each record of `page` in its own batch, re-reading it on a conflict.
@@ -864,7 +1009,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("open");
         let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
-        let a = vault_over(store.clone(), &master).await;
+        let a = Arc::new(vault_over(store.clone(), &master).await);
         let b = vault_over(store, &master).await;
         let id = create(&a, "111222333").await;
         a.keys()
@@ -905,7 +1050,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("open");
         let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
-        let vault = vault_over(store, &master).await;
+        let vault = Arc::new(vault_over(store, &master).await);
         let mut ids = Vec::new();
         for _ in 0..3 {
             ids.push(create(&vault, "111222333").await);

@@ -29,7 +29,21 @@ const OP_PUT: u8 = 1;
 const OP_DELETE: u8 = 2;
 
 /// Appends the frame of batch `seq` with `ops` to `out`.
-pub fn encode_frame<'a>(out: &mut Vec<u8>, seq: u64, ops: impl IntoIterator<Item = &'a Op>) {
+pub fn encode_frame<'a, I>(out: &mut Vec<u8>, seq: u64, ops: I)
+where
+    I: IntoIterator<Item = &'a Op>,
+    I::IntoIter: Clone,
+{
+    let ops = ops.into_iter();
+    // One allocation for the frame (a rewrap page is ~1 MB).
+    let payload: usize = ops
+        .clone()
+        .map(|op| match op {
+            Op::Put(_, key, value) => 10 + key.len() + value.len(),
+            Op::Delete(_, key) => 6 + key.len(),
+        })
+        .sum();
+    out.reserve(FRAME_HEADER + payload);
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER]);
     for op in ops {
