@@ -509,30 +509,29 @@ async fn prepare<S: Store>(
     }))
 }
 
-/// Fewest records of a page half worth a task of its own.
+/// Fewest records of a page half worth a thread of its own.
 const MIN_PARALLEL_HALF: usize = 64;
 
-/// Prepares a rewrap page in two halves on two tasks, so that both cores open, re-wrap and
-/// re-seal headers (the job's CPU work: ~20 µs a record). Both halves are spawned: the
-/// second one takes the spawning worker's next-task slot and pushes the first into its
-/// queue, where the other worker is woken to take it. A rewrap batch stays far below
+/// Prepares a rewrap page in two halves on two blocking-pool threads, so that both cores
+/// open, re-wrap and re-seal headers (pure CPU work, [`rewrap_record`]) while the runtime's
+/// workers lead the commits of earlier batches. A rewrap batch stays far below
 /// [`JOB_BATCH_BYTES`] (headers only), so the page is never cut short.
 async fn prepare_in_halves<S: Store>(
     vault: &Arc<Vault<S>>,
     job: &JobState,
     scope: Option<Category>,
-    mut page: Vec<(Vec<u8>, Vec<u8>)>,
+    mut page: Page,
 ) -> Result<Prepared, VaultError> {
     let second = page.split_off(page.len() / 2);
-    let half = |records: Vec<(Vec<u8>, Vec<u8>)>| {
+    let half = |records: Page| {
         let vault = Arc::clone(vault);
         let job = job.clone();
-        tokio::spawn(async move {
+        tokio::task::spawn_blocking(move || {
             let mut batch = Batch::default();
             let mut keks = BTreeSet::new();
             let mut handled = 0u64;
             for (key, raw) in &records {
-                if handle_record(&vault, &job, scope, key, raw, &mut batch, &mut keks).await? {
+                if rewrap_record(&vault, &job, scope, key, raw, &mut batch, &mut keks)? {
                     handled += 1;
                 }
             }
@@ -542,7 +541,7 @@ async fn prepare_in_halves<S: Store>(
     let first = half(page);
     let second = half(second);
     let joined = |r: Result<_, tokio::task::JoinError>| {
-        r.map_err(|e| VaultError::Internal(format!("a key job task failed: {e}")))
+        r.map_err(|e| VaultError::Internal(format!("a key job thread failed: {e}")))
     };
     let (mut page, mut batch, mut keks, mut handled) = joined(first.await)??;
     let (records, more, more_keks, more_handled) = joined(second.await)??;
@@ -659,12 +658,14 @@ async fn run<S: Store>(
         let following = prepare(vault, &snapshot, scope, Some(last));
         tokio::pin!(following);
         let following = loop {
+            // The page is read and its halves handed to their threads first; then this
+            // task leads the commit just queued while they work.
             tokio::select! {
                 biased;
+                prepared = &mut following => break prepared,
                 Some(done) = commits.next(), if !commits.is_empty() => {
                     settle(vault, &mut job, scope, done, &mut unsettled, tx).await?;
                 }
-                prepared = &mut following => break prepared,
             }
         };
         while commits.len() >= COMMITS_IN_FLIGHT {
