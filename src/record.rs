@@ -172,13 +172,55 @@ struct DeksOnly {
     deks: BTreeMap<String, StoredDek>,
 }
 
-/// The wrapped DEKs a stored header names, without checking its MAC: for counting which KEK
-/// versions records need (a job still opens and checks every header it changes).
-pub fn peek_deks(stored: &[u8]) -> Result<BTreeMap<String, StoredDek>, HeaderError> {
-    let parts = StoredParts::parse(stored)?;
-    DeksOnly::decode(parts.body)
-        .map(|d| d.deks)
-        .map_err(|_| HeaderError)
+/// Calls `f(category, KEK version, created_ms)` for each wrapped DEK a stored header names,
+/// without checking its MAC and without decoding into maps: for counting which KEK versions
+/// records need (a job still opens and checks every header it changes).
+pub fn peek_dek_versions(
+    stored: &[u8],
+    mut f: impl FnMut(&str, u32, i64),
+) -> Result<(), HeaderError> {
+    let mut body: &[u8] = &[];
+    for field in WireFields::new(stored) {
+        let field = field?;
+        match (field.tag, field.wire_type) {
+            (1, 2) => body = field.value,
+            (1, _) => return Err(HeaderError),
+            _ => {}
+        }
+    }
+    for field in WireFields::new(body) {
+        let field = field?;
+        if field.tag != 7 {
+            continue;
+        }
+        if field.wire_type != 2 {
+            return Err(HeaderError);
+        }
+        let (mut name, mut version, mut created) = ("", 0u32, 0i64);
+        for part in WireFields::new(field.value) {
+            let part = part?;
+            match (part.tag, part.wire_type) {
+                (1, 2) => name = std::str::from_utf8(part.value).map_err(|_| HeaderError)?,
+                (2, 2) => {
+                    (version, created) = (0, 0);
+                    for dek in WireFields::new(part.value) {
+                        let dek = dek?;
+                        match (dek.tag, dek.wire_type) {
+                            (1, 0) => version = dek.varint_u32()?,
+                            // int64 travels as its two's-complement varint.
+                            (3, 0) => created = read_varint(dek.value)?.0 as i64,
+                            (1 | 3, _) => return Err(HeaderError),
+                            _ => {}
+                        }
+                    }
+                }
+                (1 | 2, _) => return Err(HeaderError),
+                _ => {}
+            }
+        }
+        f(name, version, created);
+    }
+    Ok(())
 }
 
 /// What identifies a body: its format and record id (decoding skips everything else).
@@ -779,7 +821,17 @@ mod tests {
             let full = RecordBody::open(&[7; 16], &stored, 1, &key).expect("opens");
             let mut header = DekHeader::open(&[7; 16], &stored, 1, &key).expect("opens");
             prop_assert_eq!(&header.deks, &full.deks);
-            prop_assert_eq!(peek_deks(&stored).expect("peek"), full.deks.clone());
+            let mut peeked = BTreeMap::new();
+            peek_dek_versions(&stored, |name, version, created| {
+                peeked.insert(name.to_string(), (version, created));
+            })
+            .expect("peek versions");
+            let expected: BTreeMap<String, (u32, i64)> = full
+                .deks
+                .iter()
+                .map(|(k, d)| (k.clone(), (d.kek_version, d.created_ms)))
+                .collect();
+            prop_assert_eq!(peeked, expected);
             // Unchanged, it re-seals to the same bytes.
             prop_assert_eq!(header.seal(1, &key).expect("seal"), stored.clone());
             header.deks = new_deks.clone();
@@ -819,7 +871,7 @@ mod tests {
             for f in WireFields::new(&bytes) {
                 if f.is_err() { break; }
             }
-            let _ = peek_deks(&bytes);
+            let _ = peek_dek_versions(&bytes, |_, _, _| {});
         }
     }
 

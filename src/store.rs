@@ -674,7 +674,8 @@ impl Shared {
             std::collections::HashMap::new();
         let mut pending = self.pending.lock();
         let mut events = audit::EventBlocks::default();
-        for p in group {
+        let batches = group.len();
+        for (n, p) in group.into_iter().enumerate() {
             let holds = p
                 .batch
                 .expects
@@ -712,9 +713,12 @@ impl Shared {
                     events.link(head, now, &p.batch.events);
                     let start = ops.len();
                     ops.extend(p.batch.ops);
-                    for (i, op) in ops.iter().enumerate().skip(start) {
-                        let (ks, key) = op_key(op);
-                        mine.insert((ks, key.to_vec()), i);
+                    // Only later batches of this group look here.
+                    if n + 1 < batches {
+                        for (i, op) in ops.iter().enumerate().skip(start) {
+                            let (ks, key) = op_key(op);
+                            mine.insert((ks, key.to_vec()), i);
+                        }
                     }
                     accepted.push(*next_seq);
                     *next_seq += 1;
