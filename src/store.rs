@@ -255,9 +255,18 @@ struct Shared {
     /// group entirely or not at all, as a sled transaction would give. (A point read needs
     /// no lock: one key changes atomically.)
     apply: parking_lot::RwLock<()>,
+    /// Sequence number of the last group answered as soon as it was durable, before it was
+    /// applied to sled: groups of audit events alone (see [`SyncJob::events_only`]).
+    answered_early: AtomicU64,
+    /// The last sequence number applied to sled (`u64::MAX` once applying has failed), for
+    /// readers of the audit trail waiting for early-answered groups to reach sled.
+    applied: tokio::sync::watch::Sender<u64>,
     /// Test hook: the next log write fails.
     #[cfg(test)]
     fail_next_write: std::sync::atomic::AtomicBool,
+    /// Test hook: held by a test to keep the applier from applying.
+    #[cfg(test)]
+    apply_gate: Mutex<()>,
 }
 
 /// Accepted, not yet applied writes by key: the job that wrote the key last, and where in
@@ -278,9 +287,24 @@ struct SyncJob {
     /// Sequence number of the job's last frame (0: none).
     last_seq: u64,
     replies: Vec<(Reply, Result<(), StoreError>)>,
+    /// Every batch of the job holds audit events alone (no writes, no conditions): the
+    /// audit events of reads. Their writers are answered as soon as the frame is durable,
+    /// before the applier puts the events into sled; readers of the audit trail wait for
+    /// that (`SledStore::audit_visible`). Nothing else reads those keys, and no batch can
+    /// conflict with them.
+    events_only: bool,
 }
 
 impl SyncJob {
+    /// Answers the job's writers now (their frame is durable); the applier later finds
+    /// nobody left to answer.
+    fn answer_durable(&mut self) {
+        for (reply, result) in self.replies.drain(..) {
+            // A writer that went away (cancelled request) needs no answer.
+            let _ = reply.send(result);
+        }
+    }
+
     /// Answers every writer of the job with `f` applied to its result.
     fn answer(self, f: impl Fn(Result<(), StoreError>) -> Result<(), StoreError>) {
         for (reply, result) in self.replies {
@@ -361,6 +385,24 @@ fn io(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl SledStore {
+    /// Before a read of the audit trail (the `audit` keyspace, and `meta`, which holds its
+    /// head): waits until every group of audit events already answered is applied to sled,
+    /// so that a reader sees every event whose request has been answered. Other keyspaces
+    /// never wait: early answers hold no writes of theirs.
+    async fn audit_visible(&self, ks: Keyspace) {
+        if !matches!(ks, Keyspace::Audit | Keyspace::Meta) {
+            return;
+        }
+        let shared = &self.inner.shared;
+        let need = shared.answered_early.load(Ordering::Acquire);
+        if *shared.applied.borrow() >= need {
+            return;
+        }
+        let mut applied = shared.applied.subscribe();
+        // The sender lives as long as the store; an error cannot happen while `self` does.
+        let _ = applied.wait_for(|&a| a >= need).await;
+    }
+
     /// Opens (creating if needed) a sled store in `dir`, with group commit.
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
         SledStore::open_with(dir, Durability::GroupCommit)
@@ -477,8 +519,12 @@ impl SledStore {
             flushes: AtomicU64::new(0),
             pending: Mutex::new(PendingWrites::new()),
             apply: parking_lot::RwLock::new(()),
+            answered_early: AtomicU64::new(0),
+            applied: tokio::sync::watch::Sender::new(last),
             #[cfg(test)]
             fail_next_write: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            apply_gate: Mutex::new(()),
         });
         let head = match shared.trees[Keyspace::Meta as usize]
             .get(audit::META_HEAD)
@@ -656,6 +702,9 @@ impl Shared {
             ops: Arc::new(Vec::new()),
             last_seq: 0,
             replies: Vec::with_capacity(group.len()),
+            events_only: group
+                .iter()
+                .all(|p| p.batch.ops.is_empty() && p.batch.expects.is_empty()),
         };
         if let Err(e) = self.check_poisoned() {
             job.replies = group
@@ -832,6 +881,12 @@ impl Shared {
                     continue;
                 }
                 log.len += frames_len as u64;
+                // Groups of audit events alone are answered now (see `SyncJob::events_only`).
+                for job in group.iter_mut().filter(|j| j.events_only && j.last_seq > 0) {
+                    self.answered_early
+                        .fetch_max(job.last_seq, Ordering::AcqRel);
+                    job.answer_durable();
+                }
             }
             // Durable: the applier applies the group to sled and answers its writers while
             // this thread syncs the next one.
@@ -872,6 +927,8 @@ impl Shared {
                         self.fail(group, reason);
                         continue;
                     }
+                    #[cfg(test)]
+                    drop(self.apply_gate.lock());
                     let mut applied = Ok(());
                     for job in &group {
                         if applied.is_ok() && !job.ops.is_empty() {
@@ -881,6 +938,12 @@ impl Shared {
                     }
                     match applied {
                         Ok(()) => {
+                            let last = group.iter().map(|j| j.last_seq).max().unwrap_or(0);
+                            self.applied.send_if_modified(|a| {
+                                let later = last > *a;
+                                *a = (*a).max(last);
+                                later
+                            });
                             for job in group {
                                 self.forget(&job);
                                 job.answer(|r| r);
@@ -893,6 +956,9 @@ impl Shared {
                             tracing::error!(error = %e, "applying to sled failed; the store refuses writes until restart");
                             *self.poisoned.lock() = Some(reason.clone());
                             self.fail(group, &reason);
+                            // Readers waiting for early-answered events must not wait forever;
+                            // the log holds those events for the next start.
+                            self.applied.send_replace(u64::MAX);
                             broken = Some(reason);
                         }
                     }
@@ -979,6 +1045,7 @@ fn apply_ops(trees: &[sled::Tree; 5], ops: &[Op], seq: u64) -> Result<(), StoreE
 
 impl Store for SledStore {
     async fn get(&self, ks: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.audit_visible(ks).await;
         // No `apply` lock: one key is read atomically anyway, and sled holds only durable
         // writes. A caller that reads several keys one by one re-checks what it read first
         // (a record's chunks are checked against its header, which is read again).
@@ -997,6 +1064,7 @@ impl Store for SledStore {
             Some(a) if a >= prefix => Bound::Excluded(a.to_vec()),
             _ => Bound::Included(prefix.to_vec()),
         };
+        self.audit_visible(ks).await;
         let mut out = Vec::new();
         let _whole_groups = self.inner.shared.apply.read();
         for item in self.tree(ks).range((start, Bound::Unbounded)) {
@@ -1082,6 +1150,54 @@ mod tests {
         b.append_event(audit::Draft::new("GetRecord", "p", "r").encode());
         store.commit(b).await.expect("commit");
         assert_eq!(audit::Head::load(&store).await.expect("head").seq, 3);
+    }
+
+    /// A batch of audit events alone is answered once durable, before it is applied; a
+    /// reader of the audit trail still sees it, waiting for the applier. Other batches are
+    /// answered only once applied.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    // The gate is held across awaits on purpose: it keeps the applier (another thread) out.
+    #[allow(clippy::await_holding_lock)]
+    async fn audit_events_alone_are_answered_when_durable_and_read_once_applied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let gate = store.inner.shared.apply_gate.lock();
+        let mut read_event = Batch::default();
+        read_event.append_event(b"read".to_vec());
+        tokio::time::timeout(std::time::Duration::from_secs(10), store.commit(read_event))
+            .await
+            .expect("answered while the applier is held")
+            .expect("commit");
+        assert!(store.inner.shared.answered_early.load(Ordering::SeqCst) > 0);
+        // Durable: in the log already.
+        let log = std::fs::read(wal::list(&wal::dir(dir.path())).expect("logs")[0].1.clone())
+            .expect("log");
+        assert_eq!(wal::decode_frames(&log).0.len(), 1);
+        // A reader of the trail waits for the applier.
+        let reader = {
+            let store = store.clone();
+            tokio::spawn(async move { audit::Head::load(&store).await })
+        };
+        // A batch with a write waits for the applier too.
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut b = Batch::default();
+                b.put(Keyspace::Records, b"r".to_vec(), b"1".to_vec());
+                b.append_event(b"write".to_vec());
+                store.commit(b).await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!reader.is_finished());
+        assert!(!writer.is_finished());
+        // Record reads never wait.
+        assert_eq!(store.get(Keyspace::Records, b"r").await.expect("get"), None);
+        drop(gate);
+        // It sees the answered event (and maybe the write's, applied right after).
+        assert!(reader.await.expect("task").expect("head").seq >= 1);
+        writer.await.expect("task").expect("commit");
+        assert_eq!(audit::Head::load(&store).await.expect("head").seq, 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
