@@ -255,12 +255,18 @@ struct Shared {
     /// group entirely or not at all, as a sled transaction would give. (A point read needs
     /// no lock: one key changes atomically.)
     apply: parking_lot::RwLock<()>,
-    /// Sequence number of the last group answered as soon as it was durable, before it was
-    /// applied to sled: groups of audit events alone (see [`SyncJob::events_only`]).
-    answered_early: AtomicU64,
-    /// The last sequence number applied to sled (`u64::MAX` once applying has failed), for
-    /// readers of the audit trail waiting for early-answered groups to reach sled.
+    /// Sequence number of the last group whose writers were answered as soon as it was
+    /// durable, before it was applied to sled (see [`SyncJob::answer_durable`]).
+    answered: AtomicU64,
+    /// The same for groups that hold writes besides audit events: what readers of the
+    /// other keyspaces wait for.
+    answered_writes: AtomicU64,
+    /// The last sequence number applied to sled, for readers waiting for answered groups
+    /// to reach sled (watched), and a copy for the check that needs no wait.
     applied: tokio::sync::watch::Sender<u64>,
+    applied_seq: AtomicU64,
+    /// Applying to sled failed: readers waiting for answered writes get an error.
+    apply_failed: std::sync::atomic::AtomicBool,
     /// Test hook: the next log write fails.
     #[cfg(test)]
     fail_next_write: std::sync::atomic::AtomicBool,
@@ -276,8 +282,9 @@ type PendingWrites = std::collections::HashMap<(Keyspace, Vec<u8>), (u64, Arc<Ve
 /// Where a writer waits for its batch's outcome.
 type Reply = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 
-/// One group on its way from the leader to the log writer: the frames to make durable,
-/// then the writes to apply to sled, then the answers.
+/// One group on its way from the leader to the log writer: the frames to make durable, then
+/// the answers (accepted writers once durable, conflicts once applied), then the writes to
+/// apply to sled.
 struct SyncJob {
     /// Leader-assigned number of the group (keys of `pending` written by it carry it).
     id: u64,
@@ -288,21 +295,26 @@ struct SyncJob {
     last_seq: u64,
     replies: Vec<(Reply, Result<(), StoreError>)>,
     /// Every batch of the job holds audit events alone (no writes, no conditions): the
-    /// audit events of reads. Their writers are answered as soon as the frame is durable,
-    /// before the applier puts the events into sled; readers of the audit trail wait for
-    /// that (`SledStore::audit_visible`). Nothing else reads those keys, and no batch can
-    /// conflict with them.
+    /// audit events of reads.
     events_only: bool,
 }
 
 impl SyncJob {
-    /// Answers the job's writers now (their frame is durable); the applier later finds
-    /// nobody left to answer.
+    /// Answers the job's accepted writers now that its frame is durable, before the applier
+    /// puts its writes into sled; readers wait for that ([`SledStore::visible`]). Writers
+    /// answered `Conflict` stay for the applier, so that a retry reads the write it
+    /// conflicted with (answers leave in log order).
     fn answer_durable(&mut self) {
+        let mut later = Vec::new();
         for (reply, result) in self.replies.drain(..) {
-            // A writer that went away (cancelled request) needs no answer.
-            let _ = reply.send(result);
+            if result.is_ok() {
+                // A writer that went away (cancelled request) needs no answer.
+                let _ = reply.send(result);
+            } else {
+                later.push((reply, result));
+            }
         }
+        self.replies = later;
     }
 
     /// Answers every writer of the job with `f` applied to its result.
@@ -385,22 +397,33 @@ fn io(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl SledStore {
-    /// Before a read of the audit trail (the `audit` keyspace, and `meta`, which holds its
-    /// head): waits until every group of audit events already answered is applied to sled,
-    /// so that a reader sees every event whose request has been answered. Other keyspaces
-    /// never wait: early answers hold no writes of theirs.
-    async fn audit_visible(&self, ks: Keyspace) {
-        if !matches!(ks, Keyspace::Audit | Keyspace::Meta) {
-            return;
-        }
+    /// Before a read of `ks`: waits until every group already answered is applied to sled
+    /// (writers are answered once their group is durable, see [`SyncJob::answer_durable`]),
+    /// so that a reader sees every write whose writer has been answered. Groups of audit
+    /// events alone hold nothing outside the audit trail (the `audit` keyspace, and `meta`,
+    /// which holds its head), so reads of records, fields and index never wait for them.
+    async fn visible(&self, ks: Keyspace) -> Result<(), StoreError> {
         let shared = &self.inner.shared;
-        let need = shared.answered_early.load(Ordering::Acquire);
-        if *shared.applied.borrow() >= need {
-            return;
+        let need = if matches!(ks, Keyspace::Audit | Keyspace::Meta) {
+            shared.answered.load(Ordering::Acquire)
+        } else {
+            shared.answered_writes.load(Ordering::Acquire)
+        };
+        if shared.applied_seq.load(Ordering::Acquire) >= need {
+            return Ok(());
         }
         let mut applied = shared.applied.subscribe();
         // The sender lives as long as the store; an error cannot happen while `self` does.
-        let _ = applied.wait_for(|&a| a >= need).await;
+        let _ = applied
+            .wait_for(|&a| a >= need || shared.apply_failed.load(Ordering::Acquire))
+            .await;
+        if *applied.borrow() >= need {
+            Ok(())
+        } else {
+            Err(StoreError::Poisoned(
+                "applying durable writes to sled failed; restart to replay the log".into(),
+            ))
+        }
     }
 
     /// Opens (creating if needed) a sled store in `dir`, with group commit.
@@ -519,8 +542,11 @@ impl SledStore {
             flushes: AtomicU64::new(0),
             pending: Mutex::new(PendingWrites::new()),
             apply: parking_lot::RwLock::new(()),
-            answered_early: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
+            answered_writes: AtomicU64::new(0),
             applied: tokio::sync::watch::Sender::new(last),
+            applied_seq: AtomicU64::new(last),
+            apply_failed: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             fail_next_write: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
@@ -881,10 +907,14 @@ impl Shared {
                     continue;
                 }
                 log.len += frames_len as u64;
-                // Groups of audit events alone are answered now (see `SyncJob::events_only`).
-                for job in group.iter_mut().filter(|j| j.events_only && j.last_seq > 0) {
-                    self.answered_early
-                        .fetch_max(job.last_seq, Ordering::AcqRel);
+                // Durable: the accepted writers are answered now, before their writes are
+                // applied; readers wait for the applier instead (`SledStore::visible`).
+                for job in group.iter_mut().filter(|j| j.last_seq > 0) {
+                    self.answered.fetch_max(job.last_seq, Ordering::AcqRel);
+                    if !job.events_only {
+                        self.answered_writes
+                            .fetch_max(job.last_seq, Ordering::AcqRel);
+                    }
                     job.answer_durable();
                 }
             }
@@ -939,6 +969,7 @@ impl Shared {
                     match applied {
                         Ok(()) => {
                             let last = group.iter().map(|j| j.last_seq).max().unwrap_or(0);
+                            self.applied_seq.fetch_max(last, Ordering::AcqRel);
                             self.applied.send_if_modified(|a| {
                                 let later = last > *a;
                                 *a = (*a).max(last);
@@ -956,9 +987,10 @@ impl Shared {
                             tracing::error!(error = %e, "applying to sled failed; the store refuses writes until restart");
                             *self.poisoned.lock() = Some(reason.clone());
                             self.fail(group, &reason);
-                            // Readers waiting for early-answered events must not wait forever;
-                            // the log holds those events for the next start.
-                            self.applied.send_replace(u64::MAX);
+                            // Readers waiting for answered writes must not wait forever: they
+                            // get an error (the log holds those writes for the next start).
+                            self.apply_failed.store(true, Ordering::Release);
+                            self.applied.send_modify(|_| {});
                             broken = Some(reason);
                         }
                     }
@@ -1045,7 +1077,7 @@ fn apply_ops(trees: &[sled::Tree; 5], ops: &[Op], seq: u64) -> Result<(), StoreE
 
 impl Store for SledStore {
     async fn get(&self, ks: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.audit_visible(ks).await;
+        self.visible(ks).await?;
         // No `apply` lock: one key is read atomically anyway, and sled holds only durable
         // writes. A caller that reads several keys one by one re-checks what it read first
         // (a record's chunks are checked against its header, which is read again).
@@ -1064,7 +1096,7 @@ impl Store for SledStore {
             Some(a) if a >= prefix => Bound::Excluded(a.to_vec()),
             _ => Bound::Included(prefix.to_vec()),
         };
-        self.audit_visible(ks).await;
+        self.visible(ks).await?;
         let mut out = Vec::new();
         let _whole_groups = self.inner.shared.apply.read();
         for item in self.tree(ks).range((start, Bound::Unbounded)) {
@@ -1152,52 +1184,82 @@ mod tests {
         assert_eq!(audit::Head::load(&store).await.expect("head").seq, 3);
     }
 
-    /// A batch of audit events alone is answered once durable, before it is applied; a
-    /// reader of the audit trail still sees it, waiting for the applier. Other batches are
-    /// answered only once applied.
+    /// Writers are answered once their batch is durable, before it is applied; a reader
+    /// waits for the applier, so it still sees every answered write. Reads of records do not
+    /// wait for batches of audit events alone; a writer answered `Conflict` hears it only
+    /// once the write it conflicted with is applied.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     // The gate is held across awaits on purpose: it keeps the applier (another thread) out.
     #[allow(clippy::await_holding_lock)]
-    async fn audit_events_alone_are_answered_when_durable_and_read_once_applied() {
+    async fn writers_are_answered_when_durable_and_readers_wait_for_the_applier() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("open");
+        let ten_s = std::time::Duration::from_secs(10);
+        let mut put = Batch::default();
+        put.put(Keyspace::Records, b"before".to_vec(), b"0".to_vec());
+        store.commit(put).await.expect("commit");
+        // Reading it waits until it is applied.
+        assert!(store
+            .get(Keyspace::Records, b"before")
+            .await
+            .expect("get")
+            .is_some());
         let gate = store.inner.shared.apply_gate.lock();
         let mut read_event = Batch::default();
         read_event.append_event(b"read".to_vec());
-        tokio::time::timeout(std::time::Duration::from_secs(10), store.commit(read_event))
+        tokio::time::timeout(ten_s, store.commit(read_event))
             .await
             .expect("answered while the applier is held")
             .expect("commit");
-        assert!(store.inner.shared.answered_early.load(Ordering::SeqCst) > 0);
-        // Durable: in the log already.
+        // Records are read without waiting for a batch of audit events alone.
+        assert_eq!(
+            tokio::time::timeout(ten_s, store.get(Keyspace::Records, b"before"))
+                .await
+                .expect("no wait")
+                .expect("get"),
+            Some(b"0".to_vec())
+        );
+        let mut write = Batch::default();
+        write.put(Keyspace::Records, b"r".to_vec(), b"1".to_vec());
+        write.append_event(b"write".to_vec());
+        tokio::time::timeout(ten_s, store.commit(write))
+            .await
+            .expect("answered while the applier is held")
+            .expect("commit");
+        // Durable: both frames are in the log already.
         let log = std::fs::read(wal::list(&wal::dir(dir.path())).expect("logs")[0].1.clone())
             .expect("log");
-        assert_eq!(wal::decode_frames(&log).0.len(), 1);
-        // A reader of the trail waits for the applier.
-        let reader = {
+        assert_eq!(wal::decode_frames(&log).0.len(), 3);
+        let spawn_get = |ks: Keyspace, key: &'static [u8]| {
             let store = store.clone();
-            tokio::spawn(async move { audit::Head::load(&store).await })
+            tokio::spawn(async move { store.get(ks, key).await })
         };
-        // A batch with a write waits for the applier too.
-        let writer = {
+        let record = spawn_get(Keyspace::Records, b"r");
+        let head = spawn_get(Keyspace::Meta, audit::META_HEAD);
+        let conflicting = {
             let store = store.clone();
             tokio::spawn(async move {
                 let mut b = Batch::default();
-                b.put(Keyspace::Records, b"r".to_vec(), b"1".to_vec());
-                b.append_event(b"write".to_vec());
+                b.expect(Keyspace::Records, b"r".to_vec(), Expect::Absent);
+                b.put(Keyspace::Records, b"r".to_vec(), b"2".to_vec());
                 store.commit(b).await
             })
         };
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        assert!(!reader.is_finished());
-        assert!(!writer.is_finished());
-        // Record reads never wait.
-        assert_eq!(store.get(Keyspace::Records, b"r").await.expect("get"), None);
+        assert!(!record.is_finished());
+        assert!(!head.is_finished());
+        assert!(!conflicting.is_finished());
         drop(gate);
-        // It sees the answered event (and maybe the write's, applied right after).
-        assert!(reader.await.expect("task").expect("head").seq >= 1);
-        writer.await.expect("task").expect("commit");
-        assert_eq!(audit::Head::load(&store).await.expect("head").seq, 2);
+        assert_eq!(
+            record.await.expect("task").expect("get"),
+            Some(b"1".to_vec())
+        );
+        let head = head.await.expect("task").expect("get").expect("a head");
+        assert_eq!(audit::Head::decode(&head).expect("head").seq, 2);
+        assert!(matches!(
+            conflicting.await.expect("task"),
+            Err(StoreError::Conflict)
+        ));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
