@@ -215,16 +215,21 @@ where
     Ok(merge(low, high))
 }
 
+/// The error for record `key`'s header that failed its checks.
+fn damaged_header(key: &[u8]) -> VaultError {
+    VaultError::DataLoss {
+        record_id: vault::uuid_string(key),
+        part: "record header".into(),
+    }
+}
+
 fn open_header<S: Store>(
     vault: &Vault<S>,
     key: &[u8],
     raw: &[u8],
 ) -> Result<RecordBody, VaultError> {
     let (kv, ik) = vault.keys().integrity_key();
-    RecordBody::open(key, raw, kv, ik).map_err(|_| VaultError::DataLoss {
-        record_id: vault::uuid_string(key),
-        part: "record header".into(),
-    })
+    RecordBody::open(key, raw, kv, ik).map_err(|_| damaged_header(key))
 }
 
 /// Exactly how many records each KEK version wraps a data key for, by category and version.
@@ -238,10 +243,7 @@ pub async fn version_counts<S: Store>(
         move |counts: &mut BTreeMap<(Category, u32), u64>, key, raw| {
             let (kv, ik) = keys.keys().integrity_key();
             let header =
-                record::DekHeader::open(key, raw, kv, ik).map_err(|_| VaultError::DataLoss {
-                    record_id: vault::uuid_string(key),
-                    part: "record header".into(),
-                })?;
+                record::DekHeader::open(key, raw, kv, ik).map_err(|_| damaged_header(key))?;
             for (name, dek) in &header.deks {
                 if let Some(category) = Category::parse(name) {
                     *counts.entry((category, dek.kek_version)).or_insert(0) += 1;
@@ -283,6 +285,22 @@ fn needs(
         .collect()
 }
 
+/// [`needs`] for `job` under the vault's current key ring.
+fn job_needs<S: Store>(
+    vault: &Vault<S>,
+    job: &JobState,
+    scope: Option<Category>,
+    deks: &BTreeMap<String, record::StoredDek>,
+) -> Vec<Category> {
+    needs(
+        &vault.keys().active_versions(),
+        job.kind,
+        scope,
+        job.started_ms,
+        deks,
+    )
+}
+
 /// The category of a record's data key (`name`, wrapped under `kek_version`, made at
 /// `created_ms`) if a job of `kind` over `scope` still has to handle it.
 fn due(
@@ -322,10 +340,7 @@ pub async fn count_needing<S: Store>(
             record::peek_dek_versions(raw, |name, version, created| {
                 any |= due(&active, kind, scope, started_ms, name, version, created).is_some();
             })
-            .map_err(|_| VaultError::DataLoss {
-                record_id: vault::uuid_string(key),
-                part: "record header".into(),
-            })?;
+            .map_err(|_| damaged_header(key))?;
             *n += u64::from(any);
             Ok(())
         },
@@ -350,13 +365,7 @@ async fn handle_record<S: Store>(
         return rewrap_record(vault, job, scope, key, raw, batch, keks);
     }
     let mut body = open_header(vault, key, raw)?;
-    let due = needs(
-        &vault.keys().active_versions(),
-        job.kind,
-        scope,
-        job.started_ms,
-        &body.deks,
-    );
+    let due = job_needs(vault, job, scope, &body.deks);
     if due.is_empty() {
         return Ok(false);
     }
@@ -428,19 +437,9 @@ fn rewrap_record<S: Store>(
     batch: &mut Batch,
     keks: &mut BTreeSet<(Category, u32)>,
 ) -> Result<bool, VaultError> {
-    let damaged = || VaultError::DataLoss {
-        record_id: vault::uuid_string(key),
-        part: "record header".into(),
-    };
     let (kv, ik) = vault.keys().integrity_key();
-    let mut header = record::DekHeader::open(key, raw, kv, ik).map_err(|_| damaged())?;
-    let due = needs(
-        &vault.keys().active_versions(),
-        job.kind,
-        scope,
-        job.started_ms,
-        &header.deks,
-    );
+    let mut header = record::DekHeader::open(key, raw, kv, ik).map_err(|_| damaged_header(key))?;
+    let due = job_needs(vault, job, scope, &header.deks);
     if due.is_empty() {
         return Ok(false);
     }
@@ -461,7 +460,7 @@ fn rewrap_record<S: Store>(
     batch.put(
         Keyspace::Records,
         key.to_vec(),
-        header.seal(kv, ik).map_err(|_| damaged())?,
+        header.seal(kv, ik).map_err(|_| damaged_header(key))?,
     );
     if vault.auditing() {
         let mut draft = audit::Draft::new(job.kind.record_action(), JOB_PRINCIPAL, SYSTEM_ROLE);
