@@ -362,6 +362,9 @@ async fn query_rights_filters_and_pages() {
             .record_id;
         ids.push(id);
     }
+    // Events carry millisecond times and `since` includes its whole millisecond: keep the
+    // creates' events and the reads' events apart by more than that.
+    tokio::time::sleep(Duration::from_millis(20)).await;
     let mid = chrono::Utc::now();
     tokio::time::sleep(Duration::from_millis(20)).await;
     for id in &ids {
