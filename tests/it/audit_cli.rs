@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use kluis::proto::{CreateRecordRequest, FindRecordsRequest, GetRecordRequest};
+use kluis::proto::{FindRecordsRequest, GetRecordRequest};
 use kluis::store::{Batch, Keyspace, SledStore, Store};
 use serde_json::Value;
 
@@ -39,22 +39,6 @@ fn strings(v: &Value) -> Vec<String> {
         .collect()
 }
 
-async fn create(
-    client: &mut Client,
-    purpose: &str,
-    pairs: &[(&str, kluis::proto::FieldValue)],
-) -> String {
-    client
-        .create_record(CreateRecordRequest {
-            purpose: purpose.into(),
-            fields: fields(pairs),
-        })
-        .await
-        .expect("create")
-        .into_inner()
-        .record_id
-}
-
 async fn get(
     client: &mut Client,
     id: &str,
@@ -84,7 +68,7 @@ async fn offline_verify_says_ok_then_names_the_tampered_event() {
     let data = path(&data_dir(&vault.dir));
     let mut recruiter = vault.client("recruiter").await;
     let mut payroll = vault.client("payroll").await;
-    let a = create(
+    let a = create_with(
         &mut recruiter,
         "recruitment",
         &[
@@ -96,7 +80,7 @@ async fn offline_verify_says_ok_then_names_the_tampered_event() {
     get(&mut recruiter, &a, "recruitment", &["email"])
         .await
         .expect("get");
-    let b = create(
+    let b = create_with(
         &mut payroll,
         "payroll",
         &[("bsn", sample_value("bsn")), ("iban", sample_value("iban"))],
@@ -241,7 +225,7 @@ async fn online_export_prints_names_never_values_and_needs_an_audit_role() {
     let iban = "NL91ABNA0417164300";
     let mut recruiter = vault.client("recruiter").await;
     let mut payroll = vault.client("payroll").await;
-    let id = create(
+    let id = create_with(
         &mut recruiter,
         "recruitment",
         &[("full_name", text(&name)), ("email", text(&email))],
@@ -396,7 +380,7 @@ async fn breach_report_lists_exactly_the_records_and_fields_the_principal_touche
     let email = format!("planted.{marker}@example.nl");
     let mut recruiter = vault.client("recruiter").await;
     let mut payroll = vault.client("payroll").await;
-    let r1 = create(
+    let r1 = create_with(
         &mut recruiter,
         "recruitment",
         &[
@@ -405,7 +389,7 @@ async fn breach_report_lists_exactly_the_records_and_fields_the_principal_touche
         ],
     )
     .await;
-    let r2 = create(
+    let r2 = create_with(
         &mut recruiter,
         "recruitment",
         &[
@@ -414,9 +398,9 @@ async fn breach_report_lists_exactly_the_records_and_fields_the_principal_touche
         ],
     )
     .await;
-    let r3 = create(&mut payroll, "payroll", &[("bsn", sample_value("bsn"))]).await;
+    let r3 = create_with(&mut payroll, "payroll", &[("bsn", sample_value("bsn"))]).await;
     // Payroll only: not in the recruiter's report.
-    let r4 = create(&mut payroll, "payroll", &[("iban", sample_value("iban"))]).await;
+    let r4 = create_with(&mut payroll, "payroll", &[("iban", sample_value("iban"))]).await;
     get(&mut payroll, &r1, "payroll", &["email"])
         .await
         .expect("get");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use kluis::crypto::SecretKey;
 use kluis::keys::{KeyError, KeyRing, MasterKey};
 use kluis::proto::records_client::RecordsClient;
-use kluis::proto::{CreateRecordRequest, GetRecordRequest};
+use kluis::proto::GetRecordRequest;
 use kluis::store::SledStore;
 use serde_json::Value;
 use tonic::transport::Channel;
@@ -89,22 +89,6 @@ const CATEGORIES: [&str; 6] = [
     "absence",
 ];
 
-async fn create(
-    client: &mut Client,
-    purpose: &str,
-    pairs: &[(&str, kluis::proto::FieldValue)],
-) -> String {
-    client
-        .create_record(CreateRecordRequest {
-            purpose: purpose.into(),
-            fields: fields(pairs),
-        })
-        .await
-        .expect("create")
-        .into_inner()
-        .record_id
-}
-
 /// The text of `field` of record `id`, read for `purpose`.
 async fn read(client: &mut Client, id: &str, purpose: &str, field: &str) -> String {
     let got = client
@@ -125,7 +109,7 @@ async fn seed(vault: &TestVault, recruited: usize, paid: usize) -> Vec<String> {
     let mut recruiter = vault.client("recruiter").await;
     let mut payroll = vault.client("payroll").await;
     for i in 0..recruited {
-        create(
+        create_with(
             &mut recruiter,
             "recruitment",
             &[
@@ -139,7 +123,7 @@ async fn seed(vault: &TestVault, recruited: usize, paid: usize) -> Vec<String> {
     let mut ids = Vec::new();
     for _ in 0..paid {
         ids.push(
-            create(
+            create_with(
                 &mut payroll,
                 "payroll",
                 &[("bsn", sample_value("bsn")), ("iban", sample_value("iban"))],
@@ -460,7 +444,7 @@ async fn offline_vault(records: usize) -> Offline {
     let mut out = Vec::new();
     for i in 0..records {
         let bsn = ["111222333", "123456782"][i % 2];
-        let id = create(
+        let id = create_with(
             &mut payroll,
             "payroll",
             &[("bsn", text(bsn)), ("iban", sample_value("iban"))],
