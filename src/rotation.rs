@@ -9,14 +9,16 @@
 //! A job walks the `records` keyspace in id order, a page at a time. Each page is one atomic
 //! batch: the re-sealed record headers (each expected unchanged since it was read), for a
 //! re-key the re-encrypted field chunks, one audit event per record (principal
-//! [`JOB_PRINCIPAL`]) and the job state with its new cursor. A crash therefore loses at most
-//! the page in flight, and the job resumes from the cursor stored with the last page; redoing
-//! a record is harmless (idempotent: rewrap skips keys already under the active KEK, re-key
-//! skips keys made after the job started). A page that meets a concurrent change is redone
-//! record by record. Rewrap ends with a count: if records still need it (a rotation during
-//! the job, a write from an instance with an older key ring), it runs another pass.
+//! [`JOB_PRINCIPAL`]) and the job state with its new cursor. Up to three (`COMMITS_IN_FLIGHT`)
+//! pages commit at once, so a crash loses at most those, and the job resumes from the cursor
+//! stored with the last durable page; redoing a record is harmless (idempotent: rewrap skips
+//! keys already under the active KEK, re-key skips keys made after the job started). A page
+//! that meets a concurrent change is redone record by record. Rewrap ends with a count: if
+//! records still need it (a rotation during the job, a write from an instance with an older
+//! key ring, a page whose redo a crash cut short), it runs another pass.
 //!
-//! Counts are exact because they are counted: a scan of every record header (MAC-checked).
+//! Counts are exact because they are counted: a scan of every record header (MAC-checked,
+//! the data keys alone decoded, on two tasks).
 //! That is O(records) per status call; the PostgreSQL store will keep the KEK version in an
 //! indexed column instead.
 
