@@ -124,8 +124,13 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Adds a condition.
+    /// Adds a condition. Audit events and the chain head are the store's: no condition
+    /// may name them (the store does not track them as pending writes).
     pub fn expect(&mut self, ks: Keyspace, key: Vec<u8>, expect: Expect) {
+        debug_assert!(
+            ks != Keyspace::Audit && !(ks == Keyspace::Meta && key == audit::META_HEAD),
+            "conditions on audit events or the chain head are not supported"
+        );
         self.expects.push((ks, key, expect));
     }
 
@@ -289,8 +294,11 @@ struct SyncJob {
     /// Leader-assigned number of the group (keys of `pending` written by it carry it).
     id: u64,
     frames: Vec<u8>,
-    /// The applied batches' writes, in order (empty if no batch held).
+    /// The applied batches' writes, in order, then their audit event blocks and the chain
+    /// head (empty if no batch held).
     ops: Arc<Vec<Op>>,
+    /// How many of `ops` are the batches' own writes (the pending writes).
+    batch_ops: usize,
     /// Sequence number of the job's last frame (0: none).
     last_seq: u64,
     replies: Vec<(Reply, Result<(), StoreError>)>,
@@ -726,6 +734,7 @@ impl Shared {
             id,
             frames: Vec::new(),
             ops: Arc::new(Vec::new()),
+            batch_ops: 0,
             last_seq: 0,
             replies: Vec::with_capacity(group.len()),
             events_only: group
@@ -801,8 +810,10 @@ impl Shared {
                 }
             }
         }
-        // The group's events in blocks, then the head: no batch of the group conditions on
-        // them (they are new keys, and the head is the leader's).
+        // The group's events in blocks, then the head: no batch conditions on them (they
+        // are new keys, and the head is the leader's; `Batch::expect`), so they are not
+        // pending writes.
+        let batch_ops = ops.len();
         events.into_ops(&mut ops);
         if *head != head_before {
             ops.push(Op::Put(
@@ -817,10 +828,11 @@ impl Shared {
             wal::encode_frame(&mut job.frames, last, &ops);
         }
         let ops = Arc::new(ops);
-        for (i, op) in ops.iter().enumerate() {
+        for (i, op) in ops[..batch_ops].iter().enumerate() {
             let (ks, key) = op_key(op);
             pending.insert((ks, key.to_vec()), (id, Arc::clone(&ops), i));
         }
+        job.batch_ops = batch_ops;
         job.last_seq = accepted.last().copied().unwrap_or(0);
         job.ops = ops;
         job
@@ -828,8 +840,11 @@ impl Shared {
 
     /// Drops a job's pending writes (those no later job overwrote).
     fn forget(&self, job: &SyncJob) {
+        if job.batch_ops == 0 {
+            return;
+        }
         let mut pending = self.pending.lock();
-        for op in job.ops.iter() {
+        for op in &job.ops[..job.batch_ops] {
             let (ks, key) = op_key(op);
             let slot = (ks, key.to_vec());
             if pending.get(&slot).is_some_and(|(id, _, _)| *id == job.id) {
@@ -959,13 +974,10 @@ impl Shared {
                     }
                     #[cfg(test)]
                     drop(self.apply_gate.lock());
-                    let mut applied = Ok(());
-                    for job in &group {
-                        if applied.is_ok() && !job.ops.is_empty() {
-                            let _apply = self.apply.write();
-                            applied = apply_ops(&self.trees, &job.ops, job.last_seq);
-                        }
-                    }
+                    let applied = {
+                        let _apply = self.apply.write();
+                        apply_group(&self.trees, &group)
+                    };
                     match applied {
                         Ok(()) => {
                             let last = group.iter().map(|j| j.last_seq).max().unwrap_or(0);
@@ -1050,6 +1062,35 @@ fn write_all_vectored(
     Ok(())
 }
 
+/// Applies a durable group's jobs to sled in log order, then records the last batch applied
+/// once for the group. Of the chain heads the jobs write (each job with audit events writes
+/// one, as its last op), only the group's last is inserted: the others are overwritten in
+/// the same pass, and no reader waiting for this group (`SledStore::visible`) looks before
+/// it is whole. After a crash in between, the replay from `WAL_APPLIED` redoes every job of
+/// the group, and `open` moves a head that lags the stored events up to the last one. (For
+/// the audit events of reads, one job per read, this is a third of the inserts.)
+fn apply_group(trees: &[sled::Tree; 5], group: &[SyncJob]) -> Result<(), StoreError> {
+    let is_head =
+        |op: &Op| matches!(op, Op::Put(Keyspace::Meta, key, _) if key == audit::META_HEAD);
+    let last_head = group
+        .iter()
+        .rposition(|job| job.ops.last().is_some_and(is_head));
+    for (i, job) in group.iter().enumerate() {
+        let ops = match job.ops.split_last() {
+            Some((last, earlier)) if is_head(last) && Some(i) != last_head => earlier,
+            _ => &job.ops[..],
+        };
+        insert_ops(trees, ops)?;
+    }
+    let last = group.iter().map(|job| job.last_seq).max().unwrap_or(0);
+    if last > 0 {
+        trees[Keyspace::Meta as usize]
+            .insert(WAL_APPLIED, &last.to_be_bytes())
+            .map_err(io)?;
+    }
+    Ok(())
+}
+
 /// Applies durable writes to sled with plain inserts and removes, in order, then records
 /// `seq` as the last batch applied. No sled transaction: sled rolls and writes its own
 /// log buffer (with `sync_file_range`) at every transaction, which costs a disk write per
@@ -1057,6 +1098,15 @@ fn write_all_vectored(
 /// prefix of its log, so after a crash it holds every write up to some point of this
 /// sequence, and the replay from `WAL_APPLIED` (written last) redoes the rest.
 fn apply_ops(trees: &[sled::Tree; 5], ops: &[Op], seq: u64) -> Result<(), StoreError> {
+    insert_ops(trees, ops)?;
+    trees[Keyspace::Meta as usize]
+        .insert(WAL_APPLIED, &seq.to_be_bytes())
+        .map_err(io)?;
+    Ok(())
+}
+
+/// Puts and removes, in order.
+fn insert_ops(trees: &[sled::Tree; 5], ops: &[Op]) -> Result<(), StoreError> {
     for op in ops {
         match op {
             Op::Put(ks, key, value) => {
@@ -1069,9 +1119,6 @@ fn apply_ops(trees: &[sled::Tree; 5], ops: &[Op], seq: u64) -> Result<(), StoreE
             }
         }
     }
-    trees[Keyspace::Meta as usize]
-        .insert(WAL_APPLIED, &seq.to_be_bytes())
-        .map_err(io)?;
     Ok(())
 }
 
