@@ -1,26 +1,34 @@
 //! End-to-end load benchmark over gRPC on loopback, in one process:
 //!
 //! - the real vault (`kluis::server::start`, group commit), on a temporary data directory;
+//! - the same vault with auditing off (only the benchmark can turn it off), on a copy of
+//!   that data directory taken before the rounds, so that both serve the same records;
 //! - a second vault with `Durability::PerWrite` (every write runs its own sync + fdatasync,
 //!   one after another): the durability baseline;
 //! - a no-op `Records` service (no authentication, no crypto, no storage): the transport ceiling.
 //!
-//! Scenarios, in order, each with a warm-up and then a measured window:
-//! (a) no-op GetRecord, (b) no-op CreateRecord, (c) vault CreateRecord (group commit),
-//! (d) vault GetRecord of records created in (c) (each read writes its audit event and waits
-//! for it to be durable), (e) per-write-fsync vault CreateRecord, (f) GetRecord of the same
-//! records from the same data directory, the vault restarted with auditing off (only the
-//! benchmark can turn it off): `ratio get audit-on/off` is (d) ÷ (f).
+//! Scenarios: (a) no-op GetRecord, (b) no-op CreateRecord, (c) vault CreateRecord (group
+//! commit), (d) vault GetRecord (each read writes its audit event and waits for it to be
+//! durable), (e) per-write-fsync vault CreateRecord, (f) GetRecord of the same records from
+//! the unaudited vault. `ratio get audit-on/off` is (d) ÷ (f).
+//!
+//! The scenarios run in rounds (`KLUIS_LOAD_ROUNDS`, default 5): each round runs all six, one
+//! after another, each with a warm-up and then a measured window, and the figures add up the
+//! rounds. So every ratio compares scenarios measured within seconds of each other: the speed
+//! of the shared VM this runs on drifts by a third over minutes, which, with one long window
+//! per scenario, moved a ratio more than the code did. The per-round ratios are printed too.
 //!
 //! Load: `KLUIS_LOAD_CONCURRENCY` (default 32) client tasks, each sending requests back to
 //! back, spread round-robin over `KLUIS_LOAD_CHANNELS` (default 4) HTTP/2 connections per
-//! target. Window: `KLUIS_LOAD_SECS` seconds (default 5) after a 0.5 s warm-up.
+//! target. Window: `KLUIS_LOAD_SECS` seconds per scenario in all (default 5), split over the
+//! rounds, each window after a 0.2 s warm-up. Before the rounds, creates run for 1.5 s to make
+//! the records that (d) and (f) read.
 //!
 //! Run with `cargo bench --bench load`. Without `--bench` on the command line (e.g. under
-//! `cargo test --all-targets`) it runs a short smoke pass (0.2 s windows) instead.
+//! `cargo test --all-targets`) it runs a short smoke pass (one round of 0.2 s windows) instead.
 //! Exits non-zero if any request fails.
 //!
-//! Columns: ops/s (requests started in the window ÷ time to the last completion), p50/p99
+//! Columns: ops/s (requests started in the windows ÷ time to their last completions), p50/p99
 //! latency, errors, requests, `cores` (this process's CPU time per second: clients and servers
 //! together), `cpu µs/op`, and `other` (CPU used by the rest of the machine during the window,
 //! from `/proc/stat`; a row with more than 0.25 is flagged as disturbed).
@@ -64,7 +72,10 @@ type BoxError = Box<dyn Error + Send + Sync>;
 /// Bearer token of the benchmark principal (role `recruiter`).
 const TOKEN: &str = "kluis_load-bench-token-not-a-secret-0123456789abcdef";
 const PURPOSE: &str = "recruitment";
-const WARM_UP: Duration = Duration::from_millis(500);
+/// Warm-up of each scenario in each round.
+const WARM_UP: Duration = Duration::from_millis(200);
+/// How long creates run to make the records that (d) and (f) read.
+const SEED_WINDOW: Duration = Duration::from_millis(1500);
 /// Above this many cores used by other processes during a window, the row is flagged.
 const OTHER_CORES_WARN: f64 = 0.25;
 const NOOP_RECORD_ID: &str = "3f2504e0-4f89-41d3-9a0c-0305e82c3301";
@@ -230,18 +241,21 @@ enum Op {
     NoopGet,
     /// CreateRecord with the benchmark payload (no-op server).
     NoopCreate,
-    /// CreateRecord with the benchmark payload; `tag` keeps e-mail addresses unique.
-    Create { tag: &'static str },
+    /// CreateRecord with the benchmark payload; `tag` and `round` keep e-mail addresses
+    /// unique.
+    Create { tag: &'static str, round: usize },
     /// GetRecord of the given ids, round-robin.
     Get { ids: Arc<Vec<String>> },
 }
 
-fn create_request(tag: &str, task: usize, seq: u64) -> CreateRecordRequest {
+fn create_request(tag: &str, round: usize, task: usize, seq: u64) -> CreateRecordRequest {
     let fields = HashMap::from([
         ("full_name".to_string(), text("Johanna de Vries")),
         (
             "email".to_string(),
-            text(&format!("bench-{tag}-{task:02}-{seq:07}@example.com")),
+            text(&format!(
+                "bench-{tag}{round}-{task:02}-{seq:07}@example.com"
+            )),
         ),
         ("phone".to_string(), text("+31612345678")),
         ("city".to_string(), text("Zwolle")),
@@ -285,13 +299,13 @@ async fn call(
         }
         Op::NoopCreate => {
             client
-                .create_record(with_auth(create_request("noop", task, seq), auth))
+                .create_record(with_auth(create_request("noop", 0, task, seq), auth))
                 .await?;
             Ok(None)
         }
-        Op::Create { tag } => {
+        Op::Create { tag, round } => {
             let r = client
-                .create_record(with_auth(create_request(tag, task, seq), auth))
+                .create_record(with_auth(create_request(tag, *round, task, seq), auth))
                 .await?;
             Ok(Some(r.into_inner().record_id))
         }
@@ -324,6 +338,8 @@ struct LoadConfig {
     channels: usize,
     window: Duration,
     warm_up: Duration,
+    /// Rounds of all six scenarios, one after another; each scenario runs `window` per round.
+    rounds: usize,
     /// Run under `cargo bench` (`--bench`); otherwise a short smoke pass.
     bench_mode: bool,
 }
@@ -340,6 +356,12 @@ struct TaskResult {
 struct ScenarioResult {
     name: String,
     ops_per_s: f64,
+    /// Seconds from the window's start to the last completion.
+    elapsed_s: f64,
+    /// Measured latencies, sorted.
+    latencies_ns: Vec<u64>,
+    /// Length of the measured window, seconds.
+    window_s: f64,
     p50_us: f64,
     p99_us: f64,
     errors: u64,
@@ -472,18 +494,48 @@ async fn run_scenario(
     // Requests started in the window, over the time from the window's start to the last
     // completion (which may run a little past the window's end).
     let elapsed = (last_done - measure_from).as_secs_f64().max(1e-9);
+    let latencies_ns = latencies;
     Ok(ScenarioResult {
         name: name.to_string(),
         ops_per_s: requests as f64 / elapsed,
-        p50_us: percentile_us(&latencies, 0.50),
-        p99_us: percentile_us(&latencies, 0.99),
+        elapsed_s: elapsed,
+        window_s: cfg.window.as_secs_f64(),
+        p50_us: percentile_us(&latencies_ns, 0.50),
+        p99_us: percentile_us(&latencies_ns, 0.99),
         errors,
         requests,
         first_error,
         created,
         cpu_cores,
         other_cores,
+        latencies_ns,
     })
+}
+
+impl ScenarioResult {
+    /// Folds the next round of the same scenario into this one: ops/s over the summed
+    /// windows, percentiles over all latencies, CPU per summed window.
+    fn absorb(&mut self, next: ScenarioResult) {
+        let requests = self.requests + next.requests;
+        let elapsed = self.elapsed_s + next.elapsed_s;
+        let window = self.window_s + next.window_s;
+        self.cpu_cores = (self.cpu_cores * self.window_s + next.cpu_cores * next.window_s) / window;
+        self.other_cores =
+            (self.other_cores * self.window_s + next.other_cores * next.window_s) / window;
+        self.requests = requests;
+        self.elapsed_s = elapsed;
+        self.window_s = window;
+        self.ops_per_s = requests as f64 / elapsed;
+        self.errors += next.errors;
+        if self.first_error.is_none() {
+            self.first_error = next.first_error;
+        }
+        self.created.extend(next.created);
+        self.latencies_ns.extend(next.latencies_ns);
+        self.latencies_ns.sort_unstable();
+        self.p50_us = percentile_us(&self.latencies_ns, 0.50);
+        self.p99_us = percentile_us(&self.latencies_ns, 0.99);
+    }
 }
 
 fn print_header() {
@@ -543,6 +595,9 @@ fn load_config() -> Result<LoadConfig, BoxError> {
     if !(secs > 0.0 && secs.is_finite()) {
         return Err("KLUIS_LOAD_SECS must be a positive number of seconds".into());
     }
+    let rounds: usize = env_parse("KLUIS_LOAD_ROUNDS")?
+        .unwrap_or(if bench_mode { 5 } else { 1 })
+        .max(1);
     let concurrency: usize = env_parse("KLUIS_LOAD_CONCURRENCY")?.unwrap_or(32).max(1);
     let channels: usize = env_parse("KLUIS_LOAD_CHANNELS")?
         .unwrap_or(4)
@@ -550,13 +605,14 @@ fn load_config() -> Result<LoadConfig, BoxError> {
     Ok(LoadConfig {
         concurrency,
         channels,
-        window: Duration::from_secs_f64(secs),
+        window: Duration::from_secs_f64(secs / rounds as f64),
         warm_up: if bench_mode { WARM_UP } else { Duration::ZERO },
+        rounds,
         bench_mode,
     })
 }
 
-/// Commits and durable syncs (`SledStore::flush_count`) during a create scenario, warm-up
+/// Commits and durable syncs (`SledStore::flush_count`) during a create scenario, warm-ups
 /// included.
 fn flush_line(label: &str, flushes: u64, commits: usize) {
     if flushes == 0 {
@@ -567,12 +623,41 @@ fn flush_line(label: &str, flushes: u64, commits: usize) {
     }
 }
 
+/// Copies directory `from` into `to` (created), recursively, keeping file permissions.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    std::fs::set_permissions(to, std::fs::metadata(from)?.permissions())?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The four ratios of one round (or of the totals): get/noop, create/noop,
+/// create/fsync-per-write, get audit-on/off.
+fn ratios(r: &[ScenarioResult]) -> [f64; 4] {
+    let ops = |i: usize| r[i].ops_per_s;
+    [
+        ops(3) / ops(0),
+        ops(2) / ops(1),
+        ops(2) / ops(4),
+        ops(3) / ops(5),
+    ]
+}
+
 async fn run() -> Result<(), BoxError> {
     let cfg = load_config()?;
     println!(
-        "kluis load bench: {} client tasks over {} HTTP/2 connections per target, {:.1} s window after {:.1} s warm-up, {} runtime worker threads",
+        "kluis load bench: {} client tasks over {} HTTP/2 connections per target, {} rounds of {:.2} s windows (each after a {:.2} s warm-up) per scenario, {} runtime worker threads",
         cfg.concurrency,
         cfg.channels,
+        cfg.rounds,
         cfg.window.as_secs_f64(),
         cfg.warm_up.as_secs_f64(),
         std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -583,105 +668,154 @@ async fn run() -> Result<(), BoxError> {
         );
     }
     let group_dir = tempfile::tempdir()?;
+    let unaudited_dir = tempfile::tempdir()?;
     let per_write_dir = tempfile::tempdir()?;
     let master = SecretKey::generate()?;
+
+    // The records that (d) and (f) read: created once, then the data directory is copied, so
+    // that the audited vault and the unaudited one serve the same records side by side.
+    let seeding = start_vault(group_dir.path(), &master, Durability::GroupCommit, true).await?;
+    let seed_cfg = LoadConfig {
+        window: SEED_WINDOW.min(cfg.window * 2),
+        warm_up: Duration::ZERO,
+        ..cfg
+    };
+    let seed = run_scenario(
+        "seed",
+        seeding.local_addr,
+        Op::Create { tag: "s", round: 0 },
+        seed_cfg,
+    )
+    .await?;
+    if seed.errors > 0 || seed.created.is_empty() {
+        return Err(format!(
+            "seeding the records to read failed: {} errors, first: {:?}",
+            seed.errors, seed.first_error
+        )
+        .into());
+    }
+    seeding.shutdown().await?;
+    copy_dir(group_dir.path(), unaudited_dir.path())?;
+    let ids = Arc::new(seed.created);
+
     let vault = start_vault(group_dir.path(), &master, Durability::GroupCommit, true).await?;
+    let unaudited = start_vault(
+        unaudited_dir.path(),
+        &master,
+        Durability::GroupCommit,
+        false,
+    )
+    .await?;
     let per_write = start_vault(per_write_dir.path(), &master, Durability::PerWrite, true).await?;
     let noop = start_noop()?;
     println!(
-        "noop {}, vault (group commit) {} on {}, vault (per-write fsync) {} on {}",
+        "noop {}, vault (group commit) {} on {}, vault (per-write fsync) {} on {}, vault (audit off) {} on {}; {} records to read",
         noop.addr,
         vault.local_addr,
         group_dir.path().display(),
         per_write.local_addr,
-        per_write_dir.path().display()
+        per_write_dir.path().display(),
+        unaudited.local_addr,
+        unaudited_dir.path().display(),
+        ids.len(),
     );
     println!();
-    print_header();
 
-    let mut results = Vec::new();
-    // Prints a scenario's row; a failed request aborts the run (non-zero exit).
-    let mut step = |r: ScenarioResult| -> Result<(), BoxError> {
-        print_row(&r);
-        if r.errors > 0 {
-            return Err(format!("{}: {} requests failed", r.name, r.errors).into());
-        }
-        results.push(r);
-        Ok(())
+    let get = || Op::Get {
+        ids: Arc::clone(&ids),
     };
-
-    step(run_scenario("(a) noop GetRecord", noop.addr, Op::NoopGet, cfg).await?)?;
-    step(run_scenario("(b) noop CreateRecord", noop.addr, Op::NoopCreate, cfg).await?)?;
-
-    let flushes_before = vault.vault.store().flush_count();
-    let create = run_scenario(
-        "(c) vault CreateRecord (group commit)",
-        vault.local_addr,
-        Op::Create { tag: "c" },
-        cfg,
-    )
-    .await?;
-    let group_flushes = vault.vault.store().flush_count() - flushes_before;
-    let ids = Arc::new(create.created.clone());
-    let group_commits = ids.len();
-    step(create)?;
-
-    if ids.is_empty() {
-        return Err("scenario (c) created no records: nothing to read in (d)".into());
-    }
-    step(
-        run_scenario(
-            "(d) vault GetRecord",
+    let scenarios: [(&str, SocketAddr, Op); 6] = [
+        ("(a) noop GetRecord", noop.addr, Op::NoopGet),
+        ("(b) noop CreateRecord", noop.addr, Op::NoopCreate),
+        (
+            "(c) vault CreateRecord (group commit)",
             vault.local_addr,
-            Op::Get {
-                ids: Arc::clone(&ids),
-            },
-            cfg,
-        )
-        .await?,
-    )?;
-
-    let flushes_before = per_write.vault.store().flush_count();
-    let fsync = run_scenario(
-        "(e) vault CreateRecord (fsync/write)",
-        per_write.local_addr,
-        Op::Create { tag: "e" },
-        cfg,
-    )
-    .await?;
-    let per_write_flushes = per_write.vault.store().flush_count() - flushes_before;
-    let per_write_commits = fsync.created.len();
-    step(fsync)?;
-
-    per_write.shutdown().await?;
-    // The same records, served by the same vault restarted with auditing off.
-    vault.shutdown().await?;
-    let unaudited = start_vault(group_dir.path(), &master, Durability::GroupCommit, false).await?;
-    step(
-        run_scenario(
+            Op::Create { tag: "c", round: 0 },
+        ),
+        ("(d) vault GetRecord", vault.local_addr, get()),
+        (
+            "(e) vault CreateRecord (fsync/write)",
+            per_write.local_addr,
+            Op::Create { tag: "e", round: 0 },
+        ),
+        (
             "(f) vault GetRecord, audit off",
             unaudited.local_addr,
-            Op::Get {
-                ids: Arc::clone(&ids),
-            },
-            cfg,
-        )
-        .await?,
-    )?;
-    unaudited.shutdown().await?;
+            get(),
+        ),
+    ];
+    let mut totals: Vec<ScenarioResult> = Vec::new();
+    let mut per_round: Vec<[f64; 4]> = Vec::new();
+    let (mut group_flushes, mut per_write_flushes) = (0, 0);
+    for round in 0..cfg.rounds {
+        let mut this_round = Vec::new();
+        for (i, (name, addr, op)) in scenarios.iter().enumerate() {
+            let store = match i {
+                2 => Some(vault.vault.store()),
+                4 => Some(per_write.vault.store()),
+                _ => None,
+            };
+            let before = store.map(|s| s.flush_count());
+            // Each round creates new records: the round number keeps e-mail addresses
+            // distinct.
+            let op = match op {
+                Op::Create { tag, .. } => Op::Create { tag, round },
+                other => other.clone(),
+            };
+            let r = run_scenario(name, *addr, op, cfg).await?;
+            if let (Some(store), Some(before)) = (store, before) {
+                let flushes = store.flush_count() - before;
+                if i == 2 {
+                    group_flushes += flushes;
+                } else {
+                    per_write_flushes += flushes;
+                }
+            }
+            if r.errors > 0 {
+                print_row(&r);
+                return Err(format!("{}: {} requests failed", r.name, r.errors).into());
+            }
+            this_round.push(r);
+        }
+        per_round.push(ratios(&this_round));
+        if totals.is_empty() {
+            totals = this_round;
+        } else {
+            for (total, r) in totals.iter_mut().zip(this_round) {
+                total.absorb(r);
+            }
+        }
+    }
+    let group_commits = totals[2].created.len();
+    let per_write_commits = totals[4].created.len();
 
+    print_header();
+    for r in &totals {
+        print_row(r);
+    }
     println!();
     flush_line("(c) group commit", group_flushes, group_commits);
     flush_line("(e) per-write", per_write_flushes, per_write_commits);
+    println!();
+    println!("round  get/noop  create/noop  create/fsync  audit-on/off");
+    for (k, r) in per_round.iter().enumerate() {
+        println!(
+            "{:>5}  {:>8.2}  {:>11.2}  {:>12.2}  {:>12.2}",
+            k + 1,
+            r[0],
+            r[1],
+            r[2],
+            r[3]
+        );
+    }
 
+    per_write.shutdown().await?;
+    vault.shutdown().await?;
+    unaudited.shutdown().await?;
     let _ = noop.shutdown.send(());
     noop.handle.await??;
 
-    let ops = |i: usize| results[i].ops_per_s;
-    let get_noop = ops(3) / ops(0);
-    let create_noop = ops(2) / ops(1);
-    let create_fsync = ops(2) / ops(4);
-    let audit_on_off = ops(3) / ops(5);
+    let [get_noop, create_noop, create_fsync, audit_on_off] = ratios(&totals);
     println!();
     if cfg.bench_mode {
         let verdict = |name: &str, x: f64, target: f64| {
