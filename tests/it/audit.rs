@@ -898,6 +898,18 @@ async fn when_no_event_can_be_written_nothing_is_returned_or_changed() {
         &[],
     );
     {
+        // The server logs the reason before it answers, but this test reads its stderr on
+        // another thread: give that thread a moment to catch up.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !server
+            .log
+            .lock()
+            .expect("log")
+            .contains("audit event could not be written")
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let log = server.log.lock().expect("log");
         assert!(
             log.contains("audit event could not be written"),
