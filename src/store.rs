@@ -15,22 +15,25 @@
 //! - writers queue their batches, and whichever writer finds the leader lock free leads
 //!   (group commit, on the writer's own thread): it takes every batch queued so far and
 //!   checks each batch's conditions in order, against sled and the
-//!   writes it accepted before (so a conflicting batch is skipped and reported alone); it
-//!   links the accepted batches' audit events into the chain and hands the group to the log
-//!   writer, then checks the next group;
-//! - the log writer appends the accepted batches to Kluis's own write-ahead log
-//!   ([`crate::wal`]), one write and one `fdatasync` for every group waiting, and hands them
-//!   to the applier thread, which applies them to sled in log order and only then answers
-//!   their writers (while the log writer syncs the next groups): a write is acknowledged once it is
-//!   durable, so it survives power loss, not only `kill -9`, and sled never holds a write the
-//!   log lacks (a failed log write has nothing to undo);
+//!   writes it accepted before (so a conflicting batch is skipped and reported alone), and
+//!   hands the group to the log writer, then checks the next group;
+//! - the log writer takes every group waiting, links their accepted batches' audit events
+//!   into the chain (in one block of events per sync), appends the batches' writes, the
+//!   events and the new chain head to Kluis's own write-ahead log ([`crate::wal`]) as one
+//!   frame, with one write and one `fdatasync`, and answers the accepted writers; then it
+//!   hands the group to the applier thread, which applies it to sled in log order while the
+//!   log writer syncs the next one. Readers wait until the applier has caught up with every
+//!   answered write ([`SledStore::visible`]); conflicts are answered after the write they
+//!   conflicted with is applied. A write is acknowledged once it is durable, so it
+//!   survives power loss, not only `kill -9`, and sled never holds a write the log lacks (a
+//!   failed log write has nothing to undo);
 //! - writes reach sled as plain inserts and removes, not sled transactions: sled 0.34 rolls
 //!   and writes its own log buffer, with `sync_file_range`, at every transaction, a disk write
 //!   per group that the log makes useless. Scans take a shared lock that the applier holds
 //!   exclusively while it applies a group, so a scan sees a group whole or not at all;
 //! - at start-up the log is replayed over sled's recovered state. sled recovers a prefix of
 //!   its own log (up to the last contiguous message), and the sequence number of the last
-//!   batch applied is written after each group's writes, so replaying every logged batch
+//!   batch applied is written after each group's writes, so replaying every logged frame
 //!   above it restores what sled lost. Then sled is flushed and fsynced and the log starts
 //!   afresh; every 64 MiB of log the log writer does the same (checkpoint). The log file is
 //!   written ahead with zeros, so that most syncs overwrite blocks the file has;
@@ -237,7 +240,6 @@ struct SledInner {
 /// The commit leader's state: no thread of its own, whichever writer holds the lock leads.
 struct Leader {
     next_seq: u64,
-    head: audit::Head,
     job_id: u64,
     /// To the log writer; `None` once the store is closing.
     to_writer: Option<std::sync::mpsc::Sender<SyncJob>>,
@@ -287,18 +289,17 @@ type PendingWrites = std::collections::HashMap<(Keyspace, Vec<u8>), (u64, Arc<Ve
 /// Where a writer waits for its batch's outcome.
 type Reply = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 
-/// One group on its way from the leader to the log writer: the frames to make durable, then
-/// the answers (accepted writers once durable, conflicts once applied), then the writes to
-/// apply to sled.
+/// One group on its way from the leader to the log writer: the writes and audit events to
+/// make durable (the log writer links the events into the chain and writes one frame for all
+/// the jobs it syncs at once), then the answers (accepted writers once durable, conflicts
+/// once applied), then the writes to apply to sled.
 struct SyncJob {
     /// Leader-assigned number of the group (keys of `pending` written by it carry it).
     id: u64,
-    frames: Vec<u8>,
-    /// The applied batches' writes, in order, then their audit event blocks and the chain
-    /// head (empty if no batch held).
+    /// The accepted batches' writes, in order (empty if no batch held).
     ops: Arc<Vec<Op>>,
-    /// How many of `ops` are the batches' own writes (the pending writes).
-    batch_ops: usize,
+    /// The accepted batches' audit event bodies, in order, not yet linked.
+    events: Vec<Vec<u8>>,
     /// Sequence number of the job's last frame (0: none).
     last_seq: u64,
     replies: Vec<(Reply, Result<(), StoreError>)>,
@@ -336,8 +337,8 @@ impl SyncJob {
 
 /// What the log writer hands the applier, in log order.
 enum Durable {
-    /// Jobs whose frames are durable.
-    Group(Vec<SyncJob>),
+    /// Jobs whose frame is durable, and the frame's event blocks and chain head.
+    Group(Vec<SyncJob>, Vec<Op>),
     /// Log file `n` holds nothing that is not applied once the groups before this are.
     Checkpoint(u64),
 }
@@ -506,8 +507,9 @@ impl SledStore {
         if last > applied {
             tracing::info!(batches = last - applied, "replayed the write-ahead log");
         }
-        // The head is logged once per group, with its last batch: if a crash tore a group's
-        // frames, the replayed events may run past the stored head. Move it to the last event.
+        // The head is written after its group's events (and logs of earlier versions hold one
+        // frame per job of a group): if a crash left events past the stored head, move the
+        // head to the last event.
         if let Some((_, value)) = trees[Keyspace::Audit as usize].last().map_err(io)? {
             let stored = trees[Keyspace::Meta as usize]
                 .get(audit::META_HEAD)
@@ -573,7 +575,7 @@ impl SledStore {
         let log = LogFile::new(file, no);
         let writer = std::thread::Builder::new()
             .name("kluis-log".into())
-            .spawn(move || writer_shared.write_log(jobs, log))
+            .spawn(move || writer_shared.write_log(jobs, log, head))
             .map_err(io)?;
         Ok(SledStore {
             inner: Arc::new(SledInner {
@@ -581,7 +583,6 @@ impl SledStore {
                 queue: Mutex::new(Vec::new()),
                 leader: Mutex::new(Leader {
                     next_seq: last + 1,
-                    head,
                     job_id: 0,
                     to_writer: Some(to_writer),
                 }),
@@ -688,12 +689,11 @@ fn lead(inner: &Arc<SledInner>) {
             };
             let Leader {
                 next_seq,
-                head,
                 job_id,
                 to_writer,
             } = &mut *state;
             *job_id += 1;
-            let job = shared.accept(*job_id, next_seq, head, group);
+            let job = shared.accept(*job_id, next_seq, group);
             let sent = match to_writer {
                 Some(tx) => tx.send(job).map_err(|e| e.0),
                 None => Err(job),
@@ -721,20 +721,13 @@ impl Shared {
         }
     }
 
-    /// Checks a group's batches in order and encodes the frames of those that hold; their
+    /// Checks a group's batches in order and gives each that holds its sequence number; their
     /// writes become pending (seen by the conditions of later batches) until applied.
-    fn accept(
-        &self,
-        id: u64,
-        next_seq: &mut u64,
-        head: &mut audit::Head,
-        group: Vec<Pending>,
-    ) -> SyncJob {
+    fn accept(&self, id: u64, next_seq: &mut u64, group: Vec<Pending>) -> SyncJob {
         let mut job = SyncJob {
             id,
-            frames: Vec::new(),
             ops: Arc::new(Vec::new()),
-            batch_ops: 0,
+            events: Vec::new(),
             last_seq: 0,
             replies: Vec::with_capacity(group.len()),
             events_only: group
@@ -748,8 +741,6 @@ impl Shared {
                 .collect();
             return job;
         }
-        let now = audit::now_ms();
-        let head_before = *head;
         let mut ops: Vec<Op> = Vec::new();
         // Each accepted batch's sequence number.
         let mut accepted: Vec<u64> = Vec::new();
@@ -757,7 +748,6 @@ impl Shared {
         let mut mine: std::collections::HashMap<(Keyspace, Vec<u8>), usize> =
             std::collections::HashMap::new();
         let mut pending = self.pending.lock();
-        let mut events = audit::EventBlocks::default();
         let batches = group.len();
         for (n, p) in group.into_iter().enumerate() {
             let holds = p
@@ -794,7 +784,7 @@ impl Shared {
                 Err(e) => job.replies.push((p.reply, Err(e))),
                 Ok(false) => job.replies.push((p.reply, Err(StoreError::Conflict))),
                 Ok(true) => {
-                    events.link(head, now, &p.batch.events);
+                    job.events.extend(p.batch.events);
                     let start = ops.len();
                     ops.extend(p.batch.ops);
                     // Only later batches of this group look here.
@@ -810,29 +800,11 @@ impl Shared {
                 }
             }
         }
-        // The group's events in blocks, then the head: no batch conditions on them (they
-        // are new keys, and the head is the leader's; `Batch::expect`), so they are not
-        // pending writes.
-        let batch_ops = ops.len();
-        events.into_ops(&mut ops);
-        if *head != head_before {
-            ops.push(Op::Put(
-                Keyspace::Meta,
-                audit::META_HEAD.to_vec(),
-                head.encode(),
-            ));
-        }
-        // One frame for the group: its batches and events are durable, replayed or lost
-        // together (a block holds the events of several batches).
-        if let Some(&last) = accepted.last() {
-            wal::encode_frame(&mut job.frames, last, &ops);
-        }
         let ops = Arc::new(ops);
-        for (i, op) in ops[..batch_ops].iter().enumerate() {
+        for (i, op) in ops.iter().enumerate() {
             let (ks, key) = op_key(op);
             pending.insert((ks, key.to_vec()), (id, Arc::clone(&ops), i));
         }
-        job.batch_ops = batch_ops;
         job.last_seq = accepted.last().copied().unwrap_or(0);
         job.ops = ops;
         job
@@ -840,11 +812,11 @@ impl Shared {
 
     /// Drops a job's pending writes (those no later job overwrote).
     fn forget(&self, job: &SyncJob) {
-        if job.batch_ops == 0 {
+        if job.ops.is_empty() {
             return;
         }
         let mut pending = self.pending.lock();
-        for op in &job.ops[..job.batch_ops] {
+        for op in job.ops.iter() {
             let (ks, key) = op_key(op);
             let slot = (ks, key.to_vec());
             if pending.get(&slot).is_some_and(|(id, _, _)| *id == job.id) {
@@ -853,10 +825,20 @@ impl Shared {
         }
     }
 
-    /// The log writer: appends the frames of every job queued so far, syncs once, and hands
-    /// the jobs to the applier (which applies them to sled and answers their writers); starts
-    /// a new log file every `CHECKPOINT_BYTES` (the applier checkpoints the old one).
-    fn write_log(self: Arc<Self>, jobs: std::sync::mpsc::Receiver<SyncJob>, mut log: LogFile) {
+    /// The log writer: takes every job queued so far, links their audit events into the chain
+    /// after `head` (in blocks), appends one frame with the jobs' writes, the blocks and the
+    /// new head, syncs once, answers the accepted writers and hands the group to the applier
+    /// (which applies it to sled and answers conflicts); starts a new log file every
+    /// `CHECKPOINT_BYTES` (the applier checkpoints the old one).
+    ///
+    /// Linking here rather than in the leader makes one event block (one sled insert) per
+    /// sync instead of one per job: the audit event of a read is a job of its own.
+    fn write_log(
+        self: Arc<Self>,
+        jobs: std::sync::mpsc::Receiver<SyncJob>,
+        mut log: LogFile,
+        mut head: audit::Head,
+    ) {
         let (to_applier, durable) = std::sync::mpsc::sync_channel::<Durable>(4);
         let applier_shared = Arc::clone(&self);
         let applier = std::thread::Builder::new()
@@ -881,27 +863,48 @@ impl Shared {
             // A group of conflicts and refusals only has nothing to write, but still goes
             // through the applier: answers leave in log order, so a writer that retries after
             // a conflict sees the write it conflicted with.
-            if group.iter().any(|j| !j.frames.is_empty()) {
+            // The group's events in blocks, then the new head: no batch conditions on them
+            // (they are new keys, and the head is this thread's; `Batch::expect`).
+            let mut chain_ops: Vec<Op> = Vec::new();
+            let last_seq = group.iter().map(|j| j.last_seq).max().unwrap_or(0);
+            if last_seq > 0 {
                 if let Err(e) = self.check_poisoned() {
                     // An earlier job failed: nothing of these reached sled; refuse them.
                     self.fail(group, &e.to_string());
                     continue;
                 }
-                let frames_len: usize = group.iter().map(|j| j.frames.len()).sum();
+                let head_before = head;
+                let mut blocks = audit::EventBlocks::default();
+                let now = audit::now_ms();
+                for job in &mut group {
+                    blocks.link(&mut head, now, &std::mem::take(&mut job.events));
+                }
+                blocks.into_ops(&mut chain_ops);
+                if head != head_before {
+                    chain_ops.push(Op::Put(
+                        Keyspace::Meta,
+                        audit::META_HEAD.to_vec(),
+                        head.encode(),
+                    ));
+                }
+                // One frame for the group: its batches and events are durable, replayed or
+                // lost together (a block holds the events of several batches).
+                let mut frame = Vec::new();
+                wal::encode_frame(
+                    &mut frame,
+                    last_seq,
+                    group.iter().flat_map(|j| j.ops.iter()).chain(&chain_ops),
+                );
+                let frames_len = frame.len();
                 let written = (|| {
-                    let mut slices: Vec<std::io::IoSlice<'_>> = group
-                        .iter()
-                        .map(|j| std::io::IoSlice::new(&j.frames))
-                        .collect();
                     #[cfg(test)]
                     if self.fail_next_write.swap(false, Ordering::SeqCst) {
                         use std::io::Write;
-                        let all: Vec<u8> = group.iter().flat_map(|j| j.frames.clone()).collect();
-                        log.file.write_all(&all[..all.len() / 2])?;
+                        log.file.write_all(&frame[..frame.len() / 2])?;
                         return Err(std::io::Error::other("injected log write failure"));
                     }
                     log.reserve(frames_len as u64)?;
-                    write_all_vectored(&mut log.file, &mut slices)?;
+                    write_all_vectored(&mut log.file, &mut [std::io::IoSlice::new(&frame)])?;
                     log.file.sync_data()
                 })();
                 self.flushes.fetch_add(1, Ordering::Relaxed);
@@ -915,6 +918,8 @@ impl Shared {
                         use std::io::Seek;
                         let _ = log.file.seek(std::io::SeekFrom::Start(log.len));
                     }
+                    // The events are not in the chain.
+                    head = head_before;
                     let reason = format!("write-ahead log write or sync failed: {e}");
                     tracing::error!(error = %e, "write-ahead log write failed; the store refuses writes until restart");
                     *self.poisoned.lock() = Some(reason.clone());
@@ -935,8 +940,8 @@ impl Shared {
             }
             // Durable: the applier applies the group to sled and answers its writers while
             // this thread syncs the next one.
-            if let Err(std::sync::mpsc::SendError(Durable::Group(group))) =
-                to_applier.send(Durable::Group(group))
+            if let Err(std::sync::mpsc::SendError(Durable::Group(group, _))) =
+                to_applier.send(Durable::Group(group, chain_ops))
             {
                 let reason = "the apply thread stopped".to_string();
                 *self.poisoned.lock() = Some(reason.clone());
@@ -967,7 +972,7 @@ impl Shared {
         let mut broken: Option<String> = None;
         while let Ok(next) = durable.recv() {
             match next {
-                Durable::Group(group) => {
+                Durable::Group(group, chain_ops) => {
                     if let Some(reason) = &broken {
                         self.fail(group, reason);
                         continue;
@@ -976,7 +981,7 @@ impl Shared {
                     drop(self.apply_gate.lock());
                     let applied = {
                         let _apply = self.apply.write();
-                        apply_group(&self.trees, &group)
+                        apply_group(&self.trees, &group, &chain_ops)
                     };
                     match applied {
                         Ok(()) => {
@@ -1062,26 +1067,17 @@ fn write_all_vectored(
     Ok(())
 }
 
-/// Applies a durable group's jobs to sled in log order, then records the last batch applied
-/// once for the group. Of the chain heads the jobs write (each job with audit events writes
-/// one, as its last op), only the group's last is inserted: the others are overwritten in
-/// the same pass, and no reader waiting for this group (`SledStore::visible`) looks before
-/// it is whole. After a crash in between, the replay from `WAL_APPLIED` redoes every job of
-/// the group, and `open` moves a head that lags the stored events up to the last one. (For
-/// the audit events of reads, one job per read, this is a third of the inserts.)
-fn apply_group(trees: &[sled::Tree; 5], group: &[SyncJob]) -> Result<(), StoreError> {
-    let is_head =
-        |op: &Op| matches!(op, Op::Put(Keyspace::Meta, key, _) if key == audit::META_HEAD);
-    let last_head = group
-        .iter()
-        .rposition(|job| job.ops.last().is_some_and(is_head));
-    for (i, job) in group.iter().enumerate() {
-        let ops = match job.ops.split_last() {
-            Some((last, earlier)) if is_head(last) && Some(i) != last_head => earlier,
-            _ => &job.ops[..],
-        };
-        insert_ops(trees, ops)?;
+/// Applies a durable group to sled in log order: its jobs' writes, then its event blocks and
+/// chain head (`chain_ops`), then records the group's last batch as applied.
+fn apply_group(
+    trees: &[sled::Tree; 5],
+    group: &[SyncJob],
+    chain_ops: &[Op],
+) -> Result<(), StoreError> {
+    for job in group {
+        insert_ops(trees, &job.ops)?;
     }
+    insert_ops(trees, chain_ops)?;
     let last = group.iter().map(|job| job.last_seq).max().unwrap_or(0);
     if last > 0 {
         trees[Keyspace::Meta as usize]
