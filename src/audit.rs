@@ -17,12 +17,12 @@
 //! meta/audit/checkpoint-last   → seq of the newest checkpoint
 //! ```
 //!
-//! The store's commit leader assigns sequence numbers and times (never decreasing) and links
+//! The store's log writer assigns sequence numbers and times (never decreasing) and links
 //! each event to the head, inside the batch's atomic write ([`EventBlocks`]), so the chain is
-//! total and gap-free however many writers there are. The events of one commit group are
-//! stored in blocks, one key per ~16 KiB of events: one sled insert per group instead of one
-//! per event (an insert costs ~15 µs; an audited read writes one event). The head lives in the store, not in
-//! process memory, so several instances over one database extend one chain.
+//! total and gap-free however many writers there are. The events of one log sync are stored
+//! in blocks, one key per ~16 KiB of events: one sled insert per sync instead of one per event
+//! (an insert costs ~15 µs; an audited read writes one event). The head lives in the store,
+//! not in process memory, so several instances over one database extend one chain.
 //!
 //! Tamper evidence: changing, deleting or reordering an event breaks the chain at that event
 //! ([`verify`] names it). Rewriting the whole chain consistently is caught by the signed
@@ -327,7 +327,7 @@ pub fn link(prev: &[u8; 32], seq: u64, time_ms: i64, body: &[u8]) -> [u8; 32] {
     ])
 }
 
-/// Events linked into the chain and not yet stored: the store's commit leader links the
+/// Events linked into the chain and not yet stored: the store's log writer links the
 /// events of a group's batches ([`EventBlocks::link`]) and writes them as blocks
 /// ([`EventBlocks::into_ops`]) in the group's atomic write.
 #[derive(Default)]
@@ -338,7 +338,7 @@ pub struct EventBlocks {
 
 impl EventBlocks {
     /// Appends `bodies` to the chain after `head` at `now_ms` and advances `head`. The store
-    /// writes the new head (`META_HEAD`) once per group, after its events.
+    /// writes the new head (`META_HEAD`) once per log sync, after its events.
     pub fn link(&mut self, head: &mut Head, now_ms: i64, bodies: &[Vec<u8>]) {
         for body in bodies {
             let seq = head.seq + 1;
