@@ -904,7 +904,7 @@ impl Shared {
                         return Err(std::io::Error::other("injected log write failure"));
                     }
                     log.reserve(frames_len as u64)?;
-                    write_all_vectored(&mut log.file, &mut [std::io::IoSlice::new(&frame)])?;
+                    std::io::Write::write_all(&mut log.file, &frame)?;
                     log.file.sync_data()
                 })();
                 self.flushes.fetch_add(1, Ordering::Relaxed);
@@ -1048,23 +1048,6 @@ fn op_key(op: &Op) -> (Keyspace, &[u8]) {
     match op {
         Op::Put(ks, key, _) | Op::Delete(ks, key) => (*ks, key.as_slice()),
     }
-}
-
-/// Writes every slice, retrying on short writes.
-fn write_all_vectored(
-    file: &mut std::fs::File,
-    mut slices: &mut [std::io::IoSlice<'_>],
-) -> std::io::Result<()> {
-    use std::io::Write;
-    while !slices.is_empty() {
-        match file.write_vectored(slices) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => std::io::IoSlice::advance_slices(&mut slices, n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Applies a durable group to sled in log order: its jobs' writes, then its event blocks and
