@@ -22,7 +22,8 @@
 //! back, spread round-robin over `KLUIS_LOAD_CHANNELS` (default 4) HTTP/2 connections per
 //! target. Window: `KLUIS_LOAD_SECS` seconds per scenario in all (default 5), split over the
 //! rounds, each window after a 0.2 s warm-up. Before the rounds, creates run for 1.5 s to make
-//! the records that (d) and (f) read.
+//! the records that (d) and (f) read. `KLUIS_LOAD_ONLY` (letters, e.g. `d`) runs only those
+//! scenarios, to profile one of them; the ratios are then left out.
 //!
 //! Run with `cargo bench --bench load`. Without `--bench` on the command line (e.g. under
 //! `cargo test --all-targets`) it runs a short smoke pass (one round of 0.2 s windows) instead.
