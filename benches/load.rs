@@ -759,6 +759,8 @@ async fn run() -> Result<(), BoxError> {
     let mut totals: Vec<ScenarioResult> = Vec::new();
     let mut per_round: Vec<[f64; 4]> = Vec::new();
     let (mut group_flushes, mut per_write_flushes) = (0, 0);
+    // Ratios need all six scenarios (`KLUIS_LOAD_ONLY` may leave some out).
+    let ratios_run = cfg.only.is_none();
     for round in 0..cfg.rounds {
         let mut this_round = Vec::new();
         for (i, (name, addr, op)) in scenarios.iter().enumerate() {
@@ -793,7 +795,7 @@ async fn run() -> Result<(), BoxError> {
             }
             this_round.push(r);
         }
-        if cfg.only.is_none() {
+        if ratios_run {
             per_round.push(ratios(&this_round));
         }
         if totals.is_empty() {
@@ -809,7 +811,6 @@ async fn run() -> Result<(), BoxError> {
         print_row(r);
     }
     println!();
-    let ratios_run = cfg.only.is_none();
     if ratios_run {
         flush_line("(c) group commit", group_flushes, totals[2].created.len());
         flush_line("(e) per-write", per_write_flushes, totals[4].created.len());

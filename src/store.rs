@@ -742,8 +742,6 @@ impl Shared {
             return job;
         }
         let mut ops: Vec<Op> = Vec::new();
-        // Each accepted batch's sequence number.
-        let mut accepted: Vec<u64> = Vec::new();
         // This group's writes so far, by key: the index of the last write in `ops`.
         let mut mine: std::collections::HashMap<(Keyspace, Vec<u8>), usize> =
             std::collections::HashMap::new();
@@ -794,7 +792,7 @@ impl Shared {
                             mine.insert((ks, key.to_vec()), i);
                         }
                     }
-                    accepted.push(*next_seq);
+                    job.last_seq = *next_seq;
                     *next_seq += 1;
                     job.replies.push((p.reply, Ok(())));
                 }
@@ -805,7 +803,6 @@ impl Shared {
             let (ks, key) = op_key(op);
             pending.insert((ks, key.to_vec()), (id, Arc::clone(&ops), i));
         }
-        job.last_seq = accepted.last().copied().unwrap_or(0);
         job.ops = ops;
         job
     }
