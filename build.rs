@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "kluis.v1.GetRecordResponse",
             "kluis.v1.UpdateRecordRequest",
             "kluis.v1.FindRecordsRequest",
+            "kluis.v1.ExportRecordResponse",
         ])
         .compile_fds(fds)?;
     Ok(())
