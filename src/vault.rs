@@ -554,9 +554,26 @@ impl<S: Store> Vault<S> {
                 continue;
             };
             // Restricted records, and records this purpose may not be used for, are left out.
+            // The index keyspace is not MACed: a hit counts only if the record's MACed header
+            // holds the same tag for the field, so an entry planted or left behind in the
+            // store cannot make a search return another person's record.
             match self.load(id).await {
-                Ok((_, body)) if self.check_processing(id, &body, purpose).is_ok() => out.push(id),
-                Ok(_) | Err(VaultError::NotFound(_)) => {}
+                Ok((_, body)) => {
+                    let tagged = body
+                        .fields
+                        .get(&def.name)
+                        .is_some_and(|entry| crypto::ct_eq(&entry.index_tag, &tag));
+                    if !tagged {
+                        tracing::warn!(
+                            record_id = %id,
+                            field = %def.name,
+                            "a blind-index entry does not match the record's header; left out"
+                        );
+                    } else if self.check_processing(id, &body, purpose).is_ok() {
+                        out.push(id);
+                    }
+                }
+                Err(VaultError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
         }

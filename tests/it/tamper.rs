@@ -143,6 +143,65 @@ async fn ciphertext_swapped_between_records_is_data_loss() {
     );
 }
 
+/// The blind index is not MACed, but a hit counts only if the record's MACed header holds the
+/// searched tag: an index entry planted in the store (pointing a search for one person at
+/// another person's record) is left out of FindRecords.
+#[tokio::test]
+async fn a_planted_index_entry_does_not_make_a_search_return_another_record() {
+    let mut vault = spawn_vault().await;
+    let a = create(&vault, "a@example.nl").await;
+    let b = create(&vault, "b@example.nl").await;
+    vault.stop().await;
+    {
+        let store = SledStore::open(&data_dir(&vault.dir)).expect("open store");
+        let a_id = uuid::Uuid::parse_str(&a).expect("uuid");
+        let b_id = uuid::Uuid::parse_str(&b).expect("uuid");
+        let entries = store
+            .scan(Keyspace::Index, b"email\0", None, 100)
+            .await
+            .expect("scan index");
+        let (a_key, _) = entries
+            .into_iter()
+            .find(|(k, _)| k.ends_with(a_id.as_bytes()))
+            .expect("a's email index entry");
+        // The same tag (a's address), pointing at b.
+        let mut planted = a_key[..a_key.len() - 16].to_vec();
+        planted.extend_from_slice(b_id.as_bytes());
+        let mut batch = Batch::default();
+        batch.put(Keyspace::Index, planted, Vec::new());
+        store.commit(batch).await.expect("plant");
+    }
+    vault.start().await.expect("restart");
+    let mut c = vault.client("recruiter").await;
+    let found = c
+        .find_records(kluis::proto::FindRecordsRequest {
+            purpose: "recruitment".into(),
+            field_name: "email".into(),
+            value: "a@example.nl".into(),
+        })
+        .await
+        .expect("find")
+        .into_inner()
+        .record_ids;
+    assert_eq!(
+        found,
+        vec![a.clone()],
+        "only the record whose header holds the tag"
+    );
+    // b is still found by its own address.
+    let found = c
+        .find_records(kluis::proto::FindRecordsRequest {
+            purpose: "recruitment".into(),
+            field_name: "email".into(),
+            value: "b@example.nl".into(),
+        })
+        .await
+        .expect("find")
+        .into_inner()
+        .record_ids;
+    assert_eq!(found, vec![b]);
+}
+
 #[tokio::test]
 async fn headers_swapped_or_rolled_back_are_data_loss() {
     let mut vault = spawn_vault().await;
