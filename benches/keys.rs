@@ -340,7 +340,7 @@ async fn run_job(
     perf_control("enable");
     let cpu = CpuWindow::start();
     let t0 = Instant::now();
-    let mut rx = jobs.start(kind, scope, "bench").await?;
+    let mut rx = jobs.start(kind, scope, "bench", Vec::new()).await?;
     let start_call = t0.elapsed();
     let mut pages_done = None;
     let mut updates = 0;

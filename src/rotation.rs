@@ -798,17 +798,23 @@ impl<S: Store> Jobs<S> {
     /// and returns its progress. A job of another kind or scope still running is a
     /// FAILED_PRECONDITION. A stored job left unfinished (crash, restart, failure) is resumed
     /// when it covers the request.
+    ///
+    /// `events` (audit event bodies of the request) are written before the job runs: with a
+    /// new job's state in one batch, otherwise on their own. If they cannot be written,
+    /// nothing starts (fail closed) and the error is returned.
     pub async fn start(
         &self,
         kind: JobKind,
         scope: Option<Category>,
         requested_by: &str,
+        events: Vec<Vec<u8>>,
     ) -> Result<watch::Receiver<Progress>, VaultError> {
         let mut active = self.active.lock().await;
         if let Some(a) = active.as_ref() {
             if !a.task.is_finished() {
                 let covers = a.kind == kind && (a.scope.is_none() || a.scope == scope);
                 if covers {
+                    self.write_events(events).await?;
                     return Ok(a.progress.clone());
                 }
                 return Err(VaultError::FailedPrecondition(format!(
@@ -829,6 +835,7 @@ impl<S: Store> Jobs<S> {
                         || job.category.as_deref() == scope.map(Category::as_str)) =>
             {
                 job.error = None;
+                self.write_events(events).await?;
                 job
             }
             previous => {
@@ -859,6 +866,9 @@ impl<S: Store> Jobs<S> {
                     tracing::warn!(job = %p.id, kind = p.kind.as_str(), "an unfinished key job is replaced by a new one");
                 }
                 batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
+                for event in events {
+                    batch.append_event(event);
+                }
                 self.vault
                     .store()
                     .commit(batch)
@@ -875,6 +885,19 @@ impl<S: Store> Jobs<S> {
         };
         let progress = self.spawn(job, &mut active);
         Ok(progress)
+    }
+
+    /// Writes `events` in a batch of their own (nothing to write: nothing done).
+    async fn write_events(&self, events: Vec<Vec<u8>>) -> Result<(), VaultError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Batch::default();
+        for event in events {
+            batch.append_event(event);
+        }
+        self.vault.store().commit(batch).await?;
+        Ok(())
     }
 
     /// Resumes a stored job left unfinished (at start-up). Returns whether one was resumed.
@@ -944,8 +967,8 @@ impl<S: Store> Jobs<S> {
 
 /// One check of the rotation schedule for `category`: rotates its KEK if the active version
 /// is older than `age` (audited as [`SCHEDULE_PRINCIPAL`], in the rotation's own batch), and
-/// starts a rewrap of the category while records still need one (unless another job runs;
-/// the next check tries again).
+/// starts a rewrap of the category while records still need one (audited likewise, with the
+/// job's start; unless another job runs: the next check tries again).
 pub async fn scheduled<S: Store>(
     jobs: &Jobs<S>,
     category: Category,
@@ -982,8 +1005,15 @@ pub async fn scheduled<S: Store>(
         }
     }
     if count_needing(vault, JobKind::Rewrap, Some(category), vault::now_ms()).await? > 0 {
+        let mut events = Vec::new();
+        if vault.auditing() {
+            let mut draft = audit::Draft::new("Rewrap", SCHEDULE_PRINCIPAL, SYSTEM_ROLE);
+            draft.field_names = vec![category.as_str().to_string()];
+            draft.outcome = audit::Outcome::Ok.as_str().into();
+            events.push(draft.encode());
+        }
         match jobs
-            .start(JobKind::Rewrap, Some(category), SCHEDULE_PRINCIPAL)
+            .start(JobKind::Rewrap, Some(category), SCHEDULE_PRINCIPAL, events)
             .await
         {
             Ok(_) | Err(VaultError::FailedPrecondition(_)) => {}
@@ -1057,7 +1087,7 @@ mod tests {
         // A rewrap run by B moves A's old record too; counts agree from both sides.
         let jobs = Jobs::new(Arc::new(b));
         let mut rx = jobs
-            .start(JobKind::Rewrap, None, "test")
+            .start(JobKind::Rewrap, None, "test", Vec::new())
             .await
             .expect("start");
         while !rx.borrow_and_update().finished {
@@ -1072,6 +1102,39 @@ mod tests {
         a.get(&caller("payroll"), &id, "payroll", &[])
             .await
             .expect("A reads its rewrapped record");
+    }
+
+    #[tokio::test]
+    async fn a_job_whose_event_cannot_be_written_does_not_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        {
+            let store = SledStore::open(dir.path()).expect("open");
+            let vault = Arc::new(vault_over(store.clone(), &master).await);
+            create(&vault, "111222333").await;
+            vault
+                .keys()
+                .rotate(vault.store(), &[Category::Identity], vec![])
+                .await
+                .expect("rotate");
+            let jobs = Jobs::new(vault);
+            store.fail_next_log_write();
+            let event = audit::Draft::new("Rewrap", "test", "security_officer").encode();
+            assert!(jobs
+                .start(JobKind::Rewrap, None, "test", vec![event])
+                .await
+                .is_err());
+            assert!(jobs.active.lock().await.is_none(), "no job runs");
+        }
+        // Nothing of it is stored: no job to resume, no event, the record still under v1.
+        let store = SledStore::open(dir.path()).expect("reopen");
+        assert!(stored_job(&store).await.expect("job").is_none());
+        let head = audit::Head::load(&store).await.expect("head");
+        assert_eq!(head.seq, 1, "the create's event alone");
+        let vault = Arc::new(vault_over(store, &master).await);
+        let counts = version_counts(&vault).await.expect("counts");
+        assert_eq!(counts[&(Category::Identity, 1)], 1);
+        assert!(!Jobs::new(vault).resume().await.expect("resume"));
     }
 
     #[tokio::test]

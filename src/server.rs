@@ -185,8 +185,9 @@ fn spawn_checkpointer(
 }
 
 /// Rotates each scheduled category's KEK once it is older than its `rotate_after_days`, then
-/// rewraps the category; checks every `schedule_check`. Each rotation is an audit event of
-/// [`crate::rotation::SCHEDULE_PRINCIPAL`], committed with the new key, and a log line.
+/// rewraps the category; checks every `schedule_check`. Each rotation, and each rewrap it
+/// asks for, is an audit event of [`crate::rotation::SCHEDULE_PRINCIPAL`], committed with the
+/// new key or the job's start, and a log line.
 fn spawn_key_schedule(
     jobs: Arc<Jobs<SledStore>>,
     settings: crate::config::KeySettings,

@@ -435,6 +435,15 @@ impl SledStore {
         }
     }
 
+    /// Makes the next log write fail (tests of failing closed elsewhere in the crate).
+    #[cfg(test)]
+    pub(crate) fn fail_next_log_write(&self) {
+        self.inner
+            .shared
+            .fail_next_write
+            .store(true, Ordering::SeqCst);
+    }
+
     /// Opens (creating if needed) a sled store in `dir`, with group commit.
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
         SledStore::open_with(dir, Durability::GroupCommit)

@@ -165,11 +165,20 @@ impl<S: Store> KeysService<S> {
             )?;
             let scope = parse_category(&category, empty_ok)?;
             ev.draft.field_names = scope_names(scope);
+            // The event goes with the job's start (fail closed: no event, no job).
+            let vault = self.jobs.vault();
+            let mut events = Vec::new();
+            if vault.auditing() {
+                let mut draft = ev.draft.clone();
+                draft.outcome = audit::Outcome::Ok.as_str().into();
+                events.push(draft.encode());
+            }
             let rx = self
                 .jobs
-                .start(kind, scope, &caller.principal)
+                .start(kind, scope, &caller.principal, events)
                 .await
                 .map_err(status::from_vault)?;
+            ev.written = vault.auditing();
             Ok(progress_stream(rx))
         }
         .await;
