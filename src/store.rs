@@ -498,14 +498,27 @@ impl SledStore {
             .map_or(0, u64::from_be_bytes);
         let files = wal::list(&wal_dir).map_err(io)?;
         let mut last = applied;
-        for (i, (_, path)) in files.iter().enumerate() {
+        // A log that ends in a torn frame (`path`, byte): only a later frame of a batch not
+        // yet applied makes it damage.
+        let mut torn: Option<(&Path, usize)> = None;
+        for (_, path) in &files {
             let bytes = std::fs::read(path).map_err(io)?;
-            let (frames, clean) = wal::decode_frames(&bytes);
-            if !clean && i + 1 != files.len() {
+            let (frames, end) = wal::decode_frames(&bytes, last);
+            let damaged = match end {
+                wal::LogEnd::Corrupt { at } => Some((path.as_path(), at)),
+                _ => torn.filter(|_| frames.iter().any(|f| f.seq > last)),
+            };
+            if let Some((path, at)) = damaged {
                 return Err(StoreError::Io(format!(
-                    "write-ahead log {} is corrupt before its end",
+                    "write-ahead log {} is damaged at byte {at}: valid frames of later \
+                     acknowledged writes follow it, so it is not a write torn by a crash; \
+                     restore the data directory from a backup",
                     path.display()
                 )));
+            }
+            if let wal::LogEnd::Torn { at } = end {
+                tracing::warn!(file = %path.display(), at, "the write-ahead log ends in a torn frame (a write cut short by a crash, never acknowledged); replaying the frames before it");
+                torn = Some((path.as_path(), at));
             }
             for frame in frames.into_iter().filter(|f| f.seq > applied) {
                 // Logged frames hold their events already linked (as plain writes).
@@ -1261,7 +1274,7 @@ mod tests {
         // Durable: both frames are in the log already.
         let log = std::fs::read(wal::list(&wal::dir(dir.path())).expect("logs")[0].1.clone())
             .expect("log");
-        assert_eq!(wal::decode_frames(&log).0.len(), 3);
+        assert_eq!(wal::decode_frames(&log, 0).0.len(), 3);
         let spawn_get = |ks: Keyspace, key: &'static [u8]| {
             let store = store.clone();
             tokio::spawn(async move { store.get(ks, key).await })
@@ -1292,6 +1305,68 @@ mod tests {
             conflicting.await.expect("task"),
             Err(StoreError::Conflict)
         ));
+    }
+
+    /// Writes log file `no` of the store in `dir` by hand: frames of batches 1..=n, each
+    /// putting `k<seq>`, and returns it with where each frame starts.
+    fn hand_written_log(dir: &Path, no: u64, n: u64) -> (Vec<u8>, Vec<usize>) {
+        let mut log = Vec::new();
+        let mut starts = Vec::new();
+        for seq in 1..=n {
+            starts.push(log.len());
+            let op = Op::Put(Keyspace::Records, format!("k{seq}").into_bytes(), vec![1]);
+            wal::encode_frame(&mut log, seq, [&op]);
+        }
+        std::fs::write(wal::file_path(&wal::dir(dir), no), &log).expect("write log");
+        (log, starts)
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_frame_is_dropped_even_if_a_newer_empty_log_follows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(SledStore::open(dir.path()).expect("create"));
+        // A crash tore the write of batch 3; a start-up then created the next (empty) log
+        // file and crashed again before it removed this one.
+        let (log, starts) = hand_written_log(dir.path(), 100, 3);
+        let torn = &log[..starts[2] + 10];
+        std::fs::write(wal::file_path(&wal::dir(dir.path()), 100), torn).expect("tear");
+        std::fs::write(wal::file_path(&wal::dir(dir.path()), 101), b"").expect("empty log");
+        let store = SledStore::open(dir.path()).expect("opens");
+        for (key, present) in [(&b"k1"[..], true), (b"k2", true), (b"k3", false)] {
+            let got = store.get(Keyspace::Records, key).await.expect("get");
+            assert_eq!(got.is_some(), present, "{}", String::from_utf8_lossy(key));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_damaged_frame_before_acknowledged_ones_refuses_to_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(SledStore::open(dir.path()).expect("create"));
+        // Batch 2's frame is damaged; batch 3 after it was acknowledged (it was written only
+        // after 2 was synced): dropping 2 and 3 as a torn tail would lose it.
+        let (mut log, starts) = hand_written_log(dir.path(), 100, 3);
+        log[starts[1] + wal::FRAME_HEADER + 3] ^= 0x40;
+        std::fs::write(wal::file_path(&wal::dir(dir.path()), 100), &log).expect("damage");
+        let err = SledStore::open(dir.path()).err().expect("refused");
+        assert!(
+            err.to_string().contains("damaged at byte") && err.to_string().contains("100.wal"),
+            "{err}"
+        );
+        // The same damage in the last file's last frame is a torn write: it opens.
+        let (mut log, starts) = hand_written_log(dir.path(), 100, 3);
+        log[starts[2] + wal::FRAME_HEADER + 3] ^= 0x40;
+        std::fs::write(wal::file_path(&wal::dir(dir.path()), 100), &log).expect("damage");
+        let store = SledStore::open(dir.path()).expect("opens");
+        assert!(store
+            .get(Keyspace::Records, b"k2")
+            .await
+            .expect("get")
+            .is_some());
+        assert!(store
+            .get(Keyspace::Records, b"k3")
+            .await
+            .expect("get")
+            .is_none());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1580,7 +1655,8 @@ mod tests {
         assert_eq!(wal::list(&wal::dir(dir.path())).expect("list").len(), 1);
         drop(store);
 
-        // Corruption before the end of a log that is not the last one refuses to open.
+        // A bad frame followed, in a later log file, by a frame of a later batch (so the bad
+        // one was acknowledged, not torn) refuses to open.
         let mut bad = Vec::new();
         wal::encode_frame(
             &mut bad,
@@ -1589,7 +1665,13 @@ mod tests {
         );
         bad[20] ^= 1;
         std::fs::write(wal::file_path(&wal::dir(dir.path()), 500), &bad).expect("write");
-        std::fs::write(wal::file_path(&wal::dir(dir.path()), 501), b"").expect("write");
+        let mut later = Vec::new();
+        wal::encode_frame(
+            &mut later,
+            11,
+            &[Op::Put(Keyspace::Records, b"z".to_vec(), b"y".to_vec())],
+        );
+        std::fs::write(wal::file_path(&wal::dir(dir.path()), 501), &later).expect("write");
         assert!(matches!(
             SledStore::open(dir.path()),
             Err(StoreError::Io(_))

@@ -16,8 +16,10 @@
 //! as applied (`store/wal-applied` is written after each group's writes, and sled recovers a
 //! prefix of its own log, so
 //! sled's recovered state says exactly which batches it holds). A frame that is cut short or
-//! fails its CRC ends the last log file (a write torn by the crash: it was never acknowledged);
-//! anywhere else it is corruption and opening fails.
+//! fails its CRC ends the log (a write torn by the crash: each frame is synced before the next
+//! is written, so it was never acknowledged), provided no valid frame of a batch not yet
+//! applied follows it, in that file or a later one. If one does, a frame that was
+//! acknowledged is damaged, and opening fails rather than drop the writes after it.
 
 use std::path::{Path, PathBuf};
 
@@ -87,11 +89,35 @@ pub struct Frame {
     pub ops: Vec<Op>,
 }
 
-/// Decodes frames from the start of `bytes`. Returns the frames and whether the bytes ended
-/// cleanly (`true`: after the last frame, nothing or only zeros, which the log writer puts
-/// ahead of its frames) or in a torn or corrupt frame (`false`).
-pub fn decode_frames(bytes: &[u8]) -> (Vec<Frame>, bool) {
-    let mut frames = Vec::new();
+/// How the bytes of a log file end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogEnd {
+    /// After the last frame: nothing, or only the zeros the log writer puts ahead of frames.
+    Clean,
+    /// In a frame cut short or failing its CRC at byte `at`, with no valid frame of a later
+    /// batch after it in the file: a write torn by a crash.
+    Torn {
+        /// Where the bad frame starts.
+        at: usize,
+    },
+    /// In a bad frame at byte `at`, followed in the file by a valid frame of a later batch:
+    /// an acknowledged frame is damaged.
+    Corrupt {
+        /// Where the bad frame starts.
+        at: usize,
+    },
+}
+
+/// How far past the last known batch a frame found by [`decode_frames`]'s search after a bad
+/// frame may be numbered (random bytes land in the window with probability ~2^-40 per offset).
+const SEQ_WINDOW: u64 = 1 << 24;
+
+/// Decodes frames from the start of `bytes`, and says how the bytes end. `floor` is the
+/// highest batch known before this file (frames at or below it are replayed but need not be):
+/// after a bad frame, the rest of the file is searched for a valid frame numbered above both
+/// `floor` and the last good frame, which makes the end [`LogEnd::Corrupt`].
+pub fn decode_frames(bytes: &[u8], floor: u64) -> (Vec<Frame>, LogEnd) {
+    let mut frames: Vec<Frame> = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
         match decode_frame(&bytes[at..]) {
@@ -100,10 +126,36 @@ pub fn decode_frames(bytes: &[u8]) -> (Vec<Frame>, bool) {
                 at += used;
             }
             // Zeros written ahead of the frames: the clean end of the log.
-            None => return (frames, bytes[at..].iter().all(|&b| b == 0)),
+            None if bytes[at..].iter().all(|&b| b == 0) => break,
+            None => {
+                let last = frames.last().map_or(floor, |f| f.seq.max(floor));
+                let end = if valid_frame_after(bytes, at, last) {
+                    LogEnd::Corrupt { at }
+                } else {
+                    LogEnd::Torn { at }
+                };
+                return (frames, end);
+            }
         }
     }
-    (frames, true)
+    (frames, LogEnd::Clean)
+}
+
+/// Whether a valid frame numbered in `(after, after + SEQ_WINDOW]` starts anywhere in `bytes`
+/// past `from`. Candidates are picked by their sequence number (one comparison per offset);
+/// only those are CRC-checked.
+fn valid_frame_after(bytes: &[u8], from: usize, after: u64) -> bool {
+    let end = bytes.len().saturating_sub(FRAME_HEADER);
+    (from + 1..=end).any(|o| {
+        let seq = u64::from_be_bytes(
+            bytes[o + 8..o + 16]
+                .try_into()
+                .expect("a frame header holds 8 bytes of sequence number"),
+        );
+        seq > after
+            && seq - after <= SEQ_WINDOW
+            && decode_frame(&bytes[o..]).is_some_and(|(frame, _)| frame.seq == seq)
+    })
 }
 
 fn decode_frame(bytes: &[u8]) -> Option<(Frame, usize)> {
@@ -207,8 +259,8 @@ mod tests {
             for (i, ops) in batches.iter().enumerate() {
                 encode_frame(&mut log, i as u64 + 1, ops);
             }
-            let (frames, clean) = decode_frames(&log);
-            prop_assert!(clean);
+            let (frames, end) = decode_frames(&log, 0);
+            prop_assert_eq!(end, LogEnd::Clean);
             prop_assert_eq!(frames.len(), batches.len());
             for (f, ops) in frames.iter().zip(&batches) {
                 prop_assert!(f.ops.len() == ops.len() && f.ops.iter().zip(ops).all(|(a, b)| same(a, b)));
@@ -216,12 +268,16 @@ mod tests {
             // Zeros written ahead of the frames end the log cleanly.
             let mut padded = log.clone();
             padded.resize(log.len() + cut.index(3 * FRAME_HEADER), 0);
-            let (frames, clean) = decode_frames(&padded);
-            prop_assert!(clean);
+            let (frames, end) = decode_frames(&padded, 0);
+            prop_assert_eq!(end, LogEnd::Clean);
             prop_assert_eq!(frames.len(), batches.len());
-            // A torn tail: a strict prefix of frames, never garbage.
+            // A torn tail (zeros after it, as written ahead): a strict prefix of frames, never
+            // garbage, and never taken for damage.
             let cut = cut.index(log.len());
-            let (frames, _) = decode_frames(&log[..cut]);
+            let mut torn = log[..cut].to_vec();
+            torn.resize(log.len() + FRAME_HEADER, 0);
+            let (frames, end) = decode_frames(&torn, 0);
+            prop_assert!(matches!(end, LogEnd::Clean | LogEnd::Torn { .. }), "{:?}", end);
             prop_assert!(frames.len() <= batches.len());
             for (i, f) in frames.iter().enumerate() {
                 prop_assert_eq!(f.seq, i as u64 + 1);
@@ -230,8 +286,28 @@ mod tests {
             let mut bad = log.clone();
             let at = flip.index(bad.len());
             bad[at] ^= 0x10;
-            let (_, clean) = decode_frames(&bad);
-            prop_assert!(!clean);
+            let (frames, end) = decode_frames(&bad, 0);
+            prop_assert_ne!(end, LogEnd::Clean);
+            // ... and damage before the last frame is told apart from a torn tail.
+            let damaged_before_last = frames.len() + 1 < batches.len();
+            prop_assert_eq!(matches!(end, LogEnd::Corrupt { .. }), damaged_before_last);
         }
+    }
+
+    #[test]
+    fn frames_at_or_below_the_floor_after_a_bad_frame_are_not_damage() {
+        let mut log = Vec::new();
+        for seq in 1..=3 {
+            encode_frame(
+                &mut log,
+                seq,
+                &[Op::Delete(Keyspace::Meta, vec![seq as u8])],
+            );
+        }
+        let second = decode_frame(&log).expect("frame").1;
+        log[second + FRAME_HEADER] ^= 0x01;
+        assert_eq!(decode_frames(&log, 0).1, LogEnd::Corrupt { at: second });
+        // Batch 3 is already applied (the floor): losing the frames from 2 on loses nothing.
+        assert_eq!(decode_frames(&log, 3).1, LogEnd::Torn { at: second });
     }
 }
