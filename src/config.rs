@@ -26,6 +26,8 @@ use crate::store::Durability;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// Default largest request, in bytes (room for several 16 MiB documents).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 80 * 1024 * 1024;
+/// The largest `max_request_bytes` accepted.
+pub const MAX_REQUEST_BYTES_LIMIT: usize = 1024 * 1024 * 1024;
 
 /// Configuration failures; each says which file or setting and why.
 #[derive(Debug, thiserror::Error)]
@@ -396,7 +398,15 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         policy,
         tls,
         allow_insecure_listen: file.allow_insecure_listen,
-        max_request_bytes: file.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
+        max_request_bytes: match file.max_request_bytes {
+            None => DEFAULT_MAX_REQUEST_BYTES,
+            Some(n) if (1..=MAX_REQUEST_BYTES_LIMIT).contains(&n) => n,
+            Some(n) => {
+                return Err(ConfigError::Rule(format!(
+                    "max_request_bytes = {n}: must be between 1 and {MAX_REQUEST_BYTES_LIMIT} (1 GiB; a write and its log frame stay far below the log's 4 GiB frame limit)"
+                )))
+            }
+        },
         durability: Durability::GroupCommit,
         audit: AuditSettings {
             enabled: true,
@@ -609,6 +619,25 @@ mod tests {
             .authenticate_token(&out.tokens[0].2)
             .is_some());
         assert!(init(dir.path(), DEFAULT_LISTEN).is_err());
+    }
+
+    #[test]
+    fn max_request_bytes_is_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = init(dir.path(), DEFAULT_LISTEN).expect("init");
+        let config = std::fs::read_to_string(&out.config_path).expect("config");
+        for (value, ok) in [("0", false), ("1048576", true), ("1073741825", false)] {
+            let edited = config.replace(
+                &format!("# max_request_bytes = {DEFAULT_MAX_REQUEST_BYTES}"),
+                &format!("max_request_bytes = {value}"),
+            );
+            assert_ne!(edited, config);
+            std::fs::write(&out.config_path, edited).expect("write");
+            match load(&out.config_path) {
+                Ok(s) => assert!(ok && s.max_request_bytes.to_string() == value, "{value}"),
+                Err(e) => assert!(!ok && e.to_string().contains("max_request_bytes"), "{e}"),
+            }
+        }
     }
 
     #[test]

@@ -154,15 +154,19 @@ impl Batch {
 
     /// Approximate size: keys, values and event bodies.
     pub fn bytes(&self) -> usize {
-        self.ops
-            .iter()
-            .map(|op| match op {
-                Op::Put(_, k, v) => k.len() + v.len(),
-                Op::Delete(_, k) => k.len(),
-            })
-            .sum::<usize>()
-            + self.events.iter().map(Vec::len).sum::<usize>()
+        ops_bytes(&self.ops, &self.events)
     }
+}
+
+/// The bytes of keys, values and event bodies in `ops` and `events`.
+fn ops_bytes(ops: &[Op], events: &[Vec<u8>]) -> usize {
+    ops.iter()
+        .map(|op| match op {
+            Op::Put(_, k, v) => k.len() + v.len(),
+            Op::Delete(_, k) => k.len(),
+        })
+        .sum::<usize>()
+        + events.iter().map(Vec::len).sum::<usize>()
 }
 
 /// Storage failures.
@@ -280,6 +284,9 @@ struct Shared {
     /// Test hook: held by a test to keep the applier from applying.
     #[cfg(test)]
     apply_gate: Mutex<()>,
+    /// Test hook: the apply thread panics at its next group.
+    #[cfg(test)]
+    panic_next_apply: std::sync::atomic::AtomicBool,
 }
 
 /// Accepted, not yet applied writes by key: the job that wrote the key last, and where in
@@ -583,6 +590,8 @@ impl SledStore {
             fail_next_write: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             apply_gate: Mutex::new(()),
+            #[cfg(test)]
+            panic_next_apply: std::sync::atomic::AtomicBool::new(false),
         });
         let head = match shared.trees[Keyspace::Meta as usize]
             .get(audit::META_HEAD)
@@ -871,11 +880,22 @@ impl Shared {
             }
             return;
         };
-        while let Ok(first) = jobs.recv() {
+        // A job left over from the last frame, which it would have made too large.
+        let mut carried: Option<SyncJob> = None;
+        while let Some(first) = carried.take().or_else(|| jobs.recv().ok()) {
+            let mut bytes = ops_bytes(&first.ops, &first.events);
             let mut group = vec![first];
             if self.durability == Durability::GroupCommit {
-                // Groups the leader accepted while the last sync ran share this one.
+                // Groups the leader accepted while the last sync ran share this one, up to
+                // MAX_GROUP_BYTES a frame (frames hold at most 4 GiB; a job alone stays
+                // below, being one leader group).
                 while let Ok(more) = jobs.try_recv() {
+                    let more_bytes = ops_bytes(&more.ops, &more.events);
+                    if bytes + more_bytes > MAX_GROUP_BYTES {
+                        carried = Some(more);
+                        break;
+                    }
+                    bytes += more_bytes;
                     group.push(more);
                 }
             }
@@ -988,6 +1008,19 @@ impl Shared {
     /// The applier: applies durable groups to sled in log order (readers see each job
     /// whole), drops their pending writes, answers their writers; and runs checkpoints.
     fn apply_durable(&self, durable: std::sync::mpsc::Receiver<Durable>) {
+        // Should this thread panic (inside sled, say), readers waiting for it get an error
+        // instead of waiting forever, and the store refuses writes, as after a failed apply.
+        struct OnPanic<'a>(&'a Shared);
+        impl Drop for OnPanic<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    *self.0.poisoned.lock() = Some("the apply thread stopped".into());
+                    self.0.apply_failed.store(true, Ordering::Release);
+                    self.0.applied.send_modify(|_| {});
+                }
+            }
+        }
+        let _on_panic = OnPanic(self);
         let mut broken: Option<String> = None;
         while let Ok(next) = durable.recv() {
             match next {
@@ -998,6 +1031,10 @@ impl Shared {
                     }
                     #[cfg(test)]
                     drop(self.apply_gate.lock());
+                    #[cfg(test)]
+                    if self.panic_next_apply.swap(false, Ordering::SeqCst) {
+                        panic!("injected apply thread panic");
+                    }
                     let applied = {
                         let _apply = self.apply.write();
                         apply_group(&self.trees, &group, &chain_ops)
@@ -1367,6 +1404,39 @@ mod tests {
             .await
             .expect("get")
             .is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn if_the_apply_thread_dies_readers_get_an_error_not_a_wait() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        store
+            .inner
+            .shared
+            .panic_next_apply
+            .store(true, Ordering::SeqCst);
+        let mut b = Batch::default();
+        b.put(Keyspace::Records, b"r".to_vec(), b"1".to_vec());
+        // Durable before it is applied: acknowledged.
+        store.commit(b).await.expect("commit");
+        let ten_s = std::time::Duration::from_secs(10);
+        let read = tokio::time::timeout(ten_s, store.get(Keyspace::Records, b"r"))
+            .await
+            .expect("the reader is not left waiting");
+        assert!(matches!(read, Err(StoreError::Poisoned(_))), "{read:?}");
+        let mut b = Batch::default();
+        b.put(Keyspace::Records, b"later".to_vec(), b"1".to_vec());
+        let later = tokio::time::timeout(ten_s, store.commit(b))
+            .await
+            .expect("the writer is answered");
+        assert!(later.is_err());
+        drop(store);
+        // The log holds the acknowledged write: the next start replays it.
+        let store = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(
+            store.get(Keyspace::Records, b"r").await.expect("get"),
+            Some(b"1".to_vec())
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
