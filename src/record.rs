@@ -334,7 +334,9 @@ impl<'a> WireFields<'a> {
         let start = self.at;
         let rest = &self.buf[start..];
         let (key, key_len) = read_varint(rest)?;
-        let tag = u32::try_from(key >> 3).map_err(|_| HeaderError)?;
+        // As prost: a key above u32::MAX is invalid (not a field with a large tag).
+        let key = u32::try_from(key).map_err(|_| HeaderError)?;
+        let tag = key >> 3;
         let wire_type = (key & 7) as u8;
         if tag == 0 {
             return Err(HeaderError);
