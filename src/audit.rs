@@ -795,6 +795,34 @@ pub async fn checkpoint_if_due(
     }
     let refuse =
         |why: String| StoreError::Io(format!("refusing to sign an audit checkpoint: {why}"));
+    // `checkpoint-last` is an unsigned pointer in the store: a newer checkpoint means it was
+    // rolled back (to re-link a rewritten chain from an old checkpoint), and more events past
+    // it than a sound chain can hold means checkpoints were deleted. Either way the signer
+    // would vouch for events it cannot tell from forged ones.
+    if let Some((key, _)) = store
+        .scan(
+            Keyspace::Meta,
+            META_CHECKPOINT,
+            Some(&checkpoint_key(last)),
+            1,
+        )
+        .await?
+        .first()
+    {
+        let newer = key
+            .get(META_CHECKPOINT.len()..)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map_or(0, u64::from_be_bytes);
+        return Err(refuse(format!(
+            "a checkpoint at event {newer} is newer than the one `audit/checkpoint-last` names (event {last}): the pointer was rolled back"
+        )));
+    }
+    if head.seq - last > max_uncovered {
+        return Err(refuse(format!(
+            "{} events follow the newest checkpoint (event {last}), more than the {max_uncovered} a sound chain holds (checkpoints deleted?)",
+            head.seq - last
+        )));
+    }
     let mut prev = [0u8; 32];
     if last > 0 {
         let cp = store
@@ -808,11 +836,6 @@ pub async fn checkpoint_if_due(
                 ))
             })?;
         prev = cp.hash;
-    } else if head.seq > max_uncovered {
-        return Err(refuse(format!(
-            "{} events but no checkpoint (checkpoints deleted?)",
-            head.seq
-        )));
     }
     let mut expected = last + 1;
     if last > 0 {
@@ -899,13 +922,26 @@ pub struct Verification {
 /// Events read per store scan while verifying or querying.
 const SCAN_PAGE: usize = 4096;
 
+/// Whether events may be appended while [`verify`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyMode {
+    /// A serving vault: events past the head read at the start were appended meanwhile and
+    /// are left for the next check.
+    Live,
+    /// A stopped vault (the offline CLI): nothing is appended, so an event past the stored
+    /// head can only have been put there, or the head moved back, by hand.
+    Offline,
+}
+
 /// Verifies the whole chain: every event's sequence number, hash and link to the one before,
 /// the stored head, every checkpoint's signature (under `public_key`) and hash, and that no
-/// more than `max_uncovered` events follow the newest checkpoint.
+/// more than `max_uncovered` events follow the newest checkpoint. When several things fail,
+/// `first_bad_seq` is the lowest event they name.
 pub async fn verify(
     store: &impl Store,
     public_key: &[u8; 32],
     max_uncovered: u64,
+    mode: VerifyMode,
 ) -> Result<Verification, StoreError> {
     let mut v = Verification {
         ok: true,
@@ -916,7 +952,7 @@ pub async fn verify(
         reason: String::new(),
     };
     let fail = |v: &mut Verification, seq: u64, reason: String| {
-        if v.ok {
+        if v.ok || seq < v.first_bad_seq {
             v.ok = false;
             v.first_bad_seq = seq;
             v.reason = reason;
@@ -942,8 +978,8 @@ pub async fn verify(
                 Some(cp) if cp.seq == key_seq && cp.verify(public_key) => {
                     checkpoints.insert(cp.seq, cp.hash);
                 }
+                // Not trusted, so not compared with the chain either (the events may be fine).
                 _ => {
-                    checkpoints.insert(key_seq, [0xff; 32]);
                     fail(
                         &mut v,
                         key_seq.max(1),
@@ -980,7 +1016,19 @@ pub async fn verify(
         };
         let seq = event_seq(raw).unwrap_or(0);
         if expected > head.seq && seq > head.seq {
-            // Appended after the head was read (a live server): not part of this check.
+            if mode == VerifyMode::Live && head_raw.is_some() {
+                // Appended after the head was read: not part of this check.
+                break;
+            }
+            // No head, or (offline) events past it: the head was removed or moved back.
+            fail(
+                &mut v,
+                expected,
+                format!(
+                    "event {seq} is stored past the chain head (event {}): the head was removed or moved back",
+                    head.seq
+                ),
+            );
             break;
         }
         if seq != expected {
@@ -1047,14 +1095,23 @@ pub async fn verify(
     let last = expected - 1;
     if v.ok {
         if head.seq != last || (last > 0 && head.hash != prev) {
-            fail(
-                &mut v,
-                (last.min(head.seq)) + 1,
-                format!(
-                    "the chain head says event {} but the chain ends at event {last} (events removed from the end?)",
-                    head.seq
-                ),
-            );
+            // The same length but another hash: the last event was rewritten.
+            if head.seq == last {
+                fail(
+                    &mut v,
+                    last,
+                    format!("event {last} does not match the chain head's hash (the last event was rewritten)"),
+                );
+            } else {
+                fail(
+                    &mut v,
+                    last.min(head.seq) + 1,
+                    format!(
+                        "the chain head says event {} but the chain ends at event {last} (events removed from the end?)",
+                        head.seq
+                    ),
+                );
+            }
         } else if let Some((&seq, _)) = checkpoints.range(last + 1..).next() {
             fail(
                 &mut v,
@@ -1403,12 +1460,16 @@ mod tests {
                 .expect("checkpoint")
                 .is_none());
             store.commit(event_batch(5)).await.expect("commit");
-            let v = verify(&store, &pk, 10).await.expect("verify");
+            let v = verify(&store, &pk, 10, VerifyMode::Offline)
+                .await
+                .expect("verify");
             assert!(v.ok, "{v:?}");
             assert_eq!(v.events_checked, 165);
             assert_eq!(v.checkpoints_checked, 1);
             // Fewer than `max_uncovered` may follow the checkpoint.
-            let v = verify(&store, &pk, 4).await.expect("verify");
+            let v = verify(&store, &pk, 4, VerifyMode::Offline)
+                .await
+                .expect("verify");
             assert_eq!((v.ok, v.first_bad_seq), (false, 161), "{v:?}");
             let page = query(&store, &Filter::default(), 150, 3).await.expect("q");
             assert_eq!(
@@ -1425,18 +1486,45 @@ mod tests {
             overwrite_raw_event(&store, 42, Some(changed))
                 .await
                 .expect("tamper");
-            let v = verify(&store, &pk, 10).await.expect("verify");
+            let v = verify(&store, &pk, 10, VerifyMode::Offline)
+                .await
+                .expect("verify");
             assert_eq!((v.ok, v.first_bad_seq), (false, 42), "{v:?}");
+            // A forged checkpoint later on does not hide it: the lowest bad event is named.
+            let cp_raw = store
+                .get(Keyspace::Meta, &checkpoint_key(160))
+                .await
+                .expect("get")
+                .expect("checkpoint");
+            let mut forged = cp_raw.clone();
+            forged[cp_raw.len() - 1] ^= 1;
+            let mut b = Batch::default();
+            b.put(Keyspace::Meta, checkpoint_key(160), forged);
+            store.commit(b).await.expect("forge");
+            let v = verify(&store, &pk, 10, VerifyMode::Offline)
+                .await
+                .expect("verify");
+            assert_eq!((v.ok, v.first_bad_seq), (false, 42), "{v:?}");
+            let mut b = Batch::default();
+            b.put(Keyspace::Meta, checkpoint_key(160), cp_raw);
+            store.commit(b).await.expect("restore");
             // Put it back: whole again.
             overwrite_raw_event(&store, 42, Some(raw))
                 .await
                 .expect("restore");
-            assert!(verify(&store, &pk, 10).await.expect("verify").ok);
+            assert!(
+                verify(&store, &pk, 10, VerifyMode::Offline)
+                    .await
+                    .expect("verify")
+                    .ok
+            );
         }
         // The chain and head survive a reopen (log replay or sled), and keep growing.
         let store = SledStore::open(&dir.path().join("data")).expect("reopen");
         store.commit(event_batch(1)).await.expect("commit");
-        let v = verify(&store, &pk, 10).await.expect("verify");
+        let v = verify(&store, &pk, 10, VerifyMode::Offline)
+            .await
+            .expect("verify");
         assert!(v.ok, "{v:?}");
         assert_eq!(v.events_checked, 166);
         // Rewriting the chain consistently from event 10 on is caught by the checkpoint.
@@ -1476,10 +1564,113 @@ mod tests {
         }
         b.put(Keyspace::Meta, META_HEAD.to_vec(), head.encode());
         store.commit(b).await.expect("rewrite");
-        let v = verify(&store, &pk, 1000).await.expect("verify");
+        let v = verify(&store, &pk, 1000, VerifyMode::Offline)
+            .await
+            .expect("verify");
         assert!(!v.ok);
         assert!(v.reason.contains("checkpoint"), "{v:?}");
         assert_eq!(v.first_bad_seq, 1, "{v:?}");
+    }
+
+    #[tokio::test]
+    async fn the_signer_refuses_a_rolled_back_pointer_or_too_many_uncovered_events() {
+        use crate::store::{Batch, SledStore};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signer = Signer::load_or_create(&dir.path().join("k"), true).expect("signer");
+        let store = SledStore::open(&dir.path().join("data")).expect("open");
+        store.commit(event_batch(30)).await.expect("commit");
+        let due = |force| checkpoint_if_due(&store, &signer, 10, 50, force);
+        assert_eq!(due(false).await.expect("cp").expect("due").seq, 30);
+        store.commit(event_batch(10)).await.expect("commit");
+        assert_eq!(due(false).await.expect("cp").expect("due").seq, 40);
+        // The pointer rolled back to 30 (to re-link a rewritten 31.. from there): refused.
+        let set_last = |seq: u64| {
+            let mut b = Batch::default();
+            b.put(
+                Keyspace::Meta,
+                META_CHECKPOINT_LAST.to_vec(),
+                seq.to_be_bytes().to_vec(),
+            );
+            b
+        };
+        store.commit(set_last(30)).await.expect("roll back");
+        store.commit(event_batch(10)).await.expect("commit");
+        let err = due(true).await.expect_err("refused").to_string();
+        assert!(err.contains("rolled back"), "{err}");
+        // Restored, but more events past the newest checkpoint than a sound chain holds.
+        store.commit(set_last(40)).await.expect("restore");
+        store.commit(event_batch(45)).await.expect("commit");
+        let err = due(true).await.expect_err("refused").to_string();
+        assert!(err.contains("more than the 50"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn verify_catches_a_head_moved_back_or_removed_and_a_rewritten_last_event() {
+        use crate::store::{Batch, SledStore};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pk = Signer::load_or_create(&dir.path().join("k"), true)
+            .expect("signer")
+            .public_key();
+        let store = SledStore::open(&dir.path().join("data")).expect("open");
+        for _ in 0..4 {
+            store.commit(event_batch(5)).await.expect("commit");
+        }
+        let check = |mode| verify(&store, &pk, 100, mode);
+        assert!(check(VerifyMode::Offline).await.expect("verify").ok);
+        async fn event(store: &SledStore, seq: u64) -> Event {
+            raw_event(store, seq)
+                .await
+                .expect("get")
+                .as_deref()
+                .and_then(Event::parse)
+                .expect("event")
+        }
+        let put_head = |head: Option<Head>| {
+            let mut b = Batch::default();
+            match head {
+                Some(h) => b.put(Keyspace::Meta, META_HEAD.to_vec(), h.encode()),
+                None => b.delete(Keyspace::Meta, META_HEAD.to_vec()),
+            }
+            b
+        };
+        let e15 = event(&store, 15).await;
+        let real = Head::load(&store).await.expect("head");
+        // The head moved back to 15: offline, 16..20 cannot have been appended meanwhile.
+        store
+            .commit(put_head(Some(Head {
+                seq: 15,
+                time_ms: e15.time_ms,
+                hash: e15.hash,
+            })))
+            .await
+            .expect("move head");
+        let v = check(VerifyMode::Offline).await.expect("verify");
+        assert_eq!((v.ok, v.first_bad_seq), (false, 16), "{v:?}");
+        assert!(check(VerifyMode::Live).await.expect("verify").ok);
+        // No head at all while events are stored: caught live too.
+        store.commit(put_head(None)).await.expect("drop head");
+        for mode in [VerifyMode::Offline, VerifyMode::Live] {
+            let v = check(mode).await.expect("verify");
+            assert_eq!((v.ok, v.first_bad_seq), (false, 1), "{mode:?} {v:?}");
+        }
+        store.commit(put_head(Some(real))).await.expect("restore");
+        assert!(check(VerifyMode::Offline).await.expect("verify").ok);
+        // The last event rewritten with its hash recomputed, the head left alone: event 20.
+        let e19 = event(&store, 19).await;
+        let e20 = event(&store, 20).await;
+        let mut d = draft();
+        d.principal = "someone-else".into();
+        let body = d.encode();
+        let hash = link(&e19.hash, 20, e20.time_ms, &body);
+        let mut value = 20u64.to_be_bytes().to_vec();
+        value.extend_from_slice(&e20.time_ms.to_be_bytes());
+        value.extend_from_slice(&hash);
+        value.extend_from_slice(&body);
+        overwrite_raw_event(&store, 20, Some(value))
+            .await
+            .expect("rewrite");
+        let v = check(VerifyMode::Offline).await.expect("verify");
+        assert_eq!((v.ok, v.first_bad_seq), (false, 20), "{v:?}");
     }
 
     proptest! {

@@ -960,6 +960,7 @@ pub async fn verify(args: &VerifyArgs, out: &mut dyn Write) -> Result<(), CliErr
         &store,
         &public_key,
         audit::max_uncovered(args.checkpoint_every),
+        audit::VerifyMode::Offline,
     )
     .await
     .map_err(store_error)?;

@@ -186,7 +186,12 @@ impl<S: Store> proto::audit_server::Audit for AuditService<S> {
                     caller.role.name
                 )));
             }
-            let v = audit::verify(self.vault.store(), &self.public_key, self.max_uncovered)
+            let v = audit::verify(
+                self.vault.store(),
+                &self.public_key,
+                self.max_uncovered,
+                audit::VerifyMode::Live,
+            )
                 .await
                 .map_err(|e| super::status::from_vault(e.into()))?;
             if !v.ok {

@@ -767,9 +767,14 @@ async fn checkpoints_are_signed_while_running_and_at_shutdown() {
     assert_eq!(cps.last(), Some(&head.seq), "a checkpoint at shutdown");
     let pk = audit::read_public_key(&v.dir.path().join("keys").join(audit::PUBLIC_KEY_FILE))
         .expect("public key");
-    let report = audit::verify(&store, &pk, audit::max_uncovered(n))
-        .await
-        .expect("verify");
+    let report = audit::verify(
+        &store,
+        &pk,
+        audit::max_uncovered(n),
+        audit::VerifyMode::Offline,
+    )
+    .await
+    .expect("verify");
     assert!(report.ok, "{report:?}");
     assert_eq!(report.checkpoints_checked as usize, cps.len());
 }
