@@ -768,20 +768,36 @@ pub fn read_public_key(path: &Path) -> Result<[u8; 32], SignerError> {
     Ok(signer.public_key())
 }
 
+/// What a running checkpointer has seen of the chain, kept from one check to the next (start
+/// with `Watched::default()`): a pointer moved back below a checkpoint it signed or found, or
+/// a change to an event it saw, is refused; and the coverage bound counts only the events it
+/// has not seen, so a checkpointer that fell behind for a while (a stalled machine) still
+/// signs, while one that starts up and finds more uncovered events than a sound chain holds
+/// does not.
+#[derive(Debug, Default)]
+pub struct Watched {
+    /// The newest checkpoint this process signed or found.
+    checkpoint: u64,
+    /// The head at its last check.
+    head: Option<Head>,
+}
+
 /// Signs and stores a checkpoint of the current head if one is due: the head is at least
 /// `every` events past the newest checkpoint, or `force` and the head moved at all.
 /// Returns the checkpoint written, if any.
 ///
 /// A checkpoint vouches for continuity: before signing, the events since the newest
-/// checkpoint are re-linked from its signed hash up to the head. If that fails, or if
-/// checkpoints are missing while more than `max_uncovered` events exist, nothing is signed
-/// and an error says why, so that the signer never launders a rewritten chain.
+/// checkpoint are re-linked from its signed hash up to the head. If that fails, if the
+/// pointer to the newest checkpoint was moved back, or if more than `max_uncovered` events
+/// that `watched` has not seen follow it, nothing is signed and an error says why, so that
+/// the signer never launders a rewritten chain.
 pub async fn checkpoint_if_due(
     store: &impl Store,
     signer: &Signer,
     every: u64,
     max_uncovered: u64,
     force: bool,
+    watched: &mut Watched,
 ) -> Result<Option<Checkpoint>, StoreError> {
     let head = Head::load(store).await?;
     let last_raw = store.get(Keyspace::Meta, META_CHECKPOINT_LAST).await?;
@@ -789,16 +805,32 @@ pub async fn checkpoint_if_due(
         .as_deref()
         .and_then(|v| <[u8; 8]>::try_from(v).ok())
         .map_or(0, u64::from_be_bytes);
-    let due = head.seq > last && (force || head.seq - last >= every.max(1));
-    if !due {
-        return Ok(None);
-    }
     let refuse =
         |why: String| StoreError::Io(format!("refusing to sign an audit checkpoint: {why}"));
+    if last < watched.checkpoint {
+        return Err(refuse(format!(
+            "`audit/checkpoint-last` names event {last}, but this process signed or saw a checkpoint at event {}: the pointer was moved back",
+            watched.checkpoint
+        )));
+    }
+    let seen = watched.head.unwrap_or_default();
+    if head.seq < seen.seq {
+        return Err(refuse(format!(
+            "the chain head moved back from event {} to {}",
+            seen.seq, head.seq
+        )));
+    }
+    watched.checkpoint = last;
+    let due = head.seq > last && (force || head.seq - last >= every.max(1));
+    if !due {
+        watched.head = Some(head);
+        return Ok(None);
+    }
     // `checkpoint-last` is an unsigned pointer in the store: a newer checkpoint means it was
     // rolled back (to re-link a rewritten chain from an old checkpoint), and more events past
-    // it than a sound chain can hold means checkpoints were deleted. Either way the signer
-    // would vouch for events it cannot tell from forged ones.
+    // it than a sound chain can hold (and than this process saw arrive) means checkpoints
+    // were deleted. Either way the signer would vouch for events it cannot tell from forged
+    // ones.
     if let Some((key, _)) = store
         .scan(
             Keyspace::Meta,
@@ -817,10 +849,10 @@ pub async fn checkpoint_if_due(
             "a checkpoint at event {newer} is newer than the one `audit/checkpoint-last` names (event {last}): the pointer was rolled back"
         )));
     }
-    if head.seq - last > max_uncovered {
+    let unseen = head.seq - last.max(seen.seq);
+    if unseen > max_uncovered {
         return Err(refuse(format!(
-            "{} events follow the newest checkpoint (event {last}), more than the {max_uncovered} a sound chain holds (checkpoints deleted?)",
-            head.seq - last
+            "{unseen} events follow the newest checkpoint (event {last}) unseen by this process, more than the {max_uncovered} a sound chain holds (checkpoints deleted?)"
         )));
     }
     let mut prev = [0u8; 32];
@@ -862,6 +894,11 @@ pub async fn checkpoint_if_due(
         if link(&prev, e.seq, e.time_ms, &e.body) != e.hash {
             return Err(refuse(format!("event {expected} does not match its hash")));
         }
+        if e.seq == seen.seq && e.hash != seen.hash {
+            return Err(refuse(format!(
+                "event {expected} changed since this process saw it as the chain head"
+            )));
+        }
         prev = e.hash;
         expected += 1;
     }
@@ -885,7 +922,11 @@ pub async fn checkpoint_if_due(
         cp.seq.to_be_bytes().to_vec(),
     );
     match store.commit(batch).await {
-        Ok(()) => Ok(Some(cp)),
+        Ok(()) => {
+            watched.checkpoint = cp.seq;
+            watched.head = Some(head);
+            Ok(Some(cp))
+        }
         // Another instance checkpointed meanwhile.
         Err(StoreError::Conflict) => Ok(None),
         Err(e) => Err(e),
@@ -1450,15 +1491,18 @@ mod tests {
                 Err(StoreError::Conflict)
             ));
             assert_eq!(Head::load(&store).await.expect("head").seq, 160);
-            let cp = checkpoint_if_due(&store, &signer, 100, 1000, false)
+            let mut watched = Watched::default();
+            let cp = checkpoint_if_due(&store, &signer, 100, 1000, false, &mut watched)
                 .await
                 .expect("checkpoint")
                 .expect("due");
             assert_eq!(cp.seq, 160);
-            assert!(checkpoint_if_due(&store, &signer, 100, 1000, true)
-                .await
-                .expect("checkpoint")
-                .is_none());
+            assert!(
+                checkpoint_if_due(&store, &signer, 100, 1000, true, &mut watched)
+                    .await
+                    .expect("checkpoint")
+                    .is_none()
+            );
             store.commit(event_batch(5)).await.expect("commit");
             let v = verify(&store, &pk, 10, VerifyMode::Offline)
                 .await
@@ -1573,17 +1617,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_signer_refuses_a_rolled_back_pointer_or_too_many_uncovered_events() {
+    async fn the_signer_refuses_a_rolled_back_pointer_or_too_many_unseen_events() {
         use crate::store::{Batch, SledStore};
         let dir = tempfile::tempdir().expect("tempdir");
         let signer = Signer::load_or_create(&dir.path().join("k"), true).expect("signer");
         let store = SledStore::open(&dir.path().join("data")).expect("open");
+        let mut running = Watched::default();
         store.commit(event_batch(30)).await.expect("commit");
-        let due = |force| checkpoint_if_due(&store, &signer, 10, 50, force);
-        assert_eq!(due(false).await.expect("cp").expect("due").seq, 30);
+        let cp = checkpoint_if_due(&store, &signer, 10, 50, false, &mut running).await;
+        assert_eq!(cp.expect("cp").expect("due").seq, 30);
         store.commit(event_batch(10)).await.expect("commit");
-        assert_eq!(due(false).await.expect("cp").expect("due").seq, 40);
-        // The pointer rolled back to 30 (to re-link a rewritten 31.. from there): refused.
+        let cp = checkpoint_if_due(&store, &signer, 10, 50, false, &mut running).await;
+        assert_eq!(cp.expect("cp").expect("due").seq, 40);
+        // The pointer rolled back to 30 (to re-link a rewritten 31.. from there): refused by
+        // the running signer, and by one that just started (a newer checkpoint exists).
         let set_last = |seq: u64| {
             let mut b = Batch::default();
             b.put(
@@ -1595,13 +1642,32 @@ mod tests {
         };
         store.commit(set_last(30)).await.expect("roll back");
         store.commit(event_batch(10)).await.expect("commit");
-        let err = due(true).await.expect_err("refused").to_string();
+        let err = checkpoint_if_due(&store, &signer, 10, 50, true, &mut running)
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("moved back"), "{err}");
+        let err = checkpoint_if_due(&store, &signer, 10, 50, true, &mut Watched::default())
+            .await
+            .expect_err("refused")
+            .to_string();
         assert!(err.contains("rolled back"), "{err}");
-        // Restored, but more events past the newest checkpoint than a sound chain holds.
+        // Restored; then more events past the newest checkpoint than a sound chain holds,
+        // which no signer saw arrive (checkpoints deleted, or a forged tail): refused.
         store.commit(set_last(40)).await.expect("restore");
         store.commit(event_batch(45)).await.expect("commit");
-        let err = due(true).await.expect_err("refused").to_string();
+        let err = checkpoint_if_due(&store, &signer, 10, 50, true, &mut Watched::default())
+            .await
+            .expect_err("refused")
+            .to_string();
         assert!(err.contains("more than the 50"), "{err}");
+        // A signer that saw them arrive (it fell behind, say) signs.
+        let mut behind = Watched::default();
+        let not_due = checkpoint_if_due(&store, &signer, 1000, 50, false, &mut behind).await;
+        assert!(not_due.expect("check").is_none());
+        store.commit(event_batch(20)).await.expect("commit");
+        let cp = checkpoint_if_due(&store, &signer, 1000, 50, true, &mut behind).await;
+        assert_eq!(cp.expect("cp").expect("forced").seq, 115);
     }
 
     #[tokio::test]

@@ -144,6 +144,7 @@ fn spawn_checkpointer(
         let poll = std::time::Duration::from_millis(25).min(interval);
         let mut last_forced = tokio::time::Instant::now();
         let mut last_error: Option<String> = None;
+        let mut watched = crate::audit::Watched::default();
         loop {
             let stopping = tokio::select! {
                 _ = &mut stopped => true,
@@ -159,6 +160,7 @@ fn spawn_checkpointer(
                 every,
                 max_uncovered,
                 force,
+                &mut watched,
             )
             .await
             {
