@@ -138,6 +138,33 @@ pub struct Erasure {
 
 /// The lifecycle stages.
 pub const LIFECYCLE_STAGES: [&str; 4] = ["applicant", "procedure_closed", "employed", "ended"];
+
+/// Refuses a lifecycle change that would drop a legal duty to keep: a record that is or was
+/// employed keeps identity and financial data for years after the employment ends, so it
+/// never goes back to an applicant stage (whose data may go within weeks); and an employment
+/// cannot end before it began.
+fn check_lifecycle_step(
+    id: Uuid,
+    body: &RecordBody,
+    stage: &str,
+    date: &str,
+) -> Result<(), VaultError> {
+    let worked = matches!(body.lifecycle.as_str(), "employed" | "ended");
+    if worked && matches!(stage, "applicant" | "procedure_closed") {
+        return Err(VaultError::FailedPrecondition(format!(
+            "stage: record {id} is `{}`: a record of someone who works or has worked here stays `employed` or `ended` (its identity and financial data are kept under a legal duty); it cannot become `{stage}`",
+            body.lifecycle
+        )));
+    }
+    // ISO dates compare as text.
+    if body.lifecycle == "employed" && stage == "ended" && date < body.lifecycle_date.as_str() {
+        return Err(VaultError::FailedPrecondition(format!(
+            "date: record {id} is employed since {}: the employment cannot end before it began",
+            body.lifecycle_date
+        )));
+    }
+    Ok(())
+}
 /// Longest reason for a restriction or legal hold.
 pub const MAX_REASON_CHARS: usize = 500;
 /// The purpose under which data-subject requests run (never blocked by restriction).
@@ -1003,6 +1030,7 @@ impl<S: Store> Vault<S> {
             let now = now_ms().max(body.updated_ms);
             match &change {
                 StateChange::Lifecycle { stage, date } => {
+                    check_lifecycle_step(id, &body, stage, date)?;
                     body.lifecycle = stage.clone();
                     body.lifecycle_date = date.clone();
                 }

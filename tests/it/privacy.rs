@@ -82,6 +82,42 @@ async fn lifecycle_stages_with_dates_rights_and_validation() {
         .expect("payroll sets the stage")
         .into_inner();
     assert_eq!(meta.lifecycle_stage, "ended");
+    // A former employee's record never becomes an applicant's again (that would drop the
+    // duty to keep BSN and payroll data), and an employment cannot end before it began.
+    for stage in ["procedure_closed", "applicant"] {
+        assert_status(
+            recruiter
+                .set_lifecycle(SetLifecycleRequest {
+                    record_id: id.clone(),
+                    stage: stage.into(),
+                    date: "2026-11-01".into(),
+                })
+                .await,
+            Code::FailedPrecondition,
+            &["stage", "legal duty", stage],
+        );
+    }
+    let rehired = payroll
+        .set_lifecycle(SetLifecycleRequest {
+            record_id: id.clone(),
+            stage: "employed".into(),
+            date: "2026-11-02".into(),
+        })
+        .await
+        .expect("rehired")
+        .into_inner();
+    assert_eq!(rehired.lifecycle_stage, "employed");
+    assert_status(
+        payroll
+            .set_lifecycle(SetLifecycleRequest {
+                record_id: id.clone(),
+                stage: "ended".into(),
+                date: "2026-11-01".into(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        &["date", "2026-11-02", "before it began"],
+    );
     for role in ["absence", "privacy_officer", "security_officer", "auditor"] {
         assert_status(
             v.client(role)
@@ -140,8 +176,8 @@ async fn lifecycle_stages_with_dates_rights_and_validation() {
         .expect("list")
         .into_inner()
         .records;
-    assert_eq!(listed[0].lifecycle_stage, "ended");
-    assert_eq!(listed[0].revision, 3);
+    assert_eq!(listed[0].lifecycle_stage, "employed");
+    assert_eq!(listed[0].revision, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
