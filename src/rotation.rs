@@ -887,6 +887,15 @@ impl<S: Store> Jobs<S> {
         Ok(progress)
     }
 
+    /// Whether a job runs in this process.
+    pub async fn running(&self) -> bool {
+        self.active
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|a| !a.task.is_finished())
+    }
+
     /// Writes `events` in a batch of their own (nothing to write: nothing done).
     async fn write_events(&self, events: Vec<Vec<u8>>) -> Result<(), VaultError> {
         if events.is_empty() {
@@ -1004,7 +1013,10 @@ pub async fn scheduled<S: Store>(
             );
         }
     }
-    if count_needing(vault, JobKind::Rewrap, Some(category), vault::now_ms()).await? > 0 {
+    // While a job runs, the next check tries again (and asks for nothing meanwhile: no event).
+    if !jobs.running().await
+        && count_needing(vault, JobKind::Rewrap, Some(category), vault::now_ms()).await? > 0
+    {
         let mut events = Vec::new();
         if vault.auditing() {
             let mut draft = audit::Draft::new("Rewrap", SCHEDULE_PRINCIPAL, SYSTEM_ROLE);
