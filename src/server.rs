@@ -215,12 +215,15 @@ fn spawn_sweeper(
         loop {
             let today = vault.today();
             match crate::sweeper::sweep(&vault, today).await {
-                Ok(s) if !s.erased.is_empty() || !s.held.is_empty() => tracing::info!(
-                    %today,
-                    erased = s.erased.len(),
-                    held = s.held.len(),
-                    "retention sweep"
-                ),
+                Ok(s) if !s.erased.is_empty() || !s.held.is_empty() || !s.damaged.is_empty() => {
+                    tracing::info!(
+                        %today,
+                        erased = s.erased.len(),
+                        held = s.held.len(),
+                        damaged = s.damaged.len(),
+                        "retention sweep"
+                    )
+                }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::error!(error = %e, "retention sweep failed; retrying at the next run")

@@ -43,10 +43,14 @@ const PAGE: usize = 1024;
 pub const STATUS_DUE: &str = "due";
 /// The status of a category that is due but kept by a legal hold.
 pub const STATUS_HELD: &str = "held (legal hold)";
+/// The status of a category that is due but kept by a restriction (and no legal hold).
+pub const STATUS_HELD_RESTRICTED: &str = "held (restricted)";
 /// The status of a category whose date has not come.
 pub const STATUS_SCHEDULED: &str = "scheduled";
 /// The status of a category whose date has not come, on a record under legal hold.
 pub const STATUS_SCHEDULED_HELD: &str = "scheduled (legal hold)";
+/// The status of a category whose date has not come, on a restricted record.
+pub const STATUS_SCHEDULED_RESTRICTED: &str = "scheduled (restricted)";
 
 // ---------------------------------------------------------------------------------------
 // Arguments
@@ -58,9 +62,10 @@ pub enum RetentionCommand {
     ///
     /// One row per category of a record whose maximum retention period has a date, sorted by
     /// that date: ERASE ON, RECORD, STAGE, CATEGORY, STATUS and BASIS. STATUS is `due` when the
-    /// date is on or before --at, `held (legal hold)` when it is due but a legal hold keeps
-    /// the record, `scheduled` when the date is later (`scheduled (legal hold)` on a record
-    /// under hold). Then a summary, and how many records have no running clock (applicants
+    /// date is on or before --at, `held (legal hold)` or `held (restricted)` when it is due
+    /// but a legal hold or a restriction (GDPR Art. 18) keeps the record, `scheduled` when
+    /// the date is later (`scheduled (legal hold)`, `scheduled (restricted)` on such a
+    /// record). Then a summary, and how many records have no running clock (applicants
     /// still in procedure, employees: their data is kept until the stage changes).
     ///
     /// The rules come from the configuration's [retention] section (the defaults with --dev).
@@ -133,9 +138,13 @@ impl Plan {
         count(ids.into_iter())
     }
 
-    /// Due categories that a legal hold keeps.
+    /// Due categories that a legal hold or a restriction keeps.
     pub fn held(&self) -> u64 {
-        count(self.entries.iter().filter(|e| e.due && e.legal_hold))
+        count(
+            self.entries
+                .iter()
+                .filter(|e| e.due && (e.legal_hold || e.restricted)),
+        )
     }
 
     /// Categories whose date comes after the plan's date.
@@ -156,11 +165,13 @@ fn count<T>(items: impl Iterator<Item = T>) -> u64 {
 
 /// The STATUS cell of an entry.
 pub fn status(entry: &Planned) -> &'static str {
-    match (entry.due, entry.legal_hold) {
-        (true, false) => STATUS_DUE,
-        (true, true) => STATUS_HELD,
-        (false, false) => STATUS_SCHEDULED,
-        (false, true) => STATUS_SCHEDULED_HELD,
+    match (entry.due, entry.legal_hold, entry.restricted) {
+        (true, true, _) => STATUS_HELD,
+        (true, false, true) => STATUS_HELD_RESTRICTED,
+        (true, false, false) => STATUS_DUE,
+        (false, true, _) => STATUS_SCHEDULED_HELD,
+        (false, false, true) => STATUS_SCHEDULED_RESTRICTED,
+        (false, false, false) => STATUS_SCHEDULED,
     }
 }
 
@@ -216,7 +227,7 @@ pub fn render_plan(plan: &Plan) -> String {
         out.push('\n');
     }
     out.push_str(&format!(
-        "{} of {} due by {at} ({} held by legal hold); {} more scheduled later\n",
+        "{} of {} due by {at} ({} held by legal hold or restriction); {} more scheduled later\n",
         counted(plan.due(), "category", "categories"),
         counted(plan.due_records(), "record", "records"),
         plan.held(),
@@ -243,7 +254,7 @@ struct JsonPlan<'a> {
 }
 
 /// The plan as one pretty-printed JSON document: `{"at", "entries": [{"record_id", "stage",
-/// "category", "erase_on", "due", "legal_hold", "basis"}], "due", "held", "scheduled",
+/// "category", "erase_on", "due", "legal_hold", "restricted", "basis"}], "due", "held", "scheduled",
 /// "without_clock"}` (the counts as in the table's summary).
 pub fn plan_json(plan: &Plan) -> String {
     let doc = JsonPlan {
@@ -386,6 +397,7 @@ mod tests {
             erase_on: on.into(),
             due,
             legal_hold: held,
+            restricted: false,
             basis: "some basis".into(),
         }
     }
@@ -441,7 +453,7 @@ mod tests {
         assert_eq!(lines[5], "");
         assert_eq!(
             lines[6],
-            "2 categories of 2 records due by 2026-02-07 (1 held by legal hold); 2 more scheduled later"
+            "2 categories of 2 records due by 2026-02-07 (1 held by legal hold or restriction); 2 more scheduled later"
         );
         assert_eq!(
             lines[7],
@@ -459,7 +471,7 @@ mod tests {
         };
         assert_eq!(
             render_plan(&plan),
-            "Nothing is scheduled for erasure.\n0 categories of 0 records due by 2026-02-07 (0 held by legal hold); 0 more scheduled later\n1 record has no running clock (applicants in procedure, employees)\n"
+            "Nothing is scheduled for erasure.\n0 categories of 0 records due by 2026-02-07 (0 held by legal hold or restriction); 0 more scheduled later\n1 record has no running clock (applicants in procedure, employees)\n"
         );
     }
 

@@ -748,8 +748,10 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
     let plain = applicant(&v, "a@example.nl").await;
     let pooled = applicant(&v, "b@example.nl").await;
     let held = applicant(&v, "d@example.nl").await;
+    let damaged = applicant(&v, "e@example.nl").await;
+    let restricted = applicant(&v, "f@example.nl").await;
     let mut recruiter = v.client("recruiter").await;
-    for id in [&plain, &pooled, &held] {
+    for id in [&plain, &pooled, &held, &damaged, &restricted] {
         recruiter
             .set_lifecycle(SetLifecycleRequest {
                 record_id: id.clone(),
@@ -772,6 +774,15 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
         })
         .await
         .expect("hold");
+    v.client("privacy_officer")
+        .await
+        .set_restriction(SetRestrictionRequest {
+            record_id: restricted.clone(),
+            restricted: true,
+            reason: "accuracy contested".into(),
+        })
+        .await
+        .expect("restrict");
     let former = employee(&v, "c@example.nl", "ended", "2026-03-31").await;
 
     // The sweeper runs with the injected clock, every second.
@@ -782,7 +793,24 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
         });
         s.retention.sweep_interval_secs = 1;
     });
-    v.restart().await;
+    v.stop().await;
+    {
+        // One record's header is damaged (a flipped byte under the MAC): it must not stop
+        // the sweeps of every other record.
+        use kluis::store::{Batch, Keyspace, SledStore, Store};
+        let store = SledStore::open(&data_dir(&v.dir)).expect("open store");
+        let key = uuid::Uuid::parse_str(&damaged).expect("uuid");
+        let mut raw = store
+            .get(Keyspace::Records, key.as_bytes())
+            .await
+            .expect("get")
+            .expect("header");
+        raw[10] ^= 0x01;
+        let mut b = Batch::default();
+        b.put(Keyspace::Records, key.as_bytes().to_vec(), raw);
+        store.commit(b).await.expect("damage");
+    }
+    v.start().await.expect("restart");
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     v.client("recruiter")
         .await
@@ -803,6 +831,12 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
         .get_record(get(&held, "recruitment"))
         .await
         .expect("legal hold kept");
+    // A restricted record is only stored (Art. 18): the sweeper leaves it too.
+    v.client("privacy_officer")
+        .await
+        .get_record(get(&restricted, "data_subject_request"))
+        .await
+        .expect("restriction kept");
 
     // A year with consent.
     set_today("2027-01-10");

@@ -323,7 +323,7 @@ async fn the_plan_lists_each_category_with_its_date_and_changes_nothing() {
     assert_eq!(
         rest,
         [
-            "2 categories of 2 records due by 2026-02-07 (1 held by legal hold); 4 more scheduled later",
+            "2 categories of 2 records due by 2026-02-07 (1 held by legal hold or restriction); 4 more scheduled later",
             "2 records have no running clock (applicants in procedure, employees)",
         ],
         "{}",
@@ -382,7 +382,7 @@ async fn the_plan_lists_each_category_with_its_date_and_changes_nothing() {
     assert_eq!(statuses.iter().filter(|s| **s == "due").count(), 3);
     assert_eq!(
         rest[0],
-        "4 categories of 4 records due by 2028-03-31 (1 held by legal hold); 2 more scheduled later"
+        "4 categories of 4 records due by 2028-03-31 (1 held by legal hold or restriction); 2 more scheduled later"
     );
 
     // Nothing was written: the audit chain did not move, and every record is still there.
