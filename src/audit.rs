@@ -42,6 +42,9 @@ const LABEL_EVENT: &[u8] = b"kluis/v1/audit-event";
 const LABEL_CHECKPOINT: &[u8] = b"kluis/v1/audit-checkpoint";
 /// Meta key of the chain head.
 pub const META_HEAD: &[u8] = b"audit/head";
+/// The `record_id` of an event whose request named something that is not a record id (so
+/// that a value sent in its place never lands in the trail): it touched no record.
+pub const INVALID_RECORD_ID: &str = "<invalid>";
 /// Meta key prefix of checkpoints.
 pub const META_CHECKPOINT: &[u8] = b"audit/checkpoint/";
 /// Meta key of the newest checkpoint's sequence number.

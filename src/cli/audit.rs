@@ -732,7 +732,8 @@ impl BreachAggregator {
             return;
         }
         self.total += 1;
-        if e.record_id.is_empty() {
+        // An invalid id touched no record.
+        if e.record_id.is_empty() || e.record_id == audit::INVALID_RECORD_ID {
             self.without_record.events += 1;
             *self
                 .without_record
@@ -1073,6 +1074,8 @@ mod tests {
             with(row(3, 2000, "app", "GetRecord", R2), &["bsn"], "denied"),
             with(row(4, 2500, "app", "FindRecords", ""), &["email"], "ok"),
             row(5, 2600, "app", "ListRecords", ""),
+            // A request that named no valid record id touched no record.
+            row(5, 2650, "app", "GetRecord", audit::INVALID_RECORD_ID),
             // Another principal, and events outside the window: not in the report.
             with(row(6, 2700, "other", "GetRecord", R1), &["iban"], "ok"),
             with(row(7, 9000, "app", "GetRecord", R1), &["wage"], "ok"),
@@ -1084,16 +1087,20 @@ mod tests {
             ),
         ];
         let r = breach_report("app", 1000, 9000, &events);
-        assert_eq!(r.total_events, 6);
+        assert_eq!(r.total_events, 7);
         assert_eq!(r.records_touched, 2);
         assert_eq!(
             r.distinct_fields,
             vec!["bsn", "city", "email", "full_name", "phone"]
         );
-        assert_eq!(r.without_record.events, 2);
+        assert_eq!(r.without_record.events, 3);
         assert_eq!(
             r.without_record.actions,
-            BTreeMap::from([("FindRecords".into(), 1), ("ListRecords".into(), 1)])
+            BTreeMap::from([
+                ("FindRecords".into(), 1),
+                ("GetRecord".into(), 1),
+                ("ListRecords".into(), 1)
+            ])
         );
         assert_eq!(r.without_record.field_names, vec!["email"]);
         // First touched first.
@@ -1132,7 +1139,7 @@ mod tests {
         let table = render_table(&r);
         assert!(table.contains("Records touched:  2"), "{table}");
         assert!(
-            table.contains("2 events (FindRecords 1 ListRecords 1)"),
+            table.contains("3 events (FindRecords 1 GetRecord 1 ListRecords 1)"),
             "{table}"
         );
         let lines: Vec<&str> = table.lines().collect();

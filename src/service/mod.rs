@@ -218,7 +218,7 @@ pub(crate) fn event_record_id(id: &str) -> String {
     match uuid::Uuid::parse_str(id) {
         Ok(u) => u.to_string(),
         Err(_) if id.is_empty() => String::new(),
-        Err(_) => "<invalid>".to_string(),
+        Err(_) => audit::INVALID_RECORD_ID.to_string(),
     }
 }
 
