@@ -621,12 +621,17 @@ impl Postcode {
     /// Parses four digits (first not 0), an optional space and two letters.
     pub fn parse(text: &str) -> Result<Postcode, ValueError> {
         let rule = "postcode must be four digits (not starting with 0), an optional space and two letters, e.g. 3311 KG";
-        let s: Vec<char> = text.trim().chars().filter(|c| *c != ' ').collect();
+        let t: Vec<char> = text.trim().chars().collect();
+        // The one space allowed sits between the digits and the letters.
+        let s: Vec<char> = match t.len() {
+            7 if t[4] == ' ' => [&t[..4], &t[5..]].concat(),
+            _ => t,
+        };
         let ok = s.len() == 6
             && s[..4].iter().all(char::is_ascii_digit)
             && s[0] != '0'
             && s[4..].iter().all(char::is_ascii_alphabetic);
-        if !ok || text.trim().matches(' ').count() > 1 {
+        if !ok {
             return Err(invalid(rule));
         }
         let digits: String = s[..4].iter().collect();
@@ -807,6 +812,10 @@ mod tests {
         assert_eq!(Postcode::parse("3311kg").expect("pc").0, "3311 KG");
         assert!(Postcode::parse("0311 KG").is_err());
         assert!(Postcode::parse("331 KG").is_err());
+        assert_eq!(Postcode::parse(" 3311 kg ").expect("pc").0, "3311 KG");
+        for misplaced in ["33 11KG", "3311K G", "3311  KG", "3 311KG"] {
+            assert!(Postcode::parse(misplaced).is_err(), "{misplaced}");
+        }
         assert_eq!(
             Phone::parse("+31 (0)6-1234 5678").expect("phone").0,
             "+310612345678"
