@@ -288,10 +288,9 @@ async fn fill(
             let caller = bv.caller.clone();
             let make = Arc::clone(&make);
             tokio::spawn(async move {
-                let mut event = audit::Context {
-                    draft: audit::Draft::new("CreateRecord", PRINCIPAL, ROLE),
-                    written: false,
-                };
+                let mut event = audit::Context::new("CreateRecord");
+                event.draft.principal = PRINCIPAL.into();
+                event.draft.role = ROLE.into();
                 event.draft.purpose = PURPOSE.into();
                 vault.create(&caller, PURPOSE, make(i), &mut event).await
             })

@@ -223,6 +223,9 @@ pub struct Context {
     pub draft: Draft,
     /// Whether it was written with the change.
     pub written: bool,
+    /// Further records the call touched besides `draft.record_id` (the hits of a search):
+    /// one more event each, the same but for the record, written with it.
+    pub more_records: Vec<String>,
 }
 
 impl Context {
@@ -231,7 +234,19 @@ impl Context {
         Context {
             draft: Draft::new(action, "", ""),
             written: false,
+            more_records: Vec::new(),
         }
+    }
+
+    /// The bodies of the call's events: the draft, then one per further record.
+    pub fn encode_all(&self) -> Vec<Vec<u8>> {
+        let mut out = vec![self.draft.encode()];
+        for record in &self.more_records {
+            let mut d = self.draft.clone();
+            d.record_id = record.clone();
+            out.push(d.encode());
+        }
+        out
     }
 }
 

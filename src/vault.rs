@@ -295,7 +295,9 @@ impl<S: Store> Vault<S> {
         }
         event.draft.outcome = outcome.as_str().to_string();
         let mut batch = Batch::default();
-        batch.append_event(event.draft.encode());
+        for body in event.encode_all() {
+            batch.append_event(body);
+        }
         self.store
             .commit(batch)
             .await

@@ -416,6 +416,15 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
             .map(|ids| proto::FindRecordsResponse {
                 record_ids: ids.into_iter().map(|id| id.to_string()).collect(),
             });
+        // A search that finds records touched each of them (it tells the caller that the
+        // record holds the value): one event per record found, so that the record's history
+        // and a breach report show it; a search that finds nothing is one event without one.
+        if let Ok(found) = &result {
+            if let Some((first, rest)) = found.record_ids.split_first() {
+                ev.draft.record_id = first.clone();
+                ev.more_records = rest.to_vec();
+            }
+        }
         self.finish(log, ev, result).await
     }
 

@@ -288,7 +288,7 @@ async fn every_records_call_leaves_exactly_its_event() {
             "recruiter",
             "recruitment",
             "FindRecords",
-            "",
+            &id,
             &["email"],
             "ok",
         ),
@@ -984,5 +984,68 @@ async fn verify_chain_holds_on_a_busy_server() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for t in tasks {
         t.await.expect("task");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_is_an_event_on_every_record_it_found() {
+    let v = spawn_vault().await;
+    let mut recruiter = v.client("recruiter").await;
+    let shared = "shared.inbox@example.nl";
+    let mut ids = Vec::new();
+    for name in ["One", "Two"] {
+        ids.push(
+            create_with(
+                &mut recruiter,
+                "recruitment",
+                &[("full_name", text(name)), ("email", text(shared))],
+            )
+            .await,
+        );
+    }
+    ids.sort();
+    let search = |value: &str| FindRecordsRequest {
+        purpose: "recruitment".into(),
+        field_name: "email".into(),
+        value: value.into(),
+    };
+    let mut found = recruiter
+        .find_records(search(shared))
+        .await
+        .expect("find")
+        .into_inner()
+        .record_ids;
+    found.sort();
+    assert_eq!(found, ids);
+    recruiter
+        .find_records(search("nobody@example.nl"))
+        .await
+        .expect("find nothing");
+
+    let mut a = auditor(&v, "auditor").await;
+    let finds: Vec<AuditEvent> = all_events(&mut a, QueryEventsRequest::default())
+        .await
+        .into_iter()
+        .filter(|e| e.action == "FindRecords")
+        .collect();
+    let mut named: Vec<&str> = finds.iter().map(|e| e.record_id.as_str()).collect();
+    named.sort();
+    // One per record found, and one without a record for the search that found none.
+    assert_eq!(named, vec!["", ids[0].as_str(), ids[1].as_str()]);
+    assert!(finds
+        .iter()
+        .all(|e| e.field_names == vec!["email".to_string()] && e.outcome == "ok"));
+    // The privacy officer sees the search in each record's history.
+    let mut po = auditor(&v, "privacy_officer").await;
+    for id in &ids {
+        let history = all_events(
+            &mut po,
+            QueryEventsRequest {
+                record_id: id.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert!(history.iter().any(|e| e.action == "FindRecords"), "{id}");
     }
 }
