@@ -78,6 +78,21 @@ fn timestamp(ms: i64) -> Option<prost_types::Timestamp> {
     })
 }
 
+/// The key status after a change that is already committed (`done` says what): if reading it
+/// fails, the error says that the change happened, so that nobody retries it blindly.
+async fn status_after<S: Store>(jobs: &Jobs<S>, done: &str) -> Result<proto::KeyStatus, Status> {
+    key_status(jobs).await.map_err(|e| {
+        let status = status::from_vault(e);
+        Status::new(
+            status.code(),
+            format!(
+                "{done}; only reading the key status afterwards failed: {}",
+                status.message()
+            ),
+        )
+    })
+}
+
 /// Every category's KEK versions with their states and exact record counts.
 pub async fn key_status<S: Store>(jobs: &Jobs<S>) -> Result<proto::KeyStatus, VaultError> {
     let vault = jobs.vault();
@@ -233,7 +248,7 @@ impl<S: Store> proto::keys_server::Keys for KeysService<S> {
             for (category, version) in made {
                 tracing::info!(category = category.as_str(), version, "KEK rotated");
             }
-            key_status(&self.jobs).await.map_err(status::from_vault)
+            status_after(&self.jobs, "the rotation is done").await
         }
         .await;
         finish(self.jobs.vault(), log, ev, result).await
@@ -311,7 +326,7 @@ impl<S: Store> proto::keys_server::Keys for KeysService<S> {
                 version = req.version,
                 "KEK retired (destroyed)"
             );
-            key_status(&self.jobs).await.map_err(status::from_vault)
+            status_after(&self.jobs, "the version is retired (destroyed)").await
         }
         .await;
         finish(self.jobs.vault(), log, ev, result).await

@@ -990,3 +990,58 @@ async fn a_job_that_meets_a_damaged_record_stops_names_it_and_resumes_once_repai
         .collect();
     assert_eq!(outcomes, vec!["error", "ok"]);
 }
+
+/// A rotation is committed before the key status is read for the answer: if that read fails
+/// (a damaged record header: the counts cannot be exact), the error says the rotation is
+/// done, so that nobody repeats it blindly; and the rotation's event is in the trail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_whose_status_cannot_be_read_says_it_is_done() {
+    let mut v = spawn_vault().await;
+    let ids = create_records(&v, 2).await;
+    v.stop().await;
+    {
+        let store = kluis::store::SledStore::open(&data_dir(&v.dir)).expect("open");
+        let key = uuid::Uuid::parse_str(&ids[0]).expect("uuid");
+        let mut raw = store
+            .get(Keyspace::Records, key.as_bytes())
+            .await
+            .expect("get")
+            .expect("header");
+        raw[10] ^= 0x01;
+        let mut batch = kluis::store::Batch::default();
+        batch.put(Keyspace::Records, key.as_bytes().to_vec(), raw);
+        store.commit(batch).await.expect("damage");
+    }
+    v.start().await.expect("start");
+    let mut k = keys(&v, "security_officer").await;
+    let err = k
+        .rotate_key(RotateKeyRequest {
+            category: "contact".into(),
+        })
+        .await
+        .expect_err("the status cannot be read");
+    assert_eq!(err.code(), Code::DataLoss);
+    assert!(
+        err.message().starts_with("the rotation is done; ") && err.message().contains(&ids[0]),
+        "{}",
+        err.message()
+    );
+    let mut auditor =
+        AuditClient::with_interceptor(v.channel().await, bearer(&v.tokens["auditor"]));
+    let events = auditor
+        .query_events(QueryEventsRequest {
+            principal: "test-security_officer".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner()
+        .events;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == "RotateKey" && e.outcome == "ok"),
+        "{events:?}"
+    );
+}
