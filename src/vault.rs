@@ -480,7 +480,12 @@ impl<S: Store> Vault<S> {
             if !caller.role.may_write(def.category) {
                 return Err(denied_field(caller, "write", def));
             }
-            cleared.insert(def.name.as_str(), def);
+            if cleared.insert(def.name.as_str(), def).is_some() {
+                return Err(VaultError::invalid(
+                    format!("clear.{name}"),
+                    "names a field twice (name each field once)",
+                ));
+            }
         }
         let parsed = self.parse_writes(caller, "set", set)?;
         let idb = id.as_bytes().to_vec();

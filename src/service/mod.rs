@@ -109,17 +109,22 @@ impl<S: Store> RecordsService<S> {
         Self { vault, auth }
     }
 
+    /// The field names of a request as its log line and event name them: each known name
+    /// once (in order), unknown ones as `<unknown>` (once).
     fn known_names<'a>(&self, names: impl Iterator<Item = &'a String>) -> Vec<String> {
         let schema = self.vault.schema();
-        names
-            .map(|n| {
-                if schema.field(n).is_some() {
-                    n.clone()
-                } else {
-                    "<unknown>".to_string()
-                }
-            })
-            .collect()
+        let mut out: Vec<String> = Vec::new();
+        for n in names {
+            let name = if schema.field(n).is_some() {
+                n.clone()
+            } else {
+                "<unknown>".to_string()
+            };
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+        out
     }
 }
 

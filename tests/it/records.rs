@@ -395,6 +395,20 @@ async fn stale_revision_and_unknown_record() {
         Code::InvalidArgument,
         &["city", "both set and cleared"],
     );
+    // A name given twice in `clear` is refused (the event names each field once).
+    assert_status(
+        recruiter
+            .update_record(UpdateRecordRequest {
+                record_id: id.clone(),
+                purpose: "recruitment".into(),
+                expected_revision: 0,
+                set: Default::default(),
+                clear: vec!["phone".into(), "city".into(), "phone".into()],
+            })
+            .await,
+        Code::InvalidArgument,
+        &["clear.phone", "twice"],
+    );
 }
 
 #[tokio::test]
