@@ -114,7 +114,7 @@ pub struct JobState {
     pub finished_ms: Option<i64>,
     /// Who asked for it.
     pub requested_by: String,
-    /// Why it stopped, if it failed (it resumes on the next request or restart).
+    /// Why it stopped, if it failed (it resumes when the same job is requested again).
     #[serde(default)]
     pub error: Option<String>,
 }

@@ -140,7 +140,7 @@ fn progress_stream(rx: tokio::sync::watch::Receiver<Progress>) -> ProgressStream
         if let Some(error) = p.error {
             return Some((
                 Err(Status::aborted(format!(
-                    "the key job stopped: {error}; it resumes from its last checkpoint on the next request or restart"
+                    "the key job stopped: {error}; it resumes from its last checkpoint when the same request is made again"
                 ))),
                 None,
             ));
@@ -298,6 +298,13 @@ impl<S: Store> proto::keys_server::Keys for KeysService<S> {
                 .keys()
                 .retirable(category, req.version)
                 .map_err(key_op_status)?;
+            // A running job may have pages in flight that wrap data keys under this version
+            // (prepared while it was still active) and commit after the count below.
+            if self.jobs.running().await {
+                return Err(Status::failed_precondition(
+                    "version: a key job is running; retire once it has finished (its pages in flight may still use this version)",
+                ));
+            }
             let counts = rotation::version_counts(vault)
                 .await
                 .map_err(status::from_vault)?;
