@@ -13,9 +13,10 @@
 //! pages commit at once, so a crash loses at most those, and the job resumes from the cursor
 //! stored with the last durable page; redoing a record is harmless (idempotent: rewrap skips
 //! keys already under the active KEK, re-key skips keys made after the job started). A page
-//! that meets a concurrent change is redone record by record. Rewrap ends with a count: if
-//! records still need it (a rotation during the job, a write from an instance with an older
-//! key ring, a page whose redo a crash cut short), it runs another pass.
+//! that meets a concurrent change is redone record by record. Every pass ends with a count:
+//! if records still need the job (a rotation during a rewrap, a write from an instance with
+//! an older key ring, a page whose redo a crash cut short, a record whose field a re-key found
+//! replaced under it), it runs another pass.
 //!
 //! Counts are exact because they are counted: a scan of every record header (MAC-checked,
 //! the data keys alone decoded, on two tasks).
@@ -373,6 +374,10 @@ async fn handle_record<S: Store>(
     }
     let id = body.id.clone();
     let mut fields_touched = Vec::new();
+    // This record's writes, added to `batch` only once the record is done whole: a record
+    // left half-done must leave nothing behind (its new chunks without its new header would
+    // be unreadable).
+    let mut own = Batch::default();
     for &category in &due {
         let stored = body
             .deks
@@ -386,11 +391,22 @@ async fn handle_record<S: Store>(
             if entry.category != category.as_str() {
                 continue;
             }
-            let plaintext: Zeroizing<Vec<u8>> = vault.read_field(&id, name, entry, &dek).await?;
+            let plaintext: Zeroizing<Vec<u8>> = match vault.read_field(&id, name, entry, &dek).await
+            {
+                Ok(p) => p,
+                // An update (or erasure) replaced the field's chunks since the page was read:
+                // not damage. The record is left for the next pass, whose count finds it.
+                Err(VaultError::DataLoss { .. })
+                    if vault.store().get(Keyspace::Records, key).await?.as_deref() != Some(raw) =>
+                {
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            };
             let sealed = record::seal_field(&sealer, &id, name, &plaintext)?;
             let stored_before = if entry.in_header { 0 } else { entry.chunks };
             let (chunks, inline) = crate::vault::place_chunks(
-                batch,
+                &mut own,
                 &id,
                 name,
                 entry.revision,
@@ -417,6 +433,7 @@ async fn handle_record<S: Store>(
     }
     let (kv, ik) = vault.keys().integrity_key();
     batch.expect(Keyspace::Records, key.to_vec(), Expect::Value(raw.to_vec()));
+    batch.ops.append(&mut own.ops);
     batch.put(Keyspace::Records, key.to_vec(), body.seal(kv, ik));
     if vault.auditing() {
         let mut draft = audit::Draft::new(job.kind.record_action(), JOB_PRINCIPAL, SYSTEM_ROLE);
@@ -638,21 +655,21 @@ async fn run<S: Store>(
             while let Some(done) = commits.next().await {
                 settle(vault, &mut job, scope, done, &mut unsettled, tx).await?;
             }
-            // End of a pass: a rewrap checks nothing was left behind.
-            if job.kind == JobKind::Rewrap {
-                let left = count_needing(vault, job.kind, scope, job.started_ms).await?;
-                if left > 0 {
-                    if job.pass >= MAX_PASSES {
-                        return Err(VaultError::Internal(format!(
-                            "{left} records still need rewrapping after {MAX_PASSES} passes"
-                        )));
-                    }
-                    tracing::info!(job = %job.id, left, "rewrap: another pass");
-                    job.pass += 1;
-                    job.cursor = None;
-                    next = prepare(vault, &job, scope, None).await?;
-                    continue;
+            // End of a pass: check nothing was left behind (a page redone after a crash, a
+            // record changed under a re-key), and go round again if something was.
+            let left = count_needing(vault, job.kind, scope, job.started_ms).await?;
+            if left > 0 {
+                if job.pass >= MAX_PASSES {
+                    return Err(VaultError::Internal(format!(
+                        "{left} records still need the {} job after {MAX_PASSES} passes",
+                        job.kind.as_str()
+                    )));
                 }
+                tracing::info!(job = %job.id, kind = job.kind.as_str(), left, "key job: another pass");
+                job.pass += 1;
+                job.cursor = None;
+                next = prepare(vault, &job, scope, None).await?;
+                continue;
             }
             job.done = job.total;
             job.finished_ms = Some(vault::now_ms());
@@ -1239,5 +1256,96 @@ mod tests {
                 .expect("redo"),
             0
         );
+    }
+    #[tokio::test]
+    async fn a_rekey_that_meets_a_replaced_field_leaves_the_record_whole_for_the_next_pass() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let vault = Arc::new(vault_over(store, &master).await);
+        let recruiter = caller("recruiter");
+        let long = |c: char| c.to_string().repeat(4000);
+        let mut ev = audit::Context::new("CreateRecord");
+        let (id, _) = vault
+            .create(
+                &recruiter,
+                "recruitment",
+                vec![text("full_name", "Someone"), text("education", &long('a'))],
+                &mut ev,
+            )
+            .await
+            .expect("create");
+        let id = id.to_string();
+        let job = JobState {
+            id: "t".into(),
+            kind: JobKind::Rekey,
+            category: Some("cv".into()),
+            total: 1,
+            done: 0,
+            cursor: None,
+            pass: 1,
+            started_ms: vault::now_ms() + 1,
+            finished_ms: None,
+            requested_by: "test".into(),
+            error: None,
+        };
+        let page = vault
+            .store()
+            .scan(Keyspace::Records, b"", None, JOB_PAGE)
+            .await
+            .expect("scan");
+        // The long field is replaced (its chunks deleted) after the page was read.
+        let mut ev = audit::Context::new("UpdateRecord");
+        vault
+            .update(
+                &recruiter,
+                &id,
+                "recruitment",
+                Change {
+                    set: vec![text("education", &long('b'))],
+                    ..Change::default()
+                },
+                &mut ev,
+            )
+            .await
+            .expect("update");
+        let (key, raw) = &page[0];
+        let mut batch = Batch::default();
+        let mut keks = BTreeSet::new();
+        let handled = handle_record(
+            &vault,
+            &job,
+            Some(Category::Cv),
+            key,
+            raw,
+            &mut batch,
+            &mut keks,
+        )
+        .await
+        .expect("not taken for damage");
+        assert!(!handled, "left for the next pass");
+        assert!(
+            batch.ops.is_empty() && batch.expects.is_empty(),
+            "nothing of it written"
+        );
+        // The next pass re-keys it, with the update in place.
+        assert_eq!(
+            count_needing(&vault, JobKind::Rekey, Some(Category::Cv), job.started_ms)
+                .await
+                .expect("count"),
+            1
+        );
+        let redone = redo_page(&vault, &job, Some(Category::Cv), &page)
+            .await
+            .expect("redo");
+        assert_eq!(redone, 1);
+        let got = vault
+            .get(&recruiter, &id, "recruitment", &["education".into()])
+            .await
+            .expect("read");
+        match &got.fields[0].1 {
+            Value::Text(t) => assert_eq!(t.as_str(), long('b')),
+            Value::Blob { .. } => panic!("text"),
+        }
     }
 }
