@@ -287,9 +287,12 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     ))
     .max_decoding_message_size(settings.max_request_bytes);
     let auth = Authenticator::new(Arc::new(settings.policy));
-    let records = RecordsServer::new(RecordsService::new(Arc::clone(&vault), auth))
+    // An answer may be larger than a request: an export holds the record's blobs in base64
+    // (4/3 of their size) and its access history.
+    let answer_limit = settings.max_request_bytes.saturating_mul(2);
+    let records = RecordsServer::new(RecordsService::new(Arc::clone(&vault), auth, answer_limit))
         .max_decoding_message_size(settings.max_request_bytes)
-        .max_encoding_message_size(settings.max_request_bytes);
+        .max_encoding_message_size(answer_limit);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<RecordsServer<RecordsService<SledStore>>>()

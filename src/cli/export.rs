@@ -42,9 +42,9 @@ const METHOD: &str = "ExportRecord";
 /// The `format` of a record export document.
 pub const EXPORT_FORMAT: &str = "kluis.record-export";
 
-/// Largest gRPC response accepted: an export holds every blob of the record, base64-encoded
-/// (blobs of up to 16 MiB each).
-const MAX_RESPONSE_BYTES: usize = 96 * 1024 * 1024;
+/// Largest gRPC response accepted: whatever the server may send (an export holds every blob
+/// of the record, base64-encoded; the server answers up to twice its `max_request_bytes`).
+const MAX_RESPONSE_BYTES: usize = 2 * crate::config::MAX_REQUEST_BYTES_LIMIT;
 
 /// Suffix of the temporary file the export is written to before it is moved into place.
 const PARTIAL_SUFFIX: &str = ".partial";

@@ -101,12 +101,19 @@ fn common_name(der: &[u8]) -> Option<String> {
 pub struct RecordsService<S> {
     vault: Arc<Vault<S>>,
     auth: Authenticator,
+    /// The largest answer the transport sends (its `max_encoding_message_size`).
+    answer_limit: usize,
 }
 
 impl<S: Store> RecordsService<S> {
-    /// A service over `vault`, authenticating with `auth`.
-    pub fn new(vault: Arc<Vault<S>>, auth: Authenticator) -> Self {
-        Self { vault, auth }
+    /// A service over `vault`, authenticating with `auth`, whose transport sends answers of
+    /// at most `answer_limit` bytes.
+    pub fn new(vault: Arc<Vault<S>>, auth: Authenticator, answer_limit: usize) -> Self {
+        Self {
+            vault,
+            auth,
+            answer_limit,
+        }
     }
 
     /// The field names of a request as its log line and event name them: each known name
@@ -547,14 +554,25 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         };
         let req = request.into_inner();
         data_subject_request(&mut log, &mut ev, &req.record_id);
+        let limit = self.answer_limit;
         let result = self
             .vault
             .export(&caller, &req.record_id, &mut ev)
             .await
-            .map(|mut json| proto::ExportRecordResponse {
-                json: std::mem::take(&mut *json),
-            })
-            .map_err(status::from_vault);
+            .map_err(status::from_vault)
+            .and_then(|mut json| {
+                // Said here, before the event is written: past the limit the transport would
+                // refuse to send the answer after the event said `ok`.
+                if json.len().saturating_add(16) > limit {
+                    return Err(Status::resource_exhausted(format!(
+                        "export: the document is {} bytes, more than an answer may hold ({limit} bytes: twice max_request_bytes); raise max_request_bytes",
+                        json.len()
+                    )));
+                }
+                Ok(proto::ExportRecordResponse {
+                    json: std::mem::take(&mut *json),
+                })
+            });
         self.finish(log, ev, result).await
     }
 

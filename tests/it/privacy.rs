@@ -1174,3 +1174,60 @@ async fn a_rectification_names_who_read_the_changed_fields_since_they_last_chang
         .into_inner();
     assert!(out.notify.is_empty(), "{:?}", out.notify);
 }
+
+/// An export larger than an answer may be (twice `max_request_bytes`) is refused before its
+/// event is written, with RESOURCE_EXHAUSTED naming the setting, not sent as `ok` and then
+/// dropped by the transport.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_too_large_to_send_is_refused_naming_the_setting() {
+    let mut v = spawn_vault().await;
+    v.tweak = Some(|s| s.max_request_bytes = 64 * 1024);
+    v.restart().await;
+    let mut recruiter = v.client("recruiter").await;
+    let bytes = vec![7u8; 60 * 1024];
+    let id = create_with(
+        &mut recruiter,
+        "recruitment",
+        &[("photo", blob(&bytes, "image/png"))],
+    )
+    .await;
+    for (name, kind) in [
+        ("intro_video", "video/mp4"),
+        ("cv_document", "application/pdf"),
+    ] {
+        recruiter
+            .update_record(UpdateRecordRequest {
+                record_id: id.clone(),
+                purpose: "recruitment".into(),
+                expected_revision: 0,
+                set: fields(&[(name, blob(&bytes, kind))]),
+                clear: vec![],
+            })
+            .await
+            .expect("add a blob");
+    }
+    let mut po = v.client("privacy_officer").await;
+    assert_status(
+        po.export_record(kluis::proto::ExportRecordRequest {
+            record_id: id.clone(),
+        })
+        .await,
+        Code::ResourceExhausted,
+        &["export", "max_request_bytes"],
+    );
+    let events = AuditClient::with_interceptor(v.channel().await, bearer(&v.tokens["auditor"]))
+        .query_events(QueryEventsRequest {
+            record_id: id.clone(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner()
+        .events;
+    let export = events
+        .iter()
+        .find(|e| e.action == "ExportRecord")
+        .expect("the export's event");
+    assert_ne!(export.outcome, "ok", "{export:?}");
+}
