@@ -710,6 +710,13 @@ fn parse_amount(text: &str) -> Result<String, ValueError> {
 
 fn parse_periods(text: &str) -> Result<String, ValueError> {
     let rule = "periods must be comma-separated YYYY-MM-DD/YYYY-MM-DD ranges (end empty = ongoing, end not before start); no other text may be stored";
+    const MAX_PERIODS: usize = 1000;
+    // Counted before anything is parsed or allocated: a huge value is refused at once.
+    if text.split(',').nth(MAX_PERIODS).is_some() {
+        return Err(ValueError::TooLarge(format!(
+            "at most {MAX_PERIODS} periods"
+        )));
+    }
     let mut out = Vec::new();
     for part in text.split(',') {
         let Some((start, end)) = part.trim().split_once('/') else {
@@ -726,15 +733,31 @@ fn parse_periods(text: &str) -> Result<String, ValueError> {
         }
         out.push(format!("{start}/{end}"));
     }
-    if out.len() > 1000 {
-        return Err(ValueError::TooLarge("at most 1000 periods".into()));
-    }
     Ok(out.join(","))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn at_most_1000_periods_counted_before_parsing() {
+        let one = "2026-01-05/2026-01-09";
+        let many = |n: usize| vec![one; n].join(",");
+        assert_eq!(
+            parse_periods(&many(1000)).expect("1000").len(),
+            1000 * 22 - 1
+        );
+        assert!(matches!(
+            parse_periods(&many(1001)),
+            Err(ValueError::TooLarge(_))
+        ));
+        // Refused as too many even when the parts are not periods at all.
+        assert!(matches!(
+            parse_periods(&",".repeat(5000)),
+            Err(ValueError::TooLarge(_))
+        ));
+    }
 
     #[test]
     fn masks_keep_only_what_the_rule_allows() {

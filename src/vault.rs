@@ -1115,18 +1115,26 @@ impl<S: Store> Vault<S> {
             .await?;
         let more = rows.len() > size;
         let mut records = Vec::with_capacity(size);
+        let mut last = None;
         for (key, raw) in rows.into_iter().take(size) {
             let id = Uuid::from_slice(&key).map_err(|_| VaultError::DataLoss {
                 record_id: hex::encode(&key),
                 part: "record key".into(),
             })?;
+            last = Some(id);
             let (kv, key) = self.keys.integrity_key();
-            let body =
-                RecordBody::open(id.as_bytes(), &raw, kv, key).map_err(|_| header_loss(id))?;
-            records.push(meta_of(id, &body));
+            match RecordBody::open(id.as_bytes(), &raw, kv, key) {
+                Ok(body) => records.push(meta_of(id, &body)),
+                // One damaged header must not hide every record after it: it is left out
+                // (and logged; reading it answers DATA_LOSS), and paging goes on past it.
+                Err(_) => tracing::error!(
+                    record_id = %id,
+                    "list: the record's header is damaged (DATA_LOSS); left out"
+                ),
+            }
         }
         let next_page_token = if more {
-            records.last().map(|m| encode_page_token(m.id))
+            last.map(encode_page_token)
         } else {
             None
         };

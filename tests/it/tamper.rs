@@ -229,6 +229,26 @@ async fn headers_swapped_or_rolled_back_are_data_loss() {
         "{}",
         err.message()
     );
+    // Listing leaves the damaged record out and still lists the others, page after page.
+    let mut c = vault.client("recruiter").await;
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_records(kluis::proto::ListRecordsRequest {
+                page_size: 1,
+                page_token: token.clone(),
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        listed.extend(page.records.into_iter().map(|r| r.record_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(listed, vec![a]);
 }
 
 #[tokio::test]
