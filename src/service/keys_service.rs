@@ -78,6 +78,17 @@ fn timestamp(ms: i64) -> Option<prost_types::Timestamp> {
     })
 }
 
+/// The request's `ok` event body, to be committed with the change it records (none when the
+/// vault does not audit).
+fn ok_event<S: Store>(vault: &crate::vault::Vault<S>, ev: &audit::Context) -> Vec<Vec<u8>> {
+    if !vault.auditing() {
+        return Vec::new();
+    }
+    let mut draft = ev.draft.clone();
+    draft.outcome = audit::Outcome::Ok.as_str().into();
+    vec![draft.encode()]
+}
+
 /// The key status after a change that is already committed (`done` says what): if reading it
 /// fails, the error says that the change happened, so that nobody retries it blindly.
 async fn status_after<S: Store>(jobs: &Jobs<S>, done: &str) -> Result<proto::KeyStatus, Status> {
@@ -182,12 +193,7 @@ impl<S: Store> KeysService<S> {
             ev.draft.field_names = scope_names(scope);
             // The event goes with the job's start (fail closed: no event, no job).
             let vault = self.jobs.vault();
-            let mut events = Vec::new();
-            if vault.auditing() {
-                let mut draft = ev.draft.clone();
-                draft.outcome = audit::Outcome::Ok.as_str().into();
-                events.push(draft.encode());
-            }
+            let events = ok_event(vault, &ev);
             let rx = self
                 .jobs
                 .start(kind, scope, &caller.principal, events)
@@ -233,12 +239,7 @@ impl<S: Store> proto::keys_server::Keys for KeysService<S> {
             };
             ev.draft.field_names = categories.iter().map(|c| c.as_str().into()).collect();
             let vault = self.jobs.vault();
-            let mut events = Vec::new();
-            if vault.auditing() {
-                let mut draft = ev.draft.clone();
-                draft.outcome = audit::Outcome::Ok.as_str().into();
-                events.push(draft.encode());
-            }
+            let events = ok_event(vault, &ev);
             let made = vault
                 .keys()
                 .rotate(vault.store(), &categories, events)
@@ -316,12 +317,7 @@ impl<S: Store> proto::keys_server::Keys for KeysService<S> {
                     if left == 1 { "" } else { "s" }
                 )));
             }
-            let mut events = Vec::new();
-            if vault.auditing() {
-                let mut draft = ev.draft.clone();
-                draft.outcome = audit::Outcome::Ok.as_str().into();
-                events.push(draft.encode());
-            }
+            let events = ok_event(vault, &ev);
             vault
                 .keys()
                 .retire(vault.store(), category, req.version, events)
