@@ -71,24 +71,59 @@ struct Checkpointer {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// How long a shutdown waits for open connections (streams that do not end by themselves:
+/// a health `Watch`, say) before it closes them.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
 impl Running {
-    /// Stops accepting requests, lets in-flight ones finish, and waits for the server to end.
+    /// Stops accepting requests, lets in-flight ones finish (for up to [`SHUTDOWN_GRACE`]),
+    /// and waits for the server to end, then signs a last checkpoint.
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        // A running key job stops first (it resumes from its last page on the next start), so
+        // that the streams of the clients watching its progress end and let the server stop.
+        if let Some(jobs) = self.jobs.take() {
+            jobs.stop().await;
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        self.wait().await
+        let served = match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.handle).await {
+            Ok(joined) => self.served(joined),
+            Err(_) => {
+                tracing::warn!(
+                    grace_secs = SHUTDOWN_GRACE.as_secs(),
+                    "connections still open after the grace period (streams that do not end by themselves): closing them"
+                );
+                self.handle.abort();
+                let _ = (&mut self.handle).await;
+                Ok(())
+            }
+        };
+        self.finish(served).await
     }
 
     /// Waits for the server to end, then signs a last checkpoint.
     pub async fn wait(mut self) -> Result<(), ServerError> {
-        let served = match (&mut self.handle).await {
+        let joined = (&mut self.handle).await;
+        let served = self.served(joined);
+        self.finish(served).await
+    }
+
+    fn served(
+        &self,
+        joined: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+    ) -> Result<(), ServerError> {
+        match joined {
             Ok(r) => r.map_err(ServerError::from),
             Err(e) => Err(ServerError::Bind {
                 addr: self.local_addr,
                 source: std::io::Error::other(e.to_string()),
             }),
-        };
+        }
+    }
+
+    /// Stops the background tasks and signs a last checkpoint.
+    async fn finish(mut self, served: Result<(), ServerError>) -> Result<(), ServerError> {
         for task in [self.schedule.take(), self.sweeper.take()]
             .into_iter()
             .flatten()

@@ -139,30 +139,56 @@ fn progress_to_proto(p: &Progress) -> proto::RewrapProgress {
     }
 }
 
-/// The stream of a job's progress: the current state, then every change, until it finishes
-/// (or stops with an error, which ends the stream with ABORTED).
+/// The stream of a job's progress: the current state at once, then every change, until it
+/// finishes (or stops with an error, which ends the stream with ABORTED; or is stopped by a
+/// shutdown, which ends it with UNAVAILABLE).
 pub type ProgressStream =
     Pin<Box<dyn Stream<Item = Result<proto::RewrapProgress, Status>> + Send + 'static>>;
 
+/// Where a progress stream is.
+enum Watch {
+    /// About to send the job's current state.
+    Start(tokio::sync::watch::Receiver<Progress>),
+    /// Waiting for the job's next state.
+    Next(tokio::sync::watch::Receiver<Progress>),
+    /// Ended.
+    Done,
+}
+
 fn progress_stream(rx: tokio::sync::watch::Receiver<Progress>) -> ProgressStream {
-    let stream = futures::stream::unfold(Some(rx), |state| async move {
-        let mut rx = state?;
+    let stream = futures::stream::unfold(Watch::Start(rx), |state| async move {
+        let mut rx = match state {
+            Watch::Start(rx) => rx,
+            Watch::Next(mut rx) => {
+                if rx.changed().await.is_err() {
+                    // Closed before the end: the job was stopped (the server is shutting
+                    // down).
+                    return Some((
+                        Err(Status::unavailable(
+                            "the key job was stopped (the server is shutting down); it resumes from its last page when the server starts again",
+                        )),
+                        Watch::Done,
+                    ));
+                }
+                rx
+            }
+            Watch::Done => return None,
+        };
         let p = rx.borrow_and_update().clone();
         if let Some(error) = p.error {
             return Some((
                 Err(Status::aborted(format!(
                     "the key job stopped: {error}; it resumes from its last checkpoint when the same request is made again"
                 ))),
-                None,
+                Watch::Done,
             ));
         }
-        let item = Ok(progress_to_proto(&p));
-        if p.finished {
-            return Some((item, None));
-        }
-        // Wait for the next change; a closed channel (job ended) still yields its last state.
-        let _ = rx.changed().await;
-        Some((item, Some(rx)))
+        let next = if p.finished {
+            Watch::Done
+        } else {
+            Watch::Next(rx)
+        };
+        Some((Ok(progress_to_proto(&p)), next))
     });
     Box::pin(stream)
 }
@@ -348,5 +374,46 @@ fn key_op_status(e: crate::keys::KeyOpError) -> Status {
             tracing::error!(error = %inner, "key operation failed");
             Status::unavailable("the key operation failed; nothing was changed")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    fn at(done: u64, finished: bool) -> Progress {
+        Progress {
+            category: "identity".into(),
+            done,
+            total: 10,
+            finished,
+            error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_progress_stream_sends_the_state_at_once_and_follows_the_job_to_its_end() {
+        let (tx, rx) = tokio::sync::watch::channel(at(0, false));
+        let mut stream = progress_stream(rx);
+        assert_eq!(stream.next().await.expect("first").expect("ok").done, 0);
+        tx.send_replace(at(10, true));
+        drop(tx);
+        let last = stream.next().await.expect("last").expect("ok");
+        assert!(last.finished && last.done == 10);
+        assert!(stream.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_progress_stream_of_a_stopped_job_ends_with_unavailable() {
+        let (tx, rx) = tokio::sync::watch::channel(at(3, false));
+        let mut stream = progress_stream(rx);
+        assert_eq!(stream.next().await.expect("state").expect("ok").done, 3);
+        // The job is stopped (its task aborted: the sender goes) before it finishes.
+        drop(tx);
+        let end = stream.next().await.expect("end").expect_err("stopped");
+        assert_eq!(end.code(), tonic::Code::Unavailable);
+        assert!(end.message().contains("resumes"), "{}", end.message());
+        assert!(stream.next().await.is_none(), "and nothing after it");
     }
 }
