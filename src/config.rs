@@ -162,11 +162,11 @@ impl KeysFile {
         }
         Ok(KeySettings {
             rotate_after,
-            schedule_check: std::time::Duration::from_secs(
+            schedule_check: std::time::Duration::from_secs(positive(
+                "[keys] schedule_check_secs",
                 self.schedule_check_secs
-                    .unwrap_or(DEFAULT_SCHEDULE_CHECK_SECS)
-                    .max(1),
-            ),
+                    .unwrap_or(DEFAULT_SCHEDULE_CHECK_SECS),
+            )?),
         })
     }
 }
@@ -386,6 +386,14 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
     let policy =
         Policy::from_toml(&std::fs::read_to_string(&policy_path).map_err(io_err(&policy_path))?)?;
     policy.check_masked(&schema)?;
+    // The consent that extends an applicant's period must be a purpose of the policy (a typo
+    // would erase every consenting applicant after the short period).
+    let purpose = &file.retention.applicant_consent_purpose;
+    if policy.purpose(purpose).is_none() {
+        return Err(ConfigError::Rule(format!(
+            "[retention] applicant_consent_purpose = \"{purpose}\" is not a purpose of the policy"
+        )));
+    }
     let tls = match &file.tls {
         Some(t) => Some(load_tls(t, &rel)?),
         None => None,
@@ -412,21 +420,40 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
             enabled: true,
             signing_key_file: rel(&file.audit.signing_key_file),
             create_signing_key: false,
-            checkpoint_every: file.audit.checkpoint_every.max(1),
-            checkpoint_interval: std::time::Duration::from_secs(
-                file.audit.checkpoint_interval_secs.max(1),
-            ),
+            checkpoint_every: positive("[audit] checkpoint_every", file.audit.checkpoint_every)?,
+            checkpoint_interval: std::time::Duration::from_secs(positive(
+                "[audit] checkpoint_interval_secs",
+                file.audit.checkpoint_interval_secs,
+            )?),
         },
         keys: file.keys.resolve()?,
         retention: {
             file.retention.validate().map_err(ConfigError::Rule)?;
+            positive(
+                "[retention] sweep_interval_secs",
+                file.retention.sweep_interval_secs,
+            )?;
             file.retention.clone()
         },
         clock: crate::vault::system_clock(),
     })
 }
 
+/// `value`, refused when 0 (naming `key`).
+fn positive(key: &str, value: u64) -> Result<u64, ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::Rule(format!("{key} = 0: must be at least 1")));
+    }
+    Ok(value)
+}
+
 fn load_tls(t: &TlsFile, rel: &dyn Fn(&Path) -> PathBuf) -> Result<TlsSettings, ConfigError> {
+    // Requiring client certificates needs the CA that verifies them.
+    if t.require_client_cert && t.client_ca_file.is_none() {
+        return Err(ConfigError::Rule(
+            "[tls] require_client_cert = true needs client_ca_file (the CA that signs client certificates)".into(),
+        ));
+    }
     let read = |p: &Path| {
         let p = rel(p);
         std::fs::read(&p).map_err(io_err(&p))
@@ -474,6 +501,16 @@ pub fn dev(
     listen: Option<&str>,
     data_dir: Option<&Path>,
 ) -> Result<Settings, ConfigError> {
+    // A production set-up (`kluis init`) uses the same layout: dev mode there would serve its
+    // data with dev tokens for every role and the default policy and retention rules.
+    let config = root.join("kluis.toml");
+    if config.exists() {
+        return Err(ConfigError::Rule(format!(
+            "{} exists: this directory holds a production set-up; run `kluis serve --config {}` (dev mode belongs in a directory of its own)",
+            config.display(),
+            config.display()
+        )));
+    }
     let keys = root.join("keys");
     std::fs::create_dir_all(&keys).map_err(io_err(&keys))?;
     let key_path = keys.join("master.key");
@@ -487,9 +524,16 @@ pub fn dev(
         write_dev_tokens(&tokens_path)?;
     }
     let text = Zeroizing::new(std::fs::read_to_string(&tokens_path).map_err(io_err(&tokens_path))?);
+    // toml's own message quotes the offending line, which holds a token: say where only.
     let tokens: DevTokens = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
         path: tokens_path.display().to_string(),
-        message: e.to_string(),
+        message: match e.span() {
+            Some(span) => format!(
+                "not a `[tokens]` table of `role = \"token\"` lines (line {})",
+                text[..span.start.min(text.len())].matches('\n').count() + 1
+            ),
+            None => "not a `[tokens]` table of `role = \"token\"` lines".into(),
+        },
     })?;
     let mut policy = Policy::default_policy();
     for (role, token) in &tokens.tokens {
@@ -638,6 +682,75 @@ mod tests {
                 Err(e) => assert!(!ok && e.to_string().contains("max_request_bytes"), "{e}"),
             }
         }
+    }
+
+    #[test]
+    fn settings_that_would_silently_weaken_or_break_things_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = init(dir.path(), DEFAULT_LISTEN).expect("init");
+        let config = std::fs::read_to_string(&out.config_path).expect("config");
+        for (extra, needle) in [
+            ("[audit]\ncheckpoint_every = 0\n", "checkpoint_every = 0"),
+            (
+                "[audit]\ncheckpoint_interval_secs = 0\n",
+                "checkpoint_interval_secs = 0",
+            ),
+            (
+                "[keys]\nschedule_check_secs = 0\n",
+                "schedule_check_secs = 0",
+            ),
+            (
+                "[retention]\nsweep_interval_secs = 0\n",
+                "sweep_interval_secs = 0",
+            ),
+            (
+                "[retention]\napplicant_consent_purpose = \"talentpool\"\n",
+                "applicant_consent_purpose",
+            ),
+            (
+                "[tls]\ncert_file = \"a.crt\"\nkey_file = \"a.key\"\nrequire_client_cert = true\n",
+                "client_ca_file",
+            ),
+        ] {
+            std::fs::write(&out.config_path, format!("{config}\n{extra}")).expect("write");
+            let err = load(&out.config_path).err().expect("refused").to_string();
+            assert!(err.contains(needle), "{extra}: {err}");
+        }
+        // Dev mode refuses a production set-up.
+        std::fs::write(&out.config_path, &config).expect("write");
+        let err = dev(dir.path(), None, None)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("kluis.toml") && err.contains("--config"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_broken_dev_tokens_file_is_named_without_quoting_a_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        dev(dir.path(), None, None).expect("first start");
+        let path = dir.path().join("keys/dev-tokens.toml");
+        let text = std::fs::read_to_string(&path).expect("tokens");
+        // A duplicate role line: toml's own message would quote it, token and all.
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("recruiter"))
+            .expect("a recruiter line")
+            .to_string();
+        std::fs::write(&path, format!("{text}{line}\n")).expect("write");
+        let err = dev(dir.path(), None, None)
+            .err()
+            .expect("refused")
+            .to_string();
+        let token = line.split('"').nth(1).expect("quoted token");
+        assert!(!err.contains(token), "{err}");
+        assert!(
+            err.contains("dev-tokens.toml") && err.contains("line"),
+            "{err}"
+        );
     }
 
     #[test]
