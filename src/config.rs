@@ -713,14 +713,13 @@ mod tests {
             ),
         ] {
             std::fs::write(&out.config_path, format!("{config}\n{extra}")).expect("write");
-            let err = load(&out.config_path).err().expect("refused").to_string();
+            let err = load(&out.config_path).expect_err("refused").to_string();
             assert!(err.contains(needle), "{extra}: {err}");
         }
         // Dev mode refuses a production set-up.
         std::fs::write(&out.config_path, &config).expect("write");
         let err = dev(dir.path(), None, None)
-            .err()
-            .expect("refused")
+            .expect_err("refused")
             .to_string();
         assert!(
             err.contains("kluis.toml") && err.contains("--config"),
@@ -742,8 +741,7 @@ mod tests {
             .to_string();
         std::fs::write(&path, format!("{text}{line}\n")).expect("write");
         let err = dev(dir.path(), None, None)
-            .err()
-            .expect("refused")
+            .expect_err("refused")
             .to_string();
         let token = line.split('"').nth(1).expect("quoted token");
         assert!(!err.contains(token), "{err}");
