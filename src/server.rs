@@ -284,6 +284,27 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         source,
     })?;
 
+    // The transport (and TLS: its certificate and key are parsed here) before any background
+    // work starts, so that a bad TLS file stops the start before a sweep or a key job runs.
+    let limit = settings.max_request_bytes;
+    let mut builder =
+        Server::builder().layer(tower::util::MapResponseLayer::new(move |response| {
+            request_too_large_status(response, limit)
+        }));
+    if let Some(tls) = &settings.tls {
+        let mut config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&tls.cert_pem, tls.key_pem.as_slice()));
+        if let Some(ca) = &tls.client_ca_pem {
+            config = config
+                .client_ca_root(Certificate::from_pem(ca))
+                .client_auth_optional(!tls.require_client_cert);
+        }
+        builder = builder.tls_config(config).map_err(|e| {
+            ConfigError::Rule(format!(
+                "[tls]: the certificate, key or client CA could not be used (cert_file, key_file, client_ca_file): {e}"
+            ))
+        })?;
+    }
     let signer = Signer::load_or_create(
         &settings.audit.signing_key_file,
         settings.audit.create_signing_key,
@@ -349,21 +370,6 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
 
-    let limit = settings.max_request_bytes;
-    let mut builder =
-        Server::builder().layer(tower::util::MapResponseLayer::new(move |response| {
-            request_too_large_status(response, limit)
-        }));
-    if let Some(tls) = &settings.tls {
-        let mut config = ServerTlsConfig::new()
-            .identity(Identity::from_pem(&tls.cert_pem, tls.key_pem.as_slice()));
-        if let Some(ca) = &tls.client_ca_pem {
-            config = config
-                .client_ca_root(Certificate::from_pem(ca))
-                .client_auth_optional(!tls.require_client_cert);
-        }
-        builder = builder.tls_config(config)?;
-    }
     let (tx, rx) = oneshot::channel::<()>();
     let router = builder
         .add_service(health)

@@ -248,3 +248,29 @@ async fn required_client_certificates_and_foreign_cas_are_refused() {
         "a foreign CA's certificate was accepted"
     );
 }
+
+/// A certificate or key that cannot be used stops the start, naming the `[tls]` settings,
+/// before any background work (a retention sweep, a key job) has run.
+#[tokio::test]
+async fn an_unusable_tls_key_stops_the_start_naming_the_setting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = ca("Kluis Test CA");
+    let (cert_pem, _) = leaf(&ca, "kluis.test", false);
+    let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+    let mut settings =
+        kluis::config::ephemeral(&dir.path().join("data"), master, Policy::default_policy());
+    settings.tls = Some(TlsSettings {
+        cert_pem: cert_pem.into_bytes(),
+        key_pem: zeroize::Zeroizing::new(
+            b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n".to_vec(),
+        ),
+        client_ca_pem: None,
+        require_client_cert: false,
+    });
+    let err = kluis::server::start(settings)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("[tls]") && err.contains("key_file"), "{err}");
+}
