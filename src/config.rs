@@ -10,7 +10,6 @@
 //!   names another loopback address.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -557,16 +556,7 @@ pub fn dev(
 }
 
 fn write_secret_file(path: &Path, text: &str) -> Result<(), ConfigError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err(path))?;
-    f.write_all(text.as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(io_err(path))
+    crate::keys::write_secret_file(path, text.as_bytes()).map_err(io_err(path))
 }
 
 fn write_dev_tokens(path: &Path) -> Result<(), ConfigError> {

@@ -160,13 +160,30 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir)?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
+    // Written whole under a temporary name, then linked to its own (which fails if that name
+    // exists: never overwritten): a crash leaves the file complete or absent, never cut short.
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("a secret file needs a file name"))?;
+    let mut suffix = [0u8; 8];
+    crate::crypto::random_fill(&mut suffix).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        hex::encode(suffix)
+    ));
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        std::fs::hard_link(&tmp, path)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    written?;
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
@@ -798,6 +815,30 @@ pub async fn which_master_key<S: Store>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_file_is_written_whole_once_and_never_overwritten() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sub").join("secret.key");
+        write_secret_file(&path, b"first").expect("written");
+        assert_eq!(std::fs::read(&path).expect("read"), b"first");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let again = write_secret_file(&path, b"second").expect_err("exists");
+        assert_eq!(again.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            b"first",
+            "left as it was"
+        );
+        // No temporary file is left behind.
+        let names: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("secret.key")]);
+    }
     use crate::store::SledStore;
 
     #[tokio::test]
