@@ -1163,6 +1163,28 @@ impl<S: Store> Vault<S> {
     }
 
     /// Checks names and rights first (nothing parsed for a refused request), then values.
+    /// The checks before values, for `fields` named under `prefix`: the purpose, every name
+    /// known, and the caller's right to write each.
+    pub fn check_writable<'a>(
+        &self,
+        caller: &Caller,
+        purpose: &str,
+        prefix: &str,
+        fields: impl Iterator<Item = &'a str>,
+    ) -> Result<(), VaultError> {
+        check_purpose(caller, purpose)?;
+        let mut defs = Vec::new();
+        for name in fields {
+            defs.push(self.field_def(prefix, name)?);
+        }
+        for def in defs {
+            if !caller.role.may_write(def.category) {
+                return Err(denied_field(caller, "write", def));
+            }
+        }
+        Ok(())
+    }
+
     fn parse_writes(
         &self,
         caller: &Caller,

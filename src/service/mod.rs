@@ -135,6 +135,51 @@ impl<S: Store> RecordsService<S> {
     }
 }
 
+impl<S: Store> RecordsService<S> {
+    /// Refuses a value of the wrong shape (text with a content type, no value at all), but
+    /// only after the purpose and the rights on every named field, which come first in the
+    /// order of checks (an unauthorised caller is `denied`, whatever its values look like).
+    fn shapes_after_rights(
+        &self,
+        caller: &Caller,
+        purpose: &str,
+        prefix: &str,
+        fields: &std::collections::HashMap<String, proto::FieldValue>,
+    ) -> Result<(), Status> {
+        let Some(shape) = fields
+            .iter()
+            .find_map(|(name, value)| shape_error(prefix, name, value))
+        else {
+            return Ok(());
+        };
+        self.vault
+            .check_writable(caller, purpose, prefix, fields.keys().map(String::as_str))
+            .map_err(status::from_vault)?;
+        Err(shape)
+    }
+}
+
+/// Why a proto field value has the wrong shape, if it has.
+fn shape_error(prefix: &str, name: &str, value: &proto::FieldValue) -> Option<Status> {
+    match value.kind {
+        Some(Kind::Text(_)) if !value.content_type.is_empty() => {
+            Some(Status::invalid_argument(format!(
+                "{prefix}.{}: content_type applies only to blob values",
+                crate::error::printable_name(name)
+            )))
+        }
+        Some(_) => None,
+        None => Some(empty_value(prefix, name)),
+    }
+}
+
+fn empty_value(prefix: &str, name: &str) -> Status {
+    Status::invalid_argument(format!(
+        "{prefix}.{}: value is empty: set `text` or `blob` (use clear to remove a field)",
+        crate::error::printable_name(name)
+    ))
+}
+
 /// Converts proto field values into domain values; the bytes move, nothing is copied.
 fn to_values(
     prefix: &str,
@@ -142,26 +187,16 @@ fn to_values(
 ) -> Result<Vec<(String, Value)>, Status> {
     let mut out = Vec::new();
     for (name, value) in fields {
+        if let Some(shape) = shape_error(prefix, &name, &value) {
+            return Err(shape);
+        }
         let v = match value.kind {
-            Some(Kind::Text(text)) => {
-                if !value.content_type.is_empty() {
-                    return Err(Status::invalid_argument(format!(
-                        "{prefix}.{}: content_type applies only to blob values",
-                        crate::error::printable_name(&name)
-                    )));
-                }
-                Value::Text(Zeroizing::new(text))
-            }
             Some(Kind::Blob(bytes)) => Value::Blob {
                 bytes: Zeroizing::new(bytes),
                 content_type: value.content_type,
             },
-            None => {
-                return Err(Status::invalid_argument(format!(
-                "{prefix}.{}: value is empty: set `text` or `blob` (use clear to remove a field)",
-                crate::error::printable_name(&name)
-            )))
-            }
+            Some(Kind::Text(text)) => Value::Text(Zeroizing::new(text)),
+            None => return Err(empty_value(prefix, &name)),
         };
         out.push((name, v));
     }
@@ -303,6 +338,7 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         ev.draft.purpose = self.purpose_name(&req.purpose);
         ev.draft.field_names = names;
         let result = async {
+            self.shapes_after_rights(&caller, &req.purpose, "fields", &req.fields)?;
             let fields = to_values("fields", req.fields)?;
             let (id, revision) = self
                 .vault
@@ -379,6 +415,7 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         ev.draft.purpose = self.purpose_name(&req.purpose);
         ev.draft.field_names = names;
         let result = async {
+            self.shapes_after_rights(&caller, &req.purpose, "set", &req.set)?;
             let set = to_values("set", req.set)?;
             let updated = self
                 .vault

@@ -844,3 +844,55 @@ async fn a_request_over_max_request_bytes_is_resource_exhausted_and_changes_noth
         .await
         .expect("a small request is served");
 }
+
+/// Purpose and rights come before values: a caller who may not write a field is denied,
+/// whatever shape its value has; one who may gets the precise shape error.
+#[tokio::test]
+async fn rights_are_checked_before_the_shape_of_values() {
+    let v = spawn_vault().await;
+    let odd = kluis::proto::FieldValue {
+        kind: Some(kluis::proto::field_value::Kind::Text("Zwolle".into())),
+        content_type: "text/plain".into(),
+    };
+    let request = |purpose: &str| CreateRecordRequest {
+        purpose: purpose.into(),
+        fields: [("city".to_string(), odd.clone())].into_iter().collect(),
+    };
+    // The absence role may not write `city` (contact).
+    assert_status(
+        v.client("absence")
+            .await
+            .create_record(request("absence_management"))
+            .await,
+        Code::PermissionDenied,
+        &["city"],
+    );
+    // Nor may a role use a purpose it does not have.
+    assert_status(
+        v.client("auditor")
+            .await
+            .create_record(request("recruitment"))
+            .await,
+        Code::PermissionDenied,
+        &["recruitment"],
+    );
+    assert_status(
+        v.client("recruiter")
+            .await
+            .create_record(request("recruitment"))
+            .await,
+        Code::InvalidArgument,
+        &["fields.city", "content_type"],
+    );
+    let empty = CreateRecordRequest {
+        purpose: "absence_management".into(),
+        fields: [("city".to_string(), kluis::proto::FieldValue::default())]
+            .into_iter()
+            .collect(),
+    };
+    assert_status(
+        v.client("absence").await.create_record(empty).await,
+        Code::PermissionDenied,
+        &["city"],
+    );
+}
