@@ -507,6 +507,13 @@ impl<S: Store> Vault<S> {
                 .chain(cleared.keys().copied())
                 .filter_map(|n| body.fields.get(n).map(|e| (n.to_string(), e.written_ms)))
                 .collect();
+            // Where the chain stood when the readers were looked up: reads recorded between
+            // here and the commit are looked up after it (they returned the old value too).
+            let looked_to = if self.auditing && !changed.is_empty() {
+                Some(audit::Head::load(&self.store).await?.seq)
+            } else {
+                None
+            };
             let notify = self.readers_since(id, &changed, &caller.principal).await?;
             let mut batch = Batch::default();
             let mut sealers: BTreeMap<Category, SealingKey> = BTreeMap::new();
@@ -538,6 +545,20 @@ impl<S: Store> Vault<S> {
             match self.store.commit(batch).await {
                 Ok(()) => {
                     event.written = true;
+                    let notify = match looked_to {
+                        Some(seq) => {
+                            self.late_readers(
+                                id,
+                                &changed,
+                                &caller.principal,
+                                seq,
+                                &event.draft,
+                                notify,
+                            )
+                            .await
+                        }
+                        None => notify,
+                    };
                     return Ok(Updated { revision, notify });
                 }
                 Err(StoreError::Conflict) => continue,
@@ -857,6 +878,53 @@ impl<S: Store> Vault<S> {
         Ok((batch, erasure, names))
     }
 
+    /// `notify` and the principals of reads recorded after event `after` and before this
+    /// update's own event `ours` (the first `UpdateRecord` of the same principal and fields
+    /// after `after`): they raced the update and returned the old value. The update is
+    /// committed: if the chain cannot be read now, the list found before stands (logged).
+    async fn late_readers(
+        &self,
+        id: Uuid,
+        fields: &BTreeMap<String, i64>,
+        except: &str,
+        after: u64,
+        ours: &audit::Draft,
+        notify: Vec<String>,
+    ) -> Vec<String> {
+        let filter = audit::Filter {
+            record_id: Some(id.to_string()),
+            ..audit::Filter::default()
+        };
+        let mut readers: BTreeSet<String> = notify.into_iter().collect();
+        let mut from = after;
+        loop {
+            let page = match audit::query(&self.store, &filter, from, 1000).await {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(record_id = %id, error = %e, "update: reads that raced it could not be looked up; notify lists those found before it");
+                    break;
+                }
+            };
+            for e in page.events {
+                let own = e.draft.action == ours.action
+                    && e.draft.principal == ours.principal
+                    && e.draft.field_names == ours.field_names
+                    && e.draft.outcome == audit::Outcome::Ok.as_str();
+                if own {
+                    return readers.into_iter().collect();
+                }
+                if read_one_of(&e, fields, except) {
+                    readers.insert(e.draft.principal);
+                }
+            }
+            match page.next_after {
+                Some(n) => from = n,
+                None => break,
+            }
+        }
+        readers.into_iter().collect()
+    }
+
     /// The principals other than `except` with a successful `GetRecord` of record `id` that
     /// returned one of `fields` at or after that field's write time. Reads the record's events
     /// from the oldest write time on (binary search by time, then a scan of the chain).
@@ -879,14 +947,7 @@ impl<S: Store> Vault<S> {
         loop {
             let page = audit::query(&self.store, &filter, after, 1000).await?;
             for e in page.events {
-                let read_one = e.draft.action == "GetRecord"
-                    && e.draft.outcome == audit::Outcome::Ok.as_str()
-                    && e.draft.principal != except
-                    && e.draft
-                        .field_names
-                        .iter()
-                        .any(|n| fields.get(n).is_some_and(|written| e.time_ms >= *written));
-                if read_one {
+                if read_one_of(&e, fields, except) {
                     readers.insert(e.draft.principal);
                 }
             }
@@ -1609,6 +1670,18 @@ pub(crate) fn uuid_string(id: &[u8]) -> String {
     Uuid::from_slice(id).map_or_else(|_| hex::encode(id), |u| u.to_string())
 }
 
+/// Whether `e` is a successful `GetRecord` by someone other than `except` that returned one
+/// of `fields` (name → write time) at or after its write time.
+fn read_one_of(e: &audit::Event, fields: &BTreeMap<String, i64>, except: &str) -> bool {
+    e.draft.action == "GetRecord"
+        && e.draft.outcome == audit::Outcome::Ok.as_str()
+        && e.draft.principal != except
+        && e.draft
+            .field_names
+            .iter()
+            .any(|n| fields.get(n).is_some_and(|written| e.time_ms >= *written))
+}
+
 pub(crate) fn header_loss(id: Uuid) -> VaultError {
     VaultError::DataLoss {
         record_id: id.to_string(),
@@ -1625,4 +1698,53 @@ pub(crate) fn field_loss(id: &[u8], name: &str) -> VaultError {
 
 pub(crate) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::SecretKey;
+    use crate::keys::{KeyRing, MasterKey};
+    use crate::store::SledStore;
+
+    #[tokio::test]
+    async fn reads_recorded_between_the_lookup_and_the_update_are_notified_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let keys = KeyRing::open(&store, &master).await.expect("keys");
+        let vault = Vault::new(store, Arc::new(Schema::default_schema()), Arc::new(keys));
+        let id = Uuid::new_v4();
+        let draft = |action: &str, principal: &str| {
+            let mut d = audit::Draft::new(action, principal, "recruiter");
+            d.record_id = id.to_string();
+            d.field_names = vec!["email".into()];
+            d.outcome = audit::Outcome::Ok.as_str().into();
+            d
+        };
+        let append = |d: audit::Draft| {
+            let mut b = Batch::default();
+            b.append_event(d.encode());
+            vault.store().commit(b)
+        };
+        append(draft("GetRecord", "early")).await.expect("event");
+        let looked_to = audit::Head::load(vault.store()).await.expect("head").seq;
+        append(draft("GetRecord", "racing")).await.expect("event");
+        let ours = draft("UpdateRecord", "writer");
+        append(ours.clone()).await.expect("event");
+        append(draft("GetRecord", "later")).await.expect("event");
+        let fields = BTreeMap::from([("email".to_string(), 0i64)]);
+        let notify = vault
+            .late_readers(
+                id,
+                &fields,
+                "writer",
+                looked_to,
+                &ours,
+                vec!["early".into()],
+            )
+            .await;
+        // The read that raced the update is added; the one after the update is not.
+        assert_eq!(notify, vec!["early".to_string(), "racing".to_string()]);
+    }
 }
