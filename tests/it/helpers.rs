@@ -89,6 +89,25 @@ pub async fn spawn_vault() -> TestVault {
 }
 
 impl TestVault {
+    /// The events matching `query` (one page of up to 1000), as the `auditor` reads them.
+    pub async fn audit_events(
+        &self,
+        query: kluis::proto::QueryEventsRequest,
+    ) -> Vec<kluis::proto::AuditEvent> {
+        kluis::proto::audit_client::AuditClient::with_interceptor(
+            self.channel().await,
+            bearer(&self.tokens["auditor"]),
+        )
+        .query_events(kluis::proto::QueryEventsRequest {
+            page_size: 1000,
+            ..query
+        })
+        .await
+        .expect("query")
+        .into_inner()
+        .events
+    }
+
     fn settings(&self, master_hex: &str) -> kluis::config::Settings {
         let master = MasterKey::from_secret(SecretKey::from_hex(master_hex).expect("hex"));
         let mut settings =

@@ -743,18 +743,12 @@ async fn the_schedule_rotates_a_due_key_and_rewraps_by_itself() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(versions(&status(&mut k).await, "identity").0, 2);
     read_all(&v, &ids).await;
-    let mut auditor =
-        AuditClient::with_interceptor(v.channel().await, bearer(&v.tokens["auditor"]));
-    let events = auditor
-        .query_events(QueryEventsRequest {
+    let events = v
+        .audit_events(QueryEventsRequest {
             principal: "system:key-schedule".into(),
-            page_size: 1000,
             ..Default::default()
         })
-        .await
-        .expect("query")
-        .into_inner()
-        .events;
+        .await;
     // The rotation, then the rewrap it asked for (once: not again while the job ran).
     let actions: Vec<(&str, &[String])> = events
         .iter()
@@ -971,18 +965,12 @@ async fn a_job_that_meets_a_damaged_record_stops_names_it_and_resumes_once_repai
     assert_eq!((last.done, last.total, last.finished), (3, 3, true));
     assert_eq!(versions(&status(&mut k).await, "identity").1[&1].1, 0);
     read_all(&v, &ids).await;
-    let mut auditor =
-        AuditClient::with_interceptor(v.channel().await, bearer(&v.tokens["auditor"]));
-    let events = auditor
-        .query_events(QueryEventsRequest {
+    let events = v
+        .audit_events(QueryEventsRequest {
             principal: "system:key-job".into(),
-            page_size: 1000,
             ..Default::default()
         })
-        .await
-        .expect("query")
-        .into_inner()
-        .events;
+        .await;
     let outcomes: Vec<_> = events
         .iter()
         .filter(|e| e.action == "RewrapFinished")
@@ -1026,18 +1014,12 @@ async fn a_rotation_whose_status_cannot_be_read_says_it_is_done() {
         "{}",
         err.message()
     );
-    let mut auditor =
-        AuditClient::with_interceptor(v.channel().await, bearer(&v.tokens["auditor"]));
-    let events = auditor
-        .query_events(QueryEventsRequest {
+    let events = v
+        .audit_events(QueryEventsRequest {
             principal: "test-security_officer".into(),
-            page_size: 1000,
             ..Default::default()
         })
-        .await
-        .expect("query")
-        .into_inner()
-        .events;
+        .await;
     assert!(
         events
             .iter()

@@ -1,7 +1,6 @@
 //! Record processing state through real gRPC (issue 5, first part): lifecycle, consent and
 //! objection per purpose, restriction (Art. 18) and legal hold, with their rights and events.
 
-use kluis::proto::audit_client::AuditClient;
 use kluis::proto::{
     CreateRecordRequest, FindRecordsRequest, GetRecordRequest, ListRecordsRequest,
     QueryEventsRequest, SetConsentRequest, SetLegalHoldRequest, SetLifecycleRequest,
@@ -296,16 +295,12 @@ async fn consent_gates_talent_pool_and_an_objection_stops_personal_offers() {
     );
 
     // Each change is an event with the record and the purpose.
-    let events = AuditClient::with_interceptor(v.channel().await, bearer(&v.tokens["auditor"]))
-        .query_events(QueryEventsRequest {
+    let events = v
+        .audit_events(QueryEventsRequest {
             record_id: id.clone(),
-            page_size: 1000,
             ..Default::default()
         })
-        .await
-        .expect("query")
-        .into_inner()
-        .events;
+        .await;
     let consents: Vec<_> = events
         .iter()
         .filter(|e| e.action == "SetConsent")
@@ -637,16 +632,12 @@ async fn erasure_removes_what_no_duty_keeps_and_names_what_stays() {
     assert!(out.retained.iter().all(|r| !r.basis.is_empty()));
 
     // Erasure events name fields, never values; the trail outlives the data.
-    let events = AuditClient::with_interceptor(v.channel().await, bearer(&v.tokens["auditor"]))
-        .query_events(QueryEventsRequest {
+    let events = v
+        .audit_events(QueryEventsRequest {
             record_id: id.clone(),
-            page_size: 1000,
             ..Default::default()
         })
-        .await
-        .expect("query")
-        .into_inner()
-        .events;
+        .await;
     let e = events
         .iter()
         .find(|e| e.action == "EraseRecord")
@@ -885,16 +876,12 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
         .await
         .expect("legal hold still kept");
 
-    let events = AuditClient::with_interceptor(v.channel().await, bearer(&v.tokens["auditor"]))
-        .query_events(QueryEventsRequest {
+    let events = v
+        .audit_events(QueryEventsRequest {
             principal: "system:retention".into(),
-            page_size: 1000,
             ..Default::default()
         })
-        .await
-        .expect("query")
-        .into_inner()
-        .events;
+        .await;
     let swept: Vec<_> = events
         .iter()
         .map(|e| (e.record_id.as_str(), e.action.as_str()))
@@ -1215,16 +1202,12 @@ async fn an_export_too_large_to_send_is_refused_naming_the_setting() {
         Code::ResourceExhausted,
         &["export", "max_request_bytes"],
     );
-    let events = AuditClient::with_interceptor(v.channel().await, bearer(&v.tokens["auditor"]))
-        .query_events(QueryEventsRequest {
+    let events = v
+        .audit_events(QueryEventsRequest {
             record_id: id.clone(),
-            page_size: 1000,
             ..Default::default()
         })
-        .await
-        .expect("query")
-        .into_inner()
-        .events;
+        .await;
     let export = events
         .iter()
         .find(|e| e.action == "ExportRecord")
