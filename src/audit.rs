@@ -1075,8 +1075,11 @@ pub async fn verify(
         };
         let seq = event_seq(raw).unwrap_or(0);
         if expected > head.seq && seq > head.seq {
-            if mode == VerifyMode::Live && head_raw.is_some() {
-                // Appended after the head was read: not part of this check.
+            // Live, events past the head read were appended since (a head that was missing
+            // then, before the first event, must be there now).
+            let appended = mode == VerifyMode::Live
+                && (head_raw.is_some() || store.get(Keyspace::Meta, META_HEAD).await?.is_some());
+            if appended {
                 break;
             }
             // No head, or (offline) events past it: the head was removed or moved back.
