@@ -467,6 +467,7 @@ impl SledStore {
         // A store of this process that was just dropped may still hold sled's file lock for a
         // moment (sled's background threads release it): retry briefly before reporting the
         // directory as in use.
+        drop_unfinished_sled_snapshots(dir).map_err(io)?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
         let db = loop {
             match sled::Config::new()
@@ -1140,6 +1141,45 @@ fn apply_ops(trees: &[sled::Tree; 5], ops: &[Op], seq: u64) -> Result<(), StoreE
     Ok(())
 }
 
+/// Removes sled's unfinished snapshot files from `dir`, unless another process holds the
+/// store. sled 0.34 writes a snapshot as `snap.<lsn>.generating` and renames it when whole,
+/// but on open it takes the newest `snap.*` file, `.generating` ones included: one cut short
+/// by a crash (`kill -9` while sled wrote it) made every later open fail with "Read
+/// corrupted data". Without it sled recovers from its previous snapshot and its log, which it
+/// keeps until a snapshot is renamed into place.
+fn drop_unfinished_sled_snapshots(dir: &Path) -> std::io::Result<()> {
+    let lock_path = dir.join("db");
+    let Ok(lock) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&lock_path)
+    else {
+        // A new store: nothing to clean.
+        return Ok(());
+    };
+    // sled holds this lock while a store is open: a running server's snapshot in progress is
+    // its own, and left alone (sled's own open then reports the store in use).
+    if lock.try_lock().is_err() {
+        return Ok(());
+    }
+    let mut removed = false;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %name, "removing sled's unfinished snapshot (left by a crash)");
+            std::fs::remove_file(entry.path())?;
+            removed = true;
+        }
+    }
+    if removed {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    drop(lock);
+    Ok(())
+}
+
 /// Puts and removes, in order.
 fn insert_ops(trees: &[sled::Tree; 5], ops: &[Op]) -> Result<(), StoreError> {
     for op in ops {
@@ -1356,6 +1396,28 @@ mod tests {
         }
         std::fs::write(wal::file_path(&wal::dir(dir), no), &log).expect("write log");
         (log, starts)
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_file_sled_left_unfinished_does_not_stop_the_next_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = SledStore::open(dir.path()).expect("create");
+            let mut b = Batch::default();
+            b.put(Keyspace::Records, b"kept".to_vec(), b"1".to_vec());
+            store.commit(b).await.expect("commit");
+        }
+        // What a kill -9 in the middle of sled writing a snapshot leaves.
+        std::fs::write(
+            dir.path().join("snap.FFFFFFFFFFFFFFF0.generating"),
+            b"cut short by a crash",
+        )
+        .expect("write");
+        let store = SledStore::open(dir.path()).expect("opens");
+        assert_eq!(
+            store.get(Keyspace::Records, b"kept").await.expect("get"),
+            Some(b"1".to_vec())
+        );
     }
 
     #[tokio::test]
