@@ -1062,6 +1062,23 @@ mod tests {
     use crate::store::SledStore;
     use crate::vault::{Change, Value};
 
+    /// A fresh job state of `kind` over `category`, as a start would make it.
+    fn test_job(kind: JobKind, category: &str, total: u64, started_ms: i64) -> JobState {
+        JobState {
+            id: "t".into(),
+            kind,
+            category: Some(category.into()),
+            total,
+            done: 0,
+            cursor: None,
+            pass: 1,
+            started_ms,
+            finished_ms: None,
+            requested_by: "test".into(),
+            error: None,
+        }
+    }
+
     fn caller(role: &str) -> Caller {
         Caller {
             principal: Arc::from(format!("t-{role}")),
@@ -1181,19 +1198,7 @@ mod tests {
             .rotate(vault.store(), &[Category::Identity], vec![])
             .await
             .expect("rotate");
-        let job = JobState {
-            id: "t".into(),
-            kind: JobKind::Rewrap,
-            category: Some("identity".into()),
-            total: 3,
-            done: 0,
-            cursor: None,
-            pass: 1,
-            started_ms: vault::now_ms(),
-            finished_ms: None,
-            requested_by: "test".into(),
-            error: None,
-        };
+        let job = test_job(JobKind::Rewrap, "identity", 3, vault::now_ms());
         let page = vault
             .store()
             .scan(Keyspace::Records, b"", None, JOB_PAGE)
@@ -1276,19 +1281,7 @@ mod tests {
             .await
             .expect("create");
         let id = id.to_string();
-        let job = JobState {
-            id: "t".into(),
-            kind: JobKind::Rekey,
-            category: Some("cv".into()),
-            total: 1,
-            done: 0,
-            cursor: None,
-            pass: 1,
-            started_ms: vault::now_ms() + 1,
-            finished_ms: None,
-            requested_by: "test".into(),
-            error: None,
-        };
+        let job = test_job(JobKind::Rekey, "cv", 1, vault::now_ms() + 1);
         let page = vault
             .store()
             .scan(Keyspace::Records, b"", None, JOB_PAGE)

@@ -314,3 +314,20 @@ pub async fn create_with(
         .into_inner()
         .record_id
 }
+
+/// Flips one byte under the MAC of record `id`'s stored header (the server must be stopped):
+/// what damage on disk looks like; reading the record then answers DATA_LOSS.
+pub async fn damage_header(v: &TestVault, id: &str) {
+    use kluis::store::{Batch, Keyspace, SledStore, Store};
+    let store = SledStore::open(&data_dir(&v.dir)).expect("open store");
+    let key = uuid::Uuid::parse_str(id).expect("uuid");
+    let mut raw = store
+        .get(Keyspace::Records, key.as_bytes())
+        .await
+        .expect("get")
+        .expect("header");
+    raw[10] ^= 0x01;
+    let mut batch = Batch::default();
+    batch.put(Keyspace::Records, key.as_bytes().to_vec(), raw);
+    store.commit(batch).await.expect("damage");
+}

@@ -987,19 +987,7 @@ async fn a_rotation_whose_status_cannot_be_read_says_it_is_done() {
     let mut v = spawn_vault().await;
     let ids = create_records(&v, 2).await;
     v.stop().await;
-    {
-        let store = kluis::store::SledStore::open(&data_dir(&v.dir)).expect("open");
-        let key = uuid::Uuid::parse_str(&ids[0]).expect("uuid");
-        let mut raw = store
-            .get(Keyspace::Records, key.as_bytes())
-            .await
-            .expect("get")
-            .expect("header");
-        raw[10] ^= 0x01;
-        let mut batch = kluis::store::Batch::default();
-        batch.put(Keyspace::Records, key.as_bytes().to_vec(), raw);
-        store.commit(batch).await.expect("damage");
-    }
+    damage_header(&v, &ids[0]).await;
     v.start().await.expect("start");
     let mut k = keys(&v, "security_officer").await;
     let err = k

@@ -785,22 +785,8 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
         s.retention.sweep_interval_secs = 1;
     });
     v.stop().await;
-    {
-        // One record's header is damaged (a flipped byte under the MAC): it must not stop
-        // the sweeps of every other record.
-        use kluis::store::{Batch, Keyspace, SledStore, Store};
-        let store = SledStore::open(&data_dir(&v.dir)).expect("open store");
-        let key = uuid::Uuid::parse_str(&damaged).expect("uuid");
-        let mut raw = store
-            .get(Keyspace::Records, key.as_bytes())
-            .await
-            .expect("get")
-            .expect("header");
-        raw[10] ^= 0x01;
-        let mut b = Batch::default();
-        b.put(Keyspace::Records, key.as_bytes().to_vec(), raw);
-        store.commit(b).await.expect("damage");
-    }
+    // One record's header is damaged: it must not stop the sweeps of every other record.
+    damage_header(&v, &damaged).await;
     v.start().await.expect("restart");
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     v.client("recruiter")
