@@ -49,6 +49,10 @@ pub enum VaultError {
         /// What failed (`field bsn`, `data key of category identity`, `record header`).
         part: String,
     },
+    /// Concurrent writes kept changing the record (or the keys) this operation read, more
+    /// often than it retries; nothing was changed and the caller may retry.
+    #[error("{0} changed concurrently while this request was applied; nothing was changed: retry")]
+    Conflict(String),
     /// The store could not be read or written; nothing was changed.
     #[error("storage unavailable")]
     Unavailable(#[source] StoreError),

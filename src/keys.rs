@@ -40,6 +40,11 @@ const SALT: &[u8] = b"kluis";
 const META_KEY_CHECK: &[u8] = b"key-check";
 const META_KEK_PREFIX: &str = "kek/";
 const META_KEK_INFO_PREFIX: &str = "kek-info/";
+/// A KEK being retired: moved here from `kek/` so that no write can wrap under it any more
+/// while its records are counted (decrypt-only; destroyed once the count is zero).
+const META_KEK_RETIRING_PREFIX: &str = "kek-retiring/";
+/// What every KEK-related meta key starts with (`kek/`, `kek-info/`, `kek-retiring/`).
+const META_KEK_ANY_PREFIX: &[u8] = b"kek";
 const META_INDEX_ROOT: &[u8] = b"index-root/1";
 const META_INTEGRITY: &[u8] = b"integrity/1";
 
@@ -259,6 +264,9 @@ pub struct KeyRing {
     index_root: SecretKey,
     index_keys: parking_lot::RwLock<BTreeMap<String, std::sync::Arc<SecretKey>>>,
     integrity: SecretKey,
+    /// Serialises this process's changes of the KEK table (rotate, retire, reload), so that a
+    /// reload cannot put back a table read before a local change committed.
+    ops: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -276,6 +284,14 @@ pub fn kek_meta_key(category: Category, version: u32) -> Vec<u8> {
 
 fn kek_info_key(category: Category, version: u32) -> Vec<u8> {
     format!("{META_KEK_INFO_PREFIX}{}/{version:010}", category.as_str()).into_bytes()
+}
+
+fn kek_retiring_key(category: Category, version: u32) -> Vec<u8> {
+    format!(
+        "{META_KEK_RETIRING_PREFIX}{}/{version:010}",
+        category.as_str()
+    )
+    .into_bytes()
 }
 
 fn kek_context(category: Category, version: u32) -> Vec<u8> {
@@ -323,6 +339,15 @@ pub enum KeyOpError {
     /// Another instance changed the keys at the same moment.
     #[error("the key ring changed concurrently; retry")]
     Concurrent,
+    /// Records still have data keys wrapped by the version.
+    #[error(
+        "KEK {0} version {1} still wraps the data keys of {2} record{s}; run Rewrap (category {0}) first",
+        s = if *.2 == 1 { "" } else { "s" }
+    )]
+    InUse(Category, u32, u64),
+    /// Counting the records on the version failed (nothing was changed).
+    #[error("counting the records on the version failed: {0}")]
+    Count(String),
     /// A key or the store failed.
     #[error(transparent)]
     Key(#[from] KeyError),
@@ -423,45 +448,47 @@ impl KeyRing {
             index_root,
             index_keys: parking_lot::RwLock::new(BTreeMap::new()),
             integrity,
+            ops: tokio::sync::Mutex::new(()),
         })
     }
 
+    /// Reads the KEKs (`kek/`: usable; `kek-retiring/`: decrypt-only) and their facts
+    /// (`kek-info/`) in one scan, so that a key moving between them is seen in one place.
     async fn load_table<S: Store>(store: &S, wrap: &SecretKey) -> Result<KekTable, KeyError> {
         let mut table = KekTable::default();
         let entries = store
-            .scan(Keyspace::Meta, META_KEK_PREFIX.as_bytes(), None, usize::MAX)
+            .scan(Keyspace::Meta, META_KEK_ANY_PREFIX, None, usize::MAX)
             .await?;
-        for (key, sealed) in entries {
+        for (key, value) in entries {
             let name = String::from_utf8_lossy(&key).to_string();
-            let (category, version) = parse_kek_name(&name, META_KEK_PREFIX)
-                .ok_or_else(|| KeyError::Corrupt(name.clone()))?;
-            let kek = unwrap_stored(wrap, &kek_context(category, version), &sealed, &name)?;
-            table
-                .keys
-                .insert((category, version), std::sync::Arc::new(kek));
-            let a = table.active.entry(category).or_insert(version);
-            *a = (*a).max(version);
+            let parse = |prefix: &str| {
+                parse_kek_name(&name, prefix).ok_or_else(|| KeyError::Corrupt(name.clone()))
+            };
+            if name.starts_with(META_KEK_INFO_PREFIX) {
+                let id = parse(META_KEK_INFO_PREFIX)?;
+                let info: KekInfo =
+                    serde_json::from_slice(&value).map_err(|_| KeyError::Corrupt(name.clone()))?;
+                table.info.insert(id, info);
+            } else if name.starts_with(META_KEK_RETIRING_PREFIX) {
+                let (category, version) = parse(META_KEK_RETIRING_PREFIX)?;
+                let kek = unwrap_stored(wrap, &kek_context(category, version), &value, &name)?;
+                table
+                    .keys
+                    .insert((category, version), std::sync::Arc::new(kek));
+            } else if name.starts_with(META_KEK_PREFIX) {
+                let (category, version) = parse(META_KEK_PREFIX)?;
+                let kek = unwrap_stored(wrap, &kek_context(category, version), &value, &name)?;
+                table
+                    .keys
+                    .insert((category, version), std::sync::Arc::new(kek));
+                let a = table.active.entry(category).or_insert(version);
+                *a = (*a).max(version);
+            }
         }
         for category in Category::ALL {
             if !table.active.contains_key(&category) {
                 return Err(KeyError::MissingKek(category, 1));
             }
-        }
-        let infos = store
-            .scan(
-                Keyspace::Meta,
-                META_KEK_INFO_PREFIX.as_bytes(),
-                None,
-                usize::MAX,
-            )
-            .await?;
-        for (key, value) in infos {
-            let name = String::from_utf8_lossy(&key).to_string();
-            let id = parse_kek_name(&name, META_KEK_INFO_PREFIX)
-                .ok_or_else(|| KeyError::Corrupt(name.clone()))?;
-            let info: KekInfo =
-                serde_json::from_slice(&value).map_err(|_| KeyError::Corrupt(name.clone()))?;
-            table.info.insert(id, info);
         }
         // Versions made before facts were kept: known to exist, time unknown.
         for id in table.keys.keys() {
@@ -473,6 +500,11 @@ impl KeyRing {
     /// Re-reads the KEK versions from the store (after another instance or an offline tool
     /// changed them).
     pub async fn reload<S: Store>(&self, store: &S) -> Result<(), KeyError> {
+        let _ops = self.ops.lock().await;
+        self.reload_locked(store).await
+    }
+
+    async fn reload_locked<S: Store>(&self, store: &S) -> Result<(), KeyError> {
         let table = Self::load_table(store, &self.wrap).await?;
         *self.keks.write() = table;
         Ok(())
@@ -604,6 +636,7 @@ impl KeyRing {
         categories: &[Category],
         events: Vec<Vec<u8>>,
     ) -> Result<Vec<(Category, u32)>, KeyOpError> {
+        let _ops = self.ops.lock().await;
         let now = chrono::Utc::now().timestamp_millis();
         let mut batch = Batch::default();
         let mut made = Vec::new();
@@ -654,7 +687,16 @@ impl KeyRing {
         for event in events {
             batch.append_event(event);
         }
-        store.commit(batch).await?;
+        match store.commit(batch).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict) => {
+                // Another instance made the version first: take up the store's ring, so that
+                // a retry makes the next version.
+                self.reload_locked(store).await?;
+                return Err(KeyOpError::Concurrent);
+            }
+            Err(e) => return Err(e.into()),
+        }
         let mut table = self.keks.write();
         let mut out = Vec::with_capacity(made.len());
         for (category, version, kek, info) in made {
@@ -685,29 +727,74 @@ impl KeyRing {
         Ok(info)
     }
 
-    /// Destroys KEK `version` of `category`: removes it from the store (in one atomic batch
-    /// with `events`) and zeroizes it in memory. The caller must have checked that no record
-    /// still needs it; writes that wrap a new DEK under a version expect its key to exist, so
-    /// none can slip in meanwhile. Refuses the active version.
-    pub async fn retire<S: Store>(
+    /// Destroys KEK `version` of `category` if no record needs it any more, in three steps:
+    ///
+    /// 1. **Fence**: the key moves from `kek/` to `kek-retiring/` in one batch. Every write
+    ///    that wraps a data key under a version expects its `kek/` entry (see
+    ///    `vault::expect_keks`), so from here on no write, in this process or another sharing
+    ///    the store, can give the version a record; reads still open it.
+    /// 2. **Count**: `count` returns how many records still have a data key under it.
+    /// 3. **Destroy** (count zero): the key is deleted in one batch with `events` and zeroized
+    ///    in memory. Otherwise the fence is undone and [`KeyOpError::InUse`] returned.
+    ///
+    /// A crash between the steps leaves the key in `kek-retiring/`: decrypt-only, and retired
+    /// by the next call. Refuses the active version.
+    pub async fn retire<S, F, Fut>(
         &self,
         store: &S,
         category: Category,
         version: u32,
+        count: F,
         events: Vec<Vec<u8>>,
-    ) -> Result<(), KeyOpError> {
+    ) -> Result<(), KeyOpError>
+    where
+        S: Store,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<u64, String>>,
+    {
+        let _ops = self.ops.lock().await;
         let info = self.retirable(category, version)?;
+        let usable = kek_meta_key(category, version);
+        let retiring = kek_retiring_key(category, version);
+        match store.get(Keyspace::Meta, &usable).await? {
+            Some(sealed) => {
+                let mut fence = Batch::default();
+                fence.expect(
+                    Keyspace::Meta,
+                    usable.clone(),
+                    Expect::Value(sealed.clone()),
+                );
+                fence.expect(Keyspace::Meta, retiring.clone(), Expect::Absent);
+                fence.delete(Keyspace::Meta, usable.clone());
+                fence.put(Keyspace::Meta, retiring.clone(), sealed);
+                store.commit(fence).await?;
+            }
+            // Fenced by an earlier call that was cut short: go on from there.
+            None if store.get(Keyspace::Meta, &retiring).await?.is_some() => {}
+            // Retired meanwhile (by another instance).
+            None => {
+                self.reload_locked(store).await?;
+                return Err(KeyOpError::AlreadyRetired(category, version));
+            }
+        }
+        let left = match count().await {
+            Ok(left) => left,
+            Err(e) => {
+                self.unfence(store, category, version).await;
+                return Err(KeyOpError::Count(e));
+            }
+        };
+        if left > 0 {
+            self.unfence(store, category, version).await;
+            return Err(KeyOpError::InUse(category, version, left));
+        }
         let retired = KekInfo {
             retired_ms: Some(chrono::Utc::now().timestamp_millis()),
             ..info
         };
         let mut batch = Batch::default();
-        batch.expect(
-            Keyspace::Meta,
-            kek_meta_key(category, version),
-            Expect::Present,
-        );
-        batch.delete(Keyspace::Meta, kek_meta_key(category, version));
+        batch.expect(Keyspace::Meta, retiring.clone(), Expect::Present);
+        batch.delete(Keyspace::Meta, retiring);
         batch.put(
             Keyspace::Meta,
             kek_info_key(category, version),
@@ -722,6 +809,38 @@ impl KeyRing {
         table.keys.remove(&(category, version));
         table.info.insert((category, version), retired);
         Ok(())
+    }
+
+    /// Undoes a fence (the version is still needed): the key goes back to `kek/`. If that
+    /// fails, the key stays decrypt-only in `kek-retiring/`, which no write needs (writes
+    /// wrap under the active version), and the next retire goes on from there.
+    async fn unfence<S: Store>(&self, store: &S, category: Category, version: u32) {
+        let usable = kek_meta_key(category, version);
+        let retiring = kek_retiring_key(category, version);
+        let result = async {
+            let Some(sealed) = store.get(Keyspace::Meta, &retiring).await? else {
+                return Ok(());
+            };
+            let mut batch = Batch::default();
+            batch.expect(
+                Keyspace::Meta,
+                retiring.clone(),
+                Expect::Value(sealed.clone()),
+            );
+            batch.expect(Keyspace::Meta, usable.clone(), Expect::Absent);
+            batch.delete(Keyspace::Meta, retiring);
+            batch.put(Keyspace::Meta, usable, sealed);
+            store.commit(batch).await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(
+                category = category.as_str(),
+                version,
+                error = %e,
+                "a KEK left fenced (decrypt-only) after a refused retire; the next retire goes on from there"
+            );
+        }
     }
 }
 
@@ -757,14 +876,16 @@ pub async fn rotate_master<S: Store>(
         count += 1;
         Ok::<(), KeyError>(())
     };
-    for (key, sealed) in store
-        .scan(Keyspace::Meta, META_KEK_PREFIX.as_bytes(), None, usize::MAX)
-        .await?
-    {
-        let name = String::from_utf8_lossy(&key).to_string();
-        let (category, version) = parse_kek_name(&name, META_KEK_PREFIX)
-            .ok_or_else(|| KeyError::Corrupt(name.clone()))?;
-        rewrap(&mut batch, key, sealed, kek_context(category, version))?;
+    for prefix in [META_KEK_PREFIX, META_KEK_RETIRING_PREFIX] {
+        for (key, sealed) in store
+            .scan(Keyspace::Meta, prefix.as_bytes(), None, usize::MAX)
+            .await?
+        {
+            let name = String::from_utf8_lossy(&key).to_string();
+            let (category, version) =
+                parse_kek_name(&name, prefix).ok_or_else(|| KeyError::Corrupt(name.clone()))?;
+            rewrap(&mut batch, key, sealed, kek_context(category, version))?;
+        }
     }
     for (key, ctx) in [
         (META_INDEX_ROOT, crypto::context(&[CTX_INDEX_ROOT])),
@@ -893,6 +1014,7 @@ mod tests {
         let m1 = MasterKey::from_secret(SecretKey::generate().expect("rng"));
         let m2 = MasterKey::from_secret(SecretKey::generate().expect("rng"));
         let ring = KeyRing::open(&store, &m1).await.expect("create");
+        let none = || async { Ok::<u64, String>(0) };
         let dek = SecretKey::generate().expect("rng");
         let old = ring.wrap_dek(b"r", Category::Identity, &dek).expect("wrap");
         assert_eq!(old.kek_version, 1);
@@ -918,14 +1040,45 @@ mod tests {
             .expect("v1 opens");
 
         assert!(matches!(
-            ring.retire(&store, Category::Identity, 2, vec![]).await,
+            ring.retire(&store, Category::Identity, 2, none, vec![])
+                .await,
             Err(KeyOpError::Active(Category::Identity, 2))
         ));
         assert!(matches!(
-            ring.retire(&store, Category::Identity, 9, vec![]).await,
+            ring.retire(&store, Category::Identity, 9, none, vec![])
+                .await,
             Err(KeyOpError::NoSuchVersion(Category::Identity, 9))
         ));
-        ring.retire(&store, Category::Identity, 1, vec![])
+        // Still in use: refused, and the fence is undone (writes under v1 work again).
+        assert!(matches!(
+            ring.retire(&store, Category::Identity, 1, || async { Ok(3) }, vec![])
+                .await,
+            Err(KeyOpError::InUse(Category::Identity, 1, 3))
+        ));
+        assert!(store
+            .get(Keyspace::Meta, &kek_meta_key(Category::Identity, 1))
+            .await
+            .expect("get")
+            .is_some());
+        // While the records are counted, the version is fenced: a write that expects it (as
+        // every write wrapping under it does) conflicts, and reads still open it.
+        let fenced = || async {
+            let mut write = Batch::default();
+            write.expect(
+                Keyspace::Meta,
+                kek_meta_key(Category::Identity, 1),
+                Expect::Present,
+            );
+            write.put(Keyspace::Records, b"r".to_vec(), b"header".to_vec());
+            assert!(matches!(
+                store.commit(write).await,
+                Err(StoreError::Conflict)
+            ));
+            ring.unwrap_dek(b"r", Category::Identity, 1, &old.sealed)
+                .map_err(|e| e.to_string())?;
+            Ok(0)
+        };
+        ring.retire(&store, Category::Identity, 1, fenced, vec![])
             .await
             .expect("retire");
         assert!(matches!(
@@ -933,7 +1086,8 @@ mod tests {
             Err(KeyError::MissingKek(Category::Identity, 1))
         ));
         assert!(matches!(
-            ring.retire(&store, Category::Identity, 1, vec![]).await,
+            ring.retire(&store, Category::Identity, 1, none, vec![])
+                .await,
             Err(KeyOpError::AlreadyRetired(Category::Identity, 1))
         ));
         assert_eq!(
@@ -957,13 +1111,35 @@ mod tests {
             .await
             .expect("rotate");
         assert_eq!(made, vec![(Category::Identity, 3)]);
-        // A ring that has not seen the other's rotation conflicts instead of reusing v3.
+        // A ring that has not seen the other's rotation conflicts instead of reusing v3, and
+        // takes up the store's ring, so that a retry makes v4.
         assert!(matches!(
             ring.rotate(&store, &[Category::Identity], vec![]).await,
             Err(KeyOpError::Concurrent)
         ));
+        assert_eq!(ring.active_version(Category::Identity), Some(3));
+
+        // A retire cut short after its fence leaves the key decrypt-only in `kek-retiring/`:
+        // a reopened ring still opens it, never makes it active, and the next retire finishes.
+        let v2 = store
+            .get(Keyspace::Meta, &kek_meta_key(Category::Identity, 2))
+            .await
+            .expect("get")
+            .expect("v2 stored");
+        let mut cut = Batch::default();
+        cut.delete(Keyspace::Meta, kek_meta_key(Category::Identity, 2));
+        cut.put(Keyspace::Meta, kek_retiring_key(Category::Identity, 2), v2);
+        store.commit(cut).await.expect("fence v2");
+        let reopened = KeyRing::open(&store, &m1).await.expect("reopen fenced");
+        assert_eq!(reopened.active_version(Category::Identity), Some(3));
+        assert_eq!(state(&reopened, 2), Some(KekState::DecryptOnly));
+        reopened
+            .unwrap_dek(b"r", Category::Identity, 2, &new.sealed)
+            .expect("a fenced version still opens");
         ring.reload(&store).await.expect("reload");
         assert_eq!(ring.active_version(Category::Identity), Some(3));
+
+        // Master key rotation covers fenced keys too (checked after it, below).
 
         // Master key rotation: one atomic batch; afterwards only the new key opens.
         assert!(matches!(
@@ -973,7 +1149,7 @@ mod tests {
         let n = rotate_master(&store, &m1, &m2, vec![])
             .await
             .expect("rotate master");
-        // 6 categories: identity v2, v3 + 5 × v1; plus index root and integrity key.
+        // 6 categories: identity v2 (fenced), v3 + 5 × v1; plus index root and integrity key.
         assert_eq!(n, 2 + 5 + 2);
         assert_eq!(
             which_master_key(&store, &m1, &m2).await.expect("which"),

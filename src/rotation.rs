@@ -1151,6 +1151,134 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stale_instance_cannot_give_a_retiring_version_a_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let a = vault_over(store.clone(), &master).await;
+        let b = Arc::new(vault_over(store, &master).await);
+        b.keys()
+            .rotate(b.store(), &[Category::Identity], vec![])
+            .await
+            .expect("B rotates");
+        assert_eq!(
+            a.keys().active_version(Category::Identity),
+            Some(1),
+            "A is stale"
+        );
+        // A creates a record while B retires v1, between B's fence and B's count (the
+        // window in which, before the fence, A's write under v1 committed and was then lost).
+        let created = std::sync::Mutex::new(None);
+        let count = || async {
+            let id = create(&a, "111222333").await;
+            *created.lock().expect("not poisoned") = Some(id);
+            version_counts(&b)
+                .await
+                .map(|c| c.get(&(Category::Identity, 1)).copied().unwrap_or(0))
+                .map_err(|e| e.to_string())
+        };
+        b.keys()
+            .retire(b.store(), Category::Identity, 1, count, vec![])
+            .await
+            .expect("B retires v1: no record needs it");
+        let id = created
+            .into_inner()
+            .expect("not poisoned")
+            .expect("A created a record");
+        assert_eq!(
+            a.keys().active_version(Category::Identity),
+            Some(2),
+            "A took up v2"
+        );
+        for (who, v) in [("A", &a), ("B", &*b)] {
+            v.get(&caller("payroll"), &id, "payroll", &["bsn".into()])
+                .await
+                .unwrap_or_else(|e| panic!("{who} reads the record after the retire: {e}"));
+        }
+        // A stale rotate conflicts once, takes up the store's ring, and the retry works.
+        let c = vault_over(b.store().clone(), &master).await;
+        b.keys()
+            .rotate(b.store(), &[Category::Identity], vec![])
+            .await
+            .expect("B rotates to v3");
+        assert!(matches!(
+            c.keys()
+                .rotate(c.store(), &[Category::Identity], vec![])
+                .await,
+            Err(crate::keys::KeyOpError::Concurrent)
+        ));
+        let made = c
+            .keys()
+            .rotate(c.store(), &[Category::Identity], vec![])
+            .await
+            .expect("the retry rotates");
+        assert_eq!(made, vec![(Category::Identity, 4)]);
+    }
+
+    #[tokio::test]
+    async fn a_write_rewraps_an_old_data_key_but_a_rekey_still_replaces_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let vault = Arc::new(vault_over(store, &master).await);
+        let id = create(&vault, "111222333").await;
+        let uuid = uuid::Uuid::parse_str(&id).expect("uuid");
+        let (_, before) = vault.load(uuid).await.expect("load");
+        vault
+            .keys()
+            .rotate(vault.store(), &[Category::Identity], vec![])
+            .await
+            .expect("rotate");
+        // A re-key started now (after a suspected compromise) must replace this data key.
+        let started_ms = chrono::Utc::now().timestamp_millis();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let mut ev = audit::Context::new("UpdateRecord");
+        vault
+            .update(
+                &caller("payroll"),
+                &id,
+                "payroll",
+                Change {
+                    set: vec![text("bsn", "123456782")],
+                    ..Change::default()
+                },
+                &mut ev,
+            )
+            .await
+            .expect("update");
+        let (_, after) = vault.load(uuid).await.expect("load");
+        let (old, new) = (&before.deks["identity"], &after.deks["identity"]);
+        assert_eq!(
+            (old.kek_version, new.kek_version),
+            (1, 2),
+            "re-wrapped on write"
+        );
+        assert_eq!(
+            new.created_ms, old.created_ms,
+            "the same key, as old as before"
+        );
+        let active = vault.keys().active_versions();
+        let due = |d: &record::StoredDek| {
+            due(
+                &active,
+                JobKind::Rekey,
+                None,
+                started_ms,
+                "identity",
+                d.kek_version,
+                d.created_ms,
+            )
+        };
+        assert_eq!(
+            due(new),
+            Some(Category::Identity),
+            "a re-key still replaces it"
+        );
+        // The untouched category keeps its data key where it was.
+        assert_eq!(after.deks["financial"].kek_version, 1);
+    }
+
+    #[tokio::test]
     async fn a_job_whose_event_cannot_be_written_does_not_start() {
         let dir = tempfile::tempdir().expect("tempdir");
         let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));

@@ -2,9 +2,11 @@
 //! embedded sled backend.
 //!
 //! The trait is shaped for a PostgreSQL backend too: a keyspace is a table `(key bytea primary
-//! key, value bytea)`, a [`Batch`] is one transaction whose [`Expect`]s are checked under
-//! `SELECT … FOR UPDATE`, and `commit` returns once the transaction is committed (and so
-//! durable). The store only ever sees ciphertext, wrapped keys, MACs and clear metadata.
+//! key, value bytea)`, a [`Batch`] is one transaction whose [`Expect`]s are checked on the
+//! primary (`Value`: the whole bytes, under `SELECT … FOR UPDATE`; `Absent` with a `Put` of the
+//! same key: an `INSERT` whose unique violation is the conflict; `Present` on a row the batch
+//! does not write: `FOR SHARE`; see ARCHITECTURE.md, "Scale-out readiness"), and `commit`
+//! returns once the transaction is committed (and so durable). The store only ever sees ciphertext, wrapped keys, MACs and clear metadata.
 //!
 //! # Durability of the sled backend
 //!

@@ -357,6 +357,22 @@ impl<S: Store> Vault<S> {
             ));
         }
         let parsed = self.parse_writes(caller, "fields", fields)?;
+        for _ in 0..MAX_RETRIES {
+            match self.try_create(&parsed, event).await {
+                Err(VaultError::Conflict(_)) => continue,
+                done => return done,
+            }
+        }
+        Err(VaultError::Conflict("the key ring".into()))
+    }
+
+    /// One attempt of [`Vault::create`]: a conflict means a KEK it wrapped under is gone
+    /// (retired or fenced by another instance); the key ring has then been re-read.
+    async fn try_create(
+        &self,
+        parsed: &[(&FieldDef, Parsed)],
+        event: &mut audit::Context,
+    ) -> Result<(Uuid, u64), VaultError> {
         let id = Uuid::new_v4();
         let idb = id.as_bytes().to_vec();
         let now = now_ms();
@@ -373,7 +389,7 @@ impl<S: Store> Vault<S> {
         };
         let mut batch = Batch::default();
         let mut sealers = BTreeMap::new();
-        for (def, value) in &parsed {
+        for (def, value) in parsed {
             let sealer = self.sealer(&mut sealers, &mut body, def.category)?;
             let entry = self.write_field(&mut batch, sealer, &idb, def, value, 1)?;
             body.fields.insert(def.name.clone(), entry);
@@ -385,9 +401,41 @@ impl<S: Store> Vault<S> {
         event.draft.record_id = id.to_string();
         event.draft.field_names = parsed.iter().map(|(d, _)| d.name.clone()).collect();
         self.attach_event(&mut batch, event);
-        self.store.commit(batch).await?;
-        event.written = true;
-        Ok((id, 1))
+        match self.store.commit(batch).await {
+            Ok(()) => {
+                event.written = true;
+                Ok((id, 1))
+            }
+            Err(StoreError::Conflict) => {
+                self.refresh_keys_if_gone(&body, sealers.keys()).await?;
+                Err(VaultError::Conflict(format!("record {id}")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// After a write conflicted: if a KEK it wrapped a data key under is no longer in the
+    /// store (another instance rotated and retired, or is retiring, it), re-reads the key ring
+    /// so that the retry wraps under the store's active version.
+    async fn refresh_keys_if_gone<'a>(
+        &self,
+        body: &RecordBody,
+        categories: impl Iterator<Item = &'a Category>,
+    ) -> Result<(), VaultError> {
+        for category in categories {
+            let Some(dek) = body.deks.get(category.as_str()) else {
+                continue;
+            };
+            let key = crate::keys::kek_meta_key(*category, dek.kek_version);
+            if self.store.get(Keyspace::Meta, &key).await?.is_none() {
+                return self
+                    .keys
+                    .reload(&self.store)
+                    .await
+                    .map_err(|e| VaultError::Internal(format!("reloading the key ring: {e}")));
+            }
+        }
+        Ok(())
     }
 
     /// Reads fields of a record. With no `field_names`, returns every field the role may read.
@@ -517,13 +565,36 @@ impl<S: Store> Vault<S> {
             let notify = self.readers_since(id, &changed, &caller.principal).await?;
             let mut batch = Batch::default();
             let mut sealers: BTreeMap<Category, SealingKey> = BTreeMap::new();
+            let mut sealed = Ok(());
             for (def, value) in &parsed {
                 if let Some(old) = body.fields.remove(&def.name) {
                     self.delete_field(&mut batch, &idb, &def.name, &old);
                 }
-                let sealer = self.sealer(&mut sealers, &mut body, def.category)?;
-                let entry = self.write_field(&mut batch, sealer, &idb, def, value, revision)?;
-                body.fields.insert(def.name.clone(), entry);
+                let entry = self
+                    .sealer(&mut sealers, &mut body, def.category)
+                    .and_then(|sealer| {
+                        self.write_field(&mut batch, sealer, &idb, def, value, revision)
+                    });
+                match entry {
+                    Ok(entry) => {
+                        body.fields.insert(def.name.clone(), entry);
+                    }
+                    Err(e) => {
+                        sealed = Err(e);
+                        break;
+                    }
+                }
+            }
+            if let Err(e) = sealed {
+                // A data key that no longer opens because the record was rewrapped (and the
+                // old KEK retired) since it was read: start again from the new header.
+                if matches!(e, VaultError::DataLoss { .. })
+                    && self.store.get(Keyspace::Records, &idb).await?.as_deref()
+                        != Some(raw.as_slice())
+                {
+                    continue;
+                }
+                return Err(e);
             }
             for (name, def) in &cleared {
                 if let Some(old) = body.fields.remove(*name) {
@@ -561,11 +632,14 @@ impl<S: Store> Vault<S> {
                     };
                     return Ok(Updated { revision, notify });
                 }
-                Err(StoreError::Conflict) => continue,
+                Err(StoreError::Conflict) => {
+                    self.refresh_keys_if_gone(&body, sealers.keys()).await?;
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(VaultError::Unavailable(StoreError::Conflict))
+        Err(VaultError::Conflict(format!("record {id}")))
     }
 
     /// Finds records whose searchable `field_name` equals `value` (after normalisation).
@@ -697,7 +771,7 @@ impl<S: Store> Vault<S> {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(VaultError::Unavailable(StoreError::Conflict))
+        Err(VaultError::Conflict(format!("record {id}")))
     }
 
     /// The whole record as one versioned JSON document for its data subject (access and
@@ -1140,7 +1214,7 @@ impl<S: Store> Vault<S> {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(VaultError::Unavailable(StoreError::Conflict))
+        Err(VaultError::Conflict(format!("record {id}")))
     }
 
     /// Lists record metadata in id order. Any role that may read some category may list.
@@ -1321,6 +1395,19 @@ impl<S: Store> Vault<S> {
             Entry::Occupied(e) => Ok(e.into_mut()),
             Entry::Vacant(e) => {
                 let dek = match body.deks.get(category.as_str()) {
+                    // A data key under an older KEK version is re-wrapped under the active one
+                    // as the record is written anyway: a write never depends on a version
+                    // that may be retiring (see `expect_keks`).
+                    Some(stored)
+                        if self.keys.active_version(category) != Some(stored.kek_version) =>
+                    {
+                        let dek = self.unwrap(&body.id, category, stored)?;
+                        let mut wrapped = self.wrap(&body.id, category, &dek)?;
+                        // The same data key, as old as before: a re-key still replaces it.
+                        wrapped.created_ms = stored.created_ms;
+                        body.deks.insert(category.as_str().into(), wrapped);
+                        dek
+                    }
                     Some(stored) => self.unwrap(&body.id, category, stored)?,
                     None => {
                         let dek = SecretKey::generate()?;

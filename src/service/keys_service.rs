@@ -332,21 +332,19 @@ impl<S: Store> proto::keys_server::Keys for KeysService<S> {
                     "version: a key job is running; retire once it has finished (its pages in flight may still use this version)",
                 ));
             }
-            let counts = rotation::version_counts(vault)
-                .await
-                .map_err(status::from_vault)?;
-            let left = counts.get(&(category, req.version)).copied().unwrap_or(0);
-            if left > 0 {
-                return Err(Status::failed_precondition(format!(
-                    "version: KEK {category} version {} still wraps the data keys of {left} record{}; run Rewrap (category {category}) first",
-                    req.version,
-                    if left == 1 { "" } else { "s" }
-                )));
-            }
+            // The version is fenced before its records are counted, so that no write (of
+            // this instance or another) can give it a record between the count and the
+            // destruction (see `KeyRing::retire`).
+            let count = || async {
+                rotation::version_counts(vault)
+                    .await
+                    .map(|counts| counts.get(&(category, req.version)).copied().unwrap_or(0))
+                    .map_err(|e| e.to_string())
+            };
             let events = ok_event(vault, &ev);
             vault
                 .keys()
-                .retire(vault.store(), category, req.version, events)
+                .retire(vault.store(), category, req.version, count, events)
                 .await
                 .map_err(key_op_status)?;
             ev.written = vault.auditing();
@@ -369,7 +367,12 @@ fn key_op_status(e: crate::keys::KeyOpError) -> Status {
         KeyOpError::Active(..) | KeyOpError::AlreadyRetired(..) => {
             Status::failed_precondition(format!("version: {e}"))
         }
+        KeyOpError::InUse(..) => Status::failed_precondition(format!("version: {e}")),
         KeyOpError::Concurrent => Status::aborted(e.to_string()),
+        KeyOpError::Count(detail) => {
+            tracing::error!(error = %detail, "counting the records on a KEK version failed");
+            Status::unavailable("counting the records on the version failed; nothing was changed")
+        }
         KeyOpError::Key(inner) => {
             tracing::error!(error = %inner, "key operation failed");
             Status::unavailable("the key operation failed; nothing was changed")

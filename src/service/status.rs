@@ -15,6 +15,7 @@ pub fn from_vault(e: VaultError) -> Status {
         VaultError::StaleRevision { .. } | VaultError::FailedPrecondition(_) => {
             Status::failed_precondition(e.to_string())
         }
+        VaultError::Conflict(_) => Status::aborted(e.to_string()),
         VaultError::DataLoss { .. } => {
             tracing::error!(error = %e, "stored data failed authentication");
             Status::data_loss(e.to_string())
