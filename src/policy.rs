@@ -52,8 +52,12 @@ pub struct Role {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RecordRight {
-    /// `SetLifecycle`.
+    /// `SetLifecycle` (the applicant stages; `employed` and `ended` need
+    /// [`RecordRight::SetEmployment`] too).
     SetLifecycle,
+    /// `SetLifecycle` to `employed` or `ended`: the stages whose dates start the legal duties
+    /// to keep identity and financial data, and the clocks after which they are erased.
+    SetEmployment,
     /// `SetConsent`.
     SetConsent,
     /// `SetRestriction`.
@@ -71,6 +75,7 @@ impl RecordRight {
     pub fn as_str(self) -> &'static str {
         match self {
             RecordRight::SetLifecycle => "set_lifecycle",
+            RecordRight::SetEmployment => "set_employment",
             RecordRight::SetConsent => "set_consent",
             RecordRight::SetRestriction => "set_restriction",
             RecordRight::SetLegalHold => "set_legal_hold",

@@ -156,12 +156,63 @@ fn check_lifecycle_step(
             body.lifecycle
         )));
     }
+    if stage == "ended" && !worked {
+        return Err(VaultError::FailedPrecondition(format!(
+            "stage: record {id} is `{}`: only an employment can end; set `employed` (with the date it began) first",
+            body.lifecycle
+        )));
+    }
     // ISO dates compare as text.
     if body.lifecycle == "employed" && stage == "ended" && date < body.lifecycle_date.as_str() {
         return Err(VaultError::FailedPrecondition(format!(
             "date: record {id} is employed since {}: the employment cannot end before it began",
             body.lifecycle_date
         )));
+    }
+    if body.lifecycle == "ended" && stage == "ended" && date < body.lifecycle_date.as_str() {
+        return Err(VaultError::FailedPrecondition(format!(
+            "date: record {id} ended on {}: the end date may only move later (the legal duties to keep its data count from it)",
+            body.lifecycle_date
+        )));
+    }
+    Ok(())
+}
+
+/// Earliest lifecycle date accepted.
+const LIFECYCLE_EARLIEST: (i32, u32, u32) = (1900, 1, 1);
+/// How far ahead an employment may be dated (a signed contract, a notice given).
+const LIFECYCLE_AHEAD_DAYS: i64 = 366;
+
+/// Bounds a lifecycle date: a procedure closes when it closes (not later than today: a date
+/// ahead would keep applicant data past its maximum period); an employment may be dated up to
+/// a year ahead; nothing before 1900.
+fn check_lifecycle_date(
+    stage: &str,
+    day: chrono::NaiveDate,
+    today: chrono::NaiveDate,
+) -> Result<(), VaultError> {
+    let (y, m, d) = LIFECYCLE_EARLIEST;
+    if chrono::NaiveDate::from_ymd_opt(y, m, d).is_some_and(|earliest| day < earliest) {
+        return Err(VaultError::invalid(
+            "date",
+            format!("must be {y}-01-01 or later"),
+        ));
+    }
+    let latest = match stage {
+        "applicant" | "procedure_closed" => today,
+        _ => today + chrono::Days::new(LIFECYCLE_AHEAD_DAYS as u64),
+    };
+    if day > latest {
+        return Err(VaultError::invalid(
+            "date",
+            if latest == today {
+                format!("stage `{stage}` cannot be dated after today ({today})")
+            } else {
+                format!(
+                    "stage `{stage}` can be dated at most {LIFECYCLE_AHEAD_DAYS} days ahead (until {latest})"
+                )
+            },
+        ));
     }
     Ok(())
 }
@@ -1085,7 +1136,7 @@ impl<S: Store> Vault<S> {
                 "role `{}` may not call {} (policy right records = [\"{}\"] is not granted)",
                 caller.role.name,
                 match right {
-                    RecordRight::SetLifecycle => "SetLifecycle",
+                    RecordRight::SetLifecycle | RecordRight::SetEmployment => "SetLifecycle",
                     RecordRight::SetConsent => "SetConsent",
                     RecordRight::SetRestriction => "SetRestriction",
                     RecordRight::SetLegalHold => "SetLegalHold",
@@ -1103,19 +1154,33 @@ impl<S: Store> Vault<S> {
                         format!("must be one of {}", LIFECYCLE_STAGES.join(", ")),
                     ));
                 }
+                if matches!(stage.as_str(), "employed" | "ended")
+                    && !caller.role.records.contains(&RecordRight::SetEmployment)
+                {
+                    return Err(VaultError::PermissionDenied(format!(
+                        "role `{}` may not set stage `{stage}` (policy right records = [\"set_employment\"] is not granted): the employment dates start the legal duties to keep identity and financial data",
+                        caller.role.name
+                    )));
+                }
                 if date.is_empty() {
                     return Err(VaultError::invalid(
                         "date",
                         "is required (ISO date, YYYY-MM-DD)",
                     ));
                 }
-                if chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").is_err() || date.len() != 10
-                {
+                let Ok(day) = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d") else {
+                    return Err(VaultError::invalid(
+                        "date",
+                        "must be an ISO date (YYYY-MM-DD)",
+                    ));
+                };
+                if date.len() != 10 {
                     return Err(VaultError::invalid(
                         "date",
                         "must be an ISO date (YYYY-MM-DD)",
                     ));
                 }
+                check_lifecycle_date(stage, day, chrono::Utc::now().date_naive())?;
             }
             StateChange::Consent { purpose, .. } => {
                 if purpose.is_empty() {
@@ -1793,6 +1858,29 @@ mod tests {
     use crate::crypto::SecretKey;
     use crate::keys::{KeyRing, MasterKey};
     use crate::store::SledStore;
+
+    #[test]
+    fn lifecycle_dates_are_bounded() {
+        let day = |s: &str| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").expect("date");
+        let today = day("2026-11-26");
+        for (stage, date, ok) in [
+            ("procedure_closed", "2026-11-26", true),
+            ("procedure_closed", "2026-11-27", false),
+            ("applicant", "2026-12-01", false),
+            ("employed", "2027-11-27", true),
+            ("employed", "2027-11-28", false),
+            ("ended", "2027-11-27", true),
+            ("ended", "9999-12-31", false),
+            ("employed", "1900-01-01", true),
+            ("ended", "1899-12-31", false),
+        ] {
+            assert_eq!(
+                check_lifecycle_date(stage, day(date), today).is_ok(),
+                ok,
+                "{stage} {date}"
+            );
+        }
+    }
 
     #[tokio::test]
     async fn reads_recorded_between_the_lookup_and_the_update_are_notified_too() {

@@ -55,11 +55,52 @@ async fn lifecycle_stages_with_dates_rights_and_validation() {
     let meta = recruiter
         .set_lifecycle(SetLifecycleRequest {
             record_id: id.clone(),
+            stage: "procedure_closed".into(),
+            date: "2026-01-02".into(),
+        })
+        .await
+        .expect("recruiter closes the procedure")
+        .into_inner();
+    assert_eq!(
+        (meta.lifecycle_stage.as_str(), meta.revision),
+        ("procedure_closed", 2)
+    );
+    // The employment dates start the legal duties to keep BSN and payroll data (and the
+    // clocks that erase them): only a role with `set_employment` (payroll) sets them.
+    for stage in ["employed", "ended"] {
+        assert_status(
+            recruiter
+                .set_lifecycle(SetLifecycleRequest {
+                    record_id: id.clone(),
+                    stage: stage.into(),
+                    date: "2026-01-05".into(),
+                })
+                .await,
+            Code::PermissionDenied,
+            &["recruiter", stage, "set_employment"],
+        );
+    }
+    let mut payroll = v.client("payroll").await;
+    // Only an employment can end.
+    assert_status(
+        payroll
+            .set_lifecycle(SetLifecycleRequest {
+                record_id: id.clone(),
+                stage: "ended".into(),
+                date: "2026-01-05".into(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        &["stage", "only an employment can end"],
+    );
+    let meta = payroll
+        .set_lifecycle(SetLifecycleRequest {
+            record_id: id.clone(),
             stage: "employed".into(),
             date: "2026-01-05".into(),
         })
         .await
-        .expect("recruiter sets the stage")
+        .expect("payroll sets the stage")
         .into_inner();
     assert_eq!(
         (
@@ -68,9 +109,8 @@ async fn lifecycle_stages_with_dates_rights_and_validation() {
             meta.lifecycle_date.as_str(),
             meta.revision
         ),
-        ("employed", "employed", "2026-01-05", 2)
+        ("employed", "employed", "2026-01-05", 3)
     );
-    let mut payroll = v.client("payroll").await;
     let meta = payroll
         .set_lifecycle(SetLifecycleRequest {
             record_id: id.clone(),
@@ -117,6 +157,52 @@ async fn lifecycle_stages_with_dates_rights_and_validation() {
         Code::FailedPrecondition,
         &["date", "2026-11-02", "before it began"],
     );
+    // Dates are bounded: nothing before 1900, an employment at most a year ahead, a procedure
+    // not closed in the future (that would keep applicant data past its maximum period).
+    let ahead = |days: u64| {
+        (chrono::Utc::now().date_naive() + chrono::Days::new(days))
+            .format("%Y-%m-%d")
+            .to_string()
+    };
+    for (mut client, stage, date, rule) in [
+        (
+            payroll.clone(),
+            "employed",
+            "1899-12-31".to_string(),
+            "1900-01-01 or later",
+        ),
+        (
+            payroll.clone(),
+            "employed",
+            "-001-01-01".to_string(),
+            "date",
+        ),
+        (payroll.clone(), "employed", ahead(400), "366 days ahead"),
+        (
+            recruiter.clone(),
+            "procedure_closed",
+            ahead(2),
+            "after today",
+        ),
+        (
+            recruiter.clone(),
+            "procedure_closed",
+            "9999-12-31".to_string(),
+            "after today",
+        ),
+    ] {
+        assert_status(
+            client
+                .set_lifecycle(SetLifecycleRequest {
+                    record_id: id.clone(),
+                    stage: stage.into(),
+                    date: date.clone(),
+                })
+                .await,
+            Code::InvalidArgument,
+            &["date", rule],
+        );
+    }
     for role in ["absence", "privacy_officer", "security_officer", "auditor"] {
         assert_status(
             v.client(role)
@@ -145,7 +231,7 @@ async fn lifecycle_stages_with_dates_rights_and_validation() {
     );
     for date in ["", "2026-13-01", "5 Jan 2026", "2026-1-5"] {
         assert_status(
-            recruiter.set_lifecycle(bad("employed", date, &id)).await,
+            payroll.set_lifecycle(bad("employed", date, &id)).await,
             Code::InvalidArgument,
             &["date"],
         );
@@ -158,7 +244,7 @@ async fn lifecycle_stages_with_dates_rights_and_validation() {
         &["record_id"],
     );
     assert_status(
-        recruiter
+        payroll
             .set_lifecycle(bad(
                 "employed",
                 "2026-01-05",
@@ -176,7 +262,7 @@ async fn lifecycle_stages_with_dates_rights_and_validation() {
         .into_inner()
         .records;
     assert_eq!(listed[0].lifecycle_stage, "employed");
-    assert_eq!(listed[0].revision, 4);
+    assert_eq!(listed[0].revision, 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -525,8 +611,19 @@ async fn employee(v: &TestVault, email: &str, stage: &str, date: &str) -> String
         })
         .await
         .expect("payroll data");
-    v.client("payroll")
-        .await
+    let mut payroll = v.client("payroll").await;
+    if stage == "ended" {
+        // Only an employment can end.
+        payroll
+            .set_lifecycle(SetLifecycleRequest {
+                record_id: id.clone(),
+                stage: "employed".into(),
+                date: "2015-01-05".into(),
+            })
+            .await
+            .expect("employed");
+    }
+    payroll
         .set_lifecycle(SetLifecycleRequest {
             record_id: id.clone(),
             stage: stage.into(),
@@ -915,15 +1012,17 @@ async fn export_returns_every_field_metadata_deadlines_and_access_history() {
         })
         .await
         .expect("payroll");
-    v.client("payroll")
-        .await
-        .set_lifecycle(SetLifecycleRequest {
-            record_id: id.clone(),
-            stage: "ended".into(),
-            date: "2026-03-31".into(),
-        })
-        .await
-        .expect("ended");
+    for (stage, date) in [("employed", "2025-02-01"), ("ended", "2026-03-31")] {
+        v.client("payroll")
+            .await
+            .set_lifecycle(SetLifecycleRequest {
+                record_id: id.clone(),
+                stage: stage.into(),
+                date: date.into(),
+            })
+            .await
+            .expect(stage);
+    }
     let mut recruiter = v.client("recruiter").await;
     recruiter
         .set_consent(consent(&id, "personal_offers", false))
@@ -1014,6 +1113,7 @@ async fn export_returns_every_field_metadata_deadlines_and_access_history() {
             ("test-recruiter", "CreateRecord"),
             ("test-payroll", "UpdateRecord"),
             ("test-payroll", "SetLifecycle"),
+            ("test-payroll", "SetLifecycle"),
             ("test-recruiter", "SetConsent"),
             ("test-recruiter", "GetRecord"),
             ("test-privacy_officer", "SetRestriction"),
@@ -1024,8 +1124,8 @@ async fn export_returns_every_field_metadata_deadlines_and_access_history() {
             ("test-security_officer", "ExportRecord"),
         ]
     );
-    assert!(history[6..].iter().all(|h| h["outcome"] == "denied"));
-    let read = &history[4];
+    assert!(history[7..].iter().all(|h| h["outcome"] == "denied"));
+    let read = &history[5];
     assert_eq!(read["fields"], serde_json::json!(["email"]));
     assert_eq!(read["purpose"], "recruitment");
     assert!(!history

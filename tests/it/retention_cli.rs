@@ -103,6 +103,10 @@ impl Clients {
             })
             .await
             .expect("payroll data");
+        if stage == "ended" {
+            // Only an employment can end.
+            self.stage(&id, "employed", "2015-01-05").await;
+        }
         self.stage(&id, stage, date).await;
         id
     }
