@@ -87,17 +87,44 @@ impl From<crate::crypto::CryptoError> for VaultError {
     }
 }
 
-/// A request-supplied name made safe to echo in an error or log: printable ASCII only, at most
-/// 64 characters (longer names end in `…`).
+/// A request-supplied name (of a field, a purpose, a category) made safe to echo in an error
+/// or log. Names are identifiers (`full_name`, `data_subject_request`); something else sent
+/// where a name belongs may be a value (a BSN, an e-mail address put in the wrong place), so
+/// it is echoed only if it has a name's shape: a lower-case ASCII letter, then lower-case
+/// letters, digits, `_`, `-` or `.`, at most 64 characters. Anything else reads
+/// `<not a name: not shown>`.
 pub fn printable_name(name: &str) -> String {
-    let clean: String = name
-        .chars()
-        .take(64)
-        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
-        .collect();
-    if name.chars().count() > 64 {
-        format!("{clean}…")
+    let mut chars = name.chars();
+    let named = name.len() <= 64
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-.".contains(c));
+    if named {
+        name.to_string()
     } else {
-        clean
+        "<not a name: not shown>".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable_name;
+
+    #[test]
+    fn only_names_are_echoed() {
+        for name in ["shoe_size", "talent_pool", "kek-v2", "a"] {
+            assert_eq!(printable_name(name), name);
+        }
+        for value in [
+            "111222333",
+            "jan@example.nl",
+            "Jansen",
+            "NL91ABNA0417164300",
+            "",
+            "a b",
+            "josé",
+            &"x".repeat(65),
+        ] {
+            assert_eq!(printable_name(value), "<not a name: not shown>", "{value}");
+        }
     }
 }

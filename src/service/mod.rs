@@ -145,6 +145,7 @@ impl<S: Store> RecordsService<S> {
         purpose: &str,
         prefix: &str,
         fields: &std::collections::HashMap<String, proto::FieldValue>,
+        cleared: &[String],
     ) -> Result<(), Status> {
         let Some(shape) = fields
             .iter()
@@ -154,6 +155,9 @@ impl<S: Store> RecordsService<S> {
         };
         self.vault
             .check_writable(caller, purpose, prefix, fields.keys().map(String::as_str))
+            .map_err(status::from_vault)?;
+        self.vault
+            .check_writable(caller, purpose, "clear", cleared.iter().map(String::as_str))
             .map_err(status::from_vault)?;
         Err(shape)
     }
@@ -338,7 +342,7 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         ev.draft.purpose = self.purpose_name(&req.purpose);
         ev.draft.field_names = names;
         let result = async {
-            self.shapes_after_rights(&caller, &req.purpose, "fields", &req.fields)?;
+            self.shapes_after_rights(&caller, &req.purpose, "fields", &req.fields, &[])?;
             let fields = to_values("fields", req.fields)?;
             let (id, revision) = self
                 .vault
@@ -377,16 +381,26 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
             .get(&caller, &req.record_id, &req.purpose, &req.field_names)
             .await
             .map_err(status::from_vault);
-        let result = result.map(|read| {
+        let limit = self.answer_limit;
+        let result = result.and_then(|read| {
             let names: Vec<String> = read.fields.iter().map(|(n, _)| n.clone()).collect();
             log.fields(names.clone());
             ev.draft.field_names = names;
-            proto::GetRecordResponse {
+            let answer = proto::GetRecordResponse {
                 record_id: read.id.to_string(),
                 revision: read.revision,
                 fields: to_proto(read.fields),
                 withheld: read.withheld,
+            };
+            // Said here, before the read is recorded: past the limit the transport would
+            // refuse to send the answer after the event said `ok`.
+            let size = prost::Message::encoded_len(&answer);
+            if size > limit {
+                return Err(Status::resource_exhausted(format!(
+                    "field_names: the answer is {size} bytes, more than an answer may hold ({limit} bytes: twice max_request_bytes); name fewer fields (field_names) or raise max_request_bytes"
+                )));
             }
+            Ok(answer)
         });
         if result.is_err() {
             let names = self.known_names(req.field_names.iter());
@@ -415,7 +429,7 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         ev.draft.purpose = self.purpose_name(&req.purpose);
         ev.draft.field_names = names;
         let result = async {
-            self.shapes_after_rights(&caller, &req.purpose, "set", &req.set)?;
+            self.shapes_after_rights(&caller, &req.purpose, "set", &req.set, &req.clear)?;
             let set = to_values("set", req.set)?;
             let updated = self
                 .vault

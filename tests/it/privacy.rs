@@ -1299,4 +1299,42 @@ async fn an_export_too_large_to_send_is_refused_naming_the_setting() {
         .find(|e| e.action == "ExportRecord")
         .expect("the export's event");
     assert_ne!(export.outcome, "ok", "{export:?}");
+
+    // The same for a read: every blob at once is more than an answer may hold; one is not.
+    assert_status(
+        recruiter
+            .get_record(GetRecordRequest {
+                record_id: id.clone(),
+                purpose: "recruitment".into(),
+                field_names: vec![],
+            })
+            .await,
+        Code::ResourceExhausted,
+        &["field_names", "max_request_bytes"],
+    );
+    let one = recruiter
+        .get_record(GetRecordRequest {
+            record_id: id.clone(),
+            purpose: "recruitment".into(),
+            field_names: vec!["photo".into()],
+        })
+        .await
+        .expect("one blob fits")
+        .into_inner();
+    assert_eq!(one.fields.len(), 1);
+    let reads: Vec<String> = v
+        .audit_events(QueryEventsRequest {
+            record_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .into_iter()
+        .filter(|e| e.action == "GetRecord")
+        .map(|e| e.outcome)
+        .collect();
+    assert_eq!(
+        reads,
+        ["invalid", "ok"],
+        "the refused read is not recorded as ok"
+    );
 }

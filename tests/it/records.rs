@@ -895,4 +895,30 @@ async fn rights_are_checked_before_the_shape_of_values() {
         Code::PermissionDenied,
         &["city"],
     );
+    // A badly shaped `set` value does not hide a `clear` of a field the role may not write.
+    let id = v
+        .client("recruiter")
+        .await
+        .create_record(CreateRecordRequest {
+            purpose: "recruitment".into(),
+            fields: [("city".to_string(), text("Zwolle"))].into_iter().collect(),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .record_id;
+    assert_status(
+        v.client("recruiter")
+            .await
+            .update_record(UpdateRecordRequest {
+                record_id: id,
+                purpose: "recruitment".into(),
+                expected_revision: 0,
+                set: [("city".to_string(), odd.clone())].into_iter().collect(),
+                clear: vec!["bsn".into()],
+            })
+            .await,
+        Code::PermissionDenied,
+        &["bsn"],
+    );
 }
