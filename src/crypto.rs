@@ -316,6 +316,9 @@ impl SealingKey {
         chunk_len: usize,
         context: impl Fn(u32, u32) -> Vec<u8>,
     ) -> Result<Vec<Vec<u8>>, CryptoError> {
+        if chunk_len == 0 {
+            return Err(CryptoError::Malformed);
+        }
         let count = plaintext.len().div_ceil(chunk_len).max(1);
         let count32 = u32::try_from(count).map_err(|_| CryptoError::Malformed)?;
         let mut nonces = vec![0u8; count * NONCE_LEN];

@@ -264,6 +264,10 @@ pub struct KeyRing {
     index_root: SecretKey,
     index_keys: parking_lot::RwLock<BTreeMap<String, std::sync::Arc<SecretKey>>>,
     integrity: SecretKey,
+    /// The key check value of the master key this ring was opened with: every change of the
+    /// ring expects it unchanged, so a process still holding a rotated-out master key cannot
+    /// add a KEK that no other process can open.
+    check: [u8; 32],
     /// Serialises this process's changes of the KEK table (rotate, retire, reload), so that a
     /// reload cannot put back a table read before a local change committed.
     ops: tokio::sync::Mutex<()>,
@@ -448,6 +452,7 @@ impl KeyRing {
             index_root,
             index_keys: parking_lot::RwLock::new(BTreeMap::new()),
             integrity,
+            check: master.check_value(),
             ops: tokio::sync::Mutex::new(()),
         })
     }
@@ -486,8 +491,21 @@ impl KeyRing {
             }
         }
         for category in Category::ALL {
-            if !table.active.contains_key(&category) {
+            let Some(&active) = table.active.get(&category) else {
                 return Err(KeyError::MissingKek(category, 1));
+            };
+            // The newest version never retired must be the active one: if its key were gone
+            // (deleted from the store), an older version would silently wrap new data keys.
+            if let Some(newest) = table
+                .info
+                .iter()
+                .filter(|((c, _), info)| *c == category && info.retired_ms.is_none())
+                .map(|((_, v), _)| *v)
+                .max()
+            {
+                if newest > active {
+                    return Err(KeyError::MissingKek(category, newest));
+                }
             }
         }
         // Versions made before facts were kept: known to exist, time unknown.
@@ -684,6 +702,7 @@ impl KeyRing {
                 made.push((category, version, kek, info));
             }
         }
+        self.expect_master(&mut batch);
         for event in events {
             batch.append_event(event);
         }
@@ -767,6 +786,7 @@ impl KeyRing {
                 fence.expect(Keyspace::Meta, retiring.clone(), Expect::Absent);
                 fence.delete(Keyspace::Meta, usable.clone());
                 fence.put(Keyspace::Meta, retiring.clone(), sealed);
+                self.expect_master(&mut fence);
                 store.commit(fence).await?;
             }
             // Fenced by an earlier call that was cut short: go on from there.
@@ -794,6 +814,7 @@ impl KeyRing {
         };
         let mut batch = Batch::default();
         batch.expect(Keyspace::Meta, retiring.clone(), Expect::Present);
+        self.expect_master(&mut batch);
         batch.delete(Keyspace::Meta, retiring);
         batch.put(
             Keyspace::Meta,
@@ -809,6 +830,15 @@ impl KeyRing {
         table.keys.remove(&(category, version));
         table.info.insert((category, version), retired);
         Ok(())
+    }
+
+    /// Makes `batch` expect the store's key check value to be this ring's master key's.
+    fn expect_master(&self, batch: &mut Batch) {
+        batch.expect(
+            Keyspace::Meta,
+            META_KEY_CHECK.to_vec(),
+            Expect::Value(self.check.to_vec()),
+        );
     }
 
     /// Undoes a fence (the version is still needed): the key goes back to `kek/`. If that
@@ -1159,6 +1189,18 @@ mod tests {
             KeyRing::open(&store, &m1).await,
             Err(KeyError::WrongMasterKey)
         ));
+        // A process still holding the old master key cannot add a KEK nobody else can open.
+        assert!(ring
+            .rotate(&store, &[Category::Identity], vec![])
+            .await
+            .is_err());
+        assert_eq!(
+            store
+                .get(Keyspace::Meta, &kek_meta_key(Category::Identity, 4))
+                .await
+                .expect("get"),
+            None
+        );
         let under_m2 = KeyRing::open(&store, &m2).await.expect("new key opens");
         let back = under_m2
             .unwrap_dek(b"r", Category::Identity, 2, &new.sealed)
@@ -1168,6 +1210,24 @@ mod tests {
             under_m2.integrity_key().1.expose_secret(),
             again.integrity_key().1.expose_secret()
         );
+    }
+
+    #[tokio::test]
+    async fn a_missing_newest_kek_refuses_to_open_instead_of_falling_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let m = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let ring = KeyRing::open(&store, &m).await.expect("create");
+        ring.rotate(&store, &[Category::Financial], vec![])
+            .await
+            .expect("rotate");
+        let mut gone = Batch::default();
+        gone.delete(Keyspace::Meta, kek_meta_key(Category::Financial, 2));
+        store.commit(gone).await.expect("delete v2");
+        assert!(matches!(
+            KeyRing::open(&store, &m).await,
+            Err(KeyError::MissingKek(Category::Financial, 2))
+        ));
     }
 
     #[test]
