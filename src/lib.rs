@@ -35,6 +35,7 @@
 //! - [`proto`]: the generated `kluis.v1` API.
 
 #![forbid(unsafe_code)]
+#![warn(clippy::unwrap_used)]
 #![warn(missing_docs)]
 
 pub mod audit;

@@ -5,6 +5,7 @@
 //! everything happens in the library ([`kluis::cli`] for the subcommands' logic).
 
 #![forbid(unsafe_code)]
+#![warn(clippy::unwrap_used)]
 
 use std::io::Write;
 use std::path::PathBuf;
