@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use uuid::Uuid;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::audit;
 use crate::crypto::{self, SealingKey, SecretKey};
@@ -869,20 +869,22 @@ impl<S: Store> Vault<S> {
         };
         event.draft.record_id = id.to_string();
         event.draft.field_names = names;
-        let mut fields = serde_json::Map::new();
-        for (name, value) in values {
-            let v = match value {
-                Value::Text(t) => serde_json::json!({ "text": t.as_str() }),
-                Value::Blob {
-                    bytes,
-                    content_type,
-                } => serde_json::json!({
-                    "blob_base64": base64::engine::general_purpose::STANDARD.encode(bytes.as_slice()),
-                    "content_type": content_type,
-                }),
-            };
-            fields.insert(name, v);
-        }
+        // Blobs in base64, each into a buffer of exactly its size (no reallocation leaves an
+        // unwiped copy behind).
+        let encoded: Vec<Zeroizing<String>> = values
+            .iter()
+            .map(|(_, value)| match value {
+                Value::Blob { bytes, .. } => {
+                    let engine = base64::engine::general_purpose::STANDARD;
+                    let mut out = Zeroizing::new(String::with_capacity(
+                        base64::encoded_len(bytes.len(), true).unwrap_or(0),
+                    ));
+                    engine.encode_string(bytes.as_slice(), &mut out);
+                    out
+                }
+                Value::Text(_) => Zeroizing::new(String::new()),
+            })
+            .collect();
         let iso = |ms: i64| {
             chrono::DateTime::from_timestamp_millis(ms)
                 .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
@@ -942,17 +944,42 @@ impl<S: Store> Vault<S> {
             "consents": body.consents.iter().map(|(p, c)| serde_json::json!({
                 "purpose": p, "granted": c.granted, "changed": iso(c.changed_ms),
             })).collect::<Vec<_>>(),
-            "fields": fields,
             "retention": retention,
             "access_history": history,
         });
-        let text = Zeroizing::new(
-            serde_json::to_string_pretty(&doc)
-                .map_err(|e| VaultError::Internal(format!("export encoding: {e}")))?,
-        );
-        // The JSON value tree held copies of the plaintext: clear what can be reached.
-        drop(doc);
-        Ok(text)
+        // The document without the field values holds no plaintext; the values are written
+        // from where they are (zeroizing buffers) straight into one zeroizing buffer, sized
+        // up front so that it never reallocates and leaves a copy behind.
+        let serde_json::Value::Object(meta) = doc else {
+            return Err(VaultError::Internal(
+                "export: document is not an object".into(),
+            ));
+        };
+        let fields = export::Fields {
+            values: &values,
+            encoded: &encoded,
+        };
+        let bound = serde_json::to_vec_pretty(&meta)
+            .map_err(|_| VaultError::Internal("export: encoding the metadata failed".into()))?
+            .len()
+            .saturating_add(fields.bound());
+        let mut out = Zeroizing::new(Vec::with_capacity(bound));
+        serde_json::to_writer_pretty(
+            &mut *out,
+            &export::Document {
+                meta: &meta,
+                fields,
+            },
+        )
+        .map_err(|_| VaultError::Internal("export: encoding the document failed".into()))?;
+        debug_assert!(out.len() <= bound, "the export buffer never grows");
+        let bytes = std::mem::take(&mut *out);
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let mut bytes = e.into_bytes();
+            bytes.zeroize();
+            VaultError::Internal("export: the document is not UTF-8".into())
+        })?;
+        Ok(Zeroizing::new(text))
     }
 
     /// Builds the batch that deletes every category of `body` for which `keep` answers `None`
@@ -1852,12 +1879,178 @@ pub(crate) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// Serialising an export without copying field values out of their zeroizing buffers.
+mod export {
+    use serde::ser::{Serialize, SerializeMap, Serializer};
+
+    use super::Value;
+
+    /// The field values of an export: `{"name": {"text": …}}` or
+    /// `{"name": {"blob_base64": …, "content_type": …}}`, borrowed.
+    pub(super) struct Fields<'a> {
+        pub(super) values: &'a [(String, Value)],
+        /// Base64 of each blob, in the order of `values` (empty for text).
+        pub(super) encoded: &'a [zeroize::Zeroizing<String>],
+    }
+
+    impl Fields<'_> {
+        /// An upper bound of their pretty-printed JSON size: JSON escapes a character in at
+        /// most 6 bytes, and each entry's keys, quotes and indentation take well under 128.
+        pub(super) fn bound(&self) -> usize {
+            self.values
+                .iter()
+                .zip(self.encoded)
+                .map(|((name, value), b64)| {
+                    let payload = match value {
+                        Value::Text(t) => t.len().saturating_mul(6),
+                        Value::Blob { content_type, .. } => b64
+                            .len()
+                            .saturating_add(content_type.len().saturating_mul(6)),
+                    };
+                    payload
+                        .saturating_add(name.len().saturating_mul(6))
+                        .saturating_add(128)
+                })
+                .fold(16, usize::saturating_add)
+        }
+    }
+
+    struct Text<'a> {
+        text: &'a str,
+    }
+
+    impl Serialize for Text<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut map = s.serialize_map(Some(1))?;
+            map.serialize_entry("text", self.text)?;
+            map.end()
+        }
+    }
+
+    struct Blob<'a> {
+        base64: &'a str,
+        content_type: &'a str,
+    }
+
+    impl Serialize for Blob<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut map = s.serialize_map(Some(2))?;
+            map.serialize_entry("blob_base64", self.base64)?;
+            map.serialize_entry("content_type", self.content_type)?;
+            map.end()
+        }
+    }
+
+    impl Serialize for Fields<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut map = s.serialize_map(Some(self.values.len()))?;
+            for ((name, value), b64) in self.values.iter().zip(self.encoded) {
+                match value {
+                    Value::Text(t) => map.serialize_entry(name, &Text { text: t.as_str() })?,
+                    Value::Blob { content_type, .. } => map.serialize_entry(
+                        name,
+                        &Blob {
+                            base64: b64.as_str(),
+                            content_type,
+                        },
+                    )?,
+                }
+            }
+            map.end()
+        }
+    }
+
+    /// The document: the metadata's entries with `fields` in its place (keys sorted).
+    pub(super) struct Document<'a> {
+        pub(super) meta: &'a serde_json::Map<String, serde_json::Value>,
+        pub(super) fields: Fields<'a>,
+    }
+
+    impl Serialize for Document<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut map = s.serialize_map(Some(self.meta.len() + 1))?;
+            let mut placed = false;
+            for (key, value) in self.meta {
+                if !placed && key.as_str() > "fields" {
+                    map.serialize_entry("fields", &self.fields)?;
+                    placed = true;
+                }
+                map.serialize_entry(key, value)?;
+            }
+            if !placed {
+                map.serialize_entry("fields", &self.fields)?;
+            }
+            map.end()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::crypto::SecretKey;
     use crate::keys::{KeyRing, MasterKey};
     use crate::store::SledStore;
+
+    #[test]
+    fn an_export_document_is_written_in_place_with_its_keys_sorted() {
+        let values = vec![
+            (
+                "full_name".to_string(),
+                Value::Text(Zeroizing::new("Jan \"de\" Vries\u{1}é".to_string())),
+            ),
+            (
+                "photo".to_string(),
+                Value::Blob {
+                    bytes: Zeroizing::new(vec![0xff; 100]),
+                    content_type: "image/png".into(),
+                },
+            ),
+        ];
+        let encoded = vec![
+            Zeroizing::new(String::new()),
+            Zeroizing::new(base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                [0xffu8; 100],
+            )),
+        ];
+        let meta = serde_json::json!({"access_history": [], "format": "x", "version": 1});
+        let serde_json::Value::Object(meta) = meta else {
+            panic!("object");
+        };
+        let fields = export::Fields {
+            values: &values,
+            encoded: &encoded,
+        };
+        let bound = fields.bound();
+        let doc = export::Document {
+            meta: &meta,
+            fields,
+        };
+        let text = serde_json::to_string_pretty(&doc).expect("encodes");
+        let fields_json = serde_json::to_string_pretty(&doc.fields).expect("encodes");
+        assert!(
+            fields_json.len() <= bound,
+            "{} > {bound}",
+            fields_json.len()
+        );
+        let back: serde_json::Value = serde_json::from_str(&text).expect("parses");
+        assert_eq!(
+            back["fields"]["full_name"]["text"],
+            "Jan \"de\" Vries\u{1}é"
+        );
+        assert_eq!(back["fields"]["photo"]["content_type"], "image/png");
+        assert_eq!(back["fields"]["photo"]["blob_base64"], encoded[1].as_str());
+        let keys: Vec<&str> = back
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys, ["access_history", "fields", "format", "version"]);
+        let at = |k: &str| text.find(&format!("\"{k}\"")).expect("key");
+        assert!(at("access_history") < at("fields") && at("fields") < at("format"));
+    }
 
     #[test]
     fn lifecycle_dates_are_bounded() {
