@@ -303,7 +303,30 @@ impl Policy {
             tokens: Vec::new(),
             certs: BTreeMap::new(),
         };
+        let mut named: BTreeMap<String, String> = BTreeMap::new();
         for p in file.principals {
+            // A name stands for one caller in every audit event and log line: it is an
+            // identifier, never one of the vault's own actors (`system:…`, `cli:…`), and names
+            // one role (a principal may have a token and a certificate, under one role).
+            let shaped = !p.name.is_empty()
+                && p.name.len() <= 64
+                && p.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
+            if !shaped {
+                return Err(PolicyError::Rule(format!(
+                    "principal `{}`: a name is 1 to 64 ASCII letters, digits, `-`, `_`, `.` or `@` (`:` is kept for the vault's own actors, e.g. `system:retention`)",
+                    p.name.escape_default()
+                )));
+            }
+            if let Some(other) = named.insert(p.name.clone(), p.role.clone()) {
+                if other != p.role {
+                    return Err(PolicyError::Rule(format!(
+                        "principal `{}` is mapped to two roles (`{other}` and `{}`): one name, one role",
+                        p.name, p.role
+                    )));
+                }
+            }
             match (p.token_sha256, p.cert_cn) {
                 (Some(hash), None) => {
                     let mut bytes = [0u8; 32];
@@ -493,6 +516,45 @@ mod tests {
         assert_eq!(caller.role.name, "recruiter");
         assert!(policy.authenticate_token("secret-2").is_none());
         assert!(policy.add_token_hash("x", "nope", [0; 32]).is_err());
+    }
+
+    #[test]
+    fn principal_names_are_identifiers_with_one_role() {
+        let with =
+            |principals: &str| Policy::from_toml(&format!("{DEFAULT_POLICY_TOML}\n{principals}"));
+        let hash = |n: u8| hex::encode([n; 32]);
+        let entry = |name: &str, role: &str, n: u8| {
+            format!(
+                "[[principals]]\nname = \"{name}\"\nrole = \"{role}\"\ntoken_sha256 = \"{}\"\n",
+                hash(n)
+            )
+        };
+        with(&entry("payroll-system", "payroll", 1)).expect("a plain name");
+        // One name with a token and a certificate, under one role.
+        with(&format!(
+            "{}[[principals]]\nname = \"app\"\nrole = \"recruiter\"\ncert_cn = \"app\"\n",
+            entry("app", "recruiter", 1)
+        ))
+        .expect("two credentials, one role");
+        for (bad, says) in [
+            (
+                entry("system:retention", "payroll", 1),
+                "kept for the vault's own actors",
+            ),
+            (entry("", "payroll", 1), "1 to 64"),
+            (entry("jan de vries", "payroll", 1), "1 to 64"),
+            (
+                format!(
+                    "{}{}",
+                    entry("app", "recruiter", 1),
+                    entry("app", "payroll", 2)
+                ),
+                "two roles",
+            ),
+        ] {
+            let err = with(&bad).expect_err("refused");
+            assert!(err.to_string().contains(says), "{err}");
+        }
     }
 
     #[test]
