@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use icu_properties::props::{GeneralCategory, GeneralCategoryGroup};
+use icu_properties::CodePointMapData;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
@@ -69,8 +71,7 @@ impl fmt::Display for Category {
 }
 
 /// The type of a field and its limits.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FieldType {
     /// Free text of at most `max_len` characters, no control characters except newline/tab.
     Text {
@@ -152,6 +153,22 @@ impl FieldType {
         matches!(self, FieldType::Blob { .. })
     }
 
+    /// Whether a blind index over this type makes sense: values that identify a person
+    /// (e-mail, BSN, IBAN, phone, postcode) or free text. Not booleans, enums, dates, periods,
+    /// amounts or blobs: a deterministic tag over a value with few possible values would group
+    /// records by that value for anyone who can read the store.
+    pub fn may_be_searchable(&self) -> bool {
+        matches!(
+            self,
+            FieldType::Email
+                | FieldType::Bsn
+                | FieldType::Iban
+                | FieldType::Phone
+                | FieldType::Postcode
+                | FieldType::Text { .. }
+        )
+    }
+
     fn name(&self) -> &'static str {
         match self {
             FieldType::Text { .. } => "text",
@@ -208,68 +225,65 @@ pub enum SchemaError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SchemaFile {
-    fields: BTreeMap<String, FieldFile>,
+    /// Read as plain tables so that every key can be checked against the field's type by hand
+    /// (serde's `flatten` would silently ignore a misspelt key such as `searchabel`).
+    fields: BTreeMap<String, toml::Table>,
 }
 
-#[derive(Deserialize)]
-struct FieldFile {
-    category: Category,
-    #[serde(default)]
-    searchable: bool,
-    #[serde(flatten)]
-    kind: FieldType,
+/// Keys every field may have.
+const COMMON_KEYS: [&str; 3] = ["category", "type", "searchable"];
+
+/// The field types, as written in `type = "…"`.
+const TYPE_NAMES: [&str; 12] = [
+    "text", "email", "phone", "postcode", "date", "bsn", "iban", "amount", "boolean", "enum",
+    "periods", "blob",
+];
+
+/// The keys a type allows besides [`COMMON_KEYS`]; `None` for an unknown type.
+fn type_keys(kind: &str) -> Option<&'static [&'static str]> {
+    Some(match kind {
+        "text" => &["max_len"],
+        "enum" => &["values"],
+        "blob" => &["max_bytes", "content_types"],
+        "email" | "phone" | "postcode" | "date" | "bsn" | "iban" | "amount" | "boolean"
+        | "periods" => &[],
+        _ => return None,
+    })
 }
 
 /// Longest field name accepted in a schema.
 pub const MAX_FIELD_NAME_LEN: usize = 64;
+/// Largest `max_len` of a text field, in characters.
+pub const MAX_TEXT_CHARS: usize = 1024 * 1024;
+/// Largest `max_bytes` of a blob field (256 MiB; a request must also fit `max_request_bytes`).
+pub const MAX_BLOB_BYTES: usize = 256 * 1024 * 1024;
+/// Longest enum value or content type accepted in a schema, in bytes.
+const MAX_SCHEMA_WORD: usize = 255;
+
+/// Whether `s` is a content type as the allow-list needs it: lower-case `type/subtype` of the
+/// RFC 6838 restricted-name characters, no parameters, no spaces.
+fn is_plain_content_type(s: &str) -> bool {
+    let part = |p: &str| {
+        p.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && p.len() <= 127
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$&-^_.+".contains(&b))
+    };
+    s.split_once('/')
+        .is_some_and(|(t, sub)| part(t) && part(sub))
+}
 
 impl Schema {
     /// Parses a schema from TOML and checks its rules.
     pub fn from_toml(text: &str) -> Result<Schema, SchemaError> {
         let file: SchemaFile = toml::from_str(text)?;
         let mut fields = BTreeMap::new();
-        for (name, f) in file.fields {
-            let rule = |rule: &str| SchemaError::Rule {
+        for (name, table) in file.fields {
+            let def = field_from_table(&name, table).map_err(|rule| SchemaError::Rule {
                 field: name.clone(),
-                rule: rule.to_string(),
-            };
-            if name.is_empty()
-                || name.len() > MAX_FIELD_NAME_LEN
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-            {
-                return Err(rule("names are 1–64 characters of a-z, 0-9 and _"));
-            }
-            match &f.kind {
-                FieldType::Text { max_len } if *max_len == 0 => {
-                    return Err(rule("max_len must be positive"))
-                }
-                FieldType::Blob {
-                    max_bytes,
-                    content_types,
-                } => {
-                    if *max_bytes == 0 || content_types.is_empty() {
-                        return Err(rule("blobs need a positive max_bytes and content_types"));
-                    }
-                    if f.searchable {
-                        return Err(rule("blobs cannot be searchable"));
-                    }
-                }
-                FieldType::Enum { values } if values.is_empty() => {
-                    return Err(rule("enum needs at least one value"))
-                }
-                _ => {}
-            }
-            fields.insert(
-                name.clone(),
-                FieldDef {
-                    name,
-                    category: f.category,
-                    kind: f.kind,
-                    searchable: f.searchable,
-                },
-            );
+                rule,
+            })?;
+            fields.insert(name, def);
         }
         Ok(Schema { fields })
     }
@@ -295,12 +309,184 @@ impl Schema {
             .values()
             .map(|f| match &f.kind {
                 FieldType::Blob { max_bytes, .. } => *max_bytes,
-                FieldType::Text { max_len } => max_len * 4,
+                // A character is at most 4 bytes of UTF-8.
+                FieldType::Text { max_len } => max_len.saturating_mul(4),
                 _ => 256,
             })
             .max()
             .unwrap_or(0)
     }
+}
+
+/// Checks one field's name and keys and builds its definition; the error is the broken rule.
+fn field_from_table(name: &str, table: toml::Table) -> Result<FieldDef, String> {
+    if name.is_empty()
+        || name.len() > MAX_FIELD_NAME_LEN
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err("names are 1–64 characters of a-z, 0-9 and _".into());
+    }
+    let Some(kind) = table
+        .get("type")
+        .and_then(toml::Value::as_str)
+        .map(str::to_owned)
+    else {
+        return Err(format!(
+            "key `type` is required, a string, one of: {}",
+            TYPE_NAMES.join(", ")
+        ));
+    };
+    let Some(extra) = type_keys(&kind) else {
+        return Err(unknown_type());
+    };
+    let allowed: Vec<&str> = COMMON_KEYS.iter().chain(extra).copied().collect();
+    for key in table.keys() {
+        if allowed.contains(&key.as_str()) {
+            continue;
+        }
+        let known = TYPE_NAMES
+            .iter()
+            .filter_map(|t| type_keys(t))
+            .any(|keys| keys.contains(&key.as_str()));
+        return Err(if known {
+            format!(
+                "key `{key}` does not apply to type `{kind}` (keys for `{kind}`: {})",
+                allowed.join(", ")
+            )
+        } else {
+            format!(
+                "unknown key `{key}` (keys for `{kind}`: {})",
+                allowed.join(", ")
+            )
+        });
+    }
+    // Each key read on its own, so that a value of the wrong type names its key.
+    let category: Category = required(&table, &kind, "category")?;
+    let searchable: bool = optional(&table, "searchable")?.unwrap_or(false);
+    let int = |key: &str, max: u64| -> Result<Option<u64>, String> {
+        match optional::<i64>(&table, key)? {
+            None => Ok(None),
+            Some(n) => match u64::try_from(n) {
+                Ok(n) if (1..=max).contains(&n) => Ok(Some(n)),
+                _ => Err(format!("{key} must be between 1 and {max}")),
+            },
+        }
+    };
+    let field_type = match kind.as_str() {
+        "text" => {
+            let cap = MAX_TEXT_CHARS as u64;
+            let max_len = int("max_len", cap)?.ok_or_else(|| missing(&kind, "max_len"))?;
+            FieldType::Text {
+                max_len: usize::try_from(max_len).map_err(|_| missing(&kind, "max_len"))?,
+            }
+        }
+        "email" => FieldType::Email,
+        "phone" => FieldType::Phone,
+        "postcode" => FieldType::Postcode,
+        "date" => FieldType::Date,
+        "bsn" => FieldType::Bsn,
+        "iban" => FieldType::Iban,
+        "amount" => FieldType::Amount,
+        "boolean" => FieldType::Boolean,
+        "enum" => {
+            let values: Vec<String> = required(&table, &kind, "values")?;
+            if values.is_empty() {
+                return Err("enum needs at least one value".into());
+            }
+            for (i, v) in values.iter().enumerate() {
+                if v.is_empty()
+                    || v.trim() != v
+                    || v.len() > MAX_SCHEMA_WORD
+                    || v.chars().any(|c| c.is_control() || is_format_char(c))
+                {
+                    return Err(format!(
+                        "enum value {} must be non-empty, at most {MAX_SCHEMA_WORD} bytes, without surrounding spaces, control or format characters (input is trimmed, so it could never match)",
+                        i + 1
+                    ));
+                }
+                if values[..i].contains(v) {
+                    return Err(format!("enum value {} repeats an earlier value", i + 1));
+                }
+            }
+            FieldType::Enum { values }
+        }
+        "periods" => FieldType::Periods,
+        "blob" => {
+            let cap = MAX_BLOB_BYTES as u64;
+            let max_bytes = int("max_bytes", cap)?.ok_or_else(|| missing(&kind, "max_bytes"))?;
+            let content_types: Vec<String> = required(&table, &kind, "content_types")?;
+            if content_types.is_empty() {
+                return Err("blobs need at least one content type in content_types".into());
+            }
+            for (i, t) in content_types.iter().enumerate() {
+                if !is_plain_content_type(t) {
+                    return Err(format!(
+                        "content_types entry {} must be a lower-case `type/subtype` without spaces or parameters, e.g. application/pdf (incoming types are lower-cased and compared exactly)",
+                        i + 1
+                    ));
+                }
+                if content_types[..i].contains(t) {
+                    return Err(format!(
+                        "content_types entry {} repeats an earlier entry",
+                        i + 1
+                    ));
+                }
+            }
+            FieldType::Blob {
+                max_bytes: usize::try_from(max_bytes).map_err(|_| missing(&kind, "max_bytes"))?,
+                content_types,
+            }
+        }
+        _ => return Err(unknown_type()),
+    };
+    if searchable && !field_type.may_be_searchable() {
+        return Err(format!(
+            "key `searchable`: a `{kind}` field cannot be searchable (only email, bsn, iban, phone, postcode and text: a blind index over a value with few possible values groups records by that value)"
+        ));
+    }
+    Ok(FieldDef {
+        name: name.to_string(),
+        category,
+        kind: field_type,
+        searchable,
+    })
+}
+
+fn unknown_type() -> String {
+    format!(
+        "key `type`: unknown type (types: {})",
+        TYPE_NAMES.join(", ")
+    )
+}
+
+fn missing(kind: &str, key: &str) -> String {
+    format!("type `{kind}` needs key `{key}`")
+}
+
+/// The value of `key` in a field's table, if present, as a `T`; the error names the key.
+fn optional<T: serde::de::DeserializeOwned>(
+    table: &toml::Table,
+    key: &str,
+) -> Result<Option<T>, String> {
+    table
+        .get(key)
+        .map(|v| {
+            v.clone()
+                .try_into()
+                .map_err(|e: toml::de::Error| format!("key `{key}`: {}", e.message().trim()))
+        })
+        .transpose()
+}
+
+/// Like [`optional`], for a key the field's type needs.
+fn required<T: serde::de::DeserializeOwned>(
+    table: &toml::Table,
+    kind: &str,
+    key: &str,
+) -> Result<T, String> {
+    optional(table, key)?.ok_or_else(|| missing(kind, key))
 }
 
 /// Why a value was refused; the message names the rule, never the value.
@@ -381,7 +567,7 @@ impl FieldDef {
                 self.kind.name()
             ))),
             (kind, RawValue::Text(text)) => {
-                let normalised = parse_text(kind, text)?;
+                let normalised = Zeroizing::new(parse_text(kind, text)?);
                 let index_form = self
                     .searchable
                     .then(|| Zeroizing::new(index_form(kind, &normalised)));
@@ -394,13 +580,15 @@ impl FieldDef {
         }
     }
 
-    /// Parses a search value for this (searchable) field into its index form.
+    /// Parses a search value for this (searchable) field into its index form: the same
+    /// normalisation as [`FieldDef::parse`], so a value finds the records it was stored on.
     pub fn parse_search(&self, text: &str) -> Result<Zeroizing<String>, ValueError> {
         let normalised = Zeroizing::new(parse_text(&self.kind, text)?);
         Ok(Zeroizing::new(index_form(&self.kind, &normalised)))
     }
 }
 
+/// The form the blind index is computed over, from a value's stored (normalised) form.
 fn index_form(kind: &FieldType, normalised: &str) -> String {
     match kind {
         FieldType::Email => normalised.to_lowercase(),
@@ -410,6 +598,13 @@ fn index_form(kind: &FieldType, normalised: &str) -> String {
 
 fn invalid(rule: &str) -> ValueError {
     ValueError::Invalid(rule.to_string())
+}
+
+/// Whether `c` is a Unicode format character (general category Cf): zero-width space, joiners,
+/// bidi embeddings, overrides and isolates, soft hyphen, byte-order mark, tags, …: invisible,
+/// so they make two values that look the same differ, or make text display as something else.
+fn is_format_char(c: char) -> bool {
+    GeneralCategoryGroup::Format.contains(CodePointMapData::<GeneralCategory>::new().get(c))
 }
 
 /// Parses and normalises a text value of `kind`. The returned string is what gets sealed.
@@ -740,6 +935,15 @@ fn parse_periods(text: &str) -> Result<String, ValueError> {
 mod tests {
     use super::*;
 
+    fn schema_error(toml: &str) -> String {
+        let err = Schema::from_toml(toml).expect_err(toml);
+        assert!(matches!(
+            err,
+            SchemaError::Rule { .. } | SchemaError::Toml(_)
+        ));
+        err.to_string()
+    }
+
     #[test]
     fn at_most_1000_periods_counted_before_parsing() {
         let one = "2026-01-05/2026-01-09";
@@ -797,6 +1001,7 @@ mod tests {
         }
         assert!(schema.field("bsn").expect("bsn").searchable);
         assert!(schema.field("email").expect("email").searchable);
+        assert_eq!(schema.largest_value(), 16 * 1024 * 1024);
     }
 
     #[test]
@@ -857,6 +1062,139 @@ mod tests {
         assert!(Email::parse("a@b.nl").is_ok());
         assert!(Email::parse("a b@b.nl").is_err());
         assert!(Email::parse("ab.nl").is_err());
+    }
+
+    #[test]
+    fn schema_refuses_unknown_and_misplaced_keys_naming_field_and_key() {
+        let base = "[fields.email]\ncategory = \"contact\"\ntype = \"email\"\n";
+        assert!(Schema::from_toml(base).is_ok());
+        let err = schema_error(&format!("{base}searchabel = true\n"));
+        assert!(
+            err.contains("`email`") && err.contains("unknown key `searchabel`"),
+            "{err}"
+        );
+        let err = schema_error(&format!("{base}max_len = 5\n"));
+        assert!(
+            err.contains("`email`") && err.contains("`max_len` does not apply to type `email`"),
+            "{err}"
+        );
+        let err = schema_error(
+            "[fields.dob]\ncategory = \"personal\"\ntype = \"date\"\nnot_after_tody = true\n",
+        );
+        assert!(
+            err.contains("`dob`") && err.contains("not_after_tody"),
+            "{err}"
+        );
+        let err = schema_error("[fields.x]\ncategory = \"contact\"\ntype = \"txt\"\nmax_len = 5\n");
+        assert!(err.contains("`x`") && err.contains("unknown type"), "{err}");
+        let err = schema_error("[fields.x]\ncategory = \"contact\"\nmax_len = 5\n");
+        assert!(err.contains("`x`") && err.contains("key `type`"), "{err}");
+        let err = schema_error("[fields.x]\ncategory = \"contact\"\ntype = \"text\"\n");
+        assert!(
+            err.contains("`x`") && err.contains("needs key `max_len`"),
+            "{err}"
+        );
+        let err = schema_error("[fields.x]\ncategory = \"contakt\"\ntype = \"email\"\n");
+        assert!(err.contains("`x`") && err.contains("contakt"), "{err}");
+        let err = schema_error("[fields.x]\ncategory = \"contact\"\ntype = \"email\"\n[other]\n");
+        assert!(err.contains("other"), "{err}");
+    }
+
+    #[test]
+    fn schema_allows_searchable_only_where_a_blind_index_makes_sense() {
+        let with = |kind: &str, extra: &str| {
+            format!("[fields.f]\ncategory = \"financial\"\ntype = \"{kind}\"\nsearchable = true\n{extra}")
+        };
+        for (kind, extra) in [
+            ("email", ""),
+            ("bsn", ""),
+            ("iban", ""),
+            ("phone", ""),
+            ("postcode", ""),
+            ("text", "max_len = 10\n"),
+        ] {
+            let schema = Schema::from_toml(&with(kind, extra)).expect(kind);
+            assert!(schema.field("f").expect("f").searchable);
+        }
+        for (kind, extra) in [
+            ("boolean", ""),
+            ("enum", "values = [\"a\"]\n"),
+            ("date", ""),
+            ("periods", ""),
+            ("amount", ""),
+            ("blob", "max_bytes = 10\ncontent_types = [\"image/png\"]\n"),
+        ] {
+            let err = schema_error(&with(kind, extra));
+            assert!(
+                err.contains("`f`") && err.contains("`searchable`") && err.contains(kind),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn schema_checks_content_types_enum_values_and_limits() {
+        let blob = |types: &str| {
+            format!("[fields.b]\ncategory = \"cv\"\ntype = \"blob\"\nmax_bytes = 10\ncontent_types = {types}\n")
+        };
+        assert!(Schema::from_toml(&blob(
+            "[\"image/jpeg\", \"application/vnd.oasis.opendocument.text\", \"image/svg+xml\"]"
+        ))
+        .is_ok());
+        for bad in [
+            "[\"Image/JPEG\"]",
+            "[\"image/ jpeg\"]",
+            "[\" image/jpeg\"]",
+            "[\"image\"]",
+            "[\"image/jpeg; q=1\"]",
+            "[\"image/jpeg/x\"]",
+            "[\"/jpeg\"]",
+            "[\"\"]",
+        ] {
+            let err = schema_error(&blob(bad));
+            assert!(
+                err.contains("`b`") && err.contains("content_types entry 1"),
+                "{bad}: {err}"
+            );
+        }
+        assert!(schema_error(&blob("[]")).contains("at least one content type"));
+        assert!(schema_error(&blob("[\"image/png\", \"image/png\"]")).contains("entry 2 repeats"));
+
+        let en = |values: &str| {
+            format!("[fields.e]\ncategory = \"identity\"\ntype = \"enum\"\nvalues = {values}\n")
+        };
+        assert!(Schema::from_toml(&en("[\"passport\", \"id card\"]")).is_ok());
+        for (bad, which) in [
+            ("[\" a\"]", "value 1"),
+            ("[\"a \"]", "value 1"),
+            ("[\"a\", \"\"]", "value 2"),
+            ("[\"a\", \"b\\u200B\"]", "value 2"),
+            ("[\"a\", \"a\"]", "value 2 repeats"),
+        ] {
+            let err = schema_error(&en(bad));
+            assert!(err.contains("`e`") && err.contains(which), "{bad}: {err}");
+        }
+        assert!(schema_error(&en("[]")).contains("at least one value"));
+
+        let text =
+            |n: &str| format!("[fields.t]\ncategory = \"cv\"\ntype = \"text\"\nmax_len = {n}\n");
+        // Once a panic in largest_value (max_len * 4 overflowed); now refused up front.
+        for bad in [
+            "9223372036854775807",
+            "0",
+            &(MAX_TEXT_CHARS + 1).to_string(),
+        ] {
+            let err = schema_error(&text(bad));
+            assert!(
+                err.contains("`t`") && err.contains("max_len must be between"),
+                "{err}"
+            );
+        }
+        assert!(schema_error(&text("-1")).contains("max_len"));
+        let max = Schema::from_toml(&text(&MAX_TEXT_CHARS.to_string())).expect("cap");
+        assert_eq!(max.largest_value(), MAX_TEXT_CHARS * 4);
+        let big_blob = format!("[fields.b]\ncategory = \"cv\"\ntype = \"blob\"\nmax_bytes = {}\ncontent_types = [\"image/png\"]\n", i64::MAX);
+        assert!(schema_error(&big_blob).contains("max_bytes must be between"));
     }
 
     #[test]
