@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use chrono::{Months, NaiveDate};
 use icu_properties::props::{GeneralCategory, GeneralCategoryGroup};
 use icu_properties::CodePointMapData;
 use serde::Deserialize;
@@ -84,8 +85,13 @@ pub enum FieldType {
     Phone,
     /// A Dutch postcode: four digits (first not 0), optional space, two letters.
     Postcode,
-    /// An ISO 8601 calendar date, `YYYY-MM-DD`.
-    Date,
+    /// An ISO 8601 calendar date, `YYYY-MM-DD`, with optional per-field bounds.
+    Date {
+        /// Refuse dates after today (e.g. a date of birth).
+        not_after_today: bool,
+        /// Refuse dates more than this many years before today (e.g. 120 for a date of birth).
+        max_years_ago: Option<u32>,
+    },
     /// A Dutch citizen service number: 9 digits passing the 11-test.
     Bsn,
     /// An IBAN (ISO 13616): country, check digits passing mod-97, Dutch IBANs 18 characters.
@@ -99,7 +105,8 @@ pub enum FieldType {
         /// The allowed values.
         values: Vec<String>,
     },
-    /// Date periods `YYYY-MM-DD/YYYY-MM-DD` (end may be empty: ongoing), comma separated.
+    /// Date periods `YYYY-MM-DD/YYYY-MM-DD` (end may be empty: ongoing), comma separated;
+    /// stored sorted, no overlaps, at most one ongoing period and only as the latest.
     Periods,
     /// Binary content of at most `max_bytes`, with a content type from `content_types`.
     Blob {
@@ -142,7 +149,9 @@ impl FieldType {
                 }
                 None => "***".to_string(),
             },
-            FieldType::Date => format!("{}-**-**", value.chars().take(4).collect::<String>()),
+            FieldType::Date { .. } => {
+                format!("{}-**-**", value.chars().take(4).collect::<String>())
+            }
             FieldType::Blob { .. } => return None,
             _ => "***".to_string(),
         })
@@ -175,7 +184,7 @@ impl FieldType {
             FieldType::Email => "email",
             FieldType::Phone => "phone",
             FieldType::Postcode => "postcode",
-            FieldType::Date => "date",
+            FieldType::Date { .. } => "date",
             FieldType::Bsn => "bsn",
             FieldType::Iban => "iban",
             FieldType::Amount => "amount",
@@ -243,10 +252,10 @@ const TYPE_NAMES: [&str; 12] = [
 fn type_keys(kind: &str) -> Option<&'static [&'static str]> {
     Some(match kind {
         "text" => &["max_len"],
+        "date" => &["not_after_today", "max_years_ago"],
         "enum" => &["values"],
         "blob" => &["max_bytes", "content_types"],
-        "email" | "phone" | "postcode" | "date" | "bsn" | "iban" | "amount" | "boolean"
-        | "periods" => &[],
+        "email" | "phone" | "postcode" | "bsn" | "iban" | "amount" | "boolean" | "periods" => &[],
         _ => return None,
     })
 }
@@ -257,6 +266,8 @@ pub const MAX_FIELD_NAME_LEN: usize = 64;
 pub const MAX_TEXT_CHARS: usize = 1024 * 1024;
 /// Largest `max_bytes` of a blob field (256 MiB; a request must also fit `max_request_bytes`).
 pub const MAX_BLOB_BYTES: usize = 256 * 1024 * 1024;
+/// Largest `max_years_ago` of a date field.
+pub const MAX_YEARS_AGO: u32 = 300;
 /// Longest enum value or content type accepted in a schema, in bytes.
 const MAX_SCHEMA_WORD: usize = 255;
 
@@ -385,7 +396,11 @@ fn field_from_table(name: &str, table: toml::Table) -> Result<FieldDef, String> 
         "email" => FieldType::Email,
         "phone" => FieldType::Phone,
         "postcode" => FieldType::Postcode,
-        "date" => FieldType::Date,
+        "date" => FieldType::Date {
+            not_after_today: optional(&table, "not_after_today")?.unwrap_or(false),
+            max_years_ago: int("max_years_ago", u64::from(MAX_YEARS_AGO))?
+                .and_then(|n| u32::try_from(n).ok()),
+        },
         "bsn" => FieldType::Bsn,
         "iban" => FieldType::Iban,
         "amount" => FieldType::Amount,
@@ -525,8 +540,9 @@ impl fmt::Debug for Parsed {
 }
 
 impl FieldDef {
-    /// Parses an incoming value for this field.
-    pub fn parse(&self, raw: RawValue<'_>) -> Result<Parsed, ValueError> {
+    /// Parses an incoming value for this field. `today` bounds dates (a date of birth not in
+    /// the future, an absence starting at most a year ahead); pass the vault's clock.
+    pub fn parse(&self, raw: RawValue<'_>, today: NaiveDate) -> Result<Parsed, ValueError> {
         match (&self.kind, raw) {
             (
                 FieldType::Blob {
@@ -567,7 +583,7 @@ impl FieldDef {
                 self.kind.name()
             ))),
             (kind, RawValue::Text(text)) => {
-                let normalised = Zeroizing::new(parse_text(kind, text)?);
+                let normalised = Zeroizing::new(parse_text(kind, text, today)?);
                 let index_form = self
                     .searchable
                     .then(|| Zeroizing::new(index_form(kind, &normalised)));
@@ -582,8 +598,12 @@ impl FieldDef {
 
     /// Parses a search value for this (searchable) field into its index form: the same
     /// normalisation as [`FieldDef::parse`], so a value finds the records it was stored on.
-    pub fn parse_search(&self, text: &str) -> Result<Zeroizing<String>, ValueError> {
-        let normalised = Zeroizing::new(parse_text(&self.kind, text)?);
+    pub fn parse_search(
+        &self,
+        text: &str,
+        today: NaiveDate,
+    ) -> Result<Zeroizing<String>, ValueError> {
+        let normalised = Zeroizing::new(parse_text(&self.kind, text, today)?);
         Ok(Zeroizing::new(index_form(&self.kind, &normalised)))
     }
 }
@@ -608,7 +628,7 @@ fn is_format_char(c: char) -> bool {
 }
 
 /// Parses and normalises a text value of `kind`. The returned string is what gets sealed.
-fn parse_text(kind: &FieldType, text: &str) -> Result<String, ValueError> {
+fn parse_text(kind: &FieldType, text: &str, today: NaiveDate) -> Result<String, ValueError> {
     match kind {
         FieldType::Text { max_len } => {
             let chars = text.chars().count();
@@ -631,7 +651,25 @@ fn parse_text(kind: &FieldType, text: &str) -> Result<String, ValueError> {
         FieldType::Email => Email::parse(text).map(|e| e.0),
         FieldType::Phone => Phone::parse(text).map(|p| p.0),
         FieldType::Postcode => Postcode::parse(text).map(|p| p.0),
-        FieldType::Date => Date::parse(text).map(|d| d.to_string()),
+        FieldType::Date {
+            not_after_today,
+            max_years_ago,
+        } => {
+            let date = Date::parse(text)?;
+            let day = date.to_naive();
+            if *not_after_today && day > today {
+                return Err(invalid("date must not be after today"));
+            }
+            if let Some(years) = max_years_ago {
+                let earliest = today.checked_sub_months(Months::new(years.saturating_mul(12)));
+                if earliest.is_some_and(|earliest| day < earliest) {
+                    return Err(ValueError::Invalid(format!(
+                        "date must be at most {years} years before today"
+                    )));
+                }
+            }
+            Ok(date.to_string())
+        }
         FieldType::Bsn => Bsn::parse(text).map(|b| b.0),
         FieldType::Iban => Iban::parse(text).map(|i| i.0),
         FieldType::Amount => parse_amount(text),
@@ -651,7 +689,7 @@ fn parse_text(kind: &FieldType, text: &str) -> Result<String, ValueError> {
                 )))
             }
         }
-        FieldType::Periods => parse_periods(text),
+        FieldType::Periods => parse_periods(text, today),
         FieldType::Blob { .. } => Err(invalid("is a blob field: send bytes in `blob`")),
     }
 }
@@ -876,6 +914,16 @@ impl Date {
             day: day as u8,
         })
     }
+
+    /// The same day as a chrono date.
+    pub fn to_naive(self) -> NaiveDate {
+        NaiveDate::from_ymd_opt(
+            i32::from(self.year),
+            u32::from(self.month),
+            u32::from(self.day),
+        )
+        .expect("Date::parse builds only days that exist, in the years 1900–2199")
+    }
 }
 
 impl fmt::Display for Date {
@@ -903,37 +951,122 @@ fn parse_amount(text: &str) -> Result<String, ValueError> {
     Ok(format!("{int}.{frac}"))
 }
 
-fn parse_periods(text: &str) -> Result<String, ValueError> {
+/// At most this many periods in one value.
+const MAX_PERIODS: usize = 1000;
+/// How far ahead of today a period may start (a planned leave, in months).
+const PERIOD_START_AHEAD_MONTHS: u32 = 12;
+
+/// Absence periods, stored sorted by start: `start/end` (both days included) or `start/` for
+/// an ongoing absence. Refused: a repeated period, overlapping periods, more than one ongoing
+/// period or one that is not the latest, a start more than a year after `today`.
+fn parse_periods(text: &str, today: NaiveDate) -> Result<String, ValueError> {
     let rule = "periods must be comma-separated YYYY-MM-DD/YYYY-MM-DD ranges (end empty = ongoing, end not before start); no other text may be stored";
-    const MAX_PERIODS: usize = 1000;
     // Counted before anything is parsed or allocated: a huge value is refused at once.
     if text.split(',').nth(MAX_PERIODS).is_some() {
         return Err(ValueError::TooLarge(format!(
             "at most {MAX_PERIODS} periods"
         )));
     }
-    let mut out = Vec::new();
+    let mut periods: Vec<(Date, Option<Date>)> = Vec::new();
     for part in text.split(',') {
         let Some((start, end)) = part.trim().split_once('/') else {
             return Err(invalid(rule));
         };
         let start = Date::parse(start).map_err(|_| invalid(rule))?;
         if end.trim().is_empty() {
-            out.push(format!("{start}/"));
+            periods.push((start, None));
             continue;
         }
         let end = Date::parse(end).map_err(|_| invalid(rule))?;
         if end < start {
             return Err(invalid(rule));
         }
-        out.push(format!("{start}/{end}"));
+        periods.push((start, Some(end)));
     }
-    Ok(out.join(","))
+    let latest_start = today
+        .checked_add_months(Months::new(PERIOD_START_AHEAD_MONTHS))
+        .unwrap_or(NaiveDate::MAX);
+    if periods.iter().any(|(s, _)| s.to_naive() > latest_start) {
+        return Err(invalid("periods must start at most one year after today"));
+    }
+    if periods.iter().filter(|(_, e)| e.is_none()).count() > 1 {
+        return Err(invalid(
+            "periods may hold at most one ongoing period (empty end)",
+        ));
+    }
+    // By start; of two with the same start the shorter first, an ongoing one last.
+    periods.sort_by_key(|&(s, e)| (s, e.is_none(), e));
+    if periods.windows(2).any(|pair| pair[0] == pair[1]) {
+        return Err(invalid("periods must not repeat a period"));
+    }
+    for pair in periods.windows(2) {
+        let ((_, end), (next_start, _)) = (pair[0], pair[1]);
+        match end {
+            None => {
+                return Err(invalid(
+                    "an ongoing period (empty end) must be the latest period",
+                ))
+            }
+            Some(end) if end >= next_start => {
+                return Err(invalid(
+                    "periods must not overlap (both days of a period are included)",
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(periods
+        .iter()
+        .map(|(s, e)| match e {
+            Some(e) => format!("{s}/{e}"),
+            None => format!("{s}/"),
+        })
+        .collect::<Vec<_>>()
+        .join(","))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The tests' today.
+    fn today() -> NaiveDate {
+        NaiveDate::from_ymd_opt(2026, 11, 26).expect("a real day")
+    }
+
+    fn field(name: &str) -> FieldDef {
+        Schema::default_schema()
+            .field(name)
+            .expect("field in the default schema")
+            .clone()
+    }
+
+    fn parse(def: &FieldDef, text: &str) -> Result<String, ValueError> {
+        def.parse(RawValue::Text(text), today())
+            .map(|p| String::from_utf8(p.plaintext.to_vec()).expect("utf-8"))
+    }
+
+    /// The refusal's message, checked to name no part of the value.
+    fn refusal(def: &FieldDef, text: &str) -> String {
+        let err = parse(def, text).expect_err(text).to_string();
+        // Every run of 4+ letters or digits of the value is kept out of the message (shorter
+        // ones such as `nl` or `06` occur in rule texts by chance).
+        let mut word = String::new();
+        for c in text.chars().chain([' ']) {
+            if c.is_alphanumeric() {
+                word.push(c);
+                continue;
+            }
+            if word.chars().count() >= 4 {
+                assert!(
+                    !err.contains(&word),
+                    "{err:?} contains {word:?} of {text:?}"
+                );
+            }
+            word.clear();
+        }
+        err
+    }
 
     fn schema_error(toml: &str) -> String {
         let err = Schema::from_toml(toml).expect_err(toml);
@@ -946,19 +1079,28 @@ mod tests {
 
     #[test]
     fn at_most_1000_periods_counted_before_parsing() {
-        let one = "2026-01-05/2026-01-09";
-        let many = |n: usize| vec![one; n].join(",");
+        // 1000 distinct one-day periods, two days apart (periods may not repeat or overlap).
+        let first = NaiveDate::from_ymd_opt(2020, 1, 1).expect("day");
+        let many = |n: u64| {
+            (0..n)
+                .map(|i| {
+                    let d = first + chrono::Days::new(2 * i);
+                    format!("{d}/{d}")
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         assert_eq!(
-            parse_periods(&many(1000)).expect("1000").len(),
+            parse_periods(&many(1000), today()).expect("1000").len(),
             1000 * 22 - 1
         );
         assert!(matches!(
-            parse_periods(&many(1001)),
+            parse_periods(&many(1001), today()),
             Err(ValueError::TooLarge(_))
         ));
         // Refused as too many even when the parts are not periods at all.
         assert!(matches!(
-            parse_periods(&",".repeat(5000)),
+            parse_periods(&",".repeat(5000), today()),
             Err(ValueError::TooLarge(_))
         ));
     }
@@ -968,6 +1110,10 @@ mod tests {
         let blob = FieldType::Blob {
             max_bytes: 1,
             content_types: vec![],
+        };
+        let date = FieldType::Date {
+            not_after_today: false,
+            max_years_ago: None,
         };
         assert_eq!(
             FieldType::Bsn.mask("111222333").as_deref(),
@@ -985,10 +1131,7 @@ mod tests {
             FieldType::Phone.mask("+31 6 1234 5678").as_deref(),
             Some("*********78")
         );
-        assert_eq!(
-            FieldType::Date.mask("1990-04-01").as_deref(),
-            Some("1990-**-**")
-        );
+        assert_eq!(date.mask("1990-04-01").as_deref(), Some("1990-**-**"));
         assert_eq!(FieldType::Amount.mask("3125.50").as_deref(), Some("***"));
         assert_eq!(blob.mask("x"), None);
     }
@@ -1001,6 +1144,20 @@ mod tests {
         }
         assert!(schema.field("bsn").expect("bsn").searchable);
         assert!(schema.field("email").expect("email").searchable);
+        assert_eq!(
+            schema.field("date_of_birth").expect("dob").kind,
+            FieldType::Date {
+                not_after_today: true,
+                max_years_ago: Some(120)
+            }
+        );
+        assert_eq!(
+            schema.field("id_document_expiry").expect("expiry").kind,
+            FieldType::Date {
+                not_after_today: false,
+                max_years_ago: None
+            }
+        );
         assert_eq!(schema.largest_value(), 16 * 1024 * 1024);
     }
 
@@ -1054,14 +1211,75 @@ mod tests {
         assert!(parse_amount("-1").is_err());
         assert!(parse_amount("1.234").is_err());
         assert_eq!(
-            parse_periods("2026-01-05/2026-01-09, 2026-02-01/").expect("periods"),
+            parse_periods("2026-01-05/2026-01-09, 2026-02-01/", today()).expect("periods"),
             "2026-01-05/2026-01-09,2026-02-01/"
         );
-        assert!(parse_periods("2026-01-05/2026-01-01").is_err());
-        assert!(parse_periods("griep 2026-01-05/2026-01-09").is_err());
+        assert!(parse_periods("2026-01-05/2026-01-01", today()).is_err());
+        assert!(parse_periods("griep 2026-01-05/2026-01-09", today()).is_err());
         assert!(Email::parse("a@b.nl").is_ok());
         assert!(Email::parse("a b@b.nl").is_err());
         assert!(Email::parse("ab.nl").is_err());
+    }
+
+    #[test]
+    fn date_of_birth_not_in_the_future_nor_over_120_years_ago() {
+        let dob = field("date_of_birth");
+        for ok in ["2026-11-26", "1990-04-01", "1906-11-26"] {
+            assert_eq!(parse(&dob, ok).as_deref(), Ok(ok));
+        }
+        assert!(refusal(&dob, "2026-11-27").contains("not be after today"));
+        assert!(refusal(&dob, "2150-01-01").contains("not be after today"));
+        assert!(refusal(&dob, "1906-11-25").contains("at most 120 years"));
+        assert!(refusal(&dob, "1900-01-01").contains("at most 120 years"));
+        // Other dates keep only the calendar rule: a document expires in the future.
+        let expiry = field("id_document_expiry");
+        assert_eq!(parse(&expiry, "2150-01-01").as_deref(), Ok("2150-01-01"));
+        assert_eq!(parse(&expiry, "1901-01-01").as_deref(), Ok("1901-01-01"));
+    }
+
+    #[test]
+    fn absence_periods_sorted_without_overlaps_or_repeats() {
+        let periods = field("absence_periods");
+        for (input, stored) in [
+            (
+                "2026-03-01/2026-03-05,2026-01-05/2026-01-09",
+                "2026-01-05/2026-01-09,2026-03-01/2026-03-05",
+            ),
+            (
+                "2026-02-01/, 2026-01-05/2026-01-09",
+                "2026-01-05/2026-01-09,2026-02-01/",
+            ),
+            // Adjacent days do not overlap.
+            (
+                "2026-01-10/2026-01-20,2026-01-01/2026-01-09",
+                "2026-01-01/2026-01-09,2026-01-10/2026-01-20",
+            ),
+            // A start exactly one year ahead.
+            ("2027-11-26/2027-11-30", "2027-11-26/2027-11-30"),
+        ] {
+            assert_eq!(parse(&periods, input).as_deref(), Ok(stored), "{input}");
+            assert_eq!(parse(&periods, stored).as_deref(), Ok(stored), "{stored}");
+        }
+        for (input, rule) in [
+            (
+                "2026-01-01/2026-01-31,2026-01-10/2026-01-20,2026-01-10/2026-01-20",
+                "repeat",
+            ),
+            ("2026-01-01/2026-01-31,2026-01-10/2026-01-20", "overlap"),
+            ("2026-01-01/2026-01-10,2026-01-10/2026-01-20", "overlap"),
+            ("2026-01-01/2026-01-10,2026-01-01/2026-01-20", "overlap"),
+            ("2026-01-01/2026-01-10,2026-01-01/2026-01-10", "repeat"),
+            ("2026-01-01/,2026-02-01/", "at most one ongoing"),
+            ("2026-01-01/,2026-01-01/", "at most one ongoing"),
+            ("2026-01-01/,2026-02-01/2026-02-05", "must be the latest"),
+            ("2026-01-01/,2026-01-01/2026-01-05", "overlap"),
+            ("2027-11-27/2027-11-30", "one year after today"),
+            ("1900-01-01/2199-12-31,2200-01-01/", "YYYY-MM-DD"),
+            ("2150-01-01/", "one year after today"),
+        ] {
+            let err = refusal(&periods, input);
+            assert!(err.contains(rule), "{input}: {err}");
+        }
     }
 
     #[test]
@@ -1195,6 +1413,12 @@ mod tests {
         assert_eq!(max.largest_value(), MAX_TEXT_CHARS * 4);
         let big_blob = format!("[fields.b]\ncategory = \"cv\"\ntype = \"blob\"\nmax_bytes = {}\ncontent_types = [\"image/png\"]\n", i64::MAX);
         assert!(schema_error(&big_blob).contains("max_bytes must be between"));
+        let years = |n: &str| {
+            format!("[fields.d]\ncategory = \"personal\"\ntype = \"date\"\nmax_years_ago = {n}\n")
+        };
+        assert!(schema_error(&years("0")).contains("max_years_ago must be between"));
+        assert!(schema_error(&years("100000")).contains("max_years_ago must be between"));
+        assert!(Schema::from_toml(&years("120")).is_ok());
     }
 
     #[test]
@@ -1202,18 +1426,18 @@ mod tests {
         let schema = Schema::default_schema();
         let cv = schema.field("cv_document").expect("cv");
         assert!(cv
-            .parse(RawValue::Blob(b"%PDF-1.7", "application/pdf"))
+            .parse(RawValue::Blob(b"%PDF-1.7", "application/pdf"), today())
             .is_ok());
         assert!(matches!(
-            cv.parse(RawValue::Blob(b"x", "image/gif")),
+            cv.parse(RawValue::Blob(b"x", "image/gif"), today()),
             Err(ValueError::Invalid(_))
         ));
         let big = vec![0u8; 16 * 1024 * 1024 + 1];
         assert!(matches!(
-            cv.parse(RawValue::Blob(&big, "application/pdf")),
+            cv.parse(RawValue::Blob(&big, "application/pdf"), today()),
             Err(ValueError::TooLarge(_))
         ));
-        assert!(cv.parse(RawValue::Text("cv")).is_err());
+        assert!(cv.parse(RawValue::Text("cv"), today()).is_err());
     }
 
     #[test]
@@ -1221,13 +1445,14 @@ mod tests {
         let schema = Schema::default_schema();
         let bsn = schema.field("bsn").expect("bsn");
         let err = bsn
-            .parse(RawValue::Text("111222334"))
+            .parse(RawValue::Text("111222334"), today())
             .expect_err("fails 11-test");
         assert!(!err.to_string().contains("111222334"));
     }
 
     mod properties {
         use super::super::*;
+        use super::today;
         use proptest::prelude::*;
 
         fn eleven_test(d: &[u32]) -> bool {
@@ -1264,9 +1489,9 @@ mod tests {
                 // Parsing never panics, and a normalised value is a fixed point.
                 let schema = Schema::default_schema();
                 for field in schema.fields().filter(|f| !f.kind.is_blob()) {
-                    if let Ok(parsed) = field.parse(RawValue::Text(&text)) {
+                    if let Ok(parsed) = field.parse(RawValue::Text(&text), today()) {
                         let once = String::from_utf8(parsed.plaintext.to_vec()).expect("utf-8");
-                        let twice = field.parse(RawValue::Text(&once)).expect("normalised parses");
+                        let twice = field.parse(RawValue::Text(&once), today()).expect("normalised parses");
                         prop_assert_eq!(once.as_bytes(), twice.plaintext.as_slice(), "{}", field.name);
                     }
                 }

@@ -720,7 +720,7 @@ impl<S: Store> Vault<S> {
             return Err(denied_field(caller, "search", def));
         }
         let form = def
-            .parse_search(value)
+            .parse_search(value, self.today())
             .map_err(|e| value_error("value", e))?;
         let tag = crypto::hmac_sha256(&self.keys.index_key(&def.name), &[form.as_bytes()]);
         let prefix = record::index_prefix(&def.name, &tag);
@@ -1427,6 +1427,7 @@ impl<S: Store> Vault<S> {
                 return Err(denied_field(caller, "write", def));
             }
         }
+        let today = self.today();
         let mut out = Vec::with_capacity(fields.len());
         for (def, (_, value)) in defs.into_iter().zip(fields) {
             let raw = match &value {
@@ -1437,7 +1438,7 @@ impl<S: Store> Vault<S> {
                 } => RawValue::Blob(bytes, content_type),
             };
             let parsed = def
-                .parse(raw)
+                .parse(raw, today)
                 .map_err(|e| value_error(&format!("{prefix}.{}", def.name), e))?;
             out.push((def, parsed));
         }
