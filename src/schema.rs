@@ -94,7 +94,8 @@ pub enum FieldType {
     },
     /// A Dutch citizen service number: 9 digits passing the 11-test.
     Bsn,
-    /// An IBAN (ISO 13616): country, check digits passing mod-97, Dutch IBANs 18 characters.
+    /// An IBAN (ISO 13616): a country in the SWIFT IBAN registry, that country's length and
+    /// account-number format, check digits 02–98 passing mod-97.
     Iban,
     /// A non-negative amount with at most two decimals, e.g. `3125.50`.
     Amount,
@@ -742,43 +743,56 @@ impl fmt::Debug for Bsn {
 pub struct Iban(String);
 
 impl Iban {
-    /// Parses an IBAN (spaces ignored, case-insensitive) and checks mod-97.
+    /// Parses an IBAN (spaces ignored, case-insensitive): the country must be in the SWIFT IBAN
+    /// registry (ISO 13616; the `iban_validate` crate's copy of it), the length and account
+    /// number (BBAN) must have that country's format, the check digits must be 02–98 and pass
+    /// mod-97. A Dutch IBAN is `NL`, 2 check digits, 4 letters (bank) and 10 digits.
     pub fn parse(text: &str) -> Result<Iban, ValueError> {
-        let rule = "IBAN must be a country code, two check digits and up to 30 letters or digits, passing the mod-97 check (Dutch IBANs are 18 characters)";
         let s: String = text
             .chars()
             .filter(|c| !c.is_whitespace())
             .map(|c| c.to_ascii_uppercase())
             .collect();
         let b = s.as_bytes();
-        if !(15..=34).contains(&b.len())
+        if !(5..=34).contains(&b.len())
             || !b[..2].iter().all(u8::is_ascii_uppercase)
             || !b[2..4].iter().all(u8::is_ascii_digit)
             || !b[4..]
                 .iter()
                 .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
         {
-            return Err(invalid(rule));
+            return Err(invalid(
+                "IBAN must be a two-letter country code, two check digits and the account number (letters and digits; spaces ignored)",
+            ));
         }
-        if &s[..2] == "NL" && b.len() != 18 {
-            return Err(invalid(rule));
+        // 00, 01 and 99 are never issued: 00≡97, 01≡98 and 99≡02 (mod 97) would give one
+        // account two accepted spellings.
+        let check = (b[2] - b'0') * 10 + (b[3] - b'0');
+        if !(2..=98).contains(&check) {
+            return Err(invalid("IBAN check digits must be between 02 and 98"));
         }
-        let rearranged = s[4..].bytes().chain(s[..4].bytes());
-        let mut rem: u32 = 0;
-        for c in rearranged {
-            let v = if c.is_ascii_digit() {
-                u32::from(c - b'0')
-            } else {
-                u32::from(c - b'A') + 10
-            };
-            rem = if v >= 10 {
-                (rem * 100 + v) % 97
-            } else {
-                (rem * 10 + v) % 97
-            };
+        let bban_rule = "IBAN must have the length and account-number format registered for its country (Dutch IBANs: NL, 2 check digits, 4 letters and 10 digits, 18 characters)";
+        match s.parse::<iban::Iban>() {
+            Ok(_) => {}
+            Err(iban::ParseIbanError::UnknownCountry(_)) => {
+                return Err(invalid(
+                    "IBAN country code is not in the IBAN registry (ISO 13616)",
+                ))
+            }
+            Err(iban::ParseIbanError::InvalidBban(_)) => return Err(invalid(bban_rule)),
+            Err(iban::ParseIbanError::InvalidBaseIban {
+                source: iban::ParseBaseIbanError::InvalidChecksum,
+            }) => return Err(invalid("IBAN check digits fail the mod-97 check")),
+            Err(iban::ParseIbanError::InvalidBaseIban { .. }) => return Err(invalid(bban_rule)),
         }
-        if rem != 1 {
-            return Err(invalid(rule));
+        // The registry's Dutch format, checked here too so that it does not depend on the
+        // crate's copy of the registry.
+        if &s[..2] == "NL"
+            && !(b.len() == 18
+                && b[4..8].iter().all(u8::is_ascii_uppercase)
+                && b[8..].iter().all(u8::is_ascii_digit))
+        {
+            return Err(invalid(bban_rule));
         }
         Ok(Iban(s))
     }
@@ -1190,6 +1204,65 @@ mod tests {
         ] {
             assert_eq!(Iban::parse(input).is_ok(), ok, "{input}");
         }
+    }
+
+    /// `CCkk` + `bban` with the check digits that pass mod-97.
+    fn with_check_digits(country: &str, bban: &str) -> (u32, String) {
+        let numeric: String = format!("{bban}{country}00")
+            .chars()
+            .map(|c| c.to_digit(36).expect("alphanumeric").to_string())
+            .collect();
+        let rem = numeric
+            .bytes()
+            .fold(0u32, |r, b| (r * 10 + u32::from(b - b'0')) % 97);
+        let check = 98 - rem;
+        (check, format!("{country}{check:02}{bban}"))
+    }
+
+    #[test]
+    fn iban_registry_lengths_countries_check_digits_and_dutch_bban() {
+        let iban = field("iban");
+        // Accepted: registered countries at their length and format.
+        for ok in [
+            "NL91ABNA0417164300",
+            "BE71 0961 2345 6769",
+            "DE89370400440532013000",
+            "FR1420041010050500013M02606",
+            "GB82WEST12345698765432",
+        ] {
+            assert!(parse(&iban, ok).is_ok(), "{ok}");
+        }
+        // Refused, each with its rule (from the review: wrong lengths, unknown country,
+        // unissued check digits, a Dutch account number that is not 4 letters + 10 digits).
+        for (input, rule) in [
+            ("DE640037040044053201", "format registered"),
+            ("BE820037040044053201", "format registered"),
+            ("XX210037040044053201", "IBAN registry"),
+            ("NL01ABNA0000000057", "02 and 98"),
+            ("NL00ABNA0000000057", "02 and 98"),
+            ("NL9012341234567890", "format registered"),
+            ("NL91ABNA0417164301", "mod-97"),
+            ("N191ABNA0417164300", "two-letter country code"),
+        ] {
+            let err = refusal(&iban, input);
+            assert!(err.contains(rule), "{input}: {err}");
+        }
+        // The one accepted spelling of the account the review found with 01 and 98.
+        assert!(parse(&iban, "NL98ABNA0000000057").is_ok());
+        // 02 and 99 pass mod-97 alike: only 02 is accepted.
+        let two = (0u64..)
+            .map(|n| with_check_digits("NL", &format!("ABNA{n:010}")))
+            .find(|(check, _)| *check == 2)
+            .expect("some account has check digits 02");
+        assert!(parse(&iban, &two.1).is_ok(), "{}", two.1);
+        let ninety_nine = two.1.replacen("NL02", "NL99", 1);
+        assert!(refusal(&iban, &ninety_nine).contains("02 and 98"));
+        // A Dutch BBAN needs its 4 letters even when the check digits fit.
+        let digits_only = with_check_digits("NL", "1234123456789").1;
+        assert!(refusal(&iban, &digits_only).contains("format registered"));
+        // 19 characters with valid check digits: the Dutch length.
+        let too_long = with_check_digits("NL", "ABNA04171643001").1;
+        assert!(refusal(&iban, &too_long).contains("format registered"));
     }
 
     #[test]
