@@ -81,7 +81,8 @@ pub enum FieldType {
     },
     /// An e-mail address (`local@domain.tld`); the index is over the lower-cased address.
     Email,
-    /// A phone number: optional `+`, 8 to 15 digits, spaces, dashes and parentheses allowed.
+    /// A phone number, stored as `+` and 8 to 15 digits (E.164-like); a national number starting
+    /// with a single 0 is Dutch (default region NL, `+31`).
     Phone,
     /// A Dutch postcode: four digits (first not 0), optional space, two letters.
     Postcode,
@@ -834,30 +835,61 @@ impl Email {
     }
 }
 
-/// A phone number, normalised to an optional `+` and digits.
+/// A phone number, normalised to `+` and digits (E.164-like).
 pub struct Phone(String);
 
+/// The country code a national number (one leading 0) belongs to: the default region is NL.
+pub const PHONE_DEFAULT_COUNTRY_CODE: &str = "31";
+
 impl Phone {
-    /// Parses a phone number: optional leading `+`, 8–15 digits, separators ` -().` allowed.
+    /// Parses a phone number and stores it as `+` and 8–15 digits. International input starts
+    /// with `+` or `00` (which becomes `+`); a `(0)` right after the country code (`+31 (0)6…`)
+    /// is the national trunk prefix and is dropped. National input starts with a single `0`,
+    /// which is dropped for the default region's code (`06 1234 5678` → `+31612345678`).
+    /// Separators ` -().` are allowed between digits.
     pub fn parse(text: &str) -> Result<Phone, ValueError> {
-        let rule = "phone must be an optional + and 8 to 15 digits (spaces, dashes, dots and parentheses allowed)";
+        let rule = "phone must start with +, 00 or a single 0 (a Dutch number) and have 8 to 15 digits with its country code (spaces, dashes, dots and parentheses allowed)";
         let s = text.trim();
-        let (plus, rest) = match s.strip_prefix('+') {
-            Some(rest) => (true, rest),
-            None => (false, s),
+        // A national number may open with a parenthesis: `(020) 123 4567`.
+        let opened = s.trim_start_matches(['(', ' ']);
+        let (international, rest) = if let Some(rest) = s.strip_prefix('+') {
+            (true, rest)
+        } else if let Some(rest) = opened.strip_prefix("00") {
+            (true, rest)
+        } else if let Some(rest) = opened.strip_prefix('0') {
+            (false, rest)
+        } else {
+            return Err(invalid(rule));
         };
+        let mut body = std::borrow::Cow::Borrowed(rest);
+        if international {
+            // `+cc (0)…`: a country code is 1–3 digits; its digits are ASCII, one byte each.
+            let cc_len = rest.bytes().take_while(u8::is_ascii_digit).count();
+            let after = rest[cc_len..].trim_start_matches(' ');
+            if let (1..=3, Some(national)) = (cc_len, after.strip_prefix("(0)")) {
+                body = std::borrow::Cow::Owned(format!("{}{national}", &rest[..cc_len]));
+            }
+        }
         let mut digits = String::new();
-        for c in rest.chars() {
+        if !international {
+            digits.push_str(PHONE_DEFAULT_COUNTRY_CODE);
+        }
+        let national_start = digits.len();
+        for c in body.chars() {
             match c {
                 '0'..='9' => digits.push(c),
                 ' ' | '-' | '(' | ')' | '.' => {}
                 _ => return Err(invalid(rule)),
             }
         }
+        // No country code starts with 0, and a Dutch number after its trunk 0 does not either.
+        if digits[national_start..].starts_with('0') {
+            return Err(invalid(rule));
+        }
         if !(8..=15).contains(&digits.len()) {
             return Err(invalid(rule));
         }
-        Ok(Phone(if plus { format!("+{digits}") } else { digits }))
+        Ok(Phone(format!("+{digits}")))
     }
 }
 
@@ -1274,9 +1306,10 @@ mod tests {
         for misplaced in ["33 11KG", "3311K G", "3311  KG", "3 311KG"] {
             assert!(Postcode::parse(misplaced).is_err(), "{misplaced}");
         }
+        // The trunk (0) after the country code is dropped (it was kept before: +310612345678).
         assert_eq!(
             Phone::parse("+31 (0)6-1234 5678").expect("phone").0,
-            "+310612345678"
+            "+31612345678"
         );
         assert!(Date::parse("2023-02-29").is_err());
         assert!(Date::parse("2024-02-29").is_ok());
@@ -1292,6 +1325,55 @@ mod tests {
         assert!(Email::parse("a@b.nl").is_ok());
         assert!(Email::parse("a b@b.nl").is_err());
         assert!(Email::parse("ab.nl").is_err());
+    }
+
+    #[test]
+    fn phone_stores_one_e164_form_per_number() {
+        let phone = field("phone");
+        for input in [
+            "+31 (0)6-1234 5678",
+            "+31(0)612345678",
+            "+31 6 1234 5678",
+            "+31612345678",
+            "06 1234 5678",
+            "06-12345678",
+            "(06) 1234 5678",
+            "(0)6 1234 5678",
+            "0031612345678",
+            "0031 (0)6 1234 5678",
+            " 06.1234.5678 ",
+        ] {
+            assert_eq!(
+                parse(&phone, input).as_deref(),
+                Ok("+31612345678"),
+                "{input}"
+            );
+        }
+        for (input, stored) in [
+            ("+44 (0)20 7946 0000", "+442079460000"),
+            ("010-123 4567", "+31101234567"),
+            ("(020) 123 4567", "+31201234567"),
+            ("0800 1234", "+318001234"),
+            ("+39 06 1234 5678", "+390612345678"),
+            ("+1 (212) 555-0100", "+12125550100"),
+        ] {
+            assert_eq!(parse(&phone, input).as_deref(), Ok(stored), "{input}");
+            // A stored value parses to itself.
+            assert_eq!(parse(&phone, stored).as_deref(), Ok(stored), "{stored}");
+        }
+        for refused in [
+            "31612345678",           // international without + or 00: ambiguous
+            "612345678",             // national without its 0
+            "+0612345678",           // no country code starts with 0
+            "0 0612345678",          // a Dutch number after its trunk 0 does not start with 0
+            "+31 6 1234",            // too short
+            "+31 6 1234 5678 90123", // more than 15 digits
+            "06 1234 5678 ext 2",
+            "tel:+31612345678",
+            "call me",
+        ] {
+            assert!(refusal(&phone, refused).contains("phone must"), "{refused}");
+        }
     }
 
     #[test]
