@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use chrono::{Months, NaiveDate};
+use icu_normalizer::ComposingNormalizerBorrowed;
 use icu_properties::props::{GeneralCategory, GeneralCategoryGroup};
 use icu_properties::CodePointMapData;
 use serde::Deserialize;
@@ -74,7 +75,8 @@ impl fmt::Display for Category {
 /// The type of a field and its limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FieldType {
-    /// Free text of at most `max_len` characters, no control characters except newline/tab.
+    /// Free text of at most `max_len` characters (after NFC), no control characters except
+    /// newline/tab/carriage return, no invisible format characters (Unicode category Cf).
     Text {
         /// Maximum length in characters.
         max_len: usize,
@@ -629,27 +631,21 @@ fn is_format_char(c: char) -> bool {
     GeneralCategoryGroup::Format.contains(CodePointMapData::<GeneralCategory>::new().get(c))
 }
 
+/// Unicode Normalization Form C.
+fn nfc(s: &str) -> String {
+    ComposingNormalizerBorrowed::new_nfc()
+        .normalize(s)
+        .into_owned()
+}
+
+/// NFC can make a string at most three times as long (in characters): a cheap bound checked
+/// before normalising a value that is obviously far too long.
+const NFC_MAX_EXPANSION: usize = 3;
+
 /// Parses and normalises a text value of `kind`. The returned string is what gets sealed.
 fn parse_text(kind: &FieldType, text: &str, today: NaiveDate) -> Result<String, ValueError> {
     match kind {
-        FieldType::Text { max_len } => {
-            let chars = text.chars().count();
-            if text.trim().is_empty() {
-                return Err(invalid("must not be empty (use clear to remove a field)"));
-            }
-            if chars > *max_len {
-                return Err(ValueError::TooLarge(format!(
-                    "is {chars} characters, longer than the limit of {max_len}"
-                )));
-            }
-            if text
-                .chars()
-                .any(|c| c.is_control() && c != '\n' && c != '\t' && c != '\r')
-            {
-                return Err(invalid("must not contain control characters"));
-            }
-            Ok(text.to_string())
-        }
+        FieldType::Text { max_len } => parse_free_text(text, *max_len),
         FieldType::Email => Email::parse(text).map(|e| e.0),
         FieldType::Phone => Phone::parse(text).map(|p| p.0),
         FieldType::Postcode => Postcode::parse(text).map(|p| p.0),
@@ -694,6 +690,40 @@ fn parse_text(kind: &FieldType, text: &str, today: NaiveDate) -> Result<String, 
         FieldType::Periods => parse_periods(text, today),
         FieldType::Blob { .. } => Err(invalid("is a blob field: send bytes in `blob`")),
     }
+}
+
+/// Free text: not empty, no control characters but tab/newline/carriage return, no format
+/// characters (Cf), NFC; the length limit counts characters of the normalised text.
+fn parse_free_text(text: &str, max_len: usize) -> Result<String, ValueError> {
+    let too_long = |chars: usize| {
+        ValueError::TooLarge(format!(
+            "is {chars} characters, longer than the limit of {max_len}"
+        ))
+    };
+    if text.trim().is_empty() {
+        return Err(invalid("must not be empty (use clear to remove a field)"));
+    }
+    let chars = text.chars().count();
+    if chars > max_len.saturating_mul(NFC_MAX_EXPANSION) {
+        return Err(too_long(chars));
+    }
+    if text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t' && c != '\r')
+    {
+        return Err(invalid("must not contain control characters"));
+    }
+    if text.chars().any(is_format_char) {
+        return Err(invalid(
+            "must not contain invisible format characters (Unicode category Cf: zero-width characters, bidi controls such as U+202E, soft hyphens)",
+        ));
+    }
+    let normalised = nfc(text);
+    let chars = normalised.chars().count();
+    if chars > max_len {
+        return Err(too_long(chars));
+    }
+    Ok(normalised)
 }
 
 /// A Dutch citizen service number (BSN): 9 digits passing the 11-test.
@@ -1374,6 +1404,48 @@ mod tests {
         ] {
             assert!(refusal(&phone, refused).contains("phone must"), "{refused}");
         }
+    }
+
+    #[test]
+    fn text_refuses_format_characters_and_is_stored_nfc() {
+        let name = field("full_name");
+        for input in [
+            "Jan\u{202E}\u{200B}",
+            "Jan\u{202A}Jansen",
+            "Jan\u{2067}Jansen\u{2069}",
+            "Jan\u{200B}Jansen",
+            "Jan\u{200D}Jansen",
+            "Jan\u{00AD}sen",
+            "\u{FEFF}Jansen",
+        ] {
+            let err = refusal(&name, input);
+            assert!(err.contains("format characters"), "{input:?}: {err}");
+        }
+        assert!(refusal(&name, "Jan\u{7}sen").contains("control characters"));
+        assert_eq!(
+            parse(&name, "Jose\u{301} Jansen").as_deref(),
+            Ok("José Jansen")
+        );
+        assert_eq!(
+            parse(&field("work_experience"), "2020–2024\tbakker\r\nAmsterdam").as_deref(),
+            Ok("2020–2024\tbakker\r\nAmsterdam")
+        );
+        // The limit counts characters of the normalised text.
+        let def = FieldDef {
+            name: "t".into(),
+            category: Category::Contact,
+            kind: FieldType::Text { max_len: 4 },
+            searchable: false,
+        };
+        assert_eq!(parse(&def, &"e\u{301}".repeat(4)), Ok("é".repeat(4)));
+        assert!(matches!(
+            parse(&def, &"e\u{301}".repeat(5)),
+            Err(ValueError::TooLarge(_))
+        ));
+        assert!(matches!(
+            parse(&def, &"x".repeat(100)),
+            Err(ValueError::TooLarge(_))
+        ));
     }
 
     #[test]
