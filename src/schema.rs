@@ -81,7 +81,8 @@ pub enum FieldType {
         /// Maximum length in characters.
         max_len: usize,
     },
-    /// An e-mail address (`local@domain.tld`); the index is over the lower-cased address.
+    /// An e-mail address (`local@domain.tld`): NFC, dot-atom local part, domain in IDNA ASCII
+    /// form (UTS #46), lower case; the index is over the lower-cased address.
     Email,
     /// A phone number, stored as `+` and 8 to 15 digits (E.164-like); a national number starting
     /// with a single 0 is Dutch (default region NL, `+31`).
@@ -615,7 +616,9 @@ impl FieldDef {
 /// The form the blind index is computed over, from a value's stored (normalised) form.
 fn index_form(kind: &FieldType, normalised: &str) -> String {
     match kind {
-        FieldType::Email => normalised.to_lowercase(),
+        // The stored domain is already lower-case ASCII; the local part keeps its case in the
+        // stored value and is lower-cased here (NFC again: lower-casing can decompose).
+        FieldType::Email => nfc(&normalised.to_lowercase()),
         _ => normalised.to_string(),
     }
 }
@@ -835,33 +838,106 @@ impl fmt::Debug for Iban {
     }
 }
 
-/// An e-mail address (trimmed; case kept, the index lower-cases it).
+/// An e-mail address, normalised: NFC, the local part as sent (case kept; the index
+/// lower-cases it), the domain in IDNA ASCII form (UTS #46), lower case.
 pub struct Email(String);
 
+/// RFC 5322 `atext` outside letters and digits.
+const ATEXT_SPECIALS: &[u8] = b"!#$%&'*+-/=?^_`{|}~";
+
 impl Email {
-    /// Parses `local@domain.tld` (no spaces, at most 254 characters).
+    /// Parses `local@domain.tld`: no spaces, control or format (Cf) characters; the local
+    /// part a dot-atom of RFC 5322 `atext` (letters, digits, ``!#$%&'*+-/=?^_`{|}~``) where
+    /// non-ASCII letters are allowed too (internationalised addresses, RFC 6531) but not
+    /// compatibility forms such as full-width letters; the domain a host name that converts
+    /// under UTS #46 (full-width forms and upper case fold), with at least one dot; at most 64
+    /// bytes before the `@` and 254 in all, counted on the stored form.
     pub fn parse(text: &str) -> Result<Email, ValueError> {
-        let rule = "e-mail must look like local@domain.tld (no spaces, at most 254 characters)";
+        let shape = "e-mail must look like local@domain.tld (no spaces, at most 64 bytes before the @ and 254 in all)";
         let s = text.trim();
-        let Some((local, domain)) = s.rsplit_once('@') else {
-            return Err(invalid(rule));
-        };
-        let ok = s.len() <= 254
-            && !local.is_empty()
-            && local.len() <= 64
-            && !local.contains('@')
-            && domain.contains('.')
-            && !domain.starts_with('.')
-            && !domain.ends_with('.')
-            && !domain.contains("..")
-            && domain
-                .chars()
-                .all(|c| c.is_alphanumeric() || c == '-' || c == '.')
-            && !s.chars().any(|c| c.is_whitespace() || c.is_control());
-        if !ok {
-            return Err(invalid(rule));
+        if s.chars().any(|c| c.is_control() || is_format_char(c)) {
+            return Err(invalid(
+                "e-mail must not contain control or invisible format characters (Unicode category Cf: zero-width characters, bidi controls)",
+            ));
         }
-        Ok(Email(s.to_string()))
+        if s.chars().any(char::is_whitespace) {
+            return Err(invalid(shape));
+        }
+        if s.get(..7)
+            .is_some_and(|p| p.eq_ignore_ascii_case("mailto:"))
+        {
+            return Err(invalid(
+                "e-mail must be the bare address, without `mailto:`",
+            ));
+        }
+        if s.contains(',') || s.contains(';') {
+            return Err(invalid(
+                "e-mail must be a single address (no commas or semicolons)",
+            ));
+        }
+        let s = nfc(s);
+        let Some((local, domain)) = s.rsplit_once('@') else {
+            return Err(invalid(shape));
+        };
+        check_local_part(local)?;
+        let domain = email_domain(domain)?;
+        let address = format!("{local}@{domain}");
+        if local.len() > 64 || address.len() > 254 {
+            return Err(invalid(shape));
+        }
+        Ok(Email(address))
+    }
+}
+
+/// The local part: a dot-atom (atoms separated by single dots, none at either end) of ASCII
+/// `atext` or non-ASCII letters and marks that NFKC leaves unchanged (no full-width forms).
+fn check_local_part(local: &str) -> Result<(), ValueError> {
+    let rule = "e-mail local part (before the @) must be letters, digits and !#$%&'*+-/=?^_`{|}~, with single dots between them (no quotes, commas, colons or @)";
+    if local.is_empty() || local.split('.').any(str::is_empty) {
+        return Err(invalid(rule));
+    }
+    let gc = CodePointMapData::<GeneralCategory>::new();
+    for atom in local.split('.') {
+        for (i, c) in atom.chars().enumerate() {
+            let ok = if c.is_ascii() {
+                c.is_ascii_alphanumeric() || ATEXT_SPECIALS.contains(&(c as u8))
+            } else {
+                let cat = gc.get(c);
+                GeneralCategoryGroup::Letter.contains(cat)
+                    || (i > 0 && GeneralCategoryGroup::Mark.contains(cat))
+            };
+            if !ok {
+                return Err(invalid(rule));
+            }
+        }
+    }
+    if !local.is_ascii() && !ComposingNormalizerBorrowed::new_nfkc().is_normalized(local) {
+        return Err(invalid(
+            "e-mail local part must not contain full-width or other compatibility forms of letters (type them as ordinary letters)",
+        ));
+    }
+    Ok(())
+}
+
+/// The domain in IDNA ASCII form: UTS #46 processing (mapping: case and full-width forms
+/// fold, `。` becomes `.`), STD3 rules (letters, digits, hyphens), no hyphen at either end of a
+/// label, DNS lengths, at least two labels, the last not all digits (no IP addresses).
+fn email_domain(domain: &str) -> Result<String, ValueError> {
+    let rule = "e-mail domain (after the @) must be a host name such as example.nl or bücher.de: labels of letters, digits and inner hyphens, at least one dot";
+    let ascii = idna::uts46::Uts46::new()
+        .to_ascii(
+            domain.as_bytes(),
+            idna::uts46::AsciiDenyList::STD3,
+            idna::uts46::Hyphens::CheckFirstLast,
+            idna::uts46::DnsLength::Verify,
+        )
+        .map_err(|_| invalid(rule))?;
+    let ascii = ascii.to_ascii_lowercase();
+    match ascii.rsplit_once('.') {
+        Some((rest, tld)) if !rest.is_empty() && !tld.bytes().all(|b| b.is_ascii_digit()) => {
+            Ok(ascii)
+        }
+        _ => Err(invalid(rule)),
     }
 }
 
@@ -1133,7 +1209,8 @@ mod tests {
                 word.push(c);
                 continue;
             }
-            if word.chars().count() >= 4 {
+            // `mailto` is named by the rule that refuses it.
+            if word.chars().count() >= 4 && !word.eq_ignore_ascii_case("mailto") {
                 assert!(
                     !err.contains(&word),
                     "{err:?} contains {word:?} of {text:?}"
@@ -1403,6 +1480,115 @@ mod tests {
             "call me",
         ] {
             assert!(refusal(&phone, refused).contains("phone must"), "{refused}");
+        }
+    }
+
+    #[test]
+    fn email_pairs_that_must_and_must_not_find_each_other() {
+        let email = field("email");
+        let tag = |text: &str| {
+            email
+                .parse_search(text, today())
+                .unwrap_or_else(|e| panic!("{text}: {e}"))
+                .to_string()
+        };
+        // Same address: the same index form.
+        for (a, b) in [
+            ("jan@bücher.de", "jan@xn--bcher-kva.de"),
+            ("JAN@BÜCHER.DE", "jan@xn--bcher-kva.de"),
+            ("josé@example.nl", "jose\u{301}@example.nl"),
+            ("jan@example.ｎｌ", "jan@example.nl"),
+            ("jan@ｅｘａｍｐｌｅ.nl", "jan@example.nl"),
+            ("jan@example\u{3002}nl", "jan@example.nl"),
+            ("Jan.Jansen@Example.NL", "jan.jansen@example.nl"),
+            (" jan@example.nl ", "jan@example.nl"),
+            ("\u{212A}laas@x.nl", "klaas@x.nl"),
+        ] {
+            assert_eq!(tag(a), tag(b), "{a} vs {b}");
+        }
+        // Different addresses: different index forms.
+        for (a, b) in [
+            ("jan@example.nl", "jan@example.com"),
+            ("jan.jansen@x.nl", "janjansen@x.nl"),
+            ("jan+cv@x.nl", "jan@x.nl"),
+            ("josé@x.nl", "jose@x.nl"),
+            ("jan@bücher.de", "jan@bucher.de"),
+            ("jan@sub.example.nl", "jan@example.nl"),
+        ] {
+            assert_ne!(tag(a), tag(b), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn email_stored_form_is_nfc_with_an_ascii_lower_case_domain() {
+        let email = field("email");
+        for (input, stored) in [
+            ("Jan.Jansen@Example.nl", "Jan.Jansen@example.nl"),
+            ("jan@bücher.de", "jan@xn--bcher-kva.de"),
+            ("jan@XN--BCHER-KVA.de", "jan@xn--bcher-kva.de"),
+            ("jose\u{301}@example.nl", "josé@example.nl"),
+            ("jan@example.ｎｌ", "jan@example.nl"),
+            ("o'brien+cv@example.co.uk", "o'brien+cv@example.co.uk"),
+            ("Zoë.Ünal@example.nl", "Zoë.Ünal@example.nl"),
+            ("\u{212A}laas@x.nl", "Klaas@x.nl"),
+        ] {
+            assert_eq!(parse(&email, input).as_deref(), Ok(stored), "{input}");
+            assert_eq!(parse(&email, stored).as_deref(), Ok(stored), "{stored}");
+        }
+        let local = "a".repeat(64);
+        assert!(parse(&email, &format!("{local}@example.nl")).is_ok());
+        assert!(parse(&email, &format!("{local}a@example.nl")).is_err());
+        // 64 bytes, not characters: 32 × é is 64 bytes, 33 × é is 66.
+        assert!(parse(&email, &format!("{}@example.nl", "é".repeat(32))).is_ok());
+        assert!(parse(&email, &format!("{}@example.nl", "é".repeat(33))).is_err());
+        // A domain over 253 bytes is refused by the DNS length rule; a whole address over
+        // 254 bytes by the address rule.
+        let long_domain = format!("{}.nl", vec!["d".repeat(60); 5].join("."));
+        assert!(parse(&email, &format!("jan@{long_domain}")).is_err());
+        let domain =
+            |n: usize| format!("{}.{}.nl", vec!["d".repeat(60); 3].join("."), "d".repeat(n));
+        assert_eq!(local.len() + 1 + domain(3).len(), 254);
+        assert!(parse(&email, &format!("{local}@{}", domain(3))).is_ok());
+        assert!(parse(&email, &format!("{local}@{}", domain(4))).is_err());
+    }
+
+    #[test]
+    fn email_refusals_name_the_rule_never_the_value() {
+        let email = field("email");
+        for (input, rule) in [
+            ("jan\u{200B}@example.nl", "format characters"),
+            ("a\u{202E}b@x.nl", "format characters"),
+            ("jan@exa\u{2066}mple.nl", "format characters"),
+            ("\u{FEFF}jan@example.nl", "format characters"),
+            ("jan\u{7}@example.nl", "control"),
+            ("mailto:jan@example.nl", "mailto"),
+            ("MAILTO:jan@example.nl", "mailto"),
+            ("a,b@x.nl", "single address"),
+            ("jan@example.nl;piet@example.nl", "single address"),
+            ("jan:piet@example.nl", "local part"),
+            ("\"jan\"@example.nl", "local part"),
+            ("jan<x>@example.nl", "local part"),
+            (".jan@x.nl", "local part"),
+            ("jan.@x.nl", "local part"),
+            ("ja..n@x.nl", "local part"),
+            ("@example.nl", "local part"),
+            ("jan@piet@example.nl", "local part"),
+            ("ｊａｎ@example.nl", "compatibility forms"),
+            ("jan①@example.nl", "local part"),
+            ("jan@x", "domain"),
+            ("jan@-x.nl", "domain"),
+            ("jan@x-.nl", "domain"),
+            ("jan@ab_cd.nl", "domain"),
+            ("jan@x..nl", "domain"),
+            ("jan@x.nl.", "domain"),
+            ("jan@1.2.3.4", "domain"),
+            ("jan@[10.0.0.1]", "domain"),
+            ("jan@", "domain"),
+            ("jan @example.nl", "look like"),
+            ("janexample.nl", "look like"),
+        ] {
+            let err = refusal(&email, input);
+            assert!(err.contains(rule), "{input:?}: {err}");
         }
     }
 
@@ -1687,6 +1873,36 @@ mod tests {
             d.iter().zip(w).map(|(d, w)| i64::from(*d) * w).sum::<i64>() % 11 == 0
         }
 
+        /// A plausible address: dot-separated atoms, some letters accented (precomposed).
+        fn address() -> impl Strategy<Value = (String, String)> {
+            let atom = "[a-zA-Z0-9éüøçÉ+_-]{1,8}";
+            // No ß: upper-casing turns it into SS, another domain.
+            let label = "[a-zA-Z0-9üé]{1,10}";
+            (
+                proptest::collection::vec(atom, 1..3),
+                proptest::collection::vec(label, 1..3),
+                prop::sample::select(vec!["nl", "de", "com", "NL"]),
+            )
+                .prop_map(|(atoms, labels, tld)| {
+                    (atoms.join("."), format!("{}.{tld}", labels.join(".")))
+                })
+        }
+
+        fn nfd(s: &str) -> String {
+            icu_normalizer::DecomposingNormalizerBorrowed::new_nfd()
+                .normalize(s)
+                .into_owned()
+        }
+
+        fn full_width(s: &str) -> String {
+            s.chars()
+                .map(|c| match c {
+                    '!'..='~' => char::from_u32(c as u32 - 0x21 + 0xFF01).expect("full-width form"),
+                    c => c,
+                })
+                .collect()
+        }
+
         proptest! {
             #[test]
             fn bsn_accepts_exactly_the_eleven_proof_numbers(digits in proptest::collection::vec(0u32..10, 9)) {
@@ -1721,6 +1937,49 @@ mod tests {
                         let twice = field.parse(RawValue::Text(&once), today()).expect("normalised parses");
                         prop_assert_eq!(once.as_bytes(), twice.plaintext.as_slice(), "{}", field.name);
                     }
+                }
+            }
+
+            #[test]
+            fn search_form_is_the_index_form_of_the_stored_value(text in "\\PC{0,40}") {
+                // What a search computes equals what a write indexed, for every searchable
+                // field and any input: both accept or both refuse, with the same form.
+                let schema = Schema::default_schema();
+                for field in schema.fields().filter(|f| f.searchable) {
+                    let stored = field.parse(RawValue::Text(&text), today());
+                    let search = field.parse_search(&text, today());
+                    match (stored, search) {
+                        (Ok(stored), Ok(search)) => {
+                            let index = stored.index_form.expect("searchable fields get an index form");
+                            prop_assert_eq!(index.as_str(), search.as_str(), "{}", field.name);
+                        }
+                        (Err(a), Err(b)) => prop_assert_eq!(a, b),
+                        (a, b) => prop_assert!(false, "{}: parse {:?}, search {:?}", field.name, a.is_ok(), b.is_ok()),
+                    }
+                }
+            }
+
+            #[test]
+            fn email_spellings_of_one_address_share_the_index_form((local, domain) in address()) {
+                let email = Schema::default_schema().field("email").expect("email").clone();
+                let base = format!("{local}@{domain}");
+                let stored = email.parse(RawValue::Text(&base), today()).expect("plausible address");
+                let form = stored.index_form.expect("email is searchable");
+                let ascii_domain = idna::domain_to_ascii(&domain).expect("domain converts");
+                for variant in [
+                    base.to_uppercase(),
+                    base.to_lowercase(),
+                    nfd(&base),
+                    format!("  {base}\t"),
+                    format!("{local}@{}", domain.to_uppercase()),
+                    format!("{local}@{}", full_width(&domain)),
+                    format!("{local}@{ascii_domain}"),
+                    format!("{}@{ascii_domain}", nfd(&local)),
+                ] {
+                    let search = email.parse_search(&variant, today());
+                    prop_assert!(search.is_ok(), "{:?}", variant);
+                    let search = search.expect("checked");
+                    prop_assert_eq!(form.as_str(), search.as_str(), "{:?}", variant);
                 }
             }
 
