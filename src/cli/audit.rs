@@ -38,7 +38,7 @@ pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 
 /// The exit codes, for `--help`.
-pub const EXIT_CODES: &str = "Exit codes:\n  0  ok\n  1  the audit chain does not verify, or the server refused the request (its gRPC status is printed)\n  2  usage, configuration or IO error (also: the data directory is in use by a running server)";
+pub const EXIT_CODES: &str = "Exit codes:\n  0  ok\n  1  the audit chain does not verify, or the server refused the request (its gRPC status is printed)\n  2  usage, configuration, IO or connection error (also: the data directory is in use by a\n     running server, or no gRPC answer came back)";
 
 /// The environment variable holding the bearer token for `--server`.
 pub const TOKEN_ENV: &str = "KLUIS_TOKEN";
@@ -226,9 +226,20 @@ pub enum CliError {
         /// Its status.
         status: tonic::Status,
     },
+    /// A job's progress stream ended before the job finished (the job goes on in the server).
+    #[error("the {method} progress stream ended early, before the job finished ({reason}); the job goes on from its last checkpoint in the server (after a restart, once it runs again): run this command again to follow it")]
+    EndedEarly {
+        /// The RPC whose stream ended.
+        method: &'static str,
+        /// Why, as far as the client knows.
+        reason: String,
+    },
     /// The chain does not verify (the details were printed).
     #[error("the audit chain does not verify")]
     VerificationFailed,
+    /// The command did its work, but found damage (the details were printed).
+    #[error("{0}")]
+    Damaged(String),
     /// Standard output was closed (e.g. piped into `head`): not an error, [`run`] ends quietly.
     #[error("standard output closed")]
     OutputClosed,
@@ -239,10 +250,51 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) | CliError::Io(_) => EXIT_USAGE,
-            CliError::Refused { .. } | CliError::VerificationFailed => EXIT_FAILED,
+            CliError::Refused { .. }
+            | CliError::EndedEarly { .. }
+            | CliError::VerificationFailed
+            | CliError::Damaged(_) => EXIT_FAILED,
             CliError::OutputClosed => 0,
         }
     }
+
+    /// The error of a failed call of `method`: [`CliError::Refused`] when a server answered
+    /// with a gRPC status, [`CliError::Io`] (a connection error) when the status was made by
+    /// the client itself because no gRPC answer came (see [`made_by_the_client`]).
+    pub fn from_status(method: &'static str, status: tonic::Status) -> CliError {
+        if made_by_the_client(&status) {
+            let mut text = format!(
+                "connection error in {method}: no gRPC answer from the server: {}: {}",
+                code_name(status.code()),
+                status.message()
+            );
+            if let Some(source) = std::error::Error::source(&status) {
+                let detail = with_sources(source);
+                if detail != status.message() {
+                    text.push_str(&format!(" ({detail})"));
+                }
+            }
+            CliError::Io(text)
+        } else {
+            CliError::Refused { method, status }
+        }
+    }
+
+    /// For `map_err`: [`CliError::from_status`] of `method`.
+    pub fn status_of(method: &'static str) -> impl FnOnce(tonic::Status) -> CliError {
+        move |status| CliError::from_status(method, status)
+    }
+}
+
+/// Whether tonic made `status` on the client side rather than reading it from a server's
+/// `grpc-status`: a transport or protocol error (it carries the underlying error as its
+/// source; a status read from a server's headers never does), or an HTTP answer without a
+/// `grpc-status` (not a gRPC server, or a proxy that cut the stream).
+pub fn made_by_the_client(status: &tonic::Status) -> bool {
+    let message = status.message();
+    std::error::Error::source(status).is_some()
+        || message.starts_with("grpc-status header missing")
+        || message.starts_with("protocol error: missing grpc-status")
 }
 
 pub(crate) fn output_error(e: std::io::Error) -> CliError {
@@ -592,10 +644,7 @@ impl EventSource {
                     let page = client
                         .query_events(request)
                         .await
-                        .map_err(|status| CliError::Refused {
-                            method: "QueryEvents",
-                            status,
-                        })?
+                        .map_err(CliError::status_of("QueryEvents"))?
                         .into_inner();
                     for event in page.events {
                         each(AuditRow::from(event))?;
@@ -1037,6 +1086,29 @@ pub async fn breach(args: &BreachReportArgs, out: &mut dyn Write) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statuses_the_client_made_are_connection_errors() {
+        // Read from a server's grpc-status: a refusal.
+        let refused = CliError::from_status("M", tonic::Status::permission_denied("no"));
+        assert_eq!(refused.exit_code(), EXIT_FAILED);
+        assert!(
+            refused.to_string().contains("PERMISSION_DENIED"),
+            "{refused}"
+        );
+        // A transport error (tonic keeps it as the source), and an HTTP answer without one.
+        let transport = tonic::Status::from_error(Box::new(std::io::Error::other("reset")));
+        let no_grpc =
+            tonic::Status::internal("grpc-status header missing, mapped from HTTP status code 400");
+        for status in [transport, no_grpc] {
+            let err = CliError::from_status("M", status);
+            assert_eq!(err.exit_code(), EXIT_USAGE, "{err}");
+            assert!(
+                err.to_string().starts_with("connection error in M"),
+                "{err}"
+            );
+        }
+    }
 
     const R1: &str = "0b5e6f0e-3d4c-4d7e-9a77-1f2e3d4c5b6a";
     const R2: &str = "1c6f7a1f-4e5d-4e8f-8b88-2a3f4e5d6c7b";

@@ -34,7 +34,7 @@ use crate::proto::records_client::RecordsClient;
 pub use super::audit::{EXIT_FAILED, EXIT_USAGE};
 
 /// The exit codes, for `--help`.
-pub const EXIT_CODES: &str = "Exit codes:\n  0  ok\n  1  the server refused the call (its gRPC status is printed), e.g. PERMISSION_DENIED for a\n     role without the export right, NOT_FOUND for an unknown record\n  2  usage, IO or connection error (also: the output file exists and --force was not given)";
+pub const EXIT_CODES: &str = "Exit codes:\n  0  ok\n  1  the server refused the call (its gRPC status is printed), e.g. PERMISSION_DENIED for a\n     role without the export right, NOT_FOUND for an unknown record\n  2  usage, IO or connection error (also: the output file exists and --force was not given, or\n     no gRPC answer came back)";
 
 /// The RPC this command calls, as named in refusals.
 const METHOD: &str = "ExportRecord";
@@ -315,10 +315,7 @@ async fn export(args: &ExportArgs, out: &mut dyn Write) -> Result<(), CliError> 
                 record_id: args.record_id.clone(),
             })
             .await
-            .map_err(|status| CliError::Refused {
-                method: METHOD,
-                status,
-            })?
+            .map_err(CliError::status_of(METHOD))?
             .into_inner()
             .json,
     );

@@ -15,14 +15,14 @@
 //!   it after it finished changes nothing.
 //!
 //! None of these prints a key or record data. Exit codes: 0 ok; [`EXIT_FAILED`] when the
-//! server refuses or fails a call; [`EXIT_USAGE`] for usage, configuration, IO and connection
-//! errors (and for everything `rotate-master` cannot do).
+//! server refuses or fails a call, or a job's progress stream ends early; [`EXIT_USAGE`] for
+//! usage (an unknown category included), configuration, IO and connection errors (a call
+//! that got no gRPC answer included), and for everything `rotate-master` cannot do.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use clap::builder::NonEmptyStringValueParser;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use tonic::service::interceptor::InterceptedService;
@@ -30,8 +30,8 @@ use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
 use super::audit::{
-    channel, default_server, open_store, output_error, plural, BearerToken, CliError, Format,
-    TOKEN_ENV,
+    channel, code_name, default_server, open_store, output_error, plural, BearerToken, CliError,
+    Format, TOKEN_ENV,
 };
 use crate::audit::{Draft, Outcome};
 use crate::keys::{self, MasterKey, MASTER_KEY_ENV};
@@ -42,7 +42,7 @@ use crate::store::SledStore;
 pub use super::audit::{EXIT_FAILED, EXIT_USAGE};
 
 /// The exit codes, for `--help`.
-pub const EXIT_CODES: &str = "Exit codes:\n  0  ok\n  1  the server refused or failed the call (its gRPC status is printed), or a rewrap/rekey\n     progress stream ended before the job finished\n  2  usage, configuration, IO or connection error; for rotate-master also: the data directory\n     is in use by a running server, or neither key opens it";
+pub const EXIT_CODES: &str = "Exit codes:\n  0  ok\n  1  the server refused or failed the call (its gRPC status is printed), or a rewrap/rekey\n     progress stream ended early, before the job finished (the job goes on in the server)\n  2  usage error (also: an unknown CATEGORY), configuration, IO or connection error (also: no\n     gRPC answer, e.g. not a Kluis server or the connection dropped); for rotate-master also:\n     the data directory is in use by a running server, or neither key opens it";
 
 /// Role named in the audit event of an offline master key rotation.
 pub const ROTATE_MASTER_ROLE: &str = "security_officer";
@@ -148,7 +148,7 @@ pub struct StatusArgs {
 pub struct RotateArgs {
     /// The category to rotate (contact, personal, cv, identity, financial, absence)
     /// [default: every category].
-    #[arg(value_name = "CATEGORY", value_parser = NonEmptyStringValueParser::new())]
+    #[arg(value_name = "CATEGORY", value_parser = parse_category)]
     pub category: Option<String>,
     /// The server.
     #[command(flatten)]
@@ -162,7 +162,7 @@ pub struct RotateArgs {
 #[derive(Debug, Args)]
 pub struct RewrapArgs {
     /// The category to rewrap [default: every category].
-    #[arg(value_name = "CATEGORY", value_parser = NonEmptyStringValueParser::new())]
+    #[arg(value_name = "CATEGORY", value_parser = parse_category)]
     pub category: Option<String>,
     /// The server.
     #[command(flatten)]
@@ -173,7 +173,7 @@ pub struct RewrapArgs {
 #[derive(Debug, Args)]
 pub struct RekeyArgs {
     /// The category to re-key.
-    #[arg(value_name = "CATEGORY", value_parser = NonEmptyStringValueParser::new())]
+    #[arg(value_name = "CATEGORY", value_parser = parse_category)]
     pub category: String,
     /// The server.
     #[command(flatten)]
@@ -184,7 +184,7 @@ pub struct RekeyArgs {
 #[derive(Debug, Args)]
 pub struct RetireArgs {
     /// The category.
-    #[arg(value_name = "CATEGORY", value_parser = NonEmptyStringValueParser::new())]
+    #[arg(value_name = "CATEGORY", value_parser = parse_category)]
     pub category: String,
     /// The KEK version to destroy.
     #[arg(value_name = "VERSION", value_parser = clap::value_parser!(u32).range(1..))]
@@ -220,7 +220,20 @@ pub struct RotateMasterArgs {
 // Small helpers
 
 fn refused(method: &'static str) -> impl FnOnce(tonic::Status) -> CliError {
-    move |status| CliError::Refused { method, status }
+    CliError::status_of(method)
+}
+
+/// Parses a CATEGORY argument: one of the six fixed categories (checked here, so that a
+/// misspelt one is a usage error like any other bad argument, not a refusal by the server).
+pub fn parse_category(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    match crate::schema::Category::parse(text) {
+        Some(c) => Ok(c.as_str().to_string()),
+        None => Err(format!(
+            "not a category: use one of {}",
+            crate::schema::Category::ALL.map(|c| c.as_str()).join(", ")
+        )),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -534,16 +547,17 @@ pub async fn follow<W: Write>(
             }
             Ok(None) => {
                 view.end();
-                return Err(CliError::Refused {
+                return Err(CliError::EndedEarly {
                     method,
-                    status: tonic::Status::unavailable(
-                        "the progress stream ended before the job finished (the job resumes from its last checkpoint on the server; run this command again to follow it)",
-                    ),
+                    reason: "the server closed it without a status".into(),
                 });
             }
             Err(status) => {
                 view.end();
-                return Err(CliError::Refused { method, status });
+                return Err(CliError::EndedEarly {
+                    method,
+                    reason: format!("{}: {}", code_name(status.code()), status.message()),
+                });
             }
         }
     }

@@ -331,3 +331,23 @@ pub async fn damage_header(v: &TestVault, id: &str) {
     batch.put(Keyspace::Records, key.as_bytes().to_vec(), raw);
     store.commit(batch).await.expect("damage");
 }
+
+/// A local TCP server that answers every connection with an HTTP/1.1 error and closes it:
+/// something that listens, but no gRPC server. Runs until the test process ends.
+pub fn not_grpc_server() -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(
+                b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            );
+        }
+    });
+    addr
+}

@@ -333,20 +333,31 @@ async fn refusals_and_usage_errors_have_their_exit_codes() {
     assert_eq!(none.code, 2, "{}", none.all());
     assert!(none.stderr.contains("KLUIS_TOKEN"), "{}", none.all());
 
+    // The six categories are a fixed list: a misspelt one is a usage error, found before any
+    // call (like a bad VERSION).
     for args in [
         vec!["rotate", "nosuch"],
         vec!["rewrap", "nosuch"],
         vec!["rekey", "nosuch"],
         vec!["retire", "nosuch", "1"],
+        vec!["rekey", ""],
     ] {
         let run = kluis(&keys_args(&url, &args), officer).await;
-        assert_eq!(run.code, 1, "{args:?}: {}", run.all());
+        assert_eq!(run.code, 2, "{args:?}: {}", run.all());
         assert!(
-            run.stderr.contains("INVALID_ARGUMENT"),
+            run.stderr.contains("not a category"),
             "{args:?}: {}",
             run.all()
         );
+        assert!(run.stderr.contains("identity"), "{args:?}: {}", run.all());
     }
+
+    // Something that answers, but not in gRPC: a connection error (2), not a refusal (1).
+    let http1 = not_grpc_server();
+    let run = kluis(&keys_args(&format!("http://{http1}"), &["status"]), officer).await;
+    assert_eq!(run.code, 2, "{}", run.all());
+    assert!(run.stderr.contains("connection error"), "{}", run.all());
+    assert!(!run.stderr.contains("refused"), "{}", run.all());
 
     // Nothing listens on a port just released.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
