@@ -27,9 +27,19 @@ struct Cli {
     command: Command,
 }
 
+/// The exit codes of `serve`, for `--help` (the tools' scheme: 2 for what stops it from
+/// starting, 1 for a failure once it runs).
+const SERVE_EXIT_CODES: &str = "Exit codes:\n  0  stopped cleanly (SIGTERM or SIGINT)\n  1  failed after it had started serving\n  2  could not start: usage, configuration, keys (e.g. a master key file readable by others,\n     or a master key that does not open the data directory), the data directory (e.g. in use\n     by another server), the listen address, or the async runtime";
+
+/// `serve`: could not start.
+const SERVE_EXIT_START: u8 = 2;
+/// `serve`: failed after it had started.
+const SERVE_EXIT_FAILED: u8 = 1;
+
 #[derive(Subcommand)]
 enum Command {
     /// Runs the vault.
+    #[command(after_help = SERVE_EXIT_CODES)]
     Serve {
         /// Configuration file (default: ./kluis.toml). Not used with --dev.
         #[arg(long)]
@@ -167,7 +177,7 @@ fn serve(
     let settings = if dev {
         if config.is_some() {
             eprintln!("error: --dev and --config exclude each other");
-            return ExitCode::from(2);
+            return ExitCode::from(SERVE_EXIT_START);
         }
         kluis::config::dev(
             std::path::Path::new("."),
@@ -181,7 +191,7 @@ fn serve(
                 "error: no configuration at {}: run `kluis serve --dev` for a local vault, or `kluis init` to set up production",
                 path.display()
             );
-            return ExitCode::from(2);
+            return ExitCode::from(SERVE_EXIT_START);
         }
         kluis::config::load(&path).and_then(|mut s| {
             if let Some(l) = &listen {
@@ -197,7 +207,7 @@ fn serve(
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(SERVE_EXIT_START);
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -207,17 +217,20 @@ fn serve(
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(SERVE_EXIT_START);
         }
     };
-    match runtime.block_on(kluis::server::run(
+    match runtime.block_on(kluis::server::run_staged(
         settings,
         kluis::server::termination_signal(),
     )) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err((stage, e)) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(match stage {
+                kluis::server::Stage::Starting => SERVE_EXIT_START,
+                kluis::server::Stage::Serving => SERVE_EXIT_FAILED,
+            })
         }
     }
 }

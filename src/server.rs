@@ -409,13 +409,30 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
 
 /// Runs the server until `signal` completes, then shuts down gracefully.
 pub async fn run(settings: Settings, signal: impl Future<Output = ()>) -> Result<(), ServerError> {
+    run_staged(settings, signal).await.map_err(|(_, e)| e)
+}
+
+/// Where [`run_staged`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Before it served: configuration, keys, data directory, listener, audit signing key.
+    Starting,
+    /// After it had started serving (while running or shutting down).
+    Serving,
+}
+
+/// [`run`], saying whether an error came while starting or after the server had started.
+pub async fn run_staged(
+    settings: Settings,
+    signal: impl Future<Output = ()>,
+) -> Result<(), (Stage, ServerError)> {
     // A write past the file-size limit must fail with EFBIG (and the operation fail closed),
     // not kill the process with SIGXFSZ; handling the signal replaces its default action.
     let _xfsz = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(SIGXFSZ));
-    let running = start(settings).await?;
+    let running = start(settings).await.map_err(|e| (Stage::Starting, e))?;
     signal.await;
     tracing::info!("shutting down: finishing in-flight requests");
-    running.shutdown().await
+    running.shutdown().await.map_err(|e| (Stage::Serving, e))
 }
 
 /// SIGXFSZ on Linux.

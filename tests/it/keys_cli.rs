@@ -703,3 +703,29 @@ async fn rotate_master_killed_at_any_moment_leaves_one_working_key_and_finishes_
     }
     eprintln!("rotate-master killed within {span:?} (a whole run: {full:?}): data under {seen:?}");
 }
+
+#[tokio::test]
+async fn serve_exits_2_when_it_cannot_start() {
+    let v = offline_vault(1).await;
+    // A master key that does not open the data directory.
+    let other = v.dir.path().join("keys").join("other.key");
+    MasterKey::create_file(&other).expect("another key");
+    let text = std::fs::read_to_string(v.config())
+        .expect("config")
+        .replace("keys/master.key", "keys/other.key");
+    let wrong = v.dir.path().join("wrong.toml");
+    std::fs::write(&wrong, text).expect("write config");
+    let run = kluis(&["serve", "--config", &path(&wrong)], None).await;
+    assert_eq!(run.code, 2, "{}", run.all());
+    assert!(run.stderr.contains("does not match"), "{}", run.all());
+
+    // The data directory in use (held here).
+    let held = SledStore::open(&v.data()).expect("open");
+    let run = kluis(&["serve", "--config", &path(&v.config())], None).await;
+    assert_eq!(run.code, 2, "{}", run.all());
+    drop(held);
+
+    let help = kluis(&["serve", "--help"], None).await;
+    assert_eq!(help.code, 0, "{}", help.all());
+    assert!(help.stdout.contains("Exit codes"), "{}", help.stdout);
+}
