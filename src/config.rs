@@ -349,6 +349,22 @@ pub fn parse_listen(text: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// Checks that the consent that extends an applicant's period (`[retention]
+/// applicant_consent_purpose`) is a purpose of the policy: a typo would erase every consenting
+/// applicant after the short period.
+pub fn check_consent_purpose(
+    rules: &crate::retention::RetentionRules,
+    policy: &Policy,
+) -> Result<(), ConfigError> {
+    let purpose = &rules.applicant_consent_purpose;
+    if policy.purpose(purpose).is_none() {
+        return Err(ConfigError::Rule(format!(
+            "[retention] applicant_consent_purpose = \"{purpose}\" is not a purpose of the policy"
+        )));
+    }
+    Ok(())
+}
+
 /// Loads production settings from a config file.
 pub fn load(path: &Path) -> Result<Settings, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
@@ -385,14 +401,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
     let policy =
         Policy::from_toml(&std::fs::read_to_string(&policy_path).map_err(io_err(&policy_path))?)?;
     policy.check_masked(&schema)?;
-    // The consent that extends an applicant's period must be a purpose of the policy (a typo
-    // would erase every consenting applicant after the short period).
-    let purpose = &file.retention.applicant_consent_purpose;
-    if policy.purpose(purpose).is_none() {
-        return Err(ConfigError::Rule(format!(
-            "[retention] applicant_consent_purpose = \"{purpose}\" is not a purpose of the policy"
-        )));
-    }
+    check_consent_purpose(&file.retention, &policy)?;
     let tls = match &file.tls {
         Some(t) => Some(load_tls(t, &rel)?),
         None => None,

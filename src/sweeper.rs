@@ -82,10 +82,14 @@ async fn each<S: Store>(
 }
 
 /// Every category that has a maximum-period date, with that date, as of `at`; sorted by date.
-pub async fn plan<S: Store>(vault: &Vault<S>, at: NaiveDate) -> Result<Vec<Planned>, VaultError> {
+/// Also returns the records left out because their header is damaged (DATA_LOSS; logged by
+/// the walk): their ids, or their keys in hex when a key is not a record id.
+pub async fn plan<S: Store>(
+    vault: &Vault<S>,
+    at: NaiveDate,
+) -> Result<(Vec<Planned>, Vec<String>), VaultError> {
     let mut out = Vec::new();
-    // Damaged records are logged by `each`; the plan covers the others.
-    let _damaged = each(vault, |id, _, body| {
+    let damaged = each(vault, |id, _, body| {
         for d in retention::deadlines(vault.retention(), &body) {
             if let Some(on) = d.erase_on {
                 out.push(Planned {
@@ -105,7 +109,7 @@ pub async fn plan<S: Store>(vault: &Vault<S>, at: NaiveDate) -> Result<Vec<Plann
     out.sort_by(|a, b| {
         (&a.erase_on, &a.record_id, &a.category).cmp(&(&b.erase_on, &b.record_id, &b.category))
     });
-    Ok(out)
+    Ok((out, damaged))
 }
 
 /// What one sweep erased: per record, the categories.

@@ -6,8 +6,10 @@
 //!   defaults with `--dev`). Nothing is erased and nothing is written: the data directory is
 //!   opened, read and released.
 //!
-//! Exit codes: 0 ok; [`EXIT_USAGE`] for usage, configuration and IO errors, a data directory
-//! in use by a running server, and a master key that does not open the data directory.
+//! Exit codes: 0 ok; [`EXIT_FAILED`] when records are damaged (their header fails its
+//! integrity check: they are left out of the plan, which is printed all the same);
+//! [`EXIT_USAGE`] for usage, configuration and IO errors, a data directory in use by a
+//! running server, and a master key that does not open the data directory.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -22,16 +24,17 @@ use super::audit::{open_store, output_error, CliError, Format};
 use super::keys::{resolve_setup_from, MasterKeySetup};
 use crate::config::ConfigFile;
 use crate::keys::{self, KeyRing};
+use crate::policy::Policy;
 use crate::retention::RetentionRules;
 use crate::schema::Schema;
 use crate::store::{Keyspace, SledStore, Store};
 use crate::sweeper::{self, Planned};
 use crate::vault::Vault;
 
-pub use super::audit::EXIT_USAGE;
+pub use super::audit::{EXIT_FAILED, EXIT_USAGE};
 
 /// The exit codes, for `--help`.
-pub const EXIT_CODES: &str = "Exit codes:\n  0  ok\n  2  usage, configuration or IO error (also: the data directory is in use by a running\n     server, or the master key does not open it)";
+pub const EXIT_CODES: &str = "Exit codes:\n  0  ok\n  1  the plan was printed, but records are damaged (their header fails its integrity check):\n     they are left out of it (`N records damaged (left out)`), and the sweeper leaves them too\n  2  usage, configuration or IO error (also: the data directory is in use by a running\n     server, or the master key does not open it)";
 
 /// What to do instead of planning over a data directory a server holds.
 const STOP_SERVER_FIRST: &str = "plan on a backup of it restored elsewhere (--data-dir DIR)";
@@ -65,8 +68,9 @@ pub enum RetentionCommand {
     /// date is on or before --at, `held (legal hold)` or `held (restricted)` when it is due
     /// but a legal hold or a restriction (GDPR Art. 18) keeps the record, `scheduled` when
     /// the date is later (`scheduled (legal hold)`, `scheduled (restricted)` on such a
-    /// record). Then a summary, and how many records have no running clock (applicants
-    /// still in procedure, employees: their data is kept until the stage changes).
+    /// record). Then a summary, how many records have no running clock (applicants still in
+    /// procedure, employees: their data is kept until the stage changes), and how many are
+    /// damaged: their header fails its integrity check, so they are left out (exit code 1).
     ///
     /// The rules come from the configuration's [retention] section (the defaults with --dev).
     /// The server must be stopped: the data directory is read directly, and nothing is written
@@ -117,8 +121,10 @@ pub struct Plan {
     pub at: NaiveDate,
     /// Every category with a date, sorted by date ([`sweeper::plan`]).
     pub entries: Vec<Planned>,
-    /// How many records the data directory holds.
+    /// How many records the data directory holds (damaged ones included).
     pub records: u64,
+    /// Records left out because their header is damaged (ids; keys in hex when not an id).
+    pub damaged: Vec<String>,
 }
 
 impl Plan {
@@ -152,10 +158,13 @@ impl Plan {
         count(self.entries.iter().filter(|e| !e.due))
     }
 
-    /// Records none of whose categories has a date (applicants in procedure, employees).
+    /// Records none of whose categories has a date (applicants in procedure, employees);
+    /// damaged records are not among them.
     pub fn without_clock(&self) -> u64 {
         let with: BTreeSet<&str> = self.entries.iter().map(|e| e.record_id.as_str()).collect();
-        self.records.saturating_sub(count(with.into_iter()))
+        self.records
+            .saturating_sub(count(with.into_iter()))
+            .saturating_sub(count(self.damaged.iter()))
     }
 }
 
@@ -185,7 +194,7 @@ fn counted(n: u64, one: &str, many: &str) -> String {
 }
 
 /// The plan as an aligned table, a summary line and (when there are any) a line on the
-/// records without a running clock.
+/// records without a running clock and one on the damaged records left out.
 pub fn render_plan(plan: &Plan) -> String {
     const HEADER: [&str; 6] = ["ERASE ON", "RECORD", "STAGE", "CATEGORY", "STATUS", "BASIS"];
     let at = plan.at.format("%Y-%m-%d");
@@ -240,6 +249,13 @@ pub fn render_plan(plan: &Plan) -> String {
             counted(without, "record has", "records have"),
         ));
     }
+    if !plan.damaged.is_empty() {
+        out.push_str(&format!(
+            "{} damaged (left out): {}\n",
+            counted(count(plan.damaged.iter()), "record", "records"),
+            plan.damaged.join(", ")
+        ));
+    }
     out
 }
 
@@ -251,11 +267,14 @@ struct JsonPlan<'a> {
     held: u64,
     scheduled: u64,
     without_clock: u64,
+    damaged: u64,
+    damaged_records: &'a [String],
 }
 
 /// The plan as one pretty-printed JSON document: `{"at", "entries": [{"record_id", "stage",
 /// "category", "erase_on", "due", "legal_hold", "restricted", "basis"}], "due", "held", "scheduled",
-/// "without_clock"}` (the counts as in the table's summary).
+/// "without_clock", "damaged", "damaged_records"}` (the counts as in the table's summary;
+/// `damaged_records` the ids of the damaged records left out).
 pub fn plan_json(plan: &Plan) -> String {
     let doc = JsonPlan {
         at: plan.at.format("%Y-%m-%d").to_string(),
@@ -264,6 +283,8 @@ pub fn plan_json(plan: &Plan) -> String {
         held: plan.held(),
         scheduled: plan.scheduled(),
         without_clock: plan.without_clock(),
+        damaged: count(plan.damaged.iter()),
+        damaged_records: &plan.damaged,
     };
     serde_json::to_string_pretty(&doc).expect("plain strings, booleans and integers serialize")
 }
@@ -271,11 +292,25 @@ pub fn plan_json(plan: &Plan) -> String {
 // ---------------------------------------------------------------------------------------
 // Reading the data directory
 
+/// `p` from the configuration file `config`: relative to its directory unless absolute.
+fn relative_to(config: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        config.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
 /// The retention rules and schema of the configuration (the defaults in dev mode), the
-/// rules validated.
+/// rules validated and their consent purpose checked against the policy, as the server
+/// does.
 fn load_rules(config: Option<&Path>, dev: bool) -> Result<(RetentionRules, Schema), CliError> {
     if dev {
-        return Ok((RetentionRules::default(), Schema::default_schema()));
+        let rules = RetentionRules::default();
+        // What the server checks, against the dev-mode policy (the default one).
+        crate::config::check_consent_purpose(&rules, &Policy::default_policy())
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        return Ok((rules, Schema::default_schema()));
     }
     let path = config.unwrap_or(Path::new("kluis.toml"));
     let text = std::fs::read_to_string(path)
@@ -287,11 +322,7 @@ fn load_rules(config: Option<&Path>, dev: bool) -> Result<(RetentionRules, Schem
         .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
     let schema = match &file.schema_file {
         Some(p) => {
-            let p = if p.is_absolute() {
-                p.clone()
-            } else {
-                path.parent().unwrap_or(Path::new(".")).join(p)
-            };
+            let p = relative_to(path, p);
             let text = std::fs::read_to_string(&p)
                 .map_err(|e| CliError::Io(format!("{}: {e}", p.display())))?;
             Schema::from_toml(&text)
@@ -299,6 +330,15 @@ fn load_rules(config: Option<&Path>, dev: bool) -> Result<(RetentionRules, Schem
         }
         None => Schema::default_schema(),
     };
+    // As the server checks it at start: the consent that extends an applicant's period must
+    // be a purpose of the policy.
+    let policy_path = relative_to(path, &file.policy_file);
+    let policy_text = std::fs::read_to_string(&policy_path)
+        .map_err(|e| CliError::Io(format!("{}: {e}", policy_path.display())))?;
+    let policy = Policy::from_toml(&policy_text)
+        .map_err(|e| CliError::Usage(format!("{}: {e}", policy_path.display())))?;
+    crate::config::check_consent_purpose(&file.retention, &policy)
+        .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
     Ok((file.retention, schema))
 }
 
@@ -344,7 +384,7 @@ pub async fn plan_offline(
         .map_err(|e| CliError::Io(format!("the data directory's keys: {e}")))?;
     let records = count_records(&store).await?;
     let vault = Vault::new(store, Arc::new(schema), Arc::new(ring)).with_retention(Arc::new(rules));
-    let entries = sweeper::plan(&vault, at)
+    let (entries, damaged) = sweeper::plan(&vault, at)
         .await
         .map_err(|e| CliError::Io(format!("reading the records: {e}")))?;
     // Release the data directory before reporting.
@@ -353,6 +393,7 @@ pub async fn plan_offline(
         at,
         entries,
         records,
+        damaged,
     })
 }
 
@@ -369,7 +410,14 @@ pub async fn plan(args: &PlanArgs, out: &mut dyn Write) -> Result<(), CliError> 
         Format::Table => render_plan(&plan),
         Format::Json => format!("{}\n", plan_json(&plan)),
     };
-    out.write_all(text.as_bytes()).map_err(output_error)
+    out.write_all(text.as_bytes()).map_err(output_error)?;
+    if plan.damaged.is_empty() {
+        return Ok(());
+    }
+    Err(CliError::Damaged(format!(
+        "{} damaged (DATA_LOSS: the stored header fails its integrity check): left out of the plan, and the sweeper leaves them alone too; restore them from a backup",
+        counted(count(plan.damaged.iter()), "record", "records"),
+    )))
 }
 
 /// Runs a retention command, writing its result to `out` (errors are for the caller to print
@@ -412,6 +460,7 @@ mod tests {
                 entry("c", "2028-03-31", "contact", false, true),
             ],
             records: 6,
+            damaged: vec![],
         }
     }
 
@@ -468,10 +517,36 @@ mod tests {
             at: NaiveDate::from_ymd_opt(2026, 2, 7).expect("date"),
             entries: vec![],
             records: 1,
+            damaged: vec![],
         };
         assert_eq!(
             render_plan(&plan),
             "Nothing is scheduled for erasure.\n0 categories of 0 records due by 2026-02-07 (0 held by legal hold or restriction); 0 more scheduled later\n1 record has no running clock (applicants in procedure, employees)\n"
+        );
+    }
+
+    #[test]
+    fn damaged_records_are_counted_apart() {
+        let plan = Plan {
+            damaged: vec!["d1".into()],
+            records: 7,
+            ..sample()
+        };
+        let text = render_plan(&plan);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[7],
+            "2 records have no running clock (applicants in procedure, employees)"
+        );
+        assert_eq!(lines[8], "1 record damaged (left out): d1");
+        let doc: serde_json::Value = serde_json::from_str(&plan_json(&plan)).expect("json");
+        assert_eq!(doc["without_clock"], 2);
+        assert_eq!(doc["damaged"], 1);
+        assert_eq!(doc["damaged_records"][0], "d1");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&plan_json(&sample())).expect("json")
+                ["damaged"],
+            0
         );
     }
 

@@ -318,8 +318,13 @@ pub async fn create_with(
 /// Flips one byte under the MAC of record `id`'s stored header (the server must be stopped):
 /// what damage on disk looks like; reading the record then answers DATA_LOSS.
 pub async fn damage_header(v: &TestVault, id: &str) {
+    damage_header_in(&data_dir(&v.dir), id).await;
+}
+
+/// [`damage_header`] in the data directory `data`.
+pub async fn damage_header_in(data: &std::path::Path, id: &str) {
     use kluis::store::{Batch, Keyspace, SledStore, Store};
-    let store = SledStore::open(&data_dir(&v.dir)).expect("open store");
+    let store = SledStore::open(data).expect("open store");
     let key = uuid::Uuid::parse_str(id).expect("uuid");
     let mut raw = store
         .get(Keyspace::Records, key.as_bytes())

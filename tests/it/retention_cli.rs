@@ -2,7 +2,8 @@
 //! server is stopped: every category with a running clock is listed with its erase date and
 //! status, the summary and the JSON document count the same, the configured `[retention]`
 //! rules are the ones applied, nothing in the data directory changes, and a data directory in
-//! use, a wrong master key, bad rules and a bad `--at` are refused with exit code 2.
+//! use, a wrong master key, bad rules (a consent purpose the policy lacks included) and a bad
+//! `--at` are refused with exit code 2; damaged records are reported apart, with exit code 1.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -473,6 +474,23 @@ async fn the_configured_rules_apply_and_what_cannot_be_planned_is_refused() {
     assert!(run.stderr.contains("shoe_size"), "{}", run.all());
     assert!(run.stdout.is_empty(), "{}", run.all());
 
+    // A consent purpose the policy does not have: the server refuses to start on it, and the
+    // plan is refused the same way (not planned with every consenting applicant at 28 days).
+    let typo = config_with(
+        dir.path(),
+        "typo.toml",
+        "[retention]\napplicant_consent_purpose = \"talent_pol\"",
+    );
+    let run = kluis(&plan_args(&typo, &["--at", "2026-02-07"])).await;
+    assert_eq!(run.code, 2, "{}", run.all());
+    assert!(run.stderr.contains("talent_pol"), "{}", run.all());
+    assert!(run.stderr.contains("not a purpose"), "{}", run.all());
+    assert!(run.stdout.is_empty(), "{}", run.all());
+    assert!(
+        kluis::config::load(&typo).is_err(),
+        "the server refuses it too"
+    );
+
     // A bad --at.
     for at in ["07-02-2026", "2026-02-30", "tomorrow"] {
         let run = kluis(&plan_args(&config, &["--at", at])).await;
@@ -510,4 +528,49 @@ async fn the_configured_rules_apply_and_what_cannot_be_planned_is_refused() {
     assert!(run.stderr.contains("in use"), "{}", run.all());
     assert!(run.stdout.is_empty(), "{}", run.all());
     running.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_records_are_reported_apart_and_exit_1() {
+    let (dir, ids) = set_up().await;
+    let config = dir.path().join("kluis.toml");
+    damage_header_in(&dir.path().join("data"), &ids.former).await;
+
+    let run = kluis(&plan_args(&config, &["--at", "2026-02-07"])).await;
+    assert_eq!(run.code, 1, "{}", run.all());
+    let (rows, rest) = plan_table(&run.stdout);
+    assert!(
+        rows.iter().all(|r| r.record != ids.former),
+        "left out: {}",
+        run.stdout
+    );
+    assert_eq!(rows.len(), 3, "{}", run.stdout);
+    assert_eq!(
+        rest,
+        [
+            "2 categories of 2 records due by 2026-02-07 (1 held by legal hold or restriction); 1 more scheduled later".to_string(),
+            // Not counted as a record without a running clock.
+            "2 records have no running clock (applicants in procedure, employees)".to_string(),
+            format!("1 record damaged (left out): {}", ids.former),
+        ],
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stderr.contains("error: 1 record damaged"),
+        "{}",
+        run.all()
+    );
+
+    let run = kluis(&plan_args(
+        &config,
+        &["--at", "2026-02-07", "--format", "json"],
+    ))
+    .await;
+    assert_eq!(run.code, 1, "{}", run.all());
+    let doc: Value = serde_json::from_str(&run.stdout).expect("one JSON document");
+    assert_eq!(doc["damaged"], 1);
+    assert_eq!(doc["damaged_records"][0], ids.former.as_str());
+    assert_eq!(doc["without_clock"], 2);
+    assert_eq!(doc["entries"].as_array().expect("entries").len(), 3);
 }
