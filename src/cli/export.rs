@@ -6,7 +6,9 @@
 //! current directory), mode 0600: the document holds every field of the record in full.
 //!
 //! The file appears whole or not at all: the document is written to a temporary file in the
-//! same directory, synced, and then linked (or, with `--force`, renamed) into place. Without
+//! same directory (`.<name>.partial`, created before the server is asked, so that an
+//! unwritable directory fails before the export is performed and audited; one left by a
+//! killed run is removed), synced, and then linked (or, with `--force`, renamed) into place. Without
 //! `--force` an existing file is never touched. Only a summary is printed (the path, the size
 //! and how many fields and access events the document holds), never a field value.
 //!
@@ -145,22 +147,30 @@ struct Shape {
 
 /// Checks that `json` is the export document of `record_id` and summarises it.
 pub fn summarise(json: &str, record_id: &str) -> Result<Summary, CliError> {
-    // serde_json's messages name a line and column, never the text there.
+    // Never serde_json's own message: it may quote a value of the answer (`invalid type:
+    // string "…"`). Only what kind of error, and where.
     let shape: Shape = serde_json::from_str(json).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => "not JSON",
+            serde_json::error::Category::Data | serde_json::error::Category::Io => {
+                "not in the shape of one"
+            }
+        };
         CliError::Io(format!(
-            "the server's answer is not a record export document: {e}"
+            "the server's answer is not a record export document ({what}: line {}, column {})",
+            e.line(),
+            e.column()
         ))
     })?;
+    // Nor the answer's own values: only that they are not the expected ones.
     if shape.format != EXPORT_FORMAT {
         return Err(CliError::Io(format!(
-            "the server's answer is not a record export document (format `{}`, expected `{EXPORT_FORMAT}`)",
-            shape.format.escape_debug()
+            "the server's answer is not a record export document (its format is not `{EXPORT_FORMAT}`)"
         )));
     }
     if shape.record_id != record_id {
         return Err(CliError::Io(format!(
-            "the server exported record {} instead of {record_id}",
-            shape.record_id.escape_debug()
+            "the server exported another record instead of {record_id}"
         )));
     }
     Ok(Summary {
@@ -207,84 +217,152 @@ pub fn check_target(path: &Path, force: bool) -> Result<(), CliError> {
     }
 }
 
-/// A temporary file, removed when dropped unless it was moved into place.
-struct Partial {
+/// The temporary file an export to `path` is written to before it is moved into place:
+/// `.<name>.partial` beside it. The name is the same for every run, so that a run killed
+/// midway leaves its plaintext under a known name, which the next export to `path` removes.
+pub fn partial_path(path: &Path) -> Result<PathBuf, CliError> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| CliError::Usage(format!("--out {}: not a file name", path.display())))?;
+    let mut temp_name = std::ffi::OsString::from(".");
+    temp_name.push(name);
+    temp_name.push(PARTIAL_SUFFIX);
+    Ok(parent_dir(path).join(temp_name))
+}
+
+/// (device, inode) of a file.
+fn file_id(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
+/// The temporary file of an export to `target` (see [`partial_path`]): new, empty, mode
+/// 0600. Removed when dropped unless it was moved into place.
+pub struct Partial {
+    target: PathBuf,
+    force: bool,
     path: PathBuf,
+    file: File,
+    id: (u64, u64),
     keep: bool,
+}
+
+impl Partial {
+    /// Creates the temporary file of an export to `target`, after [`check_target`]; one left
+    /// by an interrupted run is removed first. Fails (nothing created) when the directory is
+    /// not writable: call it before asking the server, so that an export that could not be
+    /// written is never performed and recorded.
+    pub fn create(target: &Path, force: bool) -> Result<Partial, CliError> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+
+        check_target(target, force)?;
+        let path = partial_path(target)?;
+        let cannot = |e: std::io::Error| {
+            CliError::Io(format!(
+                "--out {}: cannot create {} in {}: {e}",
+                target.display(),
+                path.display(),
+                parent_dir(target).display()
+            ))
+        };
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(cannot(e)),
+        }
+        let file: File = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(cannot)?;
+        // Exactly 0600, whatever the umask.
+        let id = file
+            .set_permissions(std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| file.metadata())
+            .map(|m| file_id(&m));
+        let id = match id {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(cannot(e));
+            }
+        };
+        Ok(Partial {
+            target: target.to_path_buf(),
+            force,
+            id,
+            path,
+            file,
+            keep: false,
+        })
+    }
+
+    /// Whether the temporary name still names this file (another export to the same target,
+    /// started meanwhile, removes it as a leftover).
+    fn still_ours(&self) -> bool {
+        std::fs::symlink_metadata(&self.path).is_ok_and(|m| file_id(&m) == self.id)
+    }
+
+    /// Writes `contents`, syncs them, and moves the file into place: linked (never over an
+    /// existing file) or, with `force`, renamed over it; then syncs the directory.
+    pub fn commit(mut self, contents: &[u8]) -> Result<(), CliError> {
+        let io = |what: &Path| {
+            let what = what.display().to_string();
+            move |e: std::io::Error| CliError::Io(format!("writing {what}: {e}"))
+        };
+        self.file.write_all(contents).map_err(io(&self.path))?;
+        self.file.sync_all().map_err(io(&self.path))?;
+        if !self.still_ours() {
+            return Err(CliError::Io(format!(
+                "{} was replaced by another export to {} while this one was being written: nothing was written",
+                self.path.display(),
+                self.target.display()
+            )));
+        }
+        let path = self.target.clone();
+        if self.force {
+            std::fs::rename(&self.path, &path).map_err(io(&path))?;
+            self.keep = true;
+        } else {
+            match std::fs::hard_link(&self.path, &path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(CliError::Usage(format!(
+                        "{} appeared while the export was being written: nothing was written (use --force to replace it)",
+                        path.display()
+                    )));
+                }
+                // A file system without hard links: rename (nothing was there: checked above).
+                Err(_) => {
+                    check_target(&path, false)?;
+                    std::fs::rename(&self.path, &path).map_err(io(&path))?;
+                    self.keep = true;
+                }
+            }
+            // Linked: dropping `self` removes the temporary name.
+        }
+        drop(self);
+        let dir = parent_dir(&path);
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| CliError::Io(format!("syncing directory {}: {e}", dir.display())))
+    }
 }
 
 impl Drop for Partial {
     fn drop(&mut self) {
-        if !self.keep {
+        if !self.keep && self.still_ours() {
             // Best effort: the file is 0600, and an error is being reported already.
             let _ = std::fs::remove_file(&self.path);
         }
     }
 }
 
-/// Writes `contents` to `path`, mode 0600, whole or not at all: into a new temporary file in
-/// the same directory, synced, then linked into place (never over an existing file) or, with
-/// `force`, renamed over it; then the directory is synced.
+/// Writes `contents` to `path`, mode 0600, whole or not at all: [`Partial::create`], then
+/// [`Partial::commit`].
 pub fn write_file(path: &Path, contents: &[u8], force: bool) -> Result<(), CliError> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-
-    check_target(path, force)?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| CliError::Usage(format!("--out {}: not a file name", path.display())))?;
-    let dir = parent_dir(path);
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(name);
-    temp_name.push(format!(
-        ".{}{PARTIAL_SUFFIX}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    let mut partial = Partial {
-        path: dir.join(temp_name),
-        keep: false,
-    };
-    let io = |what: &Path| {
-        let what = what.display().to_string();
-        move |e: std::io::Error| CliError::Io(format!("writing {what}: {e}"))
-    };
-    let mut file: File = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&partial.path)
-        .map_err(io(&partial.path))?;
-    // Exactly 0600, whatever the umask.
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(io(&partial.path))?;
-    file.write_all(contents).map_err(io(&partial.path))?;
-    file.sync_all().map_err(io(&partial.path))?;
-    drop(file);
-
-    if force {
-        std::fs::rename(&partial.path, path).map_err(io(path))?;
-        partial.keep = true;
-    } else {
-        match std::fs::hard_link(&partial.path, path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(CliError::Usage(format!(
-                    "{} appeared while the export was being written: nothing was written (use --force to replace it)",
-                    path.display()
-                )));
-            }
-            // A file system without hard links: rename (nothing was there: checked above).
-            Err(_) => {
-                check_target(path, false)?;
-                std::fs::rename(&partial.path, path).map_err(io(path))?;
-                partial.keep = true;
-            }
-        }
-        // Linked: `partial` removes the temporary name when dropped.
-    }
-    drop(partial);
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| CliError::Io(format!("syncing directory {}: {e}", dir.display())))
+    Partial::create(path, force)?.commit(contents)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -306,8 +384,9 @@ pub async fn run(args: &ExportArgs, out: &mut dyn Write) -> Result<(), CliError>
 async fn export(args: &ExportArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let path = args.out_path();
     // Before asking the server: an export that could not be written would still be an access
-    // to the record in its audit trail.
-    check_target(&path, args.force)?;
+    // to the record in its audit trail. The temporary file is created now, so that a
+    // directory that cannot be written to fails here.
+    let partial = Partial::create(&path, args.force)?;
     let mut client = connect(args).await?;
     let json = Zeroizing::new(
         client
@@ -320,7 +399,7 @@ async fn export(args: &ExportArgs, out: &mut dyn Write) -> Result<(), CliError> 
             .json,
     );
     let summary = summarise(&json, &args.record_id)?;
-    write_file(&path, json.as_bytes(), args.force)?;
+    partial.commit(json.as_bytes())?;
     writeln!(
         out,
         "exported record {} to {} ({}, {}, {})",
@@ -369,6 +448,15 @@ mod tests {
             (doc("other", ID), "format"),
             (doc(EXPORT_FORMAT, "x"), "instead of"),
             ("{\"fields\": ".to_string(), "not a record export"),
+            // serde_json would quote the value in its message.
+            (
+                format!(
+                    "{{\"format\":\"{EXPORT_FORMAT}\",\"record_id\":\"{ID}\",\"access_history\":\"Ilse\"}}"
+                ),
+                "line 1, column",
+            ),
+            (doc("Ilse", ID), "format"),
+            (doc(EXPORT_FORMAT, "Ilse"), "another record"),
         ] {
             let err = summarise(&bad, ID).expect_err("refused");
             assert_eq!(err.exit_code(), EXIT_USAGE);
@@ -408,6 +496,32 @@ mod tests {
         let err = write_file(&dir.path().join("no/such/e.json"), b"x", false).expect_err("no dir");
         assert_eq!(err.exit_code(), EXIT_USAGE);
         assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn the_temporary_file_has_a_fixed_name_and_a_leftover_is_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("e.json");
+        let temp = partial_path(&path).expect("name");
+        assert_eq!(temp, dir.path().join(".e.json.partial"));
+        // Left by a killed run.
+        std::fs::write(&temp, b"old plaintext").expect("leftover");
+        let partial = Partial::create(&path, false).expect("created");
+        assert_eq!(std::fs::read(&temp).expect("read"), b"");
+        let mode = std::fs::metadata(&temp).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // Dropped (the server refused, say): nothing is left.
+        drop(partial);
+        assert!(!temp.exists());
+        assert!(!path.exists());
+        // Replaced by another run meanwhile: refused, and the other run's file is kept.
+        let partial = Partial::create(&path, false).expect("created");
+        std::fs::remove_file(&temp).expect("rm");
+        std::fs::write(&temp, b"other run").expect("other");
+        let err = partial.commit(b"mine").expect_err("replaced");
+        assert!(err.to_string().contains("another export"), "{err}");
+        assert_eq!(std::fs::read(&temp).expect("read"), b"other run");
+        assert!(!path.exists());
     }
 
     #[test]

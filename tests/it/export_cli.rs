@@ -1,7 +1,8 @@
 //! The real `kluis export RECORD_ID` binary against a real vault: the privacy officer's export
 //! lands in a 0600 file holding the whole document (blobs included), the summary names no
-//! value; an existing file is kept unless --force; refusals and usage errors have their exit
-//! codes.
+//! value; an existing file is kept unless --force; a leftover temporary file is replaced; a
+//! directory that cannot be written fails before the server performs (and audits) the
+//! export; refusals, usage and connection errors have their exit codes.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -76,6 +77,10 @@ async fn the_privacy_officer_exports_a_record_to_a_0600_file_and_force_replaces_
     let officer = Some(vault.tokens["privacy_officer"].as_str());
     let id = record_with_cv(&vault).await;
     let work = tempfile::tempdir().expect("tempdir");
+
+    // A temporary file left by a killed run (fixed name per target): replaced, then gone.
+    let leftover = work.path().join(format!(".export-{id}.json.partial"));
+    std::fs::write(&leftover, b"plaintext of a killed run").expect("leftover");
 
     // The default file name, in the current directory.
     let run = kluis(work.path(), &export_args(&url, &id, &[]), officer).await;
@@ -245,6 +250,17 @@ async fn refusals_and_usage_errors_have_their_exit_codes() {
     assert_eq!(run.code, 2, "{}", run.all());
     assert!(run.stderr.contains("does not exist"), "{}", run.all());
 
+    // Something that answers, but not in gRPC: a connection error.
+    let http1 = not_grpc_server();
+    let run = kluis(
+        work.path(),
+        &export_args(&format!("http://{http1}"), &id, &[]),
+        officer,
+    )
+    .await;
+    assert_eq!(run.code, 2, "{}", run.all());
+    assert!(run.stderr.contains("connection error"), "{}", run.all());
+
     // None of these wrote anything.
     assert!(names(work.path()).is_empty(), "{:?}", names(work.path()));
 
@@ -252,4 +268,51 @@ async fn refusals_and_usage_errors_have_their_exit_codes() {
     assert_eq!(help.code, 0, "{}", help.all());
     assert!(help.stdout.contains("--force"), "{}", help.stdout);
     assert!(help.stdout.contains("Exit codes"), "{}", help.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_directory_fails_before_the_server_records_an_export() {
+    let vault = spawn_vault().await;
+    let url = format!("http://{}", vault.addr);
+    let officer = Some(vault.tokens["privacy_officer"].as_str());
+    let id = record_with_cv(&vault).await;
+    let work = tempfile::tempdir().expect("tempdir");
+
+    // A directory without write permission; where that does not stop this user (root),
+    // /proc, where nobody can create a file.
+    let locked = work.path().join("locked");
+    std::fs::create_dir(&locked).expect("mkdir");
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o500)).expect("chmod");
+    let probe = locked.join("probe");
+    let dir = if std::fs::write(&probe, b"").is_ok() {
+        std::fs::remove_file(&probe).expect("rm");
+        Path::new("/proc").to_path_buf()
+    } else {
+        locked.clone()
+    };
+    let out = dir.join(format!("kluis-test-{id}.json"));
+    let run = kluis(
+        work.path(),
+        &export_args(&url, &id, &["--out", &path(&out)]),
+        officer,
+    )
+    .await;
+    assert_eq!(run.code, 2, "{}", run.all());
+    assert!(run.stderr.contains("cannot create"), "{}", run.all());
+    assert!(run.stdout.is_empty(), "{}", run.all());
+    assert!(!out.exists());
+
+    // The server was not asked: no export of the record in its audit trail.
+    let events = vault
+        .audit_events(kluis::proto::QueryEventsRequest {
+            record_id: id.clone(),
+            ..Default::default()
+        })
+        .await;
+    assert!(!events.is_empty(), "the record's creation is audited");
+    assert!(
+        events.iter().all(|e| e.action != "ExportRecord"),
+        "{events:?}"
+    );
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o700)).expect("chmod");
 }
