@@ -139,6 +139,13 @@ impl MasterKey {
         MasterKey(key)
     }
 
+    /// A fingerprint of the key, for receipts: 32 hex digits of the SHA-256 of its key check
+    /// value (which the store keeps in the clear). Names the key; reveals nothing of it.
+    pub fn fingerprint(&self) -> String {
+        let digest = crypto::sha256(&[b"kluis master key fingerprint", &self.check_value()]);
+        hex::encode(&digest[..16])
+    }
+
     fn check_value(&self) -> [u8; 32] {
         let k = crypto::hkdf_sha256(SALT, &self.0, &[LABEL_KEY_CHECK]);
         crypto::hmac_sha256(&k, &[b"kluis key check value"])

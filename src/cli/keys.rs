@@ -10,9 +10,10 @@
 //!
 //! Offline, with the server stopped:
 //! - `rotate-master --new-key FILE`: re-wraps every key the master key protects under a new
-//!   master key and installs the new key where the old one was. Each step can be repeated:
-//!   re-running the same command after a crash at any point finishes the job, and re-running
-//!   it after it finished changes nothing.
+//!   master key and installs the new key where the old one was, keeping the old one as
+//!   `<file>.retired-<UTC time>`. Each step can be repeated: re-running the same command
+//!   after a crash at any point finishes the job, and re-running it after it finished
+//!   changes nothing (the receipt beside FILE names the installed key by its fingerprint).
 //!
 //! None of these prints a key or record data. Exit codes: 0 ok; [`EXIT_FAILED`] when the
 //! server refuses or fails a call, or a job's progress stream ends early; [`EXIT_USAGE`] for
@@ -34,7 +35,7 @@ use super::audit::{
     Format, TOKEN_ENV,
 };
 use crate::audit::{Draft, Outcome};
-use crate::keys::{self, MasterKey, MASTER_KEY_ENV};
+use crate::keys::{self, KeyRing, MasterKey, MASTER_KEY_ENV};
 use crate::proto;
 use crate::proto::keys_client::KeysClient;
 use crate::store::SledStore;
@@ -42,14 +43,17 @@ use crate::store::SledStore;
 pub use super::audit::{EXIT_FAILED, EXIT_USAGE};
 
 /// The exit codes, for `--help`.
-pub const EXIT_CODES: &str = "Exit codes:\n  0  ok\n  1  the server refused or failed the call (its gRPC status is printed), or a rewrap/rekey\n     progress stream ended early, before the job finished (the job goes on in the server)\n  2  usage error (also: an unknown CATEGORY), configuration, IO or connection error (also: no\n     gRPC answer, e.g. not a Kluis server or the connection dropped); for rotate-master also:\n     the data directory is in use by a running server, or neither key opens it";
+pub const EXIT_CODES: &str = "Exit codes:\n  0  ok\n  1  the server refused or failed the call (its gRPC status is printed), or a rewrap/rekey\n     progress stream ended early, before the job finished (the job goes on in the server)\n  2  usage error (also: an unknown CATEGORY), configuration, IO or connection error (also: no\n     gRPC answer, e.g. not a Kluis server or the connection dropped); for rotate-master also:\n     the data directory is in use by a running server, neither key opens it, or --data-dir is\n     not the configured one (nothing changed), or a step after the commit failed (the error\n     says so: keep the new key file and run the same command again)";
 
-/// Role named in the audit event of an offline master key rotation.
-pub const ROTATE_MASTER_ROLE: &str = "security_officer";
+/// Role named in the audit event of an offline master key rotation: `system`, as for the
+/// server's own key jobs; no role of the policy was authenticated (the operator's account
+/// is in the principal).
+pub const ROTATE_MASTER_ROLE: &str = crate::rotation::SYSTEM_ROLE;
 /// Action of the audit event of an offline master key rotation.
 pub const ROTATE_MASTER_ACTION: &str = "RotateMasterKey";
-/// Suffix of the receipt `rotate-master` leaves beside `--new-key FILE` once it has moved the
-/// new key into place (the receipt holds no key).
+/// Suffix of the receipt `rotate-master` leaves beside `--new-key FILE` once the data
+/// directory is under the new key: what it did, and the new key's fingerprint
+/// ([`MasterKey::fingerprint`]), never the key.
 pub const RECEIPT_SUFFIX: &str = ".installed";
 /// Suffix of the temporary files `rotate-master` writes a key to before it renames it into
 /// place.
@@ -108,14 +112,21 @@ pub enum KeysCommand {
     ///
     /// Re-wraps every key the master key protects (KEKs, blind-index root, integrity key and
     /// the key check value) under the key in --new-key FILE, in one atomic batch with an audit
-    /// event; FILE is created (random, mode 0600) when it does not exist. Then moves FILE over
-    /// the master key file the configuration names (or, when the key comes from
-    /// KLUIS_MASTER_KEY, leaves FILE in place: set the variable to its content). A receipt
-    /// FILE.installed (no key in it) records the move.
+    /// event (role `system`, principal `cli:<account>`); FILE is created (random, mode 0600)
+    /// when it does not exist, and synced before it is used. Before that it checks that the
+    /// key's directory can be written and that FILE can be given the owner of the master key
+    /// file. After it, it proves that the new key opens the re-wrapped keys, keeps the old
+    /// key as <master key file>.retired-<UTC time> (0600), and moves FILE over the master key
+    /// file the configuration names (or, when the key comes from KLUIS_MASTER_KEY, leaves
+    /// FILE in place: set the variable to its content). A receipt FILE.installed records the
+    /// new key's fingerprint (never the key). With a master key file, --data-dir must be the
+    /// configured data directory (another one is refused: it does not use that file).
     ///
     /// Safe to repeat: after a crash at any point, running the same command again finishes
-    /// the job; after it has finished, running it again does nothing. Destroy every copy of
-    /// the old key afterwards, backups included.
+    /// the job (an error after the commit says so); once it has finished, running it again
+    /// does nothing while the current key is the one the receipt names (with another current
+    /// key it is a new rotation). Start the server with the new key, then destroy every copy
+    /// of the old key, the .retired- file and backups included.
     #[command(after_help = EXIT_CODES)]
     RotateMaster(RotateMasterArgs),
 }
@@ -201,7 +212,8 @@ pub struct RetireArgs {
 #[derive(Debug, Args)]
 pub struct RotateMasterArgs {
     /// The new master key: used if FILE exists (64 hex digits, mode 0600), else created
-    /// (random, mode 0600). Moved over the current master key file when done.
+    /// (random, mode 0600). Moved over the current master key file when done (the old key
+    /// is kept beside it as <master key file>.retired-<UTC time>).
     #[arg(long, value_name = "FILE")]
     pub new_key: PathBuf,
     /// Configuration file naming the data directory and the master key file (or none:
@@ -211,7 +223,9 @@ pub struct RotateMasterArgs {
     /// Dev mode layout: the master key in ./keys/master.key, the data in ./data.
     #[arg(long)]
     pub dev: bool,
-    /// Data directory (overrides the configuration's).
+    /// Data directory. Must be the one the configuration (or --dev) names when the key is
+    /// in a master key file: the new key is installed over that file, which only that
+    /// directory may use.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 }
@@ -702,6 +716,9 @@ pub enum MasterKeySource {
 pub struct MasterKeySetup {
     /// The data directory.
     pub data_dir: PathBuf,
+    /// The data directory the configuration (or the dev-mode layout) names, which the key
+    /// in `source` belongs to (`data_dir` unless --data-dir overrides it).
+    pub configured_data_dir: PathBuf,
     /// Where the current master key comes from.
     pub source: MasterKeySource,
     /// The current master key.
@@ -757,7 +774,7 @@ pub fn resolve_setup_from(
             },
         )
     };
-    let data_dir = data_dir.unwrap_or(resolved_dir);
+    let data_dir = data_dir.unwrap_or_else(|| resolved_dir.clone());
     let key = match &source {
         MasterKeySource::File(p) => {
             MasterKey::load_file(p).map_err(|e| CliError::Usage(format!("current {e}")))?
@@ -772,6 +789,7 @@ pub fn resolve_setup_from(
     };
     Ok(MasterKeySetup {
         data_dir,
+        configured_data_dir: resolved_dir,
         source,
         key,
     })
@@ -811,13 +829,19 @@ fn remove_if_present(path: &Path) -> Result<(), CliError> {
 
 /// Loads the new master key from `path`, or creates it there (random, 0600). Created whole
 /// or not at all: written to `<path>.partial`, synced, then linked into place (never over
-/// an existing file). A `.partial` left by an interrupted run is removed first.
+/// an existing file). A `.partial` left by an interrupted run is removed first. An existing
+/// file is synced, with its directory, before it is used: the data are committed under the
+/// key it holds.
 fn load_or_create_new_key(path: &Path) -> Result<(MasterKey, bool), CliError> {
     let partial = sibling(path, PARTIAL_SUFFIX)?;
     remove_if_present(&partial)?;
     if path.exists() {
         let key =
             MasterKey::load_file(path).map_err(|e| CliError::Usage(format!("--new-key: {e}")))?;
+        std::fs::File::open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| CliError::Io(format!("--new-key {}: syncing: {e}", path.display())))?;
+        sync_dir(parent_dir(path))?;
         return Ok((key, false));
     }
     let key = MasterKey::create_file(&partial)
@@ -839,16 +863,31 @@ fn load_or_create_new_key(path: &Path) -> Result<(MasterKey, bool), CliError> {
     Ok((key, true))
 }
 
-/// Writes the receipt (no key in it) saying that `new_key` was installed as `target`.
-fn write_receipt(receipt: &Path, new_key: &Path, target: &Path) -> Result<(), CliError> {
+/// The line of a receipt that names the key it is about.
+const RECEIPT_FINGERPRINT: &str = "key-fingerprint: ";
+
+/// The fingerprint ([`MasterKey::fingerprint`]) of the key the receipt at `path` names;
+/// `None` when there is no receipt or it names none (one written by an older version).
+fn receipt_fingerprint(path: &Path) -> Result<Option<String>, CliError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(RECEIPT_FINGERPRINT))
+            .map(|f| f.trim().to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(CliError::Io(format!("reading {}: {e}", path.display()))),
+    }
+}
+
+/// Writes the receipt `receipt` (no key in it): `what` happened, to the key with
+/// `fingerprint`. Whole or not at all (a synced temporary file renamed into place).
+fn write_receipt(receipt: &Path, what: &str, fingerprint: &str) -> Result<(), CliError> {
     let text = format!(
-        "`kluis keys rotate-master` moved the master key in {} to {} at {}.\n\
-         This file holds no key. While it exists and {} does not, running the same command\n\
-         again does nothing. Delete this file before rotating again with the same --new-key path.\n",
-        new_key.display(),
-        target.display(),
+        "`kluis keys rotate-master`, {}:\n{what}\n{RECEIPT_FINGERPRINT}{fingerprint}\n\
+         This file holds no key, only a fingerprint of it. Running the same command again while\n\
+         the --new-key file is gone does nothing as long as the current master key is this one;\n\
+         with another current key it starts a new rotation.\n",
         chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        new_key.display(),
     );
     let partial = sibling(receipt, PARTIAL_SUFFIX)?;
     let io = |e: std::io::Error| CliError::Io(format!("writing {}: {e}", receipt.display()));
@@ -859,10 +898,60 @@ fn write_receipt(receipt: &Path, new_key: &Path, target: &Path) -> Result<(), Cl
     sync_dir(parent_dir(receipt))
 }
 
+/// Checks that files can be created and removed in `dir` (`for_what` says why it matters).
+/// The probe has a fixed name, so that one left by a killed run is removed by the next.
+fn probe_writable(dir: &Path, for_what: &str) -> Result<(), CliError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let probe = dir.join(".kluis-rotate-master.probe");
+    let result = remove_if_present(&probe).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&probe)
+            .map_err(|e| CliError::Io(e.to_string()))?;
+        remove_if_present(&probe)
+    });
+    result.map_err(|e| {
+        CliError::Io(format!(
+            "cannot write in {} ({for_what}): {e}",
+            dir.display()
+        ))
+    })
+}
+
+/// The owner (uid, gid) of `path`.
+fn owner(path: &Path) -> Result<(u32, u32), CliError> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| (m.uid(), m.gid()))
+        .map_err(|e| CliError::Io(format!("{}: {e}", path.display())))
+}
+
+/// Gives `path` the owner `(uid, gid)` (that of the master key file it replaces, so that the
+/// server's user can read it), if it has another.
+fn give_owner(path: &Path, (uid, gid): (u32, u32), target: &Path) -> Result<(), CliError> {
+    let (u, g) = owner(path)?;
+    if (u, g) == (uid, gid) {
+        return Ok(());
+    }
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| {
+        CliError::Io(format!(
+            "{} is owned by {u}:{g}, the master key file {} by {uid}:{gid} (the server's user must be able to read the new key), and it cannot be given that owner: {e}; run the command as root or as that user, or chown the file first",
+            path.display(),
+            target.display()
+        ))
+    })
+}
+
 /// Moves the key file `new_key` over `target`, atomically: a rename in the same file system;
-/// across file systems a synced copy in `target`'s directory renamed over it, then `new_key`
-/// is removed. Both directories are synced.
-fn install_key_file(new_key: &Path, target: &Path) -> Result<(), CliError> {
+/// across file systems a synced copy in `target`'s directory (given `target_owner`) renamed
+/// over it, then `new_key` is removed. Both directories are synced.
+fn install_key_file(
+    new_key: &Path,
+    target: &Path,
+    target_owner: (u32, u32),
+) -> Result<(), CliError> {
     match std::fs::rename(new_key, target) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
@@ -874,6 +963,7 @@ fn install_key_file(new_key: &Path, target: &Path) -> Result<(), CliError> {
             remove_if_present(&partial)?;
             keys::write_secret_file(&partial, &contents)
                 .map_err(|e| CliError::Io(format!("writing {}: {e}", partial.display())))?;
+            give_owner(&partial, target_owner, target)?;
             std::fs::rename(&partial, target).map_err(|e| {
                 CliError::Io(format!(
                     "moving {} to {}: {e}",
@@ -896,15 +986,125 @@ fn install_key_file(new_key: &Path, target: &Path) -> Result<(), CliError> {
     sync_dir(parent_dir(new_key))
 }
 
-/// `cli:$USER`: the principal of the rotation's audit event.
+/// Suffix (before the UTC time) of the name the old master key is kept under.
+pub const RETIRED_SUFFIX: &str = ".retired-";
+
+/// Keeps the key in the master key file `target` (the old key) under
+/// `<target>.retired-<UTC time>` (0600, file and directory synced) before the new key is
+/// moved over it: a hard link to the same file, or where there are none a synced copy. A
+/// copy an interrupted run kept already (same content) is used again. Returns its path.
+fn keep_old_key(target: &Path) -> Result<PathBuf, CliError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |what: &Path| {
+        let what = what.display().to_string();
+        move |e: std::io::Error| CliError::Io(format!("keeping the old key: {what}: {e}"))
+    };
+    let old = Zeroizing::new(std::fs::read(target).map_err(io(target))?);
+    let dir = parent_dir(target);
+    let name = target
+        .file_name()
+        .ok_or_else(|| CliError::Usage(format!("{} does not name a file", target.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let prefix = format!("{name}{RETIRED_SUFFIX}");
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        if !entry.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        let kept = Zeroizing::new(std::fs::read(entry.path()).map_err(io(&entry.path()))?);
+        if crate::crypto::ct_eq(&kept, &old) {
+            sync_dir(dir)?;
+            return Ok(entry.path());
+        }
+    }
+    // A name of its own: another key retired within the same second gets `-2`, `-3`, ….
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+    let mut n = 1u32;
+    let retired = loop {
+        let suffix = if n == 1 {
+            format!("{RETIRED_SUFFIX}{stamp}")
+        } else {
+            format!("{RETIRED_SUFFIX}{stamp}-{n}")
+        };
+        let retired = sibling(target, &suffix)?;
+        match std::fs::hard_link(target, &retired) {
+            Ok(()) => break retired,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 100 => n += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(io(&retired)(e));
+            }
+            // A file system without hard links: a copy, owned as the old file (refuses to
+            // overwrite: the name is then taken, and the next one tried).
+            Err(_) => match keys::write_secret_file(&retired, &old) {
+                Ok(()) => {
+                    give_owner(&retired, owner(target)?, target)?;
+                    break retired;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 100 => n += 1,
+                Err(e) => return Err(io(&retired)(e)),
+            },
+        }
+    };
+    std::fs::set_permissions(&retired, std::fs::Permissions::from_mode(0o600))
+        .map_err(io(&retired))?;
+    std::fs::File::open(&retired)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&retired))?;
+    sync_dir(dir)?;
+    Ok(retired)
+}
+
+/// The principal of the rotation's audit event: `cli:<account>` of the real user id (from
+/// /etc/passwd; `cli:uid-<n>` when it has no entry), with `$SUDO_USER` noted when set. The
+/// user id comes from the kernel, not from `$USER`, which anyone can set.
 fn cli_principal() -> String {
-    let user: String = std::env::var("USER")
-        .unwrap_or_default()
-        .chars()
-        .filter(|c| c.is_ascii_graphic())
-        .take(64)
-        .collect();
-    format!("cli:{}", if user.is_empty() { "unknown" } else { &user })
+    let clean = |s: &str| -> String {
+        s.chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(64)
+            .collect()
+    };
+    let uid = real_uid();
+    let base = match uid.and_then(account_name).map(|n| clean(&n)) {
+        Some(name) if !name.is_empty() => format!("cli:{name}"),
+        _ => match uid {
+            Some(uid) => format!("cli:uid-{uid}"),
+            None => "cli:uid-unknown".to_string(),
+        },
+    };
+    match std::env::var("SUDO_USER").map(|s| clean(&s)) {
+        Ok(sudo) if !sudo.is_empty() => format!("{base} (SUDO_USER={sudo})"),
+        _ => base,
+    }
+}
+
+/// The real user id of this process (Linux: /proc/self/status; else the owner of
+/// /proc/self, the effective one).
+fn real_uid() -> Option<u32> {
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        if let Some(uid) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|u| u.parse().ok())
+        {
+            return Some(uid);
+        }
+    }
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// The account name of `uid` in /etc/passwd.
+fn account_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let id: u32 = fields.nth(1)?.parse().ok()?;
+        (id == uid && !name.is_empty()).then(|| name.to_string())
+    })
 }
 
 /// What an offline master key rotation did.
@@ -918,12 +1118,52 @@ pub enum RotateMasterOutcome {
     NothingToDo,
 }
 
+/// Refuses `--data-dir` when it is not the data directory the configuration names and the
+/// key is in a file: the new key would be installed over that file, and the configured data
+/// directory, still under the old key, could not be opened any more.
+fn check_data_dir(setup: &MasterKeySetup, dev: bool) -> Result<(), CliError> {
+    let MasterKeySource::File(key_file) = &setup.source else {
+        return Ok(());
+    };
+    let same = match (
+        std::fs::canonicalize(&setup.data_dir),
+        std::fs::canonicalize(&setup.configured_data_dir),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => setup.data_dir == setup.configured_data_dir,
+    };
+    if same {
+        return Ok(());
+    }
+    let (named, how) = if dev {
+        (
+            "the dev-mode data directory",
+            "run the command in a directory that holds it as ./data with its own key in ./keys/master.key",
+        )
+    } else {
+        (
+            "the data directory the configuration names",
+            "give it a configuration of its own (a copy with data_dir naming it and master_key_file naming a copy of its key) and pass that with --config",
+        )
+    };
+    Err(CliError::Usage(format!(
+        "--data-dir {} is not {named} ({}): the new key would be installed over the master key file {}, which {} uses, and that directory could not be opened any more. Nothing was changed. To rotate the master key of {}, {how}",
+        setup.data_dir.display(),
+        setup.configured_data_dir.display(),
+        key_file.display(),
+        setup.configured_data_dir.display(),
+        setup.data_dir.display(),
+    )))
+}
+
 /// Rotates the master key of `setup`'s data directory to the key in `new_key` (created when
 /// absent), installs it, and prints what happened to `out`. See [`KeysCommand::RotateMaster`].
+/// `dev` says the setup is the dev-mode layout (for messages only).
 pub async fn rotate_master_with(
     setup: MasterKeySetup,
     new_key: &Path,
     principal: &str,
+    dev: bool,
     out: &mut dyn Write,
 ) -> Result<RotateMasterOutcome, CliError> {
     // A bare file name is in the current directory (which is then synced by name).
@@ -932,6 +1172,7 @@ pub async fn rotate_master_with(
     } else {
         new_key.to_path_buf()
     };
+    check_data_dir(&setup, dev)?;
     // First the data directory: a running server holds it, and then nothing may change.
     let store = open_store(&setup.data_dir, STOP_SERVER_FIRST)?;
     let result = rotate_master_in(&store, setup, &new_key, principal).await;
@@ -946,6 +1187,23 @@ fn key_error(e: keys::KeyError) -> CliError {
     CliError::Io(format!("the data directory's keys: {e}"))
 }
 
+/// The error `e` of a step after the data directory went under the new key: says so, and
+/// what to do.
+fn after_commit(e: CliError, new_path: &Path, target: Option<&Path>, data_dir: &Path) -> CliError {
+    let key = match target {
+        Some(t) => format!(
+            "{} (or, if that file is gone, already in {})",
+            new_path.display(),
+            t.display()
+        ),
+        None => new_path.display().to_string(),
+    };
+    CliError::Io(format!(
+        "{e}\nThe data directory {} is now under the new master key in {key}: keep that file (without it no record can be read), and run the same command again to finish.",
+        data_dir.display()
+    ))
+}
+
 async fn rotate_master_in(
     store: &SledStore,
     setup: MasterKeySetup,
@@ -956,8 +1214,14 @@ async fn rotate_master_in(
         data_dir,
         source,
         key: old,
+        ..
     } = setup;
     let receipt = sibling(new_path, RECEIPT_SUFFIX)?;
+    let current = match &source {
+        MasterKeySource::File(p) => format!("the current master key in {}", p.display()),
+        MasterKeySource::Env => format!("the current master key in {MASTER_KEY_ENV}"),
+    };
+    // The real master key file (where the new key goes), and its owner.
     let target = match &source {
         MasterKeySource::File(p) => {
             let real = std::fs::canonicalize(p)
@@ -971,91 +1235,169 @@ async fn rotate_master_in(
                         new_path.display()
                     )));
                 }
-            } else if receipt.exists() {
-                // Finished before: the new key was moved into place. Check that it opens the
-                // data directory, and sync the directories again (the run may have crashed
-                // before it did).
-                return match keys::which_master_key(store, &old, &old)
-                    .await
-                    .map_err(key_error)?
-                {
-                    Some(_) => {
-                        sync_dir(parent_dir(&real))?;
-                        sync_dir(parent_dir(new_path))?;
-                        Ok((
-                            RotateMasterOutcome::NothingToDo,
-                            format!(
-                                "nothing to do: the master key was already rotated: {} holds the new key and it opens the data directory {} (receipt: {}).\nTo rotate again, delete the receipt or pass another --new-key path.\n",
-                                p.display(),
-                                data_dir.display(),
-                                receipt.display()
-                            ),
-                        ))
-                    }
-                    None => Err(CliError::Usage(format!(
-                        "the receipt {} says the new key was moved to {}, but the key in {} does not open the data directory {}: restore the matching key, or delete the receipt to rotate again",
-                        receipt.display(),
-                        p.display(),
-                        p.display(),
-                        data_dir.display()
-                    ))),
-                };
             }
-            Some(real)
+            let owner = owner(&real)?;
+            Some((real, owner))
         }
         MasterKeySource::Env => None,
     };
+
+    let mut note = String::new();
+    if !new_path.exists() {
+        // No new key to load: finished before (the receipt names the current key), or a new
+        // rotation. Nothing is created unless the current key opens the data directory.
+        let named = receipt_fingerprint(&receipt)?;
+        let opens = keys::which_master_key(store, &old, &old)
+            .await
+            .map_err(key_error)?
+            == Some(true);
+        match (opens, named) {
+            (true, Some(f)) if f == old.fingerprint() => {
+                // The run may have crashed before it synced the directories.
+                if let Some((real, _)) = &target {
+                    sync_dir(parent_dir(real))?;
+                }
+                sync_dir(parent_dir(new_path))?;
+                let where_ = match &source {
+                    MasterKeySource::File(p) => p.display().to_string(),
+                    MasterKeySource::Env => MASTER_KEY_ENV.to_string(),
+                };
+                return Ok((
+                    RotateMasterOutcome::NothingToDo,
+                    format!(
+                        "nothing to do: the master key was already rotated: {where_} holds the key the receipt {} names, and it opens the data directory {}.\nTo rotate again, pass another --new-key path (or delete the receipt).\n",
+                        receipt.display(),
+                        data_dir.display()
+                    ),
+                ));
+            }
+            (true, _) => {
+                if receipt.exists() {
+                    note = format!(
+                        "note: the receipt {} is from an earlier rotation (it names another key than the current one): this is a new rotation.\n",
+                        receipt.display()
+                    );
+                }
+            }
+            (false, named) => {
+                let hint = if named.as_deref() == Some(old.fingerprint().as_str()) {
+                    format!(
+                        "; the receipt {} names this very key (was the data directory restored from a copy under another key?)",
+                        receipt.display()
+                    )
+                } else if named.is_some() {
+                    format!(
+                        "; the receipt {} names the key an earlier run of this command put under it: make that key the current one (in {}) and run the command again",
+                        receipt.display(),
+                        match &source {
+                            MasterKeySource::File(p) => p.display().to_string(),
+                            MasterKeySource::Env => MASTER_KEY_ENV.to_string(),
+                        }
+                    )
+                } else {
+                    " (a wrong key, or no vault in it)".to_string()
+                };
+                return Err(CliError::Usage(format!(
+                    "{current} does not open the data directory {}{hint}. Nothing was changed (--new-key {} does not exist, and none was created)",
+                    data_dir.display(),
+                    new_path.display()
+                )));
+            }
+        }
+    }
 
     let (new, created) = load_or_create_new_key(new_path)?;
     let which = keys::which_master_key(store, &old, &new)
         .await
         .map_err(key_error)?;
+    let same = old.fingerprint() == new.fingerprint();
+    // Before the commit: the directories the key and the receipt go to can be written, and
+    // the new key file can be given the owner of the file it replaces.
+    let prepare = || -> Result<(), CliError> {
+        if let Some((real, target_owner)) = &target {
+            probe_writable(
+                parent_dir(real),
+                "the new master key is installed there, the old one kept there",
+            )?;
+            give_owner(new_path, *target_owner, real)?;
+        }
+        probe_writable(
+            parent_dir(new_path),
+            "the --new-key file is moved from there, its receipt written there",
+        )
+    };
+    let post = |e: CliError| {
+        after_commit(
+            e,
+            new_path,
+            target.as_ref().map(|(r, _)| r.as_path()),
+            &data_dir,
+        )
+    };
     let outcome = match which {
-        Some(true) => {
-            let same = keys::which_master_key(store, &new, &old)
+        Some(true) if !same => {
+            prepare().map_err(|e| {
+                CliError::Io(format!(
+                    "{e}. Nothing was changed: the data directory is still under the current key"
+                ))
+            })?;
+            let mut draft = Draft::new(ROTATE_MASTER_ACTION, principal, ROTATE_MASTER_ROLE);
+            draft.outcome = Outcome::Ok.as_str().to_string();
+            let count = keys::rotate_master(store, &old, &new, vec![draft.encode()])
                 .await
-                .map_err(key_error)?
-                == Some(true);
-            if !same {
-                let mut draft = Draft::new(ROTATE_MASTER_ACTION, principal, ROTATE_MASTER_ROLE);
-                draft.outcome = Outcome::Ok.as_str().to_string();
-                let count = keys::rotate_master(store, &old, &new, vec![draft.encode()])
-                    .await
-                    .map_err(|e| {
-                        CliError::Io(format!(
-                            "re-wrapping the keys failed, nothing was changed: {e}"
-                        ))
-                    })?;
-                RotateMasterOutcome::Rotated(count)
-            } else if target.is_some() && receipt.exists() {
+                .map_err(|e| {
+                    CliError::Io(format!(
+                        "re-wrapping the keys failed, nothing was changed: {e}"
+                    ))
+                })?;
+            RotateMasterOutcome::Rotated(count)
+        }
+        Some(true) => {
+            // The current key is the new one.
+            let named = receipt_fingerprint(&receipt)?;
+            match &target {
                 // Moved across file systems by an earlier run that stopped before removing
-                // --new-key: the current key file holds the new key already.
-                RotateMasterOutcome::Completed
-            } else if target.is_some() {
-                return Err(CliError::Usage(format!(
-                    "--new-key {} holds the current master key: name a new file (it is created if absent)",
-                    new_path.display()
-                )));
-            } else {
-                return Ok((
-                    RotateMasterOutcome::NothingToDo,
-                    format!(
-                        "nothing to do: the master key was already rotated: {MASTER_KEY_ENV} holds the key in {}, and it opens the data directory {}\n",
-                        new_path.display(),
-                        data_dir.display()
-                    ),
-                ));
+                // --new-key: the master key file holds the new key already.
+                Some(_) if named.as_deref() == Some(new.fingerprint().as_str()) => {
+                    prepare().map_err(post)?;
+                    RotateMasterOutcome::Completed
+                }
+                Some(_) => {
+                    return Err(CliError::Usage(format!(
+                        "--new-key {} holds the current master key: name a new file (it is created if absent)",
+                        new_path.display()
+                    )));
+                }
+                None => {
+                    prepare()?;
+                    write_receipt(
+                        &receipt,
+                        &format!(
+                            "the data directory {} is under the key in {}, which {MASTER_KEY_ENV} holds",
+                            data_dir.display(),
+                            new_path.display()
+                        ),
+                        &new.fingerprint(),
+                    )?;
+                    return Ok((
+                        RotateMasterOutcome::NothingToDo,
+                        format!(
+                            "nothing to do: the master key was already rotated: {MASTER_KEY_ENV} holds the key in {}, and it opens the data directory {}\n",
+                            new_path.display(),
+                            data_dir.display()
+                        ),
+                    ));
+                }
             }
         }
-        Some(false) => RotateMasterOutcome::Completed,
+        Some(false) => {
+            prepare().map_err(post)?;
+            RotateMasterOutcome::Completed
+        }
         None => {
             return Err(CliError::Usage(format!(
-                "neither key opens this data directory ({}): the current master key{} and --new-key {} both fail its key check",
+                "neither key opens this data directory ({}): {current} and --new-key {} both fail its key check",
                 data_dir.display(),
-                match &source {
-                    MasterKeySource::File(p) => format!(" in {}", p.display()),
-                    MasterKeySource::Env => format!(" in {MASTER_KEY_ENV}"),
-                },
                 if created {
                     format!("{} (just created)", new_path.display())
                 } else {
@@ -1064,7 +1406,47 @@ async fn rotate_master_in(
             )))
         }
     };
-    let done = match &outcome {
+
+    // The data directory is under the new key now: every error from here on says so.
+    let message = finish(
+        store,
+        &new,
+        same,
+        &source,
+        target.as_ref(),
+        new_path,
+        &receipt,
+        &data_dir,
+        &outcome,
+    )
+    .await
+    .map_err(post)?;
+    Ok((outcome, format!("{note}{message}")))
+}
+
+/// After the commit: proves that the new key opens the key ring, keeps the old key file and
+/// installs the new one (key file mode), writes the receipt; returns the report.
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    store: &SledStore,
+    new: &MasterKey,
+    same: bool,
+    source: &MasterKeySource,
+    target: Option<&(PathBuf, (u32, u32))>,
+    new_path: &Path,
+    receipt: &Path,
+    data_dir: &Path,
+    outcome: &RotateMasterOutcome,
+) -> Result<String, CliError> {
+    // Proof before anything is moved: the new key opens every key it now wraps (the store
+    // has its key check value, so this only reads).
+    KeyRing::open(store, new).await.map_err(|e| {
+        CliError::Io(format!(
+            "the new key does not open the re-wrapped keys: {e}"
+        ))
+    })?;
+    let fingerprint = new.fingerprint();
+    let done = match outcome {
         RotateMasterOutcome::Rotated(n) => format!(
             "master key rotated: {} re-wrapped under the new key",
             plural(*n as u64, "key")
@@ -1072,31 +1454,72 @@ async fn rotate_master_in(
         _ => "master key rotated: the keys were re-wrapped under the new key by an earlier run"
             .to_string(),
     };
-    let message = match (&source, target) {
-        (MasterKeySource::File(p), Some(real)) => {
-            write_receipt(&receipt, new_path, p)?;
-            install_key_file(new_path, &real)?;
-            format!(
-                "{done}; {} now holds the new key; the old key no longer opens the data directory {}.\nDestroy every copy of the old key (backups too), and back up {} offline: without it no record can be read.\n",
+    match (source, target) {
+        (MasterKeySource::File(p), Some((real, target_owner))) => {
+            write_receipt(
+                receipt,
+                &format!(
+                    "installing the new master key from {} as {} (the data directory {} is under it)",
+                    new_path.display(),
+                    p.display(),
+                    data_dir.display()
+                ),
+                &fingerprint,
+            )?;
+            // The master key file holds the new key already when an earlier run copied it
+            // across file systems: its old key was kept then.
+            let kept = if same {
+                None
+            } else {
+                Some(keep_old_key(real)?)
+            };
+            install_key_file(new_path, real, *target_owner)?;
+            write_receipt(
+                receipt,
+                &format!(
+                    "installed the new master key from {} as {} (the data directory {} is under it)",
+                    new_path.display(),
+                    p.display(),
+                    data_dir.display()
+                ),
+                &fingerprint,
+            )?;
+            let kept = match kept {
+                Some(k) => format!("The old key is kept in {} (0600). ", k.display()),
+                None => String::new(),
+            };
+            Ok(format!(
+                "{done}; {} now holds the new key; the old key no longer opens the data directory {}.\n{kept}Start the server with the new key, then destroy every copy of the old key ({}{RETIRED_SUFFIX}*, backups too). Back up {} offline: without it no record can be read.\n",
                 p.display(),
                 data_dir.display(),
+                real.display(),
                 p.display()
-            )
+            ))
         }
-        _ => format!(
-            "{done}; the old key no longer opens the data directory {}.\nSet {MASTER_KEY_ENV} to the content of {} (64 hex digits) before starting the server; keep {} as the offline backup of the new key.\nDestroy every copy of the old key (backups too).\n",
-            data_dir.display(),
-            new_path.display(),
-            new_path.display()
-        ),
-    };
-    Ok((outcome, message))
+        _ => {
+            write_receipt(
+                receipt,
+                &format!(
+                    "the data directory {} is under the key in {}: set {MASTER_KEY_ENV} to it",
+                    data_dir.display(),
+                    new_path.display()
+                ),
+                &fingerprint,
+            )?;
+            Ok(format!(
+                "{done}; the old key no longer opens the data directory {}.\nSet {MASTER_KEY_ENV} to the content of {} (64 hex digits) before starting the server; keep {} as the offline backup of the new key.\nStart the server with the new key, then destroy every copy of the old key (backups too).\n",
+                data_dir.display(),
+                new_path.display(),
+                new_path.display()
+            ))
+        }
+    }
 }
 
 /// `kluis keys rotate-master`.
 pub async fn rotate_master(args: &RotateMasterArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let setup = resolve_setup(args)?;
-    rotate_master_with(setup, &args.new_key, &cli_principal(), out)
+    rotate_master_with(setup, &args.new_key, &cli_principal(), args.dev, out)
         .await
         .map(drop)
 }
@@ -1260,6 +1683,7 @@ mod tests {
     fn file_setup(data: &Path, key_file: &Path) -> MasterKeySetup {
         MasterKeySetup {
             data_dir: data.to_path_buf(),
+            configured_data_dir: data.to_path_buf(),
             source: MasterKeySource::File(key_file.to_path_buf()),
             key: MasterKey::load_file(key_file).expect("current key"),
         }
@@ -1278,25 +1702,65 @@ mod tests {
         std::fs::copy(&key_file, &old_copy).expect("copy");
         let new_key = dir.path().join("new.key");
         let mut out = Vec::new();
-        let outcome = rotate_master_with(file_setup(&data, &key_file), &new_key, "cli:t", &mut out)
-            .await
-            .expect("rotated");
+        let outcome = rotate_master_with(
+            file_setup(&data, &key_file),
+            &new_key,
+            "cli:t",
+            false,
+            &mut out,
+        )
+        .await
+        .expect("rotated");
         assert_eq!(outcome, RotateMasterOutcome::Rotated(6 + 2));
         let text = String::from_utf8(out).expect("utf-8");
         assert!(text.contains("8 keys re-wrapped"), "{text}");
-        assert!(text.contains("Destroy every copy of the old key"), "{text}");
+        assert!(text.contains("destroy every copy of the old key"), "{text}");
         assert!(!new_key.exists(), "moved into place");
+        // The old key is kept (0600), not overwritten.
+        let kept = retired(&key_file);
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert!(text.contains(&kept[0].display().to_string()), "{text}");
+        assert_eq!(
+            std::fs::read(&kept[0]).expect("kept"),
+            std::fs::read(&old_copy).expect("old")
+        );
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&kept[0])
+                .expect("meta")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // The receipt names the new key by its fingerprint, never the key.
+        let receipt_text =
+            std::fs::read_to_string(sibling(&new_key, RECEIPT_SUFFIX).expect("name"))
+                .expect("receipt");
+        let installed = MasterKey::load_file(&key_file).expect("installed");
+        assert!(
+            receipt_text.contains(&installed.fingerprint()),
+            "{receipt_text}"
+        );
+        let key_hex = std::fs::read_to_string(&key_file).expect("key");
+        assert!(!receipt_text.contains(key_hex.trim()), "{receipt_text}");
         assert!(sibling(&new_key, RECEIPT_SUFFIX).expect("name").exists());
         assert!(opens(&data, &key_file).await, "the installed key opens");
         assert!(!opens(&data, &old_copy).await, "the old key does not");
 
         let mut out = Vec::new();
-        let again = rotate_master_with(file_setup(&data, &key_file), &new_key, "cli:t", &mut out)
-            .await
-            .expect("repeat");
+        let again = rotate_master_with(
+            file_setup(&data, &key_file),
+            &new_key,
+            "cli:t",
+            false,
+            &mut out,
+        )
+        .await
+        .expect("repeat");
         assert_eq!(again, RotateMasterOutcome::NothingToDo);
         assert!(!new_key.exists(), "no new key was made");
         assert!(opens(&data, &key_file).await);
+        assert_eq!(retired(&key_file).len(), 1);
 
         // The audit event of the rotation is in the chain.
         let store = SledStore::open(&data).expect("open");
@@ -1328,9 +1792,15 @@ mod tests {
                 .expect("rotated");
         }
         let mut out = Vec::new();
-        let outcome = rotate_master_with(file_setup(&data, &key_file), &new_key, "cli:t", &mut out)
-            .await
-            .expect("finished");
+        let outcome = rotate_master_with(
+            file_setup(&data, &key_file),
+            &new_key,
+            "cli:t",
+            false,
+            &mut out,
+        )
+        .await
+        .expect("finished");
         assert_eq!(outcome, RotateMasterOutcome::Completed);
         assert!(opens(&data, &key_file).await);
         assert!(!new_key.exists());
@@ -1342,6 +1812,7 @@ mod tests {
             file_setup(&data, &key_file),
             &new_key,
             "cli:t",
+            false,
             &mut Vec::new(),
         )
         .await
@@ -1351,6 +1822,7 @@ mod tests {
             file_setup(&data, &key_file),
             &new_key,
             "cli:t",
+            false,
             &mut Vec::new(),
         )
         .await
@@ -1367,6 +1839,7 @@ mod tests {
             file_setup(&data, &key_file),
             &new_key,
             "cli:t",
+            false,
             &mut Vec::new(),
         )
         .await
@@ -1383,6 +1856,7 @@ mod tests {
             file_setup(&data, &key_file),
             &key_file,
             "t",
+            false,
             &mut Vec::new(),
         )
         .await
@@ -1390,9 +1864,15 @@ mod tests {
         assert_eq!(err.exit_code(), EXIT_USAGE);
         let copy = dir.path().join("copy.key");
         std::fs::copy(&key_file, &copy).expect("copy");
-        let err = rotate_master_with(file_setup(&data, &key_file), &copy, "t", &mut Vec::new())
-            .await
-            .expect_err("same key");
+        let err = rotate_master_with(
+            file_setup(&data, &key_file),
+            &copy,
+            "t",
+            false,
+            &mut Vec::new(),
+        )
+        .await
+        .expect_err("same key");
         assert!(err.to_string().contains("current master key"), "{err}");
         assert!(copy.exists(), "a copy of the current key is never removed");
 
@@ -1403,11 +1883,50 @@ mod tests {
             key: MasterKey::load_file(&stranger).expect("key"),
             ..file_setup(&data, &key_file)
         };
-        let err = rotate_master_with(setup, &dir.path().join("n.key"), "t", &mut Vec::new())
+        let err = rotate_master_with(
+            setup,
+            &dir.path().join("n.key"),
+            "t",
+            false,
+            &mut Vec::new(),
+        )
+        .await
+        .expect_err("neither");
+        assert_eq!(err.exit_code(), EXIT_USAGE);
+        // Found before a new key is made.
+        assert!(err.to_string().contains("does not open"), "{err}");
+        assert!(!dir.path().join("n.key").exists(), "no key was made");
+        // And with a new key given: neither opens it.
+        let given = dir.path().join("given.key");
+        MasterKey::create_file(&given).expect("key");
+        let setup = MasterKeySetup {
+            key: MasterKey::load_file(&stranger).expect("key"),
+            ..file_setup(&data, &key_file)
+        };
+        let err = rotate_master_with(setup, &given, "t", false, &mut Vec::new())
             .await
             .expect_err("neither");
         assert_eq!(err.exit_code(), EXIT_USAGE);
         assert!(err.to_string().contains("neither key"), "{err}");
+
+        // Another data directory than the configured one (a restored copy, say): its key
+        // file is the configured directory's too. Refused before anything is made.
+        let setup = MasterKeySetup {
+            data_dir: dir.path().join("elsewhere"),
+            ..file_setup(&data, &key_file)
+        };
+        let err = rotate_master_with(
+            setup,
+            &dir.path().join("o.key"),
+            "t",
+            false,
+            &mut Vec::new(),
+        )
+        .await
+        .expect_err("another data directory");
+        assert_eq!(err.exit_code(), EXIT_USAGE);
+        assert!(err.to_string().contains("--data-dir"), "{err}");
+        assert!(!dir.path().join("o.key").exists(), "nothing made");
 
         // A data directory in use.
         let held = SledStore::open(&data).expect("open");
@@ -1415,6 +1934,7 @@ mod tests {
             file_setup(&data, &key_file),
             &dir.path().join("m.key"),
             "t",
+            false,
             &mut Vec::new(),
         )
         .await
@@ -1431,6 +1951,7 @@ mod tests {
         let (dir, data, key_file) = vault_dir().await;
         let env_setup = |key: SecretKey| MasterKeySetup {
             data_dir: data.clone(),
+            configured_data_dir: data.clone(),
             source: MasterKeySource::Env,
             key: MasterKey::from_secret(key),
         };
@@ -1438,7 +1959,7 @@ mod tests {
         let old = || SecretKey::from_hex(&old_hex).expect("hex");
         let new_key = dir.path().join("new.key");
         let mut out = Vec::new();
-        let outcome = rotate_master_with(env_setup(old()), &new_key, "t", &mut out)
+        let outcome = rotate_master_with(env_setup(old()), &new_key, "t", false, &mut out)
             .await
             .expect("rotated");
         assert!(matches!(outcome, RotateMasterOutcome::Rotated(_)));
@@ -1447,15 +1968,181 @@ mod tests {
         assert!(new_key.exists());
         assert!(opens(&data, &new_key).await);
         // Again with the old key in the variable: says so again; with the new one: done.
-        let again = rotate_master_with(env_setup(old()), &new_key, "t", &mut Vec::new())
+        let again = rotate_master_with(env_setup(old()), &new_key, "t", false, &mut Vec::new())
             .await
             .expect("again");
         assert_eq!(again, RotateMasterOutcome::Completed);
         let new_hex = std::fs::read_to_string(&new_key).expect("read");
         let new = SecretKey::from_hex(&new_hex).expect("hex");
-        let done = rotate_master_with(env_setup(new), &new_key, "t", &mut Vec::new())
+        let done = rotate_master_with(env_setup(new), &new_key, "t", false, &mut Vec::new())
             .await
             .expect("done");
         assert_eq!(done, RotateMasterOutcome::NothingToDo);
+
+        // FILE moved offline, as told: with the new key in the variable, still nothing to do
+        // (the receipt names it), and no second key is made.
+        let offline = dir.path().join("offline.key");
+        std::fs::rename(&new_key, &offline).expect("offline");
+        let new = || SecretKey::from_hex(&new_hex).expect("hex");
+        let done = rotate_master_with(env_setup(new()), &new_key, "t", false, &mut Vec::new())
+            .await
+            .expect("done");
+        assert_eq!(done, RotateMasterOutcome::NothingToDo);
+        assert!(!new_key.exists(), "no second new key");
+        assert!(opens(&data, &offline).await);
+        // With the old key still in the variable: refused, nothing made.
+        let err = rotate_master_with(env_setup(old()), &new_key, "t", false, &mut Vec::new())
+            .await
+            .expect_err("the old key");
+        assert_eq!(err.exit_code(), EXIT_USAGE);
+        assert!(err.to_string().contains("receipt"), "{err}");
+        assert!(!new_key.exists());
+        assert!(opens(&data, &offline).await);
+    }
+
+    /// The `<key file>.retired-*` files beside `key_file`.
+    fn retired(key_file: &Path) -> Vec<PathBuf> {
+        let prefix = format!(
+            "{}{RETIRED_SUFFIX}",
+            key_file.file_name().expect("name").to_string_lossy()
+        );
+        let mut found: Vec<PathBuf> = std::fs::read_dir(parent_dir(key_file))
+            .expect("list")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
+    async fn rotate(data: &Path, key_file: &Path, new_key: &Path) -> RotateMasterOutcome {
+        rotate_master_with(
+            file_setup(data, key_file),
+            new_key,
+            "t",
+            false,
+            &mut Vec::new(),
+        )
+        .await
+        .expect("rotated")
+    }
+
+    #[tokio::test]
+    async fn a_stale_receipt_does_not_skip_a_new_rotation() {
+        let (dir, data, key_file) = vault_dir().await;
+        let new_key = dir.path().join("new.key");
+        let other = dir.path().join("other.key");
+        let first = rotate(&data, &key_file, &new_key).await;
+        assert!(matches!(first, RotateMasterOutcome::Rotated(_)));
+        // A later rotation with another path: new.key.installed now names an earlier key.
+        rotate(&data, &key_file, &other).await;
+        let before = std::fs::read(&key_file).expect("key");
+        let mut out = Vec::new();
+        let third =
+            rotate_master_with(file_setup(&data, &key_file), &new_key, "t", false, &mut out)
+                .await
+                .expect("third");
+        assert!(
+            matches!(third, RotateMasterOutcome::Rotated(_)),
+            "{third:?}"
+        );
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(text.contains("earlier rotation"), "{text}");
+        assert_ne!(std::fs::read(&key_file).expect("key"), before, "rotated");
+        assert!(opens(&data, &key_file).await);
+        // Every old key is kept.
+        assert_eq!(retired(&key_file).len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_key_directory_that_cannot_be_written_is_found_before_the_commit() {
+        let (dir, data, key_file) = vault_dir().await;
+        let new_key = dir.path().join("new.key");
+        // Something in the way of the probe (a non-empty directory of its name): to the tool
+        // as good as a read-only directory, whatever the user (root ignores modes).
+        let probe = parent_dir(&key_file).join(".kluis-rotate-master.probe");
+        std::fs::create_dir_all(probe.join("x")).expect("obstacle");
+        let err = rotate_master_with(
+            file_setup(&data, &key_file),
+            &new_key,
+            "t",
+            false,
+            &mut Vec::new(),
+        )
+        .await
+        .expect_err("not writable");
+        assert_eq!(err.exit_code(), EXIT_USAGE);
+        let text = err.to_string();
+        assert!(text.contains("cannot write in"), "{text}");
+        assert!(text.contains("Nothing was changed"), "{text}");
+        assert!(opens(&data, &key_file).await, "still under the old key");
+
+        // The same after a commit (an earlier run committed and stopped): the error says the
+        // data are under the new key, to keep it, and to run the command again.
+        {
+            let store = SledStore::open(&data).expect("open");
+            let old = MasterKey::load_file(&key_file).expect("old");
+            let new = MasterKey::load_file(&new_key).expect("new");
+            keys::rotate_master(&store, &old, &new, Vec::new())
+                .await
+                .expect("rotated");
+        }
+        let err = rotate_master_with(
+            file_setup(&data, &key_file),
+            &new_key,
+            "t",
+            false,
+            &mut Vec::new(),
+        )
+        .await
+        .expect_err("not writable");
+        let text = err.to_string();
+        assert!(text.contains("is now under the new master key"), "{text}");
+        assert!(text.contains(&new_key.display().to_string()), "{text}");
+        assert!(text.contains("run the same command again"), "{text}");
+        assert!(new_key.exists(), "kept");
+        assert!(
+            !sibling(&new_key, RECEIPT_SUFFIX).expect("name").exists(),
+            "no receipt before the key is installed"
+        );
+
+        std::fs::remove_dir_all(&probe).expect("cleared");
+        let done = rotate(&data, &key_file, &new_key).await;
+        assert_eq!(done, RotateMasterOutcome::Completed);
+        assert!(opens(&data, &key_file).await);
+        assert_eq!(retired(&key_file).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_new_key_file_gets_the_owner_of_the_old_one() {
+        use std::os::unix::fs::MetadataExt;
+        let (dir, data, key_file) = vault_dir().await;
+        // The service user's key file (only root can give a file away: elsewhere this cannot
+        // be tried).
+        if std::os::unix::fs::chown(&key_file, Some(4242), Some(4243)).is_err() {
+            return;
+        }
+        let new_key = dir.path().join("new.key");
+        rotate(&data, &key_file, &new_key).await;
+        let meta = std::fs::metadata(&key_file).expect("meta");
+        assert_eq!((meta.uid(), meta.gid()), (4242, 4243));
+        assert!(opens(&data, &key_file).await);
+    }
+
+    #[test]
+    fn the_principal_is_the_real_users_account() {
+        let principal = cli_principal();
+        assert!(principal.starts_with("cli:"), "{principal}");
+        let uid = real_uid().expect("a uid");
+        match account_name(uid) {
+            Some(name) => assert!(principal.starts_with(&format!("cli:{name}")), "{principal}"),
+            None => assert!(
+                principal.starts_with(&format!("cli:uid-{uid}")),
+                "{principal}"
+            ),
+        }
     }
 }

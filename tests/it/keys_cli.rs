@@ -509,12 +509,25 @@ async fn rotate_master_re_wraps_installs_and_repeats_harmlessly() {
     assert!(run.stdout.contains("master key rotated"), "{}", run.all());
     assert!(run.stdout.contains("keys re-wrapped"), "{}", run.all());
     assert!(
-        run.stdout.contains("Destroy every copy of the old key"),
+        run.stdout.contains("destroy every copy of the old key"),
         "{}",
         run.all()
     );
     let new_hex = key_text(&v.key_file());
     assert_ne!(new_hex, old_hex);
+    // The old key is kept beside it (0600), named in the output.
+    let kept = retired(&v.key_file());
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(key_text(&kept[0]), old_hex);
+    assert!(run.stdout.contains(&path(&kept[0])), "{}", run.all());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&kept[0])
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
     for secret in [&old_hex, &new_hex] {
         assert!(!run.all().contains(secret.as_str()), "a key was printed");
     }
@@ -556,7 +569,9 @@ async fn rotate_master_re_wraps_installs_and_repeats_harmlessly() {
         .map(|l| serde_json::from_str::<Value>(l).expect("json"))
         .find(|e| e["action"] == "RotateMasterKey")
         .expect("the rotation is audited");
-    assert_eq!(event["role"], "security_officer");
+    // No role of the policy was authenticated: `system`, as the server's own key jobs; the
+    // principal is the operator's account (from the user id, not from $USER).
+    assert_eq!(event["role"], "system");
     assert_eq!(event["outcome"], "ok");
     assert!(event["principal"]
         .as_str()
@@ -577,6 +592,174 @@ async fn rotate_master_re_wraps_installs_and_repeats_harmlessly() {
     assert!(!other.exists(), "nothing was made");
     drop(payroll);
     running.shutdown().await.expect("clean shutdown");
+}
+
+/// The `<key file>.retired-*` files beside `key_file`, sorted.
+fn retired(key_file: &Path) -> Vec<PathBuf> {
+    let prefix = format!(
+        "{}.retired-",
+        key_file.file_name().expect("name").to_string_lossy()
+    );
+    let mut found: Vec<PathBuf> = std::fs::read_dir(key_file.parent().expect("dir"))
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+#[tokio::test]
+async fn rotate_master_refuses_another_data_dir_and_a_stale_receipt_starts_a_new_rotation() {
+    let v = offline_vault(2).await;
+    let old_hex = key_text(&v.key_file());
+    let new_key = v.dir.path().join("new.key");
+
+    // A restored copy of the data directory: it uses the configured key file too. Rotating
+    // it would install the new key over that file and lock out the configured directory.
+    let copy = v.dir.path().join("restored-copy");
+    copy_dir(&v.data(), &copy);
+    let mut args = rotate_master_args(&new_key, &v.config());
+    args.extend(["--data-dir".to_string(), path(&copy)]);
+    let run = kluis(&args, None).await;
+    assert_eq!(run.code, 2, "{}", run.all());
+    assert!(run.stderr.contains("--data-dir"), "{}", run.all());
+    assert!(run.stderr.contains("Nothing was changed"), "{}", run.all());
+    assert_eq!(
+        key_text(&v.key_file()),
+        old_hex,
+        "the key file is untouched"
+    );
+    assert!(!new_key.exists(), "no key was made");
+    for dir in [v.data(), copy.clone()] {
+        let store = SledStore::open(&dir).expect("open");
+        KeyRing::open(&store, &master(&old_hex))
+            .await
+            .expect("still under the old key");
+    }
+    let plan = kluis(
+        &[
+            "retention",
+            "plan",
+            "--config",
+            &path(&v.config()),
+            "--format",
+            "json",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(plan.code, 0, "{}", plan.all());
+
+    // The configured directory itself, named with --data-dir: allowed.
+    let mut args = rotate_master_args(&new_key, &v.config());
+    args.extend(["--data-dir".to_string(), path(&v.data())]);
+    let first = kluis(&args, None).await;
+    assert_eq!(first.code, 0, "{}", first.all());
+    let first_hex = key_text(&v.key_file());
+    assert_ne!(first_hex, old_hex);
+
+    // A later rotation with another --new-key path leaves new.key.installed naming an
+    // earlier key. The next rotation with new.key (the README's own example path, say) must
+    // rotate, not report that there is nothing to do.
+    let second = kluis(
+        &rotate_master_args(&v.dir.path().join("other.key"), &v.config()),
+        None,
+    )
+    .await;
+    assert_eq!(second.code, 0, "{}", second.all());
+    let second_hex = key_text(&v.key_file());
+    let third = kluis(&rotate_master_args(&new_key, &v.config()), None).await;
+    assert_eq!(third.code, 0, "{}", third.all());
+    assert!(!third.stdout.contains("nothing to do"), "{}", third.all());
+    assert!(third.stdout.contains("earlier rotation"), "{}", third.all());
+    assert!(third.stdout.contains("keys re-wrapped"), "{}", third.all());
+    let third_hex = key_text(&v.key_file());
+    assert_ne!(third_hex, second_hex, "rotated");
+    // Now, and only now, the same command has nothing to do.
+    let again = kluis(&rotate_master_args(&new_key, &v.config()), None).await;
+    assert_eq!(again.code, 0, "{}", again.all());
+    assert!(again.stdout.contains("nothing to do"), "{}", again.all());
+    assert_eq!(key_text(&v.key_file()), third_hex);
+    // Every old key is kept.
+    let kept: Vec<String> = retired(&v.key_file()).iter().map(|p| key_text(p)).collect();
+    assert_eq!(kept.len(), 3, "{kept:?}");
+    for hex in [&old_hex, &first_hex, &second_hex] {
+        assert!(kept.contains(hex));
+    }
+
+    let running = start(v.dir.path(), None).await;
+    let mut payroll = payroll_client(running.local_addr, &v.tokens["payroll"]).await;
+    for (id, bsn) in &v.records {
+        assert_eq!(&read(&mut payroll, id, "payroll", "bsn").await, bsn);
+    }
+    drop(payroll);
+    running.shutdown().await.expect("clean shutdown");
+}
+
+/// Runs `kluis <args>` with `KLUIS_MASTER_KEY` = `master_hex`.
+async fn kluis_with_master(args: Vec<String>, master_hex: String) -> Run {
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_kluis"))
+            .args(&args)
+            .env_remove("KLUIS_TOKEN")
+            .env_remove("KLUIS_LOG")
+            .env("KLUIS_MASTER_KEY", master_hex)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kluis");
+        Run {
+            code: out.status.code().expect("exited"),
+            stdout: String::from_utf8(out.stdout).expect("utf-8"),
+            stderr: String::from_utf8(out.stderr).expect("utf-8"),
+        }
+    })
+    .await
+    .expect("join")
+}
+
+#[tokio::test]
+async fn with_the_key_in_the_environment_a_rerun_never_makes_a_second_key() {
+    let v = offline_vault(1).await;
+    let old_hex = key_text(&v.key_file());
+    // The same set-up without master_key_file: the key comes from KLUIS_MASTER_KEY.
+    let text = std::fs::read_to_string(v.config())
+        .expect("config")
+        .lines()
+        .filter(|l| !l.starts_with("master_key_file"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let config = v.dir.path().join("env.toml");
+    std::fs::write(&config, text).expect("write config");
+    let new_key = v.dir.path().join("new.key");
+    let args = rotate_master_args(&new_key, &config);
+
+    let run = kluis_with_master(args.clone(), old_hex.clone()).await;
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert!(run.stdout.contains("KLUIS_MASTER_KEY"), "{}", run.all());
+    let new_hex = key_text(&new_key);
+    assert!(!run.all().contains(&new_hex) && !run.all().contains(&old_hex));
+    assert!(new_key.with_file_name("new.key.installed").exists());
+
+    // As told: the variable set to the new key, the file kept offline (moved away). Running
+    // the same command again does nothing; it does not make and commit another key.
+    let offline = v.dir.path().join("offline.key");
+    std::fs::rename(&new_key, &offline).expect("move offline");
+    let again = kluis_with_master(args.clone(), new_hex.clone()).await;
+    assert_eq!(again.code, 0, "{}", again.all());
+    assert!(again.stdout.contains("nothing to do"), "{}", again.all());
+    assert!(!new_key.exists(), "no second key");
+    // With the old key still in the variable: refused (2), and nothing made.
+    let stale = kluis_with_master(args, old_hex).await;
+    assert_eq!(stale.code, 2, "{}", stale.all());
+    assert!(!new_key.exists(), "no second key");
+    let store = SledStore::open(&v.data()).expect("open");
+    KeyRing::open(&store, &master(&new_hex))
+        .await
+        .expect("the key that was set opens the data");
 }
 
 fn copy_dir(from: &Path, to: &Path) {
