@@ -1,11 +1,14 @@
-//! Assembles and runs the gRPC server: the `Records` service, `grpc.health.v1`, server
-//! reflection, TLS/mTLS through rustls, and graceful shutdown.
+//! Assembles and runs the gRPC server: the `Records`, `Audit` and `Keys` services behind the
+//! authentication gate, `grpc.health.v1`, server reflection, TLS/mTLS through rustls, and
+//! graceful shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::oneshot;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
@@ -17,6 +20,7 @@ use crate::proto::keys_server::KeysServer;
 use crate::proto::records_server::RecordsServer;
 use crate::rotation::Jobs;
 use crate::service::audit_service::AuditService;
+use crate::service::gate::{self, Gate};
 use crate::service::keys_service::KeysService;
 use crate::service::{Authenticator, RecordsService};
 use crate::store::{SledStore, StoreError};
@@ -63,6 +67,7 @@ pub struct Running {
     jobs: Option<Arc<Jobs<SledStore>>>,
     schedule: Option<tokio::task::JoinHandle<()>>,
     sweeper: Option<tokio::task::JoinHandle<()>>,
+    refusals: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// The background task that signs audit checkpoints.
@@ -74,6 +79,9 @@ struct Checkpointer {
 /// How long a shutdown waits for open connections (streams that do not end by themselves:
 /// a health `Watch`, say) before it closes them.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// How long a shutdown waits for the events of refused calls still queued to be written.
+const REFUSALS_GRACE: Duration = Duration::from_secs(5);
 
 impl Running {
     /// Stops accepting requests, lets in-flight ones finish (for up to [`SHUTDOWN_GRACE`]),
@@ -134,6 +142,21 @@ impl Running {
         // A running key job stops here and resumes from its last page on the next start.
         if let Some(jobs) = self.jobs.take() {
             jobs.stop().await;
+        }
+        // The events of refused calls still queued, before the last checkpoint. The recorder
+        // ends once the services (and their gates) are gone; connections a forced shutdown
+        // left behind may still hold them.
+        if let Some(mut task) = self.refusals.take() {
+            if tokio::time::timeout(REFUSALS_GRACE, &mut task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "the events of unauthenticated calls refused during shutdown may not all be recorded"
+                );
+                task.abort();
+                let _ = task.await;
+            }
         }
         if let Some(cp) = self.checkpoints.take() {
             let _ = cp.stop.send(());
@@ -287,8 +310,11 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     // The transport (and TLS: its certificate and key are parsed here) before any background
     // work starts, so that a bad TLS file stops the start before a sweep or a key job runs.
     let limit = settings.max_request_bytes;
-    let mut builder =
-        Server::builder().layer(tower::util::MapResponseLayer::new(move |response| {
+    let mut builder = Server::builder()
+        .layer(tower::util::MapRequestLayer::new(
+            gate::note_action::<tonic::body::Body>,
+        ))
+        .layer(tower::util::MapResponseLayer::new(move |response| {
             request_too_large_status(response, limit)
         }));
     if let Some(tls) = &settings.tls {
@@ -309,13 +335,19 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         &settings.audit.signing_key_file,
         settings.audit.create_signing_key,
     )?;
+    // Every call of the three services passes the gate, which authenticates it before its
+    // body is read; the size limits stay on the servers inside it.
+    let auth = Authenticator::new(Arc::new(settings.policy.clone()));
+    let (refusals, refusal_task) = gate::spawn_refusal_recorder(Arc::clone(&vault));
+    let gate = Gate::new(auth.clone(), refusals);
     let audit = AuditServer::new(AuditService::new(
         Arc::clone(&vault),
-        Authenticator::new(Arc::new(settings.policy.clone())),
+        auth.clone(),
         signer.public_key(),
         settings.audit.max_uncovered(),
     ))
     .max_decoding_message_size(settings.max_request_bytes);
+    let audit = InterceptedService::new(audit, gate.clone());
     let checkpoints = spawn_checkpointer(
         Arc::clone(&vault),
         signer,
@@ -337,18 +369,16 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         Arc::clone(&vault),
         std::time::Duration::from_secs(settings.retention.sweep_interval_secs.max(1)),
     );
-    let keys = KeysServer::new(KeysService::new(
-        Arc::clone(&jobs),
-        Authenticator::new(Arc::new(settings.policy.clone())),
-    ))
-    .max_decoding_message_size(settings.max_request_bytes);
-    let auth = Authenticator::new(Arc::new(settings.policy));
+    let keys = KeysServer::new(KeysService::new(Arc::clone(&jobs), auth.clone()))
+        .max_decoding_message_size(settings.max_request_bytes);
+    let keys = InterceptedService::new(keys, gate.clone());
     // An answer may be larger than a request: an export holds the record's blobs in base64
     // (4/3 of their size) and its access history.
     let answer_limit = settings.max_request_bytes.saturating_mul(2);
     let records = RecordsServer::new(RecordsService::new(Arc::clone(&vault), auth, answer_limit))
         .max_decoding_message_size(settings.max_request_bytes)
         .max_encoding_message_size(answer_limit);
+    let records = InterceptedService::new(records, gate);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<RecordsServer<RecordsService<SledStore>>>()
@@ -404,6 +434,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         jobs: Some(jobs),
         schedule,
         sweeper: Some(sweeper),
+        refusals: refusal_task,
     })
 }
 

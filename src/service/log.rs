@@ -74,6 +74,28 @@ impl RequestLog {
             Ok(_) => tonic::Code::Ok,
             Err(s) => s.code(),
         };
+        let id = self.write(code);
+        match result {
+            Ok(body) => {
+                let mut response = Response::new(body);
+                if let Some(id) = id {
+                    response.metadata_mut().insert(REQUEST_ID, id);
+                }
+                Ok(response)
+            }
+            Err(status) => Err(with_id(status, id)),
+        }
+    }
+
+    /// Writes the line of a request refused before it reached a handler and returns `status`
+    /// with the request id attached.
+    pub fn refuse(self, status: Status) -> Status {
+        let id = self.write(status.code());
+        with_id(status, id)
+    }
+
+    /// Writes the line; returns the request id as metadata.
+    fn write(&self, code: tonic::Code) -> Option<MetadataValue<tonic::metadata::Ascii>> {
         tracing::info!(
             request_id = %self.request_id,
             principal = self.principal.as_deref().unwrap_or("-"),
@@ -85,21 +107,13 @@ impl RequestLog {
             latency_us = self.start.elapsed().as_micros() as u64,
             "request"
         );
-        let id = MetadataValue::try_from(self.request_id.as_str()).ok();
-        match result {
-            Ok(body) => {
-                let mut response = Response::new(body);
-                if let Some(id) = id {
-                    response.metadata_mut().insert(REQUEST_ID, id);
-                }
-                Ok(response)
-            }
-            Err(mut status) => {
-                if let Some(id) = id {
-                    status.metadata_mut().insert(REQUEST_ID, id);
-                }
-                Err(status)
-            }
-        }
+        MetadataValue::try_from(self.request_id.as_str()).ok()
     }
+}
+
+fn with_id(mut status: Status, id: Option<MetadataValue<tonic::metadata::Ascii>>) -> Status {
+    if let Some(id) = id {
+        status.metadata_mut().insert(REQUEST_ID, id);
+    }
+    status
 }

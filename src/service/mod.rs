@@ -3,6 +3,7 @@
 //! No business logic lives here: that is [`crate::vault`].
 
 pub mod audit_service;
+pub mod gate;
 pub mod keys_service;
 mod log;
 pub mod status;
@@ -38,7 +39,9 @@ impl Authenticator {
     }
 
     /// Starts handling `action`: its log line and its audit event, and the caller (named in
-    /// both) or why authentication failed.
+    /// both) or why authentication failed. A caller the [`gate`] authenticated (before the
+    /// request's body was read) is taken from the request's extensions, not authenticated
+    /// again.
     pub(crate) fn begin<T>(
         &self,
         action: &'static str,
@@ -46,7 +49,11 @@ impl Authenticator {
     ) -> (RequestLog, audit::Context, Result<Caller, Status>) {
         let mut log = RequestLog::start(action, request);
         let mut ev = audit::Context::new(action);
-        let caller = self.authenticate(request).map(|caller| {
+        let caller = match request.extensions().get::<gate::Authenticated>() {
+            Some(gate::Authenticated(caller)) => Ok(caller.clone()),
+            None => self.authenticate(request),
+        };
+        let caller = caller.map(|caller| {
             ev.draft.principal = caller.principal.to_string();
             ev.draft.role = caller.role.name.clone();
             log.caller(caller)

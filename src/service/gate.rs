@@ -1,0 +1,408 @@
+//! The authentication gate in front of `Records`, `Audit` and `Keys` (health and reflection
+//! stay open): a tonic interceptor that authenticates a request on its metadata and TLS peer
+//! certificates *before its body is read*, so that a caller without valid credentials is
+//! answered `UNAUTHENTICATED` at once and never makes the server buffer or decode a message.
+//!
+//! An authenticated request carries its [`Caller`] on in the request's extensions, where
+//! [`super::Authenticator::begin`] finds it (no second authentication). A refusal writes the
+//! request's log line at once; its audit event (action, outcome `denied`, no principal and no
+//! record id: the body that would name one is never read) goes to one background task over a
+//! bounded queue, which commits every event queued so far in one batch (one log sync for many
+//! refusals). When the queue is full a refusal is counted instead, and the task writes one
+//! summary event ([`NOT_RECORDED_ACTION`]) saying how many refusals it did not record one by
+//! one.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, Notify};
+use tonic::service::Interceptor;
+use tonic::{Request, Status};
+
+use super::{Authenticator, RequestLog};
+use crate::audit;
+use crate::policy::Caller;
+use crate::store::{Batch, Store};
+use crate::vault::Vault;
+
+/// The methods behind the gate, by gRPC service: the actions their events name.
+pub const GATED: &[(&str, &[&str])] = &[
+    (
+        "kluis.v1.Records",
+        &[
+            "CreateRecord",
+            "GetRecord",
+            "UpdateRecord",
+            "FindRecords",
+            "ListRecords",
+            "SetLifecycle",
+            "SetConsent",
+            "SetRestriction",
+            "EraseRecord",
+            "ExportRecord",
+            "SetLegalHold",
+        ],
+    ),
+    ("kluis.v1.Audit", &["QueryEvents", "VerifyChain"]),
+    (
+        "kluis.v1.Keys",
+        &[
+            "GetKeyStatus",
+            "RotateKey",
+            "Rewrap",
+            "Rekey",
+            "RetireKeyVersion",
+        ],
+    ),
+];
+
+/// The action of a refused call to a method a gated service does not have.
+pub const UNKNOWN_ACTION: &str = "<unknown>";
+
+/// Principal of the summary event of refusals that were not recorded one by one.
+pub const GATE_PRINCIPAL: &str = "system:auth-gate";
+
+/// Action of the summary event: `field_names` holds one entry, how many unauthenticated
+/// refusals (since the previous such event) were not recorded as events of their own, in
+/// decimal.
+pub const NOT_RECORDED_ACTION: &str = "UnauthenticatedNotRecorded";
+
+/// Refusals waiting for the recorder; beyond this they are counted.
+pub const REFUSAL_QUEUE: usize = 4096;
+
+/// The action a request names (its method), noted by [`note_action`] before the gate runs:
+/// an interceptor does not see the request's path.
+#[derive(Debug, Clone, Copy)]
+struct Action(&'static str);
+
+/// A caller the gate authenticated, carried to the handler in the request's extensions.
+#[derive(Debug, Clone)]
+pub(crate) struct Authenticated(pub(crate) Caller);
+
+/// Notes the action of a request to a gated service in its extensions (a transport layer in
+/// front of every service: the interceptor sees metadata and extensions, not the path).
+pub fn note_action<B>(mut request: http::Request<B>) -> http::Request<B> {
+    if let Some(action) = action_of(request.uri().path()) {
+        request.extensions_mut().insert(Action(action));
+    }
+    request
+}
+
+/// The action of a gated service's method at `path` (`/kluis.v1.Records/GetRecord` →
+/// `GetRecord`; an unknown method → [`UNKNOWN_ACTION`]); `None` for other services.
+fn action_of(path: &str) -> Option<&'static str> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    let (_, methods) = GATED.iter().find(|(s, _)| *s == service)?;
+    Some(
+        methods
+            .iter()
+            .find(|m| **m == method)
+            .copied()
+            .unwrap_or(UNKNOWN_ACTION),
+    )
+}
+
+/// The interceptor of the gated services.
+#[derive(Clone)]
+pub struct Gate {
+    auth: Authenticator,
+    refusals: Refusals,
+}
+
+impl Gate {
+    /// A gate authenticating with `auth` and recording refusals through `refusals`.
+    pub fn new(auth: Authenticator, refusals: Refusals) -> Self {
+        Self { auth, refusals }
+    }
+}
+
+impl Interceptor for Gate {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        match self.auth.authenticate(&request) {
+            Ok(caller) => {
+                request.extensions_mut().insert(Authenticated(caller));
+                Ok(request)
+            }
+            Err(status) => {
+                let action = request
+                    .extensions()
+                    .get::<Action>()
+                    .map_or(UNKNOWN_ACTION, |a| a.0);
+                self.refusals.record(action);
+                Err(RequestLog::start(action, &request).refuse(status))
+            }
+        }
+    }
+}
+
+/// What the gate and the recorder share.
+#[derive(Default)]
+struct Shared {
+    /// Refusals not queued (queue full or recorder gone) and not yet summarised.
+    overflow: AtomicU64,
+    /// Wakes the recorder when `overflow` grew.
+    wake: Notify,
+}
+
+/// The sending side of the refusal recorder.
+#[derive(Clone)]
+pub struct Refusals {
+    tx: Option<mpsc::Sender<&'static str>>,
+    shared: Arc<Shared>,
+}
+
+impl Refusals {
+    /// Records nothing (a vault without auditing).
+    pub fn disabled() -> Self {
+        Self {
+            tx: None,
+            shared: Arc::default(),
+        }
+    }
+
+    /// Queues the event of a refused call of `action`, or counts it when the queue is full.
+    fn record(&self, action: &'static str) {
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(action) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Closed(_)) => {
+                self.shared.overflow.fetch_add(1, Ordering::Relaxed);
+                self.shared.wake.notify_one();
+            }
+        }
+    }
+}
+
+/// Starts the task that writes the events of refused calls into `vault`'s audit trail.
+/// It ends once every [`Refusals`] handle is gone (the server stopped), after writing what
+/// was queued. Without auditing nothing is started.
+pub fn spawn_refusal_recorder<S: Store>(
+    vault: Arc<Vault<S>>,
+) -> (Refusals, Option<tokio::task::JoinHandle<()>>) {
+    spawn_with(vault, REFUSAL_QUEUE)
+}
+
+/// [`spawn_refusal_recorder`] with a queue of `capacity` refusals.
+fn spawn_with<S: Store>(
+    vault: Arc<Vault<S>>,
+    capacity: usize,
+) -> (Refusals, Option<tokio::task::JoinHandle<()>>) {
+    if !vault.auditing() {
+        return (Refusals::disabled(), None);
+    }
+    let (tx, mut rx) = mpsc::channel::<&'static str>(capacity);
+    let shared = Arc::new(Shared::default());
+    let refusals = Refusals {
+        tx: Some(tx),
+        shared: Arc::clone(&shared),
+    };
+    let task = tokio::spawn(async move {
+        let mut open = true;
+        let mut actions: Vec<&'static str> = Vec::new();
+        while open {
+            tokio::select! {
+                got = rx.recv() => match got {
+                    Some(action) => actions.push(action),
+                    None => open = false,
+                },
+                () = shared.wake.notified() => {}
+            }
+            while actions.len() < capacity {
+                match rx.try_recv() {
+                    Ok(action) => actions.push(action),
+                    Err(_) => break,
+                }
+            }
+            let dropped = shared.overflow.swap(0, Ordering::Relaxed);
+            if let Err(lost) = write_refusals(vault.store(), &actions, dropped).await {
+                // Counted again: the next summary event says they were not recorded.
+                shared.overflow.fetch_add(lost, Ordering::Relaxed);
+            }
+            actions.clear();
+        }
+    });
+    (refusals, Some(task))
+}
+
+/// The event of a refused call of `action`: no principal, no role, no record.
+fn refusal_event(action: &str) -> audit::Draft {
+    let mut draft = audit::Draft::new(action, "", "");
+    draft.outcome = audit::Outcome::Denied.as_str().into();
+    draft
+}
+
+/// The event saying that `count` refusals were not recorded one by one.
+fn not_recorded_event(count: u64) -> audit::Draft {
+    let mut draft = audit::Draft::new(
+        NOT_RECORDED_ACTION,
+        GATE_PRINCIPAL,
+        crate::rotation::SYSTEM_ROLE,
+    );
+    draft.field_names = vec![count.to_string()];
+    draft.outcome = audit::Outcome::Denied.as_str().into();
+    draft
+}
+
+/// Commits one event per refused call in `actions`, and a summary of `dropped` more, in one
+/// batch. On failure (logged) returns how many refusals went unrecorded.
+async fn write_refusals<S: Store>(
+    store: &S,
+    actions: &[&'static str],
+    dropped: u64,
+) -> Result<(), u64> {
+    if actions.is_empty() && dropped == 0 {
+        return Ok(());
+    }
+    let mut batch = Batch::default();
+    for action in actions {
+        batch.append_event(refusal_event(action).encode());
+    }
+    if dropped > 0 {
+        batch.append_event(not_recorded_event(dropped).encode());
+    }
+    store.commit(batch).await.map_err(|e| {
+        tracing::error!(
+            events = actions.len(),
+            not_recorded = dropped,
+            error = %e,
+            "audit trail: the events of unauthenticated calls could not be written"
+        );
+        (actions.len() as u64).saturating_add(dropped)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gated_methods_are_exactly_the_methods_of_the_kluis_services() {
+        use prost::Message;
+        let set = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
+            .expect("the compiled-in descriptor set decodes");
+        let mut found: Vec<(String, Vec<String>)> = Vec::new();
+        for file in &set.file {
+            for service in &file.service {
+                let name = format!("{}.{}", file.package(), service.name());
+                let methods = service
+                    .method
+                    .iter()
+                    .map(|m| m.name().to_string())
+                    .collect();
+                found.push((name, methods));
+            }
+        }
+        let gated: Vec<(String, Vec<String>)> = GATED
+            .iter()
+            .map(|(s, ms)| (s.to_string(), ms.iter().map(|m| m.to_string()).collect()))
+            .collect();
+        let sorted = |mut v: Vec<(String, Vec<String>)>| {
+            for (_, ms) in &mut v {
+                ms.sort();
+            }
+            v.sort();
+            v
+        };
+        assert_eq!(sorted(gated), sorted(found));
+    }
+
+    #[test]
+    fn actions_come_from_the_path_of_gated_services_only() {
+        assert_eq!(action_of("/kluis.v1.Records/GetRecord"), Some("GetRecord"));
+        assert_eq!(action_of("/kluis.v1.Keys/Rewrap"), Some("Rewrap"));
+        assert_eq!(
+            action_of("/kluis.v1.Audit/NoSuchMethod"),
+            Some(UNKNOWN_ACTION)
+        );
+        assert_eq!(action_of("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(action_of("/kluis.v1.Records"), None);
+        assert_eq!(action_of(""), None);
+    }
+
+    #[test]
+    fn refusal_events_name_the_action_alone_and_summaries_the_count() {
+        let d = refusal_event("GetRecord");
+        assert_eq!(
+            (d.principal.as_str(), d.role.as_str(), d.record_id.as_str()),
+            ("", "", "")
+        );
+        assert_eq!(
+            (d.action.as_str(), d.outcome.as_str()),
+            ("GetRecord", "denied")
+        );
+        let s = not_recorded_event(17);
+        assert_eq!(s.principal, GATE_PRINCIPAL);
+        assert_eq!(s.action, NOT_RECORDED_ACTION);
+        assert_eq!(s.field_names, vec!["17"]);
+        assert_eq!(audit::Draft::decode(&s.encode()), Some(s));
+    }
+
+    #[tokio::test]
+    async fn queued_refusals_are_written_in_one_batch_and_the_overflow_as_one_summary() {
+        use crate::crypto::SecretKey;
+        use crate::keys::{KeyRing, MasterKey};
+        use crate::store::SledStore;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let keys = KeyRing::open(&store, &master).await.expect("keys");
+        let vault = Arc::new(Vault::new(
+            store,
+            Arc::new(crate::schema::Schema::default_schema()),
+            Arc::new(keys),
+        ));
+        let (refusals, task) = spawn_with(Arc::clone(&vault), 2);
+        // The recorder runs only once this (single-threaded) test awaits: two refusals are
+        // queued, eight find the queue full.
+        for action in ["GetRecord", "QueryEvents"]
+            .into_iter()
+            .chain(std::iter::repeat_n("RotateKey", 8))
+        {
+            refusals.record(action);
+        }
+        drop(refusals);
+        task.expect("the vault audits")
+            .await
+            .expect("the recorder ends once the gates are gone");
+        let page = audit::query(vault.store(), &audit::Filter::default(), 0, 100)
+            .await
+            .expect("query");
+        let rows: Vec<_> = page
+            .events
+            .iter()
+            .map(|e| {
+                (
+                    e.draft.principal.as_str(),
+                    e.draft.role.as_str(),
+                    e.draft.action.as_str(),
+                    e.draft.record_id.as_str(),
+                    e.draft.field_names.clone(),
+                    e.draft.outcome.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                ("", "", "GetRecord", "", vec![], "denied"),
+                ("", "", "QueryEvents", "", vec![], "denied"),
+                (
+                    GATE_PRINCIPAL,
+                    "system",
+                    NOT_RECORDED_ACTION,
+                    "",
+                    vec!["8".to_string()],
+                    "denied"
+                ),
+            ]
+        );
+        // One batch: consecutive events of one sync, one time.
+        let first = &page.events[0];
+        assert!(page
+            .events
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.seq == first.seq + i as u64 && e.time_ms == first.time_ms));
+    }
+}
