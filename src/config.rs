@@ -27,6 +27,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 80 * 1024 * 1024;
 /// The largest `max_request_bytes` accepted.
 pub const MAX_REQUEST_BYTES_LIMIT: usize = 1024 * 1024 * 1024;
+/// Default cap on open client connections (TLS handshakes included).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 /// Configuration failures; each says which file or setting and why.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +95,9 @@ pub struct ConfigFile {
     /// Largest accepted request in bytes.
     #[serde(default)]
     pub max_request_bytes: Option<usize>,
+    /// Most client connections open at once; further ones wait to be accepted.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
     /// TLS settings.
     #[serde(default)]
     pub tls: Option<TlsFile>,
@@ -304,6 +309,9 @@ pub struct Settings {
     pub allow_insecure_listen: bool,
     /// Largest accepted request in bytes.
     pub max_request_bytes: usize,
+    /// Most client connections open at once (TLS handshakes included); further ones wait in
+    /// the listen backlog until one closes.
+    pub max_connections: usize,
     /// How writes are made durable (group commit; per-write only as a benchmark baseline).
     pub durability: Durability,
     /// The audit trail.
@@ -423,6 +431,15 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
                 )))
             }
         },
+        max_connections: match file.max_connections {
+            None => DEFAULT_MAX_CONNECTIONS,
+            Some(0) => {
+                return Err(ConfigError::Rule(
+                    "max_connections = 0: must be at least 1".into(),
+                ))
+            }
+            Some(n) => n,
+        },
         durability: Durability::GroupCommit,
         audit: AuditSettings {
             enabled: true,
@@ -489,6 +506,7 @@ pub fn ephemeral(data_dir: &Path, master_key: MasterKey, policy: Policy) -> Sett
         tls: None,
         allow_insecure_listen: false,
         max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+        max_connections: DEFAULT_MAX_CONNECTIONS,
         durability: Durability::GroupCommit,
         audit: AuditSettings::in_keys_dir(&keys_dir, true),
         keys: KeySettings::default(),
@@ -623,7 +641,7 @@ pub fn init(dir: &Path, listen: &str) -> Result<InitOutput, ConfigError> {
     Policy::from_toml(&policy_text)?;
     write_secret_file(&policy_path, &policy_text)?;
     let config = format!(
-        "# Kluis configuration (see README.md, \"Configuration reference\").\nlisten = \"{listen}\"\ndata_dir = \"data\"\nmaster_key_file = \"keys/master.key\"\npolicy_file = \"policy.toml\"\n# schema_file = \"schema.toml\"   # default: the built-in schema\n# allow_insecure_listen = false\n# max_request_bytes = {DEFAULT_MAX_REQUEST_BYTES}\n\n# [tls]\n# cert_file = \"tls/server.crt\"\n# key_file = \"tls/server.key\"\n# client_ca_file = \"tls/clients-ca.crt\"   # enables mTLS\n# require_client_cert = false\n\n# [audit]\n# signing_key_file = \"keys/audit-signing.key\"   # Ed25519, signs chain checkpoints\n# checkpoint_every = {DEFAULT_CHECKPOINT_EVERY}                          # events between checkpoints\n# checkpoint_interval_secs = {DEFAULT_CHECKPOINT_INTERVAL_SECS}                    # or seconds, whichever first\n\n# [keys]\n# schedule_check_secs = {DEFAULT_SCHEDULE_CHECK_SECS}\n# [keys.rotate_after_days]   # rotate the KEK and rewrap the category when this old\n# identity = 90\n# financial = 90\n"
+        "# Kluis configuration (see README.md, \"Configuration reference\").\nlisten = \"{listen}\"\ndata_dir = \"data\"\nmaster_key_file = \"keys/master.key\"\npolicy_file = \"policy.toml\"\n# schema_file = \"schema.toml\"   # default: the built-in schema\n# allow_insecure_listen = false\n# max_request_bytes = {DEFAULT_MAX_REQUEST_BYTES}\n# max_connections = {DEFAULT_MAX_CONNECTIONS}   # open client connections at once\n\n# [tls]\n# cert_file = \"tls/server.crt\"\n# key_file = \"tls/server.key\"\n# client_ca_file = \"tls/clients-ca.crt\"   # enables mTLS\n# require_client_cert = false\n\n# [audit]\n# signing_key_file = \"keys/audit-signing.key\"   # Ed25519, signs chain checkpoints\n# checkpoint_every = {DEFAULT_CHECKPOINT_EVERY}                          # events between checkpoints\n# checkpoint_interval_secs = {DEFAULT_CHECKPOINT_INTERVAL_SECS}                    # or seconds, whichever first\n\n# [keys]\n# schedule_check_secs = {DEFAULT_SCHEDULE_CHECK_SECS}\n# [keys.rotate_after_days]   # rotate the KEK and rewrap the category when this old\n# identity = 90\n# financial = 90\n"
     );
     write_secret_file(&config_path, &config)?;
     Ok(InitOutput {
@@ -681,6 +699,18 @@ mod tests {
                 Err(e) => assert!(!ok && e.to_string().contains("max_request_bytes"), "{e}"),
             }
         }
+        std::fs::write(&out.config_path, &config).expect("write");
+        assert_eq!(
+            load(&out.config_path).expect("loads").max_connections,
+            DEFAULT_MAX_CONNECTIONS
+        );
+        let edited = config.replace(
+            &format!("# max_connections = {DEFAULT_MAX_CONNECTIONS}"),
+            "max_connections = 8",
+        );
+        assert_ne!(edited, config);
+        std::fs::write(&out.config_path, edited).expect("write");
+        assert_eq!(load(&out.config_path).expect("loads").max_connections, 8);
     }
 
     #[test]
@@ -689,6 +719,7 @@ mod tests {
         let out = init(dir.path(), DEFAULT_LISTEN).expect("init");
         let config = std::fs::read_to_string(&out.config_path).expect("config");
         for (extra, needle) in [
+            ("max_connections = 0\n", "max_connections = 0"),
             ("[audit]\ncheckpoint_every = 0\n", "checkpoint_every = 0"),
             (
                 "[audit]\ncheckpoint_interval_secs = 0\n",

@@ -1,15 +1,21 @@
 //! Assembles and runs the gRPC server: the `Records`, `Audit` and `Keys` services behind the
-//! authentication gate, `grpc.health.v1`, server reflection, TLS/mTLS through rustls, and
-//! graceful shutdown.
+//! authentication gate, `grpc.health.v1`, server reflection, TLS/mTLS through rustls, the
+//! transport's limits (streams per connection, keepalive, TLS handshake timeout, open
+//! connections), and graceful shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use futures::{Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::{Connected, TcpIncoming};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::audit::Signer;
@@ -82,6 +88,19 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// How long a shutdown waits for the events of refused calls still queued to be written.
 const REFUSALS_GRACE: Duration = Duration::from_secs(5);
+
+/// Calls one HTTP/2 connection may have open at once (hyper's default is unlimited).
+pub const MAX_CONCURRENT_STREAMS: u32 = 128;
+/// An HTTP/2 connection is pinged after this long without a frame from the client…
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// …and closed if the ping is not answered within this.
+pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// TCP keepalive: idle time before the first probe, time between probes, and probes
+/// unanswered before the kernel drops the connection (a peer gone without a FIN).
+pub const TCP_KEEPALIVE: (Duration, Duration, u32) =
+    (Duration::from_secs(60), Duration::from_secs(10), 3);
+/// A TLS handshake not finished in this time is dropped.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Running {
     /// Stops accepting requests, lets in-flight ones finish (for up to [`SHUTDOWN_GRACE`]),
@@ -296,21 +315,30 @@ fn spawn_sweeper(
 pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     settings.check_listener()?;
     let vault = open_vault(&settings).await?;
+    let (keepalive, keepalive_interval, keepalive_retries) = TCP_KEEPALIVE;
     let incoming = TcpIncoming::bind(settings.listen)
         .map_err(|source| ServerError::Bind {
             addr: settings.listen,
             source,
         })?
-        .with_nodelay(Some(true));
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(keepalive))
+        .with_keepalive_interval(Some(keepalive_interval))
+        .with_keepalive_retries(Some(keepalive_retries));
     let local_addr = incoming.local_addr().map_err(|source| ServerError::Bind {
         addr: settings.listen,
         source,
     })?;
+    let incoming = limit_connections(incoming, settings.max_connections);
 
     // The transport (and TLS: its certificate and key are parsed here) before any background
     // work starts, so that a bad TLS file stops the start before a sweep or a key job runs.
+    // No request timeout: the key jobs' progress streams run as long as their job.
     let limit = settings.max_request_bytes;
     let mut builder = Server::builder()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .layer(tower::util::MapRequestLayer::new(
             gate::note_action::<tonic::body::Body>,
         ))
@@ -319,7 +347,8 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         }));
     if let Some(tls) = &settings.tls {
         let mut config = ServerTlsConfig::new()
-            .identity(Identity::from_pem(&tls.cert_pem, tls.key_pem.as_slice()));
+            .identity(Identity::from_pem(&tls.cert_pem, tls.key_pem.as_slice()))
+            .timeout(TLS_HANDSHAKE_TIMEOUT);
         if let Some(ca) = &tls.client_ca_pem {
             config = config
                 .client_ca_root(Certificate::from_pem(ca))
@@ -483,6 +512,98 @@ pub async fn termination_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// A client connection holding one of the server's `max_connections` slots until it closes.
+struct Limited {
+    io: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connected for Limited {
+    type ConnectInfo = <TcpStream as Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        // The TCP stream's own, so that TLS peer certificates and addresses are found as
+        // without the limit.
+        self.io.connect_info()
+    }
+}
+
+impl AsyncRead for Limited {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Limited {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// How often at most the log says that the connection limit was reached.
+const LIMIT_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// Accepts a connection only while fewer than `max` are open (a TLS handshake in progress
+/// counts): at the limit the next `accept` waits for a connection to close, and new clients
+/// wait in the kernel's listen backlog meanwhile.
+fn limit_connections(
+    incoming: TcpIncoming,
+    max: usize,
+) -> impl Stream<Item = std::io::Result<Limited>> {
+    let slots = Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS)));
+    let warned: Option<tokio::time::Instant> = None;
+    futures::stream::unfold(
+        (incoming, slots, warned),
+        move |(mut incoming, slots, mut warned)| async move {
+            let slot = match Arc::clone(&slots).try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    if warned.is_none_or(|at| at.elapsed() >= LIMIT_WARNING_EVERY) {
+                        tracing::warn!(
+                            max_connections = max,
+                            "connection limit reached: new connections wait until one closes"
+                        );
+                        warned = Some(tokio::time::Instant::now());
+                    }
+                    // Never closed, so this waits for a slot.
+                    Arc::clone(&slots).acquire_owned().await.ok()?
+                }
+            };
+            let accepted = incoming.next().await?;
+            let next = accepted.map(|io| Limited { io, _slot: slot });
+            Some((next, (incoming, slots, warned)))
+        },
+    )
 }
 
 /// Answers a request over the size limit with `RESOURCE_EXHAUSTED`, the code of every size
