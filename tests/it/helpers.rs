@@ -108,6 +108,25 @@ impl TestVault {
         .events
     }
 
+    /// The events of unauthenticated calls (no principal) after sequence number `after`, once
+    /// at least `want` of them are in the trail (they are written in the background, after
+    /// the refusal is answered); what is there after 10 s otherwise.
+    pub async fn refusals_after(&self, after: u64, want: usize) -> Vec<kluis::proto::AuditEvent> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let found: Vec<_> = self
+                .audit_events(kluis::proto::QueryEventsRequest::default())
+                .await
+                .into_iter()
+                .filter(|e| e.seq > after && e.principal.is_empty())
+                .collect();
+            if found.len() >= want || tokio::time::Instant::now() >= deadline {
+                return found;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     fn settings(&self, master_hex: &str) -> kluis::config::Settings {
         let master = MasterKey::from_secret(SecretKey::from_hex(master_hex).expect("hex"));
         let mut settings =

@@ -8,6 +8,7 @@ mod audit_cli;
 mod crypto_vectors;
 mod durability;
 mod export_cli;
+mod gate;
 mod keys;
 mod keys_cli;
 mod policy_matrix;

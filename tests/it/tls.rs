@@ -170,6 +170,39 @@ async fn mtls_client_certificate_maps_to_its_role() {
 }
 
 #[tokio::test]
+async fn a_tls_handshake_that_never_comes_is_dropped_after_the_timeout() {
+    let ca = ca("Kluis test CA");
+    let vault = spawn_tls_vault(&ca, false).await;
+    let started = std::time::Instant::now();
+    let socket = tokio::net::TcpStream::connect(vault.running.local_addr)
+        .await
+        .expect("connect");
+    // Never sends a ClientHello: the server closes the connection once the handshake times
+    // out (kluis::server::TLS_HANDSHAKE_TIMEOUT).
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        let mut buf = [0u8; 64];
+        loop {
+            socket.readable().await?;
+            match socket.try_read(&mut buf) {
+                Ok(0) => return Ok::<_, std::io::Error>(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the server closed the connection");
+    // A reset is as good as a close.
+    let _ = closed;
+    let waited = started.elapsed();
+    assert!(
+        waited >= kluis::server::TLS_HANDSHAKE_TIMEOUT - std::time::Duration::from_secs(1),
+        "closed after {waited:?}"
+    );
+}
+
+#[tokio::test]
 async fn tls_with_a_bearer_token_and_without_a_client_certificate() {
     let ca = ca("Kluis test CA");
     let vault = spawn_tls_vault(&ca, false).await;

@@ -1,0 +1,268 @@
+//! The authentication gate: a call to `Records`, `Audit` or `Keys` without valid credentials
+//! is answered `UNAUTHENTICATED` before its body is read (a body over `max_request_bytes`, or
+//! one that never arrives, makes no difference), its refusal still reaches the audit trail
+//! (in the background, without a record id), and health and reflection stay open. Also the
+//! cap on open connections (`max_connections`).
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kluis::proto::audit_client::AuditClient;
+use kluis::proto::keys_client::KeysClient;
+use kluis::proto::records_client::RecordsClient;
+use kluis::proto::{
+    AuditEvent, CreateRecordRequest, GetKeyStatusRequest, GetRecordRequest, ListRecordsRequest,
+    VerifyChainRequest,
+};
+use tonic::codegen::Bytes;
+use tonic::Code;
+use tower::{Service, ServiceExt};
+
+use crate::helpers::*;
+
+/// (principal, role, purpose, action, record id, field names, outcome)
+fn row(e: &AuditEvent) -> (&str, &str, &str, &str, &str, &[String], &str) {
+    (
+        &e.principal,
+        &e.role,
+        &e.purpose,
+        &e.action,
+        &e.record_id,
+        &e.field_names,
+        &e.outcome,
+    )
+}
+
+/// The row of a refused unauthenticated call of `action`.
+fn refused(action: &str) -> (&str, &str, &str, &str, &str, &[String], &str) {
+    ("", "", "", action, "", &[], "denied")
+}
+
+#[tokio::test]
+async fn an_unauthenticated_request_over_max_request_bytes_is_unauthenticated_not_too_large() {
+    let mut v = spawn_vault().await;
+    v.stop().await;
+    v.tweak = Some(|s| s.max_request_bytes = 1024 * 1024);
+    v.start().await.expect("restart with a 1 MiB request limit");
+    let big = || CreateRecordRequest {
+        purpose: "recruitment".into(),
+        fields: fields(&[(
+            "cv_document",
+            blob(&vec![b'%'; 2 * 1024 * 1024], "application/pdf"),
+        )]),
+    };
+    // Without valid credentials the size never matters: the body is not read.
+    for (authorization, needle) in [
+        (None, "missing credentials"),
+        (
+            Some("Bearer kluis_not-a-real-token"),
+            "invalid bearer token",
+        ),
+    ] {
+        let mut client = v.client_with_token(authorization).await;
+        assert_status(
+            client.create_record(big()).await,
+            Code::Unauthenticated,
+            &[needle],
+        );
+    }
+    // With them the same request is too large (the decoding limit still applies).
+    let mut recruiter = v.client("recruiter").await;
+    assert_status(
+        recruiter.create_record(big()).await,
+        Code::ResourceExhausted,
+        &["request too large", "max_request_bytes"],
+    );
+    let listed = recruiter
+        .list_records(ListRecordsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.records.is_empty(), "nothing was created");
+    // Both refusals are in the trail: the method, `denied`, no principal, no record.
+    let events = v.refusals_after(0, 2).await;
+    assert_eq!(
+        events.iter().map(row).collect::<Vec<_>>(),
+        vec![refused("CreateRecord"); 2]
+    );
+}
+
+#[tokio::test]
+async fn an_unauthenticated_request_is_answered_before_its_body_arrives() {
+    let v = spawn_vault().await;
+    // A message that declares 8 MiB, sends 64 KiB of it and then stalls for good.
+    let mut first = vec![0u8];
+    first.extend_from_slice(&(8u32 * 1024 * 1024).to_be_bytes());
+    first.extend_from_slice(&[0u8; 64 * 1024]);
+    let frames = futures::stream::iter([Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(
+        first,
+    )))])
+    .chain(futures::stream::pending());
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}/kluis.v1.Records/CreateRecord", v.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(http_body_util::StreamBody::new(
+            frames,
+        )))
+        .expect("request");
+    let mut channel = v.channel().await;
+    let response = tokio::time::timeout(Duration::from_secs(10), async {
+        channel.ready().await?.call(request).await
+    })
+    .await
+    .expect("answered without waiting for the body")
+    .expect("a response");
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    assert_eq!(
+        header("grpc-status").as_deref(),
+        Some("16"),
+        "UNAUTHENTICATED"
+    );
+    assert!(
+        header("x-request-id").is_some(),
+        "the refusal names its request id"
+    );
+    assert_eq!(
+        v.refusals_after(0, 1)
+            .await
+            .iter()
+            .map(row)
+            .collect::<Vec<_>>(),
+        vec![refused("CreateRecord")]
+    );
+}
+
+#[tokio::test]
+async fn health_answers_without_credentials_while_the_kluis_services_refuse() {
+    let v = spawn_vault().await;
+    let channel = v.channel().await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in ["kluis.v1.Records", "kluis.v1.Audit", "kluis.v1.Keys"] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health needs no credentials")
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service}"
+        );
+    }
+    // The same connection, no credentials: each of the three services refuses.
+    let refusal = RecordsClient::new(channel.clone())
+        .list_records(ListRecordsRequest::default())
+        .await
+        .expect_err("Records refuses");
+    assert_eq!(refusal.code(), Code::Unauthenticated);
+    assert!(
+        refusal.metadata().get("x-request-id").is_some(),
+        "the refusal names its request id"
+    );
+    assert_status(
+        AuditClient::new(channel.clone())
+            .verify_chain(VerifyChainRequest {})
+            .await,
+        Code::Unauthenticated,
+        &["missing credentials"],
+    );
+    assert_status(
+        KeysClient::new(channel.clone())
+            .get_key_status(GetKeyStatusRequest {})
+            .await,
+        Code::Unauthenticated,
+        &["missing credentials"],
+    );
+    assert_eq!(
+        v.refusals_after(0, 3)
+            .await
+            .iter()
+            .map(row)
+            .collect::<Vec<_>>(),
+        vec![
+            refused("ListRecords"),
+            refused("VerifyChain"),
+            refused("GetKeyStatus")
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_refusals_is_recorded_one_event_each_and_the_chain_holds() {
+    let v = spawn_vault().await;
+    let anonymous = v.client_with_token(None).await;
+    let calls = (0..300).map(|i| {
+        let mut client = anonymous.clone();
+        async move {
+            client
+                .get_record(GetRecordRequest {
+                    record_id: uuid::Uuid::new_v4().to_string(),
+                    purpose: format!("purpose-{i}"),
+                    field_names: vec![],
+                })
+                .await
+        }
+    });
+    for result in futures::future::join_all(calls).await {
+        assert_status(result, Code::Unauthenticated, &[]);
+    }
+    let events = v.refusals_after(0, 300).await;
+    assert_eq!(events.len(), 300);
+    assert!(events.iter().all(|e| row(e) == refused("GetRecord")));
+    // The trail still verifies.
+    let verified = AuditClient::with_interceptor(v.channel().await, bearer(&v.tokens["auditor"]))
+        .verify_chain(VerifyChainRequest {})
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(verified.ok, "chain fails at {}", verified.first_bad_seq);
+}
+
+#[tokio::test]
+async fn past_max_connections_a_new_connection_waits_until_one_closes() {
+    let mut v = spawn_vault().await;
+    v.stop().await;
+    v.tweak = Some(|s| s.max_connections = 1);
+    v.start().await.expect("restart with one connection");
+    let mut first = v.client("recruiter").await;
+    first
+        .list_records(ListRecordsRequest::default())
+        .await
+        .expect("the first connection is served");
+    let (addr, token) = (v.addr, v.tokens["recruiter"].clone());
+    let second = tokio::spawn(async move {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await?;
+        let result = RecordsClient::with_interceptor(channel, bearer(&token))
+            .list_records(ListRecordsRequest::default())
+            .await
+            .map(|_| ());
+        Ok::<_, tonic::transport::Error>(result)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !second.is_finished(),
+        "a second connection is not served while the first is open"
+    );
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("served once the first connection closed")
+        .expect("task")
+        .expect("connects")
+        .expect("the second connection is served");
+}
