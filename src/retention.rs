@@ -136,6 +136,13 @@ impl Default for RetentionRules {
 impl RetentionRules {
     /// Checks that every category named exists and every former-employee category has a rule.
     pub fn validate(&self) -> Result<(), String> {
+        // Consent lets applicant data stay longer (the talent pool), never shorter.
+        if self.applicant_consent_max_days < self.applicant_max_days {
+            return Err(format!(
+                "[retention] applicant_consent_max_days ({}) is below applicant_max_days ({}): consent may keep applicant data longer, never shorter",
+                self.applicant_consent_max_days, self.applicant_max_days
+            ));
+        }
         for name in self
             .keep_while_employed
             .iter()
@@ -303,6 +310,12 @@ mod tests {
     #[test]
     fn default_rules_are_valid() {
         RetentionRules::default().validate().expect("valid");
+        let shorter = RetentionRules {
+            applicant_consent_max_days: 14,
+            ..RetentionRules::default()
+        };
+        let err = shorter.validate().expect_err("consent never shortens");
+        assert!(err.contains("applicant_consent_max_days"), "{err}");
     }
 
     #[test]
