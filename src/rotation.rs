@@ -1095,6 +1095,25 @@ mod tests {
         Vault::new(store, Arc::new(Schema::default_schema()), Arc::new(keys))
     }
 
+    /// Sets one field of record `id` as `who`, under `purpose`.
+    async fn update(
+        vault: &Vault<SledStore>,
+        who: &Caller,
+        id: &str,
+        purpose: &str,
+        field: (String, Value),
+    ) {
+        let mut ev = audit::Context::new("UpdateRecord");
+        let change = Change {
+            set: vec![field],
+            ..Change::default()
+        };
+        vault
+            .update(who, id, purpose, change, &mut ev)
+            .await
+            .expect("update");
+    }
+
     async fn create(vault: &Vault<SledStore>, bsn: &str) -> String {
         let mut ev = audit::Context::new("CreateRecord");
         let (id, _) = vault
@@ -1232,20 +1251,14 @@ mod tests {
         // A re-key started now (after a suspected compromise) must replace this data key.
         let started_ms = chrono::Utc::now().timestamp_millis();
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        let mut ev = audit::Context::new("UpdateRecord");
-        vault
-            .update(
-                &caller("payroll"),
-                &id,
-                "payroll",
-                Change {
-                    set: vec![text("bsn", "123456782")],
-                    ..Change::default()
-                },
-                &mut ev,
-            )
-            .await
-            .expect("update");
+        update(
+            &vault,
+            &caller("payroll"),
+            &id,
+            "payroll",
+            text("bsn", "123456782"),
+        )
+        .await;
         let (_, after) = vault.load(uuid).await.expect("load");
         let (old, new) = (&before.deks["identity"], &after.deks["identity"]);
         assert_eq!(
@@ -1349,20 +1362,14 @@ mod tests {
         }
         expect_keks(&mut batch, &keks);
         // An update lands between reading the page and committing it.
-        let mut ev = audit::Context::new("UpdateRecord");
-        vault
-            .update(
-                &caller("payroll"),
-                &ids[1],
-                "payroll",
-                Change {
-                    set: vec![text("wage", "2600.00")],
-                    ..Change::default()
-                },
-                &mut ev,
-            )
-            .await
-            .expect("update");
+        update(
+            &vault,
+            &caller("payroll"),
+            &ids[1],
+            "payroll",
+            text("wage", "2600.00"),
+        )
+        .await;
         assert!(matches!(
             vault.store().commit(batch).await,
             Err(StoreError::Conflict)
@@ -1416,20 +1423,14 @@ mod tests {
             .await
             .expect("scan");
         // The long field is replaced (its chunks deleted) after the page was read.
-        let mut ev = audit::Context::new("UpdateRecord");
-        vault
-            .update(
-                &recruiter,
-                &id,
-                "recruitment",
-                Change {
-                    set: vec![text("education", &long('b'))],
-                    ..Change::default()
-                },
-                &mut ev,
-            )
-            .await
-            .expect("update");
+        update(
+            &vault,
+            &recruiter,
+            &id,
+            "recruitment",
+            text("education", &long('b')),
+        )
+        .await;
         let (key, raw) = &page[0];
         let mut batch = Batch::default();
         let mut keks = BTreeSet::new();
