@@ -1689,6 +1689,13 @@ mod tests {
         }
     }
 
+    /// Runs a rotation (principal `t`, not dev) that must be refused; `why` names the case.
+    async fn rotation_refused(setup: MasterKeySetup, new_key: &Path, why: &str) -> CliError {
+        rotate_master_with(setup, new_key, "t", false, &mut Vec::new())
+            .await
+            .expect_err(why)
+    }
+
     async fn opens(data: &Path, key_file: &Path) -> bool {
         let store = SledStore::open(data).expect("open");
         let key = MasterKey::load_file(key_file).expect("key");
@@ -1852,27 +1859,11 @@ mod tests {
     async fn rotate_master_refuses_what_it_cannot_do() {
         let (dir, data, key_file) = vault_dir().await;
         // The current key as the new one: by path, or a copy of it.
-        let err = rotate_master_with(
-            file_setup(&data, &key_file),
-            &key_file,
-            "t",
-            false,
-            &mut Vec::new(),
-        )
-        .await
-        .expect_err("same file");
+        let err = rotation_refused(file_setup(&data, &key_file), &key_file, "same file").await;
         assert_eq!(err.exit_code(), EXIT_USAGE);
         let copy = dir.path().join("copy.key");
         std::fs::copy(&key_file, &copy).expect("copy");
-        let err = rotate_master_with(
-            file_setup(&data, &key_file),
-            &copy,
-            "t",
-            false,
-            &mut Vec::new(),
-        )
-        .await
-        .expect_err("same key");
+        let err = rotation_refused(file_setup(&data, &key_file), &copy, "same key").await;
         assert!(err.to_string().contains("current master key"), "{err}");
         assert!(copy.exists(), "a copy of the current key is never removed");
 
@@ -1883,15 +1874,7 @@ mod tests {
             key: MasterKey::load_file(&stranger).expect("key"),
             ..file_setup(&data, &key_file)
         };
-        let err = rotate_master_with(
-            setup,
-            &dir.path().join("n.key"),
-            "t",
-            false,
-            &mut Vec::new(),
-        )
-        .await
-        .expect_err("neither");
+        let err = rotation_refused(setup, &dir.path().join("n.key"), "neither").await;
         assert_eq!(err.exit_code(), EXIT_USAGE);
         // Found before a new key is made.
         assert!(err.to_string().contains("does not open"), "{err}");
@@ -1903,9 +1886,7 @@ mod tests {
             key: MasterKey::load_file(&stranger).expect("key"),
             ..file_setup(&data, &key_file)
         };
-        let err = rotate_master_with(setup, &given, "t", false, &mut Vec::new())
-            .await
-            .expect_err("neither");
+        let err = rotation_refused(setup, &given, "neither").await;
         assert_eq!(err.exit_code(), EXIT_USAGE);
         assert!(err.to_string().contains("neither key"), "{err}");
 
@@ -1915,30 +1896,20 @@ mod tests {
             data_dir: dir.path().join("elsewhere"),
             ..file_setup(&data, &key_file)
         };
-        let err = rotate_master_with(
-            setup,
-            &dir.path().join("o.key"),
-            "t",
-            false,
-            &mut Vec::new(),
-        )
-        .await
-        .expect_err("another data directory");
+        let err =
+            rotation_refused(setup, &dir.path().join("o.key"), "another data directory").await;
         assert_eq!(err.exit_code(), EXIT_USAGE);
         assert!(err.to_string().contains("--data-dir"), "{err}");
         assert!(!dir.path().join("o.key").exists(), "nothing made");
 
         // A data directory in use.
         let held = SledStore::open(&data).expect("open");
-        let err = rotate_master_with(
+        let err = rotation_refused(
             file_setup(&data, &key_file),
             &dir.path().join("m.key"),
-            "t",
-            false,
-            &mut Vec::new(),
+            "in use",
         )
-        .await
-        .expect_err("in use");
+        .await;
         assert_eq!(err.exit_code(), EXIT_USAGE);
         assert!(err.to_string().contains("in use"), "{err}");
         assert!(!dir.path().join("m.key").exists(), "nothing made");
@@ -1991,9 +1962,7 @@ mod tests {
         assert!(!new_key.exists(), "no second new key");
         assert!(opens(&data, &offline).await);
         // With the old key still in the variable: refused, nothing made.
-        let err = rotate_master_with(env_setup(old()), &new_key, "t", false, &mut Vec::new())
-            .await
-            .expect_err("the old key");
+        let err = rotation_refused(env_setup(old()), &new_key, "the old key").await;
         assert_eq!(err.exit_code(), EXIT_USAGE);
         assert!(err.to_string().contains("receipt"), "{err}");
         assert!(!new_key.exists());
@@ -2065,15 +2034,7 @@ mod tests {
         // as good as a read-only directory, whatever the user (root ignores modes).
         let probe = parent_dir(&key_file).join(".kluis-rotate-master.probe");
         std::fs::create_dir_all(probe.join("x")).expect("obstacle");
-        let err = rotate_master_with(
-            file_setup(&data, &key_file),
-            &new_key,
-            "t",
-            false,
-            &mut Vec::new(),
-        )
-        .await
-        .expect_err("not writable");
+        let err = rotation_refused(file_setup(&data, &key_file), &new_key, "not writable").await;
         assert_eq!(err.exit_code(), EXIT_USAGE);
         let text = err.to_string();
         assert!(text.contains("cannot write in"), "{text}");
@@ -2090,15 +2051,7 @@ mod tests {
                 .await
                 .expect("rotated");
         }
-        let err = rotate_master_with(
-            file_setup(&data, &key_file),
-            &new_key,
-            "t",
-            false,
-            &mut Vec::new(),
-        )
-        .await
-        .expect_err("not writable");
+        let err = rotation_refused(file_setup(&data, &key_file), &new_key, "not writable").await;
         let text = err.to_string();
         assert!(text.contains("is now under the new master key"), "{text}");
         assert!(text.contains(&new_key.display().to_string()), "{text}");
