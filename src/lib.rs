@@ -25,6 +25,7 @@
 //! - [`retention`]: retention rules and the deadlines of each category of a record.
 //! - [`sweeper`]: the retention sweeper and its plan.
 //! - [`rotation`]: key lifecycle jobs (rewrap, re-key) and exact per-KEK-version counts.
+//! - [`lease`]: which instance runs the key job (fencing token and renewed lease in the store).
 //! - [`error`]: the vault's error type.
 //!
 //! Edges:
@@ -44,6 +45,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod keys;
+pub mod lease;
 pub mod policy;
 pub mod record;
 pub mod retention;

@@ -34,6 +34,7 @@ use zeroize::Zeroizing;
 use crate::audit;
 use crate::crypto::{SealingKey, SecretKey};
 use crate::error::VaultError;
+use crate::lease::{self, Lease};
 use crate::record::{self, RecordBody};
 use crate::schema::Category;
 use crate::store::{Batch, Expect, Keyspace, Store, StoreError};
@@ -80,6 +81,13 @@ impl JobKind {
         match self {
             JobKind::Rewrap => "RewrapRecord",
             JobKind::Rekey => "RekeyRecord",
+        }
+    }
+
+    fn resumed_action(self) -> &'static str {
+        match self {
+            JobKind::Rewrap => "RewrapResumed",
+            JobKind::Rekey => "RekeyResumed",
         }
     }
 
@@ -158,6 +166,17 @@ pub struct Progress {
     pub finished: bool,
     /// Why it stopped, if it failed.
     pub error: Option<String>,
+}
+
+/// Re-reads the key ring, so that a job or count started on this instance sees the KEK
+/// versions another instance made (a stale ring would take records under the newest version
+/// for records under an old one, and a rewrap would find nothing to do).
+pub async fn refresh_keys<S: Store>(vault: &Vault<S>) -> Result<(), VaultError> {
+    vault
+        .keys()
+        .reload(vault.store())
+        .await
+        .map_err(|e| VaultError::Internal(format!("reloading the key ring: {e}")))
 }
 
 /// Reads the stored job, if any.
@@ -636,6 +655,7 @@ async fn run<S: Store>(
     vault: &Arc<Vault<S>>,
     mut job: JobState,
     tx: &watch::Sender<Progress>,
+    lease: &Lease,
 ) -> Result<(), VaultError> {
     let scope = job.scope()?;
     tx.send_replace(job.progress());
@@ -653,10 +673,12 @@ async fn run<S: Store>(
         }) = next
         else {
             while let Some(done) = commits.next().await {
-                settle(vault, &mut job, scope, done, &mut unsettled, tx).await?;
+                settle(vault, &mut job, scope, done, &mut unsettled, tx, lease).await?;
             }
             // End of a pass: check nothing was left behind (a page redone after a crash, a
-            // record changed under a re-key), and go round again if something was.
+            // record changed under a re-key, a rotation on another instance), and go round
+            // again if something was.
+            refresh_keys(vault).await?;
             let left = count_needing(vault, job.kind, scope, job.started_ms).await?;
             if left > 0 {
                 if job.pass >= MAX_PASSES {
@@ -674,6 +696,7 @@ async fn run<S: Store>(
             job.done = job.total;
             job.finished_ms = Some(vault::now_ms());
             let mut batch = Batch::default();
+            lease.release(&mut batch);
             batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
             if vault.auditing() {
                 let mut draft =
@@ -693,6 +716,7 @@ async fn run<S: Store>(
             .expect("a prepared batch covers at least one record");
         job.cursor = Some(hex::encode(&last));
         job.done += handled;
+        lease.fence(&mut batch);
         batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
         unsettled += handled;
         commits.push_back(Box::pin(async move {
@@ -709,13 +733,13 @@ async fn run<S: Store>(
                 biased;
                 prepared = &mut following => break prepared,
                 Some(done) = commits.next(), if !commits.is_empty() => {
-                    settle(vault, &mut job, scope, done, &mut unsettled, tx).await?;
+                    settle(vault, &mut job, scope, done, &mut unsettled, tx, lease).await?;
                 }
             }
         };
         while commits.len() >= COMMITS_IN_FLIGHT {
             if let Some(done) = commits.next().await {
-                settle(vault, &mut job, scope, done, &mut unsettled, tx).await?;
+                settle(vault, &mut job, scope, done, &mut unsettled, tx, lease).await?;
             }
         }
         next = following?;
@@ -724,7 +748,8 @@ async fn run<S: Store>(
 
 /// Handles the end of one batch's commit: on a conflict (a concurrent write touched one of
 /// its records) its page is redone record by record. Then publishes progress, counting only
-/// settled batches.
+/// settled batches. A conflict because another instance took the job over ends the run with
+/// [`VaultError::Conflict`] (the caller sees the lease is gone).
 async fn settle<S: Store>(
     vault: &Vault<S>,
     job: &mut JobState,
@@ -732,14 +757,21 @@ async fn settle<S: Store>(
     (committed, page, handled): Committed,
     unsettled: &mut u64,
     tx: &watch::Sender<Progress>,
+    lease: &Lease,
 ) -> Result<(), VaultError> {
     *unsettled -= handled;
     match committed {
         Ok(()) => {}
         Err(StoreError::Conflict) => {
+            if !lease.still_ours(vault.store()).await? {
+                return Err(VaultError::Conflict(
+                    "the key job was taken over by another instance".into(),
+                ));
+            }
             job.done -= handled;
-            job.done += redo_page(vault, job, scope, &page).await?;
+            job.done += redo_page(vault, job, scope, &page, lease).await?;
             let mut batch = Batch::default();
+            lease.fence(&mut batch);
             batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
             vault.store().commit(batch).await?;
         }
@@ -757,6 +789,7 @@ async fn redo_page<S: Store>(
     job: &JobState,
     scope: Option<Category>,
     page: &[(Vec<u8>, Vec<u8>)],
+    lease: &Lease,
 ) -> Result<u64, VaultError> {
     let mut handled = 0;
     for (key, _) in page {
@@ -770,6 +803,7 @@ async fn redo_page<S: Store>(
                 break;
             }
             expect_keks(&mut batch, &keks);
+            lease.fence(&mut batch);
             match vault.store().commit(batch).await {
                 Ok(()) => {
                     handled += 1;
@@ -789,20 +823,104 @@ struct Active {
     scope: Option<Category>,
     progress: watch::Receiver<Progress>,
     task: tokio::task::JoinHandle<()>,
+    lease: Arc<Lease>,
 }
 
-/// Starts, resumes and attaches to key jobs. One job runs at a time.
+/// How often a watcher of a job that runs on another instance reads its progress.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// How [`Jobs`] shares the job with other instances.
+#[derive(Debug, Clone, Copy)]
+pub struct JobOptions {
+    /// Time to live of the job's lease ([`lease::DEFAULT_TTL`]).
+    pub lease_ttl: std::time::Duration,
+    /// Whether no other process can open the store (sled): a lease found at start-up was
+    /// left by this data directory's previous process and is taken at once.
+    pub exclusive: bool,
+}
+
+/// Starts, resumes and attaches to key jobs. One job runs at a time, across every instance
+/// sharing the store (see [`crate::lease`]).
 pub struct Jobs<S> {
     vault: Arc<Vault<S>>,
     active: tokio::sync::Mutex<Option<Active>>,
+    /// This instance's id in the job's lease (one per process).
+    instance: String,
+    options: JobOptions,
+}
+
+/// Whether a stored job covers a request for `kind` over `scope`.
+fn covers(job: &JobState, kind: JobKind, scope: Option<Category>) -> bool {
+    job.kind == kind
+        && (job.category.is_none() || job.category.as_deref() == scope.map(Category::as_str))
+}
+
+fn running_message(kind: JobKind, scope: Option<&str>, elsewhere: bool) -> String {
+    format!(
+        "a {} job{} is running{}; wait for it to finish (one key job runs at a time)",
+        kind.as_str(),
+        scope
+            .map(|c| format!(" of category {c}"))
+            .unwrap_or_else(|| " of every category".into()),
+        if elsewhere {
+            " on another instance"
+        } else {
+            ""
+        },
+    )
+}
+
+/// Publishes the stored progress of job `id` on `tx` until it finishes or fails (or nobody
+/// watches any more): a job another instance runs.
+async fn follow<S: Store>(vault: &Vault<S>, id: &str, tx: &watch::Sender<Progress>) {
+    loop {
+        let progress = match stored_job(vault.store()).await {
+            Ok(Some(job)) if job.id == id => job.progress(),
+            Ok(_) => Progress {
+                error: Some("the job was replaced by another key job".into()),
+                ..tx.borrow().clone()
+            },
+            Err(e) => Progress {
+                error: Some(format!("its progress could not be read: {e}")),
+                ..tx.borrow().clone()
+            },
+        };
+        let end = progress.finished || progress.error.is_some();
+        tx.send_if_modified(|p| {
+            let changed = *p != progress;
+            *p = progress;
+            changed
+        });
+        if end {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(FOLLOW_EVERY) => {}
+            () = tx.closed() => return,
+        }
+    }
 }
 
 impl<S: Store> Jobs<S> {
-    /// Jobs over `vault`.
+    /// Jobs over `vault`, with the default lease and the store's own exclusivity.
     pub fn new(vault: Arc<Vault<S>>) -> Arc<Self> {
+        let exclusive = vault.store().exclusive();
+        Self::with_options(
+            vault,
+            JobOptions {
+                lease_ttl: lease::DEFAULT_TTL,
+                exclusive,
+            },
+        )
+    }
+
+    /// Jobs over `vault` with `options`.
+    pub fn with_options(vault: Arc<Vault<S>>, options: JobOptions) -> Arc<Self> {
         Arc::new(Self {
             vault,
             active: tokio::sync::Mutex::new(None),
+            instance: Uuid::new_v4().to_string(),
+            options,
         })
     }
 
@@ -811,13 +929,13 @@ impl<S: Store> Jobs<S> {
         &self.vault
     }
 
-    /// Starts a job of `kind` over `scope` (or attaches to the running one that covers it)
-    /// and returns its progress. A job of another kind or scope still running is a
-    /// FAILED_PRECONDITION. A stored job left unfinished (crash, restart, failure) is resumed
-    /// when it covers the request.
+    /// Starts a job of `kind` over `scope` (or attaches to the running one that covers it,
+    /// on this instance or another) and returns its progress. A job of another kind or scope
+    /// still running is a FAILED_PRECONDITION. A stored job left unfinished (crash, restart,
+    /// failure) is resumed when it covers the request.
     ///
-    /// `events` (audit event bodies of the request) are written before the job runs: with a
-    /// new job's state in one batch, otherwise on their own. If they cannot be written,
+    /// `events` (audit event bodies of the request) are written before the job runs: with the
+    /// job's state and lease in one batch, otherwise on their own. If they cannot be written,
     /// nothing starts (fail closed) and the error is returned.
     pub async fn start(
         &self,
@@ -829,36 +947,62 @@ impl<S: Store> Jobs<S> {
         let mut active = self.active.lock().await;
         if let Some(a) = active.as_ref() {
             if !a.task.is_finished() {
-                let covers = a.kind == kind && (a.scope.is_none() || a.scope == scope);
-                if covers {
+                if a.kind == kind && (a.scope.is_none() || a.scope == scope) {
                     self.write_events(events).await?;
                     return Ok(a.progress.clone());
                 }
-                return Err(VaultError::FailedPrecondition(format!(
-                    "a {} job{} is running; wait for it to finish (one key job runs at a time)",
-                    a.kind.as_str(),
-                    a.scope
-                        .map(|c| format!(" of category {c}"))
-                        .unwrap_or_else(|| " of every category".into()),
+                return Err(VaultError::FailedPrecondition(running_message(
+                    a.kind,
+                    a.scope.map(Category::as_str),
+                    false,
                 )));
             }
         }
-        let stored = stored_job(self.vault.store()).await?;
-        let job = match stored {
-            Some(mut job)
-                if job.finished_ms.is_none()
-                    && job.kind == kind
-                    && (job.category.is_none()
-                        || job.category.as_deref() == scope.map(Category::as_str)) =>
-            {
-                job.error = None;
+        let store = self.vault.store();
+        refresh_keys(&self.vault).await?;
+        // Every decision below rests on these bytes: the batch expects them unchanged.
+        let stored_bytes = store.get(Keyspace::Meta, META_JOB).await?;
+        let stored = stored_job(store).await?;
+        let view = lease::View::read(store).await?;
+        if let Some(job) = stored.as_ref().filter(|j| j.finished_ms.is_none()) {
+            if view.held_elsewhere(&self.instance).is_some() {
+                if !covers(job, kind, scope) {
+                    return Err(VaultError::FailedPrecondition(running_message(
+                        job.kind,
+                        job.category.as_deref(),
+                        true,
+                    )));
+                }
                 self.write_events(events).await?;
+                let (tx, rx) = watch::channel(job.progress());
+                let vault = Arc::clone(&self.vault);
+                let id = job.id.clone();
+                tokio::spawn(async move { follow(&vault, &id, &tx).await });
+                return Ok(rx);
+            }
+        }
+        let mut batch = Batch::default();
+        match &stored_bytes {
+            Some(bytes) => batch.expect(
+                Keyspace::Meta,
+                META_JOB.to_vec(),
+                Expect::Value(bytes.clone()),
+            ),
+            None => batch.expect(Keyspace::Meta, META_JOB.to_vec(), Expect::Absent),
+        }
+        let lease = view.take(&mut batch, &self.instance, self.options.lease_ttl);
+        let job = match stored {
+            Some(mut job) if job.finished_ms.is_none() && covers(&job, kind, scope) => {
+                job.error = None;
                 job
             }
             previous => {
                 let started_ms = vault::now_ms();
                 let total = count_needing(&self.vault, kind, scope, started_ms).await?;
-                let job = JobState {
+                if let Some(p) = previous.filter(|p| p.finished_ms.is_none()) {
+                    tracing::warn!(job = %p.id, kind = p.kind.as_str(), "an unfinished key job is replaced by a new one");
+                }
+                JobState {
                     id: Uuid::new_v4().to_string(),
                     kind,
                     category: scope.map(|c| c.as_str().to_string()),
@@ -870,47 +1014,43 @@ impl<S: Store> Jobs<S> {
                     finished_ms: None,
                     requested_by: requested_by.to_string(),
                     error: None,
-                };
-                // Only one job at a time, also across instances sharing the store.
-                let mut batch = Batch::default();
-                match self.vault.store().get(Keyspace::Meta, META_JOB).await? {
-                    Some(bytes) => {
-                        batch.expect(Keyspace::Meta, META_JOB.to_vec(), Expect::Value(bytes))
-                    }
-                    None => batch.expect(Keyspace::Meta, META_JOB.to_vec(), Expect::Absent),
                 }
-                if let Some(p) = previous.filter(|p| p.finished_ms.is_none()) {
-                    tracing::warn!(job = %p.id, kind = p.kind.as_str(), "an unfinished key job is replaced by a new one");
-                }
-                batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
-                for event in events {
-                    batch.append_event(event);
-                }
-                self.vault
-                    .store()
-                    .commit(batch)
-                    .await
-                    .map_err(|e| match e {
-                        StoreError::Conflict => VaultError::FailedPrecondition(
-                            "another key job started at the same moment; retry".into(),
-                        ),
-                        e => e.into(),
-                    })?;
-                tracing::info!(job = %job.id, kind = kind.as_str(), total, "key job started");
-                job
             }
         };
-        let progress = self.spawn(job, &mut active);
-        Ok(progress)
+        batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
+        for event in events {
+            batch.append_event(event);
+        }
+        store.commit(batch).await.map_err(|e| match e {
+            StoreError::Conflict => VaultError::FailedPrecondition(
+                "another key job started at the same moment; retry".into(),
+            ),
+            e => e.into(),
+        })?;
+        tracing::info!(job = %job.id, kind = kind.as_str(), total = job.total, done = job.done, "key job started");
+        Ok(self.spawn(job, Arc::new(lease), &mut active))
     }
 
-    /// Whether a job runs in this process.
-    pub async fn running(&self) -> bool {
-        self.active
+    /// Whether a key job runs: in this process, or in another instance that holds the
+    /// job's lease.
+    pub async fn busy(&self) -> Result<bool, VaultError> {
+        let local = self
+            .active
             .lock()
             .await
             .as_ref()
-            .is_some_and(|a| !a.task.is_finished())
+            .is_some_and(|a| !a.task.is_finished());
+        if local {
+            return Ok(true);
+        }
+        let unfinished = stored_job(self.vault.store())
+            .await?
+            .is_some_and(|j| j.finished_ms.is_none());
+        Ok(unfinished
+            && lease::View::read(self.vault.store())
+                .await?
+                .held_elsewhere(&self.instance)
+                .is_some())
     }
 
     /// Writes `events` in a batch of their own (nothing to write: nothing done).
@@ -927,66 +1067,151 @@ impl<S: Store> Jobs<S> {
     }
 
     /// Resumes a stored job left unfinished (at start-up). Returns whether one was resumed.
+    /// On an exclusive store a lease left by the previous process is taken at once; on a
+    /// shared store a live lease means another instance runs the job.
     pub async fn resume(&self) -> Result<bool, VaultError> {
-        let mut active = self.active.lock().await;
-        match stored_job(self.vault.store()).await? {
-            Some(job) if job.finished_ms.is_none() && job.error.is_none() => {
-                tracing::info!(job = %job.id, kind = job.kind.as_str(), done = job.done, total = job.total, "resuming key job");
-                self.spawn(job, &mut active);
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        self.adopt(self.options.exclusive).await
     }
 
-    fn spawn(&self, job: JobState, active: &mut Option<Active>) -> watch::Receiver<Progress> {
+    /// Takes over a stored job left unfinished whose runner is gone (its lease expired or was
+    /// released), unless this instance runs a job. Returns whether it took one. Instances
+    /// sharing a store call this periodically (every half of the lease's time to live).
+    pub async fn adopt(&self, ignore_live_lease: bool) -> Result<bool, VaultError> {
+        let mut active = self.active.lock().await;
+        if active.as_ref().is_some_and(|a| !a.task.is_finished()) {
+            return Ok(false);
+        }
+        let store = self.vault.store();
+        let Some(bytes) = store.get(Keyspace::Meta, META_JOB).await? else {
+            return Ok(false);
+        };
+        let Some(job) = stored_job(store)
+            .await?
+            .filter(|j| j.finished_ms.is_none() && j.error.is_none())
+        else {
+            return Ok(false);
+        };
+        let view = lease::View::read(store).await?;
+        if !ignore_live_lease && view.held_elsewhere(&self.instance).is_some() {
+            return Ok(false);
+        }
+        refresh_keys(&self.vault).await?;
+        let mut batch = Batch::default();
+        batch.expect(Keyspace::Meta, META_JOB.to_vec(), Expect::Value(bytes));
+        let lease = view.take(&mut batch, &self.instance, self.options.lease_ttl);
+        if self.vault.auditing() {
+            let mut draft =
+                audit::Draft::new(job.kind.resumed_action(), JOB_PRINCIPAL, SYSTEM_ROLE);
+            draft.field_names = job.category.iter().cloned().collect();
+            draft.outcome = audit::Outcome::Ok.as_str().into();
+            batch.append_event(draft.encode());
+        }
+        match store.commit(batch).await {
+            Ok(()) => {}
+            // Another instance took it first.
+            Err(StoreError::Conflict) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(job = %job.id, kind = job.kind.as_str(), done = job.done, total = job.total, "resuming key job");
+        self.spawn(job, Arc::new(lease), &mut active);
+        Ok(true)
+    }
+
+    fn spawn(
+        &self,
+        job: JobState,
+        lease: Arc<Lease>,
+        active: &mut Option<Active>,
+    ) -> watch::Receiver<Progress> {
         let (tx, rx) = watch::channel(job.progress());
         let kind = job.kind;
         let scope = job.scope().ok().flatten();
         let vault = Arc::clone(&self.vault);
+        let held = Arc::clone(&lease);
         let task = tokio::spawn(async move {
             let id = job.id.clone();
-            if let Err(e) = run(&vault, job, &tx).await {
-                let text = e.to_string();
-                tracing::error!(job = %id, error = %text, "key job stopped");
-                // Remember why, so that status calls and the next request can say so.
-                if let Ok(Some(mut stored)) = stored_job(vault.store()).await {
-                    if stored.id == id {
-                        stored.error = Some(text.clone());
-                        let mut batch = Batch::default();
-                        batch.put(Keyspace::Meta, META_JOB.to_vec(), stored.encode());
-                        if vault.auditing() {
-                            let mut draft = audit::Draft::new(
-                                stored.kind.finished_action(),
-                                JOB_PRINCIPAL,
-                                SYSTEM_ROLE,
-                            );
-                            draft.field_names = stored.category.iter().cloned().collect();
-                            draft.outcome = audit::Outcome::Error.as_str().into();
-                            batch.append_event(draft.encode());
-                        }
-                        if let Err(e) = vault.store().commit(batch).await {
-                            tracing::error!(job = %id, error = %e, "the key job's failure could not be recorded");
+            let renewing = async {
+                loop {
+                    tokio::time::sleep(held.renew_every()).await;
+                    match held.renew(vault.store()).await {
+                        Ok(true) => {}
+                        Ok(false) => return,
+                        // Fencing keeps a lapsed lease safe; the next tick tries again.
+                        Err(e) => {
+                            tracing::warn!(job = %id, error = %e, "the key job's lease could not be renewed")
                         }
                     }
                 }
-                tx.send_modify(|p| p.error = Some(text));
+            };
+            let outcome = tokio::select! {
+                outcome = run(&vault, job, &tx, &held) => outcome,
+                () = renewing => Err(VaultError::Conflict("the key job's lease was taken over".into())),
+            };
+            let Err(e) = outcome else { return };
+            if let Ok(false) = held.still_ours(vault.store()).await {
+                // Another instance runs the job now: its watchers here follow it there.
+                tracing::warn!(job = %id, "the key job was taken over by another instance");
+                follow(&vault, &id, &tx).await;
+                return;
             }
+            let text = e.to_string();
+            tracing::error!(job = %id, error = %text, "key job stopped");
+            // Remember why, so that status calls and the next request can say so.
+            if let Ok(Some(mut stored)) = stored_job(vault.store()).await {
+                if stored.id == id {
+                    stored.error = Some(text.clone());
+                    let mut batch = Batch::default();
+                    held.release(&mut batch);
+                    batch.put(Keyspace::Meta, META_JOB.to_vec(), stored.encode());
+                    if vault.auditing() {
+                        let mut draft = audit::Draft::new(
+                            stored.kind.finished_action(),
+                            JOB_PRINCIPAL,
+                            SYSTEM_ROLE,
+                        );
+                        draft.field_names = stored.category.iter().cloned().collect();
+                        draft.outcome = audit::Outcome::Error.as_str().into();
+                        batch.append_event(draft.encode());
+                    }
+                    if let Err(e) = vault.store().commit(batch).await {
+                        tracing::error!(job = %id, error = %e, "the key job's failure could not be recorded");
+                    }
+                }
+            }
+            tx.send_modify(|p| p.error = Some(text));
         });
         *active = Some(Active {
             kind,
             scope,
             progress: rx.clone(),
             task,
+            lease,
         });
         rx
     }
 
-    /// Stops the running job (at shutdown); it resumes from its last page on the next start.
+    /// Ends the running job's task as a crash would: the lease is neither renewed nor
+    /// released.
+    #[cfg(test)]
+    async fn abandon(&self) {
+        if let Some(a) = self.active.lock().await.take() {
+            a.task.abort();
+            let _ = a.task.await;
+        }
+    }
+
+    /// Stops the running job (at shutdown) and releases its lease; it resumes from its last
+    /// page on the next start, or on another instance at once.
     pub async fn stop(&self) {
         if let Some(a) = self.active.lock().await.take() {
             a.task.abort();
             let _ = a.task.await;
+            let mut batch = Batch::default();
+            a.lease.release(&mut batch);
+            match self.vault.store().commit(batch).await {
+                Ok(()) | Err(StoreError::Conflict) => {}
+                Err(e) => tracing::warn!(error = %e, "the key job's lease could not be released"),
+            }
         }
     }
 }
@@ -1001,6 +1226,7 @@ pub async fn scheduled<S: Store>(
     age: std::time::Duration,
 ) -> Result<(), VaultError> {
     let vault = jobs.vault();
+    refresh_keys(vault).await?;
     let keys = vault.keys();
     let active = keys.active_version(category).unwrap_or(0);
     let created = keys
@@ -1031,7 +1257,7 @@ pub async fn scheduled<S: Store>(
         }
     }
     // While a job runs, the next check tries again (and asks for nothing meanwhile: no event).
-    if !jobs.running().await
+    if !jobs.busy().await?
         && count_needing(vault, JobKind::Rewrap, Some(category), vault::now_ms()).await? > 0
     {
         let mut events = Vec::new();
@@ -1090,7 +1316,7 @@ mod tests {
         (name.to_string(), Value::Text(Zeroizing::new(v.to_string())))
     }
 
-    async fn vault_over(store: SledStore, master: &MasterKey) -> Vault<SledStore> {
+    async fn vault_over<S: Store>(store: S, master: &MasterKey) -> Vault<S> {
         let keys = KeyRing::open(&store, master).await.expect("keys");
         Vault::new(store, Arc::new(Schema::default_schema()), Arc::new(keys))
     }
@@ -1114,7 +1340,7 @@ mod tests {
             .expect("update");
     }
 
-    async fn create(vault: &Vault<SledStore>, bsn: &str) -> String {
+    async fn create<S: Store>(vault: &Vault<S>, bsn: &str) -> String {
         let mut ev = audit::Context::new("CreateRecord");
         let (id, _) = vault
             .create(
@@ -1374,9 +1600,15 @@ mod tests {
             vault.store().commit(batch).await,
             Err(StoreError::Conflict)
         ));
-        let redone = redo_page(&vault, &job, Some(Category::Identity), &page)
-            .await
-            .expect("redo");
+        let redone = redo_page(
+            &vault,
+            &job,
+            Some(Category::Identity),
+            &page,
+            &held(vault.store()).await,
+        )
+        .await
+        .expect("redo");
         assert_eq!(redone, 3);
         let counts = version_counts(&vault).await.expect("counts");
         assert_eq!(counts.get(&(Category::Identity, 1)), None);
@@ -1391,9 +1623,15 @@ mod tests {
         }
         // Idempotent: nothing left to do.
         assert_eq!(
-            redo_page(&vault, &job, Some(Category::Identity), &page)
-                .await
-                .expect("redo"),
+            redo_page(
+                &vault,
+                &job,
+                Some(Category::Identity),
+                &page,
+                &held(vault.store()).await
+            )
+            .await
+            .expect("redo"),
             0
         );
     }
@@ -1457,9 +1695,15 @@ mod tests {
                 .expect("count"),
             1
         );
-        let redone = redo_page(&vault, &job, Some(Category::Cv), &page)
-            .await
-            .expect("redo");
+        let redone = redo_page(
+            &vault,
+            &job,
+            Some(Category::Cv),
+            &page,
+            &held(vault.store()).await,
+        )
+        .await
+        .expect("redo");
         assert_eq!(redone, 1);
         let got = vault
             .get(&recruiter, &id, "recruitment", &["education".into()])
@@ -1469,5 +1713,225 @@ mod tests {
             Value::Text(t) => assert_eq!(t.as_str(), long('b')),
             Value::Blob { .. } => panic!("text"),
         }
+    }
+
+    /// A store shared by "instances" in one process, whose key job pages (batches that write
+    /// the job state but take no lease) wait while the gate is closed.
+    #[derive(Clone)]
+    struct Gated {
+        inner: SledStore,
+        open: Arc<watch::Sender<bool>>,
+    }
+
+    impl Gated {
+        fn new(inner: SledStore) -> Self {
+            Self {
+                inner,
+                open: Arc::new(watch::channel(false).0),
+            }
+        }
+    }
+
+    impl Store for Gated {
+        async fn get(&self, ks: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(ks, key).await
+        }
+
+        async fn scan(
+            &self,
+            ks: Keyspace,
+            prefix: &[u8],
+            after: Option<&[u8]>,
+            limit: usize,
+        ) -> Result<crate::store::Entries, StoreError> {
+            self.inner.scan(ks, prefix, after, limit).await
+        }
+
+        async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+            let puts = |key: &[u8]| {
+                batch
+                    .ops
+                    .iter()
+                    .any(|op| matches!(op, crate::store::Op::Put(Keyspace::Meta, k, _) if k == key))
+            };
+            if puts(META_JOB) && !puts(lease::META_OWNER) {
+                let mut open = self.open.subscribe();
+                open.wait_for(|o| *o)
+                    .await
+                    .expect("the gate outlives its stores");
+            }
+            self.inner.commit(batch).await
+        }
+    }
+
+    /// The job's lease, taken by a test instance.
+    async fn held(store: &impl Store) -> Lease {
+        let view = lease::View::read(store).await.expect("lease rows");
+        let mut batch = Batch::default();
+        let lease = view.take(&mut batch, "test", lease::DEFAULT_TTL);
+        store.commit(batch).await.expect("take the lease");
+        lease
+    }
+
+    /// Actions of every stored audit event, in order.
+    async fn actions(store: &impl Store) -> Vec<String> {
+        let mut scan = audit::EventScan::from(1);
+        let mut out = Vec::new();
+        while let Some(e) = scan.next(store).await.expect("scan") {
+            let event = audit::Event::parse(&e.raw.expect("framed")).expect("event");
+            out.push(event.draft.action);
+        }
+        out
+    }
+
+    async fn finished(mut rx: watch::Receiver<Progress>) -> Progress {
+        tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                let p = rx.borrow_and_update().clone();
+                if p.finished || p.error.is_some() {
+                    return p;
+                }
+                rx.changed().await.expect("progress until the end");
+            }
+        })
+        .await
+        .expect("the job ends")
+    }
+
+    /// Two instances with a short lease over one gated store, three records needing a rewrap
+    /// of identity.
+    async fn two_instances(dir: &std::path::Path) -> (Gated, Arc<Jobs<Gated>>, Arc<Jobs<Gated>>) {
+        let store = Gated::new(SledStore::open(dir).expect("open"));
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let a = Arc::new(vault_over(store.clone(), &master).await);
+        let b = Arc::new(vault_over(store.clone(), &master).await);
+        for _ in 0..3 {
+            create(&a, "111222333").await;
+        }
+        a.keys()
+            .rotate(a.store(), &[Category::Identity], vec![])
+            .await
+            .expect("rotate");
+        let options = JobOptions {
+            lease_ttl: std::time::Duration::from_millis(600),
+            exclusive: false,
+        };
+        (
+            store,
+            Jobs::with_options(a, options),
+            Jobs::with_options(b, options),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_job_runs_once_across_instances_and_moves_when_its_runner_dies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, a, b) = two_instances(dir.path()).await;
+        let _first = a
+            .start(JobKind::Rewrap, None, "test", Vec::new())
+            .await
+            .expect("A starts the rewrap");
+        assert!(b.busy().await.expect("busy"), "B sees A's job");
+        let refused = b
+            .start(JobKind::Rekey, Some(Category::Identity), "test", Vec::new())
+            .await
+            .expect_err("another kind is refused while A runs");
+        assert!(
+            matches!(&refused, VaultError::FailedPrecondition(m) if m.contains("on another instance")),
+            "{refused}"
+        );
+        let watching = b
+            .start(
+                JobKind::Rewrap,
+                Some(Category::Identity),
+                "test",
+                Vec::new(),
+            )
+            .await
+            .expect("B attaches to A's job");
+        // A's heartbeat keeps the lease beyond its time to live.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        assert!(!b.adopt(false).await.expect("adopt"), "A's lease is live");
+        // A dies with its first page unwritten; once its lease expires, B takes the job over.
+        a.abandon().await;
+        assert!(!b.adopt(false).await.expect("adopt"), "not expired yet");
+        tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+        assert!(b.adopt(false).await.expect("adopt"), "B takes over");
+        store.open.send_replace(true);
+        let p = finished(watching).await;
+        assert_eq!((p.done, p.total, p.error), (3, 3, None));
+        let counts = version_counts(b.vault()).await.expect("counts");
+        assert_eq!(counts.get(&(Category::Identity, 1)), None);
+        assert_eq!(counts[&(Category::Identity, 2)], 3);
+        let actions = actions(&store).await;
+        let count = |a: &str| actions.iter().filter(|x| *x == a).count();
+        assert_eq!(
+            (
+                count("RewrapRecord"),
+                count("RewrapResumed"),
+                count("RewrapFinished")
+            ),
+            (3, 1, 1),
+            "{actions:?}"
+        );
+        assert!(!b.busy().await.expect("busy"));
+        assert!(!a.busy().await.expect("busy"));
+    }
+
+    #[tokio::test]
+    async fn a_runner_whose_job_was_taken_over_writes_nothing_more() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, a, b) = two_instances(dir.path()).await;
+        let first = a
+            .start(JobKind::Rewrap, None, "test", Vec::new())
+            .await
+            .expect("A starts the rewrap");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // B takes the job as if A's lease had expired (a paused VM, a clock jump): A's page
+        // is waiting to commit.
+        assert!(b.adopt(true).await.expect("adopt"), "B takes over");
+        store.open.send_replace(true);
+        let p = finished(first).await;
+        assert_eq!(
+            (p.done, p.total, p.error),
+            (3, 3, None),
+            "A's watchers follow the job to its end on B"
+        );
+        let stored = stored_job(&store).await.expect("job").expect("stored");
+        assert!(stored.finished_ms.is_some() && stored.error.is_none());
+        let actions = actions(&store).await;
+        let count = |a: &str| actions.iter().filter(|x| *x == a).count();
+        assert_eq!(
+            (count("RewrapRecord"), count("RewrapFinished")),
+            (3, 1),
+            "only B's pages are written: {actions:?}"
+        );
+        let counts = version_counts(b.vault()).await.expect("counts");
+        assert_eq!(counts[&(Category::Identity, 2)], 3);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_job_is_taken_over_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, a, b) = two_instances(dir.path()).await;
+        a.start(JobKind::Rewrap, None, "test", Vec::new())
+            .await
+            .expect("A starts the rewrap");
+        a.stop().await;
+        assert!(
+            !b.busy().await.expect("busy"),
+            "a stopped job is not running"
+        );
+        assert!(
+            b.adopt(false).await.expect("adopt"),
+            "the lease was released"
+        );
+        store.open.send_replace(true);
+        let rx = b
+            .start(JobKind::Rewrap, None, "test", Vec::new())
+            .await
+            .expect("attach");
+        let p = finished(rx).await;
+        assert_eq!((p.done, p.total, p.error), (3, 3, None));
     }
 }

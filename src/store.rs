@@ -206,6 +206,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies `batch` atomically; returns only once it is durable.
     fn commit(&self, batch: Batch) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Whether no other process can use the store while this one has it open (sled locks
+    /// its directory). Several instances share a store that is not exclusive.
+    fn exclusive(&self) -> bool {
+        false
+    }
 }
 
 /// Segment size for sled: its blob threshold is a quarter of this, minus a header.
@@ -1200,6 +1206,11 @@ fn insert_ops(trees: &[sled::Tree; 5], ops: &[Op]) -> Result<(), StoreError> {
 }
 
 impl Store for SledStore {
+    fn exclusive(&self) -> bool {
+        // sled holds an exclusive lock on its directory.
+        true
+    }
+
     async fn get(&self, ks: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.visible(ks).await?;
         // No `apply` lock: one key is read atomically anyway, and sled holds only durable

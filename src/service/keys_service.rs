@@ -107,6 +107,8 @@ async fn status_after<S: Store>(jobs: &Jobs<S>, done: &str) -> Result<proto::Key
 /// Every category's KEK versions with their states and exact record counts.
 pub async fn key_status<S: Store>(jobs: &Jobs<S>) -> Result<proto::KeyStatus, VaultError> {
     let vault = jobs.vault();
+    // Another instance may have rotated or retired since this one last looked.
+    rotation::refresh_keys(vault).await?;
     let counts = rotation::version_counts(vault).await?;
     let versions = vault.keys().versions();
     let active = vault.keys().active_versions();
@@ -327,7 +329,7 @@ impl<S: Store> proto::keys_server::Keys for KeysService<S> {
                 .map_err(key_op_status)?;
             // A running job may have pages in flight that wrap data keys under this version
             // (prepared while it was still active) and commit after the count below.
-            if self.jobs.running().await {
+            if self.jobs.busy().await.map_err(status::from_vault)? {
                 return Err(Status::failed_precondition(
                     "version: a key job is running; retire once it has finished (its pages in flight may still use this version)",
                 ));
