@@ -49,6 +49,9 @@ pub const INVALID_RECORD_ID: &str = "<invalid>";
 pub const META_CHECKPOINT: &[u8] = b"audit/checkpoint/";
 /// Meta key of the newest checkpoint's sequence number.
 pub const META_CHECKPOINT_LAST: &[u8] = b"audit/checkpoint-last";
+/// Meta key of the public key that signs this store's checkpoints (32 bytes), written by the
+/// first instance to start: every instance sharing the store must sign with the same key.
+pub const META_SIGNING_KEY: &[u8] = b"audit/signing-key";
 /// Version byte of the event body encoding.
 const BODY_VERSION: u8 = 1;
 /// Bytes before an event's body: seq, time, hash.
@@ -768,6 +771,49 @@ impl Signer {
     }
 }
 
+/// Records `public_key` as the key that signs this store's checkpoints if none is recorded
+/// yet, and refuses a different one: instances sharing a store must share the signing key,
+/// or each would take the others' checkpoints for forgeries.
+pub async fn claim_signing_key(store: &impl Store, public_key: &[u8; 32]) -> Result<(), String> {
+    let mismatch = |stored: &[u8]| {
+        format!(
+            "the audit signing key ({}) is not the key this store's checkpoints are signed with ({}): every instance sharing a store must use the same `[audit] signing_key_file`",
+            hex::encode(public_key),
+            hex::encode(stored)
+        )
+    };
+    for _ in 0..2 {
+        match store
+            .get(Keyspace::Meta, META_SIGNING_KEY)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Some(stored) if stored == public_key => return Ok(()),
+            Some(stored) => return Err(mismatch(&stored)),
+            None => {
+                let mut batch = crate::store::Batch::default();
+                batch.expect(
+                    Keyspace::Meta,
+                    META_SIGNING_KEY.to_vec(),
+                    crate::store::Expect::Absent,
+                );
+                batch.put(
+                    Keyspace::Meta,
+                    META_SIGNING_KEY.to_vec(),
+                    public_key.to_vec(),
+                );
+                match store.commit(batch).await {
+                    Ok(()) => return Ok(()),
+                    // Another instance recorded its key first: compare with it.
+                    Err(StoreError::Conflict) => continue,
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        }
+    }
+    Err("the audit signing key could not be recorded (concurrent start-ups); start again".into())
+}
+
 /// Reads a public key file: 64 hex digits, or the PKCS#8 private key itself.
 pub fn read_public_key(path: &Path) -> Result<[u8; 32], SignerError> {
     let err = |reason: String| SignerError::File {
@@ -863,6 +909,17 @@ pub async fn checkpoint_if_due(
             .get(META_CHECKPOINT.len()..)
             .and_then(|b| <[u8; 8]>::try_from(b).ok())
             .map_or(0, u64::from_be_bytes);
+        // Another instance sharing the store may have checkpointed since the pointer was
+        // read: then the pointer has moved forward with it, and nothing is wrong.
+        let now_last = store
+            .get(Keyspace::Meta, META_CHECKPOINT_LAST)
+            .await?
+            .as_deref()
+            .and_then(|v| <[u8; 8]>::try_from(v).ok())
+            .map_or(0, u64::from_be_bytes);
+        if now_last > last {
+            return Ok(None);
+        }
         return Err(refuse(format!(
             "a checkpoint at event {newer} is newer than the one `audit/checkpoint-last` names (event {last}): the pointer was rolled back"
         )));
@@ -1689,6 +1746,95 @@ mod tests {
         store.commit(event_batch(20)).await.expect("commit");
         let cp = checkpoint_if_due(&store, &signer, 1000, 50, true, &mut behind).await;
         assert_eq!(cp.expect("cp").expect("forced").seq, 115);
+    }
+
+    /// A store in which another instance commits `racing` just before the next scan of the
+    /// checkpoints.
+    #[derive(Clone)]
+    struct Racing {
+        inner: crate::store::SledStore,
+        racing: std::sync::Arc<std::sync::Mutex<Option<crate::store::Batch>>>,
+    }
+
+    impl Store for Racing {
+        async fn get(&self, ks: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(ks, key).await
+        }
+
+        async fn scan(
+            &self,
+            ks: Keyspace,
+            prefix: &[u8],
+            after: Option<&[u8]>,
+            limit: usize,
+        ) -> Result<crate::store::Entries, StoreError> {
+            if prefix == META_CHECKPOINT {
+                let racing = self.racing.lock().expect("not poisoned").take();
+                if let Some(batch) = racing {
+                    self.inner.commit(batch).await?;
+                }
+            }
+            self.inner.scan(ks, prefix, after, limit).await
+        }
+
+        async fn commit(&self, batch: crate::store::Batch) -> Result<(), StoreError> {
+            self.inner.commit(batch).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_another_instance_writes_meanwhile_is_no_alarm() {
+        use crate::store::{Batch, SledStore};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signer = Signer::load_or_create(&dir.path().join("k"), true).expect("signer");
+        let store = Racing {
+            inner: SledStore::open(&dir.path().join("data")).expect("open"),
+            racing: Default::default(),
+        };
+        let mut a = Watched::default();
+        store.commit(event_batch(10)).await.expect("commit");
+        let cp = checkpoint_if_due(&store, &signer, 5, 50, false, &mut a).await;
+        assert_eq!(cp.expect("cp").expect("due").seq, 10);
+        store.commit(event_batch(10)).await.expect("commit");
+        // Instance B signs event 20 after A read the pointer (10) and before A looks for
+        // newer checkpoints.
+        let head = Head::load(&store).await.expect("head");
+        let cp = signer.sign(&head, now_ms());
+        let mut b = Batch::default();
+        b.put(Keyspace::Meta, checkpoint_key(cp.seq), cp.encode());
+        b.put(
+            Keyspace::Meta,
+            META_CHECKPOINT_LAST.to_vec(),
+            cp.seq.to_be_bytes().to_vec(),
+        );
+        *store.racing.lock().expect("not poisoned") = Some(b);
+        let cp = checkpoint_if_due(&store, &signer, 5, 50, false, &mut a).await;
+        assert!(cp.expect("no alarm").is_none(), "B's checkpoint covers it");
+        // The next check sees B's checkpoint as the newest, and goes on from it.
+        store.commit(event_batch(10)).await.expect("commit");
+        let cp = checkpoint_if_due(&store, &signer, 5, 50, false, &mut a).await;
+        assert_eq!(cp.expect("cp").expect("due").seq, 30);
+    }
+
+    #[tokio::test]
+    async fn a_store_keeps_the_signing_key_of_its_first_instance() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::SledStore::open(&dir.path().join("data")).expect("open");
+        let first = Signer::load_or_create(&dir.path().join("a"), true).expect("signer");
+        let other = Signer::load_or_create(&dir.path().join("b"), true).expect("signer");
+        claim_signing_key(&store, &first.public_key())
+            .await
+            .expect("recorded");
+        claim_signing_key(&store, &first.public_key())
+            .await
+            .expect("the same key again");
+        let err = claim_signing_key(&store, &other.public_key())
+            .await
+            .expect_err("another key is refused");
+        assert!(
+            err.contains(&first.public_key_hex()) && err.contains(&other.public_key_hex()),
+            "{err}"
+        );
     }
 
     #[tokio::test]

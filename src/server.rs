@@ -360,10 +360,37 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
             ))
         })?;
     }
+    // A missing key file is made afresh only for a store whose checkpoints no key signs yet
+    // (making one over a signed store would also overwrite the public key file beside it).
+    if !settings.audit.signing_key_file.exists() {
+        let recorded = crate::store::Store::get(
+            vault.store(),
+            crate::store::Keyspace::Meta,
+            crate::audit::META_SIGNING_KEY,
+        )
+        .await
+        .map_err(|e| ConfigError::Rule(format!("reading the audit signing key: {e}")))?;
+        if let Some(public) = recorded {
+            return Err(ConfigError::Rule(format!(
+                "{} is missing, and this store's checkpoints are signed with key {}: restore the file (every instance sharing a store uses the same key)",
+                settings.audit.signing_key_file.display(),
+                hex::encode(public)
+            ))
+            .into());
+        }
+    }
     let signer = Signer::load_or_create(
         &settings.audit.signing_key_file,
         settings.audit.create_signing_key,
     )?;
+    crate::audit::claim_signing_key(vault.store(), &signer.public_key())
+        .await
+        .map_err(|e| {
+            ConfigError::Rule(format!(
+                "{e} (file {})",
+                settings.audit.signing_key_file.display()
+            ))
+        })?;
     // Every call of the three services passes the gate, which authenticates it before its
     // body is read; the size limits stay on the servers inside it.
     let auth = Authenticator::new(Arc::new(settings.policy.clone()));

@@ -302,6 +302,51 @@ async fn a_wrong_master_key_refuses_to_start() {
     vault.start().await.expect("the right key still works");
 }
 
+/// A store remembers the key its checkpoints are signed with: an instance with another
+/// signing key (a replaced key file, or an instance set up on its own) refuses to start
+/// instead of signing checkpoints the others would take for forgeries.
+#[tokio::test]
+async fn another_audit_signing_key_refuses_to_start() {
+    let mut vault = spawn_vault().await;
+    create(&vault, "a@example.nl").await;
+    vault.stop().await;
+    let key = vault.dir.path().join("keys").join("audit-signing.key");
+    let original = std::fs::read(&key).expect("signing key");
+    let public =
+        std::fs::read(vault.dir.path().join("keys").join("audit-signing.pub")).expect("public key");
+    // Lost: not made afresh over a signed store.
+    std::fs::remove_file(&key).expect("remove");
+    let err = match vault.start().await {
+        Ok(()) => panic!("started without its signing key"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("is missing") && err.contains("restore the file"),
+        "{err}"
+    );
+    assert!(!key.exists(), "no new key was made");
+    // Replaced by another key.
+    let other = tempfile::tempdir().expect("tempdir");
+    kluis::audit::Signer::load_or_create(&other.path().join("k"), true).expect("other key");
+    std::fs::copy(other.path().join("k"), &key).expect("replace");
+    let err = match vault.start().await {
+        Ok(()) => panic!("started with another signing key"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("is not the key this store's checkpoints are signed with")
+            && err.contains("audit-signing.key"),
+        "{err}"
+    );
+    std::fs::write(&key, original).expect("restore");
+    assert_eq!(
+        std::fs::read(vault.dir.path().join("keys").join("audit-signing.pub")).expect("public"),
+        public,
+        "the public key file was left alone"
+    );
+    vault.start().await.expect("the original key still works");
+}
+
 /// Role-scoped decryption is cryptographic: with the identity data key and an identity field
 /// destroyed in the store, a recruiter's read (which never unwraps that key) still succeeds,
 /// while payroll's read of the same record reports the damage.
