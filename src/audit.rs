@@ -28,7 +28,10 @@
 //! ([`verify`] names it). Rewriting the whole chain consistently is caught by the signed
 //! checkpoints: their Ed25519 key lives under `keys/`, out of reach of someone with database
 //! access only. Deleting checkpoints too is caught by coverage: no more than
-//! `2 × checkpoint_every` events may follow the newest checkpoint.
+//! `2 × checkpoint_every + 1000` events may follow the newest checkpoint ([`max_uncovered`]).
+//! Event times are checked against the verifier's clock and the signing time of the
+//! checkpoint that covers them, so a head dated forward cannot hide later events from
+//! queries by time.
 
 use std::path::Path;
 
@@ -877,6 +880,12 @@ pub async fn checkpoint_if_due(
             watched.checkpoint
         )));
     }
+    if head.time_ms > now_ms().saturating_add(CLOCK_SKEW_MS) {
+        return Err(refuse(format!(
+            "the chain head (event {}) is dated in the future: its time was moved forward, or this clock is behind the one that wrote it",
+            head.seq
+        )));
+    }
     let seen = watched.head.unwrap_or_default();
     if head.seq < seen.seq {
         return Err(refuse(format!(
@@ -1038,6 +1047,10 @@ pub struct Verification {
 /// Events read per store scan while verifying or querying.
 const SCAN_PAGE: usize = 4096;
 
+/// How far an event's time may lie past the clock of the process that checks it, or past
+/// the signing time of the checkpoint that covers it (clocks of instances differ a little).
+pub const CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
+
 /// Whether events may be appended while [`verify`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VerifyMode {
@@ -1092,7 +1105,7 @@ pub async fn verify(
                 .unwrap_or(0);
             match Checkpoint::decode(&value) {
                 Some(cp) if cp.seq == key_seq && cp.verify(public_key) => {
-                    checkpoints.insert(cp.seq, cp.hash);
+                    checkpoints.insert(cp.seq, (cp.hash, cp.signed_ms));
                 }
                 // Not trusted, so not compared with the chain either (the events may be fine).
                 _ => {
@@ -1190,7 +1203,28 @@ pub async fn verify(
             );
             break;
         }
-        if let Some(signed) = checkpoints.get(&expected) {
+        // Dated in the future (a head whose time was moved forward makes every later event
+        // carry that time, which hides them from queries by time): past this clock, or past
+        // the signing of the checkpoint that covers it.
+        if event.time_ms > now_ms().saturating_add(CLOCK_SKEW_MS) {
+            fail(
+                &mut v,
+                expected,
+                format!("event {expected} is dated in the future (the chain head's time was moved forward, or a clock jumped ahead)"),
+            );
+            break;
+        }
+        if let Some((&cp_seq, &(_, signed_ms))) = checkpoints.range(expected..).next() {
+            if event.time_ms > signed_ms.saturating_add(CLOCK_SKEW_MS) {
+                fail(
+                    &mut v,
+                    expected,
+                    format!("event {expected} is dated after the checkpoint at event {cp_seq} that covers it was signed (the chain head's time was moved forward?)"),
+                );
+                break;
+            }
+        }
+        if let Some((signed, _)) = checkpoints.get(&expected) {
             v.checkpoints_checked += 1;
             if signed != &hash {
                 fail(
@@ -1213,7 +1247,13 @@ pub async fn verify(
     }
     let last = expected - 1;
     if v.ok {
-        if head.seq != last || (last > 0 && head.hash != prev) {
+        if last > 0 && head.seq == last && head.hash == prev && head.time_ms != prev_time {
+            fail(
+                &mut v,
+                last,
+                format!("the chain head's time differs from event {last}'s (moved: later events would be dated from it)"),
+            );
+        } else if head.seq != last || (last > 0 && head.hash != prev) {
             // The same length but another hash: the last event was rewritten.
             if head.seq == last {
                 fail(
@@ -1834,6 +1874,69 @@ mod tests {
         assert!(
             err.contains(&first.public_key_hex()) && err.contains(&other.public_key_hex()),
             "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_head_dated_in_the_future_is_caught_and_not_signed() {
+        use crate::store::{Batch, SledStore};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signer = Signer::load_or_create(&dir.path().join("k"), true).expect("signer");
+        let pk = signer.public_key();
+        let data = dir.path().join("data");
+        let store = SledStore::open(&data).expect("open");
+        store.commit(event_batch(5)).await.expect("commit");
+        let real = Head::load(&store).await.expect("head");
+        let year = 365 * 24 * 3600 * 1000;
+        let mut b = Batch::default();
+        let forward = Head {
+            time_ms: real.time_ms + year,
+            ..real
+        };
+        b.put(Keyspace::Meta, META_HEAD.to_vec(), forward.encode());
+        store.commit(b).await.expect("move the head's time");
+        for mode in [VerifyMode::Offline, VerifyMode::Live] {
+            let v = verify(&store, &pk, 100, mode).await.expect("verify");
+            assert_eq!((v.ok, v.first_bad_seq), (false, 5), "{mode:?} {v:?}");
+            assert!(v.reason.contains("time"), "{v:?}");
+        }
+        // Reopened, the store dates every later event from that head: caught, and the
+        // checkpointer will not vouch for it.
+        drop(store);
+        let store = SledStore::open(&data).expect("reopen");
+        store.commit(event_batch(3)).await.expect("commit");
+        let v = verify(&store, &pk, 100, VerifyMode::Live)
+            .await
+            .expect("verify");
+        assert_eq!((v.ok, v.first_bad_seq), (false, 6), "{v:?}");
+        assert!(v.reason.contains("dated in the future"), "{v:?}");
+        let err = checkpoint_if_due(&store, &signer, 1, 100, true, &mut Watched::default())
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("dated in the future"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_event_dated_after_its_covering_checkpoint_is_caught() {
+        use crate::store::{Batch, SledStore};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signer = Signer::load_or_create(&dir.path().join("k"), true).expect("signer");
+        let store = SledStore::open(&dir.path().join("data")).expect("open");
+        store.commit(event_batch(4)).await.expect("commit");
+        let head = Head::load(&store).await.expect("head");
+        // A checkpoint signed an hour before the events it covers were dated.
+        let cp = signer.sign(&head, now_ms() - 3600 * 1000);
+        let mut b = Batch::default();
+        b.put(Keyspace::Meta, checkpoint_key(cp.seq), cp.encode());
+        store.commit(b).await.expect("checkpoint");
+        let v = verify(&store, &signer.public_key(), 100, VerifyMode::Offline)
+            .await
+            .expect("verify");
+        assert_eq!((v.ok, v.first_bad_seq), (false, 1), "{v:?}");
+        assert!(
+            v.reason.contains("after the checkpoint at event 4"),
+            "{v:?}"
         );
     }
 

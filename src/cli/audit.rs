@@ -688,8 +688,12 @@ fn check_window(since: Option<i64>, until: Option<i64>) -> Result<(), CliError> 
 pub struct RecordTouch {
     /// The record.
     pub record_id: String,
-    /// Names of the fields touched, sorted (every outcome: see `outcomes`).
+    /// Names of the fields touched by events that succeeded (`ok`: read, written or
+    /// erased), sorted.
     pub field_names: Vec<String>,
+    /// Names of the fields only asked for by events that did not succeed (`denied`,
+    /// `invalid`, `error`: nothing of them was disclosed or changed), sorted.
+    pub fields_attempted: Vec<String>,
     /// The RPC methods, sorted.
     pub actions: Vec<String>,
     /// How many events.
@@ -728,10 +732,14 @@ pub struct BreachReport {
     pub until: i64,
     /// Every event of the principal in the window.
     pub total_events: u64,
-    /// How many records.
+    /// How many records an event that succeeded touched.
     pub records_touched: u64,
-    /// Every field name named by any of the events, sorted.
+    /// How many records only events that did not succeed named.
+    pub records_attempted: u64,
+    /// Every field name named by an event that succeeded, sorted.
     pub distinct_fields: Vec<String>,
+    /// Every field name named only by events that did not succeed, sorted.
+    pub distinct_fields_attempted: Vec<String>,
     /// The events that named no record.
     pub without_record: WithoutRecord,
     /// The records, in the order the principal first touched them.
@@ -742,6 +750,7 @@ pub struct BreachReport {
 struct RecordAcc {
     first_seq: u64,
     fields: BTreeSet<String>,
+    attempted: BTreeSet<String>,
     actions: BTreeSet<String>,
     events: u64,
     first: i64,
@@ -806,7 +815,11 @@ impl BreachAggregator {
         acc.first = acc.first.min(e.time_ms);
         acc.last = acc.last.max(e.time_ms);
         acc.first_seq = acc.first_seq.min(e.seq);
-        acc.fields.extend(e.field_names.iter().cloned());
+        if e.outcome == audit::Outcome::Ok.as_str() {
+            acc.fields.extend(e.field_names.iter().cloned());
+        } else {
+            acc.attempted.extend(e.field_names.iter().cloned());
+        }
         acc.actions.insert(e.action.clone());
         *acc.outcomes.entry(e.outcome.clone()).or_default() += 1;
     }
@@ -814,16 +827,24 @@ impl BreachAggregator {
     /// The report.
     pub fn finish(self) -> BreachReport {
         let mut distinct: BTreeSet<String> = self.fields_without_record.clone();
+        let mut attempted = BTreeSet::new();
+        let mut touched = 0;
         let mut records: Vec<(u64, RecordTouch)> = self
             .records
             .into_iter()
             .map(|(record_id, acc)| {
+                if acc.outcomes.contains_key(audit::Outcome::Ok.as_str()) {
+                    touched += 1;
+                }
                 distinct.extend(acc.fields.iter().cloned());
+                attempted.extend(acc.attempted.iter().cloned());
+                let only_attempted = acc.attempted.difference(&acc.fields).cloned().collect();
                 (
                     acc.first_seq,
                     RecordTouch {
                         record_id,
                         field_names: acc.fields.into_iter().collect(),
+                        fields_attempted: only_attempted,
                         actions: acc.actions.into_iter().collect(),
                         events: acc.events,
                         first: acc.first,
@@ -841,7 +862,9 @@ impl BreachAggregator {
             since: self.since,
             until: self.until,
             total_events: self.total,
-            records_touched: records.len() as u64,
+            records_touched: touched,
+            records_attempted: records.len() as u64 - touched,
+            distinct_fields_attempted: attempted.difference(&distinct).cloned().collect(),
             distinct_fields: distinct.into_iter().collect(),
             without_record,
             records: records.into_iter().map(|(_, r)| r).collect(),
@@ -890,16 +913,21 @@ pub fn render_table(r: &BreachReport) -> String {
     line(&mut out, "Records touched:", r.records_touched.to_string());
     line(
         &mut out,
-        "Distinct fields:",
-        if r.distinct_fields.is_empty() {
+        "Only attempted:",
+        format!("{} (every request refused or failed)", r.records_attempted),
+    );
+    let names = |names: &[String]| {
+        if names.is_empty() {
             "0".into()
         } else {
-            format!(
-                "{} ({})",
-                r.distinct_fields.len(),
-                r.distinct_fields.join(", ")
-            )
-        },
+            format!("{} ({})", names.len(), names.join(", "))
+        }
+    };
+    line(&mut out, "Distinct fields:", names(&r.distinct_fields));
+    line(
+        &mut out,
+        "Refused fields:",
+        names(&r.distinct_fields_attempted),
     );
     let w = &r.without_record;
     let mut without = plural(w.events, "event");
@@ -916,9 +944,9 @@ pub fn render_table(r: &BreachReport) -> String {
         return out;
     }
     let header = [
-        "RECORD", "EVENTS", "FIRST", "LAST", "OUTCOMES", "ACTIONS", "FIELDS",
+        "RECORD", "EVENTS", "FIRST", "LAST", "OUTCOMES", "ACTIONS", "FIELDS", "REFUSED",
     ];
-    let rows: Vec<[String; 7]> = r
+    let rows: Vec<[String; 8]> = r
         .records
         .iter()
         .map(|t| {
@@ -930,6 +958,7 @@ pub fn render_table(r: &BreachReport) -> String {
                 counts(&t.outcomes, "="),
                 t.actions.join(","),
                 t.field_names.join(","),
+                t.fields_attempted.join(","),
             ]
         })
         .collect();
@@ -939,7 +968,7 @@ pub fn render_table(r: &BreachReport) -> String {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let mut push_row = |cells: [&str; 7]| {
+    let mut push_row = |cells: [&str; 8]| {
         let mut text = String::new();
         for (i, cell) in cells.iter().enumerate() {
             let last = i + 1 == cells.len();
@@ -960,7 +989,7 @@ pub fn render_table(r: &BreachReport) -> String {
     push_row(header);
     for row in &rows {
         push_row([
-            &row[0], &row[1], &row[2], &row[3], &row[4], &row[5], &row[6],
+            &row[0], &row[1], &row[2], &row[3], &row[4], &row[5], &row[6], &row[7],
         ]);
     }
     out
@@ -1027,7 +1056,7 @@ pub async fn verify(args: &VerifyArgs, out: &mut dyn Write) -> Result<(), CliErr
     } else {
         writeln!(
             out,
-            "FAILED: first bad event {}: {}\n{} checked before it, {}",
+            "FAILED: first bad event {}: {}\n{} and {} checked",
             v.first_bad_seq,
             v.reason,
             plural(v.events_checked, "event"),
@@ -1160,11 +1189,13 @@ mod tests {
         ];
         let r = breach_report("app", 1000, 9000, &events);
         assert_eq!(r.total_events, 7);
-        assert_eq!(r.records_touched, 2);
+        assert_eq!((r.records_touched, r.records_attempted), (2, 0));
+        // The refused read of bsn disclosed nothing: it is reported apart.
         assert_eq!(
             r.distinct_fields,
-            vec!["bsn", "city", "email", "full_name", "phone"]
+            vec!["city", "email", "full_name", "phone"]
         );
+        assert_eq!(r.distinct_fields_attempted, vec!["bsn"]);
         assert_eq!(r.without_record.events, 3);
         assert_eq!(
             r.without_record.actions,
@@ -1181,12 +1212,8 @@ mod tests {
             r.records[0],
             RecordTouch {
                 record_id: R2.into(),
-                field_names: vec![
-                    "bsn".into(),
-                    "city".into(),
-                    "email".into(),
-                    "full_name".into()
-                ],
+                field_names: vec!["city".into(), "email".into(), "full_name".into()],
+                fields_attempted: vec!["bsn".into()],
                 actions: vec![
                     "CreateRecord".into(),
                     "GetRecord".into(),
@@ -1225,7 +1252,40 @@ mod tests {
             assert_eq!(&l[col..col + 5], "1970-", "{table}");
         }
         assert!(lines[head + 1].starts_with(R2));
-        assert!(lines[head + 1].ends_with("bsn,city,email,full_name"));
+        assert!(lines[head + 1].ends_with("city,email,full_name  bsn"));
+    }
+
+    #[test]
+    fn a_record_only_refused_is_attempted_not_touched() {
+        let events = vec![
+            with(
+                row(1, 1000, "app", "GetRecord", R1),
+                &["bsn", "iban"],
+                "denied",
+            ),
+            with(row(2, 1100, "app", "GetRecord", R1), &["iban"], "denied"),
+            with(row(3, 1200, "app", "GetRecord", R2), &["email"], "ok"),
+            with(
+                row(4, 1300, "app", "GetRecord", R2),
+                &["email", "bsn"],
+                "denied",
+            ),
+        ];
+        let r = breach_report("app", 0, 9000, &events);
+        assert_eq!((r.records_touched, r.records_attempted), (1, 1));
+        assert_eq!(r.distinct_fields, vec!["email"]);
+        assert_eq!(r.distinct_fields_attempted, vec!["bsn", "iban"]);
+        assert!(r.records[0].field_names.is_empty());
+        assert_eq!(r.records[0].fields_attempted, vec!["bsn", "iban"]);
+        assert_eq!(r.records[1].field_names, vec!["email"]);
+        assert_eq!(
+            r.records[1].fields_attempted,
+            vec!["bsn"],
+            "email was disclosed"
+        );
+        let table = render_table(&r);
+        assert!(table.contains("Only attempted:   1"), "{table}");
+        assert!(table.contains("Refused fields:   2 (bsn, iban)"), "{table}");
     }
 
     #[test]

@@ -503,7 +503,7 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         &self,
         request: Request<proto::ListRecordsRequest>,
     ) -> Result<Response<proto::ListRecordsResponse>, Status> {
-        let (log, ev, caller) = self.auth.begin("ListRecords", &request);
+        let (log, mut ev, caller) = self.auth.begin("ListRecords", &request);
         let caller = match caller {
             Ok(c) => c,
             Err(e) => return self.finish(log, ev, Err(e)).await,
@@ -518,6 +518,15 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
                 records: page.records.into_iter().map(meta_to_proto).collect(),
                 next_page_token: page.next_page_token.unwrap_or_default(),
             });
+        // A listing discloses each listed record's metadata (lifecycle, consents,
+        // restriction, legal hold, categories): one event per record listed, as for a
+        // search; an empty page is one event without a record.
+        if let Ok(page) = &result {
+            if let Some((first, rest)) = page.records.split_first() {
+                ev.draft.record_id = first.record_id.clone();
+                ev.more_records = rest.iter().map(|r| r.record_id.clone()).collect();
+            }
+        }
         self.finish(log, ev, result).await
     }
 

@@ -295,7 +295,8 @@ async fn every_records_call_leaves_exactly_its_event() {
             &["email"],
             "ok",
         ),
-        expect(r, "recruiter", "", "ListRecords", "", &[], "ok"),
+        // A listing names each record it listed.
+        expect(r, "recruiter", "", "ListRecords", &id, &[], "ok"),
         // No record id: the gate refuses the call before the body that names it is read.
         expect("", "", "", "GetRecord", "", &[], "denied"),
         expect(
