@@ -74,7 +74,11 @@ pub struct Running {
     schedule: Option<tokio::task::JoinHandle<()>>,
     sweeper: Option<tokio::task::JoinHandle<()>>,
     refusals: Option<tokio::task::JoinHandle<()>>,
+    health_watch: Option<tokio::task::JoinHandle<()>>,
 }
+
+/// How often the health status is checked against the store.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
 
 /// The background task that signs audit checkpoints.
 struct Checkpointer {
@@ -151,9 +155,13 @@ impl Running {
 
     /// Stops the background tasks and signs a last checkpoint.
     async fn finish(mut self, served: Result<(), ServerError>) -> Result<(), ServerError> {
-        for task in [self.schedule.take(), self.sweeper.take()]
-            .into_iter()
-            .flatten()
+        for task in [
+            self.schedule.take(),
+            self.sweeper.take(),
+            self.health_watch.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             task.abort();
             let _ = task.await;
@@ -464,6 +472,34 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         .add_service(records)
         .add_service(audit)
         .add_service(keys);
+    // A store that refuses writes (a failed sync or apply) fails every call that writes,
+    // reads included (their audit events): report NOT_SERVING, so that a load balancer
+    // stops sending calls here until a restart replays the log.
+    let health_watch = {
+        let vault = Arc::clone(&vault);
+        let reporter = health_reporter.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(HEALTH_EVERY).await;
+                if let Some(reason) = vault.store().poisoned() {
+                    tracing::error!(%reason, "the store refuses writes: health set to NOT_SERVING until restart");
+                    reporter
+                        .set_not_serving::<RecordsServer<RecordsService<SledStore>>>()
+                        .await;
+                    reporter
+                        .set_not_serving::<AuditServer<AuditService<SledStore>>>()
+                        .await;
+                    reporter
+                        .set_not_serving::<KeysServer<KeysService<SledStore>>>()
+                        .await;
+                    reporter
+                        .set_service_status("", tonic_health::ServingStatus::NotServing)
+                        .await;
+                    return;
+                }
+            }
+        })
+    };
     let handle = tokio::spawn(async move {
         router
             .serve_with_incoming_shutdown(incoming, async move {
@@ -491,6 +527,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         schedule,
         sweeper: Some(sweeper),
         refusals: refusal_task,
+        health_watch: Some(health_watch),
     })
 }
 
@@ -663,4 +700,69 @@ fn request_too_large_status(
         }
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::SecretKey;
+    use crate::keys::MasterKey;
+    use crate::store::{Batch, Keyspace, Store};
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_that_refuses_writes_makes_the_server_not_serving() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let settings = crate::config::ephemeral(
+            &dir.path().join("data"),
+            master,
+            crate::policy::Policy::default_policy(),
+        );
+        let running = start(settings).await.expect("start");
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", running.local_addr))
+                .expect("endpoint")
+                .connect()
+                .await
+                .expect("connect");
+        let mut health = HealthClient::new(channel);
+        let status = |service: &str| HealthCheckRequest {
+            service: service.into(),
+        };
+        let serving = health
+            .check(status("kluis.v1.Records"))
+            .await
+            .expect("check")
+            .into_inner()
+            .status;
+        assert_eq!(serving, ServingStatus::Serving as i32);
+        running.vault.store().fail_next_log_write();
+        let mut b = Batch::default();
+        b.put(Keyspace::Records, b"r".to_vec(), b"1".to_vec());
+        assert!(running.vault.store().commit(b).await.is_err());
+        let mut states = Vec::new();
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            states = Vec::new();
+            for service in ["", "kluis.v1.Records", "kluis.v1.Audit", "kluis.v1.Keys"] {
+                let s = health
+                    .check(status(service))
+                    .await
+                    .expect("check")
+                    .into_inner()
+                    .status;
+                states.push(s);
+            }
+            if states
+                .iter()
+                .all(|&s| s == ServingStatus::NotServing as i32)
+            {
+                break;
+            }
+        }
+        assert_eq!(states, vec![ServingStatus::NotServing as i32; 4]);
+        let _ = running.shutdown().await;
+    }
 }

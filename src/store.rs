@@ -295,6 +295,9 @@ struct Shared {
     /// Test hook: the apply thread panics at its next group.
     #[cfg(test)]
     panic_next_apply: std::sync::atomic::AtomicBool,
+    /// Test hook: the next checkpoint's sync of sled's file fails.
+    #[cfg(test)]
+    fail_next_checkpoint_sync: std::sync::atomic::AtomicBool,
 }
 
 /// Accepted, not yet applied writes by key: the job that wrote the key last, and where in
@@ -601,6 +604,8 @@ impl SledStore {
             apply_gate: Mutex::new(()),
             #[cfg(test)]
             panic_next_apply: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            fail_next_checkpoint_sync: std::sync::atomic::AtomicBool::new(false),
         });
         let head = match shared.trees[Keyspace::Meta as usize]
             .get(audit::META_HEAD)
@@ -653,7 +658,13 @@ fn create_log_file(wal_dir: &Path, no: u64) -> Result<std::fs::File, StoreError>
         .create_new(true)
         .open(wal::file_path(wal_dir, no))
         .map_err(io)?;
-    sync_dir(wal_dir).map_err(io)?;
+    if let Err(e) = sync_dir(wal_dir) {
+        // Not used: removed, so that the next rotation can create it again (an empty file
+        // left behind is harmless at start-up too).
+        drop(file);
+        let _ = std::fs::remove_file(wal::file_path(wal_dir, no));
+        return Err(io(e));
+    }
     Ok(file)
 }
 
@@ -1077,12 +1088,29 @@ impl Shared {
                         }
                     }
                 }
-                Durable::Checkpoint(old) if broken.is_none() => {
-                    if let Err(e) = self.checkpoint(old) {
-                        // The old log stays and is replayed at the next start; nothing is lost.
-                        tracing::error!(error = %e, "checkpoint failed");
+                Durable::Checkpoint(old) if broken.is_none() => match self.checkpoint(old) {
+                    Ok(()) => {}
+                    Err(Checkpoint::NotDurable(e)) => {
+                        // After a failed flush or `fdatasync` the kernel may have dropped
+                        // sled's dirty pages and marked them clean: a later sync would
+                        // "succeed" without them. So no log file may be deleted again in
+                        // this process (the logs hold every write since the last good
+                        // checkpoint; the next start replays them), and the store refuses
+                        // writes, as after a failed log sync.
+                        let reason =
+                            format!("making sled's file durable failed at a checkpoint: {e}");
+                        tracing::error!(error = %e, "checkpoint sync failed; the store refuses writes until restart");
+                        *self.poisoned.lock() = Some(reason.clone());
+                        self.apply_failed.store(true, Ordering::Release);
+                        self.applied.send_modify(|_| {});
+                        broken = Some(reason);
                     }
-                }
+                    // sled is durable; the old log file merely stays (it is skipped at
+                    // the next start: every frame in it is applied).
+                    Err(Checkpoint::Cleanup(e)) => {
+                        tracing::error!(error = %e, "removing an old log file failed");
+                    }
+                },
                 Durable::Checkpoint(_) => {}
             }
         }
@@ -1099,13 +1127,30 @@ impl Shared {
 
     /// Makes sled durable and deletes the log file `old` (every batch in it is applied to
     /// sled when this runs): one sled flush per `CHECKPOINT_BYTES` of log.
-    fn checkpoint(&self, old: u64) -> Result<(), StoreError> {
+    fn checkpoint(&self, old: u64) -> Result<(), Checkpoint> {
         let wal_dir = wal::dir(&self.dir);
-        self.db.flush().map_err(io)?;
-        self.data_file.sync_data().map_err(io)?;
-        std::fs::remove_file(wal::file_path(&wal_dir, old)).map_err(io)?;
-        sync_dir(&wal_dir).map_err(io)
+        self.db
+            .flush()
+            .map_err(|e| Checkpoint::NotDurable(e.to_string()))?;
+        #[cfg(test)]
+        if self.fail_next_checkpoint_sync.swap(false, Ordering::SeqCst) {
+            return Err(Checkpoint::NotDurable("injected fdatasync error".into()));
+        }
+        self.data_file
+            .sync_data()
+            .map_err(|e| Checkpoint::NotDurable(e.to_string()))?;
+        std::fs::remove_file(wal::file_path(&wal_dir, old))
+            .and_then(|()| sync_dir(&wal_dir))
+            .map_err(|e| Checkpoint::Cleanup(e.to_string()))
     }
+}
+
+/// How a checkpoint failed.
+enum Checkpoint {
+    /// sled's file could not be made durable: fatal for this process.
+    NotDurable(String),
+    /// The old log file could not be removed: harmless.
+    Cleanup(String),
 }
 
 /// The keyspace and key an operation writes.
@@ -1203,6 +1248,14 @@ fn insert_ops(trees: &[sled::Tree; 5], ops: &[Op]) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+impl SledStore {
+    /// Why the store refuses writes (a failed log or checkpoint sync, a failed apply), if it
+    /// does: until a restart replays the log, every write fails.
+    pub fn poisoned(&self) -> Option<String> {
+        self.inner.shared.poisoned.lock().clone()
+    }
 }
 
 impl Store for SledStore {
@@ -1512,6 +1565,83 @@ mod tests {
             store.get(Keyspace::Records, b"r").await.expect("get"),
             Some(b"1".to_vec())
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_checkpoint_sync_poisons_the_store_and_keeps_every_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        store
+            .inner
+            .shared
+            .fail_next_checkpoint_sync
+            .store(true, Ordering::SeqCst);
+        let value = vec![7u8; 256 * 1024];
+        let mut acked = Vec::new();
+        // Past CHECKPOINT_BYTES of log: the checkpoint of the first file fails its sync.
+        let mut refused = None;
+        for i in 0u32..(CHECKPOINT_BYTES / (1024 * 1024) + 8) as u32 {
+            let mut b = Batch::default();
+            for j in 0u32..4 {
+                b.put(
+                    Keyspace::Records,
+                    [i.to_be_bytes(), j.to_be_bytes()].concat(),
+                    value.clone(),
+                );
+            }
+            match store.commit(b).await {
+                Ok(()) => acked.push(i),
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+            // Give the applier its turn, so the checkpoint runs while writes go on.
+            tokio::task::yield_now().await;
+        }
+        let refused = match refused {
+            Some(e) => e,
+            None => {
+                // The checkpoint may run just after the last write: the next one is refused.
+                let mut tries = 0;
+                loop {
+                    let mut b = Batch::default();
+                    b.put(Keyspace::Records, b"after".to_vec(), b"1".to_vec());
+                    match store.commit(b).await {
+                        Ok(()) if tries < 200 => {
+                            tries += 1;
+                            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        }
+                        Ok(()) => panic!("the store kept acknowledging writes"),
+                        Err(e) => break e,
+                    }
+                }
+            }
+        };
+        assert!(
+            matches!(&refused, StoreError::Poisoned(r) if r.contains("checkpoint")),
+            "{refused:?}"
+        );
+        assert!(
+            wal::list(&wal::dir(dir.path())).expect("list").len() >= 2,
+            "no log file was deleted"
+        );
+        drop(store);
+        let store = SledStore::open(dir.path()).expect("reopen");
+        for i in acked {
+            assert_eq!(
+                store
+                    .get(
+                        Keyspace::Records,
+                        &[i.to_be_bytes(), 3u32.to_be_bytes()].concat()
+                    )
+                    .await
+                    .expect("get")
+                    .map(|v| v.len()),
+                Some(value.len()),
+                "acknowledged batch {i}"
+            );
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
