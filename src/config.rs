@@ -365,12 +365,19 @@ pub fn check_consent_purpose(
     policy: &Policy,
 ) -> Result<(), ConfigError> {
     let purpose = &rules.applicant_consent_purpose;
-    if policy.purpose(purpose).is_none() {
-        return Err(ConfigError::Rule(format!(
+    match policy.purpose(purpose) {
+        None => Err(ConfigError::Rule(format!(
             "[retention] applicant_consent_purpose = \"{purpose}\" is not a purpose of the policy"
-        )));
+        ))),
+        // Only a consent can be granted (SetConsent): another basis would never extend
+        // anyone's period.
+        Some(p) if p.legal_basis != crate::policy::LegalBasis::Consent => {
+            Err(ConfigError::Rule(format!(
+                "[retention] applicant_consent_purpose = \"{purpose}\" does not rest on consent (its legal_basis in the policy must be `consent`)"
+            )))
+        }
+        Some(_) => Ok(()),
     }
-    Ok(())
 }
 
 /// Loads production settings from a config file.
@@ -537,8 +544,15 @@ pub fn dev(
             config.display()
         )));
     }
+    // The address first: a refused start leaves nothing behind.
+    let listen = parse_listen(listen.unwrap_or(DEFAULT_LISTEN))?;
+    if !listen.ip().is_loopback() {
+        return Err(ConfigError::Rule(format!(
+            "dev mode listens on loopback only; `{listen}` is not a loopback address"
+        )));
+    }
     let keys = root.join("keys");
-    std::fs::create_dir_all(&keys).map_err(io_err(&keys))?;
+    crate::keys::create_dir_durable(&keys).map_err(io_err(&keys))?;
     let key_path = keys.join("master.key");
     let master_key = if key_path.exists() {
         MasterKey::load_file(&key_path)?
@@ -565,12 +579,6 @@ pub fn dev(
     for (role, token) in &tokens.tokens {
         let token = Zeroizing::new(token.clone());
         policy.add_token_hash(&format!("dev-{role}"), role, policy::token_hash(&token))?;
-    }
-    let listen = parse_listen(listen.unwrap_or(DEFAULT_LISTEN))?;
-    if !listen.ip().is_loopback() {
-        return Err(ConfigError::Rule(format!(
-            "dev mode listens on loopback only; `{listen}` is not a loopback address"
-        )));
     }
     let data_dir = data_dir.map_or_else(|| root.join("data"), Path::to_path_buf);
     crate::audit::Signer::load_or_create(&keys.join(crate::audit::SIGNING_KEY_FILE), true)
@@ -620,7 +628,7 @@ pub fn init(dir: &Path, listen: &str) -> Result<InitOutput, ConfigError> {
         }
     }
     parse_listen(listen)?;
-    std::fs::create_dir_all(dir.join("keys")).map_err(io_err(dir))?;
+    crate::keys::create_dir_durable(&dir.join("keys")).map_err(io_err(dir))?;
     MasterKey::create_file(&key_path)?;
     crate::audit::Signer::load_or_create(
         &dir.join("keys").join(crate::audit::SIGNING_KEY_FILE),
@@ -657,6 +665,10 @@ mod tests {
     #[test]
     fn dev_mode_creates_then_reuses() {
         let dir = tempfile::tempdir().expect("tempdir");
+        // A refused address leaves nothing behind.
+        let err = dev(dir.path(), Some("0.0.0.0:50051"), None).expect_err("not loopback");
+        assert!(err.to_string().contains("loopback"), "{err}");
+        assert!(!dir.path().join("keys").exists());
         let s1 = dev(dir.path(), None, None).expect("first start");
         assert_eq!(s1.policy.principal_count(), 6);
         let t1 = std::fs::read_to_string(dir.path().join("keys/dev-tokens.toml")).expect("tokens");
@@ -736,6 +748,14 @@ mod tests {
             (
                 "[retention]\napplicant_consent_purpose = \"talentpool\"\n",
                 "applicant_consent_purpose",
+            ),
+            (
+                "[retention]\napplicant_consent_purpose = \"recruitment\"\n",
+                "does not rest on consent",
+            ),
+            (
+                "[retention]\napplicant_max_days = 0\n",
+                "applicant_max_days = 0",
             ),
             (
                 "[tls]\ncert_file = \"a.crt\"\nkey_file = \"a.key\"\nrequire_client_cert = true\n",

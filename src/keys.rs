@@ -162,6 +162,29 @@ impl std::fmt::Debug for MasterKey {
     }
 }
 
+/// Creates `dir` and its missing parents, each one's entry synced into its parent, so that a
+/// power loss right after cannot lose a directory that files were then synced into.
+pub fn create_dir_durable(dir: &Path) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.as_os_str().is_empty() && !at.exists() {
+        missing.push(at.to_path_buf());
+        match at.parent() {
+            Some(parent) => at = parent,
+            None => break,
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    for created in missing.iter().rev() {
+        let parent = match created.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Writes a new secret file with mode 0600 (creating its directory), fsynced; refuses to
 /// overwrite an existing file.
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
@@ -171,7 +194,7 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    std::fs::create_dir_all(dir)?;
+    create_dir_durable(dir)?;
     // Written whole under a temporary name, then linked to its own (which fails if that name
     // exists: never overwritten): a crash leaves the file complete or absent, never cut short.
     let name = path

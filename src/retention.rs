@@ -136,6 +136,19 @@ impl Default for RetentionRules {
 impl RetentionRules {
     /// Checks that every category named exists and every former-employee category has a rule.
     pub fn validate(&self) -> Result<(), String> {
+        // A period of 0 would have the sweeper erase data the day its clock starts (a
+        // procedure closing, an employment ending): surely a mistake, so refused.
+        for (key, value) in [
+            ("applicant_max_days", u64::from(self.applicant_max_days)),
+            (
+                "applicant_consent_max_days",
+                u64::from(self.applicant_consent_max_days),
+            ),
+        ] {
+            if value == 0 {
+                return Err(format!("[retention] {key} = 0: must be at least 1"));
+            }
+        }
         // Consent lets applicant data stay longer (the talent pool), never shorter.
         if self.applicant_consent_max_days < self.applicant_max_days {
             return Err(format!(
@@ -158,6 +171,11 @@ impl RetentionRules {
                     "[retention.former_employee.{c}] is missing: every category needs a maximum period"
                 ));
             };
+            if rule.max_years == 0 {
+                return Err(format!(
+                    "[retention.former_employee.{c}] max_years = 0: must be at least 1"
+                ));
+            }
             if rule.keep_years > rule.max_years {
                 return Err(format!(
                     "[retention.former_employee.{c}] keep_years exceeds max_years"
@@ -316,6 +334,22 @@ mod tests {
         };
         let err = shorter.validate().expect_err("consent never shortens");
         assert!(err.contains("applicant_consent_max_days"), "{err}");
+        // A period of 0 would erase data the day its clock starts.
+        let none = RetentionRules {
+            applicant_max_days: 0,
+            ..RetentionRules::default()
+        };
+        let err = none.validate().expect_err("0 days refused");
+        assert!(err.contains("applicant_max_days = 0"), "{err}");
+        let mut zero_years = RetentionRules::default();
+        if let Some(rule) = zero_years.former_employee.get_mut("contact") {
+            rule.max_years = 0;
+        }
+        let err = zero_years.validate().expect_err("0 years refused");
+        assert!(
+            err.contains("[retention.former_employee.contact] max_years = 0"),
+            "{err}"
+        );
     }
 
     #[test]

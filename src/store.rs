@@ -470,7 +470,7 @@ impl SledStore {
     /// Opens (creating if needed) a sled store in `dir` with the given durability mode,
     /// replaying the write-ahead log over sled's recovered state.
     pub fn open_with(dir: &Path, durability: Durability) -> Result<SledStore, StoreError> {
-        std::fs::create_dir_all(dir).map_err(io)?;
+        crate::keys::create_dir_durable(dir).map_err(io)?;
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;

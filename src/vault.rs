@@ -28,6 +28,10 @@ pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 /// Most record ids [`Vault::find`] returns.
 pub const MAX_FIND_RESULTS: usize = 1000;
+/// Index entries one FindRecords examines at most (entries left out — restricted records,
+/// records the purpose may not use, stale or damaged ones — do not shorten the answer below
+/// [`MAX_FIND_RESULTS`] until this many were examined).
+pub const MAX_FIND_EXAMINED: usize = 10 * MAX_FIND_RESULTS;
 /// Lifecycle of a newly created record.
 pub const LIFECYCLE_APPLICANT: &str = "applicant";
 const MAX_RETRIES: usize = 32;
@@ -724,11 +728,43 @@ impl<S: Store> Vault<S> {
             .map_err(|e| value_error("value", e))?;
         let tag = crypto::hmac_sha256(&self.keys.index_key(&def.name), &[form.as_bytes()]);
         let prefix = record::index_prefix(&def.name, &tag);
-        let hits = self
-            .store
-            .scan(Keyspace::Index, &prefix, None, MAX_FIND_RESULTS)
-            .await?;
-        let mut out = Vec::with_capacity(hits.len());
+        let mut out = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        let mut examined = 0;
+        // Pages of index entries until the answer is full, the entries end, or the bound of
+        // entries examined is reached (entries left out do not shorten the answer).
+        while out.len() < MAX_FIND_RESULTS && examined < MAX_FIND_EXAMINED {
+            let hits = self
+                .store
+                .scan(Keyspace::Index, &prefix, after.as_deref(), MAX_FIND_RESULTS)
+                .await?;
+            let Some((last, _)) = hits.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            let ended = hits.len() < MAX_FIND_RESULTS;
+            examined += hits.len();
+            self.find_hits(&def.name, &tag, &prefix, purpose, hits, &mut out)
+                .await?;
+            if ended {
+                break;
+            }
+        }
+        out.truncate(MAX_FIND_RESULTS);
+        Ok(out)
+    }
+
+    /// Adds to `out` the records of index `hits` whose MACed header holds `tag` for `field`
+    /// and that `purpose` may process.
+    async fn find_hits(
+        &self,
+        field: &str,
+        tag: &[u8; 32],
+        prefix: &[u8],
+        purpose: &str,
+        hits: crate::store::Entries,
+        out: &mut Vec<Uuid>,
+    ) -> Result<(), VaultError> {
         for (k, _) in hits {
             let Ok(id) = Uuid::from_slice(&k[prefix.len()..]) else {
                 continue;
@@ -741,12 +777,12 @@ impl<S: Store> Vault<S> {
                 Ok((_, body)) => {
                     let tagged = body
                         .fields
-                        .get(&def.name)
-                        .is_some_and(|entry| crypto::ct_eq(&entry.index_tag, &tag));
+                        .get(field)
+                        .is_some_and(|entry| crypto::ct_eq(&entry.index_tag, tag));
                     if !tagged {
                         tracing::warn!(
                             record_id = %id,
-                            field = %def.name,
+                            field = %field,
                             "a blind-index entry does not match the record's header; left out"
                         );
                     } else if self.check_processing(id, &body, purpose).is_ok() {
@@ -754,10 +790,19 @@ impl<S: Store> Vault<S> {
                     }
                 }
                 Err(VaultError::NotFound(_)) => {}
+                // One damaged record must not make every other record with the value
+                // unfindable (nor name a record the search would have left out): it is left
+                // out and logged, as in a listing; reading it answers DATA_LOSS.
+                Err(VaultError::DataLoss { record_id, part }) => tracing::error!(
+                    %record_id,
+                    %part,
+                    field = %field,
+                    "find: a record's stored header is damaged (DATA_LOSS); left out"
+                ),
                 Err(e) => return Err(e),
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Erases a record on request (crypto-shredding), as of `today`: deletes the data keys,

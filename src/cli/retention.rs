@@ -3,8 +3,8 @@
 //! - `plan`: offline, with the server stopped: every category of every record whose maximum
 //!   retention period has a date, with that date and whether it has come (as of `--at`,
 //!   default today UTC), under the retention rules of the configuration (`[retention]`; the
-//!   defaults with `--dev`). Nothing is erased and nothing is written: the data directory is
-//!   opened, read and released.
+//!   defaults with `--dev`). Nothing is erased and no record changes: the data directory is
+//!   opened (which replays and renews the store's write-ahead log), read and released.
 //!
 //! Exit codes: 0 ok; [`EXIT_FAILED`] when records are damaged (their header fails its
 //! integrity check: they are left out of the plan, which is printed all the same);
@@ -73,8 +73,9 @@ pub enum RetentionCommand {
     /// damaged: their header fails its integrity check, so they are left out (exit code 1).
     ///
     /// The rules come from the configuration's [retention] section (the defaults with --dev).
-    /// The server must be stopped: the data directory is read directly, and nothing is written
-    /// to it.
+    /// The server must be stopped: the data directory is read directly. No record changes,
+    /// but opening the store replays and renews its write-ahead log, so it needs write access
+    /// (run it on a copy to leave evidence untouched).
     #[command(after_help = EXIT_CODES)]
     Plan(PlanArgs),
 }

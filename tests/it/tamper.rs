@@ -441,3 +441,35 @@ async fn a_damaged_chunk_of_a_large_field_is_data_loss_naming_the_field() {
         assert_eq!(text_of(&ok.fields["full_name"]), "Someone");
     }
 }
+
+/// One damaged record does not make the others with the same value unfindable, and a search
+/// never names it: it is left out (reading it answers DATA_LOSS).
+#[tokio::test]
+async fn a_damaged_record_is_left_out_of_a_search() {
+    let mut vault = spawn_vault().await;
+    let damaged = create(&vault, "shared@example.nl").await;
+    let intact = create(&vault, "shared@example.nl").await;
+    vault.stop().await;
+    damage_header(&vault, &damaged).await;
+    vault.start().await.expect("restart");
+    let mut c = vault.client("recruiter").await;
+    let found = c
+        .find_records(kluis::proto::FindRecordsRequest {
+            purpose: "recruitment".into(),
+            field_name: "email".into(),
+            value: "shared@example.nl".into(),
+        })
+        .await
+        .expect("the search answers")
+        .into_inner()
+        .record_ids;
+    assert_eq!(found, vec![intact.clone()]);
+    let err = get(&vault, &damaged, &["email"])
+        .await
+        .err()
+        .expect("damaged");
+    assert_eq!(err.code(), Code::DataLoss);
+    get(&vault, &intact, &["email"])
+        .await
+        .expect("intact reads");
+}
