@@ -702,7 +702,7 @@ async fn health_and_reflection_run_beside_records() {
         .await
         .expect("connect");
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    for service in ["kluis.v1.Records", "kluis.v1.Audit"] {
+    for service in ["kluis.v1.Records", "kluis.v1.Audit", "kluis.v1.Keys"] {
         let status = health
             .check(tonic_health::pb::HealthCheckRequest {
                 service: service.into(),
