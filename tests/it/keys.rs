@@ -13,8 +13,10 @@ use kluis::proto::{
     RekeyRequest, RetireKeyVersionRequest, RewrapProgress, RewrapRequest, RotateKeyRequest,
     UpdateRecordRequest,
 };
+use kluis::record::{RecordBody, StoredRecord};
 use kluis::schema::Category;
 use kluis::store::{Keyspace, Store};
+use prost::Message;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -471,14 +473,16 @@ async fn rekey_replaces_data_keys_and_re_encrypts_fields() {
 
     let after_chunks = snapshot(first.as_bytes().to_vec()).await;
     assert_eq!(before_chunks.len(), after_chunks.len());
-    let name_chunk = |k: &[u8]| k[16..].starts_with(b"cv_document");
+    // The `fields` keyspace holds only the cv chunks: `full_name` (≤ INLINE_MAX bytes) lives
+    // in the record header, compared below.
+    let cv_chunk = |k: &[u8]| k[16..].starts_with(b"cv_document\0");
+    assert!(
+        before_chunks.iter().all(|(k, _)| cv_chunk(k)),
+        "only cv chunks outside the header"
+    );
     for ((k1, c1), (k2, c2)) in before_chunks.iter().zip(&after_chunks) {
         assert_eq!(k1, k2);
-        if name_chunk(k1) {
-            assert_ne!(c1, c2, "cv chunk re-encrypted");
-        } else {
-            assert_eq!(c1, c2, "other categories untouched");
-        }
+        assert_ne!(c1, c2, "cv chunk re-encrypted");
     }
     let after_header = store
         .get(Keyspace::Records, first.as_bytes())
@@ -486,6 +490,40 @@ async fn rekey_replaces_data_keys_and_re_encrypts_fields() {
         .expect("get")
         .expect("record");
     assert_ne!(before_header, after_header);
+    // In the header (decoded, MAC not checked): the cv data key is new, while the contact
+    // category's wrapped data key and the inline `full_name` ciphertext are the same bytes.
+    let decode = |raw: &[u8]| {
+        let stored = StoredRecord::decode(raw).expect("decode stored header");
+        let body = RecordBody::decode(stored.body.as_slice()).expect("decode body");
+        (stored, body)
+    };
+    let (stored_before, body_before) = decode(&before_header);
+    let (stored_after, body_after) = decode(&after_header);
+    let categories = |b: &RecordBody| b.deks.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(categories(&body_before), ["contact", "cv"]);
+    assert_eq!(categories(&body_after), ["contact", "cv"]);
+    assert_ne!(
+        body_before.deks["cv"].sealed, body_after.deks["cv"].sealed,
+        "cv data key replaced"
+    );
+    assert_eq!(
+        body_before.deks["contact"], body_after.deks["contact"],
+        "contact data key untouched"
+    );
+    assert!(body_before.fields["full_name"].in_header);
+    assert_eq!(
+        body_before.fields["full_name"], body_after.fields["full_name"],
+        "full_name entry untouched"
+    );
+    assert_eq!(
+        stored_before.inline["full_name"], stored_after.inline["full_name"],
+        "inline full_name ciphertext untouched"
+    );
+    assert_eq!(
+        stored_after.inline.keys().collect::<Vec<_>>(),
+        ["full_name"],
+        "only full_name inline"
+    );
     // Data and revision unchanged.
     for (i, id) in ids.iter().enumerate() {
         let got = recruiter
