@@ -829,6 +829,27 @@ async fn until_gone(v: &TestVault, id: &str, role: &str, purpose: &str) {
     }
 }
 
+/// Makes an applicant whose procedure closed on 2025-01-10 (its 4 weeks ended before any date
+/// the sweeper test sets) and waits until the sweeper erased it; returns its id. A pass
+/// (server.rs `spawn_sweeper`, sweeper.rs `sweep`) reads the clock, walks every header, then
+/// erases what was due, one record after another, and passes never overlap. So the pass that
+/// erased this record read it, and began after this call began; and every pass that began
+/// before this call has finished all its erasures.
+async fn sentinel_swept(v: &TestVault) -> String {
+    let id = applicant(v, "sentinel@example.nl").await;
+    v.client("recruiter")
+        .await
+        .set_lifecycle(SetLifecycleRequest {
+            record_id: id.clone(),
+            stage: "procedure_closed".into(),
+            date: "2025-01-10".into(),
+        })
+        .await
+        .expect("closed long ago");
+    until_gone(v, &id, "recruiter", "recruitment").await;
+    id
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweeper_erases_each_category_when_its_period_ends() {
     set_today("2026-01-20");
@@ -885,7 +906,11 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
     // One record's header is damaged: it must not stop the sweeps of every other record.
     damage_header(&v, &damaged).await;
     v.start().await.expect("restart");
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // A whole pass under the injected clock (set before the start): the first sentinel is
+    // erased by such a pass, and the second, made once the first was gone, by a later one;
+    // so the first sentinel's pass has finished.
+    let sentinel_1 = sentinel_swept(&v).await;
+    let sentinel_2 = sentinel_swept(&v).await;
     v.client("recruiter")
         .await
         .get_record(get(&plain, "recruitment"))
@@ -895,6 +920,9 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
     // 4 weeks after the procedure closed: the applicant goes; consent and hold keep the others.
     set_today("2026-02-07");
     until_gone(&v, &plain, "recruiter", "recruitment").await;
+    // `plain` went in a pass under the new date; a sentinel made after that is erased by a
+    // later pass, so that pass has finished (every record it found due is gone).
+    let sentinel_3 = sentinel_swept(&v).await;
     v.client("recruiter")
         .await
         .get_record(get(&pooled, "talent_pool"))
@@ -953,6 +981,8 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
     }
     set_today("2033-03-31");
     until_gone(&v, &former, "payroll", "payroll").await;
+    // As above: the pass that erased `former` (under the last date) has finished.
+    let sentinel_4 = sentinel_swept(&v).await;
     v.client("recruiter")
         .await
         .get_record(get(&held, "recruitment"))
@@ -972,11 +1002,15 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
     assert_eq!(
         swept,
         vec![
+            (sentinel_1.as_str(), "EraseRecord"),
+            (sentinel_2.as_str(), "EraseRecord"),
             (plain.as_str(), "EraseRecord"),
+            (sentinel_3.as_str(), "EraseRecord"),
             (pooled.as_str(), "EraseRecord"),
             (former.as_str(), "EraseRecord"),
             (former.as_str(), "EraseRecord"),
             (former.as_str(), "EraseRecord"),
+            (sentinel_4.as_str(), "EraseRecord"),
         ]
     );
 }
