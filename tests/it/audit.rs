@@ -7,8 +7,9 @@ use std::time::Duration;
 use kluis::audit::{self, event_key, Event, Head};
 use kluis::proto::audit_client::AuditClient;
 use kluis::proto::{
-    AuditEvent, CreateRecordRequest, FindRecordsRequest, GetRecordRequest, ListRecordsRequest,
-    QueryEventsRequest, UpdateRecordRequest, VerifyChainRequest,
+    AuditEvent, CreateRecordRequest, ExportRecordRequest, FindRecordsRequest, GetRecordRequest,
+    ListRecordsRequest, QueryEventsRequest, SetLegalHoldRequest, SetLifecycleRequest,
+    SetRestrictionRequest, UpdateRecordRequest, VerifyChainRequest,
 };
 use kluis::store::{Batch, Keyspace, SledStore, Store};
 use tonic::service::interceptor::InterceptedService;
@@ -345,6 +346,184 @@ async fn every_records_call_leaves_exactly_its_event() {
         "anna.planted",
         "111222333",
         "NL91ABNA0417164300",
+    ] {
+        assert!(!dump.contains(planted), "{planted} in the trail");
+    }
+}
+
+/// Issue 3 for the record-state calls and the export: each call that names a record leaves
+/// exactly its event, allowed, denied (a role without the right) or rejected (a bad record id,
+/// a missing reason, a bad stage or date).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_state_and_export_calls_leave_exactly_their_events() {
+    let v = spawn_vault().await;
+    let mut recruiter = v.client("recruiter").await;
+    let mut payroll = v.client("payroll").await;
+    let mut po = v.client("privacy_officer").await;
+    let id = create_with(
+        &mut recruiter,
+        "recruitment",
+        &[
+            ("full_name", text("Bram Planted-Name")),
+            ("email", text("bram.planted@example.nl")),
+        ],
+    )
+    .await;
+    let before = head_seq(&v).await;
+    let hold = |record_id: &str, reason: &str| SetLegalHoldRequest {
+        record_id: record_id.into(),
+        hold: true,
+        reason: reason.into(),
+    };
+    let restrict = |record_id: &str, reason: &str| SetRestrictionRequest {
+        record_id: record_id.into(),
+        restricted: true,
+        reason: reason.into(),
+    };
+    let lifecycle = |record_id: &str, stage: &str, date: &str| SetLifecycleRequest {
+        record_id: record_id.into(),
+        stage: stage.into(),
+        date: date.into(),
+    };
+    let missing = "00000000-0000-4000-8000-000000000000";
+
+    // SetLegalHold: ok, denied, and invalid (no UUID, no reason, no such record).
+    po.set_legal_hold(hold(&id, "labour court case"))
+        .await
+        .expect("hold");
+    assert_status(
+        payroll.set_legal_hold(hold(&id, "labour court case")).await,
+        Code::PermissionDenied,
+        &["set_legal_hold"],
+    );
+    assert_status(
+        po.set_legal_hold(hold("111222333", "labour court case"))
+            .await,
+        Code::InvalidArgument,
+        &["record_id"],
+    );
+    assert_status(
+        po.set_legal_hold(hold(&id, "")).await,
+        Code::InvalidArgument,
+        &["reason"],
+    );
+    assert_status(
+        po.set_legal_hold(hold(missing, "labour court case")).await,
+        Code::NotFound,
+        &[],
+    );
+    // ExportRecord: ok.
+    po.export_record(ExportRecordRequest {
+        record_id: id.clone(),
+    })
+    .await
+    .expect("export");
+    // SetLifecycle: denied (no right at all; `employed` without `set_employment`), invalid.
+    assert_status(
+        po.set_lifecycle(lifecycle(&id, "procedure_closed", "2026-01-10"))
+            .await,
+        Code::PermissionDenied,
+        &["set_lifecycle"],
+    );
+    assert_status(
+        recruiter
+            .set_lifecycle(lifecycle(&id, "employed", "2026-01-10"))
+            .await,
+        Code::PermissionDenied,
+        &["set_employment"],
+    );
+    assert_status(
+        recruiter
+            .set_lifecycle(lifecycle(&id, "procedure_closed", "2026-02-30"))
+            .await,
+        Code::InvalidArgument,
+        &["date"],
+    );
+    assert_status(
+        recruiter
+            .set_lifecycle(lifecycle(&id, "hired_maybe", "2026-01-10"))
+            .await,
+        Code::InvalidArgument,
+        &["stage"],
+    );
+    assert_status(
+        recruiter
+            .set_lifecycle(lifecycle("nope", "procedure_closed", "2026-01-10"))
+            .await,
+        Code::InvalidArgument,
+        &["record_id"],
+    );
+    // SetRestriction: denied, invalid.
+    assert_status(
+        recruiter
+            .set_restriction(restrict(&id, "accuracy contested"))
+            .await,
+        Code::PermissionDenied,
+        &["set_restriction"],
+    );
+    assert_status(
+        po.set_restriction(restrict(&id, "")).await,
+        Code::InvalidArgument,
+        &["reason"],
+    );
+    assert_status(
+        po.set_restriction(restrict("nope", "accuracy contested"))
+            .await,
+        Code::InvalidArgument,
+        &["record_id"],
+    );
+
+    let mut a = auditor(&v, "auditor").await;
+    let events = all_events(&mut a, QueryEventsRequest::default()).await;
+    let ours: Vec<Row> = events
+        .iter()
+        .filter(|e| e.seq > before && e.principal != "test-auditor")
+        .map(row)
+        .collect();
+    let (officer, rec) = (
+        ("test-privacy_officer", "privacy_officer"),
+        ("test-recruiter", "recruiter"),
+    );
+    // The record-state calls carry no purpose and name no field.
+    let state = |(principal, role): (&str, &str), action: &str, record: &str, outcome: &str| {
+        expect(principal, role, "", action, record, &[], outcome)
+    };
+    let expected = vec![
+        state(officer, "SetLegalHold", &id, "ok"),
+        state(("test-payroll", "payroll"), "SetLegalHold", &id, "denied"),
+        state(officer, "SetLegalHold", "<invalid>", "invalid"),
+        state(officer, "SetLegalHold", &id, "invalid"),
+        state(officer, "SetLegalHold", missing, "invalid"),
+        // The export names every field it returned, under the data subject request.
+        expect(
+            officer.0,
+            officer.1,
+            "data_subject_request",
+            "ExportRecord",
+            &id,
+            &["email", "full_name"],
+            "ok",
+        ),
+        state(officer, "SetLifecycle", &id, "denied"),
+        state(rec, "SetLifecycle", &id, "denied"),
+        state(rec, "SetLifecycle", &id, "invalid"),
+        state(rec, "SetLifecycle", &id, "invalid"),
+        state(rec, "SetLifecycle", "<invalid>", "invalid"),
+        state(rec, "SetRestriction", &id, "denied"),
+        state(officer, "SetRestriction", &id, "invalid"),
+        state(officer, "SetRestriction", "<invalid>", "invalid"),
+    ];
+    assert_eq!(ours, expected, "events: {ours:#?}");
+    // No planted value, reason or rejected id in any event.
+    let dump = format!("{ours:?}");
+    for planted in [
+        "Bram Planted-Name",
+        "bram.planted",
+        "labour court",
+        "accuracy contested",
+        "111222333",
+        "nope",
+        "hired_maybe",
     ] {
         assert!(!dump.contains(planted), "{planted} in the trail");
     }
