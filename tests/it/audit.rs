@@ -963,6 +963,81 @@ async fn checkpoints_are_signed_while_running_and_at_shutdown() {
     assert_eq!(report.checkpoints_checked as usize, cps.len());
 }
 
+/// `[audit] checkpoint_interval_secs`: with few events (far fewer than `checkpoint_every`),
+/// the running server still signs a checkpoint once the interval has passed, and again after
+/// it for later events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_are_signed_by_time_when_few_events_arrive() {
+    const EVERY: u64 = 1_000_000;
+    let started_ms = audit::now_ms();
+    let v = spawn_vault_with(|s| {
+        s.audit.checkpoint_every = EVERY;
+        s.audit.checkpoint_interval = Duration::from_secs(1);
+    })
+    .await;
+    let store = v.vault().store();
+    let pk = audit::read_public_key(&v.dir.path().join("keys").join(audit::PUBLIC_KEY_FILE))
+        .expect("public key");
+    // The newest checkpoint once it covers event `seq` (within 5 s), checked against the key.
+    let checkpoint_covering = |seq: u64| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let last = store
+                .get(Keyspace::Meta, audit::META_CHECKPOINT_LAST)
+                .await
+                .expect("get")
+                .map(|b| u64::from_be_bytes(b.as_slice().try_into().expect("8 bytes")));
+            if let Some(last) = last.filter(|&l| l >= seq) {
+                let cp = store
+                    .get(Keyspace::Meta, &audit::checkpoint_key(last))
+                    .await
+                    .expect("get")
+                    .and_then(|b| audit::Checkpoint::decode(&b))
+                    .expect("the checkpoint `checkpoint-last` names");
+                assert_eq!(cp.seq, last);
+                assert!(cp.verify(&pk), "signed by the vault's key");
+                return cp;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no checkpoint covering event {seq} within 5 s (newest: {last:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    let mut recruiter = v.client("recruiter").await;
+    for _ in 0..3 {
+        recruiter
+            .list_records(ListRecordsRequest::default())
+            .await
+            .expect("list");
+    }
+    let head = Head::load(store).await.expect("head").seq;
+    assert!((3..EVERY).contains(&head), "head {head}");
+    let first = checkpoint_covering(head).await;
+    assert!(first.seq < EVERY, "not by count: {}", first.seq);
+    // Not before the interval had passed since the server started.
+    assert!(
+        first.signed_ms >= started_ms + 1000,
+        "signed {} ms after the start",
+        first.signed_ms - started_ms
+    );
+
+    // A few more calls: the next checkpoint follows by time too.
+    for _ in 0..2 {
+        recruiter
+            .list_records(ListRecordsRequest::default())
+            .await
+            .expect("list");
+    }
+    let head = Head::load(store).await.expect("head").seq;
+    assert!(head > first.seq);
+    let second = checkpoint_covering(head).await;
+    assert!(second.seq > first.seq && second.seq < EVERY);
+    assert!(second.signed_ms > first.signed_ms);
+}
+
 /// The real binary in dev mode with its log on a pipe (a file-size limit must not hit the log).
 struct Piped {
     child: std::process::Child,

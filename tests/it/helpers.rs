@@ -64,6 +64,16 @@ fn policy_with(tokens: &BTreeMap<String, String>) -> Policy {
 
 /// Starts a vault with one token per default role.
 pub async fn spawn_vault() -> TestVault {
+    spawn_vault_tweaked(None).await
+}
+
+/// [`spawn_vault`] with `tweak` applied to the settings of its first start and of every
+/// restart (see [`TestVault::tweak`]).
+pub async fn spawn_vault_with(tweak: fn(&mut kluis::config::Settings)) -> TestVault {
+    spawn_vault_tweaked(Some(tweak)).await
+}
+
+async fn spawn_vault_tweaked(tweak: Option<fn(&mut kluis::config::Settings)>) -> TestVault {
     let dir = tempfile::tempdir().expect("tempdir");
     let tokens: BTreeMap<String, String> = DEFAULT_ROLES
         .iter()
@@ -82,7 +92,7 @@ pub async fn spawn_vault() -> TestVault {
         tokens,
         master_hex,
         running: None,
-        tweak: None,
+        tweak,
     };
     vault.start().await.expect("vault starts");
     vault
