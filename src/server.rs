@@ -444,15 +444,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         .max_encoding_message_size(answer_limit);
     let records = InterceptedService::new(records, gate);
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<RecordsServer<RecordsService<SledStore>>>()
-        .await;
-    health_reporter
-        .set_serving::<AuditServer<AuditService<SledStore>>>()
-        .await;
-    health_reporter
-        .set_serving::<KeysServer<KeysService<SledStore>>>()
-        .await;
+    set_health(&health_reporter, tonic_health::ServingStatus::Serving).await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -483,18 +475,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
                 tokio::time::sleep(HEALTH_EVERY).await;
                 if let Some(reason) = vault.store().poisoned() {
                     tracing::error!(%reason, "the store refuses writes: health set to NOT_SERVING until restart");
-                    reporter
-                        .set_not_serving::<RecordsServer<RecordsService<SledStore>>>()
-                        .await;
-                    reporter
-                        .set_not_serving::<AuditServer<AuditService<SledStore>>>()
-                        .await;
-                    reporter
-                        .set_not_serving::<KeysServer<KeysService<SledStore>>>()
-                        .await;
-                    reporter
-                        .set_service_status("", tonic_health::ServingStatus::NotServing)
-                        .await;
+                    set_health(&reporter, tonic_health::ServingStatus::NotServing).await;
                     return;
                 }
             }
@@ -504,15 +485,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         router
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = rx.await;
-                health_reporter
-                    .set_not_serving::<RecordsServer<RecordsService<SledStore>>>()
-                    .await;
-                health_reporter
-                    .set_not_serving::<AuditServer<AuditService<SledStore>>>()
-                    .await;
-                health_reporter
-                    .set_not_serving::<KeysServer<KeysService<SledStore>>>()
-                    .await;
+                set_health(&health_reporter, tonic_health::ServingStatus::NotServing).await;
             })
             .await
     });
@@ -529,6 +502,21 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         refusals: refusal_task,
         health_watch: Some(health_watch),
     })
+}
+
+/// Sets the health status of the three services and the overall status (`""`).
+async fn set_health(
+    reporter: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    for service in [
+        <RecordsServer<RecordsService<SledStore>> as tonic::server::NamedService>::NAME,
+        <AuditServer<AuditService<SledStore>> as tonic::server::NamedService>::NAME,
+        <KeysServer<KeysService<SledStore>> as tonic::server::NamedService>::NAME,
+        "",
+    ] {
+        reporter.set_service_status(service, status).await;
+    }
 }
 
 /// Runs the server until `signal` completes, then shuts down gracefully.
