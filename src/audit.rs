@@ -881,6 +881,12 @@ pub async fn checkpoint_if_due(
         )));
     }
     if head.time_ms > now_ms().saturating_add(CLOCK_SKEW_MS) {
+        // Seen all the same: after a clock stepped back, the events that arrive while real
+        // time catches up with the head's must not count as unseen (past the coverage bound
+        // they would stop checkpoints for good).
+        if head.seq >= watched.head.map_or(0, |h| h.seq) {
+            watched.head = Some(head);
+        }
         return Err(refuse(format!(
             "the chain head (event {}) is dated in the future: its time was moved forward, or this clock is behind the one that wrote it",
             head.seq
@@ -1915,6 +1921,64 @@ mod tests {
             .expect_err("refused")
             .to_string();
         assert!(err.contains("dated in the future"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_clock_stepped_back_delays_checkpoints_but_does_not_stop_them() {
+        use crate::store::{Batch, SledStore};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signer = Signer::load_or_create(&dir.path().join("k"), true).expect("signer");
+        let store = SledStore::open(&dir.path().join("data")).expect("open");
+        let (every, max_uncovered) = (5, 50);
+        let mut w = Watched::default();
+        store.commit(event_batch(10)).await.expect("commit");
+        let cp = checkpoint_if_due(&store, &signer, every, max_uncovered, true, &mut w).await;
+        assert_eq!(cp.expect("cp").expect("due").seq, 10);
+        // The clock is 5 min + 3 s ahead for event 11 (simulated: the head it leaves behind),
+        // then set right: later events carry the head's time (times never decrease).
+        let real = Head::load(&store).await.expect("head");
+        let mut b = Batch::default();
+        b.put(
+            Keyspace::Meta,
+            META_HEAD.to_vec(),
+            Head {
+                time_ms: now_ms() + CLOCK_SKEW_MS + 3000,
+                ..real
+            }
+            .encode(),
+        );
+        store.commit(b).await.expect("clock ahead");
+        // (The writer thread dates from the head it loaded: reopen, keeping this process's
+        // `Watched`, whose checkpoint and head seq/hash are unchanged.)
+        drop(store);
+        let store = SledStore::open(&dir.path().join("data")).expect("reopen");
+        for _ in 0..12 {
+            store.commit(event_batch(5)).await.expect("commit");
+            let r = checkpoint_if_due(&store, &signer, every, max_uncovered, false, &mut w).await;
+            assert!(r.is_err(), "refused while the head is ahead");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+        let after = checkpoint_if_due(&store, &signer, every, max_uncovered, false, &mut w).await;
+        let restarted = checkpoint_if_due(
+            &store,
+            &signer,
+            every,
+            max_uncovered,
+            true,
+            &mut Watched::default(),
+        )
+        .await;
+        let v = verify(
+            &store,
+            &signer.public_key(),
+            max_uncovered,
+            VerifyMode::Live,
+        )
+        .await
+        .expect("verify");
+        assert!(after.is_ok(), "{after:?}");
+        assert!(restarted.is_ok(), "{restarted:?}");
+        assert!(v.ok, "{v:?}");
     }
 
     #[tokio::test]

@@ -87,6 +87,15 @@ impl View {
             .filter(|r| r.instance != instance && r.expires_ms > vault::now_ms())
     }
 
+    /// Whether no instance has held the lease for longer than `grace` past its expiry (time
+    /// enough for another instance to take an abandoned job over): the job's runner is gone.
+    /// A released lease (expiry 0) or none at all counts as gone.
+    pub fn gone_for(&self, grace: Duration) -> bool {
+        self.row
+            .as_ref()
+            .is_none_or(|r| r.expires_ms.saturating_add(ttl_ms(grace)) < vault::now_ms())
+    }
+
     /// Adds to `batch` the take-over of the lease by `instance`, on the condition that both
     /// rows are still as read; the returned lease is the instance's once the batch commits.
     pub fn take(&self, batch: &mut Batch, instance: &str, ttl: Duration) -> Lease {

@@ -48,6 +48,9 @@ pub const SCHEDULE_PRINCIPAL: &str = "system:key-schedule";
 pub const SYSTEM_ROLE: &str = "system";
 /// Meta key of the current (or last) job.
 pub const META_JOB: &[u8] = b"job/current";
+/// Meta key of the job before the current one (kept when a new job replaces it, so that a
+/// watcher on another instance still learns how the job it followed ended).
+pub const META_JOB_PREVIOUS: &[u8] = b"job/previous";
 /// Records per job page (one atomic batch).
 pub const JOB_PAGE: usize = 1024;
 /// A job batch is committed once it holds this many bytes (re-keyed chunks), even before
@@ -870,18 +873,66 @@ fn running_message(kind: JobKind, scope: Option<&str>, elsewhere: bool) -> Strin
     )
 }
 
-/// Publishes the stored progress of job `id` on `tx` until it finishes or fails (or nobody
-/// watches any more): a job another instance runs.
-async fn follow<S: Store>(vault: &Vault<S>, id: &str, tx: &watch::Sender<Progress>) {
-    loop {
-        let progress = match stored_job(vault.store()).await {
-            Ok(Some(job)) if job.id == id => job.progress(),
-            Ok(_) => Progress {
-                error: Some("the job was replaced by another key job".into()),
-                ..tx.borrow().clone()
+/// How the job `id` stands, as another instance sees it: its stored progress (from
+/// `job/current`, or `job/previous` once a newer job replaced it); an error once its runner is
+/// gone and no instance took it over within `grace` past its lease's expiry (two times to
+/// live: the adopters of instances sharing the store look every half; calling again resumes
+/// it).
+async fn followed<S: Store>(
+    vault: &Vault<S>,
+    id: &str,
+    grace: std::time::Duration,
+) -> Result<Progress, VaultError> {
+    let store = vault.store();
+    let job = match stored_job(store).await? {
+        Some(job) if job.id == id => job,
+        _ => match store.get(Keyspace::Meta, META_JOB_PREVIOUS).await? {
+            Some(bytes) => match serde_json::from_slice::<JobState>(&bytes) {
+                Ok(job) if job.id == id => job,
+                _ => {
+                    return Err(VaultError::Internal(
+                        "the job was replaced by another key job".into(),
+                    ))
+                }
             },
+            None => {
+                return Err(VaultError::Internal(
+                    "the job was replaced by another key job".into(),
+                ))
+            }
+        },
+    };
+    let mut progress = job.progress();
+    if !progress.finished
+        && progress.error.is_none()
+        && lease::View::read(store).await?.gone_for(grace)
+        && stored_job(store)
+            .await?
+            .is_some_and(|j| j.id == id && j.finished_ms.is_none())
+    {
+        progress.error = Some(
+            "the instance running it stopped before it finished; request the job again to resume it".into(),
+        );
+    }
+    Ok(progress)
+}
+
+/// Publishes the stored progress of job `id` on `tx` until it finishes or fails, its runner is
+/// gone for longer than `grace`, or nobody watches any more: a job another instance runs.
+async fn follow<S: Store>(
+    vault: &Vault<S>,
+    id: &str,
+    tx: &watch::Sender<Progress>,
+    grace: std::time::Duration,
+) {
+    loop {
+        let progress = match followed(vault, id, grace).await {
+            Ok(progress) => progress,
             Err(e) => Progress {
-                error: Some(format!("its progress could not be read: {e}")),
+                error: Some(match e {
+                    VaultError::Internal(m) => m,
+                    e => format!("its progress could not be read: {e}"),
+                }),
                 ..tx.borrow().clone()
             },
         };
@@ -977,7 +1028,8 @@ impl<S: Store> Jobs<S> {
                 let (tx, rx) = watch::channel(job.progress());
                 let vault = Arc::clone(&self.vault);
                 let id = job.id.clone();
-                tokio::spawn(async move { follow(&vault, &id, &tx).await });
+                let grace = self.options.lease_ttl * 2;
+                tokio::spawn(async move { follow(&vault, &id, &tx, grace).await });
                 return Ok(rx);
             }
         }
@@ -999,8 +1051,11 @@ impl<S: Store> Jobs<S> {
             previous => {
                 let started_ms = vault::now_ms();
                 let total = count_needing(&self.vault, kind, scope, started_ms).await?;
-                if let Some(p) = previous.filter(|p| p.finished_ms.is_none()) {
+                if let Some(p) = previous.as_ref().filter(|p| p.finished_ms.is_none()) {
                     tracing::warn!(job = %p.id, kind = p.kind.as_str(), "an unfinished key job is replaced by a new one");
+                }
+                if let Some(bytes) = &stored_bytes {
+                    batch.put(Keyspace::Meta, META_JOB_PREVIOUS.to_vec(), bytes.clone());
                 }
                 JobState {
                     id: Uuid::new_v4().to_string(),
@@ -1117,6 +1172,21 @@ impl<S: Store> Jobs<S> {
         Ok(true)
     }
 
+    /// For a store several instances share: every half of the lease's time to live, takes
+    /// over an unfinished job whose runner is gone ([`Jobs::adopt`]). The server runs it when
+    /// its store is not exclusive.
+    pub fn spawn_adopter(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let jobs = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(jobs.options.lease_ttl / 2).await;
+                if let Err(e) = jobs.adopt(false).await {
+                    tracing::warn!(error = %e, "looking for a key job to take over failed");
+                }
+            }
+        })
+    }
+
     fn spawn(
         &self,
         job: JobState,
@@ -1128,6 +1198,7 @@ impl<S: Store> Jobs<S> {
         let scope = job.scope().ok().flatten();
         let vault = Arc::clone(&self.vault);
         let held = Arc::clone(&lease);
+        let grace = self.options.lease_ttl * 2;
         let task = tokio::spawn(async move {
             let id = job.id.clone();
             let renewing = async {
@@ -1135,6 +1206,11 @@ impl<S: Store> Jobs<S> {
                     tokio::time::sleep(held.renew_every()).await;
                     match held.renew(vault.store()).await {
                         Ok(true) => {}
+                        // The job's own end released the lease (the token is still ours):
+                        // the run is about to return.
+                        Ok(false) if matches!(held.still_ours(vault.store()).await, Ok(true)) => {
+                            std::future::pending::<()>().await;
+                        }
                         Ok(false) => return,
                         // Fencing keeps a lapsed lease safe; the next tick tries again.
                         Err(e) => {
@@ -1144,6 +1220,7 @@ impl<S: Store> Jobs<S> {
                 }
             };
             let outcome = tokio::select! {
+                biased;
                 outcome = run(&vault, job, &tx, &held) => outcome,
                 () = renewing => Err(VaultError::Conflict("the key job's lease was taken over".into())),
             };
@@ -1151,7 +1228,7 @@ impl<S: Store> Jobs<S> {
             if let Ok(false) = held.still_ours(vault.store()).await {
                 // Another instance runs the job now: its watchers here follow it there.
                 tracing::warn!(job = %id, "the key job was taken over by another instance");
-                follow(&vault, &id, &tx).await;
+                follow(&vault, &id, &tx, grace).await;
                 return;
             }
             let text = e.to_string();
@@ -1855,8 +1932,17 @@ mod tests {
         // A dies with its first page unwritten; once its lease expires, B takes the job over.
         a.abandon().await;
         assert!(!b.adopt(false).await.expect("adopt"), "not expired yet");
-        tokio::time::sleep(std::time::Duration::from_millis(800)).await;
-        assert!(b.adopt(false).await.expect("adopt"), "B takes over");
+        // B's adopter takes it over by itself once the lease has expired.
+        let adopter = b.spawn_adopter();
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            // From A's side, the job is busy once another instance holds the lease.
+            while !a.busy().await.expect("busy") {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("B takes over");
+        adopter.abort();
         store.open.send_replace(true);
         let p = finished(watching).await;
         assert_eq!((p.done, p.total, p.error), (3, 3, None));
@@ -1933,5 +2019,165 @@ mod tests {
             .expect("attach");
         let p = finished(rx).await;
         assert_eq!((p.done, p.total, p.error), (3, 3, None));
+    }
+
+    #[tokio::test]
+    async fn a_job_whose_new_runner_dies_ends_its_watchers_and_is_taken_over_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, a, b) = two_instances(dir.path()).await;
+        let first = a
+            .start(JobKind::Rewrap, None, "test", Vec::new())
+            .await
+            .expect("A starts the rewrap");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(b.adopt(true).await.expect("adopt"), "B takes over");
+        // B dies before writing anything (its first page waits at the gate).
+        b.abandon().await;
+        store.open.send_replace(true);
+        // A's watchers followed the job to B; once B's lease expires they are told.
+        let p = finished(first).await;
+        assert!(
+            p.error
+                .as_deref()
+                .is_some_and(|e| e.contains("stopped before it finished")),
+            "{p:?}"
+        );
+        assert!(!a.busy().await.expect("busy"), "nobody runs it");
+        assert!(
+            a.adopt(false).await.expect("adopt"),
+            "A takes it over again"
+        );
+        let rx = a
+            .start(JobKind::Rewrap, None, "test", Vec::new())
+            .await
+            .expect("attach");
+        let p = finished(rx).await;
+        assert_eq!((p.done, p.total, p.error), (3, 3, None));
+    }
+
+    /// A store whose lease renewals (puts of job/lease only) are held until the job's final
+    /// batch (job/current with finished) has committed, and whose final batch returns only once
+    /// that renewal has failed: both complete at once.
+    #[derive(Clone)]
+    struct Racy {
+        inner: SledStore,
+        final_done: Arc<tokio::sync::Notify>,
+        renew_done: Arc<tokio::sync::Notify>,
+    }
+
+    impl Store for Racy {
+        async fn get(&self, ks: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(ks, key).await
+        }
+
+        async fn scan(
+            &self,
+            ks: Keyspace,
+            prefix: &[u8],
+            after: Option<&[u8]>,
+            limit: usize,
+        ) -> Result<crate::store::Entries, StoreError> {
+            self.inner.scan(ks, prefix, after, limit).await
+        }
+
+        async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+            let put_value = |key: &[u8]| {
+                batch.ops.iter().find_map(|op| match op {
+                    crate::store::Op::Put(Keyspace::Meta, k, v) if k == key => Some(v.clone()),
+                    _ => None,
+                })
+            };
+            let job = put_value(META_JOB);
+            let lease_put = put_value(lease::META_LEASE);
+            let owner_put = put_value(lease::META_OWNER);
+            let is_final = job
+                .as_deref()
+                .and_then(|j| serde_json::from_slice::<JobState>(j).ok())
+                .is_some_and(|j| j.finished_ms.is_some() && j.error.is_none());
+            let is_renew = job.is_none()
+                && owner_put.is_none()
+                && lease_put
+                    .as_deref()
+                    .and_then(|l| serde_json::from_slice::<lease::LeaseRow>(l).ok())
+                    .is_some_and(|r| r.expires_ms > 0);
+            if is_renew {
+                self.final_done.notified().await;
+                let r = self.inner.commit(batch).await;
+                self.renew_done.notify_one();
+                return r;
+            }
+            if is_final {
+                let r = self.inner.commit(batch).await;
+                self.final_done.notify_one();
+                self.renew_done.notified().await;
+                return r;
+            }
+            self.inner.commit(batch).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_renewal_that_meets_the_jobs_own_release_is_no_take_over() {
+        for _ in 0..4 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = Racy {
+                inner: SledStore::open(dir.path()).expect("open"),
+                final_done: Arc::new(tokio::sync::Notify::new()),
+                renew_done: Arc::new(tokio::sync::Notify::new()),
+            };
+            let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+            let v = Arc::new(vault_over(store.clone(), &master).await);
+            for _ in 0..3 {
+                create(&v, "111222333").await;
+            }
+            v.keys()
+                .rotate(v.store(), &[Category::Identity], vec![])
+                .await
+                .expect("rotate");
+            let jobs = Jobs::with_options(
+                v,
+                JobOptions {
+                    lease_ttl: std::time::Duration::from_millis(30),
+                    exclusive: true,
+                },
+            );
+            let rx = jobs
+                .start(JobKind::Rewrap, None, "test", Vec::new())
+                .await
+                .expect("start");
+            let p = finished(rx).await;
+            assert_eq!((p.done, p.total, p.error), (3, 3, None));
+            let stored = stored_job(&store).await.expect("job").expect("stored");
+            assert!(stored.finished_ms.is_some() && stored.error.is_none());
+            let actions = actions(&store).await;
+            assert_eq!(
+                actions.iter().filter(|a| *a == "RewrapFinished").count(),
+                1,
+                "{actions:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watcher_elsewhere_learns_the_end_of_a_job_replaced_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, a, b) = two_instances(dir.path()).await;
+        let rx_a = a
+            .start(JobKind::Rewrap, None, "test", Vec::new())
+            .await
+            .expect("A starts");
+        let watching = b
+            .start(JobKind::Rewrap, None, "test", Vec::new())
+            .await
+            .expect("B attaches");
+        store.open.send_replace(true);
+        let pa = finished(rx_a).await;
+        assert!(pa.finished && pa.error.is_none(), "{pa:?}");
+        // A new job at once, before B's watcher polls again.
+        a.start(JobKind::Rekey, Some(Category::Contact), "test", Vec::new())
+            .await
+            .expect("next job");
+        let pb = finished(watching).await;
+        assert!(pb.finished && pb.error.is_none(), "{pb:?}");
     }
 }

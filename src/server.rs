@@ -75,6 +75,7 @@ pub struct Running {
     sweeper: Option<tokio::task::JoinHandle<()>>,
     refusals: Option<tokio::task::JoinHandle<()>>,
     health_watch: Option<tokio::task::JoinHandle<()>>,
+    adopter: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// How often the health status is checked against the store.
@@ -159,6 +160,7 @@ impl Running {
             self.schedule.take(),
             self.sweeper.take(),
             self.health_watch.take(),
+            self.adopter.take(),
         ]
         .into_iter()
         .flatten()
@@ -386,6 +388,22 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
             ))
             .into());
         }
+        // A store from before the key was recorded: its checkpoints name no key, but a new
+        // one would not verify them.
+        let signed = crate::store::Store::get(
+            vault.store(),
+            crate::store::Keyspace::Meta,
+            crate::audit::META_CHECKPOINT_LAST,
+        )
+        .await
+        .map_err(|e| ConfigError::Rule(format!("reading the audit checkpoints: {e}")))?;
+        if signed.is_some() {
+            return Err(ConfigError::Rule(format!(
+                "{} is missing, and this store holds audit checkpoints signed with it: restore the file",
+                settings.audit.signing_key_file.display()
+            ))
+            .into());
+        }
     }
     let signer = Signer::load_or_create(
         &settings.audit.signing_key_file,
@@ -427,6 +445,8 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     {
         tracing::info!("an unfinished key job was resumed");
     }
+    // Instances sharing a store take over a job whose runner died (sled is one process's).
+    let adopter = (!crate::store::Store::exclusive(vault.store())).then(|| jobs.spawn_adopter());
     let schedule = (!settings.keys.rotate_after.is_empty())
         .then(|| spawn_key_schedule(Arc::clone(&jobs), settings.keys.clone()));
     let sweeper = spawn_sweeper(
@@ -501,6 +521,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         sweeper: Some(sweeper),
         refusals: refusal_task,
         health_watch: Some(health_watch),
+        adopter,
     })
 }
 

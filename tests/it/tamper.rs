@@ -338,7 +338,29 @@ async fn another_audit_signing_key_refuses_to_start() {
             && err.contains("audit-signing.key"),
         "{err}"
     );
+    // A store from before the key was recorded (no `audit/signing-key`), with its key file
+    // lost: its checkpoints still refuse a fresh key.
+    std::fs::remove_file(&key).expect("remove");
+    {
+        let store = SledStore::open(&data_dir(&vault.dir)).expect("open store");
+        let mut b = Batch::default();
+        b.delete(Keyspace::Meta, kluis::audit::META_SIGNING_KEY.to_vec());
+        store.commit(b).await.expect("drop the recorded key");
+    }
+    let err = match vault.start().await {
+        Ok(()) => panic!("started without its signing key"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("holds audit checkpoints signed with it"),
+        "{err}"
+    );
+    assert!(!key.exists(), "no new key was made");
     std::fs::write(&key, original).expect("restore");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
     assert_eq!(
         std::fs::read(vault.dir.path().join("keys").join("audit-signing.pub")).expect("public"),
         public,
