@@ -1093,9 +1093,24 @@ pub async fn verify(
             v.reason = reason;
         }
     };
+    // The stored records, before the head is read: each was created in one batch with its
+    // `CreateRecord` event, so every one of them must be named by an event up to that head.
+    // A trail wiped or cut back below a record's creation leaves it named by none.
+    let mut unnamed: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = store
+            .scan(Keyspace::Records, b"", after.as_deref(), SCAN_PAGE)
+            .await?;
+        let Some((last_key, _)) = page.last() else {
+            break;
+        };
+        after = Some(last_key.clone());
+        unnamed.extend(page.into_iter().map(|(key, _)| key));
+    }
     // Checkpoints first (few): seq → hash they sign.
     let mut checkpoints = std::collections::BTreeMap::new();
-    let mut after: Option<Vec<u8>> = None;
+    after = None;
     loop {
         let page = store
             .scan(Keyspace::Meta, META_CHECKPOINT, after.as_deref(), SCAN_PAGE)
@@ -1245,6 +1260,11 @@ pub async fn verify(
             }
             last_good_checkpoint = expected;
         }
+        if !unnamed.is_empty() {
+            if let Ok(id) = uuid::Uuid::parse_str(&event.draft.record_id) {
+                unnamed.remove(id.as_bytes().as_slice());
+            }
+        }
         v.events_checked += 1;
         v.head_hash = hash;
         prev = hash;
@@ -1290,6 +1310,17 @@ pub async fn verify(
                 format!(
                     "events {}..={last} are not covered by a signed checkpoint (at most {max_uncovered} may be): checkpoints deleted?",
                     last_good_checkpoint + 1
+                ),
+            );
+        } else if let Some(key) = unnamed.iter().min() {
+            fail(
+                &mut v,
+                last + 1,
+                format!(
+                    "{} stored record(s) named by no event, e.g. {}: the events of their creation were removed (the trail was wiped or cut back)",
+                    unnamed.len(),
+                    uuid::Uuid::from_slice(key)
+                        .map_or_else(|_| hex::encode(key), |id| id.to_string())
                 ),
             );
         }
@@ -1979,6 +2010,72 @@ mod tests {
         assert!(after.is_ok(), "{after:?}");
         assert!(restarted.is_ok(), "{restarted:?}");
         assert!(v.ok, "{v:?}");
+    }
+
+    #[tokio::test]
+    async fn a_wiped_or_cut_back_trail_leaves_records_named_by_no_event() {
+        use crate::store::{Batch, SledStore};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signer = Signer::load_or_create(&dir.path().join("k"), true).expect("signer");
+        let pk = signer.public_key();
+        let store = SledStore::open(&dir.path().join("data")).expect("open");
+        // Two records, each created with its event.
+        let ids = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()];
+        for id in &ids {
+            let mut b = Batch::default();
+            b.put(
+                Keyspace::Records,
+                id.as_bytes().to_vec(),
+                b"header".to_vec(),
+            );
+            let mut d = draft();
+            d.action = "CreateRecord".into();
+            d.record_id = id.to_string();
+            b.append_event(d.encode());
+            store.commit(b).await.expect("create");
+        }
+        store.commit(event_batch(3)).await.expect("more events");
+        let ok = verify(&store, &pk, 100, VerifyMode::Offline)
+            .await
+            .expect("verify");
+        assert!(ok.ok, "{ok:?}");
+        // Cut back to event 1 (the first record's creation): the second record is named by
+        // no event any more, though the rest of the chain is consistent.
+        let mut b = Batch::default();
+        let _ = take_raw_events(&store, &mut b).await.expect("events");
+        let first = raw_event(&store, 1).await.expect("get").expect("event 1");
+        let e1 = Event::parse(&first).expect("parse");
+        b.put(Keyspace::Audit, event_key(1).to_vec(), first);
+        b.put(
+            Keyspace::Meta,
+            META_HEAD.to_vec(),
+            Head {
+                seq: 1,
+                time_ms: e1.time_ms,
+                hash: e1.hash,
+            }
+            .encode(),
+        );
+        store.commit(b).await.expect("cut back");
+        let v = verify(&store, &pk, 100, VerifyMode::Offline)
+            .await
+            .expect("verify");
+        assert_eq!((v.ok, v.first_bad_seq), (false, 2), "{v:?}");
+        assert!(
+            v.reason.contains("1 stored record(s) named by no event")
+                && v.reason.contains(&ids[1].to_string()),
+            "{v:?}"
+        );
+        // Wiped whole: both.
+        let mut b = Batch::default();
+        let _ = take_raw_events(&store, &mut b).await.expect("events");
+        b.delete(Keyspace::Meta, META_HEAD.to_vec());
+        store.commit(b).await.expect("wipe");
+        let v = verify(&store, &pk, 100, VerifyMode::Live)
+            .await
+            .expect("verify");
+        assert_eq!((v.ok, v.first_bad_seq), (false, 1), "{v:?}");
+        assert!(v.reason.contains("2 stored record(s)"), "{v:?}");
     }
 
     #[tokio::test]

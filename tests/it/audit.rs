@@ -1308,3 +1308,54 @@ async fn a_search_is_an_event_on_every_record_it_found() {
         assert!(history.iter().any(|e| e.action == "FindRecords"), "{id}");
     }
 }
+
+/// Deleting the whole trail (every event, checkpoint, the head and the pointer) leaves the
+/// records named by no event: VerifyChain reports it from event 1, and so does the offline
+/// verifier.
+#[tokio::test]
+async fn a_wiped_trail_is_caught_by_the_records_it_no_longer_names() {
+    let mut v = spawn_vault().await;
+    let mut recruiter = v.client("recruiter").await;
+    create_with(
+        &mut recruiter,
+        "recruitment",
+        &[("email", sample_value("email"))],
+    )
+    .await;
+    assert!(verify(&v).await.ok);
+    v.stop().await;
+    {
+        let store = SledStore::open(&data_dir(&v.dir)).expect("open store");
+        let mut b = Batch::default();
+        audit::take_raw_events(&store, &mut b)
+            .await
+            .expect("events");
+        for (key, _) in store
+            .scan(Keyspace::Meta, b"audit/", None, 100_000)
+            .await
+            .expect("scan")
+        {
+            if key != audit::META_SIGNING_KEY {
+                b.delete(Keyspace::Meta, key);
+            }
+        }
+        store.commit(b).await.expect("wipe");
+    }
+    let data = path_arg(&data_dir(&v.dir));
+    let offline = run_kluis(
+        None,
+        &["audit".into(), "verify".into(), "--data-dir".into(), data],
+        None,
+    )
+    .await;
+    assert_eq!(offline.code, 1, "{}", offline.all());
+    assert!(
+        offline.stdout.contains("named by no event"),
+        "{}",
+        offline.all()
+    );
+    v.start().await.expect("restart");
+    let verified = verify(&v).await;
+    assert!(!verified.ok);
+    assert_eq!(verified.first_bad_seq, 1);
+}
