@@ -184,12 +184,18 @@ pub async fn refresh_keys<S: Store>(vault: &Vault<S>) -> Result<(), VaultError> 
 
 /// Reads the stored job, if any.
 pub async fn stored_job<S: Store>(store: &S) -> Result<Option<JobState>, VaultError> {
-    match store.get(Keyspace::Meta, META_JOB).await? {
-        None => Ok(None),
-        Some(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|_| VaultError::Internal("stored job state is unreadable".into())),
-    }
+    store
+        .get(Keyspace::Meta, META_JOB)
+        .await?
+        .as_deref()
+        .map(parse_job)
+        .transpose()
+}
+
+/// Parses a stored job state.
+fn parse_job(bytes: &[u8]) -> Result<JobState, VaultError> {
+    serde_json::from_slice(bytes)
+        .map_err(|_| VaultError::Internal("stored job state is unreadable".into()))
 }
 
 /// Folds `f` over every stored record header (id, raw header) on two tasks, each walking
@@ -884,25 +890,19 @@ async fn followed<S: Store>(
     grace: std::time::Duration,
 ) -> Result<Progress, VaultError> {
     let store = vault.store();
+    let replaced = || VaultError::Internal("the job was replaced by another key job".into());
     let job = match stored_job(store).await? {
         Some(job) if job.id == id => job,
         _ => match store.get(Keyspace::Meta, META_JOB_PREVIOUS).await? {
-            Some(bytes) => match serde_json::from_slice::<JobState>(&bytes) {
-                Ok(job) if job.id == id => job,
-                _ => {
-                    return Err(VaultError::Internal(
-                        "the job was replaced by another key job".into(),
-                    ))
-                }
-            },
-            None => {
-                return Err(VaultError::Internal(
-                    "the job was replaced by another key job".into(),
-                ))
-            }
+            Some(bytes) => Some(parse_job(&bytes)?)
+                .filter(|job| job.id == id)
+                .ok_or_else(replaced)?,
+            None => return Err(replaced()),
         },
     };
     let mut progress = job.progress();
+    // Runner gone: the lease is dead, and the job is still unfinished when read again after
+    // the lease (its end releases the lease in the same batch that finishes it).
     if !progress.finished
         && progress.error.is_none()
         && lease::View::read(store).await?.gone_for(grace)
@@ -1013,7 +1013,7 @@ impl<S: Store> Jobs<S> {
         refresh_keys(&self.vault).await?;
         // Every decision below rests on these bytes: the batch expects them unchanged.
         let stored_bytes = store.get(Keyspace::Meta, META_JOB).await?;
-        let stored = stored_job(store).await?;
+        let stored = stored_bytes.as_deref().map(parse_job).transpose()?;
         let view = lease::View::read(store).await?;
         if let Some(job) = stored.as_ref().filter(|j| j.finished_ms.is_none()) {
             if view.held_elsewhere(&self.instance).is_some() {
@@ -1028,7 +1028,7 @@ impl<S: Store> Jobs<S> {
                 let (tx, rx) = watch::channel(job.progress());
                 let vault = Arc::clone(&self.vault);
                 let id = job.id.clone();
-                let grace = self.options.lease_ttl * 2;
+                let grace = self.follow_grace();
                 tokio::spawn(async move { follow(&vault, &id, &tx, grace).await });
                 return Ok(rx);
             }
@@ -1140,12 +1140,10 @@ impl<S: Store> Jobs<S> {
         let Some(bytes) = store.get(Keyspace::Meta, META_JOB).await? else {
             return Ok(false);
         };
-        let Some(job) = stored_job(store)
-            .await?
-            .filter(|j| j.finished_ms.is_none() && j.error.is_none())
-        else {
+        let job = parse_job(&bytes)?;
+        if job.finished_ms.is_some() || job.error.is_some() {
             return Ok(false);
-        };
+        }
         let view = lease::View::read(store).await?;
         if !ignore_live_lease && view.held_elsewhere(&self.instance).is_some() {
             return Ok(false);
@@ -1170,6 +1168,13 @@ impl<S: Store> Jobs<S> {
         tracing::info!(job = %job.id, kind = job.kind.as_str(), done = job.done, total = job.total, "resuming key job");
         self.spawn(job, Arc::new(lease), &mut active);
         Ok(true)
+    }
+
+    /// How long a watcher of a job elsewhere waits, past its lease's expiry, for another
+    /// instance to take it over before it reports the runner gone: two times to live (the
+    /// adopters look every half).
+    fn follow_grace(&self) -> std::time::Duration {
+        self.options.lease_ttl * 2
     }
 
     /// For a store several instances share: every half of the lease's time to live, takes
@@ -1198,7 +1203,7 @@ impl<S: Store> Jobs<S> {
         let scope = job.scope().ok().flatten();
         let vault = Arc::clone(&self.vault);
         let held = Arc::clone(&lease);
-        let grace = self.options.lease_ttl * 2;
+        let grace = self.follow_grace();
         let task = tokio::spawn(async move {
             let id = job.id.clone();
             let renewing = async {
