@@ -495,3 +495,52 @@ async fn a_damaged_record_is_left_out_of_a_search() {
         .await
         .expect("intact reads");
 }
+
+/// Records a search leaves out (restricted ones here) do not shorten its answer: with 1002
+/// records holding the value and two of them restricted, it still answers the 1000 others
+/// (the index entries are read past the first 1000).
+#[tokio::test]
+async fn records_left_out_of_a_search_do_not_shorten_its_answer() {
+    let vault = spawn_vault().await;
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let mut c = vault.client("recruiter").await;
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for _ in (t..1002).step_by(8) {
+                ids.push(
+                    create_with(&mut c, "recruitment", &[("email", text("many@example.nl"))]).await,
+                );
+            }
+            ids
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.extend(t.await.expect("join"));
+    }
+    assert_eq!(ids.len(), 1002);
+    let mut po = vault.client("privacy_officer").await;
+    for id in &ids[..2] {
+        po.set_restriction(kluis::proto::SetRestrictionRequest {
+            record_id: id.clone(),
+            restricted: true,
+            reason: "contested accuracy".into(),
+        })
+        .await
+        .expect("restrict");
+    }
+    let mut c = vault.client("recruiter").await;
+    let found = c
+        .find_records(kluis::proto::FindRecordsRequest {
+            purpose: "recruitment".into(),
+            field_name: "email".into(),
+            value: "many@example.nl".into(),
+        })
+        .await
+        .expect("find")
+        .into_inner()
+        .record_ids;
+    assert_eq!(found.len(), 1000);
+    assert!(!found.contains(&ids[0]) && !found.contains(&ids[1]));
+}
