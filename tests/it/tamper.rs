@@ -9,6 +9,22 @@ use tonic::Code;
 
 use crate::helpers::*;
 
+/// The recruiter's search by e-mail address.
+async fn find_email(vault: &TestVault, email: &str) -> Vec<String> {
+    vault
+        .client("recruiter")
+        .await
+        .find_records(kluis::proto::FindRecordsRequest {
+            purpose: "recruitment".into(),
+            field_name: "email".into(),
+            value: email.into(),
+        })
+        .await
+        .expect("find")
+        .into_inner()
+        .record_ids
+}
+
 async fn create(vault: &TestVault, email: &str) -> String {
     let mut c = vault.client("recruiter").await;
     c.create_record(CreateRecordRequest {
@@ -172,33 +188,14 @@ async fn a_planted_index_entry_does_not_make_a_search_return_another_record() {
         store.commit(batch).await.expect("plant");
     }
     vault.start().await.expect("restart");
-    let mut c = vault.client("recruiter").await;
-    let found = c
-        .find_records(kluis::proto::FindRecordsRequest {
-            purpose: "recruitment".into(),
-            field_name: "email".into(),
-            value: "a@example.nl".into(),
-        })
-        .await
-        .expect("find")
-        .into_inner()
-        .record_ids;
+    let found = find_email(&vault, "a@example.nl").await;
     assert_eq!(
         found,
         vec![a.clone()],
         "only the record whose header holds the tag"
     );
     // b is still found by its own address.
-    let found = c
-        .find_records(kluis::proto::FindRecordsRequest {
-            purpose: "recruitment".into(),
-            field_name: "email".into(),
-            value: "b@example.nl".into(),
-        })
-        .await
-        .expect("find")
-        .into_inner()
-        .record_ids;
+    let found = find_email(&vault, "b@example.nl").await;
     assert_eq!(found, vec![b]);
 }
 
@@ -474,17 +471,7 @@ async fn a_damaged_record_is_left_out_of_a_search() {
     vault.stop().await;
     damage_header(&vault, &damaged).await;
     vault.start().await.expect("restart");
-    let mut c = vault.client("recruiter").await;
-    let found = c
-        .find_records(kluis::proto::FindRecordsRequest {
-            purpose: "recruitment".into(),
-            field_name: "email".into(),
-            value: "shared@example.nl".into(),
-        })
-        .await
-        .expect("the search answers")
-        .into_inner()
-        .record_ids;
+    let found = find_email(&vault, "shared@example.nl").await;
     assert_eq!(found, vec![intact.clone()]);
     let err = get(&vault, &damaged, &["email"])
         .await
@@ -530,17 +517,7 @@ async fn records_left_out_of_a_search_do_not_shorten_its_answer() {
         .await
         .expect("restrict");
     }
-    let mut c = vault.client("recruiter").await;
-    let found = c
-        .find_records(kluis::proto::FindRecordsRequest {
-            purpose: "recruitment".into(),
-            field_name: "email".into(),
-            value: "many@example.nl".into(),
-        })
-        .await
-        .expect("find")
-        .into_inner()
-        .record_ids;
+    let found = find_email(&vault, "many@example.nl").await;
     assert_eq!(found.len(), 1000);
     assert!(!found.contains(&ids[0]) && !found.contains(&ids[1]));
 }
