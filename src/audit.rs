@@ -1096,7 +1096,7 @@ pub async fn verify(
     // The stored records, before the head is read: each was created in one batch with its
     // `CreateRecord` event, so every one of them must be named by an event up to that head.
     // A trail wiped or cut back below a record's creation leaves it named by none.
-    let mut unnamed: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+    let mut unnamed: std::collections::HashSet<[u8; 16]> = std::collections::HashSet::new();
     let mut after: Option<Vec<u8>> = None;
     loop {
         let page = store
@@ -1106,7 +1106,11 @@ pub async fn verify(
             break;
         };
         after = Some(last_key.clone());
-        unnamed.extend(page.into_iter().map(|(key, _)| key));
+        // Record keys are ids (16 bytes); anything else is no record.
+        unnamed.extend(
+            page.into_iter()
+                .filter_map(|(key, _)| <[u8; 16]>::try_from(key.as_slice()).ok()),
+        );
     }
     // Checkpoints first (few): seq → hash they sign.
     let mut checkpoints = std::collections::BTreeMap::new();
@@ -1262,7 +1266,7 @@ pub async fn verify(
         }
         if !unnamed.is_empty() {
             if let Ok(id) = uuid::Uuid::parse_str(&event.draft.record_id) {
-                unnamed.remove(id.as_bytes().as_slice());
+                unnamed.remove(id.as_bytes());
             }
         }
         v.events_checked += 1;
@@ -1319,8 +1323,7 @@ pub async fn verify(
                 format!(
                     "{} stored record(s) named by no event, e.g. {}: the events of their creation were removed (the trail was wiped or cut back)",
                     unnamed.len(),
-                    uuid::Uuid::from_slice(key)
-                        .map_or_else(|_| hex::encode(key), |id| id.to_string())
+                    uuid::Uuid::from_bytes(*key)
                 ),
             );
         }
