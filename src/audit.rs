@@ -1828,37 +1828,25 @@ mod tests {
         assert_eq!(cp.expect("cp").expect("forced").seq, 115);
     }
 
-    /// A store in which another instance commits `racing` just before the next scan of the
-    /// checkpoints.
-    #[derive(Clone)]
+    /// Hooks of a store in which another instance commits `racing` just before the next scan
+    /// of the checkpoints.
     struct Racing {
-        inner: crate::store::SledStore,
-        racing: std::sync::Arc<std::sync::Mutex<Option<crate::store::Batch>>>,
+        racing: std::sync::Mutex<Option<crate::store::Batch>>,
     }
 
-    impl Store for Racing {
-        async fn get(&self, ks: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            self.inner.get(ks, key).await
-        }
-
-        async fn scan(
+    impl crate::store::testing::Hooks for Racing {
+        async fn before_scan(
             &self,
-            ks: Keyspace,
+            store: &crate::store::SledStore,
             prefix: &[u8],
-            after: Option<&[u8]>,
-            limit: usize,
-        ) -> Result<crate::store::Entries, StoreError> {
+        ) -> Result<(), StoreError> {
             if prefix == META_CHECKPOINT {
                 let racing = self.racing.lock().expect("not poisoned").take();
                 if let Some(batch) = racing {
-                    self.inner.commit(batch).await?;
+                    store.commit(batch).await?;
                 }
             }
-            self.inner.scan(ks, prefix, after, limit).await
-        }
-
-        async fn commit(&self, batch: crate::store::Batch) -> Result<(), StoreError> {
-            self.inner.commit(batch).await
+            Ok(())
         }
     }
 
@@ -1867,10 +1855,12 @@ mod tests {
         use crate::store::{Batch, SledStore};
         let dir = tempfile::tempdir().expect("tempdir");
         let signer = Signer::load_or_create(&dir.path().join("k"), true).expect("signer");
-        let store = Racing {
-            inner: SledStore::open(&dir.path().join("data")).expect("open"),
-            racing: Default::default(),
-        };
+        let store = crate::store::testing::Hooked::new(
+            SledStore::open(&dir.path().join("data")).expect("open"),
+            Racing {
+                racing: Default::default(),
+            },
+        );
         let mut a = Watched::default();
         store.commit(event_batch(10)).await.expect("commit");
         let cp = checkpoint_if_due(&store, &signer, 5, 50, false, &mut a).await;

@@ -1367,6 +1367,7 @@ mod tests {
     use crate::keys::{KeyRing, MasterKey};
     use crate::policy::{Caller, Policy};
     use crate::schema::Schema;
+    use crate::store::testing::{Hooked, Hooks};
     use crate::store::SledStore;
     use crate::vault::{Change, Value};
 
@@ -1798,38 +1799,15 @@ mod tests {
     }
 
     /// A store shared by "instances" in one process, whose key job pages (batches that write
-    /// the job state but take no lease) wait while the gate is closed.
-    #[derive(Clone)]
-    struct Gated {
-        inner: SledStore,
-        open: Arc<watch::Sender<bool>>,
+    /// the job state but take no lease) wait while the gate (`open`) is closed.
+    type Gated = Hooked<Gate>;
+
+    struct Gate {
+        open: watch::Sender<bool>,
     }
 
-    impl Gated {
-        fn new(inner: SledStore) -> Self {
-            Self {
-                inner,
-                open: Arc::new(watch::channel(false).0),
-            }
-        }
-    }
-
-    impl Store for Gated {
-        async fn get(&self, ks: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            self.inner.get(ks, key).await
-        }
-
-        async fn scan(
-            &self,
-            ks: Keyspace,
-            prefix: &[u8],
-            after: Option<&[u8]>,
-            limit: usize,
-        ) -> Result<crate::store::Entries, StoreError> {
-            self.inner.scan(ks, prefix, after, limit).await
-        }
-
-        async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+    impl Hooks for Gate {
+        async fn commit(&self, store: &SledStore, batch: Batch) -> Result<(), StoreError> {
             let puts = |key: &[u8]| {
                 batch
                     .ops
@@ -1842,7 +1820,7 @@ mod tests {
                     .await
                     .expect("the gate outlives its stores");
             }
-            self.inner.commit(batch).await
+            store.commit(batch).await
         }
     }
 
@@ -1883,7 +1861,12 @@ mod tests {
     /// Two instances with a short lease over one gated store, three records needing a rewrap
     /// of identity.
     async fn two_instances(dir: &std::path::Path) -> (Gated, Arc<Jobs<Gated>>, Arc<Jobs<Gated>>) {
-        let store = Gated::new(SledStore::open(dir).expect("open"));
+        let store = Gated::new(
+            SledStore::open(dir).expect("open"),
+            Gate {
+                open: watch::channel(false).0,
+            },
+        );
         let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
         let a = Arc::new(vault_over(store.clone(), &master).await);
         let b = Arc::new(vault_over(store.clone(), &master).await);
@@ -2063,29 +2046,13 @@ mod tests {
     /// A store whose lease renewals (puts of job/lease only) are held until the job's final
     /// batch (job/current with finished) has committed, and whose final batch returns only once
     /// that renewal has failed: both complete at once.
-    #[derive(Clone)]
     struct Racy {
-        inner: SledStore,
-        final_done: Arc<tokio::sync::Notify>,
-        renew_done: Arc<tokio::sync::Notify>,
+        final_done: tokio::sync::Notify,
+        renew_done: tokio::sync::Notify,
     }
 
-    impl Store for Racy {
-        async fn get(&self, ks: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            self.inner.get(ks, key).await
-        }
-
-        async fn scan(
-            &self,
-            ks: Keyspace,
-            prefix: &[u8],
-            after: Option<&[u8]>,
-            limit: usize,
-        ) -> Result<crate::store::Entries, StoreError> {
-            self.inner.scan(ks, prefix, after, limit).await
-        }
-
-        async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+    impl Hooks for Racy {
+        async fn commit(&self, store: &SledStore, batch: Batch) -> Result<(), StoreError> {
             let put_value = |key: &[u8]| {
                 batch.ops.iter().find_map(|op| match op {
                     crate::store::Op::Put(Keyspace::Meta, k, v) if k == key => Some(v.clone()),
@@ -2107,17 +2074,17 @@ mod tests {
                     .is_some_and(|r| r.expires_ms > 0);
             if is_renew {
                 self.final_done.notified().await;
-                let r = self.inner.commit(batch).await;
+                let r = store.commit(batch).await;
                 self.renew_done.notify_one();
                 return r;
             }
             if is_final {
-                let r = self.inner.commit(batch).await;
+                let r = store.commit(batch).await;
                 self.final_done.notify_one();
                 self.renew_done.notified().await;
                 return r;
             }
-            self.inner.commit(batch).await
+            store.commit(batch).await
         }
     }
 
@@ -2125,11 +2092,13 @@ mod tests {
     async fn a_renewal_that_meets_the_jobs_own_release_is_no_take_over() {
         for _ in 0..4 {
             let dir = tempfile::tempdir().expect("tempdir");
-            let store = Racy {
-                inner: SledStore::open(dir.path()).expect("open"),
-                final_done: Arc::new(tokio::sync::Notify::new()),
-                renew_done: Arc::new(tokio::sync::Notify::new()),
-            };
+            let store = Hooked::new(
+                SledStore::open(dir.path()).expect("open"),
+                Racy {
+                    final_done: tokio::sync::Notify::new(),
+                    renew_done: tokio::sync::Notify::new(),
+                },
+            );
             let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
             let v = Arc::new(vault_over(store.clone(), &master).await);
             for _ in 0..3 {

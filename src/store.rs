@@ -1310,6 +1310,88 @@ impl Store for SledStore {
     }
 }
 
+/// Test stores for the crate's unit tests: a sled store whose scans and commits pass through
+/// hooks first (to force interleavings of several "instances" in one process).
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// What a [`Hooked`] store does before its scans and instead of its commits.
+    pub(crate) trait Hooks: Send + Sync + 'static {
+        /// Runs before a scan of `prefix`.
+        fn before_scan(
+            &self,
+            _store: &SledStore,
+            _prefix: &[u8],
+        ) -> impl Future<Output = Result<(), StoreError>> + Send {
+            async { Ok(()) }
+        }
+
+        /// Commits `batch` to `store` (at once, unless a test holds it).
+        fn commit(
+            &self,
+            store: &SledStore,
+            batch: Batch,
+        ) -> impl Future<Output = Result<(), StoreError>> + Send {
+            store.commit(batch)
+        }
+    }
+
+    /// A sled store behind test hooks; derefs to the hooks, for the test to drive them.
+    pub(crate) struct Hooked<H> {
+        inner: SledStore,
+        hooks: Arc<H>,
+    }
+
+    impl<H> Clone for Hooked<H> {
+        fn clone(&self) -> Self {
+            Self {
+                inner: self.inner.clone(),
+                hooks: Arc::clone(&self.hooks),
+            }
+        }
+    }
+
+    impl<H> std::ops::Deref for Hooked<H> {
+        type Target = H;
+
+        fn deref(&self) -> &H {
+            &self.hooks
+        }
+    }
+
+    impl<H: Hooks> Hooked<H> {
+        /// `inner` behind `hooks`.
+        pub(crate) fn new(inner: SledStore, hooks: H) -> Self {
+            Self {
+                inner,
+                hooks: Arc::new(hooks),
+            }
+        }
+    }
+
+    impl<H: Hooks> Store for Hooked<H> {
+        async fn get(&self, ks: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(ks, key).await
+        }
+
+        async fn scan(
+            &self,
+            ks: Keyspace,
+            prefix: &[u8],
+            after: Option<&[u8]>,
+            limit: usize,
+        ) -> Result<Entries, StoreError> {
+            self.hooks.before_scan(&self.inner, prefix).await?;
+            self.inner.scan(ks, prefix, after, limit).await
+        }
+
+        async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+            self.hooks.commit(&self.inner, batch).await
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
