@@ -320,6 +320,15 @@ fn kek_info_key(category: Category, version: u32) -> Vec<u8> {
     format!("{META_KEK_INFO_PREFIX}{}/{version:010}", category.as_str()).into_bytes()
 }
 
+/// Meta key whose presence says that KEK `version` of `category` is no longer the newest: the
+/// facts of the next version, written by every rotation together with its key and kept after
+/// that version's retirement (version numbers are never reused). A write that wraps or seals
+/// under `version` expects it absent, so that it commits only under the version that is
+/// active at commit time, in this process or any other.
+pub fn kek_successor_key(category: Category, version: u32) -> Vec<u8> {
+    kek_info_key(category, version.saturating_add(1))
+}
+
 fn kek_retiring_key(category: Category, version: u32) -> Vec<u8> {
     format!(
         "{META_KEK_RETIRING_PREFIX}{}/{version:010}",

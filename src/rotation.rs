@@ -673,6 +673,11 @@ async fn run<S: Store>(
         futures::stream::FuturesOrdered::new();
     // Records handled by batches still in flight (counted in `job.done`, not yet published).
     let mut unsettled = 0u64;
+    // Whether this pass is one whose end needs no count (see `pass_left_nothing`): it began
+    // at the start of the key space in this run (not resumed behind a crash's redone page),
+    // and met no conflict; and the active versions it began with.
+    let mut clean = job.cursor.is_none();
+    let mut began_with = vault.keys().active_versions();
     let mut next = prepare(vault, &job, scope, cursor_bytes(&job)?).await?;
     loop {
         let Some(Prepared {
@@ -682,13 +687,27 @@ async fn run<S: Store>(
         }) = next
         else {
             while let Some(done) = commits.next().await {
-                settle(vault, &mut job, scope, done, &mut unsettled, tx, lease).await?;
+                settle(
+                    vault,
+                    &mut job,
+                    scope,
+                    done,
+                    &mut unsettled,
+                    tx,
+                    lease,
+                    &mut clean,
+                )
+                .await?;
             }
             // End of a pass: check nothing was left behind (a page redone after a crash, a
             // record changed under a re-key, a rotation on another instance), and go round
             // again if something was.
             refresh_keys(vault).await?;
-            let left = count_needing(vault, job.kind, scope, job.started_ms).await?;
+            let left = if pass_left_nothing(vault, job.kind, clean, &began_with) {
+                0
+            } else {
+                count_needing(vault, job.kind, scope, job.started_ms).await?
+            };
             if left > 0 {
                 if job.pass >= MAX_PASSES {
                     return Err(VaultError::Internal(format!(
@@ -699,6 +718,8 @@ async fn run<S: Store>(
                 tracing::info!(job = %job.id, kind = job.kind.as_str(), left, "key job: another pass");
                 job.pass += 1;
                 job.cursor = None;
+                clean = true;
+                began_with = vault.keys().active_versions();
                 next = prepare(vault, &job, scope, None).await?;
                 continue;
             }
@@ -742,23 +763,53 @@ async fn run<S: Store>(
                 biased;
                 prepared = &mut following => break prepared,
                 Some(done) = commits.next(), if !commits.is_empty() => {
-                    settle(vault, &mut job, scope, done, &mut unsettled, tx, lease).await?;
+                    settle(vault, &mut job, scope, done, &mut unsettled, tx, lease, &mut clean).await?;
                 }
             }
         };
         while commits.len() >= COMMITS_IN_FLIGHT {
             if let Some(done) = commits.next().await {
-                settle(vault, &mut job, scope, done, &mut unsettled, tx, lease).await?;
+                settle(
+                    vault,
+                    &mut job,
+                    scope,
+                    done,
+                    &mut unsettled,
+                    tx,
+                    lease,
+                    &mut clean,
+                )
+                .await?;
             }
         }
         next = following?;
     }
 }
 
+/// Whether a pass of a `kind` job that ended with `clean` (see `run`) and began with the
+/// active versions `began_with` can have left no record behind, so that its end needs no
+/// count of the whole key space. Only a rewrap's: every record it read it either moved or
+/// found moved, or met in a conflict (then not clean). A record written behind its cursor
+/// during the pass carries data keys under the version active at commit, since every write
+/// expects its versions to be the newest ([`vault::expect_keks`]); if that version changed
+/// during the pass (a rotation here or, seen by the key ring's reload just before, in
+/// another instance), the pass is not clean either. A re-key leaves records changed under
+/// it for the next pass, so its passes are always counted.
+fn pass_left_nothing<S: Store>(
+    vault: &Vault<S>,
+    kind: JobKind,
+    clean: bool,
+    began_with: &BTreeMap<Category, u32>,
+) -> bool {
+    kind == JobKind::Rewrap && clean && vault.keys().active_versions() == *began_with
+}
+
 /// Handles the end of one batch's commit: on a conflict (a concurrent write touched one of
-/// its records) its page is redone record by record. Then publishes progress, counting only
-/// settled batches. A conflict because another instance took the job over ends the run with
-/// [`VaultError::Conflict`] (the caller sees the lease is gone).
+/// its records) its page is redone record by record, and the pass is no longer `clean`.
+/// Then publishes progress, counting only settled batches. A conflict because another
+/// instance took the job over ends the run with [`VaultError::Conflict`] (the caller sees
+/// the lease is gone).
+#[allow(clippy::too_many_arguments)]
 async fn settle<S: Store>(
     vault: &Vault<S>,
     job: &mut JobState,
@@ -767,11 +818,13 @@ async fn settle<S: Store>(
     unsettled: &mut u64,
     tx: &watch::Sender<Progress>,
     lease: &Lease,
+    clean: &mut bool,
 ) -> Result<(), VaultError> {
     *unsettled -= handled;
     match committed {
         Ok(()) => {}
         Err(StoreError::Conflict) => {
+            *clean = false;
             if !lease.still_ours(vault.store()).await? {
                 return Err(VaultError::Conflict(
                     "the key job was taken over by another instance".into(),
@@ -1541,6 +1594,48 @@ mod tests {
             .await
             .expect("the retry rotates");
         assert_eq!(made, vec![(Category::Identity, 4)]);
+    }
+
+    #[tokio::test]
+    async fn a_stale_instance_writes_only_under_the_newest_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let a = vault_over(store.clone(), &master).await;
+        let b = vault_over(store, &master).await;
+        let old = create(&a, "111222333").await;
+        b.keys()
+            .rotate(b.store(), &[Category::Identity], vec![])
+            .await
+            .expect("B rotates");
+        assert_eq!(a.keys().active_version(Category::Identity), Some(1));
+        // A's create wraps under v1 (still a usable KEK), conflicts on v2's existence, takes
+        // up the store's ring and commits under v2: behind a rewrap's cursor it would
+        // otherwise be a record the pass never sees.
+        let fresh = create(&a, "111222333").await;
+        assert_eq!(a.keys().active_version(Category::Identity), Some(2));
+        let a = Arc::new(a);
+        let counts = version_counts(&a).await.expect("counts");
+        assert_eq!(counts[&(Category::Identity, 1)], 1, "only the older record");
+        assert_eq!(counts[&(Category::Identity, 2)], 1, "{fresh} under v2");
+        // An update of the older record seals identity: it moves the data key to v2.
+        let c = vault_over(a.store().clone(), &master).await;
+        b.keys()
+            .rotate(b.store(), &[Category::Identity], vec![])
+            .await
+            .expect("B rotates to v3");
+        update(
+            &c,
+            &caller("payroll"),
+            &old,
+            "payroll",
+            text("bsn", "123456782"),
+        )
+        .await;
+        assert_eq!(c.keys().active_version(Category::Identity), Some(3));
+        let counts = version_counts(&a).await.expect("counts");
+        assert_eq!(counts.get(&(Category::Identity, 1)), None);
+        assert_eq!(counts[&(Category::Identity, 3)], 1, "{old} under v3");
     }
 
     #[tokio::test]

@@ -470,8 +470,9 @@ impl<S: Store> Vault<S> {
     }
 
     /// After a write conflicted: if a KEK it wrapped a data key under is no longer in the
-    /// store (another instance rotated and retired, or is retiring, it), re-reads the key ring
-    /// so that the retry wraps under the store's active version.
+    /// store (another instance rotated and retired, or is retiring, it) or no longer the
+    /// newest version (another instance rotated), re-reads the key ring so that the retry
+    /// wraps under the store's active version.
     async fn refresh_keys_if_gone<'a>(
         &self,
         body: &RecordBody,
@@ -482,7 +483,10 @@ impl<S: Store> Vault<S> {
                 continue;
             };
             let key = crate::keys::kek_meta_key(*category, dek.kek_version);
-            if self.store.get(Keyspace::Meta, &key).await?.is_none() {
+            let next = crate::keys::kek_successor_key(*category, dek.kek_version);
+            if self.store.get(Keyspace::Meta, &key).await?.is_none()
+                || self.store.get(Keyspace::Meta, &next).await?.is_some()
+            {
                 return self
                     .keys
                     .reload(&self.store)
@@ -1794,7 +1798,11 @@ pub(crate) fn place_chunks(
 
 /// A write that seals with a category's DEK expects the KEK wrapping it to still exist, so
 /// that a version being retired (checked unused, then destroyed) cannot gain a record
-/// meanwhile: such a write conflicts and is retried under the active version.
+/// meanwhile, and to still be the newest version, so that a write whose key ring was read
+/// before a rotation (here or in another instance) cannot put a data key under the old
+/// version behind a rewrap's cursor. Such a write conflicts and is retried under the active
+/// version. (A rewrap pass that met no conflict and no rotation therefore leaves nothing
+/// behind, see `rotation::run`.)
 pub(crate) fn expect_keks<'a>(
     batch: &mut Batch,
     body: &RecordBody,
@@ -1806,6 +1814,11 @@ pub(crate) fn expect_keks<'a>(
                 Keyspace::Meta,
                 crate::keys::kek_meta_key(*category, dek.kek_version),
                 Expect::Present,
+            );
+            batch.expect(
+                Keyspace::Meta,
+                crate::keys::kek_successor_key(*category, dek.kek_version),
+                Expect::Absent,
             );
         }
     }
