@@ -525,13 +525,14 @@ impl<S: Store> Vault<S> {
                 Ok(fields) => {
                     let withheld = body
                         .fields
-                        .keys()
-                        .filter(|n| {
-                            self.schema
-                                .field(n)
-                                .is_none_or(|d| !self.visible(caller, d))
+                        .iter()
+                        .filter(|(n, entry)| {
+                            match (self.schema.field(n), Category::parse(&entry.category)) {
+                                (Some(d), Some(c)) => !self.entry_visible(caller, d, c),
+                                _ => true,
+                            }
                         })
-                        .cloned()
+                        .map(|(n, _)| n.clone())
                         .collect();
                     return Ok(ReadResult {
                         id,
@@ -605,6 +606,21 @@ impl<S: Store> Vault<S> {
                     expected: expected_revision,
                     actual: body.revision,
                 });
+            }
+            // A field the schema moved keeps its stored value under the old category until
+            // it is written: replacing or clearing it needs that category's write right too.
+            for def in parsed
+                .iter()
+                .map(|(d, _)| *d)
+                .chain(cleared.values().copied())
+            {
+                if let Some(denied) = body
+                    .fields
+                    .get(&def.name)
+                    .and_then(|entry| moved_out_of_reach(caller, "write", def, entry))
+                {
+                    return Err(denied);
+                }
             }
             let revision = body.revision + 1;
             // Who read a changed field since it was last written (before this change).
@@ -748,7 +764,7 @@ impl<S: Store> Vault<S> {
             after = Some(last.clone());
             let ended = hits.len() < MAX_FIND_RESULTS;
             examined += hits.len();
-            self.find_hits(&def.name, &tag, &prefix, purpose, hits, &mut out)
+            self.find_hits(caller, def, &tag, &prefix, purpose, hits, &mut out)
                 .await?;
             if ended {
                 break;
@@ -758,11 +774,14 @@ impl<S: Store> Vault<S> {
         Ok(out)
     }
 
-    /// Adds to `out` the records of index `hits` whose MACed header holds `tag` for `field`
-    /// and that `purpose` may process.
+    /// Adds to `out` the records of index `hits` whose MACed header holds `tag` for `def`
+    /// and that `purpose` may process, unless the field's stored value is sealed under a
+    /// category (the schema moved it) that `caller` may not read.
+    #[allow(clippy::too_many_arguments)]
     async fn find_hits(
         &self,
-        field: &str,
+        caller: &Caller,
+        def: &FieldDef,
         tag: &[u8; 32],
         prefix: &[u8],
         purpose: &str,
@@ -779,10 +798,12 @@ impl<S: Store> Vault<S> {
             // store cannot make a search return another person's record.
             match self.load(id).await {
                 Ok((_, body)) => {
-                    let tagged = body
-                        .fields
-                        .get(field)
-                        .is_some_and(|entry| crypto::ct_eq(&entry.index_tag, tag));
+                    let field = def.name.as_str();
+                    let entry = body.fields.get(field);
+                    let tagged = entry.is_some_and(|entry| crypto::ct_eq(&entry.index_tag, tag));
+                    if entry.is_some_and(|e| moved_out_of_reach(caller, "read", def, e).is_some()) {
+                        continue;
+                    }
                     if !tagged {
                         tracing::warn!(
                             record_id = %id,
@@ -800,7 +821,7 @@ impl<S: Store> Vault<S> {
                 Err(VaultError::DataLoss { record_id, part }) => tracing::error!(
                     %record_id,
                     %part,
-                    field = %field,
+                    field = %def.name,
                     "find: a record's stored header is damaged (DATA_LOSS); left out"
                 ),
                 Err(e) => return Err(e),
@@ -1641,11 +1662,15 @@ impl<S: Store> Vault<S> {
     /// Whether `caller` gets field `def` at all: in full, or masked (blobs are never returned
     /// masked, so a role that sees a blob only masked does not get it).
     fn visible(&self, caller: &Caller, def: &FieldDef) -> bool {
-        if caller.role.masks(def.category, &def.name) {
-            !def.kind.is_blob()
-        } else {
-            caller.role.may_read(def.category)
-        }
+        visible_as(caller, def.category, def)
+    }
+
+    /// [`Vault::visible`] for a stored field whose entry says it is sealed under `stored`: the
+    /// role must also be allowed the category whose data key opens it. They differ only when
+    /// the schema moved a field that has stored data to another category; the data key that
+    /// would be opened is still the old category's.
+    fn entry_visible(&self, caller: &Caller, def: &FieldDef, stored: Category) -> bool {
+        self.visible(caller, def) && (stored == def.category || visible_as(caller, stored, def))
     }
 
     /// Opens the selected fields (`wanted`, or every visible one when empty); with `masking`,
@@ -1669,9 +1694,20 @@ impl<S: Store> Vault<S> {
             let asked = if wanted.is_empty() {
                 self.schema
                     .field(name)
-                    .is_some_and(|d| self.visible(caller, d))
+                    .is_some_and(|d| self.entry_visible(caller, d, category))
+            } else if wanted.contains(name.as_str()) {
+                // Named fields were checked against the schema; the data key opened is the
+                // stored category's.
+                if let Some(denied) = self
+                    .schema
+                    .field(name)
+                    .and_then(|d| moved_out_of_reach(caller, "read", d, entry))
+                {
+                    return Err(denied);
+                }
+                true
             } else {
-                wanted.contains(name.as_str())
+                false
             };
             if asked {
                 selected.push((name, entry, category));
@@ -1840,6 +1876,37 @@ fn check_purpose(caller: &Caller, purpose: &str) -> Result<(), VaultError> {
         )));
     }
     Ok(())
+}
+
+/// Whether `caller` gets field `def` if it were in `category` (see [`Vault::visible`]).
+fn visible_as(caller: &Caller, category: Category, def: &FieldDef) -> bool {
+    if caller.role.masks(category, &def.name) {
+        !def.kind.is_blob()
+    } else {
+        caller.role.may_read(category)
+    }
+}
+
+/// The category a stored field entry is sealed under (its data key's), if it differs from
+/// the one the schema gives the field now and the caller may not `action` (read or write)
+/// fields of it. `None` when the entry's category is unknown (the reader reports damage).
+fn moved_out_of_reach(
+    caller: &Caller,
+    action: &str,
+    def: &FieldDef,
+    entry: &FieldEntry,
+) -> Option<VaultError> {
+    let stored = Category::parse(&entry.category)?;
+    let allowed = match action {
+        "read" => visible_as(caller, stored, def),
+        _ => caller.role.may_write(stored),
+    };
+    (stored != def.category && !allowed).then(|| {
+        VaultError::PermissionDenied(format!(
+            "role `{}` may not {action} field `{}`: its stored value is sealed under category {stored} (the schema now puts it in {}), which the role may not {action}",
+            caller.role.name, def.name, def.category
+        ))
+    })
 }
 
 fn denied_field(caller: &Caller, action: &str, def: &FieldDef) -> VaultError {
@@ -2132,6 +2199,95 @@ mod tests {
                 "{stage} {date}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_field_the_schema_moved_stays_behind_its_stored_category() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let who = |role: &str| Caller {
+            principal: Arc::from(format!("t-{role}")),
+            role: Arc::clone(
+                crate::policy::Policy::default_policy()
+                    .role(role)
+                    .expect("default role"),
+            ),
+        };
+        let text = |name: &str, v: &str| (name.to_string(), Value::Text(Zeroizing::new(v.into())));
+        let keys = Arc::new(KeyRing::open(&store, &master).await.expect("keys"));
+        let before = Vault::new(
+            store.clone(),
+            Arc::new(Schema::default_schema()),
+            Arc::clone(&keys),
+        );
+        let (id, _) = before
+            .create(
+                &who("payroll"),
+                "payroll",
+                vec![text("bsn", "111222333"), text("wage", "2500.00")],
+                &mut audit::Context::new("CreateRecord"),
+            )
+            .await
+            .expect("create");
+        // An operator moves bsn from identity to cv, which the recruiter may read and write.
+        let moved = crate::schema::DEFAULT_SCHEMA_TOML.replace(
+            "[fields.bsn]\ncategory = \"identity\"",
+            "[fields.bsn]\ncategory = \"cv\"",
+        );
+        assert_ne!(
+            moved,
+            crate::schema::DEFAULT_SCHEMA_TOML,
+            "the schema text moved"
+        );
+        let schema = Schema::from_toml(&moved).expect("moved schema");
+        let after = Vault::new(store, Arc::new(schema), keys);
+        let recruiter = who("recruiter");
+        let id = id.to_string();
+        let got = after
+            .get(&recruiter, &id, "recruitment", &[])
+            .await
+            .expect("read");
+        assert!(
+            got.fields.iter().all(|(n, _)| n != "bsn"),
+            "bsn not returned"
+        );
+        assert!(got.withheld.contains(&"bsn".to_string()), "bsn withheld");
+        let named = after
+            .get(&recruiter, &id, "recruitment", &["bsn".into()])
+            .await;
+        assert!(
+            matches!(&named, Err(VaultError::PermissionDenied(m)) if m.contains("identity")),
+            "{named:?}"
+        );
+        let found = after
+            .find(&recruiter, "recruitment", "bsn", "111222333")
+            .await
+            .expect("find");
+        assert!(found.is_empty(), "the search does not reveal the record");
+        let change = Change {
+            clear: vec!["bsn".into()],
+            ..Change::default()
+        };
+        let cleared = after
+            .update(
+                &recruiter,
+                &id,
+                "recruitment",
+                change,
+                &mut audit::Context::new("UpdateRecord"),
+            )
+            .await;
+        assert!(
+            matches!(cleared, Err(VaultError::PermissionDenied(_))),
+            "{cleared:?}"
+        );
+        // Payroll still reads it (identity), and the record is unchanged.
+        let got = before
+            .get(&who("payroll"), &id, "payroll", &["bsn".into()])
+            .await
+            .expect("payroll reads");
+        assert_eq!(got.revision, 1);
     }
 
     #[tokio::test]
