@@ -715,8 +715,10 @@ pub struct WithoutRecord {
     pub events: u64,
     /// Events per RPC method.
     pub actions: BTreeMap<String, u64>,
-    /// Names of the fields they named (e.g. the field searched), sorted.
+    /// Names of the fields that calls which succeeded named (e.g. the field searched), sorted.
     pub field_names: Vec<String>,
+    /// Names of the fields only calls that were refused or failed named, sorted.
+    pub fields_attempted: Vec<String>,
 }
 
 /// Which records and fields one principal touched in a window.
@@ -768,6 +770,7 @@ pub struct BreachAggregator {
     records: BTreeMap<String, RecordAcc>,
     without_record: WithoutRecord,
     fields_without_record: BTreeSet<String>,
+    attempted_without_record: BTreeSet<String>,
 }
 
 impl BreachAggregator {
@@ -781,6 +784,7 @@ impl BreachAggregator {
             records: BTreeMap::new(),
             without_record: WithoutRecord::default(),
             fields_without_record: BTreeSet::new(),
+            attempted_without_record: BTreeSet::new(),
         }
     }
 
@@ -798,8 +802,14 @@ impl BreachAggregator {
                 .actions
                 .entry(e.action.clone())
                 .or_default() += 1;
-            self.fields_without_record
-                .extend(e.field_names.iter().cloned());
+            // A refused search of a field disclosed nothing of it.
+            if e.outcome == audit::Outcome::Ok.as_str() {
+                self.fields_without_record
+                    .extend(e.field_names.iter().cloned());
+            } else {
+                self.attempted_without_record
+                    .extend(e.field_names.iter().cloned());
+            }
             return;
         }
         let acc = self
@@ -827,7 +837,7 @@ impl BreachAggregator {
     /// The report.
     pub fn finish(self) -> BreachReport {
         let mut distinct: BTreeSet<String> = self.fields_without_record.clone();
-        let mut attempted = BTreeSet::new();
+        let mut attempted = self.attempted_without_record.clone();
         let mut touched = 0;
         let mut records: Vec<(u64, RecordTouch)> = self
             .records
@@ -856,6 +866,11 @@ impl BreachAggregator {
             .collect();
         records.sort_by_key(|(first_seq, _)| *first_seq);
         let mut without_record = self.without_record;
+        without_record.fields_attempted = self
+            .attempted_without_record
+            .difference(&self.fields_without_record)
+            .cloned()
+            .collect();
         without_record.field_names = self.fields_without_record.into_iter().collect();
         BreachReport {
             principal: self.principal,
@@ -936,6 +951,12 @@ pub fn render_table(r: &BreachReport) -> String {
     }
     if !w.field_names.is_empty() {
         without.push_str(&format!(", fields named: {}", w.field_names.join(", ")));
+    }
+    if !w.fields_attempted.is_empty() {
+        without.push_str(&format!(
+            ", refused fields: {}",
+            w.fields_attempted.join(", ")
+        ));
     }
     line(&mut out, "Without a record:", without);
     out.push('\n');
@@ -1174,6 +1195,13 @@ mod tests {
             with(row(2, 1500, "app", "GetRecord", R1), &["phone"], "ok"),
             with(row(3, 2000, "app", "GetRecord", R2), &["bsn"], "denied"),
             with(row(4, 2500, "app", "FindRecords", ""), &["email"], "ok"),
+            // A refused search and a refused create name fields but disclose nothing.
+            with(row(4, 2510, "app", "FindRecords", ""), &["iban"], "denied"),
+            with(
+                row(4, 2520, "app", "CreateRecord", ""),
+                &["bsn", "gender"],
+                "denied",
+            ),
             row(5, 2600, "app", "ListRecords", ""),
             // A request that named no valid record id touched no record.
             row(5, 2650, "app", "GetRecord", audit::INVALID_RECORD_ID),
@@ -1188,24 +1216,30 @@ mod tests {
             ),
         ];
         let r = breach_report("app", 1000, 9000, &events);
-        assert_eq!(r.total_events, 7);
+        assert_eq!(r.total_events, 9);
         assert_eq!((r.records_touched, r.records_attempted), (2, 0));
-        // The refused read of bsn disclosed nothing: it is reported apart.
+        // The refused calls disclosed nothing: their fields are reported apart, whether they
+        // named a record or not.
         assert_eq!(
             r.distinct_fields,
             vec!["city", "email", "full_name", "phone"]
         );
-        assert_eq!(r.distinct_fields_attempted, vec!["bsn"]);
-        assert_eq!(r.without_record.events, 3);
+        assert_eq!(r.distinct_fields_attempted, vec!["bsn", "gender", "iban"]);
+        assert_eq!(r.without_record.events, 5);
         assert_eq!(
             r.without_record.actions,
             BTreeMap::from([
-                ("FindRecords".into(), 1),
+                ("CreateRecord".into(), 1),
+                ("FindRecords".into(), 2),
                 ("GetRecord".into(), 1),
                 ("ListRecords".into(), 1)
             ])
         );
         assert_eq!(r.without_record.field_names, vec!["email"]);
+        assert_eq!(
+            r.without_record.fields_attempted,
+            vec!["bsn", "gender", "iban"]
+        );
         // First touched first.
         assert_eq!(r.records[0].record_id, R2);
         assert_eq!(
@@ -1238,7 +1272,9 @@ mod tests {
         let table = render_table(&r);
         assert!(table.contains("Records touched:  2"), "{table}");
         assert!(
-            table.contains("3 events (FindRecords 1 GetRecord 1 ListRecords 1)"),
+            table.contains(
+                "5 events (CreateRecord 1 FindRecords 2 GetRecord 1 ListRecords 1), fields named: email, refused fields: bsn, gender, iban"
+            ),
             "{table}"
         );
         let lines: Vec<&str> = table.lines().collect();
