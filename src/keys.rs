@@ -9,7 +9,9 @@
 //!       ├─ kek/<category>/<version>   random 256-bit KEKs; the active (highest) version wraps
 //!       │                             new DEKs; older ones are decrypt-only until retired
 //!       │                             (deleted; `kek-info/<category>/<version>` keeps the facts)
-//!       ├─ index-root/1               random; HKDF(root, field name) → blind-index HMAC key
+//!       ├─ index-root/1               random; HKDF(root, field name) → blind-index HMAC key;
+//!       │                             HKDF(root, "record-notes") → seals the privacy
+//!       │                             officer's reasons (restriction, legal hold) in headers
 //!       └─ integrity/<version>        random; HMAC-SHA256 over each stored record
 //! ```
 //!
@@ -31,6 +33,7 @@ use crate::store::{Batch, Expect, Keyspace, Store, StoreError};
 const LABEL_KEY_CHECK: &[u8] = b"kluis/v1/key-check";
 const LABEL_WRAP: &[u8] = b"kluis/v1/wrap";
 const LABEL_INDEX_FIELD: &[u8] = b"kluis/v1/blind-index";
+const LABEL_NOTES: &[u8] = b"kluis/v1/record-notes";
 const CTX_KEK: &[u8] = b"kluis/v1/kek";
 const CTX_INDEX_ROOT: &[u8] = b"kluis/v1/index-root";
 const CTX_INTEGRITY: &[u8] = b"kluis/v1/integrity";
@@ -293,6 +296,8 @@ pub struct KeyRing {
     keks: parking_lot::RwLock<KekTable>,
     index_root: SecretKey,
     index_keys: parking_lot::RwLock<BTreeMap<String, std::sync::Arc<SecretKey>>>,
+    /// Seals the free-text reasons a record header keeps (see [`KeyRing::notes_key`]).
+    notes: SecretKey,
     integrity: SecretKey,
     /// The key check value of the master key this ring was opened with: every change of the
     /// ring expects it unchanged, so a process still holding a rotated-out master key cannot
@@ -485,11 +490,13 @@ impl KeyRing {
             &get(META_INTEGRITY).await?,
             "integrity/1",
         )?;
+        let notes = crypto::hkdf_sha256(SALT, &index_root, &[LABEL_NOTES]);
         Ok(KeyRing {
             wrap,
             keks: parking_lot::RwLock::new(table),
             index_root,
             index_keys: parking_lot::RwLock::new(BTreeMap::new()),
+            notes,
             integrity,
             check: master.check_value(),
             ops: tokio::sync::Mutex::new(()),
@@ -641,6 +648,14 @@ impl KeyRing {
             .write()
             .insert(field.to_string(), std::sync::Arc::clone(&key));
         key
+    }
+
+    /// The key that seals the privacy officer's free-text reasons kept in record headers
+    /// (why a record is restricted or held): HKDF(index root, "kluis/v1/record-notes"). It
+    /// is not per record, so unlike field values a reason is not crypto-shredded by retiring
+    /// a KEK; it is gone from the live store when the header is.
+    pub fn notes_key(&self) -> &SecretKey {
+        &self.notes
     }
 
     /// The record-integrity key and its version.

@@ -83,18 +83,32 @@ pub struct RecordBody {
     /// Restricted (Art. 18): only stored.
     #[prost(bool, tag = "10")]
     pub restricted: bool,
-    /// Why it is restricted (free text of the privacy officer; no field values).
+    /// Why it is restricted, in plaintext: only in headers written before reasons were
+    /// sealed (read for export; never written now).
     #[prost(string, tag = "11")]
     pub restriction_reason: String,
     /// Under legal hold: not erasable.
     #[prost(bool, tag = "12")]
     pub legal_hold: bool,
-    /// Why it is held.
+    /// Why it is held, in plaintext: as `restriction_reason`.
     #[prost(string, tag = "13")]
     pub legal_hold_reason: String,
     /// Purpose → consent (or objection) state.
     #[prost(btree_map = "string, message", tag = "14")]
     pub consents: BTreeMap<String, ConsentEntry>,
+    /// Why it is restricted (the privacy officer's free text), sealed under the key ring's
+    /// notes key for this record ([`note_context`]); empty when not restricted.
+    #[prost(bytes = "vec", tag = "15")]
+    pub restriction_reason_sealed: Vec<u8>,
+    /// Why it is held, sealed as `restriction_reason_sealed`.
+    #[prost(bytes = "vec", tag = "16")]
+    pub legal_hold_reason_sealed: Vec<u8>,
+}
+
+/// The AEAD context of note `name` (`restriction_reason`, `legal_hold_reason`) of record
+/// `id`: a sealed reason opens only in the record and the place it was sealed for.
+pub fn note_context(id: &[u8], name: &str) -> Vec<u8> {
+    crypto::context(&[b"kluis/v1/record-note", id, name.as_bytes()])
 }
 
 /// Consent for a purpose (for a legitimate-interest purpose, `granted = false` is an objection).
@@ -699,6 +713,8 @@ mod tests {
             restriction_reason: "contested".into(),
             legal_hold: true,
             legal_hold_reason: "case".into(),
+            restriction_reason_sealed: vec![3; 40],
+            legal_hold_reason_sealed: vec![4; 40],
             consents: BTreeMap::from([(
                 "talent_pool".to_string(),
                 ConsentEntry {

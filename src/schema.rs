@@ -630,7 +630,7 @@ fn invalid(rule: &str) -> ValueError {
 /// Whether `c` is a Unicode format character (general category Cf): zero-width space, joiners,
 /// bidi embeddings, overrides and isolates, soft hyphen, byte-order mark, tags, …: invisible,
 /// so they make two values that look the same differ, or make text display as something else.
-fn is_format_char(c: char) -> bool {
+pub(crate) fn is_format_char(c: char) -> bool {
     GeneralCategoryGroup::Format.contains(CodePointMapData::<GeneralCategory>::new().get(c))
 }
 

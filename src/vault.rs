@@ -855,12 +855,7 @@ impl<S: Store> Vault<S> {
                 "is required (why the record is erased)",
             ));
         }
-        if reason.chars().count() > MAX_REASON_CHARS {
-            return Err(VaultError::invalid(
-                "reason",
-                format!("at most {MAX_REASON_CHARS} characters"),
-            ));
-        }
+        check_reason(reason)?;
         event.draft.record_id = id.to_string();
         let idb = id.as_bytes().to_vec();
         for _ in 0..MAX_RETRIES {
@@ -1010,7 +1005,9 @@ impl<S: Store> Vault<S> {
             "updated_at": iso(body.updated_ms),
             "lifecycle": { "stage": body.lifecycle, "date": body.lifecycle_date },
             "restricted": body.restricted,
+            "restriction_reason": self.open_note(&body, "restriction_reason", &body.restriction_reason_sealed, &body.restriction_reason)?,
             "legal_hold": body.legal_hold,
+            "legal_hold_reason": self.open_note(&body, "legal_hold_reason", &body.legal_hold_reason_sealed, &body.legal_hold_reason)?,
             "consents": body.consents.iter().map(|(p, c)| serde_json::json!({
                 "purpose": p, "granted": c.granted, "changed": iso(c.changed_ms),
             })).collect::<Vec<_>>(),
@@ -1309,12 +1306,7 @@ impl<S: Store> Vault<S> {
                 if *on && reason.trim().is_empty() {
                     return Err(VaultError::invalid("reason", "is required when setting it"));
                 }
-                if reason.chars().count() > MAX_REASON_CHARS {
-                    return Err(VaultError::invalid(
-                        "reason",
-                        format!("at most {MAX_REASON_CHARS} characters"),
-                    ));
-                }
+                check_reason(reason)?;
             }
         }
         event.draft.record_id = id.to_string();
@@ -1349,15 +1341,21 @@ impl<S: Store> Vault<S> {
                 }
                 StateChange::Restriction { restricted, reason } => {
                     body.restricted = *restricted;
-                    body.restriction_reason = if *restricted {
-                        reason.clone()
+                    body.restriction_reason.clear();
+                    body.restriction_reason_sealed = if *restricted {
+                        self.seal_note(&idb, "restriction_reason", reason)?
                     } else {
-                        String::new()
+                        Vec::new()
                     };
                 }
                 StateChange::LegalHold { hold, reason } => {
                     body.legal_hold = *hold;
-                    body.legal_hold_reason = if *hold { reason.clone() } else { String::new() };
+                    body.legal_hold_reason.clear();
+                    body.legal_hold_reason_sealed = if *hold {
+                        self.seal_note(&idb, "legal_hold_reason", reason)?
+                    } else {
+                        Vec::new()
+                    };
                 }
             }
             body.revision += 1;
@@ -1659,6 +1657,42 @@ impl<S: Store> Vault<S> {
         Ok((raw, body))
     }
 
+    /// Seals the privacy officer's reason `text` as note `name` of record `id`.
+    fn seal_note(&self, id: &[u8], name: &str, text: &str) -> Result<Vec<u8>, VaultError> {
+        crypto::seal(
+            self.keys.notes_key(),
+            1,
+            &record::note_context(id, name),
+            text.as_bytes(),
+        )
+        .map_err(|e| VaultError::Internal(format!("sealing the {name}: {e}")))
+    }
+
+    /// The reason kept as note `name` of `body`: `sealed` opened, or the plaintext `legacy` of
+    /// a header written before reasons were sealed; empty when there is none.
+    fn open_note(
+        &self,
+        body: &RecordBody,
+        name: &str,
+        sealed: &[u8],
+        legacy: &str,
+    ) -> Result<String, VaultError> {
+        if sealed.is_empty() {
+            return Ok(legacy.to_string());
+        }
+        let loss = || VaultError::DataLoss {
+            record_id: uuid_string(&body.id),
+            part: format!("record header ({name})"),
+        };
+        let text = crypto::open(
+            self.keys.notes_key(),
+            &record::note_context(&body.id, name),
+            sealed,
+        )
+        .map_err(|_| loss())?;
+        String::from_utf8(text.to_vec()).map_err(|_| loss())
+    }
+
     /// Whether `caller` gets field `def` at all: in full, or masked (blobs are never returned
     /// masked, so a role that sees a blob only masked does not get it).
     fn visible(&self, caller: &Caller, def: &FieldDef) -> bool {
@@ -1874,6 +1908,28 @@ fn check_purpose(caller: &Caller, purpose: &str) -> Result<(), VaultError> {
             printable_name(purpose),
             caller.role.name
         )));
+    }
+    Ok(())
+}
+
+/// A privacy officer's reason (restriction, legal hold, erasure): at most
+/// [`MAX_REASON_CHARS`] characters of one line, without control or invisible format
+/// characters (they would hide what a reader of the export or the log sees).
+fn check_reason(reason: &str) -> Result<(), VaultError> {
+    if reason.chars().count() > MAX_REASON_CHARS {
+        return Err(VaultError::invalid(
+            "reason",
+            format!("at most {MAX_REASON_CHARS} characters"),
+        ));
+    }
+    if reason
+        .chars()
+        .any(|c| c.is_control() || crate::schema::is_format_char(c))
+    {
+        return Err(VaultError::invalid(
+            "reason",
+            "must be one line without control characters or invisible format characters (Unicode category Cf: zero-width characters, bidi controls)",
+        ));
     }
     Ok(())
 }

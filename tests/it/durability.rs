@@ -222,6 +222,15 @@ async fn no_planted_plaintext_reaches_the_data_dir_or_the_logs() {
             fields: fields(&[(&format!("field{marker}"), text(&name))]),
         })
         .await;
+    // The privacy officer's reasons are free text too (here with a BSN in it).
+    let mut po = client(&process.addr, &tokens["privacy_officer"]).await;
+    po.set_restriction(kluis::proto::SetRestrictionRequest {
+        record_id: id.clone(),
+        restricted: true,
+        reason: format!("contested by Plantedreason{marker} BSN {bsn}"),
+    })
+    .await
+    .expect("restrict");
     // Stop gracefully so that sled writes everything it keeps in memory to its files.
     let pid = process.child.id().to_string();
     Command::new("kill")
@@ -239,6 +248,7 @@ async fn no_planted_plaintext_reaches_the_data_dir_or_the_logs() {
         iban.as_bytes(),
         b"plantedcv",
         b"lorem ipsum lorem",
+        b"Plantedreason",
     ];
     let mut files = Vec::new();
     collect_files(dir.path(), &mut files);

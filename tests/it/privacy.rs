@@ -538,6 +538,19 @@ async fn legal_hold_is_set_and_lifted_by_the_privacy_officer_only() {
         Code::InvalidArgument,
         &["reason", "500"],
     );
+    // One line, no control or invisible format characters.
+    for bad in ["case\n2026", "case \u{1b}[31m", "case \u{202e}6202"] {
+        assert_status(
+            po.set_legal_hold(SetLegalHoldRequest {
+                record_id: id.clone(),
+                hold: true,
+                reason: bad.into(),
+            })
+            .await,
+            Code::InvalidArgument,
+            &["reason", "control"],
+        );
+    }
     assert_status(
         v.client("payroll")
             .await
@@ -575,6 +588,11 @@ async fn legal_hold_is_set_and_lifted_by_the_privacy_officer_only() {
         .into_inner()
         .records;
     assert!(listed[0].legal_hold);
+    // The reason is kept (sealed) and given to the data subject in the export.
+    let doc = exported(&mut po, &id).await;
+    assert_eq!(doc["legal_hold"], true);
+    assert_eq!(doc["legal_hold_reason"], "labour court case 2026/113");
+    assert_eq!(doc["restriction_reason"], "");
     let meta = po
         .set_legal_hold(SetLegalHoldRequest {
             record_id: id.clone(),
@@ -585,6 +603,24 @@ async fn legal_hold_is_set_and_lifted_by_the_privacy_officer_only() {
         .expect("lift")
         .into_inner();
     assert!(!meta.legal_hold);
+    let doc = exported(&mut po, &id).await;
+    assert_eq!(
+        doc["legal_hold_reason"], "",
+        "a lifted hold keeps no reason"
+    );
+}
+
+/// The export document of record `id`, as the privacy officer `po` gets it.
+async fn exported(po: &mut Client, id: &str) -> serde_json::Value {
+    let json = po
+        .export_record(kluis::proto::ExportRecordRequest {
+            record_id: id.into(),
+        })
+        .await
+        .expect("export")
+        .into_inner()
+        .json;
+    serde_json::from_str(&json).expect("json")
 }
 
 fn erase(id: &str) -> kluis::proto::EraseRecordRequest {
