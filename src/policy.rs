@@ -272,12 +272,31 @@ fn categories(role: &str, what: &str, names: &[String]) -> Result<BTreeSet<Categ
     Ok(out)
 }
 
+/// Whether `name` is an identifier as principal and role names must be: 1 to 64 ASCII letters,
+/// digits, `-`, `_`, `.` or `@`. Both go into every log line and audit event.
+fn is_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+}
+
+/// What [`is_identifier`] asks, for messages.
+const IDENTIFIER_RULE: &str = "a name is 1 to 64 ASCII letters, digits, `-`, `_`, `.` or `@`";
+
 impl Policy {
     /// Parses a policy from TOML and checks that every reference resolves.
     pub fn from_toml(text: &str) -> Result<Policy, PolicyError> {
         let file: PolicyFile = toml::from_str(text)?;
         let mut roles = BTreeMap::new();
         for (name, r) in file.roles {
+            if !is_identifier(&name) {
+                return Err(PolicyError::Rule(format!(
+                    "role `{}`: {IDENTIFIER_RULE}",
+                    name.escape_default()
+                )));
+            }
             for p in &r.purposes {
                 if !file.purposes.contains_key(p) {
                     return Err(PolicyError::Rule(format!(
@@ -308,14 +327,9 @@ impl Policy {
             // A name stands for one caller in every audit event and log line: it is an
             // identifier, never one of the vault's own actors (`system:…`, `cli:…`), and names
             // one role (a principal may have a token and a certificate, under one role).
-            let shaped = !p.name.is_empty()
-                && p.name.len() <= 64
-                && p.name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
-            if !shaped {
+            if !is_identifier(&p.name) {
                 return Err(PolicyError::Rule(format!(
-                    "principal `{}`: a name is 1 to 64 ASCII letters, digits, `-`, `_`, `.` or `@` (`:` is kept for the vault's own actors, e.g. `system:retention`)",
+                    "principal `{}`: {IDENTIFIER_RULE} (`:` is kept for the vault's own actors, e.g. `system:retention`)",
                     p.name.escape_default()
                 )));
             }
@@ -389,6 +403,11 @@ impl Policy {
         role: &str,
         cn: &str,
     ) -> Result<(), PolicyError> {
+        if cn.trim().is_empty() {
+            return Err(PolicyError::Rule(format!(
+                "principal `{name}`: cert_cn is empty (it must be the common name of the client certificate)"
+            )));
+        }
         let caller = self.caller(name, role)?;
         if self.certs.insert(cn.to_string(), caller).is_some() {
             return Err(PolicyError::Rule(format!(
@@ -440,6 +459,14 @@ impl Policy {
     /// Looks a purpose up by name.
     pub fn purpose(&self, name: &str) -> Option<&Purpose> {
         self.purposes.get(name)
+    }
+
+    /// The principals that authenticate by a client certificate's common name, as (principal,
+    /// common name).
+    pub fn cert_principals(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.certs
+            .iter()
+            .map(|(cn, caller)| (caller.principal.as_ref(), cn.as_str()))
     }
 
     /// How many principals can authenticate.
@@ -555,6 +582,40 @@ mod tests {
             let err = with(&bad).expect_err("refused");
             assert!(err.to_string().contains(says), "{err}");
         }
+    }
+
+    #[test]
+    fn role_names_are_identifiers_like_principal_names() {
+        for name in ["hr-admin", "hr_admin.2", "ops@example"] {
+            Policy::from_toml(&format!("[roles.\"{name}\"]\nread = [\"cv\"]\n")).expect(name);
+        }
+        for name in ["bad role\\nname", "", "a:b", "rol\u{e9}", &"x".repeat(65)] {
+            let err = Policy::from_toml(&format!("[roles.\"{name}\"]\nread = [\"cv\"]\n"))
+                .expect_err(name)
+                .to_string();
+            assert!(err.contains("role `") && err.contains("1 to 64"), "{err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_empty_cert_cn_is_refused() {
+        for cn in ["", "  "] {
+            let err = Policy::from_toml(&format!(
+                "{DEFAULT_POLICY_TOML}\n[[principals]]\nname = \"x\"\nrole = \"auditor\"\ncert_cn = \"{cn}\"\n"
+            ))
+            .expect_err("refused")
+            .to_string();
+            assert!(err.contains("principal `x`: cert_cn is empty"), "{err}");
+        }
+        let policy = Policy::from_toml(&format!(
+            "{DEFAULT_POLICY_TOML}\n[[principals]]\nname = \"x\"\nrole = \"auditor\"\ncert_cn = \"a.example\"\n"
+        ))
+        .expect("a common name");
+        assert_eq!(
+            policy.cert_principals().collect::<Vec<_>>(),
+            [("x", "a.example")]
+        );
     }
 
     #[test]
