@@ -63,25 +63,34 @@ impl Authenticator {
 
     /// Finds the caller of `request`, or says why not.
     pub fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        if let Some(value) = request.metadata().get(AUTHORIZATION) {
+        let mut values = request.metadata().get_all(AUTHORIZATION).iter();
+        if let Some(value) = values.next() {
+            // Which of two credentials would count depends on their order, which a proxy or
+            // a client library merging headers may change: neither counts.
+            if values.next().is_some() {
+                return Err(Status::unauthenticated(
+                    "authorization metadata given more than once",
+                ));
+            }
             let text = value.to_str().map_err(|_| {
                 Status::unauthenticated("authorization metadata is not valid ASCII")
             })?;
-            let token = text
-                .strip_prefix("Bearer ")
-                .or_else(|| text.strip_prefix("bearer "))
-                .map(str::trim)
-                .filter(|t| !t.is_empty())
-                .ok_or_else(|| {
-                    Status::unauthenticated("authorization metadata must be `Bearer <token>`")
-                })?;
+            let token = bearer_token(text).ok_or_else(|| {
+                Status::unauthenticated("authorization metadata must be `Bearer <token>`")
+            })?;
             return self
                 .policy
                 .authenticate_token(token)
                 .ok_or_else(|| Status::unauthenticated("invalid bearer token"));
         }
         if let Some(certs) = request.peer_certs() {
-            if let Some(cn) = certs.first().and_then(|c| common_name(c.as_ref())) {
+            if let Some(cert) = certs.first() {
+                // The TLS layer verified it against client_ca_file.
+                let cn = common_name(cert.as_ref()).ok_or_else(|| {
+                    Status::unauthenticated(
+                        "client certificate has no common name (principals map by CN)",
+                    )
+                })?;
                 return self.policy.authenticate_cert(&cn).ok_or_else(|| {
                     Status::unauthenticated("client certificate is not mapped to a principal")
                 });
@@ -93,6 +102,15 @@ impl Authenticator {
     }
 }
 
+/// The token of an `authorization` value `Bearer <token>`; the scheme's case does not matter
+/// (RFC 7235 §2.1: `Bearer`, `bearer`, `BEARER`).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("Bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The first common name of a certificate's subject, if it has one as text.
 fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert
@@ -682,5 +700,27 @@ impl<S: Store> RecordsService<S> {
             .map(meta_to_proto)
             .map_err(status::from_vault);
         self.finish(log, ev, result).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_needs_a_token() {
+        for value in ["Bearer abc", "bearer abc", "BEARER abc", "Bearer  abc "] {
+            assert_eq!(bearer_token(value), Some("abc"), "{value}");
+        }
+        for value in [
+            "Bearer",
+            "Bearer ",
+            "Bearerabc",
+            "Basic abc",
+            "Bearer-x abc",
+            "",
+        ] {
+            assert_eq!(bearer_token(value), None, "{value}");
+        }
     }
 }

@@ -266,3 +266,59 @@ async fn past_max_connections_a_new_connection_waits_until_one_closes() {
         .expect("connects")
         .expect("the second connection is served");
 }
+
+#[tokio::test]
+async fn the_bearer_scheme_is_matched_without_regard_to_case() {
+    let v = spawn_vault().await;
+    let token = &v.tokens["recruiter"];
+    // RFC 7235 §2.1: the authentication scheme is case-insensitive.
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let mut client = v
+            .client_with_token(Some(&format!("{scheme} {token}")))
+            .await;
+        if let Err(e) = client.list_records(ListRecordsRequest::default()).await {
+            panic!("{scheme}: {e}");
+        }
+    }
+    for other in [format!("Bearer{token}"), format!("Basic {token}")] {
+        let mut client = v.client_with_token(Some(&other)).await;
+        assert_status(
+            client.list_records(ListRecordsRequest::default()).await,
+            Code::Unauthenticated,
+            &["must be `Bearer <token>`"],
+        );
+    }
+}
+
+#[tokio::test]
+async fn authorization_metadata_given_twice_is_unauthenticated_whatever_the_order() {
+    let v = spawn_vault().await;
+    let (recruiter, payroll) = (&v.tokens["recruiter"], &v.tokens["payroll"]);
+    for pair in [
+        [recruiter.as_str(), payroll.as_str()],
+        [payroll.as_str(), recruiter.as_str()],
+        [recruiter.as_str(), "kluis_not-a-real-token"],
+        [recruiter.as_str(), recruiter.as_str()],
+    ] {
+        let values: Vec<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = pair
+            .iter()
+            .map(|t| format!("Bearer {t}").parse().expect("ascii"))
+            .collect();
+        let mut client = RecordsClient::with_interceptor(
+            v.channel().await,
+            move |mut request: tonic::Request<()>| {
+                for value in &values {
+                    request
+                        .metadata_mut()
+                        .append("authorization", value.clone());
+                }
+                Ok(request)
+            },
+        );
+        assert_status(
+            client.list_records(ListRecordsRequest::default()).await,
+            Code::Unauthenticated,
+            &["authorization metadata given more than once"],
+        );
+    }
+}

@@ -170,6 +170,29 @@ async fn mtls_client_certificate_maps_to_its_role() {
 }
 
 #[tokio::test]
+async fn a_verified_client_certificate_without_a_common_name_is_told_so() {
+    let ca = ca("Kluis test CA");
+    let vault = spawn_tls_vault(&ca, false).await;
+    // Chains to the client CA, names payroll only as a DNS subject alternative name.
+    let mut params =
+        CertificateParams::new(vec!["payroll.example.internal".to_string()]).expect("params");
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, &ca).expect("sign");
+    let channel = vault
+        .channel(Some((cert.pem(), key.serialize_pem())))
+        .await
+        .expect("the handshake passes");
+    let mut client = RecordsClient::new(channel);
+    assert_status(
+        client.create_record(create_payroll_record()).await,
+        Code::Unauthenticated,
+        &["client certificate has no common name (principals map by CN)"],
+    );
+}
+
+#[tokio::test]
 async fn a_tls_handshake_that_never_comes_is_dropped_after_the_timeout() {
     let ca = ca("Kluis test CA");
     let vault = spawn_tls_vault(&ca, false).await;
