@@ -149,6 +149,12 @@ impl RetentionRules {
                 return Err(format!("[retention] {key} = 0: must be at least 1"));
             }
         }
+        // The basis is what a data subject is shown (exports, plans): it may not be blank.
+        if self.applicant_basis.trim().is_empty() {
+            return Err(
+                "[retention] applicant_basis is empty: name the legal basis of the applicant periods (it is shown to the data subject)".into(),
+            );
+        }
         // Consent lets applicant data stay longer (the talent pool), never shorter.
         if self.applicant_consent_max_days < self.applicant_max_days {
             return Err(format!(
@@ -179,6 +185,11 @@ impl RetentionRules {
             if rule.keep_years > rule.max_years {
                 return Err(format!(
                     "[retention.former_employee.{c}] keep_years exceeds max_years"
+                ));
+            }
+            if rule.basis.trim().is_empty() {
+                return Err(format!(
+                    "[retention.former_employee.{c}] basis is empty: name the legal basis of the period (it is shown to the data subject)"
                 ));
             }
         }
@@ -350,6 +361,30 @@ mod tests {
             err.contains("[retention.former_employee.contact] max_years = 0"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_empty_basis_is_refused() {
+        for blank in ["", "  "] {
+            let applicant = RetentionRules {
+                applicant_basis: blank.into(),
+                ..RetentionRules::default()
+            };
+            let err = applicant.validate().expect_err("refused");
+            assert!(
+                err.contains("[retention] applicant_basis is empty"),
+                "{err}"
+            );
+            let mut former = RetentionRules::default();
+            if let Some(rule) = former.former_employee.get_mut("cv") {
+                rule.basis = blank.into();
+            }
+            let err = former.validate().expect_err("refused");
+            assert!(
+                err.contains("[retention.former_employee.cv] basis is empty"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
