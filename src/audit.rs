@@ -704,7 +704,6 @@ impl Signer {
     /// Loads the PKCS#8 key at `path` (mode 0600 or stricter); with `create`, generates it
     /// (and `audit-signing.pub` beside it) when absent.
     pub fn load_or_create(path: &Path, create: bool) -> Result<Signer, SignerError> {
-        use std::os::unix::fs::PermissionsExt;
         let err = |reason: String| SignerError::File {
             path: path.display().to_string(),
             reason,
@@ -728,12 +727,12 @@ impl Signer {
             }
             return Ok(signer);
         }
-        let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        let loose = crate::keys::loose_mode(path, crate::keys::SECRET_FORBIDDEN_BITS)
+            .map_err(|e| err(e.to_string()))?;
+        if let Some(mode) = loose {
             return Err(err(format!(
-                "is accessible by group or others (mode {mode:o}); run `chmod 600 {}`",
-                path.display()
+                "is {}",
+                crate::keys::secret_mode_reason(path, mode)
             )));
         }
         let pkcs8 = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| err(e.to_string()))?);

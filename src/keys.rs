@@ -58,7 +58,7 @@ pub const MASTER_KEY_ENV: &str = "KLUIS_MASTER_KEY";
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// The master key file is readable by group or others.
-    #[error("master key file {path} is accessible by group or others (mode {mode:o}); run `chmod 600 {path}`")]
+    #[error("master key file {path} is {}", secret_mode_reason(Path::new(path), *mode))]
     Permissions {
         /// The file.
         path: String,
@@ -94,11 +94,9 @@ pub struct MasterKey(SecretKey);
 impl MasterKey {
     /// Reads a master key file (64 hex digits); refuses a file readable by group or others.
     pub fn load_file(path: &Path) -> Result<MasterKey, KeyError> {
-        use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path)
+        let loose = loose_mode(path, SECRET_FORBIDDEN_BITS)
             .map_err(|e| KeyError::BadMasterKey(format!("file {}: {e}", path.display())))?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        if let Some(mode) = loose {
             return Err(KeyError::Permissions {
                 path: path.display().to_string(),
                 mode,
@@ -165,6 +163,30 @@ impl std::fmt::Debug for MasterKey {
     }
 }
 
+/// Permission bits that group and others must not have on a secret file (a key, tokens): any
+/// access at all.
+pub const SECRET_FORBIDDEN_BITS: u32 = 0o077;
+/// Permission bits that group and others must not have on a file that decides who may do what
+/// (the configuration, policy and schema files): write.
+pub const TRUSTED_FORBIDDEN_BITS: u32 = 0o022;
+
+/// The permission bits of the file `path` names (symlinks followed) if they grant any of
+/// `forbidden`; `None` if they grant none of them.
+pub fn loose_mode(path: &Path, forbidden: u32) -> std::io::Result<Option<u32>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+    Ok((mode & forbidden != 0).then_some(mode))
+}
+
+/// Why a secret file at `path` with `mode` (see [`SECRET_FORBIDDEN_BITS`]) is refused and
+/// what to do, to follow "<what> <path> is ".
+pub fn secret_mode_reason(path: &Path, mode: u32) -> String {
+    format!(
+        "accessible by group or others (mode {mode:o}); run `chmod 600 {}`",
+        path.display()
+    )
+}
+
 /// Creates `dir` and its missing parents, each one's entry synced into its parent, so that a
 /// power loss right after cannot lose a directory that files were then synced into.
 pub fn create_dir_durable(dir: &Path) -> std::io::Result<()> {
@@ -186,6 +208,23 @@ pub fn create_dir_durable(dir: &Path) -> std::io::Result<()> {
         std::fs::File::open(parent)?.sync_all()?;
     }
     Ok(())
+}
+
+/// Creates `dir` with mode 0700 (no one but the owner may list or enter it) if it is missing,
+/// and its missing parents as [`create_dir_durable`] does (their mode from the umask), each
+/// one's entry synced into its parent. An existing directory is left as it is.
+pub fn create_private_dir_durable(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    create_dir_durable(parent)?;
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => std::fs::File::open(parent)?.sync_all(),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Writes a new secret file with mode 0600 (creating its directory), fsynced; refuses to
