@@ -57,17 +57,64 @@ pub enum ConfigError {
     #[error(transparent)]
     Key(#[from] KeyError),
     /// The schema could not be used.
-    #[error(transparent)]
-    Schema(#[from] SchemaError),
+    #[error("{path}: {}", source.detail())]
+    Schema {
+        /// The schema file.
+        path: String,
+        /// Why.
+        #[source]
+        source: Box<SchemaError>,
+    },
     /// The policy could not be used.
-    #[error(transparent)]
-    Policy(#[from] PolicyError),
+    #[error("{path}: {}", source.detail())]
+    Policy {
+        /// The file: the policy, or the dev tokens whose principals are added to it.
+        path: String,
+        /// Why.
+        #[source]
+        source: Box<PolicyError>,
+    },
+}
+
+fn policy_err(path: &Path) -> impl FnOnce(PolicyError) -> ConfigError + '_ {
+    move |source| ConfigError::Policy {
+        path: path.display().to_string(),
+        source: Box::new(source),
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ConfigError + '_ {
     move |source| ConfigError::Io {
         path: path.display().to_string(),
         source,
+    }
+}
+
+/// Refuses a secret file (`what`, e.g. "TLS private key") that group or others can access at
+/// all, as the master key is refused.
+fn check_secret_mode(what: &str, path: &Path) -> Result<(), ConfigError> {
+    match crate::keys::loose_mode(path, crate::keys::SECRET_FORBIDDEN_BITS).map_err(io_err(path))? {
+        Some(mode) => Err(ConfigError::Rule(format!(
+            "{what} {} is {}",
+            path.display(),
+            crate::keys::secret_mode_reason(path, mode)
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Refuses a file that decides who may do what (`what`, e.g. "policy file") when group or
+/// others can write it: whoever can write the policy can give themselves any role.
+fn check_trusted_mode(what: &str, path: &Path) -> Result<(), ConfigError> {
+    match crate::keys::loose_mode(path, crate::keys::TRUSTED_FORBIDDEN_BITS)
+        .map_err(io_err(path))?
+    {
+        Some(mode) => Err(ConfigError::Rule(format!(
+            "{what} {} is writable by group or others (mode {mode:o}), who could then change who may do what; run `chmod go-w {}`",
+            path.display(),
+            path.display()
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -208,6 +255,11 @@ fn default_signing_key_file() -> PathBuf {
 pub const DEFAULT_CHECKPOINT_EVERY: u64 = 1000;
 /// Default seconds between checkpoints.
 pub const DEFAULT_CHECKPOINT_INTERVAL_SECS: u64 = 60;
+/// The largest `[audit] checkpoint_every` accepted: more events than this unsigned would
+/// leave a long tail of the trail that only the next checkpoint vouches for.
+pub const MAX_CHECKPOINT_EVERY: u64 = 1_000_000;
+/// The largest `[audit] checkpoint_interval_secs` accepted (one day).
+pub const MAX_CHECKPOINT_INTERVAL_SECS: u64 = 86_400;
 
 fn default_checkpoint_every() -> u64 {
     DEFAULT_CHECKPOINT_EVERY
@@ -348,11 +400,13 @@ impl Settings {
     }
 }
 
-/// Parses a listen address.
-pub fn parse_listen(text: &str) -> Result<SocketAddr, ConfigError> {
+/// Parses a listen address: an IP address and a port (host names are not resolved). `source`
+/// says where it came from, e.g. "--listen" or "`listen` in /etc/kluis/kluis.toml".
+pub fn parse_listen(text: &str, source: &str) -> Result<SocketAddr, ConfigError> {
     text.parse().map_err(|_| {
         ConfigError::Rule(format!(
-            "listen address `{text}` is not host:port (e.g. 127.0.0.1:50051)"
+            "{source}: `{}` must be an IP address and port (host names are not resolved), e.g. 127.0.0.1:50051 or [::1]:50051",
+            text.escape_default()
         ))
     })
 }
@@ -382,6 +436,7 @@ pub fn check_consent_purpose(
 
 /// Loads production settings from a config file.
 pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    check_trusted_mode("configuration file", path)?;
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
     let file: ConfigFile = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
         path: path.display().to_string(),
@@ -405,24 +460,67 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
             ))
         })?,
     };
-    let schema = match &file.schema_file {
+    let (schema, schema_name) = match &file.schema_file {
         Some(p) => {
             let p = rel(p);
-            Schema::from_toml(&std::fs::read_to_string(&p).map_err(io_err(&p))?)?
+            check_trusted_mode("schema file", &p)?;
+            let schema = Schema::from_toml(&std::fs::read_to_string(&p).map_err(io_err(&p))?)
+                .map_err(|source| ConfigError::Schema {
+                    path: p.display().to_string(),
+                    source: Box::new(source),
+                })?;
+            (schema, p.display().to_string())
         }
-        None => Schema::default_schema(),
+        None => (Schema::default_schema(), "the built-in schema".to_string()),
     };
     let policy_path = rel(&file.policy_file);
+    check_trusted_mode("policy file", &policy_path)?;
     let policy =
-        Policy::from_toml(&std::fs::read_to_string(&policy_path).map_err(io_err(&policy_path))?)?;
-    policy.check_masked(&schema)?;
-    check_consent_purpose(&file.retention, &policy)?;
+        Policy::from_toml(&std::fs::read_to_string(&policy_path).map_err(io_err(&policy_path))?)
+            .map_err(policy_err(&policy_path))?;
+    policy
+        .check_masked(&schema, &schema_name)
+        .map_err(policy_err(&policy_path))?;
+    // A rule broken by a setting of this file is reported as `<path>: <rule>`.
+    let in_file = |e: ConfigError| match e {
+        ConfigError::Rule(message) => ConfigError::Invalid {
+            path: path.display().to_string(),
+            message,
+        },
+        e => e,
+    };
+    check_consent_purpose(&file.retention, &policy).map_err(in_file)?;
+    let mtls = file
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.client_ca_file.is_some());
+    if let (false, Some((name, cn))) = (mtls, policy.cert_principals().next()) {
+        return Err(ConfigError::Invalid {
+            path: policy_path.display().to_string(),
+            message: format!(
+                "principal `{name}` authenticates by client certificate (cert_cn = \"{}\"), but {} configures no mTLS ([tls] with client_ca_file), so it could never authenticate: configure mTLS or remove the principal",
+                cn.escape_default(),
+                path.display()
+            ),
+        });
+    }
     let tls = match &file.tls {
-        Some(t) => Some(load_tls(t, &rel)?),
+        Some(t) => {
+            // Requiring client certificates needs the CA that verifies them.
+            if t.require_client_cert && t.client_ca_file.is_none() {
+                return Err(in_file(ConfigError::Rule(
+                    "[tls] require_client_cert = true needs client_ca_file (the CA that signs client certificates)".into(),
+                )));
+            }
+            Some(load_tls(t, &rel)?)
+        }
         None => None,
     };
     Ok(Settings {
-        listen: parse_listen(file.listen.as_deref().unwrap_or(DEFAULT_LISTEN))?,
+        listen: parse_listen(
+            file.listen.as_deref().unwrap_or(DEFAULT_LISTEN),
+            &format!("`listen` in {}", path.display()),
+        )?,
         data_dir: rel(&file.data_dir),
         master_key,
         schema,
@@ -433,17 +531,17 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
             None => DEFAULT_MAX_REQUEST_BYTES,
             Some(n) if (1..=MAX_REQUEST_BYTES_LIMIT).contains(&n) => n,
             Some(n) => {
-                return Err(ConfigError::Rule(format!(
+                return Err(in_file(ConfigError::Rule(format!(
                     "max_request_bytes = {n}: must be between 1 and {MAX_REQUEST_BYTES_LIMIT} (1 GiB; a write and its log frame stay far below the log's 4 GiB frame limit)"
-                )))
+                ))))
             }
         },
         max_connections: match file.max_connections {
             None => DEFAULT_MAX_CONNECTIONS,
             Some(0) => {
-                return Err(ConfigError::Rule(
+                return Err(in_file(ConfigError::Rule(
                     "max_connections = 0: must be at least 1".into(),
-                ))
+                )))
             }
             Some(n) => n,
         },
@@ -452,23 +550,46 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
             enabled: true,
             signing_key_file: rel(&file.audit.signing_key_file),
             create_signing_key: false,
-            checkpoint_every: positive("[audit] checkpoint_every", file.audit.checkpoint_every)?,
-            checkpoint_interval: std::time::Duration::from_secs(positive(
-                "[audit] checkpoint_interval_secs",
-                file.audit.checkpoint_interval_secs,
-            )?),
+            checkpoint_every: bounded(
+                "[audit] checkpoint_every",
+                file.audit.checkpoint_every,
+                MAX_CHECKPOINT_EVERY,
+            )
+            .map_err(in_file)?,
+            checkpoint_interval: std::time::Duration::from_secs(
+                bounded(
+                    "[audit] checkpoint_interval_secs",
+                    file.audit.checkpoint_interval_secs,
+                    MAX_CHECKPOINT_INTERVAL_SECS,
+                )
+                .map_err(in_file)?,
+            ),
         },
-        keys: file.keys.resolve()?,
+        keys: file.keys.resolve().map_err(in_file)?,
         retention: {
-            file.retention.validate().map_err(ConfigError::Rule)?;
+            file.retention
+                .validate()
+                .map_err(|m| in_file(ConfigError::Rule(m)))?;
             positive(
                 "[retention] sweep_interval_secs",
                 file.retention.sweep_interval_secs,
-            )?;
+            )
+            .map_err(in_file)?;
             file.retention.clone()
         },
         clock: crate::vault::system_clock(),
     })
+}
+
+/// `value`, refused when 0 or above `max` (naming `key` and the bound).
+fn bounded(key: &str, value: u64, max: u64) -> Result<u64, ConfigError> {
+    let value = positive(key, value)?;
+    if value > max {
+        return Err(ConfigError::Rule(format!(
+            "{key} = {value}: must be at most {max}"
+        )));
+    }
+    Ok(value)
 }
 
 /// `value`, refused when 0 (naming `key`).
@@ -480,16 +601,11 @@ fn positive(key: &str, value: u64) -> Result<u64, ConfigError> {
 }
 
 fn load_tls(t: &TlsFile, rel: &dyn Fn(&Path) -> PathBuf) -> Result<TlsSettings, ConfigError> {
-    // Requiring client certificates needs the CA that verifies them.
-    if t.require_client_cert && t.client_ca_file.is_none() {
-        return Err(ConfigError::Rule(
-            "[tls] require_client_cert = true needs client_ca_file (the CA that signs client certificates)".into(),
-        ));
-    }
     let read = |p: &Path| {
         let p = rel(p);
         std::fs::read(&p).map_err(io_err(&p))
     };
+    check_secret_mode("TLS private key ([tls] key_file)", &rel(&t.key_file))?;
     Ok(TlsSettings {
         cert_pem: read(&t.cert_file)?,
         key_pem: Zeroizing::new(read(&t.key_file)?),
@@ -545,14 +661,14 @@ pub fn dev(
         )));
     }
     // The address first: a refused start leaves nothing behind.
-    let listen = parse_listen(listen.unwrap_or(DEFAULT_LISTEN))?;
+    let listen = parse_listen(listen.unwrap_or(DEFAULT_LISTEN), "--listen")?;
     if !listen.ip().is_loopback() {
         return Err(ConfigError::Rule(format!(
             "dev mode listens on loopback only; `{listen}` is not a loopback address"
         )));
     }
     let keys = root.join("keys");
-    crate::keys::create_dir_durable(&keys).map_err(io_err(&keys))?;
+    crate::keys::create_private_dir_durable(&keys).map_err(io_err(&keys))?;
     let key_path = keys.join("master.key");
     let master_key = if key_path.exists() {
         MasterKey::load_file(&key_path)?
@@ -563,6 +679,7 @@ pub fn dev(
     if !tokens_path.exists() {
         write_dev_tokens(&tokens_path)?;
     }
+    check_secret_mode("dev tokens file", &tokens_path)?;
     let text = Zeroizing::new(std::fs::read_to_string(&tokens_path).map_err(io_err(&tokens_path))?);
     // toml's own message quotes the offending line, which holds a token: say where only.
     let tokens: DevTokens = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
@@ -578,7 +695,9 @@ pub fn dev(
     let mut policy = Policy::default_policy();
     for (role, token) in &tokens.tokens {
         let token = Zeroizing::new(token.clone());
-        policy.add_token_hash(&format!("dev-{role}"), role, policy::token_hash(&token))?;
+        policy
+            .add_token_hash(&format!("dev-{role}"), role, policy::token_hash(&token))
+            .map_err(policy_err(&tokens_path))?;
     }
     let data_dir = data_dir.map_or_else(|| root.join("data"), Path::to_path_buf);
     crate::audit::Signer::load_or_create(&keys.join(crate::audit::SIGNING_KEY_FILE), true)
@@ -613,28 +732,76 @@ pub struct InitOutput {
     pub tokens: Vec<(String, String, Zeroizing<String>)>,
 }
 
-/// Production set-up in `dir`: a master key (0600), `policy.toml` with one principal per
-/// default role (token hashes only), `kluis.toml`. Refuses to overwrite anything.
+/// What one `kluis init` run created, removed again when a later step fails: a failed run
+/// leaves no key behind that a re-run would then refuse to overwrite.
+#[derive(Default)]
+struct Created {
+    /// Directories, outermost first.
+    dirs: Vec<PathBuf>,
+    /// Files, in the order they were written.
+    files: Vec<PathBuf>,
+}
+
+impl Created {
+    /// The directories among `dir` and its ancestors that do not exist yet, outermost first
+    /// (to note before creating `dir`).
+    fn missing_dirs(&mut self, dir: &Path) {
+        let mut missing = Vec::new();
+        let mut at = Some(dir);
+        while let Some(p) = at.filter(|p| !p.as_os_str().is_empty()) {
+            if std::fs::symlink_metadata(p).is_ok() {
+                break;
+            }
+            missing.push(p.to_path_buf());
+            at = p.parent();
+        }
+        self.dirs.extend(missing.into_iter().rev());
+    }
+
+    /// Removes every file this run wrote and every directory it created (left alone if not
+    /// empty), newest first. Best effort: the error being reported matters more.
+    fn undo(self) {
+        for f in self.files.iter().rev() {
+            let _ = std::fs::remove_file(f);
+        }
+        for d in self.dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// Production set-up in `dir`: a master key (0600) and the audit signing key in `keys/`
+/// (0700), `policy.toml` with one principal per default role (token hashes only),
+/// `kluis.toml`. Refuses to overwrite anything, checking every file it would write before it
+/// writes any; if a step fails, removes what it wrote.
 pub fn init(dir: &Path, listen: &str) -> Result<InitOutput, ConfigError> {
     let config_path = dir.join("kluis.toml");
     let policy_path = dir.join("policy.toml");
-    let key_path = dir.join("keys").join("master.key");
-    for p in [&config_path, &policy_path, &key_path] {
-        if p.exists() {
-            return Err(ConfigError::Rule(format!(
-                "{} already exists: kluis init never overwrites",
-                p.display()
-            )));
+    let keys_dir = dir.join("keys");
+    let key_path = keys_dir.join("master.key");
+    let signing_path = keys_dir.join(crate::audit::SIGNING_KEY_FILE);
+    let public_path = keys_dir.join(crate::audit::PUBLIC_KEY_FILE);
+    parse_listen(listen, "--listen")?;
+    for p in [
+        &config_path,
+        &policy_path,
+        &key_path,
+        &signing_path,
+        &public_path,
+    ] {
+        // symlink_metadata, not exists(): a dangling symbolic link is in the way too.
+        match std::fs::symlink_metadata(p) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(p)(e)),
+            Ok(_) => {
+                return Err(ConfigError::Rule(format!(
+                    "{} already exists: kluis init never overwrites. To serve a finished set-up, run `kluis serve --config {}`; otherwise run init with an empty --dir (remove an earlier set-up's files only if no data was ever stored under its keys)",
+                    p.display(),
+                    config_path.display()
+                )))
+            }
         }
     }
-    parse_listen(listen)?;
-    crate::keys::create_dir_durable(&dir.join("keys")).map_err(io_err(dir))?;
-    MasterKey::create_file(&key_path)?;
-    crate::audit::Signer::load_or_create(
-        &dir.join("keys").join(crate::audit::SIGNING_KEY_FILE),
-        true,
-    )
-    .map_err(|e| ConfigError::Rule(e.to_string()))?;
     let mut policy_text = String::from(policy::DEFAULT_POLICY_TOML);
     let mut tokens = Vec::new();
     for role in DEFAULT_ROLES {
@@ -646,12 +813,30 @@ pub fn init(dir: &Path, listen: &str) -> Result<InitOutput, ConfigError> {
         ));
         tokens.push((name, role.to_string(), token));
     }
-    Policy::from_toml(&policy_text)?;
-    write_secret_file(&policy_path, &policy_text)?;
+    Policy::from_toml(&policy_text).map_err(policy_err(&policy_path))?;
     let config = format!(
         "# Kluis configuration (see README.md, \"Configuration reference\").\nlisten = \"{listen}\"\ndata_dir = \"data\"\nmaster_key_file = \"keys/master.key\"\npolicy_file = \"policy.toml\"\n# schema_file = \"schema.toml\"   # default: the built-in schema\n# allow_insecure_listen = false\n# max_request_bytes = {DEFAULT_MAX_REQUEST_BYTES}\n# max_connections = {DEFAULT_MAX_CONNECTIONS}   # open client connections at once\n\n# [tls]\n# cert_file = \"tls/server.crt\"\n# key_file = \"tls/server.key\"\n# client_ca_file = \"tls/clients-ca.crt\"   # enables mTLS\n# require_client_cert = false\n\n# [audit]\n# signing_key_file = \"keys/audit-signing.key\"   # Ed25519, signs chain checkpoints\n# checkpoint_every = {DEFAULT_CHECKPOINT_EVERY}                          # events between checkpoints\n# checkpoint_interval_secs = {DEFAULT_CHECKPOINT_INTERVAL_SECS}                    # or seconds, whichever first\n\n# [keys]\n# schedule_check_secs = {DEFAULT_SCHEDULE_CHECK_SECS}\n# [keys.rotate_after_days]   # rotate the KEK and rewrap the category when this old\n# identity = 90\n# financial = 90\n"
     );
-    write_secret_file(&config_path, &config)?;
+    let mut created = Created::default();
+    created.missing_dirs(&keys_dir);
+    let written = (|| {
+        // Each file is noted once written: one that failed because it appeared meanwhile
+        // is someone else's.
+        crate::keys::create_private_dir_durable(&keys_dir).map_err(io_err(&keys_dir))?;
+        MasterKey::create_file(&key_path)?;
+        created.files.push(key_path.clone());
+        crate::audit::Signer::load_or_create(&signing_path, true)
+            .map_err(|e| ConfigError::Rule(e.to_string()))?;
+        created.files.push(signing_path.clone());
+        created.files.push(public_path.clone());
+        write_secret_file(&policy_path, &policy_text)?;
+        created.files.push(policy_path.clone());
+        write_secret_file(&config_path, &config)
+    })();
+    if let Err(e) = written {
+        created.undo();
+        return Err(e);
+    }
     Ok(InitOutput {
         config_path,
         tokens,
@@ -761,10 +946,42 @@ mod tests {
                 "[tls]\ncert_file = \"a.crt\"\nkey_file = \"a.key\"\nrequire_client_cert = true\n",
                 "client_ca_file",
             ),
+            (
+                "[audit]\ncheckpoint_every = 1000001\n",
+                "[audit] checkpoint_every = 1000001: must be at most 1000000",
+            ),
+            (
+                "[audit]\ncheckpoint_interval_secs = 86401\n",
+                "[audit] checkpoint_interval_secs = 86401: must be at most 86400",
+            ),
+            (
+                "[audit]\ncheckpoint_every = 9223372036854775807\ncheckpoint_interval_secs = 9223372036854775807\n",
+                "must be at most",
+            ),
+            (
+                "[retention]\napplicant_basis = \"\"\n",
+                "[retention] applicant_basis is empty",
+            ),
+            (
+                "[keys.rotate_after_days]\nsecrets = 90\n",
+                "[keys] rotate_after_days names unknown category `secrets`",
+            ),
         ] {
             std::fs::write(&out.config_path, format!("{config}\n{extra}")).expect("write");
             let err = load(&out.config_path).expect_err("refused").to_string();
             assert!(err.contains(needle), "{extra}: {err}");
+            // Each names the file it is in.
+            assert!(
+                err.starts_with(&format!("{}: ", out.config_path.display())),
+                "{extra}: {err}"
+            );
+        }
+        for (extra, ok) in [
+            ("[audit]\ncheckpoint_every = 1000000\n", true),
+            ("[audit]\ncheckpoint_interval_secs = 86400\n", true),
+        ] {
+            std::fs::write(&out.config_path, format!("{config}\n{extra}")).expect("write");
+            assert_eq!(load(&out.config_path).is_ok(), ok, "{extra}");
         }
         // Dev mode refuses a production set-up.
         std::fs::write(&out.config_path, &config).expect("write");
@@ -799,6 +1016,361 @@ mod tests {
             err.contains("dev-tokens.toml") && err.contains("line"),
             "{err}"
         );
+    }
+
+    fn chmod(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn files_that_decide_who_may_do_what_may_not_be_writable_by_group_or_others() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = init(dir.path(), DEFAULT_LISTEN).expect("init");
+        let config = std::fs::read_to_string(&out.config_path).expect("config");
+        let schema = dir.path().join("schema.toml");
+        std::fs::write(&schema, crate::schema::DEFAULT_SCHEMA_TOML).expect("write");
+        std::fs::write(
+            &out.config_path,
+            config.replace("# schema_file", "schema_file"),
+        )
+        .expect("write");
+        let policy = dir.path().join("policy.toml");
+        for (path, what) in [
+            (&out.config_path, "configuration file"),
+            (&policy, "policy file"),
+            (&schema, "schema file"),
+        ] {
+            // Readable by all is fine (nothing in them is secret).
+            chmod(path, 0o644);
+            load(&out.config_path).expect("0644 loads");
+            for mode in [0o664, 0o646, 0o666] {
+                chmod(path, mode);
+                let err = load(&out.config_path).expect_err("refused").to_string();
+                assert!(
+                    err.contains(&format!("{what} {}", path.display()))
+                        && err.contains(&format!("mode {mode:o}"))
+                        && err.contains(&format!("chmod go-w {}", path.display())),
+                    "{err}"
+                );
+            }
+            chmod(path, 0o600);
+        }
+        load(&out.config_path).expect("loads again");
+    }
+
+    #[test]
+    fn a_tls_private_key_that_group_or_others_can_read_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = init(dir.path(), DEFAULT_LISTEN).expect("init");
+        let config = std::fs::read_to_string(&out.config_path).expect("config");
+        std::fs::write(
+            &out.config_path,
+            format!("{config}\n[tls]\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n"),
+        )
+        .expect("write");
+        // The check comes before the PEM is parsed (at start): any bytes will do here.
+        std::fs::write(dir.path().join("server.crt"), "cert").expect("write");
+        let key = dir.path().join("server.key");
+        std::fs::write(&key, "key").expect("write");
+        for mode in [0o644, 0o640, 0o604, 0o620] {
+            chmod(&key, mode);
+            let err = load(&out.config_path).expect_err("refused").to_string();
+            assert!(
+                err.contains(&format!(
+                    "TLS private key ([tls] key_file) {}",
+                    key.display()
+                )) && err.contains("accessible by group or others")
+                    && err.contains(&format!("mode {mode:o}"))
+                    && err.contains(&format!("chmod 600 {}", key.display())),
+                "{err}"
+            );
+        }
+        for mode in [0o600, 0o400] {
+            chmod(&key, mode);
+            load(&out.config_path).expect("a private key loads");
+        }
+    }
+
+    #[test]
+    fn init_and_dev_mode_create_files_that_pass_the_checks() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A --dir that does not exist yet: made with its keys/.
+        let root = dir.path().join("etc/kluis");
+        init(&root, DEFAULT_LISTEN).expect("init");
+        for name in [
+            "kluis.toml",
+            "policy.toml",
+            "keys/master.key",
+            "keys/audit-signing.key",
+        ] {
+            assert_eq!(mode(&root.join(name)), 0o600, "{name}");
+        }
+        // No one else may list the keys (their names and times show when keys were rotated).
+        assert_eq!(mode(&root.join("keys")), 0o700);
+        let dev_dir = tempfile::tempdir().expect("tempdir");
+        dev(dev_dir.path(), None, None).expect("dev");
+        assert_eq!(mode(&dev_dir.path().join("keys")), 0o700);
+        let tokens = dev_dir.path().join("keys/dev-tokens.toml");
+        assert_eq!(mode(&tokens), 0o600);
+        chmod(&tokens, 0o644);
+        let err = dev(dev_dir.path(), None, None)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains(&format!("dev tokens file {}", tokens.display()))
+                && err.contains("mode 644")
+                && err.contains("chmod 600"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_listen_address_must_be_an_ip_address_and_port_and_says_where_it_came_from() {
+        for bad in [
+            "localhost:50051",
+            "127.0.0.1",
+            "kluis.internal:443",
+            ":50051",
+        ] {
+            let err = parse_listen(bad, "--listen")
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                err.starts_with("--listen: ")
+                    && err.contains(&format!("`{bad}` must be an IP address and port"))
+                    && err.contains("host names are not resolved")
+                    && err.contains("[::1]:50051"),
+                "{err}"
+            );
+        }
+        assert!(parse_listen("[::1]:0", "--listen").is_ok());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = init(dir.path(), DEFAULT_LISTEN).expect("init");
+        let config = std::fs::read_to_string(&out.config_path).expect("config");
+        std::fs::write(
+            &out.config_path,
+            config.replace(
+                "listen = \"127.0.0.1:50051\"",
+                "listen = \"localhost:50051\"",
+            ),
+        )
+        .expect("write");
+        let err = load(&out.config_path).expect_err("refused").to_string();
+        assert!(
+            err.starts_with(&format!("`listen` in {}: ", out.config_path.display()))
+                && err.contains("host names are not resolved"),
+            "{err}"
+        );
+        // Refused by init before anything is written.
+        let fresh = dir.path().join("fresh");
+        let err = init(&fresh, "localhost:50051")
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.starts_with("--listen: "), "{err}");
+        assert!(!fresh.exists());
+    }
+
+    #[test]
+    fn init_checks_every_file_first_and_says_what_to_do_when_one_exists() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A dangling symbolic link where policy.toml goes: exists() would not see it.
+        std::os::unix::fs::symlink("/nonexistent/policy", dir.path().join("policy.toml"))
+            .expect("symlink");
+        let err = init(dir.path(), DEFAULT_LISTEN)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("policy.toml already exists")
+                && err.contains("kluis serve --config")
+                && err.contains("empty --dir"),
+            "{err}"
+        );
+        assert!(!dir.path().join("keys").exists(), "nothing was written");
+        // The same for a signing key left alone in keys/.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signing = dir.path().join("keys").join(crate::audit::SIGNING_KEY_FILE);
+        crate::audit::Signer::load_or_create(&signing, true).expect("signing key");
+        let err = init(dir.path(), DEFAULT_LISTEN)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("audit-signing.key already exists"), "{err}");
+        assert!(!dir.path().join("keys/master.key").exists());
+    }
+
+    #[test]
+    fn a_failed_init_removes_what_it_created_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let before = dir.path().join("before.txt");
+        std::fs::write(&before, "not ours").expect("write");
+        let keys = dir.path().join("a/b/keys");
+        let mut created = Created::default();
+        created.missing_dirs(&keys);
+        assert_eq!(
+            created.dirs,
+            [dir.path().join("a"), dir.path().join("a/b"), keys.clone()]
+        );
+        crate::keys::create_private_dir_durable(&keys).expect("mkdir");
+        let key = keys.join("master.key");
+        MasterKey::create_file(&key).expect("key");
+        created.files.push(key);
+        created.undo();
+        assert!(!dir.path().join("a").exists());
+        assert!(before.exists());
+        // A directory that holds something this run did not write stays.
+        let mut created = Created::default();
+        created.missing_dirs(&keys);
+        crate::keys::create_private_dir_durable(&keys).expect("mkdir");
+        std::fs::write(keys.join("other"), "x").expect("write");
+        created.undo();
+        assert!(keys.join("other").exists());
+    }
+
+    #[test]
+    fn policy_and_schema_errors_name_their_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = init(dir.path(), DEFAULT_LISTEN).expect("init");
+        let config = std::fs::read_to_string(&out.config_path).expect("config");
+        let policy_path = dir.path().join("policy.toml");
+        let policy = std::fs::read_to_string(&policy_path).expect("policy");
+        let schema_path = dir.path().join("schema.toml");
+        let schema = crate::schema::DEFAULT_SCHEMA_TOML;
+        let refused = |policy_text: &str, schema_text: Option<&str>| {
+            std::fs::write(&policy_path, policy_text).expect("write");
+            let config = match schema_text {
+                Some(text) => {
+                    std::fs::write(&schema_path, text).expect("write");
+                    config.replace("# schema_file", "schema_file")
+                }
+                None => config.clone(),
+            };
+            std::fs::write(&out.config_path, config).expect("write");
+            load(&out.config_path).expect_err("refused").to_string()
+        };
+        let in_policy = |rest: &str| format!("{}: {rest}", policy_path.display());
+        let in_schema = |rest: &str| format!("{}: {rest}", schema_path.display());
+        let read = "read = [\"contact\", \"personal\", \"cv\"]";
+        assert!(policy.contains(read));
+        let err = refused(&policy.replacen(read, "reed = [\"contact\"]", 1), None);
+        assert!(
+            err.starts_with(&in_policy("not valid TOML of the expected shape")),
+            "{err}"
+        );
+        assert!(err.contains("reed"), "{err}");
+        let err = refused(&policy.replacen(read, "read = [\"secrets\"]", 1), None);
+        assert!(
+            err.starts_with(&in_policy(
+                "role `recruiter`: read names unknown category `secrets`"
+            )),
+            "{err}"
+        );
+        let hash = policy
+            .lines()
+            .find(|l| l.starts_with("token_sha256"))
+            .expect("a token hash");
+        let twice =
+            format!("{policy}\n[[principals]]\nname = \"again\"\nrole = \"auditor\"\n{hash}\n");
+        let err = refused(&twice, None);
+        assert!(
+            err.starts_with(&in_policy("principal `again`: token hash used twice")),
+            "{err}"
+        );
+        // Schema errors name the schema file.
+        let typo = schema.replacen("max_len = 200", "max_len = 200\nsearchabel = true", 1);
+        assert_ne!(typo, schema);
+        let err = refused(&policy, Some(&typo));
+        assert!(
+            err.starts_with(&in_schema("field `full_name`: ")) && err.contains("searchabel"),
+            "{err}"
+        );
+        let err = refused(&policy, Some(&schema.replacen("[fields.", "[fieldz.", 1)));
+        assert!(
+            err.starts_with(&in_schema("not valid TOML of the expected shape")),
+            "{err}"
+        );
+        // A `masked` entry the schema does not know: the policy's error, naming the schema.
+        let err = refused(
+            &policy.replace(
+                "masked = [\"bsn\", \"iban\"]",
+                "masked = [\"bsn\", \"ibna\"]",
+            ),
+            Some(schema),
+        );
+        assert!(
+            err.starts_with(&in_policy("role `privacy_officer`: masked names `ibna`"))
+                && err.contains(&format!("({})", schema_path.display())),
+            "{err}"
+        );
+        let err = refused(
+            &policy.replace(
+                "masked = [\"bsn\", \"iban\"]",
+                "masked = [\"bsn\", \"ibna\"]",
+            ),
+            None,
+        );
+        assert!(err.contains("(the built-in schema)"), "{err}");
+        // Dev mode names the tokens file whose principals it adds.
+        let dev_dir = tempfile::tempdir().expect("tempdir");
+        dev(dev_dir.path(), None, None).expect("dev");
+        let tokens = dev_dir.path().join("keys/dev-tokens.toml");
+        let text = std::fs::read_to_string(&tokens).expect("tokens");
+        std::fs::remove_file(&tokens).expect("rm");
+        crate::keys::write_secret_file(
+            &tokens,
+            text.replacen("recruiter =", "recruitre =", 1).as_bytes(),
+        )
+        .expect("write");
+        let err = dev(dev_dir.path(), None, None)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.starts_with(&format!(
+                "{}: principal `dev-recruitre` names undefined role `recruitre`",
+                tokens.display()
+            )),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn certificate_principals_need_mtls() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = init(dir.path(), DEFAULT_LISTEN).expect("init");
+        let config = std::fs::read_to_string(&out.config_path).expect("config");
+        let policy_path = dir.path().join("policy.toml");
+        let policy = std::fs::read_to_string(&policy_path).expect("policy");
+        std::fs::write(
+            &policy_path,
+            format!("{policy}\n[[principals]]\nname = \"payroll-mtls\"\nrole = \"payroll\"\ncert_cn = \"payroll.example.internal\"\n"),
+        )
+        .expect("write");
+        for name in ["server.crt", "clients-ca.crt"] {
+            std::fs::write(dir.path().join(name), "pem").expect("write");
+        }
+        crate::keys::write_secret_file(&dir.path().join("server.key"), b"pem").expect("key");
+        let tls = "[tls]\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n";
+        for extra in ["", tls] {
+            std::fs::write(&out.config_path, format!("{config}\n{extra}")).expect("write");
+            let err = load(&out.config_path).expect_err("refused").to_string();
+            assert!(
+                err.starts_with(&format!(
+                    "{}: principal `payroll-mtls` authenticates by client certificate (cert_cn = \"payroll.example.internal\")",
+                    policy_path.display()
+                )) && err.contains("no mTLS ([tls] with client_ca_file)"),
+                "{extra}: {err}"
+            );
+        }
+        std::fs::write(
+            &out.config_path,
+            format!("{config}\n{tls}client_ca_file = \"clients-ca.crt\"\n"),
+        )
+        .expect("write");
+        load(&out.config_path).expect("with mTLS");
     }
 
     #[test]

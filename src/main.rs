@@ -195,7 +195,7 @@ fn serve(
         }
         kluis::config::load(&path).and_then(|mut s| {
             if let Some(l) = &listen {
-                s.listen = kluis::config::parse_listen(l)?;
+                s.listen = kluis::config::parse_listen(l, "--listen")?;
             }
             if let Some(d) = data_dir {
                 s.data_dir = d;

@@ -214,6 +214,16 @@ pub enum PolicyError {
     Rule(String),
 }
 
+impl PolicyError {
+    /// What is wrong, for a message that already names the policy file: `<path>: <detail>`.
+    pub fn detail(&self) -> String {
+        match self {
+            PolicyError::Toml(e) => format!("not valid TOML of the expected shape: {e}"),
+            PolicyError::Rule(m) => m.clone(),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
@@ -436,13 +446,18 @@ impl Policy {
     }
 
     /// Checks that every `masked` entry names a category or a field of `schema` (a typo would
-    /// otherwise leave a field unmasked).
-    pub fn check_masked(&self, schema: &crate::schema::Schema) -> Result<(), PolicyError> {
+    /// otherwise leave a field unmasked); `schema_name` names it in the message (its file, or
+    /// "the built-in schema").
+    pub fn check_masked(
+        &self,
+        schema: &crate::schema::Schema,
+        schema_name: &str,
+    ) -> Result<(), PolicyError> {
         for role in self.roles.values() {
             for name in &role.masked {
                 if Category::parse(name).is_none() && schema.field(name).is_none() {
                     return Err(PolicyError::Rule(format!(
-                        "role `{}`: masked names `{name}`, which is neither a category nor a field of the schema",
+                        "role `{}`: masked names `{name}`, which is neither a category nor a field of the schema ({schema_name})",
                         role.name
                     )));
                 }
@@ -499,7 +514,7 @@ mod tests {
     fn masked_entries_must_name_a_category_or_a_field() {
         let schema = crate::schema::Schema::default_schema();
         Policy::default_policy()
-            .check_masked(&schema)
+            .check_masked(&schema, "the built-in schema")
             .expect("the default policy masks real fields");
         let text = DEFAULT_POLICY_TOML.replace(
             "masked = [\"bsn\", \"iban\"]",
@@ -508,9 +523,10 @@ mod tests {
         assert_ne!(text, DEFAULT_POLICY_TOML);
         let err = Policy::from_toml(&text)
             .expect("parses")
-            .check_masked(&schema)
+            .check_masked(&schema, "/etc/kluis/schema.toml")
             .expect_err("typo refused");
         assert!(err.to_string().contains("ibna"));
+        assert!(err.to_string().contains("(/etc/kluis/schema.toml)"));
         let po = Policy::default_policy();
         let role = po.role("privacy_officer").expect("role");
         assert!(role.masks(Category::Identity, "bsn"));

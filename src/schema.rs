@@ -236,6 +236,16 @@ pub enum SchemaError {
     },
 }
 
+impl SchemaError {
+    /// What is wrong, for a message that already names the schema file: `<path>: <detail>`.
+    pub fn detail(&self) -> String {
+        match self {
+            SchemaError::Toml(e) => format!("not valid TOML of the expected shape: {e}"),
+            SchemaError::Rule { field, rule } => format!("field `{field}`: {rule}"),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SchemaFile {

@@ -327,7 +327,7 @@ fn load_rules(config: Option<&Path>, dev: bool) -> Result<(RetentionRules, Schem
             let text = std::fs::read_to_string(&p)
                 .map_err(|e| CliError::Io(format!("{}: {e}", p.display())))?;
             Schema::from_toml(&text)
-                .map_err(|e| CliError::Usage(format!("{}: {e}", p.display())))?
+                .map_err(|e| CliError::Usage(format!("{}: {}", p.display(), e.detail())))?
         }
         None => Schema::default_schema(),
     };
@@ -337,7 +337,7 @@ fn load_rules(config: Option<&Path>, dev: bool) -> Result<(RetentionRules, Schem
     let policy_text = std::fs::read_to_string(&policy_path)
         .map_err(|e| CliError::Io(format!("{}: {e}", policy_path.display())))?;
     let policy = Policy::from_toml(&policy_text)
-        .map_err(|e| CliError::Usage(format!("{}: {e}", policy_path.display())))?;
+        .map_err(|e| CliError::Usage(format!("{}: {}", policy_path.display(), e.detail())))?;
     crate::config::check_consent_purpose(&file.retention, &policy)
         .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
     Ok((file.retention, schema))
