@@ -412,14 +412,14 @@ async fn handle_record<S: Store>(
             .get(category.as_str())
             .cloned()
             .ok_or_else(|| VaultError::Internal("a due category has a data key".into()))?;
-        let dek = vault.unwrap(&id, category, &stored)?;
+        let opener = crate::crypto::OpeningKey::new(&vault.unwrap(&id, category, &stored)?);
         let fresh = SecretKey::generate()?;
         let sealer = SealingKey::new(&fresh, 1);
         for (name, entry) in body.fields.iter_mut() {
             if entry.category != category.as_str() {
                 continue;
             }
-            let plaintext: Zeroizing<Vec<u8>> = match vault.read_field(&id, name, entry, &dek).await
+            let plaintext: Zeroizing<Vec<u8>> = match vault.read_field(&id, name, entry, &opener).await
             {
                 Ok(p) => p,
                 // An update (or erasure) replaced the field's chunks since the page was read:

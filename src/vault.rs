@@ -1747,10 +1747,11 @@ impl<S: Store> Vault<S> {
                 selected.push((name, entry, category));
             }
         }
-        let mut deks: BTreeMap<Category, SecretKey> = BTreeMap::new();
+        // One opening key (AES key schedule) per category, not per field.
+        let mut openers: BTreeMap<Category, crypto::OpeningKey> = BTreeMap::new();
         let mut out = Vec::with_capacity(selected.len());
         for (name, entry, category) in selected {
-            let dek = match deks.entry(category) {
+            let opener = match openers.entry(category) {
                 Entry::Occupied(e) => e.into_mut(),
                 Entry::Vacant(e) => {
                     let stored =
@@ -1760,10 +1761,10 @@ impl<S: Store> Vault<S> {
                                 record_id: uuid_string(id),
                                 part: format!("data key of category {category} (missing)"),
                             })?;
-                    e.insert(self.unwrap(id, category, stored)?)
+                    e.insert(crypto::OpeningKey::new(&self.unwrap(id, category, stored)?))
                 }
             };
-            let mut plaintext = self.read_field(id, name, entry, dek).await?;
+            let mut plaintext = self.read_field(id, name, entry, opener).await?;
             let value = if entry.content_type.is_empty() {
                 // Move the bytes into the string (no copy); invalid UTF-8 is zeroized on drop.
                 let text = String::from_utf8(std::mem::take(&mut *plaintext)).map_err(|e| {
@@ -1793,13 +1794,12 @@ impl<S: Store> Vault<S> {
         id: &[u8],
         name: &str,
         entry: &FieldEntry,
-        dek: &SecretKey,
+        opener: &crypto::OpeningKey,
     ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
         let mut digest = record::FieldDigest::new();
         let size = usize::try_from(entry.size).map_err(|_| field_loss(id, name))?;
         // Room for the last chunk's tag too, so `out` never reallocates (see `open_append`).
         let mut out = Zeroizing::new(Vec::with_capacity(size + crypto::TAG_LEN));
-        let opener = crypto::OpeningKey::new(dek);
         for i in 0..entry.chunks {
             let stored;
             let sealed: &[u8] = if entry.in_header {
