@@ -613,11 +613,15 @@ impl FieldDef {
 
     /// Parses a search value for this (searchable) field into its index form: the same
     /// normalisation as [`FieldDef::parse`], so a value finds the records it was stored on.
+    /// A blank value is refused as missing, whatever the field's type.
     pub fn parse_search(
         &self,
         text: &str,
         today: NaiveDate,
     ) -> Result<Zeroizing<String>, ValueError> {
+        if text.trim().is_empty() {
+            return Err(invalid("is required (the value to search for)"));
+        }
         let normalised = Zeroizing::new(parse_text(&self.kind, text, today)?);
         Ok(Zeroizing::new(index_form(&self.kind, &normalised)))
     }
@@ -816,18 +820,20 @@ impl Iban {
             return Err(invalid("IBAN check digits must be between 02 and 98"));
         }
         let bban_rule = "IBAN must have the length and account-number format registered for its country (Dutch IBANs: NL, 2 check digits, 4 letters and 10 digits, 18 characters)";
-        match s.parse::<iban::Iban>() {
+        // The rules in order: country, then length and format, then the check digits. The
+        // crate checks the check digits first, so it is asked about the same IBAN with the
+        // check digits that pass: what it refuses then is the country or the format.
+        let passing = with_passing_check_digits(&s);
+        match passing.parse::<iban::Iban>() {
             Ok(_) => {}
             Err(iban::ParseIbanError::UnknownCountry(_)) => {
                 return Err(invalid(
                     "IBAN country code is not in the IBAN registry (ISO 13616)",
                 ))
             }
-            Err(iban::ParseIbanError::InvalidBban(_)) => return Err(invalid(bban_rule)),
-            Err(iban::ParseIbanError::InvalidBaseIban {
-                source: iban::ParseBaseIbanError::InvalidChecksum,
-            }) => return Err(invalid("IBAN check digits fail the mod-97 check")),
-            Err(iban::ParseIbanError::InvalidBaseIban { .. }) => return Err(invalid(bban_rule)),
+            Err(
+                iban::ParseIbanError::InvalidBban(_) | iban::ParseIbanError::InvalidBaseIban { .. },
+            ) => return Err(invalid(bban_rule)),
         }
         // The registry's Dutch format, checked here too so that it does not depend on the
         // crate's copy of the registry.
@@ -838,8 +844,32 @@ impl Iban {
         {
             return Err(invalid(bban_rule));
         }
+        // Check digits 02–98 that pass are unique: any other pair fails mod-97.
+        if passing != s {
+            return Err(invalid("IBAN check digits fail the mod-97 check"));
+        }
         Ok(Iban(s))
     }
+}
+
+/// `iban` (upper-case ASCII letters and digits, at least 5 characters) with the check digits
+/// that pass mod-97 (ISO 7064: 98 minus the remainder of the account number, the country
+/// code and `00`, letters counted as 10–35), which are always 02–98.
+fn with_passing_check_digits(iban: &str) -> String {
+    let (country, bban) = (&iban[..2], &iban[4..]);
+    let remainder = bban
+        .chars()
+        .chain(country.chars())
+        .chain("00".chars())
+        .filter_map(|c| c.to_digit(36))
+        .fold(0u32, |r, d| {
+            if d >= 10 {
+                (r * 100 + d) % 97
+            } else {
+                (r * 10 + d) % 97
+            }
+        });
+    format!("{country}{:02}{bban}", 98 - remainder)
 }
 
 impl fmt::Debug for Iban {
@@ -1035,6 +1065,9 @@ impl Postcode {
     }
 }
 
+/// The refusal of a date outside the supported years.
+const DATE_YEARS_RULE: &str = "date must be in the years 1900–2199 (YYYY-MM-DD)";
+
 /// A calendar date.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Date {
@@ -1067,8 +1100,11 @@ impl Date {
             2 => 28,
             _ => return Err(invalid(rule)),
         };
-        if !(1900..=2199).contains(&year) || day == 0 || day > days {
+        if day == 0 || day > days {
             return Err(invalid(rule));
+        }
+        if !(1900..=2199).contains(&year) {
+            return Err(invalid(DATE_YEARS_RULE));
         }
         Ok(Date {
             year,
@@ -1118,6 +1154,14 @@ const MAX_PERIODS: usize = 1000;
 /// How far ahead of today a period may start (a planned leave, in months).
 const PERIOD_START_AHEAD_MONTHS: u32 = 12;
 
+/// A date's refusal when it names the supported years, otherwise `rule`.
+fn outside_years_or(e: ValueError, rule: &str) -> ValueError {
+    match e {
+        ValueError::Invalid(text) if text == DATE_YEARS_RULE => ValueError::Invalid(text),
+        _ => invalid(rule),
+    }
+}
+
 /// Absence periods, stored sorted by start: `start/end` (both days included) or `start/` for
 /// an ongoing absence. Refused: a repeated period, overlapping periods, more than one ongoing
 /// period or one that is not the latest, a start more than a year after `today`.
@@ -1134,12 +1178,12 @@ fn parse_periods(text: &str, today: NaiveDate) -> Result<String, ValueError> {
         let Some((start, end)) = part.trim().split_once('/') else {
             return Err(invalid(rule));
         };
-        let start = Date::parse(start).map_err(|_| invalid(rule))?;
+        let start = Date::parse(start).map_err(|e| outside_years_or(e, rule))?;
         if end.trim().is_empty() {
             periods.push((start, None));
             continue;
         }
-        let end = Date::parse(end).map_err(|_| invalid(rule))?;
+        let end = Date::parse(end).map_err(|e| outside_years_or(e, rule))?;
         if end < start {
             return Err(invalid(rule));
         }
@@ -1412,6 +1456,94 @@ mod tests {
         // 19 characters with valid check digits: the Dutch length.
         let too_long = with_check_digits("NL", "ABNA04171643001").1;
         assert!(refusal(&iban, &too_long).contains("format registered"));
+    }
+
+    #[test]
+    fn iban_refusals_name_the_country_then_the_format_then_the_check_digits() {
+        let iban = field("iban");
+        // The check digits fail too, but the country or the length is what is wrong (review
+        // 4: both said `mod-97`). The same IBANs with passing check digits say the same.
+        for (input, rule) in [
+            ("XX91ABNA0417164300", "IBAN registry"),
+            ("NL91ABNA041716430", "format registered"),
+            ("NL91ABNA04171643000", "format registered"),
+            ("DE89370400440532013", "format registered"),
+            ("NL911234041716430099", "format registered"),
+        ] {
+            let err = refusal(&iban, input);
+            assert!(err.contains(rule), "{input}: {err}");
+            assert!(!err.contains("mod-97"), "{input}: {err}");
+            let passing = with_passing_check_digits(input);
+            let err = refusal(&iban, &passing);
+            assert!(err.contains(rule), "{passing}: {err}");
+        }
+        // Country, length and format right: the check digits are what fails.
+        for wrong in ["NL92ABNA0417164300", "DE88370400440532013000"] {
+            assert!(refusal(&iban, wrong).contains("mod-97"), "{wrong}");
+        }
+        // The check digits computed here are the ones that pass, for every IBAN accepted.
+        for ok in [
+            "NL91ABNA0417164300",
+            "DE89370400440532013000",
+            "GB82WEST12345698765432",
+            "FR1420041010050500013M02606",
+        ] {
+            assert_eq!(with_passing_check_digits(ok), ok);
+        }
+        assert_eq!(
+            with_passing_check_digits("NL00ABNA0000000057"),
+            "NL98ABNA0000000057"
+        );
+    }
+
+    #[test]
+    fn dates_outside_the_supported_years_name_the_range() {
+        let expiry = field("id_document_expiry");
+        for outside in ["2200-01-01", "1899-12-31", "0000-01-01", "9999-12-31"] {
+            let err = refusal(&expiry, outside);
+            assert!(err.contains("1900–2199"), "{outside}: {err}");
+        }
+        for (ok, stored) in [("1900-01-01", "1900-01-01"), (" 2199-12-31", "2199-12-31")] {
+            assert_eq!(parse(&expiry, ok).as_deref(), Ok(stored));
+        }
+        // A day that does not exist, or another spelling, keeps the calendar rule.
+        for bad in [
+            "2200-02-30",
+            "2023-02-29",
+            "2026-13-01",
+            "26-01-01",
+            "2026/01/01",
+        ] {
+            let err = refusal(&expiry, bad);
+            assert!(err.contains("existing calendar date"), "{bad}: {err}");
+        }
+        // In absence periods too.
+        let err = parse_periods("2026-01-05/2200-01-01", today())
+            .expect_err("2200")
+            .to_string();
+        assert!(err.contains("1900–2199"), "{err}");
+    }
+
+    #[test]
+    fn a_blank_search_value_is_refused_as_missing_whatever_the_type() {
+        for name in [
+            "bsn",
+            "email",
+            "iban",
+            "full_name",
+            "phone",
+            "date_of_birth",
+        ] {
+            let def = field(name);
+            for blank in ["", "  ", "\t"] {
+                let err = def
+                    .parse_search(blank, today())
+                    .err()
+                    .unwrap_or_else(|| panic!("{name}: {blank:?} accepted"))
+                    .to_string();
+                assert!(err.contains("is required"), "{name}: {err}");
+            }
+        }
     }
 
     #[test]
@@ -1697,7 +1829,7 @@ mod tests {
             ("2026-01-01/,2026-02-01/2026-02-05", "must be the latest"),
             ("2026-01-01/,2026-01-01/2026-01-05", "overlap"),
             ("2027-11-27/2027-11-30", "one year after today"),
-            ("1900-01-01/2199-12-31,2200-01-01/", "YYYY-MM-DD"),
+            ("1950-01-01/2150-12-31,2200-01-01/", "1900–2199"),
             ("2150-01-01/", "one year after today"),
         ] {
             let err = refusal(&periods, input);
@@ -1962,6 +2094,10 @@ mod tests {
                         (Ok(stored), Ok(search)) => {
                             let index = stored.index_form.expect("searchable fields get an index form");
                             prop_assert_eq!(index.as_str(), search.as_str(), "{}", field.name);
+                        }
+                        // A blank search is refused as missing; a write refuses it by its rule.
+                        (Err(_), Err(b)) if text.trim().is_empty() => {
+                            prop_assert_eq!(b.to_string(), "is required (the value to search for)")
                         }
                         (Err(a), Err(b)) => prop_assert_eq!(a, b),
                         (a, b) => prop_assert!(false, "{}: parse {:?}, search {:?}", field.name, a.is_ok(), b.is_ok()),

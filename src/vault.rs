@@ -842,13 +842,15 @@ impl<S: Store> Vault<S> {
         event: &mut audit::Context,
     ) -> Result<Erasure, VaultError> {
         let id = parse_record_id(record_id)?;
-        check_purpose(caller, PURPOSE_DSR)?;
+        // The right first: a role without it is told which right it lacks, not that a
+        // purpose it did not send (data subject requests run under one) is not allowed.
         if !caller.role.records.contains(&RecordRight::Erase) {
             return Err(VaultError::PermissionDenied(format!(
                 "role `{}` may not call EraseRecord (policy right records = [\"erase\"] is not granted)",
                 caller.role.name
             )));
         }
+        check_purpose(caller, PURPOSE_DSR)?;
         if reason.trim().is_empty() {
             return Err(VaultError::invalid(
                 "reason",
@@ -903,13 +905,15 @@ impl<S: Store> Vault<S> {
     ) -> Result<Zeroizing<String>, VaultError> {
         use base64::Engine;
         let id = parse_record_id(record_id)?;
-        check_purpose(caller, PURPOSE_DSR)?;
+        // The right first: a role without it is told which right it lacks, not that a
+        // purpose it did not send (data subject requests run under one) is not allowed.
         if !caller.role.records.contains(&RecordRight::Export) {
             return Err(VaultError::PermissionDenied(format!(
                 "role `{}` may not call ExportRecord (policy right records = [\"export\"] is not granted)",
                 caller.role.name
             )));
         }
+        check_purpose(caller, PURPOSE_DSR)?;
         // As in `get`: a concurrent update may replace the chunks between reading the header
         // and the chunks; re-read, and only an unchanged header makes it damage.
         let mut attempt = 0;

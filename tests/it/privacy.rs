@@ -789,11 +789,29 @@ async fn legal_hold_blocks_erasure_and_only_the_privacy_officer_erases() {
     let v = spawn_vault().await;
     let id = applicant(&v, "hans@example.nl").await;
     let mut po = v.client("privacy_officer").await;
-    assert_status(
-        v.client("recruiter").await.erase_record(erase(&id)).await,
-        Code::PermissionDenied,
-        &["data_subject_request"],
-    );
+    // The right the role lacks is named, not the purpose erasure runs under (the caller
+    // sent none).
+    for role in [
+        "recruiter",
+        "payroll",
+        "absence",
+        "security_officer",
+        "auditor",
+    ] {
+        let refused = v
+            .client(role)
+            .await
+            .erase_record(erase(&id))
+            .await
+            .expect_err("no erase right");
+        assert_eq!(refused.code(), Code::PermissionDenied, "{role}");
+        assert_eq!(
+            refused.message(),
+            format!(
+                "role `{role}` may not call EraseRecord (policy right records = [\"erase\"] is not granted)"
+            )
+        );
+    }
     assert_status(
         po.erase_record(kluis::proto::EraseRecordRequest {
             record_id: id.clone(),
@@ -1117,15 +1135,21 @@ async fn export_returns_every_field_metadata_deadlines_and_access_history() {
     .expect("restrict");
 
     for role in ["recruiter", "payroll", "auditor", "security_officer"] {
-        assert_status(
-            v.client(role)
-                .await
-                .export_record(kluis::proto::ExportRecordRequest {
-                    record_id: id.clone(),
-                })
-                .await,
-            Code::PermissionDenied,
-            &[],
+        let refused = v
+            .client(role)
+            .await
+            .export_record(kluis::proto::ExportRecordRequest {
+                record_id: id.clone(),
+            })
+            .await
+            .err()
+            .expect("no export right");
+        assert_eq!(refused.code(), Code::PermissionDenied, "{role}");
+        assert_eq!(
+            refused.message(),
+            format!(
+                "role `{role}` may not call ExportRecord (policy right records = [\"export\"] is not granted)"
+            )
         );
     }
     let json = po

@@ -503,6 +503,23 @@ async fn blind_index_finds_by_normalised_value_and_follows_updates() {
         value: value.into(),
     };
 
+    // A blank value is missing, whatever the field's type (not a BSN or e-mail rule).
+    for (client, purpose, field) in [
+        (&mut payroll, "payroll", "bsn"),
+        (&mut recruiter, "recruitment", "email"),
+    ] {
+        for blank in ["", " "] {
+            let refused = client
+                .find_records(find(purpose, field, blank))
+                .await
+                .expect_err("blank value");
+            assert_eq!(refused.code(), Code::InvalidArgument);
+            assert_eq!(
+                refused.message(),
+                "value: is required (the value to search for)"
+            );
+        }
+    }
     let hits = recruiter
         .find_records(find("recruitment", "email", " anna@example.nl "))
         .await
