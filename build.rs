@@ -11,6 +11,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // prost's codec, but a request body that does not decode is refused as
+        // INVALID_ARGUMENT, logged and audited (src/service/decode.rs).
+        .codec_path("crate::service::decode::Codec")
         // Messages that carry field values never derive Debug: PII stays out of logs by construction.
         .skip_debug([
             "kluis.v1.FieldValue",

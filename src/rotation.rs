@@ -419,18 +419,19 @@ async fn handle_record<S: Store>(
             if entry.category != category.as_str() {
                 continue;
             }
-            let plaintext: Zeroizing<Vec<u8>> = match vault.read_field(&id, name, entry, &opener).await
-            {
-                Ok(p) => p,
-                // An update (or erasure) replaced the field's chunks since the page was read:
-                // not damage. The record is left for the next pass, whose count finds it.
-                Err(VaultError::DataLoss { .. })
-                    if vault.store().get(Keyspace::Records, key).await?.as_deref() != Some(raw) =>
-                {
-                    return Ok(false);
-                }
-                Err(e) => return Err(e),
-            };
+            let plaintext: Zeroizing<Vec<u8>> =
+                match vault.read_field(&id, name, entry, &opener).await {
+                    Ok(p) => p,
+                    // An update (or erasure) replaced the field's chunks since the page was read:
+                    // not damage. The record is left for the next pass, whose count finds it.
+                    Err(VaultError::DataLoss { .. })
+                        if vault.store().get(Keyspace::Records, key).await?.as_deref()
+                            != Some(raw) =>
+                    {
+                        return Ok(false);
+                    }
+                    Err(e) => return Err(e),
+                };
             let sealed = record::seal_field(&sealer, &id, name, &plaintext)?;
             let stored_before = if entry.in_header { 0 } else { entry.chunks };
             let (chunks, inline) = crate::vault::place_chunks(

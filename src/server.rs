@@ -26,6 +26,7 @@ use crate::proto::keys_server::KeysServer;
 use crate::proto::records_server::RecordsServer;
 use crate::rotation::Jobs;
 use crate::service::audit_service::AuditService;
+use crate::service::decode::DecodeGuard;
 use crate::service::gate::{self, Gate};
 use crate::service::keys_service::KeysService;
 use crate::service::{Authenticator, RecordsService};
@@ -418,7 +419,8 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
             ))
         })?;
     // Every call of the three services passes the gate, which authenticates it before its
-    // body is read; the size limits stay on the servers inside it.
+    // body is read; the size limits stay on the servers inside it. Between the two, the
+    // decode guard answers, logs and audits a body that does not decode.
     let auth = Authenticator::new(Arc::new(settings.policy.clone()));
     let (refusals, refusal_task) = gate::spawn_refusal_recorder(Arc::clone(&vault));
     let gate = Gate::new(auth.clone(), refusals);
@@ -429,7 +431,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         settings.audit.max_uncovered(),
     ))
     .max_decoding_message_size(settings.max_request_bytes);
-    let audit = InterceptedService::new(audit, gate.clone());
+    let audit = InterceptedService::new(DecodeGuard::new(audit, Arc::clone(&vault)), gate.clone());
     let checkpoints = spawn_checkpointer(
         Arc::clone(&vault),
         signer,
@@ -455,14 +457,14 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     );
     let keys = KeysServer::new(KeysService::new(Arc::clone(&jobs), auth.clone()))
         .max_decoding_message_size(settings.max_request_bytes);
-    let keys = InterceptedService::new(keys, gate.clone());
+    let keys = InterceptedService::new(DecodeGuard::new(keys, Arc::clone(&vault)), gate.clone());
     // An answer may be larger than a request: an export holds the record's blobs in base64
     // (4/3 of their size) and its access history.
     let answer_limit = settings.max_request_bytes.saturating_mul(2);
     let records = RecordsServer::new(RecordsService::new(Arc::clone(&vault), auth, answer_limit))
         .max_decoding_message_size(settings.max_request_bytes)
         .max_encoding_message_size(answer_limit);
-    let records = InterceptedService::new(records, gate);
+    let records = InterceptedService::new(DecodeGuard::new(records, Arc::clone(&vault)), gate);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     set_health(&health_reporter, tonic_health::ServingStatus::Serving).await;
     let reflection = || {

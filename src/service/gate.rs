@@ -89,6 +89,11 @@ pub fn note_action<B>(mut request: http::Request<B>) -> http::Request<B> {
     request
 }
 
+/// The action [`note_action`] noted in a request's `extensions` ([`UNKNOWN_ACTION`] if none).
+pub(crate) fn action_in(extensions: &http::Extensions) -> &'static str {
+    extensions.get::<Action>().map_or(UNKNOWN_ACTION, |a| a.0)
+}
+
 /// The action of a gated service's method at `path` (`/kluis.v1.Records/GetRecord` →
 /// `GetRecord`; an unknown method → [`UNKNOWN_ACTION`]); `None` for other services.
 fn action_of(path: &str) -> Option<&'static str> {
@@ -125,10 +130,7 @@ impl Interceptor for Gate {
                 Ok(request)
             }
             Err(status) => {
-                let action = request
-                    .extensions()
-                    .get::<Action>()
-                    .map_or(UNKNOWN_ACTION, |a| a.0);
+                let action = action_in(request.extensions());
                 self.refusals.record(action);
                 Err(RequestLog::start(action, &request).refuse(status))
             }

@@ -3,6 +3,7 @@
 //! No business logic lives here: that is [`crate::vault`].
 
 pub mod audit_service;
+pub mod decode;
 pub mod gate;
 pub mod keys_service;
 mod log;

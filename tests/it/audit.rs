@@ -1121,6 +1121,41 @@ async fn when_no_event_can_be_written_nothing_is_returned_or_changed() {
         field_names: vec![],
     };
     recruiter.get_record(get.clone()).await.expect("get");
+    // A body that does not decode: refused, audited and logged as one request line.
+    let authorization = format!("Bearer {}", tokens["recruiter"]);
+    let undecodable: Vec<u8> = vec![0x12, 0x03, b'a', 0xff, b'b'];
+    let answer = raw_call(
+        &server.addr,
+        "/kluis.v1.Records/GetRecord",
+        Some(&authorization),
+        Some("undecodable-logged"),
+        &undecodable,
+    )
+    .await;
+    assert_eq!(answer.code, Code::InvalidArgument, "{answer:?}");
+    {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let logged = |log: &str| {
+            log.lines()
+                .filter(|l| l.contains("request_id=undecodable-logged"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        while logged(&server.log.lock().expect("log")).is_empty()
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let lines = logged(&server.log.lock().expect("log"));
+        assert_eq!(lines.len(), 1, "one line: {lines:?}");
+        for part in [
+            "principal=\"dev-recruiter\"",
+            "method=\"GetRecord\"",
+            "status=InvalidArgument",
+        ] {
+            assert!(lines[0].contains(part), "{part}: {}", lines[0]);
+        }
+    }
 
     // From now on the server may write no byte past the end of the frames in its log (the
     // zeros after them are written ahead): the next log write fails (EFBIG).
@@ -1184,6 +1219,20 @@ async fn when_no_event_can_be_written_nothing_is_returned_or_changed() {
     // Not even before a restart.
     let listed = recruiter.list_records(ListRecordsRequest::default()).await;
     assert_status(listed, Code::Unavailable, &[]);
+    // Nor for a body that does not decode: its refusal is not answered unrecorded.
+    let answer = raw_call(
+        &server.addr,
+        "/kluis.v1.Records/GetRecord",
+        Some(&authorization),
+        None,
+        &undecodable,
+    )
+    .await;
+    assert_eq!(answer.code, Code::Unavailable, "{answer:?}");
+    assert!(
+        answer.message.contains("audit trail unavailable"),
+        "{answer:?}"
+    );
     drop(server);
 
     let server = start_piped(dir.path());

@@ -322,3 +322,133 @@ async fn authorization_metadata_given_twice_is_unauthenticated_whatever_the_orde
         );
     }
 }
+
+/// A length-delimited protobuf field `tag` holding `body` (under 128 bytes).
+fn pb_field(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag << 3 | 2, u8::try_from(body.len()).expect("short")];
+    out.extend_from_slice(body);
+    out
+}
+
+#[tokio::test]
+async fn an_authenticated_request_whose_body_does_not_decode_is_invalid_logged_and_audited() {
+    let v = spawn_vault().await;
+    let addr = v.addr.to_string();
+    let bearer_of = |role: &str| format!("Bearer {}", v.tokens[role]);
+    let id = uuid::Uuid::new_v4().to_string();
+    // (path, role, body, the message's rule): invalid UTF-8 (with a BSN before it), a map
+    // value's text, a wrong wire type, a length past the end.
+    let entry = [
+        pb_field(1, b"full_name"),
+        pb_field(2, &pb_field(1, b"Jan\xc3")),
+    ]
+    .concat();
+    let cases: [(&str, &str, Vec<u8>, &str); 4] = [
+        (
+            "/kluis.v1.Records/GetRecord",
+            "recruiter",
+            [pb_field(1, id.as_bytes()), pb_field(2, b"111222333\xff")].concat(),
+            "request body is not a valid GetRecordRequest: purpose: invalid string value: data is not UTF-8 encoded",
+        ),
+        (
+            "/kluis.v1.Records/CreateRecord",
+            "recruiter",
+            [pb_field(1, b"recruitment"), pb_field(2, &entry)].concat(),
+            "request body is not a valid CreateRecordRequest: fields.",
+        ),
+        (
+            "/kluis.v1.Audit/QueryEvents",
+            "auditor",
+            vec![0x0a, 0x01],
+            "request body is not a valid QueryEventsRequest: ",
+        ),
+        (
+            "/kluis.v1.Keys/GetKeyStatus",
+            "security_officer",
+            vec![0x0a, 0x05, b'a'],
+            "request body is not a valid GetKeyStatusRequest: buffer underflow",
+        ),
+    ];
+    for (i, (path, role, body, rule)) in cases.iter().enumerate() {
+        let request_id = format!("undecodable-{i}");
+        let answer = raw_call(&addr, path, Some(&bearer_of(role)), Some(&request_id), body).await;
+        assert_eq!(answer.code, Code::InvalidArgument, "{path}: {answer:?}");
+        assert!(answer.message.starts_with(rule), "{path}: {answer:?}");
+        // Names and types only: no value, no map key.
+        for value in ["111222333", "Jan", "full_name", "recruitment"] {
+            assert!(!answer.message.contains(value), "{path}: {answer:?}");
+        }
+        assert_eq!(answer.request_id.as_deref(), Some(request_id.as_str()));
+    }
+    // Without credentials the body is not read: UNAUTHENTICATED, as for any body.
+    let answer = raw_call(&addr, cases[0].0, None, None, &cases[0].2).await;
+    assert_eq!(answer.code, Code::Unauthenticated, "{answer:?}");
+    assert!(answer.request_id.is_some());
+    // Each refused call is in the trail, before it was answered: the caller, the method,
+    // `invalid`, nothing else (the body that would name a record or fields never decoded).
+    let events = v
+        .audit_events(kluis::proto::QueryEventsRequest::default())
+        .await;
+    let rows: Vec<_> = events
+        .iter()
+        .filter(|e| !e.principal.is_empty())
+        .map(row)
+        .collect();
+    let empty: &[String] = &[];
+    assert_eq!(
+        &rows[..4],
+        &[
+            (
+                "test-recruiter",
+                "recruiter",
+                "",
+                "GetRecord",
+                "",
+                empty,
+                "invalid"
+            ),
+            (
+                "test-recruiter",
+                "recruiter",
+                "",
+                "CreateRecord",
+                "",
+                empty,
+                "invalid"
+            ),
+            (
+                "test-auditor",
+                "auditor",
+                "",
+                "QueryEvents",
+                "",
+                empty,
+                "invalid"
+            ),
+            (
+                "test-security_officer",
+                "security_officer",
+                "",
+                "GetKeyStatus",
+                "",
+                empty,
+                "invalid"
+            ),
+        ]
+    );
+    // A body that decodes still works on the same path.
+    let good = prost::Message::encode_to_vec(&GetRecordRequest {
+        record_id: id.clone(),
+        purpose: "recruitment".into(),
+        field_names: vec![],
+    });
+    let answer = raw_call(
+        &addr,
+        cases[0].0,
+        Some(&bearer_of("recruiter")),
+        None,
+        &good,
+    )
+    .await;
+    assert_eq!(answer.code, Code::NotFound, "{answer:?}");
+}

@@ -385,3 +385,74 @@ pub fn not_grpc_server() -> std::net::SocketAddr {
     });
     addr
 }
+
+/// What a raw gRPC call ([`raw_call`]) was answered: its status code, message and request id.
+#[derive(Debug)]
+pub struct RawAnswer {
+    pub code: Code,
+    pub message: String,
+    pub request_id: Option<String>,
+}
+
+/// Calls `path` (e.g. `/kluis.v1.Records/GetRecord`) on the server at `addr` with `body` as
+/// the request message, sent as is (one gRPC frame, any bytes: a message that does not decode),
+/// with `authorization` and `x-request-id` metadata if given.
+pub async fn raw_call(
+    addr: &str,
+    path: &str,
+    authorization: Option<&str>,
+    request_id: Option<&str>,
+    body: &[u8],
+) -> RawAnswer {
+    use http_body_util::BodyExt;
+    use tower::{Service, ServiceExt};
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(body.len()).expect("small").to_be_bytes());
+    frame.extend_from_slice(body);
+    let mut request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(a) = authorization {
+        request = request.header("authorization", a);
+    }
+    if let Some(id) = request_id {
+        request = request.header("x-request-id", id);
+    }
+    let request = request
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            tonic::codegen::Bytes::from(frame),
+        )))
+        .expect("request");
+    let mut channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let response = channel
+        .ready()
+        .await
+        .expect("ready")
+        .call(request)
+        .await
+        .expect("a response");
+    let (parts, body) = response.into_parts();
+    // A refusal is trailers-only (the status in the headers); an answer ends with trailers.
+    let mut headers = parts.headers;
+    if !headers.contains_key("grpc-status") {
+        let collected = body.collect().await.expect("body");
+        if let Some(trailers) = collected.trailers() {
+            headers.extend(trailers.clone());
+        }
+    }
+    let status = Status::from_header_map(&headers).expect("a grpc-status");
+    RawAnswer {
+        code: status.code(),
+        message: status.message().to_string(),
+        request_id: headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+    }
+}
