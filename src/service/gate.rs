@@ -141,6 +141,8 @@ impl Interceptor for Gate {
 /// What the gate and the recorder share.
 #[derive(Default)]
 struct Shared {
+    /// Refusals made and not yet written (queued, being written, or counted in `overflow`).
+    pending: AtomicU64,
     /// Refusals not queued (queue full or recorder gone) and not yet summarised.
     overflow: AtomicU64,
     /// Wakes the recorder when `overflow` grew.
@@ -163,9 +165,16 @@ impl Refusals {
         }
     }
 
+    /// How many refusals are not recorded yet, without keeping the recorder open.
+    pub fn backlog(&self) -> Backlog {
+        Backlog(Arc::clone(&self.shared))
+    }
+
     /// Queues the event of a refused call of `action`, or counts it when the queue is full.
     fn record(&self, action: &'static str) {
         let Some(tx) = &self.tx else { return };
+        // Counted before it is queued: the recorder subtracts it once written.
+        self.shared.pending.fetch_add(1, Ordering::Relaxed);
         match tx.try_send(action) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Closed(_)) => {
@@ -173,6 +182,18 @@ impl Refusals {
                 self.shared.wake.notify_one();
             }
         }
+    }
+}
+
+/// How many refusals the gate made that are not in the audit trail yet (see
+/// [`Refusals::backlog`]): what a shutdown that cannot wait for the recorder leaves
+/// unrecorded.
+pub struct Backlog(Arc<Shared>);
+
+impl Backlog {
+    /// Refusals made and not written yet.
+    pub fn unrecorded(&self) -> u64 {
+        self.0.pending.load(Ordering::Relaxed)
     }
 }
 
@@ -217,9 +238,16 @@ fn spawn_with<S: Store>(
                 }
             }
             let dropped = shared.overflow.swap(0, Ordering::Relaxed);
-            if let Err(lost) = write_refusals(vault.store(), &actions, dropped).await {
-                // Counted again: the next summary event says they were not recorded.
-                shared.overflow.fetch_add(lost, Ordering::Relaxed);
+            match write_refusals(vault.store(), &actions, dropped).await {
+                Ok(()) => {
+                    let written = (actions.len() as u64).saturating_add(dropped);
+                    shared.pending.fetch_sub(written, Ordering::Relaxed);
+                }
+                // Counted again (and still pending): the next summary event says they were
+                // not recorded.
+                Err(lost) => {
+                    shared.overflow.fetch_add(lost, Ordering::Relaxed);
+                }
             }
             actions.clear();
         }
@@ -363,10 +391,14 @@ mod tests {
         {
             refusals.record(action);
         }
+        let backlog = refusals.backlog();
+        assert_eq!(backlog.unrecorded(), 10);
         drop(refusals);
         task.expect("the vault audits")
             .await
             .expect("the recorder ends once the gates are gone");
+        // Every refusal is recorded (two events, one summary of eight): none is at risk.
+        assert_eq!(backlog.unrecorded(), 0);
         let page = audit::query(vault.store(), &audit::Filter::default(), 0, 100)
             .await
             .expect("query");

@@ -1,6 +1,6 @@
 //! The real `kluis` binary in dev mode: `kill -9` during concurrent writes loses nothing that
 //! was acknowledged; restarts keep data; no planted plaintext reaches the data dir or the logs;
-//! an exposed master key file is refused.
+//! an exposed master key file is refused; SIGTERM does not wait for health watchers.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -311,4 +311,66 @@ fn an_exposed_master_key_file_is_refused() {
         stderr.contains("accessible by group or others") && stderr.contains("chmod 600"),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_health_watch_streams_and_stops_without_waiting_or_warning() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut process = start_dev(dir.path(), "watch.log");
+    let channel = Channel::from_shared(format!("http://{}", process.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    // Watchers of the overall status and of one service, as client-side health checking does.
+    let mut streams = Vec::new();
+    for service in ["", "kluis.v1.Records"] {
+        let mut stream = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let first = stream.message().await.expect("a status").expect("one");
+        assert_eq!(first.status, ServingStatus::Serving as i32);
+        streams.push(stream);
+    }
+    let stopping = Instant::now();
+    let pid = process.child.id().to_string();
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    // Each stream says NOT_SERVING, then ends.
+    for mut stream in streams {
+        let mut seen = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Ok(Some(m)) = stream.message().await {
+                seen.push(m.status);
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the watch stream did not end: {seen:?}");
+        assert_eq!(seen, vec![ServingStatus::NotServing as i32]);
+    }
+    let status = tokio::task::spawn_blocking(move || {
+        let status = process.child.wait().expect("exit");
+        (status, process)
+    })
+    .await
+    .expect("join");
+    let (status, process) = status;
+    assert!(status.success(), "graceful shutdown failed: {status}");
+    // Not the 20 s grace period and the 5 s wait for the refusal recorder.
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "stopped after {:?}",
+        stopping.elapsed()
+    );
+    let log = std::fs::read_to_string(&process.log).expect("log");
+    for warning in ["after the grace period", "may not all be recorded"] {
+        assert!(!log.contains(warning), "{warning}: {log}");
+    }
 }
