@@ -56,9 +56,10 @@ impl RequestLog {
         caller
     }
 
-    /// Notes the record id, if it is a UUID.
+    /// Notes the record id, if it is a UUID, in its canonical form (lower case, hyphens), as
+    /// answers and audit events give it, whichever spelling the caller used.
     pub fn record(&mut self, id: &str) {
-        if uuid::Uuid::try_parse(id).is_ok() {
+        if let Ok(id) = uuid::Uuid::try_parse(id) {
             self.record_id = Some(id.to_string());
         }
     }
@@ -116,4 +117,28 @@ fn with_id(mut status: Status, id: Option<MetadataValue<tonic::metadata::Ascii>>
         status.metadata_mut().insert(REQUEST_ID, id);
     }
     status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_ids_are_logged_in_their_canonical_form_and_only_if_they_are_uuids() {
+        let canonical = "3f2a6c1e-8b7d-4e5f-9a0b-1c2d3e4f5a6b";
+        for spelling in [
+            canonical,
+            "3F2A6C1E-8B7D-4E5F-9A0B-1C2D3E4F5A6B",
+            "3f2a6c1e8b7d4e5f9a0b1c2d3e4f5a6b",
+            "{3f2a6c1e-8b7d-4e5f-9a0b-1c2d3e4f5a6b}",
+            "urn:uuid:3f2a6c1e-8b7d-4e5f-9a0b-1c2d3e4f5a6b",
+        ] {
+            let mut log = RequestLog::start("GetRecord", &Request::new(()));
+            log.record(spelling);
+            assert_eq!(log.record_id.as_deref(), Some(canonical), "{spelling}");
+        }
+        let mut log = RequestLog::start("GetRecord", &Request::new(()));
+        log.record("111222333");
+        assert_eq!(log.record_id, None);
+    }
 }

@@ -978,3 +978,55 @@ async fn rights_are_checked_before_the_shape_of_values() {
         &["bsn"],
     );
 }
+
+#[tokio::test]
+async fn record_ids_in_any_uuid_spelling_name_the_record_and_clearing_an_absent_field_counts() {
+    let v = spawn_vault().await;
+    let mut recruiter = v.client("recruiter").await;
+    let id = create_with(
+        &mut recruiter,
+        "recruitment",
+        &[("full_name", text("Sam Smit"))],
+    )
+    .await;
+    let simple = id.replace('-', "");
+    for spelling in [
+        id.to_uppercase(),
+        simple.clone(),
+        format!("{{{id}}}"),
+        format!("urn:uuid:{id}"),
+    ] {
+        let read = recruiter
+            .get_record(GetRecordRequest {
+                record_id: spelling.clone(),
+                purpose: "recruitment".into(),
+                field_names: vec!["full_name".into(), "full_name".into()],
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{spelling}: {e}"))
+            .into_inner();
+        assert_eq!(read.record_id, id, "answers carry the canonical form");
+        assert_eq!(read.fields.len(), 1);
+    }
+    // Clearing a field the record does not hold: accepted, and a new revision.
+    let updated = recruiter
+        .update_record(UpdateRecordRequest {
+            record_id: simple,
+            purpose: "recruitment".into(),
+            expected_revision: 1,
+            set: fields(&[]),
+            clear: vec!["email".into()],
+        })
+        .await
+        .expect("clear an absent field")
+        .into_inner();
+    assert_eq!(updated.revision, 2);
+    // The trail names the record in its canonical form whatever the spelling.
+    let events = v
+        .audit_events(kluis::proto::QueryEventsRequest::default())
+        .await;
+    assert!(events
+        .iter()
+        .filter(|e| e.action == "GetRecord" || e.action == "UpdateRecord")
+        .all(|e| e.record_id == id && e.outcome == "ok"));
+}
