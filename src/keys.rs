@@ -48,6 +48,9 @@ const META_KEK_INFO_PREFIX: &str = "kek-info/";
 const META_KEK_RETIRING_PREFIX: &str = "kek-retiring/";
 /// What every KEK-related meta key starts with (`kek/`, `kek-info/`, `kek-retiring/`).
 const META_KEK_ANY_PREFIX: &[u8] = b"kek";
+/// `active-kek/<category>`: the active KEK version of the category (4 bytes, big-endian),
+/// changed by every rotation in the batch that makes the version.
+const META_ACTIVE_KEK_PREFIX: &str = "active-kek/";
 const META_INDEX_ROOT: &[u8] = b"index-root/1";
 const META_INTEGRITY: &[u8] = b"integrity/1";
 
@@ -364,13 +367,17 @@ fn kek_info_key(category: Category, version: u32) -> Vec<u8> {
     format!("{META_KEK_INFO_PREFIX}{}/{version:010}", category.as_str()).into_bytes()
 }
 
-/// Meta key whose presence says that KEK `version` of `category` is no longer the newest: the
-/// facts of the next version, written by every rotation together with its key and kept after
-/// that version's retirement (version numbers are never reused). A write that wraps or seals
-/// under `version` expects it absent, so that it commits only under the version that is
-/// active at commit time, in this process or any other.
-pub fn kek_successor_key(category: Category, version: u32) -> Vec<u8> {
-    kek_info_key(category, version.saturating_add(1))
+/// Meta key holding the active KEK version of `category` ([`active_kek_value`]). A write
+/// that seals with a data key under version `v` expects it to hold `v`: it commits only while
+/// `v` is active, in this process or any other, so it can neither give a version being
+/// retired a record nor put a data key under an older version behind a rewrap's cursor.
+pub fn active_kek_key(category: Category) -> Vec<u8> {
+    format!("{META_ACTIVE_KEK_PREFIX}{}", category.as_str()).into_bytes()
+}
+
+/// The stored form of an active version in [`active_kek_key`].
+pub fn active_kek_value(version: u32) -> Vec<u8> {
+    version.to_be_bytes().to_vec()
 }
 
 fn kek_retiring_key(category: Category, version: u32) -> Vec<u8> {
@@ -459,7 +466,54 @@ impl KeyRing {
             Some(_) => return Err(KeyError::WrongMasterKey),
             None => Self::create(store, master, check).await?,
         }
-        Self::load(store, master).await
+        let ring = Self::load(store, master).await?;
+        ring.keep_active_markers(store).await?;
+        Ok(ring)
+    }
+
+    /// Makes each category's [`active_kek_key`] hold its active version: writes the markers a
+    /// store made before they were kept lacks (and mends one that disagrees with the KEKs, the
+    /// source of truth), re-reading the ring if another instance changed it meanwhile.
+    async fn keep_active_markers<S: Store>(&self, store: &S) -> Result<(), KeyError> {
+        let _ops = self.ops.lock().await;
+        for _ in 0..3 {
+            let mut batch = Batch::default();
+            for (category, version) in self.active_versions() {
+                let key = active_kek_key(category);
+                let want = active_kek_value(version);
+                match store.get(Keyspace::Meta, &key).await? {
+                    Some(v) if v == want => {}
+                    found => {
+                        if found.is_some() {
+                            tracing::warn!(category = %category, version, "the stored active KEK version disagreed with the KEKs; mended");
+                        }
+                        batch.expect(
+                            Keyspace::Meta,
+                            key.clone(),
+                            found.map_or(Expect::Absent, Expect::Value),
+                        );
+                        // The version must still be the newest when the marker lands.
+                        batch.expect(
+                            Keyspace::Meta,
+                            kek_info_key(category, version.saturating_add(1)),
+                            Expect::Absent,
+                        );
+                        batch.put(Keyspace::Meta, key, want);
+                    }
+                }
+            }
+            if batch.ops.is_empty() {
+                return Ok(());
+            }
+            match store.commit(batch).await {
+                Ok(()) => return Ok(()),
+                Err(StoreError::Conflict) => self.reload_locked(store).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(KeyError::Corrupt(
+            "active-kek/ (changed concurrently three times)".into(),
+        ))
     }
 
     async fn create<S: Store>(
@@ -476,6 +530,11 @@ impl KeyRing {
             let kek = SecretKey::generate()?;
             let sealed = crypto::seal(&wrap, 1, &kek_context(category, 1), kek.expose_secret())?;
             batch.put(Keyspace::Meta, kek_meta_key(category, 1), sealed);
+            batch.put(
+                Keyspace::Meta,
+                active_kek_key(category),
+                active_kek_value(1),
+            );
             batch.put(
                 Keyspace::Meta,
                 kek_info_key(category, 1),
@@ -783,6 +842,19 @@ impl KeyRing {
                     Expect::Absent,
                 );
                 batch.put(Keyspace::Meta, kek_meta_key(category, version), sealed);
+                // Writes sealing under the version active until now conflict from here on.
+                if let Some(&current) = table.active.get(&category) {
+                    batch.expect(
+                        Keyspace::Meta,
+                        active_kek_key(category),
+                        Expect::Value(active_kek_value(current)),
+                    );
+                }
+                batch.put(
+                    Keyspace::Meta,
+                    active_kek_key(category),
+                    active_kek_value(version),
+                );
                 let info = KekInfo {
                     created_ms: now,
                     retired_ms: None,
@@ -1128,6 +1200,41 @@ mod tests {
             KeyRing::open(&store, &m2).await,
             Err(KeyError::WrongMasterKey)
         ));
+    }
+
+    #[tokio::test]
+    async fn the_store_names_each_categorys_active_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let marker = |c: Category| {
+            let store = store.clone();
+            async move {
+                store
+                    .get(Keyspace::Meta, &active_kek_key(c))
+                    .await
+                    .expect("get")
+            }
+        };
+        let ring = KeyRing::open(&store, &master).await.expect("create");
+        assert_eq!(marker(Category::Identity).await, Some(active_kek_value(1)));
+        ring.rotate(&store, &[Category::Identity], vec![])
+            .await
+            .expect("rotate");
+        assert_eq!(marker(Category::Identity).await, Some(active_kek_value(2)));
+        assert_eq!(marker(Category::Contact).await, Some(active_kek_value(1)));
+        // A store from before the markers (or with one that disagrees) gets them on opening.
+        let mut batch = Batch::default();
+        batch.delete(Keyspace::Meta, active_kek_key(Category::Identity));
+        batch.put(
+            Keyspace::Meta,
+            active_kek_key(Category::Contact),
+            active_kek_value(7),
+        );
+        store.commit(batch).await.expect("strip");
+        KeyRing::open(&store, &master).await.expect("reopen");
+        assert_eq!(marker(Category::Identity).await, Some(active_kek_value(2)));
+        assert_eq!(marker(Category::Contact).await, Some(active_kek_value(1)));
     }
 
     #[tokio::test]

@@ -482,11 +482,9 @@ impl<S: Store> Vault<S> {
             let Some(dek) = body.deks.get(category.as_str()) else {
                 continue;
             };
-            let key = crate::keys::kek_meta_key(*category, dek.kek_version);
-            let next = crate::keys::kek_successor_key(*category, dek.kek_version);
-            if self.store.get(Keyspace::Meta, &key).await?.is_none()
-                || self.store.get(Keyspace::Meta, &next).await?.is_some()
-            {
+            let key = crate::keys::active_kek_key(*category);
+            let active = crate::keys::active_kek_value(dek.kek_version);
+            if self.store.get(Keyspace::Meta, &key).await?.as_deref() != Some(active.as_slice()) {
                 return self
                     .keys
                     .reload(&self.store)
@@ -1870,13 +1868,13 @@ pub(crate) fn place_chunks(
     (count, Vec::new())
 }
 
-/// A write that seals with a category's DEK expects the KEK wrapping it to still exist, so
-/// that a version being retired (checked unused, then destroyed) cannot gain a record
-/// meanwhile, and to still be the newest version, so that a write whose key ring was read
-/// before a rotation (here or in another instance) cannot put a data key under the old
-/// version behind a rewrap's cursor. Such a write conflicts and is retried under the active
-/// version. (A rewrap pass that met no conflict and no rotation therefore leaves nothing
-/// behind, see `rotation::run`.)
+/// A write that seals with a category's DEK expects the KEK wrapping it to be the active
+/// version ([`crate::keys::active_kek_key`]): so a version being retired (never the active
+/// one; checked unused, then destroyed) cannot gain a record meanwhile, and a write whose key
+/// ring was read before a rotation (here or in another instance) cannot put a data key under
+/// the old version behind a rewrap's cursor. Such a write conflicts and is retried under the
+/// active version. (A rewrap pass that met no conflict and no rotation therefore leaves
+/// nothing behind, see `rotation::run`.)
 pub(crate) fn expect_keks<'a>(
     batch: &mut Batch,
     body: &RecordBody,
@@ -1886,13 +1884,8 @@ pub(crate) fn expect_keks<'a>(
         if let Some(dek) = body.deks.get(category.as_str()) {
             batch.expect(
                 Keyspace::Meta,
-                crate::keys::kek_meta_key(*category, dek.kek_version),
-                Expect::Present,
-            );
-            batch.expect(
-                Keyspace::Meta,
-                crate::keys::kek_successor_key(*category, dek.kek_version),
-                Expect::Absent,
+                crate::keys::active_kek_key(*category),
+                Expect::Value(crate::keys::active_kek_value(dek.kek_version)),
             );
         }
     }
