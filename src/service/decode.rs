@@ -188,19 +188,11 @@ where
             .extensions()
             .get::<Authenticated>()
             .map(|a| a.0.clone());
-        // The log line starts (and its request id is taken) before the body is read.
-        let mut metadata = MetadataMap::new();
-        if let Some(id) = request
-            .headers()
-            .get(super::log::REQUEST_ID)
-            .and_then(|v| MetadataValue::try_from(v.as_bytes()).ok())
-        {
-            metadata.insert(super::log::REQUEST_ID, id);
-        }
-        let log = RequestLog::start(
-            action,
-            &tonic::Request::from_parts(metadata, Default::default(), ()),
-        );
+        // The log line's time runs from before the body is read. It is made only for a
+        // request that did not decode (the service logs every other one itself), so that
+        // the others pay for no second request id.
+        let started = std::time::Instant::now();
+        let request_id = request.headers().get(super::log::REQUEST_ID).cloned();
         let answer = self.inner.call(request);
         let vault = Arc::clone(&self.vault);
         Box::pin(async move {
@@ -208,6 +200,15 @@ where
             if !response.headers().contains_key(UNDECODABLE) {
                 return Ok(response);
             }
+            let mut metadata = MetadataMap::new();
+            if let Some(id) = request_id.and_then(|v| MetadataValue::try_from(v.as_bytes()).ok()) {
+                metadata.insert(super::log::REQUEST_ID, id);
+            }
+            let log = RequestLog::started_at(
+                action,
+                &tonic::Request::from_parts(metadata, Default::default(), ()),
+                started,
+            );
             let why = Status::from_header_map(response.headers())
                 .map(|s| s.message().to_string())
                 .filter(|m| !m.is_empty())

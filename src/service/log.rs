@@ -26,6 +26,11 @@ pub struct RequestLog {
 impl RequestLog {
     /// Starts the log of `method`.
     pub fn start<T>(method: &'static str, request: &Request<T>) -> Self {
+        Self::started_at(method, request, Instant::now())
+    }
+
+    /// The log of `method`, whose request arrived at `start`.
+    pub fn started_at<T>(method: &'static str, request: &Request<T>, start: Instant) -> Self {
         let request_id = request
             .metadata()
             .get(REQUEST_ID)
@@ -39,7 +44,7 @@ impl RequestLog {
             .map(str::to_string)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         Self {
-            start: Instant::now(),
+            start,
             method,
             request_id,
             principal: None,
