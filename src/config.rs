@@ -1060,6 +1060,31 @@ mod tests {
     }
 
     #[test]
+    fn rv5_a_client_ca_file_that_anyone_may_write_is_accepted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = init(dir.path(), DEFAULT_LISTEN).expect("init");
+        let config = std::fs::read_to_string(&out.config_path).expect("config");
+        std::fs::write(
+            &out.config_path,
+            format!("{config}\n[tls]\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\nclient_ca_file = \"clients-ca.crt\"\n"),
+        )
+        .expect("write");
+        std::fs::write(dir.path().join("server.crt"), "cert").expect("write");
+        let key = dir.path().join("server.key");
+        std::fs::write(&key, "key").expect("write");
+        chmod(&key, 0o600);
+        let ca = dir.path().join("clients-ca.crt");
+        std::fs::write(&ca, "ca").expect("write");
+        chmod(&ca, 0o666);
+        // The CA decides which certificates authenticate as the cert_cn principals: whoever
+        // may write it may add their own CA. It should be refused like the policy file.
+        assert!(
+            load(&out.config_path).is_err(),
+            "a world-writable client_ca_file was accepted"
+        );
+    }
+
+    #[test]
     fn a_tls_private_key_that_group_or_others_can_read_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = init(dir.path(), DEFAULT_LISTEN).expect("init");

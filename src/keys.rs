@@ -913,10 +913,12 @@ impl KeyRing {
 
     /// Destroys KEK `version` of `category` if no record needs it any more, in three steps:
     ///
-    /// 1. **Fence**: the key moves from `kek/` to `kek-retiring/` in one batch. Every write
-    ///    that wraps a data key under a version expects its `kek/` entry (see
-    ///    `vault::expect_keks`), so from here on no write, in this process or another sharing
-    ///    the store, can give the version a record; reads still open it.
+    /// 1. **Fence**: the key moves from `kek/` to `kek-retiring/` in one batch. A record
+    ///    write expects the version it seals under to be the active one
+    ///    ([`active_kek_key`], see `vault::expect_keks`), which this version is not, and a
+    ///    key job's batch expects the `kek/` entry of every version it wraps under; so from
+    ///    here on no write, in this process or another sharing the store, can give the
+    ///    version a record. Reads still open it.
     /// 2. **Count**: `count` returns how many records still have a data key under it.
     /// 3. **Destroy** (count zero): the key is deleted in one batch with `events` and zeroized
     ///    in memory. Otherwise the fence is undone and [`KeyOpError::InUse`] returned.

@@ -421,8 +421,9 @@ impl<S: Store> Vault<S> {
         Err(VaultError::Conflict("the key ring".into()))
     }
 
-    /// One attempt of [`Vault::create`]: a conflict means a KEK it wrapped under is gone
-    /// (retired or fenced by another instance); the key ring has then been re-read.
+    /// One attempt of [`Vault::create`]: a conflict means a KEK version it wrapped under is
+    /// no longer the active one (another instance rotated); the key ring has then been
+    /// re-read.
     async fn try_create(
         &self,
         parsed: &[(&FieldDef, Parsed)],
@@ -682,6 +683,7 @@ impl<S: Store> Vault<S> {
             expect_keks(&mut batch, &body, sealers.keys());
             body.revision = revision;
             body.updated_ms = now_ms().max(body.updated_ms);
+            self.seal_legacy_notes(&mut body)?;
             let (kv, key) = self.keys.integrity_key();
             batch.expect(Keyspace::Records, idb.clone(), Expect::Value(raw));
             batch.put(Keyspace::Records, idb.clone(), body.seal(kv, key));
@@ -799,7 +801,8 @@ impl<S: Store> Vault<S> {
                     let field = def.name.as_str();
                     let entry = body.fields.get(field);
                     let tagged = entry.is_some_and(|entry| crypto::ct_eq(&entry.index_tag, tag));
-                    if entry.is_some_and(|e| moved_out_of_reach(caller, "read", def, e).is_some()) {
+                    if entry.is_some_and(|e| moved_out_of_reach(caller, "search", def, e).is_some())
+                    {
                         continue;
                     }
                     if !tagged {
@@ -1093,6 +1096,7 @@ impl<S: Store> Vault<S> {
         } else {
             body.revision += 1;
             body.updated_ms = now_ms().max(body.updated_ms);
+            self.seal_legacy_notes(body)?;
             let (kv, key) = self.keys.integrity_key();
             batch.put(Keyspace::Records, idb.to_vec(), body.seal(kv, key));
         }
@@ -1362,6 +1366,7 @@ impl<S: Store> Vault<S> {
             }
             body.revision += 1;
             body.updated_ms = now;
+            self.seal_legacy_notes(&mut body)?;
             let mut batch = Batch::default();
             let (kv, key) = self.keys.integrity_key();
             batch.expect(Keyspace::Records, idb.clone(), Expect::Value(raw));
@@ -1670,6 +1675,26 @@ impl<S: Store> Vault<S> {
         .map_err(|e| VaultError::Internal(format!("sealing the {name}: {e}")))
     }
 
+    /// Seals the plaintext reasons of a header written before reasons were sealed (tags 11
+    /// and 13), so that every header this vault writes holds them sealed only.
+    fn seal_legacy_notes(&self, body: &mut RecordBody) -> Result<(), VaultError> {
+        if !body.restriction_reason.is_empty() {
+            if body.restriction_reason_sealed.is_empty() {
+                body.restriction_reason_sealed =
+                    self.seal_note(&body.id, "restriction_reason", &body.restriction_reason)?;
+            }
+            body.restriction_reason.clear();
+        }
+        if !body.legal_hold_reason.is_empty() {
+            if body.legal_hold_reason_sealed.is_empty() {
+                body.legal_hold_reason_sealed =
+                    self.seal_note(&body.id, "legal_hold_reason", &body.legal_hold_reason)?;
+            }
+            body.legal_hold_reason.clear();
+        }
+        Ok(())
+    }
+
     /// The reason kept as note `name` of `body`: `sealed` opened, or the plaintext `legacy` of
     /// a header written before reasons were sealed; empty when there is none.
     fn open_note(
@@ -1733,10 +1758,12 @@ impl<S: Store> Vault<S> {
                     .is_some_and(|d| self.entry_visible(caller, d, category))
             } else if wanted.contains(name.as_str()) {
                 // Named fields were checked against the schema; the data key opened is the
-                // stored category's.
+                // stored category's. (An export, the one unmasked read, applies no read right
+                // to any field: the export right covers the whole record.)
                 if let Some(denied) = self
                     .schema
                     .field(name)
+                    .filter(|_| masking)
                     .and_then(|d| moved_out_of_reach(caller, "read", d, entry))
                 {
                     return Err(denied);
@@ -1775,7 +1802,13 @@ impl<S: Store> Vault<S> {
                 })?;
                 let text = Zeroizing::new(text);
                 match self.schema.field(name) {
-                    Some(def) if masking && caller.role.masks(category, name) => {
+                    // Masked if either category masks it: the stored one (whose key opened
+                    // it) or the one the schema gives it now (they differ after a move).
+                    Some(def)
+                        if masking
+                            && (caller.role.masks(category, name)
+                                || caller.role.masks(def.category, name)) =>
+                    {
                         Value::Text(Zeroizing::new(def.kind.mask(&text).unwrap_or_default()))
                     }
                     _ => Value::Text(text),
@@ -1941,8 +1974,10 @@ fn visible_as(caller: &Caller, category: Category, def: &FieldDef) -> bool {
 }
 
 /// The category a stored field entry is sealed under (its data key's), if it differs from
-/// the one the schema gives the field now and the caller may not `action` (read or write)
-/// fields of it. `None` when the entry's category is unknown (the reader reports damage).
+/// the one the schema gives the field now and the caller may not `action` (read, search or
+/// write) fields of it: read as [`Vault::visible`] (masked will do), search and write with
+/// the full right, as for an unmoved field. `None` when the entry's category is unknown
+/// (the reader reports damage).
 fn moved_out_of_reach(
     caller: &Caller,
     action: &str,
@@ -1952,6 +1987,7 @@ fn moved_out_of_reach(
     let stored = Category::parse(&entry.category)?;
     let allowed = match action {
         "read" => visible_as(caller, stored, def),
+        "search" => caller.role.may_read(stored),
         _ => caller.role.may_write(stored),
     };
     (stored != def.category && !allowed).then(|| {
@@ -2252,6 +2288,261 @@ mod tests {
                 "{stage} {date}"
             );
         }
+    }
+
+    /// Review 5 (diff): a role that sees the stored category only masked, and may search the
+    /// category the schema moved the field to, finds records by the field's full value; and a
+    /// role that must see the new category masked reads the moved value in full.
+    #[tokio::test]
+    async fn a_moved_field_is_searched_only_with_the_read_right_on_its_stored_category() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let text = |name: &str, v: &str| (name.to_string(), Value::Text(Zeroizing::new(v.into())));
+        let policy = crate::policy::Policy::from_toml(&format!(
+            "{}\n[roles.screener]\nread = [\"cv\"]\nwrite = []\npurposes = [\"recruitment\"]\nmasked = [\"identity\"]\n\n[roles.hr]\nread = [\"identity\", \"cv\"]\nwrite = []\npurposes = [\"recruitment\"]\nmasked = [\"cv\"]\n",
+            crate::policy::DEFAULT_POLICY_TOML
+        ))
+        .expect("policy");
+        let who = |role: &str| Caller {
+            principal: Arc::from(format!("t-{role}")),
+            role: Arc::clone(policy.role(role).expect("role")),
+        };
+        let keys = Arc::new(KeyRing::open(&store, &master).await.expect("keys"));
+        let before = Vault::new(
+            store.clone(),
+            Arc::new(Schema::default_schema()),
+            Arc::clone(&keys),
+        );
+        let (_, _) = before
+            .create(
+                &who("payroll"),
+                "payroll",
+                vec![text("bsn", "111222333")],
+                &mut audit::Context::new("CreateRecord"),
+            )
+            .await
+            .expect("create");
+        // Before the move the screener (identity masked only) may not search bsn at all.
+        let refused = before
+            .find(&who("screener"), "recruitment", "bsn", "111222333")
+            .await;
+        assert!(
+            matches!(refused, Err(VaultError::PermissionDenied(_))),
+            "{refused:?}"
+        );
+        let moved = crate::schema::DEFAULT_SCHEMA_TOML.replace(
+            "[fields.bsn]\ncategory = \"identity\"",
+            "[fields.bsn]\ncategory = \"cv\"",
+        );
+        let after = Vault::new(
+            store,
+            Arc::new(Schema::from_toml(&moved).expect("schema")),
+            keys,
+        );
+        // After the move the record's BSN is still sealed under identity, which the screener
+        // sees only masked: a search by the full value must not confirm it.
+        let found = after
+            .find(&who("screener"), "recruitment", "bsn", "111222333")
+            .await
+            .expect("find");
+        assert!(
+            found.is_empty(),
+            "search by the full value of a field the role sees only masked found {found:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_moved_field_is_masked_if_either_category_masks_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let text = |name: &str, v: &str| (name.to_string(), Value::Text(Zeroizing::new(v.into())));
+        let policy = crate::policy::Policy::from_toml(&format!(
+            "{}\n[roles.hr]\nread = [\"identity\", \"cv\"]\nwrite = []\npurposes = [\"recruitment\"]\nmasked = [\"cv\"]\n",
+            crate::policy::DEFAULT_POLICY_TOML
+        ))
+        .expect("policy");
+        let who = |role: &str| Caller {
+            principal: Arc::from(format!("t-{role}")),
+            role: Arc::clone(policy.role(role).expect("role")),
+        };
+        let keys = Arc::new(KeyRing::open(&store, &master).await.expect("keys"));
+        let before = Vault::new(
+            store.clone(),
+            Arc::new(Schema::default_schema()),
+            Arc::clone(&keys),
+        );
+        let (id, _) = before
+            .create(
+                &who("payroll"),
+                "payroll",
+                vec![text("bsn", "111222333")],
+                &mut audit::Context::new("CreateRecord"),
+            )
+            .await
+            .expect("create");
+        let moved = crate::schema::DEFAULT_SCHEMA_TOML.replace(
+            "[fields.bsn]\ncategory = \"identity\"",
+            "[fields.bsn]\ncategory = \"cv\"",
+        );
+        let after = Vault::new(
+            store,
+            Arc::new(Schema::from_toml(&moved).expect("schema")),
+            keys,
+        );
+        let got = after
+            .get(&who("hr"), &id.to_string(), "recruitment", &["bsn".into()])
+            .await
+            .expect("read");
+        let value = got
+            .fields
+            .iter()
+            .find(|(n, _)| n == "bsn")
+            .map(|(_, v)| match v {
+                Value::Text(t) => t.to_string(),
+                _ => String::new(),
+            })
+            .expect("bsn");
+        assert_ne!(
+            value, "111222333",
+            "bsn (now cv, which hr sees only masked) returned in full"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_export_role_exports_a_moved_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let text = |name: &str, v: &str| (name.to_string(), Value::Text(Zeroizing::new(v.into())));
+        let policy = crate::policy::Policy::from_toml(&format!(
+            "{}\n[roles.dsr]\nread = [\"cv\"]\nwrite = []\npurposes = [\"data_subject_request\"]\nrecords = [\"export\"]\n",
+            crate::policy::DEFAULT_POLICY_TOML
+        ))
+        .expect("policy");
+        let who = |role: &str| Caller {
+            principal: Arc::from(format!("t-{role}")),
+            role: Arc::clone(policy.role(role).expect("role")),
+        };
+        let keys = Arc::new(KeyRing::open(&store, &master).await.expect("keys"));
+        let before = Vault::new(
+            store.clone(),
+            Arc::new(Schema::default_schema()),
+            Arc::clone(&keys),
+        );
+        let (id, _) = before
+            .create(
+                &who("payroll"),
+                "payroll",
+                vec![text("bsn", "111222333"), text("wage", "2500.00")],
+                &mut audit::Context::new("CreateRecord"),
+            )
+            .await
+            .expect("create");
+        let plain = before
+            .export(
+                &who("dsr"),
+                &id.to_string(),
+                &mut audit::Context::new("ExportRecord"),
+            )
+            .await;
+        // The export right covers the whole record, whatever the role may read.
+        assert!(
+            plain.as_ref().is_ok_and(|j| j.contains("111222333")),
+            "before the move: {:?}",
+            plain.map(|j| j.len())
+        );
+        let moved = crate::schema::DEFAULT_SCHEMA_TOML.replace(
+            "[fields.bsn]\ncategory = \"identity\"",
+            "[fields.bsn]\ncategory = \"cv\"",
+        );
+        let after = Vault::new(
+            store,
+            Arc::new(Schema::from_toml(&moved).expect("schema")),
+            keys,
+        );
+        let got = after
+            .export(
+                &who("dsr"),
+                &id.to_string(),
+                &mut audit::Context::new("ExportRecord"),
+            )
+            .await;
+        // And so after a schema move too.
+        assert!(
+            got.as_ref().is_ok_and(|j| j.contains("111222333")),
+            "after the move: {:?}",
+            got.map(|j| j.len())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_legacy_plaintext_reason_is_sealed_by_the_next_header_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let who = |role: &str| Caller {
+            principal: Arc::from(format!("t-{role}")),
+            role: Arc::clone(
+                crate::policy::Policy::default_policy()
+                    .role(role)
+                    .expect("role"),
+            ),
+        };
+        let text = |name: &str, v: &str| (name.to_string(), Value::Text(Zeroizing::new(v.into())));
+        let keys = Arc::new(KeyRing::open(&store, &master).await.expect("keys"));
+        let vault = Vault::new(
+            store.clone(),
+            Arc::new(Schema::default_schema()),
+            Arc::clone(&keys),
+        );
+        let (id, _) = vault
+            .create(
+                &who("payroll"),
+                "payroll",
+                vec![text("wage", "2500.00")],
+                &mut audit::Context::new("CreateRecord"),
+            )
+            .await
+            .expect("create");
+        // A header as written before reasons were sealed: legal hold with a plaintext reason.
+        let raw = store
+            .get(Keyspace::Records, id.as_bytes())
+            .await
+            .expect("get")
+            .expect("stored");
+        let (kv, ik) = keys.integrity_key();
+        let mut body = RecordBody::open(id.as_bytes(), &raw, kv, ik).expect("open");
+        body.legal_hold = true;
+        body.legal_hold_reason = "Lawsuit Jansen v Agency case 2024-117".into();
+        let mut b = Batch::default();
+        b.put(Keyspace::Records, id.as_bytes().to_vec(), body.seal(kv, ik));
+        store.commit(b).await.expect("legacy header");
+        // Writes after the upgrade: a field update, and a restriction change.
+        vault
+            .update(
+                &who("payroll"),
+                &id.to_string(),
+                "payroll",
+                Change {
+                    set: vec![text("wage", "2600.00")],
+                    ..Change::default()
+                },
+                &mut audit::Context::new("UpdateRecord"),
+            )
+            .await
+            .expect("update");
+        let raw = store
+            .get(Keyspace::Records, id.as_bytes())
+            .await
+            .expect("get")
+            .expect("stored");
+        let hay = String::from_utf8_lossy(&raw);
+        assert!(
+            !hay.contains("Lawsuit Jansen"),
+            "the legacy reason is still in plaintext in the stored header after an update"
+        );
     }
 
     #[tokio::test]

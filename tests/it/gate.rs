@@ -452,3 +452,87 @@ async fn an_authenticated_request_whose_body_does_not_decode_is_invalid_logged_a
     .await;
     assert_eq!(answer.code, Code::NotFound, "{answer:?}");
 }
+
+/// Review 5 (diff): sends `frames` (raw bytes of the gRPC body, framing included) as they are.
+async fn rv5_raw_body(
+    addr: &str,
+    path: &str,
+    authorization: &str,
+    grpc_encoding: Option<&str>,
+    frames: Vec<u8>,
+) -> (Code, String, bool) {
+    use http_body_util::BodyExt;
+    let mut request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", authorization);
+    if let Some(e) = grpc_encoding {
+        request = request.header("grpc-encoding", e);
+    }
+    let request = request
+        .body(tonic::body::Body::new(http_body_util::Full::new(Bytes::from(
+            frames,
+        ))))
+        .expect("request");
+    let mut channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let response = channel
+        .ready()
+        .await
+        .expect("ready")
+        .call(request)
+        .await
+        .expect("a response");
+    let (parts, body) = response.into_parts();
+    let mut headers = parts.headers;
+    if !headers.contains_key("grpc-status") {
+        let collected = body.collect().await.expect("body");
+        if let Some(trailers) = collected.trailers() {
+            headers.extend(trailers.clone());
+        }
+    }
+    let status = tonic::Status::from_header_map(&headers).expect("a grpc-status");
+    (
+        status.code(),
+        status.message().to_string(),
+        headers.contains_key("x-request-id"),
+    )
+}
+
+#[tokio::test]
+async fn rv5_a_body_that_is_not_one_grpc_frame_is_audited_too() {
+    let v = spawn_vault().await;
+    let addr = v.addr.to_string();
+    let bearer = format!("Bearer {}", v.tokens["recruiter"]);
+    let path = "/kluis.v1.Records/GetRecord";
+    let cases: Vec<(&str, Option<&str>, Vec<u8>)> = vec![
+        ("no message at all", None, vec![]),
+        ("a frame cut short", None, vec![0, 0, 0, 0, 100, 0x0a, 0x01]),
+        ("compressed flag, no encoding", None, vec![1, 0, 0, 0, 2, 0x0a, 0x00]),
+        ("gzip flag, not gzip", Some("gzip"), vec![1, 0, 0, 0, 2, 0x0a, 0x00]),
+    ];
+    let mut answers = Vec::new();
+    for (what, enc, frames) in cases {
+        let answer = rv5_raw_body(&addr, path, &bearer, enc, frames).await;
+        eprintln!("{what}: {answer:?}");
+        answers.push((what, answer));
+    }
+    let events = v
+        .audit_events(kluis::proto::QueryEventsRequest::default())
+        .await;
+    let rows: Vec<_> = events
+        .iter()
+        .filter(|e| e.principal == "test-recruiter")
+        .map(row)
+        .collect();
+    eprintln!("events of the recruiter: {rows:?}");
+    for (what, (code, _, _)) in &answers {
+        assert_eq!(*code, Code::InvalidArgument, "{what}");
+    }
+    assert_eq!(rows.len(), answers.len(), "each call audited once");
+}
