@@ -606,6 +606,12 @@ fn load_tls(t: &TlsFile, rel: &dyn Fn(&Path) -> PathBuf) -> Result<TlsSettings, 
         std::fs::read(&p).map_err(io_err(&p))
     };
     check_secret_mode("TLS private key ([tls] key_file)", &rel(&t.key_file))?;
+    // The client CA decides which certificates authenticate as the cert_cn principals:
+    // whoever can write it can add their own CA, as whoever can write the policy can add a
+    // token.
+    if let Some(ca) = &t.client_ca_file {
+        check_trusted_mode("client CA file ([tls] client_ca_file)", &rel(ca))?;
+    }
     Ok(TlsSettings {
         cert_pem: read(&t.cert_file)?,
         key_pem: Zeroizing::new(read(&t.key_file)?),
@@ -1060,7 +1066,7 @@ mod tests {
     }
 
     #[test]
-    fn rv5_a_client_ca_file_that_anyone_may_write_is_accepted() {
+    fn a_client_ca_file_that_group_or_others_can_write_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = init(dir.path(), DEFAULT_LISTEN).expect("init");
         let config = std::fs::read_to_string(&out.config_path).expect("config");
