@@ -709,13 +709,17 @@ fn limit_connections(
 /// limit, naming the limit. tonic refuses a message over `max_decoding_message_size` while
 /// decoding it, before any handler runs, with `OUT_OF_RANGE` ("decoded message length too
 /// large"): that trailers-only answer is rewritten here. (Such a request never reaches a
-/// handler, so it is not authenticated and leaves no audit event.)
+/// handler; the authentication gate has seen it, and the decode guard records it for an
+/// authenticated caller, as `RESOURCE_EXHAUSTED`.)
 fn request_too_large_status(
     mut response: http::Response<tonic::body::Body>,
     limit: usize,
 ) -> http::Response<tonic::body::Body> {
     let headers = response.headers_mut();
-    let out_of_range = headers.get("grpc-status").is_some_and(|v| v == "11");
+    // OUT_OF_RANGE from tonic, or RESOURCE_EXHAUSTED once the decode guard has recorded it.
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|v| v == "11" || v == "8");
     let too_large = headers
         .get("grpc-message")
         .and_then(|m| m.to_str().ok())

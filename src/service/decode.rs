@@ -197,9 +197,39 @@ where
         let vault = Arc::clone(&self.vault);
         Box::pin(async move {
             let response = answer.await?;
-            if !response.headers().contains_key(UNDECODABLE) {
-                return Ok(response);
-            }
+            let status = if response.headers().contains_key(UNDECODABLE) {
+                let why = Status::from_header_map(response.headers())
+                    .map(|s| s.message().to_string())
+                    .filter(|m| !m.is_empty())
+                    .unwrap_or_else(|| "not a valid protobuf encoding of its message".into());
+                Status::invalid_argument(format!("request body is {why}"))
+            } else {
+                // Every handler answers with its request id. A refusal without one comes from
+                // tonic before any handler ran: a body that is not one gRPC frame (none, cut
+                // short, a compressed flag without an encoding), an encoding it does not
+                // support, a message over the size limit, or an unknown method. Those are
+                // answered, logged and audited here too, with their own code (a framing error,
+                // which tonic calls INTERNAL, is the caller's: INVALID_ARGUMENT).
+                match Status::from_header_map(response.headers()) {
+                    Some(s)
+                        if s.code() != tonic::Code::Ok
+                            && !response.headers().contains_key(super::log::REQUEST_ID) =>
+                    {
+                        match s.code() {
+                            tonic::Code::Internal => Status::invalid_argument(format!(
+                                "request body is not one valid gRPC message: {}",
+                                s.message()
+                            )),
+                            // A message over the size limit: the code of every size limit
+                            // (the server's outer layer then names the limit).
+                            tonic::Code::OutOfRange => Status::resource_exhausted(s.message()),
+                            code => Status::new(code, s.message()),
+                        }
+                    }
+                    _ => return Ok(response),
+                }
+            };
+            drop(response);
             let mut metadata = MetadataMap::new();
             if let Some(id) = request_id.and_then(|v| MetadataValue::try_from(v.as_bytes()).ok()) {
                 metadata.insert(super::log::REQUEST_ID, id);
@@ -209,12 +239,6 @@ where
                 &tonic::Request::from_parts(metadata, Default::default(), ()),
                 started,
             );
-            let why = Status::from_header_map(response.headers())
-                .map(|s| s.message().to_string())
-                .filter(|m| !m.is_empty())
-                .unwrap_or_else(|| "not a valid protobuf encoding of its message".into());
-            drop(response);
-            let status = Status::invalid_argument(format!("request body is {why}"));
             Ok(refuse(&vault, log, action, caller, status)
                 .await
                 .into_http())

@@ -885,6 +885,17 @@ async fn a_request_over_max_request_bytes_is_resource_exhausted_and_changes_noth
         Code::ResourceExhausted,
         &["request too large", "1048576", "max_request_bytes"],
     );
+    // The refusal of an authenticated caller is in the audit trail like any other.
+    let events = v
+        .audit_events(kluis::proto::QueryEventsRequest::default())
+        .await;
+    assert!(
+        events.iter().any(|e| e.action == "CreateRecord"
+            && e.principal == "test-recruiter"
+            && e.outcome == "invalid"
+            && e.record_id.is_empty()),
+        "{events:?}"
+    );
     let listed = recruiter
         .list_records(ListRecordsRequest::default())
         .await
