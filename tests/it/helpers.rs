@@ -404,25 +404,41 @@ pub async fn raw_call(
     request_id: Option<&str>,
     body: &[u8],
 ) -> RawAnswer {
-    use http_body_util::BodyExt;
-    use tower::{Service, ServiceExt};
     let mut frame = vec![0u8];
     frame.extend_from_slice(&u32::try_from(body.len()).expect("small").to_be_bytes());
     frame.extend_from_slice(body);
+    let headers: Vec<(&str, &str)> = [
+        ("authorization", authorization),
+        ("x-request-id", request_id),
+    ]
+    .into_iter()
+    .filter_map(|(name, value)| value.map(|v| (name, v)))
+    .collect();
+    raw_frames(addr, path, &headers, frame).await
+}
+
+/// Calls `path` on the server at `addr` with `frames` as the whole request body (gRPC framing
+/// included, sent as is: none, cut short, flagged compressed, …) and `headers` beside the
+/// gRPC ones.
+pub async fn raw_frames(
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    frames: Vec<u8>,
+) -> RawAnswer {
+    use http_body_util::BodyExt;
+    use tower::{Service, ServiceExt};
     let mut request = http::Request::builder()
         .method("POST")
         .uri(format!("http://{addr}{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers");
-    if let Some(a) = authorization {
-        request = request.header("authorization", a);
-    }
-    if let Some(id) = request_id {
-        request = request.header("x-request-id", id);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
     let request = request
         .body(tonic::body::Body::new(http_body_util::Full::new(
-            tonic::codegen::Bytes::from(frame),
+            tonic::codegen::Bytes::from(frames),
         )))
         .expect("request");
     let mut channel = Channel::from_shared(format!("http://{addr}"))
