@@ -2290,60 +2290,158 @@ mod tests {
         }
     }
 
-    /// Review 5 (diff): a role that sees the stored category only masked, and may search the
-    /// category the schema moved the field to, finds records by the field's full value; and a
-    /// role that must see the new category masked reads the moved value in full.
+    fn text(name: &str, v: &str) -> (String, Value) {
+        (name.to_string(), Value::Text(Zeroizing::new(v.into())))
+    }
+
+    /// A record payroll created with `fields` (BSN 111222333 among them) under the default
+    /// schema, and two vaults over its store: `before` with that schema, `after` with `bsn`
+    /// moved from identity to cv (as an operator might edit schema.toml); the default roles
+    /// plus `extra_roles` (policy TOML).
+    struct MovedBsn {
+        _dir: tempfile::TempDir,
+        policy: crate::policy::Policy,
+        before: Vault<SledStore>,
+        after: Vault<SledStore>,
+        id: String,
+    }
+
+    impl MovedBsn {
+        async fn new(extra_roles: &str, fields: &[(&str, &str)]) -> MovedBsn {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = SledStore::open(dir.path()).expect("open");
+            let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+            let policy = crate::policy::Policy::from_toml(&format!(
+                "{}\n{extra_roles}",
+                crate::policy::DEFAULT_POLICY_TOML
+            ))
+            .expect("policy");
+            let keys = Arc::new(KeyRing::open(&store, &master).await.expect("keys"));
+            let before = Vault::new(
+                store.clone(),
+                Arc::new(Schema::default_schema()),
+                Arc::clone(&keys),
+            );
+            let moved = crate::schema::DEFAULT_SCHEMA_TOML.replace(
+                "[fields.bsn]\ncategory = \"identity\"",
+                "[fields.bsn]\ncategory = \"cv\"",
+            );
+            assert_ne!(
+                moved,
+                crate::schema::DEFAULT_SCHEMA_TOML,
+                "the schema moved"
+            );
+            let after = Vault::new(
+                store,
+                Arc::new(Schema::from_toml(&moved).expect("moved schema")),
+                keys,
+            );
+            let mut fixture = MovedBsn {
+                _dir: dir,
+                policy,
+                before,
+                after,
+                id: String::new(),
+            };
+            let (id, _) = fixture
+                .before
+                .create(
+                    &fixture.who("payroll"),
+                    "payroll",
+                    fields.iter().map(|(n, v)| text(n, v)).collect(),
+                    &mut audit::Context::new("CreateRecord"),
+                )
+                .await
+                .expect("create");
+            fixture.id = id.to_string();
+            fixture
+        }
+
+        fn who(&self, role: &str) -> Caller {
+            Caller {
+                principal: Arc::from(format!("t-{role}")),
+                role: Arc::clone(self.policy.role(role).expect("role")),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_field_the_schema_moved_stays_behind_its_stored_category() {
+        // The recruiter may read and write cv, where the schema now puts bsn.
+        let f = MovedBsn::new("", &[("bsn", "111222333"), ("wage", "2500.00")]).await;
+        let recruiter = f.who("recruiter");
+        let got = f
+            .after
+            .get(&recruiter, &f.id, "recruitment", &[])
+            .await
+            .expect("read");
+        assert!(
+            got.fields.iter().all(|(n, _)| n != "bsn"),
+            "bsn not returned"
+        );
+        assert!(got.withheld.contains(&"bsn".to_string()), "bsn withheld");
+        let named = f
+            .after
+            .get(&recruiter, &f.id, "recruitment", &["bsn".into()])
+            .await;
+        assert!(
+            matches!(&named, Err(VaultError::PermissionDenied(m)) if m.contains("identity")),
+            "{named:?}"
+        );
+        let found = f
+            .after
+            .find(&recruiter, "recruitment", "bsn", "111222333")
+            .await
+            .expect("find");
+        assert!(found.is_empty(), "the search does not reveal the record");
+        let change = Change {
+            clear: vec!["bsn".into()],
+            ..Change::default()
+        };
+        let cleared = f
+            .after
+            .update(
+                &recruiter,
+                &f.id,
+                "recruitment",
+                change,
+                &mut audit::Context::new("UpdateRecord"),
+            )
+            .await;
+        assert!(
+            matches!(cleared, Err(VaultError::PermissionDenied(_))),
+            "{cleared:?}"
+        );
+        // Payroll still reads it (identity), and the record is unchanged.
+        let got = f
+            .before
+            .get(&f.who("payroll"), &f.id, "payroll", &["bsn".into()])
+            .await
+            .expect("payroll reads");
+        assert_eq!(got.revision, 1);
+    }
+
     #[tokio::test]
     async fn a_moved_field_is_searched_only_with_the_read_right_on_its_stored_category() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SledStore::open(dir.path()).expect("open");
-        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
-        let text = |name: &str, v: &str| (name.to_string(), Value::Text(Zeroizing::new(v.into())));
-        let policy = crate::policy::Policy::from_toml(&format!(
-            "{}\n[roles.screener]\nread = [\"cv\"]\nwrite = []\npurposes = [\"recruitment\"]\nmasked = [\"identity\"]\n\n[roles.hr]\nread = [\"identity\", \"cv\"]\nwrite = []\npurposes = [\"recruitment\"]\nmasked = [\"cv\"]\n",
-            crate::policy::DEFAULT_POLICY_TOML
-        ))
-        .expect("policy");
-        let who = |role: &str| Caller {
-            principal: Arc::from(format!("t-{role}")),
-            role: Arc::clone(policy.role(role).expect("role")),
-        };
-        let keys = Arc::new(KeyRing::open(&store, &master).await.expect("keys"));
-        let before = Vault::new(
-            store.clone(),
-            Arc::new(Schema::default_schema()),
-            Arc::clone(&keys),
-        );
-        let (_, _) = before
-            .create(
-                &who("payroll"),
-                "payroll",
-                vec![text("bsn", "111222333")],
-                &mut audit::Context::new("CreateRecord"),
-            )
-            .await
-            .expect("create");
+        let f = MovedBsn::new(
+            "[roles.screener]\nread = [\"cv\"]\nwrite = []\npurposes = [\"recruitment\"]\nmasked = [\"identity\"]\n",
+            &[("bsn", "111222333")],
+        )
+        .await;
         // Before the move the screener (identity masked only) may not search bsn at all.
-        let refused = before
-            .find(&who("screener"), "recruitment", "bsn", "111222333")
+        let refused = f
+            .before
+            .find(&f.who("screener"), "recruitment", "bsn", "111222333")
             .await;
         assert!(
             matches!(refused, Err(VaultError::PermissionDenied(_))),
             "{refused:?}"
         );
-        let moved = crate::schema::DEFAULT_SCHEMA_TOML.replace(
-            "[fields.bsn]\ncategory = \"identity\"",
-            "[fields.bsn]\ncategory = \"cv\"",
-        );
-        let after = Vault::new(
-            store,
-            Arc::new(Schema::from_toml(&moved).expect("schema")),
-            keys,
-        );
         // After the move the record's BSN is still sealed under identity, which the screener
         // sees only masked: a search by the full value must not confirm it.
-        let found = after
-            .find(&who("screener"), "recruitment", "bsn", "111222333")
+        let found = f
+            .after
+            .find(&f.who("screener"), "recruitment", "bsn", "111222333")
             .await
             .expect("find");
         assert!(
@@ -2354,45 +2452,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_moved_field_is_masked_if_either_category_masks_it() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SledStore::open(dir.path()).expect("open");
-        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
-        let text = |name: &str, v: &str| (name.to_string(), Value::Text(Zeroizing::new(v.into())));
-        let policy = crate::policy::Policy::from_toml(&format!(
-            "{}\n[roles.hr]\nread = [\"identity\", \"cv\"]\nwrite = []\npurposes = [\"recruitment\"]\nmasked = [\"cv\"]\n",
-            crate::policy::DEFAULT_POLICY_TOML
-        ))
-        .expect("policy");
-        let who = |role: &str| Caller {
-            principal: Arc::from(format!("t-{role}")),
-            role: Arc::clone(policy.role(role).expect("role")),
-        };
-        let keys = Arc::new(KeyRing::open(&store, &master).await.expect("keys"));
-        let before = Vault::new(
-            store.clone(),
-            Arc::new(Schema::default_schema()),
-            Arc::clone(&keys),
-        );
-        let (id, _) = before
-            .create(
-                &who("payroll"),
-                "payroll",
-                vec![text("bsn", "111222333")],
-                &mut audit::Context::new("CreateRecord"),
-            )
-            .await
-            .expect("create");
-        let moved = crate::schema::DEFAULT_SCHEMA_TOML.replace(
-            "[fields.bsn]\ncategory = \"identity\"",
-            "[fields.bsn]\ncategory = \"cv\"",
-        );
-        let after = Vault::new(
-            store,
-            Arc::new(Schema::from_toml(&moved).expect("schema")),
-            keys,
-        );
-        let got = after
-            .get(&who("hr"), &id.to_string(), "recruitment", &["bsn".into()])
+        let f = MovedBsn::new(
+            "[roles.hr]\nread = [\"identity\", \"cv\"]\nwrite = []\npurposes = [\"recruitment\"]\nmasked = [\"cv\"]\n",
+            &[("bsn", "111222333")],
+        )
+        .await;
+        let got = f
+            .after
+            .get(&f.who("hr"), &f.id, "recruitment", &["bsn".into()])
             .await
             .expect("read");
         let value = got
@@ -2412,69 +2479,27 @@ mod tests {
 
     #[tokio::test]
     async fn an_export_role_exports_a_moved_field() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SledStore::open(dir.path()).expect("open");
-        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
-        let text = |name: &str, v: &str| (name.to_string(), Value::Text(Zeroizing::new(v.into())));
-        let policy = crate::policy::Policy::from_toml(&format!(
-            "{}\n[roles.dsr]\nread = [\"cv\"]\nwrite = []\npurposes = [\"data_subject_request\"]\nrecords = [\"export\"]\n",
-            crate::policy::DEFAULT_POLICY_TOML
-        ))
-        .expect("policy");
-        let who = |role: &str| Caller {
-            principal: Arc::from(format!("t-{role}")),
-            role: Arc::clone(policy.role(role).expect("role")),
-        };
-        let keys = Arc::new(KeyRing::open(&store, &master).await.expect("keys"));
-        let before = Vault::new(
-            store.clone(),
-            Arc::new(Schema::default_schema()),
-            Arc::clone(&keys),
-        );
-        let (id, _) = before
-            .create(
-                &who("payroll"),
-                "payroll",
-                vec![text("bsn", "111222333"), text("wage", "2500.00")],
-                &mut audit::Context::new("CreateRecord"),
-            )
-            .await
-            .expect("create");
-        let plain = before
-            .export(
-                &who("dsr"),
-                &id.to_string(),
-                &mut audit::Context::new("ExportRecord"),
-            )
-            .await;
-        // The export right covers the whole record, whatever the role may read.
-        assert!(
-            plain.as_ref().is_ok_and(|j| j.contains("111222333")),
-            "before the move: {:?}",
-            plain.map(|j| j.len())
-        );
-        let moved = crate::schema::DEFAULT_SCHEMA_TOML.replace(
-            "[fields.bsn]\ncategory = \"identity\"",
-            "[fields.bsn]\ncategory = \"cv\"",
-        );
-        let after = Vault::new(
-            store,
-            Arc::new(Schema::from_toml(&moved).expect("schema")),
-            keys,
-        );
-        let got = after
-            .export(
-                &who("dsr"),
-                &id.to_string(),
-                &mut audit::Context::new("ExportRecord"),
-            )
-            .await;
-        // And so after a schema move too.
-        assert!(
-            got.as_ref().is_ok_and(|j| j.contains("111222333")),
-            "after the move: {:?}",
-            got.map(|j| j.len())
-        );
+        let f = MovedBsn::new(
+            "[roles.dsr]\nread = [\"cv\"]\nwrite = []\npurposes = [\"data_subject_request\"]\nrecords = [\"export\"]\n",
+            &[("bsn", "111222333"), ("wage", "2500.00")],
+        )
+        .await;
+        // The export right covers the whole record, whatever the role may read: before the
+        // schema move and after it.
+        for (when, vault) in [("before", &f.before), ("after", &f.after)] {
+            let got = vault
+                .export(
+                    &f.who("dsr"),
+                    &f.id,
+                    &mut audit::Context::new("ExportRecord"),
+                )
+                .await;
+            assert!(
+                got.as_ref().is_ok_and(|j| j.contains("111222333")),
+                "{when} the move: {:?}",
+                got.map(|j| j.len())
+            );
+        }
     }
 
     #[tokio::test]
@@ -2543,95 +2568,6 @@ mod tests {
             !hay.contains("Lawsuit Jansen"),
             "the legacy reason is still in plaintext in the stored header after an update"
         );
-    }
-
-    #[tokio::test]
-    async fn a_field_the_schema_moved_stays_behind_its_stored_category() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SledStore::open(dir.path()).expect("open");
-        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
-        let who = |role: &str| Caller {
-            principal: Arc::from(format!("t-{role}")),
-            role: Arc::clone(
-                crate::policy::Policy::default_policy()
-                    .role(role)
-                    .expect("default role"),
-            ),
-        };
-        let text = |name: &str, v: &str| (name.to_string(), Value::Text(Zeroizing::new(v.into())));
-        let keys = Arc::new(KeyRing::open(&store, &master).await.expect("keys"));
-        let before = Vault::new(
-            store.clone(),
-            Arc::new(Schema::default_schema()),
-            Arc::clone(&keys),
-        );
-        let (id, _) = before
-            .create(
-                &who("payroll"),
-                "payroll",
-                vec![text("bsn", "111222333"), text("wage", "2500.00")],
-                &mut audit::Context::new("CreateRecord"),
-            )
-            .await
-            .expect("create");
-        // An operator moves bsn from identity to cv, which the recruiter may read and write.
-        let moved = crate::schema::DEFAULT_SCHEMA_TOML.replace(
-            "[fields.bsn]\ncategory = \"identity\"",
-            "[fields.bsn]\ncategory = \"cv\"",
-        );
-        assert_ne!(
-            moved,
-            crate::schema::DEFAULT_SCHEMA_TOML,
-            "the schema text moved"
-        );
-        let schema = Schema::from_toml(&moved).expect("moved schema");
-        let after = Vault::new(store, Arc::new(schema), keys);
-        let recruiter = who("recruiter");
-        let id = id.to_string();
-        let got = after
-            .get(&recruiter, &id, "recruitment", &[])
-            .await
-            .expect("read");
-        assert!(
-            got.fields.iter().all(|(n, _)| n != "bsn"),
-            "bsn not returned"
-        );
-        assert!(got.withheld.contains(&"bsn".to_string()), "bsn withheld");
-        let named = after
-            .get(&recruiter, &id, "recruitment", &["bsn".into()])
-            .await;
-        assert!(
-            matches!(&named, Err(VaultError::PermissionDenied(m)) if m.contains("identity")),
-            "{named:?}"
-        );
-        let found = after
-            .find(&recruiter, "recruitment", "bsn", "111222333")
-            .await
-            .expect("find");
-        assert!(found.is_empty(), "the search does not reveal the record");
-        let change = Change {
-            clear: vec!["bsn".into()],
-            ..Change::default()
-        };
-        let cleared = after
-            .update(
-                &recruiter,
-                &id,
-                "recruitment",
-                change,
-                &mut audit::Context::new("UpdateRecord"),
-            )
-            .await;
-        assert!(
-            matches!(cleared, Err(VaultError::PermissionDenied(_))),
-            "{cleared:?}"
-        );
-        // Payroll still reads it (identity), and the record is unchanged.
-        let got = before
-            .get(&who("payroll"), &id, "payroll", &["bsn".into()])
-            .await
-            .expect("payroll reads");
-        assert_eq!(got.revision, 1);
     }
 
     #[tokio::test]
