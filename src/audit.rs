@@ -1199,7 +1199,11 @@ pub async fn verify(
             fail(&mut v, expected, format!("event {expected} is malformed"));
             break;
         };
-        if stored.last_in_block && stored.block_key != event.seq {
+        // A block is stored under the key of its last event. Ending before that key, it lost
+        // its last events (reported once this event, intact, is checked); ending after it,
+        // it was moved.
+        let lost_tail = stored.last_in_block && stored.block_key > event.seq;
+        if stored.last_in_block && stored.block_key < event.seq {
             fail(
                 &mut v,
                 expected,
@@ -1273,6 +1277,18 @@ pub async fn verify(
         prev = hash;
         prev_time = event.time_ms;
         expected += 1;
+        if lost_tail {
+            fail(
+                &mut v,
+                expected,
+                format!(
+                    "event {expected} is missing (the block stored under event {} ends at event {})",
+                    stored.block_key,
+                    expected - 1
+                ),
+            );
+            break;
+        }
     }
     let last = expected - 1;
     if v.ok {
@@ -1617,6 +1633,32 @@ mod tests {
             b.append_event(draft().encode());
         }
         b
+    }
+
+    #[tokio::test]
+    async fn the_lost_last_event_of_a_block_is_named_missing() {
+        use crate::store::SledStore;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signer = Signer::load_or_create(&dir.path().join("k"), true).expect("signer");
+        let store = SledStore::open(&dir.path().join("data")).expect("open");
+        // One commit of three events: one block, stored under the key of event 3.
+        store.commit(event_batch(3)).await.expect("commit");
+        store.commit(event_batch(1)).await.expect("commit");
+        let (key, _) = block_holding(&store, 1)
+            .await
+            .expect("read")
+            .expect("block");
+        assert_eq!(key, event_key(3), "events 1..=3 share a block");
+        overwrite_raw_event(&store, 3, None).await.expect("delete");
+        let v = verify(&store, &signer.public_key(), 10, VerifyMode::Offline)
+            .await
+            .expect("verify");
+        assert_eq!(
+            (v.ok, v.first_bad_seq, v.events_checked),
+            (false, 3, 2),
+            "{v:?}"
+        );
+        assert!(v.reason.contains("event 3 is missing"), "{v:?}");
     }
 
     #[tokio::test]

@@ -146,7 +146,7 @@ pub struct BreachReportArgs {
     #[command(flatten)]
     pub source: SourceArgs,
     /// The principal (its name in the policy) whose accesses to report.
-    #[arg(long, value_name = "P", value_parser = NonEmptyStringValueParser::new())]
+    #[arg(long, value_name = "P", value_parser = parse_principal)]
     pub principal: String,
     /// Start of the window, inclusive: RFC 3339 (2026-11-25T10:00:00Z) or a date (2026-11-25,
     /// midnight UTC).
@@ -167,6 +167,18 @@ pub enum Format {
     Table,
     /// One JSON document.
     Json,
+}
+
+/// A principal name as the policy writes it: not empty, no surrounding blanks (a name that
+/// matches no event would make an empty report look clean).
+fn parse_principal(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if s.trim() != s {
+        return Err("must not start or end with blanks (principal names are exact)".into());
+    }
+    Ok(s.to_string())
 }
 
 /// Parses a time argument: RFC 3339 with any offset, or a date `YYYY-MM-DD` (midnight UTC).
@@ -960,6 +972,14 @@ pub fn render_table(r: &BreachReport) -> String {
     }
     line(&mut out, "Without a record:", without);
     out.push('\n');
+    if r.total_events == 0 {
+        // Not the same as "touched nothing": a misspelt name also finds no event.
+        out.push_str(&format!(
+            "No event of principal `{}` in this window. Principal names are exact and case-sensitive: check it against the policy.\n",
+            r.principal
+        ));
+        return out;
+    }
     if r.records.is_empty() {
         out.push_str("No record was touched in this window.\n");
         return out;
@@ -1064,7 +1084,28 @@ pub async fn verify(args: &VerifyArgs, out: &mut dyn Write) -> Result<(), CliErr
     )
     .await
     .map_err(store_error)?;
+    // The server refuses a store whose recorded checkpoint key is not its key file's; so
+    // does this check, for a chain that verifies with the key given (the record was changed,
+    // or the key is not this store's; a chain that does not verify says why first).
+    let recorded = crate::store::Store::get(
+        &store,
+        crate::store::Keyspace::Meta,
+        audit::META_SIGNING_KEY,
+    )
+    .await
+    .map_err(store_error)?;
     drop(store);
+    if let Some(recorded) = recorded.filter(|r| v.ok && r.as_slice() != public_key.as_slice()) {
+        writeln!(
+            out,
+            "FAILED: the store records checkpoint key {}, not the key verified with ({}, {}): the store's record was changed, or the key is not this store's",
+            hex::encode(recorded),
+            hex::encode(public_key),
+            key_path.display()
+        )
+        .map_err(output_error)?;
+        return Err(CliError::VerificationFailed);
+    }
     if v.ok {
         writeln!(
             out,
@@ -1182,6 +1223,27 @@ mod tests {
         r.field_names = fields.iter().map(|f| f.to_string()).collect();
         r.outcome = outcome.into();
         r
+    }
+
+    #[test]
+    fn a_principal_without_events_is_told_apart_from_one_that_touched_nothing() {
+        assert!(parse_principal("dev-recruiter ").is_err());
+        assert!(parse_principal(" ").is_err());
+        assert_eq!(
+            parse_principal("dev-recruiter").as_deref(),
+            Ok("dev-recruiter")
+        );
+        let events = vec![with(row(1, 1000, "app", "ListRecords", ""), &[], "ok")];
+        let none = render_table(&breach_report("App", 0, 9000, &events));
+        assert!(
+            none.contains("No event of principal `App` in this window"),
+            "{none}"
+        );
+        let listed = render_table(&breach_report("app", 0, 9000, &events));
+        assert!(
+            listed.contains("No record was touched in this window."),
+            "{listed}"
+        );
     }
 
     #[test]
@@ -1328,7 +1390,8 @@ mod tests {
     fn an_empty_report_says_so() {
         let r = breach_report("app", 0, 10, &[]);
         assert_eq!((r.total_events, r.records_touched), (0, 0));
-        assert!(render_table(&r).contains("No record was touched"));
+        // No event at all: said so, with a hint that the name may be wrong.
+        assert!(render_table(&r).contains("No event of principal `app` in this window"));
     }
 
     #[test]

@@ -138,6 +138,45 @@ async fn offline_verify_says_ok_then_names_the_tampered_event() {
     assert_eq!(wrong.code, 1, "{}", wrong.all());
     assert!(wrong.stdout.contains("bad signature"), "{}", wrong.all());
 
+    // A store whose recorded checkpoint key was replaced: the chain verifies with the key
+    // file, but the store is not what the server would open.
+    {
+        let store = SledStore::open(&data_dir(&vault.dir)).expect("open store");
+        let mut batch = Batch::default();
+        batch.put(
+            Keyspace::Meta,
+            kluis::audit::META_SIGNING_KEY.to_vec(),
+            vec![0u8; 32],
+        );
+        store.commit(batch).await.expect("replace the recorded key");
+    }
+    let replaced = kluis(&["audit", "verify", "--data-dir", &data], None).await;
+    assert_eq!(replaced.code, 1, "{}", replaced.all());
+    assert!(
+        replaced.stdout.contains(&format!(
+            "the store records checkpoint key {}",
+            "00".repeat(32)
+        )),
+        "{}",
+        replaced.all()
+    );
+    {
+        let store = SledStore::open(&data_dir(&vault.dir)).expect("open store");
+        let keys = Path::new(&data).parent().expect("parent").join("keys");
+        let public = kluis::audit::read_public_key(&keys.join(kluis::audit::PUBLIC_KEY_FILE))
+            .expect("public key");
+        let mut batch = Batch::default();
+        batch.put(
+            Keyspace::Meta,
+            kluis::audit::META_SIGNING_KEY.to_vec(),
+            public.to_vec(),
+        );
+        store
+            .commit(batch)
+            .await
+            .expect("put the recorded key back");
+    }
+
     // Flip a byte near the end of event 3.
     {
         let store = SledStore::open(&data_dir(&vault.dir)).expect("open store");
