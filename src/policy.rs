@@ -299,6 +299,16 @@ impl Policy {
     /// Parses a policy from TOML and checks that every reference resolves.
     pub fn from_toml(text: &str) -> Result<Policy, PolicyError> {
         let file: PolicyFile = toml::from_str(text)?;
+        for (name, p) in &file.purposes {
+            // Deny by default: processing on consent needs the subject's recorded consent,
+            // and a withdrawal must stop it.
+            if p.legal_basis == LegalBasis::Consent && !p.requires_consent {
+                return Err(PolicyError::Rule(format!(
+                    "purpose `{}`: legal_basis = \"consent\" needs requires_consent = true (processing on consent needs the data subject's recorded consent, and its withdrawal must stop it)",
+                    name.escape_default()
+                )));
+            }
+        }
         let mut roles = BTreeMap::new();
         for (name, r) in file.roles {
             if !is_identifier(&name) {
@@ -509,6 +519,20 @@ pub fn generate_token() -> Result<Zeroizing<String>, crypto::CryptoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_purpose_on_consent_must_require_it() {
+        let text = format!(
+            "{DEFAULT_POLICY_TOML}\n[purposes.newsletter]\nlegal_basis = \"consent\"\n"
+        );
+        let err = Policy::from_toml(&text).expect_err("refused").to_string();
+        assert!(
+            err.contains("purpose `newsletter`") && err.contains("requires_consent = true"),
+            "{err}"
+        );
+        let fixed = format!("{text}requires_consent = true\n");
+        Policy::from_toml(&fixed).expect("with the flag it loads");
+    }
 
     #[test]
     fn masked_entries_must_name_a_category_or_a_field() {
