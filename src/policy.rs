@@ -522,9 +522,8 @@ mod tests {
 
     #[test]
     fn a_purpose_on_consent_must_require_it() {
-        let text = format!(
-            "{DEFAULT_POLICY_TOML}\n[purposes.newsletter]\nlegal_basis = \"consent\"\n"
-        );
+        let text =
+            format!("{DEFAULT_POLICY_TOML}\n[purposes.newsletter]\nlegal_basis = \"consent\"\n");
         let err = Policy::from_toml(&text).expect_err("refused").to_string();
         assert!(
             err.contains("purpose `newsletter`") && err.contains("requires_consent = true"),

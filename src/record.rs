@@ -103,6 +103,22 @@ pub struct RecordBody {
     /// Why it is held, sealed as `restriction_reason_sealed`.
     #[prost(bytes = "vec", tag = "16")]
     pub legal_hold_reason_sealed: Vec<u8>,
+    /// The latest date an employment of this record ended (ISO date; empty: none recorded
+    /// apart from a current `ended` stage). Kept across a rehire, so that no later stage
+    /// change can date an end, and so the legal duties counted from it, earlier.
+    #[prost(string, tag = "17")]
+    pub last_ended: String,
+}
+
+impl RecordBody {
+    /// The latest end of an employment this record has had, if any: the recorded one, or
+    /// the current `ended` stage's date (headers from before `last_ended` was kept).
+    pub fn latest_end(&self) -> Option<&str> {
+        let current = (self.lifecycle == "ended").then_some(self.lifecycle_date.as_str());
+        let recorded = (!self.last_ended.is_empty()).then_some(self.last_ended.as_str());
+        // ISO dates compare as text.
+        current.max(recorded).filter(|d| !d.is_empty())
+    }
 }
 
 /// The AEAD context of note `name` (`restriction_reason`, `legal_hold_reason`) of record
@@ -715,6 +731,7 @@ mod tests {
             legal_hold_reason: "case".into(),
             restriction_reason_sealed: vec![3; 40],
             legal_hold_reason_sealed: vec![4; 40],
+            last_ended: "2025-06-01".into(),
             consents: BTreeMap::from([(
                 "talent_pool".to_string(),
                 ConsentEntry {

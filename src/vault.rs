@@ -173,11 +173,19 @@ fn check_lifecycle_step(
             body.lifecycle_date
         )));
     }
-    if body.lifecycle == "ended" && stage == "ended" && date < body.lifecycle_date.as_str() {
-        return Err(VaultError::FailedPrecondition(format!(
-            "date: record {id} ended on {}: the end date may only move later (the legal duties to keep its data count from it)",
-            body.lifecycle_date
-        )));
+    // Across stages too (ended → employed → ended): an end, and a rehire, are never dated
+    // before the latest end already recorded.
+    if let Some(ended) = body.latest_end() {
+        if stage == "ended" && date < ended {
+            return Err(VaultError::FailedPrecondition(format!(
+                "date: record {id} ended on {ended}: the end date may only move later (the legal duties to keep its data count from it)"
+            )));
+        }
+        if stage == "employed" && date < ended {
+            return Err(VaultError::FailedPrecondition(format!(
+                "date: record {id} ended on {ended}: a new employment cannot begin before the last one ended (the legal duties to keep its data count from that end)"
+            )));
+        }
     }
     Ok(())
 }
@@ -1333,6 +1341,12 @@ impl<S: Store> Vault<S> {
             match &change {
                 StateChange::Lifecycle { stage, date } => {
                     check_lifecycle_step(id, &body, stage, date)?;
+                    if let Some(ended) = body.latest_end() {
+                        body.last_ended = ended.to_string();
+                    }
+                    if stage == "ended" {
+                        body.last_ended.clone_from(date);
+                    }
                     body.lifecycle = stage.clone();
                     body.lifecycle_date = date.clone();
                 }

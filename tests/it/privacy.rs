@@ -157,6 +157,23 @@ async fn lifecycle_stages_with_dates_rights_and_validation() {
         Code::FailedPrecondition,
         &["date", "2026-11-02", "before it began"],
     );
+    // Nor can a rehire be dated back to before the last end (ended → employed 1990 → ended
+    // 1990 would date the end, and the duties counted from it, 36 years earlier).
+    assert_status(
+        payroll
+            .set_lifecycle(SetLifecycleRequest {
+                record_id: id.clone(),
+                stage: "employed".into(),
+                date: "1990-01-01".into(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        &[
+            "date",
+            "2026-10-31",
+            "cannot begin before the last one ended",
+        ],
+    );
     // Dates are bounded: nothing before 1900, an employment at most a year ahead, a procedure
     // not closed in the future (that would keep applicant data past its maximum period).
     let ahead = |days: u64| {
