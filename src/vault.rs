@@ -1338,6 +1338,29 @@ impl<S: Store> Vault<S> {
                 )));
             }
             let now = now_ms().max(body.updated_ms);
+            // Data past its maximum period must go (the sweeper erases it, a legal hold only
+            // delays that): reopening or re-closing a procedure, or a consent, must not start
+            // a new clock for it. (An employment is a new basis of its own.)
+            let extends = match &change {
+                StateChange::Lifecycle { stage, .. } => {
+                    matches!(stage.as_str(), "applicant" | "procedure_closed")
+                }
+                StateChange::Consent { granted, .. } => *granted,
+                _ => false,
+            };
+            if extends {
+                let today = self.today();
+                if let Some(d) = retention::deadlines(&self.retention, &body)
+                    .into_iter()
+                    .find(|d| d.expired_on(today) && !d.retained_on(today))
+                {
+                    return Err(VaultError::FailedPrecondition(format!(
+                        "record {id} is past its maximum retention period for category {} (it was due for erasure on {}): its data must go, so no reopened procedure or consent may keep it longer",
+                        d.category,
+                        d.erase_on.map(|e| e.to_string()).unwrap_or_default()
+                    )));
+                }
+            }
             match &change {
                 StateChange::Lifecycle { stage, date } => {
                     check_lifecycle_step(id, &body, stage, date)?;
@@ -2377,6 +2400,71 @@ mod tests {
                 role: Arc::clone(self.policy.role(role).expect("role")),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn data_past_its_maximum_period_gets_no_new_clock() {
+        let f = MovedBsn::new("", &[("bsn", "111222333")]).await;
+        let vault = &f.before;
+        let (id, _) = vault
+            .create(
+                &f.who("recruiter"),
+                "recruitment",
+                vec![text("full_name", "Anna"), text("email", "anna@example.nl")],
+                &mut audit::Context::new("CreateRecord"),
+            )
+            .await
+            .expect("create");
+        let id = id.to_string();
+        let recruiter = f.who("recruiter");
+        let set = |change: StateChange| {
+            let recruiter = recruiter.clone();
+            let id = id.clone();
+            async move {
+                vault
+                    .set_state(
+                        &recruiter,
+                        &id,
+                        change,
+                        &mut audit::Context::new("SetState"),
+                    )
+                    .await
+            }
+        };
+        let closed = (vault.today() - chrono::Days::new(60)).to_string();
+        set(StateChange::Lifecycle {
+            stage: "procedure_closed".into(),
+            date: closed,
+        })
+        .await
+        .expect("closed 60 days ago: 28 days past its 4 weeks");
+        for change in [
+            StateChange::Consent {
+                purpose: "talent_pool".into(),
+                granted: true,
+            },
+            StateChange::Lifecycle {
+                stage: "applicant".into(),
+                date: vault.today().to_string(),
+            },
+            StateChange::Lifecycle {
+                stage: "procedure_closed".into(),
+                date: vault.today().to_string(),
+            },
+        ] {
+            let refused = set(change).await;
+            assert!(
+                matches!(&refused, Err(VaultError::FailedPrecondition(m)) if m.contains("past its maximum retention period")),
+                "{refused:?}"
+            );
+        }
+        // What keeps nothing longer is still taken.
+        set(StateChange::Consent {
+            purpose: "talent_pool".into(),
+            granted: false,
+        })
+        .await
+        .expect("a withdrawal");
     }
 
     #[tokio::test]

@@ -931,6 +931,12 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
     let damaged = applicant(&v, "e@example.nl").await;
     let restricted = applicant(&v, "f@example.nl").await;
     let mut recruiter = v.client("recruiter").await;
+    // Consent first: the vault runs on the real clock until the restart below, by which a
+    // procedure closed on 2026-01-10 is long past its 4 weeks (no consent may revive it).
+    recruiter
+        .set_consent(consent(&pooled, "talent_pool", true))
+        .await
+        .expect("consent");
     for id in [&plain, &pooled, &held, &damaged, &restricted] {
         recruiter
             .set_lifecycle(SetLifecycleRequest {
@@ -941,10 +947,6 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
             .await
             .expect("closed");
     }
-    recruiter
-        .set_consent(consent(&pooled, "talent_pool", true))
-        .await
-        .expect("consent");
     v.client("privacy_officer")
         .await
         .set_legal_hold(SetLegalHoldRequest {
