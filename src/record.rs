@@ -108,6 +108,10 @@ pub struct RecordBody {
     /// change can date an end, and so the legal duties counted from it, earlier.
     #[prost(string, tag = "17")]
     pub last_ended: String,
+    /// When its data subject's erasure request erased what no legal duty keeps (Unix ms; 0:
+    /// never). What stays is kept for that duty only: no new data is written to it.
+    #[prost(int64, tag = "18")]
+    pub erasure_requested_ms: i64,
 }
 
 impl RecordBody {
@@ -732,6 +736,7 @@ mod tests {
             restriction_reason_sealed: vec![3; 40],
             legal_hold_reason_sealed: vec![4; 40],
             last_ended: "2025-06-01".into(),
+            erasure_requested_ms: 5,
             consents: BTreeMap::from([(
                 "talent_pool".to_string(),
                 ConsentEntry {

@@ -607,6 +607,12 @@ impl<S: Store> Vault<S> {
         for _ in 0..MAX_RETRIES {
             let (raw, mut body) = self.load(id).await?;
             self.check_processing(id, &body, purpose)?;
+            if body.erasure_requested_ms != 0 && !parsed.is_empty() {
+                return Err(VaultError::FailedPrecondition(format!(
+                    "record {id}: its data subject asked for erasure on {}; what stays is kept for a legal duty only, so no new data may be written to it (clearing fields is allowed)",
+                    iso(body.erasure_requested_ms)
+                )));
+            }
             if expected_revision != 0 && body.revision != expected_revision {
                 return Err(VaultError::StaleRevision {
                     record_id: id.to_string(),
@@ -876,6 +882,10 @@ impl<S: Store> Vault<S> {
                     "record {id} is under legal hold: it cannot be erased until the hold is lifted"
                 )));
             }
+            // What a legal duty keeps stays for that duty only (see `update`).
+            if body.erasure_requested_ms == 0 {
+                body.erasure_requested_ms = now_ms();
+            }
             let (batch, erasure, names) = self.shred(&idb, &raw, &mut body, |d| {
                 if d.retained_on(today) {
                     Some(match d.duty {
@@ -963,11 +973,6 @@ impl<S: Store> Vault<S> {
                 Value::Text(_) => Zeroizing::new(String::new()),
             })
             .collect();
-        let iso = |ms: i64| {
-            chrono::DateTime::from_timestamp_millis(ms)
-                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-                .unwrap_or_default()
-        };
         let retention: Vec<_> = retention::deadlines(&self.retention, &body)
             .into_iter()
             .map(|d| {
@@ -1020,6 +1025,7 @@ impl<S: Store> Vault<S> {
             "restricted": body.restricted,
             "restriction_reason": self.open_note(&body, "restriction_reason", &body.restriction_reason_sealed, &body.restriction_reason)?,
             "legal_hold": body.legal_hold,
+            "erasure_requested": (body.erasure_requested_ms != 0).then(|| iso(body.erasure_requested_ms)),
             "legal_hold_reason": self.open_note(&body, "legal_hold_reason", &body.legal_hold_reason_sealed, &body.legal_hold_reason)?,
             "consents": body.consents.iter().map(|(p, c)| serde_json::json!({
                 "purpose": p, "granted": c.granted, "changed": iso(c.changed_ms),
@@ -1341,6 +1347,14 @@ impl<S: Store> Vault<S> {
             // Data past its maximum period must go (the sweeper erases it, a legal hold only
             // delays that): reopening or re-closing a procedure, or a consent, must not start
             // a new clock for it. (An employment is a new basis of its own.)
+            if body.erasure_requested_ms != 0
+                && matches!(change, StateChange::Consent { granted: true, .. })
+            {
+                return Err(VaultError::FailedPrecondition(format!(
+                    "record {id}: its data subject asked for erasure on {}; what stays is kept for a legal duty only, so no consent may be recorded for other processing",
+                    iso(body.erasure_requested_ms)
+                )));
+            }
             let extends = match &change {
                 StateChange::Lifecycle { stage, .. } => {
                     matches!(stage.as_str(), "applicant" | "procedure_closed")
@@ -1977,6 +1991,13 @@ fn check_purpose(caller: &Caller, purpose: &str) -> Result<(), VaultError> {
         )));
     }
     Ok(())
+}
+
+/// Unix milliseconds as RFC 3339 (UTC, milliseconds); empty if out of range.
+fn iso(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
 }
 
 /// A privacy officer's reason (restriction, legal hold, erasure): at most

@@ -780,6 +780,31 @@ async fn erasure_removes_what_no_duty_keeps_and_names_what_stays() {
         vec![("financial", "2031-06-30"), ("identity", "2029-06-30")]
     );
     assert!(out.retained.iter().all(|r| !r.basis.is_empty()));
+    // What stays is kept for the duty only: no new data, no consent for other processing.
+    assert_status(
+        v.client("recruiter")
+            .await
+            .update_record(UpdateRecordRequest {
+                record_id: id.clone(),
+                purpose: "personal_offers".into(),
+                expected_revision: 0,
+                set: fields(&[("email", text("gijs@example.nl"))]),
+                clear: vec![],
+            })
+            .await,
+        Code::FailedPrecondition,
+        &["asked for erasure", "legal duty"],
+    );
+    assert_status(
+        v.client("recruiter")
+            .await
+            .set_consent(consent(&id, "talent_pool", true))
+            .await,
+        Code::FailedPrecondition,
+        &["asked for erasure"],
+    );
+    let doc = exported(&mut po, &id).await;
+    assert!(doc["erasure_requested"].is_string(), "{doc}");
 
     // Erasure events name fields, never values; the trail outlives the data.
     let events = v
