@@ -256,6 +256,39 @@ fn plus_days(d: NaiveDate, days: u32) -> NaiveDate {
         .unwrap_or(NaiveDate::MAX)
 }
 
+/// For a category of `body` on which no clock runs yet (`deadlines` gives neither a duty nor
+/// an erasure date), the rule that will set its period, in words for the data subject
+/// (GDPR Art. 15(1)(d): the criteria used to determine the period). `None` when a clock runs.
+pub fn pending_rule(rules: &RetentionRules, body: &RecordBody, d: &Deadlines) -> Option<String> {
+    if d.erase_on.is_some() || d.duty != Duty::None {
+        return None;
+    }
+    let after_end = |category: Category| {
+        match rules.former_employee.get(category.as_str()) {
+        Some(r) if r.keep_years > 0 => format!(
+            "after the employment ends: kept {} years ({}), erased at the latest {} years after the end",
+            r.keep_years, r.basis, r.max_years
+        ),
+        Some(r) => format!(
+            "after the employment ends: erased at the latest {} years after the end ({})",
+            r.max_years, r.basis
+        ),
+        None => "after the employment ends: erased on request".to_string(),
+    }
+    };
+    Some(match body.lifecycle.as_str() {
+        "employed" => format!("kept while it is needed for the employment; {}", after_end(d.category)),
+        "ended" => after_end(d.category),
+        _ => format!(
+            "no period runs while the application procedure is open; once it closes, erased {} days later ({} days with consent for `{}`) ({})",
+            rules.applicant_max_days,
+            rules.applicant_consent_max_days,
+            rules.applicant_consent_purpose,
+            rules.applicant_basis
+        ),
+    })
+}
+
 /// The deadlines of every category holding data on `body`.
 pub fn deadlines(rules: &RetentionRules, body: &RecordBody) -> Vec<Deadlines> {
     let since = stage_date(body);

@@ -984,6 +984,7 @@ impl<S: Store> Vault<S> {
                         Duty::None => serde_json::Value::Null,
                     },
                     "erase_on": d.erase_on.map(|e| e.format("%Y-%m-%d").to_string()),
+                    "rule": crate::retention::pending_rule(&self.retention, &body, &d),
                     "basis": d.basis,
                 })
             })

@@ -610,6 +610,15 @@ async fn legal_hold_is_set_and_lifted_by_the_privacy_officer_only() {
     assert_eq!(doc["legal_hold"], true);
     assert_eq!(doc["legal_hold_reason"], "labour court case 2026/113");
     assert_eq!(doc["restriction_reason"], "");
+    // No clock runs for an applicant in procedure: the export says which rule will set one.
+    for r in doc["retention"].as_array().expect("retention") {
+        assert!(r["erase_on"].is_null(), "{r}");
+        let rule = r["rule"].as_str().unwrap_or_default();
+        assert!(
+            rule.contains("application procedure is open") && rule.contains("28 days"),
+            "{r}"
+        );
+    }
     let meta = po
         .set_legal_hold(SetLegalHoldRequest {
             record_id: id.clone(),
@@ -1235,6 +1244,7 @@ async fn export_returns_every_field_metadata_deadlines_and_access_history() {
         .expect("identity deadline");
     assert_eq!(identity["keep_until"], "2031-03-31");
     assert_eq!(identity["erase_on"], "2031-03-31");
+    assert!(identity["rule"].is_null(), "a clock runs: {identity}");
     let history = doc["access_history"].as_array().expect("history");
     let actions: Vec<_> = history
         .iter()
