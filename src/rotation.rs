@@ -672,13 +672,12 @@ async fn run<S: Store>(
     let store = vault.store();
     let mut commits: futures::stream::FuturesOrdered<InFlight<'_>> =
         futures::stream::FuturesOrdered::new();
-    // Records handled by batches still in flight (counted in `job.done`, not yet published).
-    let mut unsettled = 0u64;
-    // Whether this pass is one whose end needs no count (see `pass_left_nothing`): it began
-    // at the start of the key space in this run (not resumed behind a crash's redone page),
-    // and met no conflict; and the active versions it began with.
-    let mut clean = job.cursor.is_none();
-    let mut began_with = vault.keys().active_versions();
+    let mut pass = Pass {
+        unsettled: 0,
+        // Not resumed behind a crash's redone page.
+        clean: job.cursor.is_none(),
+        began_with: vault.keys().active_versions(),
+    };
     let mut next = prepare(vault, &job, scope, cursor_bytes(&job)?).await?;
     loop {
         let Some(Prepared {
@@ -688,23 +687,13 @@ async fn run<S: Store>(
         }) = next
         else {
             while let Some(done) = commits.next().await {
-                settle(
-                    vault,
-                    &mut job,
-                    scope,
-                    done,
-                    &mut unsettled,
-                    tx,
-                    lease,
-                    &mut clean,
-                )
-                .await?;
+                settle(vault, &mut job, scope, done, &mut pass, tx, lease).await?;
             }
             // End of a pass: check nothing was left behind (a page redone after a crash, a
             // record changed under a re-key, a rotation on another instance), and go round
             // again if something was.
             refresh_keys(vault).await?;
-            let left = if pass_left_nothing(vault, job.kind, clean, &began_with) {
+            let left = if pass.left_nothing(vault, job.kind) {
                 0
             } else {
                 count_needing(vault, job.kind, scope, job.started_ms).await?
@@ -719,8 +708,8 @@ async fn run<S: Store>(
                 tracing::info!(job = %job.id, kind = job.kind.as_str(), left, "key job: another pass");
                 job.pass += 1;
                 job.cursor = None;
-                clean = true;
-                began_with = vault.keys().active_versions();
+                pass.clean = true;
+                pass.began_with = vault.keys().active_versions();
                 next = prepare(vault, &job, scope, None).await?;
                 continue;
             }
@@ -749,7 +738,7 @@ async fn run<S: Store>(
         job.done += handled;
         lease.fence(&mut batch);
         batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
-        unsettled += handled;
+        pass.unsettled += handled;
         commits.push_back(Box::pin(async move {
             (store.commit(batch).await, page, handled)
         }));
@@ -764,68 +753,64 @@ async fn run<S: Store>(
                 biased;
                 prepared = &mut following => break prepared,
                 Some(done) = commits.next(), if !commits.is_empty() => {
-                    settle(vault, &mut job, scope, done, &mut unsettled, tx, lease, &mut clean).await?;
+                    settle(vault, &mut job, scope, done, &mut pass, tx, lease).await?;
                 }
             }
         };
         while commits.len() >= COMMITS_IN_FLIGHT {
             if let Some(done) = commits.next().await {
-                settle(
-                    vault,
-                    &mut job,
-                    scope,
-                    done,
-                    &mut unsettled,
-                    tx,
-                    lease,
-                    &mut clean,
-                )
-                .await?;
+                settle(vault, &mut job, scope, done, &mut pass, tx, lease).await?;
             }
         }
         next = following?;
     }
 }
 
-/// Whether a pass of a `kind` job that ended with `clean` (see `run`) and began with the
-/// active versions `began_with` can have left no record behind, so that its end needs no
-/// count of the whole key space. Only a rewrap's: every record it read it either moved or
-/// found moved, or met in a conflict (then not clean). A record written behind its cursor
-/// during the pass carries data keys under the version active at commit, since every write
-/// expects its versions to be the newest ([`vault::expect_keks`]); if that version changed
-/// during the pass (a rotation here or, seen by the key ring's reload just before, in
-/// another instance), the pass is not clean either. A re-key leaves records changed under
-/// it for the next pass, so its passes are always counted.
-fn pass_left_nothing<S: Store>(
-    vault: &Vault<S>,
-    kind: JobKind,
+/// What [`run`] keeps of the pass it is in.
+struct Pass {
+    /// Records handled by batches still in flight (counted in `job.done`, not yet published).
+    unsettled: u64,
+    /// Whether the pass began at the start of the key space in this run and has met no
+    /// conflict so far (see [`Pass::left_nothing`]).
     clean: bool,
-    began_with: &BTreeMap<Category, u32>,
-) -> bool {
-    kind == JobKind::Rewrap && clean && vault.keys().active_versions() == *began_with
+    /// The active versions the pass began with.
+    began_with: BTreeMap<Category, u32>,
+}
+
+impl Pass {
+    /// Whether this pass of a `kind` job, at its end, can have left no record behind, so
+    /// that its end needs no count of the whole key space. Only a rewrap's: every record it
+    /// read it either moved or found moved, or met in a conflict (then not clean). A record
+    /// written behind its cursor during the pass carries data keys under the version active
+    /// at commit, since every write expects its versions to be the active ones
+    /// ([`vault::expect_keks`]); if that version changed during the pass (a rotation here
+    /// or, seen by the key ring's reload just before, in another instance), the active
+    /// versions differ from those it began with. A re-key leaves records changed under it for
+    /// the next pass, so its passes are always counted.
+    fn left_nothing<S: Store>(&self, vault: &Vault<S>, kind: JobKind) -> bool {
+        kind == JobKind::Rewrap && self.clean && vault.keys().active_versions() == self.began_with
+    }
 }
 
 /// Handles the end of one batch's commit: on a conflict (a concurrent write touched one of
-/// its records) its page is redone record by record, and the pass is no longer `clean`.
+/// its records) its page is redone record by record, and the pass is no longer clean.
 /// Then publishes progress, counting only settled batches. A conflict because another
 /// instance took the job over ends the run with [`VaultError::Conflict`] (the caller sees
 /// the lease is gone).
-#[allow(clippy::too_many_arguments)]
 async fn settle<S: Store>(
     vault: &Vault<S>,
     job: &mut JobState,
     scope: Option<Category>,
     (committed, page, handled): Committed,
-    unsettled: &mut u64,
+    pass: &mut Pass,
     tx: &watch::Sender<Progress>,
     lease: &Lease,
-    clean: &mut bool,
 ) -> Result<(), VaultError> {
-    *unsettled -= handled;
+    pass.unsettled -= handled;
     match committed {
         Ok(()) => {}
         Err(StoreError::Conflict) => {
-            *clean = false;
+            pass.clean = false;
             if !lease.still_ours(vault.store()).await? {
                 return Err(VaultError::Conflict(
                     "the key job was taken over by another instance".into(),
@@ -841,7 +826,7 @@ async fn settle<S: Store>(
         Err(e) => return Err(e.into()),
     }
     let mut progress = job.progress();
-    progress.done = progress.done.saturating_sub(*unsettled);
+    progress.done = progress.done.saturating_sub(pass.unsettled);
     tx.send_replace(progress);
     Ok(())
 }
