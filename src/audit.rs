@@ -846,6 +846,26 @@ pub struct Watched {
     checkpoint: u64,
     /// The head at its last check.
     head: Option<Head>,
+    /// The checkpoint in the anchor file outside the store (see [`crate::anchor`]): the
+    /// chain must still hold its event, with its hash, before anything is signed.
+    anchor: Option<Checkpoint>,
+}
+
+impl Watched {
+    /// What a checkpointer starting with the anchor file's checkpoint `anchor` knows.
+    pub fn anchored(anchor: Option<Checkpoint>) -> Watched {
+        Watched {
+            anchor,
+            ..Watched::default()
+        }
+    }
+
+    /// Records that the anchor file now holds `cp`.
+    pub fn set_anchor(&mut self, cp: Checkpoint) {
+        if self.anchor.as_ref().is_none_or(|a| a.seq <= cp.seq) {
+            self.anchor = Some(cp);
+        }
+    }
 }
 
 /// Signs and stores a checkpoint of the current head if one is due: the head is at least
@@ -937,6 +957,26 @@ pub async fn checkpoint_if_due(
         return Err(refuse(format!(
             "a checkpoint at event {newer} is newer than the one `audit/checkpoint-last` names (event {last}): the pointer was rolled back"
         )));
+    }
+    // The anchor outside the store: a chain cut back below it, or rewritten at or before it
+    // (checkpoints deleted with it), no longer holds its event with its hash.
+    if let Some(anchor) = &watched.anchor {
+        if head.seq < anchor.seq {
+            return Err(refuse(format!(
+                "the chain ends at event {} but the anchor file holds a checkpoint of event {}: events were removed, or the store was restored from an older backup",
+                head.seq, anchor.seq
+            )));
+        }
+        let held = raw_event(store, anchor.seq)
+            .await?
+            .and_then(|v| Event::parse(&v))
+            .is_some_and(|e| e.seq == anchor.seq && crate::crypto::ct_eq(&e.hash, &anchor.hash));
+        if !held {
+            return Err(refuse(format!(
+                "event {} is missing or differs from the checkpoint of it in the anchor file: the trail was rewritten",
+                anchor.seq
+            )));
+        }
     }
     let unseen = head.seq - last.max(seen.seq);
     if unseen > max_uncovered {
@@ -1074,6 +1114,7 @@ pub enum VerifyMode {
 pub async fn verify(
     store: &impl Store,
     public_key: &[u8; 32],
+    anchor: Option<&Checkpoint>,
     max_uncovered: u64,
     mode: VerifyMode,
 ) -> Result<Verification, StoreError> {
@@ -1138,6 +1179,32 @@ pub async fn verify(
                         key_seq.max(1),
                         format!("checkpoint at event {key_seq} has a bad signature"),
                     );
+                }
+            }
+        }
+    }
+    // The anchor file's checkpoint counts as one of the store's (the store may have lost it).
+    let anchor_seq = anchor.map(|a| a.seq);
+    if let Some(a) = anchor {
+        if !a.verify(public_key) {
+            fail(
+                &mut v,
+                a.seq.max(1),
+                format!(
+                    "the anchor file's checkpoint at event {} has a bad signature",
+                    a.seq
+                ),
+            );
+        } else {
+            match checkpoints.get(&a.seq) {
+                Some((hash, _)) if hash != &a.hash => fail(
+                    &mut v,
+                    a.seq.max(1),
+                    format!("the anchor file's checkpoint at event {} differs from the store's (both signed: the checkpoint key was misused)", a.seq),
+                ),
+                Some(_) => {}
+                None => {
+                    checkpoints.insert(a.seq, (a.hash, a.signed_ms));
                 }
             }
         }
@@ -1255,11 +1322,16 @@ pub async fn verify(
         if let Some((signed, _)) = checkpoints.get(&expected) {
             v.checkpoints_checked += 1;
             if signed != &hash {
+                let which = if anchor_seq == Some(expected) {
+                    "the anchor file's signed checkpoint"
+                } else {
+                    "signed checkpoint"
+                };
                 fail(
                     &mut v,
                     last_good_checkpoint + 1,
                     format!(
-                        "signed checkpoint at event {expected} does not match the chain: events {}..={expected} were rewritten",
+                        "{which} at event {expected} does not match the chain: events {}..={expected} were rewritten",
                         last_good_checkpoint + 1
                     ),
                 );
@@ -1317,11 +1389,12 @@ pub async fn verify(
                 );
             }
         } else if let Some((&seq, _)) = checkpoints.range(last + 1..).next() {
-            fail(
-                &mut v,
-                last + 1,
-                format!("a signed checkpoint names event {seq}, beyond the chain's end at {last}"),
-            );
+            let reason = if anchor_seq == Some(seq) {
+                format!("the anchor file holds a checkpoint of event {seq}, beyond the chain's end at {last}: events were removed, or the store was restored from an older backup")
+            } else {
+                format!("a signed checkpoint names event {seq}, beyond the chain's end at {last}")
+            };
+            fail(&mut v, last + 1, reason);
         } else if last.saturating_sub(last_good_checkpoint) > max_uncovered {
             fail(
                 &mut v,
@@ -1650,7 +1723,7 @@ mod tests {
             .expect("block");
         assert_eq!(key, event_key(3), "events 1..=3 share a block");
         overwrite_raw_event(&store, 3, None).await.expect("delete");
-        let v = verify(&store, &signer.public_key(), 10, VerifyMode::Offline)
+        let v = verify(&store, &signer.public_key(), None, 10, VerifyMode::Offline)
             .await
             .expect("verify");
         assert_eq!(
@@ -1703,14 +1776,14 @@ mod tests {
                     .is_none()
             );
             store.commit(event_batch(5)).await.expect("commit");
-            let v = verify(&store, &pk, 10, VerifyMode::Offline)
+            let v = verify(&store, &pk, None, 10, VerifyMode::Offline)
                 .await
                 .expect("verify");
             assert!(v.ok, "{v:?}");
             assert_eq!(v.events_checked, 165);
             assert_eq!(v.checkpoints_checked, 1);
             // Fewer than `max_uncovered` may follow the checkpoint.
-            let v = verify(&store, &pk, 4, VerifyMode::Offline)
+            let v = verify(&store, &pk, None, 4, VerifyMode::Offline)
                 .await
                 .expect("verify");
             assert_eq!((v.ok, v.first_bad_seq), (false, 161), "{v:?}");
@@ -1729,7 +1802,7 @@ mod tests {
             overwrite_raw_event(&store, 42, Some(changed))
                 .await
                 .expect("tamper");
-            let v = verify(&store, &pk, 10, VerifyMode::Offline)
+            let v = verify(&store, &pk, None, 10, VerifyMode::Offline)
                 .await
                 .expect("verify");
             assert_eq!((v.ok, v.first_bad_seq), (false, 42), "{v:?}");
@@ -1744,7 +1817,7 @@ mod tests {
             let mut b = Batch::default();
             b.put(Keyspace::Meta, checkpoint_key(160), forged);
             store.commit(b).await.expect("forge");
-            let v = verify(&store, &pk, 10, VerifyMode::Offline)
+            let v = verify(&store, &pk, None, 10, VerifyMode::Offline)
                 .await
                 .expect("verify");
             assert_eq!((v.ok, v.first_bad_seq), (false, 42), "{v:?}");
@@ -1756,7 +1829,7 @@ mod tests {
                 .await
                 .expect("restore");
             assert!(
-                verify(&store, &pk, 10, VerifyMode::Offline)
+                verify(&store, &pk, None, 10, VerifyMode::Offline)
                     .await
                     .expect("verify")
                     .ok
@@ -1765,7 +1838,7 @@ mod tests {
         // The chain and head survive a reopen (log replay or sled), and keep growing.
         let store = SledStore::open(&dir.path().join("data")).expect("reopen");
         store.commit(event_batch(1)).await.expect("commit");
-        let v = verify(&store, &pk, 10, VerifyMode::Offline)
+        let v = verify(&store, &pk, None, 10, VerifyMode::Offline)
             .await
             .expect("verify");
         assert!(v.ok, "{v:?}");
@@ -1807,7 +1880,7 @@ mod tests {
         }
         b.put(Keyspace::Meta, META_HEAD.to_vec(), head.encode());
         store.commit(b).await.expect("rewrite");
-        let v = verify(&store, &pk, 1000, VerifyMode::Offline)
+        let v = verify(&store, &pk, None, 1000, VerifyMode::Offline)
             .await
             .expect("verify");
         assert!(!v.ok);
@@ -1967,7 +2040,7 @@ mod tests {
         b.put(Keyspace::Meta, META_HEAD.to_vec(), forward.encode());
         store.commit(b).await.expect("move the head's time");
         for mode in [VerifyMode::Offline, VerifyMode::Live] {
-            let v = verify(&store, &pk, 100, mode).await.expect("verify");
+            let v = verify(&store, &pk, None, 100, mode).await.expect("verify");
             assert_eq!((v.ok, v.first_bad_seq), (false, 5), "{mode:?} {v:?}");
             assert!(v.reason.contains("time"), "{v:?}");
         }
@@ -1976,7 +2049,7 @@ mod tests {
         drop(store);
         let store = SledStore::open(&data).expect("reopen");
         store.commit(event_batch(3)).await.expect("commit");
-        let v = verify(&store, &pk, 100, VerifyMode::Live)
+        let v = verify(&store, &pk, None, 100, VerifyMode::Live)
             .await
             .expect("verify");
         assert_eq!((v.ok, v.first_bad_seq), (false, 6), "{v:?}");
@@ -2036,6 +2109,7 @@ mod tests {
         let v = verify(
             &store,
             &signer.public_key(),
+            None,
             max_uncovered,
             VerifyMode::Live,
         )
@@ -2044,6 +2118,157 @@ mod tests {
         assert!(after.is_ok(), "{after:?}");
         assert!(restarted.is_ok(), "{restarted:?}");
         assert!(v.ok, "{v:?}");
+    }
+
+    /// The review's attack: with the store alone, delete every checkpoint and rewrite the
+    /// (short) chain consistently. The store's checkpoints can no longer tell; the anchor
+    /// outside the store can, and keeps the signer from vouching for the forgery.
+    #[tokio::test]
+    async fn the_anchor_catches_a_rewrite_with_the_checkpoints_deleted() {
+        use crate::store::{Batch, SledStore};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signer = Signer::load_or_create(&dir.path().join("k"), true).expect("signer");
+        let pk = signer.public_key();
+        let store = SledStore::open(&dir.path().join("data")).expect("open");
+        for _ in 0..4 {
+            store.commit(event_batch(3)).await.expect("commit");
+        }
+        let mut w = Watched::default();
+        let cp = checkpoint_if_due(&store, &signer, 1000, 3000, true, &mut w)
+            .await
+            .expect("sign")
+            .expect("due");
+        assert_eq!(cp.seq, 12);
+        store.commit(event_batch(2)).await.expect("commit");
+
+        // Rewrite: every event blames someone else, hashes and head recomputed; checkpoints
+        // and the pointer to the newest deleted.
+        let mut b = Batch::default();
+        take_raw_events(&store, &mut b).await.expect("take");
+        let mut prev = [0u8; 32];
+        let mut head = Head::default();
+        for seq in 1..=14u64 {
+            let mut d = draft();
+            d.principal = "someone-else".into();
+            let body = d.encode();
+            let time_ms = now_ms();
+            let hash = link(&prev, seq, time_ms, &body);
+            let mut value = seq.to_be_bytes().to_vec();
+            value.extend_from_slice(&time_ms.to_be_bytes());
+            value.extend_from_slice(&hash);
+            value.extend_from_slice(&body);
+            b.put(Keyspace::Audit, event_key(seq).to_vec(), value);
+            prev = hash;
+            head = Head { seq, time_ms, hash };
+        }
+        b.put(Keyspace::Meta, META_HEAD.to_vec(), head.encode());
+        b.delete(Keyspace::Meta, checkpoint_key(12));
+        b.delete(Keyspace::Meta, META_CHECKPOINT_LAST.to_vec());
+        store.commit(b).await.expect("rewrite");
+
+        // Without the anchor the forgery verifies, and a fresh signer would sign it.
+        let blind = verify(&store, &pk, None, 3000, VerifyMode::Offline)
+            .await
+            .expect("verify");
+        assert!(blind.ok, "{blind:?}");
+        // With it, verification names the rewrite, and nothing is signed.
+        let v = verify(&store, &pk, Some(&cp), 3000, VerifyMode::Offline)
+            .await
+            .expect("verify");
+        assert_eq!((v.ok, v.first_bad_seq), (false, 1), "{v:?}");
+        assert!(v.reason.contains("anchor file"), "{v:?}");
+        let refused = checkpoint_if_due(
+            &store,
+            &signer,
+            1000,
+            3000,
+            true,
+            &mut Watched::anchored(Some(cp.clone())),
+        )
+        .await;
+        let e = refused.expect_err("refused");
+        assert!(e.to_string().contains("anchor file"), "{e}");
+        assert!(store
+            .get(Keyspace::Meta, META_CHECKPOINT_LAST)
+            .await
+            .expect("get")
+            .is_none());
+
+        // Cut back below the anchor: both say events were removed.
+        let mut b = Batch::default();
+        take_raw_events(&store, &mut b).await.expect("take");
+        let mut prev = [0u8; 32];
+        let mut head = Head::default();
+        for seq in 1..=5u64 {
+            let body = draft().encode();
+            let time_ms = now_ms();
+            let hash = link(&prev, seq, time_ms, &body);
+            let mut value = seq.to_be_bytes().to_vec();
+            value.extend_from_slice(&time_ms.to_be_bytes());
+            value.extend_from_slice(&hash);
+            value.extend_from_slice(&body);
+            b.put(Keyspace::Audit, event_key(seq).to_vec(), value);
+            prev = hash;
+            head = Head { seq, time_ms, hash };
+        }
+        b.put(Keyspace::Meta, META_HEAD.to_vec(), head.encode());
+        store.commit(b).await.expect("cut back");
+        let v = verify(&store, &pk, Some(&cp), 3000, VerifyMode::Offline)
+            .await
+            .expect("verify");
+        assert_eq!((v.ok, v.first_bad_seq), (false, 6), "{v:?}");
+        assert!(v.reason.contains("beyond the chain's end"), "{v:?}");
+        let e = checkpoint_if_due(
+            &store,
+            &signer,
+            1000,
+            3000,
+            true,
+            &mut Watched::anchored(Some(cp.clone())),
+        )
+        .await
+        .expect_err("refused");
+        assert!(e.to_string().contains("events were removed"), "{e}");
+
+        // An anchor not signed by the key is itself a failure.
+        let mut forged = cp.clone();
+        forged.hash = head.hash;
+        let v = verify(&store, &pk, Some(&forged), 3000, VerifyMode::Offline)
+            .await
+            .expect("verify");
+        assert!(!v.ok && v.reason.contains("bad signature"), "{v:?}");
+    }
+
+    #[tokio::test]
+    async fn an_anchor_the_chain_holds_changes_nothing() {
+        use crate::store::SledStore;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signer = Signer::load_or_create(&dir.path().join("k"), true).expect("signer");
+        let pk = signer.public_key();
+        let store = SledStore::open(&dir.path().join("data")).expect("open");
+        store.commit(event_batch(5)).await.expect("commit");
+        let mut w = Watched::default();
+        let cp = checkpoint_if_due(&store, &signer, 1000, 3000, true, &mut w)
+            .await
+            .expect("sign")
+            .expect("due");
+        w.set_anchor(cp.clone());
+        store.commit(event_batch(5)).await.expect("commit");
+        let next = checkpoint_if_due(&store, &signer, 1000, 3000, true, &mut w)
+            .await
+            .expect("sign")
+            .expect("due");
+        assert_eq!(next.seq, 10);
+        // The store lost its checkpoint of event 5 (say, an older backup of the meta
+        // keyspace): the anchor stands in for it.
+        let mut b = crate::store::Batch::default();
+        b.delete(Keyspace::Meta, checkpoint_key(5));
+        store.commit(b).await.expect("delete");
+        let v = verify(&store, &pk, Some(&cp), 3000, VerifyMode::Offline)
+            .await
+            .expect("verify");
+        assert!(v.ok, "{v:?}");
+        assert_eq!((v.events_checked, v.checkpoints_checked), (10, 2));
     }
 
     #[tokio::test]
@@ -2069,7 +2294,7 @@ mod tests {
             store.commit(b).await.expect("create");
         }
         store.commit(event_batch(3)).await.expect("more events");
-        let ok = verify(&store, &pk, 100, VerifyMode::Offline)
+        let ok = verify(&store, &pk, None, 100, VerifyMode::Offline)
             .await
             .expect("verify");
         assert!(ok.ok, "{ok:?}");
@@ -2091,7 +2316,7 @@ mod tests {
             .encode(),
         );
         store.commit(b).await.expect("cut back");
-        let v = verify(&store, &pk, 100, VerifyMode::Offline)
+        let v = verify(&store, &pk, None, 100, VerifyMode::Offline)
             .await
             .expect("verify");
         assert_eq!((v.ok, v.first_bad_seq), (false, 2), "{v:?}");
@@ -2105,7 +2330,7 @@ mod tests {
         let _ = take_raw_events(&store, &mut b).await.expect("events");
         b.delete(Keyspace::Meta, META_HEAD.to_vec());
         store.commit(b).await.expect("wipe");
-        let v = verify(&store, &pk, 100, VerifyMode::Live)
+        let v = verify(&store, &pk, None, 100, VerifyMode::Live)
             .await
             .expect("verify");
         assert_eq!((v.ok, v.first_bad_seq), (false, 1), "{v:?}");
@@ -2125,7 +2350,7 @@ mod tests {
         let mut b = Batch::default();
         b.put(Keyspace::Meta, checkpoint_key(cp.seq), cp.encode());
         store.commit(b).await.expect("checkpoint");
-        let v = verify(&store, &signer.public_key(), 100, VerifyMode::Offline)
+        let v = verify(&store, &signer.public_key(), None, 100, VerifyMode::Offline)
             .await
             .expect("verify");
         assert_eq!((v.ok, v.first_bad_seq), (false, 1), "{v:?}");
@@ -2146,7 +2371,7 @@ mod tests {
         for _ in 0..4 {
             store.commit(event_batch(5)).await.expect("commit");
         }
-        let check = |mode| verify(&store, &pk, 100, mode);
+        let check = |mode| verify(&store, &pk, None, 100, mode);
         assert!(check(VerifyMode::Offline).await.expect("verify").ok);
         async fn event(store: &SledStore, seq: u64) -> Event {
             raw_event(store, seq)

@@ -34,6 +34,7 @@ const LABEL_KEY_CHECK: &[u8] = b"kluis/v1/key-check";
 const LABEL_WRAP: &[u8] = b"kluis/v1/wrap";
 const LABEL_INDEX_FIELD: &[u8] = b"kluis/v1/blind-index";
 const LABEL_NOTES: &[u8] = b"kluis/v1/record-notes";
+const LABEL_STORE_ID: &[u8] = b"kluis/v1/store-id";
 const CTX_KEK: &[u8] = b"kluis/v1/kek";
 const CTX_INDEX_ROOT: &[u8] = b"kluis/v1/index-root";
 const CTX_INTEGRITY: &[u8] = b"kluis/v1/integrity";
@@ -759,6 +760,17 @@ impl KeyRing {
     /// The record-integrity key and its version.
     pub fn integrity_key(&self) -> (u32, &SecretKey) {
         (1, &self.integrity)
+    }
+
+    /// This store's identity: HMAC(integrity key, "kluis/v1/store-id"), 16 bytes. The
+    /// integrity key is random per store and kept wrapped by the master key, so the id
+    /// cannot be changed, or taken from another store, with access to the store alone; it
+    /// survives master key rotation. The audit anchor file is named by it.
+    pub fn store_id(&self) -> [u8; 16] {
+        let mac = crypto::hmac_sha256(&self.integrity, &[LABEL_STORE_ID]);
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&mac[..16]);
+        id
     }
 
     /// The active KEK version of each category.

@@ -21,6 +21,8 @@
 //! - [`store`]: the storage trait (keyspaces, atomic durable batches) and the sled backend.
 //! - [`wal`]: the write-ahead log that makes sled writes durable (group commit).
 //! - [`keys`]: master key, versioned KEKs, DEK wrapping, blind-index and integrity keys.
+//! - [`audit`]: the hash-chained audit trail, signed checkpoints, verification and queries.
+//! - [`anchor`]: the audit trail's anchor outside the store (the newest checkpoint, in a file).
 //! - [`vault`]: the core operations, the main test boundary below gRPC.
 //! - [`retention`]: retention rules and the deadlines of each category of a record.
 //! - [`sweeper`]: the retention sweeper and its plan.
@@ -39,6 +41,7 @@
 #![warn(clippy::unwrap_used)]
 #![warn(missing_docs)]
 
+pub mod anchor;
 pub mod audit;
 pub mod cli;
 pub mod config;

@@ -90,6 +90,16 @@ struct Checkpointer {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Where this server anchors the audit trail outside the store (see [`crate::anchor`]).
+struct Anchoring {
+    /// The anchor file of this store.
+    path: std::path::PathBuf,
+    /// The store's id, derived from its keys.
+    store_id: [u8; 16],
+    /// The anchor the file held at start-up.
+    checkpoint: Option<crate::audit::Checkpoint>,
+}
+
 /// How long a shutdown waits for open connections (streams that do not end by themselves:
 /// a client's stream that stays open, say; health `Watch` streams and key-job progress
 /// streams are ended by the shutdown) before it closes them.
@@ -234,6 +244,7 @@ pub async fn open_vault(settings: &Settings) -> Result<Arc<Vault<SledStore>>, Se
 fn spawn_checkpointer(
     vault: Arc<Vault<SledStore>>,
     signer: Signer,
+    anchor: Anchoring,
     every: u64,
     max_uncovered: u64,
     interval: std::time::Duration,
@@ -243,7 +254,8 @@ fn spawn_checkpointer(
         let poll = std::time::Duration::from_millis(25).min(interval);
         let mut last_forced = tokio::time::Instant::now();
         let mut last_error: Option<String> = None;
-        let mut watched = crate::audit::Watched::default();
+        let mut watched = crate::audit::Watched::anchored(anchor.checkpoint);
+        let mut anchor_error: Option<String> = None;
         loop {
             let stopping = tokio::select! {
                 _ = &mut stopped => true,
@@ -266,6 +278,21 @@ fn spawn_checkpointer(
                 Ok(Some(cp)) => {
                     tracing::debug!(seq = cp.seq, "signed audit checkpoint");
                     last_error = None;
+                    // Then outside the store. A failure leaves the older anchor, which still
+                    // holds; the next checkpoint tries again.
+                    match crate::anchor::save(&anchor.path, &anchor.store_id, &cp) {
+                        Ok(()) => {
+                            watched.set_anchor(cp);
+                            anchor_error = None;
+                        }
+                        Err(e) => {
+                            let text = e.to_string();
+                            if anchor_error.as_deref() != Some(text.as_str()) {
+                                tracing::error!(error = %text, "writing the audit anchor failed");
+                                anchor_error = Some(text);
+                            }
+                        }
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -429,6 +456,23 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
                 settings.audit.signing_key_file.display()
             ))
         })?;
+    // The anchor outside the store, named by the store's id (derived from its keys, so an
+    // edit of the store cannot point it elsewhere); the store keeps a copy of the id for the
+    // offline verifier.
+    let store_id = vault.keys().store_id();
+    if let Some(changed) = crate::anchor::record_store_id(vault.store(), &store_id)
+        .await
+        .map_err(|e| ConfigError::Rule(format!("recording the store id: {e}")))?
+    {
+        tracing::error!(
+            recorded = %hex::encode(changed),
+            store_id = %hex::encode(store_id),
+            "the store's recorded id differed from the one its keys give (changed by hand?); mended"
+        );
+    }
+    let anchor_path = crate::anchor::beside(&settings.audit.signing_key_file, &store_id);
+    let anchor = crate::anchor::load(&anchor_path, &store_id, &signer.public_key())
+        .map_err(|e| ConfigError::Rule(e.to_string()))?;
     // Every call of the three services passes the gate, which authenticates it before its
     // body is read; the size limits stay on the servers inside it. Between the two, the
     // decode guard answers, logs and audits a body that does not decode.
@@ -440,6 +484,8 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         Arc::clone(&vault),
         auth.clone(),
         signer.public_key(),
+        anchor_path.clone(),
+        store_id,
         settings.audit.max_uncovered(),
     ))
     .max_decoding_message_size(settings.max_request_bytes);
@@ -447,6 +493,11 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     let checkpoints = spawn_checkpointer(
         Arc::clone(&vault),
         signer,
+        Anchoring {
+            path: anchor_path,
+            store_id,
+            checkpoint: anchor,
+        },
         settings.audit.checkpoint_every,
         settings.audit.max_uncovered(),
         settings.audit.checkpoint_interval,

@@ -100,6 +100,10 @@ pub struct VerifyArgs {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub checkpoint_every: u64,
+    /// The audit anchor file the server keeps outside the store (its newest checkpoint)
+    /// [default: `audit-anchor.<store id>` beside the public key, if present].
+    #[arg(long, value_name = "FILE")]
+    pub anchor: Option<PathBuf>,
 }
 
 /// Where `export` and `breach-report` read events.
@@ -1076,9 +1080,52 @@ pub async fn verify(args: &VerifyArgs, out: &mut dyn Write) -> Result<(), CliErr
     let public_key = audit::read_public_key(&key_path)
         .map_err(|e| CliError::Io(format!("{e} (pass the key with --public-key FILE)")))?;
     let store = open_store(&args.data_dir, USE_VERIFY_CHAIN)?;
+    // The store's copy of its id names the anchor file beside the key (the server checks the
+    // copy against the id its keys give, which this tool, without the master key, cannot).
+    let recorded_id = crate::anchor::recorded_store_id(&store)
+        .await
+        .map_err(store_error)?;
+    let anchor_err = |e: crate::anchor::AnchorError| CliError::Io(e.to_string());
+    let (anchor, anchor_note) = match (&args.anchor, recorded_id) {
+        (Some(path), _) => {
+            let (store_id, cp) = crate::anchor::load_any(path, &public_key)
+                .map_err(anchor_err)?
+                .ok_or_else(|| {
+                    CliError::Usage(format!("--anchor {}: no such file", path.display()))
+                })?;
+            if let Some(recorded) = recorded_id.filter(|r| *r != store_id) {
+                writeln!(
+                    out,
+                    "FAILED: the anchor file {} anchors store {}, but this store records id {}: the store's record was changed, or the file is another store's",
+                    path.display(),
+                    hex::encode(store_id),
+                    hex::encode(recorded)
+                )
+                .map_err(output_error)?;
+                return Err(CliError::VerificationFailed);
+            }
+            let note = format!("anchor: event {} ({})", cp.seq, path.display());
+            (Some(cp), note)
+        }
+        (None, Some(id)) => {
+            let path = crate::anchor::beside(&key_path, &id);
+            match crate::anchor::load(&path, &id, &public_key).map_err(anchor_err)? {
+                Some(cp) => {
+                    let note = format!("anchor: event {} ({})", cp.seq, path.display());
+                    (Some(cp), note)
+                }
+                None => (None, no_anchor_note(&path)),
+            }
+        }
+        (None, None) => (
+            None,
+            "anchor: none (the store records no id yet: no server has started on it since anchors were introduced)".to_string(),
+        ),
+    };
     let v = audit::verify(
         &store,
         &public_key,
+        anchor.as_ref(),
         audit::max_uncovered(args.checkpoint_every),
         audit::VerifyMode::Offline,
     )
@@ -1109,7 +1156,7 @@ pub async fn verify(args: &VerifyArgs, out: &mut dyn Write) -> Result<(), CliErr
     if v.ok {
         writeln!(
             out,
-            "ok: {}, {}, head {}",
+            "ok: {}, {}, head {}\n{anchor_note}",
             plural(v.events_checked, "event"),
             plural(v.checkpoints_checked, "checkpoint"),
             hex::encode(v.head_hash)
@@ -1126,6 +1173,28 @@ pub async fn verify(args: &VerifyArgs, out: &mut dyn Write) -> Result<(), CliErr
         )
         .map_err(output_error)?;
         Err(CliError::VerificationFailed)
+    }
+}
+
+/// What `verify` says when this store's anchor file is absent: other stores' anchor files
+/// there may mean this store's recorded id was changed.
+fn no_anchor_note(path: &Path) -> String {
+    let others = path.parent().map(crate::anchor::list).unwrap_or_default();
+    if others.is_empty() {
+        format!(
+            "anchor: none ({} does not exist: no server signed a checkpoint of this store with these keys since anchors were introduced)",
+            path.display()
+        )
+    } else {
+        format!(
+            "anchor: none ({} does not exist; the directory holds the anchors of other stores: {}. If this store is one of them, its recorded id was changed: verify with --anchor FILE)",
+            path.display(),
+            others
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     }
 }
 

@@ -24,22 +24,29 @@ pub struct AuditService<S> {
     vault: Arc<Vault<S>>,
     auth: Authenticator,
     public_key: [u8; 32],
+    anchor_path: std::path::PathBuf,
+    store_id: [u8; 16],
     max_uncovered: u64,
 }
 
 impl<S: Store> AuditService<S> {
-    /// A service over `vault`'s store, verifying checkpoints with `public_key` and allowing at
-    /// most `max_uncovered` events after the newest checkpoint.
+    /// A service over `vault`'s store, verifying checkpoints with `public_key`, the anchor
+    /// file at `anchor_path` (of store `store_id`, when present) like a checkpoint, and
+    /// allowing at most `max_uncovered` events after the newest checkpoint.
     pub fn new(
         vault: Arc<Vault<S>>,
         auth: Authenticator,
         public_key: [u8; 32],
+        anchor_path: std::path::PathBuf,
+        store_id: [u8; 16],
         max_uncovered: u64,
     ) -> Self {
         Self {
             vault,
             auth,
             public_key,
+            anchor_path,
+            store_id,
             max_uncovered,
         }
     }
@@ -186,9 +193,17 @@ impl<S: Store> proto::audit_server::Audit for AuditService<S> {
                     caller.role.name
                 )));
             }
+            // Read afresh: the checkpointer replaces it as it signs.
+            let anchor =
+                crate::anchor::load(&self.anchor_path, &self.store_id, &self.public_key)
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "the audit anchor file is unusable");
+                        Status::failed_precondition(e.to_string())
+                    })?;
             let v = audit::verify(
                 self.vault.store(),
                 &self.public_key,
+                anchor.as_ref(),
                 self.max_uncovered,
                 audit::VerifyMode::Live,
             )

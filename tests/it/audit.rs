@@ -820,6 +820,102 @@ async fn verify_chain_names_the_first_changed_deleted_or_moved_event() {
     assert_eq!((bad.ok, bad.first_bad_seq), (false, 5), "{bad:?}");
 }
 
+/// An insider rewrites every event (here: blames someone else), recomputing every hash and
+/// the head, so the chain itself is consistent; `b` may carry more changes.
+async fn rewrite_chain(store: &SledStore, mut b: Batch) {
+    let head = Head::load(store).await.expect("head");
+    let mut prev = [0u8; 32];
+    // Written back as one event per key (the format before blocks, which readers take).
+    audit::take_raw_events(store, &mut b).await.expect("scan");
+    let mut new_head = Head::default();
+    for seq in 1..=head.seq {
+        let e = Event::parse(&stored_event(store, seq).await).expect("event");
+        let mut d = e.draft.clone();
+        d.principal = "someone-else".into();
+        let body = d.encode();
+        let hash = audit::link(&prev, seq, e.time_ms, &body);
+        let mut value = seq.to_be_bytes().to_vec();
+        value.extend_from_slice(&e.time_ms.to_be_bytes());
+        value.extend_from_slice(&hash);
+        value.extend_from_slice(&body);
+        b.put(Keyspace::Audit, event_key(seq).to_vec(), value);
+        prev = hash;
+        new_head = Head {
+            seq,
+            time_ms: e.time_ms,
+            hash,
+        };
+    }
+    b.put(Keyspace::Meta, audit::META_HEAD.to_vec(), new_head.encode());
+    store.commit(b).await.expect("rewrite");
+}
+
+/// The rewrite a short trail allows with the store alone: every checkpoint deleted with it,
+/// so the store's own checks pass. The anchor file beside the signing key (the newest
+/// checkpoint the server signed) still names the old chain: the server refuses to sign the
+/// forgery, and `VerifyChain` and the offline verifier fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewrite_with_every_checkpoint_deleted_is_caught_by_the_anchor_file() {
+    let mut v = spawn_vault().await;
+    let mut recruiter = v.client("recruiter").await;
+    for i in 0..4 {
+        recruiter
+            .create_record(CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("full_name", text(&format!("Person {i}")))]),
+            })
+            .await
+            .expect("create");
+    }
+    assert!(verify(&v).await.ok);
+    v.stop().await;
+    let keys = v.dir.path().join("keys");
+    let anchors: Vec<_> = std::fs::read_dir(&keys)
+        .expect("keys dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(kluis::anchor::FILE_PREFIX))
+        .collect();
+    assert_eq!(anchors.len(), 1, "one anchor file: {anchors:?}");
+    {
+        let store = SledStore::open(&data_dir(&v.dir)).expect("open");
+        let mut b = Batch::default();
+        for (k, _) in store
+            .scan(Keyspace::Meta, audit::META_CHECKPOINT, None, 1000)
+            .await
+            .expect("scan")
+        {
+            b.delete(Keyspace::Meta, k);
+        }
+        b.delete(Keyspace::Meta, audit::META_CHECKPOINT_LAST.to_vec());
+        rewrite_chain(&store, b).await;
+    }
+    let data = path_arg(&data_dir(&v.dir));
+    let offline = run_kluis(
+        None,
+        &["audit", "verify", "--data-dir", data.as_str()],
+        None,
+    )
+    .await;
+    assert_eq!(offline.code, 1, "{}", offline.all());
+    assert!(
+        offline.stdout.starts_with("FAILED: first bad event 1: ")
+            && offline.stdout.contains("anchor file"),
+        "{}",
+        offline.all()
+    );
+    v.start().await.expect("restart");
+    let bad = verify(&v).await;
+    assert_eq!((bad.ok, bad.first_bad_seq), (false, 1), "{bad:?}");
+    // Nor did the restarted server sign the forgery, running or stopping.
+    v.stop().await;
+    let store = SledStore::open(&data_dir(&v.dir)).expect("open");
+    let signed = store
+        .scan(Keyspace::Meta, audit::META_CHECKPOINT, None, 1000)
+        .await
+        .expect("scan");
+    assert!(signed.is_empty(), "{} checkpoints signed", signed.len());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consistently_rewritten_chain_fails_checkpoint_verification() {
     let mut v = spawn_vault().await;
@@ -837,33 +933,7 @@ async fn a_consistently_rewritten_chain_fails_checkpoint_verification() {
     offline(&mut v, |store| async move {
         let head = Head::load(&store).await.expect("head");
         assert!(head.seq >= 4);
-        // An insider rewrites every event (here: blames someone else), recomputing every
-        // hash and the head, so the chain itself is consistent.
-        let mut prev = [0u8; 32];
-        let mut b = Batch::default();
-        // Written back as one event per key (the format before blocks, which readers take).
-        audit::take_raw_events(&store, &mut b).await.expect("scan");
-        let mut new_head = Head::default();
-        for seq in 1..=head.seq {
-            let e = Event::parse(&stored_event(&store, seq).await).expect("event");
-            let mut d = e.draft.clone();
-            d.principal = "someone-else".into();
-            let body = d.encode();
-            let hash = audit::link(&prev, seq, e.time_ms, &body);
-            let mut value = seq.to_be_bytes().to_vec();
-            value.extend_from_slice(&e.time_ms.to_be_bytes());
-            value.extend_from_slice(&hash);
-            value.extend_from_slice(&body);
-            b.put(Keyspace::Audit, event_key(seq).to_vec(), value);
-            prev = hash;
-            new_head = Head {
-                seq,
-                time_ms: e.time_ms,
-                hash,
-            };
-        }
-        b.put(Keyspace::Meta, audit::META_HEAD.to_vec(), new_head.encode());
-        store.commit(b).await.expect("rewrite");
+        rewrite_chain(&store, Batch::default()).await;
     })
     .await;
     let bad = verify(&v).await;
@@ -884,6 +954,8 @@ async fn a_consistently_rewritten_chain_fails_checkpoint_verification() {
     // Over `max_uncovered` events with no checkpoint.
     let store = SledStore::open(&data_dir(&w.dir)).expect("open");
     let limit = kluis::audit::max_uncovered(kluis::config::DEFAULT_CHECKPOINT_EVERY);
+    // Signed at shutdown, in the store and in the anchor file.
+    let anchored = Head::load(&store).await.expect("head").seq;
     let mut b = Batch::default();
     for _ in 0..=limit {
         b.append_event(kluis::audit::Draft::new("GetRecord", "forged", "recruiter").encode());
@@ -904,7 +976,8 @@ async fn a_consistently_rewritten_chain_fails_checkpoint_verification() {
     w.start().await.expect("restart");
     let bad = verify(&w).await;
     assert!(!bad.ok, "{bad:?}");
-    assert_eq!(bad.first_bad_seq, 1);
+    // The anchor file still vouches for the events up to its checkpoint.
+    assert_eq!(bad.first_bad_seq, anchored + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -954,6 +1027,7 @@ async fn checkpoints_are_signed_while_running_and_at_shutdown() {
     let report = audit::verify(
         &store,
         &pk,
+        None,
         audit::max_uncovered(n),
         audit::VerifyMode::Offline,
     )
