@@ -174,6 +174,23 @@ pub struct Purpose {
     /// (`SetConsent`).
     #[serde(default)]
     pub requires_consent: bool,
+    /// The lifecycle stages in which a record may be processed for this purpose (empty: any).
+    /// A contract basis ends with the procedure it served: the default policy allows
+    /// `recruitment` only for `applicant` and `employed` records, so that a closed
+    /// procedure's data is reached only through the purposes that still hold (consent,
+    /// legitimate interest not objected to), whose withdrawal and objection then stop it.
+    #[serde(default)]
+    pub stages: Vec<String>,
+}
+
+/// The lifecycle stages of a record, in order.
+pub const LIFECYCLE_STAGES: [&str; 4] = ["applicant", "procedure_closed", "employed", "ended"];
+
+impl Purpose {
+    /// Whether a record in lifecycle stage `stage` may be processed for this purpose.
+    pub fn applies_in(&self, stage: &str) -> bool {
+        self.stages.is_empty() || self.stages.iter().any(|s| s == stage)
+    }
 }
 
 /// GDPR Art. 6(1) legal bases.
@@ -307,6 +324,16 @@ impl Policy {
                     "purpose `{}`: legal_basis = \"consent\" needs requires_consent = true (processing on consent needs the data subject's recorded consent, and its withdrawal must stop it)",
                     name.escape_default()
                 )));
+            }
+            for stage in &p.stages {
+                if !LIFECYCLE_STAGES.contains(&stage.as_str()) {
+                    return Err(PolicyError::Rule(format!(
+                        "purpose `{}`: stages: `{}` is not a lifecycle stage (one of {})",
+                        name.escape_default(),
+                        stage.escape_default(),
+                        LIFECYCLE_STAGES.join(", ")
+                    )));
+                }
             }
         }
         let mut roles = BTreeMap::new();
@@ -519,6 +546,24 @@ pub fn generate_token() -> Result<Zeroizing<String>, crypto::CryptoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_purpose_applies_in_the_stages_it_names() {
+        let p = Policy::default_policy();
+        let recruitment = p.purpose("recruitment").expect("default purpose");
+        assert!(recruitment.applies_in("applicant") && recruitment.applies_in("employed"));
+        assert!(!recruitment.applies_in("procedure_closed") && !recruitment.applies_in("ended"));
+        let dsr = p.purpose("data_subject_request").expect("default purpose");
+        assert!(LIFECYCLE_STAGES.iter().all(|s| dsr.applies_in(s)));
+        let text = format!(
+            "{DEFAULT_POLICY_TOML}\n[purposes.placement]\nlegal_basis = \"contract\"\nstages = [\"hired\"]\n"
+        );
+        let err = Policy::from_toml(&text).expect_err("refused").to_string();
+        assert!(
+            err.contains("purpose `placement`") && err.contains("`hired` is not a lifecycle stage"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_purpose_on_consent_must_require_it() {

@@ -140,8 +140,7 @@ pub struct Erasure {
     pub retained: Vec<(String, String, String)>,
 }
 
-/// The lifecycle stages.
-pub const LIFECYCLE_STAGES: [&str; 4] = ["applicant", "procedure_closed", "employed", "ended"];
+pub use crate::policy::LIFECYCLE_STAGES;
 
 /// Refuses a lifecycle change that would drop a legal duty to keep: a record that is or was
 /// employed keeps identity and financial data for years after the employment ends, so it
@@ -1216,6 +1215,13 @@ impl<S: Store> Vault<S> {
         let Some(p) = self.policy.purpose(purpose) else {
             return Ok(());
         };
+        if !p.applies_in(&body.lifecycle) {
+            return Err(VaultError::FailedPrecondition(format!(
+                "record {id} is in lifecycle stage `{}`: purpose `{purpose}` applies only in stage(s) {} (policy: [purposes.{purpose}] stages)",
+                body.lifecycle,
+                p.stages.join(", ")
+            )));
+        }
         let consent = body.consents.get(purpose).map(|c| c.granted);
         if p.requires_consent && consent != Some(true) {
             return Err(VaultError::FailedPrecondition(format!(

@@ -422,6 +422,93 @@ async fn consent_gates_talent_pool_and_an_objection_stops_personal_offers() {
     );
 }
 
+/// The review's case: a closed procedure whose subject withdrew consent and objected. The
+/// recruiter must not reach the record by naming `recruitment` instead (its contract basis
+/// ended with the procedure), while the privacy officer still can, and a rehire restores it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recruitment_ends_with_the_procedure_so_withdrawal_and_objection_hold() {
+    let v = spawn_vault().await;
+    let id = applicant(&v, "closed@example.nl").await;
+    let mut recruiter = v.client("recruiter").await;
+    recruiter
+        .get_record(get(&id, "recruitment"))
+        .await
+        .expect("an applicant in procedure");
+    recruiter
+        .set_consent(consent(&id, "talent_pool", false))
+        .await
+        .expect("withdrawn");
+    recruiter
+        .set_consent(consent(&id, "personal_offers", false))
+        .await
+        .expect("objected");
+    recruiter
+        .set_lifecycle(SetLifecycleRequest {
+            record_id: id.clone(),
+            stage: "procedure_closed".into(),
+            date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
+        })
+        .await
+        .expect("closed");
+    for purpose in ["talent_pool", "personal_offers", "recruitment"] {
+        let refused = recruiter.get_record(get(&id, purpose)).await.err();
+        assert_eq!(
+            refused.as_ref().map(|s| s.code()),
+            Some(Code::FailedPrecondition),
+            "{purpose}: {refused:?}"
+        );
+        let found = recruiter
+            .find_records(find(purpose, "closed@example.nl"))
+            .await
+            .expect("find")
+            .into_inner()
+            .record_ids;
+        assert!(found.is_empty(), "{purpose}: {found:?}");
+    }
+    assert_status(
+        recruiter.get_record(get(&id, "recruitment")).await,
+        Code::FailedPrecondition,
+        &[
+            "lifecycle stage `procedure_closed`",
+            "recruitment",
+            "applicant, employed",
+        ],
+    );
+    assert_status(
+        recruiter
+            .update_record(UpdateRecordRequest {
+                record_id: id.clone(),
+                purpose: "recruitment".into(),
+                expected_revision: 0,
+                set: fields(&[("full_name", text("Z"))]),
+                clear: vec![],
+            })
+            .await,
+        Code::FailedPrecondition,
+        &["procedure_closed", "recruitment"],
+    );
+    // The privacy officer answers the subject's requests all the same.
+    v.client("privacy_officer")
+        .await
+        .get_record(get(&id, "data_subject_request"))
+        .await
+        .expect("data subject request");
+    // Hired after all: employment is a contract again.
+    v.client("payroll")
+        .await
+        .set_lifecycle(SetLifecycleRequest {
+            record_id: id.clone(),
+            stage: "employed".into(),
+            date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
+        })
+        .await
+        .expect("hired");
+    recruiter
+        .get_record(get(&id, "recruitment"))
+        .await
+        .expect("an employee is placed under recruitment");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restricted_record_is_only_stored_until_the_restriction_is_lifted() {
     let v = spawn_vault().await;
@@ -951,7 +1038,7 @@ async fn sentinel_swept(v: &TestVault) -> String {
         })
         .await
         .expect("closed long ago");
-    until_gone(v, &id, "recruiter", "recruitment").await;
+    until_gone(v, &id, "recruiter", "personal_offers").await;
     id
 }
 
@@ -1020,13 +1107,13 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
     let sentinel_2 = sentinel_swept(&v).await;
     v.client("recruiter")
         .await
-        .get_record(get(&plain, "recruitment"))
+        .get_record(get(&plain, "personal_offers"))
         .await
         .expect("within 4 weeks: kept");
 
     // 4 weeks after the procedure closed: the applicant goes; consent and hold keep the others.
     set_today("2026-02-07");
-    until_gone(&v, &plain, "recruiter", "recruitment").await;
+    until_gone(&v, &plain, "recruiter", "personal_offers").await;
     // `plain` went in a pass under the new date; a sentinel made after that is erased by a
     // later pass, so that pass has finished (every record it found due is gone).
     let sentinel_3 = sentinel_swept(&v).await;
@@ -1037,7 +1124,7 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
         .expect("talent pool (consent) kept");
     v.client("recruiter")
         .await
-        .get_record(get(&held, "recruitment"))
+        .get_record(get(&held, "personal_offers"))
         .await
         .expect("legal hold kept");
     // A restricted record is only stored (Art. 18): the sweeper leaves it too.
@@ -1049,7 +1136,7 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
 
     // A year with consent.
     set_today("2027-01-10");
-    until_gone(&v, &pooled, "recruiter", "recruitment").await;
+    until_gone(&v, &pooled, "recruiter", "personal_offers").await;
 
     // Former employee: contact after 2 years, identity after 5, financial after 7.
     set_today("2028-03-31");
@@ -1092,7 +1179,7 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
     let sentinel_4 = sentinel_swept(&v).await;
     v.client("recruiter")
         .await
-        .get_record(get(&held, "recruitment"))
+        .get_record(get(&held, "personal_offers"))
         .await
         .expect("legal hold still kept");
 
@@ -1166,13 +1253,14 @@ async fn export_returns_every_field_metadata_deadlines_and_access_history() {
     }
     let mut recruiter = v.client("recruiter").await;
     recruiter
-        .set_consent(consent(&id, "personal_offers", false))
+        .set_consent(consent(&id, "talent_pool", false))
         .await
-        .expect("objection");
+        .expect("withdrawal");
+    // A former employee: `recruitment` no longer applies; an offer of new work may.
     recruiter
         .get_record(GetRecordRequest {
             record_id: id.clone(),
-            purpose: "recruitment".into(),
+            purpose: "personal_offers".into(),
             field_names: vec!["email".into()],
         })
         .await
@@ -1235,7 +1323,7 @@ async fn export_returns_every_field_metadata_deadlines_and_access_history() {
         .expect("base64");
     assert_eq!(back, cv);
     let consents = doc["consents"].as_array().expect("consents");
-    assert_eq!(consents[0]["purpose"], "personal_offers");
+    assert_eq!(consents[0]["purpose"], "talent_pool");
     assert_eq!(consents[0]["granted"], false);
     let retention = doc["retention"].as_array().expect("retention");
     let identity = retention
@@ -1275,7 +1363,7 @@ async fn export_returns_every_field_metadata_deadlines_and_access_history() {
     assert!(history[7..].iter().all(|h| h["outcome"] == "denied"));
     let read = &history[5];
     assert_eq!(read["fields"], serde_json::json!(["email"]));
-    assert_eq!(read["purpose"], "recruitment");
+    assert_eq!(read["purpose"], "personal_offers");
     assert!(!history
         .iter()
         .any(|h| h.to_string().contains("Ilse") || h.to_string().contains("111222333")));
