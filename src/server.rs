@@ -528,8 +528,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         .max_decoding_message_size(settings.max_request_bytes)
         .max_encoding_message_size(answer_limit);
     let records = InterceptedService::new(DecodeGuard::new(records, Arc::clone(&vault)), gate);
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    set_health(&health_reporter, tonic_health::ServingStatus::Serving).await;
+    let (health_state, health) = crate::service::health::HealthState::new(&HEALTH_SERVICES);
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -554,13 +553,13 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     // stops sending calls here until a restart replays the log.
     let health_watch = {
         let vault = Arc::clone(&vault);
-        let reporter = health_reporter.clone();
+        let health = health_state.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(HEALTH_EVERY).await;
                 if let Some(reason) = vault.store().poisoned() {
                     tracing::error!(%reason, "the store refuses writes: health set to NOT_SERVING until restart");
-                    set_health(&reporter, tonic_health::ServingStatus::NotServing).await;
+                    health.set_not_serving();
                     return;
                 }
             }
@@ -570,14 +569,10 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         router
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = rx.await;
-                let mut reporter = health_reporter;
-                set_health(&reporter, tonic_health::ServingStatus::NotServing).await;
-                // A health `Watch` stream never ends by itself: it would hold its connection
-                // (and the shutdown) open until the grace period ran out. Dropping a status's
-                // sender ends every stream watching it, after the NOT_SERVING just sent.
-                for service in HEALTH_SERVICES {
-                    reporter.clear_service_status(service).await;
-                }
+                // NOT_SERVING to every check until the connections close; a health `Watch`
+                // stream, which never ends by itself (it would hold its connection and the
+                // shutdown open until the grace period ran out), ends after saying so.
+                health_state.stop();
             })
             .await
     });
@@ -606,16 +601,6 @@ const HEALTH_SERVICES: [&str; 4] = [
     <KeysServer<KeysService<SledStore>> as tonic::server::NamedService>::NAME,
     "",
 ];
-
-/// Sets the health status of [`HEALTH_SERVICES`].
-async fn set_health(
-    reporter: &tonic_health::server::HealthReporter,
-    status: tonic_health::ServingStatus,
-) {
-    for service in HEALTH_SERVICES {
-        reporter.set_service_status(service, status).await;
-    }
-}
 
 /// Runs the server until `signal` completes, then shuts down gracefully.
 pub async fn run(settings: Settings, signal: impl Future<Output = ()>) -> Result<(), ServerError> {

@@ -5,6 +5,7 @@
 pub mod audit_service;
 pub mod decode;
 pub mod gate;
+pub mod health;
 pub mod keys_service;
 mod log;
 pub mod status;

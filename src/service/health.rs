@@ -1,0 +1,201 @@
+//! `grpc.health.v1.Health` for the kluis services: one status for the server (`""`) and each
+//! of its services, `SERVING` until the store refuses writes or the server stops.
+//!
+//! tonic-health's reporter ends a `Watch` stream only by forgetting the service, after which
+//! `Check` answers `NOT_FOUND`; a stopping server must end the streams (they would hold their
+//! connections, and the shutdown, open) and still answer `Check` with `NOT_SERVING` until the
+//! connections close. Hence this small implementation of the same generated service.
+
+use std::pin::Pin;
+
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+
+/// The server's phase, as health reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    NotServing,
+    /// Stopping: `NOT_SERVING`, and every `Watch` stream ends after saying so.
+    Stopped,
+}
+
+impl Phase {
+    fn status(self) -> ServingStatus {
+        match self {
+            Phase::Serving => ServingStatus::Serving,
+            Phase::NotServing | Phase::Stopped => ServingStatus::NotServing,
+        }
+    }
+}
+
+/// Sets what health reports (held by the server).
+#[derive(Debug, Clone)]
+pub struct HealthState {
+    tx: watch::Sender<Phase>,
+}
+
+impl HealthState {
+    /// A state reporting `SERVING` for `services` (and `""`), and the service serving it.
+    pub fn new(services: &[&str]) -> (HealthState, HealthServer<HealthService>) {
+        let (state, service) = HealthState::parts(services);
+        (state, HealthServer::new(service))
+    }
+
+    fn parts(services: &[&str]) -> (HealthState, HealthService) {
+        let (tx, rx) = watch::channel(Phase::Serving);
+        let mut names: Vec<String> = services.iter().map(|s| s.to_string()).collect();
+        if !names.iter().any(String::is_empty) {
+            names.push(String::new());
+        }
+        (HealthState { tx }, HealthService { rx, names })
+    }
+
+    /// Reports `NOT_SERVING` from now on (until the server restarts).
+    pub fn set_not_serving(&self) {
+        self.tx.send_if_modified(|p| {
+            let changed = *p == Phase::Serving;
+            if changed {
+                *p = Phase::NotServing;
+            }
+            changed
+        });
+    }
+
+    /// Stopping: `NOT_SERVING` to every check, and every `Watch` stream ends after saying so.
+    pub fn stop(&self) {
+        self.tx.send_if_modified(|p| {
+            let changed = *p != Phase::Stopped;
+            *p = Phase::Stopped;
+            changed
+        });
+    }
+}
+
+/// The `grpc.health.v1.Health` service.
+#[derive(Debug)]
+pub struct HealthService {
+    rx: watch::Receiver<Phase>,
+    names: Vec<String>,
+}
+
+impl HealthService {
+    fn known(&self, service: &str) -> Result<(), Status> {
+        if self.names.iter().any(|n| n == service) {
+            Ok(())
+        } else {
+            Err(Status::not_found(format!(
+                "service: `{}` is not served here (one of: \"\", {})",
+                service.escape_default(),
+                self.names
+                    .iter()
+                    .filter(|n| !n.is_empty())
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
+    }
+}
+
+fn answer(phase: Phase) -> HealthCheckResponse {
+    HealthCheckResponse {
+        status: phase.status() as i32,
+    }
+}
+
+/// A `Watch` stream.
+type WatchStream =
+    Pin<Box<dyn futures::Stream<Item = Result<HealthCheckResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Health for HealthService {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.known(&request.get_ref().service)?;
+        Ok(Response::new(answer(*self.rx.borrow())))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.known(&request.get_ref().service)?;
+        let rx = self.rx.clone();
+        // The current status first, then each change; after `Stopped`, nothing more.
+        let stream =
+            futures::stream::unfold((rx, true, false), |(mut rx, first, done)| async move {
+                if done || (!first && rx.changed().await.is_err()) {
+                    return None;
+                }
+                let phase = *rx.borrow_and_update();
+                Some((Ok(answer(phase)), (rx, false, phase == Phase::Stopped)))
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    fn request(service: &str) -> Request<HealthCheckRequest> {
+        Request::new(HealthCheckRequest {
+            service: service.into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn checks_and_watches_follow_the_phase_and_end_when_stopped() {
+        let (tx_state, service) = HealthState::parts(&["kluis.v1.Records"]);
+        let status = |r: Result<Response<HealthCheckResponse>, Status>| {
+            r.expect("known service").into_inner().status
+        };
+        assert_eq!(
+            status(service.check(request("")).await),
+            ServingStatus::Serving as i32
+        );
+        let unknown = service
+            .check(request("kluis.v1.Nope"))
+            .await
+            .expect_err("unknown");
+        assert_eq!(unknown.code(), tonic::Code::NotFound);
+        assert!(unknown.message().contains("kluis.v1.Records"), "{unknown}");
+
+        let mut watch = service
+            .watch(request("kluis.v1.Records"))
+            .await
+            .expect("watch")
+            .into_inner();
+        let next = |s: Option<Result<HealthCheckResponse, Status>>| {
+            s.expect("an item").expect("ok").status
+        };
+        assert_eq!(next(watch.next().await), ServingStatus::Serving as i32);
+        tx_state.set_not_serving();
+        tx_state.set_not_serving();
+        assert_eq!(next(watch.next().await), ServingStatus::NotServing as i32);
+        tx_state.stop();
+        assert_eq!(next(watch.next().await), ServingStatus::NotServing as i32);
+        assert!(watch.next().await.is_none(), "the stream ends once stopped");
+        // Checks still answer, NOT_SERVING; a new watch says so and ends at once.
+        assert_eq!(
+            status(service.check(request("kluis.v1.Records")).await),
+            ServingStatus::NotServing as i32
+        );
+        let mut late = service
+            .watch(request(""))
+            .await
+            .expect("watch")
+            .into_inner();
+        assert_eq!(next(late.next().await), ServingStatus::NotServing as i32);
+        assert!(late.next().await.is_none());
+    }
+}
