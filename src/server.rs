@@ -244,6 +244,7 @@ pub async fn open_vault(settings: &Settings) -> Result<Arc<Vault<SledStore>>, Se
 fn spawn_checkpointer(
     vault: Arc<Vault<SledStore>>,
     signer: Signer,
+    own_after: Option<u64>,
     anchor: Anchoring,
     every: u64,
     max_uncovered: u64,
@@ -254,7 +255,7 @@ fn spawn_checkpointer(
         let poll = std::time::Duration::from_millis(25).min(interval);
         let mut last_forced = tokio::time::Instant::now();
         let mut last_error: Option<String> = None;
-        let mut watched = crate::audit::Watched::anchored(anchor.checkpoint);
+        let mut watched = crate::audit::Watched::starting(anchor.checkpoint, own_after);
         let mut anchor_error: Option<String> = None;
         loop {
             let stopping = tokio::select! {
@@ -490,9 +491,21 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     ))
     .max_decoding_message_size(settings.max_request_bytes);
     let audit = InterceptedService::new(DecodeGuard::new(audit, Arc::clone(&vault)), gate.clone());
+    // On a store this process holds alone, every event past today's head is its own.
+    let own_after = if crate::store::Store::exclusive(vault.store()) {
+        Some(
+            crate::audit::Head::load(vault.store())
+                .await
+                .map_err(|e| ConfigError::Rule(format!("reading the audit chain head: {e}")))?
+                .seq,
+        )
+    } else {
+        None
+    };
     let checkpoints = spawn_checkpointer(
         Arc::clone(&vault),
         signer,
+        own_after,
         Anchoring {
             path: anchor_path,
             store_id,
