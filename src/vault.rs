@@ -254,6 +254,15 @@ pub struct ReadResult {
     pub fields: Vec<(String, Value)>,
     /// Fields on the record the caller's role may not read.
     pub withheld: Vec<String>,
+    /// Of `fields`, the names of those returned masked (the role sees them only masked, e.g.
+    /// a BSN's last digits); in the order of `fields`.
+    pub masked: Vec<String>,
+}
+
+/// Fields opened by [`Vault::read_fields`]: names and values, and which of them were masked.
+struct Opened {
+    fields: Vec<(String, Value)>,
+    masked: Vec<String>,
 }
 
 /// What [`Vault::update`] changes.
@@ -528,7 +537,7 @@ impl<S: Store> Vault<S> {
             let (raw, body) = self.load(id).await?;
             self.check_processing(id, &body, purpose)?;
             match self.read_fields(caller, idb, &body, &wanted, true).await {
-                Ok(fields) => {
+                Ok(Opened { fields, masked }) => {
                     let withheld = body
                         .fields
                         .iter()
@@ -545,6 +554,7 @@ impl<S: Store> Vault<S> {
                         revision: body.revision,
                         fields,
                         withheld,
+                        masked,
                     });
                 }
                 // A concurrent update may have replaced the chunks between reading the header
@@ -944,7 +954,8 @@ impl<S: Store> Vault<S> {
                 .read_fields(caller, id.as_bytes(), &body, &wanted, false)
                 .await
             {
-                Ok(values) => break (body, names, values),
+                // `masking` is false: an export returns every field in full.
+                Ok(Opened { fields: values, .. }) => break (body, names, values),
                 Err(e @ VaultError::DataLoss { .. }) => {
                     let now = self.store.get(Keyspace::Records, id.as_bytes()).await?;
                     if now.as_deref() == Some(raw.as_slice()) || attempt >= MAX_RETRIES {
@@ -1793,7 +1804,8 @@ impl<S: Store> Vault<S> {
     }
 
     /// Opens the selected fields (`wanted`, or every visible one when empty); with `masking`,
-    /// fields the role sees only masked are returned masked.
+    /// fields the role sees only masked are returned masked, and named in `masked` (without
+    /// `masking`, none is).
     async fn read_fields(
         &self,
         caller: &Caller,
@@ -1801,7 +1813,7 @@ impl<S: Store> Vault<S> {
         body: &RecordBody,
         wanted: &BTreeSet<&str>,
         masking: bool,
-    ) -> Result<Vec<(String, Value)>, VaultError> {
+    ) -> Result<Opened, VaultError> {
         let mut selected = Vec::new();
         for (name, entry) in &body.fields {
             let Some(category) = Category::parse(&entry.category) else {
@@ -1837,6 +1849,7 @@ impl<S: Store> Vault<S> {
         // One opening key (AES key schedule) per category, not per field.
         let mut openers: BTreeMap<Category, crypto::OpeningKey> = BTreeMap::new();
         let mut out = Vec::with_capacity(selected.len());
+        let mut masked = Vec::new();
         for (name, entry, category) in selected {
             let opener = match openers.entry(category) {
                 Entry::Occupied(e) => e.into_mut(),
@@ -1867,6 +1880,7 @@ impl<S: Store> Vault<S> {
                             && (caller.role.masks(category, name)
                                 || caller.role.masks(def.category, name)) =>
                     {
+                        masked.push(name.clone());
                         Value::Text(Zeroizing::new(def.kind.mask(&text).unwrap_or_default()))
                     }
                     _ => Value::Text(text),
@@ -1879,7 +1893,10 @@ impl<S: Store> Vault<S> {
             };
             out.push((name.clone(), value));
         }
-        Ok(out)
+        Ok(Opened {
+            fields: out,
+            masked,
+        })
     }
 
     pub(crate) async fn read_field(
@@ -2605,6 +2622,15 @@ mod tests {
             value, "111222333",
             "bsn (now cv, which hr sees only masked) returned in full"
         );
+        // And said to be masked (the audit event records it); before the move, in full.
+        assert_eq!(got.masked, vec!["bsn"]);
+        let before = f
+            .before
+            .get(&f.who("hr"), &f.id, "recruitment", &["bsn".into()])
+            .await
+            .expect("read");
+        assert_eq!(before.fields.len(), 1);
+        assert!(before.masked.is_empty(), "{:?}", before.masked);
     }
 
     #[tokio::test]
