@@ -9,6 +9,8 @@
 //!   event = seq u64 ‖ time ms i64 ‖ hash [32] ‖ body
 //!   body = version u8 (1) ‖ principal ‖ role ‖ purpose ‖ action ‖ record id
 //!          ‖ field count u16 ‖ field names… ‖ outcome        (each string: u16 BE length ‖ UTF-8)
+//!        | version u8 (2) ‖ the same ‖ masked count u16 (≥ 1) ‖ masked field names…
+//!          (version 2 only when some field was disclosed masked; without one, version 1)
 //!   hash = SHA-256("kluis/v1/audit-event" ‖ previous hash ‖ seq ‖ time ‖ body)
 //!          (previous hash of event 1: 32 zero bytes)
 //! meta/audit/head              → seq ‖ time ‖ hash of the last event
@@ -55,8 +57,10 @@ pub const META_CHECKPOINT_LAST: &[u8] = b"audit/checkpoint-last";
 /// Meta key of the public key that signs this store's checkpoints (32 bytes), written by the
 /// first instance to start: every instance sharing the store must sign with the same key.
 pub const META_SIGNING_KEY: &[u8] = b"audit/signing-key";
-/// Version byte of the event body encoding.
+/// Version byte of the event body encoding: an event that disclosed no field masked.
 const BODY_VERSION: u8 = 1;
+/// Version byte of a body that ends with the names of fields disclosed masked (at least one).
+const BODY_VERSION_MASKED: u8 = 2;
 /// Bytes before an event's body: seq, time, hash.
 const EVENT_HEADER: usize = 8 + 8 + 32;
 /// Longest string field of an event (longer ones are cut, at a character boundary).
@@ -125,6 +129,10 @@ pub struct Draft {
     pub field_names: Vec<String>,
     /// `ok`, `denied`, `invalid` or `error`.
     pub outcome: String,
+    /// Of `field_names`, those disclosed only masked (e.g. a BSN's last digits); empty for
+    /// every event but a read that masked something. Encoded only when not empty (body
+    /// version 2), so the bodies of all other events are the same as before it existed.
+    pub masked_field_names: Vec<String>,
 }
 
 impl Draft {
@@ -138,10 +146,16 @@ impl Draft {
         }
     }
 
-    /// The canonical encoding of the event's body.
+    /// The canonical encoding of the event's body: version 1 without masked fields, version 2
+    /// (version 1's fields, then the masked names) with some.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.field_names.len() * 16);
-        out.push(BODY_VERSION);
+        let masked = capped(&self.masked_field_names);
+        out.push(if masked.is_empty() {
+            BODY_VERSION
+        } else {
+            BODY_VERSION_MASKED
+        });
         for s in [
             &self.principal,
             &self.role,
@@ -151,19 +165,20 @@ impl Draft {
         ] {
             put_str(&mut out, s);
         }
-        let names = &self.field_names[..self.field_names.len().min(usize::from(u16::MAX))];
-        out.extend_from_slice(&(names.len() as u16).to_be_bytes());
-        for name in names {
-            put_str(&mut out, name);
-        }
+        put_names(&mut out, capped(&self.field_names));
         put_str(&mut out, &self.outcome);
+        if !masked.is_empty() {
+            put_names(&mut out, masked);
+        }
         out
     }
 
-    /// Decodes a body; `None` if it is not a well-formed body.
+    /// Decodes a body (version 1 or 2); `None` if it is not a well-formed, canonical body (a
+    /// version 2 body must name at least one masked field: without any it is version 1).
     pub fn decode(bytes: &[u8]) -> Option<Draft> {
         let mut r = Reader(bytes);
-        if r.take(1)? != [BODY_VERSION] {
+        let version = r.take(1)?[0];
+        if version != BODY_VERSION && version != BODY_VERSION_MASKED {
             return None;
         }
         let principal = r.string()?;
@@ -171,12 +186,17 @@ impl Draft {
         let purpose = r.string()?;
         let action = r.string()?;
         let record_id = r.string()?;
-        let count = u16::from_be_bytes(r.take(2)?.try_into().ok()?);
-        let mut field_names = Vec::with_capacity(usize::from(count));
-        for _ in 0..count {
-            field_names.push(r.string()?);
-        }
+        let field_names = r.names()?;
         let outcome = r.string()?;
+        let masked_field_names = if version == BODY_VERSION_MASKED {
+            let masked = r.names()?;
+            if masked.is_empty() {
+                return None;
+            }
+            masked
+        } else {
+            Vec::new()
+        };
         if !r.0.is_empty() {
             return None;
         }
@@ -188,7 +208,21 @@ impl Draft {
             record_id,
             field_names,
             outcome,
+            masked_field_names,
         })
+    }
+}
+
+/// The names a body holds: at most `u16::MAX` of them.
+fn capped(names: &[String]) -> &[String] {
+    &names[..names.len().min(usize::from(u16::MAX))]
+}
+
+/// A list of names: count u16 BE ‖ each name (`names` is already [`capped`]).
+fn put_names(out: &mut Vec<u8>, names: &[String]) {
+    out.extend_from_slice(&(names.len() as u16).to_be_bytes());
+    for name in names {
+        put_str(out, name);
     }
 }
 
@@ -216,6 +250,15 @@ impl<'a> Reader<'a> {
     fn string(&mut self) -> Option<String> {
         let len = u16::from_be_bytes(self.take(2)?.try_into().ok()?);
         String::from_utf8(self.take(usize::from(len))?.to_vec()).ok()
+    }
+
+    fn names(&mut self) -> Option<Vec<String>> {
+        let count = u16::from_be_bytes(self.take(2)?.try_into().ok()?);
+        let mut names = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
+            names.push(self.string()?);
+        }
+        Some(names)
     }
 }
 
@@ -1627,6 +1670,7 @@ mod tests {
             record_id: "0b5e6f0e-3d4c-4d7e-9a77-1f2e3d4c5b6a".into(),
             field_names: vec!["email".into(), "first_name".into()],
             outcome: "ok".into(),
+            masked_field_names: Vec::new(),
         }
     }
 
@@ -1648,6 +1692,94 @@ mod tests {
         let back = Draft::decode(&d.encode()).expect("decodes");
         assert!(back.principal.len() <= MAX_STR);
         assert!(back.principal.chars().all(|c| c == 'é'));
+    }
+
+    /// `draft()` reading `bsn` and `iban` masked besides `email`.
+    fn masked_draft() -> Draft {
+        let mut d = draft();
+        d.field_names = vec!["bsn".into(), "email".into(), "iban".into()];
+        d.masked_field_names = vec!["bsn".into(), "iban".into()];
+        d
+    }
+
+    /// The body as the format before masked fields wrote it, byte by byte.
+    fn v1_bytes(d: &Draft) -> Vec<u8> {
+        let mut out = vec![1u8];
+        let s = |out: &mut Vec<u8>, v: &str| {
+            out.extend_from_slice(&(v.len() as u16).to_be_bytes());
+            out.extend_from_slice(v.as_bytes());
+        };
+        for v in [&d.principal, &d.role, &d.purpose, &d.action, &d.record_id] {
+            s(&mut out, v);
+        }
+        out.extend_from_slice(&(d.field_names.len() as u16).to_be_bytes());
+        for n in &d.field_names {
+            s(&mut out, n);
+        }
+        s(&mut out, &d.outcome);
+        out
+    }
+
+    #[test]
+    fn a_body_without_masked_fields_is_version_1_byte_for_byte() {
+        let d = draft();
+        let enc = d.encode();
+        assert_eq!(enc, v1_bytes(&d));
+        assert_eq!(enc[0], BODY_VERSION);
+        // So is its hash: the chain link of an event stored before version 2 existed.
+        assert_eq!(
+            link(&[7; 32], 3, 1234, &enc),
+            link(&[7; 32], 3, 1234, &v1_bytes(&d))
+        );
+        assert_eq!(Draft::decode(&enc), Some(d));
+    }
+
+    #[test]
+    fn a_body_with_masked_fields_is_version_2_and_round_trips() {
+        let d = masked_draft();
+        let enc = d.encode();
+        assert_eq!(enc[0], BODY_VERSION_MASKED);
+        // Version 1's fields, then the masked names.
+        let mut plain = d.clone();
+        plain.masked_field_names.clear();
+        let v1 = v1_bytes(&plain);
+        assert_eq!(&enc[1..v1.len()], &v1[1..]);
+        let mut tail = 2u16.to_be_bytes().to_vec();
+        for n in ["bsn", "iban"] {
+            tail.extend_from_slice(&(n.len() as u16).to_be_bytes());
+            tail.extend_from_slice(n.as_bytes());
+        }
+        assert_eq!(&enc[v1.len()..], tail.as_slice());
+        assert_eq!(Draft::decode(&enc), Some(d));
+        // Cut short or with trailing bytes: refused.
+        let mut longer = enc.clone();
+        longer.push(0);
+        assert_eq!(Draft::decode(&longer), None);
+        for end in v1.len()..enc.len() {
+            assert_eq!(Draft::decode(&enc[..end]), None, "cut at {end}");
+        }
+        // An unknown version: refused.
+        let mut v3 = enc.clone();
+        v3[0] = 3;
+        assert_eq!(Draft::decode(&v3), None);
+    }
+
+    #[test]
+    fn a_version_2_body_without_masked_fields_is_not_canonical() {
+        let d = draft();
+        // Version 2 with an empty masked list: the same event has a version 1 body.
+        let mut v2 = d.encode();
+        v2[0] = BODY_VERSION_MASKED;
+        v2.extend_from_slice(&0u16.to_be_bytes());
+        assert_eq!(Draft::decode(&v2), None);
+        // Nor is a version 2 body cut back to version 1's fields.
+        let mut bare = d.encode();
+        bare[0] = BODY_VERSION_MASKED;
+        assert_eq!(Draft::decode(&bare), None);
+        // And a version 1 body does not carry a masked list.
+        let mut v1 = masked_draft().encode();
+        v1[0] = BODY_VERSION;
+        assert_eq!(Draft::decode(&v1), None);
     }
 
     #[test]
@@ -1791,6 +1923,78 @@ mod tests {
             "{v:?}"
         );
         assert!(v.reason.contains("event 3 is missing"), "{v:?}");
+    }
+
+    #[tokio::test]
+    async fn a_chain_with_version_2_bodies_verifies_and_catches_a_changed_masked_list() {
+        use crate::store::SledStore;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signer = Signer::load_or_create(&dir.path().join("k"), true).expect("signer");
+        let pk = signer.public_key();
+        let store = SledStore::open(&dir.path().join("data")).expect("open");
+        // Version 1 and version 2 bodies interleaved, in one batch and across batches.
+        let mut b = crate::store::Batch::default();
+        for _ in 0..3 {
+            b.append_event(draft().encode());
+            b.append_event(masked_draft().encode());
+        }
+        store.commit(b).await.expect("commit");
+        let mut b = crate::store::Batch::default();
+        b.append_event(masked_draft().encode());
+        store.commit(b).await.expect("commit");
+        store.commit(event_batch(2)).await.expect("commit");
+        let v = verify(&store, &pk, None, 100, VerifyMode::Offline)
+            .await
+            .expect("verify");
+        assert!(v.ok, "{v:?}");
+        assert_eq!(v.events_checked, 9);
+        // Each event's hash links its stored body, and the masked list reads back.
+        let mut prev = [0u8; 32];
+        for seq in 1..=9 {
+            let e = raw_event(&store, seq)
+                .await
+                .expect("get")
+                .as_deref()
+                .and_then(Event::parse)
+                .expect("event");
+            assert_eq!(e.hash, link(&prev, seq, e.time_ms, &e.body), "event {seq}");
+            let expected = if (seq <= 6 && seq % 2 == 0) || seq == 7 {
+                masked_draft()
+            } else {
+                draft()
+            };
+            assert_eq!(e.draft, expected, "event {seq}");
+            prev = e.hash;
+        }
+        let page = query(&store, &Filter::default(), 0, 100).await.expect("q");
+        assert_eq!(page.events.len(), 9);
+        assert_eq!(page.events[1].draft.masked_field_names, vec!["bsn", "iban"]);
+        // Dropping a name from event 4's masked list (the rest as stored) breaks its hash.
+        let raw = raw_event(&store, 4).await.expect("get").expect("present");
+        let e4 = Event::parse(&raw).expect("event");
+        let mut changed = e4.draft.clone();
+        changed.masked_field_names = vec!["bsn".into()];
+        let mut value = raw[..EVENT_HEADER].to_vec();
+        value.extend_from_slice(&changed.encode());
+        overwrite_raw_event(&store, 4, Some(value))
+            .await
+            .expect("tamper");
+        let v = verify(&store, &pk, None, 100, VerifyMode::Offline)
+            .await
+            .expect("verify");
+        assert_eq!((v.ok, v.first_bad_seq), (false, 4), "{v:?}");
+        // So does turning it into a version 1 body (the masking hidden).
+        let mut value = raw[..EVENT_HEADER].to_vec();
+        let mut plain = e4.draft.clone();
+        plain.masked_field_names.clear();
+        value.extend_from_slice(&plain.encode());
+        overwrite_raw_event(&store, 4, Some(value))
+            .await
+            .expect("tamper");
+        let v = verify(&store, &pk, None, 100, VerifyMode::Offline)
+            .await
+            .expect("verify");
+        assert_eq!((v.ok, v.first_bad_seq), (false, 4), "{v:?}");
     }
 
     #[tokio::test]
@@ -2611,8 +2815,16 @@ mod tests {
             field_names in proptest::collection::vec("[a-z_]{1,20}", 0..12),
             outcome in "(ok|denied|invalid|error)",
         ) {
-            let d = Draft { principal, role, purpose, action, record_id, field_names, outcome };
-            prop_assert_eq!(Draft::decode(&d.encode()), Some(d));
+            let masked_field_names: Vec<String> =
+                field_names.iter().filter(|n| n.len() % 2 == 0).cloned().collect();
+            let d = Draft {
+                principal, role, purpose, action, record_id, field_names, outcome,
+                masked_field_names,
+            };
+            let enc = d.encode();
+            let version = if d.masked_field_names.is_empty() { BODY_VERSION } else { BODY_VERSION_MASKED };
+            prop_assert_eq!(enc[0], version);
+            prop_assert_eq!(Draft::decode(&enc), Some(d));
         }
 
         #[test]
