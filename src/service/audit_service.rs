@@ -86,6 +86,7 @@ pub fn event_to_proto(e: audit::Event) -> proto::AuditEvent {
         field_names: e.draft.field_names,
         outcome: e.draft.outcome,
         hash: e.hash.to_vec(),
+        masked_field_names: e.draft.masked_field_names,
     }
 }
 

@@ -413,6 +413,9 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
             let names: Vec<String> = read.fields.iter().map(|(n, _)| n.clone()).collect();
             log.fields(names.clone());
             ev.draft.field_names = names;
+            // Which of them were disclosed only masked: a breach report tells a full BSN
+            // from its last digits.
+            ev.draft.masked_field_names = read.masked;
             let answer = proto::GetRecordResponse {
                 record_id: read.id.to_string(),
                 revision: read.revision,
@@ -433,6 +436,8 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
             let names = self.known_names(req.field_names.iter());
             log.fields(names.clone());
             ev.draft.field_names = names;
+            // Nothing was returned, masked or not.
+            ev.draft.masked_field_names.clear();
         }
         self.finish(log, ev, result).await
     }
