@@ -70,13 +70,15 @@ pub enum AuditCommand {
     /// Prints audit events as JSON lines.
     ///
     /// One event per line, in sequence order: seq, time (RFC 3339 UTC), principal, role,
-    /// purpose, action, record_id, field_names, outcome, hash (hex). Names only, never values.
+    /// purpose, action, record_id, field_names, outcome, hash (hex), masked_field_names (of
+    /// field_names, those returned masked). Names only, never values.
     #[command(after_help = EXIT_CODES)]
     Export(ExportArgs),
     /// Which records and fields one principal touched in a window.
     ///
-    /// The input to a breach notification: per record the fields touched, the actions, the
-    /// number of events, first and last time and the outcomes, over [--since, --until).
+    /// The input to a breach notification: per record the fields touched (fields disclosed
+    /// only masked, e.g. a BSN's last digits, apart), the actions, the number of events,
+    /// first and last time and the outcomes, over [--since, --until).
     /// Events that named no record (searches, listings) are counted in the header.
     #[command(after_help = EXIT_CODES)]
     BreachReport(BreachReportArgs),
@@ -402,6 +404,8 @@ pub struct AuditRow {
     pub outcome: String,
     /// The chain hash.
     pub hash: Vec<u8>,
+    /// Of `field_names`, those returned masked.
+    pub masked_field_names: Vec<String>,
 }
 
 impl From<audit::Event> for AuditRow {
@@ -429,6 +433,7 @@ impl From<proto::AuditEvent> for AuditRow {
             field_names: e.field_names,
             outcome: e.outcome,
             hash: e.hash,
+            masked_field_names: e.masked_field_names,
         }
     }
 }
@@ -446,6 +451,7 @@ struct JsonEvent<'a> {
     field_names: &'a [String],
     outcome: &'a str,
     hash: String,
+    masked_field_names: &'a [String],
 }
 
 impl AuditRow {
@@ -462,6 +468,7 @@ impl AuditRow {
             field_names: &self.field_names,
             outcome: &self.outcome,
             hash: hex::encode(&self.hash),
+            masked_field_names: &self.masked_field_names,
         };
         serde_json::to_writer(&mut *out, &json).map_err(|e| match e.io_error_kind() {
             Some(std::io::ErrorKind::BrokenPipe) => CliError::OutputClosed,
@@ -704,9 +711,13 @@ fn check_window(since: Option<i64>, until: Option<i64>) -> Result<(), CliError> 
 pub struct RecordTouch {
     /// The record.
     pub record_id: String,
-    /// Names of the fields touched by events that succeeded (`ok`: read, written or
+    /// Names of the fields touched in full by events that succeeded (`ok`: read, written or
     /// erased), sorted.
     pub field_names: Vec<String>,
+    /// Names of the fields that events which succeeded disclosed only masked (every one of
+    /// them returned the field masked, e.g. a BSN's last digits), sorted. A field also
+    /// disclosed in full once is in `field_names` only.
+    pub fields_masked: Vec<String>,
     /// Names of the fields only asked for by events that did not succeed (`denied`,
     /// `invalid`, `error`: nothing of them was disclosed or changed), sorted.
     pub fields_attempted: Vec<String>,
@@ -754,9 +765,14 @@ pub struct BreachReport {
     pub records_touched: u64,
     /// How many records only events that did not succeed named.
     pub records_attempted: u64,
-    /// Every field name named by an event that succeeded, sorted.
+    /// Every field name an event that succeeded disclosed in full (to some record, or
+    /// named without a record), sorted.
     pub distinct_fields: Vec<String>,
-    /// Every field name named only by events that did not succeed, sorted.
+    /// Every field name events that succeeded disclosed only masked (not in
+    /// `distinct_fields`), sorted.
+    pub distinct_fields_masked: Vec<String>,
+    /// Every field name named only by events that did not succeed (neither disclosed in
+    /// full nor masked), sorted.
     pub distinct_fields_attempted: Vec<String>,
     /// The events that named no record.
     pub without_record: WithoutRecord,
@@ -767,7 +783,10 @@ pub struct BreachReport {
 #[derive(Default)]
 struct RecordAcc {
     first_seq: u64,
+    /// Disclosed in full by some event.
     fields: BTreeSet<String>,
+    /// Disclosed masked by some event (those also in `fields` count as full).
+    masked: BTreeSet<String>,
     attempted: BTreeSet<String>,
     actions: BTreeSet<String>,
     events: u64,
@@ -842,7 +861,13 @@ impl BreachAggregator {
         acc.last = acc.last.max(e.time_ms);
         acc.first_seq = acc.first_seq.min(e.seq);
         if e.outcome == audit::Outcome::Ok.as_str() {
-            acc.fields.extend(e.field_names.iter().cloned());
+            for name in &e.field_names {
+                if e.masked_field_names.contains(name) {
+                    acc.masked.insert(name.clone());
+                } else {
+                    acc.fields.insert(name.clone());
+                }
+            }
         } else {
             acc.attempted.extend(e.field_names.iter().cloned());
         }
@@ -853,6 +878,7 @@ impl BreachAggregator {
     /// The report.
     pub fn finish(self) -> BreachReport {
         let mut distinct: BTreeSet<String> = self.fields_without_record.clone();
+        let mut masked: BTreeSet<String> = BTreeSet::new();
         let mut attempted = self.attempted_without_record.clone();
         let mut touched = 0;
         let mut records: Vec<(u64, RecordTouch)> = self
@@ -862,14 +888,23 @@ impl BreachAggregator {
                 if acc.outcomes.contains_key(audit::Outcome::Ok.as_str()) {
                     touched += 1;
                 }
+                let only_masked: BTreeSet<String> =
+                    acc.masked.difference(&acc.fields).cloned().collect();
                 distinct.extend(acc.fields.iter().cloned());
+                masked.extend(only_masked.iter().cloned());
                 attempted.extend(acc.attempted.iter().cloned());
-                let only_attempted = acc.attempted.difference(&acc.fields).cloned().collect();
+                let only_attempted = acc
+                    .attempted
+                    .iter()
+                    .filter(|n| !acc.fields.contains(*n) && !only_masked.contains(*n))
+                    .cloned()
+                    .collect();
                 (
                     acc.first_seq,
                     RecordTouch {
                         record_id,
                         field_names: acc.fields.into_iter().collect(),
+                        fields_masked: only_masked.into_iter().collect(),
                         fields_attempted: only_attempted,
                         actions: acc.actions.into_iter().collect(),
                         events: acc.events,
@@ -895,7 +930,12 @@ impl BreachAggregator {
             total_events: self.total,
             records_touched: touched,
             records_attempted: records.len() as u64 - touched,
-            distinct_fields_attempted: attempted.difference(&distinct).cloned().collect(),
+            distinct_fields_attempted: attempted
+                .iter()
+                .filter(|n| !distinct.contains(*n) && !masked.contains(*n))
+                .cloned()
+                .collect(),
+            distinct_fields_masked: masked.difference(&distinct).cloned().collect(),
             distinct_fields: distinct.into_iter().collect(),
             without_record,
             records: records.into_iter().map(|(_, r)| r).collect(),
@@ -922,6 +962,26 @@ fn counts(map: &BTreeMap<String, u64>, sep: &str) -> String {
         .map(|(k, n)| format!("{k}{sep}{n}"))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Fields disclosed in full and those disclosed only masked, as one sorted list in which the
+/// latter read `name (masked)`.
+fn with_masked(full: &[String], masked: &[String]) -> Vec<String> {
+    let mut all: Vec<(&str, bool)> = full
+        .iter()
+        .map(|n| (n.as_str(), false))
+        .chain(masked.iter().map(|n| (n.as_str(), true)))
+        .collect();
+    all.sort_unstable();
+    all.into_iter()
+        .map(|(n, m)| {
+            if m {
+                format!("{n} (masked)")
+            } else {
+                n.to_string()
+            }
+        })
+        .collect()
 }
 
 /// The report as readable text: a header and an aligned table, one row per record.
@@ -954,7 +1014,12 @@ pub fn render_table(r: &BreachReport) -> String {
             format!("{} ({})", names.len(), names.join(", "))
         }
     };
-    line(&mut out, "Distinct fields:", names(&r.distinct_fields));
+    // A field disclosed only masked is listed as `name (masked)`, here and in FIELDS.
+    line(
+        &mut out,
+        "Distinct fields:",
+        names(&with_masked(&r.distinct_fields, &r.distinct_fields_masked)),
+    );
     line(
         &mut out,
         "Refused fields:",
@@ -1002,7 +1067,7 @@ pub fn render_table(r: &BreachReport) -> String {
                 rfc3339_ms(t.last),
                 counts(&t.outcomes, "="),
                 t.actions.join(","),
-                t.field_names.join(","),
+                with_masked(&t.field_names, &t.fields_masked).join(","),
                 t.fields_attempted.join(","),
             ]
         })
@@ -1285,6 +1350,7 @@ mod tests {
             field_names: Vec::new(),
             outcome: "ok".into(),
             hash: vec![seq as u8; 32],
+            masked_field_names: Vec::new(),
         }
     }
 
@@ -1378,6 +1444,7 @@ mod tests {
             RecordTouch {
                 record_id: R2.into(),
                 field_names: vec!["city".into(), "email".into(), "full_name".into()],
+                fields_masked: vec![],
                 fields_attempted: vec!["bsn".into()],
                 actions: vec![
                     "CreateRecord".into(),
@@ -1455,6 +1522,114 @@ mod tests {
         assert!(table.contains("Refused fields:   2 (bsn, iban)"), "{table}");
     }
 
+    /// `r` disclosing `fields`, of which `masked` only masked.
+    fn masked(mut r: AuditRow, fields: &[&str], masked: &[&str]) -> AuditRow {
+        r = with(r, fields, "ok");
+        r.masked_field_names = masked.iter().map(|f| f.to_string()).collect();
+        r
+    }
+
+    #[test]
+    fn a_field_disclosed_only_masked_is_reported_apart() {
+        let events = vec![
+            // R1: bsn and iban masked, email in full.
+            masked(
+                row(1, 1000, "po", "GetRecord", R1),
+                &["bsn", "email", "iban"],
+                &["bsn", "iban"],
+            ),
+            // Read masked again, and a refused read of bsn: still masked only.
+            masked(row(2, 1100, "po", "GetRecord", R1), &["bsn"], &["bsn"]),
+            with(
+                row(3, 1200, "po", "GetRecord", R1),
+                &["bsn", "wage"],
+                "denied",
+            ),
+            // A failed read that would have masked discloses nothing.
+            AuditRow {
+                outcome: "error".into(),
+                ..masked(row(4, 1300, "po", "GetRecord", R2), &["iban"], &["iban"])
+            },
+        ];
+        let r = breach_report("po", 0, 9000, &events);
+        assert_eq!((r.records_touched, r.records_attempted), (1, 1));
+        assert_eq!(r.records[0].field_names, vec!["email"]);
+        assert_eq!(r.records[0].fields_masked, vec!["bsn", "iban"]);
+        assert_eq!(
+            r.records[0].fields_attempted,
+            vec!["wage"],
+            "bsn was disclosed, masked"
+        );
+        assert!(r.records[1].field_names.is_empty());
+        assert!(r.records[1].fields_masked.is_empty());
+        assert_eq!(r.records[1].fields_attempted, vec!["iban"]);
+        assert_eq!(r.distinct_fields, vec!["email"]);
+        assert_eq!(r.distinct_fields_masked, vec!["bsn", "iban"]);
+        assert_eq!(r.distinct_fields_attempted, vec!["wage"]);
+
+        let json: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&r).expect("json")).expect("parses");
+        assert_eq!(
+            json["records"][0]["fields_masked"],
+            serde_json::json!(["bsn", "iban"])
+        );
+        assert_eq!(json["records"][1]["fields_masked"], serde_json::json!([]));
+        assert_eq!(
+            json["distinct_fields_masked"],
+            serde_json::json!(["bsn", "iban"])
+        );
+        assert_eq!(json["distinct_fields"], serde_json::json!(["email"]));
+
+        let table = render_table(&r);
+        assert!(
+            table.contains("Distinct fields:  3 (bsn (masked), email, iban (masked))"),
+            "{table}"
+        );
+        assert!(table.contains("Refused fields:   1 (wage)"), "{table}");
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(R1))
+            .expect("row of R1");
+        assert!(
+            row.ends_with("bsn (masked),email,iban (masked)  wage"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn a_field_disclosed_in_full_once_counts_as_full() {
+        let events = vec![
+            masked(row(1, 1000, "app", "GetRecord", R1), &["bsn"], &["bsn"]),
+            // The same principal read it in full later (under another role).
+            with(row(2, 1100, "app", "GetRecord", R1), &["bsn", "iban"], "ok"),
+            masked(
+                row(3, 1200, "app", "GetRecord", R1),
+                &["bsn", "iban"],
+                &["bsn", "iban"],
+            ),
+            // Another record: masked only there, but in full on R1, so full overall.
+            masked(
+                row(4, 1300, "app", "GetRecord", R2),
+                &["bsn", "phone"],
+                &["bsn", "phone"],
+            ),
+        ];
+        let r = breach_report("app", 0, 9000, &events);
+        assert_eq!(r.records[0].record_id, R1);
+        assert_eq!(r.records[0].field_names, vec!["bsn", "iban"]);
+        assert!(r.records[0].fields_masked.is_empty());
+        assert!(r.records[1].field_names.is_empty());
+        assert_eq!(r.records[1].fields_masked, vec!["bsn", "phone"]);
+        assert_eq!(r.distinct_fields, vec!["bsn", "iban"]);
+        assert_eq!(r.distinct_fields_masked, vec!["phone"]);
+        assert!(r.distinct_fields_attempted.is_empty());
+        let table = render_table(&r);
+        assert!(
+            table.contains("Distinct fields:  3 (bsn, iban, phone (masked))"),
+            "{table}"
+        );
+    }
+
     #[test]
     fn an_empty_report_says_so() {
         let r = breach_report("app", 0, 10, &[]);
@@ -1500,8 +1675,20 @@ mod tests {
         assert_eq!(v["record_id"], R1);
         assert_eq!(v["field_names"], serde_json::json!(["email"]));
         assert_eq!(v["hash"], "07".repeat(32));
+        assert_eq!(v["masked_field_names"], serde_json::json!([]));
         let keys: Vec<&String> = v.as_object().expect("object").keys().collect();
-        assert_eq!(keys.len(), 10);
+        assert_eq!(keys.len(), 11);
+        let mut out = Vec::new();
+        let mut m = with(
+            row(8, 1500, "app", "GetRecord", R1),
+            &["bsn", "email"],
+            "ok",
+        );
+        m.masked_field_names = vec!["bsn".into()];
+        m.write_json_line(&mut out).expect("written");
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(v["field_names"], serde_json::json!(["bsn", "email"]));
+        assert_eq!(v["masked_field_names"], serde_json::json!(["bsn"]));
     }
 
     #[tokio::test]
