@@ -580,6 +580,159 @@ async fn breach_report_lists_exactly_the_records_and_fields_the_principal_touche
 }
 
 #[tokio::test]
+async fn a_masked_read_is_recorded_and_reported_as_masked() {
+    let mut vault = spawn_vault().await;
+    let mut payroll = vault.client("payroll").await;
+    let mut po = vault.client("privacy_officer").await;
+    let pair = [("bsn", sample_value("bsn")), ("iban", sample_value("iban"))];
+    let r1 = create_with(&mut payroll, "payroll", &pair).await;
+    let r2 = create_with(&mut payroll, "payroll", &pair).await;
+    // Payroll reads IBAN in full; the privacy officer sees BSN (and IBAN) only masked.
+    get(&mut payroll, &r1, "payroll", &["iban"])
+        .await
+        .expect("get");
+    let answer = po
+        .get_record(GetRecordRequest {
+            record_id: r1.clone(),
+            purpose: "data_subject_request".into(),
+            field_names: vec!["bsn".into()],
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(text_of(&answer.fields["bsn"]), "*****2333");
+    get(&mut po, &r1, "data_subject_request", &[])
+        .await
+        .expect("get");
+    // r2: read masked, then exported (never masked): disclosed in full.
+    get(&mut po, &r2, "data_subject_request", &["bsn"])
+        .await
+        .expect("get");
+    po.export_record(kluis::proto::ExportRecordRequest {
+        record_id: r2.clone(),
+    })
+    .await
+    .expect("export");
+
+    let gets: Vec<_> = vault
+        .audit_events(kluis::proto::QueryEventsRequest::default())
+        .await
+        .into_iter()
+        .filter(|e| e.action == "GetRecord")
+        .collect();
+    let masked: Vec<(&str, &str, Vec<&str>, Vec<&str>)> = gets
+        .iter()
+        .map(|e| {
+            (
+                e.principal.as_str(),
+                e.record_id.as_str(),
+                e.field_names.iter().map(String::as_str).collect(),
+                e.masked_field_names.iter().map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        masked,
+        vec![
+            ("test-payroll", r1.as_str(), vec!["iban"], vec![]),
+            (
+                "test-privacy_officer",
+                r1.as_str(),
+                vec!["bsn"],
+                vec!["bsn"]
+            ),
+            (
+                "test-privacy_officer",
+                r1.as_str(),
+                vec!["bsn", "iban"],
+                vec!["bsn", "iban"]
+            ),
+            (
+                "test-privacy_officer",
+                r2.as_str(),
+                vec!["bsn"],
+                vec!["bsn"]
+            ),
+        ]
+    );
+
+    let url = server(&vault);
+    let (since, until) = (date(-1), date(2));
+    let args = |rest: &[&str]| -> Vec<String> {
+        [
+            "audit",
+            "breach-report",
+            "--principal",
+            "test-privacy_officer",
+            "--since",
+            &since,
+            "--until",
+            &until,
+        ]
+        .iter()
+        .chain(rest)
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let auditor = Some(vault.tokens["auditor"].as_str());
+    let online = kluis(&args(&["--format", "json", "--server", &url]), auditor).await;
+    assert_eq!(online.code, 0, "{}", online.all());
+    let report: Value = serde_json::from_str(&online.stdout).expect("one JSON document");
+    let records: BTreeMap<String, &Value> = report["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| (r["record_id"].as_str().expect("id").to_string(), r))
+        .collect();
+    assert!(strings(&records[&r1]["field_names"]).is_empty());
+    assert_eq!(strings(&records[&r1]["fields_masked"]), vec!["bsn", "iban"]);
+    // The export disclosed r2's BSN in full: full, not masked.
+    assert_eq!(strings(&records[&r2]["field_names"]), vec!["bsn", "iban"]);
+    assert!(strings(&records[&r2]["fields_masked"]).is_empty());
+    assert_eq!(strings(&report["distinct_fields"]), vec!["bsn", "iban"]);
+    assert!(strings(&report["distinct_fields_masked"]).is_empty());
+
+    // The table marks r1's fields as masked.
+    let table = kluis(&args(&["--server", &url]), auditor).await;
+    assert_eq!(table.code, 0, "{}", table.all());
+    let row = table
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(r1.as_str()))
+        .unwrap_or_else(|| panic!("no row of r1: {}", table.stdout));
+    assert!(
+        row.contains("bsn (masked),iban (masked)"),
+        "{}",
+        table.stdout
+    );
+
+    // Export lines carry the list, always.
+    let export = kluis(&["audit", "export", "--server", &url], auditor).await;
+    assert_eq!(export.code, 0, "{}", export.all());
+    let lines = json_lines(&export.stdout);
+    assert!(lines.iter().all(|e| e["masked_field_names"].is_array()));
+    let masked_lines: Vec<Vec<String>> = lines
+        .iter()
+        .map(|e| strings(&e["masked_field_names"]))
+        .filter(|m| !m.is_empty())
+        .collect();
+    assert_eq!(
+        masked_lines,
+        vec![vec!["bsn"], vec!["bsn", "iban"], vec!["bsn"]]
+    );
+
+    // Offline, from the data directory: the same report.
+    vault.stop().await;
+    let data = path(&data_dir(&vault.dir));
+    let offline = kluis(&args(&["--format", "json", "--data-dir", &data]), None).await;
+    assert_eq!(offline.code, 0, "{}", offline.all());
+    let offline: Value = serde_json::from_str(&offline.stdout).expect("json");
+    assert_eq!(offline, report);
+    let ok = kluis(&["audit", "verify", "--data-dir", &data], None).await;
+    assert_eq!(ok.code, 0, "{}", ok.all());
+}
+
+#[tokio::test]
 async fn export_over_tls_trusts_only_the_given_ca() {
     use kluis::config::TlsSettings;
     use kluis::crypto::SecretKey;
