@@ -269,6 +269,30 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Keeps this process's memory, and the key material in it, out of core dumps and away from
+/// debuggers: core files are turned off (`RLIMIT_CORE` 0) and the process is made not
+/// dumpable (`PR_SET_DUMPABLE` 0: no core file, no `ptrace` attach or `/proc/<pid>/mem` for
+/// other processes of the same user). Secrets Kluis holds zeroize on drop, but `ring`'s AES
+/// key schedules (which begin with the key itself) do not, and freed heap may keep them until
+/// reused: this is what keeps such remnants from leaving the process. Called by `kluis` at
+/// start (every command: the tools hold the master key too).
+pub fn keep_out_of_dumps() -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{set_dumpable_behavior, setrlimit, DumpableBehavior};
+        use rustix::process::{Resource, Rlimit};
+        setrlimit(
+            Resource::Core,
+            Rlimit {
+                current: Some(0),
+                maximum: Some(0),
+            },
+        )?;
+        set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
+    }
+    Ok(())
+}
+
 /// A data key (DEK) as stored in a record: sealed under a KEK version.
 #[derive(Clone, PartialEq, Eq)]
 pub struct WrappedDek {
@@ -1145,6 +1169,20 @@ pub async fn which_master_key<S: Store>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_process_is_kept_out_of_core_dumps() {
+        keep_out_of_dumps().expect("prctl and setrlimit");
+        let core = rustix::process::getrlimit(rustix::process::Resource::Core);
+        assert_eq!((core.current, core.maximum), (Some(0), Some(0)));
+        assert_eq!(
+            rustix::process::dumpable_behavior().expect("prctl"),
+            rustix::process::DumpableBehavior::NotDumpable
+        );
+        // Idempotent.
+        keep_out_of_dumps().expect("again");
+    }
 
     #[test]
     fn a_secret_file_is_written_whole_once_and_never_overwritten() {

@@ -114,6 +114,10 @@ fn main() -> ExitCode {
         // request handler: tracing-subscriber would otherwise `eprintln!` about it.
         .log_internal_errors(false)
         .init();
+    // Key material must not leave the process in a core file or through a debugger.
+    if let Err(e) = kluis::keys::keep_out_of_dumps() {
+        tracing::warn!(error = %e, "could not turn off core dumps; key material may end up in one if the process crashes");
+    }
     match cli.command {
         Command::Serve {
             config,
