@@ -910,11 +910,6 @@ impl Watched {
         }
     }
 
-    /// What a checkpointer starting with the anchor file's checkpoint `anchor` knows.
-    pub fn anchored(anchor: Option<Checkpoint>) -> Watched {
-        Watched::starting(anchor, None)
-    }
-
     /// Records that the anchor file now holds `cp`.
     pub fn set_anchor(&mut self, cp: Checkpoint) {
         if self.anchor.as_ref().is_none_or(|a| a.seq <= cp.seq) {
@@ -2498,6 +2493,34 @@ mod tests {
         assert!(v.ok, "{v:?}");
     }
 
+    /// Puts into `b` what an insider with the store alone writes to replace the whole chain
+    /// with `n` consistent events of `d` (hashes and head recomputed), the old events taken
+    /// out; returns the new head.
+    async fn forge_chain(
+        store: &impl Store,
+        b: &mut crate::store::Batch,
+        n: u64,
+        d: &Draft,
+    ) -> Head {
+        take_raw_events(store, b).await.expect("take");
+        let body = d.encode();
+        let mut prev = [0u8; 32];
+        let mut head = Head::default();
+        for seq in 1..=n {
+            let time_ms = now_ms();
+            let hash = link(&prev, seq, time_ms, &body);
+            let mut value = seq.to_be_bytes().to_vec();
+            value.extend_from_slice(&time_ms.to_be_bytes());
+            value.extend_from_slice(&hash);
+            value.extend_from_slice(&body);
+            b.put(Keyspace::Audit, event_key(seq).to_vec(), value);
+            prev = hash;
+            head = Head { seq, time_ms, hash };
+        }
+        b.put(Keyspace::Meta, META_HEAD.to_vec(), head.encode());
+        head
+    }
+
     /// The review's attack: with the store alone, delete every checkpoint and rewrite the
     /// (short) chain consistently. The store's checkpoints can no longer tell; the anchor
     /// outside the store can, and keeps the signer from vouching for the forgery.
@@ -2522,24 +2545,9 @@ mod tests {
         // Rewrite: every event blames someone else, hashes and head recomputed; checkpoints
         // and the pointer to the newest deleted.
         let mut b = Batch::default();
-        take_raw_events(&store, &mut b).await.expect("take");
-        let mut prev = [0u8; 32];
-        let mut head = Head::default();
-        for seq in 1..=14u64 {
-            let mut d = draft();
-            d.principal = "someone-else".into();
-            let body = d.encode();
-            let time_ms = now_ms();
-            let hash = link(&prev, seq, time_ms, &body);
-            let mut value = seq.to_be_bytes().to_vec();
-            value.extend_from_slice(&time_ms.to_be_bytes());
-            value.extend_from_slice(&hash);
-            value.extend_from_slice(&body);
-            b.put(Keyspace::Audit, event_key(seq).to_vec(), value);
-            prev = hash;
-            head = Head { seq, time_ms, hash };
-        }
-        b.put(Keyspace::Meta, META_HEAD.to_vec(), head.encode());
+        let mut d = draft();
+        d.principal = "someone-else".into();
+        forge_chain(&store, &mut b, 14, &d).await;
         b.delete(Keyspace::Meta, checkpoint_key(12));
         b.delete(Keyspace::Meta, META_CHECKPOINT_LAST.to_vec());
         store.commit(b).await.expect("rewrite");
@@ -2561,7 +2569,7 @@ mod tests {
             1000,
             3000,
             true,
-            &mut Watched::anchored(Some(cp.clone())),
+            &mut Watched::starting(Some(cp.clone()), None),
         )
         .await;
         let e = refused.expect_err("refused");
@@ -2574,22 +2582,7 @@ mod tests {
 
         // Cut back below the anchor: both say events were removed.
         let mut b = Batch::default();
-        take_raw_events(&store, &mut b).await.expect("take");
-        let mut prev = [0u8; 32];
-        let mut head = Head::default();
-        for seq in 1..=5u64 {
-            let body = draft().encode();
-            let time_ms = now_ms();
-            let hash = link(&prev, seq, time_ms, &body);
-            let mut value = seq.to_be_bytes().to_vec();
-            value.extend_from_slice(&time_ms.to_be_bytes());
-            value.extend_from_slice(&hash);
-            value.extend_from_slice(&body);
-            b.put(Keyspace::Audit, event_key(seq).to_vec(), value);
-            prev = hash;
-            head = Head { seq, time_ms, hash };
-        }
-        b.put(Keyspace::Meta, META_HEAD.to_vec(), head.encode());
+        let head = forge_chain(&store, &mut b, 5, &draft()).await;
         store.commit(b).await.expect("cut back");
         let v = verify(&store, &pk, Some(&cp), 3000, VerifyMode::Offline)
             .await
@@ -2602,7 +2595,7 @@ mod tests {
             1000,
             3000,
             true,
-            &mut Watched::anchored(Some(cp.clone())),
+            &mut Watched::starting(Some(cp.clone()), None),
         )
         .await
         .expect_err("refused");
