@@ -383,6 +383,13 @@ impl std::fmt::Debug for KeyRing {
     }
 }
 
+/// How an audit event names KEK `version` of `category` (`identity/v4`): the second entry
+/// of the `field_names` of a `RotateKey` (the version it made) or `RetireKeyVersion` (the
+/// version asked for) event, after the category.
+pub fn version_name(category: Category, version: u32) -> String {
+    format!("{}/v{version}", category.as_str())
+}
+
 /// Meta key of KEK `version` of `category` (wrapped by the master key).
 pub fn kek_meta_key(category: Category, version: u32) -> Vec<u8> {
     format!("{META_KEK_PREFIX}{}/{version:010}", category.as_str()).into_bytes()
@@ -842,6 +849,23 @@ impl KeyRing {
         categories: &[Category],
         events: Vec<Vec<u8>>,
     ) -> Result<Vec<(Category, u32)>, KeyOpError> {
+        self.rotate_audited(store, categories, |_| events).await
+    }
+
+    /// [`KeyRing::rotate`] whose audit event bodies `events` makes from the versions the
+    /// batch makes (category, version, in the order of `categories`), so that the events
+    /// committed with the rotation name exactly the versions it created (a version is chosen
+    /// only once the ring's lock is held, and a retry after a conflict makes another).
+    pub async fn rotate_audited<S, F>(
+        &self,
+        store: &S,
+        categories: &[Category],
+        events: F,
+    ) -> Result<Vec<(Category, u32)>, KeyOpError>
+    where
+        S: Store,
+        F: FnOnce(&[(Category, u32)]) -> Vec<Vec<u8>> + Send,
+    {
         let _ops = self.ops.lock().await;
         let now = chrono::Utc::now().timestamp_millis();
         let mut batch = Batch::default();
@@ -904,7 +928,8 @@ impl KeyRing {
             }
         }
         self.expect_master(&mut batch);
-        for event in events {
+        let versions: Vec<(Category, u32)> = made.iter().map(|(c, v, _, _)| (*c, *v)).collect();
+        for event in events(&versions) {
             batch.append_event(event);
         }
         match store.commit(batch).await {

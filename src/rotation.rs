@@ -1410,15 +1410,21 @@ pub async fn scheduled<S: Store>(
         .map_or(0, |v| v.info.created_ms);
     let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
     if vault::now_ms().saturating_sub(created) >= age_ms {
-        let mut events = Vec::new();
-        if vault.auditing() {
-            let mut draft = audit::Draft::new("RotateKey", SCHEDULE_PRINCIPAL, SYSTEM_ROLE);
-            draft.field_names = vec![category.as_str().to_string()];
-            draft.outcome = audit::Outcome::Ok.as_str().into();
-            events.push(draft.encode());
-        }
+        let auditing = vault.auditing();
+        // The event names the category and the version made (`identity/v4`), drafted in the
+        // rotation's batch once the version is chosen.
         let made = keys
-            .rotate(vault.store(), &[category], events)
+            .rotate_audited(vault.store(), &[category], |made| {
+                if !auditing {
+                    return Vec::new();
+                }
+                let mut draft = audit::Draft::new("RotateKey", SCHEDULE_PRINCIPAL, SYSTEM_ROLE);
+                draft.field_names = std::iter::once(category.as_str().to_string())
+                    .chain(made.iter().map(|&(c, v)| crate::keys::version_name(c, v)))
+                    .collect();
+                draft.outcome = audit::Outcome::Ok.as_str().into();
+                vec![draft.encode()]
+            })
             .await
             .map_err(|e| VaultError::Internal(e.to_string()))?;
         for (category, version) in made {
@@ -1621,18 +1627,43 @@ mod tests {
             .rotate(b.store(), &[Category::Identity], vec![])
             .await
             .expect("B rotates to v3");
+        // The events are drafted for the version each try makes: the conflicting try's
+        // (v3, never stored) and the retry's (v4, committed with it).
+        let drafted = std::sync::Mutex::new(Vec::new());
+        let audited = |made: &[(Category, u32)]| {
+            drafted.lock().expect("not poisoned").push(made.to_vec());
+            let mut draft = audit::Draft::new("RotateKey", "test", "security_officer");
+            draft.field_names = made
+                .iter()
+                .map(|&(c, v)| crate::keys::version_name(c, v))
+                .collect();
+            vec![draft.encode()]
+        };
         assert!(matches!(
             c.keys()
-                .rotate(c.store(), &[Category::Identity], vec![])
+                .rotate_audited(c.store(), &[Category::Identity], audited)
                 .await,
             Err(crate::keys::KeyOpError::Concurrent)
         ));
         let made = c
             .keys()
-            .rotate(c.store(), &[Category::Identity], vec![])
+            .rotate_audited(c.store(), &[Category::Identity], audited)
             .await
             .expect("the retry rotates");
         assert_eq!(made, vec![(Category::Identity, 4)]);
+        assert_eq!(
+            drafted.into_inner().expect("not poisoned"),
+            vec![vec![(Category::Identity, 3)], vec![(Category::Identity, 4)]]
+        );
+        let mut scan = audit::EventScan::from(1);
+        let mut named = Vec::new();
+        while let Some(e) = scan.next(c.store()).await.expect("scan") {
+            let event = audit::Event::parse(&e.raw.expect("framed")).expect("event");
+            if event.draft.action == "RotateKey" {
+                named.push(event.draft.field_names);
+            }
+        }
+        assert_eq!(named, vec![vec!["identity/v4".to_string()]]);
     }
 
     #[tokio::test]

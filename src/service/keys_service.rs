@@ -63,6 +63,12 @@ fn parse_category(text: &str, empty_ok: bool) -> Result<Option<Category>, Status
     })
 }
 
+/// How the events of `RotateKey` name the versions it made (`identity/v4`).
+fn version_names(made: &[(Category, u32)]) -> impl Iterator<Item = String> + '_ {
+    made.iter()
+        .map(|&(category, version)| crate::keys::version_name(category, version))
+}
+
 /// The category names an event records for `scope`.
 fn scope_names(scope: Option<Category>) -> Vec<String> {
     match scope {
@@ -80,11 +86,11 @@ fn timestamp(ms: i64) -> Option<prost_types::Timestamp> {
 
 /// The request's `ok` event body, to be committed with the change it records (none when the
 /// vault does not audit).
-fn ok_event<S: Store>(vault: &crate::vault::Vault<S>, ev: &audit::Context) -> Vec<Vec<u8>> {
+fn ok_event<S: Store>(vault: &crate::vault::Vault<S>, draft: &audit::Draft) -> Vec<Vec<u8>> {
     if !vault.auditing() {
         return Vec::new();
     }
-    let mut draft = ev.draft.clone();
+    let mut draft = draft.clone();
     draft.outcome = audit::Outcome::Ok.as_str().into();
     vec![draft.encode()]
 }
@@ -221,7 +227,7 @@ impl<S: Store> KeysService<S> {
             ev.draft.field_names = scope_names(scope);
             // The event goes with the job's start (fail closed: no event, no job).
             let vault = self.jobs.vault();
-            let events = ok_event(vault, &ev);
+            let events = ok_event(vault, &ev.draft);
             let rx = self
                 .jobs
                 .start(kind, scope, &caller.principal, events)
@@ -267,12 +273,19 @@ impl<S: Store> proto::keys_server::Keys for KeysService<S> {
             };
             ev.draft.field_names = categories.iter().map(|c| c.as_str().into()).collect();
             let vault = self.jobs.vault();
-            let events = ok_event(vault, &ev);
+            // The event names each version made (`identity/v4`, after the categories): it is
+            // drafted when the versions are chosen, in the rotation's batch.
+            let draft = &ev.draft;
             let made = vault
                 .keys()
-                .rotate(vault.store(), &categories, events)
+                .rotate_audited(vault.store(), &categories, |made| {
+                    let mut draft = draft.clone();
+                    draft.field_names.extend(version_names(made));
+                    ok_event(vault, &draft)
+                })
                 .await
                 .map_err(key_op_status)?;
+            ev.draft.field_names.extend(version_names(&made));
             ev.written = vault.auditing();
             for (category, version) in made {
                 tracing::info!(category = category.as_str(), version, "KEK rotated");
@@ -315,10 +328,21 @@ impl<S: Store> proto::keys_server::Keys for KeysService<S> {
         let (log, mut ev, caller) = self.auth.begin("RetireKeyVersion", &request);
         let req = request.into_inner();
         let result = async {
-            require(&caller?, KeyRight::Retire)?;
+            let caller = caller?;
+            // The event names the category and the version asked for (`identity/v4`), also
+            // when the request is refused, for want of the right included; a category that
+            // does not parse, or no version, is not named.
+            if let Ok(Some(category)) = parse_category(&req.category, false) {
+                ev.draft.field_names = vec![category.as_str().to_string()];
+                if req.version != 0 {
+                    ev.draft
+                        .field_names
+                        .push(crate::keys::version_name(category, req.version));
+                }
+            }
+            require(&caller, KeyRight::Retire)?;
             let category = parse_category(&req.category, false)?
                 .expect("a required category is present");
-            ev.draft.field_names = vec![category.as_str().to_string()];
             if req.version == 0 {
                 return Err(Status::invalid_argument("version: is required (1 or more)"));
             }
@@ -343,7 +367,7 @@ impl<S: Store> proto::keys_server::Keys for KeysService<S> {
                     .map(|counts| counts.get(&(category, req.version)).copied().unwrap_or(0))
                     .map_err(|e| e.to_string())
             };
-            let events = ok_event(vault, &ev);
+            let events = ok_event(vault, &ev.draft);
             vault
                 .keys()
                 .retire(vault.store(), category, req.version, count, events)

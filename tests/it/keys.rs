@@ -341,11 +341,133 @@ async fn rotate_rewrap_retire_with_exact_counts_and_audit() {
         .collect();
     let expected: std::collections::BTreeSet<_> = ids.iter().step_by(2).cloned().collect();
     assert_eq!(rewrapped, expected);
-    let retire = events
+    // The key events name the category, then the version made or asked for: each refused
+    // retirement and the one that destroyed v1 can be told apart.
+    let named = |action: &str| -> Vec<(Vec<String>, String)> {
+        events
+            .iter()
+            .filter(|e| e.action == action)
+            .map(|e| (e.field_names.clone(), e.outcome.clone()))
+            .collect()
+    };
+    let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        named("RotateKey"),
+        vec![(names(&["identity", "identity/v2"]), "ok".into())]
+    );
+    assert_eq!(
+        named("RetireKeyVersion"),
+        vec![
+            (names(&["identity", "identity/v1"]), "invalid".into()),
+            (names(&["identity", "identity/v2"]), "invalid".into()),
+            (names(&["identity", "identity/v7"]), "invalid".into()),
+            (names(&[]), "invalid".into()),
+            (names(&["identity", "identity/v1"]), "ok".into()),
+            (names(&["identity", "identity/v1"]), "invalid".into()),
+        ]
+    );
+}
+
+/// `RotateKey` and `RetireKeyVersion` events name the version made or asked for
+/// (`<category>/v<version>` after the category): successive rotations and retirements of one
+/// category, a rotation of every category, and refused attempts (no right, no version) differ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_events_name_the_version_made_or_retired() {
+    let v = spawn_vault().await;
+    let mut k = keys(&v, "security_officer").await;
+    for _ in 0..2 {
+        k.rotate_key(RotateKeyRequest {
+            category: "identity".into(),
+        })
+        .await
+        .expect("rotate identity");
+    }
+    k.rotate_key(RotateKeyRequest::default())
+        .await
+        .expect("rotate every category");
+    // No record exists: every older identity version may go.
+    for version in [1, 2, 3] {
+        k.retire_key_version(RetireKeyVersionRequest {
+            category: "identity".into(),
+            version,
+        })
+        .await
+        .expect("retire");
+    }
+    assert_status(
+        k.retire_key_version(RetireKeyVersionRequest {
+            category: "identity".into(),
+            version: 4,
+        })
+        .await,
+        Code::FailedPrecondition,
+        &["active"],
+    );
+    assert_status(
+        k.retire_key_version(RetireKeyVersionRequest {
+            category: "contact".into(),
+            version: 0,
+        })
+        .await,
+        Code::InvalidArgument,
+        &["version"],
+    );
+    assert_status(
+        keys(&v, "payroll")
+            .await
+            .retire_key_version(RetireKeyVersionRequest {
+                category: "contact".into(),
+                version: 1,
+            })
+            .await,
+        Code::PermissionDenied,
+        &["retire"],
+    );
+    let events = v.audit_events(QueryEventsRequest::default()).await;
+    let named: Vec<(&str, &str, Vec<&str>)> = events
         .iter()
-        .find(|e| e.action == "RetireKeyVersion" && e.outcome == "ok")
-        .expect("retire event");
-    assert_eq!(retire.field_names, vec!["identity".to_string()]);
+        .filter(|e| e.action == "RotateKey" || e.action == "RetireKeyVersion")
+        .map(|e| {
+            (
+                e.action.as_str(),
+                e.outcome.as_str(),
+                e.field_names.iter().map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    let every: Vec<&str> = Category::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .chain([
+            "contact/v2",
+            "personal/v2",
+            "cv/v2",
+            "identity/v4",
+            "financial/v2",
+            "absence/v2",
+        ])
+        .collect();
+    assert_eq!(
+        named,
+        vec![
+            ("RotateKey", "ok", vec!["identity", "identity/v2"]),
+            ("RotateKey", "ok", vec!["identity", "identity/v3"]),
+            ("RotateKey", "ok", every),
+            ("RetireKeyVersion", "ok", vec!["identity", "identity/v1"]),
+            ("RetireKeyVersion", "ok", vec!["identity", "identity/v2"]),
+            ("RetireKeyVersion", "ok", vec!["identity", "identity/v3"]),
+            (
+                "RetireKeyVersion",
+                "invalid",
+                vec!["identity", "identity/v4"]
+            ),
+            ("RetireKeyVersion", "invalid", vec!["contact"]),
+            ("RetireKeyVersion", "denied", vec!["contact", "contact/v1"]),
+        ]
+    );
+    let s = status(&mut k).await;
+    assert_eq!(versions(&s, "identity").0, 4);
+    assert_eq!(versions(&s, "contact").0, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -796,10 +918,12 @@ async fn the_schedule_rotates_a_due_key_and_rewraps_by_itself() {
         .iter()
         .map(|e| (e.action.as_str(), e.field_names.as_slice()))
         .collect();
+    // The rotation names the version it made.
+    let made = ["identity".to_string(), "identity/v2".to_string()];
     let identity = ["identity".to_string()];
     assert_eq!(
         actions,
-        vec![("RotateKey", &identity[..]), ("Rewrap", &identity[..])],
+        vec![("RotateKey", &made[..]), ("Rewrap", &identity[..])],
         "{events:?}"
     );
 }
