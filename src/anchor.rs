@@ -185,9 +185,10 @@ pub fn save(path: &Path, store_id: &[u8; 16], cp: &Checkpoint) -> Result<(), Anc
         || "audit-anchor".into(),
         |n| n.to_string_lossy().into_owned(),
     );
-    let tmp = dir.join(format!(".{name}.tmp"));
+    // Named by the process: instances sharing a keys directory do not write each other's.
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let written = (|| {
-        // A temporary file left by a crash is replaced.
+        // A temporary file left by a crash (of a process with this id) is replaced.
         match std::fs::remove_file(&tmp) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
