@@ -969,10 +969,15 @@ impl Shared {
                 self.flushes.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = written {
                     // Cut off whatever part of the frames reached the file, so that a later
-                    // write-back cannot make the failed batches reappear at the next start.
+                    // write-back cannot make the failed batches reappear at the next start;
+                    // then extend it with zeros (a hole: no disk space) to a multiple of
+                    // LOG_EXTEND, as every sync leaves it: only a file that something other
+                    // than the writer cut back is shorter.
                     let _ = log.file.set_len(log.len);
+                    let allocated = log.len.div_ceil(LOG_EXTEND) * LOG_EXTEND;
+                    let _ = log.file.set_len(allocated);
                     let _ = log.file.sync_data();
-                    log.allocated = log.len;
+                    log.allocated = allocated;
                     {
                         use std::io::Seek;
                         let _ = log.file.seek(std::io::SeekFrom::Start(log.len));
@@ -1779,6 +1784,11 @@ mod tests {
             );
             let head = audit::Head::load(&store).await.expect("head");
             assert_eq!(head.seq, 1 + (8 - failed) as u64);
+            // The failed frame is cut off, and the file left a multiple of LOG_EXTEND long.
+            for (_, path) in wal::list(&wal::dir(dir.path())).expect("list") {
+                let log = std::fs::read(&path).expect("read log");
+                assert_eq!(log.len() as u64 % LOG_EXTEND, 0);
+            }
         }
         let store = SledStore::open(dir.path()).expect("reopen");
         assert!(store
