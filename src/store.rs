@@ -53,6 +53,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::wal::LOG_EXTEND;
 use crate::{audit, wal};
 
 /// A keyspace: a separate ordered map of byte keys to byte values.
@@ -410,8 +411,6 @@ impl LogFile {
     }
 }
 
-/// The log file grows by this many zeros at a time, ahead of its frames.
-const LOG_EXTEND: u64 = 1 << 20;
 /// Groups one writer leads before it hands the rest of the queue to a new task.
 const MAX_LEAD_ROUNDS: usize = 8;
 /// Most batches one group carries.
@@ -469,7 +468,21 @@ impl SledStore {
 
     /// Opens (creating if needed) a sled store in `dir` with the given durability mode,
     /// replaying the write-ahead log over sled's recovered state.
+    /// A log file found cut back refuses the open unless [`ACCEPT_WAL_CUT_ENV`] names it.
     pub fn open_with(dir: &Path, durability: Durability) -> Result<SledStore, StoreError> {
+        SledStore::open_accepting(
+            dir,
+            durability,
+            std::env::var_os(ACCEPT_WAL_CUT_ENV).as_deref(),
+        )
+    }
+
+    /// [`SledStore::open_with`], with the name of a log file whose cut is accepted.
+    fn open_accepting(
+        dir: &Path,
+        durability: Durability,
+        accept_cut: Option<&std::ffi::OsStr>,
+    ) -> Result<SledStore, StoreError> {
         crate::keys::create_dir_durable(dir).map_err(io)?;
         {
             use std::os::unix::fs::PermissionsExt;
@@ -517,33 +530,70 @@ impl SledStore {
             .map_or(0, u64::from_be_bytes);
         let files = wal::list(&wal_dir).map_err(io)?;
         let mut last = applied;
-        // A log that ends in a torn frame (`path`, byte): only a later frame of a batch not
-        // yet applied makes it damage.
-        let mut torn: Option<(&Path, usize)> = None;
+        // A log file that ends in a torn frame or was cut back: only the next frame, in a
+        // later file, can show what its end held.
+        let mut open_end: Option<OpenEnd> = None;
         for (_, path) in &files {
             let bytes = std::fs::read(path).map_err(io)?;
-            let (frames, end) = wal::decode_frames(&bytes, last);
-            let damaged = match end {
-                wal::LogEnd::Corrupt { at } => Some((path.as_path(), at)),
-                _ => torn.filter(|_| frames.iter().any(|f| f.seq > last)),
-            };
-            if let Some((path, at)) = damaged {
-                return Err(StoreError::Io(format!(
-                    "write-ahead log {} is damaged at byte {at}: valid frames of later \
-                     acknowledged writes follow it, so it is not a write torn by a crash; \
-                     restore the data directory from a backup",
-                    path.display()
-                )));
+            let decoded = wal::decode_frames(&bytes, last);
+            if let (Some(first), Some(end)) = (decoded.frames.first(), open_end.take()) {
+                end.followed_by(first.seq, last, path)?;
             }
-            if let wal::LogEnd::Torn { at } = end {
-                tracing::warn!(file = %path.display(), at, "the write-ahead log ends in a torn frame (a write cut short by a crash, never acknowledged); replaying the frames before it");
-                torn = Some((path.as_path(), at));
+            for s in &decoded.skipped {
+                tracing::warn!(
+                    file = %path.display(),
+                    at = s.at,
+                    resumed_at = s.resumed_at,
+                    batches_after = s.after,
+                    next_batch = s.next,
+                    applied = last,
+                    "the write-ahead log is damaged from byte `at` to `resumed_at`, but the \
+                     frame after the damage shows that every batch it can hold is applied \
+                     already; skipped it. Check the disk"
+                );
             }
-            for frame in frames.into_iter().filter(|f| f.seq > applied) {
+            match decoded.end {
+                wal::LogEnd::Corrupt {
+                    at,
+                    resumed_at,
+                    known,
+                    next,
+                } => {
+                    return Err(StoreError::Io(format!(
+                        "write-ahead log {} is damaged at byte {at}: the next valid frame (at \
+                         byte {resumed_at}) is batch {next}, and only batches up to {known} are \
+                         held, so the damaged bytes can hold acknowledged writes (batches {} to \
+                         {}) not yet applied; refusing to drop them. Keep a copy of the data \
+                         directory, then restore the log file (or the data directory) from a \
+                         backup",
+                        path.display(),
+                        known + 1,
+                        next - 1,
+                    )));
+                }
+                wal::LogEnd::Torn { at } => {
+                    open_end = Some(OpenEnd {
+                        path: path.clone(),
+                        torn_at: Some(at),
+                        cut: decoded.cut,
+                    })
+                }
+                wal::LogEnd::Clean => {
+                    open_end = decoded.cut.map(|cut| OpenEnd {
+                        path: path.clone(),
+                        torn_at: None,
+                        cut: Some(cut),
+                    })
+                }
+            }
+            for frame in decoded.frames.into_iter().filter(|f| f.seq > applied) {
                 // Logged frames hold their events already linked (as plain writes).
                 apply_ops(&trees, &frame.ops, frame.seq)?;
                 last = last.max(frame.seq);
             }
+        }
+        if let Some(end) = open_end {
+            end.at_the_end(accept_cut)?;
         }
         if last > applied {
             tracing::info!(batches = last - applied, "replayed the write-ahead log");
@@ -649,6 +699,107 @@ impl SledStore {
 
     fn tree(&self, ks: Keyspace) -> &sled::Tree {
         &self.inner.shared.trees[ks as usize]
+    }
+}
+
+/// Set to the name of a write-ahead log file that start-up found cut back (e.g.
+/// `0000000000000007.wal`) to open the store anyway, accepting that acknowledged writes
+/// logged after its readable frames are lost.
+pub const ACCEPT_WAL_CUT_ENV: &str = "KLUIS_ACCEPT_WAL_CUT";
+
+/// The end of a log file that start-up could not read to a clean end: a torn frame, or a
+/// file shorter than any crash leaves it ([`wal::Cut`]).
+struct OpenEnd {
+    path: PathBuf,
+    /// Where a torn (or damaged) frame starts.
+    torn_at: Option<usize>,
+    cut: Option<wal::Cut>,
+}
+
+impl OpenEnd {
+    /// Where the readable frames end.
+    fn at(&self) -> usize {
+        self.torn_at
+            .or(self.cut.map(|c| c.frames_end))
+            .unwrap_or_default()
+    }
+
+    /// A later log file's first frame is batch `next`, with batches up to `held` applied or
+    /// replayed. A new log file is started only after the last frame of the old one is
+    /// synced, so this end is no crash: it is damage. Frames are numbered by their group's
+    /// last batch, so what the end lost was below `next`; if that is all held, nothing is lost.
+    fn followed_by(self, next: u64, held: u64, later: &Path) -> Result<(), StoreError> {
+        if next <= held.saturating_add(1) {
+            tracing::warn!(
+                file = %self.path.display(),
+                at = self.at(),
+                cut_back = self.cut.is_some(),
+                later_file = %later.display(),
+                next_batch = next,
+                applied = held,
+                "a write-ahead log file ends in damage, but the next log file shows that every \
+                 batch it can have held is applied already; continuing. Check the disk"
+            );
+            return Ok(());
+        }
+        Err(StoreError::Io(format!(
+            "write-ahead log {} is damaged at byte {}{}: the next log file, {}, starts with \
+             batch {next}, and only batches up to {held} are held, so acknowledged writes \
+             (batches {} to {}) may be lost; refusing to drop them. Keep a copy of the data \
+             directory, then restore the log file (or the data directory) from a backup",
+            self.path.display(),
+            self.at(),
+            if self.cut.is_some() {
+                " (the file was cut back)"
+            } else {
+                ""
+            },
+            later.display(),
+            held + 1,
+            next - 1,
+        )))
+    }
+
+    /// The end of the last log file holding frames. A torn frame in a file as long as the
+    /// log writer leaves it is a write cut short by a crash, never acknowledged; a file
+    /// shorter than that was cut back by something else, and what it lost may have been
+    /// acknowledged: opening is refused unless [`ACCEPT_WAL_CUT_ENV`] names the file.
+    fn at_the_end(self, accept: Option<&std::ffi::OsStr>) -> Result<(), StoreError> {
+        let Some(cut) = self.cut else {
+            tracing::warn!(file = %self.path.display(), at = self.at(), "the write-ahead log ends in a torn frame (a write cut short by a crash, never acknowledged); replaying the frames before it");
+            return Ok(());
+        };
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let what =
+            format!(
+            "write-ahead log {} was cut back: it is {} bytes long, but the log writer leaves it \
+             at least {} (a crash never shortens it); its readable frames end at byte {}{}. \
+             Acknowledged writes logged after them, and their audit events, may be lost, and \
+             the audit chain would then end early",
+            self.path.display(),
+            cut.len,
+            cut.needed,
+            cut.frames_end,
+            if self.torn_at.is_some() { ", in a frame cut short" } else { "" },
+        );
+        if accept.is_some_and(|v| !name.is_empty() && v.to_string_lossy() == name) {
+            tracing::error!(
+                file = %self.path.display(),
+                len = cut.len,
+                frames_end = cut.frames_end,
+                "{what}; starting anyway, as {ACCEPT_WAL_CUT_ENV}={name} says"
+            );
+            return Ok(());
+        }
+        Err(StoreError::Io(format!(
+            "{what}. Refusing to start: keep a copy of the data directory; if a backup or \
+             snapshot holds this file whole, put it back. To start anyway, accepting the loss, \
+             set {ACCEPT_WAL_CUT_ENV}={name}"
+        )))
     }
 }
 
@@ -1504,7 +1655,7 @@ mod tests {
         // Durable: both frames are in the log already.
         let log = std::fs::read(wal::list(&wal::dir(dir.path())).expect("logs")[0].1.clone())
             .expect("log");
-        assert_eq!(wal::decode_frames(&log, 0).0.len(), 3);
+        assert_eq!(wal::decode_frames(&log, 0).frames.len(), 3);
         let spawn_get = |ks: Keyspace, key: &'static [u8]| {
             let store = store.clone();
             tokio::spawn(async move { store.get(ks, key).await })
@@ -1547,8 +1698,19 @@ mod tests {
             let op = Op::Put(Keyspace::Records, format!("k{seq}").into_bytes(), vec![1]);
             wal::encode_frame(&mut log, seq, [&op]);
         }
-        std::fs::write(wal::file_path(&wal::dir(dir), no), &log).expect("write log");
+        write_log(dir, no, &log);
         (log, starts)
+    }
+
+    /// Writes log file `no` of the store in `dir` as the log writer leaves it: `frames`, then
+    /// zeros up to a multiple of [`LOG_EXTEND`].
+    fn write_log(dir: &Path, no: u64, frames: &[u8]) {
+        let mut log = frames.to_vec();
+        log.resize(
+            (log.len() as u64).div_ceil(LOG_EXTEND) as usize * LOG_EXTEND as usize,
+            0,
+        );
+        std::fs::write(wal::file_path(&wal::dir(dir), no), &log).expect("write log");
     }
 
     #[tokio::test]
@@ -1580,8 +1742,7 @@ mod tests {
         // A crash tore the write of batch 3; a start-up then created the next (empty) log
         // file and crashed again before it removed this one.
         let (log, starts) = hand_written_log(dir.path(), 100, 3);
-        let torn = &log[..starts[2] + 10];
-        std::fs::write(wal::file_path(&wal::dir(dir.path()), 100), torn).expect("tear");
+        write_log(dir.path(), 100, &log[..starts[2] + 10]);
         std::fs::write(wal::file_path(&wal::dir(dir.path()), 101), b"").expect("empty log");
         let store = SledStore::open(dir.path()).expect("opens");
         for (key, present) in [(&b"k1"[..], true), (b"k2", true), (b"k3", false)] {
@@ -1598,7 +1759,7 @@ mod tests {
         // after 2 was synced): dropping 2 and 3 as a torn tail would lose it.
         let (mut log, starts) = hand_written_log(dir.path(), 100, 3);
         log[starts[1] + wal::FRAME_HEADER + 3] ^= 0x40;
-        std::fs::write(wal::file_path(&wal::dir(dir.path()), 100), &log).expect("damage");
+        write_log(dir.path(), 100, &log);
         let err = SledStore::open(dir.path()).err().expect("refused");
         assert!(
             err.to_string().contains("damaged at byte") && err.to_string().contains("100.wal"),
@@ -1607,7 +1768,7 @@ mod tests {
         // The same damage in the last file's last frame is a torn write: it opens.
         let (mut log, starts) = hand_written_log(dir.path(), 100, 3);
         log[starts[2] + wal::FRAME_HEADER + 3] ^= 0x40;
-        std::fs::write(wal::file_path(&wal::dir(dir.path()), 100), &log).expect("damage");
+        write_log(dir.path(), 100, &log);
         let store = SledStore::open(dir.path()).expect("opens");
         assert!(store
             .get(Keyspace::Records, b"k2")
@@ -1619,6 +1780,84 @@ mod tests {
             .await
             .expect("get")
             .is_none());
+    }
+
+    #[tokio::test]
+    async fn damage_that_sled_already_applied_does_not_stop_the_next_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = SledStore::open(dir.path()).expect("create");
+            for seq in 1..=3 {
+                let mut b = Batch::default();
+                b.put(Keyspace::Records, format!("k{seq}").into_bytes(), vec![1]);
+                store.commit(b).await.expect("commit");
+            }
+        }
+        // A log of batches 1..=5 whose frame 2 is damaged: frame 3 after it is applied, so
+        // batch 2 is too; 4 and 5 are replayed.
+        let (mut log, starts) = hand_written_log(dir.path(), 100, 5);
+        log[starts[1] + wal::FRAME_HEADER + 3] ^= 0x40;
+        write_log(dir.path(), 100, &log);
+        let store = SledStore::open(dir.path()).expect("opens");
+        for key in [&b"k1"[..], b"k2", b"k3", b"k4", b"k5"] {
+            let got = store.get(Keyspace::Records, key).await.expect("get");
+            assert!(got.is_some(), "{}", String::from_utf8_lossy(key));
+        }
+        drop(store);
+        // Damage at the end of one file, the next file starting with a batch at most one
+        // above what is applied: nothing is lost either.
+        let (log, starts) = hand_written_log(dir.path(), 200, 5);
+        write_log(dir.path(), 200, &log[..starts[4] + 7]);
+        let mut next = Vec::new();
+        let op = Op::Put(Keyspace::Records, b"k6".to_vec(), vec![1]);
+        wal::encode_frame(&mut next, 6, [&op]);
+        write_log(dir.path(), 201, &next);
+        let store = SledStore::open(dir.path()).expect("opens");
+        let got = store.get(Keyspace::Records, b"k6").await.expect("get");
+        assert!(got.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_log_cut_back_refuses_to_open_unless_the_cut_is_accepted_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(SledStore::open(dir.path()).expect("create"));
+        let (log, starts) = hand_written_log(dir.path(), 100, 4);
+        let file = wal::file_path(&wal::dir(dir.path()), 100);
+        // Cut back at the start of frame 4, and in the middle of it: no crash leaves a log
+        // file without the zeros written ahead of its frames.
+        for (end, torn) in [(starts[3], false), (starts[3] + 9, true)] {
+            std::fs::write(&file, &log[..end]).expect("cut");
+            let err = SledStore::open(dir.path())
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(
+                err.contains("0000000000000100.wal was cut back")
+                    && err.contains(&format!("readable frames end at byte {}", starts[3]))
+                    && err.contains("KLUIS_ACCEPT_WAL_CUT=0000000000000100.wal")
+                    && err.contains("frame cut short") == torn,
+                "{err}"
+            );
+        }
+        // The override names the file: another name does not open it.
+        let other = std::ffi::OsStr::new("0000000000000099.wal");
+        assert!(
+            SledStore::open_accepting(dir.path(), Durability::GroupCommit, Some(other)).is_err()
+        );
+        let name = std::ffi::OsStr::new("0000000000000100.wal");
+        let store = SledStore::open_accepting(dir.path(), Durability::GroupCommit, Some(name))
+            .expect("opens, accepting the loss");
+        for (key, present) in [(&b"k1"[..], true), (b"k3", true), (b"k4", false)] {
+            let got = store.get(Keyspace::Records, key).await.expect("get");
+            assert_eq!(got.is_some(), present, "{}", String::from_utf8_lossy(key));
+        }
+        drop(store);
+        // Zeroed from the start of frame 4 but not shortened: no different from a crash
+        // before frame 4 was written; it opens.
+        let mut zeroed = log.clone();
+        zeroed[starts[3]..].fill(0);
+        write_log(dir.path(), 200, &zeroed);
+        drop(SledStore::open(dir.path()).expect("opens"));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1784,10 +2023,13 @@ mod tests {
             );
             let head = audit::Head::load(&store).await.expect("head");
             assert_eq!(head.seq, 1 + (8 - failed) as u64);
-            // The failed frame is cut off, and the file left a multiple of LOG_EXTEND long.
+            // The failed frame is cut off, and the file left as the writer leaves it (a
+            // multiple of LOG_EXTEND), so the next start does not take it for a cut-back log.
             for (_, path) in wal::list(&wal::dir(dir.path())).expect("list") {
                 let log = std::fs::read(&path).expect("read log");
                 assert_eq!(log.len() as u64 % LOG_EXTEND, 0);
+                let decoded = wal::decode_frames(&log, 0);
+                assert_eq!((decoded.end, decoded.cut), (wal::LogEnd::Clean, None));
             }
         }
         let store = SledStore::open(dir.path()).expect("reopen");
@@ -1975,8 +2217,7 @@ mod tests {
             &[Op::Put(Keyspace::Records, b"k2".to_vec(), b"v2".to_vec())],
         );
         // An earlier log file ends in the zeros the log writer puts ahead of its frames.
-        log.resize(log.len() + 5000, 0);
-        std::fs::write(wal::file_path(&wal::dir(dir.path()), 99), &log).expect("write log");
+        write_log(dir.path(), 99, &log);
         let mut log = Vec::new();
         wal::encode_frame(
             &mut log,
@@ -1997,7 +2238,7 @@ mod tests {
             )],
         );
         log.extend_from_slice(&torn[..torn.len() - 3]);
-        std::fs::write(wal::file_path(&wal::dir(dir.path()), 100), &log).expect("write log");
+        write_log(dir.path(), 100, &log);
 
         let store = SledStore::open(dir.path()).expect("reopen replays");
         assert_eq!(
