@@ -411,6 +411,40 @@ impl LogFile {
     }
 }
 
+impl LogFile {
+    /// After a failed write: zeroes whatever part of the failed frames reached the file, so
+    /// that a later write-back cannot make the failed batches reappear at the next start,
+    /// and keeps the file a multiple of [`LOG_EXTEND`] long, as every sync leaves it (only a
+    /// file that something other than the writer cut back is shorter). The zeros are a hole
+    /// punched in place (no data written, so neither a full disk nor a file size limit, the
+    /// likely causes of the failure, stops it); where holes cannot be punched, the file is cut
+    /// back to its frames and extended again.
+    fn discard_after_frames(&mut self) {
+        let punched = match self.file.metadata() {
+            Ok(m) if m.len() > self.len => rustix::fs::fallocate(
+                &self.file,
+                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                self.len,
+                m.len() - self.len,
+            )
+            .is_ok(),
+            // Nothing past the frames.
+            Ok(_) => true,
+            Err(_) => false,
+        };
+        if !punched {
+            let _ = self.file.set_len(self.len);
+            let _ = self
+                .file
+                .set_len(self.len.div_ceil(LOG_EXTEND) * LOG_EXTEND);
+        }
+        let _ = self.file.sync_data();
+        if let Ok(m) = self.file.metadata() {
+            self.allocated = m.len();
+        }
+    }
+}
+
 /// Groups one writer leads before it hands the rest of the queue to a new task.
 const MAX_LEAD_ROUNDS: usize = 8;
 /// Most batches one group carries.
@@ -1119,16 +1153,7 @@ impl Shared {
                 })();
                 self.flushes.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = written {
-                    // Cut off whatever part of the frames reached the file, so that a later
-                    // write-back cannot make the failed batches reappear at the next start;
-                    // then extend it with zeros (a hole: no disk space) to a multiple of
-                    // LOG_EXTEND, as every sync leaves it: only a file that something other
-                    // than the writer cut back is shorter.
-                    let _ = log.file.set_len(log.len);
-                    let allocated = log.len.div_ceil(LOG_EXTEND) * LOG_EXTEND;
-                    let _ = log.file.set_len(allocated);
-                    let _ = log.file.sync_data();
-                    log.allocated = allocated;
+                    log.discard_after_frames();
                     {
                         use std::io::Seek;
                         let _ = log.file.seek(std::io::SeekFrom::Start(log.len));

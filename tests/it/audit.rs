@@ -1156,9 +1156,16 @@ fn start_piped(dir: &std::path::Path) -> Piped {
             log.push('\n');
         }
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("kluis did not start");
+    let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(addr) => addr,
+        Err(e) => {
+            std::thread::sleep(Duration::from_millis(200));
+            panic!(
+                "kluis did not start ({e}): {}",
+                log.lock().expect("log lock")
+            )
+        }
+    };
     Piped { child, addr, log }
 }
 
