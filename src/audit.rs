@@ -952,8 +952,11 @@ pub async fn checkpoint_if_due(
     if head.time_ms > now_ms().saturating_add(CLOCK_SKEW_MS) {
         // Seen all the same: after a clock stepped back, the events that arrive while real
         // time catches up with the head's must not count as unseen (past the coverage bound
-        // they would stop checkpoints for good).
-        if head.seq >= watched.head.map_or(0, |h| h.seq) {
+        // they would stop checkpoints for good). But only once this process has seen a head:
+        // the tail it finds at start-up counts against the bound whatever its time (else a
+        // forged tail of any length, dated a little ahead, would be signed once real time
+        // caught up with it; review 6).
+        if watched.head.is_some_and(|seen| head.seq >= seen.seq) {
             watched.head = Some(head);
         }
         return Err(refuse(format!(
@@ -2432,6 +2435,49 @@ mod tests {
             .expect_err("refused")
             .to_string();
         assert!(err.contains("dated in the future"), "{err}");
+    }
+
+    /// Review 6: a tail found at start-up, longer than the bound and dated a little ahead,
+    /// was marked seen while it was in the future, and signed once real time caught up.
+    #[tokio::test]
+    async fn a_long_tail_dated_ahead_found_at_start_up_is_never_signed() {
+        use crate::store::{Batch, SledStore};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signer = Signer::load_or_create(&dir.path().join("k"), true).expect("signer");
+        let data = dir.path().join("data");
+        let store = SledStore::open(&data).expect("open");
+        store.commit(event_batch(10)).await.expect("commit");
+        let cp = checkpoint_if_due(&store, &signer, 5, 50, true, &mut Watched::default()).await;
+        assert_eq!(cp.expect("cp").expect("due").seq, 10);
+        // With the server stopped: the head dated 2 s past the skew allowance, then 60
+        // events appended (the store dates them from the head).
+        let real = Head::load(&store).await.expect("head");
+        let mut b = Batch::default();
+        b.put(
+            Keyspace::Meta,
+            META_HEAD.to_vec(),
+            Head {
+                time_ms: now_ms() + CLOCK_SKEW_MS + 2000,
+                ..real
+            }
+            .encode(),
+        );
+        store.commit(b).await.expect("date ahead");
+        drop(store);
+        let store = SledStore::open(&data).expect("reopen");
+        store.commit(event_batch(60)).await.expect("forged tail");
+        // The server starts: the head it opened with is 70.
+        let mut w = Watched::starting(None, Some(70));
+        for _ in 0..3 {
+            let r = checkpoint_if_due(&store, &signer, 5, 50, false, &mut w).await;
+            assert!(r.is_err(), "refused while the head is ahead");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+        let err = checkpoint_if_due(&store, &signer, 5, 50, true, &mut w)
+            .await
+            .expect_err("still refused once real time caught up")
+            .to_string();
+        assert!(err.contains("60 events"), "{err}");
     }
 
     #[tokio::test]
