@@ -159,6 +159,24 @@ fn check_lifecycle_step(
             body.lifecycle
         )));
     }
+    // A closed procedure reopened would be processed again under `recruitment`, which a
+    // closed procedure's record is out of reach of: not while its subject has withdrawn a
+    // consent or objected (the reopening would undo what they asked for). A new
+    // application is a new record.
+    if body.lifecycle == "procedure_closed" && stage == "applicant" {
+        let refused: Vec<&str> = body
+            .consents
+            .iter()
+            .filter(|(_, c)| !c.granted)
+            .map(|(purpose, _)| purpose.as_str())
+            .collect();
+        if !refused.is_empty() {
+            return Err(VaultError::FailedPrecondition(format!(
+                "stage: record {id}'s procedure is closed and its subject withdrew consent or objected ({}): reopening it would process the record again against that; a new application is a new record (CreateRecord), or the privacy officer records the subject's consent again first",
+                refused.join(", ")
+            )));
+        }
+    }
     if stage == "ended" && !worked {
         return Err(VaultError::FailedPrecondition(format!(
             "stage: record {id} is `{}`: only an employment can end; set `employed` (with the date it began) first",
@@ -2347,6 +2365,39 @@ mod tests {
         assert_eq!(keys, ["access_history", "fields", "format", "version"]);
         let at = |k: &str| text.find(&format!("\"{k}\"")).expect("key");
         assert!(at("access_history") < at("fields") && at("fields") < at("format"));
+    }
+
+    #[test]
+    fn a_closed_procedure_reopens_only_without_a_withdrawal_or_objection() {
+        let id = Uuid::new_v4();
+        let mut body = RecordBody {
+            lifecycle: "procedure_closed".into(),
+            lifecycle_date: "2026-11-20".into(),
+            ..RecordBody::default()
+        };
+        check_lifecycle_step(id, &body, "applicant", "2026-11-26").expect("reopened");
+        body.consents.insert(
+            "talent_pool".into(),
+            crate::record::ConsentEntry {
+                granted: true,
+                changed_ms: 1,
+            },
+        );
+        check_lifecycle_step(id, &body, "applicant", "2026-11-26").expect("consent given");
+        body.consents.insert(
+            "personal_offers".into(),
+            crate::record::ConsentEntry {
+                granted: false,
+                changed_ms: 2,
+            },
+        );
+        let err = check_lifecycle_step(id, &body, "applicant", "2026-11-26")
+            .expect_err("objected")
+            .to_string();
+        assert!(err.contains("(personal_offers)"), "{err}");
+        // Closing again, or hiring, is not a reopening.
+        check_lifecycle_step(id, &body, "procedure_closed", "2026-11-26").expect("re-closed");
+        check_lifecycle_step(id, &body, "employed", "2026-11-26").expect("hired");
     }
 
     #[test]

@@ -487,6 +487,23 @@ async fn recruitment_ends_with_the_procedure_so_withdrawal_and_objection_hold() 
         Code::FailedPrecondition,
         &["procedure_closed", "recruitment"],
     );
+    // Nor can the recruiter reopen the procedure to reach it again.
+    assert_status(
+        recruiter
+            .set_lifecycle(SetLifecycleRequest {
+                record_id: id.clone(),
+                stage: "applicant".into(),
+                date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        &[
+            "stage",
+            "withdrew consent or objected",
+            "personal_offers, talent_pool",
+            "CreateRecord",
+        ],
+    );
     // The privacy officer answers the subject's requests all the same.
     v.client("privacy_officer")
         .await
