@@ -12,8 +12,9 @@
 //! The file is named by the store's id ([`crate::keys::KeyRing::store_id`], derived from the
 //! store's integrity key: it cannot be changed with access to the store alone), so one keys
 //! directory can serve several data directories (dev mode's `--data-dir`) without one
-//! store's anchor being taken for another's. The server records the id in the store too
-//! ([`META_STORE_ID`]), for the offline verifier, which has no master key.
+//! store's anchor being taken for another's. The server records the id in the store too,
+//! signed by the checkpoint key ([`META_STORE_ID`]), for the offline verifier, which has no
+//! master key.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -209,26 +210,63 @@ pub fn save(path: &Path, store_id: &[u8; 16], cp: &Checkpoint) -> Result<(), Anc
     written.map_err(io)
 }
 
-/// The store's recorded copy of its id, if any (malformed copies read as `None`).
-pub async fn recorded_store_id(store: &impl Store) -> Result<Option<[u8; 16]>, StoreError> {
-    Ok(store
-        .get(Keyspace::Meta, META_STORE_ID)
-        .await?
-        .and_then(|v| <[u8; 16]>::try_from(v.as_slice()).ok()))
+/// What the store records as its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordedId {
+    /// Nothing: no server with anchors has started on this store.
+    Absent,
+    /// An id signed by the checkpoint key.
+    Signed([u8; 16]),
+    /// Something that is not an id signed by the checkpoint key: it was changed.
+    Unsigned,
 }
 
-/// Records `store_id` in the store if its copy is absent or differs; returns the copy that
-/// differed, if one did (someone changed it: the caller says so).
+/// Label of the signed store id record.
+const LABEL_STORE_ID: &[u8] = b"kluis/v1/audit-store-id";
+
+fn store_id_message(store_id: &[u8; 16]) -> Vec<u8> {
+    [LABEL_STORE_ID, store_id.as_slice()].concat()
+}
+
+/// The store's record of its id (id ‖ Ed25519 signature by the checkpoint key), checked
+/// against `public_key`. Signed, so that with access to the store alone it can be removed
+/// (which the verifier notices when anchors exist) but not changed to an unsigned value; a
+/// copy of another store's record (same keys directory) leads to that store's anchor, which
+/// this chain does not hold.
+pub async fn recorded_store_id(
+    store: &impl Store,
+    public_key: &[u8; 32],
+) -> Result<RecordedId, StoreError> {
+    let Some(value) = store.get(Keyspace::Meta, META_STORE_ID).await? else {
+        return Ok(RecordedId::Absent);
+    };
+    let signed = (value.len() == 16 + 64)
+        .then(|| {
+            let id: [u8; 16] = value[..16].try_into().ok()?;
+            ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key)
+                .verify(&store_id_message(&id), &value[16..])
+                .is_ok()
+                .then_some(id)
+        })
+        .flatten();
+    Ok(signed.map_or(RecordedId::Unsigned, RecordedId::Signed))
+}
+
+/// Records `store_id`, signed by `signer`, in the store if its record is absent or differs;
+/// returns the record that differed, if one did (someone changed it: the caller says so).
 pub async fn record_store_id(
     store: &impl Store,
     store_id: &[u8; 16],
+    signer: &crate::audit::Signer,
 ) -> Result<Option<Vec<u8>>, StoreError> {
     let stored = store.get(Keyspace::Meta, META_STORE_ID).await?;
-    if stored.as_deref() == Some(store_id.as_slice()) {
+    if recorded_store_id(store, &signer.public_key()).await? == RecordedId::Signed(*store_id) {
         return Ok(None);
     }
+    let mut value = store_id.to_vec();
+    value.extend_from_slice(&signer.sign_labelled(&store_id_message(store_id)));
     let mut batch = Batch::default();
-    batch.put(Keyspace::Meta, META_STORE_ID.to_vec(), store_id.to_vec());
+    batch.put(Keyspace::Meta, META_STORE_ID.to_vec(), value);
     store.commit(batch).await?;
     Ok(stored)
 }
@@ -313,16 +351,47 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_store_keeps_a_mended_copy_of_its_id() {
+    async fn the_store_keeps_a_signed_mended_record_of_its_id() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = crate::store::SledStore::open(dir.path()).expect("store");
-        assert_eq!(recorded_store_id(&store).await.expect("get"), None);
-        assert_eq!(record_store_id(&store, &[1; 16]).await.expect("put"), None);
-        assert_eq!(record_store_id(&store, &[1; 16]).await.expect("same"), None);
+        let s = signer(dir.path());
+        let pk = s.public_key();
+        let store = crate::store::SledStore::open(&dir.path().join("data")).expect("store");
+        let recorded = || recorded_store_id(&store, &pk);
+        assert_eq!(recorded().await.expect("get"), RecordedId::Absent);
         assert_eq!(
-            record_store_id(&store, &[2; 16]).await.expect("mend"),
-            Some(vec![1; 16])
+            record_store_id(&store, &[1; 16], &s).await.expect("put"),
+            None
         );
-        assert_eq!(recorded_store_id(&store).await.expect("get"), Some([2; 16]));
+        assert_eq!(recorded().await.expect("get"), RecordedId::Signed([1; 16]));
+        assert_eq!(
+            record_store_id(&store, &[1; 16], &s).await.expect("same"),
+            None
+        );
+        let first = store
+            .get(Keyspace::Meta, META_STORE_ID)
+            .await
+            .expect("get")
+            .expect("recorded");
+        assert_eq!(
+            record_store_id(&store, &[2; 16], &s).await.expect("mend"),
+            Some(first.clone())
+        );
+        assert_eq!(recorded().await.expect("get"), RecordedId::Signed([2; 16]));
+        // Changed with the store alone: an unsigned id, another id under the old signature,
+        // or a bare id.
+        let mut changed = first.clone();
+        changed[0] ^= 1;
+        for value in [changed, first[..16].to_vec(), vec![]] {
+            let mut b = Batch::default();
+            b.put(Keyspace::Meta, META_STORE_ID.to_vec(), value);
+            store.commit(b).await.expect("put");
+            assert_eq!(recorded().await.expect("get"), RecordedId::Unsigned);
+        }
+        // Another key's signature does not count.
+        let other = tempfile::tempdir().expect("tempdir");
+        record_store_id(&store, &[3; 16], &signer(other.path()))
+            .await
+            .expect("put");
+        assert_eq!(recorded().await.expect("get"), RecordedId::Unsigned);
     }
 }

@@ -461,7 +461,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     // edit of the store cannot point it elsewhere); the store keeps a copy of the id for the
     // offline verifier.
     let store_id = vault.keys().store_id();
-    if let Some(changed) = crate::anchor::record_store_id(vault.store(), &store_id)
+    if let Some(changed) = crate::anchor::record_store_id(vault.store(), &store_id, &signer)
         .await
         .map_err(|e| ConfigError::Rule(format!("recording the store id: {e}")))?
     {

@@ -104,8 +104,12 @@ pub struct VerifyArgs {
     pub checkpoint_every: u64,
     /// The audit anchor file the server keeps outside the store (its newest checkpoint)
     /// [default: `audit-anchor.<store id>` beside the public key, if present].
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "no_anchor")]
     pub anchor: Option<PathBuf>,
+    /// Check no anchor file (e.g. an older backup of the data directory, whose chain ends
+    /// before the live anchor): only the store's own checkpoints vouch for the chain.
+    #[arg(long)]
+    pub no_anchor: bool,
 }
 
 /// Where `export` and `breach-report` read events.
@@ -1145,47 +1149,84 @@ pub async fn verify(args: &VerifyArgs, out: &mut dyn Write) -> Result<(), CliErr
     let public_key = audit::read_public_key(&key_path)
         .map_err(|e| CliError::Io(format!("{e} (pass the key with --public-key FILE)")))?;
     let store = open_store(&args.data_dir, USE_VERIFY_CHAIN)?;
-    // The store's copy of its id names the anchor file beside the key (the server checks the
-    // copy against the id its keys give, which this tool, without the master key, cannot).
-    let recorded_id = crate::anchor::recorded_store_id(&store)
+    // The store's signed record of its id names the anchor file beside the key (the server
+    // checks it against the id its keys give, which this tool, without the master key,
+    // cannot; the signature keeps it from being changed with the store alone).
+    let recorded = crate::anchor::recorded_store_id(&store, &public_key)
         .await
         .map_err(store_error)?;
     let anchor_err = |e: crate::anchor::AnchorError| CliError::Io(e.to_string());
-    let (anchor, anchor_note) = match (&args.anchor, recorded_id) {
-        (Some(path), _) => {
-            let (store_id, cp) = crate::anchor::load_any(path, &public_key)
-                .map_err(anchor_err)?
-                .ok_or_else(|| {
-                    CliError::Usage(format!("--anchor {}: no such file", path.display()))
-                })?;
-            if let Some(recorded) = recorded_id.filter(|r| *r != store_id) {
-                writeln!(
+    let key_dir = key_path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let failed = |out: &mut dyn Write, why: String| -> Result<(), CliError> {
+        writeln!(out, "FAILED: {why}").map_err(output_error)?;
+        Err(CliError::VerificationFailed)
+    };
+    let (anchor, anchor_note) = if args.no_anchor {
+        (None, "anchor: not checked (--no-anchor)".to_string())
+    } else if let Some(path) = &args.anchor {
+        let (store_id, cp) = crate::anchor::load_any(path, &public_key)
+            .map_err(anchor_err)?
+            .ok_or_else(|| CliError::Usage(format!("--anchor {}: no such file", path.display())))?;
+        if let crate::anchor::RecordedId::Signed(recorded) = recorded {
+            if recorded != store_id {
+                failed(
                     out,
-                    "FAILED: the anchor file {} anchors store {}, but this store records id {}: the store's record was changed, or the file is another store's",
-                    path.display(),
-                    hex::encode(store_id),
-                    hex::encode(recorded)
-                )
-                .map_err(output_error)?;
-                return Err(CliError::VerificationFailed);
+                    format!(
+                        "the anchor file {} anchors store {}, but this store's signed id is {}: the file is another store's",
+                        path.display(),
+                        hex::encode(store_id),
+                        hex::encode(recorded)
+                    ),
+                )?;
             }
-            let note = format!("anchor: event {} ({})", cp.seq, path.display());
-            (Some(cp), note)
         }
-        (None, Some(id)) => {
-            let path = crate::anchor::beside(&key_path, &id);
-            match crate::anchor::load(&path, &id, &public_key).map_err(anchor_err)? {
-                Some(cp) => {
-                    let note = format!("anchor: event {} ({})", cp.seq, path.display());
-                    (Some(cp), note)
+        let note = format!("anchor: event {} ({})", cp.seq, path.display());
+        (Some(cp), note)
+    } else {
+        match recorded {
+            crate::anchor::RecordedId::Signed(id) => {
+                let path = crate::anchor::path(key_dir, &id);
+                match crate::anchor::load(&path, &id, &public_key).map_err(anchor_err)? {
+                    Some(cp) => {
+                        let note = format!("anchor: event {} ({})", cp.seq, path.display());
+                        (Some(cp), note)
+                    }
+                    None => (None, no_anchor_note(&path)),
                 }
-                None => (None, no_anchor_note(&path)),
+            }
+            other => {
+                let anchors = crate::anchor::list(key_dir);
+                let has_events = audit::Head::load(&store).await.map_err(store_error)?.seq > 0;
+                if !anchors.is_empty() && has_events {
+                    let what = if other == crate::anchor::RecordedId::Absent {
+                        "records no id (`audit/store-id` is missing)"
+                    } else {
+                        "records an id not signed by this checkpoint key (`audit/store-id` was changed)"
+                    };
+                    failed(
+                        out,
+                        format!(
+                            "this store {what}, while {} holds audit anchors ({}): with the id gone, no anchor would be checked. Pass --anchor FILE to check the chain against this store's anchor, or --no-anchor for a store that never had one (one no server started on since anchors were introduced)",
+                            key_dir.display(),
+                            anchors
+                                .iter()
+                                .map(|p| p.display().to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    )?;
+                }
+                let note = if other == crate::anchor::RecordedId::Absent {
+                    "anchor: none (the store records no id: no server with anchors has started on it)"
+                } else {
+                    "anchor: none (the store's id record is not signed by this checkpoint key, and no anchor is beside it)"
+                };
+                (None, note.to_string())
             }
         }
-        (None, None) => (
-            None,
-            "anchor: none (the store records no id yet: no server has started on it since anchors were introduced)".to_string(),
-        ),
     };
     let v = audit::verify(
         &store,

@@ -903,6 +903,57 @@ async fn a_rewrite_with_every_checkpoint_deleted_is_caught_by_the_anchor_file() 
         "{}",
         offline.all()
     );
+    // Removing or changing the store's (signed) record of its id, which names the anchor
+    // file, does not switch the offline check off.
+    let recorded = {
+        let store = SledStore::open(&data_dir(&v.dir)).expect("open");
+        store
+            .get(Keyspace::Meta, kluis::anchor::META_STORE_ID)
+            .await
+            .expect("get")
+            .expect("the server recorded the store id")
+    };
+    let mut changed = recorded.clone();
+    changed[3] ^= 0x40;
+    for (value, needle) in [
+        (None, "records no id"),
+        (Some(changed), "not signed by this checkpoint key"),
+    ] {
+        {
+            let store = SledStore::open(&data_dir(&v.dir)).expect("open");
+            let mut b = Batch::default();
+            match value {
+                Some(value) => b.put(Keyspace::Meta, kluis::anchor::META_STORE_ID.to_vec(), value),
+                None => b.delete(Keyspace::Meta, kluis::anchor::META_STORE_ID.to_vec()),
+            }
+            store.commit(b).await.expect("change the id record");
+        }
+        let run = run_kluis(
+            None,
+            &["audit", "verify", "--data-dir", data.as_str()],
+            None,
+        )
+        .await;
+        assert_eq!(run.code, 1, "{}", run.all());
+        assert!(run.stdout.contains(needle), "{}", run.all());
+        // Named explicitly, the anchor still catches the rewrite.
+        let anchor = path_arg(&keys.join(&anchors[0]));
+        let run = run_kluis(
+            None,
+            &[
+                "audit",
+                "verify",
+                "--data-dir",
+                data.as_str(),
+                "--anchor",
+                anchor.as_str(),
+            ],
+            None,
+        )
+        .await;
+        assert_eq!(run.code, 1, "{}", run.all());
+        assert!(run.stdout.contains("anchor file"), "{}", run.all());
+    }
     v.start().await.expect("restart");
     let bad = verify(&v).await;
     assert_eq!((bad.ok, bad.first_bad_seq), (false, 1), "{bad:?}");

@@ -259,6 +259,72 @@ async fn offline_verify_says_ok_then_names_the_tampered_event() {
     assert!(!vault.dir.path().join("nowhere").exists());
 }
 
+/// An older copy of the data directory (a backup) ends before the live anchor: verified
+/// against the keys directory as it is now, it fails as "restored from an older backup";
+/// `--no-anchor` checks it against its own checkpoints alone.
+#[tokio::test]
+async fn an_older_backup_fails_against_the_live_anchor_unless_no_anchor() {
+    let mut vault = spawn_vault().await;
+    let mut recruiter = vault.client("recruiter").await;
+    create_with(
+        &mut recruiter,
+        "recruitment",
+        &[("full_name", text("Eerste"))],
+    )
+    .await;
+    vault.stop().await;
+    let backup = vault.dir.path().join("backup").join("data");
+    copy_dir(&data_dir(&vault.dir), &backup);
+    vault.start().await.expect("restart");
+    let mut recruiter = vault.client("recruiter").await;
+    create_with(
+        &mut recruiter,
+        "recruitment",
+        &[("full_name", text("Tweede"))],
+    )
+    .await;
+    vault.stop().await;
+    let public_key = path(
+        &vault
+            .dir
+            .path()
+            .join("keys")
+            .join(kluis::audit::PUBLIC_KEY_FILE),
+    );
+    let backup = path(&backup);
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "audit",
+            "verify",
+            "--data-dir",
+            backup.as_str(),
+            "--public-key",
+            public_key.as_str(),
+        ];
+        a.extend_from_slice(extra);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let anchored = kluis(&args(&[]), None).await;
+    assert_eq!(anchored.code, 1, "{}", anchored.all());
+    assert!(
+        anchored.stdout.contains("restored from an older backup"),
+        "{}",
+        anchored.all()
+    );
+    let own = kluis(&args(&["--no-anchor"]), None).await;
+    assert_eq!(own.code, 0, "{}", own.all());
+    assert!(
+        own.stdout.starts_with("ok: ") && own.stdout.contains("anchor: not checked (--no-anchor)"),
+        "{}",
+        own.all()
+    );
+    // The live directory verifies with its anchor.
+    let live = path(&data_dir(&vault.dir));
+    let ok = kluis(&["audit", "verify", "--data-dir", live.as_str()], None).await;
+    assert_eq!(ok.code, 0, "{}", ok.all());
+    assert!(ok.stdout.contains("\nanchor: event "), "{}", ok.all());
+}
+
 #[tokio::test]
 async fn online_export_prints_names_never_values_and_needs_an_audit_role() {
     let vault = spawn_vault().await;

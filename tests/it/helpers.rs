@@ -472,3 +472,20 @@ pub async fn raw_frames(
             .map(str::to_string),
     }
 }
+
+/// Copies the directory tree `from` to `to` (files and their modes, directories and theirs),
+/// as a backup would.
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+            let mode = std::fs::metadata(entry.path()).expect("meta").permissions();
+            std::fs::set_permissions(&target, mode).expect("chmod");
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}

@@ -849,19 +849,6 @@ async fn a_retired_version_no_longer_opens_a_copy_taken_before_the_rotation() {
     read_all(&v, &ids).await;
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_schedule_rotates_a_due_key_and_rewraps_by_itself() {
     let mut v = spawn_vault().await;

@@ -762,21 +762,6 @@ async fn with_the_key_in_the_environment_a_rerun_never_makes_a_second_key() {
         .expect("the key that was set opens the data");
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_dir(&entry.path(), &target);
-            let mode = std::fs::metadata(entry.path()).expect("meta").permissions();
-            std::fs::set_permissions(&target, mode).expect("chmod");
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
-}
-
 #[tokio::test]
 async fn rotate_master_killed_at_any_moment_leaves_one_working_key_and_finishes_on_rerun() {
     let base = offline_vault(6).await;
