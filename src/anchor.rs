@@ -57,16 +57,6 @@ pub fn path(dir: &Path, store_id: &[u8; 16]) -> PathBuf {
     dir.join(format!("{FILE_PREFIX}{}", hex::encode(store_id)))
 }
 
-/// The anchor file of store `store_id` beside the checkpoint key file `key_file` (private or
-/// public half).
-pub fn beside(key_file: &Path, store_id: &[u8; 16]) -> PathBuf {
-    let dir = match key_file.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    path(dir, store_id)
-}
-
 fn encode(store_id: &[u8; 16], cp: &Checkpoint) -> String {
     format!(
         "{MAGIC}\n# The newest audit checkpoint the Kluis server signed for this store (event {}). Do not edit; see README.md, \"Audit trail\".\nstore {}\ncheckpoint {}\n",
@@ -226,6 +216,33 @@ const LABEL_STORE_ID: &[u8] = b"kluis/v1/audit-store-id";
 
 fn store_id_message(store_id: &[u8; 16]) -> Vec<u8> {
     [LABEL_STORE_ID, store_id.as_slice()].concat()
+}
+
+/// Checks that the anchor can be written in `dir` (created, mode 0700, if absent): a probe
+/// file is created there, synced and removed.
+pub fn check_writable(dir: &Path) -> Result<(), AnchorError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if !dir.exists() {
+        crate::keys::create_private_dir_durable(dir).map_err(|e| AnchorError::Io {
+            path: dir.display().to_string(),
+            reason: format!("creating the audit anchor directory: {e}"),
+        })?;
+    }
+    let probe = dir.join(format!(".audit-anchor-probe.{}", std::process::id()));
+    let made = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&probe)
+        .and_then(|f| f.sync_all());
+    let _ = std::fs::remove_file(&probe);
+    made.map_err(|e| AnchorError::Io {
+        path: dir.display().to_string(),
+        reason: format!(
+            "the audit anchor cannot be written in this directory ({e}): make it writable for the server, or set [audit] anchor_dir to a writable directory outside the data directory"
+        ),
+    })
 }
 
 /// The store's record of its id (id ‖ Ed25519 signature by the checkpoint key), checked

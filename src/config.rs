@@ -235,6 +235,10 @@ pub struct AuditFile {
     /// …or after this many seconds, whichever comes first (when there are new events).
     #[serde(default = "default_checkpoint_interval_secs")]
     pub checkpoint_interval_secs: u64,
+    /// Where the server writes the audit anchor (its newest checkpoint, outside the store),
+    /// relative to the config file [default: the signing key's directory]. Must be writable.
+    #[serde(default)]
+    pub anchor_dir: Option<PathBuf>,
 }
 
 impl Default for AuditFile {
@@ -243,6 +247,7 @@ impl Default for AuditFile {
             signing_key_file: default_signing_key_file(),
             checkpoint_every: default_checkpoint_every(),
             checkpoint_interval_secs: default_checkpoint_interval_secs(),
+            anchor_dir: None,
         }
     }
 }
@@ -284,6 +289,20 @@ pub struct AuditSettings {
     pub checkpoint_every: u64,
     /// Time between checkpoints.
     pub checkpoint_interval: std::time::Duration,
+    /// Where the audit anchor is written (`None`: the signing key's directory).
+    pub anchor_dir: Option<PathBuf>,
+}
+
+impl AuditSettings {
+    /// The directory the audit anchor is written to.
+    pub fn anchor_dir(&self) -> PathBuf {
+        self.anchor_dir
+            .clone()
+            .unwrap_or_else(|| match self.signing_key_file.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            })
+    }
 }
 
 impl AuditSettings {
@@ -295,6 +314,7 @@ impl AuditSettings {
             create_signing_key,
             checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
             checkpoint_interval: std::time::Duration::from_secs(DEFAULT_CHECKPOINT_INTERVAL_SECS),
+            anchor_dir: None,
         }
     }
 
@@ -564,6 +584,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
                 )
                 .map_err(in_file)?,
             ),
+            anchor_dir: file.audit.anchor_dir.as_deref().map(rel),
         },
         keys: file.keys.resolve().map_err(in_file)?,
         retention: {
@@ -821,7 +842,7 @@ pub fn init(dir: &Path, listen: &str) -> Result<InitOutput, ConfigError> {
     }
     Policy::from_toml(&policy_text).map_err(policy_err(&policy_path))?;
     let config = format!(
-        "# Kluis configuration (see README.md, \"Configuration reference\").\nlisten = \"{listen}\"\ndata_dir = \"data\"\nmaster_key_file = \"keys/master.key\"\npolicy_file = \"policy.toml\"\n# schema_file = \"schema.toml\"   # default: the built-in schema\n# allow_insecure_listen = false\n# max_request_bytes = {DEFAULT_MAX_REQUEST_BYTES}\n# max_connections = {DEFAULT_MAX_CONNECTIONS}   # open client connections at once\n\n# [tls]\n# cert_file = \"tls/server.crt\"\n# key_file = \"tls/server.key\"\n# client_ca_file = \"tls/clients-ca.crt\"   # enables mTLS\n# require_client_cert = false\n\n# [audit]\n# signing_key_file = \"keys/audit-signing.key\"   # Ed25519, signs chain checkpoints\n# checkpoint_every = {DEFAULT_CHECKPOINT_EVERY}                          # events between checkpoints\n# checkpoint_interval_secs = {DEFAULT_CHECKPOINT_INTERVAL_SECS}                    # or seconds, whichever first\n\n# [keys]\n# schedule_check_secs = {DEFAULT_SCHEDULE_CHECK_SECS}\n# [keys.rotate_after_days]   # rotate the KEK and rewrap the category when this old\n# identity = 90\n# financial = 90\n"
+        "# Kluis configuration (see README.md, \"Configuration reference\").\nlisten = \"{listen}\"\ndata_dir = \"data\"\nmaster_key_file = \"keys/master.key\"\npolicy_file = \"policy.toml\"\n# schema_file = \"schema.toml\"   # default: the built-in schema\n# allow_insecure_listen = false\n# max_request_bytes = {DEFAULT_MAX_REQUEST_BYTES}\n# max_connections = {DEFAULT_MAX_CONNECTIONS}   # open client connections at once\n\n# [tls]\n# cert_file = \"tls/server.crt\"\n# key_file = \"tls/server.key\"\n# client_ca_file = \"tls/clients-ca.crt\"   # enables mTLS\n# require_client_cert = false\n\n# [audit]\n# signing_key_file = \"keys/audit-signing.key\"   # Ed25519, signs chain checkpoints\n# checkpoint_every = {DEFAULT_CHECKPOINT_EVERY}                          # events between checkpoints\n# checkpoint_interval_secs = {DEFAULT_CHECKPOINT_INTERVAL_SECS}                    # or seconds, whichever first\n# anchor_dir = \"keys\"   # where the newest checkpoint is kept outside the store (writable)\n\n# [keys]\n# schedule_check_secs = {DEFAULT_SCHEDULE_CHECK_SECS}\n# [keys.rotate_after_days]   # rotate the KEK and rewrap the category when this old\n# identity = 90\n# financial = 90\n"
     );
     let mut created = Created::default();
     created.missing_dirs(&keys_dir);

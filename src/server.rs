@@ -471,7 +471,11 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
             "the store's recorded id differed from the one its keys give (changed by hand?); mended"
         );
     }
-    let anchor_path = crate::anchor::beside(&settings.audit.signing_key_file, &store_id);
+    // The anchor is written at every checkpoint: a directory it cannot be written to would
+    // leave the trail without it, noticed only in the log. Said at start instead.
+    let anchor_dir = settings.audit.anchor_dir();
+    crate::anchor::check_writable(&anchor_dir).map_err(|e| ConfigError::Rule(e.to_string()))?;
+    let anchor_path = crate::anchor::path(&anchor_dir, &store_id);
     let anchor = crate::anchor::load(&anchor_path, &store_id, &signer.public_key())
         .map_err(|e| ConfigError::Rule(e.to_string()))?;
     // Every call of the three services passes the gate, which authenticates it before its

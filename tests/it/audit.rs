@@ -967,6 +967,52 @@ async fn a_rewrite_with_every_checkpoint_deleted_is_caught_by_the_anchor_file() 
     assert!(signed.is_empty(), "{} checkpoints signed", signed.len());
 }
 
+/// `[audit] anchor_dir` puts the anchor elsewhere (created if absent); a place the server
+/// cannot write the anchor to stops the start, naming the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anchor_goes_where_anchor_dir_says_and_must_be_writable() {
+    let mut v = spawn_vault_with(|s| {
+        s.audit.anchor_dir = s.data_dir.parent().map(|p| p.join("anchors").join("kluis"));
+    })
+    .await;
+    let mut recruiter = v.client("recruiter").await;
+    create_with(
+        &mut recruiter,
+        "recruitment",
+        &[("full_name", text("Ergens"))],
+    )
+    .await;
+    v.stop().await;
+    let anchors = v.dir.path().join("anchors").join("kluis");
+    let names: Vec<String> = std::fs::read_dir(&anchors)
+        .expect("the anchor directory was made")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.len() == 1 && names[0].starts_with(kluis::anchor::FILE_PREFIX),
+        "{names:?}"
+    );
+    assert!(!std::fs::read_dir(v.dir.path().join("keys"))
+        .expect("keys")
+        .any(|e| e
+            .expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .starts_with(kluis::anchor::FILE_PREFIX)));
+    // A file where the directory should be: refused at start.
+    let mut w = spawn_vault().await;
+    w.stop().await;
+    std::fs::write(w.dir.path().join("not-a-dir"), b"x").expect("write");
+    w.tweak = Some(|s| {
+        s.audit.anchor_dir = s.data_dir.parent().map(|p| p.join("not-a-dir"));
+    });
+    let err = w.start().await.expect_err("refused").to_string();
+    assert!(
+        err.contains("anchor") && err.contains("anchor_dir") && err.contains("not-a-dir"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consistently_rewritten_chain_fails_checkpoint_verification() {
     let mut v = spawn_vault().await;
