@@ -127,8 +127,26 @@ impl Health for HealthService {
         &self,
         request: Request<HealthCheckRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        self.known(&request.get_ref().service)?;
         let rx = self.rx.clone();
+        if self.known(&request.get_ref().service).is_err() {
+            // The health protocol's answer for a service not served here: SERVICE_UNKNOWN on
+            // the stream (not an error), which stays open until the server stops.
+            let stream = futures::stream::unfold((rx, true), |(mut rx, first)| async move {
+                if first {
+                    let unknown = HealthCheckResponse {
+                        status: ServingStatus::ServiceUnknown as i32,
+                    };
+                    return Some((Ok(unknown), (rx, false)));
+                }
+                while *rx.borrow_and_update() != Phase::Stopped {
+                    if rx.changed().await.is_err() {
+                        break;
+                    }
+                }
+                None
+            });
+            return Ok(Response::new(Box::pin(stream)));
+        }
         // The current status first, then each change; after `Stopped`, nothing more.
         let stream =
             futures::stream::unfold((rx, true, false), |(mut rx, first, done)| async move {
@@ -197,5 +215,23 @@ mod tests {
             .into_inner();
         assert_eq!(next(late.next().await), ServingStatus::NotServing as i32);
         assert!(late.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn watching_an_unknown_service_says_so_and_ends_at_shutdown() {
+        let (state, service) = HealthState::parts(&["kluis.v1.Records"]);
+        let mut watch = service
+            .watch(request("kluis.v1.Nope"))
+            .await
+            .expect("a stream, not an error")
+            .into_inner();
+        let first = watch.next().await.expect("an item").expect("ok").status;
+        assert_eq!(first, ServingStatus::ServiceUnknown as i32);
+        state.set_not_serving();
+        let pending =
+            tokio::time::timeout(std::time::Duration::from_millis(50), watch.next()).await;
+        assert!(pending.is_err(), "nothing more until the server stops");
+        state.stop();
+        assert!(watch.next().await.is_none(), "ended at shutdown");
     }
 }
