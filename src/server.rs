@@ -100,6 +100,43 @@ struct Anchoring {
     checkpoint: Option<crate::audit::Checkpoint>,
 }
 
+impl Anchoring {
+    /// The anchor of `vault`'s store: its id recorded (signed) in the store, the anchor
+    /// directory checked writable, and the anchor file read.
+    async fn prepare(
+        vault: &Vault<SledStore>,
+        audit: &crate::config::AuditSettings,
+        signer: &Signer,
+    ) -> Result<Anchoring, ServerError> {
+        // Named by the store's id (derived from its keys, so an edit of the store cannot
+        // point it elsewhere); the store keeps a signed record of the id for the offline
+        // verifier.
+        let store_id = vault.keys().store_id();
+        if let Some(changed) = crate::anchor::record_store_id(vault.store(), &store_id, signer)
+            .await
+            .map_err(|e| ConfigError::Rule(format!("recording the store id: {e}")))?
+        {
+            tracing::error!(
+                recorded = %hex::encode(changed),
+                store_id = %hex::encode(store_id),
+                "the store's recorded id differed from the one its keys give (changed by hand?); mended"
+            );
+        }
+        // The anchor is written at every checkpoint: a directory it cannot be written to
+        // would leave the trail without it, noticed only in the log. Said at start instead.
+        let dir = audit.anchor_dir();
+        crate::anchor::check_writable(&dir).map_err(|e| ConfigError::Rule(e.to_string()))?;
+        let path = crate::anchor::path(&dir, &store_id);
+        let checkpoint = crate::anchor::load(&path, &store_id, &signer.public_key())
+            .map_err(|e| ConfigError::Rule(e.to_string()))?;
+        Ok(Anchoring {
+            path,
+            store_id,
+            checkpoint,
+        })
+    }
+}
+
 /// How long a shutdown waits for open connections (streams that do not end by themselves:
 /// a client's stream that stays open, say; health `Watch` streams and key-job progress
 /// streams are ended by the shutdown) before it closes them.
@@ -457,27 +494,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
                 settings.audit.signing_key_file.display()
             ))
         })?;
-    // The anchor outside the store, named by the store's id (derived from its keys, so an
-    // edit of the store cannot point it elsewhere); the store keeps a copy of the id for the
-    // offline verifier.
-    let store_id = vault.keys().store_id();
-    if let Some(changed) = crate::anchor::record_store_id(vault.store(), &store_id, &signer)
-        .await
-        .map_err(|e| ConfigError::Rule(format!("recording the store id: {e}")))?
-    {
-        tracing::error!(
-            recorded = %hex::encode(changed),
-            store_id = %hex::encode(store_id),
-            "the store's recorded id differed from the one its keys give (changed by hand?); mended"
-        );
-    }
-    // The anchor is written at every checkpoint: a directory it cannot be written to would
-    // leave the trail without it, noticed only in the log. Said at start instead.
-    let anchor_dir = settings.audit.anchor_dir();
-    crate::anchor::check_writable(&anchor_dir).map_err(|e| ConfigError::Rule(e.to_string()))?;
-    let anchor_path = crate::anchor::path(&anchor_dir, &store_id);
-    let anchor = crate::anchor::load(&anchor_path, &store_id, &signer.public_key())
-        .map_err(|e| ConfigError::Rule(e.to_string()))?;
+    let anchoring = Anchoring::prepare(&vault, &settings.audit, &signer).await?;
     // Every call of the three services passes the gate, which authenticates it before its
     // body is read; the size limits stay on the servers inside it. Between the two, the
     // decode guard answers, logs and audits a body that does not decode.
@@ -489,8 +506,8 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         Arc::clone(&vault),
         auth.clone(),
         signer.public_key(),
-        anchor_path.clone(),
-        store_id,
+        anchoring.path.clone(),
+        anchoring.store_id,
         settings.audit.max_uncovered(),
     ))
     .max_decoding_message_size(settings.max_request_bytes);
@@ -510,11 +527,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         Arc::clone(&vault),
         signer,
         own_after,
-        Anchoring {
-            path: anchor_path,
-            store_id,
-            checkpoint: anchor,
-        },
+        anchoring,
         settings.audit.checkpoint_every,
         settings.audit.max_uncovered(),
         settings.audit.checkpoint_interval,
