@@ -79,6 +79,8 @@ pub struct Running {
     backlog: gate::Backlog,
     health_watch: Option<tokio::task::JoinHandle<()>>,
     adopter: Option<tokio::task::JoinHandle<()>>,
+    /// Closes every client connection still open when the grace period ends.
+    cutoff: Arc<Cutoff>,
 }
 
 /// How often the health status is checked against the store.
@@ -161,7 +163,13 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 impl Running {
     /// Stops accepting requests, lets in-flight ones finish (for up to [`SHUTDOWN_GRACE`]),
     /// and waits for the server to end, then signs a last checkpoint.
-    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+    pub async fn shutdown(self) -> Result<(), ServerError> {
+        self.shutdown_within(SHUTDOWN_GRACE).await
+    }
+
+    /// [`Running::shutdown`] with a grace period of `grace`: connections still open then are
+    /// closed (their calls fail; none is served afterwards).
+    pub async fn shutdown_within(mut self, grace: Duration) -> Result<(), ServerError> {
         // A running key job stops first (it resumes from its last page on the next start), so
         // that the streams of the clients watching its progress end and let the server stop.
         if let Some(jobs) = self.jobs.take() {
@@ -170,13 +178,16 @@ impl Running {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let served = match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.handle).await {
+        let served = match tokio::time::timeout(grace, &mut self.handle).await {
             Ok(joined) => self.served(joined),
             Err(_) => {
                 tracing::warn!(
-                    grace_secs = SHUTDOWN_GRACE.as_secs(),
+                    grace_ms = grace.as_millis() as u64,
                     "connections still open after the grace period (streams that do not end by themselves): closing them"
                 );
+                // Aborting the serve task leaves hyper's connection tasks running: their
+                // sockets are cut instead, so no call is served after the grace period.
+                self.cutoff.cut();
                 self.handle.abort();
                 let _ = (&mut self.handle).await;
                 Ok(())
@@ -416,7 +427,8 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         addr: settings.listen,
         source,
     })?;
-    let incoming = limit_connections(incoming, settings.max_connections);
+    let cutoff = Arc::new(Cutoff::default());
+    let incoming = limit_connections(incoming, settings.max_connections, Arc::clone(&cutoff));
 
     // The transport (and TLS: its certificate and key are parsed here) before any background
     // work starts, so that a bad TLS file stops the start before a sweep or a key job runs.
@@ -620,6 +632,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         backlog,
         health_watch: Some(health_watch),
         adopter,
+        cutoff,
     })
 }
 
@@ -679,10 +692,65 @@ pub async fn termination_signal() {
     }
 }
 
-/// A client connection holding one of the server's `max_connections` slots until it closes.
+/// A client connection holding one of the server's `max_connections` slots until it closes,
+/// and cut (every read and write fails) once the server's [`Cutoff`] is.
 struct Limited {
     io: TcpStream,
     _slot: OwnedSemaphorePermit,
+    cutoff: Arc<Cutoff>,
+    /// Woken by the cutoff, so that a connection waiting for its socket sees it.
+    waker: Arc<futures::task::AtomicWaker>,
+}
+
+impl Limited {
+    /// Registers the task polling this connection with the cutoff; an error once cut.
+    fn check(&self, cx: &Context<'_>) -> std::io::Result<()> {
+        self.waker.register(cx.waker());
+        if self.cutoff.is_cut() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the server closed the connection at the end of its shutdown grace period",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Ends the client connections still open when a shutdown's grace period runs out: aborting
+/// the serve task does not end hyper's per-connection tasks, which would go on serving.
+#[derive(Default)]
+struct Cutoff {
+    cut: std::sync::atomic::AtomicBool,
+    /// The wakers of the open connections (dropped ones are pruned as new ones come).
+    wakers: parking_lot::Mutex<Vec<std::sync::Weak<futures::task::AtomicWaker>>>,
+}
+
+impl Cutoff {
+    fn is_cut(&self) -> bool {
+        self.cut.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A waker slot for a new connection.
+    fn join(&self) -> Arc<futures::task::AtomicWaker> {
+        let waker = Arc::new(futures::task::AtomicWaker::new());
+        let mut wakers = self.wakers.lock();
+        wakers.retain(|w| w.strong_count() > 0);
+        wakers.push(Arc::downgrade(&waker));
+        waker
+    }
+
+    /// Cuts every connection: their next read or write fails, and each is woken to see it.
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Release);
+        for waker in self
+            .wakers
+            .lock()
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+        {
+            waker.wake();
+        }
+    }
 }
 
 impl Connected for Limited {
@@ -701,6 +769,7 @@ impl AsyncRead for Limited {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        self.check(cx)?;
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
@@ -711,6 +780,7 @@ impl AsyncWrite for Limited {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        self.check(cx)?;
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
@@ -719,6 +789,7 @@ impl AsyncWrite for Limited {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        self.check(cx)?;
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
@@ -727,6 +798,7 @@ impl AsyncWrite for Limited {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.check(cx)?;
         Pin::new(&mut self.io).poll_flush(cx)
     }
 
@@ -744,29 +816,38 @@ const LIMIT_WARNING_EVERY: Duration = Duration::from_secs(60);
 fn limit_connections(
     incoming: TcpIncoming,
     max: usize,
+    cutoff: Arc<Cutoff>,
 ) -> impl Stream<Item = std::io::Result<Limited>> {
     let slots = Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS)));
     let warned: Option<tokio::time::Instant> = None;
     futures::stream::unfold(
         (incoming, slots, warned),
-        move |(mut incoming, slots, mut warned)| async move {
-            let slot = match Arc::clone(&slots).try_acquire_owned() {
-                Ok(slot) => slot,
-                Err(_) => {
-                    if warned.is_none_or(|at| at.elapsed() >= LIMIT_WARNING_EVERY) {
-                        tracing::warn!(
-                            max_connections = max,
-                            "connection limit reached: new connections wait until one closes"
-                        );
-                        warned = Some(tokio::time::Instant::now());
+        move |(mut incoming, slots, mut warned)| {
+            let cutoff = Arc::clone(&cutoff);
+            async move {
+                let slot = match Arc::clone(&slots).try_acquire_owned() {
+                    Ok(slot) => slot,
+                    Err(_) => {
+                        if warned.is_none_or(|at| at.elapsed() >= LIMIT_WARNING_EVERY) {
+                            tracing::warn!(
+                                max_connections = max,
+                                "connection limit reached: new connections wait until one closes"
+                            );
+                            warned = Some(tokio::time::Instant::now());
+                        }
+                        // Never closed, so this waits for a slot.
+                        Arc::clone(&slots).acquire_owned().await.ok()?
                     }
-                    // Never closed, so this waits for a slot.
-                    Arc::clone(&slots).acquire_owned().await.ok()?
-                }
-            };
-            let accepted = incoming.next().await?;
-            let next = accepted.map(|io| Limited { io, _slot: slot });
-            Some((next, (incoming, slots, warned)))
+                };
+                let accepted = incoming.next().await?;
+                let next = accepted.map(|io| Limited {
+                    io,
+                    _slot: slot,
+                    waker: cutoff.join(),
+                    cutoff: Arc::clone(&cutoff),
+                });
+                Some((next, (incoming, slots, warned)))
+            }
         },
     )
 }

@@ -518,3 +518,60 @@ async fn a_body_that_is_not_one_grpc_frame_is_refused_audited_and_logged() {
         "each call audited once: {rows:?}"
     );
 }
+
+/// A call still in flight when the shutdown's grace period ends (here: its request body never
+/// finishes) is cut off then: the server stops at once instead of serving it on, and the
+/// client sees its call fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_still_open_after_the_grace_period_is_cut_off() {
+    let mut v = spawn_vault().await;
+    let token = format!("Bearer {}", v.tokens["recruiter"]);
+    // Half a gRPC message: the frame says 100 bytes, 10 come, and the body never ends.
+    let mut first = vec![0u8];
+    first.extend_from_slice(&100u32.to_be_bytes());
+    first.extend_from_slice(&[0u8; 10]);
+    let body = futures::stream::once(async move {
+        Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(first)))
+    })
+    .chain(futures::stream::pending());
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}/kluis.v1.Records/GetRecord", v.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", token)
+        .body(tonic::body::Body::new(http_body_util::StreamBody::new(
+            body,
+        )))
+        .expect("request");
+    let mut channel = v.channel().await;
+    let call = tokio::spawn(async move {
+        use http_body_util::BodyExt;
+        let response = match channel.ready().await.expect("ready").call(request).await {
+            Ok(r) => r,
+            Err(e) => return Err(e.to_string()),
+        };
+        // Headers may come; the answer never does.
+        match response.into_body().collect().await {
+            // A status in the trailers (no message): not an answer either.
+            Ok(collected) => match collected.trailers().and_then(|t| t.get("grpc-status")) {
+                Some(status) if status != "0" => Err(format!("grpc-status {status:?}")),
+                _ => Ok(()),
+            },
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    v.stop_within(std::time::Duration::from_millis(300)).await;
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(4),
+        "the shutdown waited {took:?} for a connection it had closed"
+    );
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), call)
+        .await
+        .expect("the client's call ended")
+        .expect("task");
+    assert!(ended.is_err(), "the cut-off call failed");
+}

@@ -175,6 +175,13 @@ impl TestVault {
         }
     }
 
+    /// Stops the server with a grace period of `grace` for calls still in flight.
+    pub async fn stop_within(&mut self, grace: std::time::Duration) {
+        if let Some(r) = self.running.take() {
+            r.shutdown_within(grace).await.expect("clean shutdown");
+        }
+    }
+
     pub async fn restart(&mut self) {
         self.stop().await;
         self.start().await.expect("restart");
