@@ -659,6 +659,9 @@ fn cursor_bytes(job: &JobState) -> Result<Option<Vec<u8>>, VaultError> {
 /// while earlier ones are logged and applied (measured here: 2 in flight 2.1 s per 100 000
 /// records, 3 in flight 1.5–2.1 s).
 const COMMITS_IN_FLIGHT: usize = 3;
+// What a job commits at once must stay well inside what the audit signer allows to follow a
+// checkpoint unsigned after a kill (`audit::BURST_MARGIN`).
+const _: () = assert!((COMMITS_IN_FLIGHT * JOB_PAGE) as u64 * 2 <= crate::audit::BURST_MARGIN);
 
 /// The records a job batch covers (ids and headers as read).
 type Page = Vec<(Vec<u8>, Vec<u8>)>;

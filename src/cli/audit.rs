@@ -93,7 +93,7 @@ pub struct VerifyArgs {
     /// The checkpoint signing public key (64 hex digits) [default: <parent of DIR>/keys/audit-signing.pub].
     #[arg(long, value_name = "FILE")]
     pub public_key: Option<PathBuf>,
-    /// The server's `checkpoint_every` setting: at most 2×N+1000 events may follow the newest
+    /// The server's `checkpoint_every` setting: at most 2×N+8192 events may follow the newest
     /// signed checkpoint.
     #[arg(
         long,
