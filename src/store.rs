@@ -420,23 +420,25 @@ impl LogFile {
     /// likely causes of the failure, stops it); where holes cannot be punched, the file is cut
     /// back to its frames and extended again.
     fn discard_after_frames(&mut self) {
-        let punched = match self.file.metadata() {
-            Ok(m) if m.len() > self.len => rustix::fs::fallocate(
+        let before = self
+            .file
+            .metadata()
+            .map_or(self.allocated, |m| m.len())
+            .max(self.allocated);
+        let punched = before <= self.len
+            || rustix::fs::fallocate(
                 &self.file,
                 rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
                 self.len,
-                m.len() - self.len,
+                before - self.len,
             )
-            .is_ok(),
-            // Nothing past the frames.
-            Ok(_) => true,
-            Err(_) => false,
-        };
+            .is_ok();
         if !punched {
+            // Cut back to the frames, then out to the length it had (a multiple of
+            // LOG_EXTEND, and at least one LOG_EXTEND past the first frame, as the writer
+            // leaves every file; recovery checks both).
             let _ = self.file.set_len(self.len);
-            let _ = self
-                .file
-                .set_len(self.len.div_ceil(LOG_EXTEND) * LOG_EXTEND);
+            let _ = self.file.set_len(before.div_ceil(LOG_EXTEND) * LOG_EXTEND);
         }
         let _ = self.file.sync_data();
         if let Ok(m) = self.file.metadata() {
@@ -570,8 +572,13 @@ impl SledStore {
         for (_, path) in &files {
             let bytes = std::fs::read(path).map_err(io)?;
             let decoded = wal::decode_frames(&bytes, last);
-            if let (Some(first), Some(end)) = (decoded.frames.first(), open_end.take()) {
-                end.followed_by(first.seq, last, path)?;
+            // A file without frames (the empty next file the writer makes at a rotation or a
+            // start) shows nothing of what an earlier file's end held: that end stands.
+            let has_frames = !decoded.frames.is_empty();
+            if let Some(first) = decoded.frames.first() {
+                if let Some(end) = open_end.take() {
+                    end.followed_by(first.seq, last, path)?;
+                }
             }
             for s in &decoded.skipped {
                 tracing::warn!(
@@ -605,20 +612,21 @@ impl SledStore {
                         next - 1,
                     )));
                 }
-                wal::LogEnd::Torn { at } => {
+                wal::LogEnd::Torn { at } if has_frames || open_end.is_none() => {
                     open_end = Some(OpenEnd {
                         path: path.clone(),
                         torn_at: Some(at),
                         cut: decoded.cut,
                     })
                 }
-                wal::LogEnd::Clean => {
+                wal::LogEnd::Clean if has_frames || open_end.is_none() => {
                     open_end = decoded.cut.map(|cut| OpenEnd {
                         path: path.clone(),
                         torn_at: None,
                         cut: Some(cut),
                     })
                 }
+                wal::LogEnd::Torn { .. } | wal::LogEnd::Clean => {}
             }
             for frame in decoded.frames.into_iter().filter(|f| f.seq > applied) {
                 // Logged frames hold their events already linked (as plain writes).
@@ -1850,12 +1858,23 @@ mod tests {
         let file = wal::file_path(&wal::dir(dir.path()), 100);
         // Cut back at the start of frame 4, and in the middle of it: no crash leaves a log
         // file without the zeros written ahead of its frames.
-        for (end, torn) in [(starts[3], false), (starts[3] + 9, true)] {
+        // Also with the empty next file the writer makes at a rotation or a start after it
+        // (review 7: that file used to clear the earlier file's cut).
+        let empty_next = wal::file_path(&wal::dir(dir.path()), 101);
+        for (end, torn, next) in [
+            (starts[3], false, false),
+            (starts[3] + 9, true, false),
+            (starts[3], false, true),
+        ] {
             std::fs::write(&file, &log[..end]).expect("cut");
+            if next {
+                std::fs::write(&empty_next, []).expect("empty next file");
+            }
             let err = SledStore::open(dir.path())
                 .err()
                 .expect("refused")
                 .to_string();
+            let _ = std::fs::remove_file(&empty_next);
             assert!(
                 err.contains("0000000000000100.wal was cut back")
                     && err.contains(&format!("readable frames end at byte {}", starts[3]))
