@@ -584,7 +584,14 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
                 )
                 .map_err(in_file)?,
             ),
-            anchor_dir: file.audit.anchor_dir.as_deref().map(rel),
+            anchor_dir: match file.audit.anchor_dir.as_deref() {
+                Some(dir) if dir.as_os_str().is_empty() => {
+                    return Err(in_file(ConfigError::Rule(
+                        "[audit] anchor_dir = \"\": name a directory, or leave the key out for the signing key's directory".into(),
+                    )))
+                }
+                dir => dir.map(rel),
+            },
         },
         keys: file.keys.resolve().map_err(in_file)?,
         retention: {

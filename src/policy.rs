@@ -180,7 +180,7 @@ pub struct Purpose {
     /// procedure's data is reached only through the purposes that still hold (consent,
     /// legitimate interest not objected to), whose withdrawal and objection then stop it.
     #[serde(default)]
-    pub stages: Vec<String>,
+    pub stages: Option<Vec<String>>,
 }
 
 /// The lifecycle stages of a record, in order.
@@ -189,7 +189,9 @@ pub const LIFECYCLE_STAGES: [&str; 4] = ["applicant", "procedure_closed", "emplo
 impl Purpose {
     /// Whether a record in lifecycle stage `stage` may be processed for this purpose.
     pub fn applies_in(&self, stage: &str) -> bool {
-        self.stages.is_empty() || self.stages.iter().any(|s| s == stage)
+        self.stages
+            .as_ref()
+            .is_none_or(|stages| stages.iter().any(|s| s == stage))
     }
 }
 
@@ -325,7 +327,21 @@ impl Policy {
                     name.escape_default()
                 )));
             }
-            for stage in &p.stages {
+            let stages = p.stages.as_deref().unwrap_or_default();
+            if p.stages.as_ref().is_some_and(Vec::is_empty) {
+                return Err(PolicyError::Rule(format!(
+                    "purpose `{}`: stages = [] allows no lifecycle stage; leave `stages` out for every stage",
+                    name.escape_default()
+                )));
+            }
+            // The data subject's requests are answered whatever the record's stage: export
+            // and erasure do not look at stages, so a read limited by them would be odd.
+            if name == "data_subject_request" && p.stages.is_some() {
+                return Err(PolicyError::Rule(
+                    "purpose `data_subject_request`: stages may not be set (a data subject's requests are answered in every lifecycle stage)".into(),
+                ));
+            }
+            for stage in stages {
                 if !LIFECYCLE_STAGES.contains(&stage.as_str()) {
                     return Err(PolicyError::Rule(format!(
                         "purpose `{}`: stages: `{}` is not a lifecycle stage (one of {})",
@@ -513,6 +529,11 @@ impl Policy {
         self.purposes.get(name)
     }
 
+    /// The purposes, by name.
+    pub fn purposes(&self) -> impl Iterator<Item = (&str, &Purpose)> {
+        self.purposes.iter().map(|(n, p)| (n.as_str(), p))
+    }
+
     /// The principals that authenticate by a client certificate's common name, as (principal,
     /// common name).
     pub fn cert_principals(&self) -> impl Iterator<Item = (&str, &str)> {
@@ -561,6 +582,24 @@ mod tests {
         let err = Policy::from_toml(&text).expect_err("refused").to_string();
         assert!(
             err.contains("purpose `placement`") && err.contains("`hired` is not a lifecycle stage"),
+            "{err}"
+        );
+        let empty = format!(
+            "{DEFAULT_POLICY_TOML}\n[purposes.placement]\nlegal_basis = \"contract\"\nstages = []\n"
+        );
+        let err = Policy::from_toml(&empty).expect_err("refused").to_string();
+        assert!(
+            err.contains("stages = [] allows no lifecycle stage"),
+            "{err}"
+        );
+        let dsr = DEFAULT_POLICY_TOML.replace(
+            "[purposes.data_subject_request]\nlegal_basis = \"legal_obligation\"\n",
+            "[purposes.data_subject_request]\nlegal_basis = \"legal_obligation\"\nstages = [\"applicant\"]\n",
+        );
+        assert_ne!(dsr, DEFAULT_POLICY_TOML);
+        let err = Policy::from_toml(&dsr).expect_err("refused").to_string();
+        assert!(
+            err.contains("`data_subject_request`: stages may not be set"),
             "{err}"
         );
     }

@@ -108,6 +108,7 @@ impl Anchoring {
     async fn prepare(
         vault: &Vault<SledStore>,
         audit: &crate::config::AuditSettings,
+        data_dir: &std::path::Path,
         signer: &Signer,
     ) -> Result<Anchoring, ServerError> {
         // Named by the store's id (derived from its keys, so an edit of the store cannot
@@ -128,6 +129,17 @@ impl Anchoring {
         // would leave the trail without it, noticed only in the log. Said at start instead.
         let dir = audit.anchor_dir();
         crate::anchor::check_writable(&dir).map_err(|e| ConfigError::Rule(e.to_string()))?;
+        // Outside the data directory: whoever can rewrite the store must not reach it.
+        if let (Ok(anchors), Ok(data)) = (dir.canonicalize(), data_dir.canonicalize()) {
+            if anchors.starts_with(&data) {
+                return Err(ConfigError::Rule(format!(
+                    "the audit anchor directory {} lies inside the data directory {}: it must be out of reach of whoever can change the store (set [audit] anchor_dir elsewhere, e.g. beside the signing key)",
+                    dir.display(),
+                    data_dir.display()
+                ))
+                .into());
+            }
+        }
         let path = crate::anchor::path(&dir, &store_id);
         let checkpoint = crate::anchor::load(&path, &store_id, &signer.public_key())
             .map_err(|e| ConfigError::Rule(e.to_string()))?;
@@ -506,7 +518,18 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
                 settings.audit.signing_key_file.display()
             ))
         })?;
-    let anchoring = Anchoring::prepare(&vault, &settings.audit, &signer).await?;
+    let anchoring =
+        Anchoring::prepare(&vault, &settings.audit, &settings.data_dir, &signer).await?;
+    // A policy from before purposes named their stages (an earlier `kluis init`): a
+    // contract basis then applies to closed procedures and former employees too.
+    for (name, purpose) in settings.policy.purposes() {
+        if purpose.legal_basis == crate::policy::LegalBasis::Contract && purpose.stages.is_none() {
+            tracing::warn!(
+                purpose = name,
+                "purpose on a contract basis names no lifecycle stages: it applies to closed procedures and former employees too; add stages = [\"applicant\", \"employed\"] to it in the policy (README, \"Purpose and lifecycle\")"
+            );
+        }
+    }
     // Every call of the three services passes the gate, which authenticates it before its
     // body is read; the size limits stay on the servers inside it. Between the two, the
     // decode guard answers, logs and audits a body that does not decode.

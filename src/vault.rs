@@ -172,10 +172,22 @@ fn check_lifecycle_step(
             .collect();
         if !refused.is_empty() {
             return Err(VaultError::FailedPrecondition(format!(
-                "stage: record {id}'s procedure is closed and its subject withdrew consent or objected ({}): reopening it would process the record again against that; a new application is a new record (CreateRecord), or the privacy officer records the subject's consent again first",
+                "stage: record {id}'s procedure is closed and its subject withdrew consent or objected ({}): reopening it would process the record again against that; a new application is a new record (CreateRecord), or the subject's renewed consent is recorded first (SetConsent)",
                 refused.join(", ")
             )));
         }
+    }
+    // Closing a closed procedure again with a later date would restart the applicant's
+    // retention clock (28 days, or a year with consent) as often as anyone liked; an
+    // earlier date (a correction) only shortens it.
+    if body.lifecycle == "procedure_closed"
+        && stage == "procedure_closed"
+        && date > body.lifecycle_date.as_str()
+    {
+        return Err(VaultError::FailedPrecondition(format!(
+            "date: record {id}'s procedure closed on {}: a later close date would restart its retention period; it may only move earlier",
+            body.lifecycle_date
+        )));
     }
     if stage == "ended" && !worked {
         return Err(VaultError::FailedPrecondition(format!(
@@ -1248,7 +1260,7 @@ impl<S: Store> Vault<S> {
             return Err(VaultError::FailedPrecondition(format!(
                 "record {id} is in lifecycle stage `{}`: purpose `{purpose}` applies only in stage(s) {} (policy: [purposes.{purpose}] stages)",
                 body.lifecycle,
-                p.stages.join(", ")
+                p.stages.as_deref().unwrap_or_default().join(", ")
             )));
         }
         let consent = body.consents.get(purpose).map(|c| c.granted);
@@ -2395,9 +2407,18 @@ mod tests {
             .expect_err("objected")
             .to_string();
         assert!(err.contains("(personal_offers)"), "{err}");
-        // Closing again, or hiring, is not a reopening.
-        check_lifecycle_step(id, &body, "procedure_closed", "2026-11-26").expect("re-closed");
+        // Hiring is not a reopening; closing again may only move the close date earlier
+        // (a later one would restart the retention clock).
         check_lifecycle_step(id, &body, "employed", "2026-11-26").expect("hired");
+        check_lifecycle_step(id, &body, "procedure_closed", "2026-11-20").expect("same date");
+        check_lifecycle_step(id, &body, "procedure_closed", "2026-11-10").expect("earlier");
+        let err = check_lifecycle_step(id, &body, "procedure_closed", "2026-11-26")
+            .expect_err("later")
+            .to_string();
+        assert!(
+            err.starts_with("date:") && err.contains("2026-11-20"),
+            "{err}"
+        );
     }
 
     #[test]

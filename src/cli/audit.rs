@@ -1149,6 +1149,28 @@ pub async fn verify(args: &VerifyArgs, out: &mut dyn Write) -> Result<(), CliErr
     let public_key = audit::read_public_key(&key_path)
         .map_err(|e| CliError::Io(format!("{e} (pass the key with --public-key FILE)")))?;
     let store = open_store(&args.data_dir, USE_VERIFY_CHAIN)?;
+    // The server refuses a store whose recorded checkpoint key is not its key file's; so
+    // does this, first: with another key every checkpoint, the id record and the anchor would
+    // fail, which reads like tampering (the record was changed, or the key is not this
+    // store's: either way the chain is not verified).
+    let recorded_key = crate::store::Store::get(
+        &store,
+        crate::store::Keyspace::Meta,
+        audit::META_SIGNING_KEY,
+    )
+    .await
+    .map_err(store_error)?;
+    if let Some(recorded) = recorded_key.filter(|r| r.as_slice() != public_key.as_slice()) {
+        writeln!(
+            out,
+            "FAILED: the store records checkpoint key {}, not the key verified with ({}, {}): the key is not this store's (pass --public-key FILE), or the store's record was changed",
+            hex::encode(recorded),
+            hex::encode(public_key),
+            key_path.display()
+        )
+        .map_err(output_error)?;
+        return Err(CliError::VerificationFailed);
+    }
     // The store's signed record of its id names the anchor file beside the key (the server
     // checks it against the id its keys give, which this tool, without the master key,
     // cannot; the signature keeps it from being changed with the store alone).
@@ -1237,28 +1259,7 @@ pub async fn verify(args: &VerifyArgs, out: &mut dyn Write) -> Result<(), CliErr
     )
     .await
     .map_err(store_error)?;
-    // The server refuses a store whose recorded checkpoint key is not its key file's; so
-    // does this check, for a chain that verifies with the key given (the record was changed,
-    // or the key is not this store's; a chain that does not verify says why first).
-    let recorded = crate::store::Store::get(
-        &store,
-        crate::store::Keyspace::Meta,
-        audit::META_SIGNING_KEY,
-    )
-    .await
-    .map_err(store_error)?;
     drop(store);
-    if let Some(recorded) = recorded.filter(|r| v.ok && r.as_slice() != public_key.as_slice()) {
-        writeln!(
-            out,
-            "FAILED: the store records checkpoint key {}, not the key verified with ({}, {}): the store's record was changed, or the key is not this store's",
-            hex::encode(recorded),
-            hex::encode(public_key),
-            key_path.display()
-        )
-        .map_err(output_error)?;
-        return Err(CliError::VerificationFailed);
-    }
     if v.ok {
         writeln!(
             out,
@@ -1288,12 +1289,12 @@ fn no_anchor_note(path: &Path) -> String {
     let others = path.parent().map(crate::anchor::list).unwrap_or_default();
     if others.is_empty() {
         format!(
-            "anchor: none ({} does not exist: no server signed a checkpoint of this store with these keys since anchors were introduced)",
+            "anchor: none ({} does not exist: no server has signed a checkpoint of this store with these keys, or the file was moved away)",
             path.display()
         )
     } else {
         format!(
-            "anchor: none ({} does not exist; the directory holds the anchors of other stores: {}. If this store is one of them, its recorded id was changed: verify with --anchor FILE)",
+            "anchor: none ({} does not exist; the directory holds other stores' anchors: {})",
             path.display(),
             others
                 .iter()

@@ -1011,6 +1011,12 @@ async fn the_anchor_goes_where_anchor_dir_says_and_must_be_writable() {
         err.contains("anchor") && err.contains("anchor_dir") && err.contains("not-a-dir"),
         "{err}"
     );
+    // Inside the data directory: refused too.
+    w.tweak = Some(|s| {
+        s.audit.anchor_dir = Some(s.data_dir.join("anchors"));
+    });
+    let err = w.start().await.expect_err("refused").to_string();
+    assert!(err.contains("lies inside the data directory"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
