@@ -59,6 +59,15 @@ fn to_ms(field: &str, ts: Option<prost_types::Timestamp>) -> Result<Option<i64>,
             "{field}: nanos must be in 0..999999999"
         )));
     }
+    // The protobuf Timestamp range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+    const SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
+    if !SECONDS.contains(&ts.seconds) {
+        return Err(Status::invalid_argument(format!(
+            "{field}: seconds must be in {}..={} (years 0001 to 9999, the protobuf Timestamp range)",
+            SECONDS.start(),
+            SECONDS.end()
+        )));
+    }
     ts.seconds
         .checked_mul(1000)
         .and_then(|ms| ms.checked_add(i64::from(ts.nanos / 1_000_000)))
@@ -222,5 +231,29 @@ impl<S: Store> proto::audit_server::Audit for AuditService<S> {
         }
         .await;
         finish(&self.vault, log, ev, result).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_outside_the_timestamp_range_are_refused_by_name() {
+        let at = |seconds, nanos| Some(prost_types::Timestamp { seconds, nanos });
+        assert_eq!(to_ms("since", None).expect("none"), None);
+        assert_eq!(to_ms("since", at(1, 5_000_000)).expect("ok"), Some(1005));
+        assert!(to_ms("since", at(-62_135_596_800, 0)).is_ok());
+        assert!(to_ms("until", at(253_402_300_799, 999_999_999)).is_ok());
+        for (seconds, nanos, needle) in [
+            (1_000_000_000_000_000, 0, "until: seconds must be in"),
+            (-1_000_000_000_000_000, 0, "until: seconds must be in"),
+            (253_402_300_800, 0, "until: seconds must be in"),
+            (0, -1, "until: nanos must be in"),
+        ] {
+            let e = to_ms("until", at(seconds, nanos)).expect_err("refused");
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().contains(needle), "{}", e.message());
+        }
     }
 }

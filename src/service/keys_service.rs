@@ -265,13 +265,17 @@ impl<S: Store> proto::keys_server::Keys for KeysService<S> {
         let (log, mut ev, caller) = self.auth.begin("RotateKey", &request);
         let req = request.into_inner();
         let result = async {
-            require(&caller?, KeyRight::Rotate)?;
-            let scope = parse_category(&req.category, true)?;
-            let categories: Vec<Category> = match scope {
-                Some(c) => vec![c],
-                None => Category::ALL.to_vec(),
+            let caller = caller?;
+            // Named in the event even when the right is missing (as a retirement's are).
+            let scope = parse_category(&req.category, true);
+            let categories: Vec<Category> = match &scope {
+                Ok(Some(c)) => vec![*c],
+                Ok(None) => Category::ALL.to_vec(),
+                Err(_) => Vec::new(),
             };
             ev.draft.field_names = categories.iter().map(|c| c.as_str().into()).collect();
+            require(&caller, KeyRight::Rotate)?;
+            scope?;
             let vault = self.jobs.vault();
             // The event names each version made (`identity/v4`, after the categories): it is
             // drafted when the versions are chosen, in the rotation's batch.
