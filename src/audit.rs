@@ -2454,11 +2454,28 @@ mod tests {
         assert!(err.contains("dated in the future"), "{err}");
     }
 
+    /// Dates the stored head `ahead_ms` past now, as a clock running ahead (or a forger)
+    /// leaves it; the store dates later events from it once reopened.
+    async fn date_head_ahead(store: &impl Store, ahead_ms: i64) {
+        let real = Head::load(store).await.expect("head");
+        let mut b = crate::store::Batch::default();
+        b.put(
+            Keyspace::Meta,
+            META_HEAD.to_vec(),
+            Head {
+                time_ms: now_ms() + ahead_ms,
+                ..real
+            }
+            .encode(),
+        );
+        store.commit(b).await.expect("date the head ahead");
+    }
+
     /// Review 6: a tail found at start-up, longer than the bound and dated a little ahead,
     /// was marked seen while it was in the future, and signed once real time caught up.
     #[tokio::test]
     async fn a_long_tail_dated_ahead_found_at_start_up_is_never_signed() {
-        use crate::store::{Batch, SledStore};
+        use crate::store::SledStore;
         let dir = tempfile::tempdir().expect("tempdir");
         let signer = Signer::load_or_create(&dir.path().join("k"), true).expect("signer");
         let data = dir.path().join("data");
@@ -2468,18 +2485,7 @@ mod tests {
         assert_eq!(cp.expect("cp").expect("due").seq, 10);
         // With the server stopped: the head dated 2 s past the skew allowance, then 60
         // events appended (the store dates them from the head).
-        let real = Head::load(&store).await.expect("head");
-        let mut b = Batch::default();
-        b.put(
-            Keyspace::Meta,
-            META_HEAD.to_vec(),
-            Head {
-                time_ms: now_ms() + CLOCK_SKEW_MS + 2000,
-                ..real
-            }
-            .encode(),
-        );
-        store.commit(b).await.expect("date ahead");
+        date_head_ahead(&store, CLOCK_SKEW_MS + 2000).await;
         drop(store);
         let store = SledStore::open(&data).expect("reopen");
         store.commit(event_batch(60)).await.expect("forged tail");
@@ -2499,7 +2505,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_clock_stepped_back_delays_checkpoints_but_does_not_stop_them() {
-        use crate::store::{Batch, SledStore};
+        use crate::store::SledStore;
         let dir = tempfile::tempdir().expect("tempdir");
         let signer = Signer::load_or_create(&dir.path().join("k"), true).expect("signer");
         let store = SledStore::open(&dir.path().join("data")).expect("open");
@@ -2510,18 +2516,7 @@ mod tests {
         assert_eq!(cp.expect("cp").expect("due").seq, 10);
         // The clock is 5 min + 3 s ahead for event 11 (simulated: the head it leaves behind),
         // then set right: later events carry the head's time (times never decrease).
-        let real = Head::load(&store).await.expect("head");
-        let mut b = Batch::default();
-        b.put(
-            Keyspace::Meta,
-            META_HEAD.to_vec(),
-            Head {
-                time_ms: now_ms() + CLOCK_SKEW_MS + 3000,
-                ..real
-            }
-            .encode(),
-        );
-        store.commit(b).await.expect("clock ahead");
+        date_head_ahead(&store, CLOCK_SKEW_MS + 3000).await;
         // (The writer thread dates from the head it loaded: reopen, keeping this process's
         // `Watched`, whose checkpoint and head seq/hash are unchanged.)
         drop(store);
