@@ -36,10 +36,16 @@ fn require(caller: &Caller, right: KeyRight) -> Result<(), Status> {
     if caller.role.keys.contains(&right) {
         Ok(())
     } else {
+        let call = match right {
+            KeyRight::Status => "GetKeyStatus",
+            KeyRight::Rotate => "RotateKey",
+            KeyRight::Rewrap => "Rewrap",
+            KeyRight::Rekey => "Rekey",
+            KeyRight::Retire => "RetireKeyVersion",
+        };
         Err(Status::permission_denied(format!(
-            "role `{}` may not {} keys (policy right keys = [\"{}\"] is not granted)",
+            "role `{}` may not call {call} (policy right keys = [\"{}\"] is not granted)",
             caller.role.name,
-            right.as_str(),
             right.as_str()
         )))
     }

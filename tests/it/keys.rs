@@ -485,7 +485,7 @@ async fn only_the_security_officer_manages_keys_and_it_reads_no_data() {
         assert_status(
             k.get_key_status(GetKeyStatusRequest {}).await,
             Code::PermissionDenied,
-            &["may not status keys"],
+            &["may not call GetKeyStatus", "keys = [\"status\"]"],
         );
         assert_status(
             k.rotate_key(RotateKeyRequest::default()).await,
