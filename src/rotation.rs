@@ -1260,7 +1260,10 @@ impl<S: Store> Jobs<S> {
             Err(StoreError::Conflict) => return Ok(false),
             Err(e) => return Err(e.into()),
         }
-        tracing::info!(job = %job.id, kind = job.kind.as_str(), done = job.done, total = job.total, "resuming key job");
+        // As published (`progress`): after a crash, records of batches lost in flight are
+        // handled again and counted twice in the stored `done`.
+        let progress = job.progress();
+        tracing::info!(job = %job.id, kind = job.kind.as_str(), done = progress.done, total = progress.total, "resuming key job");
         self.spawn(job, Arc::new(lease), &mut active);
         Ok(true)
     }
