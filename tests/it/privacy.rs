@@ -429,6 +429,7 @@ async fn consent_gates_talent_pool_and_an_objection_stops_personal_offers() {
 async fn recruitment_ends_with_the_procedure_so_withdrawal_and_objection_hold() {
     let v = spawn_vault().await;
     let id = applicant(&v, "closed@example.nl").await;
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
     let mut recruiter = v.client("recruiter").await;
     recruiter
         .get_record(get(&id, "recruitment"))
@@ -446,7 +447,7 @@ async fn recruitment_ends_with_the_procedure_so_withdrawal_and_objection_hold() 
         .set_lifecycle(SetLifecycleRequest {
             record_id: id.clone(),
             stage: "procedure_closed".into(),
-            date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
+            date: today.clone(),
         })
         .await
         .expect("closed");
@@ -493,7 +494,7 @@ async fn recruitment_ends_with_the_procedure_so_withdrawal_and_objection_hold() 
             .set_lifecycle(SetLifecycleRequest {
                 record_id: id.clone(),
                 stage: "applicant".into(),
-                date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
+                date: today.clone(),
             })
             .await,
         Code::FailedPrecondition,
@@ -516,7 +517,7 @@ async fn recruitment_ends_with_the_procedure_so_withdrawal_and_objection_hold() 
         .set_lifecycle(SetLifecycleRequest {
             record_id: id.clone(),
             stage: "employed".into(),
-            date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
+            date: today.clone(),
         })
         .await
         .expect("hired");
