@@ -445,7 +445,7 @@ impl EventBlocks {
             ops.push(Op::Put(
                 Keyspace::Audit,
                 event_key(last_seq).to_vec(),
-                block,
+                block.into(),
             ));
         }
     }

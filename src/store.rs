@@ -51,6 +51,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::wal::LOG_EXTEND;
@@ -107,8 +108,9 @@ pub enum Expect {
 /// One write of a batch.
 #[derive(Debug, Clone)]
 pub enum Op {
-    /// Sets `key` to `value`.
-    Put(Keyspace, Vec<u8>, Vec<u8>),
+    /// Sets `key` to `value` (a view that may share its buffer with other values, e.g. the
+    /// chunks of one sealed field).
+    Put(Keyspace, Vec<u8>, Bytes),
     /// Removes `key` (no error if absent).
     Delete(Keyspace, Vec<u8>),
 }
@@ -141,8 +143,8 @@ impl Batch {
     }
 
     /// Adds a put.
-    pub fn put(&mut self, ks: Keyspace, key: Vec<u8>, value: Vec<u8>) {
-        self.ops.push(Op::Put(ks, key, value));
+    pub fn put(&mut self, ks: Keyspace, key: Vec<u8>, value: impl Into<Bytes>) {
+        self.ops.push(Op::Put(ks, key, value.into()));
     }
 
     /// Adds a delete.
@@ -1005,7 +1007,7 @@ impl Shared {
                     let pending_op = || pending.get(&slot).map(|(_, job_ops, i)| &job_ops[*i]);
                     let current: Option<Option<&[u8]>> =
                         mine_op.or_else(pending_op).map(|op| match op {
-                            Op::Put(_, _, v) => Some(v.as_slice()),
+                            Op::Put(_, _, v) => Some(&v[..]),
                             Op::Delete(..) => None,
                         });
                     let stored;
@@ -1136,7 +1138,7 @@ impl Shared {
                     chain_ops.push(Op::Put(
                         Keyspace::Meta,
                         audit::META_HEAD.to_vec(),
-                        head.encode(),
+                        head.encode().into(),
                     ));
                 }
                 // One frame for the group: its batches and events are durable, replayed or
@@ -1428,7 +1430,7 @@ fn insert_ops(trees: &[sled::Tree; 5], ops: &[Op]) -> Result<(), StoreError> {
         match op {
             Op::Put(ks, key, value) => {
                 trees[*ks as usize]
-                    .insert(key.as_slice(), value.as_slice())
+                    .insert(key.as_slice(), &value[..])
                     .map_err(io)?;
             }
             Op::Delete(ks, key) => {
@@ -1728,7 +1730,11 @@ mod tests {
         let mut starts = Vec::new();
         for seq in 1..=n {
             starts.push(log.len());
-            let op = Op::Put(Keyspace::Records, format!("k{seq}").into_bytes(), vec![1]);
+            let op = Op::Put(
+                Keyspace::Records,
+                format!("k{seq}").into_bytes(),
+                vec![1].into(),
+            );
             wal::encode_frame(&mut log, seq, [&op]);
         }
         write_log(dir, no, &log);
@@ -1842,7 +1848,7 @@ mod tests {
         let (log, starts) = hand_written_log(dir.path(), 200, 5);
         write_log(dir.path(), 200, &log[..starts[4] + 7]);
         let mut next = Vec::new();
-        let op = Op::Put(Keyspace::Records, b"k6".to_vec(), vec![1]);
+        let op = Op::Put(Keyspace::Records, b"k6".to_vec(), vec![1].into());
         wal::encode_frame(&mut next, 6, [&op]);
         write_log(dir.path(), 201, &next);
         let store = SledStore::open(dir.path()).expect("opens");
@@ -2252,13 +2258,17 @@ mod tests {
             &[Op::Put(
                 Keyspace::Records,
                 b"k1".to_vec(),
-                b"stale".to_vec(),
+                b"stale".to_vec().into(),
             )],
         );
         wal::encode_frame(
             &mut log,
             2,
-            &[Op::Put(Keyspace::Records, b"k2".to_vec(), b"v2".to_vec())],
+            &[Op::Put(
+                Keyspace::Records,
+                b"k2".to_vec(),
+                b"v2".to_vec().into(),
+            )],
         );
         // An earlier log file ends in the zeros the log writer puts ahead of its frames.
         write_log(dir.path(), 99, &log);
@@ -2267,7 +2277,7 @@ mod tests {
             &mut log,
             3,
             &[
-                Op::Put(Keyspace::Fields, b"k3".to_vec(), b"v3".to_vec()),
+                Op::Put(Keyspace::Fields, b"k3".to_vec(), b"v3".to_vec().into()),
                 Op::Delete(Keyspace::Records, b"k2".to_vec()),
             ],
         );
@@ -2278,7 +2288,7 @@ mod tests {
             &[Op::Put(
                 Keyspace::Records,
                 b"k4".to_vec(),
-                b"never acked".to_vec(),
+                b"never acked".to_vec().into(),
             )],
         );
         log.extend_from_slice(&torn[..torn.len() - 3]);
@@ -2313,7 +2323,11 @@ mod tests {
         wal::encode_frame(
             &mut bad,
             10,
-            &[Op::Put(Keyspace::Records, b"x".to_vec(), b"y".to_vec())],
+            &[Op::Put(
+                Keyspace::Records,
+                b"x".to_vec(),
+                b"y".to_vec().into(),
+            )],
         );
         bad[20] ^= 1;
         std::fs::write(wal::file_path(&wal::dir(dir.path()), 500), &bad).expect("write");
@@ -2321,7 +2335,11 @@ mod tests {
         wal::encode_frame(
             &mut later,
             11,
-            &[Op::Put(Keyspace::Records, b"z".to_vec(), b"y".to_vec())],
+            &[Op::Put(
+                Keyspace::Records,
+                b"z".to_vec(),
+                b"y".to_vec().into(),
+            )],
         );
         std::fs::write(wal::file_path(&wal::dir(dir.path()), 501), &later).expect("write");
         assert!(matches!(

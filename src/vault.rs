@@ -9,6 +9,7 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use uuid::Uuid;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -1981,7 +1982,7 @@ pub(crate) fn place_chunks(
     id: &[u8],
     name: &str,
     revision: u64,
-    chunks: Vec<Vec<u8>>,
+    chunks: Vec<Bytes>,
     stored_before: u32,
 ) -> (u32, Vec<u8>) {
     let count = u32::try_from(chunks.len()).expect("values are far below 2^32 chunks");
@@ -1990,7 +1991,7 @@ pub(crate) fn place_chunks(
         for i in 0..stored_before {
             batch.delete(Keyspace::Fields, record::chunk_key(id, name, revision, i));
         }
-        return (count, chunks.pop().expect("one chunk"));
+        return (count, Vec::from(chunks.pop().expect("one chunk")));
     }
     for i in count..stored_before {
         batch.delete(Keyspace::Fields, record::chunk_key(id, name, revision, i));

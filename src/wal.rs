@@ -25,6 +25,7 @@
 //! A file shorter than any crash leaves it (see [`decode_frames`]) was cut back by something
 //! else, and is reported as [`Decoded::cut`].
 
+use bytes::Bytes;
 use std::path::{Path, PathBuf};
 
 use crate::store::{Keyspace, Op};
@@ -291,7 +292,7 @@ fn decode_frame(bytes: &[u8]) -> Option<(Frame, usize)> {
         match kind {
             OP_PUT => {
                 let (value, rest) = take_bytes(rest)?;
-                ops.push(Op::Put(ks, key.to_vec(), value.to_vec()));
+                ops.push(Op::Put(ks, key.to_vec(), Bytes::copy_from_slice(value)));
                 p = rest;
             }
             OP_DELETE => {
@@ -346,7 +347,11 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         let bytes = || proptest::collection::vec(any::<u8>(), 0..40);
         prop_oneof![
-            (0usize..5, bytes(), bytes()).prop_map(|(k, key, v)| Op::Put(Keyspace::ALL[k], key, v)),
+            (0usize..5, bytes(), bytes()).prop_map(|(k, key, v)| Op::Put(
+                Keyspace::ALL[k],
+                key,
+                v.into()
+            )),
             (0usize..5, bytes()).prop_map(|(k, key)| Op::Delete(Keyspace::ALL[k], key)),
         ]
     }
@@ -592,7 +597,11 @@ mod tests {
             encode_frame(
                 &mut big,
                 seq,
-                &[Op::Put(Keyspace::Fields, vec![1], vec![7; 400 * 1024])],
+                &[Op::Put(
+                    Keyspace::Fields,
+                    vec![1],
+                    vec![7; 400 * 1024].into(),
+                )],
             );
         }
         let d = decode_frames(&big[..starts[4]], 0);
