@@ -112,6 +112,9 @@ pub struct RecordBody {
     /// never). What stays is kept for that duty only: no new data is written to it.
     #[prost(int64, tag = "18")]
     pub erasure_requested_ms: i64,
+    /// Its closed procedure was reopened once (kept across stages): it is not reopened again.
+    #[prost(bool, tag = "19")]
+    pub reopened: bool,
 }
 
 impl RecordBody {
@@ -737,6 +740,7 @@ mod tests {
             legal_hold_reason_sealed: vec![4; 40],
             last_ended: "2025-06-01".into(),
             erasure_requested_ms: 5,
+            reopened: true,
             consents: BTreeMap::from([(
                 "talent_pool".to_string(),
                 ConsentEntry {

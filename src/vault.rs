@@ -146,12 +146,15 @@ pub use crate::policy::LIFECYCLE_STAGES;
 /// Refuses a lifecycle change that would drop a legal duty to keep: a record that is or was
 /// employed keeps identity and financial data for years after the employment ends, so it
 /// never goes back to an applicant stage (whose data may go within weeks); and an employment
-/// cannot end before it began.
+/// cannot end before it began. Refuses, too, what would keep an applicant's data longer than
+/// their closed procedure allows. `consent_purpose` is the consent that keeps applicant data
+/// after the procedure ([`retention::RetentionRules::applicant_consent_purpose`]).
 fn check_lifecycle_step(
     id: Uuid,
     body: &RecordBody,
     stage: &str,
     date: &str,
+    consent_purpose: &str,
 ) -> Result<(), VaultError> {
     let worked = matches!(body.lifecycle.as_str(), "employed" | "ended");
     if worked && matches!(stage, "applicant" | "procedure_closed") {
@@ -160,21 +163,25 @@ fn check_lifecycle_step(
             body.lifecycle
         )));
     }
-    // A closed procedure reopened would be processed again under `recruitment`, which a
-    // closed procedure's record is out of reach of: not while its subject has withdrawn a
-    // consent or objected (the reopening would undo what they asked for). A new
-    // application is a new record.
+    // A reopened procedure stops the closed one's retention clock, and its re-closing starts
+    // a new one. That corrects a mistaken close, or resumes the procedure, once; more often
+    // would keep the applicant's data as long as anyone liked (a new application is a new
+    // record). And not at all when the subject withdrew the consent that keeps their data
+    // after the procedure: that would keep it against their withdrawal. (Other withdrawals
+    // and objections stay in force in an open procedure: each is checked at every use.)
     if body.lifecycle == "procedure_closed" && stage == "applicant" {
-        let refused: Vec<&str> = body
-            .consents
-            .iter()
-            .filter(|(_, c)| !c.granted)
-            .map(|(purpose, _)| purpose.as_str())
-            .collect();
-        if !refused.is_empty() {
+        if body.reopened {
             return Err(VaultError::FailedPrecondition(format!(
-                "stage: record {id}'s procedure is closed and its subject withdrew consent or objected ({}): reopening it would process the record again against that; a new application is a new record (CreateRecord), or the subject's renewed consent is recorded first (SetConsent)",
-                refused.join(", ")
+                "stage: record {id}'s procedure was reopened once already: a closed procedure is reopened at most once (to correct its close, or to resume it), as each re-closing starts its retention period anew; a new application is a new record (CreateRecord)"
+            )));
+        }
+        if body
+            .consents
+            .get(consent_purpose)
+            .is_some_and(|c| !c.granted)
+        {
+            return Err(VaultError::FailedPrecondition(format!(
+                "stage: record {id}'s procedure is closed and its subject withdrew consent for `{consent_purpose}` (keeping their data after the procedure): reopening it would keep the data against that; a new application is a new record (CreateRecord)"
             )));
         }
     }
@@ -1426,7 +1433,16 @@ impl<S: Store> Vault<S> {
             }
             match &change {
                 StateChange::Lifecycle { stage, date } => {
-                    check_lifecycle_step(id, &body, stage, date)?;
+                    check_lifecycle_step(
+                        id,
+                        &body,
+                        stage,
+                        date,
+                        &self.retention.applicant_consent_purpose,
+                    )?;
+                    if body.lifecycle == "procedure_closed" && stage == "applicant" {
+                        body.reopened = true;
+                    }
                     if let Some(ended) = body.latest_end() {
                         body.last_ended = ended.to_string();
                     }
@@ -2381,41 +2397,46 @@ mod tests {
     }
 
     #[test]
-    fn a_closed_procedure_reopens_only_without_a_withdrawal_or_objection() {
+    fn a_closed_procedure_reopens_once_and_not_against_a_withdrawn_consent() {
         let id = Uuid::new_v4();
+        let step = |body: &RecordBody, stage: &str, date: &str| {
+            check_lifecycle_step(id, body, stage, date, "talent_pool").map_err(|e| e.to_string())
+        };
+        let consent = |granted| crate::record::ConsentEntry {
+            granted,
+            changed_ms: 1,
+        };
         let mut body = RecordBody {
             lifecycle: "procedure_closed".into(),
             lifecycle_date: "2026-11-20".into(),
             ..RecordBody::default()
         };
-        check_lifecycle_step(id, &body, "applicant", "2026-11-26").expect("reopened");
-        body.consents.insert(
-            "talent_pool".into(),
-            crate::record::ConsentEntry {
-                granted: true,
-                changed_ms: 1,
-            },
+        step(&body, "applicant", "2026-11-26").expect("reopened");
+        // An objection to another purpose stays in force in the open procedure: no bar.
+        body.consents
+            .insert("personal_offers".into(), consent(false));
+        step(&body, "applicant", "2026-11-26").expect("objection elsewhere");
+        body.consents.insert("talent_pool".into(), consent(true));
+        step(&body, "applicant", "2026-11-26").expect("consent given");
+        body.consents.insert("talent_pool".into(), consent(false));
+        let err = step(&body, "applicant", "2026-11-26").expect_err("withdrawn");
+        assert!(
+            err.starts_with("stage:")
+                && err.contains("`talent_pool`")
+                && !err.contains("SetConsent"),
+            "{err}"
         );
-        check_lifecycle_step(id, &body, "applicant", "2026-11-26").expect("consent given");
-        body.consents.insert(
-            "personal_offers".into(),
-            crate::record::ConsentEntry {
-                granted: false,
-                changed_ms: 2,
-            },
-        );
-        let err = check_lifecycle_step(id, &body, "applicant", "2026-11-26")
-            .expect_err("objected")
-            .to_string();
-        assert!(err.contains("(personal_offers)"), "{err}");
+        // Reopened once already: never again, whatever the consents say.
+        body.consents.clear();
+        body.reopened = true;
+        let err = step(&body, "applicant", "2026-11-26").expect_err("second reopening");
+        assert!(err.contains("reopened once already"), "{err}");
         // Hiring is not a reopening; closing again may only move the close date earlier
         // (a later one would restart the retention clock).
-        check_lifecycle_step(id, &body, "employed", "2026-11-26").expect("hired");
-        check_lifecycle_step(id, &body, "procedure_closed", "2026-11-20").expect("same date");
-        check_lifecycle_step(id, &body, "procedure_closed", "2026-11-10").expect("earlier");
-        let err = check_lifecycle_step(id, &body, "procedure_closed", "2026-11-26")
-            .expect_err("later")
-            .to_string();
+        step(&body, "employed", "2026-11-26").expect("hired");
+        step(&body, "procedure_closed", "2026-11-20").expect("same date");
+        step(&body, "procedure_closed", "2026-11-10").expect("earlier");
+        let err = step(&body, "procedure_closed", "2026-11-26").expect_err("later");
         assert!(
             err.starts_with("date:") && err.contains("2026-11-20"),
             "{err}"

@@ -500,8 +500,7 @@ async fn recruitment_ends_with_the_procedure_so_withdrawal_and_objection_hold() 
         Code::FailedPrecondition,
         &[
             "stage",
-            "withdrew consent or objected",
-            "personal_offers, talent_pool",
+            "withdrew consent for `talent_pool`",
             "CreateRecord",
         ],
     );
@@ -525,6 +524,47 @@ async fn recruitment_ends_with_the_procedure_so_withdrawal_and_objection_hold() 
         .get_record(get(&id, "recruitment"))
         .await
         .expect("an employee is placed under recruitment");
+}
+
+/// A closed procedure is reopened once (a mistaken close, or a resumed procedure), even
+/// after an objection to marketing; a second reopening, which would restart the retention
+/// clock once more, is refused (review 8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_procedure_is_reopened_at_most_once() {
+    let v = spawn_vault().await;
+    let id = applicant(&v, "reopened@example.nl").await;
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let mut recruiter = v.client("recruiter").await;
+    recruiter
+        .set_consent(consent(&id, "personal_offers", false))
+        .await
+        .expect("objected to marketing");
+    let stage = |stage: &str| SetLifecycleRequest {
+        record_id: id.clone(),
+        stage: stage.into(),
+        date: today.clone(),
+    };
+    for step in ["procedure_closed", "applicant", "procedure_closed"] {
+        recruiter
+            .set_lifecycle(stage(step))
+            .await
+            .unwrap_or_else(|e| panic!("{step}: {e:?}"));
+    }
+    assert_status(
+        recruiter.set_lifecycle(stage("applicant")).await,
+        Code::FailedPrecondition,
+        &["stage", "reopened once already", "CreateRecord"],
+    );
+    let meta = recruiter
+        .list_records(ListRecordsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .records
+        .into_iter()
+        .find(|r| r.record_id == id)
+        .expect("listed");
+    assert_eq!(meta.lifecycle_stage, "procedure_closed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
