@@ -141,6 +141,16 @@ pub struct Erasure {
     pub retained: Vec<(String, String, String)>,
 }
 
+/// What a record says about a blind-index entry naming it ([`Vault::check_hit`]).
+enum Hit {
+    /// Its header holds the entry's tag.
+    Holds(Box<RecordBody>),
+    /// The entry is gone: the record changed after the index was read.
+    Gone,
+    /// The entry is there, and the header does not hold its tag.
+    OutOfPlace,
+}
+
 pub use crate::policy::LIFECYCLE_STAGES;
 
 /// Refuses a lifecycle change that would drop a legal duty to keep: a record that is or was
@@ -857,25 +867,24 @@ impl<S: Store> Vault<S> {
             // The index keyspace is not MACed: a hit counts only if the record's MACed header
             // holds the same tag for the field, so an entry planted or left behind in the
             // store cannot make a search return another person's record.
-            match self.load(id).await {
-                Ok((_, body)) => {
-                    let field = def.name.as_str();
+            let field = def.name.as_str();
+            match self.check_hit(id, &k, field, tag).await {
+                Ok(Hit::Holds(body)) => {
                     let entry = body.fields.get(field);
-                    let tagged = entry.is_some_and(|entry| crypto::ct_eq(&entry.index_tag, tag));
                     if entry.is_some_and(|e| moved_out_of_reach(caller, "search", def, e).is_some())
                     {
                         continue;
                     }
-                    if !tagged {
-                        tracing::warn!(
-                            record_id = %id,
-                            field = %field,
-                            "a blind-index entry does not match the record's header; left out"
-                        );
-                    } else if self.check_processing(id, &body, purpose).is_ok() {
+                    if self.check_processing(id, &body, purpose).is_ok() {
                         out.push(id);
                     }
                 }
+                Ok(Hit::Gone) => {}
+                Ok(Hit::OutOfPlace) => tracing::warn!(
+                    record_id = %id,
+                    field = %field,
+                    "a blind-index entry does not match the record's header; left out"
+                ),
                 Err(VaultError::NotFound(_)) => {}
                 // One damaged record must not make every other record with the value
                 // unfindable (nor name a record the search would have left out): it is left
@@ -890,6 +899,38 @@ impl<S: Store> Vault<S> {
             }
         }
         Ok(())
+    }
+
+    /// Whether record `id`'s MACed header holds `tag` for `field`, as the index entry `key`
+    /// (read from the store a moment ago) says. A header without it may have changed after
+    /// the entry was read (an update moves header and entry in one batch): then the entry is
+    /// gone, or the header read again holds the tag. Only an entry still there that the
+    /// header does not hold is out of place (planted, or left behind).
+    async fn check_hit(
+        &self,
+        id: Uuid,
+        key: &[u8],
+        field: &str,
+        tag: &[u8; 32],
+    ) -> Result<Hit, VaultError> {
+        let holds = |body: &RecordBody| {
+            body.fields
+                .get(field)
+                .is_some_and(|entry| crypto::ct_eq(&entry.index_tag, tag))
+        };
+        let (_, body) = self.load(id).await?;
+        if holds(&body) {
+            return Ok(Hit::Holds(Box::new(body)));
+        }
+        if self.store.get(Keyspace::Index, key).await?.is_none() {
+            return Ok(Hit::Gone);
+        }
+        let (_, body) = self.load(id).await?;
+        Ok(if holds(&body) {
+            Hit::Holds(Box::new(body))
+        } else {
+            Hit::OutOfPlace
+        })
     }
 
     /// Erases a record on request (crypto-shredding), as of `today`: deletes the data keys,
@@ -2539,6 +2580,71 @@ mod tests {
                 role: Arc::clone(self.policy.role(role).expect("role")),
             }
         }
+    }
+
+    /// Review 8: a search that read an index entry just before an update moved the value
+    /// on is no sign of tampering; an entry still there that the header does not hold is.
+    #[tokio::test]
+    async fn an_index_entry_an_update_removed_meanwhile_is_gone_not_out_of_place() {
+        let f = MovedBsn::new("", &[("bsn", "111222333")]).await;
+        let (vault, recruiter) = (&f.before, f.who("recruiter"));
+        let (id, _) = vault
+            .create(
+                &recruiter,
+                "recruitment",
+                vec![text("full_name", "Anna"), text("email", "a@example.nl")],
+                &mut audit::Context::new("CreateRecord"),
+            )
+            .await
+            .expect("create");
+        let entry = || async {
+            let entries = vault
+                .store()
+                .scan(Keyspace::Index, b"email\0", None, 10)
+                .await
+                .expect("scan");
+            assert_eq!(entries.len(), 1, "one e-mail entry");
+            let key = entries[0].0.clone();
+            let tag: [u8; 32] = key[6..38].try_into().expect("32-byte tag");
+            (key, tag)
+        };
+        let (old_key, old_tag) = entry().await;
+        assert!(matches!(
+            vault.check_hit(id, &old_key, "email", &old_tag).await,
+            Ok(Hit::Holds(_))
+        ));
+        let change = Change {
+            set: vec![text("email", "b@example.nl")],
+            ..Change::default()
+        };
+        vault
+            .update(
+                &recruiter,
+                &id.to_string(),
+                "recruitment",
+                change,
+                &mut audit::Context::new("UpdateRecord"),
+            )
+            .await
+            .expect("update");
+        // The search read the old entry before the update: gone now, not out of place.
+        assert!(matches!(
+            vault.check_hit(id, &old_key, "email", &old_tag).await,
+            Ok(Hit::Gone)
+        ));
+        let (new_key, new_tag) = entry().await;
+        assert!(matches!(
+            vault.check_hit(id, &new_key, "email", &new_tag).await,
+            Ok(Hit::Holds(_))
+        ));
+        // The old entry planted back: out of place.
+        let mut b = Batch::default();
+        b.put(Keyspace::Index, old_key.clone(), Vec::new());
+        vault.store().commit(b).await.expect("plant");
+        assert!(matches!(
+            vault.check_hit(id, &old_key, "email", &old_tag).await,
+            Ok(Hit::OutOfPlace)
+        ));
     }
 
     #[tokio::test]
