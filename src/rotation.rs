@@ -548,14 +548,44 @@ async fn prepare<S: Store>(
     scope: Option<Category>,
     after: Option<Vec<u8>>,
 ) -> Result<Option<Prepared>, VaultError> {
-    let page = vault
-        .store()
-        .scan(Keyspace::Records, b"", after.as_deref(), JOB_PAGE)
-        .await?;
+    let scan = || {
+        vault
+            .store()
+            .scan(Keyspace::Records, b"", after.as_deref(), JOB_PAGE)
+    };
+    let page = scan().await?;
     if page.is_empty() {
         return Ok(None);
     }
-    build(vault, job, scope, page).await.map(Some)
+    match build(vault, job, scope, page).await {
+        Err(e) => {
+            let page = scan().await?;
+            if page.is_empty() || !caught_up(vault, &page).await? {
+                return Err(e);
+            }
+            build(vault, job, scope, page).await.map(Some)
+        }
+        built => built.map(Some),
+    }
+}
+
+/// Whether a record of `page` names a KEK version this ring does not hold: one made by
+/// another instance sharing the store (a rotation there while this job runs). If so, the
+/// ring is reloaded, as [`Vault::load`] does for a request, and the page can be handled
+/// again. Only asked after handling a page failed, so a pass pays nothing for it.
+async fn caught_up<S: Store>(vault: &Vault<S>, page: &Page) -> Result<bool, VaultError> {
+    let keys = vault.keys();
+    let mut unknown = false;
+    for (_, raw) in page {
+        // A header that does not decode fails the page again, as it did.
+        let _ = record::peek_dek_versions(raw, |name, version, _| {
+            unknown |= Category::parse(name).is_some_and(|c| !keys.holds(c, version));
+        });
+    }
+    if unknown {
+        refresh_keys(vault).await?;
+    }
+    Ok(unknown)
 }
 
 /// Prepares the batch handling `page` (records in id order, headers as read): the records
@@ -883,11 +913,27 @@ async fn redo_page<S: Store>(
             continue;
         }
         let mut read: Vec<Vec<u8>> = records.iter().map(|(key, _)| key.clone()).collect();
+        let prepared = match build(vault, job, scope, records).await {
+            Err(e) => {
+                let mut records = Vec::with_capacity(read.len());
+                for key in &read {
+                    if let Some(raw) = store.get(Keyspace::Records, key).await? {
+                        records.push((key.clone(), raw));
+                    }
+                }
+                if records.is_empty() || !caught_up(vault, &records).await? {
+                    return Err(e);
+                }
+                read = records.iter().map(|(key, _)| key.clone()).collect();
+                build(vault, job, scope, records).await?
+            }
+            Ok(prepared) => prepared,
+        };
         let Prepared {
             mut batch,
             page: taken,
             handled: n,
-        } = build(vault, job, scope, records).await?;
+        } = prepared;
         // A re-key batch cut short at its size: the rest is redone after it.
         if taken.len() < read.len() {
             sets.push((read.split_off(taken.len()), 0));
@@ -1275,14 +1321,21 @@ impl<S: Store> Jobs<S> {
         self.options.lease_ttl * 2
     }
 
-    /// For a store several instances share: every half of the lease's time to live, takes
-    /// over an unfinished job whose runner is gone ([`Jobs::adopt`]). The server runs it when
-    /// its store is not exclusive.
+    /// For a store several instances share: every half of the lease's time to live, reloads
+    /// the key ring (versions made or retired elsewhere) and takes over an unfinished job
+    /// whose runner is gone ([`Jobs::adopt`]). The server runs it when its store is not
+    /// exclusive.
     pub fn spawn_adopter(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let jobs = Arc::clone(self);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(jobs.options.lease_ttl / 2).await;
+                // Key versions made or destroyed elsewhere: a version another instance
+                // retired must not live on in this one's memory for as long as it runs
+                // (its traffic may never make it reload).
+                if let Err(e) = refresh_keys(&jobs.vault).await {
+                    tracing::warn!(error = %e, "reloading the key ring failed");
+                }
                 if let Err(e) = jobs.adopt(false).await {
                     tracing::warn!(error = %e, "looking for a key job to take over failed");
                 }
@@ -2484,5 +2537,113 @@ mod tests {
             .expect("next job");
         let pb = finished(watching).await;
         assert!(pb.finished && pb.error.is_none(), "{pb:?}");
+    }
+
+    /// Instance A (sharing B's store) rotates a category and writes a record under the new
+    /// version as B's rewrap reads its first page (review 8, races F1).
+    #[derive(Default)]
+    struct OtherInstance {
+        a: std::sync::OnceLock<Arc<Vault<SledStore>>>,
+        fired: std::sync::atomic::AtomicBool,
+    }
+
+    impl Hooks for OtherInstance {
+        async fn before_scan(&self, _store: &SledStore, prefix: &[u8]) -> Result<(), StoreError> {
+            // The job's pages scan the whole key space (empty prefix).
+            if prefix.is_empty() && !self.fired.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                let a = self.a.get().expect("set");
+                refresh_keys(a).await.expect("A reloads");
+                a.keys()
+                    .rotate(a.store(), &[Category::Identity], vec![])
+                    .await
+                    .expect("A rotates identity");
+                create(a, "111222333").await;
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rotation_elsewhere_during_a_rewrap_is_picked_up_not_taken_for_damage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sled = SledStore::open(dir.path()).expect("open");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let a = Arc::new(vault_over(sled.clone(), &master).await);
+        let store = Hooked::new(sled, OtherInstance::default());
+        let b = Arc::new(vault_over(store.clone(), &master).await);
+        for _ in 0..3 {
+            create(&a, "111222333").await;
+        }
+        b.keys()
+            .rotate(b.store(), &[Category::Identity], vec![])
+            .await
+            .expect("B rotates");
+        assert!(store.a.set(Arc::clone(&a)).is_ok());
+        let rx = Jobs::new(Arc::clone(&b))
+            .start(
+                JobKind::Rewrap,
+                Some(Category::Identity),
+                "test",
+                Vec::new(),
+            )
+            .await
+            .expect("start");
+        let p = finished(rx).await;
+        assert!(store.fired.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(p.finished && p.error.is_none(), "{p:?}");
+        // B picked up A's version; every identity key is under it now.
+        let v3 = b.keys().active_version(Category::Identity);
+        assert_eq!(v3, Some(3));
+        let counts = version_counts(&b).await.expect("counts");
+        assert_eq!(counts.get(&(Category::Identity, 3)), Some(&4), "{counts:?}");
+    }
+
+    /// A version retired elsewhere does not live on in another instance's memory: its
+    /// adopter reloads the ring (review 8, races F2).
+    #[tokio::test]
+    async fn a_kek_retired_elsewhere_leaves_this_instances_memory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let a = Arc::new(vault_over(store.clone(), &master).await);
+        let b = Arc::new(vault_over(store, &master).await);
+        a.keys()
+            .rotate(a.store(), &[Category::Identity], vec![])
+            .await
+            .expect("A rotates");
+        refresh_keys(&b).await.expect("B learns of v2");
+        let id = create(&a, "111222333").await;
+        let count = || async {
+            version_counts(&a)
+                .await
+                .map(|c| c.get(&(Category::Identity, 1)).copied().unwrap_or(0))
+                .map_err(|e| e.to_string())
+        };
+        a.keys()
+            .retire(a.store(), Category::Identity, 1, count, vec![])
+            .await
+            .expect("A retires identity v1");
+        // B serves on: nothing in its traffic makes it reload.
+        b.get(&caller("payroll"), &id, "payroll", &[])
+            .await
+            .expect("B reads");
+        assert!(b.keys().holds(Category::Identity, 1));
+        let jobs = Arc::new(Jobs::with_options(
+            Arc::clone(&b),
+            JobOptions {
+                lease_ttl: std::time::Duration::from_millis(40),
+                exclusive: false,
+            },
+        ));
+        let adopter = jobs.spawn_adopter();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while b.keys().holds(Category::Identity, 1) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "B still holds identity/v1"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        adopter.abort();
     }
 }
