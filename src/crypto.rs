@@ -114,13 +114,18 @@ pub fn random_fill(out: &mut [u8]) -> Result<(), CryptoError> {
 /// that `("ab", "c")` and `("a", "bc")` never collide.
 pub fn context(parts: &[&[u8]]) -> Vec<u8> {
     let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 4).sum());
+    context_into(parts, &mut out);
+    out
+}
+
+/// Appends [`context`]`(parts)` to `out`.
+pub fn context_into(parts: &[&[u8]], out: &mut Vec<u8>) {
     for part in parts {
         let len =
             u32::try_from(part.len()).expect("context parts are names and ids, far below 4 GiB");
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(part);
     }
-    out
 }
 
 /// The parsed header of an envelope.
@@ -232,35 +237,48 @@ fn seal_with_nonce(
     context: &[u8],
     plaintext: &[u8],
 ) -> Vec<u8> {
+    let header = envelope_header(key_version);
     let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
-    append_sealed(&mut out, key, key_version, nonce, context, plaintext);
+    append_sealed(
+        &mut out,
+        key,
+        &header,
+        nonce,
+        &aad_bytes(&header, context),
+        plaintext,
+    );
     out
 }
 
-/// Appends to `out` the envelope of `plaintext` sealed with `nonce` (see [`seal_with_nonce`]).
-fn append_sealed(
-    out: &mut Vec<u8>,
-    key: &LessSafeKey,
-    key_version: u32,
-    nonce: [u8; NONCE_LEN],
-    context: &[u8],
-    plaintext: &[u8],
-) {
-    let header = EnvelopeHeader {
+/// The header of an envelope sealed now under key version `key_version`.
+fn envelope_header(key_version: u32) -> [u8; HEADER_LEN] {
+    EnvelopeHeader {
         format: FORMAT_V1,
         algorithm: ALG_AES_256_GCM,
         key_version,
     }
-    .to_bytes();
-    out.extend_from_slice(&header);
+    .to_bytes()
+}
+
+/// Appends to `out` the envelope of `plaintext` sealed with `nonce` (see [`seal_with_nonce`]);
+/// `aad` is `header` ‖ context ([`aad_bytes`]).
+fn append_sealed(
+    out: &mut Vec<u8>,
+    key: &LessSafeKey,
+    header: &[u8; HEADER_LEN],
+    nonce: [u8; NONCE_LEN],
+    aad: &[u8],
+    plaintext: &[u8],
+) {
+    debug_assert!(aad.starts_with(header), "the AAD begins with the header");
+    out.extend_from_slice(header);
     out.extend_from_slice(&nonce);
     let start = out.len();
     out.extend_from_slice(plaintext);
-    let aad = aad_bytes(&header, context);
     let tag = key
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(&aad),
+            Aad::from(aad),
             &mut out[start..],
         )
         .expect("sealing fails only above ring's 64 GiB input limit");
@@ -322,8 +340,8 @@ impl SealingKey {
     }
 
     /// Seals `plaintext` in chunks of `chunk_len` bytes (at least one chunk, even when empty),
-    /// chunk `i` of `n` under `context(i, n)`, each with its own random nonce (drawn in one
-    /// call to the system's generator).
+    /// chunk `i` of `n` under the context `context(i, n, out)` appends to `out`, each with its
+    /// own random nonce (drawn in one call to the system's generator).
     ///
     /// The envelopes are written one after the other into a single buffer and handed out as
     /// views of it: one allocation per field rather than one per chunk. (Freed 16 KiB chunk
@@ -333,7 +351,7 @@ impl SealingKey {
         &self,
         plaintext: &[u8],
         chunk_len: usize,
-        context: impl Fn(u32, u32) -> Vec<u8>,
+        context: impl Fn(u32, u32, &mut Vec<u8>),
     ) -> Result<Vec<Bytes>, CryptoError> {
         if chunk_len == 0 {
             return Err(CryptoError::Malformed);
@@ -344,6 +362,9 @@ impl SealingKey {
         random_fill(&mut nonces)?;
         let mut buf = Vec::with_capacity(count * OVERHEAD + plaintext.len());
         let mut ends = Vec::with_capacity(count);
+        // One AAD buffer for every chunk: the header, then each chunk's context in turn.
+        let header = envelope_header(self.version);
+        let mut aad = header.to_vec();
         for (i, nonce) in nonces.chunks_exact(NONCE_LEN).enumerate() {
             let start = i * chunk_len;
             let end = (start + chunk_len).min(plaintext.len());
@@ -351,12 +372,14 @@ impl SealingKey {
                 .try_into()
                 .expect("chunks_exact yields NONCE_LEN bytes");
             let i32 = u32::try_from(i).expect("chunk index below chunk count");
+            aad.truncate(HEADER_LEN);
+            context(i32, count32, &mut aad);
             append_sealed(
                 &mut buf,
                 &self.key,
-                self.version,
+                &header,
                 nonce,
-                &context(i32, count32),
+                &aad,
                 &plaintext[start..end],
             );
             ends.push(buf.len());

@@ -620,13 +620,23 @@ pub fn chunk_key(id: &[u8], field: &str, revision: u64, chunk: u32) -> Vec<u8> {
 
 /// AEAD context of a field chunk: binds record, field, chunk number and count.
 pub fn chunk_context(id: &[u8], field: &str, chunk: u32, chunks: u32) -> Vec<u8> {
-    crypto::context(&[
-        CTX_FIELD,
-        id,
-        field.as_bytes(),
-        &chunk.to_be_bytes(),
-        &chunks.to_be_bytes(),
-    ])
+    let mut out = Vec::new();
+    chunk_context_into(id, field, chunk, chunks, &mut out);
+    out
+}
+
+/// Appends [`chunk_context`] to `out`.
+pub fn chunk_context_into(id: &[u8], field: &str, chunk: u32, chunks: u32, out: &mut Vec<u8>) {
+    crypto::context_into(
+        &[
+            CTX_FIELD,
+            id,
+            field.as_bytes(),
+            &chunk.to_be_bytes(),
+            &chunks.to_be_bytes(),
+        ],
+        out,
+    );
 }
 
 /// Key prefix of the blind-index entries of `field` with tag `tag`.
@@ -660,7 +670,9 @@ pub fn seal_field(
     field: &str,
     plaintext: &[u8],
 ) -> Result<SealedField, crypto::CryptoError> {
-    let chunks = dek.seal_chunks(plaintext, CHUNK_LEN, |i, n| chunk_context(id, field, i, n))?;
+    let chunks = dek.seal_chunks(plaintext, CHUNK_LEN, |i, n, out| {
+        chunk_context_into(id, field, i, n, out)
+    })?;
     let mut digest = FieldDigest::new();
     for chunk in &chunks {
         digest.add(chunk)?;
