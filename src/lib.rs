@@ -16,6 +16,7 @@
 //! - [`schema`]: the field catalogue and typed values parsed at the edge (BSN, IBAN, …).
 //! - [`policy`]: roles, purposes, principals; deny by default.
 //! - [`record`]: the stored form of a record (MAC-protected header, sealed chunks).
+//! - `wipe`: plaintext buffers that grow without leaving copies behind in freed memory.
 //!
 //! State and IO:
 //! - [`store`]: the storage trait (keyspaces, atomic durable batches) and the sled backend.
@@ -60,6 +61,7 @@ pub mod store;
 pub mod sweeper;
 pub mod vault;
 pub mod wal;
+mod wipe;
 
 /// The generated `kluis.v1` gRPC API (messages, clients and servers of `Records`, `Audit` and `Keys`).
 #[allow(missing_docs, clippy::all)]

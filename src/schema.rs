@@ -7,13 +7,16 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::fmt::Write as _;
 
 use chrono::{Months, NaiveDate};
 use icu_normalizer::ComposingNormalizerBorrowed;
 use icu_properties::props::{GeneralCategory, GeneralCategoryGroup};
 use icu_properties::CodePointMapData;
 use serde::Deserialize;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::wipe::WipingString;
 
 /// The shipped default schema.
 pub const DEFAULT_SCHEMA_TOML: &str = include_str!("../config/schema.toml");
@@ -598,10 +601,8 @@ impl FieldDef {
                 self.kind.name()
             ))),
             (kind, RawValue::Text(text)) => {
-                let normalised = Zeroizing::new(parse_text(kind, text, today)?);
-                let index_form = self
-                    .searchable
-                    .then(|| Zeroizing::new(index_form(kind, &normalised)));
+                let normalised = parse_text(kind, text, today)?;
+                let index_form = self.searchable.then(|| index_form(kind, &normalised));
                 Ok(Parsed {
                     plaintext: Zeroizing::new(normalised.as_bytes().to_vec()),
                     content_type: None,
@@ -622,18 +623,20 @@ impl FieldDef {
         if text.trim().is_empty() {
             return Err(invalid("is required (the value to search for)"));
         }
-        let normalised = Zeroizing::new(parse_text(&self.kind, text, today)?);
-        Ok(Zeroizing::new(index_form(&self.kind, &normalised)))
+        let normalised = parse_text(&self.kind, text, today)?;
+        Ok(index_form(&self.kind, &normalised))
     }
 }
 
 /// The form the blind index is computed over, from a value's stored (normalised) form.
-fn index_form(kind: &FieldType, normalised: &str) -> String {
+fn index_form(kind: &FieldType, normalised: &str) -> Zeroizing<String> {
     match kind {
         // The stored domain is already lower-case ASCII; the local part keeps its case in the
         // stored value and is lower-cased here (NFC again: lower-casing can decompose).
-        FieldType::Email => nfc(&normalised.to_lowercase()),
-        _ => normalised.to_string(),
+        // (`str::to_lowercase` sizes its string to the input up front; it grows only for the
+        // few capitals that lower-case to more bytes, such as `İ`, `Ⱥ`.)
+        FieldType::Email => nfc(&Zeroizing::new(normalised.to_lowercase())),
+        _ => Zeroizing::new(normalised.to_owned()),
     }
 }
 
@@ -648,11 +651,13 @@ pub(crate) fn is_format_char(c: char) -> bool {
     GeneralCategoryGroup::Format.contains(CodePointMapData::<GeneralCategory>::new().get(c))
 }
 
-/// Unicode Normalization Form C.
-fn nfc(s: &str) -> String {
+/// Unicode Normalization Form C, into a buffer that leaves no copy behind when it grows.
+fn nfc(s: &str) -> Zeroizing<String> {
+    let mut out = WipingString::with_capacity(s.len());
     ComposingNormalizerBorrowed::new_nfc()
-        .normalize(s)
-        .into_owned()
+        .normalize_to(s, &mut out)
+        .expect("writing to a WipingString never fails");
+    out.into_inner()
 }
 
 /// NFC can make a string at most three times as long (in characters): a cheap bound checked
@@ -660,7 +665,11 @@ fn nfc(s: &str) -> String {
 const NFC_MAX_EXPANSION: usize = 3;
 
 /// Parses and normalises a text value of `kind`. The returned string is what gets sealed.
-fn parse_text(kind: &FieldType, text: &str, today: NaiveDate) -> Result<String, ValueError> {
+fn parse_text(
+    kind: &FieldType,
+    text: &str,
+    today: NaiveDate,
+) -> Result<Zeroizing<String>, ValueError> {
     match kind {
         FieldType::Text { max_len } => parse_free_text(text, *max_len),
         FieldType::Email => Email::parse(text).map(|e| e.0),
@@ -683,20 +692,20 @@ fn parse_text(kind: &FieldType, text: &str, today: NaiveDate) -> Result<String, 
                     )));
                 }
             }
-            Ok(date.to_string())
+            Ok(date.to_zeroizing())
         }
         FieldType::Bsn => Bsn::parse(text).map(|b| b.0),
         FieldType::Iban => Iban::parse(text).map(|i| i.0),
         FieldType::Amount => parse_amount(text),
         FieldType::Boolean => match text.trim() {
-            "true" => Ok("true".into()),
-            "false" => Ok("false".into()),
+            "true" => Ok(Zeroizing::new("true".into())),
+            "false" => Ok(Zeroizing::new("false".into())),
             _ => Err(invalid("must be `true` or `false`")),
         },
         FieldType::Enum { values } => {
             let t = text.trim();
             if values.iter().any(|v| v == t) {
-                Ok(t.to_string())
+                Ok(Zeroizing::new(t.to_owned()))
             } else {
                 Err(ValueError::Invalid(format!(
                     "must be one of: {}",
@@ -711,7 +720,7 @@ fn parse_text(kind: &FieldType, text: &str, today: NaiveDate) -> Result<String, 
 
 /// Free text: not empty, no control characters but tab/newline/carriage return, no format
 /// characters (Cf), NFC; the length limit counts characters of the normalised text.
-fn parse_free_text(text: &str, max_len: usize) -> Result<String, ValueError> {
+fn parse_free_text(text: &str, max_len: usize) -> Result<Zeroizing<String>, ValueError> {
     let too_long = |chars: usize| {
         ValueError::TooLarge(format!(
             "is {chars} characters, longer than the limit of {max_len}"
@@ -745,33 +754,35 @@ fn parse_free_text(text: &str, max_len: usize) -> Result<String, ValueError> {
 
 /// A Dutch citizen service number (BSN): 9 digits passing the 11-test.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Bsn(String);
+pub struct Bsn(Zeroizing<String>);
 
 impl Bsn {
     /// Parses a BSN; spaces and dots between digits are ignored.
     pub fn parse(text: &str) -> Result<Bsn, ValueError> {
-        let digits: Vec<u32> = text
-            .trim()
-            .chars()
-            .filter(|c| *c != ' ' && *c != '.')
-            .map(|c| c.to_digit(10).ok_or(()))
-            .collect::<Result<_, _>>()
-            .map_err(|_| invalid("BSN must be 9 digits and pass the 11-test"))?;
+        let rule = || invalid("BSN must be 9 digits and pass the 11-test");
+        // The digits go straight into the value's own buffer, sized for the nine of them.
+        let mut digits = Zeroizing::new(String::with_capacity(9));
+        for c in text.trim().chars().filter(|c| *c != ' ' && *c != '.') {
+            if !c.is_ascii_digit() {
+                return Err(rule());
+            }
+            if digits.len() == 9 {
+                return Err(rule());
+            }
+            digits.push(c);
+        }
         if digits.len() != 9 {
-            return Err(invalid("BSN must be 9 digits and pass the 11-test"));
+            return Err(rule());
         }
         let sum: i64 = digits
-            .iter()
+            .bytes()
             .zip([9i64, 8, 7, 6, 5, 4, 3, 2, -1])
-            .map(|(d, w)| i64::from(*d) * w)
+            .map(|(d, w)| i64::from(d - b'0') * w)
             .sum();
-        if sum % 11 != 0 || digits.iter().all(|d| *d == 0) {
-            return Err(invalid("BSN must be 9 digits and pass the 11-test"));
+        if sum % 11 != 0 || digits.bytes().all(|d| d == b'0') {
+            return Err(rule());
         }
-        Ok(Bsn(digits
-            .iter()
-            .map(|d| char::from(b'0' + *d as u8))
-            .collect()))
+        Ok(Bsn(digits))
     }
 
     /// The nine digits.
@@ -788,7 +799,7 @@ impl fmt::Debug for Bsn {
 
 /// An IBAN, normalised to upper case without spaces.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Iban(String);
+pub struct Iban(Zeroizing<String>);
 
 impl Iban {
     /// Parses an IBAN (spaces ignored, case-insensitive): the country must be in the SWIFT IBAN
@@ -796,11 +807,18 @@ impl Iban {
     /// number (BBAN) must have that country's format, the check digits must be 02–98 and pass
     /// mod-97. A Dutch IBAN is `NL`, 2 check digits, 4 letters (bank) and 10 digits.
     pub fn parse(text: &str) -> Result<Iban, ValueError> {
-        let s: String = text
-            .chars()
-            .filter(|c| !c.is_whitespace())
-            .map(|c| c.to_ascii_uppercase())
-            .collect();
+        // Into a buffer of exactly its size: a string that grows leaves copies behind.
+        let mut s = Zeroizing::new(String::with_capacity(
+            text.chars()
+                .filter(|c| !c.is_whitespace())
+                .map(char::len_utf8)
+                .sum(),
+        ));
+        s.extend(
+            text.chars()
+                .filter(|c| !c.is_whitespace())
+                .map(|c| c.to_ascii_uppercase()),
+        );
         let b = s.as_bytes();
         if !(5..=34).contains(&b.len())
             || !b[..2].iter().all(u8::is_ascii_uppercase)
@@ -845,7 +863,7 @@ impl Iban {
             return Err(invalid(bban_rule));
         }
         // Check digits 02–98 that pass are unique: any other pair fails mod-97.
-        if passing != s {
+        if *passing != *s {
             return Err(invalid("IBAN check digits fail the mod-97 check"));
         }
         Ok(Iban(s))
@@ -855,7 +873,7 @@ impl Iban {
 /// `iban` (upper-case ASCII letters and digits, at least 5 characters) with the check digits
 /// that pass mod-97 (ISO 7064: 98 minus the remainder of the account number, the country
 /// code and `00`, letters counted as 10–35), which are always 02–98.
-fn with_passing_check_digits(iban: &str) -> String {
+fn with_passing_check_digits(iban: &str) -> Zeroizing<String> {
     let (country, bban) = (&iban[..2], &iban[4..]);
     let remainder = bban
         .chars()
@@ -869,7 +887,13 @@ fn with_passing_check_digits(iban: &str) -> String {
                 (r * 10 + d) % 97
             }
         });
-    format!("{country}{:02}{bban}", 98 - remainder)
+    let check = 98 - remainder;
+    let mut out = Zeroizing::new(String::with_capacity(iban.len()));
+    out.push_str(country);
+    out.push(char::from(b'0' + (check / 10) as u8));
+    out.push(char::from(b'0' + (check % 10) as u8));
+    out.push_str(bban);
+    out
 }
 
 impl fmt::Debug for Iban {
@@ -880,7 +904,7 @@ impl fmt::Debug for Iban {
 
 /// An e-mail address, normalised: NFC, the local part as sent (case kept; the index
 /// lower-cases it), the domain in IDNA ASCII form (UTS #46), lower case.
-pub struct Email(String);
+pub struct Email(Zeroizing<String>);
 
 /// RFC 5322 `atext` outside letters and digits.
 const ATEXT_SPECIALS: &[u8] = b"!#$%&'*+-/=?^_`{|}~";
@@ -921,7 +945,10 @@ impl Email {
         };
         check_local_part(local)?;
         let domain = email_domain(domain)?;
-        let address = format!("{local}@{domain}");
+        let mut address = Zeroizing::new(String::with_capacity(local.len() + 1 + domain.len()));
+        address.push_str(local);
+        address.push('@');
+        address.push_str(&domain);
         if local.len() > 64 || address.len() > 254 {
             return Err(invalid(shape));
         }
@@ -962,27 +989,41 @@ fn check_local_part(local: &str) -> Result<(), ValueError> {
 /// The domain in IDNA ASCII form: UTS #46 processing (mapping: case and full-width forms
 /// fold, `。` becomes `.`), STD3 rules (letters, digits, hyphens), no hyphen at either end of a
 /// label, DNS lengths, at least two labels, the last not all digits (no IP addresses).
-fn email_domain(domain: &str) -> Result<String, ValueError> {
+fn email_domain(domain: &str) -> Result<Zeroizing<String>, ValueError> {
+    use idna::uts46::{AsciiDenyList, ErrorPolicy, Hyphens, ProcessingSuccess, Uts46};
     let rule = "e-mail domain (after the @) must be a host name such as example.nl or bücher.de: labels of letters, digits and inner hyphens, at least one dot";
-    let ascii = idna::uts46::Uts46::new()
-        .to_ascii(
+    // `Uts46::to_ascii` with `DnsLength::Verify`, written into a buffer that leaves no copy
+    // behind when it grows (`to_ascii` writes into a plain `String`).
+    let mut sink = WipingString::with_capacity(domain.len());
+    let wrote = Uts46::new()
+        .process(
             domain.as_bytes(),
-            idna::uts46::AsciiDenyList::STD3,
-            idna::uts46::Hyphens::CheckFirstLast,
-            idna::uts46::DnsLength::Verify,
+            AsciiDenyList::STD3,
+            Hyphens::CheckFirstLast,
+            ErrorPolicy::FailFast,
+            |_, _, _| false,
+            &mut sink,
+            None,
         )
         .map_err(|_| invalid(rule))?;
-    let ascii = ascii.to_ascii_lowercase();
-    match ascii.rsplit_once('.') {
-        Some((rest, tld)) if !rest.is_empty() && !tld.bytes().all(|b| b.is_ascii_digit()) => {
-            Ok(ascii)
-        }
-        _ => Err(invalid(rule)),
+    let mut ascii = match wrote {
+        // The domain as it is (it is ASCII and needs no mapping).
+        ProcessingSuccess::Passthrough => Zeroizing::new(domain.to_owned()),
+        ProcessingSuccess::WroteToSink => sink.into_inner(),
+    };
+    if !idna::uts46::verify_dns_length(&ascii, false) {
+        return Err(invalid(rule));
     }
+    ascii.make_ascii_lowercase();
+    match ascii.rsplit_once('.') {
+        Some((rest, tld)) if !rest.is_empty() && !tld.bytes().all(|b| b.is_ascii_digit()) => {}
+        _ => return Err(invalid(rule)),
+    }
+    Ok(ascii)
 }
 
 /// A phone number, normalised to `+` and digits (E.164-like).
-pub struct Phone(String);
+pub struct Phone(Zeroizing<String>);
 
 /// The country code a national number (one leading 0) belongs to: the default region is NL.
 pub const PHONE_DEFAULT_COUNTRY_CODE: &str = "31";
@@ -1007,27 +1048,35 @@ impl Phone {
         } else {
             return Err(invalid(rule));
         };
-        let mut body = std::borrow::Cow::Borrowed(rest);
+        // The number without a `(0)` after the country code: the code and the rest.
+        let (mut code, mut body) = ("", rest);
         if international {
             // `+cc (0)…`: a country code is 1–3 digits; its digits are ASCII, one byte each.
             let cc_len = rest.bytes().take_while(u8::is_ascii_digit).count();
             let after = rest[cc_len..].trim_start_matches(' ');
             if let (1..=3, Some(national)) = (cc_len, after.strip_prefix("(0)")) {
-                body = std::borrow::Cow::Owned(format!("{}{national}", &rest[..cc_len]));
+                (code, body) = (&rest[..cc_len], national);
             }
         }
-        let mut digits = String::new();
+        // `+` and the digits, in a buffer sized for them all: no copy is left behind.
+        let mut number = Zeroizing::new(String::with_capacity(
+            1 + PHONE_DEFAULT_COUNTRY_CODE.len() + code.len() + body.len(),
+        ));
+        number.push('+');
         if !international {
-            digits.push_str(PHONE_DEFAULT_COUNTRY_CODE);
+            number.push_str(PHONE_DEFAULT_COUNTRY_CODE);
         }
-        let national_start = digits.len();
+        // Where the national part starts in the digits (after the `+`).
+        let national_start = number.len() - 1;
+        number.push_str(code);
         for c in body.chars() {
             match c {
-                '0'..='9' => digits.push(c),
+                '0'..='9' => number.push(c),
                 ' ' | '-' | '(' | ')' | '.' => {}
                 _ => return Err(invalid(rule)),
             }
         }
+        let digits = &number[1..];
         // No country code starts with 0, and a Dutch number after its trunk 0 does not either.
         if digits[national_start..].starts_with('0') {
             return Err(invalid(rule));
@@ -1035,33 +1084,44 @@ impl Phone {
         if !(8..=15).contains(&digits.len()) {
             return Err(invalid(rule));
         }
-        Ok(Phone(format!("+{digits}")))
+        Ok(Phone(number))
     }
 }
 
 /// A Dutch postcode, normalised to `1234 AB`.
-pub struct Postcode(String);
+pub struct Postcode(Zeroizing<String>);
 
 impl Postcode {
     /// Parses four digits (first not 0), an optional space and two letters.
     pub fn parse(text: &str) -> Result<Postcode, ValueError> {
         let rule = "postcode must be four digits (not starting with 0), an optional space and two letters, e.g. 3311 KG";
-        let t: Vec<char> = text.trim().chars().collect();
+        // At most 7 characters, on the stack (wiped): anything longer is refused.
+        let mut t = Zeroizing::new(['\0'; 7]);
+        let mut len = 0;
+        for c in text.trim().chars() {
+            if len == t.len() {
+                return Err(invalid(rule));
+            }
+            t[len] = c;
+            len += 1;
+        }
         // The one space allowed sits between the digits and the letters.
-        let s: Vec<char> = match t.len() {
-            7 if t[4] == ' ' => [&t[..4], &t[5..]].concat(),
-            _ => t,
+        let (digits, letters) = match len {
+            7 if t[4] == ' ' => (&t[..4], &t[5..7]),
+            6 => (&t[..4], &t[4..6]),
+            _ => return Err(invalid(rule)),
         };
-        let ok = s.len() == 6
-            && s[..4].iter().all(char::is_ascii_digit)
-            && s[0] != '0'
-            && s[4..].iter().all(char::is_ascii_alphabetic);
+        let ok = digits.iter().all(char::is_ascii_digit)
+            && digits[0] != '0'
+            && letters.iter().all(char::is_ascii_alphabetic);
         if !ok {
             return Err(invalid(rule));
         }
-        let digits: String = s[..4].iter().collect();
-        let letters: String = s[4..].iter().map(|c| c.to_ascii_uppercase()).collect();
-        Ok(Postcode(format!("{digits} {letters}")))
+        let mut out = Zeroizing::new(String::with_capacity(7));
+        out.extend(digits);
+        out.push(' ');
+        out.extend(letters.iter().map(char::to_ascii_uppercase));
+        Ok(Postcode(out))
     }
 }
 
@@ -1122,6 +1182,21 @@ impl Date {
         )
         .expect("Date::parse builds only days that exist, in the years 1900–2199")
     }
+
+    /// `YYYY-MM-DD`, in a buffer of exactly that size (a date of birth is personal data).
+    fn to_zeroizing(self) -> Zeroizing<String> {
+        let mut out = Zeroizing::new(String::with_capacity(10));
+        write!(out, "{self}").expect("writing to a String never fails");
+        out
+    }
+}
+
+impl Zeroize for Date {
+    fn zeroize(&mut self) {
+        self.year.zeroize();
+        self.month.zeroize();
+        self.day.zeroize();
+    }
 }
 
 impl fmt::Display for Date {
@@ -1130,7 +1205,7 @@ impl fmt::Display for Date {
     }
 }
 
-fn parse_amount(text: &str) -> Result<String, ValueError> {
+fn parse_amount(text: &str) -> Result<Zeroizing<String>, ValueError> {
     let rule = "amount must be a non-negative number with at most two decimals, e.g. 3125.50";
     let s = text.trim();
     let (int, frac) = match s.split_once('.') {
@@ -1145,8 +1220,13 @@ fn parse_amount(text: &str) -> Result<String, ValueError> {
     }
     let int = int.trim_start_matches('0');
     let int = if int.is_empty() { "0" } else { int };
-    let frac = format!("{:0<2}", frac.unwrap_or(""));
-    Ok(format!("{int}.{frac}"))
+    let frac = frac.unwrap_or("");
+    let mut out = Zeroizing::new(String::with_capacity(int.len() + 3));
+    out.push_str(int);
+    out.push('.');
+    out.push_str(frac);
+    out.extend(std::iter::repeat_n('0', 2 - frac.len()));
+    Ok(out)
 }
 
 /// At most this many periods in one value.
@@ -1165,7 +1245,7 @@ fn outside_years_or(e: ValueError, rule: &str) -> ValueError {
 /// Absence periods, stored sorted by start: `start/end` (both days included) or `start/` for
 /// an ongoing absence. Refused: a repeated period, overlapping periods, more than one ongoing
 /// period or one that is not the latest, a start more than a year after `today`.
-fn parse_periods(text: &str, today: NaiveDate) -> Result<String, ValueError> {
+fn parse_periods(text: &str, today: NaiveDate) -> Result<Zeroizing<String>, ValueError> {
     let rule = "periods must be comma-separated YYYY-MM-DD/YYYY-MM-DD ranges (end empty = ongoing, end not before start); no other text may be stored";
     // Counted before anything is parsed or allocated: a huge value is refused at once.
     if text.split(',').nth(MAX_PERIODS).is_some() {
@@ -1173,7 +1253,9 @@ fn parse_periods(text: &str, today: NaiveDate) -> Result<String, ValueError> {
             "at most {MAX_PERIODS} periods"
         )));
     }
-    let mut periods: Vec<(Date, Option<Date>)> = Vec::new();
+    // Sized up front (a vector that grows leaves copies behind) and wiped when dropped.
+    let mut parsed = Periods(Vec::with_capacity(text.split(',').count()));
+    let periods = &mut parsed.0;
     for part in text.split(',') {
         let Some((start, end)) = part.trim().split_once('/') else {
             return Err(invalid(rule));
@@ -1221,14 +1303,36 @@ fn parse_periods(text: &str, today: NaiveDate) -> Result<String, ValueError> {
             Some(_) => {}
         }
     }
-    Ok(periods
+    // `YYYY-MM-DD/YYYY-MM-DD` or `YYYY-MM-DD/`, comma separated, into a buffer of exactly
+    // that size.
+    let len = periods
         .iter()
-        .map(|(s, e)| match e {
-            Some(e) => format!("{s}/{e}"),
-            None => format!("{s}/"),
-        })
-        .collect::<Vec<_>>()
-        .join(","))
+        .map(|(_, e)| if e.is_some() { 21 } else { 11 })
+        .sum::<usize>()
+        + periods.len().saturating_sub(1);
+    let mut out = Zeroizing::new(String::with_capacity(len));
+    for (i, (s, e)) in periods.iter().enumerate() {
+        let sep = if i == 0 { "" } else { "," };
+        match e {
+            Some(e) => write!(out, "{sep}{s}/{e}"),
+            None => write!(out, "{sep}{s}/"),
+        }
+        .expect("writing to a String never fails");
+    }
+    debug_assert_eq!(out.len(), len, "the periods' buffer is sized exactly");
+    Ok(out)
+}
+
+/// Parsed periods, wiped when dropped.
+struct Periods(Vec<(Date, Option<Date>)>);
+
+impl Drop for Periods {
+    fn drop(&mut self) {
+        for (start, end) in &mut self.0 {
+            start.zeroize();
+            end.zeroize();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1475,7 +1579,7 @@ mod tests {
             assert!(!err.contains("mod-97"), "{input}: {err}");
             let passing = with_passing_check_digits(input);
             let err = refusal(&iban, &passing);
-            assert!(err.contains(rule), "{passing}: {err}");
+            assert!(err.contains(rule), "{}: {err}", passing.as_str());
         }
         // Country, length and format right: the check digits are what fails.
         for wrong in ["NL92ABNA0417164300", "DE88370400440532013000"] {
@@ -1488,10 +1592,10 @@ mod tests {
             "GB82WEST12345698765432",
             "FR1420041010050500013M02606",
         ] {
-            assert_eq!(with_passing_check_digits(ok), ok);
+            assert_eq!(with_passing_check_digits(ok).as_str(), ok);
         }
         assert_eq!(
-            with_passing_check_digits("NL00ABNA0000000057"),
+            with_passing_check_digits("NL00ABNA0000000057").as_str(),
             "NL98ABNA0000000057"
         );
     }
@@ -1548,25 +1652,33 @@ mod tests {
 
     #[test]
     fn typed_values_normalise() {
-        assert_eq!(Postcode::parse("3311kg").expect("pc").0, "3311 KG");
+        assert_eq!(Postcode::parse("3311kg").expect("pc").0.as_str(), "3311 KG");
         assert!(Postcode::parse("0311 KG").is_err());
         assert!(Postcode::parse("331 KG").is_err());
-        assert_eq!(Postcode::parse(" 3311 kg ").expect("pc").0, "3311 KG");
+        assert_eq!(
+            Postcode::parse(" 3311 kg ").expect("pc").0.as_str(),
+            "3311 KG"
+        );
         for misplaced in ["33 11KG", "3311K G", "3311  KG", "3 311KG"] {
             assert!(Postcode::parse(misplaced).is_err(), "{misplaced}");
         }
         // The trunk (0) after the country code is dropped (it was kept before: +310612345678).
         assert_eq!(
-            Phone::parse("+31 (0)6-1234 5678").expect("phone").0,
+            Phone::parse("+31 (0)6-1234 5678")
+                .expect("phone")
+                .0
+                .as_str(),
             "+31612345678"
         );
         assert!(Date::parse("2023-02-29").is_err());
         assert!(Date::parse("2024-02-29").is_ok());
-        assert_eq!(parse_amount("03125.5").expect("amount"), "3125.50");
+        assert_eq!(parse_amount("03125.5").expect("amount").as_str(), "3125.50");
         assert!(parse_amount("-1").is_err());
         assert!(parse_amount("1.234").is_err());
         assert_eq!(
-            parse_periods("2026-01-05/2026-01-09, 2026-02-01/", today()).expect("periods"),
+            parse_periods("2026-01-05/2026-01-09, 2026-02-01/", today())
+                .expect("periods")
+                .as_str(),
             "2026-01-05/2026-01-09,2026-02-01/"
         );
         assert!(parse_periods("2026-01-05/2026-01-01", today()).is_err());
@@ -2133,7 +2245,7 @@ mod tests {
             fn postcodes_normalise(digits in 1000u32..10000, letters in "[a-zA-Z]{2}", space in proptest::bool::ANY) {
                 let text = if space { format!("{digits} {letters}") } else { format!("{digits}{letters}") };
                 let p = Postcode::parse(&text).expect("valid postcode");
-                prop_assert_eq!(p.0, format!("{digits} {}", letters.to_ascii_uppercase()));
+                prop_assert_eq!(p.0.as_str(), format!("{digits} {}", letters.to_ascii_uppercase()));
             }
         }
     }
