@@ -131,34 +131,35 @@ impl FieldType {
     /// and domain, a phone its last 2 digits, a date its year; anything else is hidden whole.
     /// `None` for blobs (never returned masked: withheld instead).
     pub fn mask(&self, value: &str) -> Option<String> {
-        let tail = |n: usize| {
-            let chars: Vec<char> = value.chars().filter(|c| !c.is_whitespace()).collect();
-            let keep = chars.len().min(n);
-            let hidden = chars.len() - keep;
-            let mut out = "*".repeat(hidden);
-            out.extend(&chars[hidden..]);
+        // Built from the kept characters only, into a string sized up front: no copy of the
+        // whole value (a `Vec<char>` of it, or a string that grows) is left behind.
+        let tail = |n: usize, keep: fn(&char) -> bool| {
+            let count = value.chars().filter(keep).count();
+            let hidden = count - count.min(n);
+            let mut out = String::with_capacity(hidden + value.len());
+            out.extend(std::iter::repeat_n('*', hidden));
+            out.extend(value.chars().filter(keep).skip(hidden));
             out
         };
         Some(match self {
-            FieldType::Bsn | FieldType::Iban => tail(4),
-            FieldType::Phone => {
-                let digits: Vec<char> = value.chars().filter(char::is_ascii_digit).collect();
-                let keep = digits.len().min(2);
-                format!(
-                    "{}{}",
-                    "*".repeat(digits.len() - keep),
-                    digits[digits.len() - keep..].iter().collect::<String>()
-                )
-            }
+            FieldType::Bsn | FieldType::Iban => tail(4, |c| !c.is_whitespace()),
+            FieldType::Phone => tail(2, char::is_ascii_digit),
             FieldType::Email => match value.split_once('@') {
                 Some((local, domain)) => {
-                    let first: String = local.chars().take(1).collect();
-                    format!("{first}***@{domain}")
+                    let first = local.chars().next();
+                    let mut out = String::with_capacity(8 + domain.len());
+                    out.extend(first);
+                    out.push_str("***@");
+                    out.push_str(domain);
+                    out
                 }
                 None => "***".to_string(),
             },
             FieldType::Date { .. } => {
-                format!("{}-**-**", value.chars().take(4).collect::<String>())
+                let mut out = String::with_capacity(16 + 6);
+                out.extend(value.chars().take(4));
+                out.push_str("-**-**");
+                out
             }
             FieldType::Blob { .. } => return None,
             _ => "***".to_string(),
