@@ -22,6 +22,7 @@ use crate::record::{self, FieldEntry, RecordBody, StoredDek, RECORD_FORMAT};
 use crate::retention::{self, Duty, RetentionRules};
 use crate::schema::{Category, FieldDef, Parsed, RawValue, Schema, ValueError};
 use crate::store::{Batch, Expect, Keyspace, Store, StoreError};
+use crate::wipe::WipingVec;
 
 /// Default and maximum page sizes of [`Vault::list`].
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
@@ -1103,6 +1104,20 @@ impl<S: Store> Vault<S> {
                 None => break,
             }
         }
+        // The reasons hold personal data: they are written from their zeroizing buffers, as the
+        // field values are, not through the metadata's value tree.
+        let restriction_reason = self.open_note(
+            &body,
+            "restriction_reason",
+            &body.restriction_reason_sealed,
+            &body.restriction_reason,
+        )?;
+        let legal_hold_reason = self.open_note(
+            &body,
+            "legal_hold_reason",
+            &body.legal_hold_reason_sealed,
+            &body.legal_hold_reason,
+        )?;
         let doc = serde_json::json!({
             "format": "kluis.record-export",
             "version": 1,
@@ -1113,41 +1128,39 @@ impl<S: Store> Vault<S> {
             "updated_at": iso(body.updated_ms),
             "lifecycle": { "stage": body.lifecycle, "date": body.lifecycle_date },
             "restricted": body.restricted,
-            "restriction_reason": self.open_note(&body, "restriction_reason", &body.restriction_reason_sealed, &body.restriction_reason)?,
             "legal_hold": body.legal_hold,
             "erasure_requested": (body.erasure_requested_ms != 0).then(|| iso(body.erasure_requested_ms)),
-            "legal_hold_reason": self.open_note(&body, "legal_hold_reason", &body.legal_hold_reason_sealed, &body.legal_hold_reason)?,
             "consents": body.consents.iter().map(|(p, c)| serde_json::json!({
                 "purpose": p, "granted": c.granted, "changed": iso(c.changed_ms),
             })).collect::<Vec<_>>(),
             "retention": retention,
             "access_history": history,
         });
-        // The document without the field values holds no plaintext; the values are written
-        // from where they are (zeroizing buffers) straight into one zeroizing buffer, sized
-        // up front so that it never reallocates and leaves a copy behind.
+        // The metadata holds no plaintext (ids, dates, stages, purposes, the access history).
+        // The field values and the reasons are written from where they are (zeroizing
+        // buffers) straight into one zeroizing buffer, sized up front from a bound of the
+        // document so that it does not grow (and if it had to, it would wipe what it leaves).
         let serde_json::Value::Object(meta) = doc else {
             return Err(VaultError::Internal(
                 "export: document is not an object".into(),
             ));
         };
-        let fields = export::Fields {
-            values: &values,
-            encoded: &encoded,
-        };
-        let bound = serde_json::to_vec_pretty(&meta)
-            .map_err(|_| VaultError::Internal("export: encoding the metadata failed".into()))?
-            .len()
-            .saturating_add(fields.bound());
-        let mut out = Zeroizing::new(Vec::with_capacity(bound));
-        serde_json::to_writer_pretty(
-            &mut *out,
-            &export::Document {
-                meta: &meta,
-                fields,
+        let document = export::Document {
+            meta: &meta,
+            fields: export::Fields {
+                values: &values,
+                encoded: &encoded,
             },
-        )
-        .map_err(|_| VaultError::Internal("export: encoding the document failed".into()))?;
+            notes: &[
+                ("restriction_reason", restriction_reason.as_str()),
+                ("legal_hold_reason", legal_hold_reason.as_str()),
+            ],
+        };
+        let bound = document.bound();
+        let mut out = WipingVec::with_capacity(bound);
+        serde_json::to_writer_pretty(&mut out, &document)
+            .map_err(|_| VaultError::Internal("export: encoding the document failed".into()))?;
+        let mut out = out.into_inner();
         debug_assert!(out.len() <= bound, "the export buffer never grows");
         let bytes = std::mem::take(&mut *out);
         let text = String::from_utf8(bytes).map_err(|e| {
@@ -1860,21 +1873,26 @@ impl<S: Store> Vault<S> {
         name: &str,
         sealed: &[u8],
         legacy: &str,
-    ) -> Result<String, VaultError> {
+    ) -> Result<Zeroizing<String>, VaultError> {
         if sealed.is_empty() {
-            return Ok(legacy.to_string());
+            return Ok(Zeroizing::new(legacy.to_owned()));
         }
         let loss = || VaultError::DataLoss {
             record_id: uuid_string(&body.id),
             part: format!("record header ({name})"),
         };
-        let text = crypto::open(
+        let mut text = crypto::open(
             self.keys.notes_key(),
             &record::note_context(&body.id, name),
             sealed,
         )
         .map_err(|_| loss())?;
-        String::from_utf8(text.to_vec()).map_err(|_| loss())
+        // Move the bytes into the string (no copy); invalid UTF-8 is zeroized on drop.
+        let text = String::from_utf8(std::mem::take(&mut *text)).map_err(|e| {
+            drop(Zeroizing::new(e.into_bytes()));
+            loss()
+        })?;
+        Ok(Zeroizing::new(text))
     }
 
     /// Whether `caller` gets field `def` at all: in full, or masked (blobs are never returned
@@ -2345,25 +2363,102 @@ mod export {
         }
     }
 
-    /// The document: the metadata's entries with `fields` in its place (keys sorted).
+    /// The document: the metadata's entries, `fields` and the `notes` (text entries that
+    /// hold plaintext, borrowed), keys sorted.
     pub(super) struct Document<'a> {
         pub(super) meta: &'a serde_json::Map<String, serde_json::Value>,
         pub(super) fields: Fields<'a>,
+        pub(super) notes: &'a [(&'static str, &'a str)],
+    }
+
+    /// One top-level entry of a [`Document`].
+    enum Entry<'a> {
+        Meta(&'a serde_json::Value),
+        Fields,
+        Note(&'a str),
+    }
+
+    /// Bytes of pretty-printed indentation at `depth`.
+    const INDENT: usize = 2;
+
+    /// An upper bound of a JSON string's encoded size: quotes, and at most 6 bytes for each
+    /// byte (`\u00XX`).
+    fn string_bound(s: &str) -> usize {
+        s.len().saturating_mul(6).saturating_add(2)
+    }
+
+    /// An upper bound of an entry's or element's framing at `depth`: the newline, the
+    /// indentation and the comma (and for an entry, the key's bound and `": "`).
+    fn item_bound(depth: usize, key: Option<&str>) -> usize {
+        depth
+            .saturating_mul(INDENT)
+            .saturating_add(2)
+            .saturating_add(key.map_or(0, |k| string_bound(k).saturating_add(2)))
+    }
+
+    /// An upper bound of `value`'s pretty-printed size, written at `depth`.
+    fn value_bound(value: &serde_json::Value, depth: usize) -> usize {
+        use serde_json::Value as V;
+        // The brackets, the last newline and the closing bracket's indentation.
+        let container = || depth.saturating_mul(INDENT).saturating_add(3);
+        match value {
+            V::Null | V::Bool(_) => 5,
+            // An i64, u64 or f64 (ryu) takes at most 24 characters.
+            V::Number(_) => 32,
+            V::String(s) => string_bound(s),
+            V::Array(items) => items
+                .iter()
+                .map(|v| item_bound(depth + 1, None).saturating_add(value_bound(v, depth + 1)))
+                .fold(container(), usize::saturating_add),
+            V::Object(map) => map
+                .iter()
+                .map(|(k, v)| {
+                    item_bound(depth + 1, Some(k)).saturating_add(value_bound(v, depth + 1))
+                })
+                .fold(container(), usize::saturating_add),
+        }
+    }
+
+    impl Document<'_> {
+        /// The top-level entries, in key order.
+        fn entries(&self) -> Vec<(&str, Entry<'_>)> {
+            let mut entries: Vec<(&str, Entry<'_>)> = self
+                .meta
+                .iter()
+                .map(|(k, v)| (k.as_str(), Entry::Meta(v)))
+                .chain(std::iter::once(("fields", Entry::Fields)))
+                .chain(self.notes.iter().map(|&(k, t)| (k, Entry::Note(t))))
+                .collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            entries
+        }
+
+        /// An upper bound of its pretty-printed JSON size.
+        pub(super) fn bound(&self) -> usize {
+            self.entries()
+                .iter()
+                .map(|(key, entry)| {
+                    item_bound(1, Some(key)).saturating_add(match entry {
+                        Entry::Meta(v) => value_bound(v, 1),
+                        Entry::Fields => self.fields.bound(),
+                        Entry::Note(t) => string_bound(t),
+                    })
+                })
+                // `{`, the last newline and `}`.
+                .fold(3, usize::saturating_add)
+        }
     }
 
     impl Serialize for Document<'_> {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            let mut map = s.serialize_map(Some(self.meta.len() + 1))?;
-            let mut placed = false;
-            for (key, value) in self.meta {
-                if !placed && key.as_str() > "fields" {
-                    map.serialize_entry("fields", &self.fields)?;
-                    placed = true;
+            let entries = self.entries();
+            let mut map = s.serialize_map(Some(entries.len()))?;
+            for (key, entry) in entries {
+                match entry {
+                    Entry::Meta(value) => map.serialize_entry(key, value)?,
+                    Entry::Fields => map.serialize_entry(key, &self.fields)?,
+                    Entry::Note(text) => map.serialize_entry(key, text)?,
                 }
-                map.serialize_entry(key, value)?;
-            }
-            if !placed {
-                map.serialize_entry("fields", &self.fields)?;
             }
             map.end()
         }
@@ -2411,6 +2506,7 @@ mod tests {
         let doc = export::Document {
             meta: &meta,
             fields,
+            notes: &[],
         };
         let text = serde_json::to_string_pretty(&doc).expect("encodes");
         let fields_json = serde_json::to_string_pretty(&doc.fields).expect("encodes");
@@ -2435,6 +2531,64 @@ mod tests {
         assert_eq!(keys, ["access_history", "fields", "format", "version"]);
         let at = |k: &str| text.find(&format!("\"{k}\"")).expect("key");
         assert!(at("access_history") < at("fields") && at("fields") < at("format"));
+    }
+
+    #[test]
+    fn an_export_document_places_its_notes_by_key_within_its_bound() {
+        let values = vec![(
+            "full_name".to_string(),
+            Value::Text(Zeroizing::new("Jan\n\u{7}".to_string())),
+        )];
+        let encoded = vec![Zeroizing::new(String::new())];
+        let meta = serde_json::json!({
+            "access_history": [{"seq": 1, "fields": ["a", "b"], "outcome": "ok"}, {}],
+            "consents": [],
+            "lifecycle": {"stage": "applicant", "date": "2026-11-26"},
+            "restricted": true,
+            "revision": u64::MAX,
+            "version": -1.5e-300,
+            "x": null,
+        });
+        let serde_json::Value::Object(meta) = meta else {
+            panic!("object");
+        };
+        for notes in [
+            &[][..],
+            &[("restriction_reason", "Lawsuit \"Jansen\"\u{1}\u{2}\u{3}")][..],
+            &[("restriction_reason", ""), ("legal_hold_reason", "\u{0}é")][..],
+        ] {
+            let doc = export::Document {
+                meta: &meta,
+                fields: export::Fields {
+                    values: &values,
+                    encoded: &encoded,
+                },
+                notes,
+            };
+            let text = serde_json::to_string_pretty(&doc).expect("encodes");
+            assert!(
+                text.len() <= doc.bound(),
+                "{} > {}",
+                text.len(),
+                doc.bound()
+            );
+            let back: serde_json::Value = serde_json::from_str(&text).expect("parses");
+            let keys: Vec<&str> = back
+                .as_object()
+                .expect("object")
+                .keys()
+                .map(String::as_str)
+                .collect();
+            let mut sorted = keys.clone();
+            sorted.sort_unstable();
+            assert_eq!(keys.len(), meta.len() + 1 + notes.len());
+            for (key, text) in notes {
+                assert_eq!(back[key], *text);
+            }
+            // Written in key order, as serde_json writes a map.
+            let at = |k: &str| text.find(&format!("\n  \"{k}\"")).expect("key");
+            assert!(sorted.windows(2).all(|w| at(w[0]) < at(w[1])), "{text}");
+        }
     }
 
     #[test]

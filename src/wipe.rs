@@ -4,10 +4,11 @@
 //! the old block as it is: a prefix of the plaintext stays in freed heap memory. These buffers
 //! move their bytes into a new zeroizing buffer instead, and the old buffer is wiped as it is
 //! dropped. They are for output whose size is not known up front (what a library writes into
-//! a sink: NFC, IDNA); where the size is known, a `Zeroizing` buffer of that capacity is
+//! a sink: NFC, IDNA, JSON); where the size is known, a `Zeroizing` buffer of that capacity is
 //! enough.
 
 use std::fmt;
+use std::io;
 
 use zeroize::Zeroizing;
 
@@ -62,9 +63,46 @@ impl fmt::Write for WipingString {
     }
 }
 
+/// A byte buffer for plaintext: wiped on drop, and when it grows.
+pub(crate) struct WipingVec(Zeroizing<Vec<u8>>);
+
+impl WipingVec {
+    /// An empty buffer with room for `capacity` bytes.
+    pub(crate) fn with_capacity(capacity: usize) -> WipingVec {
+        WipingVec(Zeroizing::new(Vec::with_capacity(capacity)))
+    }
+
+    /// The bytes, in their zeroizing buffer.
+    pub(crate) fn into_inner(self) -> Zeroizing<Vec<u8>> {
+        self.0
+    }
+}
+
+impl io::Write for WipingVec {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let (len, capacity) = (self.0.len(), self.0.capacity());
+        if capacity - len < buf.len() {
+            let mut bigger = Zeroizing::new(Vec::with_capacity(
+                len.saturating_add(buf.len())
+                    .max(capacity.saturating_mul(2)),
+            ));
+            bigger.extend_from_slice(&self.0);
+            // The old buffer is wiped as it is dropped here.
+            self.0 = bigger;
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::fmt::Write as _;
+    use std::io::Write as _;
 
     use super::*;
 
@@ -78,5 +116,16 @@ mod tests {
         write!(s, "{}", 42).expect("a WipingString takes any text");
         assert_eq!(&*s, format!("{}42", "abé".repeat(100)));
         assert_eq!(*s.into_inner(), format!("{}42", "abé".repeat(100)));
+    }
+
+    #[test]
+    fn a_vec_keeps_its_bytes_as_it_grows() {
+        let mut v = WipingVec::with_capacity(0);
+        for i in 0..=255u8 {
+            v.write_all(&[i; 3]).expect("a WipingVec takes any bytes");
+        }
+        let bytes = v.into_inner();
+        assert_eq!(bytes.len(), 256 * 3);
+        assert!(bytes.chunks(3).enumerate().all(|(i, c)| c == [i as u8; 3]));
     }
 }
