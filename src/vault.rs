@@ -90,8 +90,10 @@ pub struct RecordMeta {
     pub categories: Vec<String>,
 }
 
-/// A change of a record's processing state ([`Vault::set_state`]).
-#[derive(Debug, Clone)]
+/// A change of a record's processing state ([`Vault::set_state`]). A restriction's or legal
+/// hold's reason may hold personal data (it is sealed at rest): it is zeroized on drop and
+/// `Debug` does not show it.
+#[derive(Clone)]
 pub enum StateChange {
     /// New lifecycle stage and the ISO date it began.
     Lifecycle {
@@ -112,15 +114,43 @@ pub enum StateChange {
         /// Restricted?
         restricted: bool,
         /// Why.
-        reason: String,
+        reason: Zeroizing<String>,
     },
     /// Legal hold set or lifted.
     LegalHold {
         /// Held?
         hold: bool,
         /// Why.
-        reason: String,
+        reason: Zeroizing<String>,
     },
+}
+
+impl std::fmt::Debug for StateChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = format_args!("<redacted>");
+        match self {
+            StateChange::Lifecycle { stage, date } => f
+                .debug_struct("Lifecycle")
+                .field("stage", stage)
+                .field("date", date)
+                .finish(),
+            StateChange::Consent { purpose, granted } => f
+                .debug_struct("Consent")
+                .field("purpose", purpose)
+                .field("granted", granted)
+                .finish(),
+            StateChange::Restriction { restricted, .. } => f
+                .debug_struct("Restriction")
+                .field("restricted", restricted)
+                .field("reason", &redacted)
+                .finish(),
+            StateChange::LegalHold { hold, .. } => f
+                .debug_struct("LegalHold")
+                .field("hold", hold)
+                .field("reason", &redacted)
+                .finish(),
+        }
+    }
 }
 
 /// What [`Vault::update`] did.

@@ -595,7 +595,7 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         let req = request.into_inner();
         let change = StateChange::Restriction {
             restricted: req.restricted,
-            reason: req.reason,
+            reason: Zeroizing::new(req.reason),
         };
         self.set_state(log, ev, caller, &req.record_id, change)
             .await
@@ -677,7 +677,7 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
         let req = request.into_inner();
         let change = StateChange::LegalHold {
             hold: req.hold,
-            reason: req.reason,
+            reason: Zeroizing::new(req.reason),
         };
         self.set_state(log, ev, caller, &req.record_id, change)
             .await
