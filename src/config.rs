@@ -674,7 +674,17 @@ pub fn ephemeral(data_dir: &Path, master_key: MasterKey, policy: Policy) -> Sett
 
 #[derive(Deserialize)]
 struct DevTokens {
-    tokens: BTreeMap<String, String>,
+    tokens: BTreeMap<String, DevToken>,
+}
+
+/// A token of `keys/dev-tokens.toml`, zeroized on drop: every token read, and the map they
+/// are read into, is wiped when the map is dropped (also when a later line fails to parse).
+struct DevToken(Zeroizing<String>);
+
+impl<'de> Deserialize<'de> for DevToken {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|token| DevToken(Zeroizing::new(token)))
+    }
 }
 
 /// Dev-mode settings for the current directory `root`: creates `keys/master.key`,
@@ -728,9 +738,8 @@ pub fn dev(
     })?;
     let mut policy = Policy::default_policy();
     for (role, token) in &tokens.tokens {
-        let token = Zeroizing::new(token.clone());
         policy
-            .add_token_hash(&format!("dev-{role}"), role, policy::token_hash(&token))
+            .add_token_hash(&format!("dev-{role}"), role, policy::token_hash(&token.0))
             .map_err(policy_err(&tokens_path))?;
     }
     let data_dir = data_dir.map_or_else(|| root.join("data"), Path::to_path_buf);
@@ -748,13 +757,27 @@ fn write_secret_file(path: &Path, text: &str) -> Result<(), ConfigError> {
 }
 
 fn write_dev_tokens(path: &Path) -> Result<(), ConfigError> {
-    let mut text = Zeroizing::new(String::from(
-        "# Kluis dev-mode bearer tokens, one per default role. Dev only: never use in production.\n[tokens]\n",
-    ));
-    for role in DEFAULT_ROLES {
-        let token = policy::generate_token().map_err(|e| ConfigError::Rule(e.to_string()))?;
-        text.push_str(&format!("{role} = \"{}\"\n", token.as_str()));
+    const HEADER: &str = "# Kluis dev-mode bearer tokens, one per default role. Dev only: never use in production.\n[tokens]\n";
+    let tokens = DEFAULT_ROLES
+        .iter()
+        .map(|role| Ok((*role, policy::generate_token()?)))
+        .collect::<Result<Vec<_>, crate::crypto::CryptoError>>()
+        .map_err(|e| ConfigError::Rule(e.to_string()))?;
+    // `role = "token"` lines, written into a buffer of exactly their size (a string that grows
+    // leaves copies of the tokens behind).
+    let len = HEADER.len()
+        + tokens
+            .iter()
+            .map(|(role, token)| role.len() + token.len() + 6)
+            .sum::<usize>();
+    let mut text = Zeroizing::new(String::with_capacity(len));
+    text.push_str(HEADER);
+    for (role, token) in &tokens {
+        for part in [*role, " = \"", token.as_str(), "\"\n"] {
+            text.push_str(part);
+        }
     }
+    debug_assert_eq!(text.len(), len, "the tokens file is sized exactly");
     write_secret_file(path, &text)
 }
 

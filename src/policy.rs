@@ -556,12 +556,18 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 /// A fresh bearer token: 32 random bytes, URL-safe base64 (43 characters), prefixed `kluis_`.
 pub fn generate_token() -> Result<Zeroizing<String>, crypto::CryptoError> {
     use base64::Engine;
+    const PREFIX: &str = "kluis_";
     let mut bytes = Zeroizing::new([0u8; 32]);
     crypto::random_fill(bytes.as_mut())?;
-    Ok(Zeroizing::new(format!(
-        "kluis_{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes.as_ref())
-    )))
+    // Encoded straight into the token's own buffer, sized for it: no temporary copy.
+    let mut token = Zeroizing::new(String::with_capacity(
+        PREFIX.len()
+            + base64::encoded_len(bytes.len(), false)
+                .expect("the base64 of 32 bytes is 43 characters, far from overflowing"),
+    ));
+    token.push_str(PREFIX);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(bytes.as_ref(), &mut token);
+    Ok(token)
 }
 
 #[cfg(test)]
