@@ -70,6 +70,32 @@ pub mod proto {
 
     /// Encoded file descriptor set, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("kluis_descriptor");
+
+    // The messages that carry field values wipe them when dropped: a request's values once
+    // the vault took them (what is left), an answer's once tonic encoded it, and either on
+    // every path that refuses or drops them. (The transport's own buffers are out of reach.)
+    impl Drop for FieldValue {
+        fn drop(&mut self) {
+            use zeroize::Zeroize;
+            match &mut self.kind {
+                Some(field_value::Kind::Text(text)) => text.zeroize(),
+                Some(field_value::Kind::Blob(bytes)) => bytes.zeroize(),
+                None => {}
+            }
+        }
+    }
+
+    impl Drop for ExportRecordResponse {
+        fn drop(&mut self) {
+            zeroize::Zeroize::zeroize(&mut self.json);
+        }
+    }
+
+    impl Drop for FindRecordsRequest {
+        fn drop(&mut self) {
+            zeroize::Zeroize::zeroize(&mut self.value);
+        }
+    }
 }
 
 pub use error::VaultError;

@@ -330,7 +330,7 @@ fn no_plaintext_value_or_token_is_left_in_freed_heap_memory() {
 
 /// Every vault operation that handles a planted value, one phase after another. Returns the
 /// phases' names.
-async fn values_phases() -> [&'static str; 10] {
+async fn values_phases() -> [&'static str; 11] {
     let phases = [
         "0 setup",
         "1 CreateRecord (email, phone, postcode, date of birth, full_name)",
@@ -341,7 +341,8 @@ async fn values_phases() -> [&'static str; 10] {
         "6 SetRestriction with a reason",
         "7 SetLegalHold with a reason",
         "8 ExportRecord",
-        "9 done",
+        "9 proto messages carrying values, dropped (a refused request, an answer sent)",
+        "10 done",
     ];
     let dir = tempfile::tempdir().expect("tempdir");
     let store = SledStore::open(dir.path()).expect("open");
@@ -505,6 +506,35 @@ async fn values_phases() -> [&'static str; 10] {
     drop(doc);
 
     PHASE.store(9, Ordering::SeqCst);
+    {
+        use kluis::proto::{field_value::Kind, FieldValue};
+        let value = |kind| FieldValue {
+            kind: Some(kind),
+            content_type: String::new(),
+        };
+        let answer = kluis::proto::GetRecordResponse {
+            fields: [
+                (
+                    "full_name".to_string(),
+                    value(Kind::Text("Zebulon Quaxmarker".into())),
+                ),
+                ("wage".to_string(), value(Kind::Blob(b"4321.77".to_vec()))),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        drop(answer);
+        drop(kluis::proto::ExportRecordResponse {
+            json: "{\"bsn\": \"273891352\"}".into(),
+        });
+        drop(kluis::proto::FindRecordsRequest {
+            purpose: String::new(),
+            field_name: String::new(),
+            value: "NL59ZQXB7305918264".into(),
+        });
+    }
+
+    PHASE.store(10, Ordering::SeqCst);
     MODE.store(0, Ordering::SeqCst);
     phases
 }

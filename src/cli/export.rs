@@ -388,8 +388,8 @@ async fn export(args: &ExportArgs, out: &mut dyn Write) -> Result<(), CliError> 
     // directory that cannot be written to fails here.
     let partial = Partial::create(&path, args.force)?;
     let mut client = connect(args).await?;
-    let json = Zeroizing::new(
-        client
+    let json = Zeroizing::new(std::mem::take(
+        &mut client
             .export_record(proto::ExportRecordRequest {
                 record_id: args.record_id.clone(),
             })
@@ -397,7 +397,7 @@ async fn export(args: &ExportArgs, out: &mut dyn Write) -> Result<(), CliError> 
             .map_err(CliError::status_of(METHOD))?
             .into_inner()
             .json,
-    );
+    ));
     let summary = summarise(&json, &args.record_id)?;
     partial.commit(json.as_bytes())?;
     writeln!(

@@ -217,14 +217,14 @@ fn to_values(
     fields: impl IntoIterator<Item = (String, proto::FieldValue)>,
 ) -> Result<Vec<(String, Value)>, Status> {
     let mut out = Vec::new();
-    for (name, value) in fields {
+    for (name, mut value) in fields {
         if let Some(shape) = shape_error(prefix, &name, &value) {
             return Err(shape);
         }
-        let v = match value.kind {
+        let v = match value.kind.take() {
             Some(Kind::Blob(bytes)) => Value::Blob {
                 bytes: Zeroizing::new(bytes),
-                content_type: value.content_type,
+                content_type: std::mem::take(&mut value.content_type),
             },
             Some(Kind::Text(text)) => Value::Text(Zeroizing::new(text)),
             None => return Err(empty_value(prefix, &name)),
@@ -497,8 +497,8 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
             Ok(c) => c,
             Err(e) => return self.finish(log, ev, Err(e)).await,
         };
-        let req = request.into_inner();
-        let value = Zeroizing::new(req.value);
+        let mut req = request.into_inner();
+        let value = Zeroizing::new(std::mem::take(&mut req.value));
         let names = self.known_names(std::iter::once(&req.field_name));
         log.fields(names.clone());
         ev.draft.purpose = self.purpose_name(&req.purpose);

@@ -790,7 +790,8 @@ async fn exported(po: &mut Client, id: &str) -> serde_json::Value {
         .await
         .expect("export")
         .into_inner()
-        .json;
+        .json
+        .clone();
     serde_json::from_str(&json).expect("json")
 }
 
@@ -1358,7 +1359,8 @@ async fn export_returns_every_field_metadata_deadlines_and_access_history() {
         .await
         .expect("export")
         .into_inner()
-        .json;
+        .json
+        .clone();
     let doc: serde_json::Value = serde_json::from_str(&json).expect("json");
     assert_eq!(doc["format"], "kluis.record-export");
     assert_eq!(doc["version"], 1);
@@ -1460,7 +1462,8 @@ async fn lookups_show_bsn_and_iban_masked_but_payroll_and_exports_see_them_in_fu
         .await
         .expect("export")
         .into_inner()
-        .json;
+        .json
+        .clone();
     let doc: serde_json::Value = serde_json::from_str(&json).expect("json");
     assert_eq!(
         doc["fields"]["bsn"]["text"], "111222333",
