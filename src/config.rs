@@ -421,7 +421,7 @@ impl Settings {
 }
 
 /// Parses a listen address: an IP address and a port (host names are not resolved). `source`
-/// says where it came from, e.g. "--listen" or "`listen` in /etc/kluis/kluis.toml".
+/// says where it came from, e.g. "--listen" or "/etc/kluis/kluis.toml: listen".
 pub fn parse_listen(text: &str, source: &str) -> Result<SocketAddr, ConfigError> {
     text.parse().map_err(|_| {
         ConfigError::Rule(format!(
@@ -539,7 +539,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
     Ok(Settings {
         listen: parse_listen(
             file.listen.as_deref().unwrap_or(DEFAULT_LISTEN),
-            &format!("`listen` in {}", path.display()),
+            &format!("{}: listen", path.display()),
         )?,
         data_dir: rel(&file.data_dir),
         master_key,
@@ -851,11 +851,19 @@ pub fn init(dir: &Path, listen: &str) -> Result<InitOutput, ConfigError> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(p)(e)),
             Ok(_) => {
+                // Serving is the way out only where a set-up is there to serve.
+                let serve = if config_path.is_file() {
+                    format!(
+                        "To serve a finished set-up, run `kluis serve --config {}`; otherwise run",
+                        config_path.display()
+                    )
+                } else {
+                    "Run".to_string()
+                };
                 return Err(ConfigError::Rule(format!(
-                    "{} already exists: kluis init never overwrites. To serve a finished set-up, run `kluis serve --config {}`; otherwise run init with an empty --dir (remove an earlier set-up's files only if no data was ever stored under its keys)",
+                    "{} already exists: kluis init never overwrites. {serve} init with an empty --dir (remove an earlier set-up's files only if no data was ever stored under its keys)",
                     p.display(),
-                    config_path.display()
-                )))
+                )));
             }
         }
     }
@@ -1242,7 +1250,7 @@ mod tests {
         .expect("write");
         let err = load(&out.config_path).expect_err("refused").to_string();
         assert!(
-            err.starts_with(&format!("`listen` in {}: ", out.config_path.display()))
+            err.starts_with(&format!("{}: listen: ", out.config_path.display()))
                 && err.contains("host names are not resolved"),
             "{err}"
         );
@@ -1266,13 +1274,27 @@ mod tests {
             .err()
             .expect("refused")
             .to_string();
+        // No kluis.toml there: serving is no way out, so it is not suggested (review 9).
         assert!(
             err.contains("policy.toml already exists")
-                && err.contains("kluis serve --config")
+                && !err.contains("kluis serve --config")
                 && err.contains("empty --dir"),
             "{err}"
         );
         assert!(!dir.path().join("keys").exists(), "nothing was written");
+        // A finished set-up's kluis.toml in the way: serve it, or init elsewhere.
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("kluis.toml"), "").expect("write");
+        let err = init(dir.path(), DEFAULT_LISTEN)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("kluis.toml already exists")
+                && err.contains("kluis serve --config")
+                && err.contains("empty --dir"),
+            "{err}"
+        );
         // The same for a signing key left alone in keys/.
         let dir = tempfile::tempdir().expect("tempdir");
         let signing = dir.path().join("keys").join(crate::audit::SIGNING_KEY_FILE);
