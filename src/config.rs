@@ -454,13 +454,30 @@ pub fn check_consent_purpose(
     }
 }
 
+/// What is wrong with a TOML file, as `<key>: <rule>` where the rule is a missing key (toml's
+/// own message for it points at line 1), else toml's message.
+fn toml_message(e: &toml::de::Error, text: &str) -> String {
+    let missing = e
+        .message()
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.strip_suffix('`'));
+    match (missing, e.span()) {
+        (Some(key), Some(span)) if span.start > 0 => format!(
+            "{key}: is required (in the table at line {})",
+            text[..span.start.min(text.len())].matches('\n').count() + 1
+        ),
+        (Some(key), _) => format!("{key}: is required"),
+        (None, _) => e.to_string(),
+    }
+}
+
 /// Loads production settings from a config file.
 pub fn load(path: &Path) -> Result<Settings, ConfigError> {
     check_trusted_mode("configuration file", path)?;
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
     let file: ConfigFile = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
         path: path.display().to_string(),
-        message: e.to_string(),
+        message: toml_message(&e, &text),
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
     let rel = |p: &Path| {
@@ -1262,6 +1279,24 @@ mod tests {
             .to_string();
         assert!(err.starts_with("--listen: "), "{err}");
         assert!(!fresh.exists());
+    }
+
+    #[test]
+    fn a_missing_key_is_named_as_required() {
+        let message = |text: &str| {
+            let e = toml::from_str::<ConfigFile>(text).expect_err("refused");
+            toml_message(&e, text)
+        };
+        assert_eq!(
+            message("policy_file = \"p.toml\"\n"),
+            "data_dir: is required"
+        );
+        assert_eq!(
+            message("data_dir = \"d\"\npolicy_file = \"p\"\n[tls]\ncert_file = \"c\"\n"),
+            "key_file: is required (in the table at line 3)"
+        );
+        // Anything else: toml's own message, with the line it points at.
+        assert!(message("data_dir = 1\n").contains("line 1"));
     }
 
     #[test]
