@@ -557,16 +557,44 @@ async fn prepare<S: Store>(
     if page.is_empty() {
         return Ok(None);
     }
+    build_current(vault, job, scope, page, async || Ok(scan().await?))
+        .await
+        .map(Some)
+}
+
+/// [`build`]; if that fails and the page, read again by `reread`, names a KEK version this
+/// ring did not hold ([`caught_up`]: the ring is reloaded), [`build`] once more on it.
+async fn build_current<S: Store>(
+    vault: &Arc<Vault<S>>,
+    job: &JobState,
+    scope: Option<Category>,
+    page: Page,
+    reread: impl AsyncFnOnce() -> Result<Page, VaultError>,
+) -> Result<Prepared, VaultError> {
     match build(vault, job, scope, page).await {
         Err(e) => {
-            let page = scan().await?;
+            let page = reread().await?;
             if page.is_empty() || !caught_up(vault, &page).await? {
                 return Err(e);
             }
-            build(vault, job, scope, page).await.map(Some)
+            build(vault, job, scope, page).await
         }
-        built => built.map(Some),
+        built => built,
     }
+}
+
+/// The records of `keys` that still exist, in the order given.
+async fn read_records<S: Store>(
+    store: &S,
+    keys: impl IntoIterator<Item = Vec<u8>>,
+) -> Result<Page, VaultError> {
+    let mut records = Vec::new();
+    for key in keys {
+        if let Some(raw) = store.get(Keyspace::Records, &key).await? {
+            records.push((key, raw));
+        }
+    }
+    Ok(records)
 }
 
 /// Whether a record of `page` names a KEK version this ring does not hold: one made by
@@ -903,40 +931,27 @@ async fn redo_page<S: Store>(
     let mut sets: Vec<(Vec<Vec<u8>>, usize)> =
         vec![(page.iter().map(|(key, _)| key.clone()).collect(), 0)];
     while let Some((ids, tries)) = sets.pop() {
-        let mut records = Vec::with_capacity(ids.len());
-        for key in ids {
-            if let Some(raw) = store.get(Keyspace::Records, &key).await? {
-                records.push((key, raw));
-            }
-        }
+        let records = read_records(store, ids).await?;
         if records.is_empty() {
             continue;
         }
         let mut read: Vec<Vec<u8>> = records.iter().map(|(key, _)| key.clone()).collect();
-        let prepared = match build(vault, job, scope, records).await {
-            Err(e) => {
-                let mut records = Vec::with_capacity(read.len());
-                for key in &read {
-                    if let Some(raw) = store.get(Keyspace::Records, key).await? {
-                        records.push((key.clone(), raw));
-                    }
-                }
-                if records.is_empty() || !caught_up(vault, &records).await? {
-                    return Err(e);
-                }
-                read = records.iter().map(|(key, _)| key.clone()).collect();
-                build(vault, job, scope, records).await?
-            }
-            Ok(prepared) => prepared,
-        };
+        let again = read.clone();
         let Prepared {
             mut batch,
             page: taken,
             handled: n,
-        } = prepared;
-        // A re-key batch cut short at its size: the rest is redone after it.
-        if taken.len() < read.len() {
-            sets.push((read.split_off(taken.len()), 0));
+        } = build_current(vault, job, scope, records, async || {
+            read_records(store, again).await
+        })
+        .await?;
+        // A re-key batch cut short at its size: the rest (the records after the last one
+        // taken; ids are in order) is redone after it.
+        if let Some((last, _)) = taken.last() {
+            read.retain(|key| key > last);
+            if !read.is_empty() {
+                sets.push((read, 0));
+            }
         }
         if n == 0 {
             continue;
