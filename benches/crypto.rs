@@ -17,6 +17,10 @@
 //!   text fields sealed / opened.
 
 mod common;
+
+/// The allocator of the `kluis` binary (src/main.rs), so that the figures are the server's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use common::{machine_busy, process_cpu};
 
 use std::hint::black_box;

@@ -1254,6 +1254,10 @@ async fn run() -> Result<(), BoxError> {
 }
 
 fn main() {
+    // As the `kluis` binary does at start (src/main.rs).
+    if let Err(e) = kluis::server::no_huge_pages() {
+        eprintln!("keys bench: could not turn off transparent huge pages: {e}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

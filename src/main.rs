@@ -118,6 +118,9 @@ fn main() -> ExitCode {
     if let Err(e) = kluis::keys::keep_out_of_dumps() {
         tracing::warn!(error = %e, "could not turn off core dumps; key material may end up in one if the process crashes");
     }
+    if let Err(e) = kluis::server::no_huge_pages() {
+        tracing::warn!(error = %e, "could not turn off transparent huge pages; the vault may spend more CPU zeroing memory");
+    }
     match cli.command {
         Command::Serve {
             config,
