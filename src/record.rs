@@ -120,12 +120,44 @@ pub struct RecordBody {
 impl RecordBody {
     /// The latest end of an employment this record has had, if any: the recorded one, or
     /// the current `ended` stage's date (headers from before `last_ended` was kept).
-    pub fn latest_end(&self) -> Option<&str> {
-        let current = (self.lifecycle == "ended").then_some(self.lifecycle_date.as_str());
-        let recorded = (!self.last_ended.is_empty()).then_some(self.last_ended.as_str());
-        // ISO dates compare as text.
-        current.max(recorded).filter(|d| !d.is_empty())
+    pub fn latest_end(&self) -> Option<chrono::NaiveDate> {
+        let current = (self.lifecycle == "ended")
+            .then(|| stored_day(&self.lifecycle_date))
+            .flatten();
+        current.max(stored_day(&self.last_ended))
     }
+
+    /// The day the current lifecycle stage began, as set (none for a record never moved).
+    pub fn lifecycle_day(&self) -> Option<chrono::NaiveDate> {
+        stored_day(&self.lifecycle_date)
+    }
+}
+
+/// A lifecycle date as a header holds it. Kluis writes `YYYY-MM-DD`; builds before dates
+/// were checked strictly (review 10) stored what chrono accepted, e.g. `" 2026-1-05"` or
+/// `"+2026-1-05"`: such a date is read as the day it names, never compared as text.
+pub fn stored_day(date: &str) -> Option<chrono::NaiveDate> {
+    chrono::NaiveDate::parse_from_str(date.trim(), "%Y-%m-%d").ok()
+}
+
+/// A stored lifecycle date in the form Kluis writes (`YYYY-MM-DD`), for answers and
+/// exports; empty stays empty.
+pub fn canonical_date(date: &str) -> String {
+    stored_day(date).map_or_else(|| date.to_string(), |d| d.format("%Y-%m-%d").to_string())
+}
+
+/// A lifecycle date from a request: exactly `YYYY-MM-DD` in ASCII digits, an existing day.
+/// (chrono alone also takes `" 2026-1-05"`, `"+2026-1-05"`, tabs and newlines.)
+pub fn parse_request_day(date: &str) -> Option<chrono::NaiveDate> {
+    let b = date.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' || !digits(0..4) || !digits(5..7) {
+        return None;
+    }
+    if !digits(8..10) {
+        return None;
+    }
+    chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").ok()
 }
 
 /// The AEAD context of note `name` (`restriction_reason`, `legal_hold_reason`) of record

@@ -239,7 +239,7 @@ impl Deadlines {
 
 /// The date a record's current stage began: its `lifecycle_date`, else its creation date.
 pub fn stage_date(body: &RecordBody) -> NaiveDate {
-    NaiveDate::parse_from_str(&body.lifecycle_date, "%Y-%m-%d").unwrap_or_else(|_| {
+    crate::record::stored_day(&body.lifecycle_date).unwrap_or_else(|| {
         chrono::DateTime::from_timestamp_millis(body.created_ms)
             .map(|t| t.date_naive())
             .unwrap_or_default()

@@ -194,7 +194,7 @@ fn check_lifecycle_step(
     id: Uuid,
     body: &RecordBody,
     stage: &str,
-    date: &str,
+    date: chrono::NaiveDate,
     consent_purpose: &str,
 ) -> Result<(), VaultError> {
     let worked = matches!(body.lifecycle.as_str(), "employed" | "ended");
@@ -229,14 +229,14 @@ fn check_lifecycle_step(
     // Closing a closed procedure again with a later date would restart the applicant's
     // retention clock (28 days, or a year with consent) as often as anyone liked; an
     // earlier date (a correction) only shortens it.
-    if body.lifecycle == "procedure_closed"
-        && stage == "procedure_closed"
-        && date > body.lifecycle_date.as_str()
-    {
-        return Err(VaultError::FailedPrecondition(format!(
-            "date: record {id}'s procedure closed on {}: a later close date would restart its retention period; it may only move earlier",
-            body.lifecycle_date
-        )));
+    // Dates compare as days: a header may hold a date in a looser form (`record::stored_day`).
+    let since = body.lifecycle_day();
+    if body.lifecycle == "procedure_closed" && stage == "procedure_closed" {
+        if let Some(closed) = since.filter(|closed| date > *closed) {
+            return Err(VaultError::FailedPrecondition(format!(
+                "date: record {id}'s procedure closed on {closed}: a later close date would restart its retention period; it may only move earlier"
+            )));
+        }
     }
     if stage == "ended" && !worked {
         return Err(VaultError::FailedPrecondition(format!(
@@ -244,12 +244,12 @@ fn check_lifecycle_step(
             body.lifecycle
         )));
     }
-    // ISO dates compare as text.
-    if body.lifecycle == "employed" && stage == "ended" && date < body.lifecycle_date.as_str() {
-        return Err(VaultError::FailedPrecondition(format!(
-            "date: record {id} is employed since {}: the employment cannot end before it began",
-            body.lifecycle_date
-        )));
+    if body.lifecycle == "employed" && stage == "ended" {
+        if let Some(began) = since.filter(|began| date < *began) {
+            return Err(VaultError::FailedPrecondition(format!(
+                "date: record {id} is employed since {began}: the employment cannot end before it began"
+            )));
+        }
     }
     // Across stages too (ended → employed → ended): an end, and a rehire, are never dated
     // before the latest end already recorded.
@@ -1156,7 +1156,7 @@ impl<S: Store> Vault<S> {
             "revision": body.revision,
             "created_at": iso(body.created_ms),
             "updated_at": iso(body.updated_ms),
-            "lifecycle": { "stage": body.lifecycle, "date": body.lifecycle_date },
+            "lifecycle": { "stage": body.lifecycle, "date": record::canonical_date(&body.lifecycle_date) },
             "restricted": body.restricted,
             "legal_hold": body.legal_hold,
             "erasure_requested": (body.erasure_requested_ms != 0).then(|| iso(body.erasure_requested_ms)),
@@ -1422,18 +1422,12 @@ impl<S: Store> Vault<S> {
                         "is required (ISO date, YYYY-MM-DD)",
                     ));
                 }
-                let Ok(day) = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d") else {
+                let Some(day) = record::parse_request_day(date) else {
                     return Err(VaultError::invalid(
                         "date",
-                        "must be an ISO date (YYYY-MM-DD)",
+                        "must be an existing day written YYYY-MM-DD (ASCII digits, nothing around it)",
                     ));
                 };
-                if date.len() != 10 {
-                    return Err(VaultError::invalid(
-                        "date",
-                        "must be an ISO date (YYYY-MM-DD)",
-                    ));
-                }
                 check_lifecycle_date(stage, day, chrono::Utc::now().date_naive())?;
             }
             StateChange::Consent { purpose, .. } => {
@@ -1517,24 +1511,28 @@ impl<S: Store> Vault<S> {
             }
             match &change {
                 StateChange::Lifecycle { stage, date } => {
+                    let day = record::parse_request_day(date).ok_or_else(|| {
+                        VaultError::Internal("a lifecycle date was checked before".into())
+                    })?;
                     check_lifecycle_step(
                         id,
                         &body,
                         stage,
-                        date,
+                        day,
                         &self.retention.applicant_consent_purpose,
                     )?;
                     if body.lifecycle == "procedure_closed" && stage == "applicant" {
                         body.reopened = true;
                     }
+                    let iso_day = |d: chrono::NaiveDate| d.format("%Y-%m-%d").to_string();
                     if let Some(ended) = body.latest_end() {
-                        body.last_ended = ended.to_string();
+                        body.last_ended = iso_day(ended);
                     }
                     if stage == "ended" {
-                        body.last_ended.clone_from(date);
+                        body.last_ended = iso_day(day);
                     }
                     body.lifecycle = stage.clone();
-                    body.lifecycle_date = date.clone();
+                    body.lifecycle_date = iso_day(day);
                 }
                 StateChange::Consent { purpose, granted } => {
                     body.consents.insert(
@@ -2266,7 +2264,7 @@ fn meta_of(id: Uuid, body: &RecordBody) -> RecordMeta {
         created_ms: body.created_ms,
         updated_ms: body.updated_ms,
         lifecycle: body.lifecycle.clone(),
-        lifecycle_date: body.lifecycle_date.clone(),
+        lifecycle_date: record::canonical_date(&body.lifecycle_date),
         restricted: body.restricted,
         legal_hold: body.legal_hold,
         consents: body
@@ -2625,7 +2623,8 @@ mod tests {
     fn a_closed_procedure_reopens_once_and_not_against_a_withdrawn_consent() {
         let id = Uuid::new_v4();
         let step = |body: &RecordBody, stage: &str, date: &str| {
-            check_lifecycle_step(id, body, stage, date, "talent_pool").map_err(|e| e.to_string())
+            let day = crate::record::parse_request_day(date).expect("a test date");
+            check_lifecycle_step(id, body, stage, day, "talent_pool").map_err(|e| e.to_string())
         };
         let consent = |granted| crate::record::ConsentEntry {
             granted,
@@ -2665,6 +2664,65 @@ mod tests {
         assert!(
             err.starts_with("date:") && err.contains("2026-11-20"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn lifecycle_dates_compare_as_days_even_in_headers_with_loose_dates() {
+        // Request dates: exactly YYYY-MM-DD.
+        for bad in [
+            " 2026-1-05",
+            "+2026-1-05",
+            "\t2026-1-05",
+            "2026-01- 5",
+            "2026-1-5",
+        ] {
+            assert!(crate::record::parse_request_day(bad).is_none(), "{bad:?}");
+        }
+        assert!(crate::record::parse_request_day("2026-02-29").is_none());
+        assert!(crate::record::parse_request_day("2024-02-29").is_some());
+        // A header an older build wrote with a padded date is read as that day: the rules
+        // hold against it (as text, "2020-01-01" sorted after " 2026-1-05").
+        let id = Uuid::new_v4();
+        let step = |body: &RecordBody, stage: &str, date: &str| {
+            let day = crate::record::parse_request_day(date).expect("a test date");
+            check_lifecycle_step(id, body, stage, day, "talent_pool").map_err(|e| e.to_string())
+        };
+        let ended = RecordBody {
+            lifecycle: "ended".into(),
+            lifecycle_date: " 2026-1-05".into(),
+            last_ended: " 2026-1-05".into(),
+            ..RecordBody::default()
+        };
+        let err = step(&ended, "ended", "2020-01-01").expect_err("end moved earlier");
+        assert!(err.contains("ended on 2026-01-05"), "{err}");
+        step(&ended, "ended", "2026-01-06").expect("a later end");
+        let err = step(&ended, "employed", "2025-12-31").expect_err("rehired before the end");
+        assert!(err.contains("2026-01-05"), "{err}");
+        let employed = RecordBody {
+            lifecycle: "employed".into(),
+            lifecycle_date: "+2025-6-01".into(),
+            ..RecordBody::default()
+        };
+        let err = step(&employed, "ended", "2019-01-01").expect_err("ended before it began");
+        assert!(err.contains("employed since 2025-06-01"), "{err}");
+        let closed = RecordBody {
+            lifecycle: "procedure_closed".into(),
+            lifecycle_date: "2026-11-01".into(),
+            ..RecordBody::default()
+        };
+        step(&closed, "procedure_closed", "2026-11-05").expect_err("a later close");
+        // Answers and exports show such a date as Kluis writes it.
+        assert_eq!(crate::record::canonical_date(" 2026-1-05"), "2026-01-05");
+        assert_eq!(crate::record::canonical_date(""), "");
+        assert_eq!(
+            meta_of(id, &ended).lifecycle_date,
+            "2026-01-05",
+            "the answer's form"
+        );
+        assert_eq!(
+            crate::retention::stage_date(&ended),
+            chrono::NaiveDate::from_ymd_opt(2026, 1, 5).expect("a day")
         );
     }
 

@@ -246,11 +246,27 @@ async fn lifecycle_stages_with_dates_rights_and_validation() {
         Code::InvalidArgument,
         &["stage", "applicant, procedure_closed, employed, ended"],
     );
-    for date in ["", "2026-13-01", "5 Jan 2026", "2026-1-5"] {
+    // Exactly YYYY-MM-DD: chrono alone takes the padded forms (10 bytes each), which compared
+    // as text before every real date and got past the rules above (review 10).
+    let padded = [
+        " 2026-1-05",
+        "+2026-1-05",
+        "\t2026-1-05",
+        "\n2026-1-05",
+        "2026- 1-05",
+        "2026-01- 5",
+        "  2026-1-5",
+        "2026-01-05 ",
+        "２026-01-05",
+    ];
+    for date in ["", "2026-13-01", "5 Jan 2026", "2026-1-5"]
+        .into_iter()
+        .chain(padded)
+    {
         assert_status(
-            payroll.set_lifecycle(bad("employed", date, &id)).await,
+            payroll.set_lifecycle(bad("ended", date, &id)).await,
             Code::InvalidArgument,
-            &["date"],
+            &["date", "YYYY-MM-DD"],
         );
     }
     assert_status(
