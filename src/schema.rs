@@ -11,8 +11,8 @@ use std::fmt::Write as _;
 
 use chrono::{Months, NaiveDate};
 use icu_normalizer::ComposingNormalizerBorrowed;
-use icu_properties::props::{GeneralCategory, GeneralCategoryGroup};
-use icu_properties::CodePointMapData;
+use icu_properties::props::{DefaultIgnorableCodePoint, GeneralCategory, GeneralCategoryGroup};
+use icu_properties::{CodePointMapData, CodePointSetData};
 use serde::Deserialize;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -645,11 +645,22 @@ fn invalid(rule: &str) -> ValueError {
     ValueError::Invalid(rule.to_string())
 }
 
-/// Whether `c` is a Unicode format character (general category Cf): zero-width space, joiners,
-/// bidi embeddings, overrides and isolates, soft hyphen, byte-order mark, tags, …: invisible,
-/// so they make two values that look the same differ, or make text display as something else.
+/// Whether `c` is invisible: a Unicode format character (general category Cf: zero-width
+/// space, joiners, bidi embeddings, overrides and isolates, soft hyphen, byte-order mark,
+/// tags, …) or a default-ignorable code point (Hangul fillers, the combining grapheme joiner,
+/// variation selectors, …). Such characters make two values that look the same differ, or
+/// make text display as something else.
 pub(crate) fn is_format_char(c: char) -> bool {
     GeneralCategoryGroup::Format.contains(CodePointMapData::<GeneralCategory>::new().get(c))
+        || CodePointSetData::new::<DefaultIgnorableCodePoint>().contains(c)
+}
+
+/// Whether `text` shows anything: a character that is not white space, not invisible
+/// ([`is_format_char`]) and not the blank braille pattern U+2800 (category So, drawn as
+/// nothing). A value, or a required reason, made of such characters only looks empty.
+pub(crate) fn has_visible_char(text: &str) -> bool {
+    text.chars()
+        .any(|c| !c.is_whitespace() && !is_format_char(c) && c != '\u{2800}')
 }
 
 /// Unicode Normalization Form C, into a buffer that leaves no copy behind when it grows.
@@ -727,8 +738,10 @@ fn parse_free_text(text: &str, max_len: usize) -> Result<Zeroizing<String>, Valu
             "is {chars} characters, longer than the limit of {max_len}"
         ))
     };
-    if text.trim().is_empty() {
-        return Err(invalid("must not be empty (use clear to remove a field)"));
+    if !has_visible_char(text) {
+        return Err(invalid(
+            "must not be empty or blank (use clear to remove a field)",
+        ));
     }
     let chars = text.chars().count();
     if chars > max_len.saturating_mul(NFC_MAX_EXPANSION) {
@@ -742,7 +755,7 @@ fn parse_free_text(text: &str, max_len: usize) -> Result<Zeroizing<String>, Valu
     }
     if text.chars().any(is_format_char) {
         return Err(invalid(
-            "must not contain invisible format characters (Unicode category Cf: zero-width characters, bidi controls such as U+202E, soft hyphens)",
+            "must not contain invisible format characters (Unicode category Cf or Default_Ignorable_Code_Point: zero-width characters, bidi controls such as U+202E, soft hyphens, Hangul fillers, variation selectors)",
         ));
     }
     let normalised = nfc(text);
@@ -1081,6 +1094,13 @@ impl Phone {
         // No country code starts with 0, and a Dutch number after its trunk 0 does not either.
         if digits[national_start..].starts_with('0') {
             return Err(invalid(rule));
+        }
+        // Nor after +31 (no country code is 3 alone): `+31 06…` keeps the trunk 0 that the
+        // international form drops, and would store the number a second way.
+        if international && digits.starts_with("310") {
+            return Err(invalid(
+                "phone must not keep the trunk 0 after +31 (write +31 6… or 06…)",
+            ));
         }
         if !(8..=15).contains(&digits.len()) {
             return Err(invalid(rule));
@@ -1724,10 +1744,12 @@ mod tests {
             assert_eq!(parse(&phone, stored).as_deref(), Ok(stored), "{stored}");
         }
         for refused in [
-            "31612345678",           // international without + or 00: ambiguous
-            "612345678",             // national without its 0
-            "+0612345678",           // no country code starts with 0
-            "0 0612345678",          // a Dutch number after its trunk 0 does not start with 0
+            "31612345678",      // international without + or 00: ambiguous
+            "612345678",        // national without its 0
+            "+0612345678",      // no country code starts with 0
+            "0 0612345678",     // a Dutch number after its trunk 0 does not start with 0
+            "+31 06 1234 5678", // nor after +31 (review 10: stored as +310612345678)
+            "0031 06 1234 5678",
             "+31 6 1234",            // too short
             "+31 6 1234 5678 90123", // more than 15 digits
             "06 1234 5678 ext 2",
@@ -1858,9 +1880,33 @@ mod tests {
             "Jan\u{200D}Jansen",
             "Jan\u{00AD}sen",
             "\u{FEFF}Jansen",
+            // Default-ignorable, outside Cf (review 10): fillers, CGJ, variation selectors.
+            "Jan\u{3164}sen",
+            "Jan\u{034F}sen",
+            "Jan\u{FE0F}",
+            "\u{115F}Jan",
+            "Jan\u{FFA0}",
         ] {
             let err = refusal(&name, input);
             assert!(err.contains("format characters"), "{input:?}: {err}");
+        }
+        // Nothing visible: blank, whatever the characters.
+        for input in [
+            "\u{3164}",
+            "\u{2800}\u{2800}",
+            " \u{2800} ",
+            "\u{00A0}",
+            "\u{200B}",
+        ] {
+            let err = refusal(&name, input);
+            assert!(
+                err.contains("must not be empty or blank"),
+                "{input:?}: {err}"
+            );
+        }
+        // Visible text in other scripts passes.
+        for input in ["김민준", "Ærø", "Zoë ⠁"] {
+            assert!(parse(&name, input).is_ok(), "{input:?}");
         }
         assert!(refusal(&name, "Jan\u{7}sen").contains("control characters"));
         assert_eq!(

@@ -268,6 +268,36 @@ fn check_lifecycle_step(
     Ok(())
 }
 
+/// Refuses closing a procedure beyond the caller's reach (review 10). Closing a
+/// procedure starts the clock that erases every category the record holds (28 days, or a
+/// year with consent): a role may close it only if it may write every category with data in
+/// the record, or it could have, say, payroll's BSN and IBAN erased by the sweeper without
+/// ever being allowed to touch them. (A close may be dated before the record was created: a
+/// record imported from an earlier system keeps its procedure's real close date.)
+fn check_lifecycle_scope(
+    caller: &Caller,
+    id: Uuid,
+    body: &RecordBody,
+    stage: &str,
+) -> Result<(), VaultError> {
+    if stage == "procedure_closed" {
+        let beyond: BTreeSet<&str> = body
+            .fields
+            .values()
+            .map(|f| f.category.as_str())
+            .filter(|c| Category::parse(c).is_none_or(|c| !caller.role.may_write(c)))
+            .collect();
+        if !beyond.is_empty() {
+            return Err(VaultError::PermissionDenied(format!(
+                "role `{}` may not close the procedure of record {id}: it holds data in categories the role may not write ({}), and closing starts the clock that erases every category",
+                caller.role.name,
+                beyond.into_iter().collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Earliest lifecycle date accepted.
 const LIFECYCLE_EARLIEST: (i32, u32, u32) = (1900, 1, 1);
 /// How far ahead an employment may be dated (a signed contract, a notice given).
@@ -985,7 +1015,7 @@ impl<S: Store> Vault<S> {
             )));
         }
         check_purpose(caller, PURPOSE_DSR)?;
-        if reason.trim().is_empty() {
+        if !crate::schema::has_visible_char(reason) {
             return Err(VaultError::invalid(
                 "reason",
                 "is required (why the record is erased)",
@@ -1457,7 +1487,7 @@ impl<S: Store> Vault<S> {
                 reason,
             }
             | StateChange::LegalHold { hold: on, reason } => {
-                if *on && reason.trim().is_empty() {
+                if *on && !crate::schema::has_visible_char(reason) {
                     return Err(VaultError::invalid("reason", "is required when setting it"));
                 }
                 check_reason(reason)?;
@@ -1514,6 +1544,7 @@ impl<S: Store> Vault<S> {
                     let day = record::parse_request_day(date).ok_or_else(|| {
                         VaultError::Internal("a lifecycle date was checked before".into())
                     })?;
+                    check_lifecycle_scope(caller, id, &body, stage)?;
                     check_lifecycle_step(
                         id,
                         &body,
@@ -2168,13 +2199,12 @@ fn check_reason(reason: &str) -> Result<(), VaultError> {
             format!("at most {MAX_REASON_CHARS} characters"),
         ));
     }
-    if reason
-        .chars()
-        .any(|c| c.is_control() || crate::schema::is_format_char(c))
-    {
+    if reason.chars().any(|c| {
+        c.is_control() || crate::schema::is_format_char(c) || matches!(c, '\u{2028}' | '\u{2029}')
+    }) {
         return Err(VaultError::invalid(
             "reason",
-            "must be one line without control characters or invisible format characters (Unicode category Cf: zero-width characters, bidi controls)",
+            "must be one line (no line or paragraph separators) without control characters or invisible format characters (Unicode category Cf or Default_Ignorable_Code_Point: zero-width characters, bidi controls, fillers)",
         ));
     }
     Ok(())
@@ -2724,6 +2754,29 @@ mod tests {
             crate::retention::stage_date(&ended),
             chrono::NaiveDate::from_ymd_opt(2026, 1, 5).expect("a day")
         );
+    }
+
+    #[test]
+    fn a_reason_is_one_visible_line() {
+        check_reason("Verzoek van betrokkene, zaak 2026-113").expect("a plain reason");
+        for bad in [
+            "regel een\u{2028}regel twee",
+            "regel een\u{2029}regel twee",
+            "regel een\nregel twee",
+            "zaak\u{85}",
+            "zaak\u{3164}",
+            "zaak\u{200B}",
+        ] {
+            let err = check_reason(bad).expect_err("refused").to_string();
+            assert!(
+                err.contains("reason") && err.contains("one line"),
+                "{bad:?}: {err}"
+            );
+        }
+        // A required reason of blank characters only is no reason (the callers' check).
+        for blank in ["\u{2800}\u{2800}", " \u{00A0} "] {
+            assert!(!crate::schema::has_visible_char(blank), "{blank:?}");
+        }
     }
 
     #[test]

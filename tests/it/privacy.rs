@@ -546,6 +546,69 @@ async fn recruitment_ends_with_the_procedure_so_withdrawal_and_objection_hold() 
 /// after an objection to marketing; a second reopening, which would restart the retention
 /// clock once more, is refused (review 8).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_closes_a_procedure_only_if_it_may_write_all_the_record_holds() {
+    // Closing starts the clock that erases every category: the recruiter closing the
+    // procedure of payroll's employee record (BSN and IBAN only) had the sweeper erase
+    // data it may neither read nor write (review 10), and payroll likewise the
+    // recruiter's applicants.
+    let v = spawn_vault().await;
+    let mut payroll = v.client("payroll").await;
+    let mut recruiter = v.client("recruiter").await;
+    let employee = payroll
+        .create_record(CreateRecordRequest {
+            purpose: "payroll".into(),
+            fields: fields(&[
+                ("bsn", text("111222333")),
+                ("iban", text("NL91ABNA0417164300")),
+            ]),
+        })
+        .await
+        .expect("payroll creates")
+        .into_inner();
+    let candidate = applicant(&v, "closing@example.nl").await;
+    let close = |id: &str| SetLifecycleRequest {
+        record_id: id.into(),
+        stage: "procedure_closed".into(),
+        date: "2020-01-01".into(),
+    };
+    assert_status(
+        recruiter.set_lifecycle(close(&employee.record_id)).await,
+        Code::PermissionDenied,
+        &["recruiter", "close the procedure", "financial, identity"],
+    );
+    assert_status(
+        payroll.set_lifecycle(close(&candidate)).await,
+        Code::PermissionDenied,
+        &["payroll", "close the procedure", "contact"],
+    );
+    // Nothing changed: the same revisions, and payroll still reads its fields.
+    let listed = recruiter
+        .list_records(ListRecordsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .records;
+    for (id, revision) in [(&employee.record_id, employee.revision), (&candidate, 1)] {
+        let meta = listed.iter().find(|r| &r.record_id == id).expect("listed");
+        assert_eq!(
+            (meta.revision, meta.lifecycle_stage.as_str()),
+            (revision, "applicant")
+        );
+    }
+    let read = payroll
+        .get_record(get(&employee.record_id, "payroll"))
+        .await
+        .expect("read")
+        .into_inner();
+    assert_eq!(read.fields.len(), 2);
+    // Each closes what is all its own.
+    recruiter
+        .set_lifecycle(close(&candidate))
+        .await
+        .expect("the recruiter closes its applicant's procedure");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_procedure_is_reopened_at_most_once() {
     let v = spawn_vault().await;
     let id = applicant(&v, "reopened@example.nl").await;
