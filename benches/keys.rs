@@ -755,6 +755,7 @@ async fn model_run(
                         kek_version: w.kek_version,
                         sealed: w.sealed,
                         created_ms: stored.created_ms,
+                        dek_generation: stored.dek_generation,
                     },
                 );
             }

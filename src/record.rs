@@ -189,6 +189,18 @@ pub struct StoredDek {
     /// When this DEK was made, Unix milliseconds (re-key makes a new one).
     #[prost(int64, tag = "3")]
     pub created_ms: i64,
+    /// Which data key of the category this is: 1 for the first, one more for each re-key.
+    /// Headers from before it was kept hold 0, read as 1 ([`StoredDek::generation`]).
+    #[prost(uint32, tag = "4")]
+    pub dek_generation: u32,
+}
+
+impl StoredDek {
+    /// The data key's generation, the key version its field envelopes carry (review 10:
+    /// before, every field envelope said 1, so it did not tell data keys apart).
+    pub fn generation(&self) -> u32 {
+        self.dek_generation.max(1)
+    }
 }
 
 /// A field's entry in the header.
@@ -851,12 +863,16 @@ mod tests {
             1u32..5,
             proptest::collection::vec(any::<u8>(), 0..70),
             any::<i64>(),
+            any::<u32>(),
         )
-            .prop_map(|(kek_version, sealed, created_ms)| StoredDek {
-                kek_version,
-                sealed,
-                created_ms,
-            })
+            .prop_map(
+                |(kek_version, sealed, created_ms, dek_generation)| StoredDek {
+                    kek_version,
+                    sealed,
+                    created_ms,
+                    dek_generation,
+                },
+            )
     }
 
     fn arb_deks() -> impl Strategy<Value = BTreeMap<String, StoredDek>> {

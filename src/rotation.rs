@@ -415,7 +415,9 @@ async fn handle_record<S: Store>(
             .ok_or_else(|| VaultError::Internal("a due category has a data key".into()))?;
         let opener = crate::crypto::OpeningKey::new(&vault.unwrap(&id, category, &stored)?);
         let fresh = SecretKey::generate()?;
-        let sealer = SealingKey::new(&fresh, 1);
+        // The next generation: its field envelopes say which data key sealed them.
+        let generation = stored.generation().saturating_add(1);
+        let sealer = SealingKey::new(&fresh, generation);
         for (name, entry) in body.fields.iter_mut() {
             if entry.category != category.as_str() {
                 continue;
@@ -452,6 +454,7 @@ async fn handle_record<S: Store>(
         let mut wrapped = vault.wrap(&id, category, &fresh)?;
         // Made after the job started, so a resumed job never re-keys it again.
         wrapped.created_ms = wrapped.created_ms.max(job.started_ms + 1);
+        wrapped.dek_generation = generation;
         body.deks.insert(category.as_str().into(), wrapped);
     }
     // The KEKs now wrapping this record's new or moved DEKs must still exist at commit
@@ -499,8 +502,9 @@ fn rewrap_record<S: Store>(
             .ok_or_else(|| VaultError::Internal("a due category has a data key".into()))?;
         let dek = vault.unwrap(key, category, stored)?;
         let mut wrapped = vault.wrap(key, category, &dek)?;
-        // The same data key: keep when it was made.
+        // The same data key: keep when it was made, and its generation.
         wrapped.created_ms = stored.created_ms;
+        wrapped.dek_generation = stored.dek_generation;
         // The KEK now wrapping it must still exist at commit (see `expect_keks`).
         keks.insert((category, wrapped.kek_version));
         header.deks.insert(category.as_str().into(), wrapped);
@@ -2034,6 +2038,27 @@ mod tests {
         match &got.fields[0].1 {
             Value::Text(t) => assert_eq!(t.as_str(), long('b')),
             Value::Blob { .. } => panic!("text"),
+        }
+        // The new data key is the category's second, and its field envelopes say so (their
+        // key version); the other category's stays the first (review 10).
+        let uuid = uuid::Uuid::parse_str(&id).expect("uuid");
+        let (_, body) = vault.load(uuid).await.expect("load");
+        assert_eq!(body.deks["cv"].generation(), 2);
+        assert_eq!(body.deks["contact"].generation(), 1);
+        for (name, generation) in [("education", 2u32), ("full_name", 1)] {
+            let entry = &body.fields[name];
+            let envelope = if entry.in_header {
+                entry.inline.clone()
+            } else {
+                let key = record::chunk_key(uuid.as_bytes(), name, entry.revision, 0);
+                let chunk = vault
+                    .store()
+                    .get(Keyspace::Fields, &key)
+                    .await
+                    .expect("get");
+                chunk.expect("stored chunk").to_vec()
+            };
+            assert_eq!(envelope[2..6], generation.to_be_bytes(), "{name}");
         }
     }
 

@@ -1763,6 +1763,7 @@ impl<S: Store> Vault<S> {
             kek_version: w.kek_version,
             sealed: w.sealed,
             created_ms: now_ms(),
+            dek_generation: 1,
         })
     }
 
@@ -1791,7 +1792,7 @@ impl<S: Store> Vault<S> {
         match sealers.entry(category) {
             Entry::Occupied(e) => Ok(e.into_mut()),
             Entry::Vacant(e) => {
-                let dek = match body.deks.get(category.as_str()) {
+                let (dek, generation) = match body.deks.get(category.as_str()) {
                     // A data key under an older KEK version is re-wrapped under the active one
                     // as the record is written anyway: a write never depends on a version
                     // that may be retiring (see `expect_keks`).
@@ -1802,18 +1803,24 @@ impl<S: Store> Vault<S> {
                         let mut wrapped = self.wrap(&body.id, category, &dek)?;
                         // The same data key, as old as before: a re-key still replaces it.
                         wrapped.created_ms = stored.created_ms;
+                        wrapped.dek_generation = stored.dek_generation;
+                        let generation = stored.generation();
                         body.deks.insert(category.as_str().into(), wrapped);
-                        dek
+                        (dek, generation)
                     }
-                    Some(stored) => self.unwrap(&body.id, category, stored)?,
+                    Some(stored) => (
+                        self.unwrap(&body.id, category, stored)?,
+                        stored.generation(),
+                    ),
                     None => {
                         let dek = SecretKey::generate()?;
                         let wrapped = self.wrap(&body.id, category, &dek)?;
                         body.deks.insert(category.as_str().into(), wrapped);
-                        dek
+                        (dek, 1)
                     }
                 };
-                Ok(e.insert(SealingKey::new(&dek, 1)))
+                // Field envelopes carry the data key's generation as their key version.
+                Ok(e.insert(SealingKey::new(&dek, generation)))
             }
         }
     }
