@@ -35,6 +35,9 @@ const LABEL_WRAP: &[u8] = b"kluis/v1/wrap";
 const LABEL_INDEX_FIELD: &[u8] = b"kluis/v1/blind-index";
 const LABEL_NOTES: &[u8] = b"kluis/v1/record-notes";
 const LABEL_STORE_ID: &[u8] = b"kluis/v1/store-id";
+const LABEL_PAGE_TOKEN: &[u8] = b"kluis/v1/page-token";
+/// Bytes of the tag on a page token.
+const PAGE_TAG_LEN: usize = 16;
 const CTX_KEK: &[u8] = b"kluis/v1/kek";
 const CTX_INDEX_ROOT: &[u8] = b"kluis/v1/index-root";
 const CTX_INTEGRITY: &[u8] = b"kluis/v1/integrity";
@@ -762,6 +765,37 @@ impl KeyRing {
             .try_into()
             .map_err(|_| KeyError::Dek(category))?;
         Ok(SecretKey::from_bytes(arr))
+    }
+
+    /// A page token for `position` in the listing `list` (`records`, `events`): the position
+    /// and a tag (HMAC under HKDF(index root, "kluis/v1/page-token"), over the listing's name
+    /// and the position, 16 bytes), base64url. Every instance over the same store makes and
+    /// accepts the same tokens.
+    pub fn page_token(&self, list: &str, position: &[u8]) -> String {
+        use base64::Engine;
+        let mut token = position.to_vec();
+        token.extend_from_slice(&self.page_tag(list, position));
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token)
+    }
+
+    /// The position in a token [`KeyRing::page_token`] made for `list`; `None` for anything
+    /// else (a forged or altered token, another vault's, another listing's).
+    pub fn page_position(&self, list: &str, token: &str) -> Option<Vec<u8>> {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token)
+            .ok()?;
+        let split = bytes.len().checked_sub(PAGE_TAG_LEN)?;
+        let (position, tag) = bytes.split_at(split);
+        crypto::ct_eq(&self.page_tag(list, position), tag).then(|| position.to_vec())
+    }
+
+    fn page_tag(&self, list: &str, position: &[u8]) -> [u8; PAGE_TAG_LEN] {
+        let key = crypto::hkdf_sha256(SALT, &self.index_root, &[LABEL_PAGE_TOKEN]);
+        let mac = crypto::hmac_sha256(&key, &[list.as_bytes(), b"/", position]);
+        let mut tag = [0u8; PAGE_TAG_LEN];
+        tag.copy_from_slice(&mac[..PAGE_TAG_LEN]);
+        tag
     }
 
     /// The blind-index HMAC key of `field`: HKDF(index root, field name).

@@ -1633,7 +1633,17 @@ impl<S: Store> Vault<S> {
         let after = if page_token.is_empty() {
             None
         } else {
-            Some(decode_page_token(page_token)?)
+            let position = self.keys.page_position("records", page_token);
+            Some(
+                position
+                    .and_then(|b| Uuid::from_slice(&b).ok())
+                    .ok_or_else(|| {
+                        VaultError::invalid(
+                            "page_token",
+                            "is not a token from a previous ListRecords response of this vault (pass it back unchanged)",
+                        )
+                    })?,
+            )
         };
         let rows = self
             .store
@@ -1665,7 +1675,7 @@ impl<S: Store> Vault<S> {
             }
         }
         let next_page_token = if more {
-            last.map(encode_page_token)
+            last.map(|id| self.keys.page_token("records", id.as_bytes()))
         } else {
             None
         };
@@ -2273,25 +2283,6 @@ fn parse_record_id(text: &str) -> Result<Uuid, VaultError> {
         return Err(VaultError::invalid("record_id", "is required"));
     }
     Uuid::try_parse(text).map_err(|_| VaultError::invalid("record_id", "must be a UUID"))
-}
-
-fn encode_page_token(id: Uuid) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_bytes())
-}
-
-fn decode_page_token(token: &str) -> Result<Uuid, VaultError> {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|b| Uuid::from_slice(&b).ok())
-        .ok_or_else(|| {
-            VaultError::invalid(
-                "page_token",
-                "is not a token from a previous ListRecords response",
-            )
-        })
 }
 
 fn meta_of(id: Uuid, body: &RecordBody) -> RecordMeta {

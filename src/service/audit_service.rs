@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use base64::Engine;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
@@ -99,23 +98,6 @@ pub fn event_to_proto(e: audit::Event) -> proto::AuditEvent {
     }
 }
 
-fn encode_page_token(after: u64) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(after.to_be_bytes())
-}
-
-fn decode_page_token(token: &str) -> Result<u64, Status> {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-        .map(u64::from_be_bytes)
-        .ok_or_else(|| {
-            Status::invalid_argument(
-                "page_token: not a token returned by QueryEvents (pass it back unchanged)",
-            )
-        })
-}
-
 #[tonic::async_trait]
 impl<S: Store> proto::audit_server::Audit for AuditService<S> {
     #[instrument(skip_all)]
@@ -162,7 +144,16 @@ impl<S: Store> proto::audit_server::Audit for AuditService<S> {
             let after = if req.page_token.is_empty() {
                 0
             } else {
-                decode_page_token(&req.page_token)?
+                self.vault
+                    .keys()
+                    .page_position("events", &req.page_token)
+                    .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| {
+                        Status::invalid_argument(
+                            "page_token: not a token returned by QueryEvents (pass it back unchanged)",
+                        )
+                    })?
             };
             let size = match req.page_size {
                 0 => DEFAULT_PAGE_SIZE,
@@ -179,7 +170,10 @@ impl<S: Store> proto::audit_server::Audit for AuditService<S> {
                 .map_err(|e| super::status::from_vault(e.into()))?;
             Ok(proto::QueryEventsResponse {
                 events: page.events.into_iter().map(event_to_proto).collect(),
-                next_page_token: page.next_after.map(encode_page_token).unwrap_or_default(),
+                next_page_token: page
+                    .next_after
+                    .map(|after| self.vault.keys().page_token("events", &after.to_be_bytes()))
+                    .unwrap_or_default(),
             })
         }
         .await;

@@ -653,15 +653,20 @@ async fn query_rights_filters_and_pages() {
         Code::InvalidArgument,
         &["until"],
     );
-    assert_status(
-        a.query_events(QueryEventsRequest {
-            page_token: "%%%".into(),
-            ..Default::default()
-        })
-        .await,
-        Code::InvalidArgument,
-        &["page_token"],
-    );
+    // Malformed, or a bare position (the old form; tokens are tagged now, review 10).
+    use base64::Engine;
+    let bare = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(2u64.to_be_bytes());
+    for token in ["%%%".to_string(), bare] {
+        assert_status(
+            a.query_events(QueryEventsRequest {
+                page_token: token,
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+            &["page_token", "QueryEvents"],
+        );
+    }
     // Rights.
     for role in ["recruiter", "payroll", "absence", "security_officer"] {
         let mut c = auditor(&v, role).await;

@@ -646,6 +646,27 @@ async fn list_pages_through_metadata_only() {
             break;
         }
         token = page.next_page_token;
+        // A token is opaque and tagged (review 10): altered, made up from a record id (the
+        // old form), or another listing's, it is refused and pages nothing.
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut raw = b64.decode(&token).expect("base64url");
+        let mut altered = raw.clone();
+        altered[0] ^= 1;
+        raw.truncate(16);
+        let events_like = b64.encode(5u64.to_be_bytes());
+        for bad in [b64.encode(&altered), b64.encode(&raw), events_like] {
+            assert_status(
+                recruiter
+                    .list_records(ListRecordsRequest {
+                        page_size: 3,
+                        page_token: bad,
+                    })
+                    .await,
+                Code::InvalidArgument,
+                &["page_token", "ListRecords"],
+            );
+        }
     }
     assert_eq!(seen, ids);
     let mut auditor = vault.client("auditor").await;
