@@ -2647,13 +2647,17 @@ mod tests {
         }
     }
 
+    /// [`check_lifecycle_step`] with the default consent purpose, its error as text.
+    fn lifecycle_step(id: Uuid, body: &RecordBody, stage: &str, date: &str) -> Result<(), String> {
+        let day = crate::record::parse_request_day(date).expect("a test date");
+        check_lifecycle_step(id, body, stage, day, "talent_pool").map_err(|e| e.to_string())
+    }
+
     #[test]
     fn a_closed_procedure_reopens_once_and_not_against_a_withdrawn_consent() {
         let id = Uuid::new_v4();
-        let step = |body: &RecordBody, stage: &str, date: &str| {
-            let day = crate::record::parse_request_day(date).expect("a test date");
-            check_lifecycle_step(id, body, stage, day, "talent_pool").map_err(|e| e.to_string())
-        };
+        let step =
+            |body: &RecordBody, stage: &str, date: &str| lifecycle_step(id, body, stage, date);
         let consent = |granted| crate::record::ConsentEntry {
             granted,
             changed_ms: 1,
@@ -2712,10 +2716,8 @@ mod tests {
         // A header an older build wrote with a padded date is read as that day: the rules
         // hold against it (as text, "2020-01-01" sorted after " 2026-1-05").
         let id = Uuid::new_v4();
-        let step = |body: &RecordBody, stage: &str, date: &str| {
-            let day = crate::record::parse_request_day(date).expect("a test date");
-            check_lifecycle_step(id, body, stage, day, "talent_pool").map_err(|e| e.to_string())
-        };
+        let step =
+            |body: &RecordBody, stage: &str, date: &str| lifecycle_step(id, body, stage, date);
         let ended = RecordBody {
             lifecycle: "ended".into(),
             lifecycle_date: " 2026-1-05".into(),

@@ -288,12 +288,7 @@ async fn lifecycle_stages_with_dates_rights_and_validation() {
         &[],
     );
     // Nothing above changed the record.
-    let listed = recruiter
-        .list_records(ListRecordsRequest::default())
-        .await
-        .expect("list")
-        .into_inner()
-        .records;
+    let listed = listed(&mut recruiter).await;
     assert_eq!(listed[0].lifecycle_stage, "employed");
     assert_eq!(listed[0].revision, 5);
 }
@@ -582,12 +577,7 @@ async fn a_role_closes_a_procedure_only_if_it_may_write_all_the_record_holds() {
         &["payroll", "close the procedure", "contact"],
     );
     // Nothing changed: the same revisions, and payroll still reads its fields.
-    let listed = recruiter
-        .list_records(ListRecordsRequest::default())
-        .await
-        .expect("list")
-        .into_inner()
-        .records;
+    let listed = listed(&mut recruiter).await;
     for (id, revision) in [(&employee.record_id, employee.revision), (&candidate, 1)] {
         let meta = listed.iter().find(|r| &r.record_id == id).expect("listed");
         assert_eq!(
@@ -634,12 +624,8 @@ async fn a_closed_procedure_is_reopened_at_most_once() {
         Code::FailedPrecondition,
         &["stage", "reopened once already", "CreateRecord"],
     );
-    let meta = recruiter
-        .list_records(ListRecordsRequest::default())
+    let meta = listed(&mut recruiter)
         .await
-        .expect("list")
-        .into_inner()
-        .records
         .into_iter()
         .find(|r| r.record_id == id)
         .expect("listed");
@@ -720,12 +706,7 @@ async fn a_restricted_record_is_only_stored_until_the_restriction_is_lifted() {
         .into_inner()
         .record_ids
         .is_empty());
-    let listed = recruiter
-        .list_records(ListRecordsRequest::default())
-        .await
-        .expect("list")
-        .into_inner()
-        .records;
+    let listed = listed(&mut recruiter).await;
     assert!(listed[0].restricted, "listing shows the state, not data");
     // The privacy officer can still read it for the data subject.
     po.get_record(get(&id, "data_subject_request"))
@@ -822,12 +803,7 @@ async fn legal_hold_is_set_and_lifted_by_the_privacy_officer_only() {
         .expect("read under hold");
     v.restart().await;
     let mut po = v.client("privacy_officer").await;
-    let listed = po
-        .list_records(ListRecordsRequest::default())
-        .await
-        .expect("list")
-        .into_inner()
-        .records;
+    let listed = listed(&mut po).await;
     assert!(listed[0].legal_hold);
     // The reason is kept (sealed) and given to the data subject in the export.
     let doc = exported(&mut po, &id).await;
@@ -861,6 +837,16 @@ async fn legal_hold_is_set_and_lifted_by_the_privacy_officer_only() {
 }
 
 /// The export document of record `id`, as the privacy officer `po` gets it.
+/// Every record's metadata, as `client` lists it (one page).
+async fn listed(client: &mut Client) -> Vec<kluis::proto::RecordMeta> {
+    client
+        .list_records(ListRecordsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .records
+}
+
 async fn exported(po: &mut Client, id: &str) -> serde_json::Value {
     let json = po
         .export_record(kluis::proto::ExportRecordRequest {
