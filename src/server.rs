@@ -286,10 +286,11 @@ impl Running {
 
 /// Turns transparent huge pages off for this process (`PR_SET_THP_DISABLE`). The allocator
 /// hands memory back to the kernel in small ranges and takes it again; where the kernel
-/// backs such a range with a huge page, every refault zeroes 2 MiB. In the load benchmark
-/// that zeroing (`clear_page_erms`) took ~10 % of the CPU of a durable CreateRecord; with
-/// 4 KiB pages it takes under 0.1 %. Called by `kluis` at start, and by the benchmarks that
-/// run the vault in their own process. Linux only; elsewhere it does nothing.
+/// backs such a range with a huge page, every refault zeroes 2 MiB. In profiles of the load
+/// benchmark that zeroing (`clear_page_erms`) took 7–10 % of the CPU of durable creates, and
+/// under 0.2 % with 4 KiB pages (in runs without the profiler, the difference is within the
+/// machine's noise). Called by `kluis` at start, and by the benchmarks that run the vault in
+/// their own process. Linux only; elsewhere it does nothing.
 pub fn no_huge_pages() -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     rustix::thread::disable_transparent_huge_pages(true)?;
