@@ -494,6 +494,10 @@ fn summary() {
 }
 
 fn main() {
+    // As the `kluis` binary does at start (src/main.rs).
+    if let Err(e) = kluis::server::no_huge_pages() {
+        eprintln!("crypto bench: could not turn off transparent huge pages: {e}");
+    }
     check_record20();
     let started = std::time::Instant::now();
     let (cpu_start, busy_start) = (process_cpu(), machine_busy());
