@@ -358,19 +358,16 @@ impl SealingKey {
         }
         let count = plaintext.len().div_ceil(chunk_len).max(1);
         let count32 = u32::try_from(count).map_err(|_| CryptoError::Malformed)?;
-        let mut nonces = vec![0u8; count * NONCE_LEN];
-        random_fill(&mut nonces)?;
         let mut buf = Vec::with_capacity(count * OVERHEAD + plaintext.len());
         let mut ends = Vec::with_capacity(count);
         // One AAD buffer for every chunk: the header, then each chunk's context in turn.
         let header = envelope_header(self.version);
         let mut aad = header.to_vec();
-        for (i, nonce) in nonces.chunks_exact(NONCE_LEN).enumerate() {
+        for i in 0..count {
             let start = i * chunk_len;
             let end = (start + chunk_len).min(plaintext.len());
-            let nonce: [u8; NONCE_LEN] = nonce
-                .try_into()
-                .expect("chunks_exact yields NONCE_LEN bytes");
+            // From the thread's pool: a system call per 256 nonces, not one per field.
+            let nonce = fresh_nonce()?;
             let i32 = u32::try_from(i).expect("chunk index below chunk count");
             aad.truncate(HEADER_LEN);
             context(i32, count32, &mut aad);
