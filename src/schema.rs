@@ -79,7 +79,8 @@ impl fmt::Display for Category {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FieldType {
     /// Free text of at most `max_len` characters (after NFC), no control characters except
-    /// newline/tab/carriage return, no invisible format characters (Unicode category Cf).
+    /// newline/tab/carriage return, no invisible characters (Unicode category Cf or
+    /// Default_Ignorable_Code_Point), something visible.
     Text {
         /// Maximum length in characters.
         max_len: usize,
@@ -935,7 +936,7 @@ impl Email {
         let s = text.trim();
         if s.chars().any(|c| c.is_control() || is_format_char(c)) {
             return Err(invalid(
-                "e-mail must not contain control or invisible format characters (Unicode category Cf: zero-width characters, bidi controls)",
+                "e-mail must not contain control or invisible format characters (Unicode category Cf or Default_Ignorable_Code_Point: zero-width characters, bidi controls, fillers)",
             ));
         }
         if s.chars().any(char::is_whitespace) {

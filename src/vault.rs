@@ -268,34 +268,47 @@ fn check_lifecycle_step(
     Ok(())
 }
 
-/// Refuses closing a procedure beyond the caller's reach (review 10). Closing a
-/// procedure starts the clock that erases every category the record holds (28 days, or a
-/// year with consent): a role may close it only if it may write every category with data in
-/// the record, or it could have, say, payroll's BSN and IBAN erased by the sweeper without
-/// ever being allowed to touch them. (A close may be dated before the record was created: a
-/// record imported from an earlier system keeps its procedure's real close date.)
-fn check_lifecycle_scope(
+/// Refuses a lifecycle change that would put data of a category the caller may not write
+/// past its maximum retention period at once (reviews 10 and 11). Lifecycle dates start the
+/// clocks that erase every category: backdated (a close in 2000, an employment ended in
+/// 1900), they had the sweeper erase, say, payroll's BSN at the recruiter's word, or the
+/// recruiter's applicant data at payroll's. A role may still date what is its own data as it
+/// likes (a correction), and a change that starts a clock running into the future stays
+/// open to it (closing the procedure of a hire that fell through: its BSN goes with the
+/// rest, 28 days on). `before` are the categories already due before the change.
+fn check_lifecycle_reach(
     caller: &Caller,
     id: Uuid,
     body: &RecordBody,
-    stage: &str,
+    rules: &retention::RetentionRules,
+    before: &BTreeSet<Category>,
+    today: chrono::NaiveDate,
 ) -> Result<(), VaultError> {
-    if stage == "procedure_closed" {
-        let beyond: BTreeSet<&str> = body
-            .fields
-            .values()
-            .map(|f| f.category.as_str())
-            .filter(|c| Category::parse(c).is_none_or(|c| !caller.role.may_write(c)))
-            .collect();
-        if !beyond.is_empty() {
-            return Err(VaultError::PermissionDenied(format!(
-                "role `{}` may not close the procedure of record {id}: it holds data in categories the role may not write ({}), and closing starts the clock that erases every category",
-                caller.role.name,
-                beyond.into_iter().collect::<Vec<_>>().join(", ")
-            )));
-        }
+    let held: BTreeSet<&str> = body.fields.values().map(|f| f.category.as_str()).collect();
+    let beyond: Vec<(Category, chrono::NaiveDate)> = retention::deadlines(rules, body)
+        .into_iter()
+        .filter(|d| held.contains(d.category.as_str()) && !before.contains(&d.category))
+        .filter(|d| !caller.role.may_write(d.category))
+        .filter_map(|d| {
+            d.erase_on
+                .filter(|on| *on <= today)
+                .map(|on| (d.category, on))
+        })
+        .collect();
+    if beyond.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    Err(VaultError::PermissionDenied(format!(
+        "date: role `{}` may not date stage `{}` {} for record {id}: that puts data the role may not write past its maximum retention period at once ({}), for the sweeper to erase. If it did happen then, have a role that writes those categories clear them, or the privacy officer erase them (EraseRecord), first",
+        caller.role.name,
+        body.lifecycle,
+        body.lifecycle_date,
+        beyond
+            .iter()
+            .map(|(c, on)| format!("category {c}, due on {on}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    )))
 }
 
 /// Earliest lifecycle date accepted.
@@ -1544,7 +1557,13 @@ impl<S: Store> Vault<S> {
                     let day = record::parse_request_day(date).ok_or_else(|| {
                         VaultError::Internal("a lifecycle date was checked before".into())
                     })?;
-                    check_lifecycle_scope(caller, id, &body, stage)?;
+                    let today = self.today();
+                    let due_before: BTreeSet<Category> =
+                        retention::deadlines(&self.retention, &body)
+                            .into_iter()
+                            .filter(|d| d.expired_on(today))
+                            .map(|d| d.category)
+                            .collect();
                     check_lifecycle_step(
                         id,
                         &body,
@@ -1564,6 +1583,7 @@ impl<S: Store> Vault<S> {
                     }
                     body.lifecycle = stage.clone();
                     body.lifecycle_date = iso_day(day);
+                    check_lifecycle_reach(caller, id, &body, &self.retention, &due_before, today)?;
                 }
                 StateChange::Consent { purpose, granted } => {
                     body.consents.insert(

@@ -541,11 +541,11 @@ async fn recruitment_ends_with_the_procedure_so_withdrawal_and_objection_hold() 
 /// after an objection to marketing; a second reopening, which would restart the retention
 /// clock once more, is refused (review 8).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_role_closes_a_procedure_only_if_it_may_write_all_the_record_holds() {
-    // Closing starts the clock that erases every category: the recruiter closing the
-    // procedure of payroll's employee record (BSN and IBAN only) had the sweeper erase
-    // data it may neither read nor write (review 10), and payroll likewise the
-    // recruiter's applicants.
+async fn a_lifecycle_date_never_puts_another_roles_data_past_its_period_at_once() {
+    // Lifecycle dates start the clocks that erase every category. Backdated, they had the
+    // sweeper erase data the caller may neither read nor write: the recruiter closing the
+    // procedure of payroll's employee record in 2020 (review 10), payroll ending an
+    // applicant's "employment" in 1900 (review 11).
     let v = spawn_vault().await;
     let mut payroll = v.client("payroll").await;
     let mut recruiter = v.client("recruiter").await;
@@ -561,28 +561,46 @@ async fn a_role_closes_a_procedure_only_if_it_may_write_all_the_record_holds() {
         .expect("payroll creates")
         .into_inner();
     let candidate = applicant(&v, "closing@example.nl").await;
-    let close = |id: &str| SetLifecycleRequest {
+    let step = |id: &str, stage: &str, date: &str| SetLifecycleRequest {
         record_id: id.into(),
-        stage: "procedure_closed".into(),
-        date: "2020-01-01".into(),
+        stage: stage.into(),
+        date: date.into(),
     };
     assert_status(
-        recruiter.set_lifecycle(close(&employee.record_id)).await,
+        recruiter
+            .set_lifecycle(step(&employee.record_id, "procedure_closed", "2020-01-01"))
+            .await,
         Code::PermissionDenied,
-        &["recruiter", "close the procedure", "financial, identity"],
+        &[
+            "date",
+            "recruiter",
+            "category financial, due on 2020-01-29",
+            "category identity",
+            "at once",
+        ],
     );
+    payroll
+        .set_lifecycle(step(&candidate, "employed", "1900-01-01"))
+        .await
+        .expect("an employment starts no clock for contact data");
     assert_status(
-        payroll.set_lifecycle(close(&candidate)).await,
+        payroll
+            .set_lifecycle(step(&candidate, "ended", "1900-01-02"))
+            .await,
         Code::PermissionDenied,
-        &["payroll", "close the procedure", "contact"],
+        &["date", "payroll", "category contact, due on 1902-01-02"],
     );
-    // Nothing changed: the same revisions, and payroll still reads its fields.
+    // Nothing changed by the refusals: payroll still reads its fields, the employee record
+    // is still an applicant's, the candidate still employed.
     let listed = listed(&mut recruiter).await;
-    for (id, revision) in [(&employee.record_id, employee.revision), (&candidate, 1)] {
+    for (id, revision, stage) in [
+        (&employee.record_id, employee.revision, "applicant"),
+        (&candidate, 2, "employed"),
+    ] {
         let meta = listed.iter().find(|r| &r.record_id == id).expect("listed");
         assert_eq!(
             (meta.revision, meta.lifecycle_stage.as_str()),
-            (revision, "applicant")
+            (revision, stage)
         );
     }
     let read = payroll
@@ -591,11 +609,23 @@ async fn a_role_closes_a_procedure_only_if_it_may_write_all_the_record_holds() {
         .expect("read")
         .into_inner();
     assert_eq!(read.fields.len(), 2);
-    // Each closes what is all its own.
+    // Dated when it happened, the same steps pass: a hire that fell through is closed, its
+    // BSN going with the rest 28 days on; an employment ends.
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
     recruiter
-        .set_lifecycle(close(&candidate))
+        .set_lifecycle(step(&employee.record_id, "procedure_closed", &today))
         .await
-        .expect("the recruiter closes its applicant's procedure");
+        .expect("the recruiter closes a procedure today");
+    payroll
+        .set_lifecycle(step(&candidate, "ended", &today))
+        .await
+        .expect("payroll ends an employment today");
+    // A role dates what is all its own as it likes (a correction).
+    let own = applicant(&v, "own@example.nl").await;
+    recruiter
+        .set_lifecycle(step(&own, "procedure_closed", "2020-01-01"))
+        .await
+        .expect("the recruiter backdates its own applicant's close");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -984,7 +1014,16 @@ async fn erasure_removes_what_no_duty_keeps_and_names_what_stays() {
     );
 
     // A former employee: identity until 5 years, financial until 7 years after the end.
-    let id = employee(&v, "gijs@example.nl", "ended", "2024-06-30").await;
+    // (An end recent enough that the recruiter's contact data is not yet past its two years:
+    // payroll may not date an end that would have the sweeper erase it at once.)
+    let ended = chrono::Utc::now().date_naive() - chrono::Days::new(150);
+    let after = |months: u32| {
+        (ended + chrono::Months::new(months))
+            .format("%Y-%m-%d")
+            .to_string()
+    };
+    let ended = ended.format("%Y-%m-%d").to_string();
+    let id = employee(&v, "gijs@example.nl", "ended", &ended).await;
     let out = po
         .erase_record(erase(&id))
         .await
@@ -997,7 +1036,10 @@ async fn erasure_removes_what_no_duty_keeps_and_names_what_stays() {
         .collect();
     assert_eq!(
         kept,
-        vec![("financial", "2031-06-30"), ("identity", "2029-06-30")]
+        vec![
+            ("financial", after(7 * 12).as_str()),
+            ("identity", after(5 * 12).as_str())
+        ]
     );
     assert!(out.retained.iter().all(|r| !r.basis.is_empty()));
     // What stays is kept for the duty only: no new data, no consent for other processing.
