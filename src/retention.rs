@@ -290,7 +290,43 @@ pub fn pending_rule(rules: &RetentionRules, body: &RecordBody, d: &Deadlines) ->
 }
 
 /// The deadlines of every category holding data on `body`.
+///
+/// Two refinements over the table (review 11): an employment dated ahead does not stop the
+/// clocks of the one that ended before it for data due before it starts (so a "rehire"
+/// dated a year ahead, moved on and on, keeps nothing); and once the data subject asked for
+/// erasure, what a duty keeps goes when the duty ends, even if the maximum period is longer.
 pub fn deadlines(rules: &RetentionRules, body: &RecordBody) -> Vec<Deadlines> {
+    let mut all = table_deadlines(rules, body);
+    let since = stage_date(body);
+    if let (true, Some(ended)) = (body.lifecycle == "employed", body.latest_end()) {
+        for d in &mut all {
+            let Some(r) = rules.former_employee.get(d.category.as_str()) else {
+                continue;
+            };
+            let due = plus_years(ended, r.max_years);
+            if due < since {
+                d.erase_on = Some(due);
+                d.duty = if r.keep_years > 0 {
+                    Duty::Until(plus_years(ended, r.keep_years))
+                } else {
+                    Duty::None
+                };
+                d.basis.clone_from(&r.basis);
+            }
+        }
+    }
+    if body.erasure_requested_ms != 0 {
+        for d in &mut all {
+            if let Duty::Until(until) = d.duty {
+                d.erase_on = Some(d.erase_on.map_or(until, |on| on.min(until)));
+            }
+        }
+    }
+    all
+}
+
+/// The deadlines of the retention table, stage by stage.
+fn table_deadlines(rules: &RetentionRules, body: &RecordBody) -> Vec<Deadlines> {
     let since = stage_date(body);
     body.deks
         .keys()
@@ -367,6 +403,48 @@ mod tests {
 
     fn d(s: &str) -> NaiveDate {
         NaiveDate::parse_from_str(s, "%Y-%m-%d").expect("date")
+    }
+
+    #[test]
+    fn an_employment_dated_ahead_keeps_no_clock_of_the_last_one_from_running() {
+        let rules = RetentionRules::default();
+        let cats = [Category::Contact, Category::Identity, Category::Financial];
+        let of = |b: &RecordBody| -> Vec<(Category, Option<NaiveDate>)> {
+            deadlines(&rules, b)
+                .into_iter()
+                .map(|d| (d.category, d.erase_on))
+                .collect()
+        };
+        // Ended 2023-06-01, "rehired" as of 2027-11-21 (review 11): contact is due on
+        // 2025-06-01, before the new employment starts; identity and financial run on into it.
+        let mut b = body("employed", "2027-11-21", &cats);
+        b.last_ended = "2023-06-01".into();
+        let mut got = of(&b);
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                (Category::Contact, Some(d("2025-06-01"))),
+                (Category::Identity, None),
+                (Category::Financial, None),
+            ]
+        );
+        // A rehire the day after the end stops every clock, as before.
+        b.lifecycle_date = "2023-06-02".into();
+        assert!(of(&b).iter().all(|(_, on)| on.is_none()));
+    }
+
+    #[test]
+    fn after_an_erasure_request_a_duty_keeps_data_until_it_ends_not_to_the_maximum() {
+        let mut rules = RetentionRules::default();
+        if let Some(r) = rules.former_employee.get_mut("identity") {
+            (r.keep_years, r.max_years) = (5, 7);
+        }
+        let mut b = body("ended", "2020-01-01", &[Category::Identity]);
+        let erase_on = |b: &RecordBody| deadlines(&rules, b)[0].erase_on;
+        assert_eq!(erase_on(&b), Some(d("2027-01-01")));
+        b.erasure_requested_ms = 1;
+        assert_eq!(erase_on(&b), Some(d("2025-01-01")), "the duty's end");
     }
 
     #[test]

@@ -281,13 +281,13 @@ fn check_lifecycle_reach(
     id: Uuid,
     body: &RecordBody,
     rules: &retention::RetentionRules,
-    before: &BTreeSet<Category>,
+    before: &BTreeMap<Category, chrono::NaiveDate>,
     today: chrono::NaiveDate,
 ) -> Result<(), VaultError> {
     let held: BTreeSet<&str> = body.fields.values().map(|f| f.category.as_str()).collect();
     let beyond: Vec<(Category, chrono::NaiveDate)> = retention::deadlines(rules, body)
         .into_iter()
-        .filter(|d| held.contains(d.category.as_str()) && !before.contains(&d.category))
+        .filter(|d| held.contains(d.category.as_str()) && !before.contains_key(&d.category))
         .filter(|d| !caller.role.may_write(d.category))
         .filter_map(|d| {
             d.erase_on
@@ -1558,11 +1558,15 @@ impl<S: Store> Vault<S> {
                         VaultError::Internal("a lifecycle date was checked before".into())
                     })?;
                     let today = self.today();
-                    let due_before: BTreeSet<Category> =
+                    // The categories past their maximum period already, and since when.
+                    let due_before: BTreeMap<Category, chrono::NaiveDate> =
                         retention::deadlines(&self.retention, &body)
                             .into_iter()
-                            .filter(|d| d.expired_on(today))
-                            .map(|d| d.category)
+                            .filter_map(|d| {
+                                d.erase_on
+                                    .filter(|on| *on <= today)
+                                    .map(|on| (d.category, on))
+                            })
                             .collect();
                     check_lifecycle_step(
                         id,
@@ -1584,6 +1588,25 @@ impl<S: Store> Vault<S> {
                     body.lifecycle = stage.clone();
                     body.lifecycle_date = iso_day(day);
                     check_lifecycle_reach(caller, id, &body, &self.retention, &due_before, today)?;
+                    // Data past its maximum period must go: no change dated on or after the
+                    // day it fell due gives it a new clock (an end moved later, an employment
+                    // dated ahead; review 11), as no reopened procedure or consent may
+                    // (above). A change dated before that day records what happened while the
+                    // data was still kept lawfully (a hire three days after a close, entered
+                    // late).
+                    if let Some((d, due)) = retention::deadlines(&self.retention, &body)
+                        .into_iter()
+                        .filter(|d| !d.expired_on(today))
+                        .find_map(|d| {
+                            let due = *due_before.get(&d.category)?;
+                            (day >= due).then_some((d, due))
+                        })
+                    {
+                        return Err(VaultError::FailedPrecondition(format!(
+                            "date: record {id} is past its maximum retention period for category {} (due on {due}, before {day}): its data must go first (the retention sweeper erases it at its next pass, or when a legal hold or restriction is lifted), so no lifecycle change may give it a new clock",
+                            d.category
+                        )));
+                    }
                 }
                 StateChange::Consent { purpose, granted } => {
                     body.consents.insert(

@@ -629,6 +629,87 @@ async fn a_lifecycle_date_never_puts_another_roles_data_past_its_period_at_once(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_lifecycle_change_gives_data_past_its_period_a_new_clock() {
+    // Payroll's own employee record, held (so the sweeper leaves it), with an employment
+    // that ended in 2015: identity (5 years) and financial (7) are past their periods. An
+    // end moved later, or an employment dated ahead, would start their clocks anew
+    // (review 11); like a reopened procedure or a consent, both are refused.
+    let v = spawn_vault().await;
+    let mut payroll = v.client("payroll").await;
+    let id = payroll
+        .create_record(CreateRecordRequest {
+            purpose: "payroll".into(),
+            fields: fields(&[
+                ("bsn", text("111222333")),
+                ("iban", text("NL91ABNA0417164300")),
+            ]),
+        })
+        .await
+        .expect("payroll creates")
+        .into_inner()
+        .record_id;
+    v.client("privacy_officer")
+        .await
+        .set_legal_hold(SetLegalHoldRequest {
+            record_id: id.clone(),
+            hold: true,
+            reason: "labour court case 2026/114".into(),
+        })
+        .await
+        .expect("held");
+    let step = |stage: &str, date: &str| SetLifecycleRequest {
+        record_id: id.clone(),
+        stage: stage.into(),
+        date: date.into(),
+    };
+    for (stage, date) in [("employed", "2010-01-04"), ("ended", "2015-01-01")] {
+        payroll
+            .set_lifecycle(step(stage, date))
+            .await
+            .unwrap_or_else(|e| panic!("{stage}: {e:?}"));
+    }
+    let ahead = (chrono::Utc::now().date_naive() + chrono::Days::new(300))
+        .format("%Y-%m-%d")
+        .to_string();
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_status(
+        payroll.set_lifecycle(step("ended", &today)).await,
+        Code::FailedPrecondition,
+        &["date", "past its maximum retention period", "new clock"],
+    );
+    let meta = listed(&mut payroll)
+        .await
+        .into_iter()
+        .find(|r| r.record_id == id)
+        .expect("listed");
+    assert_eq!(
+        (meta.lifecycle_stage.as_str(), meta.lifecycle_date.as_str()),
+        ("ended", "2015-01-01")
+    );
+    // An employment dated ahead may be recorded (a signed contract), but the last one's
+    // clocks run on for data due before it starts: identity and financial stay due.
+    payroll
+        .set_lifecycle(step("employed", &ahead))
+        .await
+        .expect("an employment dated ahead");
+    let mut po = v.client("privacy_officer").await;
+    let doc = exported(&mut po, &id).await;
+    let due: Vec<(String, String)> = doc["retention"]
+        .as_array()
+        .expect("retention")
+        .iter()
+        .map(|r| (r["category"].to_string(), r["erase_on"].to_string()))
+        .collect();
+    assert_eq!(
+        due,
+        vec![
+            ("\"financial\"".to_string(), "\"2022-01-01\"".to_string()),
+            ("\"identity\"".to_string(), "\"2020-01-01\"".to_string())
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_procedure_is_reopened_at_most_once() {
     let v = spawn_vault().await;
     let id = applicant(&v, "reopened@example.nl").await;
