@@ -37,6 +37,47 @@ pub struct FormerEmployeeRule {
     pub max_years: u32,
     /// The legal basis of the duty (or of the period), as shown to the data subject.
     pub basis: String,
+    /// When the years start: the day the employment ended (`end_date`, the default), or the
+    /// end of the calendar year it ended in (`end_of_year`: "five full calendar years after
+    /// the year of leaving", as Dutch law words the duty to keep the ID copy and a work
+    /// permit; review 11).
+    #[serde(default)]
+    pub counts_from: CountsFrom,
+}
+
+/// Where a former employee's years start counting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CountsFrom {
+    /// The day the employment ended.
+    #[default]
+    EndDate,
+    /// The end of the calendar year the employment ended in: N years later is 1 January of
+    /// the year N + 1 after it (kept through 31 December of the Nth full year).
+    EndOfYear,
+}
+
+impl FormerEmployeeRule {
+    /// The day the duty to keep ends (None: no duty) for an employment that ended on `ended`.
+    pub fn keep_until(&self, ended: NaiveDate) -> Option<NaiveDate> {
+        (self.keep_years > 0).then(|| self.after(ended, self.keep_years))
+    }
+
+    /// The day the sweeper erases the category, for an employment that ended on `ended`.
+    pub fn erase_on(&self, ended: NaiveDate) -> NaiveDate {
+        self.after(ended, self.max_years)
+    }
+
+    fn after(&self, ended: NaiveDate, years: u32) -> NaiveDate {
+        match self.counts_from {
+            CountsFrom::EndDate => plus_years(ended, years),
+            CountsFrom::EndOfYear => {
+                use chrono::Datelike;
+                NaiveDate::from_ymd_opt(ended.year().saturating_add(1), 1, 1)
+                    .map_or(NaiveDate::MAX, |next| plus_years(next, years))
+            }
+        }
+    }
 }
 
 /// The retention rules (`[retention]` in kluis.toml).
@@ -90,6 +131,7 @@ fn default_former() -> BTreeMap<String, FormerEmployeeRule> {
         keep_years: keep,
         max_years: max,
         basis: basis.into(),
+        counts_from: CountsFrom::EndDate,
     };
     BTreeMap::from([
         (
@@ -264,17 +306,23 @@ pub fn pending_rule(rules: &RetentionRules, body: &RecordBody, d: &Deadlines) ->
         return None;
     }
     let after_end = |category: Category| {
+        let from = |r: &FormerEmployeeRule| match r.counts_from {
+            CountsFrom::EndDate => "the end",
+            CountsFrom::EndOfYear => "the end of the year it ends in",
+        };
         match rules.former_employee.get(category.as_str()) {
-        Some(r) if r.keep_years > 0 => format!(
-            "after the employment ends: kept {} years ({}), erased at the latest {} years after the end",
-            r.keep_years, r.basis, r.max_years
+            Some(r) if r.keep_years > 0 => format!(
+            "after the employment ends: kept {} years ({}), erased at the latest {} years after {}",
+            r.keep_years, r.basis, r.max_years, from(r)
         ),
-        Some(r) => format!(
-            "after the employment ends: erased at the latest {} years after the end ({})",
-            r.max_years, r.basis
-        ),
-        None => "after the employment ends: erased on request".to_string(),
-    }
+            Some(r) => format!(
+                "after the employment ends: erased at the latest {} years after {} ({})",
+                r.max_years,
+                from(r),
+                r.basis
+            ),
+            None => "after the employment ends: erased on request".to_string(),
+        }
     };
     Some(match body.lifecycle.as_str() {
         "employed" => format!("kept while it is needed for the employment; {}", after_end(d.category)),
@@ -303,14 +351,10 @@ pub fn deadlines(rules: &RetentionRules, body: &RecordBody) -> Vec<Deadlines> {
             let Some(r) = rules.former_employee.get(d.category.as_str()) else {
                 continue;
             };
-            let due = plus_years(ended, r.max_years);
+            let due = r.erase_on(ended);
             if due < since {
                 d.erase_on = Some(due);
-                d.duty = if r.keep_years > 0 {
-                    Duty::Until(plus_years(ended, r.keep_years))
-                } else {
-                    Duty::None
-                };
+                d.duty = r.keep_until(ended).map_or(Duty::None, Duty::Until);
                 d.basis.clone_from(&r.basis);
             }
         }
@@ -345,12 +389,8 @@ fn table_deadlines(rules: &RetentionRules, body: &RecordBody) -> Vec<Deadlines> 
                 "employed" => (Duty::None, None, String::new()),
                 "ended" => match former {
                     Some(r) => (
-                        if r.keep_years > 0 {
-                            Duty::Until(plus_years(since, r.keep_years))
-                        } else {
-                            Duty::None
-                        },
-                        Some(plus_years(since, r.max_years)),
+                        r.keep_until(since).map_or(Duty::None, Duty::Until),
+                        Some(r.erase_on(since)),
                         r.basis.clone(),
                     ),
                     None => (Duty::None, None, String::new()),
@@ -445,6 +485,41 @@ mod tests {
         assert_eq!(erase_on(&b), Some(d("2027-01-01")));
         b.erasure_requested_ms = 1;
         assert_eq!(erase_on(&b), Some(d("2025-01-01")), "the duty's end");
+    }
+
+    #[test]
+    fn years_count_from_the_end_date_or_from_the_end_of_its_year() {
+        let mut rules = RetentionRules::default();
+        if let Some(r) = rules.former_employee.get_mut("identity") {
+            r.counts_from = CountsFrom::EndOfYear;
+        }
+        let on = |rules: &RetentionRules, ended: &str| {
+            let b = body("ended", ended, &[Category::Identity]);
+            let d = deadlines(rules, &b).remove(0);
+            (d.duty, d.erase_on)
+        };
+        // Five full calendar years after the year of leaving: kept through 2029-12-31.
+        for ended in ["2024-01-01", "2024-02-29", "2024-06-30", "2024-12-31"] {
+            assert_eq!(
+                on(&rules, ended),
+                (Duty::Until(d("2030-01-01")), Some(d("2030-01-01"))),
+                "{ended}"
+            );
+        }
+        // The default counts from the day itself (domain.md's table).
+        assert_eq!(
+            on(&RetentionRules::default(), "2024-06-30"),
+            (Duty::Until(d("2029-06-30")), Some(d("2029-06-30")))
+        );
+        let parsed: FormerEmployeeRule = toml::from_str(
+            "keep_years = 5\nmax_years = 5\nbasis = \"Wav\"\ncounts_from = \"end_of_year\"",
+        )
+        .expect("parses");
+        assert_eq!(parsed.counts_from, CountsFrom::EndOfYear);
+        assert!(toml::from_str::<FormerEmployeeRule>(
+            "max_years = 5\nbasis = \"x\"\ncounts_from = \"year\""
+        )
+        .is_err());
     }
 
     #[test]
