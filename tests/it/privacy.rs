@@ -537,9 +537,6 @@ async fn recruitment_ends_with_the_procedure_so_withdrawal_and_objection_hold() 
         .expect("an employee is placed under recruitment");
 }
 
-/// A closed procedure is reopened once (a mistaken close, or a resumed procedure), even
-/// after an objection to marketing; a second reopening, which would restart the retention
-/// clock once more, is refused (review 8).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lifecycle_date_never_puts_another_roles_data_past_its_period_at_once() {
     // Lifecycle dates start the clocks that erase every category. Backdated, they had the
@@ -549,17 +546,7 @@ async fn a_lifecycle_date_never_puts_another_roles_data_past_its_period_at_once(
     let v = spawn_vault().await;
     let mut payroll = v.client("payroll").await;
     let mut recruiter = v.client("recruiter").await;
-    let employee = payroll
-        .create_record(CreateRecordRequest {
-            purpose: "payroll".into(),
-            fields: fields(&[
-                ("bsn", text("111222333")),
-                ("iban", text("NL91ABNA0417164300")),
-            ]),
-        })
-        .await
-        .expect("payroll creates")
-        .into_inner();
+    let employee = payroll_record(&mut payroll).await;
     let candidate = applicant(&v, "closing@example.nl").await;
     let step = |id: &str, stage: &str, date: &str| SetLifecycleRequest {
         record_id: id.into(),
@@ -636,18 +623,7 @@ async fn no_lifecycle_change_gives_data_past_its_period_a_new_clock() {
     // (review 11); like a reopened procedure or a consent, both are refused.
     let v = spawn_vault().await;
     let mut payroll = v.client("payroll").await;
-    let id = payroll
-        .create_record(CreateRecordRequest {
-            purpose: "payroll".into(),
-            fields: fields(&[
-                ("bsn", text("111222333")),
-                ("iban", text("NL91ABNA0417164300")),
-            ]),
-        })
-        .await
-        .expect("payroll creates")
-        .into_inner()
-        .record_id;
+    let id = payroll_record(&mut payroll).await.record_id;
     v.client("privacy_officer")
         .await
         .set_legal_hold(SetLegalHoldRequest {
@@ -709,6 +685,9 @@ async fn no_lifecycle_change_gives_data_past_its_period_a_new_clock() {
     );
 }
 
+/// A closed procedure is reopened once (a mistaken close, or a resumed procedure), even
+/// after an objection to marketing; a second reopening, which would restart the retention
+/// clock once more, is refused (review 8).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_procedure_is_reopened_at_most_once() {
     let v = spawn_vault().await;
@@ -948,6 +927,21 @@ async fn legal_hold_is_set_and_lifted_by_the_privacy_officer_only() {
 }
 
 /// The export document of record `id`, as the privacy officer `po` gets it.
+/// An employee record payroll creates with BSN and IBAN alone (identity and financial).
+async fn payroll_record(payroll: &mut Client) -> kluis::proto::CreateRecordResponse {
+    payroll
+        .create_record(CreateRecordRequest {
+            purpose: "payroll".into(),
+            fields: fields(&[
+                ("bsn", text("111222333")),
+                ("iban", text("NL91ABNA0417164300")),
+            ]),
+        })
+        .await
+        .expect("payroll creates")
+        .into_inner()
+}
+
 /// Every record's metadata, as `client` lists it (one page).
 async fn listed(client: &mut Client) -> Vec<kluis::proto::RecordMeta> {
     client
