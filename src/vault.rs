@@ -1558,10 +1558,13 @@ impl<S: Store> Vault<S> {
                         VaultError::Internal("a lifecycle date was checked before".into())
                     })?;
                     let today = self.today();
-                    // The categories past their maximum period already, and since when.
+                    // The categories holding data past its maximum period already, and since when.
+                    let held: BTreeSet<&str> =
+                        body.fields.values().map(|f| f.category.as_str()).collect();
                     let due_before: BTreeMap<Category, chrono::NaiveDate> =
                         retention::deadlines(&self.retention, &body)
                             .into_iter()
+                            .filter(|d| held.contains(d.category.as_str()))
                             .filter_map(|d| {
                                 d.erase_on
                                     .filter(|on| *on <= today)
