@@ -268,14 +268,18 @@ fn check_lifecycle_step(
     Ok(())
 }
 
-/// Refuses a lifecycle change that would put data of a category the caller may not write
-/// past its maximum retention period at once (reviews 10 and 11). Lifecycle dates start the
-/// clocks that erase every category: backdated (a close in 2000, an employment ended in
-/// 1900), they had the sweeper erase, say, payroll's BSN at the recruiter's word, or the
-/// recruiter's applicant data at payroll's. A role may still date what is its own data as it
-/// likes (a correction), and a change that starts a clock running into the future stays
-/// open to it (closing the procedure of a hire that fell through: its BSN goes with the
-/// rest, 28 days on). `before` are the categories already due before the change.
+/// Refuses a lifecycle change that leaves data of a category the caller may not write less
+/// time before the sweeper erases it than the shortest period the rules give any data once
+/// its clock runs (`applicant_max_days`, 28 days by default; reviews 10–12). Lifecycle dates
+/// start the clocks that erase every category: backdated (a close in 2000, an employment
+/// ended in 1900, or dated just far enough back for the erasure to fall due tomorrow), they
+/// had the sweeper erase, say, payroll's BSN at the recruiter's word, or the recruiter's
+/// applicant data at payroll's. The period is taken without the consent that lengthens an
+/// applicant's (a later withdrawal shortens it back; review 12). A role may still date what
+/// is all its own data as it likes (a correction); closing today the procedure of a hire that
+/// fell through passes (its BSN goes with the rest, 28 days on), and so does an end of
+/// employment entered months late (the rest of the personnel file is kept two years from it).
+/// `before` are the categories already due before the change.
 fn check_lifecycle_reach(
     caller: &Caller,
     id: Uuid,
@@ -285,13 +289,18 @@ fn check_lifecycle_reach(
     today: chrono::NaiveDate,
 ) -> Result<(), VaultError> {
     let held: BTreeSet<&str> = body.fields.values().map(|f| f.category.as_str()).collect();
-    let beyond: Vec<(Category, chrono::NaiveDate)> = retention::deadlines(rules, body)
+    let mut worst = body.clone();
+    if let Some(c) = worst.consents.get_mut(&rules.applicant_consent_purpose) {
+        c.granted = false;
+    }
+    let least = today + chrono::Days::new(u64::from(rules.applicant_max_days));
+    let beyond: Vec<(Category, chrono::NaiveDate)> = retention::deadlines(rules, &worst)
         .into_iter()
         .filter(|d| held.contains(d.category.as_str()) && !before.contains_key(&d.category))
         .filter(|d| !caller.role.may_write(d.category))
         .filter_map(|d| {
             d.erase_on
-                .filter(|on| *on <= today)
+                .filter(|on| *on < least)
                 .map(|on| (d.category, on))
         })
         .collect();
@@ -299,15 +308,17 @@ fn check_lifecycle_reach(
         return Ok(());
     }
     Err(VaultError::PermissionDenied(format!(
-        "date: role `{}` may not date stage `{}` {} for record {id}: that puts data the role may not write past its maximum retention period at once ({}), for the sweeper to erase. If it did happen then, have a role that writes those categories clear them, or the privacy officer erase them (EraseRecord), first",
+        "date: role `{}` may not date stage `{}` {} for record {id}: that leaves data the role may not write less than {} days before the sweeper erases it ({}; counted without consent for `{}`, which can be withdrawn). Date it later; if the early date is true, have a role that writes those categories clear them, or the privacy officer erase them (EraseRecord), first",
         caller.role.name,
         body.lifecycle,
         body.lifecycle_date,
+        rules.applicant_max_days,
         beyond
             .iter()
             .map(|(c, on)| format!("category {c}, due on {on}"))
             .collect::<Vec<_>>()
-            .join("; ")
+            .join("; "),
+        rules.applicant_consent_purpose
     )))
 }
 

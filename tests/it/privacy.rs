@@ -563,7 +563,42 @@ async fn a_lifecycle_date_never_puts_another_roles_data_past_its_period_at_once(
             "recruiter",
             "category financial, due on 2020-01-29",
             "category identity",
-            "at once",
+            "less than 28 days",
+        ],
+    );
+    // Nor just far enough back that the erasure falls due tomorrow, nor through a consent
+    // that keeps the data a year but can be withdrawn (review 12).
+    let yesterday = (chrono::Utc::now().date_naive() - chrono::Days::new(1))
+        .format("%Y-%m-%d")
+        .to_string();
+    assert_status(
+        recruiter
+            .set_lifecycle(step(&employee.record_id, "procedure_closed", &yesterday))
+            .await,
+        Code::PermissionDenied,
+        &[
+            "date",
+            "recruiter",
+            "category identity",
+            "less than 28 days",
+        ],
+    );
+    recruiter
+        .set_consent(consent(&employee.record_id, "talent_pool", true))
+        .await
+        .expect("consent recorded");
+    let long_ago = (chrono::Utc::now().date_naive() - chrono::Days::new(300))
+        .format("%Y-%m-%d")
+        .to_string();
+    assert_status(
+        recruiter
+            .set_lifecycle(step(&employee.record_id, "procedure_closed", &long_ago))
+            .await,
+        Code::PermissionDenied,
+        &[
+            "date",
+            "category identity",
+            "without consent for `talent_pool`",
         ],
     );
     payroll
@@ -575,13 +610,18 @@ async fn a_lifecycle_date_never_puts_another_roles_data_past_its_period_at_once(
             .set_lifecycle(step(&candidate, "ended", "1900-01-02"))
             .await,
         Code::PermissionDenied,
-        &["date", "payroll", "category contact, due on 1902-01-02"],
+        &[
+            "date",
+            "payroll",
+            "category contact, due on 1902-01-02",
+            "less than 28 days",
+        ],
     );
     // Nothing changed by the refusals: payroll still reads its fields, the employee record
     // is still an applicant's, the candidate still employed.
     let listed = listed(&mut recruiter).await;
     for (id, revision, stage) in [
-        (&employee.record_id, employee.revision, "applicant"),
+        (&employee.record_id, employee.revision + 1, "applicant"),
         (&candidate, 2, "employed"),
     ] {
         let meta = listed.iter().find(|r| &r.record_id == id).expect("listed");
@@ -662,26 +702,11 @@ async fn no_lifecycle_change_gives_data_past_its_period_a_new_clock() {
         (meta.lifecycle_stage.as_str(), meta.lifecycle_date.as_str()),
         ("ended", "2015-01-01")
     );
-    // An employment dated ahead may be recorded (a signed contract), but the last one's
-    // clocks run on for data due before it starts: identity and financial stay due.
-    payroll
-        .set_lifecycle(step("employed", &ahead))
-        .await
-        .expect("an employment dated ahead");
-    let mut po = v.client("privacy_officer").await;
-    let doc = exported(&mut po, &id).await;
-    let due: Vec<(String, String)> = doc["retention"]
-        .as_array()
-        .expect("retention")
-        .iter()
-        .map(|r| (r["category"].to_string(), r["erase_on"].to_string()))
-        .collect();
-    assert_eq!(
-        due,
-        vec![
-            ("\"financial\"".to_string(), "\"2022-01-01\"".to_string()),
-            ("\"identity\"".to_string(), "\"2020-01-01\"".to_string())
-        ]
+    // Nor an employment dated ahead, which would stop every clock.
+    assert_status(
+        payroll.set_lifecycle(step("employed", &ahead)).await,
+        Code::FailedPrecondition,
+        &["date", "past its maximum retention period", "new clock"],
     );
 }
 
