@@ -1602,22 +1602,18 @@ impl<S: Store> Vault<S> {
                     body.lifecycle = stage.clone();
                     body.lifecycle_date = iso_day(day);
                     check_lifecycle_reach(caller, id, &body, &self.retention, &due_before, today)?;
-                    // Data past its maximum period must go: no change dated on or after the
-                    // day it fell due gives it a new clock (an end moved later, an employment
-                    // dated ahead; review 11), as no reopened procedure or consent may
-                    // (above). A change dated before that day records what happened while the
-                    // data was still kept lawfully (a hire three days after a close, entered
-                    // late).
+                    // Data past its maximum period must go: no lifecycle change gives it a new
+                    // clock, whatever its date (an end moved later, an employment dated ahead,
+                    // or either dated just before the data fell due; reviews 11 and 12), as no
+                    // reopened procedure or consent may (above). Such data is still there only
+                    // under a legal hold or restriction, or until the sweeper's next pass.
                     if let Some((d, due)) = retention::deadlines(&self.retention, &body)
                         .into_iter()
                         .filter(|d| !d.expired_on(today))
-                        .find_map(|d| {
-                            let due = *due_before.get(&d.category)?;
-                            (day >= due).then_some((d, due))
-                        })
+                        .find_map(|d| due_before.get(&d.category).map(|due| (d, *due)))
                     {
                         return Err(VaultError::FailedPrecondition(format!(
-                            "date: record {id} is past its maximum retention period for category {} (due on {due}, before {day}): its data must go first (the retention sweeper erases it at its next pass, or when a legal hold or restriction is lifted), so no lifecycle change may give it a new clock",
+                            "date: record {id} is past its maximum retention period for category {} (due on {due}): its data must go first (the retention sweeper erases it at its next pass, or when a legal hold or restriction is lifted), so no lifecycle change may give it a new clock",
                             d.category
                         )));
                     }

@@ -52,11 +52,16 @@ async fn lifecycle_stages_with_dates_rights_and_validation() {
     let v = spawn_vault().await;
     let id = applicant(&v, "anna@example.nl").await;
     let mut recruiter = v.client("recruiter").await;
+    // Closed recently: its data is within its 28 days when payroll hires her (data past its
+    // period gets no new clock).
+    let closed = (chrono::Utc::now().date_naive() - chrono::Days::new(10))
+        .format("%Y-%m-%d")
+        .to_string();
     let meta = recruiter
         .set_lifecycle(SetLifecycleRequest {
             record_id: id.clone(),
             stage: "procedure_closed".into(),
-            date: "2026-01-02".into(),
+            date: closed,
         })
         .await
         .expect("recruiter closes the procedure")
@@ -688,11 +693,15 @@ async fn no_lifecycle_change_gives_data_past_its_period_a_new_clock() {
         .format("%Y-%m-%d")
         .to_string();
     let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
-    assert_status(
-        payroll.set_lifecycle(step("ended", &today)).await,
-        Code::FailedPrecondition,
-        &["date", "past its maximum retention period", "new clock"],
-    );
+    // Whatever the date: an end dated just before financial fell due (2022-01-01) would
+    // keep it to 2026-12-31 (review 12).
+    for date in [today.as_str(), "2019-12-31"] {
+        assert_status(
+            payroll.set_lifecycle(step("ended", date)).await,
+            Code::FailedPrecondition,
+            &["date", "past its maximum retention period", "new clock"],
+        );
+    }
     let meta = listed(&mut payroll)
         .await
         .into_iter()
