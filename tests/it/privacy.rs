@@ -54,9 +54,7 @@ async fn lifecycle_stages_with_dates_rights_and_validation() {
     let mut recruiter = v.client("recruiter").await;
     // Closed recently: its data is within its 28 days when payroll hires her (data past its
     // period gets no new clock).
-    let closed = (chrono::Utc::now().date_naive() - chrono::Days::new(10))
-        .format("%Y-%m-%d")
-        .to_string();
+    let closed = day_from_today(-10);
     let meta = recruiter
         .set_lifecycle(SetLifecycleRequest {
             record_id: id.clone(),
@@ -181,11 +179,6 @@ async fn lifecycle_stages_with_dates_rights_and_validation() {
     );
     // Dates are bounded: nothing before 1900, an employment at most a year ahead, a procedure
     // not closed in the future (that would keep applicant data past its maximum period).
-    let ahead = |days: u64| {
-        (chrono::Utc::now().date_naive() + chrono::Days::new(days))
-            .format("%Y-%m-%d")
-            .to_string()
-    };
     for (mut client, stage, date, rule) in [
         (
             payroll.clone(),
@@ -199,11 +192,16 @@ async fn lifecycle_stages_with_dates_rights_and_validation() {
             "-001-01-01".to_string(),
             "date",
         ),
-        (payroll.clone(), "employed", ahead(400), "366 days ahead"),
+        (
+            payroll.clone(),
+            "employed",
+            day_from_today(400),
+            "366 days ahead",
+        ),
         (
             recruiter.clone(),
             "procedure_closed",
-            ahead(2),
+            day_from_today(2),
             "after today",
         ),
         (
@@ -445,7 +443,7 @@ async fn consent_gates_talent_pool_and_an_objection_stops_personal_offers() {
 async fn recruitment_ends_with_the_procedure_so_withdrawal_and_objection_hold() {
     let v = spawn_vault().await;
     let id = applicant(&v, "closed@example.nl").await;
-    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let today = day_from_today(0);
     let mut recruiter = v.client("recruiter").await;
     recruiter
         .get_record(get(&id, "recruitment"))
@@ -573,9 +571,7 @@ async fn a_lifecycle_date_never_puts_another_roles_data_past_its_period_at_once(
     );
     // Nor just far enough back that the erasure falls due tomorrow, nor through a consent
     // that keeps the data a year but can be withdrawn (review 12).
-    let yesterday = (chrono::Utc::now().date_naive() - chrono::Days::new(1))
-        .format("%Y-%m-%d")
-        .to_string();
+    let yesterday = day_from_today(-1);
     assert_status(
         recruiter
             .set_lifecycle(step(&employee.record_id, "procedure_closed", &yesterday))
@@ -592,9 +588,7 @@ async fn a_lifecycle_date_never_puts_another_roles_data_past_its_period_at_once(
         .set_consent(consent(&employee.record_id, "talent_pool", true))
         .await
         .expect("consent recorded");
-    let long_ago = (chrono::Utc::now().date_naive() - chrono::Days::new(300))
-        .format("%Y-%m-%d")
-        .to_string();
+    let long_ago = day_from_today(-300);
     assert_status(
         recruiter
             .set_lifecycle(step(&employee.record_id, "procedure_closed", &long_ago))
@@ -643,7 +637,7 @@ async fn a_lifecycle_date_never_puts_another_roles_data_past_its_period_at_once(
     assert_eq!(read.fields.len(), 2);
     // Dated when it happened, the same steps pass: a hire that fell through is closed, its
     // BSN going with the rest 28 days on; an employment ends.
-    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let today = day_from_today(0);
     recruiter
         .set_lifecycle(step(&employee.record_id, "procedure_closed", &today))
         .await
@@ -689,10 +683,8 @@ async fn no_lifecycle_change_gives_data_past_its_period_a_new_clock() {
             .await
             .unwrap_or_else(|e| panic!("{stage}: {e:?}"));
     }
-    let ahead = (chrono::Utc::now().date_naive() + chrono::Days::new(300))
-        .format("%Y-%m-%d")
-        .to_string();
-    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let ahead = day_from_today(300);
+    let today = day_from_today(0);
     // Whatever the date: an end dated just before financial fell due (2022-01-01) would
     // keep it to 2026-12-31 (review 12).
     for date in [today.as_str(), "2019-12-31"] {
@@ -726,7 +718,7 @@ async fn no_lifecycle_change_gives_data_past_its_period_a_new_clock() {
 async fn a_closed_procedure_is_reopened_at_most_once() {
     let v = spawn_vault().await;
     let id = applicant(&v, "reopened@example.nl").await;
-    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let today = day_from_today(0);
     let mut recruiter = v.client("recruiter").await;
     recruiter
         .set_consent(consent(&id, "personal_offers", false))
@@ -961,6 +953,13 @@ async fn legal_hold_is_set_and_lifted_by_the_privacy_officer_only() {
 }
 
 /// The export document of record `id`, as the privacy officer `po` gets it.
+/// The day `offset` days from today (UTC), as `YYYY-MM-DD`.
+fn day_from_today(offset: i64) -> String {
+    (chrono::Utc::now().date_naive() + chrono::Duration::days(offset))
+        .format("%Y-%m-%d")
+        .to_string()
+}
+
 /// An employee record payroll creates with BSN and IBAN alone (identity and financial).
 async fn payroll_record(payroll: &mut Client) -> kluis::proto::CreateRecordResponse {
     payroll
