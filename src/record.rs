@@ -115,6 +115,11 @@ pub struct RecordBody {
     /// Its closed procedure was reopened once (kept across stages): it is not reopened again.
     #[prost(bool, tag = "19")]
     pub reopened: bool,
+    /// The date its procedure closed, kept while an employment that followed the close has
+    /// stage `employed` (ISO date; empty otherwise): such an employment may not begin after
+    /// the closed procedure's data fell due, nor be moved there later (review 12).
+    #[prost(string, tag = "20")]
+    pub closed_on: String,
 }
 
 impl RecordBody {
@@ -125,6 +130,17 @@ impl RecordBody {
             .then(|| stored_day(&self.lifecycle_date))
             .flatten();
         current.max(stored_day(&self.last_ended))
+    }
+
+    /// The day the procedure closed, while the record is `procedure_closed`, or `employed`
+    /// with no employment ended before (the hire of a closed applicant): an employment may
+    /// not begin after that procedure's data falls due.
+    pub fn closed_procedure_day(&self) -> Option<chrono::NaiveDate> {
+        match self.lifecycle.as_str() {
+            "procedure_closed" => self.lifecycle_day(),
+            "employed" if self.latest_end().is_none() => stored_day(&self.closed_on),
+            _ => None,
+        }
     }
 
     /// The day the current lifecycle stage began, as set (none for a record never moved).
@@ -797,6 +813,7 @@ mod tests {
             last_ended: "2025-06-01".into(),
             erasure_requested_ms: 5,
             reopened: true,
+            closed_on: "2025-01-01".into(),
             consents: BTreeMap::from([(
                 "talent_pool".to_string(),
                 ConsentEntry {

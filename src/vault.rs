@@ -188,15 +188,16 @@ pub use crate::policy::LIFECYCLE_STAGES;
 /// employed keeps identity and financial data for years after the employment ends, so it
 /// never goes back to an applicant stage (whose data may go within weeks); and an employment
 /// cannot end before it began. Refuses, too, what would keep an applicant's data longer than
-/// their closed procedure allows. `consent_purpose` is the consent that keeps applicant data
-/// after the procedure ([`retention::RetentionRules::applicant_consent_purpose`]).
+/// their closed procedure allows (`rules`: its periods, and the consent that keeps applicant
+/// data after the procedure, [`retention::RetentionRules::applicant_consent_purpose`]).
 fn check_lifecycle_step(
     id: Uuid,
     body: &RecordBody,
     stage: &str,
     date: chrono::NaiveDate,
-    consent_purpose: &str,
+    rules: &retention::RetentionRules,
 ) -> Result<(), VaultError> {
+    let consent_purpose = rules.applicant_consent_purpose.as_str();
     let worked = matches!(body.lifecycle.as_str(), "employed" | "ended");
     if worked && matches!(stage, "applicant" | "procedure_closed") {
         return Err(VaultError::FailedPrecondition(format!(
@@ -243,6 +244,26 @@ fn check_lifecycle_step(
             "stage: record {id} is `{}`: only an employment can end; set `employed` (with the date it began) first",
             body.lifecycle
         )));
+    }
+    // A closed applicant hired: the employment begins before the closed procedure's data
+    // falls due, or the data would keep no clock from a start dated ahead (and moved on
+    // again and again) in place of the once-only reopening (review 12).
+    if let (Some(closed), "employed") = (body.closed_procedure_day(), stage) {
+        let consent = body
+            .consents
+            .get(consent_purpose)
+            .is_some_and(|c| c.granted);
+        let days = if consent {
+            rules.applicant_consent_max_days
+        } else {
+            rules.applicant_max_days
+        };
+        let due = closed + chrono::Days::new(u64::from(days));
+        if date > due {
+            return Err(VaultError::FailedPrecondition(format!(
+                "date: record {id}'s procedure closed on {closed}, so its data falls due on {due}: an employment following it may begin on {due} at the latest (a later start would keep the data past its period). Reopen the procedure (stage `applicant`) first, or date the start on or before {due}"
+            )));
+        }
     }
     if body.lifecycle == "employed" && stage == "ended" {
         if let Some(began) = since.filter(|began| date < *began) {
@@ -1582,13 +1603,7 @@ impl<S: Store> Vault<S> {
                                     .map(|on| (d.category, on))
                             })
                             .collect();
-                    check_lifecycle_step(
-                        id,
-                        &body,
-                        stage,
-                        day,
-                        &self.retention.applicant_consent_purpose,
-                    )?;
+                    check_lifecycle_step(id, &body, stage, day, &self.retention)?;
                     if body.lifecycle == "procedure_closed" && stage == "applicant" {
                         body.reopened = true;
                     }
@@ -1599,6 +1614,11 @@ impl<S: Store> Vault<S> {
                     if stage == "ended" {
                         body.last_ended = iso_day(day);
                     }
+                    // Kept while a hire follows the close (`RecordBody::closed_procedure_day`).
+                    body.closed_on = match (body.closed_procedure_day(), stage.as_str()) {
+                        (Some(closed), "employed") => iso_day(closed),
+                        _ => String::new(),
+                    };
                     body.lifecycle = stage.clone();
                     body.lifecycle_date = iso_day(day);
                     check_lifecycle_reach(caller, id, &body, &self.retention, &due_before, today)?;
@@ -2703,7 +2723,8 @@ mod tests {
     /// [`check_lifecycle_step`] with the default consent purpose, its error as text.
     fn lifecycle_step(id: Uuid, body: &RecordBody, stage: &str, date: &str) -> Result<(), String> {
         let day = crate::record::parse_request_day(date).expect("a test date");
-        check_lifecycle_step(id, body, stage, day, "talent_pool").map_err(|e| e.to_string())
+        check_lifecycle_step(id, body, stage, day, &retention::RetentionRules::default())
+            .map_err(|e| e.to_string())
     }
 
     #[test]

@@ -748,6 +748,79 @@ async fn a_closed_procedure_is_reopened_at_most_once() {
     assert_eq!(meta.lifecycle_stage, "procedure_closed");
 }
 
+/// A closed applicant hired: the employment begins before the closed procedure's data falls
+/// due, or a start dated ahead (and moved on again and again) would keep it with no clock in
+/// place of the once-only reopening (review 12).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hire_after_a_closed_procedure_begins_before_its_data_falls_due() {
+    let v = spawn_vault().await;
+    let id = applicant(&v, "hired-later@example.nl").await;
+    let mut recruiter = v.client("recruiter").await;
+    let mut payroll = v.client("payroll").await;
+    let step = |stage: &str, date: &str| SetLifecycleRequest {
+        record_id: id.clone(),
+        stage: stage.into(),
+        date: date.into(),
+    };
+    recruiter
+        .set_lifecycle(step("procedure_closed", &day_from_today(-20)))
+        .await
+        .expect("closed 20 days ago");
+    let due = day_from_today(8);
+    for ahead in [day_from_today(9), day_from_today(365)] {
+        assert_status(
+            payroll.set_lifecycle(step("employed", &ahead)).await,
+            Code::FailedPrecondition,
+            &["date", &format!("falls due on {due}"), "stage `applicant`"],
+        );
+    }
+    payroll
+        .set_lifecycle(step("employed", &due))
+        .await
+        .expect("a start on the due date");
+    // Moved on later: the same bound, kept across the stage change.
+    assert_status(
+        payroll
+            .set_lifecycle(step("employed", &day_from_today(30)))
+            .await,
+        Code::FailedPrecondition,
+        &["date", &format!("falls due on {due}")],
+    );
+    payroll
+        .set_lifecycle(step("employed", &day_from_today(2)))
+        .await
+        .expect("moved earlier");
+    let meta = listed(&mut payroll)
+        .await
+        .into_iter()
+        .find(|r| r.record_id == id)
+        .expect("listed");
+    assert_eq!(
+        (meta.lifecycle_stage.as_str(), meta.lifecycle_date.as_str()),
+        ("employed", day_from_today(2).as_str())
+    );
+    // Reopened first, the procedure is open again (once): the start may lie further ahead.
+    let other = applicant(&v, "reopened-hire@example.nl").await;
+    let step = |stage: &str, date: &str| SetLifecycleRequest {
+        record_id: other.clone(),
+        stage: stage.into(),
+        date: date.into(),
+    };
+    for (stage, date) in [
+        ("procedure_closed", day_from_today(-20)),
+        ("applicant", day_from_today(0)),
+    ] {
+        recruiter
+            .set_lifecycle(step(stage, &date))
+            .await
+            .unwrap_or_else(|e| panic!("{stage}: {e:?}"));
+    }
+    payroll
+        .set_lifecycle(step("employed", &day_from_today(90)))
+        .await
+        .expect("a reopened procedure's hire starts in three months");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restricted_record_is_only_stored_until_the_restriction_is_lifted() {
     let v = spawn_vault().await;
