@@ -620,6 +620,11 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
                 file.retention.sweep_interval_secs,
             )
             .map_err(in_file)?;
+            positive(
+                "[retention] sweep_max_gap_days",
+                u64::from(file.retention.sweep_max_gap_days),
+            )
+            .map_err(in_file)?;
             file.retention.clone()
         },
         clock: crate::vault::system_clock(),
@@ -1011,6 +1016,10 @@ mod tests {
             (
                 "[retention]\nsweep_interval_secs = 0\n",
                 "sweep_interval_secs = 0",
+            ),
+            (
+                "[retention]\nsweep_max_gap_days = 0\n",
+                "sweep_max_gap_days = 0",
             ),
             (
                 "[retention]\napplicant_consent_purpose = \"talentpool\"\n",

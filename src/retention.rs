@@ -105,10 +105,19 @@ pub struct RetentionRules {
     /// Seconds between runs of the retention sweeper (it also runs at start-up).
     #[serde(default = "default_sweep_secs")]
     pub sweep_interval_secs: u64,
+    /// Days the clock may move past the day of the last sweep before the sweeper pauses
+    /// (erasing nothing) until an operator confirms the date (`kluis retention resume`): a
+    /// clock set wrongly ahead would otherwise erase data before it is due.
+    #[serde(default = "default_sweep_gap_days")]
+    pub sweep_max_gap_days: u32,
 }
 
 fn default_sweep_secs() -> u64 {
     3600
+}
+
+fn default_sweep_gap_days() -> u32 {
+    7
 }
 
 fn default_applicant_days() -> u32 {
@@ -171,6 +180,7 @@ impl Default for RetentionRules {
             keep_while_employed: default_ongoing(),
             former_employee: default_former(),
             sweep_interval_secs: default_sweep_secs(),
+            sweep_max_gap_days: default_sweep_gap_days(),
         }
     }
 }

@@ -406,32 +406,54 @@ fn spawn_key_schedule(
     })
 }
 
-/// Runs the retention sweeper at start-up and then every `interval`.
+/// Runs the retention sweeper at start-up and then every `interval`; it pauses while the
+/// clock is more than `max_gap_days` past the last sweep's day ([`crate::sweeper::sweep_day`]).
 fn spawn_sweeper(
     vault: Arc<Vault<SledStore>>,
     interval: std::time::Duration,
+    max_gap_days: u32,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            let today = vault.today();
-            match crate::sweeper::sweep(&vault, today).await {
-                Ok(s) if !s.erased.is_empty() || !s.held.is_empty() || !s.damaged.is_empty() => {
-                    tracing::info!(
-                        %today,
-                        erased = s.erased.len(),
-                        held = s.held.len(),
-                        damaged = s.damaged.len(),
-                        "retention sweep"
-                    )
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "retention sweep failed; retrying at the next run")
-                }
-            }
+            sweep_once(&vault, max_gap_days).await;
             tokio::time::sleep(interval).await;
         }
     })
+}
+
+/// One pass of the retention sweeper, logged.
+async fn sweep_once(vault: &Vault<SledStore>, max_gap_days: u32) {
+    use crate::sweeper::SweepDay;
+    let today = match crate::sweeper::sweep_day(vault.store(), vault.today(), max_gap_days).await {
+        Ok(SweepDay::Run(today)) => today,
+        Ok(SweepDay::Paused { last, today }) => {
+            tracing::error!(%today, last_sweep = %last, max_gap_days, "retention sweep paused: the clock is more than max_gap_days past the last sweep, and a clock set wrongly ahead would erase data before it is due; if the date is right (the vault was down, or restored from an older backup), confirm it with `kluis retention resume` (server stopped)");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "retention sweep failed; retrying at the next run");
+            return;
+        }
+    };
+    match crate::sweeper::sweep(vault, today).await {
+        Ok(s) if !s.erased.is_empty() || !s.held.is_empty() || !s.damaged.is_empty() => {
+            tracing::info!(
+                %today,
+                erased = s.erased.len(),
+                held = s.held.len(),
+                damaged = s.damaged.len(),
+                "retention sweep"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "retention sweep failed; retrying at the next run");
+            return;
+        }
+    }
+    if let Err(e) = crate::sweeper::record_sweep_day(vault.store(), today, None).await {
+        tracing::error!(error = %e, "recording the day of the retention sweep failed");
+    }
 }
 
 /// Starts the server in the background; it runs until [`Running::shutdown`].
@@ -595,6 +617,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     let sweeper = spawn_sweeper(
         Arc::clone(&vault),
         std::time::Duration::from_secs(settings.retention.sweep_interval_secs.max(1)),
+        settings.retention.sweep_max_gap_days,
     );
     let keys = KeysServer::new(KeysService::new(Arc::clone(&jobs), auth.clone()))
         .max_decoding_message_size(settings.max_request_bytes);

@@ -15,11 +15,16 @@ use crate::audit;
 use crate::error::VaultError;
 use crate::record::RecordBody;
 use crate::retention;
-use crate::store::{Keyspace, Store, StoreError};
+use crate::store::{Batch, Expect, Keyspace, Store, StoreError};
 use crate::vault::Vault;
 
 /// Principal of the sweeper's audit events.
 pub const SWEEPER_PRINCIPAL: &str = "system:retention";
+/// Meta key holding the day the last sweep ran as of (`YYYY-MM-DD`): in the store, so that
+/// every instance sharing it, and every restart, sees the same.
+pub const META_SWEEP_DAY: &[u8] = b"retention/sweep-day";
+/// Audit action of an operator's confirmation of the date (`kluis retention resume`).
+pub const RESUME_ACTION: &str = "ResumeRetentionSweeps";
 /// Records read per page.
 const PAGE: usize = 1024;
 
@@ -125,6 +130,96 @@ pub struct Swept {
     pub damaged: Vec<String>,
 }
 
+/// Whether an automatic sweep runs, and as of which day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SweepDay {
+    /// Sweep as of this day.
+    Run(NaiveDate),
+    /// The clock says `today`, more than the allowed gap after `last`, the day of the last
+    /// sweep: erase nothing until an operator confirms the date.
+    Paused {
+        /// The day of the last sweep.
+        last: NaiveDate,
+        /// The clock's date.
+        today: NaiveDate,
+    },
+}
+
+/// The day of the last sweep, as the store holds it (none before the first).
+pub async fn last_sweep_day<S: Store>(store: &S) -> Result<Option<NaiveDate>, VaultError> {
+    let raw = store.get(Keyspace::Meta, META_SWEEP_DAY).await?;
+    raw.as_deref().map(parse_sweep_day).transpose()
+}
+
+fn parse_sweep_day(raw: &[u8]) -> Result<NaiveDate, VaultError> {
+    std::str::from_utf8(raw)
+        .ok()
+        .and_then(|text| NaiveDate::parse_from_str(text, "%Y-%m-%d").ok())
+        .ok_or_else(|| {
+            VaultError::Internal("the stored day of the last retention sweep is not a date".into())
+        })
+}
+
+/// Whether the automatic sweep runs as of `today` (the clock's date): it does unless the
+/// clock moved more than `max_gap_days` past the day of the last sweep. Erasure cannot be
+/// undone: a clock set wrongly ahead (by years, say) would have the sweeper erase at once
+/// every category due by then. A clock moved back sweeps as of its own date (that erases
+/// less).
+pub async fn sweep_day<S: Store>(
+    store: &S,
+    today: NaiveDate,
+    max_gap_days: u32,
+) -> Result<SweepDay, VaultError> {
+    Ok(match last_sweep_day(store).await? {
+        Some(last)
+            if last
+                .checked_add_days(chrono::Days::new(u64::from(max_gap_days)))
+                .is_some_and(|limit| today > limit) =>
+        {
+            SweepDay::Paused { last, today }
+        }
+        _ => SweepDay::Run(today),
+    })
+}
+
+/// Records `day` as the day of the last sweep, unless a later one is recorded already (by
+/// another instance, or before the clock moved back). `event` (an audit event body), if any,
+/// is written in the same batch.
+pub async fn record_sweep_day<S: Store>(
+    store: &S,
+    day: NaiveDate,
+    event: Option<Vec<u8>>,
+) -> Result<(), VaultError> {
+    loop {
+        let stored = store.get(Keyspace::Meta, META_SWEEP_DAY).await?;
+        let last = stored.as_deref().map(parse_sweep_day).transpose()?;
+        if last.is_some_and(|last| last >= day) && event.is_none() {
+            return Ok(());
+        }
+        let mut batch = Batch::default();
+        batch.expect(
+            Keyspace::Meta,
+            META_SWEEP_DAY.to_vec(),
+            stored.map_or(Expect::Absent, Expect::Value),
+        );
+        let newest = last.map_or(day, |last| last.max(day));
+        batch.put(
+            Keyspace::Meta,
+            META_SWEEP_DAY.to_vec(),
+            newest.format("%Y-%m-%d").to_string().into_bytes(),
+        );
+        if let Some(event) = &event {
+            batch.append_event(event.clone());
+        }
+        match store.commit(batch).await {
+            Ok(()) => return Ok(()),
+            // Another instance recorded its sweep meanwhile: read it again.
+            Err(StoreError::Conflict) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Erases every category whose maximum period has ended by `today`.
 pub async fn sweep<S: Store>(vault: &Vault<S>, today: NaiveDate) -> Result<Swept, VaultError> {
     let mut due = Vec::new();
@@ -176,4 +271,62 @@ pub async fn sweep<S: Store>(vault: &Vault<S>, today: NaiveDate) -> Result<Swept
         }
     }
     Ok(swept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStore;
+
+    fn d(s: &str) -> NaiveDate {
+        NaiveDate::parse_from_str(s, "%Y-%m-%d").expect("date")
+    }
+
+    #[tokio::test]
+    async fn the_sweep_pauses_when_the_clock_moves_past_the_gap_and_the_day_never_goes_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("store");
+        // The first sweep ever runs as of the clock's date.
+        assert_eq!(
+            sweep_day(&store, d("2026-11-26"), 7).await.expect("day"),
+            SweepDay::Run(d("2026-11-26"))
+        );
+        record_sweep_day(&store, d("2026-11-26"), None)
+            .await
+            .expect("recorded");
+        for (today, gap, runs) in [
+            ("2026-12-03", 7, true),
+            ("2026-12-04", 7, false),
+            ("2036-11-26", 7, false),
+            ("2036-11-26", u32::MAX, true),
+            // A clock moved back sweeps as of its own date (that erases less).
+            ("2020-01-01", 7, true),
+        ] {
+            let got = sweep_day(&store, d(today), gap).await.expect("day");
+            let want = if runs {
+                SweepDay::Run(d(today))
+            } else {
+                SweepDay::Paused {
+                    last: d("2026-11-26"),
+                    today: d(today),
+                }
+            };
+            assert_eq!(got, want, "{today} with a gap of {gap}");
+        }
+        // The recorded day only moves forward.
+        record_sweep_day(&store, d("2020-01-01"), None)
+            .await
+            .expect("recorded");
+        assert_eq!(
+            last_sweep_day(&store).await.expect("day"),
+            Some(d("2026-11-26"))
+        );
+        record_sweep_day(&store, d("2026-11-30"), None)
+            .await
+            .expect("recorded");
+        assert_eq!(
+            last_sweep_day(&store).await.expect("day"),
+            Some(d("2026-11-30"))
+        );
+    }
 }

@@ -1058,7 +1058,7 @@ fn keep_old_key(target: &Path) -> Result<PathBuf, CliError> {
 /// The principal of the rotation's audit event: `cli:<account>` of the real user id (from
 /// /etc/passwd; `cli:uid-<n>` when it has no entry), with `$SUDO_USER` noted when set. The
 /// user id comes from the kernel, not from `$USER`, which anyone can set.
-fn cli_principal() -> String {
+pub(crate) fn cli_principal() -> String {
     let clean = |s: &str| -> String {
         s.chars()
             .filter(|c| c.is_ascii_graphic())

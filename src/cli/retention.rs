@@ -78,6 +78,36 @@ pub enum RetentionCommand {
     /// (run it on a copy to leave evidence untouched).
     #[command(after_help = EXIT_CODES)]
     Plan(PlanArgs),
+    /// Offline: confirms the date after the sweeper paused, so that it sweeps again.
+    ///
+    /// The server's sweeper pauses, erasing nothing, while the clock is more than
+    /// `[retention] sweep_max_gap_days` (default 7) past the day of its last sweep: a clock
+    /// set wrongly ahead would erase data before it is due. If the date is right (the vault
+    /// was down, or a backup older than that was restored), check the clock, look at what
+    /// becomes due (`kluis retention plan --at DATE`), and confirm it here: the day is
+    /// recorded, with an audit event `ResumeRetentionSweeps` (role `system`, principal
+    /// `cli:<account>`), and the next pass erases every category due by then. The server must
+    /// be stopped.
+    #[command(after_help = EXIT_CODES)]
+    Resume(ResumeArgs),
+}
+
+/// `kluis retention resume`.
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// The date to confirm, YYYY-MM-DD: the date the clock now says [default: today, UTC].
+    #[arg(long, value_name = "DATE", value_parser = parse_date)]
+    pub at: Option<NaiveDate>,
+    /// Configuration file naming the data directory and the master key file (or none: then
+    /// the key is in KLUIS_MASTER_KEY) [default: ./kluis.toml].
+    #[arg(long, value_name = "FILE", conflicts_with = "dev")]
+    pub config: Option<PathBuf>,
+    /// Dev mode layout: the master key in ./keys/master.key, the data in ./data.
+    #[arg(long)]
+    pub dev: bool,
+    /// Data directory (overrides the configuration's).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// `kluis retention plan`.
@@ -421,11 +451,65 @@ pub async fn plan(args: &PlanArgs, out: &mut dyn Write) -> Result<(), CliError> 
     )))
 }
 
+/// Records `at` as the day of the last sweep in the data directory `setup` names, with its
+/// audit event by `principal`; returns the day recorded before (if any).
+pub async fn resume_offline(
+    setup: MasterKeySetup,
+    at: NaiveDate,
+    principal: &str,
+) -> Result<Option<NaiveDate>, CliError> {
+    let store = open_store(&setup.data_dir, "stop the server first")?;
+    let opens = keys::which_master_key(&store, &setup.key, &setup.key)
+        .await
+        .map_err(|e| CliError::Io(format!("the data directory's keys: {e}")))?;
+    if opens != Some(true) {
+        return Err(CliError::Usage(format!(
+            "the master key does not open the data directory {} (a wrong key, or no vault in it)",
+            setup.data_dir.display()
+        )));
+    }
+    let last = sweeper::last_sweep_day(&store)
+        .await
+        .map_err(|e| CliError::Io(format!("reading the day of the last sweep: {e}")))?;
+    let mut draft = crate::audit::Draft::new(
+        sweeper::RESUME_ACTION,
+        principal,
+        crate::rotation::SYSTEM_ROLE,
+    );
+    draft.outcome = crate::audit::Outcome::Ok.as_str().to_string();
+    sweeper::record_sweep_day(&store, at, Some(draft.encode()))
+        .await
+        .map_err(|e| {
+            CliError::Io(format!(
+                "recording the date failed, nothing was changed: {e}"
+            ))
+        })?;
+    Ok(last)
+}
+
+/// `kluis retention resume`.
+pub async fn resume(args: &ResumeArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let at = args.at.unwrap_or_else(|| chrono::Utc::now().date_naive());
+    let setup = resolve_setup_from(args.config.clone(), args.dev, args.data_dir.clone())?;
+    let last = resume_offline(setup, at, &super::keys::cli_principal()).await?;
+    let before = last.map_or_else(|| "none recorded".to_string(), |d| d.to_string());
+    let text = match last {
+        Some(last) if last > at => format!(
+            "The last sweep ran as of {last}, after {at}: kept. The sweeper goes on from {last}.\n"
+        ),
+        _ => format!(
+            "Confirmed {at} (last sweep: {before}). At its next pass the sweeper erases every category due by then.\n"
+        ),
+    };
+    out.write_all(text.as_bytes()).map_err(output_error)
+}
+
 /// Runs a retention command, writing its result to `out` (errors are for the caller to print
 /// as `error: …`).
 pub async fn run(command: &RetentionCommand, out: &mut dyn Write) -> Result<(), CliError> {
     let result = match command {
         RetentionCommand::Plan(args) => plan(args, out).await,
+        RetentionCommand::Resume(args) => resume(args, out).await,
     };
     let flushed = out.flush().map_err(output_error);
     match result.and(flushed) {

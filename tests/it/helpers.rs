@@ -147,6 +147,11 @@ impl TestVault {
         settings
     }
 
+    /// The master key, as 64 hex digits.
+    pub fn master_hex(&self) -> &str {
+        &self.master_hex
+    }
+
     /// The running server's vault (for looking at stored bytes; panics when stopped).
     pub fn vault(&self) -> &std::sync::Arc<kluis::Vault<kluis::store::SledStore>> {
         &self.running.as_ref().expect("the server is running").vault

@@ -1442,6 +1442,8 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
                 + chrono::Days::new(SWEEP_TODAY.load(std::sync::atomic::Ordering::SeqCst) as u64)
         });
         s.retention.sweep_interval_secs = 1;
+        // The clock moves by years here, on purpose.
+        s.retention.sweep_max_gap_days = u32::MAX;
     });
     v.stop().await;
     // One record's header is damaged: it must not stop the sweeps of every other record.
@@ -1921,5 +1923,90 @@ async fn an_export_too_large_to_send_is_refused_naming_the_setting() {
         reads,
         ["invalid", "ok"],
         "the refused read is not recorded as ok"
+    );
+}
+
+static JUMP_TODAY: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// A clock set years ahead has the sweeper pause, erasing nothing, until an operator confirms
+/// the date with `kluis retention resume` (server stopped); then it sweeps as of that date.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_jumping_ahead_pauses_the_sweeper_until_the_date_is_confirmed() {
+    let mut v = spawn_vault().await;
+    let id = applicant(&v, "clock@example.nl").await;
+    v.client("recruiter")
+        .await
+        .set_lifecycle(SetLifecycleRequest {
+            record_id: id.clone(),
+            stage: "procedure_closed".into(),
+            date: day_from_today(0),
+        })
+        .await
+        .expect("closed today");
+    // The start-up pass ran on the real clock: today is the last sweep's day.
+    v.stop().await;
+    let ahead = chrono::Utc::now().date_naive() + chrono::Days::new(3650);
+    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch");
+    JUMP_TODAY.store(
+        (ahead - epoch).num_days(),
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    v.tweak = Some(|s| {
+        s.clock = std::sync::Arc::new(|| {
+            chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch")
+                + chrono::Days::new(JUMP_TODAY.load(std::sync::atomic::Ordering::SeqCst) as u64)
+        });
+        s.retention.sweep_interval_secs = 1;
+    });
+    v.start().await.expect("restart");
+    // Passes run every second; ten years on, the applicant would be due in each of them.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    v.client("recruiter")
+        .await
+        .get_record(get(&id, "personal_offers"))
+        .await
+        .expect("nothing erased while the sweeper is paused");
+    v.stop().await;
+
+    // The operator confirms the date (offline); the audit trail names them.
+    let home = v.dir.path().join("operator");
+    std::fs::create_dir_all(home.join("keys")).expect("keys dir");
+    let key = home.join("keys/master.key");
+    std::fs::write(&key, v.master_hex()).expect("key file");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("0600");
+    let data = data_dir(&v.dir);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kluis"))
+        .args([
+            "retention",
+            "resume",
+            "--dev",
+            "--at",
+            &ahead.to_string(),
+            "--data-dir",
+        ])
+        .arg(&data)
+        .current_dir(&home)
+        .env_remove("KLUIS_MASTER_KEY")
+        .output()
+        .expect("run kluis");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains(&format!("Confirmed {ahead}")), "{text}");
+
+    v.start().await.expect("restart");
+    until_gone(&v, &id, "recruiter", "personal_offers").await;
+    let events = v
+        .audit_events(QueryEventsRequest {
+            principal: String::new(),
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == "ResumeRetentionSweeps" && e.principal.starts_with("cli:")),
+        "the confirmation is audited"
     );
 }
