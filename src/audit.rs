@@ -752,6 +752,27 @@ pub enum SignerError {
     },
 }
 
+/// Writes `signer`'s public key to `path`, mode 0644 whatever the umask (the trust root of
+/// `kluis audit verify`: no one else may change it), synced.
+fn write_public_key(path: &Path, signer: &Signer) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    file.write_all((signer.public_key_hex() + "\n").as_bytes())?;
+    file.sync_all()?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
+}
+
 impl Signer {
     /// Loads the PKCS#8 key at `path` (mode 0600 or stricter); with `create`, generates it
     /// (and `audit-signing.pub` beside it) when absent.
@@ -774,8 +795,11 @@ impl Signer {
             crate::keys::write_secret_file(path, &pkcs8).map_err(|e| err(e.to_string()))?;
             let signer = Signer::from_pkcs8(&pkcs8).map_err(err)?;
             if let Some(dir) = path.parent() {
-                std::fs::write(dir.join(PUBLIC_KEY_FILE), signer.public_key_hex() + "\n")
-                    .map_err(|e| err(format!("writing the public key: {e}")))?;
+                if let Err(e) = write_public_key(&dir.join(PUBLIC_KEY_FILE), &signer) {
+                    // Not half made: a re-run starts clean (review 13).
+                    let _ = std::fs::remove_file(path);
+                    return Err(err(format!("writing the public key: {e}")));
+                }
             }
             return Ok(signer);
         }
@@ -786,6 +810,11 @@ impl Signer {
                 "is {}",
                 crate::keys::secret_mode_reason(path, mode)
             )));
+        }
+        if let Some(why) =
+            crate::keys::replaceable_by_others(path).map_err(|e| err(e.to_string()))?
+        {
+            return Err(err(format!("is {why}")));
         }
         let pkcs8 = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| err(e.to_string()))?);
         Signer::from_pkcs8(&pkcs8).map_err(err)
@@ -1674,6 +1703,34 @@ async fn first_at_or_after(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_signing_key_whose_public_key_cannot_be_written_is_not_left_behind() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("audit-signing.key");
+        // Something in the public key's way (review 13: the re-run of `init` was refused).
+        std::fs::create_dir(dir.path().join(PUBLIC_KEY_FILE)).expect("mkdir");
+        let err = Signer::load_or_create(&key, true)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("writing the public key"), "{err}");
+        assert!(!key.exists(), "the key was removed");
+        std::fs::remove_dir(dir.path().join(PUBLIC_KEY_FILE)).expect("rmdir");
+        let signer = Signer::load_or_create(&key, true).expect("made");
+        let public = dir.path().join(PUBLIC_KEY_FILE);
+        let mode = std::fs::metadata(&public)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o644);
+        assert_eq!(
+            std::fs::read_to_string(&public).expect("read").trim(),
+            signer.public_key_hex()
+        );
+    }
     use proptest::prelude::*;
 
     fn draft() -> Draft {

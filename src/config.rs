@@ -99,7 +99,13 @@ fn check_secret_mode(what: &str, path: &Path) -> Result<(), ConfigError> {
             path.display(),
             crate::keys::secret_mode_reason(path, mode)
         ))),
-        None => Ok(()),
+        None => match crate::keys::replaceable_by_others(path).map_err(io_err(path))? {
+            Some(why) => Err(ConfigError::Rule(format!(
+                "{what} {} is {why}",
+                path.display()
+            ))),
+            None => Ok(()),
+        },
     }
 }
 
@@ -114,7 +120,13 @@ fn check_trusted_mode(what: &str, path: &Path) -> Result<(), ConfigError> {
             path.display(),
             path.display()
         ))),
-        None => Ok(()),
+        None => match crate::keys::replaceable_by_others(path).map_err(io_err(path))? {
+            Some(why) => Err(ConfigError::Rule(format!(
+                "{what} {} is {why}; they could then change who may do what",
+                path.display()
+            ))),
+            None => Ok(()),
+        },
     }
 }
 
@@ -910,6 +922,12 @@ pub fn init(dir: &Path, listen: &str) -> Result<InitOutput, ConfigError> {
         // Each file is noted once written: one that failed because it appeared meanwhile
         // is someone else's.
         crate::keys::create_private_dir_durable(&keys_dir).map_err(io_err(&keys_dir))?;
+        // One that was there already is made private too (review 13).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&keys_dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err(&keys_dir))?;
+        }
         MasterKey::create_file(&key_path)?;
         created.files.push(key_path.clone());
         crate::audit::Signer::load_or_create(&signing_path, true)

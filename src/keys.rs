@@ -142,6 +142,16 @@ impl MasterKey {
         Ok(MasterKey(key))
     }
 
+    /// How many distinct byte values the key has: about 30 for a random 32-byte key (fewer
+    /// than 16 has a probability below 2^-50), 2 for `000…0007`.
+    pub fn distinct_bytes(&self) -> usize {
+        let mut seen = [false; 256];
+        for b in self.0.expose_secret() {
+            seen[usize::from(*b)] = true;
+        }
+        seen.iter().filter(|s| **s).count()
+    }
+
     /// Wraps raw key material (tests and tools).
     pub fn from_secret(key: SecretKey) -> MasterKey {
         MasterKey(key)
@@ -185,6 +195,43 @@ pub fn loose_mode(path: &Path, forbidden: u32) -> std::io::Result<Option<u32>> {
     Ok((mode & forbidden != 0).then_some(mode))
 }
 
+/// Why the file `path` names could have been put there by a user with no say over it, if it
+/// could (`None` if not): it is owned by a user who is neither this process's, nor root, nor
+/// the owner of its directory (who could replace it anyway: e.g. the service account's own
+/// files, read by root's offline commands); or a directory on its path (as given, and after
+/// symlinks) is writable by group or others without the sticky bit, as ssh's `StrictModes`
+/// checks. Mode bits on the file alone do not stop a user who may write its directory from
+/// renaming their own file over it, nor one who owns it in a shared directory (review 13).
+pub fn replaceable_by_others(path: &Path) -> std::io::Result<Option<String>> {
+    use std::os::unix::fs::MetadataExt;
+    let me = rustix::process::geteuid().as_raw();
+    let real = std::fs::canonicalize(path)?;
+    let owner = std::fs::metadata(&real)?.uid();
+    let dir_owner = match real.parent() {
+        Some(dir) => std::fs::metadata(dir)?.uid(),
+        None => 0,
+    };
+    if owner != me && owner != 0 && owner != dir_owner {
+        return Ok(Some(format!(
+            "owned by uid {owner}, neither this process's user (uid {me}), nor root, nor its directory's owner (uid {dir_owner}); run `chown` on it"
+        )));
+    }
+    let given = std::path::absolute(path)?;
+    for file in [given, real] {
+        for dir in file.ancestors().skip(1) {
+            let mode = std::fs::metadata(dir)?.mode() & 0o7777;
+            if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+                return Ok(Some(format!(
+                    "in directory {}, writable by group or others (mode {mode:o}), who could replace the file; run `chmod go-w {}`",
+                    dir.display(),
+                    dir.display()
+                )));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Why a secret file at `path` with `mode` (see [`SECRET_FORBIDDEN_BITS`]) is refused and
 /// what to do, to follow "<what> <path> is ".
 pub fn secret_mode_reason(path: &Path, mode: u32) -> String {
@@ -206,7 +253,15 @@ pub fn create_dir_durable(dir: &Path) -> std::io::Result<()> {
             None => break,
         }
     }
-    std::fs::create_dir_all(dir)?;
+    // Never group- or world-writable, whatever the umask (review 13: under umask 000 a
+    // created configuration directory let anyone swap its policy file).
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)?;
+    }
     for created in missing.iter().rev() {
         let parent = match created.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
@@ -218,7 +273,7 @@ pub fn create_dir_durable(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Creates `dir` with mode 0700 (no one but the owner may list or enter it) if it is missing,
-/// and its missing parents as [`create_dir_durable`] does (their mode from the umask), each
+/// and its missing parents as [`create_dir_durable`] does (0755 at most), each
 /// one's entry synced into its parent. An existing directory is left as it is.
 pub fn create_private_dir_durable(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
@@ -1228,6 +1283,61 @@ pub async fn which_master_key<S: Store>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_others_could_replace_is_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("etc");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let file = dir.join("policy.toml");
+        std::fs::write(&file, b"x").expect("write");
+        assert_eq!(replaceable_by_others(&file).expect("check"), None);
+        for (mode, replaceable) in [
+            (0o777, true),
+            (0o775, true),
+            (0o1777, false),
+            (0o755, false),
+        ] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let why = replaceable_by_others(&file).expect("check");
+            assert_eq!(why.is_some(), replaceable, "{mode:o}: {why:?}");
+            if let Some(why) = why {
+                assert!(
+                    why.contains(&dir.display().to_string()) && why.contains("chmod go-w"),
+                    "{why}"
+                );
+            }
+        }
+        // A link into such a directory is judged where it leads, too.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let safe = root.path().join("safe");
+        std::fs::create_dir(&safe).expect("mkdir");
+        let link = safe.join("policy.toml");
+        std::os::unix::fs::symlink(&file, &link).expect("symlink");
+        assert!(replaceable_by_others(&link).expect("check").is_some());
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        // Another user's file (only root can make one here): refused.
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&file, Some(65534), None).expect("chown");
+            let why = replaceable_by_others(&file)
+                .expect("check")
+                .expect("another user's");
+            assert!(why.contains("uid 65534"), "{why}");
+            // Unless that user owns the directory too (who could replace the file anyway).
+            std::os::unix::fs::chown(&dir, Some(65534), None).expect("chown");
+            assert_eq!(replaceable_by_others(&file).expect("check"), None);
+        }
+    }
+
+    #[test]
+    fn a_chosen_master_key_shows_few_distinct_bytes() {
+        let chosen =
+            MasterKey::from_secret(SecretKey::from_hex(&format!("{:064}", 7)).expect("hex"));
+        assert_eq!(chosen.distinct_bytes(), 2);
+        let drawn = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        assert!(drawn.distinct_bytes() >= 16);
+    }
 
     #[cfg(target_os = "linux")]
     #[test]

@@ -102,6 +102,33 @@ struct Anchoring {
     checkpoint: Option<crate::audit::Checkpoint>,
 }
 
+/// The audit anchor directory, checked: writable (the anchor is written at every checkpoint:
+/// a directory it cannot be written to would leave the trail without it, noticed only in the
+/// log; said at start instead), and outside the data directory (whoever can rewrite the store
+/// must not reach it). Needs no store: checked before one is opened or made.
+fn check_anchor_dir(
+    audit: &crate::config::AuditSettings,
+    data_dir: &std::path::Path,
+) -> Result<std::path::PathBuf, ServerError> {
+    let dir = audit.anchor_dir();
+    // Real paths where they exist (a data directory not made yet: as written, made absolute).
+    let real = |p: &std::path::Path| {
+        p.canonicalize()
+            .or_else(|_| std::path::absolute(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    };
+    if real(&dir).starts_with(real(data_dir)) {
+        return Err(ConfigError::Rule(format!(
+            "[audit] anchor_dir: the audit anchor directory {} lies inside the data directory {}: it must be out of reach of whoever can change the store (set [audit] anchor_dir elsewhere, e.g. beside the signing key)",
+            dir.display(),
+            data_dir.display()
+        ))
+        .into());
+    }
+    crate::anchor::check_writable(&dir).map_err(|e| ConfigError::Rule(e.to_string()))?;
+    Ok(dir)
+}
+
 impl Anchoring {
     /// The anchor of `vault`'s store: its id recorded (signed) in the store, the anchor
     /// directory checked writable, and the anchor file read.
@@ -125,21 +152,7 @@ impl Anchoring {
                 "the store's recorded id differed from the one its keys give (changed by hand?); mended"
             );
         }
-        // The anchor is written at every checkpoint: a directory it cannot be written to
-        // would leave the trail without it, noticed only in the log. Said at start instead.
-        let dir = audit.anchor_dir();
-        crate::anchor::check_writable(&dir).map_err(|e| ConfigError::Rule(e.to_string()))?;
-        // Outside the data directory: whoever can rewrite the store must not reach it.
-        if let (Ok(anchors), Ok(data)) = (dir.canonicalize(), data_dir.canonicalize()) {
-            if anchors.starts_with(&data) {
-                return Err(ConfigError::Rule(format!(
-                    "the audit anchor directory {} lies inside the data directory {}: it must be out of reach of whoever can change the store (set [audit] anchor_dir elsewhere, e.g. beside the signing key)",
-                    dir.display(),
-                    data_dir.display()
-                ))
-                .into());
-            }
-        }
+        let dir = check_anchor_dir(audit, data_dir)?;
         let path = crate::anchor::path(&dir, &store_id);
         let checkpoint = crate::anchor::load(&path, &store_id, &signer.public_key())
             .map_err(|e| ConfigError::Rule(e.to_string()))?;
@@ -456,9 +469,47 @@ async fn sweep_once(vault: &Vault<SledStore>, max_gap_days: u32) {
     }
 }
 
+/// `e` and its causes, `: `-separated.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Starts the server in the background; it runs until [`Running::shutdown`].
 pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     settings.check_listener()?;
+    // What can be refused without the store is refused before it is opened (or made).
+    if !settings.audit.create_signing_key && !settings.audit.signing_key_file.exists() {
+        Signer::load_or_create(&settings.audit.signing_key_file, false)?;
+    }
+    let tls_config = match &settings.tls {
+        Some(tls) => {
+            let mut config = ServerTlsConfig::new()
+                .identity(Identity::from_pem(&tls.cert_pem, tls.key_pem.as_slice()))
+                .timeout(TLS_HANDSHAKE_TIMEOUT);
+            if let Some(ca) = &tls.client_ca_pem {
+                config = config
+                    .client_ca_root(Certificate::from_pem(ca))
+                    .client_auth_optional(!tls.require_client_cert);
+            }
+            // Parsed here, with the error's causes (tonic's own text is "transport error").
+            Server::builder().tls_config(config.clone()).map_err(|e| {
+                ConfigError::Rule(format!(
+                    "[tls]: the certificate, key or client CA could not be used (cert_file, key_file, client_ca_file): {}",
+                    error_chain(&e)
+                ))
+            })?;
+            Some(config)
+        }
+        None => None,
+    };
+    check_anchor_dir(&settings.audit, &settings.data_dir)?;
     let vault = open_vault(&settings).await?;
     let (keepalive, keepalive_interval, keepalive_retries) = TCP_KEEPALIVE;
     let incoming = TcpIncoming::bind(settings.listen)
@@ -477,8 +528,8 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     let cutoff = Arc::new(Cutoff::default());
     let incoming = limit_connections(incoming, settings.max_connections, Arc::clone(&cutoff));
 
-    // The transport (and TLS: its certificate and key are parsed here) before any background
-    // work starts, so that a bad TLS file stops the start before a sweep or a key job runs.
+    // The transport before any background work starts (TLS was parsed before the store was
+    // opened, so that a bad TLS file stops the start before anything is made or run).
     // No request timeout: the key jobs' progress streams run as long as their job.
     let limit = settings.max_request_bytes;
     let mut builder = Server::builder()
@@ -491,18 +542,11 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         .layer(tower::util::MapResponseLayer::new(move |response| {
             request_too_large_status(response, limit)
         }));
-    if let Some(tls) = &settings.tls {
-        let mut config = ServerTlsConfig::new()
-            .identity(Identity::from_pem(&tls.cert_pem, tls.key_pem.as_slice()))
-            .timeout(TLS_HANDSHAKE_TIMEOUT);
-        if let Some(ca) = &tls.client_ca_pem {
-            config = config
-                .client_ca_root(Certificate::from_pem(ca))
-                .client_auth_optional(!tls.require_client_cert);
-        }
+    if let Some(config) = tls_config {
         builder = builder.tls_config(config).map_err(|e| {
             ConfigError::Rule(format!(
-                "[tls]: the certificate, key or client CA could not be used (cert_file, key_file, client_ca_file): {e}"
+                "[tls]: the certificate, key or client CA could not be used (cert_file, key_file, client_ca_file): {}",
+                error_chain(&e)
             ))
         })?;
     }

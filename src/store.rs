@@ -521,11 +521,7 @@ impl SledStore {
         durability: Durability,
         accept_cut: Option<&std::ffi::OsStr>,
     ) -> Result<SledStore, StoreError> {
-        crate::keys::create_dir_durable(dir).map_err(io)?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
-        }
+        claim_data_dir(dir)?;
         // A store of this process that was just dropped may still hold sled's file lock for a
         // moment (sled's background threads release it): retry briefly before reporting the
         // directory as in use.
@@ -544,6 +540,12 @@ impl SledStore {
                         && std::time::Instant::now() < deadline =>
                 {
                     std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) if e.to_string().contains("could not acquire lock") => {
+                    return Err(StoreError::Io(format!(
+                        "the data directory {} is in use by another Kluis process (a running server, or an offline command): stop it first",
+                        dir.display()
+                    )))
                 }
                 Err(e) => return Err(io(e)),
             }
@@ -1391,6 +1393,72 @@ fn apply_ops(trees: &[sled::Tree; 5], ops: &[Op], seq: u64) -> Result<(), StoreE
 /// by a crash (`kill -9` while sled wrote it) made every later open fail with "Read
 /// corrupted data". Without it sled recovers from its previous snapshot and its log, which it
 /// keeps until a snapshot is renamed into place.
+/// Makes `dir` the store's directory, mode 0700 (no one else may list or enter it). A missing
+/// one is created. An existing one must hold a store already, or be empty (apart from a file
+/// system's `lost+found`): a mistyped path naming a shared directory (`/tmp`, `/var`) is
+/// refused, not taken over and closed to everyone else (review 13).
+fn claim_data_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let set_private = || {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+            StoreError::Io(format!(
+                "setting the data directory {} to mode 0700: {e}",
+                dir.display()
+            ))
+        })
+    };
+    let meta = match std::fs::metadata(dir) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            crate::keys::create_dir_durable(dir).map_err(io)?;
+            return set_private();
+        }
+        Err(e) => {
+            return Err(StoreError::Io(format!(
+                "the data directory {}: {e}",
+                dir.display()
+            )))
+        }
+    };
+    if !meta.is_dir() {
+        return Err(StoreError::Io(format!(
+            "the data directory {} is not a directory",
+            dir.display()
+        )));
+    }
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| StoreError::Io(format!("listing the data directory {}: {e}", dir.display())))?
+        .map(|entry| entry.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            StoreError::Io(format!("listing the data directory {}: {e}", dir.display()))
+        })?;
+    let holds_store = names
+        .iter()
+        .any(|n| matches!(n.as_str(), "db" | "conf" | "wal"));
+    let empty = names.iter().all(|n| n == "lost+found");
+    if !holds_store && !empty {
+        let mut shown: Vec<&str> = names.iter().map(String::as_str).collect();
+        shown.sort_unstable();
+        shown.truncate(3);
+        return Err(StoreError::Io(format!(
+            "the data directory {} holds other files ({} {}, e.g. {}) and no Kluis store: refusing to take it over (it would be made private, mode 0700); name a new or empty directory",
+            dir.display(),
+            names.len(),
+            if names.len() == 1 { "entry" } else { "entries" },
+            shown.join(", ")
+        )));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode != 0o700 {
+        if holds_store {
+            tracing::warn!(data_dir = %dir.display(), mode = format!("{mode:o}"), "the data directory was open to others: set to mode 0700");
+        }
+        set_private()?;
+    }
+    Ok(())
+}
+
 fn drop_unfinished_sled_snapshots(dir: &Path) -> std::io::Result<()> {
     let lock_path = dir.join("db");
     let Ok(lock) = std::fs::OpenOptions::new()
@@ -1587,6 +1655,48 @@ pub(crate) mod testing {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn a_data_directory_is_claimed_only_when_new_empty_or_a_store_and_never_shared() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().expect("tempdir");
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o7777;
+        // A shared directory with someone else's file: refused, left as it was (review 13).
+        let shared = root.path().join("shared");
+        std::fs::create_dir(&shared).expect("mkdir");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        std::fs::write(shared.join("someone-elses-file"), b"x").expect("write");
+        let err = SledStore::open(&shared).err().expect("refused").to_string();
+        assert!(
+            err.contains("holds other files") && err.contains("someone-elses-file"),
+            "{err}"
+        );
+        assert_eq!(mode(&shared), 0o1777);
+        assert_eq!(std::fs::read_dir(&shared).expect("list").count(), 1);
+        // An empty one (a mount point's `lost+found` aside) is made private and used.
+        let empty = root.path().join("empty");
+        std::fs::create_dir_all(empty.join("lost+found")).expect("mkdir");
+        std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        drop(SledStore::open(&empty).expect("empty dir"));
+        assert_eq!(mode(&empty), 0o700);
+        // A store opened to others by hand is made private again.
+        std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+        let store = SledStore::open(&empty).expect("a store");
+        assert_eq!(mode(&empty), 0o700);
+        // A second open while it is held says so plainly.
+        let err = SledStore::open(&empty).err().expect("held").to_string();
+        assert!(err.contains("in use by another Kluis process"), "{err}");
+        drop(store);
+        // A new one is made, private.
+        let new = root.path().join("a/b/new");
+        drop(SledStore::open(&new).expect("new"));
+        assert_eq!(mode(&new), 0o700);
+        assert_eq!(
+            mode(&root.path().join("a")) & 0o022,
+            0,
+            "parents not writable by others"
+        );
+    }
 
     #[tokio::test]
     async fn batches_are_atomic_and_conditional() {

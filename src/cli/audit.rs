@@ -596,7 +596,7 @@ pub fn open_store(dir: &Path, in_use: &str) -> Result<SledStore, CliError> {
     let canonical = existing_data_dir(dir)?;
     SledStore::open(&canonical).map_err(|e| {
         let text = e.to_string();
-        if text.contains("could not acquire lock") {
+        if text.contains("in use by another Kluis process") {
             CliError::Usage(format!(
                 "the data directory {} is in use by a running server: stop the server first, or {in_use}",
                 dir.display()

@@ -838,6 +838,23 @@ fn load_or_create_new_key(path: &Path) -> Result<(MasterKey, bool), CliError> {
     if path.exists() {
         let key =
             MasterKey::load_file(path).map_err(|e| CliError::Usage(format!("--new-key: {e}")))?;
+        // Planted by someone else (review 13: a file of `nobody`'s in a shared directory).
+        if let Some(why) = crate::keys::replaceable_by_others(path)
+            .map_err(|e| CliError::Io(format!("--new-key {}: {e}", path.display())))?
+        {
+            return Err(CliError::Usage(format!(
+                "--new-key {} is {why}: a key someone else could have chosen; name a file that does not exist, and rotate-master makes one",
+                path.display()
+            )));
+        }
+        // A key someone chose rather than drew (review 13: `000…0007` was installed).
+        let distinct = key.distinct_bytes();
+        if distinct < 16 {
+            return Err(CliError::Usage(format!(
+                "--new-key {} holds a key with only {distinct} distinct byte values (a random 32-byte key has about 30): not a randomly made key; name a file that does not exist, and rotate-master makes one",
+                path.display()
+            )));
+        }
         std::fs::File::open(path)
             .and_then(|f| f.sync_all())
             .map_err(|e| CliError::Io(format!("--new-key {}: syncing: {e}", path.display())))?;
