@@ -1172,6 +1172,38 @@ pub fn checkpoint_key(seq: u64) -> Vec<u8> {
     key
 }
 
+/// Whether this process's checkpointer is signing: the reason of its latest refusal or
+/// failure, until it signs again. `VerifyChain` answers not ok while it is set: a trail whose
+/// checkpoints have stopped (a rolled-back pointer, a deleted checkpoint, a rewritten anchored
+/// event) leaves its new events unsigned for whoever can edit the store next, so a monitor
+/// must hear of it, not only one log line (review 13).
+#[derive(Debug, Default)]
+pub struct CheckpointHealth(std::sync::Mutex<Option<String>>);
+
+impl CheckpointHealth {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        // A panic while holding it left a whole `Option`: still usable.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A checkpoint was refused or failed, for `reason`.
+    pub fn refused(&self, reason: String) {
+        *self.slot() = Some(reason);
+    }
+
+    /// A checkpoint was signed, or none was due.
+    pub fn signing(&self) {
+        *self.slot() = None;
+    }
+
+    /// Why the latest checkpoint was refused, while none has been signed since.
+    pub fn refusal(&self) -> Option<String> {
+        self.slot().clone()
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Verification
 
@@ -1188,6 +1220,8 @@ pub struct Verification {
     pub head_hash: [u8; 32],
     /// Checkpoints whose signature and hash were checked.
     pub checkpoints_checked: u64,
+    /// The newest checkpoint that held (0: none).
+    pub last_checkpoint: u64,
     /// Why verification failed (empty when `ok`).
     pub reason: String,
 }
@@ -1227,6 +1261,7 @@ pub async fn verify(
         first_bad_seq: 0,
         head_hash: [0; 32],
         checkpoints_checked: 0,
+        last_checkpoint: 0,
         reason: String::new(),
     };
     let fail = |v: &mut Verification, seq: u64, reason: String| {
@@ -1284,6 +1319,38 @@ pub async fn verify(
                     );
                 }
             }
+        }
+    }
+    // The pointer to the newest checkpoint, read after them (it moves forward in the batch
+    // that writes each checkpoint): moved back, or naming a checkpoint that is gone, it stops
+    // every later checkpoint (the signer refuses to sign), so the events after it stay
+    // unsigned for anyone who can edit the store next (review 13).
+    if let Some(raw) = store.get(Keyspace::Meta, META_CHECKPOINT_LAST).await? {
+        let named = <[u8; 8]>::try_from(raw.as_slice())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0);
+        if let Some((&newest, _)) = checkpoints.range(named + 1..).next_back() {
+            fail(
+                &mut v,
+                named + 1,
+                format!("`audit/checkpoint-last` names event {named}, but a signed checkpoint of event {newest} is stored: the pointer was moved back (no checkpoint is signed after it)"),
+            );
+        } else if named > 0
+            && !checkpoints.contains_key(&named)
+            && store
+                .get(Keyspace::Meta, &checkpoint_key(named))
+                .await?
+                .is_none()
+        {
+            let before = checkpoints
+                .range(..named)
+                .next_back()
+                .map_or(0, |(s, _)| *s);
+            fail(
+                &mut v,
+                before + 1,
+                format!("`audit/checkpoint-last` names a checkpoint of event {named}, which is not stored: it was deleted (no checkpoint is signed after it)"),
+            );
         }
     }
     // The anchor file's checkpoint counts as one of the store's (the store may have lost it).
@@ -1441,6 +1508,7 @@ pub async fn verify(
                 break;
             }
             last_good_checkpoint = expected;
+            v.last_checkpoint = expected;
         }
         if !unnamed.is_empty() {
             if let Ok(id) = uuid::Uuid::parse_str(&event.draft.record_id) {
@@ -1492,12 +1560,15 @@ pub async fn verify(
                 );
             }
         } else if let Some((&seq, _)) = checkpoints.range(last + 1..).next() {
+            // Only what the last checkpoint that held covers is known good: the events after
+            // it may have been removed from the middle and the rest re-linked (review 13).
+            let from = last_good_checkpoint + 1;
             let reason = if anchor_seq == Some(seq) {
-                format!("the anchor file holds a checkpoint of event {seq}, beyond the chain's end at {last}: events were removed, or the store was restored from an older backup")
+                format!("the anchor file holds a checkpoint of event {seq}, beyond the chain's end at {last}: events after event {last_good_checkpoint} were removed or rewritten, or the store was restored from an older backup")
             } else {
-                format!("a signed checkpoint names event {seq}, beyond the chain's end at {last}")
+                format!("a signed checkpoint names event {seq}, beyond the chain's end at {last}: events after event {last_good_checkpoint} were removed or rewritten")
             };
-            fail(&mut v, last + 1, reason);
+            fail(&mut v, from, reason);
         } else if last.saturating_sub(last_good_checkpoint) > max_uncovered
             && !(mode == VerifyMode::Live
                 && signed_since(store, public_key, last_good_checkpoint, last)
@@ -2411,6 +2482,12 @@ mod tests {
         let cp = signer.sign(&head, now_ms());
         let mut b = Batch::default();
         b.put(Keyspace::Meta, checkpoint_key(cp.seq), cp.encode());
+        // As the signer writes it: with the pointer, in one batch.
+        b.put(
+            Keyspace::Meta,
+            META_CHECKPOINT_LAST.to_vec(),
+            cp.seq.to_be_bytes().to_vec(),
+        );
         *store.racing.lock().expect("not poisoned") = Some(b);
         let v = verify(&store, &signer.public_key(), None, 50, VerifyMode::Live)
             .await
@@ -2695,14 +2772,16 @@ mod tests {
             .expect("get")
             .is_none());
 
-        // Cut back below the anchor: both say events were removed.
+        // Cut back below the anchor: both say events were removed. With no checkpoint left
+        // that holds, nothing is known good: the cut may have removed events from the middle
+        // and re-linked the rest (review 13).
         let mut b = Batch::default();
         let head = forge_chain(&store, &mut b, 5, &draft()).await;
         store.commit(b).await.expect("cut back");
         let v = verify(&store, &pk, Some(&cp), 3000, VerifyMode::Offline)
             .await
             .expect("verify");
-        assert_eq!((v.ok, v.first_bad_seq), (false, 6), "{v:?}");
+        assert_eq!((v.ok, v.first_bad_seq), (false, 1), "{v:?}");
         assert!(v.reason.contains("beyond the chain's end"), "{v:?}");
         let e = checkpoint_if_due(
             &store,

@@ -332,10 +332,14 @@ fn spawn_checkpointer(
     signer: Signer,
     own_after: Option<u64>,
     anchor: Anchoring,
-    every: u64,
-    max_uncovered: u64,
-    interval: std::time::Duration,
+    audit: &crate::config::AuditSettings,
+    health: Arc<crate::audit::CheckpointHealth>,
 ) -> Checkpointer {
+    let (every, max_uncovered, interval) = (
+        audit.checkpoint_every,
+        audit.max_uncovered(),
+        audit.checkpoint_interval,
+    );
     let (stop, mut stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let poll = std::time::Duration::from_millis(25).min(interval);
@@ -365,6 +369,7 @@ fn spawn_checkpointer(
                 Ok(Some(cp)) => {
                     tracing::debug!(seq = cp.seq, "signed audit checkpoint");
                     last_error = None;
+                    health.signing();
                     // Then outside the store. A failure leaves the older anchor, which still
                     // holds; the next checkpoint tries again.
                     match crate::anchor::save(&anchor.path, &anchor.store_id, &cp) {
@@ -381,10 +386,13 @@ fn spawn_checkpointer(
                         }
                     }
                 }
+                // Nothing due; a refusal stands until a checkpoint is signed again.
                 Ok(None) => {}
                 Err(e) => {
-                    // Said once per distinct failure, not every poll.
+                    // Said once per distinct failure, not every poll; `VerifyChain` says it
+                    // for as long as it lasts.
                     let text = e.to_string();
+                    health.refused(text.clone());
                     if last_error.as_deref() != Some(text.as_str()) {
                         tracing::error!(error = %text, "audit checkpoint failed");
                         last_error = Some(text);
@@ -613,17 +621,21 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     // body is read; the size limits stay on the servers inside it. Between the two, the
     // decode guard answers, logs and audits a body that does not decode.
     let auth = Authenticator::new(Arc::new(settings.policy.clone()));
+    let checkpoint_health = Arc::new(crate::audit::CheckpointHealth::default());
     let (refusals, refusal_task) = gate::spawn_refusal_recorder(Arc::clone(&vault));
     let backlog = refusals.backlog();
     let gate = Gate::new(auth.clone(), refusals);
-    let audit = AuditServer::new(AuditService::new(
-        Arc::clone(&vault),
-        auth.clone(),
-        signer.public_key(),
-        anchoring.path.clone(),
-        anchoring.store_id,
-        settings.audit.max_uncovered(),
-    ))
+    let audit = AuditServer::new(
+        AuditService::new(
+            Arc::clone(&vault),
+            auth.clone(),
+            signer.public_key(),
+            anchoring.path.clone(),
+            anchoring.store_id,
+            settings.audit.max_uncovered(),
+        )
+        .with_checkpoint_health(Arc::clone(&checkpoint_health)),
+    )
     .max_decoding_message_size(settings.max_request_bytes);
     let audit = InterceptedService::new(DecodeGuard::new(audit, Arc::clone(&vault)), gate.clone());
     // On a store this process holds alone, every event past today's head is its own.
@@ -642,9 +654,8 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         signer,
         own_after,
         anchoring,
-        settings.audit.checkpoint_every,
-        settings.audit.max_uncovered(),
-        settings.audit.checkpoint_interval,
+        &settings.audit,
+        checkpoint_health,
     );
     let jobs = Jobs::new(Arc::clone(&vault));
     if jobs

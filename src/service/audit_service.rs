@@ -26,6 +26,7 @@ pub struct AuditService<S> {
     anchor_path: std::path::PathBuf,
     store_id: [u8; 16],
     max_uncovered: u64,
+    checkpoints: Arc<audit::CheckpointHealth>,
 }
 
 impl<S: Store> AuditService<S> {
@@ -47,7 +48,14 @@ impl<S: Store> AuditService<S> {
             anchor_path,
             store_id,
             max_uncovered,
+            checkpoints: Arc::default(),
         }
+    }
+
+    /// Reports the checkpointer's refusals (`health`) through `VerifyChain`.
+    pub fn with_checkpoint_health(mut self, health: Arc<audit::CheckpointHealth>) -> Self {
+        self.checkpoints = health;
+        self
     }
 }
 
@@ -213,6 +221,17 @@ impl<S: Store> proto::audit_server::Audit for AuditService<S> {
             )
                 .await
                 .map_err(|e| super::status::from_vault(e.into()))?;
+            let mut v = v;
+            // The chain holds, but this server has stopped signing checkpoints: what follows
+            // the newest one is not vouched for.
+            if let (true, Some(why)) = (v.ok, self.checkpoints.refusal()) {
+                v.ok = false;
+                v.first_bad_seq = v.last_checkpoint + 1;
+                v.reason = format!(
+                    "events after the checkpoint of event {} are not signed: the server refuses or fails to sign checkpoints ({why})",
+                    v.last_checkpoint
+                );
+            }
             if !v.ok {
                 tracing::error!(first_bad_seq = v.first_bad_seq, reason = %v.reason, "audit chain verification failed");
             }

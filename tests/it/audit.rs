@@ -1597,3 +1597,76 @@ async fn a_wiped_trail_is_caught_by_the_records_it_no_longer_names() {
     assert!(!verified.ok);
     assert_eq!(verified.first_bad_seq, 1);
 }
+
+/// The unsigned pointer to the newest checkpoint moved back offline stops every later
+/// checkpoint (the signer refuses to sign on it): both verifiers say so, offline and through
+/// `VerifyChain` while the server runs, rather than `ok` until someone rewrites the unsigned
+/// events at the next offline access (review 13).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_pointer_moved_back_fails_verification_offline_and_live() {
+    let mut v = spawn_vault_with(|s| {
+        s.audit.checkpoint_every = 2;
+        s.audit.checkpoint_interval = Duration::from_millis(200);
+    })
+    .await;
+    let mut recruiter = v.client("recruiter").await;
+    for i in 0..6 {
+        recruiter
+            .create_record(CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("full_name", text(&format!("Person {i}")))]),
+            })
+            .await
+            .expect("create");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(recruiter);
+    v.stop().await;
+    let oldest = {
+        let store = SledStore::open(&data_dir(&v.dir)).expect("open");
+        let cps: Vec<u64> = store
+            .scan(Keyspace::Meta, audit::META_CHECKPOINT, None, 1000)
+            .await
+            .expect("scan")
+            .into_iter()
+            .map(|(k, _)| {
+                u64::from_be_bytes(k[audit::META_CHECKPOINT.len()..].try_into().expect("8"))
+            })
+            .collect();
+        assert!(cps.len() >= 2, "checkpoints {cps:?}");
+        let mut b = Batch::default();
+        b.put(
+            Keyspace::Meta,
+            audit::META_CHECKPOINT_LAST.to_vec(),
+            cps[0].to_be_bytes().to_vec(),
+        );
+        store.commit(b).await.expect("pointer moved back");
+        cps[0]
+    };
+    let data = path_arg(&data_dir(&v.dir));
+    let offline = run_kluis(
+        None,
+        &["audit", "verify", "--data-dir", data.as_str()],
+        None,
+    )
+    .await;
+    assert_eq!(offline.code, 1, "{}", offline.all());
+    assert!(
+        offline
+            .stdout
+            .starts_with(&format!("FAILED: first bad event {}: ", oldest + 1))
+            && offline.stdout.contains("pointer was moved back"),
+        "{}",
+        offline.all()
+    );
+    v.start().await.expect("restart");
+    v.client("recruiter")
+        .await
+        .list_records(ListRecordsRequest::default())
+        .await
+        .expect("list");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let live = verify(&v).await;
+    assert!(!live.ok, "{live:?}");
+    assert_eq!(live.first_bad_seq, oldest + 1);
+}
