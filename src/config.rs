@@ -396,6 +396,9 @@ pub struct Settings {
     /// Most client connections open at once (TLS handshakes included); further ones wait in
     /// the listen backlog until one closes.
     pub max_connections: usize,
+    /// How long a client connection may stay open before its first request
+    /// ([`crate::server::FIRST_REQUEST_TIMEOUT`]; tests shorten it).
+    pub first_request_timeout: std::time::Duration,
     /// How writes are made durable (group commit; per-write only as a benchmark baseline).
     pub durability: Durability,
     /// The audit trail.
@@ -594,6 +597,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
             }
             Some(n) => n,
         },
+        first_request_timeout: crate::server::FIRST_REQUEST_TIMEOUT,
         durability: Durability::GroupCommit,
         audit: AuditSettings {
             enabled: true,
@@ -698,6 +702,7 @@ pub fn ephemeral(data_dir: &Path, master_key: MasterKey, policy: Policy) -> Sett
         allow_insecure_listen: false,
         max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         max_connections: DEFAULT_MAX_CONNECTIONS,
+        first_request_timeout: crate::server::FIRST_REQUEST_TIMEOUT,
         durability: Durability::GroupCommit,
         audit: AuditSettings::in_keys_dir(&keys_dir, true),
         keys: KeySettings::default(),

@@ -534,7 +534,14 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         source,
     })?;
     let cutoff = Arc::new(Cutoff::default());
-    let incoming = limit_connections(incoming, settings.max_connections, Arc::clone(&cutoff));
+    let connections = Arc::new(Connections::default());
+    let incoming = limit_connections(
+        incoming,
+        settings.max_connections,
+        Arc::clone(&cutoff),
+        Arc::clone(&connections),
+        settings.first_request_timeout,
+    );
 
     // The transport before any background work starts (TLS was parsed before the store was
     // opened, so that a bad TLS file stops the start before anything is made or run).
@@ -544,6 +551,14 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        // hyper's default, stated: request metadata past it is refused by HTTP/2 (README).
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .layer(tower::util::MapRequestLayer::new(
+            move |request: http::Request<tonic::body::Body>| {
+                connections.mark(&request);
+                request
+            },
+        ))
         .layer(tower::util::MapRequestLayer::new(
             gate::note_action::<tonic::body::Body>,
         ))
@@ -814,11 +829,17 @@ struct Limited {
     cutoff: Arc<Cutoff>,
     /// Woken by the cutoff, so that a connection waiting for its socket sees it.
     waker: Arc<futures::task::AtomicWaker>,
+    /// Whether a request came on it ([`Connections::mark`]), and where it is registered.
+    state: Arc<ConnState>,
+    connections: Arc<Connections>,
+    /// Until the first request: when the connection is closed if none has come.
+    first_request_by: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Limited {
-    /// Registers the task polling this connection with the cutoff; an error once cut.
-    fn check(&self, cx: &Context<'_>) -> std::io::Result<()> {
+    /// Registers the task polling this connection with the cutoff and the first-request
+    /// deadline; an error once cut, or once the deadline passed with no request.
+    fn check(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
         self.waker.register(cx.waker());
         if self.cutoff.is_cut() {
             return Err(std::io::Error::new(
@@ -826,7 +847,82 @@ impl Limited {
                 "the server closed the connection at the end of its shutdown grace period",
             ));
         }
+        if let Some(deadline) = self.first_request_by.as_mut() {
+            if self
+                .state
+                .requested
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
+                self.first_request_by = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no request within FIRST_REQUEST_TIMEOUT of connecting",
+                ));
+            }
+        }
         Ok(())
+    }
+}
+
+impl Drop for Limited {
+    fn drop(&mut self) {
+        self.connections.leave(&self.state);
+    }
+}
+
+/// Most bytes of request metadata (HTTP/2 header list) a call may carry.
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
+/// How long a connection may stay open before its first request (any: a health check
+/// counts). Without it a client that connects and sends nothing, or completes the TLS
+/// handshake and then nothing, held one of the `max_connections` slots for good, and 1024
+/// of them locked every other client out (review 13; hyper has no timeout for the HTTP/2
+/// preface, and its keepalive pings start only after it).
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One open client connection's state, shared with the layer that sees its requests.
+#[derive(Debug, Default)]
+struct ConnState {
+    requested: std::sync::atomic::AtomicBool,
+}
+
+/// The open client connections by peer address (unique among open TCP connections), so
+/// that the layer seeing a request can mark its connection as used.
+#[derive(Debug, Default)]
+pub(crate) struct Connections {
+    by_peer: parking_lot::Mutex<std::collections::HashMap<SocketAddr, Arc<ConnState>>>,
+}
+
+impl Connections {
+    fn join(&self, peer: Option<SocketAddr>) -> Arc<ConnState> {
+        let state = Arc::new(ConnState::default());
+        if let Some(peer) = peer {
+            self.by_peer.lock().insert(peer, Arc::clone(&state));
+        }
+        state
+    }
+
+    fn leave(&self, state: &Arc<ConnState>) {
+        self.by_peer.lock().retain(|_, s| !Arc::ptr_eq(s, state));
+    }
+
+    /// Marks the connection `request` came on as used (no first-request deadline any more).
+    fn mark<B>(&self, request: &http::Request<B>) {
+        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+        let ext = request.extensions();
+        let peer = ext
+            .get::<TcpConnectInfo>()
+            .and_then(TcpConnectInfo::remote_addr)
+            .or_else(|| {
+                ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+                    .and_then(|tls| tls.get_ref().remote_addr())
+            });
+        if let Some(state) = peer.and_then(|peer| self.by_peer.lock().get(&peer).cloned()) {
+            state
+                .requested
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
     }
 }
 
@@ -931,6 +1027,8 @@ fn limit_connections(
     incoming: TcpIncoming,
     max: usize,
     cutoff: Arc<Cutoff>,
+    connections: Arc<Connections>,
+    first_request_timeout: Duration,
 ) -> impl Stream<Item = std::io::Result<Limited>> {
     let slots = Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS)));
     let warned: Option<tokio::time::Instant> = None;
@@ -938,6 +1036,7 @@ fn limit_connections(
         (incoming, slots, warned),
         move |(mut incoming, slots, mut warned)| {
             let cutoff = Arc::clone(&cutoff);
+            let connections = Arc::clone(&connections);
             async move {
                 let slot = match Arc::clone(&slots).try_acquire_owned() {
                     Ok(slot) => slot,
@@ -954,11 +1053,17 @@ fn limit_connections(
                     }
                 };
                 let accepted = incoming.next().await?;
-                let next = accepted.map(|io| Limited {
-                    io,
-                    _slot: slot,
-                    waker: cutoff.join(),
-                    cutoff: Arc::clone(&cutoff),
+                let next = accepted.map(|io| {
+                    let state = connections.join(io.peer_addr().ok());
+                    Limited {
+                        io,
+                        _slot: slot,
+                        waker: cutoff.join(),
+                        cutoff: Arc::clone(&cutoff),
+                        state,
+                        connections,
+                        first_request_by: Some(Box::pin(tokio::time::sleep(first_request_timeout))),
+                    }
                 });
                 Some((next, (incoming, slots, warned)))
             }

@@ -267,6 +267,56 @@ async fn past_max_connections_a_new_connection_waits_until_one_closes() {
         .expect("the second connection is served");
 }
 
+/// A client that connects and sends nothing (no HTTP/2 preface, no request) is closed once
+/// the first-request deadline passes, freeing its `max_connections` slot: 1024 of them used
+/// to lock every other client out for good (review 13). A connection that made a request
+/// (here a health check, which needs no token) stays.
+#[tokio::test]
+async fn a_connection_that_sends_no_request_is_closed_and_frees_its_slot() {
+    use tokio::io::AsyncReadExt;
+    let mut v = spawn_vault().await;
+    v.stop().await;
+    v.tweak = Some(|s| {
+        s.max_connections = 2;
+        s.first_request_timeout = Duration::from_millis(700);
+    });
+    v.start().await.expect("restart");
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(
+            tokio::net::TcpStream::connect(v.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    // Both slots are taken; once the deadline passes, the server closes both (EOF after
+    // its SETTINGS frame) and a client with a request is served.
+    for mut socket in silent {
+        let mut buf = vec![0u8; 1024];
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match socket.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a silent connection was not closed");
+    }
+    let mut client = v.client("recruiter").await;
+    client
+        .list_records(ListRecordsRequest::default())
+        .await
+        .expect("served once the silent ones were closed");
+    // A connection in use is not closed by the deadline.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    client
+        .list_records(ListRecordsRequest::default())
+        .await
+        .expect("the same connection, past the deadline");
+}
+
 #[tokio::test]
 async fn the_bearer_scheme_is_matched_without_regard_to_case() {
     let v = spawn_vault().await;
