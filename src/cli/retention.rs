@@ -35,6 +35,8 @@ pub use super::audit::{EXIT_FAILED, EXIT_USAGE};
 
 /// The exit codes, for `--help`.
 pub const EXIT_CODES: &str = "Exit codes:\n  0  ok\n  1  the plan was printed, but records are damaged (their header fails its integrity check):\n     they are left out of it (`N records damaged (left out)`), and the sweeper leaves them too\n  2  usage, configuration or IO error (also: the data directory is in use by a running\n     server, or the master key does not open it)";
+/// The exit codes of `resume`, for `--help`.
+pub const RESUME_EXIT_CODES: &str = "Exit codes:\n  0  the date was recorded (or a later one was already)\n  2  usage, configuration or IO error (also: the data directory is in use by a running\n     server, or the master key does not open it); nothing was changed";
 
 /// What to do instead of planning over a data directory a server holds.
 const STOP_SERVER_FIRST: &str = "plan on a backup of it restored elsewhere (--data-dir DIR)";
@@ -88,37 +90,16 @@ pub enum RetentionCommand {
     /// recorded, with an audit event `ResumeRetentionSweeps` (role `system`, principal
     /// `cli:<account>`), and the next pass erases every category due by then. The server must
     /// be stopped.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = RESUME_EXIT_CODES)]
     Resume(ResumeArgs),
 }
 
-/// `kluis retention resume`.
+/// Where the offline retention commands find the data directory and its master key.
 #[derive(Debug, Args)]
-pub struct ResumeArgs {
-    /// The date to confirm, YYYY-MM-DD: the date the clock now says [default: today, UTC].
-    #[arg(long, value_name = "DATE", value_parser = parse_date)]
-    pub at: Option<NaiveDate>,
-    /// Configuration file naming the data directory and the master key file (or none: then
-    /// the key is in KLUIS_MASTER_KEY) [default: ./kluis.toml].
-    #[arg(long, value_name = "FILE", conflicts_with = "dev")]
-    pub config: Option<PathBuf>,
-    /// Dev mode layout: the master key in ./keys/master.key, the data in ./data.
-    #[arg(long)]
-    pub dev: bool,
-    /// Data directory (overrides the configuration's).
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-}
-
-/// `kluis retention plan`.
-#[derive(Debug, Args)]
-pub struct PlanArgs {
-    /// The date to plan for, YYYY-MM-DD: categories whose date is on or before it are due
-    /// [default: today, UTC].
-    #[arg(long, value_name = "DATE", value_parser = parse_date)]
-    pub at: Option<NaiveDate>,
+pub struct OfflineSetup {
     /// Configuration file naming the data directory, the master key file (or none: then the
-    /// key is in KLUIS_MASTER_KEY), the schema and the retention rules [default: ./kluis.toml].
+    /// key is in KLUIS_MASTER_KEY) and, for `plan`, the schema and the retention rules
+    /// [default: ./kluis.toml].
     #[arg(long, value_name = "FILE", conflicts_with = "dev")]
     pub config: Option<PathBuf>,
     /// Dev mode layout: the master key in ./keys/master.key, the data in ./data, the default
@@ -128,6 +109,35 @@ pub struct PlanArgs {
     /// Data directory (overrides the configuration's).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+}
+
+impl OfflineSetup {
+    fn resolve(&self) -> Result<MasterKeySetup, CliError> {
+        resolve_setup_from(self.config.clone(), self.dev, self.data_dir.clone())
+    }
+}
+
+/// `kluis retention resume`.
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// The date to confirm, YYYY-MM-DD: the date the clock now says [default: today, UTC].
+    #[arg(long, value_name = "DATE", value_parser = parse_date)]
+    pub at: Option<NaiveDate>,
+    /// Where the data directory and its key are.
+    #[command(flatten)]
+    pub setup: OfflineSetup,
+}
+
+/// `kluis retention plan`.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The date to plan for, YYYY-MM-DD: categories whose date is on or before it are due
+    /// [default: today, UTC].
+    #[arg(long, value_name = "DATE", value_parser = parse_date)]
+    pub at: Option<NaiveDate>,
+    /// Where the data directory and its key are.
+    #[command(flatten)]
+    pub setup: OfflineSetup,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
@@ -390,17 +400,10 @@ async fn count_records(store: &SledStore) -> Result<u64, CliError> {
     }
 }
 
-/// The plan of the data directory `setup` names, as of `at`, under `rules`. Opens the
-/// directory (refused while a server holds it), reads and releases it; writes nothing.
-pub async fn plan_offline(
-    setup: MasterKeySetup,
-    rules: RetentionRules,
-    schema: Schema,
-    at: NaiveDate,
-) -> Result<Plan, CliError> {
-    let store = open_store(&setup.data_dir, STOP_SERVER_FIRST)?;
-    // `KeyRing::open` would create the keys of an empty store: check the key first, so that
-    // nothing is written.
+/// Opens the data directory `setup` names (refused while a server holds it: `in_use` says
+/// what to do instead), checking that its master key opens it; writes nothing.
+async fn open_with_key(setup: &MasterKeySetup, in_use: &str) -> Result<SledStore, CliError> {
+    let store = open_store(&setup.data_dir, in_use)?;
     let opens = keys::which_master_key(&store, &setup.key, &setup.key)
         .await
         .map_err(|e| CliError::Io(format!("the data directory's keys: {e}")))?;
@@ -410,6 +413,20 @@ pub async fn plan_offline(
             setup.data_dir.display()
         )));
     }
+    Ok(store)
+}
+
+/// The plan of the data directory `setup` names, as of `at`, under `rules`. Opens the
+/// directory (refused while a server holds it), reads and releases it; writes nothing.
+pub async fn plan_offline(
+    setup: MasterKeySetup,
+    rules: RetentionRules,
+    schema: Schema,
+    at: NaiveDate,
+) -> Result<Plan, CliError> {
+    // `KeyRing::open` would create the keys of an empty store: the key is checked first, so
+    // that nothing is written.
+    let store = open_with_key(&setup, STOP_SERVER_FIRST).await?;
     let ring = KeyRing::open(&store, &setup.key)
         .await
         .map_err(|e| CliError::Io(format!("the data directory's keys: {e}")))?;
@@ -434,8 +451,8 @@ pub async fn plan_offline(
 /// `kluis retention plan`.
 pub async fn plan(args: &PlanArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let at = args.at.unwrap_or_else(|| chrono::Utc::now().date_naive());
-    let setup = resolve_setup_from(args.config.clone(), args.dev, args.data_dir.clone())?;
-    let (rules, schema) = load_rules(args.config.as_deref(), args.dev)?;
+    let setup = args.setup.resolve()?;
+    let (rules, schema) = load_rules(args.setup.config.as_deref(), args.setup.dev)?;
     let plan = plan_offline(setup, rules, schema, at).await?;
     let text = match args.format {
         Format::Table => render_plan(&plan),
@@ -458,16 +475,7 @@ pub async fn resume_offline(
     at: NaiveDate,
     principal: &str,
 ) -> Result<Option<NaiveDate>, CliError> {
-    let store = open_store(&setup.data_dir, "stop the server first")?;
-    let opens = keys::which_master_key(&store, &setup.key, &setup.key)
-        .await
-        .map_err(|e| CliError::Io(format!("the data directory's keys: {e}")))?;
-    if opens != Some(true) {
-        return Err(CliError::Usage(format!(
-            "the master key does not open the data directory {} (a wrong key, or no vault in it)",
-            setup.data_dir.display()
-        )));
-    }
+    let store = open_with_key(&setup, "stop the server first").await?;
     let last = sweeper::last_sweep_day(&store)
         .await
         .map_err(|e| CliError::Io(format!("reading the day of the last sweep: {e}")))?;
@@ -490,7 +498,7 @@ pub async fn resume_offline(
 /// `kluis retention resume`.
 pub async fn resume(args: &ResumeArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let at = args.at.unwrap_or_else(|| chrono::Utc::now().date_naive());
-    let setup = resolve_setup_from(args.config.clone(), args.dev, args.data_dir.clone())?;
+    let setup = args.setup.resolve()?;
     let last = resume_offline(setup, at, &super::keys::cli_principal()).await?;
     let before = last.map_or_else(|| "none recorded".to_string(), |d| d.to_string());
     let text = match last {

@@ -744,6 +744,27 @@ async fn verify(v: &TestVault) -> kluis::proto::VerifyChainResponse {
         .into_inner()
 }
 
+/// `kluis audit verify --data-dir DATA`, run.
+async fn verify_offline(data: &str) -> Run {
+    run_kluis(None, &["audit", "verify", "--data-dir", data], None).await
+}
+
+/// Creates `n` recruitment records ("Person 0", …) through `recruiter`, `pause` apart.
+async fn create_people(recruiter: &mut Client, n: usize, pause: Duration) {
+    for i in 0..n {
+        recruiter
+            .create_record(CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: fields(&[("full_name", text(&format!("Person {i}")))]),
+            })
+            .await
+            .expect("create");
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
 /// Runs `f` on the store of the stopped vault, then restarts it.
 async fn offline<F, Fut>(v: &mut TestVault, f: F)
 where
@@ -760,15 +781,7 @@ where
 async fn verify_chain_names_the_first_changed_deleted_or_moved_event() {
     let mut v = spawn_vault().await;
     let mut recruiter = v.client("recruiter").await;
-    for i in 0..6 {
-        recruiter
-            .create_record(CreateRecordRequest {
-                purpose: "recruitment".into(),
-                fields: fields(&[("full_name", text(&format!("Person {i}")))]),
-            })
-            .await
-            .expect("create");
-    }
+    create_people(&mut recruiter, 6, Duration::ZERO).await;
     let ok = verify(&v).await;
     assert!(ok.ok && ok.first_bad_seq == 0);
 
@@ -805,15 +818,7 @@ async fn verify_chain_names_the_first_changed_deleted_or_moved_event() {
     // Reordered: events 5 and 6 swapped (on a fresh vault, so 4 is intact).
     let mut w = spawn_vault().await;
     let mut recruiter = w.client("recruiter").await;
-    for i in 0..6 {
-        recruiter
-            .create_record(CreateRecordRequest {
-                purpose: "recruitment".into(),
-                fields: fields(&[("full_name", text(&format!("Person {i}")))]),
-            })
-            .await
-            .expect("create");
-    }
+    create_people(&mut recruiter, 6, Duration::ZERO).await;
     offline(&mut w, |store| async move {
         let five = stored_event(&store, 5).await;
         let six = stored_event(&store, 6).await;
@@ -863,15 +868,7 @@ async fn rewrite_chain(store: &SledStore, mut b: Batch) {
 async fn a_rewrite_with_every_checkpoint_deleted_is_caught_by_the_anchor_file() {
     let mut v = spawn_vault().await;
     let mut recruiter = v.client("recruiter").await;
-    for i in 0..4 {
-        recruiter
-            .create_record(CreateRecordRequest {
-                purpose: "recruitment".into(),
-                fields: fields(&[("full_name", text(&format!("Person {i}")))]),
-            })
-            .await
-            .expect("create");
-    }
+    create_people(&mut recruiter, 4, Duration::ZERO).await;
     assert!(verify(&v).await.ok);
     v.stop().await;
     let keys = v.dir.path().join("keys");
@@ -895,12 +892,7 @@ async fn a_rewrite_with_every_checkpoint_deleted_is_caught_by_the_anchor_file() 
         rewrite_chain(&store, b).await;
     }
     let data = path_arg(&data_dir(&v.dir));
-    let offline = run_kluis(
-        None,
-        &["audit", "verify", "--data-dir", data.as_str()],
-        None,
-    )
-    .await;
+    let offline = verify_offline(&data).await;
     assert_eq!(offline.code, 1, "{}", offline.all());
     assert!(
         offline.stdout.starts_with("FAILED: first bad event 1: ")
@@ -933,12 +925,7 @@ async fn a_rewrite_with_every_checkpoint_deleted_is_caught_by_the_anchor_file() 
             }
             store.commit(b).await.expect("change the id record");
         }
-        let run = run_kluis(
-            None,
-            &["audit", "verify", "--data-dir", data.as_str()],
-            None,
-        )
-        .await;
+        let run = verify_offline(&data).await;
         assert_eq!(run.code, 1, "{}", run.all());
         assert!(run.stdout.contains(needle), "{}", run.all());
         // Named explicitly, the anchor still catches the rewrite.
@@ -1028,15 +1015,7 @@ async fn the_anchor_goes_where_anchor_dir_says_and_must_be_writable() {
 async fn a_consistently_rewritten_chain_fails_checkpoint_verification() {
     let mut v = spawn_vault().await;
     let mut recruiter = v.client("recruiter").await;
-    for i in 0..4 {
-        recruiter
-            .create_record(CreateRecordRequest {
-                purpose: "recruitment".into(),
-                fields: fields(&[("full_name", text(&format!("Person {i}")))]),
-            })
-            .await
-            .expect("create");
-    }
+    create_people(&mut recruiter, 4, Duration::ZERO).await;
     // Stopping signs a checkpoint of the head.
     offline(&mut v, |store| async move {
         let head = Head::load(&store).await.expect("head");
@@ -1610,16 +1589,7 @@ async fn a_checkpoint_pointer_moved_back_fails_verification_offline_and_live() {
     })
     .await;
     let mut recruiter = v.client("recruiter").await;
-    for i in 0..6 {
-        recruiter
-            .create_record(CreateRecordRequest {
-                purpose: "recruitment".into(),
-                fields: fields(&[("full_name", text(&format!("Person {i}")))]),
-            })
-            .await
-            .expect("create");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    create_people(&mut recruiter, 6, Duration::from_millis(100)).await;
     drop(recruiter);
     v.stop().await;
     let oldest = {
@@ -1644,12 +1614,7 @@ async fn a_checkpoint_pointer_moved_back_fails_verification_offline_and_live() {
         cps[0]
     };
     let data = path_arg(&data_dir(&v.dir));
-    let offline = run_kluis(
-        None,
-        &["audit", "verify", "--data-dir", data.as_str()],
-        None,
-    )
-    .await;
+    let offline = verify_offline(&data).await;
     assert_eq!(offline.code, 1, "{}", offline.all());
     assert!(
         offline

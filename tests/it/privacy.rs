@@ -694,11 +694,7 @@ async fn no_lifecycle_change_gives_data_past_its_period_a_new_clock() {
             &["date", "past its maximum retention period", "new clock"],
         );
     }
-    let meta = listed(&mut payroll)
-        .await
-        .into_iter()
-        .find(|r| r.record_id == id)
-        .expect("listed");
+    let meta = listed_one(&mut payroll, &id).await;
     assert_eq!(
         (meta.lifecycle_stage.as_str(), meta.lifecycle_date.as_str()),
         ("ended", "2015-01-01")
@@ -740,11 +736,7 @@ async fn a_closed_procedure_is_reopened_at_most_once() {
         Code::FailedPrecondition,
         &["stage", "reopened once already", "CreateRecord"],
     );
-    let meta = listed(&mut recruiter)
-        .await
-        .into_iter()
-        .find(|r| r.record_id == id)
-        .expect("listed");
+    let meta = listed_one(&mut recruiter, &id).await;
     assert_eq!(meta.lifecycle_stage, "procedure_closed");
 }
 
@@ -790,11 +782,7 @@ async fn a_hire_after_a_closed_procedure_begins_before_its_data_falls_due() {
         .set_lifecycle(step("employed", &day_from_today(2)))
         .await
         .expect("moved earlier");
-    let meta = listed(&mut payroll)
-        .await
-        .into_iter()
-        .find(|r| r.record_id == id)
-        .expect("listed");
+    let meta = listed_one(&mut payroll, &id).await;
     assert_eq!(
         (meta.lifecycle_stage.as_str(), meta.lifecycle_date.as_str()),
         ("employed", day_from_today(2).as_str())
@@ -1046,6 +1034,15 @@ async fn payroll_record(payroll: &mut Client) -> kluis::proto::CreateRecordRespo
         .await
         .expect("payroll creates")
         .into_inner()
+}
+
+/// Record `id`'s metadata, as `client` lists it.
+async fn listed_one(client: &mut Client, id: &str) -> kluis::proto::RecordMeta {
+    listed(client)
+        .await
+        .into_iter()
+        .find(|r| r.record_id == id)
+        .expect("listed")
 }
 
 /// Every record's metadata, as `client` lists it (one page).
