@@ -1325,33 +1325,44 @@ pub async fn verify(
     // that writes each checkpoint): moved back, or naming a checkpoint that is gone, it stops
     // every later checkpoint (the signer refuses to sign), so the events after it stay
     // unsigned for anyone who can edit the store next (review 13).
-    if let Some(raw) = store.get(Keyspace::Meta, META_CHECKPOINT_LAST).await? {
-        let named = <[u8; 8]>::try_from(raw.as_slice())
-            .map(u64::from_be_bytes)
-            .unwrap_or(0);
-        if let Some((&newest, _)) = checkpoints.range(named + 1..).next_back() {
-            fail(
-                &mut v,
-                named + 1,
-                format!("`audit/checkpoint-last` names event {named}, but a signed checkpoint of event {newest} is stored: the pointer was moved back (no checkpoint is signed after it)"),
-            );
-        } else if named > 0
-            && !checkpoints.contains_key(&named)
-            && store
-                .get(Keyspace::Meta, &checkpoint_key(named))
-                .await?
-                .is_none()
-        {
-            let before = checkpoints
-                .range(..named)
-                .next_back()
-                .map_or(0, |(s, _)| *s);
-            fail(
-                &mut v,
-                before + 1,
-                format!("`audit/checkpoint-last` names a checkpoint of event {named}, which is not stored: it was deleted (no checkpoint is signed after it)"),
-            );
-        }
+    // Deleted while checkpoints are stored, it reads as moved back to none (review 14).
+    let pointer = store.get(Keyspace::Meta, META_CHECKPOINT_LAST).await?;
+    let named = pointer
+        .as_deref()
+        .map(|raw| {
+            <[u8; 8]>::try_from(raw)
+                .map(u64::from_be_bytes)
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    // Events after the newest stored checkpoint are the ones left unsigned.
+    if let Some((&newest, _)) = checkpoints.range(named + 1..).next_back() {
+        let said = if pointer.is_some() {
+            format!("`audit/checkpoint-last` names event {named}")
+        } else {
+            "`audit/checkpoint-last` is missing".to_string()
+        };
+        fail(
+            &mut v,
+            newest + 1,
+            format!("{said}, but a signed checkpoint of event {newest} is stored: the pointer was moved back or deleted (no checkpoint is signed after it)"),
+        );
+    } else if named > 0
+        && !checkpoints.contains_key(&named)
+        && store
+            .get(Keyspace::Meta, &checkpoint_key(named))
+            .await?
+            .is_none()
+    {
+        let before = checkpoints
+            .range(..named)
+            .next_back()
+            .map_or(0, |(s, _)| *s);
+        fail(
+            &mut v,
+            before + 1,
+            format!("`audit/checkpoint-last` names a checkpoint of event {named}, which is not stored: it was deleted (no checkpoint is signed after it)"),
+        );
     }
     // The anchor file's checkpoint counts as one of the store's (the store may have lost it).
     let anchor_seq = anchor.map(|a| a.seq);

@@ -196,31 +196,39 @@ pub fn loose_mode(path: &Path, forbidden: u32) -> std::io::Result<Option<u32>> {
 }
 
 /// Why the file `path` names could have been put there by a user with no say over it, if it
-/// could (`None` if not): it is owned by a user who is neither this process's, nor root, nor
-/// the owner of its directory (who could replace it anyway: e.g. the service account's own
-/// files, read by root's offline commands); or a directory on its path (as given, and after
-/// symlinks) is writable by group or others without the sticky bit, as ssh's `StrictModes`
-/// checks. Mode bits on the file alone do not stop a user who may write its directory from
-/// renaming their own file over it, nor one who owns it in a shared directory (review 13).
+/// could (`None` if not), as ssh's `StrictModes` checks: the file, and every directory on its
+/// path (as given, and after symlinks), must be owned by this process's user or root, and no
+/// such directory may be writable by group or others without the sticky bit. Mode bits on
+/// the file alone do not stop a user who may write its directory from renaming their own
+/// file over it, nor one who owns the file or a directory above it (reviews 13 and 14: a key
+/// `nobody` left in `/tmp/evil/` became the master key). A directory on a read-only mount is
+/// not counted as writable (a Kubernetes ConfigMap's mount is 0777 but read-only).
 pub fn replaceable_by_others(path: &Path) -> std::io::Result<Option<String>> {
     use std::os::unix::fs::MetadataExt;
     let me = rustix::process::geteuid().as_raw();
+    let trusted = |uid: u32| uid == me || uid == 0;
     let real = std::fs::canonicalize(path)?;
     let owner = std::fs::metadata(&real)?.uid();
-    let dir_owner = match real.parent() {
-        Some(dir) => std::fs::metadata(dir)?.uid(),
-        None => 0,
-    };
-    if owner != me && owner != 0 && owner != dir_owner {
+    if !trusted(owner) {
         return Ok(Some(format!(
-            "owned by uid {owner}, neither this process's user (uid {me}), nor root, nor its directory's owner (uid {dir_owner}); run `chown` on it"
+            "owned by uid {owner}, neither this process's user (uid {me}) nor root; run `chown` on it"
         )));
     }
     let given = std::path::absolute(path)?;
     for file in [given, real] {
         for dir in file.ancestors().skip(1) {
-            let mode = std::fs::metadata(dir)?.mode() & 0o7777;
-            if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            let meta = std::fs::metadata(dir)?;
+            let mode = meta.mode() & 0o7777;
+            if !trusted(meta.uid()) {
+                return Ok(Some(format!(
+                    "in directory {}, owned by uid {}, neither this process's user (uid {me}) nor root, who could replace the file; run `chown` on it",
+                    dir.display(),
+                    meta.uid()
+                )));
+            }
+            let read_only = rustix::fs::statvfs(dir)
+                .is_ok_and(|v| v.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY));
+            if mode & 0o022 != 0 && mode & 0o1000 == 0 && !read_only {
                 return Ok(Some(format!(
                     "in directory {}, writable by group or others (mode {mode:o}), who could replace the file; run `chmod go-w {}`",
                     dir.display(),
@@ -1324,9 +1332,18 @@ mod tests {
                 .expect("check")
                 .expect("another user's");
             assert!(why.contains("uid 65534"), "{why}");
-            // Unless that user owns the directory too (who could replace the file anyway).
+            // Nor when that user owns the directory too (review 14: `/tmp/evil/key`).
             std::os::unix::fs::chown(&dir, Some(65534), None).expect("chown");
-            assert_eq!(replaceable_by_others(&file).expect("check"), None);
+            assert!(replaceable_by_others(&file).expect("check").is_some());
+            // Root's file in another user's directory: that user could replace it.
+            std::os::unix::fs::chown(&file, Some(0), None).expect("chown");
+            let why = replaceable_by_others(&file)
+                .expect("check")
+                .expect("their directory");
+            assert!(
+                why.contains("in directory") && why.contains("uid 65534"),
+                "{why}"
+            );
         }
     }
 

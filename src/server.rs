@@ -472,7 +472,7 @@ async fn sweep_once(vault: &Vault<SledStore>, max_gap_days: u32) {
             return;
         }
     }
-    if let Err(e) = crate::sweeper::record_sweep_day(vault.store(), today, None).await {
+    if let Err(e) = crate::sweeper::record_sweep_day(vault.store(), today).await {
         tracing::error!(error = %e, "recording the day of the retention sweep failed");
     }
 }
@@ -554,12 +554,6 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         // hyper's default, stated: request metadata past it is refused by HTTP/2 (README).
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .layer(tower::util::MapRequestLayer::new(
-            move |request: http::Request<tonic::body::Body>| {
-                connections.mark(&request);
-                request
-            },
-        ))
-        .layer(tower::util::MapRequestLayer::new(
             gate::note_action::<tonic::body::Body>,
         ))
         .layer(tower::util::MapResponseLayer::new(move |response| {
@@ -639,7 +633,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     let checkpoint_health = Arc::new(crate::audit::CheckpointHealth::default());
     let (refusals, refusal_task) = gate::spawn_refusal_recorder(Arc::clone(&vault));
     let backlog = refusals.backlog();
-    let gate = Gate::new(auth.clone(), refusals);
+    let gate = Gate::new(auth.clone(), refusals).with_connections(Arc::clone(&connections));
     let audit = AuditServer::new(
         AuditService::new(
             Arc::clone(&vault),
@@ -829,7 +823,8 @@ struct Limited {
     cutoff: Arc<Cutoff>,
     /// Woken by the cutoff, so that a connection waiting for its socket sees it.
     waker: Arc<futures::task::AtomicWaker>,
-    /// Whether a request came on it ([`Connections::mark`]), and where it is registered.
+    /// Whether an authenticated call came on it ([`Connections::mark`]), and where it is
+    /// registered.
     state: Arc<ConnState>,
     connections: Arc<Connections>,
     /// Until the first request: when the connection is closed if none has come.
@@ -874,11 +869,12 @@ impl Drop for Limited {
 /// Most bytes of request metadata (HTTP/2 header list) a call may carry.
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
-/// How long a connection may stay open before its first request (any: a health check
-/// counts). Without it a client that connects and sends nothing, or completes the TLS
-/// handshake and then nothing, held one of the `max_connections` slots for good, and 1024
-/// of them locked every other client out (review 13; hyper has no timeout for the HTTP/2
-/// preface, and its keepalive pings start only after it).
+/// How long a connection may stay open before its first authenticated call. Without it a
+/// client that connects and sends nothing, or completes the TLS handshake and then nothing,
+/// held one of the `max_connections` slots for good, and 1024 of them locked every other
+/// client out (review 13; hyper has no timeout for the HTTP/2 preface, and its keepalive
+/// pings start only after it). Refused calls, health checks and reflection do not count:
+/// one refused call per connection kept the slot too (review 14).
 pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// One open client connection's state, shared with the layer that sees its requests.
@@ -888,7 +884,7 @@ struct ConnState {
 }
 
 /// The open client connections by peer address (unique among open TCP connections), so
-/// that the layer seeing a request can mark its connection as used.
+/// that the gate can mark a connection an authenticated call came on.
 #[derive(Debug, Default)]
 pub(crate) struct Connections {
     by_peer: parking_lot::Mutex<std::collections::HashMap<SocketAddr, Arc<ConnState>>>,
@@ -907,18 +903,10 @@ impl Connections {
         self.by_peer.lock().retain(|_, s| !Arc::ptr_eq(s, state));
     }
 
-    /// Marks the connection `request` came on as used (no first-request deadline any more).
-    fn mark<B>(&self, request: &http::Request<B>) {
-        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-        let ext = request.extensions();
-        let peer = ext
-            .get::<TcpConnectInfo>()
-            .and_then(TcpConnectInfo::remote_addr)
-            .or_else(|| {
-                ext.get::<TlsConnectInfo<TcpConnectInfo>>()
-                    .and_then(|tls| tls.get_ref().remote_addr())
-            });
-        if let Some(state) = peer.and_then(|peer| self.by_peer.lock().get(&peer).cloned()) {
+    /// Marks the connection from `peer` as used by an authenticated caller (no first-request
+    /// deadline any more).
+    pub(crate) fn mark(&self, peer: SocketAddr) {
+        if let Some(state) = self.by_peer.lock().get(&peer).cloned() {
             state
                 .requested
                 .store(true, std::sync::atomic::Ordering::Release);

@@ -1387,12 +1387,6 @@ fn apply_ops(trees: &[sled::Tree; 5], ops: &[Op], seq: u64) -> Result<(), StoreE
     Ok(())
 }
 
-/// Removes sled's unfinished snapshot files from `dir`, unless another process holds the
-/// store. sled 0.34 writes a snapshot as `snap.<lsn>.generating` and renames it when whole,
-/// but on open it takes the newest `snap.*` file, `.generating` ones included: one cut short
-/// by a crash (`kill -9` while sled wrote it) made every later open fail with "Read
-/// corrupted data". Without it sled recovers from its previous snapshot and its log, which it
-/// keeps until a snapshot is renamed into place.
 /// Makes `dir` the store's directory, mode 0700 (no one else may list or enter it). A missing
 /// one is created. An existing one must hold a store already, or be empty (apart from a file
 /// system's `lost+found`): a mistyped path naming a shared directory (`/tmp`, `/var`) is
@@ -1426,6 +1420,11 @@ fn claim_data_dir(dir: &Path) -> Result<(), StoreError> {
             dir.display()
         )));
     }
+    // A store: sled's `db` and `conf` files, as files (a shared directory with a `conf`
+    // directory in it is not one; review 14).
+    let holds_store = ["db", "conf"].iter().all(|name| {
+        std::fs::symlink_metadata(dir.join(name)).is_ok_and(|m| m.file_type().is_file())
+    });
     let names: Vec<String> = std::fs::read_dir(dir)
         .map_err(|e| StoreError::Io(format!("listing the data directory {}: {e}", dir.display())))?
         .map(|entry| entry.map(|e| e.file_name().to_string_lossy().into_owned()))
@@ -1433,9 +1432,6 @@ fn claim_data_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| {
             StoreError::Io(format!("listing the data directory {}: {e}", dir.display()))
         })?;
-    let holds_store = names
-        .iter()
-        .any(|n| matches!(n.as_str(), "db" | "conf" | "wal"));
     let empty = names.iter().all(|n| n == "lost+found");
     if !holds_store && !empty {
         let mut shown: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -1459,6 +1455,12 @@ fn claim_data_dir(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Removes sled's unfinished snapshot files from `dir`, unless another process holds the
+/// store. sled 0.34 writes a snapshot as `snap.<lsn>.generating` and renames it when whole,
+/// but on open it takes the newest `snap.*` file, `.generating` ones included: one cut short
+/// by a crash (`kill -9` while sled wrote it) made every later open fail with "Read
+/// corrupted data". Without it sled recovers from its previous snapshot and its log, which it
+/// keeps until a snapshot is renamed into place.
 fn drop_unfinished_sled_snapshots(dir: &Path) -> std::io::Result<()> {
     let lock_path = dir.join("db");
     let Ok(lock) = std::fs::OpenOptions::new()
@@ -1673,6 +1675,11 @@ mod tests {
         );
         assert_eq!(mode(&shared), 0o1777);
         assert_eq!(std::fs::read_dir(&shared).expect("list").count(), 1);
+        // Nor is an entry named like sled's files a store (review 14: a `conf` directory).
+        std::fs::create_dir(shared.join("conf")).expect("mkdir");
+        let err = SledStore::open(&shared).err().expect("refused").to_string();
+        assert!(err.contains("holds other files"), "{err}");
+        assert_eq!(mode(&shared), 0o1777);
         // An empty one (a mount point's `lost+found` aside) is made private and used.
         let empty = root.path().join("empty");
         std::fs::create_dir_all(empty.join("lost+found")).expect("mkdir");

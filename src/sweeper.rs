@@ -183,18 +183,32 @@ pub async fn sweep_day<S: Store>(
 }
 
 /// Records `day` as the day of the last sweep, unless a later one is recorded already (by
-/// another instance, or before the clock moved back). `event` (an audit event body), if any,
-/// is written in the same batch.
-pub async fn record_sweep_day<S: Store>(
+/// another instance, or before the clock moved back).
+pub async fn record_sweep_day<S: Store>(store: &S, day: NaiveDate) -> Result<(), VaultError> {
+    write_sweep_day(store, day, None).await.map(|_| ())
+}
+
+/// An operator's confirmation of `day` (`kluis retention resume`): recorded as it is, also
+/// earlier than the recorded day (after a clock that ran ahead was set right), with the audit
+/// event `event(previous day)` in the same batch. Returns the day recorded before.
+pub async fn confirm_sweep_day<S: Store>(
     store: &S,
     day: NaiveDate,
-    event: Option<Vec<u8>>,
-) -> Result<(), VaultError> {
+    event: impl Fn(Option<NaiveDate>) -> Vec<u8> + Send + Sync,
+) -> Result<Option<NaiveDate>, VaultError> {
+    write_sweep_day(store, day, Some(&event)).await
+}
+
+async fn write_sweep_day<S: Store>(
+    store: &S,
+    day: NaiveDate,
+    event: Option<&(dyn Fn(Option<NaiveDate>) -> Vec<u8> + Send + Sync)>,
+) -> Result<Option<NaiveDate>, VaultError> {
     loop {
         let stored = store.get(Keyspace::Meta, META_SWEEP_DAY).await?;
         let last = stored.as_deref().map(parse_sweep_day).transpose()?;
         if last.is_some_and(|last| last >= day) && event.is_none() {
-            return Ok(());
+            return Ok(last);
         }
         let mut batch = Batch::default();
         batch.expect(
@@ -202,17 +216,21 @@ pub async fn record_sweep_day<S: Store>(
             META_SWEEP_DAY.to_vec(),
             stored.map_or(Expect::Absent, Expect::Value),
         );
-        let newest = last.map_or(day, |last| last.max(day));
+        // Automatic: the later day; confirmed: the day given.
+        let recorded = match event {
+            Some(_) => day,
+            None => last.map_or(day, |last| last.max(day)),
+        };
         batch.put(
             Keyspace::Meta,
             META_SWEEP_DAY.to_vec(),
-            newest.format("%Y-%m-%d").to_string().into_bytes(),
+            recorded.format("%Y-%m-%d").to_string().into_bytes(),
         );
-        if let Some(event) = &event {
-            batch.append_event(event.clone());
+        if let Some(event) = event {
+            batch.append_event(event(last));
         }
         match store.commit(batch).await {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(last),
             // Another instance recorded its sweep meanwhile: read it again.
             Err(StoreError::Conflict) => continue,
             Err(e) => return Err(e.into()),
@@ -291,7 +309,7 @@ mod tests {
             sweep_day(&store, d("2026-11-26"), 7).await.expect("day"),
             SweepDay::Run(d("2026-11-26"))
         );
-        record_sweep_day(&store, d("2026-11-26"), None)
+        record_sweep_day(&store, d("2026-11-26"))
             .await
             .expect("recorded");
         for (today, gap, runs) in [
@@ -314,14 +332,14 @@ mod tests {
             assert_eq!(got, want, "{today} with a gap of {gap}");
         }
         // The recorded day only moves forward.
-        record_sweep_day(&store, d("2020-01-01"), None)
+        record_sweep_day(&store, d("2020-01-01"))
             .await
             .expect("recorded");
         assert_eq!(
             last_sweep_day(&store).await.expect("day"),
             Some(d("2026-11-26"))
         );
-        record_sweep_day(&store, d("2026-11-30"), None)
+        record_sweep_day(&store, d("2026-11-30"))
             .await
             .expect("recorded");
         assert_eq!(

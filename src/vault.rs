@@ -196,6 +196,7 @@ fn check_lifecycle_step(
     stage: &str,
     date: chrono::NaiveDate,
     rules: &retention::RetentionRules,
+    today: chrono::NaiveDate,
 ) -> Result<(), VaultError> {
     let consent_purpose = rules.applicant_consent_purpose.as_str();
     let worked = matches!(body.lifecycle.as_str(), "employed" | "ended");
@@ -245,23 +246,50 @@ fn check_lifecycle_step(
             body.lifecycle
         )));
     }
-    // A closed applicant hired: the employment begins before the closed procedure's data
-    // falls due, or the data would keep no clock from a start dated ahead (and moved on
-    // again and again) in place of the once-only reopening (review 12).
-    if let (Some(closed), "employed") = (body.closed_procedure_day(), stage) {
-        let consent = body
-            .consents
-            .get(consent_purpose)
-            .is_some_and(|c| c.granted);
-        let days = if consent {
-            rules.applicant_consent_max_days
-        } else {
-            rules.applicant_max_days
-        };
-        let due = closed + chrono::Days::new(u64::from(days));
-        if date > due {
+    // An employment dated ahead stops every clock until it begins. So it may not begin after
+    // the data it finds would fall due under the clocks that run without it (the closed
+    // procedure's, or the last employment's), counted without the withdrawable consent; nor
+    // be moved there later (reviews 12 and 14: a start a year ahead, moved on again and
+    // again, kept a closed applicant's data with no clock).
+    if stage == "employed" && date > today {
+        let held: BTreeSet<&str> = body.fields.values().map(|f| f.category.as_str()).collect();
+        let mut without = body.clone();
+        if without.lifecycle == "employed" {
+            let (stage, since) = match (record::stored_day(&body.closed_on), body.latest_end()) {
+                (_, Some(ended)) => ("ended", Some(ended)),
+                (Some(closed), None) => ("procedure_closed", Some(closed)),
+                (None, None) => ("applicant", None),
+            };
+            without.lifecycle = stage.into();
+            without.lifecycle_date = since.map(|d| d.to_string()).unwrap_or_default();
+        }
+        if let Some(c) = without.consents.get_mut(consent_purpose) {
+            c.granted = false;
+        }
+        let due = retention::deadlines(rules, &without)
+            .into_iter()
+            .filter(|d| held.contains(d.category.as_str()))
+            .filter_map(|d| d.erase_on.map(|on| (on, d.category)))
+            .min();
+        // (Data due already: the new-clock rule below says so.)
+        if let Some((due, category)) = due.filter(|(due, _)| date > *due && *due > today) {
             return Err(VaultError::FailedPrecondition(format!(
-                "date: record {id}'s procedure closed on {closed}, so its data falls due on {due}: an employment following it may begin on {due} at the latest (a later start would keep the data past its period). Reopen the procedure (stage `applicant`) first, or date the start on or before {due}"
+                "date: record {id}'s data of category {category} falls due on {due} ({}): an employment dated ahead stops its clock until it begins, so it may begin on {due} at the latest (counted without consent for `{consent_purpose}`, which can be withdrawn). Date the start on or before {due}, or reopen a closed procedure (stage `applicant`) first",
+                if without.lifecycle == "ended" {
+                    "counted from the last employment's end"
+                } else {
+                    "counted from the close of the procedure"
+                }
+            )));
+        }
+    }
+    // An employment that has not begun does not end: a hire that fell through is dated to
+    // begin today and ended today, so that no end dated ahead moves the legal duties' years
+    // on without anyone having worked (review 14).
+    if body.lifecycle == "employed" && stage == "ended" {
+        if let Some(begins) = since.filter(|begins| *begins > today) {
+            return Err(VaultError::FailedPrecondition(format!(
+                "stage: record {id}'s employment begins on {begins}, after today: it cannot end before it began; if the hire fell through, date `employed` today, then end it"
             )));
         }
     }
@@ -1603,7 +1631,7 @@ impl<S: Store> Vault<S> {
                                     .map(|on| (d.category, on))
                             })
                             .collect();
-                    check_lifecycle_step(id, &body, stage, day, &self.retention)?;
+                    check_lifecycle_step(id, &body, stage, day, &self.retention, today)?;
                     if body.lifecycle == "procedure_closed" && stage == "applicant" {
                         body.reopened = true;
                     }
@@ -2723,8 +2751,15 @@ mod tests {
     /// [`check_lifecycle_step`] with the default consent purpose, its error as text.
     fn lifecycle_step(id: Uuid, body: &RecordBody, stage: &str, date: &str) -> Result<(), String> {
         let day = crate::record::parse_request_day(date).expect("a test date");
-        check_lifecycle_step(id, body, stage, day, &retention::RetentionRules::default())
-            .map_err(|e| e.to_string())
+        check_lifecycle_step(
+            id,
+            body,
+            stage,
+            day,
+            &retention::RetentionRules::default(),
+            chrono::Utc::now().date_naive(),
+        )
+        .map_err(|e| e.to_string())
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub use super::audit::{EXIT_FAILED, EXIT_USAGE};
 /// The exit codes, for `--help`.
 pub const EXIT_CODES: &str = "Exit codes:\n  0  ok\n  1  the plan was printed, but records are damaged (their header fails its integrity check):\n     they are left out of it (`N records damaged (left out)`), and the sweeper leaves them too\n  2  usage, configuration or IO error (also: the data directory is in use by a running\n     server, or the master key does not open it)";
 /// The exit codes of `resume`, for `--help`.
-pub const RESUME_EXIT_CODES: &str = "Exit codes:\n  0  the date was recorded (or a later one was already)\n  2  usage, configuration or IO error (also: the data directory is in use by a running\n     server, or the master key does not open it); nothing was changed";
+pub const RESUME_EXIT_CODES: &str = "Exit codes:\n  0  the date was recorded\n  2  usage, configuration or IO error (also: the data directory is in use by a running\n     server, or the master key does not open it); nothing was changed";
 
 /// What to do instead of planning over a data directory a server holds.
 const STOP_SERVER_FIRST: &str = "plan on a backup of it restored elsewhere (--data-dir DIR)";
@@ -475,24 +475,41 @@ pub async fn resume_offline(
     at: NaiveDate,
     principal: &str,
 ) -> Result<Option<NaiveDate>, CliError> {
+    // A date the machine's clock has not reached would turn the pause off until then (a
+    // typo, 2206 for 2026; review 14). A day of slack for time zones.
+    let latest = chrono::Utc::now().date_naive() + chrono::Days::new(1);
+    if at > latest {
+        return Err(CliError::Usage(format!(
+            "--at {at} is after this machine's date ({}): confirm the date the clock says, not a later one",
+            latest - chrono::Days::new(1)
+        )));
+    }
     let store = open_with_key(&setup, "stop the server first").await?;
-    let last = sweeper::last_sweep_day(&store)
-        .await
-        .map_err(|e| CliError::Io(format!("reading the day of the last sweep: {e}")))?;
-    let mut draft = crate::audit::Draft::new(
-        sweeper::RESUME_ACTION,
-        principal,
-        crate::rotation::SYSTEM_ROLE,
-    );
-    draft.outcome = crate::audit::Outcome::Ok.as_str().to_string();
-    sweeper::record_sweep_day(&store, at, Some(draft.encode()))
+    let principal = principal.to_string();
+    // The event names the day recorded before and the day confirmed.
+    let event = move |last: Option<NaiveDate>| {
+        let mut draft = crate::audit::Draft::new(
+            sweeper::RESUME_ACTION,
+            &principal,
+            crate::rotation::SYSTEM_ROLE,
+        );
+        draft.field_names = vec![
+            format!(
+                "previous:{}",
+                last.map_or_else(|| "none".to_string(), |d| d.to_string())
+            ),
+            format!("confirmed:{at}"),
+        ];
+        draft.outcome = crate::audit::Outcome::Ok.as_str().to_string();
+        draft.encode()
+    };
+    sweeper::confirm_sweep_day(&store, at, event)
         .await
         .map_err(|e| {
             CliError::Io(format!(
                 "recording the date failed, nothing was changed: {e}"
             ))
-        })?;
-    Ok(last)
+        })
 }
 
 /// `kluis retention resume`.
@@ -501,14 +518,9 @@ pub async fn resume(args: &ResumeArgs, out: &mut dyn Write) -> Result<(), CliErr
     let setup = args.setup.resolve()?;
     let last = resume_offline(setup, at, &super::keys::cli_principal()).await?;
     let before = last.map_or_else(|| "none recorded".to_string(), |d| d.to_string());
-    let text = match last {
-        Some(last) if last > at => format!(
-            "The last sweep ran as of {last}, after {at}: kept. The sweeper goes on from {last}.\n"
-        ),
-        _ => format!(
-            "Confirmed {at} (last sweep: {before}). At its next pass the sweeper erases every category due by then.\n"
-        ),
-    };
+    let text = format!(
+        "Confirmed {at} (last sweep: {before}). At its next pass the sweeper erases every category due by then.\n"
+    );
     out.write_all(text.as_bytes()).map_err(output_error)
 }
 

@@ -151,12 +151,24 @@ fn action_of(path: &str) -> Option<&'static str> {
 pub struct Gate {
     auth: Authenticator,
     refusals: Refusals,
+    connections: Option<Arc<crate::server::Connections>>,
 }
 
 impl Gate {
     /// A gate authenticating with `auth` and recording refusals through `refusals`.
     pub fn new(auth: Authenticator, refusals: Refusals) -> Self {
-        Self { auth, refusals }
+        Self {
+            auth,
+            refusals,
+            connections: None,
+        }
+    }
+
+    /// Marks the connections authenticated calls come on in `connections` (they then keep
+    /// their slot past the first-request deadline).
+    pub(crate) fn with_connections(mut self, connections: Arc<crate::server::Connections>) -> Self {
+        self.connections = Some(connections);
+        self
     }
 }
 
@@ -164,6 +176,10 @@ impl Interceptor for Gate {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         match self.auth.authenticate(&request) {
             Ok(caller) => {
+                if let (Some(connections), Some(peer)) = (&self.connections, request.remote_addr())
+                {
+                    connections.mark(peer);
+                }
                 request.extensions_mut().insert(Authenticated(caller));
                 Ok(request)
             }

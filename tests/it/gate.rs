@@ -267,10 +267,10 @@ async fn past_max_connections_a_new_connection_waits_until_one_closes() {
         .expect("the second connection is served");
 }
 
-/// A client that connects and sends nothing (no HTTP/2 preface, no request) is closed once
-/// the first-request deadline passes, freeing its `max_connections` slot: 1024 of them used
-/// to lock every other client out for good (review 13). A connection that made a request
-/// (here a health check, which needs no token) stays.
+/// A client that connects and sends nothing (no HTTP/2 preface, no request), or makes only
+/// refused calls, is closed once the first-request deadline passes, freeing its
+/// `max_connections` slot: 1024 of them used to lock every other client out for good
+/// (reviews 13 and 14). A connection that made an authenticated call stays.
 #[tokio::test]
 async fn a_connection_that_sends_no_request_is_closed_and_frees_its_slot() {
     use tokio::io::AsyncReadExt;
@@ -304,11 +304,27 @@ async fn a_connection_that_sends_no_request_is_closed_and_frees_its_slot() {
         .await;
         assert!(closed.is_ok(), "a silent connection was not closed");
     }
+    // A refused call does not keep the slot either (review 14): both slots held by clients
+    // without a token, each refused once; a client with a token is served once they are cut.
+    let mut refused = Vec::new();
+    for _ in 0..2 {
+        let mut stranger = v.client_with_token(Some("Bearer kluis_not-a-token")).await;
+        assert_status(
+            stranger.list_records(ListRecordsRequest::default()).await,
+            Code::Unauthenticated,
+            &["invalid bearer token"],
+        );
+        refused.push(stranger);
+    }
     let mut client = v.client("recruiter").await;
-    client
-        .list_records(ListRecordsRequest::default())
-        .await
-        .expect("served once the silent ones were closed");
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        client.list_records(ListRecordsRequest::default()),
+    )
+    .await
+    .expect("served once the refused clients' connections were cut")
+    .expect("served once the silent ones were closed");
+    drop(refused);
     // A connection in use is not closed by the deadline.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     client

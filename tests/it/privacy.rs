@@ -787,6 +787,41 @@ async fn a_hire_after_a_closed_procedure_begins_before_its_data_falls_due() {
         (meta.lifecycle_stage.as_str(), meta.lifecycle_date.as_str()),
         ("employed", day_from_today(2).as_str())
     );
+    // An employment that has not begun does not end (review 14: ending it ahead, then
+    // rehiring ahead, moved the clocks on again and again).
+    assert_status(
+        payroll
+            .set_lifecycle(step("ended", &day_from_today(5)))
+            .await,
+        Code::FailedPrecondition,
+        &["stage", "cannot end before it began"],
+    );
+    // The bound is counted without the consent that can be withdrawn (review 14: a hire
+    // within the consent's year kept its start after the withdrawal).
+    let pooled = applicant(&v, "pooled-hire@example.nl").await;
+    recruiter
+        .set_consent(consent(&pooled, "talent_pool", true))
+        .await
+        .expect("consent");
+    recruiter
+        .set_lifecycle(SetLifecycleRequest {
+            record_id: pooled.clone(),
+            stage: "procedure_closed".into(),
+            date: day_from_today(-20),
+        })
+        .await
+        .expect("closed");
+    assert_status(
+        payroll
+            .set_lifecycle(SetLifecycleRequest {
+                record_id: pooled.clone(),
+                stage: "employed".into(),
+                date: day_from_today(30),
+            })
+            .await,
+        Code::FailedPrecondition,
+        &["date", &format!("falls due on {due}"), "without consent"],
+    );
     // Reopened first, the procedure is open again (once): the start may lie further ahead.
     let other = applicant(&v, "reopened-hire@example.nl").await;
     let step = |stage: &str, date: &str| SetLifecycleRequest {
@@ -1923,40 +1958,38 @@ async fn an_export_too_large_to_send_is_refused_naming_the_setting() {
     );
 }
 
-static JUMP_TODAY: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-
-/// A clock set years ahead has the sweeper pause, erasing nothing, until an operator confirms
-/// the date with `kluis retention resume` (server stopped); then it sweeps as of that date.
+/// The day of the last sweep 30 days back (the vault was down, or the clock had jumped):
+/// the sweeper pauses, erasing nothing, until an operator confirms the date with `kluis
+/// retention resume` (server stopped); then it sweeps as of that date.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_clock_jumping_ahead_pauses_the_sweeper_until_the_date_is_confirmed() {
+async fn a_clock_far_past_the_last_sweep_pauses_the_sweeper_until_the_date_is_confirmed() {
     let mut v = spawn_vault().await;
+    v.stop().await;
+    {
+        let store = kluis::store::SledStore::open(&data_dir(&v.dir)).expect("open");
+        let mut b = kluis::store::Batch::default();
+        b.put(
+            kluis::store::Keyspace::Meta,
+            kluis::sweeper::META_SWEEP_DAY.to_vec(),
+            day_from_today(-30).into_bytes(),
+        );
+        kluis::store::Store::commit(&store, b)
+            .await
+            .expect("last sweep 30 days back");
+    }
+    v.tweak = Some(|s| s.retention.sweep_interval_secs = 1);
+    v.start().await.expect("restart");
+    // Closed 40 days ago: due 12 days ago, in every pass of the next seconds.
     let id = applicant(&v, "clock@example.nl").await;
     v.client("recruiter")
         .await
         .set_lifecycle(SetLifecycleRequest {
             record_id: id.clone(),
             stage: "procedure_closed".into(),
-            date: day_from_today(0),
+            date: day_from_today(-40),
         })
         .await
-        .expect("closed today");
-    // The start-up pass ran on the real clock: today is the last sweep's day.
-    v.stop().await;
-    let ahead = chrono::Utc::now().date_naive() + chrono::Days::new(3650);
-    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch");
-    JUMP_TODAY.store(
-        (ahead - epoch).num_days(),
-        std::sync::atomic::Ordering::SeqCst,
-    );
-    v.tweak = Some(|s| {
-        s.clock = std::sync::Arc::new(|| {
-            chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch")
-                + chrono::Days::new(JUMP_TODAY.load(std::sync::atomic::Ordering::SeqCst) as u64)
-        });
-        s.retention.sweep_interval_secs = 1;
-    });
-    v.start().await.expect("restart");
-    // Passes run every second; ten years on, the applicant would be due in each of them.
+        .expect("closed 40 days ago");
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     v.client("recruiter")
         .await
@@ -1964,6 +1997,7 @@ async fn a_clock_jumping_ahead_pauses_the_sweeper_until_the_date_is_confirmed() 
         .await
         .expect("nothing erased while the sweeper is paused");
     v.stop().await;
+    let today = chrono::Utc::now().date_naive();
 
     // The operator confirms the date (offline); the audit trail names them.
     let home = v.dir.path().join("operator");
@@ -1973,24 +2007,25 @@ async fn a_clock_jumping_ahead_pauses_the_sweeper_until_the_date_is_confirmed() 
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .expect("0600");
     let data = data_dir(&v.dir);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kluis"))
-        .args([
-            "retention",
-            "resume",
-            "--dev",
-            "--at",
-            &ahead.to_string(),
-            "--data-dir",
-        ])
-        .arg(&data)
-        .current_dir(&home)
-        .env_remove("KLUIS_MASTER_KEY")
-        .output()
-        .expect("run kluis");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{text}");
-    assert!(text.contains(&format!("Confirmed {ahead}")), "{text}");
+    let resume = |at: String| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kluis"))
+            .args(["retention", "resume", "--dev", "--at", &at, "--data-dir"])
+            .arg(&data)
+            .current_dir(&home)
+            .env_remove("KLUIS_MASTER_KEY")
+            .output()
+            .expect("run kluis");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    // A date the clock has not reached (a typo) is refused: it would turn the pause off.
+    let (code, text) = resume(day_from_today(10));
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("after this machine's date"), "{text}");
+    let (code, text) = resume(today.to_string());
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(&format!("Confirmed {today}")), "{text}");
 
     v.start().await.expect("restart");
     until_gone(&v, &id, "recruiter", "personal_offers").await;
@@ -2000,10 +2035,17 @@ async fn a_clock_jumping_ahead_pauses_the_sweeper_until_the_date_is_confirmed() 
             ..Default::default()
         })
         .await;
-    assert!(
-        events
-            .iter()
-            .any(|e| e.action == "ResumeRetentionSweeps" && e.principal.starts_with("cli:")),
-        "the confirmation is audited"
+    let confirmed: Vec<_> = events
+        .iter()
+        .filter(|e| e.action == "ResumeRetentionSweeps" && e.principal.starts_with("cli:"))
+        .map(|e| e.field_names.clone())
+        .collect();
+    assert_eq!(
+        confirmed,
+        vec![vec![
+            format!("previous:{}", day_from_today(-30)),
+            format!("confirmed:{today}")
+        ]],
+        "the confirmation is audited once, with both days"
     );
 }
