@@ -208,7 +208,12 @@ pub fn replaceable_by_others(path: &Path) -> std::io::Result<Option<String>> {
     let me = rustix::process::geteuid().as_raw();
     let trusted = |uid: u32| uid == me || uid == 0;
     let real = std::fs::canonicalize(path)?;
-    let owner = std::fs::metadata(&real)?.uid();
+    // A symbolic link's own owner too: whoever made it chose where it points (review 15).
+    let link_owner = std::fs::symlink_metadata(path)?.uid();
+    let owner = match std::fs::metadata(&real)?.uid() {
+        owner if trusted(owner) => link_owner,
+        owner => owner,
+    };
     if !trusted(owner) {
         return Ok(Some(format!(
             "owned by uid {owner}, neither this process's user (uid {me}) nor root; run `chown` on it"
@@ -1344,6 +1349,19 @@ mod tests {
                 why.contains("in directory") && why.contains("uid 65534"),
                 "{why}"
             );
+            // Another user's link to root's file, in root's directory (review 15).
+            let own = root.path().join("own");
+            std::fs::create_dir(&own).expect("mkdir");
+            let target = own.join("real.toml");
+            std::fs::write(&target, b"x").expect("write");
+            let link = own.join("policy.toml");
+            std::os::unix::fs::symlink(&target, &link).expect("symlink");
+            assert_eq!(replaceable_by_others(&link).expect("check"), None);
+            std::os::unix::fs::lchown(&link, Some(65534), None).expect("lchown");
+            let why = replaceable_by_others(&link)
+                .expect("check")
+                .expect("their link");
+            assert!(why.contains("uid 65534"), "{why}");
         }
     }
 

@@ -199,6 +199,15 @@ fn check_lifecycle_step(
     today: chrono::NaiveDate,
 ) -> Result<(), VaultError> {
     let consent_purpose = rules.applicant_consent_purpose.as_str();
+    // A hire whose employment has not begun, after no earlier one, has no legal duty yet: if
+    // it falls through, the procedure is closed again (review 15: ending it made the
+    // applicant a former employee, kept for years).
+    let not_begun = body.lifecycle == "employed"
+        && body.lifecycle_day().is_some_and(|begins| begins > today)
+        && body.latest_end().is_none();
+    if not_begun && stage == "procedure_closed" {
+        return Ok(());
+    }
     let worked = matches!(body.lifecycle.as_str(), "employed" | "ended");
     if worked && matches!(stage, "applicant" | "procedure_closed") {
         return Err(VaultError::FailedPrecondition(format!(
@@ -289,7 +298,7 @@ fn check_lifecycle_step(
     if body.lifecycle == "employed" && stage == "ended" {
         if let Some(begins) = since.filter(|begins| *begins > today) {
             return Err(VaultError::FailedPrecondition(format!(
-                "stage: record {id}'s employment begins on {begins}, after today: it cannot end before it began; if the hire fell through, date `employed` today, then end it"
+                "stage: record {id}'s employment begins on {begins}, after today: it cannot end before it began; if the hire fell through, close the procedure (stage `procedure_closed`, dated today)"
             )));
         }
     }
@@ -306,6 +315,13 @@ fn check_lifecycle_step(
         if stage == "ended" && date < ended {
             return Err(VaultError::FailedPrecondition(format!(
                 "date: record {id} ended on {ended}: the end date may only move later (the legal duties to keep its data count from it)"
+            )));
+        }
+        // An end dated ahead is notice given while employed; an end already past is corrected
+        // at most to today (review 15: moved a year ahead, it restarted every clock).
+        if stage == "ended" && body.lifecycle == "ended" && date > today && date > ended {
+            return Err(VaultError::FailedPrecondition(format!(
+                "date: record {id} ended on {ended}: an end already recorded is corrected at most to today ({today}); an end dated ahead is set while the record is `employed`"
             )));
         }
         if stage == "employed" && date < ended {

@@ -794,8 +794,39 @@ async fn a_hire_after_a_closed_procedure_begins_before_its_data_falls_due() {
             .set_lifecycle(step("ended", &day_from_today(5)))
             .await,
         Code::FailedPrecondition,
-        &["stage", "cannot end before it began"],
+        &["stage", "cannot end before it began", "procedure_closed"],
     );
+    // A hire that fell through before it began closes the procedure again (review 15:
+    // ending it made the applicant a former employee, kept for years).
+    payroll
+        .set_lifecycle(step("procedure_closed", &day_from_today(0)))
+        .await
+        .expect("the hire fell through");
+    // An end already past is corrected at most to today, never moved ahead (review 15: a
+    // year ahead restarted every clock).
+    let former = payroll_record(&mut payroll).await.record_id;
+    let former_step = |stage: &str, date: String| SetLifecycleRequest {
+        record_id: former.clone(),
+        stage: stage.into(),
+        date,
+    };
+    for (stage, days) in [("employed", -900), ("ended", -700)] {
+        payroll
+            .set_lifecycle(former_step(stage, day_from_today(days)))
+            .await
+            .unwrap_or_else(|e| panic!("{stage}: {e:?}"));
+    }
+    assert_status(
+        payroll
+            .set_lifecycle(former_step("ended", day_from_today(366)))
+            .await,
+        Code::FailedPrecondition,
+        &["date", "corrected at most to today"],
+    );
+    payroll
+        .set_lifecycle(former_step("ended", day_from_today(-650)))
+        .await
+        .expect("a correction, later but past");
     // The bound is counted without the consent that can be withdrawn (review 14: a hire
     // within the consent's year kept its start after the withdrawal).
     let pooled = applicant(&v, "pooled-hire@example.nl").await;
