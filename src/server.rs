@@ -547,12 +547,16 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     // opened, so that a bad TLS file stops the start before anything is made or run).
     // No request timeout: the key jobs' progress streams run as long as their job.
     let limit = settings.max_request_bytes;
+    let budget = BodyBudget::for_requests(limit);
     let mut builder = Server::builder()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         // hyper's default, stated: request metadata past it is refused by HTTP/2 (README).
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .layer(tower::util::MapRequestLayer::new(
+            move |request: http::Request<tonic::body::Body>| request.map(|b| budget.wrap(b)),
+        ))
         .layer(tower::util::MapRequestLayer::new(
             gate::note_action::<tonic::body::Body>,
         ))
@@ -866,6 +870,90 @@ impl Drop for Limited {
     }
 }
 
+/// The request bytes all calls together may hold while their bodies arrive, as a multiple
+/// of `max_request_bytes` (at least [`MIN_BODY_BUDGET`]). A call's body is held whole until
+/// it decodes: without a total, any caller with a token could pin `max_request_bytes` per
+/// call, 128 calls per connection, by sending bodies slowly (review 13).
+pub const BODY_BUDGET_FACTOR: usize = 4;
+/// The least budget of request bytes in flight.
+pub const MIN_BODY_BUDGET: usize = 64 * 1024 * 1024;
+
+/// The budget of request bytes in flight, in KiB permits, shared by every call.
+#[derive(Clone)]
+pub(crate) struct BodyBudget(Arc<Semaphore>);
+
+impl BodyBudget {
+    /// A budget for a server whose calls may carry `max_request_bytes` each.
+    pub(crate) fn for_requests(max_request_bytes: usize) -> Self {
+        let bytes = max_request_bytes
+            .saturating_mul(BODY_BUDGET_FACTOR)
+            .max(MIN_BODY_BUDGET);
+        Self::of_kib(bytes.div_ceil(1024))
+    }
+
+    fn of_kib(kib: usize) -> Self {
+        Self(Arc::new(Semaphore::new(
+            kib.clamp(1, Semaphore::MAX_PERMITS),
+        )))
+    }
+
+    /// `body`, holding its bytes against the budget until it is dropped.
+    pub(crate) fn wrap(&self, body: tonic::body::Body) -> tonic::body::Body {
+        tonic::body::Body::new(BudgetedBody {
+            inner: body,
+            budget: Arc::clone(&self.0),
+            held: None,
+        })
+    }
+}
+
+/// A request body whose data frames take permits (KiB) from the shared budget; when none
+/// are left, the call fails `RESOURCE_EXHAUSTED` rather than wait holding what it has.
+struct BudgetedBody {
+    inner: tonic::body::Body,
+    budget: Arc<Semaphore>,
+    held: Option<OwnedSemaphorePermit>,
+}
+
+impl http_body::Body for BudgetedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            other => return other,
+        };
+        if let Some(data) = frame.data_ref() {
+            let kib = u32::try_from(data.len().div_ceil(1024)).unwrap_or(u32::MAX);
+            match Arc::clone(&this.budget).try_acquire_many_owned(kib) {
+                Ok(permit) => match this.held.as_mut() {
+                    Some(held) => held.merge(permit),
+                    None => this.held = Some(permit),
+                },
+                Err(_) => {
+                    return Poll::Ready(Some(Err(tonic::Status::resource_exhausted(
+                        "the server holds as many request bytes in flight as it takes (calls whose bodies are still arriving); retry shortly",
+                    ))))
+                }
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Most bytes of request metadata (HTTP/2 header list) a call may carry.
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
@@ -1100,6 +1188,36 @@ mod tests {
     use super::*;
     use crate::crypto::SecretKey;
     use crate::keys::MasterKey;
+
+    #[tokio::test]
+    async fn request_bodies_share_one_budget_and_give_it_back_when_dropped() {
+        use http_body_util::BodyExt;
+        let frames = |n: usize| {
+            let chunks: Vec<Result<http_body::Frame<bytes::Bytes>, tonic::Status>> = (0..n)
+                .map(|_| Ok(http_body::Frame::data(bytes::Bytes::from(vec![7u8; 1024]))))
+                .collect();
+            tonic::body::Body::new(http_body_util::StreamBody::new(futures::stream::iter(
+                chunks,
+            )))
+        };
+        // 3 KiB in all: a body of 2 KiB fits; a second one gets 1 KiB, then is refused.
+        let budget = BodyBudget::of_kib(3);
+        let mut first = budget.wrap(frames(2));
+        while let Some(frame) = first.frame().await {
+            frame.expect("within the budget");
+        }
+        let mut second = budget.wrap(frames(2));
+        second.frame().await.expect("a frame").expect("1 KiB left");
+        let refused = second.frame().await.expect("a frame").expect_err("over");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        // Dropped bodies give their bytes back.
+        drop((first, second));
+        let mut third = budget.wrap(frames(3));
+        while let Some(frame) = third.frame().await {
+            frame.expect("the whole budget again");
+        }
+        assert!(BodyBudget::for_requests(1).0.available_permits() >= MIN_BODY_BUDGET / 1024);
+    }
     use crate::store::{Batch, Keyspace, Store};
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
