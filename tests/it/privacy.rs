@@ -749,11 +749,7 @@ async fn a_hire_after_a_closed_procedure_begins_before_its_data_falls_due() {
     let id = applicant(&v, "hired-later@example.nl").await;
     let mut recruiter = v.client("recruiter").await;
     let mut payroll = v.client("payroll").await;
-    let step = |stage: &str, date: &str| SetLifecycleRequest {
-        record_id: id.clone(),
-        stage: stage.into(),
-        date: date.into(),
-    };
+    let step = |stage: &str, date: &str| lifecycle(&id, stage, date);
     recruiter
         .set_lifecycle(step("procedure_closed", &day_from_today(-20)))
         .await
@@ -805,11 +801,7 @@ async fn a_hire_after_a_closed_procedure_begins_before_its_data_falls_due() {
     // An end already past is corrected at most to today, never moved ahead (review 15: a
     // year ahead restarted every clock).
     let former = payroll_record(&mut payroll).await.record_id;
-    let former_step = |stage: &str, date: String| SetLifecycleRequest {
-        record_id: former.clone(),
-        stage: stage.into(),
-        date,
-    };
+    let former_step = |stage: &str, date: String| lifecycle(&former, stage, &date);
     for (stage, days) in [("employed", -900), ("ended", -700)] {
         payroll
             .set_lifecycle(former_step(stage, day_from_today(days)))
@@ -835,31 +827,19 @@ async fn a_hire_after_a_closed_procedure_begins_before_its_data_falls_due() {
         .await
         .expect("consent");
     recruiter
-        .set_lifecycle(SetLifecycleRequest {
-            record_id: pooled.clone(),
-            stage: "procedure_closed".into(),
-            date: day_from_today(-20),
-        })
+        .set_lifecycle(lifecycle(&pooled, "procedure_closed", &day_from_today(-20)))
         .await
         .expect("closed");
     assert_status(
         payroll
-            .set_lifecycle(SetLifecycleRequest {
-                record_id: pooled.clone(),
-                stage: "employed".into(),
-                date: day_from_today(30),
-            })
+            .set_lifecycle(lifecycle(&pooled, "employed", &day_from_today(30)))
             .await,
         Code::FailedPrecondition,
         &["date", &format!("falls due on {due}"), "without consent"],
     );
     // Reopened first, the procedure is open again (once): the start may lie further ahead.
     let other = applicant(&v, "reopened-hire@example.nl").await;
-    let step = |stage: &str, date: &str| SetLifecycleRequest {
-        record_id: other.clone(),
-        stage: stage.into(),
-        date: date.into(),
-    };
+    let step = |stage: &str, date: &str| lifecycle(&other, stage, date);
     for (stage, date) in [
         ("procedure_closed", day_from_today(-20)),
         ("applicant", day_from_today(0)),
@@ -1079,7 +1059,15 @@ async fn legal_hold_is_set_and_lifted_by_the_privacy_officer_only() {
     );
 }
 
-/// The export document of record `id`, as the privacy officer `po` gets it.
+/// A request moving record `id` to `stage` as of `date`.
+fn lifecycle(id: &str, stage: &str, date: &str) -> SetLifecycleRequest {
+    SetLifecycleRequest {
+        record_id: id.into(),
+        stage: stage.into(),
+        date: date.into(),
+    }
+}
+
 /// The day `offset` days from today (UTC), as `YYYY-MM-DD`.
 fn day_from_today(offset: i64) -> String {
     (chrono::Utc::now().date_naive() + chrono::Duration::days(offset))
@@ -1121,6 +1109,7 @@ async fn listed(client: &mut Client) -> Vec<kluis::proto::RecordMeta> {
         .records
 }
 
+/// The export document of record `id`, as the privacy officer `po` gets it.
 async fn exported(po: &mut Client, id: &str) -> serde_json::Value {
     let json = po
         .export_record(kluis::proto::ExportRecordRequest {
@@ -2014,11 +2003,7 @@ async fn a_clock_far_past_the_last_sweep_pauses_the_sweeper_until_the_date_is_co
     let id = applicant(&v, "clock@example.nl").await;
     v.client("recruiter")
         .await
-        .set_lifecycle(SetLifecycleRequest {
-            record_id: id.clone(),
-            stage: "procedure_closed".into(),
-            date: day_from_today(-40),
-        })
+        .set_lifecycle(lifecycle(&id, "procedure_closed", &day_from_today(-40)))
         .await
         .expect("closed 40 days ago");
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
