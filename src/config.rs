@@ -399,6 +399,9 @@ pub struct Settings {
     /// How long a client connection may stay open before its first request
     /// ([`crate::server::FIRST_REQUEST_TIMEOUT`]; tests shorten it).
     pub first_request_timeout: std::time::Duration,
+    /// How long a large answer may go unread before its connection is closed
+    /// ([`crate::service::answer::ANSWER_STALL_TIMEOUT`]; tests shorten it).
+    pub answer_stall_timeout: std::time::Duration,
     /// How writes are made durable (group commit; per-write only as a benchmark baseline).
     pub durability: Durability,
     /// The audit trail.
@@ -598,6 +601,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
             Some(n) => n,
         },
         first_request_timeout: crate::server::FIRST_REQUEST_TIMEOUT,
+        answer_stall_timeout: crate::service::answer::ANSWER_STALL_TIMEOUT,
         durability: Durability::GroupCommit,
         audit: AuditSettings {
             enabled: true,
@@ -703,6 +707,7 @@ pub fn ephemeral(data_dir: &Path, master_key: MasterKey, policy: Policy) -> Sett
         max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         max_connections: DEFAULT_MAX_CONNECTIONS,
         first_request_timeout: crate::server::FIRST_REQUEST_TIMEOUT,
+        answer_stall_timeout: crate::service::answer::ANSWER_STALL_TIMEOUT,
         durability: Durability::GroupCommit,
         audit: AuditSettings::in_keys_dir(&keys_dir, true),
         keys: KeySettings::default(),

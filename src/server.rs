@@ -25,6 +25,7 @@ use crate::proto::audit_server::AuditServer;
 use crate::proto::keys_server::KeysServer;
 use crate::proto::records_server::RecordsServer;
 use crate::rotation::Jobs;
+use crate::service::answer::{AnswerBudget, AnswerHold, AnswerTrack};
 use crate::service::audit_service::AuditService;
 use crate::service::decode::DecodeGuard;
 use crate::service::gate::{self, Gate};
@@ -541,6 +542,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         Arc::clone(&cutoff),
         Arc::clone(&connections),
         settings.first_request_timeout,
+        settings.answer_stall_timeout,
     );
 
     // The transport before any background work starts (TLS was parsed before the store was
@@ -548,6 +550,8 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     // No request timeout: the key jobs' progress streams run as long as their job.
     let limit = settings.max_request_bytes;
     let budget = BodyBudget::for_requests(limit);
+    let answer_budget = AnswerBudget::for_requests(limit);
+    let answering = Arc::clone(&connections);
     let mut builder = Server::builder()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
@@ -562,7 +566,10 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         ))
         .layer(tower::util::MapResponseLayer::new(move |response| {
             request_too_large_status(response, limit)
-        }));
+        }))
+        .layer(tower::util::MapResponseLayer::new(
+            move |response: http::Response<tonic::body::Body>| answering.send(response),
+        ));
     if let Some(config) = tls_config {
         builder = builder.tls_config(config).map_err(|e| {
             ConfigError::Rule(format!(
@@ -693,9 +700,14 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     // An answer may be larger than a request: an export holds the record's blobs in base64
     // (4/3 of their size) and its access history.
     let answer_limit = settings.max_request_bytes.saturating_mul(2);
-    let records = RecordsServer::new(RecordsService::new(Arc::clone(&vault), auth, answer_limit))
-        .max_decoding_message_size(settings.max_request_bytes)
-        .max_encoding_message_size(answer_limit);
+    let records = RecordsServer::new(RecordsService::new(
+        Arc::clone(&vault),
+        auth,
+        answer_limit,
+        answer_budget,
+    ))
+    .max_decoding_message_size(settings.max_request_bytes)
+    .max_encoding_message_size(answer_limit);
     let records = InterceptedService::new(DecodeGuard::new(records, Arc::clone(&vault)), gate);
     let (health_state, health) = crate::service::health::HealthState::new(&HEALTH_SERVICES);
     let reflection = || {
@@ -833,6 +845,10 @@ struct Limited {
     connections: Arc<Connections>,
     /// Until the first request: when the connection is closed if none has come.
     first_request_by: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// While large answers are being handed over: the connection is closed once one of them
+    /// has not moved for `stall_timeout` (its caller reads nothing).
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    stall_timeout: Duration,
 }
 
 impl Limited {
@@ -858,6 +874,28 @@ impl Limited {
                     std::io::ErrorKind::TimedOut,
                     "no request within FIRST_REQUEST_TIMEOUT of connecting",
                 ));
+            }
+        }
+        match self.state.answers.stalled_since() {
+            None => self.stall = None,
+            Some(since) => {
+                let deadline = since + self.stall_timeout;
+                let stall = self
+                    .stall
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if stall.deadline() != deadline {
+                    stall.as_mut().reset(deadline);
+                }
+                if stall.as_mut().poll(cx).is_ready() {
+                    tracing::warn!(
+                        peer = ?self.io.peer_addr().ok(),
+                        "closing a connection whose caller read nothing of an answer for ANSWER_STALL_TIMEOUT"
+                    );
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "an answer on this connection was not read for ANSWER_STALL_TIMEOUT",
+                    ));
+                }
             }
         }
         Ok(())
@@ -969,6 +1007,8 @@ pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug, Default)]
 struct ConnState {
     requested: std::sync::atomic::AtomicBool,
+    /// Its large answers still being handed over.
+    answers: Arc<AnswerTrack>,
 }
 
 /// The open client connections by peer address (unique among open TCP connections), so
@@ -989,6 +1029,24 @@ impl Connections {
 
     fn leave(&self, state: &Arc<ConnState>) {
         self.by_peer.lock().retain(|_, s| !Arc::ptr_eq(s, state));
+    }
+
+    /// `response`; a large answer (one that holds a share of the answer budget) is sent in
+    /// chunks and registered with its connection's answers while it is handed over.
+    fn send(
+        &self,
+        mut response: http::Response<tonic::body::Body>,
+    ) -> http::Response<tonic::body::Body> {
+        let Some(hold) = response.extensions_mut().remove::<AnswerHold>() else {
+            return response;
+        };
+        let track = hold.peer().and_then(|peer| {
+            self.by_peer
+                .lock()
+                .get(&peer)
+                .map(|state| Arc::clone(&state.answers))
+        });
+        response.map(|body| hold.wrap(body, track))
     }
 
     /// Marks the connection from `peer` as used by an authenticated caller (no first-request
@@ -1105,6 +1163,7 @@ fn limit_connections(
     cutoff: Arc<Cutoff>,
     connections: Arc<Connections>,
     first_request_timeout: Duration,
+    stall_timeout: Duration,
 ) -> impl Stream<Item = std::io::Result<Limited>> {
     let slots = Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS)));
     let warned: Option<tokio::time::Instant> = None;
@@ -1139,6 +1198,8 @@ fn limit_connections(
                         state,
                         connections,
                         first_request_by: Some(Box::pin(tokio::time::sleep(first_request_timeout))),
+                        stall: None,
+                        stall_timeout,
                     }
                 });
                 Some((next, (incoming, slots, warned)))

@@ -2,6 +2,7 @@
 //! logs one line per request, and maps errors to status codes in one place ([`status`]).
 //! No business logic lives here: that is [`crate::vault`].
 
+pub mod answer;
 pub mod audit_service;
 pub mod decode;
 pub mod gate;
@@ -130,16 +131,24 @@ pub struct RecordsService<S> {
     auth: Authenticator,
     /// The largest answer the transport sends (its `max_encoding_message_size`).
     answer_limit: usize,
+    /// The budget large answers are held against until they are sent.
+    answers: answer::AnswerBudget,
 }
 
 impl<S: Store> RecordsService<S> {
     /// A service over `vault`, authenticating with `auth`, whose transport sends answers of
-    /// at most `answer_limit` bytes.
-    pub fn new(vault: Arc<Vault<S>>, auth: Authenticator, answer_limit: usize) -> Self {
+    /// at most `answer_limit` bytes, holding large ones against `answers` until they are sent.
+    pub fn new(
+        vault: Arc<Vault<S>>,
+        auth: Authenticator,
+        answer_limit: usize,
+        answers: answer::AnswerBudget,
+    ) -> Self {
         Self {
             vault,
             auth,
             answer_limit,
+            answers,
         }
     }
 
@@ -321,6 +330,20 @@ impl<S: Store> RecordsService<S> {
     }
 }
 
+/// `answer`, carrying its share of the answer budget to the transport (which sends it in
+/// chunks and frees the share once it is handed over).
+fn held<T>(
+    answer: Result<Response<T>, Status>,
+    hold: Option<answer::AnswerHold>,
+) -> Result<Response<T>, Status> {
+    answer.map(|mut response| {
+        if let Some(hold) = hold {
+            response.extensions_mut().insert(hold);
+        }
+        response
+    })
+}
+
 /// Names a data-subject request (erase, export) on `record_id` in its log line and event: they
 /// carry no purpose field and run under `data_subject_request`.
 fn data_subject_request(log: &mut RequestLog, ev: &mut audit::Context, record_id: &str) {
@@ -400,6 +423,7 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
             Ok(c) => c,
             Err(e) => return self.finish(log, ev, Err(e)).await,
         };
+        let peer = request.remote_addr();
         let req = request.into_inner();
         log.record(&req.record_id);
         ev.draft.purpose = self.purpose_name(&req.purpose);
@@ -409,6 +433,7 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
             .await
             .map_err(status::from_vault);
         let limit = self.answer_limit;
+        let mut hold = None;
         let result = result.and_then(|read| {
             let names: Vec<String> = read.fields.iter().map(|(n, _)| n.clone()).collect();
             log.fields(names.clone());
@@ -430,6 +455,7 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
                     "field_names: the answer is {size} bytes, more than an answer may hold ({limit} bytes: twice max_request_bytes); name fewer fields (field_names) or raise max_request_bytes"
                 )));
             }
+            hold = self.answers.hold(size, peer, "field_names")?;
             Ok(answer)
         });
         if result.is_err() {
@@ -439,7 +465,7 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
             // Nothing was returned, masked or not.
             ev.draft.masked_field_names.clear();
         }
-        self.finish(log, ev, result).await
+        held(self.finish(log, ev, result).await, hold)
     }
 
     #[instrument(skip_all)]
@@ -644,9 +670,11 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
             Ok(c) => c,
             Err(e) => return self.finish(log, ev, Err(e)).await,
         };
+        let peer = request.remote_addr();
         let req = request.into_inner();
         data_subject_request(&mut log, &mut ev, &req.record_id);
         let limit = self.answer_limit;
+        let mut hold = None;
         let result = self
             .vault
             .export(&caller, &req.record_id, &mut ev)
@@ -661,11 +689,12 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
                         json.len()
                     )));
                 }
+                hold = self.answers.hold(json.len(), peer, "export")?;
                 Ok(proto::ExportRecordResponse {
                     json: std::mem::take(&mut *json),
                 })
             });
-        self.finish(log, ev, result).await
+        held(self.finish(log, ev, result).await, hold)
     }
 
     #[instrument(skip_all)]

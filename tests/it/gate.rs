@@ -641,3 +641,129 @@ async fn a_call_still_open_after_the_grace_period_is_cut_off() {
         .expect("task");
     assert!(ended.is_err(), "the cut-off call failed");
 }
+
+/// A GetRecord call for `fields` of record `id` as raw HTTP/2 on `channel`: the answer's
+/// headers, with its body left unread (the client grants no more flow-control window).
+async fn unread_get(
+    channel: &mut tonic::transport::Channel,
+    addr: std::net::SocketAddr,
+    token: &str,
+    id: &str,
+    fields: &[&str],
+) -> http::Response<tonic::body::Body> {
+    let message = prost::Message::encode_to_vec(&GetRecordRequest {
+        record_id: id.into(),
+        purpose: "recruitment".into(),
+        field_names: fields.iter().map(|f| f.to_string()).collect(),
+    });
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
+    frame.extend_from_slice(&message);
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/kluis.v1.Records/GetRecord"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", token)
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            Bytes::from(frame),
+        )))
+        .expect("request");
+    let response = channel
+        .ready()
+        .await
+        .expect("ready")
+        .call(request)
+        .await
+        .expect("answer headers");
+    let response = response.map(tonic::body::Body::new);
+    assert!(
+        !response.headers().contains_key("grpc-status"),
+        "an answer, not a refusal: {:?}",
+        response.headers()
+    );
+    response
+}
+
+#[tokio::test]
+async fn answers_left_unread_hold_a_bounded_budget_and_their_connection_is_closed() {
+    let mut v = spawn_vault().await;
+    v.stop().await;
+    // Answers may hold max(4 x 8 MiB, 64 MiB) = 64 MiB before they are sent.
+    v.tweak = Some(|s| {
+        s.max_request_bytes = 8 * 1024 * 1024;
+        s.answer_stall_timeout = Duration::from_millis(1500);
+    });
+    v.start().await.expect("restart");
+    let mut recruiter = v.client("recruiter").await;
+    let doc: Vec<u8> = (0..6 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let id = create_with(
+        &mut recruiter,
+        "recruitment",
+        &[
+            ("cv_document", blob(&doc, "application/pdf")),
+            ("full_name", text("Anna de Vries")),
+        ],
+    )
+    .await;
+    let get = GetRecordRequest {
+        record_id: id.clone(),
+        purpose: "recruitment".into(),
+        field_names: vec!["cv_document".into()],
+    };
+    // Ten answers of 6 MiB on one connection whose client reads none of them: 60 MiB held.
+    let token = format!("Bearer {}", v.tokens["recruiter"]);
+    let mut stalling = v.channel().await;
+    let mut unread = Vec::new();
+    for _ in 0..10 {
+        unread.push(unread_get(&mut stalling, v.addr, &token, &id, &["cv_document"]).await);
+    }
+    // An eleventh does not fit, on any connection; small answers still do.
+    assert_status(
+        recruiter.get_record(get.clone()).await,
+        Code::ResourceExhausted,
+        &[
+            "field_names: the answer is",
+            "the server already holds as many answer bytes as it takes",
+        ],
+    );
+    recruiter
+        .get_record(GetRecordRequest {
+            field_names: vec!["full_name".into()],
+            ..get.clone()
+        })
+        .await
+        .expect("a small answer is not held against the budget");
+    // The stalled connection is closed after answer_stall_timeout: its answers end in an
+    // error, and their budget is free again.
+    let first = unread.remove(0);
+    let ended = tokio::time::timeout(Duration::from_secs(10), async move {
+        use http_body_util::BodyExt;
+        first.into_body().collect().await.map(|_| ())
+    })
+    .await
+    .expect("the stalled connection was closed");
+    assert!(ended.is_err(), "an unread answer is cut off, not completed");
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match recruiter.get_record(get.clone()).await {
+                Ok(answer) => return answer.into_inner(),
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(status) => panic!("{status:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the budget is free again once the stalled connection is closed");
+    assert!(got.fields["cv_document"].kind == Some(kluis::proto::field_value::Kind::Blob(doc)));
+    // A caller that reads its answer keeps its connection past the stall timeout.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    recruiter
+        .get_record(get)
+        .await
+        .expect("the reading client's connection is open");
+}
