@@ -143,6 +143,15 @@ impl Role {
         self.may_read(category) || self.masks(category, field)
     }
 
+    /// Whether the role may search by field `field` of `category` (`FindRecords`): it reads
+    /// the field in full, or sees it masked but may export records unmasked anyway. A role
+    /// that sees a short value masked (a BSN's last 4 digits) could otherwise unmask it by
+    /// searching every value the mask leaves open (about 9 100 BSNs, seconds; review 16).
+    pub fn may_search(&self, category: Category, field: &str) -> bool {
+        self.may_read(category)
+            && (!self.masks(category, field) || self.records.contains(&RecordRight::Export))
+    }
+
     /// Whether the role may write `category`.
     pub fn may_write(&self, category: Category) -> bool {
         self.write.contains(&category)
