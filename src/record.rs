@@ -123,6 +123,15 @@ pub struct RecordBody {
 }
 
 impl RecordBody {
+    /// Whether its restriction keeps the sweeper from erasing what is due. A restriction
+    /// (GDPR Art. 18: only stored) does, until the data subject asks for erasure: their own
+    /// request then wins (review 16: a record restricted at the request kept the retained BSN
+    /// past its duty, for as long as nobody lifted the restriction). A legal hold is what
+    /// keeps data for legal claims.
+    pub fn restriction_holds(&self) -> bool {
+        self.restricted && self.erasure_requested_ms == 0
+    }
+
     /// The latest end of an employment this record has had, if any: the recorded one, or
     /// the current `ended` stage's date (headers from before `last_ended` was kept).
     pub fn latest_end(&self) -> Option<chrono::NaiveDate> {

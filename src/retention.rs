@@ -349,14 +349,24 @@ pub fn pending_rule(rules: &RetentionRules, body: &RecordBody, d: &Deadlines) ->
 
 /// The deadlines of every category holding data on `body`. Once the data subject asked for
 /// erasure, what a duty keeps goes when the duty ends, even if the maximum period is longer
-/// (review 11).
+/// (review 11); and what no duty keeps any more (a hire that fell through after the request:
+/// the stage that ended the duty began on [`stage_date`]) is due from then on, whatever
+/// period the stage would give it otherwise (review 16: a closed procedure's 28 or 365 days,
+/// or a reopened one's none).
 pub fn deadlines(rules: &RetentionRules, body: &RecordBody) -> Vec<Deadlines> {
     let mut all = table_deadlines(rules, body);
     if body.erasure_requested_ms != 0 {
+        let requested = chrono::DateTime::from_timestamp_millis(body.erasure_requested_ms)
+            .map(|t| t.date_naive())
+            .unwrap_or_default();
+        let no_duty_since = requested.max(stage_date(body));
         for d in &mut all {
-            if let Duty::Until(until) = d.duty {
-                d.erase_on = Some(d.erase_on.map_or(until, |on| on.min(until)));
-            }
+            let ends = match d.duty {
+                Duty::Until(until) => until,
+                Duty::None => no_duty_since,
+                Duty::Ongoing => continue,
+            };
+            d.erase_on = Some(d.erase_on.map_or(ends, |on| on.min(ends)));
         }
     }
     all
@@ -460,6 +470,40 @@ mod tests {
         assert_eq!(erase_on(&b), Some(d("2027-01-01")));
         b.erasure_requested_ms = 1;
         assert_eq!(erase_on(&b), Some(d("2025-01-01")), "the duty's end");
+    }
+
+    #[test]
+    fn after_an_erasure_request_what_no_duty_keeps_is_due_from_the_stage_that_ended_it() {
+        // Review 16: a hire dated ahead kept BSN and IBAN at the request; it fell through and
+        // the procedure closed, with consent for the talent pool still granted.
+        let cats = [Category::Identity, Category::Financial];
+        let mut b = body("procedure_closed", "2026-12-10", &cats);
+        b.consents.insert(
+            RetentionRules::default().applicant_consent_purpose,
+            ConsentEntry {
+                granted: true,
+                changed_ms: 0,
+            },
+        );
+        let on = |b: &RecordBody| {
+            deadlines(&RetentionRules::default(), b)
+                .iter()
+                .map(|d| d.erase_on)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(on(&b), [Some(d("2027-12-10")); 2], "a year with consent");
+        // Requested on 2026-11-26: due from the close on.
+        b.erasure_requested_ms = 1_795_651_200_000;
+        assert_eq!(on(&b), [Some(d("2026-12-10")); 2]);
+        // A stage dated before the request: due from the request.
+        b.lifecycle_date = "2026-11-01".into();
+        assert_eq!(on(&b), [Some(d("2026-11-26")); 2]);
+        // An applicant in procedure has no clock, unless its subject asked for erasure.
+        b.lifecycle = "applicant".into();
+        assert_eq!(on(&b), [Some(d("2026-11-26")); 2]);
+        // An employment keeps them while it lasts.
+        b.lifecycle = "employed".into();
+        assert_eq!(on(&b), [None, None]);
     }
 
     #[test]

@@ -334,6 +334,19 @@ impl Schema {
         self.fields.values()
     }
 
+    /// The most bytes the values of one record can hold together: every field at its limit
+    /// (for the export's answer limit).
+    pub fn largest_record(&self) -> usize {
+        self.fields
+            .values()
+            .map(|f| match &f.kind {
+                FieldType::Blob { max_bytes, .. } => *max_bytes,
+                FieldType::Text { max_len } => max_len.saturating_mul(4),
+                _ => 256,
+            })
+            .fold(0usize, usize::saturating_add)
+    }
+
     /// The largest value any field accepts, in bytes (for transport limits).
     pub fn largest_value(&self) -> usize {
         self.fields

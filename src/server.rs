@@ -700,6 +700,16 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     // An answer may be larger than a request: an export holds the record's blobs in base64
     // (4/3 of their size) and its access history.
     let answer_limit = settings.max_request_bytes.saturating_mul(2);
+    // A record whose values fill the schema's limits together is written in several calls;
+    // its export is one answer (review 16).
+    let largest_export = settings.schema.largest_record().saturating_mul(4) / 3;
+    if largest_export > answer_limit {
+        tracing::warn!(
+            largest_export,
+            answer_limit,
+            "a record holding every field of the schema at its size limit would be exported as more than an answer may hold (twice max_request_bytes): ExportRecord answers RESOURCE_EXHAUSTED for such a record; raise max_request_bytes"
+        );
+    }
     let records = RecordsServer::new(RecordsService::new(
         Arc::clone(&vault),
         auth,

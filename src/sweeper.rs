@@ -43,7 +43,8 @@ pub struct Planned {
     pub due: bool,
     /// Whether a legal hold stops it.
     pub legal_hold: bool,
-    /// Whether a restriction (GDPR Art. 18: only stored) stops it.
+    /// Whether a restriction (GDPR Art. 18: only stored) stops it (none does once the data
+    /// subject asked for erasure: [`RecordBody::restriction_holds`]).
     pub restricted: bool,
     /// The legal basis of the period.
     pub basis: String,
@@ -104,7 +105,7 @@ pub async fn plan<S: Store>(
                     erase_on: on.format("%Y-%m-%d").to_string(),
                     due: on <= at,
                     legal_hold: body.legal_hold,
-                    restricted: body.restricted,
+                    restricted: body.restriction_holds(),
                     basis: d.basis.clone(),
                 });
             }
@@ -247,7 +248,7 @@ pub async fn sweep<S: Store>(vault: &Vault<S>, today: NaiveDate) -> Result<Swept
         let expired = retention::deadlines(vault.retention(), &body)
             .iter()
             .any(|d| d.expired_on(today));
-        if expired && (body.legal_hold || body.restricted) {
+        if expired && (body.legal_hold || body.restriction_holds()) {
             held.push(id);
         } else if expired {
             due.push((id, raw, body));

@@ -184,6 +184,24 @@ enum Hit {
 
 pub use crate::policy::LIFECYCLE_STAGES;
 
+/// After the data subject's erasure request the record keeps only what legal duties require:
+/// no procedure reopens and no employment begins on it (review 16: a reopened procedure, or
+/// a new hire dated ahead, kept the retained BSN with no clock).
+fn check_stage_after_erasure_request(
+    id: Uuid,
+    body: &RecordBody,
+    stage: &str,
+) -> Result<(), VaultError> {
+    let reopens = stage == "applicant" || (stage == "employed" && body.lifecycle != "employed");
+    if body.erasure_requested_ms != 0 && reopens {
+        return Err(VaultError::FailedPrecondition(format!(
+            "stage: record {id}'s data subject asked for erasure on {}: what stays is kept for a legal duty only, so the record cannot become `{stage}` again; a new application or employment is a new record (CreateRecord)",
+            iso(body.erasure_requested_ms)
+        )));
+    }
+    Ok(())
+}
+
 /// Refuses a lifecycle change that would drop a legal duty to keep: a record that is or was
 /// employed keeps identity and financial data for years after the employment ends, so it
 /// never goes back to an applicant stage (whose data may go within weeks); and an employment
@@ -1281,7 +1299,14 @@ impl<S: Store> Vault<S> {
             "revision": body.revision,
             "created_at": iso(body.created_ms),
             "updated_at": iso(body.updated_ms),
-            "lifecycle": { "stage": body.lifecycle, "date": record::canonical_date(&body.lifecycle_date) },
+            // With the dates the vault keeps across stages and uses in its decisions (review 16).
+            "lifecycle": {
+                "stage": body.lifecycle,
+                "date": record::canonical_date(&body.lifecycle_date),
+                "last_employment_ended": body.latest_end().map(|d| d.to_string()),
+                "procedure_closed_on": record::stored_day(&body.closed_on).map(|d| d.to_string()),
+                "reopened": body.reopened,
+            },
             "restricted": body.restricted,
             "legal_hold": body.legal_hold,
             "erasure_requested": (body.erasure_requested_ms != 0).then(|| iso(body.erasure_requested_ms)),
@@ -1613,6 +1638,9 @@ impl<S: Store> Vault<S> {
                     "record {id}: its data subject asked for erasure on {}; what stays is kept for a legal duty only, so no consent may be recorded for other processing",
                     iso(body.erasure_requested_ms)
                 )));
+            }
+            if let StateChange::Lifecycle { stage, .. } = &change {
+                check_stage_after_erasure_request(id, &body, stage)?;
             }
             let extends = match &change {
                 StateChange::Lifecycle { stage, .. } => {

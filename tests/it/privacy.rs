@@ -1486,6 +1486,19 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
         .await
         .expect("restrict");
     let former = employee(&v, "c@example.nl", "ended", "2026-03-31").await;
+    // A former employee whose record is restricted when they ask for erasure: their own
+    // request wins over the restriction once the duties end (review 16: the restriction kept
+    // the BSN past its duty for as long as nobody lifted it).
+    let asked = employee(&v, "g@example.nl", "ended", "2026-04-30").await;
+    let mut po = v.client("privacy_officer").await;
+    po.set_restriction(SetRestrictionRequest {
+        record_id: asked.clone(),
+        restricted: true,
+        reason: "accuracy contested".into(),
+    })
+    .await
+    .expect("restrict");
+    po.erase_record(erase(&asked)).await.expect("erase");
 
     // The sweeper runs with the injected clock, every second.
     v.tweak = Some(|s| {
@@ -1574,9 +1587,28 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
         assert!(std::time::Instant::now() < deadline, "identity not swept");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    set_today("2031-04-30");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let got = v
+            .client("privacy_officer")
+            .await
+            .get_record(get(&asked, "data_subject_request"))
+            .await
+            .expect("the privacy officer reads a restricted record")
+            .into_inner();
+        if !got.fields.contains_key("bsn") {
+            assert!(got.fields.contains_key("iban"), "financial kept 7 years");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "identity not swept");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     set_today("2033-03-31");
     until_gone(&v, &former, "payroll", "payroll").await;
-    // As above: the pass that erased `former` (under the last date) has finished.
+    set_today("2033-04-30");
+    until_gone(&v, &asked, "privacy_officer", "data_subject_request").await;
+    // As above: the pass that erased `asked` (under the last date) has finished.
     let sentinel_4 = sentinel_swept(&v).await;
     v.client("recruiter")
         .await
@@ -1604,7 +1636,9 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
             (pooled.as_str(), "EraseRecord"),
             (former.as_str(), "EraseRecord"),
             (former.as_str(), "EraseRecord"),
+            (asked.as_str(), "EraseRecord"),
             (former.as_str(), "EraseRecord"),
+            (asked.as_str(), "EraseRecord"),
             (sentinel_4.as_str(), "EraseRecord"),
         ]
     );
@@ -2063,5 +2097,82 @@ async fn a_clock_far_past_the_last_sweep_pauses_the_sweeper_until_the_date_is_co
             format!("confirmed:{today}")
         ]],
         "the confirmation is audited once, with both days"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_erasure_request_no_procedure_reopens_no_employment_begins_and_no_duty_outlives_itself(
+) {
+    let v = spawn_vault().await;
+    let mut po = v.client("privacy_officer").await;
+    let mut payroll = v.client("payroll").await;
+    let mut recruiter = v.client("recruiter").await;
+    // A hire dated ahead keeps BSN and IBAN at the subject's request…
+    let id = employee(&v, "hire-ahead@example.nl", "employed", &day_from_today(30)).await;
+    let erased = po
+        .erase_record(erase(&id))
+        .await
+        .expect("erase")
+        .into_inner();
+    assert_eq!(erased.retained.len(), 2, "{erased:?}");
+    // …and the hire falls through: no duty keeps them any more, so they are due at once
+    // (review 16: the closed procedure's clock gave them 28 days, or a year with consent).
+    payroll
+        .set_lifecycle(lifecycle(&id, "procedure_closed", &day_from_today(0)))
+        .await
+        .expect("the hire fell through");
+    let doc = exported(&mut po, &id).await;
+    for entry in doc["retention"].as_array().expect("retention") {
+        assert_eq!(
+            entry["erase_on"].as_str(),
+            Some(day_from_today(0).as_str()),
+            "{entry}"
+        );
+    }
+    // Nor does the procedure reopen, or an employment begin, on the record (review 16: a
+    // reopened procedure kept the BSN with no clock at all).
+    assert_status(
+        recruiter
+            .set_lifecycle(lifecycle(&id, "applicant", &day_from_today(0)))
+            .await,
+        Code::FailedPrecondition,
+        &[
+            "stage",
+            "asked for erasure",
+            "a new application or employment is a new record",
+        ],
+    );
+    assert_status(
+        payroll
+            .set_lifecycle(lifecycle(&id, "employed", &day_from_today(10)))
+            .await,
+        Code::FailedPrecondition,
+        &[
+            "stage",
+            "asked for erasure",
+            "cannot become `employed` again",
+        ],
+    );
+    let after = exported(&mut po, &id).await;
+    assert_eq!(after["lifecycle"]["stage"], "procedure_closed");
+    assert_eq!(after["lifecycle"]["reopened"], false);
+
+    // The export names the dates the lifecycle rules use (review 16): the last employment's
+    // end, kept across a rehire.
+    let rehired = employee(&v, "rehired@example.nl", "ended", "2025-06-30").await;
+    payroll
+        .set_lifecycle(lifecycle(&rehired, "employed", "2026-11-01"))
+        .await
+        .expect("rehired");
+    let doc = exported(&mut po, &rehired).await;
+    assert_eq!(
+        doc["lifecycle"],
+        serde_json::json!({
+            "stage": "employed",
+            "date": "2026-11-01",
+            "last_employment_ended": "2025-06-30",
+            "procedure_closed_on": null,
+            "reopened": false,
+        })
     );
 }
