@@ -103,6 +103,18 @@ impl JobKind {
     }
 }
 
+/// The categories a key job or call covers, as its audit events name them: its category, or
+/// every category for a job over all of them (review 16: those named none).
+pub fn category_names(category: Option<&str>) -> Vec<String> {
+    match category {
+        Some(c) => vec![c.to_string()],
+        None => Category::ALL
+            .iter()
+            .map(|c| c.as_str().to_string())
+            .collect(),
+    }
+}
+
 /// A job as stored in `meta/job/current`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct JobState {
@@ -130,9 +142,22 @@ pub struct JobState {
     /// Why it stopped, if it failed (it resumes when the same job is requested again).
     #[serde(default)]
     pub error: Option<String>,
+    /// A re-key replaces the data keys made (their `created_ms`) at or before this: its start,
+    /// or the newest data key in its scope then if that is later (made while the clock ran
+    /// ahead; review 16: such keys were skipped, and the job said it had re-keyed them all).
+    /// Absent in jobs stored before it was kept: the start.
+    #[serde(default)]
+    pub cutoff_ms: Option<i64>,
 }
 
 impl JobState {
+    /// See [`JobState::cutoff_ms`].
+    fn cutoff(&self) -> i64 {
+        self.cutoff_ms
+            .unwrap_or(self.started_ms)
+            .max(self.started_ms)
+    }
+
     fn scope(&self) -> Result<Option<Category>, VaultError> {
         match &self.category {
             None => Ok(None),
@@ -299,7 +324,7 @@ fn needs(
     active: &BTreeMap<Category, u32>,
     kind: JobKind,
     scope: Option<Category>,
-    started_ms: i64,
+    cutoff_ms: i64,
     deks: &BTreeMap<String, record::StoredDek>,
 ) -> Vec<Category> {
     deks.iter()
@@ -308,7 +333,7 @@ fn needs(
                 active,
                 kind,
                 scope,
-                started_ms,
+                cutoff_ms,
                 name,
                 dek.kek_version,
                 dek.created_ms,
@@ -328,18 +353,19 @@ fn job_needs<S: Store>(
         &vault.keys().active_versions(),
         job.kind,
         scope,
-        job.started_ms,
+        job.cutoff(),
         deks,
     )
 }
 
 /// The category of a record's data key (`name`, wrapped under `kek_version`, made at
-/// `created_ms`) if a job of `kind` over `scope` still has to handle it.
+/// `created_ms`) if a job of `kind` over `scope` whose cutoff is `cutoff_ms`
+/// ([`JobState::cutoff_ms`]) still has to handle it.
 fn due(
     active: &BTreeMap<Category, u32>,
     kind: JobKind,
     scope: Option<Category>,
-    started_ms: i64,
+    cutoff_ms: i64,
     name: &str,
     kek_version: u32,
     created_ms: i64,
@@ -350,19 +376,19 @@ fn due(
     }
     let due = match kind {
         JobKind::Rewrap => active.get(&category) != Some(&kek_version),
-        JobKind::Rekey => created_ms <= started_ms,
+        JobKind::Rekey => created_ms <= cutoff_ms,
     };
     due.then_some(category)
 }
 
-/// How many records a job of `kind` over `scope` started at `started_ms` has to handle. Reads
+/// How many records a job of `kind` over `scope` with cutoff `cutoff_ms` has to handle. Reads
 /// only the data keys of each header (no MAC check: the job itself checks every header it
 /// changes), so a count costs a fraction of a pass.
 pub async fn count_needing<S: Store>(
     vault: &Arc<Vault<S>>,
     kind: JobKind,
     scope: Option<Category>,
-    started_ms: i64,
+    cutoff_ms: i64,
 ) -> Result<u64, VaultError> {
     let active = vault.keys().active_versions();
     fold_headers(
@@ -370,7 +396,7 @@ pub async fn count_needing<S: Store>(
         move |n: &mut u64, key, raw| {
             let mut any = false;
             record::peek_dek_versions(raw, |name, version, created| {
-                any |= due(&active, kind, scope, started_ms, name, version, created).is_some();
+                any |= due(&active, kind, scope, cutoff_ms, name, version, created).is_some();
             })
             .map_err(|_| damaged_header(key))?;
             *n += u64::from(any);
@@ -379,6 +405,30 @@ pub async fn count_needing<S: Store>(
         |a, b| a + b,
     )
     .await
+}
+
+/// When the newest data key in `scope` was made (its `created_ms`), at least `since`: a
+/// re-key's cutoff ([`JobState::cutoff_ms`]).
+async fn newest_data_key<S: Store>(
+    vault: &Arc<Vault<S>>,
+    scope: Option<Category>,
+    since: i64,
+) -> Result<i64, VaultError> {
+    fold_headers(
+        vault,
+        move |newest: &mut i64, key, raw| {
+            record::peek_dek_versions(raw, |name, _, created| {
+                let in_scope = Category::parse(name).is_some_and(|c| scope.is_none_or(|s| s == c));
+                if in_scope {
+                    *newest = (*newest).max(created);
+                }
+            })
+            .map_err(|_| damaged_header(key))
+        },
+        |a: i64, b: i64| a.max(b),
+    )
+    .await
+    .map(|newest| newest.max(since))
 }
 
 /// Re-wraps ([`rewrap_record`]) or re-keys the categories of one record that need it, adding
@@ -452,8 +502,8 @@ async fn handle_record<S: Store>(
             fields_touched.push(name.clone());
         }
         let mut wrapped = vault.wrap(&id, category, &fresh)?;
-        // Made after the job started, so a resumed job never re-keys it again.
-        wrapped.created_ms = wrapped.created_ms.max(job.started_ms + 1);
+        // Made after the job's cutoff, so a resumed job never re-keys it again.
+        wrapped.created_ms = wrapped.created_ms.max(job.cutoff() + 1);
         wrapped.dek_generation = generation;
         body.deks.insert(category.as_str().into(), wrapped);
     }
@@ -775,7 +825,7 @@ async fn run<S: Store>(
             let left = if pass.left_nothing(vault, job.kind) {
                 0
             } else {
-                count_needing(vault, job.kind, scope, job.started_ms).await?
+                count_needing(vault, job.kind, scope, job.cutoff()).await?
             };
             if left > 0 {
                 if job.pass >= MAX_PASSES {
@@ -800,7 +850,7 @@ async fn run<S: Store>(
             if vault.auditing() {
                 let mut draft =
                     audit::Draft::new(job.kind.finished_action(), JOB_PRINCIPAL, SYSTEM_ROLE);
-                draft.field_names = job.category.iter().cloned().collect();
+                draft.field_names = category_names(job.category.as_deref());
                 draft.outcome = audit::Outcome::Ok.as_str().into();
                 batch.append_event(draft.encode());
             }
@@ -1210,7 +1260,19 @@ impl<S: Store> Jobs<S> {
             }
             previous => {
                 let started_ms = vault::now_ms();
-                let total = count_needing(&self.vault, kind, scope, started_ms).await?;
+                let cutoff_ms = match kind {
+                    JobKind::Rekey => newest_data_key(&self.vault, scope, started_ms).await?,
+                    JobKind::Rewrap => started_ms,
+                };
+                if cutoff_ms > started_ms {
+                    tracing::warn!(
+                        ahead_ms = cutoff_ms - started_ms,
+                        "re-key: data keys in scope were made later than now (the clock ran ahead then, or runs behind now); they are re-keyed too"
+                    );
+                }
+                // Data keys made from now on are made after the cutoff, whatever the clock.
+                self.vault.raise_dek_floor(cutoff_ms + 1);
+                let total = count_needing(&self.vault, kind, scope, cutoff_ms).await?;
                 if let Some(p) = previous.as_ref().filter(|p| p.finished_ms.is_none()) {
                     tracing::warn!(job = %p.id, kind = p.kind.as_str(), "an unfinished key job is replaced by a new one");
                 }
@@ -1229,6 +1291,7 @@ impl<S: Store> Jobs<S> {
                     finished_ms: None,
                     requested_by: requested_by.to_string(),
                     error: None,
+                    cutoff_ms: Some(cutoff_ms),
                 }
             }
         };
@@ -1315,7 +1378,7 @@ impl<S: Store> Jobs<S> {
         if self.vault.auditing() {
             let mut draft =
                 audit::Draft::new(job.kind.resumed_action(), JOB_PRINCIPAL, SYSTEM_ROLE);
-            draft.field_names = job.category.iter().cloned().collect();
+            draft.field_names = category_names(job.category.as_deref());
             draft.outcome = audit::Outcome::Ok.as_str().into();
             batch.append_event(draft.encode());
         }
@@ -1369,6 +1432,10 @@ impl<S: Store> Jobs<S> {
         active: &mut Option<Active>,
     ) -> watch::Receiver<Progress> {
         let (tx, rx) = watch::channel(job.progress());
+        // A resumed or adopted re-key too: data keys made from now on are after its cutoff.
+        if job.kind == JobKind::Rekey {
+            self.vault.raise_dek_floor(job.cutoff() + 1);
+        }
         let kind = job.kind;
         let scope = job.scope().ok().flatten();
         let vault = Arc::clone(&self.vault);
@@ -1421,7 +1488,7 @@ impl<S: Store> Jobs<S> {
                             JOB_PRINCIPAL,
                             SYSTEM_ROLE,
                         );
-                        draft.field_names = stored.category.iter().cloned().collect();
+                        draft.field_names = category_names(stored.category.as_deref());
                         draft.outcome = audit::Outcome::Error.as_str().into();
                         batch.append_event(draft.encode());
                     }
@@ -1561,6 +1628,7 @@ mod tests {
             finished_ms: None,
             requested_by: "test".into(),
             error: None,
+            cutoff_ms: None,
         }
     }
 
@@ -2280,6 +2348,63 @@ mod tests {
         })
         .await
         .expect("the job ends")
+    }
+
+    #[tokio::test]
+    async fn a_rekey_replaces_data_keys_made_while_the_clock_ran_ahead() {
+        // Review 16: a re-key took keys made later than its start for keys made after it, and
+        // skipped them while it said it had re-keyed every record.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let day = 86_400_000;
+        // An earlier process whose clock ran a day ahead made these data keys.
+        let ahead = vault_over(store.clone(), &master).await;
+        ahead.raise_dek_floor(vault::now_ms() + day);
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(create(&ahead, "111222333").await);
+        }
+        drop(ahead);
+        let vault = Arc::new(vault_over(store.clone(), &master).await);
+        ids.push(create(&vault, "111222333").await);
+        let dek = |vault: Arc<Vault<SledStore>>, id: String| async move {
+            let (_, body) = vault
+                .load(uuid::Uuid::parse_str(&id).expect("uuid"))
+                .await
+                .expect("load");
+            body.deks["identity"].clone()
+        };
+        let jobs = Jobs::new(Arc::clone(&vault));
+        let rx = jobs
+            .start(JobKind::Rekey, Some(Category::Identity), "test", Vec::new())
+            .await
+            .expect("start");
+        let p = finished(rx).await;
+        assert_eq!((p.done, p.total, p.error), (4, 4, None));
+        let cutoff = stored_job(vault.store())
+            .await
+            .expect("job")
+            .expect("stored")
+            .cutoff();
+        assert!(cutoff >= vault::now_ms() + day - 60_000, "{cutoff}");
+        for id in &ids {
+            let d = dek(Arc::clone(&vault), id.clone()).await;
+            assert_eq!(d.generation(), 2, "{id} re-keyed");
+            assert!(d.created_ms > cutoff);
+        }
+        // A data key made after the job, on the right clock, is made after its cutoff too: a
+        // resumed job would not take it for one to replace.
+        let later = create(&vault, "111222333").await;
+        let d = dek(Arc::clone(&vault), later).await;
+        assert_eq!(d.generation(), 1);
+        assert!(d.created_ms > cutoff);
+        assert_eq!(
+            count_needing(&vault, JobKind::Rekey, Some(Category::Identity), cutoff)
+                .await
+                .expect("count"),
+            0
+        );
     }
 
     /// Two instances with a short lease over one gated store, three records needing a rewrap

@@ -510,6 +510,10 @@ pub struct Vault<S> {
     policy: Arc<Policy>,
     retention: Arc<RetentionRules>,
     clock: Clock,
+    /// Data keys are made (their `created_ms`) no earlier than this: a re-key raises it past
+    /// its cutoff, so that a key made during or after the job is never taken for one made
+    /// before it, whatever the clock does (`rotation::JobState::cutoff_ms`).
+    dek_floor: std::sync::atomic::AtomicI64,
 }
 
 /// Today's date, as the vault sees it (UTC). Injectable so that tests can move time.
@@ -531,7 +535,14 @@ impl<S: Store> Vault<S> {
             policy: Arc::new(Policy::default_policy()),
             retention: Arc::new(RetentionRules::default()),
             clock: system_clock(),
+            dek_floor: std::sync::atomic::AtomicI64::new(0),
         }
+    }
+
+    /// Makes every data key made from now on carry a `created_ms` of at least `ms`.
+    pub(crate) fn raise_dek_floor(&self, ms: i64) {
+        self.dek_floor
+            .fetch_max(ms, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Uses `clock` for today's date (retention deadlines) instead of the system clock.
@@ -1923,7 +1934,7 @@ impl<S: Store> Vault<S> {
         Ok(StoredDek {
             kek_version: w.kek_version,
             sealed: w.sealed,
-            created_ms: now_ms(),
+            created_ms: now_ms().max(self.dek_floor.load(std::sync::atomic::Ordering::Acquire)),
             dek_generation: 1,
         })
     }

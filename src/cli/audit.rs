@@ -249,7 +249,7 @@ pub enum CliError {
         status: tonic::Status,
     },
     /// A job's progress stream ended before the job finished (the job goes on in the server).
-    #[error("the {method} progress stream ended early, before the job finished ({reason}); the job goes on from its last checkpoint in the server (after a restart, once it runs again): run this command again to follow it")]
+    #[error("the {method} progress stream ended early, before the job finished ({reason}); the job goes on from its last checkpoint in the server (after a restart, once it runs again): `kluis keys status` shows whether it has finished; while it runs, run this command again to follow it (a rekey run again after its job finished starts a new one)")]
     EndedEarly {
         /// The RPC whose stream ended.
         method: &'static str,

@@ -92,14 +92,15 @@ pub enum KeysCommand {
     /// the one running, and shows its progress on stderr until it has finished; then prints
     /// `rewrap finished: N of M records`. Field ciphertext is not touched. Interrupting this
     /// command does not stop the job: it runs on in the server; run the command again to
-    /// follow it.
+    /// follow it (`keys status` shows whether it has finished).
     #[command(after_help = EXIT_CODES)]
     Rewrap(RewrapArgs),
     /// Replaces a category's data keys, re-encrypting its fields, and follows the job.
     ///
     /// Like rewrap, but every record's data key of CATEGORY is replaced by a fresh one and
     /// the category's fields are re-encrypted under it. Prints `rekey finished: N of M
-    /// records` at the end.
+    /// records` at the end. Run again after its job finished (see `keys status`), it starts
+    /// a new re-key.
     #[command(after_help = EXIT_CODES)]
     Rekey(RekeyArgs),
     /// Destroys a KEK version that no record needs any more.
@@ -295,6 +296,47 @@ pub fn created_text(t: Option<&prost_types::Timestamp>) -> String {
 #[derive(Serialize)]
 struct JsonStatus<'a> {
     categories: Vec<JsonCategory<'a>>,
+    last_job: Option<JsonJob<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonJob<'a> {
+    kind: &'a str,
+    /// `null` when it covers every category.
+    category: Option<&'a str>,
+    done: u64,
+    total: u64,
+    started: Option<String>,
+    /// `null` while it runs, or once it failed.
+    finished: Option<String>,
+    /// `null` unless it failed.
+    error: Option<&'a str>,
+    requested_by: &'a str,
+}
+
+/// The last key job in one line: `last key job: rekey of identity, 20031 of 20031 records,
+/// started …, finished …` (or `running`, or `failed: …`).
+pub fn job_line(job: &proto::KeyJob) -> String {
+    let scope = if job.category.is_empty() {
+        "every category".to_string()
+    } else {
+        job.category.clone()
+    };
+    let state = if !job.error.is_empty() {
+        format!("failed: {} (requesting the same job resumes it)", job.error)
+    } else if job.finished.is_some() {
+        format!("finished {}", created_text(job.finished.as_ref()))
+    } else {
+        "running (the rewrap or rekey command follows it)".to_string()
+    };
+    format!(
+        "last key job: {} of {scope}, {} of {} records, started {} by {}, {state}",
+        job.kind,
+        job.done,
+        job.total,
+        created_text(job.started.as_ref()),
+        job.requested_by
+    )
 }
 
 #[derive(Serialize)]
@@ -321,9 +363,20 @@ fn sorted_versions(c: &proto::CategoryKeys) -> Vec<&proto::KeyVersion> {
 
 /// The status as one pretty-printed JSON document:
 /// `{"categories": [{"category", "active_version", "versions": [{"version", "state",
-/// "created", "records"}]}]}`.
+/// "created", "records"}]}], "last_job": null | {"kind", "category", "done", "total",
+/// "started", "finished", "error", "requested_by"}}`.
 pub fn status_json(status: &proto::KeyStatus) -> String {
     let doc = JsonStatus {
+        last_job: status.last_job.as_ref().map(|j| JsonJob {
+            kind: &j.kind,
+            category: (!j.category.is_empty()).then_some(j.category.as_str()),
+            done: j.done,
+            total: j.total,
+            started: j.started.as_ref().map(|t| created_text(Some(t))),
+            finished: j.finished.as_ref().map(|t| created_text(Some(t))),
+            error: (!j.error.is_empty()).then_some(j.error.as_str()),
+            requested_by: &j.requested_by,
+        }),
         categories: status
             .categories
             .iter()
@@ -403,6 +456,10 @@ pub fn render_status(status: &proto::KeyStatus) -> String {
         push([&row[0], &row[1], &row[2], &row[3], &row[4]]);
     }
     out.push_str("* the active version: wraps new data keys\n");
+    if let Some(job) = &status.last_job {
+        out.push_str(&job_line(job));
+        out.push('\n');
+    }
     out
 }
 
@@ -1595,6 +1652,22 @@ mod tests {
                     ],
                 },
             ],
+            last_job: Some(proto::KeyJob {
+                kind: "rekey".into(),
+                category: "identity".into(),
+                done: 1234,
+                total: 1234,
+                started: Some(prost_types::Timestamp {
+                    seconds: 172_800,
+                    nanos: 0,
+                }),
+                finished: Some(prost_types::Timestamp {
+                    seconds: 172_860,
+                    nanos: 0,
+                }),
+                error: String::new(),
+                requested_by: "sec-1".into(),
+            }),
         }
     }
 
@@ -1620,6 +1693,10 @@ mod tests {
             "identity  2 *      active        1970-01-03T00:00:00Z        0"
         );
         assert!(lines[4].starts_with("* the active version"));
+        assert_eq!(
+            lines[5],
+            "last key job: rekey of identity, 1234 of 1234 records, started 1970-01-03T00:00:00Z by sec-1, finished 1970-01-03T00:01:00Z"
+        );
     }
 
     #[test]
@@ -1638,6 +1715,9 @@ mod tests {
             v["categories"][1]["versions"][1]["created"],
             "1970-01-03T00:00:00Z"
         );
+        assert_eq!(v["last_job"]["kind"], "rekey");
+        assert_eq!(v["last_job"]["finished"], "1970-01-03T00:01:00Z");
+        assert_eq!(v["last_job"]["error"], serde_json::Value::Null);
     }
 
     fn progress(category: &str, done: u64, total: u64, finished: bool) -> proto::RewrapProgress {

@@ -77,10 +77,7 @@ fn version_names(made: &[(Category, u32)]) -> impl Iterator<Item = String> + '_ 
 
 /// The category names an event records for `scope`.
 fn scope_names(scope: Option<Category>) -> Vec<String> {
-    match scope {
-        Some(c) => vec![c.as_str().to_string()],
-        None => Vec::new(),
-    }
+    crate::rotation::category_names(scope.map(|c| c.as_str()))
 }
 
 fn timestamp(ms: i64) -> Option<prost_types::Timestamp> {
@@ -141,7 +138,22 @@ pub async fn key_status<S: Store>(jobs: &Jobs<S>) -> Result<proto::KeyStatus, Va
                 .collect(),
         })
         .collect();
-    Ok(proto::KeyStatus { categories })
+    let last_job = rotation::stored_job(vault.store())
+        .await?
+        .map(|job| proto::KeyJob {
+            kind: job.kind.as_str().to_string(),
+            category: job.category.clone().unwrap_or_default(),
+            done: job.done.min(job.total),
+            total: job.total,
+            started: timestamp(job.started_ms),
+            finished: job.finished_ms.and_then(timestamp),
+            error: job.error.clone().unwrap_or_default(),
+            requested_by: job.requested_by,
+        });
+    Ok(proto::KeyStatus {
+        categories,
+        last_job,
+    })
 }
 
 fn progress_to_proto(p: &Progress) -> proto::RewrapProgress {

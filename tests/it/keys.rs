@@ -592,6 +592,50 @@ async fn rekey_replaces_data_keys_and_re_encrypts_fields() {
     let last = progress.last().expect("message");
     assert_eq!((last.done, last.total, last.finished), (4, 4, true));
     assert_eq!(last.category, "cv");
+    // GetKeyStatus says the job finished (review 16: running Rekey again to "follow" a job
+    // that had finished started a second full re-key, and nothing said it had finished).
+    let job = status(&mut k).await.last_job.expect("the last job");
+    assert_eq!(
+        (
+            job.kind.as_str(),
+            job.category.as_str(),
+            job.done,
+            job.total,
+            job.error.as_str(),
+            job.requested_by.as_str()
+        ),
+        ("rekey", "cv", 4, 4, "", "test-security_officer")
+    );
+    assert!(job.started.is_some() && job.finished.is_some());
+    // A rewrap of every category names all six in its events (review 16: it named none).
+    drain(
+        k.rewrap(RewrapRequest {
+            category: String::new(),
+        })
+        .await,
+    )
+    .await;
+    let all: Vec<String> = [
+        "contact",
+        "personal",
+        "cv",
+        "identity",
+        "financial",
+        "absence",
+    ]
+    .map(String::from)
+    .to_vec();
+    let events = v
+        .audit_events(QueryEventsRequest {
+            principal: "test-security_officer".into(),
+            ..Default::default()
+        })
+        .await;
+    let rewrap = events
+        .iter()
+        .find(|e| e.action == "Rewrap")
+        .expect("the rewrap call's event");
+    assert_eq!(rewrap.field_names, all);
 
     let after_chunks = snapshot(first.as_bytes().to_vec()).await;
     assert_eq!(before_chunks.len(), after_chunks.len());
