@@ -339,11 +339,7 @@ impl Schema {
     pub fn largest_record(&self) -> usize {
         self.fields
             .values()
-            .map(|f| match &f.kind {
-                FieldType::Blob { max_bytes, .. } => *max_bytes,
-                FieldType::Text { max_len } => max_len.saturating_mul(4),
-                _ => 256,
-            })
+            .map(FieldDef::largest_value)
             .fold(0usize, usize::saturating_add)
     }
 
@@ -351,12 +347,7 @@ impl Schema {
     pub fn largest_value(&self) -> usize {
         self.fields
             .values()
-            .map(|f| match &f.kind {
-                FieldType::Blob { max_bytes, .. } => *max_bytes,
-                // A character is at most 4 bytes of UTF-8.
-                FieldType::Text { max_len } => max_len.saturating_mul(4),
-                _ => 256,
-            })
+            .map(FieldDef::largest_value)
             .max()
             .unwrap_or(0)
     }
@@ -573,6 +564,16 @@ impl fmt::Debug for Parsed {
 }
 
 impl FieldDef {
+    /// The most bytes a value of this field can take.
+    pub fn largest_value(&self) -> usize {
+        match &self.kind {
+            FieldType::Blob { max_bytes, .. } => *max_bytes,
+            // A character is at most 4 bytes of UTF-8.
+            FieldType::Text { max_len } => max_len.saturating_mul(4),
+            _ => 256,
+        }
+    }
+
     /// Parses an incoming value for this field. `today` bounds dates (a date of birth not in
     /// the future, an absence starting at most a year ahead); pass the vault's clock.
     pub fn parse(&self, raw: RawValue<'_>, today: NaiveDate) -> Result<Parsed, ValueError> {

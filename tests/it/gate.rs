@@ -696,9 +696,7 @@ async fn answers_left_unread_hold_a_bounded_budget_and_their_connection_is_close
     });
     v.start().await.expect("restart");
     let mut recruiter = v.client("recruiter").await;
-    let doc: Vec<u8> = (0..6 * 1024 * 1024u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
+    let doc = document(6 * 1024 * 1024);
     let id = create_with(
         &mut recruiter,
         "recruitment",

@@ -216,6 +216,13 @@ impl TestVault {
     }
 }
 
+/// `len` bytes that look random (and compress poorly), the same for the same `len`.
+pub fn document(len: u32) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect()
+}
+
 pub fn text(v: &str) -> FieldValue {
     FieldValue {
         kind: Some(Kind::Text(v.to_string())),

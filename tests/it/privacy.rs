@@ -1408,6 +1408,32 @@ fn set_today(date: &str) {
     SWEEP_TODAY.store((d - epoch).num_days(), std::sync::atomic::Ordering::SeqCst);
 }
 
+/// Waits until the sweeper erased `field` of record `id` (read as `role` for `purpose`);
+/// returns the fields still there then.
+async fn until_field_gone(
+    v: &TestVault,
+    id: &str,
+    role: &str,
+    purpose: &str,
+    field: &str,
+) -> std::collections::HashMap<String, kluis::proto::FieldValue> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let got = v
+            .client(role)
+            .await
+            .get_record(get(id, purpose))
+            .await
+            .expect("readable")
+            .into_inner();
+        if !got.fields.contains_key(field) {
+            return got.fields;
+        }
+        assert!(std::time::Instant::now() < deadline, "{field} not swept");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 async fn until_gone(v: &TestVault, id: &str, role: &str, purpose: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
@@ -1554,56 +1580,14 @@ async fn the_sweeper_erases_each_category_when_its_period_ends() {
 
     // Former employee: contact after 2 years, identity after 5, financial after 7.
     set_today("2028-03-31");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let got = v
-            .client("payroll")
-            .await
-            .get_record(get(&former, "payroll"))
-            .await
-            .expect("payroll reads")
-            .into_inner();
-        if !got.fields.contains_key("email") {
-            assert!(got.fields.contains_key("bsn") && got.fields.contains_key("iban"));
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "contact not swept");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let kept = until_field_gone(&v, &former, "payroll", "payroll", "email").await;
+    assert!(kept.contains_key("bsn") && kept.contains_key("iban"));
     set_today("2031-03-31");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let got = v
-            .client("payroll")
-            .await
-            .get_record(get(&former, "payroll"))
-            .await
-            .expect("payroll reads")
-            .into_inner();
-        if !got.fields.contains_key("bsn") {
-            assert!(got.fields.contains_key("iban"), "financial kept 7 years");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "identity not swept");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let kept = until_field_gone(&v, &former, "payroll", "payroll", "bsn").await;
+    assert!(kept.contains_key("iban"), "financial kept 7 years");
     set_today("2031-04-30");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let got = v
-            .client("privacy_officer")
-            .await
-            .get_record(get(&asked, "data_subject_request"))
-            .await
-            .expect("the privacy officer reads a restricted record")
-            .into_inner();
-        if !got.fields.contains_key("bsn") {
-            assert!(got.fields.contains_key("iban"), "financial kept 7 years");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "identity not swept");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let kept = until_field_gone(&v, &asked, "privacy_officer", "data_subject_request", "bsn").await;
+    assert!(kept.contains_key("iban"), "financial kept 7 years");
     set_today("2033-03-31");
     until_gone(&v, &former, "payroll", "payroll").await;
     set_today("2033-04-30");

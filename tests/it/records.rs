@@ -727,9 +727,7 @@ async fn missing_and_bad_tokens_are_unauthenticated() {
 async fn sixteen_mib_documents_round_trip_and_sled_blob_files_stay_unused() {
     let vault = spawn_vault().await;
     let mut recruiter = vault.client("recruiter").await;
-    let doc: Vec<u8> = (0..16 * 1024 * 1024u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
+    let doc = document(16 * 1024 * 1024);
     let id = create_with(
         &mut recruiter,
         "recruitment",
