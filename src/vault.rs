@@ -186,18 +186,36 @@ pub use crate::policy::LIFECYCLE_STAGES;
 
 /// After the data subject's erasure request the record keeps only what legal duties require:
 /// no procedure reopens and no employment begins on it (review 16: a reopened procedure, or
-/// a new hire dated ahead, kept the retained BSN with no clock).
+/// a new hire dated ahead, kept the retained BSN with no clock), and the start of an
+/// employment moves no later than today or where it was (review 17: a hire that had not begun,
+/// moved on again and again, kept it with no clock too).
 fn check_stage_after_erasure_request(
     id: Uuid,
     body: &RecordBody,
     stage: &str,
+    date: chrono::NaiveDate,
+    today: chrono::NaiveDate,
 ) -> Result<(), VaultError> {
+    if body.erasure_requested_ms == 0 {
+        return Ok(());
+    }
     let reopens = stage == "applicant" || (stage == "employed" && body.lifecycle != "employed");
-    if body.erasure_requested_ms != 0 && reopens {
+    if reopens {
         return Err(VaultError::FailedPrecondition(format!(
             "stage: record {id}'s data subject asked for erasure on {}: what stays is kept for a legal duty only, so the record cannot become `{stage}` again; a new application or employment is a new record (CreateRecord)",
             iso(body.erasure_requested_ms)
         )));
+    }
+    if stage == "employed" {
+        let latest = body
+            .lifecycle_day()
+            .map_or(today, |begins| begins.max(today));
+        if date > latest {
+            return Err(VaultError::FailedPrecondition(format!(
+                "date: record {id}'s data subject asked for erasure on {}: the employment's start may move no later than {latest} (today, or where it is), as a start ahead keeps what the duty keeps with no clock",
+                iso(body.erasure_requested_ms)
+            )));
+        }
     }
     Ok(())
 }
@@ -1650,8 +1668,11 @@ impl<S: Store> Vault<S> {
                     iso(body.erasure_requested_ms)
                 )));
             }
-            if let StateChange::Lifecycle { stage, .. } = &change {
-                check_stage_after_erasure_request(id, &body, stage)?;
+            if let StateChange::Lifecycle { stage, date } = &change {
+                let day = record::parse_request_day(date).ok_or_else(|| {
+                    VaultError::Internal("a lifecycle date was checked before".into())
+                })?;
+                check_stage_after_erasure_request(id, &body, stage, day, self.today())?;
             }
             let extends = match &change {
                 StateChange::Lifecycle { stage, .. } => {

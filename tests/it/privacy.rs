@@ -2099,6 +2099,19 @@ async fn after_an_erasure_request_no_procedure_reopens_no_employment_begins_and_
         .expect("erase")
         .into_inner();
     assert_eq!(erased.retained.len(), 2, "{erased:?}");
+    // The start may move earlier, never later (review 17: moved on again and again, it kept
+    // them with no clock).
+    assert_status(
+        payroll
+            .set_lifecycle(lifecycle(&id, "employed", &day_from_today(60)))
+            .await,
+        Code::FailedPrecondition,
+        &["date", "asked for erasure", "may move no later than"],
+    );
+    payroll
+        .set_lifecycle(lifecycle(&id, "employed", &day_from_today(20)))
+        .await
+        .expect("an earlier start");
     // …and the hire falls through: no duty keeps them any more, so they are due at once
     // (review 16: the closed procedure's clock gave them 28 days, or a year with consent).
     payroll
