@@ -654,7 +654,8 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
             anchoring.store_id,
             settings.audit.max_uncovered(),
         )
-        .with_checkpoint_health(Arc::clone(&checkpoint_health)),
+        .with_checkpoint_health(Arc::clone(&checkpoint_health))
+        .with_answer_budget(answer_budget.clone()),
     )
     .max_decoding_message_size(settings.max_request_bytes);
     let audit = InterceptedService::new(DecodeGuard::new(audit, Arc::clone(&vault)), gate.clone());

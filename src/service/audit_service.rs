@@ -27,6 +27,8 @@ pub struct AuditService<S> {
     store_id: [u8; 16],
     max_uncovered: u64,
     checkpoints: Arc<audit::CheckpointHealth>,
+    /// The budget large pages are held against until they are sent.
+    answers: Option<super::answer::AnswerBudget>,
 }
 
 impl<S: Store> AuditService<S> {
@@ -49,7 +51,14 @@ impl<S: Store> AuditService<S> {
             store_id,
             max_uncovered,
             checkpoints: Arc::default(),
+            answers: None,
         }
+    }
+
+    /// Holds pages of `QueryEvents` of 64 KiB or more against `answers` until they are sent.
+    pub fn with_answer_budget(mut self, answers: super::answer::AnswerBudget) -> Self {
+        self.answers = Some(answers);
+        self
     }
 
     /// Reports the checkpointer's refusals (`health`) through `VerifyChain`.
@@ -118,9 +127,11 @@ impl<S: Store> proto::audit_server::Audit for AuditService<S> {
             Ok(c) => c,
             Err(e) => return finish(&self.vault, log, ev, Err(e)).await,
         };
+        let peer = request.remote_addr();
         let req = request.into_inner();
         log.record(&req.record_id);
         ev.draft.record_id = event_record_id(&req.record_id);
+        let mut hold = None;
         let result = async {
             let rights = &caller.role.audit;
             if !rights.contains(&AuditRight::Query) {
@@ -176,16 +187,21 @@ impl<S: Store> proto::audit_server::Audit for AuditService<S> {
             let page = audit::query(self.vault.store(), &filter, after, size)
                 .await
                 .map_err(|e| super::status::from_vault(e.into()))?;
-            Ok(proto::QueryEventsResponse {
+            let answer = proto::QueryEventsResponse {
                 events: page.events.into_iter().map(event_to_proto).collect(),
                 next_page_token: page
                     .next_after
                     .map(|after| self.vault.keys().page_token("events", &after.to_be_bytes()))
                     .unwrap_or_default(),
-            })
+            };
+            if let Some(answers) = &self.answers {
+                let size = prost::Message::encoded_len(&answer);
+                hold = answers.hold(size, &caller.principal, peer, "page_size")?;
+            }
+            Ok(answer)
         }
         .await;
-        finish(&self.vault, log, ev, result).await
+        super::held(finish(&self.vault, log, ev, result).await, hold)
     }
 
     #[instrument(skip_all)]

@@ -332,7 +332,7 @@ impl<S: Store> RecordsService<S> {
 
 /// `answer`, carrying its share of the answer budget to the transport (which sends it in
 /// chunks and frees the share once it is handed over).
-fn held<T>(
+pub(crate) fn held<T>(
     answer: Result<Response<T>, Status>,
     hold: Option<answer::AnswerHold>,
 ) -> Result<Response<T>, Status> {
@@ -455,7 +455,7 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
                     "field_names: the answer is {size} bytes, more than an answer may hold ({limit} bytes: twice max_request_bytes); name fewer fields (field_names) or raise max_request_bytes"
                 )));
             }
-            hold = self.answers.hold(size, peer, "field_names")?;
+            hold = self.answers.hold(size, &caller.principal, peer, "field_names")?;
             Ok(answer)
         });
         if result.is_err() {
@@ -689,7 +689,7 @@ impl<S: Store> proto::records_server::Records for RecordsService<S> {
                         json.len()
                     )));
                 }
-                hold = self.answers.hold(json.len(), peer, "export")?;
+                hold = self.answers.hold(json.len(), &caller.principal, peer, "export")?;
                 Ok(proto::ExportRecordResponse {
                     json: std::mem::take(&mut *json),
                 })
