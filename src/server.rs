@@ -856,8 +856,8 @@ struct Limited {
     connections: Arc<Connections>,
     /// Until the first request: when the connection is closed if none has come.
     first_request_by: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// While large answers are being handed over: the connection is closed once one of them
-    /// has not moved for `stall_timeout` (its caller reads nothing).
+    /// While large answers are being handed over: the connection is closed once none of them
+    /// has moved for `stall_timeout` (its caller reads nothing).
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
     stall_timeout: Duration,
 }
@@ -900,11 +900,11 @@ impl Limited {
                 if stall.as_mut().poll(cx).is_ready() {
                     tracing::warn!(
                         peer = ?self.io.peer_addr().ok(),
-                        "closing a connection whose caller read nothing of an answer for ANSWER_STALL_TIMEOUT"
+                        "closing a connection whose caller read nothing of its answers for ANSWER_STALL_TIMEOUT"
                     );
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
-                        "an answer on this connection was not read for ANSWER_STALL_TIMEOUT",
+                        "the answers on this connection were not read for ANSWER_STALL_TIMEOUT",
                     ));
                 }
             }
