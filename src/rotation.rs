@@ -407,28 +407,34 @@ pub async fn count_needing<S: Store>(
     .await
 }
 
-/// When the newest data key in `scope` was made (its `created_ms`), at least `since`: a
-/// re-key's cutoff ([`JobState::cutoff_ms`]).
-async fn newest_data_key<S: Store>(
+/// For a re-key starting at `since` over `scope`: its cutoff ([`JobState::cutoff_ms`]: the
+/// newest data key in scope was made then, or `since` if later) and how many records it has
+/// to handle (every record with a data key in scope: each is at or before the cutoff), in
+/// one pass over the headers.
+async fn rekey_census<S: Store>(
     vault: &Arc<Vault<S>>,
     scope: Option<Category>,
     since: i64,
-) -> Result<i64, VaultError> {
+) -> Result<(i64, u64), VaultError> {
     fold_headers(
         vault,
-        move |newest: &mut i64, key, raw| {
+        move |(newest, n): &mut (i64, u64), key, raw| {
+            let mut any = false;
             record::peek_dek_versions(raw, |name, _, created| {
                 let in_scope = Category::parse(name).is_some_and(|c| scope.is_none_or(|s| s == c));
                 if in_scope {
                     *newest = (*newest).max(created);
+                    any = true;
                 }
             })
-            .map_err(|_| damaged_header(key))
+            .map_err(|_| damaged_header(key))?;
+            *n += u64::from(any);
+            Ok(())
         },
-        |a: i64, b: i64| a.max(b),
+        |a: (i64, u64), b: (i64, u64)| (a.0.max(b.0), a.1 + b.1),
     )
     .await
-    .map(|newest| newest.max(since))
+    .map(|(newest, n)| (newest.max(since), n))
 }
 
 /// Re-wraps ([`rewrap_record`]) or re-keys the categories of one record that need it, adding
@@ -1260,19 +1266,26 @@ impl<S: Store> Jobs<S> {
             }
             previous => {
                 let started_ms = vault::now_ms();
-                let cutoff_ms = match kind {
-                    JobKind::Rekey => newest_data_key(&self.vault, scope, started_ms).await?,
-                    JobKind::Rewrap => started_ms,
+                let (cutoff_ms, total) = match kind {
+                    JobKind::Rekey => {
+                        let (cutoff_ms, total) =
+                            rekey_census(&self.vault, scope, started_ms).await?;
+                        // Data keys made from now on are made after the cutoff, whatever the
+                        // clock (one made during the census is at most re-keyed needlessly).
+                        self.vault.raise_dek_floor(cutoff_ms + 1);
+                        if cutoff_ms > started_ms {
+                            tracing::warn!(
+                                ahead_ms = cutoff_ms - started_ms,
+                                "re-key: data keys in scope were made later than now (the clock ran ahead then, or runs behind now); they are re-keyed too"
+                            );
+                        }
+                        (cutoff_ms, total)
+                    }
+                    JobKind::Rewrap => (
+                        started_ms,
+                        count_needing(&self.vault, kind, scope, started_ms).await?,
+                    ),
                 };
-                if cutoff_ms > started_ms {
-                    tracing::warn!(
-                        ahead_ms = cutoff_ms - started_ms,
-                        "re-key: data keys in scope were made later than now (the clock ran ahead then, or runs behind now); they are re-keyed too"
-                    );
-                }
-                // Data keys made from now on are made after the cutoff, whatever the clock.
-                self.vault.raise_dek_floor(cutoff_ms + 1);
-                let total = count_needing(&self.vault, kind, scope, cutoff_ms).await?;
                 if let Some(p) = previous.as_ref().filter(|p| p.finished_ms.is_none()) {
                     tracing::warn!(job = %p.id, kind = p.kind.as_str(), "an unfinished key job is replaced by a new one");
                 }
