@@ -779,3 +779,86 @@ async fn answers_left_unread_hold_a_bounded_budget_and_their_connection_is_close
         .await
         .expect("the reading client's connection is open");
 }
+
+/// A proxy to `to` that passes the server's bytes on at about `rate` bytes a second (a slow
+/// link); the client's bytes pass at once.
+async fn slow_link(to: std::net::SocketAddr, rate: u64) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(to).await.expect("connect");
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut client_read, &mut server_write).await });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    let n = match server_read.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if client_write.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_micros(n as u64 * 1_000_000 / rate)).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reading_a_slow_link_keeps_its_connection() {
+    // A reader that keeps reading is not cut, however slowly its answer moves, as long as it
+    // frees HTTP/2 window within the stall timeout (here 128 KiB at a time, every 0.33 s at
+    // 384 KiB/s; README, "Transport limits").
+    let mut v = spawn_vault().await;
+    v.stop().await;
+    v.tweak = Some(|s| s.answer_stall_timeout = Duration::from_millis(1000));
+    v.start().await.expect("restart");
+    let mut recruiter = v.client("recruiter").await;
+    let doc = document(3 * 1024 * 1024);
+    let id = create_with(
+        &mut recruiter,
+        "recruitment",
+        &[("cv_document", blob(&doc, "application/pdf"))],
+    )
+    .await;
+    let proxy = slow_link(v.addr, 384 * 1024).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{proxy}"))
+        .expect("uri")
+        .initial_stream_window_size(256 * 1024)
+        .initial_connection_window_size(256 * 1024)
+        .connect()
+        .await
+        .expect("connect");
+    let token = format!("Bearer {}", v.tokens["recruiter"]);
+    let mut client =
+        RecordsClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+            request
+                .metadata_mut()
+                .insert("authorization", token.parse().expect("ascii"));
+            Ok(request)
+        })
+        .max_decoding_message_size(16 << 20);
+    let started = std::time::Instant::now();
+    let got = client
+        .get_record(GetRecordRequest {
+            record_id: id,
+            purpose: "recruitment".into(),
+            field_names: vec!["cv_document".into()],
+        })
+        .await
+        .expect("read whole over the slow link")
+        .into_inner();
+    assert!(got.fields["cv_document"].kind == Some(kluis::proto::field_value::Kind::Blob(doc)));
+    assert!(
+        started.elapsed() > Duration::from_secs(3),
+        "the link was slow: several stall timeouts long"
+    );
+}
