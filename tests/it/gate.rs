@@ -659,16 +659,12 @@ async fn unread_get(
     let mut frame = vec![0u8];
     frame.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
     frame.extend_from_slice(&message);
-    let request = http::Request::builder()
-        .method("POST")
-        .uri(format!("http://{addr}/kluis.v1.Records/GetRecord"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("authorization", token)
-        .body(tonic::body::Body::new(http_body_util::Full::new(
-            Bytes::from(frame),
-        )))
-        .expect("request");
+    let request = grpc_post(
+        &addr.to_string(),
+        "/kluis.v1.Records/GetRecord",
+        &[("authorization", token)],
+        frame,
+    );
     let response = channel
         .ready()
         .await

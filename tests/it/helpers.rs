@@ -436,6 +436,29 @@ pub async fn raw_call(
     raw_frames(addr, path, &headers, frame).await
 }
 
+/// A gRPC POST of `path` to the server at `addr` with `frames` as its whole body (gRPC framing
+/// included) and `headers` beside the gRPC ones.
+pub fn grpc_post(
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    frames: Vec<u8>,
+) -> http::Request<tonic::body::Body> {
+    let mut request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            tonic::codegen::Bytes::from(frames),
+        )))
+        .expect("request")
+}
+
 /// Calls `path` on the server at `addr` with `frames` as the whole request body (gRPC framing
 /// included, sent as is: none, cut short, flagged compressed, …) and `headers` beside the
 /// gRPC ones.
@@ -447,19 +470,7 @@ pub async fn raw_frames(
 ) -> RawAnswer {
     use http_body_util::BodyExt;
     use tower::{Service, ServiceExt};
-    let mut request = http::Request::builder()
-        .method("POST")
-        .uri(format!("http://{addr}{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request
-        .body(tonic::body::Body::new(http_body_util::Full::new(
-            tonic::codegen::Bytes::from(frames),
-        )))
-        .expect("request");
+    let request = grpc_post(addr, path, headers, frames);
     let mut channel = Channel::from_shared(format!("http://{addr}"))
         .expect("uri")
         .connect()
