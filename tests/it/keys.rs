@@ -615,16 +615,10 @@ async fn rekey_replaces_data_keys_and_re_encrypts_fields() {
         .await,
     )
     .await;
-    let all: Vec<String> = [
-        "contact",
-        "personal",
-        "cv",
-        "identity",
-        "financial",
-        "absence",
-    ]
-    .map(String::from)
-    .to_vec();
+    let all: Vec<String> = Category::ALL
+        .iter()
+        .map(|c| c.as_str().to_string())
+        .collect();
     let events = v
         .audit_events(QueryEventsRequest {
             principal: "test-security_officer".into(),
