@@ -2003,13 +2003,15 @@ async fn an_export_too_large_to_send_is_refused_naming_the_setting() {
 async fn a_clock_far_past_the_last_sweep_pauses_the_sweeper_until_the_date_is_confirmed() {
     let mut v = spawn_vault().await;
     v.stop().await;
+    // Taken once: the test may run across midnight (UTC).
+    let last_sweep = day_from_today(-30);
     {
         let store = kluis::store::SledStore::open(&data_dir(&v.dir)).expect("open");
         let mut b = kluis::store::Batch::default();
         b.put(
             kluis::store::Keyspace::Meta,
             kluis::sweeper::META_SWEEP_DAY.to_vec(),
-            day_from_today(-30).into_bytes(),
+            last_sweep.clone().into_bytes(),
         );
         kluis::store::Store::commit(&store, b)
             .await
@@ -2077,7 +2079,7 @@ async fn a_clock_far_past_the_last_sweep_pauses_the_sweeper_until_the_date_is_co
     assert_eq!(
         confirmed,
         vec![vec![
-            format!("previous:{}", day_from_today(-30)),
+            format!("previous:{last_sweep}"),
             format!("confirmed:{today}")
         ]],
         "the confirmation is audited once, with both days"
