@@ -20,6 +20,8 @@ use std::collections::BTreeMap;
 
 use prost::Message;
 
+use zeroize::Zeroizing;
+
 use crate::crypto::{self, SecretKey};
 
 /// Plaintext bytes per sealed chunk. Together with the store's segment size this keeps every
@@ -730,18 +732,37 @@ pub struct SealedField {
     pub chunks: Vec<bytes::Bytes>,
     /// SHA-256 over every chunk's nonce ‖ tag, in order (see [`crypto::commitment`]).
     pub digest: [u8; 32],
+    /// Bytes of plaintext.
+    pub size: usize,
 }
 
-/// Seals `plaintext` for `field` of record `id` under `dek`, in chunks of [`CHUNK_LEN`].
+/// Lays a field's plaintext out for sealing in place in chunks of [`CHUNK_LEN`]
+/// ([`crypto::LaidOut`]): the one copy of a value on its way from a request to the store.
+pub fn lay_out(plaintext: &[u8]) -> crypto::LaidOut {
+    crypto::LaidOut::new(plaintext, CHUNK_LEN).expect("CHUNK_LEN is not zero")
+}
+
+/// Seals `plaintext` for `field` of record `id` under `dek`, in chunks of [`CHUNK_LEN`]:
+/// [`lay_out`], then [`seal_laid_out`].
 pub fn seal_field(
     dek: &crypto::SealingKey,
     id: &[u8],
     field: &str,
     plaintext: &[u8],
 ) -> Result<SealedField, crypto::CryptoError> {
-    let chunks = dek.seal_chunks(plaintext, CHUNK_LEN, |i, n, out| {
-        chunk_context_into(id, field, i, n, out)
-    })?;
+    seal_laid_out(dek, id, field, lay_out(plaintext))
+}
+
+/// Seals a field value laid out by [`lay_out`] for `field` of record `id` under `dek`, in
+/// place: no byte of the plaintext is copied.
+pub fn seal_laid_out(
+    dek: &crypto::SealingKey,
+    id: &[u8],
+    field: &str,
+    laid: crypto::LaidOut,
+) -> Result<SealedField, crypto::CryptoError> {
+    let size = laid.len();
+    let chunks = dek.seal_laid_out(laid, |i, n, out| chunk_context_into(id, field, i, n, out))?;
     let mut digest = FieldDigest::new();
     for chunk in &chunks {
         digest.add(chunk)?;
@@ -749,7 +770,111 @@ pub fn seal_field(
     Ok(SealedField {
         chunks,
         digest: digest.finish(),
+        size,
     })
+}
+
+/// Opens a field `dek` sealed for `field` of record `id` ([`seal_laid_out`]) back into its
+/// layout: for a write whose attempt conflicted, to seal the value again.
+pub fn reopen_field(
+    dek: &crypto::SealingKey,
+    id: &[u8],
+    field: &str,
+    sealed: &SealedField,
+) -> Result<crypto::LaidOut, crypto::CryptoError> {
+    let laid = dek.reopen_laid_out(&sealed.chunks, CHUNK_LEN, |i, n, out| {
+        chunk_context_into(id, field, i, n, out)
+    })?;
+    if laid.len() != sealed.size {
+        return Err(crypto::CryptoError::Malformed);
+    }
+    Ok(laid)
+}
+
+/// A field value on its way into a write: laid out for sealing in place, or already sealed by
+/// an attempt of the write that did not commit (with the key and record id it was sealed
+/// under, to be opened and sealed again by the next attempt, whose data key or record id may
+/// differ). `Debug` shows the length only.
+pub enum PendingValue {
+    /// Not sealed yet.
+    Laid(crypto::LaidOut),
+    /// Sealed by an earlier attempt.
+    Sealed(Box<SealedAttempt>),
+}
+
+/// A value as an attempt of a write sealed it ([`PendingValue::Sealed`]).
+pub struct SealedAttempt {
+    /// The key it was sealed under.
+    pub key: crypto::SealingKey,
+    /// The record it was sealed for.
+    pub id: Vec<u8>,
+    /// The field name it was sealed for.
+    pub field: String,
+    /// The envelopes (views of one buffer, shared with the attempt's batch).
+    pub sealed: SealedField,
+}
+
+impl PendingValue {
+    /// Lays `plaintext` out ([`lay_out`]).
+    pub fn new(plaintext: &[u8]) -> Self {
+        Self::Laid(lay_out(plaintext))
+    }
+
+    /// Bytes of plaintext.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Laid(laid) => laid.len(),
+            Self::Sealed(was) => was.sealed.size,
+        }
+    }
+
+    /// Whether the value is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The plaintext (a copy), while not sealed yet.
+    pub fn plaintext(&self) -> Option<Zeroizing<Vec<u8>>> {
+        match self {
+            Self::Laid(laid) => Some(laid.to_plaintext()),
+            Self::Sealed(_) => None,
+        }
+    }
+
+    /// Seals the value for `field` of record `id` under `dek`: in place the first time; after
+    /// that, opened from the earlier attempt's envelopes and sealed again.
+    pub fn seal(
+        &mut self,
+        dek: &crypto::SealingKey,
+        id: &[u8],
+        field: &str,
+    ) -> Result<SealedField, crypto::CryptoError> {
+        let laid = match self {
+            Self::Laid(laid) => std::mem::replace(laid, lay_out(&[])),
+            Self::Sealed(was) => reopen_field(&was.key, &was.id, &was.field, &was.sealed)?,
+        };
+        let sealed = seal_laid_out(dek, id, field, laid)?;
+        *self = Self::Sealed(Box::new(SealedAttempt {
+            key: dek.clone(),
+            id: id.to_vec(),
+            field: field.to_string(),
+            sealed: SealedField {
+                chunks: sealed.chunks.clone(),
+                digest: sealed.digest,
+                size: sealed.size,
+            },
+        }));
+        Ok(sealed)
+    }
+}
+
+impl std::fmt::Debug for PendingValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Laid(laid) => write!(f, "PendingValue({} bytes, laid out)", laid.len()),
+            Self::Sealed(was) => write!(f, "PendingValue({} bytes, sealed)", was.sealed.size),
+        }
+    }
 }
 
 /// The digest a header keeps of a field: SHA-256 over each chunk envelope's nonce ‖ tag.
@@ -1034,6 +1159,64 @@ mod tests {
                 // Reordering chunks fails authentication.
                 prop_assert!(crypto::open(&key, &chunk_context(b"id", "cv_document", 0, n), &sealed.chunks[1]).is_err());
             }
+        }
+
+        /// A laid-out value reads back as itself; sealing it in place gives what sealing the
+        /// plain bytes gives (up to the nonces); reopening gives the layout back, and only
+        /// under the key and context it was sealed under.
+        #[test]
+        fn laid_out_values_seal_in_place_and_reopen(data in proptest::collection::vec(any::<u8>(), 0..(3 * CHUNK_LEN + 17))) {
+            let key = SecretKey::generate().expect("rng");
+            let sealing = crypto::SealingKey::new(&key, 4);
+            let laid = lay_out(&data);
+            prop_assert_eq!(laid.len(), data.len());
+            prop_assert_eq!(laid.to_plaintext().to_vec(), data.clone());
+            prop_assert_eq!(laid.chunks().count(), data.len().div_ceil(CHUNK_LEN).max(1));
+            let sealed = seal_laid_out(&sealing, b"id", "cv_document", laid).expect("seal");
+            let plain = seal_field(&sealing, b"id", "cv_document", &data).expect("seal");
+            prop_assert_eq!(sealed.size, data.len());
+            prop_assert_eq!(sealed.chunks.len(), plain.chunks.len());
+            let n = u32::try_from(sealed.chunks.len()).expect("count");
+            let mut digest = FieldDigest::new();
+            for (i, (c, p)) in sealed.chunks.iter().zip(&plain.chunks).enumerate() {
+                prop_assert_eq!(c.len(), p.len());
+                prop_assert_eq!(&c[..crypto::HEADER_LEN], &p[..crypto::HEADER_LEN]);
+                let i = u32::try_from(i).expect("idx");
+                let ctx = chunk_context(b"id", "cv_document", i, n);
+                prop_assert_eq!(crypto::open(&key, &ctx, c).expect("open"), crypto::open(&key, &ctx, p).expect("open"));
+                digest.add(c).expect("envelope");
+            }
+            prop_assert_eq!(digest.finish(), sealed.digest);
+            let back = reopen_field(&sealing, b"id", "cv_document", &sealed).expect("reopen");
+            prop_assert_eq!(back.to_plaintext().to_vec(), data.clone());
+            // Sealed again, under another key, it opens under that key.
+            let other = SecretKey::generate().expect("rng");
+            let again = seal_laid_out(&crypto::SealingKey::new(&other, 5), b"id", "cv_document", back).expect("seal");
+            let ctx = chunk_context(b"id", "cv_document", 0, n);
+            prop_assert_eq!(crypto::open(&other, &ctx, &again.chunks[0]).expect("open").to_vec(), data[..data.len().min(CHUNK_LEN)].to_vec());
+            prop_assert!(reopen_field(&crypto::SealingKey::new(&other, 5), b"id", "cv_document", &sealed).is_err());
+            prop_assert!(reopen_field(&sealing, b"id2", "cv_document", &sealed).is_err());
+            prop_assert!(reopen_field(&sealing, b"id", "cv_document", &again).is_err());
+        }
+
+        /// A pending value sealed by one attempt is sealed again by the next, under that
+        /// attempt's key and record id, to the same plaintext.
+        #[test]
+        fn pending_values_seal_again_for_a_retry(data in proptest::collection::vec(any::<u8>(), 0..(2 * CHUNK_LEN + 5))) {
+            let (k1, k2) = (SecretKey::generate().expect("rng"), SecretKey::generate().expect("rng"));
+            let mut pending = PendingValue::new(&data);
+            prop_assert_eq!(pending.plaintext().expect("laid out").to_vec(), data.clone());
+            let first = pending.seal(&crypto::SealingKey::new(&k1, 1), b"id-1", "cv_document").expect("seal");
+            prop_assert!(pending.plaintext().is_none());
+            prop_assert_eq!(pending.len(), data.len());
+            let second = pending.seal(&crypto::SealingKey::new(&k2, 2), b"id-2", "cv_document").expect("seal");
+            let third = pending.seal(&crypto::SealingKey::new(&k2, 2), b"id-2", "cv_document").expect("seal");
+            for (sealed, key, id) in [(&first, &k1, &b"id-1"[..]), (&second, &k2, &b"id-2"[..]), (&third, &k2, &b"id-2"[..])] {
+                prop_assert_eq!(sealed.size, data.len());
+                let back = reopen_field(&crypto::SealingKey::new(key, 1), id, "cv_document", sealed).expect("opens");
+                prop_assert_eq!(back.to_plaintext().to_vec(), data.clone());
+            }
+            prop_assert!(reopen_field(&crypto::SealingKey::new(&k1, 1), b"id-2", "cv_document", &second).is_err());
         }
     }
 }

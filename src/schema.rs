@@ -549,8 +549,8 @@ pub enum RawValue<'a> {
 
 /// A parsed, normalised value, ready to seal.
 pub struct Parsed {
-    /// The normalised plaintext (UTF-8 for text types).
-    pub plaintext: Zeroizing<Vec<u8>>,
+    /// The normalised plaintext (UTF-8 for text types), laid out for sealing in place.
+    pub plaintext: crate::record::PendingValue,
     /// The content type, for blobs.
     pub content_type: Option<String>,
     /// For searchable fields: the normalised form the blind index is computed over.
@@ -604,7 +604,7 @@ impl FieldDef {
                     )));
                 }
                 Ok(Parsed {
-                    plaintext: Zeroizing::new(bytes.to_vec()),
+                    plaintext: crate::record::PendingValue::new(bytes),
                     content_type: Some(content_type),
                     index_form: None,
                 })
@@ -620,7 +620,7 @@ impl FieldDef {
                 let normalised = parse_text(kind, text, today)?;
                 let index_form = self.searchable.then(|| index_form(kind, &normalised));
                 Ok(Parsed {
-                    plaintext: Zeroizing::new(normalised.as_bytes().to_vec()),
+                    plaintext: crate::record::PendingValue::new(normalised.as_bytes()),
                     content_type: None,
                     index_form,
                 })
@@ -1388,8 +1388,9 @@ mod tests {
     }
 
     fn parse(def: &FieldDef, text: &str) -> Result<String, ValueError> {
-        def.parse(RawValue::Text(text), today())
-            .map(|p| String::from_utf8(p.plaintext.to_vec()).expect("utf-8"))
+        def.parse(RawValue::Text(text), today()).map(|p| {
+            String::from_utf8(p.plaintext.plaintext().expect("laid out").to_vec()).expect("utf-8")
+        })
     }
 
     /// The refusal's message, checked to name no part of the value.
@@ -2249,9 +2250,9 @@ mod tests {
                 let schema = Schema::default_schema();
                 for field in schema.fields().filter(|f| !f.kind.is_blob()) {
                     if let Ok(parsed) = field.parse(RawValue::Text(&text), today()) {
-                        let once = String::from_utf8(parsed.plaintext.to_vec()).expect("utf-8");
+                        let once = String::from_utf8(parsed.plaintext.plaintext().expect("laid out").to_vec()).expect("utf-8");
                         let twice = field.parse(RawValue::Text(&once), today()).expect("normalised parses");
-                        prop_assert_eq!(once.as_bytes(), twice.plaintext.as_slice(), "{}", field.name);
+                        prop_assert_eq!(once.as_bytes().to_vec(), twice.plaintext.plaintext().expect("laid out").to_vec(), "{}", field.name);
                     }
                 }
             }

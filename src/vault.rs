@@ -672,9 +672,9 @@ impl<S: Store> Vault<S> {
                 "at least one field is required",
             ));
         }
-        let parsed = self.parse_writes(caller, "fields", fields)?;
+        let mut parsed = self.parse_writes(caller, "fields", fields)?;
         for _ in 0..MAX_RETRIES {
-            match self.try_create(&parsed, event).await {
+            match self.try_create(&mut parsed, event).await {
                 Err(VaultError::Conflict(_)) => continue,
                 done => return done,
             }
@@ -687,7 +687,7 @@ impl<S: Store> Vault<S> {
     /// re-read.
     async fn try_create(
         &self,
-        parsed: &[(&FieldDef, Parsed)],
+        parsed: &mut [(&FieldDef, Parsed)],
         event: &mut audit::Context,
     ) -> Result<(Uuid, u64), VaultError> {
         let id = Uuid::new_v4();
@@ -706,7 +706,7 @@ impl<S: Store> Vault<S> {
         };
         let mut batch = Batch::default();
         let mut sealers = BTreeMap::new();
-        for (def, value) in parsed {
+        for (def, value) in parsed.iter_mut() {
             let sealer = self.sealer(&mut sealers, &mut body, def.category)?;
             let entry = self.write_field(&mut batch, sealer, &idb, def, value, 1)?;
             body.fields.insert(def.name.clone(), entry);
@@ -856,7 +856,7 @@ impl<S: Store> Vault<S> {
                 ));
             }
         }
-        let parsed = self.parse_writes(caller, "set", set)?;
+        let mut parsed = self.parse_writes(caller, "set", set)?;
         let idb = id.as_bytes().to_vec();
         for _ in 0..MAX_RETRIES {
             let (raw, mut body) = self.load(id).await?;
@@ -908,7 +908,7 @@ impl<S: Store> Vault<S> {
             let mut batch = Batch::default();
             let mut sealers: BTreeMap<Category, SealingKey> = BTreeMap::new();
             let mut sealed = Ok(());
-            for (def, value) in &parsed {
+            for (def, value) in &mut parsed {
                 if let Some(old) = body.fields.remove(&def.name) {
                     self.delete_field(&mut batch, &idb, &def.name, &old);
                 }
@@ -2024,10 +2024,12 @@ impl<S: Store> Vault<S> {
         sealer: &SealingKey,
         id: &[u8],
         def: &FieldDef,
-        value: &Parsed,
+        value: &mut Parsed,
         revision: u64,
     ) -> Result<FieldEntry, VaultError> {
-        let sealed = record::seal_field(sealer, id, &def.name, &value.plaintext)?;
+        // In place the first time; a retry after a conflict opens the first attempt's
+        // envelopes and seals them again (its data key or record id may differ).
+        let sealed = value.plaintext.seal(sealer, id, &def.name)?;
         let (chunks, inline) = place_chunks(batch, id, &def.name, revision, sealed.chunks, 0);
         let index_tag = match &value.index_form {
             Some(form) => {
@@ -2045,7 +2047,7 @@ impl<S: Store> Vault<S> {
             category: def.category.as_str().into(),
             revision,
             chunks,
-            size: value.plaintext.len() as u64,
+            size: sealed.size as u64,
             digest: sealed.digest.to_vec(),
             content_type: value.content_type.clone().unwrap_or_default(),
             index_tag,

@@ -485,6 +485,78 @@ async fn concurrent_updates_with_the_same_expected_revision_admit_exactly_one() 
     assert_eq!(ok, 1);
 }
 
+/// Writers racing on one record conflict, and each retries with the value its first attempt
+/// sealed in place (opened from those envelopes and sealed again): every write lands, and the
+/// record holds exactly one writer's document and city.
+#[tokio::test]
+async fn racing_updates_without_a_revision_all_land_with_their_own_values() {
+    let vault = spawn_vault().await;
+    let mut recruiter = vault.client("recruiter").await;
+    let id = create_with(
+        &mut recruiter,
+        "recruitment",
+        &[("full_name", text("Race"))],
+    )
+    .await;
+    let doc = |i: usize| {
+        let mut d = document(40_000 + 4_099 * u32::try_from(i).expect("small"));
+        d[0] = u8::try_from(i).expect("small");
+        d
+    };
+    let writers = 8;
+    let mut clients = Vec::new();
+    for _ in 0..writers {
+        clients.push(vault.client("recruiter").await);
+    }
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(writers));
+    let mut tasks = Vec::new();
+    for (i, mut c) in clients.into_iter().enumerate() {
+        let id = id.clone();
+        let start = start.clone();
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            c.update_record(UpdateRecordRequest {
+                record_id: id,
+                purpose: "recruitment".into(),
+                expected_revision: 0,
+                set: fields(&[
+                    ("city", text(&format!("City {i}"))),
+                    ("cv_document", blob(&doc(i), "application/pdf")),
+                ]),
+                clear: vec![],
+            })
+            .await
+            .map(|r| r.into_inner().revision)
+        }));
+    }
+    let mut revisions = Vec::new();
+    for t in tasks {
+        revisions.push(t.await.expect("join").expect("every racing update lands"));
+    }
+    revisions.sort_unstable();
+    assert_eq!(revisions, (2..2 + writers as u64).collect::<Vec<_>>());
+    let got = recruiter
+        .get_record(GetRecordRequest {
+            record_id: id,
+            purpose: "recruitment".into(),
+            field_names: vec!["city".into(), "cv_document".into()],
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    let Some(kluis::proto::field_value::Kind::Text(city)) = &got.fields["city"].kind else {
+        panic!("city is text");
+    };
+    let i: usize = city
+        .strip_prefix("City ")
+        .and_then(|n| n.parse().ok())
+        .expect("a writer's city");
+    assert!(
+        got.fields["cv_document"].kind == Some(kluis::proto::field_value::Kind::Blob(doc(i))),
+        "the document is not the one written with {city}"
+    );
+}
+
 #[tokio::test]
 async fn blind_index_finds_by_normalised_value_and_follows_updates() {
     let vault = spawn_vault().await;
