@@ -649,9 +649,7 @@ fn index_form(kind: &FieldType, normalised: &str) -> Zeroizing<String> {
     match kind {
         // The stored domain is already lower-case ASCII; the local part keeps its case in the
         // stored value and is lower-cased here (NFC again: lower-casing can decompose).
-        // (`str::to_lowercase` sizes its string to the input up front; it grows only for the
-        // few capitals that lower-case to more bytes, such as `İ`, `Ⱥ`.)
-        FieldType::Email => nfc(&Zeroizing::new(normalised.to_lowercase())),
+        FieldType::Email => nfc(&lowercase(normalised)),
         _ => Zeroizing::new(normalised.to_owned()),
     }
 }
@@ -679,6 +677,45 @@ pub(crate) fn has_visible_char(text: &str) -> bool {
 }
 
 /// Unicode Normalization Form C, into a buffer that leaves no copy behind when it grows.
+/// `str::to_lowercase` into a zeroizing string sized for the result up front. (std sizes its
+/// result to the input and grows it for the few capitals that lower-case to more bytes, such
+/// as `İ`, `Ⱥ`, `Ⱦ`, leaving a copy of the value's beginning in freed memory.) A capital sigma
+/// follows std's rule: `ς` at the end of a word, `σ` elsewhere.
+fn lowercase(s: &str) -> Zeroizing<String> {
+    let size = s
+        .chars()
+        .map(|c| c.to_lowercase().map(char::len_utf8).sum::<usize>())
+        .sum();
+    let mut out = Zeroizing::new(String::with_capacity(size));
+    for (i, c) in s.char_indices() {
+        if c == 'Σ' {
+            out.push(if ends_word(&s[..i], &s[i + c.len_utf8()..]) {
+                'ς'
+            } else {
+                'σ'
+            });
+        } else {
+            out.extend(c.to_lowercase());
+        }
+    }
+    debug_assert_eq!(out.len(), size, "σ and ς take the same bytes");
+    out
+}
+
+/// Whether a capital sigma between `before` and `after` ends a word (Unicode's Final_Sigma
+/// condition, as `str::to_lowercase` applies it): a cased letter before it and none after
+/// it, case-ignorable characters skipped on both sides.
+fn ends_word(before: &str, after: &str) -> bool {
+    let ignorable = CodePointSetData::new::<icu_properties::props::CaseIgnorable>();
+    let cased = CodePointSetData::new::<icu_properties::props::Cased>();
+    let cased_next = |mut chars: &mut dyn Iterator<Item = char>| {
+        (&mut chars)
+            .find(|&c| !ignorable.contains(c))
+            .is_some_and(|c| cased.contains(c))
+    };
+    cased_next(&mut before.chars().rev()) && !cased_next(&mut after.chars())
+}
+
 fn nfc(s: &str) -> Zeroizing<String> {
     let mut out = WipingString::with_capacity(s.len());
     ComposingNormalizerBorrowed::new_nfc()
@@ -1374,6 +1411,33 @@ impl Drop for Periods {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The zeroizing lower-casing is std's, sigma rule included.
+        #[test]
+        fn lowercase_is_std_lowercase(s in "[a-zA-Z0-9 .'_\u{00AD}\u{0345}\u{0307}ΣσςαβΑΒİȺȾÉéẞ]{0,24}") {
+            proptest::prop_assert_eq!(lowercase(&s).to_string(), s.to_lowercase());
+        }
+    }
+
+    #[test]
+    fn lowercase_sizes_its_result_up_front() {
+        for s in [
+            "İSTANBUL",
+            "ȺȾ",
+            "ΟΔΟΣ",
+            "ΣΑΣ.ΣΑΣ",
+            "Σ",
+            "aΣ",
+            "aΣb",
+            "a\u{00AD}Σ\u{00AD}",
+            "plain",
+        ] {
+            let lower = lowercase(s);
+            assert_eq!(lower.as_str(), s.to_lowercase(), "{s}");
+            assert_eq!(lower.capacity(), lower.len(), "{s}");
+        }
+    }
 
     /// The tests' today.
     fn today() -> NaiveDate {
