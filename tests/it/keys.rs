@@ -1134,7 +1134,6 @@ async fn a_job_that_meets_a_damaged_record_stops_names_it_and_resumes_once_repai
         "{}",
         error.message()
     );
-
     // Repair (restore the header, offline), then Rewrap resumes the same job and finishes.
     v.stop().await;
     {
@@ -1145,6 +1144,26 @@ async fn a_job_that_meets_a_damaged_record_stops_names_it_and_resumes_once_repai
     }
     v.start().await.expect("start");
     let mut k = keys(&v, "security_officer").await;
+    // Once the header reads again (GetKeyStatus counts every record, so it is DATA_LOSS
+    // naming the record until then), GetKeyStatus says the job failed, why, and how far it
+    // got.
+    let job = status(&mut k).await.last_job.expect("the last job");
+    assert_eq!(
+        (job.kind.as_str(), job.category.as_str(), job.total),
+        ("rewrap", "identity", 3)
+    );
+    assert!(job.error.contains(&ids[2]), "{}", job.error);
+    assert!(job.done < job.total, "{job:?}");
+    assert!(job.started.is_some() && job.finished.is_none(), "{job:?}");
+    assert!(
+        kluis::cli::keys::job_line(&job).ends_with(&format!(
+            "failed: {} (requesting the same job resumes it)",
+            job.error
+        )),
+        "{}",
+        kluis::cli::keys::job_line(&job)
+    );
+
     let progress = drain(
         k.rewrap(RewrapRequest {
             category: "identity".into(),
