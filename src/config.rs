@@ -506,7 +506,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         }
     };
     let master_key = match &file.master_key_file {
-        Some(p) => MasterKey::load_file(&rel(p))?,
+        Some(p) => MasterKey::load_server_file(&rel(p))?,
         None => MasterKey::from_env()?.ok_or_else(|| {
             ConfigError::Rule(format!(
                 "no master key: set master_key_file in {} or the {} environment variable",
@@ -759,7 +759,7 @@ pub fn dev(
     crate::keys::create_private_dir_durable(&keys).map_err(io_err(&keys))?;
     let key_path = keys.join("master.key");
     let master_key = if key_path.exists() {
-        MasterKey::load_file(&key_path)?
+        MasterKey::load_server_file(&key_path)?
     } else {
         MasterKey::create_file(&key_path)?
     };

@@ -95,10 +95,31 @@ pub enum KeyError {
     Store(#[from] StoreError),
 }
 
+/// Fewer distinct byte values than this in a master key mark it as chosen, not drawn
+/// ([`MasterKey::distinct_bytes`]): no new store is made under it, nor is it rotated to.
+pub const MIN_DISTINCT_BYTES: usize = 16;
+
 /// The master key: the root of the hierarchy, never written to the store.
 pub struct MasterKey(SecretKey);
 
 impl MasterKey {
+    /// Reads the master key file a server runs with: as [`MasterKey::load_file`], and refuses
+    /// a file another user could have put there ([`replaceable_by_others`], as for every other
+    /// file a server trusts: review 20, a key `nobody` planted became the root of a new store).
+    /// (The CLI's offline `rotate-master`, which root may run on the service user's file,
+    /// checks the new key's file itself.)
+    pub fn load_server_file(path: &Path) -> Result<MasterKey, KeyError> {
+        if let Some(why) = replaceable_by_others(path)
+            .map_err(|e| KeyError::BadMasterKey(format!("file {}: {e}", path.display())))?
+        {
+            return Err(KeyError::BadMasterKey(format!(
+                "file {} is {why}: a key someone else could have chosen",
+                path.display()
+            )));
+        }
+        Self::load_file(path)
+    }
+
     /// Reads a master key file (64 hex digits); refuses a file readable by group or others.
     pub fn load_file(path: &Path) -> Result<MasterKey, KeyError> {
         let loose = loose_mode(path, SECRET_FORBIDDEN_BITS)
@@ -143,7 +164,7 @@ impl MasterKey {
     }
 
     /// How many distinct byte values the key has: about 30 for a random 32-byte key (fewer
-    /// than 16 has a probability below 2^-50), 2 for `000…0007`.
+    /// than [`MIN_DISTINCT_BYTES`] has a probability below 2^-50), 2 for `000…0007`.
     pub fn distinct_bytes(&self) -> usize {
         let mut seen = [false; 256];
         for b in self.0.expose_secret() {
@@ -567,7 +588,17 @@ impl KeyRing {
         match store.get(Keyspace::Meta, META_KEY_CHECK).await? {
             Some(stored) if crypto::ct_eq(&stored, &check) => {}
             Some(_) => return Err(KeyError::WrongMasterKey),
-            None => Self::create(store, master, check).await?,
+            None => {
+                // A key someone chose rather than drew (review 20: a new store was made under
+                // `000…0007`); `kluis keys rotate-master --new-key` refuses the same.
+                let distinct = master.distinct_bytes();
+                if distinct < MIN_DISTINCT_BYTES {
+                    return Err(KeyError::BadMasterKey(format!(
+                        "has only {distinct} distinct byte values (a random 32-byte key has about 30): not a randomly made key, so no new store is made under it; make one with `kluis init` or `head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'`"
+                    )));
+                }
+                Self::create(store, master, check).await?
+            }
         }
         let ring = Self::load(store, master).await?;
         ring.keep_active_markers(store).await?;
@@ -1412,6 +1443,60 @@ mod tests {
         assert_eq!(names, vec![std::ffi::OsString::from("secret.key")]);
     }
     use crate::store::SledStore;
+
+    /// Review 20: the master key file gets the checks every trusted file gets, and no new
+    /// store is made under a chosen key (an existing one still opens, to be rotated away).
+    #[tokio::test]
+    async fn a_planted_or_chosen_master_key_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("keys");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let path = dir.join("master.key");
+        MasterKey::create_file(&path).expect("create");
+        assert!(MasterKey::load_server_file(&path).is_ok());
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let Err(err) = MasterKey::load_server_file(&path) else {
+            panic!("accepted")
+        };
+        assert!(
+            err.to_string().contains("writable by group or others")
+                && err.to_string().contains("someone else could have chosen"),
+            "{err}"
+        );
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&path, Some(65534), None).expect("chown");
+            let Err(err) = MasterKey::load_server_file(&path) else {
+                panic!("accepted")
+            };
+            assert!(err.to_string().contains("uid 65534"), "{err}");
+        }
+
+        let chosen =
+            MasterKey::from_secret(SecretKey::from_hex(&format!("{:064}", 7)).expect("hex"));
+        let data = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(data.path()).expect("open");
+        let Err(err) = KeyRing::open(&store, &chosen).await else {
+            panic!("accepted")
+        };
+        assert!(
+            err.to_string().contains("only 2 distinct byte values"),
+            "{err}"
+        );
+        assert!(
+            store
+                .get(Keyspace::Meta, META_KEY_CHECK)
+                .await
+                .expect("get")
+                .is_none(),
+            "no store made"
+        );
+        // A store made under such a key before this check still opens (to be rotated away).
+        let check = chosen.check_value();
+        KeyRing::create(&store, &chosen, check).await.expect("made");
+        assert!(KeyRing::open(&store, &chosen).await.is_ok());
+    }
 
     #[tokio::test]
     async fn wrong_master_key_is_refused() {

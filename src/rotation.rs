@@ -1270,9 +1270,6 @@ impl<S: Store> Jobs<S> {
                     JobKind::Rekey => {
                         let (cutoff_ms, total) =
                             rekey_census(&self.vault, scope, started_ms).await?;
-                        // Data keys made from now on are made after the cutoff, whatever the
-                        // clock (one made during the census is at most re-keyed needlessly).
-                        self.vault.raise_dek_floor(cutoff_ms + 1);
                         if cutoff_ms > started_ms {
                             tracing::warn!(
                                 ahead_ms = cutoff_ms - started_ms,
@@ -1309,6 +1306,16 @@ impl<S: Store> Jobs<S> {
             }
         };
         batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
+        // Data keys made from now on, on any instance, are made after the cutoff, whatever the
+        // clock (one made during the census is at most re-keyed needlessly).
+        let floor = match job.kind {
+            JobKind::Rekey => Some(
+                self.vault
+                    .raise_dek_floor_in(&mut batch, job.cutoff() + 1)
+                    .await?,
+            ),
+            JobKind::Rewrap => None,
+        };
         for event in events {
             batch.append_event(event);
         }
@@ -1318,6 +1325,9 @@ impl<S: Store> Jobs<S> {
             ),
             e => e.into(),
         })?;
+        if let Some(floor) = floor {
+            self.vault.note_dek_floor(floor);
+        }
         tracing::info!(job = %job.id, kind = kind.as_str(), total = job.total, done = job.done, "key job started");
         Ok(self.spawn(job, Arc::new(lease), &mut active))
     }
@@ -1388,6 +1398,16 @@ impl<S: Store> Jobs<S> {
         let mut batch = Batch::default();
         batch.expect(Keyspace::Meta, META_JOB.to_vec(), Expect::Value(bytes));
         let lease = view.take(&mut batch, &self.instance, self.options.lease_ttl);
+        // A re-key started by a build that kept the floor in memory only: the store's floor
+        // is raised past its cutoff now.
+        let floor = match job.kind {
+            JobKind::Rekey => Some(
+                self.vault
+                    .raise_dek_floor_in(&mut batch, job.cutoff() + 1)
+                    .await?,
+            ),
+            JobKind::Rewrap => None,
+        };
         if self.vault.auditing() {
             let mut draft =
                 audit::Draft::new(job.kind.resumed_action(), JOB_PRINCIPAL, SYSTEM_ROLE);
@@ -1397,9 +1417,13 @@ impl<S: Store> Jobs<S> {
         }
         match store.commit(batch).await {
             Ok(()) => {}
-            // Another instance took it first.
+            // Another instance took it first (or raised the floor meanwhile: the next
+            // adoption tick tries again).
             Err(StoreError::Conflict) => return Ok(false),
             Err(e) => return Err(e.into()),
+        }
+        if let Some(floor) = floor {
+            self.vault.note_dek_floor(floor);
         }
         // As published (`progress`): after a crash, records of batches lost in flight are
         // handled again and counted twice in the stored `done`.
@@ -1445,10 +1469,6 @@ impl<S: Store> Jobs<S> {
         active: &mut Option<Active>,
     ) -> watch::Receiver<Progress> {
         let (tx, rx) = watch::channel(job.progress());
-        // A resumed or adopted re-key too: data keys made from now on are after its cutoff.
-        if job.kind == JobKind::Rekey {
-            self.vault.raise_dek_floor(job.cutoff() + 1);
-        }
         let kind = job.kind;
         let scope = job.scope().ok().flatten();
         let vault = Arc::clone(&self.vault);
@@ -2363,6 +2383,87 @@ mod tests {
         .expect("the job ends")
     }
 
+    /// Three records whose identity data keys an earlier process made while its clock ran
+    /// `ahead_ms` ahead (stamped so by a floor that is then taken out of the store again).
+    async fn made_while_the_clock_ran_ahead(
+        store: &SledStore,
+        master: &MasterKey,
+        ahead_ms: i64,
+    ) -> Vec<String> {
+        let ahead = vault_over(store.clone(), master).await;
+        let mut batch = Batch::default();
+        let floor = ahead
+            .raise_dek_floor_in(&mut batch, vault::now_ms() + ahead_ms)
+            .await
+            .expect("floor");
+        store.commit(batch).await.expect("commit");
+        ahead.note_dek_floor(floor);
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(create(&ahead, "111222333").await);
+        }
+        let mut batch = Batch::default();
+        batch.delete(Keyspace::Meta, vault::META_DEK_FLOOR.to_vec());
+        store.commit(batch).await.expect("commit");
+        ids
+    }
+
+    /// Review 20: the floor a re-key raises is the store's, so data keys another instance
+    /// makes while the job runs are made after its cutoff too (with the floor in the job's
+    /// process only, the job re-keyed them, pass after pass, and failed after 8 passes).
+    #[tokio::test]
+    async fn data_keys_made_on_another_instance_during_a_rekey_are_after_its_cutoff() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        made_while_the_clock_ran_ahead(&store, &master, 86_400_000).await;
+        // A runs the re-key, B (opened before it started) serves writes meanwhile.
+        let a = Arc::new(vault_over(store.clone(), &master).await);
+        let b = Arc::new(vault_over(store.clone(), &master).await);
+        let jobs = Jobs::new(Arc::clone(&a));
+        let rx = jobs
+            .start(JobKind::Rekey, Some(Category::Identity), "test", Vec::new())
+            .await
+            .expect("start");
+        let cutoff = stored_job(a.store())
+            .await
+            .expect("job")
+            .expect("stored")
+            .cutoff();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (b, stop) = (Arc::clone(&b), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) || ids.is_empty() {
+                    ids.push(create(&b, "111222333").await);
+                }
+                ids
+            })
+        };
+        let p = finished(rx).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let made_on_b = writer.await.expect("writer");
+        assert_eq!(p.error, None);
+        let job = stored_job(a.store()).await.expect("job").expect("stored");
+        assert!(job.pass <= 2, "pass {}", job.pass);
+        let later = create(&b, "111222333").await;
+        for id in made_on_b.iter().chain([&later]) {
+            let (_, body) = a
+                .load(uuid::Uuid::parse_str(id).expect("uuid"))
+                .await
+                .expect("load");
+            let created = body.deks["identity"].created_ms;
+            assert!(created > cutoff, "{id}: made at {created}, cutoff {cutoff}");
+        }
+        assert_eq!(
+            count_needing(&a, JobKind::Rekey, Some(Category::Identity), cutoff)
+                .await
+                .expect("count"),
+            0
+        );
+    }
+
     #[tokio::test]
     async fn a_rekey_replaces_data_keys_made_while_the_clock_ran_ahead() {
         // Review 16: a re-key took keys made later than its start for keys made after it, and
@@ -2371,14 +2472,7 @@ mod tests {
         let store = SledStore::open(dir.path()).expect("open");
         let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
         let day = 86_400_000;
-        // An earlier process whose clock ran a day ahead made these data keys.
-        let ahead = vault_over(store.clone(), &master).await;
-        ahead.raise_dek_floor(vault::now_ms() + day);
-        let mut ids = Vec::new();
-        for _ in 0..3 {
-            ids.push(create(&ahead, "111222333").await);
-        }
-        drop(ahead);
+        let mut ids = made_while_the_clock_ran_ahead(&store, &master, day).await;
         let vault = Arc::new(vault_over(store.clone(), &master).await);
         ids.push(create(&vault, "111222333").await);
         let dek = |vault: Arc<Vault<SledStore>>, id: String| async move {

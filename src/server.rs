@@ -61,6 +61,9 @@ pub enum ServerError {
     /// The audit signing key is unusable.
     #[error(transparent)]
     AuditKey(#[from] crate::audit::SignerError),
+    /// The vault's state in the store could not be read.
+    #[error("opening the vault: {0}")]
+    Vault(#[from] crate::error::VaultError),
 }
 
 /// A running server.
@@ -319,11 +322,14 @@ pub async fn open_vault(settings: &Settings) -> Result<Arc<Vault<SledStore>>, Se
         .with_policy(Arc::new(settings.policy.clone()))
         .with_retention(Arc::new(settings.retention.clone()))
         .with_clock(Arc::clone(&settings.clock));
-    Ok(Arc::new(if settings.audit.enabled {
+    let vault = if settings.audit.enabled {
         vault
     } else {
         vault.without_auditing()
-    }))
+    };
+    // Else the first write that makes a data key would conflict once to learn it.
+    vault.load_dek_floor().await?;
+    Ok(Arc::new(vault))
 }
 
 /// Signs a checkpoint whenever `every` events or `interval` have passed (with new events),

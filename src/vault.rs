@@ -530,8 +530,26 @@ pub struct Vault<S> {
     clock: Clock,
     /// Data keys are made (their `created_ms`) no earlier than this: a re-key raises it past
     /// its cutoff, so that a key made during or after the job is never taken for one made
-    /// before it, whatever the clock does (`rotation::JobState::cutoff_ms`).
+    /// before it, whatever the clock does (`rotation::JobState::cutoff_ms`). This instance's
+    /// copy of the store's [`META_DEK_FLOOR`]: every write that makes a data key expects the
+    /// store to hold this value ([`Vault::expect_dek_floor`]), so a floor another instance's
+    /// re-key raised meanwhile conflicts the write, which reads it and is retried (review 20:
+    /// a floor in one process's memory let other instances make keys under the cutoff, and
+    /// the job never finished while they took writes).
     dek_floor: std::sync::atomic::AtomicI64,
+}
+
+/// Meta key of the data-key floor ([`Vault::expect_dek_floor`]): milliseconds since the epoch,
+/// i64 big-endian; absent means none.
+pub const META_DEK_FLOOR: &[u8] = b"dek-floor";
+
+/// What a batch expects of [`META_DEK_FLOOR`] when the floor is `floor`.
+fn dek_floor_expect(floor: i64) -> Expect {
+    if floor == 0 {
+        Expect::Absent
+    } else {
+        Expect::Value(floor.to_be_bytes().to_vec())
+    }
 }
 
 /// Today's date, as the vault sees it (UTC). Injectable so that tests can move time.
@@ -557,10 +575,61 @@ impl<S: Store> Vault<S> {
         }
     }
 
-    /// Makes every data key made from now on carry a `created_ms` of at least `ms`.
-    pub(crate) fn raise_dek_floor(&self, ms: i64) {
+    /// Reads the store's data-key floor into this instance's copy; returns it.
+    pub async fn load_dek_floor(&self) -> Result<i64, VaultError> {
+        let floor = match self.store.get(Keyspace::Meta, META_DEK_FLOOR).await? {
+            None => 0,
+            Some(raw) => i64::from_be_bytes(raw.as_slice().try_into().map_err(|_| {
+                VaultError::Internal(format!(
+                    "meta/{} is {} bytes, not 8",
+                    String::from_utf8_lossy(META_DEK_FLOOR),
+                    raw.len()
+                ))
+            })?),
+        };
         self.dek_floor
-            .fetch_max(ms, std::sync::atomic::Ordering::AcqRel);
+            .fetch_max(floor, std::sync::atomic::Ordering::AcqRel);
+        Ok(floor)
+    }
+
+    /// Adds to `batch` raising the store's data-key floor to at least `ms` (expecting the floor
+    /// as read now); once it commits, [`Vault::note_dek_floor`] with the returned value.
+    pub(crate) async fn raise_dek_floor_in(
+        &self,
+        batch: &mut Batch,
+        ms: i64,
+    ) -> Result<i64, VaultError> {
+        let stored = self.load_dek_floor().await?;
+        batch.expect(
+            Keyspace::Meta,
+            META_DEK_FLOOR.to_vec(),
+            dek_floor_expect(stored),
+        );
+        let raised = stored.max(ms);
+        if raised != stored {
+            batch.put(
+                Keyspace::Meta,
+                META_DEK_FLOOR.to_vec(),
+                raised.to_be_bytes().to_vec(),
+            );
+        }
+        Ok(raised)
+    }
+
+    /// Takes `floor`, committed to the store, as this instance's copy.
+    pub(crate) fn note_dek_floor(&self, floor: i64) {
+        self.dek_floor
+            .fetch_max(floor, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Makes `batch`, which makes data keys stamped by this instance's floor, expect the store's
+    /// floor to be that one (see [`Vault::dek_floor`]'s field).
+    fn expect_dek_floor(&self, batch: &mut Batch) {
+        batch.expect(
+            Keyspace::Meta,
+            META_DEK_FLOOR.to_vec(),
+            dek_floor_expect(self.dek_floor.load(std::sync::atomic::Ordering::Acquire)),
+        );
     }
 
     /// Uses `clock` for today's date (retention deadlines) instead of the system clock.
@@ -712,6 +781,7 @@ impl<S: Store> Vault<S> {
             body.fields.insert(def.name.clone(), entry);
         }
         expect_keks(&mut batch, &body, sealers.keys());
+        self.expect_dek_floor(&mut batch);
         let (kv, key) = self.keys.integrity_key();
         batch.expect(Keyspace::Records, idb.clone(), Expect::Absent);
         batch.put(Keyspace::Records, idb, body.seal(kv, key));
@@ -725,6 +795,7 @@ impl<S: Store> Vault<S> {
             }
             Err(StoreError::Conflict) => {
                 self.refresh_keys_if_gone(&body, sealers.keys()).await?;
+                self.load_dek_floor().await?;
                 Err(VaultError::Conflict(format!("record {id}")))
             }
             Err(e) => Err(e.into()),
@@ -860,6 +931,7 @@ impl<S: Store> Vault<S> {
         let idb = id.as_bytes().to_vec();
         for _ in 0..MAX_RETRIES {
             let (raw, mut body) = self.load(id).await?;
+            let had_keys: BTreeSet<String> = body.deks.keys().cloned().collect();
             self.check_processing(id, &body, purpose)?;
             if body.erasure_requested_ms != 0 && !parsed.is_empty() {
                 return Err(VaultError::FailedPrecondition(format!(
@@ -949,6 +1021,9 @@ impl<S: Store> Vault<S> {
                 }
             }
             expect_keks(&mut batch, &body, sealers.keys());
+            if body.deks.keys().any(|k| !had_keys.contains(k)) {
+                self.expect_dek_floor(&mut batch);
+            }
             body.revision = revision;
             body.updated_ms = now_ms().max(body.updated_ms);
             self.seal_legacy_notes(&mut body)?;
@@ -977,6 +1052,7 @@ impl<S: Store> Vault<S> {
                 }
                 Err(StoreError::Conflict) => {
                     self.refresh_keys_if_gone(&body, sealers.keys()).await?;
+                    self.load_dek_floor().await?;
                     continue;
                 }
                 Err(e) => return Err(e.into()),

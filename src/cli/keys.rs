@@ -906,7 +906,7 @@ fn load_or_create_new_key(path: &Path) -> Result<(MasterKey, bool), CliError> {
         }
         // A key someone chose rather than drew (review 13: `000…0007` was installed).
         let distinct = key.distinct_bytes();
-        if distinct < 16 {
+        if distinct < crate::keys::MIN_DISTINCT_BYTES {
             return Err(CliError::Usage(format!(
                 "--new-key {} holds a key with only {distinct} distinct byte values (a random 32-byte key has about 30): not a randomly made key; name a file that does not exist, and rotate-master makes one",
                 path.display()
