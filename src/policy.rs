@@ -236,7 +236,7 @@ pub struct Policy {
 pub enum PolicyError {
     /// The TOML did not parse.
     #[error("policy is not valid TOML of the expected shape: {0}")]
-    Toml(#[from] toml::de::Error),
+    Toml(String),
     /// A rule is broken (named in the message).
     #[error("policy: {0}")]
     Rule(String),
@@ -326,7 +326,8 @@ const IDENTIFIER_RULE: &str = "a name is 1 to 64 ASCII letters, digits, `-`, `_`
 impl Policy {
     /// Parses a policy from TOML and checks that every reference resolves.
     pub fn from_toml(text: &str) -> Result<Policy, PolicyError> {
-        let file: PolicyFile = toml::from_str(text)?;
+        let file: PolicyFile = toml::from_str(text)
+            .map_err(|e| PolicyError::Toml(crate::config::toml_error(&e, text)))?;
         for (name, p) in &file.purposes {
             // Deny by default: processing on consent needs the subject's recorded consent,
             // and a withdrawal must stop it.
@@ -582,6 +583,20 @@ pub fn generate_token() -> Result<Zeroizing<String>, crypto::CryptoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_toml_error_names_the_place_and_never_the_value() {
+        // Review 20: toml's message quoted the offending line, token included.
+        let text = format!(
+            "{DEFAULT_POLICY_TOML}\n[[principals]]\nname = \"app\"\nrole = \"recruiter\"\ntoken = \"supersecret-token-value\"\n"
+        );
+        let err = Policy::from_toml(&text).expect_err("refused").detail();
+        assert!(!err.contains("supersecret"), "{err}");
+        assert!(
+            err.contains("TOML error at line ") && err.contains("token"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_purpose_applies_in_the_stages_it_names() {

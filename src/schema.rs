@@ -230,7 +230,7 @@ pub struct Schema {
 pub enum SchemaError {
     /// The TOML did not parse or did not match the schema format.
     #[error("schema is not valid TOML of the expected shape: {0}")]
-    Toml(#[from] toml::de::Error),
+    Toml(String),
     /// A definition breaks a rule (named in the message).
     #[error("schema field `{field}`: {rule}")]
     Rule {
@@ -307,7 +307,8 @@ fn is_plain_content_type(s: &str) -> bool {
 impl Schema {
     /// Parses a schema from TOML and checks its rules.
     pub fn from_toml(text: &str) -> Result<Schema, SchemaError> {
-        let file: SchemaFile = toml::from_str(text)?;
+        let file: SchemaFile = toml::from_str(text)
+            .map_err(|e| SchemaError::Toml(crate::config::toml_error(&e, text)))?;
         let mut fields = BTreeMap::new();
         for (name, table) in file.fields {
             let def = field_from_table(&name, table).map_err(|rule| SchemaError::Rule {
