@@ -116,16 +116,32 @@ pub struct VerifyArgs {
 #[derive(Debug, Args)]
 pub struct SourceArgs {
     /// Read this data directory directly (the server must be stopped).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["server", "ca_cert"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["server", "ca_cert", "client_cert", "client_key"])]
     pub data_dir: Option<PathBuf>,
     /// Ask this running server (kluis.v1.Audit/QueryEvents), sending $KLUIS_TOKEN as the bearer
     /// token (a role with the audit `query` right, e.g. auditor). Used when --data-dir is not
     /// given [default: http://127.0.0.1:50051].
     #[arg(long, value_name = "URL")]
     pub server: Option<String>,
+    /// TLS towards an https:// --server.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS towards an https:// `--server`.
+#[derive(Debug, Default, Args)]
+pub struct TlsArgs {
     /// CA certificate (PEM) that signed the server's certificate, for an https:// --server.
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) to present, for a server that requires one
+    /// (`[tls] require_client_cert`); with --client-key. The bearer token still says who
+    /// calls.
+    #[arg(long, value_name = "FILE", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM, readable by its owner only).
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
 }
 
 /// `kluis audit export`.
@@ -529,32 +545,40 @@ impl Interceptor for BearerToken {
 /// The gRPC client of the `Audit` service, authenticated by a bearer token.
 pub type Client = AuditClient<InterceptedService<Channel, BearerToken>>;
 
-/// A channel to the server at `url` (http:// or https://; https needs `ca_cert`).
-pub async fn channel(url: &str, ca_cert: Option<&Path>) -> Result<Channel, CliError> {
+/// A channel to the server at `url` (http:// or https://; https needs `--ca-cert`, and may
+/// present a client certificate).
+pub async fn channel(url: &str, tls: &TlsArgs) -> Result<Channel, CliError> {
     let mut endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| CliError::Usage(format!("--server {url}: not a URL: {e}")))?
         .connect_timeout(Duration::from_secs(10));
-    match (endpoint.uri().scheme_str(), ca_cert) {
+    let client = match (&tls.client_cert, &tls.client_key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        _ => None,
+    };
+    match (endpoint.uri().scheme_str(), &tls.ca_cert) {
         (Some("https"), Some(path)) => {
             let pem = std::fs::read(path)
                 .map_err(|e| CliError::Io(format!("--ca-cert {}: {e}", path.display())))?;
-            endpoint = endpoint
-                .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
-                .map_err(|e| {
-                    CliError::Usage(format!("--ca-cert {}: {}", path.display(), with_sources(&e)))
-                })?;
+            let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+            if let Some((cert, key)) = client {
+                config = config.identity(client_identity(cert, key)?);
+            }
+            endpoint = endpoint.tls_config(config).map_err(|e| {
+                CliError::Usage(format!("--ca-cert {}: {}", path.display(), with_sources(&e)))
+            })?;
         }
         (Some("https"), None) => {
             return Err(CliError::Usage(format!(
                 "--server {url}: https needs --ca-cert FILE (the CA certificate, PEM, that signed the server's certificate)"
             )))
         }
-        (Some("http"), Some(_)) => {
+        (Some("http"), ca) if ca.is_some() || client.is_some() => {
             return Err(CliError::Usage(
-                "--ca-cert applies to an https:// --server only".into(),
+                "--ca-cert, --client-cert and --client-key apply to an https:// --server only"
+                    .into(),
             ))
         }
-        (Some("http"), None) => {}
+        (Some("http"), _) => {}
         _ => {
             return Err(CliError::Usage(format!(
                 "--server {url}: use http://HOST:PORT or https://HOST:PORT"
@@ -567,13 +591,47 @@ pub async fn channel(url: &str, ca_cert: Option<&Path>) -> Result<Channel, CliEr
         .map_err(|e| CliError::Io(format!("cannot connect to {url}: {}", with_sources(&e))))
 }
 
-/// Connects to the server at `url` (http:// or https://; https needs `ca_cert`).
-pub async fn connect(
-    url: &str,
-    ca_cert: Option<&Path>,
-    token: BearerToken,
-) -> Result<Client, CliError> {
-    let channel = channel(url, ca_cert).await?;
+/// The client certificate and key of `--client-cert`/`--client-key`, checked to hold PEM (the
+/// key readable by its owner only, as every key file Kluis reads).
+fn client_identity(cert: &Path, key: &Path) -> Result<tonic::transport::Identity, CliError> {
+    let cert_pem = std::fs::read(cert)
+        .map_err(|e| CliError::Io(format!("--client-cert {}: {e}", cert.display())))?;
+    if !String::from_utf8_lossy(&cert_pem).contains("-----BEGIN CERTIFICATE-----") {
+        return Err(CliError::Usage(format!(
+            "--client-cert {}: no PEM certificate in it",
+            cert.display()
+        )));
+    }
+    match crate::keys::loose_mode(key, crate::keys::SECRET_FORBIDDEN_BITS) {
+        Ok(Some(mode)) => {
+            return Err(CliError::Usage(format!(
+                "--client-key {} is {}",
+                key.display(),
+                crate::keys::secret_mode_reason(key, mode)
+            )))
+        }
+        Ok(None) => {}
+        Err(e) => return Err(CliError::Io(format!("--client-key {}: {e}", key.display()))),
+    }
+    let key_pem = zeroize::Zeroizing::new(
+        std::fs::read(key)
+            .map_err(|e| CliError::Io(format!("--client-key {}: {e}", key.display())))?,
+    );
+    if !String::from_utf8_lossy(&key_pem).contains("PRIVATE KEY-----") {
+        return Err(CliError::Usage(format!(
+            "--client-key {}: no PEM private key in it",
+            key.display()
+        )));
+    }
+    Ok(tonic::transport::Identity::from_pem(
+        cert_pem,
+        key_pem.as_slice(),
+    ))
+}
+
+/// Connects to the server at `url` (http:// or https://; https needs `--ca-cert`).
+pub async fn connect(url: &str, tls: &TlsArgs, token: BearerToken) -> Result<Client, CliError> {
+    let channel = channel(url, tls).await?;
     Ok(AuditClient::with_interceptor(channel, token).max_decoding_message_size(MAX_RESPONSE_BYTES))
 }
 
@@ -628,9 +686,7 @@ impl EventSource {
             None => {
                 let url = args.server.clone().unwrap_or_else(default_server);
                 let token = BearerToken::from_env()?;
-                Ok(EventSource::Server(
-                    connect(&url, args.ca_cert.as_deref(), token).await?,
-                ))
+                Ok(EventSource::Server(connect(&url, &args.tls, token).await?))
             }
         }
     }

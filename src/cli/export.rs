@@ -71,9 +71,9 @@ pub struct ExportArgs {
     /// `export` right, e.g. privacy_officer) [default: http://127.0.0.1:50051].
     #[arg(long, value_name = "URL")]
     pub server: Option<String>,
-    /// CA certificate (PEM) that signed the server's certificate, for an https:// --server.
-    #[arg(long, value_name = "FILE")]
-    pub ca_cert: Option<PathBuf>,
+    /// TLS towards an https:// --server.
+    #[command(flatten)]
+    pub tls: crate::cli::audit::TlsArgs,
 }
 
 impl ExportArgs {
@@ -114,7 +114,7 @@ pub fn token_from_env() -> Result<BearerToken, CliError> {
 pub async fn connect(args: &ExportArgs) -> Result<Client, CliError> {
     let url = args.server.clone().unwrap_or_else(default_server);
     let token = token_from_env()?;
-    let channel = channel(&url, args.ca_cert.as_deref()).await?;
+    let channel = channel(&url, &args.tls).await?;
     Ok(RecordsClient::with_interceptor(channel, token)
         .max_decoding_message_size(MAX_RESPONSE_BYTES))
 }

@@ -139,9 +139,9 @@ pub struct ServerArgs {
     /// e.g. security_officer) [default: http://127.0.0.1:50051].
     #[arg(long, value_name = "URL")]
     pub server: Option<String>,
-    /// CA certificate (PEM) that signed the server's certificate, for an https:// --server.
-    #[arg(long, value_name = "FILE")]
-    pub ca_cert: Option<PathBuf>,
+    /// TLS towards an https:// --server.
+    #[command(flatten)]
+    pub tls: crate::cli::audit::TlsArgs,
 }
 
 /// `kluis keys status`.
@@ -275,7 +275,7 @@ pub fn token_from_env() -> Result<BearerToken, CliError> {
 pub async fn connect(args: &ServerArgs) -> Result<Client, CliError> {
     let url = args.server.clone().unwrap_or_else(default_server);
     let token = token_from_env()?;
-    let channel = channel(&url, args.ca_cert.as_deref()).await?;
+    let channel = channel(&url, &args.tls).await?;
     Ok(KeysClient::with_interceptor(channel, token).max_decoding_message_size(MAX_RESPONSE_BYTES))
 }
 

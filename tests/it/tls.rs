@@ -54,6 +54,7 @@ struct TlsVault {
 }
 
 const RECRUITER_TOKEN: &str = "kluis_tls-test-recruiter-token";
+const SECURITY_TOKEN: &str = "kluis_tls-test-security-token";
 
 async fn spawn_tls_vault(ca: &Ca, require_client_cert: bool) -> TlsVault {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -67,6 +68,13 @@ async fn spawn_tls_vault(ca: &Ca, require_client_cert: bool) -> TlsVault {
             "recruitment-app",
             "recruiter",
             policy::token_hash(RECRUITER_TOKEN),
+        )
+        .expect("principal");
+    policy
+        .add_token_hash(
+            "security-team",
+            "security_officer",
+            policy::token_hash(SECURITY_TOKEN),
         )
         .expect("principal");
     let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
@@ -329,4 +337,54 @@ async fn an_unusable_tls_key_stops_the_start_naming_the_setting() {
         .expect("refused")
         .to_string();
     assert!(err.contains("[tls]") && err.contains("key_file"), "{err}");
+}
+
+/// Review 20: with client certificates required, the CLI presents one (`--client-cert`,
+/// `--client-key`); without them it cannot connect, and a key file others can read is refused.
+#[tokio::test]
+async fn the_cli_presents_a_client_certificate_where_one_is_required() {
+    use std::os::unix::fs::PermissionsExt;
+    let ca_ = ca("Kluis test CA");
+    let vault = spawn_tls_vault(&ca_, true).await;
+    let files = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str, mode: u32| {
+        let path = files.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        path.display().to_string()
+    };
+    let ca_file = write("ca.pem", &vault.ca_pem, 0o644);
+    let (cert, key) = leaf(&ca_, "security.example.internal", true);
+    let cert_file = write("client.pem", &cert, 0o644);
+    let key_file = write("client.key", &key, 0o600);
+    let server = format!("https://localhost:{}", vault.running.local_addr.port());
+    let base = ["keys", "status", "--server", &server, "--ca-cert", &ca_file];
+
+    let without = run_kluis(None, &base, Some(SECURITY_TOKEN)).await;
+    assert_eq!(without.code, 2, "{}", without.all());
+    let with: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain(["--client-cert", &cert_file, "--client-key", &key_file])
+        .collect();
+    let run = run_kluis(None, &with, Some(SECURITY_TOKEN)).await;
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert!(run.stdout.contains("identity"), "{}", run.all());
+
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let loose = run_kluis(None, &with, Some(SECURITY_TOKEN)).await;
+    assert_eq!(loose.code, 2, "{}", loose.all());
+    assert!(
+        loose.stderr.contains("--client-key") && loose.stderr.contains("chmod 600"),
+        "{}",
+        loose.all()
+    );
+    let half = run_kluis(
+        None,
+        &[&base[..], &["--client-cert", &cert_file]].concat(),
+        Some(SECURITY_TOKEN),
+    )
+    .await;
+    assert_eq!(half.code, 2, "{}", half.all());
+    assert!(half.stderr.contains("--client-key"), "{}", half.all());
 }
