@@ -783,7 +783,11 @@ impl Signer {
         };
         if !path.exists() {
             if !create {
-                return Err(err("does not exist (run `kluis init`)".into()));
+                // Not `kluis init` for a store that exists: a new key would not verify its
+                // checkpoints (review 20).
+                return Err(err(
+                    "does not exist: restore it from the backup of the keys directory (every instance sharing a store uses the same key; only a new deployment gets a new one, from `kluis init`)".into(),
+                ));
             }
             let rng = ring::rand::SystemRandom::new();
             let pkcs8 = zeroize::Zeroizing::new(

@@ -515,10 +515,14 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
             }
             // Parsed here, with the error's causes (tonic's own text is "transport error").
             Server::builder().tls_config(config.clone()).map_err(|e| {
-                ConfigError::Rule(format!(
-                    "[tls]: the certificate, key or client CA could not be used (cert_file, key_file, client_ca_file): {}",
-                    error_chain(&e)
-                ))
+                let chain = error_chain(&e);
+                ConfigError::Rule(if chain.contains("KeyMismatch") {
+                    "[tls] key_file: the private key does not belong to the certificate of cert_file".to_string()
+                } else {
+                    format!(
+                        "[tls]: the certificate, key or client CA could not be used (cert_file, key_file, client_ca_file): {chain}"
+                    )
+                })
             })?;
             Some(config)
         }

@@ -388,3 +388,80 @@ async fn the_cli_presents_a_client_certificate_where_one_is_required() {
     assert_eq!(half.code, 2, "{}", half.all());
     assert!(half.stderr.contains("--client-key"), "{}", half.all());
 }
+
+/// Review 20: an unusable TLS file is named, with what is wrong with it (tonic's one message
+/// for all three said "peer sent no certificates" of the server's own certificate).
+#[tokio::test]
+async fn each_unusable_tls_file_is_named() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = kluis::config::init(&dir.path().join("etc"), "127.0.0.1:0").expect("init");
+    let config = std::fs::read_to_string(&out.config_path).expect("config");
+    let ca_ = ca("Kluis test CA");
+    let (cert, key) = leaf(&ca_, "kluis.test", false);
+    let (_, other_key) = leaf(&ca_, "other.test", false);
+    let files = dir.path().join("pki");
+    std::fs::create_dir(&files).expect("mkdir");
+    let write = |name: &str, text: &str| {
+        let path = files.join(name);
+        std::fs::write(&path, text).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        path.display().to_string()
+    };
+    let (cert_file, key_file, ca_file) = (
+        write("server.crt", &cert),
+        write("server.key", &key),
+        write("ca.crt", &ca_.pem()),
+    );
+    let junk = write("junk", "not a certificate\n");
+    let other = write("other.key", &other_key);
+    let load = |cert: &str, key: &str, ca: &str| {
+        std::fs::write(
+            &out.config_path,
+            format!(
+                "{config}\n[tls]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\nclient_ca_file = \"{ca}\"\n"
+            ),
+        )
+        .expect("write");
+        kluis::config::load(&out.config_path)
+    };
+    for (cert, key, ca, named) in [
+        (
+            &junk,
+            &key_file,
+            &ca_file,
+            format!("[tls] cert_file {junk}: holds no PEM certificate"),
+        ),
+        (
+            &key_file,
+            &key_file,
+            &ca_file,
+            format!("[tls] cert_file {key_file}: holds no PEM certificate"),
+        ),
+        (
+            &cert_file,
+            &junk,
+            &ca_file,
+            format!("[tls] key_file {junk}: holds no PEM private key"),
+        ),
+        (
+            &cert_file,
+            &key_file,
+            &junk,
+            format!("[tls] client_ca_file {junk}: holds no PEM certificate"),
+        ),
+    ] {
+        let err = load(cert, key, ca).expect_err("refused").to_string();
+        assert!(err.contains(&named), "{err}");
+    }
+    let settings = load(&cert_file, &other, &ca_file).expect("each file is well-formed");
+    let err = kluis::server::start(settings)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("[tls] key_file: the private key does not belong to the certificate"),
+        "{err}"
+    );
+}
