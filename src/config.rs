@@ -1134,6 +1134,13 @@ mod tests {
         assert_eq!(load(&out.config_path).expect("loads").max_connections, 8);
     }
 
+    /// A self-signed certificate and its key, PEM.
+    fn test_pem() -> (String, String) {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+            .expect("certificate");
+        (made.cert.pem(), made.signing_key.serialize_pem())
+    }
+
     #[test]
     fn an_empty_path_is_refused_by_its_key() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1345,10 +1352,10 @@ mod tests {
             format!("{config}\n[tls]\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n"),
         )
         .expect("write");
-        // The check comes before the PEM is parsed (at start): any bytes will do here.
-        std::fs::write(dir.path().join("server.crt"), "cert").expect("write");
+        let (cert_pem, key_pem) = test_pem();
+        std::fs::write(dir.path().join("server.crt"), cert_pem).expect("write");
         let key = dir.path().join("server.key");
-        std::fs::write(&key, "key").expect("write");
+        std::fs::write(&key, key_pem).expect("write");
         for mode in [0o644, 0o640, 0o604, 0o620] {
             chmod(&key, mode);
             let err = load(&out.config_path).expect_err("refused").to_string();
@@ -1671,10 +1678,12 @@ mod tests {
             format!("{policy}\n[[principals]]\nname = \"payroll-mtls\"\nrole = \"payroll\"\ncert_cn = \"payroll.example.internal\"\n"),
         )
         .expect("write");
+        let (cert_pem, key_pem) = test_pem();
         for name in ["server.crt", "clients-ca.crt"] {
-            std::fs::write(dir.path().join(name), "pem").expect("write");
+            std::fs::write(dir.path().join(name), &cert_pem).expect("write");
         }
-        crate::keys::write_secret_file(&dir.path().join("server.key"), b"pem").expect("key");
+        crate::keys::write_secret_file(&dir.path().join("server.key"), key_pem.as_bytes())
+            .expect("key");
         let tls = "[tls]\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n";
         for extra in ["", tls] {
             std::fs::write(&out.config_path, format!("{config}\n{extra}")).expect("write");
