@@ -1136,8 +1136,8 @@ mod tests {
 
     /// A self-signed certificate and its key, PEM.
     fn test_pem() -> (String, String) {
-        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
-            .expect("certificate");
+        let made =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
         (made.cert.pem(), made.signing_key.serialize_pem())
     }
 
