@@ -1308,14 +1308,7 @@ impl<S: Store> Jobs<S> {
         batch.put(Keyspace::Meta, META_JOB.to_vec(), job.encode());
         // Data keys made from now on, on any instance, are made after the cutoff, whatever the
         // clock (one made during the census is at most re-keyed needlessly).
-        let floor = match job.kind {
-            JobKind::Rekey => Some(
-                self.vault
-                    .raise_dek_floor_in(&mut batch, job.cutoff() + 1)
-                    .await?,
-            ),
-            JobKind::Rewrap => None,
-        };
+        let floor = self.floor_past_cutoff(&job, &mut batch).await?;
         for event in events {
             batch.append_event(event);
         }
@@ -1330,6 +1323,24 @@ impl<S: Store> Jobs<S> {
         }
         tracing::info!(job = %job.id, kind = kind.as_str(), total = job.total, done = job.done, "key job started");
         Ok(self.spawn(job, Arc::new(lease), &mut active))
+    }
+
+    /// For a re-key: adds to `batch` raising the store's data-key floor past the job's cutoff,
+    /// so that data keys made from then on, on any instance, are made after it; the floor to
+    /// note once `batch` commits ([`Vault::note_dek_floor`]).
+    async fn floor_past_cutoff(
+        &self,
+        job: &JobState,
+        batch: &mut Batch,
+    ) -> Result<Option<i64>, VaultError> {
+        match job.kind {
+            JobKind::Rekey => Ok(Some(
+                self.vault
+                    .raise_dek_floor_in(batch, job.cutoff() + 1)
+                    .await?,
+            )),
+            JobKind::Rewrap => Ok(None),
+        }
     }
 
     /// Whether a key job runs: in this process, or in another instance that holds the
@@ -1398,16 +1409,8 @@ impl<S: Store> Jobs<S> {
         let mut batch = Batch::default();
         batch.expect(Keyspace::Meta, META_JOB.to_vec(), Expect::Value(bytes));
         let lease = view.take(&mut batch, &self.instance, self.options.lease_ttl);
-        // A re-key started by a build that kept the floor in memory only: the store's floor
-        // is raised past its cutoff now.
-        let floor = match job.kind {
-            JobKind::Rekey => Some(
-                self.vault
-                    .raise_dek_floor_in(&mut batch, job.cutoff() + 1)
-                    .await?,
-            ),
-            JobKind::Rewrap => None,
-        };
+        // Also for a re-key started by a build that kept the floor in memory only.
+        let floor = self.floor_past_cutoff(&job, &mut batch).await?;
         if self.vault.auditing() {
             let mut draft =
                 audit::Draft::new(job.kind.resumed_action(), JOB_PRINCIPAL, SYSTEM_ROLE);
