@@ -1066,7 +1066,7 @@ pub async fn checkpoint_if_due(
     if let Some(anchor) = &watched.anchor {
         if head.seq < anchor.seq {
             return Err(refuse(format!(
-                "the chain ends at event {} but the anchor file holds a checkpoint of event {}: events were removed, or the store was restored from an older backup",
+                "the chain ends at event {} but the anchor file holds a checkpoint of event {}: events were removed, or the store was restored from an older backup (then move the anchor file (`audit-anchor.<store id>`, in `[audit] anchor_dir`) away, knowingly, and restart)",
                 head.seq, anchor.seq
             )));
         }
@@ -1076,7 +1076,7 @@ pub async fn checkpoint_if_due(
             .is_some_and(|e| e.seq == anchor.seq && crate::crypto::ct_eq(&e.hash, &anchor.hash));
         if !held {
             return Err(refuse(format!(
-                "event {} is missing or differs from the checkpoint of it in the anchor file: the trail was rewritten",
+                "event {} is missing or differs from the checkpoint of it in the anchor file: the trail was rewritten, or the store was restored from a backup older than that checkpoint and has written past it since (then move the anchor file (`audit-anchor.<store id>`, in `[audit] anchor_dir`) away, knowingly, and restart)",
                 anchor.seq
             )));
         }
@@ -1507,16 +1507,19 @@ pub async fn verify(
         if let Some((signed, _)) = checkpoints.get(&expected) {
             v.checkpoints_checked += 1;
             if signed != &hash {
-                let which = if anchor_seq == Some(expected) {
-                    "the anchor file's signed checkpoint"
+                let (which, or_restored) = if anchor_seq == Some(expected) {
+                    (
+                        "the anchor file's signed checkpoint",
+                        ", or the store was restored from a backup older than the anchor's checkpoint and has written past it since (then verify without the anchor, and move the anchor file away before the server starts)",
+                    )
                 } else {
-                    "signed checkpoint"
+                    ("signed checkpoint", "")
                 };
                 fail(
                     &mut v,
                     last_good_checkpoint + 1,
                     format!(
-                        "{which} at event {expected} does not match the chain: events {}..={expected} were rewritten",
+                        "{which} at event {expected} does not match the chain: events {}..={expected} were rewritten{or_restored}",
                         last_good_checkpoint + 1
                     ),
                 );

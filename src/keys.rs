@@ -76,7 +76,7 @@ pub enum KeyError {
     #[error("master key {0}")]
     BadMasterKey(String),
     /// The master key does not match the one this data directory was created with.
-    #[error("the master key does not match this data directory (key check value differs): refusing to start. Use the master key the data directory was created with")]
+    #[error("the master key does not match this data directory (key check value differs): refusing to start. Use the master key this data directory was last rotated to (`master_key_file` or KLUIS_MASTER_KEY); for a backup taken before a master key rotation, the key current then (`kluis keys rotate-master` kept it as `<master_key_file>.retired-<time>`)")]
     WrongMasterKey,
     /// A stored wrapped key failed authentication.
     #[error("stored key `{0}` failed authentication (tampered or wrong master key)")]

@@ -455,7 +455,7 @@ async fn sweep_once(vault: &Vault<SledStore>, max_gap_days: u32) {
     let today = match crate::sweeper::sweep_day(vault.store(), vault.today(), max_gap_days).await {
         Ok(SweepDay::Run(today)) => today,
         Ok(SweepDay::Paused { last, today }) => {
-            tracing::error!(%today, last_sweep = %last, max_gap_days, "retention sweep paused: the clock is more than max_gap_days past the last sweep, and a clock set wrongly ahead would erase data before it is due; if the date is right (the vault was down, or restored from an older backup), confirm it with `kluis retention resume` (server stopped)");
+            tracing::error!(%today, last_sweep = %last, sweep_max_gap_days = max_gap_days, "retention sweep paused: the clock is more than [retention] sweep_max_gap_days past the last sweep, and a clock set wrongly ahead would erase data before it is due; if the date is right (the vault was down, or restored from an older backup), confirm it with `kluis retention resume` (server stopped)");
             return;
         }
         Err(e) => {

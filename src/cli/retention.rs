@@ -88,8 +88,9 @@ pub enum RetentionCommand {
     /// was down, or a backup older than that was restored), check the clock, look at what
     /// becomes due (`kluis retention plan --at DATE`), and confirm it here: the day is
     /// recorded, with an audit event `ResumeRetentionSweeps` (role `system`, principal
-    /// `cli:<account>`), and the next pass erases every category due by then. The server must
-    /// be stopped.
+    /// `cli:<account>`), and the next pass erases every category due by the server's date
+    /// (unless that is still more than `sweep_max_gap_days` after the day confirmed: then it
+    /// pauses again). The server must be stopped.
     #[command(after_help = RESUME_EXIT_CODES)]
     Resume(ResumeArgs),
 }
@@ -519,7 +520,7 @@ pub async fn resume(args: &ResumeArgs, out: &mut dyn Write) -> Result<(), CliErr
     let last = resume_offline(setup, at, &super::keys::cli_principal()).await?;
     let before = last.map_or_else(|| "none recorded".to_string(), |d| d.to_string());
     let text = format!(
-        "Confirmed {at} (last sweep: {before}). At its next pass the sweeper erases every category due by then.\n"
+        "Confirmed {at} (last sweep: {before}). At its next pass the sweeper erases every category due by the server's date, unless that date is more than [retention] sweep_max_gap_days after {at} (then it pauses again).\n"
     );
     out.write_all(text.as_bytes()).map_err(output_error)
 }
