@@ -472,9 +472,10 @@ pub fn check_consent_purpose(
     }
 }
 
-/// What is wrong with a TOML file, as `<key>: <rule>` where the rule is a missing key (toml's
-/// own message for it points at line 1), else toml's message.
-fn toml_message(e: &toml::de::Error, text: &str) -> String {
+/// What is wrong with a TOML config file, for a message that already names it: a missing key
+/// as `<key>: is required` (toml's own message for it points at line 1), anything else by
+/// [`toml_error`].
+pub(crate) fn toml_message(e: &toml::de::Error, text: &str) -> String {
     let missing = e
         .message()
         .strip_prefix("missing field `")
@@ -490,22 +491,12 @@ fn toml_message(e: &toml::de::Error, text: &str) -> String {
 }
 
 /// A TOML file's error without its text: where (line and column) and toml's rule, with any
-/// quoted value in the rule left out. (toml's own message quotes the offending line, and a
-/// misplaced `master_key = "…"` or `token = "…"` would print the secret: review 20.)
+/// value left out. (toml's own message quotes the offending line, and a misplaced
+/// `master_key = "…"` or `token = "…"` would print the secret: review 20.) serde's rules name
+/// the value they refuse (`invalid type: string "…", expected usize`, `unknown variant `…``):
+/// those keep the kind of value only.
 pub(crate) fn toml_error(e: &toml::de::Error, text: &str) -> String {
-    let mut rule = String::with_capacity(e.message().len());
-    let mut quoted = false;
-    for c in e.message().trim().chars() {
-        match (c, quoted) {
-            ('"', false) => {
-                quoted = true;
-                rule.push_str("\"…\"");
-            }
-            ('"', true) => quoted = false,
-            (c, false) => rule.push(c),
-            (_, true) => {}
-        }
-    }
+    let rule = redact_rule(e.message().trim()).replace('\n', "; ");
     match e.span() {
         Some(span) => {
             let before = &text[..span.start.min(text.len())];
@@ -515,6 +506,42 @@ pub(crate) fn toml_error(e: &toml::de::Error, text: &str) -> String {
         }
         None => format!("TOML error: {rule}"),
     }
+}
+
+/// A serde/toml rule with the value it names left out: `invalid type: string "x", expected
+/// usize` → `invalid type: string, expected usize`; `unknown variant `x`, expected one of …`
+/// → `unknown variant, expected one of …`. Rules that name no value (syntax errors, unknown
+/// or missing fields, which name keys) are kept as they are.
+fn redact_rule(rule: &str) -> String {
+    for prefix in [
+        "invalid type: ",
+        "invalid value: ",
+        "invalid length ",
+        "unknown variant",
+    ] {
+        if let Some(rest) = rule.strip_prefix(prefix) {
+            let (value, expected) = match rest.find(", expected") {
+                Some(i) => rest.split_at(i),
+                None => (rest, ""),
+            };
+            // The kind of value, before its quoted or back-quoted text (`string "…"`,
+            // `integer `5``); nothing of a variant's name.
+            let kind = if prefix == "unknown variant" {
+                ""
+            } else {
+                value
+                    .find([' ', '"', '`', '\''])
+                    .map_or(value, |i| &value[..i])
+            };
+            let head = prefix.trim_end_matches(": ").trim_end();
+            return if kind.is_empty() {
+                format!("{head}{expected}")
+            } else {
+                format!("{head}: {kind}{expected}")
+            };
+        }
+    }
+    rule.to_string()
 }
 
 /// Loads production settings from a config file.
@@ -766,12 +793,23 @@ fn load_tls(t: &TlsFile, rel: &dyn Fn(&Path) -> PathBuf) -> Result<TlsSettings, 
     }
     {
         use rustls::pki_types::pem::PemObject;
-        if rustls::pki_types::PrivateKeyDer::from_pem_slice(&settings.key_pem).is_err() {
-            return Err(bad(
-                "key_file",
-                &t.key_file,
-                "holds no PEM private key (-----BEGIN PRIVATE KEY-----, or an RSA or EC one)",
-            ));
+        match rustls::pki_types::PrivateKeyDer::from_pem_slice(&settings.key_pem) {
+            Err(_) => {
+                return Err(bad(
+                    "key_file",
+                    &t.key_file,
+                    "holds no PEM private key (-----BEGIN PRIVATE KEY-----, or an RSA or EC one)",
+                ))
+            }
+            Ok(key) => {
+                if rustls::crypto::ring::sign::any_supported_type(&key).is_err() {
+                    return Err(bad(
+                        "key_file",
+                        &t.key_file,
+                        "holds a private key that does not decode, or of a kind TLS here does not take (RSA, ECDSA P-256 or P-384, Ed25519)",
+                    ));
+                }
+            }
         }
     }
     if let (Some(ca), Some(path)) = (&settings.client_ca_pem, &t.client_ca_file) {
@@ -786,15 +824,16 @@ fn load_tls(t: &TlsFile, rel: &dyn Fn(&Path) -> PathBuf) -> Result<TlsSettings, 
     Ok(settings)
 }
 
-/// Whether `pem` holds at least one PEM certificate, and nothing that fails to decode as one.
+/// Whether `pem` holds at least one PEM certificate, and nothing that fails to decode as an
+/// X.509 certificate.
 fn holds_certificates(pem: &[u8]) -> bool {
     use rustls::pki_types::pem::PemObject;
     let mut any = false;
     for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
-        if cert.is_err() {
-            return false;
+        match cert {
+            Ok(der) if x509_parser::parse_x509_certificate(&der).is_ok() => any = true,
+            _ => return false,
         }
-        any = true;
     }
     any
 }
@@ -1485,8 +1524,25 @@ mod tests {
         }
         assert_eq!(
             message("data_dir = \"d\"\npolicy_file = \"p\"\nmax_connections = \"x\"\n"),
-            "TOML error at line 3, column 19: invalid type: string \"…\", expected usize"
+            "TOML error at line 3, column 19: invalid type: string, expected usize"
         );
+        // Review 21: an embedded quote, a single-quoted string, a variant, a float.
+        for (line, rule) in [
+            ("max_connections = 'pass\"wordSECRET'", "invalid type: string, expected usize"),
+            ("max_connections = \"pass\\\"wordSECRET\"", "invalid type: string, expected usize"),
+            ("max_connections = 77777.5", "invalid type: floating, expected usize"),
+            (
+                "[retention.former_employee.identity]\nkeep_years = 5\nmax_years = 7\nbasis = \"b\"\ncounts_from = \"SECRETval\"",
+                "unknown variant, expected",
+            ),
+        ] {
+            let m = message(&format!("data_dir = \"d\"\npolicy_file = \"p\"\n{line}\n"));
+            assert!(!m.contains("SECRET") && !m.contains("77777"), "{m}");
+            assert!(m.contains(rule), "{m}");
+        }
+        // A syntax error keeps toml's hint whole.
+        let m = message("master_key = fcae8af3\n");
+        assert!(m.contains("expected") && !m.contains("fcae8af3"), "{m}");
     }
 
     #[test]

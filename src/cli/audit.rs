@@ -564,7 +564,21 @@ pub async fn channel(url: &str, tls: &TlsArgs) -> Result<Channel, CliError> {
                 config = config.identity(client_identity(cert, key)?);
             }
             endpoint = endpoint.tls_config(config).map_err(|e| {
-                CliError::Usage(format!("--ca-cert {}: {}", path.display(), with_sources(&e)))
+                let why = with_sources(&e);
+                match client {
+                    Some((cert, key)) if why.contains("KeyMismatch") => CliError::Usage(format!(
+                        "--client-key {}: the private key does not belong to --client-cert {}",
+                        key.display(),
+                        cert.display()
+                    )),
+                    Some((cert, key)) => CliError::Usage(format!(
+                        "--ca-cert {}, --client-cert {} or --client-key {}: {why}",
+                        path.display(),
+                        cert.display(),
+                        key.display()
+                    )),
+                    None => CliError::Usage(format!("--ca-cert {}: {why}", path.display())),
+                }
             })?;
         }
         (Some("https"), None) => {

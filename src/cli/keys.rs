@@ -813,8 +813,13 @@ pub fn resolve_setup_from(
         }
         let text = std::fs::read_to_string(&path)
             .map_err(|e| CliError::Io(format!("{}: {e}", path.display())))?;
-        let file: crate::config::ConfigFile = toml::from_str(&text)
-            .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+        let file: crate::config::ConfigFile = toml::from_str(&text).map_err(|e| {
+            CliError::Usage(format!(
+                "{}: {}",
+                path.display(),
+                crate::config::toml_message(&e, &text)
+            ))
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let rel = |p: &Path| {
             if p.is_absolute() {

@@ -357,8 +357,13 @@ fn load_rules(config: Option<&Path>, dev: bool) -> Result<(RetentionRules, Schem
     let path = config.unwrap_or(Path::new("kluis.toml"));
     let text = std::fs::read_to_string(path)
         .map_err(|e| CliError::Io(format!("{}: {e}", path.display())))?;
-    let file: ConfigFile =
-        toml::from_str(&text).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+    let file: ConfigFile = toml::from_str(&text).map_err(|e| {
+        CliError::Usage(format!(
+            "{}: {}",
+            path.display(),
+            crate::config::toml_message(&e, &text)
+        ))
+    })?;
     file.retention
         .validate()
         .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;

@@ -387,6 +387,23 @@ async fn the_cli_presents_a_client_certificate_where_one_is_required() {
     .await;
     assert_eq!(half.code, 2, "{}", half.all());
     assert!(half.stderr.contains("--client-key"), "{}", half.all());
+    // Review 21: a key of another certificate is named as such (not blamed on --ca-cert).
+    let (_, other_key) = leaf(&ca_, "other.example.internal", true);
+    let other_file = write("other.key", &other_key, 0o600);
+    let mismatched: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain(["--client-cert", &cert_file, "--client-key", &other_file])
+        .collect();
+    let run = run_kluis(None, &mismatched, Some(SECURITY_TOKEN)).await;
+    assert_eq!(run.code, 2, "{}", run.all());
+    assert!(
+        run.stderr.contains(&format!(
+            "--client-key {other_file}: the private key does not belong to --client-cert {cert_file}"
+        )),
+        "{}",
+        run.all()
+    );
 }
 
 /// Review 20: an unusable TLS file is named, with what is wrong with it (tonic's one message
@@ -414,6 +431,15 @@ async fn each_unusable_tls_file_is_named() {
         write("ca.crt", &ca_.pem()),
     );
     let junk = write("junk", "not a certificate\n");
+    // Review 21: PEM framing around bytes that are no certificate or key.
+    let framed_cert = write(
+        "framed.crt",
+        "-----BEGIN CERTIFICATE-----\nAAAAAAAA\n-----END CERTIFICATE-----\n",
+    );
+    let framed_key = write(
+        "framed.key",
+        "-----BEGIN PRIVATE KEY-----\nAAAAAAAA\n-----END PRIVATE KEY-----\n",
+    );
     let other = write("other.key", &other_key);
     let load = |cert: &str, key: &str, ca: &str| {
         std::fs::write(
@@ -449,6 +475,24 @@ async fn each_unusable_tls_file_is_named() {
             &key_file,
             &junk,
             format!("[tls] client_ca_file {junk}: holds no PEM certificate"),
+        ),
+        (
+            &framed_cert,
+            &key_file,
+            &ca_file,
+            format!("[tls] cert_file {framed_cert}: holds no PEM certificate"),
+        ),
+        (
+            &cert_file,
+            &key_file,
+            &framed_cert,
+            format!("[tls] client_ca_file {framed_cert}: holds no PEM certificate"),
+        ),
+        (
+            &cert_file,
+            &framed_key,
+            &ca_file,
+            format!("[tls] key_file {framed_key}: holds a private key that does not decode"),
         ),
     ] {
         let err = load(cert, key, ca).expect_err("refused").to_string();
