@@ -351,7 +351,7 @@ fn spawn_checkpointer(
     let task = tokio::spawn(async move {
         let poll = std::time::Duration::from_millis(25).min(interval);
         let mut last_forced = tokio::time::Instant::now();
-        let mut last_error: Option<String> = None;
+        let mut last_error: Option<(String, tokio::time::Instant)> = None;
         let mut watched = crate::audit::Watched::starting(anchor.checkpoint, own_after);
         let mut anchor_error: Option<String> = None;
         loop {
@@ -396,13 +396,18 @@ fn spawn_checkpointer(
                 // Nothing due; a refusal stands until a checkpoint is signed again.
                 Ok(None) => {}
                 Err(e) => {
-                    // Said once per distinct failure, not every poll; `VerifyChain` says it
-                    // for as long as it lasts.
+                    // Said once per kind of failure (its text without the event numbers, which
+                    // move with every event: review 21 saw 15 lines in 0.4 s), and again every
+                    // ten minutes while it lasts; `VerifyChain` says it all along.
                     let text = e.to_string();
                     health.refused(text.clone());
-                    if last_error.as_deref() != Some(text.as_str()) {
+                    let kind: String = text.chars().filter(|c| !c.is_ascii_digit()).collect();
+                    let repeat = last_error.as_ref().is_none_or(|(said, at)| {
+                        *said != kind || at.elapsed() >= CHECKPOINT_ERROR_REPEAT
+                    });
+                    if repeat {
                         tracing::error!(error = %text, "audit checkpoint failed");
-                        last_error = Some(text);
+                        last_error = Some((kind, tokio::time::Instant::now()));
                     }
                 }
             }
@@ -413,6 +418,9 @@ fn spawn_checkpointer(
     });
     Checkpointer { stop, task }
 }
+
+/// How often a refusal to sign audit checkpoints that lasts is logged again.
+const CHECKPOINT_ERROR_REPEAT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Rotates each scheduled category's KEK once it is older than its `rotate_after_days`, then
 /// rewraps the category; checks every `schedule_check`. Each rotation, and each rewrap it
