@@ -362,11 +362,14 @@ async fn the_cli_presents_a_client_certificate_where_one_is_required() {
 
     let without = run_kluis(None, &base, Some(SECURITY_TOKEN)).await;
     assert_eq!(without.code, 2, "{}", without.all());
-    let with: Vec<&str> = base
-        .iter()
-        .copied()
-        .chain(["--client-cert", &cert_file, "--client-key", &key_file])
-        .collect();
+    let with_client = |cert: &str, key: &str| -> Vec<String> {
+        base.iter()
+            .copied()
+            .chain(["--client-cert", cert, "--client-key", key])
+            .map(str::to_string)
+            .collect()
+    };
+    let with = with_client(&cert_file, &key_file);
     let run = run_kluis(None, &with, Some(SECURITY_TOKEN)).await;
     assert_eq!(run.code, 0, "{}", run.all());
     assert!(run.stdout.contains("identity"), "{}", run.all());
@@ -390,12 +393,12 @@ async fn the_cli_presents_a_client_certificate_where_one_is_required() {
     // Review 21: a key of another certificate is named as such (not blamed on --ca-cert).
     let (_, other_key) = leaf(&ca_, "other.example.internal", true);
     let other_file = write("other.key", &other_key, 0o600);
-    let mismatched: Vec<&str> = base
-        .iter()
-        .copied()
-        .chain(["--client-cert", &cert_file, "--client-key", &other_file])
-        .collect();
-    let run = run_kluis(None, &mismatched, Some(SECURITY_TOKEN)).await;
+    let run = run_kluis(
+        None,
+        &with_client(&cert_file, &other_file),
+        Some(SECURITY_TOKEN),
+    )
+    .await;
     assert_eq!(run.code, 2, "{}", run.all());
     assert!(
         run.stderr.contains(&format!(
