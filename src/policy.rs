@@ -329,6 +329,14 @@ impl Policy {
         let file: PolicyFile = toml::from_str(text)
             .map_err(|e| PolicyError::Toml(crate::config::toml_error(&e, text)))?;
         for (name, p) in &file.purposes {
+            // A purpose goes into every audit event, as role and principal names do (review
+            // 22: an empty name, a trailing space and a bidi override were taken).
+            if !is_identifier(name) {
+                return Err(PolicyError::Rule(format!(
+                    "purpose `{}`: {IDENTIFIER_RULE}",
+                    name.escape_default()
+                )));
+            }
             // Deny by default: processing on consent needs the subject's recorded consent,
             // and a withdrawal must stop it.
             if p.legal_basis == LegalBasis::Consent && !p.requires_consent {
@@ -583,6 +591,17 @@ pub fn generate_token() -> Result<Zeroizing<String>, crypto::CryptoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn purpose_names_follow_the_identifier_rule() {
+        for bad in ["", "recruitment ", "pay\u{202E}llor"] {
+            let text = format!(
+                "{DEFAULT_POLICY_TOML}\n[purposes.\"{bad}\"]\nlegal_basis = \"contract\"\n"
+            );
+            let err = Policy::from_toml(&text).expect_err("refused").detail();
+            assert!(err.contains("a name is 1 to 64 ASCII"), "{err}");
+        }
+    }
 
     #[test]
     fn a_toml_error_names_the_place_and_never_the_value() {

@@ -859,7 +859,7 @@ impl<S: Store> Vault<S> {
                         .iter()
                         .filter(|(n, entry)| {
                             match (self.schema.field(n), Category::parse(&entry.category)) {
-                                (Some(d), Some(c)) => !self.entry_visible(caller, d, c),
+                                (Some(d), Some(c)) => !self.entry_visible(caller, d, c, entry),
                                 _ => true,
                             }
                         })
@@ -1010,16 +1010,16 @@ impl<S: Store> Vault<S> {
                 }
                 return Err(e);
             }
-            for (name, def) in &cleared {
+            for name in cleared.keys() {
                 if let Some(old) = body.fields.remove(*name) {
                     self.delete_field(&mut batch, &idb, name, &old);
                 }
-                let cat = def.category.as_str();
-                if !body.fields.values().any(|e| e.category == cat) {
-                    // Last field of the category gone: its data key goes too.
-                    body.deks.remove(cat);
-                }
             }
+            // A category whose last field is gone (cleared, or rewritten under the category
+            // the schema moved it to: review 22) takes its data key with it.
+            let fields = &body.fields;
+            body.deks
+                .retain(|cat, _| fields.values().any(|e| e.category == *cat));
             expect_keks(&mut batch, &body, sealers.keys());
             if body.deks.keys().any(|k| !had_keys.contains(k)) {
                 self.expect_dek_floor(&mut batch);
@@ -2242,8 +2242,16 @@ impl<S: Store> Vault<S> {
     /// role must also be allowed the category whose data key opens it. They differ only when
     /// the schema moved a field that has stored data to another category; the data key that
     /// would be opened is still the old category's.
-    fn entry_visible(&self, caller: &Caller, def: &FieldDef, stored: Category) -> bool {
-        self.visible(caller, def) && (stored == def.category || visible_as(caller, stored, def))
+    fn entry_visible(
+        &self,
+        caller: &Caller,
+        def: &FieldDef,
+        stored: Category,
+        entry: &FieldEntry,
+    ) -> bool {
+        self.visible(caller, def)
+            && (stored == def.category || visible_as(caller, stored, def))
+            && !masked_blob(caller, def, stored, entry)
     }
 
     /// Opens the selected fields (`wanted`, or every visible one when empty); with `masking`,
@@ -2268,17 +2276,17 @@ impl<S: Store> Vault<S> {
             let asked = if wanted.is_empty() {
                 self.schema
                     .field(name)
-                    .is_some_and(|d| self.entry_visible(caller, d, category))
+                    .is_some_and(|d| self.entry_visible(caller, d, category, entry))
             } else if wanted.contains(name.as_str()) {
                 // Named fields were checked against the schema; the data key opened is the
                 // stored category's. (An export, the one unmasked read, applies no read right
                 // to any field: the export right covers the whole record.)
-                if let Some(denied) = self
-                    .schema
-                    .field(name)
-                    .filter(|_| masking)
-                    .and_then(|d| moved_out_of_reach(caller, "read", d, entry))
-                {
+                if let Some(denied) = self.schema.field(name).filter(|_| masking).and_then(|d| {
+                    moved_out_of_reach(caller, "read", d, entry).or_else(|| {
+                        masked_blob(caller, d, category, entry)
+                            .then(|| denied_field(caller, "read", d))
+                    })
+                }) {
                     return Err(denied);
                 }
                 true
@@ -2324,7 +2332,17 @@ impl<S: Store> Vault<S> {
                                 || caller.role.masks(def.category, name)) =>
                     {
                         masked.push(name.clone());
-                        Value::Text(Zeroizing::new(def.kind.mask(&text).unwrap_or_default()))
+                        // The mask of the field's type shows part of a value of that type; a
+                        // value stored before the schema gave the field its type is hidden
+                        // whole (review 22: `TX-777`, fully masked as text, showed `**-777`
+                        // once the type was `bsn`).
+                        let shown = def
+                            .kind
+                            .holds(&text, self.today())
+                            .then(|| def.kind.mask(&text))
+                            .flatten()
+                            .unwrap_or_else(|| "***".to_string());
+                        Value::Text(Zeroizing::new(shown))
                     }
                     _ => Value::Text(text),
                 }
@@ -2486,6 +2504,15 @@ fn check_reason(reason: &str) -> Result<(), VaultError> {
         ));
     }
     Ok(())
+}
+
+/// Whether a stored field entry is a blob that `caller` may see only masked (in the category
+/// it is sealed under, or the one the schema gives it now): blobs are never returned masked,
+/// so it is withheld, whatever type the schema gives the field now (review 22: a blob field
+/// retyped as text was returned whole to a role that sees it masked).
+fn masked_blob(caller: &Caller, def: &FieldDef, stored: Category, entry: &FieldEntry) -> bool {
+    !entry.content_type.is_empty()
+        && (caller.role.masks(stored, &def.name) || caller.role.masks(def.category, &def.name))
 }
 
 /// Whether `caller` gets field `def` if it were in `category` (see [`Vault::visible`]).
@@ -3431,6 +3458,133 @@ mod tests {
             .expect("read");
         assert_eq!(before.fields.len(), 1);
         assert!(before.masked.is_empty(), "{:?}", before.masked);
+    }
+
+    /// Review 22: clearing a moved field that was its stored category's last takes that
+    /// category's data key with it, as for an unmoved field.
+    #[tokio::test]
+    async fn clearing_a_moved_field_drops_its_stored_categorys_data_key() {
+        let f = MovedBsn::new(
+            "[roles.both]\nread = [\"identity\", \"cv\"]\nwrite = [\"identity\", \"cv\"]\npurposes = [\"payroll\"]\n",
+            &[("bsn", "111222333"), ("wage", "2500.00")],
+        )
+        .await;
+        let uuid = uuid::Uuid::parse_str(&f.id).expect("uuid");
+        assert!(f
+            .after
+            .load(uuid)
+            .await
+            .expect("load")
+            .1
+            .deks
+            .contains_key("identity"));
+        f.after
+            .update(
+                &f.who("both"),
+                &f.id,
+                "payroll",
+                Change {
+                    expected_revision: 0,
+                    set: Vec::new(),
+                    clear: vec!["bsn".into()],
+                },
+                &mut audit::Context::new("UpdateRecord"),
+            )
+            .await
+            .expect("cleared");
+        let (_, body) = f.after.load(uuid).await.expect("load");
+        assert!(!body.fields.contains_key("bsn"));
+        assert!(
+            !body.deks.contains_key("identity"),
+            "{:?}",
+            body.deks.keys()
+        );
+        assert!(body.deks.contains_key("financial"), "wage keeps its key");
+    }
+
+    /// Review 22: a stored blob is withheld from a role that sees its field only masked, also
+    /// once the schema calls the field text; and a text value that is not of the field's
+    /// type now is masked whole.
+    #[tokio::test]
+    async fn a_retyped_field_shows_a_masked_role_nothing_of_its_old_values() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let keys = Arc::new(KeyRing::open(&store, &master).await.expect("keys"));
+        let policy = crate::policy::Policy::from_toml(&format!(
+            "{}\n[roles.masker]\nread = [\"identity\"]\nwrite = [\"identity\"]\npurposes = [\"payroll\"]\nmasked = [\"id_scan\", \"tax_ref\"]\n",
+            crate::policy::DEFAULT_POLICY_TOML
+        ))
+        .expect("policy");
+        let with = |schema: &str| {
+            Vault::new(
+                store.clone(),
+                Arc::new(Schema::from_toml(schema).expect("schema")),
+                Arc::clone(&keys),
+            )
+        };
+        let before_toml = format!(
+            "{}\n[fields.tax_ref]\ncategory = \"identity\"\ntype = \"text\"\nmax_len = 20\n",
+            crate::schema::DEFAULT_SCHEMA_TOML
+        );
+        let before = with(&before_toml);
+        let masker = Caller {
+            principal: "test-masker".into(),
+            role: Arc::clone(policy.role("masker").expect("role")),
+        };
+        let (id, _) = before
+            .create(
+                &masker,
+                "payroll",
+                vec![
+                    (
+                        "id_scan".to_string(),
+                        Value::Blob {
+                            bytes: Zeroizing::new(b"%PDF PASSPORT 123456789".to_vec()),
+                            content_type: "application/pdf".into(),
+                        },
+                    ),
+                    text("tax_ref", "TX-777"),
+                ],
+                &mut audit::Context::new("CreateRecord"),
+            )
+            .await
+            .expect("create");
+        let id = id.to_string();
+        let after_toml = before_toml
+            .replace(
+                "[fields.id_scan]\ncategory = \"identity\"\ntype = \"blob\"\nmax_bytes = 16777216\ncontent_types = [\"image/jpeg\", \"image/png\", \"application/pdf\"]",
+                "[fields.id_scan]\ncategory = \"identity\"\ntype = \"text\"\nmax_len = 100",
+            )
+            .replace(
+                "[fields.tax_ref]\ncategory = \"identity\"\ntype = \"text\"\nmax_len = 20",
+                "[fields.tax_ref]\ncategory = \"identity\"\ntype = \"bsn\"",
+            );
+        assert_ne!(after_toml, before_toml);
+        let after = with(&after_toml);
+        let got = after.get(&masker, &id, "payroll", &[]).await.expect("read");
+        assert!(
+            !got.fields.iter().any(|(n, _)| n == "id_scan"),
+            "{:?}",
+            got.fields
+        );
+        assert!(got.withheld.contains(&"id_scan".to_string()));
+        let tax = got
+            .fields
+            .iter()
+            .find_map(|(n, v)| match v {
+                Value::Text(t) if n == "tax_ref" => Some(t.to_string()),
+                _ => None,
+            })
+            .expect("tax_ref, masked");
+        assert_eq!(tax, "***");
+        let named = after
+            .get(&masker, &id, "payroll", &["id_scan".into()])
+            .await;
+        assert!(
+            matches!(named, Err(VaultError::PermissionDenied(_))),
+            "{named:?}"
+        );
     }
 
     #[tokio::test]
