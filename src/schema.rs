@@ -167,11 +167,28 @@ impl FieldType {
         })
     }
 
-    /// Whether `value` is a stored value of this type: what parsing it as this type gives
-    /// (its normalised form). A value stored before the schema gave the field this type may
-    /// not be.
-    pub fn holds(&self, value: &str, today: NaiveDate) -> bool {
-        !self.is_blob() && parse_text(self, value, today).is_ok_and(|n| n.as_str() == value)
+    /// The mask of a stored value of this type: [`FieldType::mask`] of the value as this type
+    /// reads it now (its normalised form; a date's limits, which move with the clock, left
+    /// out), or `***` for a value this type does not take — one stored before the schema gave
+    /// the field this type (review 22: `TX-777`, masked `***` as text, showed `**-777` once the
+    /// type was `bsn`; review 23: values stored by older builds, and aged dates, kept their
+    /// partial masks only this way).
+    pub fn mask_stored(&self, value: &str) -> String {
+        let lenient = match self {
+            FieldType::Date { .. } => FieldType::Date {
+                not_after_today: false,
+                max_years_ago: None,
+            },
+            other => other.clone(),
+        };
+        if self.is_blob() {
+            return "***".to_string();
+        }
+        // The limits left out are the only use of the date.
+        match parse_text(&lenient, value, NaiveDate::MIN) {
+            Ok(read) => self.mask(&read).unwrap_or_else(|| "***".to_string()),
+            Err(_) => "***".to_string(),
+        }
     }
 
     /// Whether values of this type are blobs (bytes with a content type) rather than text.
@@ -1472,6 +1489,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Reviews 22 and 23: a stored value of the field's type keeps its partial mask (also an
+    /// aged date, or one stored by an older build in another spelling); a value of another
+    /// type is masked whole.
+    #[test]
+    fn stored_values_are_masked_as_their_type_reads_them() {
+        let date = FieldType::Date {
+            not_after_today: true,
+            max_years_ago: Some(1),
+        };
+        assert_eq!(date.mask_stored("1906-11-27"), "1906-**-**");
+        let phone = FieldType::Phone.mask_stored("0612345678");
+        assert!(phone.starts_with('*') && phone.ends_with("78"), "{phone}");
+        assert_eq!(
+            FieldType::Email.mask_stored("Jan@Example.NL"),
+            "J***@example.nl"
+        );
+        assert_eq!(FieldType::Bsn.mask_stored("111 222 333"), "*****2333");
+        assert_eq!(FieldType::Bsn.mask_stored("TX-777"), "***");
+        assert_eq!(FieldType::Iban.mask_stored("not an iban"), "***");
+        assert_eq!(date.mask_stored("TX-777"), "***");
     }
 
     #[test]

@@ -2283,8 +2283,12 @@ impl<S: Store> Vault<S> {
                 // to any field: the export right covers the whole record.)
                 if let Some(denied) = self.schema.field(name).filter(|_| masking).and_then(|d| {
                     moved_out_of_reach(caller, "read", d, entry).or_else(|| {
-                        masked_blob(caller, d, category, entry)
-                            .then(|| denied_field(caller, "read", d))
+                        masked_blob(caller, d, category, entry).then(|| {
+                            VaultError::PermissionDenied(format!(
+                                "role `{}` sees field `{}` only masked, and its stored value is a blob, which is never returned masked",
+                                caller.role.name, d.name
+                            ))
+                        })
                     })
                 }) {
                     return Err(denied);
@@ -2332,17 +2336,9 @@ impl<S: Store> Vault<S> {
                                 || caller.role.masks(def.category, name)) =>
                     {
                         masked.push(name.clone());
-                        // The mask of the field's type shows part of a value of that type; a
-                        // value stored before the schema gave the field its type is hidden
-                        // whole (review 22: `TX-777`, fully masked as text, showed `**-777`
-                        // once the type was `bsn`).
-                        let shown = def
-                            .kind
-                            .holds(&text, self.today())
-                            .then(|| def.kind.mask(&text))
-                            .flatten()
-                            .unwrap_or_else(|| "***".to_string());
-                        Value::Text(Zeroizing::new(shown))
+                        // Part of a value of the field's type; a value of another type (stored
+                        // before the schema changed it) hidden whole.
+                        Value::Text(Zeroizing::new(def.kind.mask_stored(&text)))
                     }
                     _ => Value::Text(text),
                 }
@@ -3582,7 +3578,7 @@ mod tests {
             .get(&masker, &id, "payroll", &["id_scan".into()])
             .await;
         assert!(
-            matches!(named, Err(VaultError::PermissionDenied(_))),
+            matches!(&named, Err(VaultError::PermissionDenied(m)) if m.contains("sees field `id_scan` only masked")),
             "{named:?}"
         );
     }
