@@ -184,8 +184,9 @@ impl FieldType {
         if self.is_blob() {
             return "***".to_string();
         }
-        // The limits left out are the only use of the date.
-        match parse_text(&lenient, value, NaiveDate::MIN) {
+        // "Today" as late as it goes: no limit counted from it refuses a stored value (the
+        // dates' limits are left out above, and a period may start up to a year after it).
+        match parse_text(&lenient, value, NaiveDate::MAX) {
             Ok(read) => self.mask(&read).unwrap_or_else(|| "***".to_string()),
             Err(_) => "***".to_string(),
         }
