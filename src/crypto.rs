@@ -322,7 +322,9 @@ pub fn open(
 /// A key for sealing many values in a row (one key schedule, many seals).
 #[derive(Clone)]
 pub struct SealingKey {
-    key: LessSafeKey,
+    // Shared: a write keeps a clone of the key it sealed each value under, for a retry
+    // (`record::PendingValue`), at the cost of a reference count.
+    key: std::sync::Arc<LessSafeKey>,
     version: u32,
 }
 
@@ -330,7 +332,7 @@ impl SealingKey {
     /// Prepares `key` (of the given version) for repeated sealing.
     pub fn new(key: &SecretKey, version: u32) -> Self {
         Self {
-            key: key.aead_key(),
+            key: std::sync::Arc::new(key.aead_key()),
             version,
         }
     }

@@ -808,8 +808,6 @@ pub struct SealedAttempt {
     pub key: crypto::SealingKey,
     /// The record it was sealed for.
     pub id: Vec<u8>,
-    /// The field name it was sealed for.
-    pub field: String,
     /// The envelopes (views of one buffer, shared with the attempt's batch).
     pub sealed: SealedField,
 }
@@ -851,13 +849,13 @@ impl PendingValue {
     ) -> Result<SealedField, crypto::CryptoError> {
         let laid = match self {
             Self::Laid(laid) => std::mem::replace(laid, lay_out(&[])),
-            Self::Sealed(was) => reopen_field(&was.key, &was.id, &was.field, &was.sealed)?,
+            // The same field on every attempt: only the key and the record id may differ.
+            Self::Sealed(was) => reopen_field(&was.key, &was.id, field, &was.sealed)?,
         };
         let sealed = seal_laid_out(dek, id, field, laid)?;
         *self = Self::Sealed(Box::new(SealedAttempt {
             key: dek.clone(),
             id: id.to_vec(),
-            field: field.to_string(),
             sealed: SealedField {
                 chunks: sealed.chunks.clone(),
                 digest: sealed.digest,
