@@ -486,7 +486,7 @@ pub async fn resume_offline(
     let latest = chrono::Utc::now().date_naive() + chrono::Days::new(1);
     if at > latest {
         return Err(CliError::Usage(format!(
-            "--at {at} is after this machine's date ({}): confirm the date the clock says, not a later one",
+            "--at {at} is more than a day after this machine's date ({}): confirm the date the clock says, not a later one",
             latest - chrono::Days::new(1)
         )));
     }
