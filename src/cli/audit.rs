@@ -312,6 +312,12 @@ impl CliError {
                     text.push_str(&format!(" ({detail})"));
                 }
             }
+            // Review 24: the server's TLS refused the connection for want of a certificate.
+            if text.contains("CertificateRequired") {
+                text.push_str(
+                    "; the server requires a client certificate: pass --client-cert FILE and --client-key FILE",
+                );
+            }
             CliError::Io(text)
         } else {
             CliError::Refused { method, status }
@@ -1445,6 +1451,15 @@ mod tests {
                 "{err}"
             );
         }
+        // A server that requires a client certificate: the error says what to pass.
+        let alert = tonic::Status::from_error(Box::new(std::io::Error::other(
+            "received fatal alert: CertificateRequired",
+        )));
+        let err = CliError::from_status("M", alert).to_string();
+        assert!(
+            err.ends_with("pass --client-cert FILE and --client-key FILE"),
+            "{err}"
+        );
     }
 
     const R1: &str = "0b5e6f0e-3d4c-4d7e-9a77-1f2e3d4c5b6a";
