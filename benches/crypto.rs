@@ -1,5 +1,6 @@
 //! Cryptographic throughput: raw AES-256-GCM (`ring` and the RustCrypto `aes-gcm` crate),
-//! Kluis field sealing (16 KiB chunked envelopes plus a digest committing to each chunk), and
+//! Kluis field sealing (16 KiB chunks sealed in place, a manifest of their nonces and tags, a
+//! digest over it), and
 //! the envelope work of a typical 20-field record.
 //!
 //! Run with `cargo bench --bench crypto` (about 2 minutes on 2 cores). After criterion's own
@@ -10,12 +11,13 @@
 //! Benchmark ids (criterion group / function / size):
 //! - `seal/ring/*`, `open/ring/*`: `ring::aead::LessSafeKey` in place, preallocated buffer.
 //! - `seal/aes-gcm-crate/*`, `open/aes-gcm-crate/*`: `aes_gcm::Aes256Gcm` in place, detached tag.
-//! - `field_seal/kluis/*`: `kluis::record::seal_laid_out`, what the vault does for a blob field
-//!   once parsing has laid its value out (`record::lay_out`, untimed): seal it in place.
-//! - `field_seal/kluis-with-copy/*`: `kluis::record::seal_field` on a plain slice, i.e. the
-//!   layout copy timed too.
-//! - `field_open/kluis/*`: opening those chunks with `kluis::crypto::OpeningKey` and checking the
-//!   field digest (the crypto part of the vault's read path, without the store).
+//! - `field_seal/kluis/*`: `kluis::record::seal_field` on an owned buffer (set up untimed),
+//!   then `SealedField::stored_chunks`: what the vault does with a blob field's value, the
+//!   buffer taken from the decoded request sealed where it lies (16 KiB chunks, a manifest of
+//!   nonces and tags, the field digest) and cut into the views the store keeps.
+//! - `field_open/kluis/*`: opening those chunks with `kluis::crypto::OpeningKey` after checking
+//!   the manifest against the field digest (the crypto part of the vault's read path, without
+//!   the store).
 //! - `envelope/record20/{encrypt,decrypt}`: 4 category DEKs wrapped under a KEK, 20 short
 //!   text fields sealed / opened.
 
@@ -35,7 +37,7 @@ use aes_gcm::{Aes256Gcm, Nonce as AesGcmNonce};
 use criterion::measurement::WallTime;
 use criterion::{BatchSize, BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput};
 use kluis::crypto::{self, SealingKey, SecretKey};
-use kluis::record::{self, SealedField};
+use kluis::record::{self, SealedField, SealedValue};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 const KIB: usize = 1024;
@@ -187,28 +189,27 @@ fn bench_open(c: &mut Criterion) {
     group.finish();
 }
 
-/// What the vault's read path does per field, minus the store: open every chunk envelope and
-/// check the field digest over them (as `Vault::read_field` does).
-/// The crypto part of the vault's read path (`Vault::read_field`): one `OpeningKey` per
-/// field, every chunk opened in place into one zeroizing buffer, the field digest checked.
+/// The crypto part of the vault's read path (`Vault::read_field`) for a detached value: the
+/// manifest checked against the field digest, one `OpeningKey` per field, every chunk opened
+/// into one zeroizing buffer.
 fn open_field(dek: &SecretKey, id: &[u8], name: &str, sealed: &SealedField) -> Vec<u8> {
-    let n = u32::try_from(sealed.chunks.len()).expect("chunk count fits u32");
-    let size: usize = sealed
-        .chunks
-        .iter()
-        .map(|c| c.len() - crypto::OVERHEAD)
-        .sum();
-    let mut digest = record::FieldDigest::new();
-    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(size + crypto::TAG_LEN));
+    let SealedValue::Detached(detached) = &sealed.value else {
+        panic!("the benchmark's values are sealed detached");
+    };
+    assert!(crypto::ct_eq(
+        &record::manifest_digest(&detached.manifest),
+        &sealed.digest
+    ));
+    let chunks = record::detached_chunks(detached);
+    let n = u32::try_from(chunks.len()).expect("chunk count fits u32");
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(sealed.size));
     let opener = crypto::OpeningKey::new(dek);
-    for (i, chunk) in sealed.chunks.iter().enumerate() {
-        let i = u32::try_from(i).expect("chunk index fits u32");
-        digest.add(chunk).expect("well-formed envelope");
+    for (i, chunk) in chunks.iter().enumerate() {
+        let ctx = record::chunk_context(id, name, u32::try_from(i).expect("fits u32"), n);
         opener
-            .open_append(&record::chunk_context(id, name, i, n), chunk, &mut out)
+            .open_detached_append(&detached.manifest, i, &ctx, chunk, &mut out)
             .expect("open");
     }
-    assert!(crypto::ct_eq(&digest.finish(), &sealed.digest));
     std::mem::take(&mut *out)
 }
 
@@ -220,25 +221,21 @@ fn bench_field(c: &mut Criterion) {
     for (len, label) in FIELD_SIZES {
         size_config(&mut group, len);
         let plain = data(len);
-        // What the vault does for a blob field once parsing has laid its value out: seal it
-        // in place. The layout (parsing's one copy of the value, which before it was a plain
-        // `to_vec`) is set up untimed, as the raw benchmark's buffer is.
+        // What the vault does with a blob field's value: the buffer it took from the decoded
+        // request (set up untimed, as the raw benchmark's buffer is) is sealed where it lies,
+        // and cut into the chunks the store keeps (views, no copy).
         group.bench_function(BenchmarkId::new("kluis", label), |b| {
             b.iter_batched(
-                || record::lay_out(&plain),
-                |laid| {
-                    record::seal_laid_out(&sealing, &RECORD_ID, "cv_document", black_box(laid))
-                        .expect("seal")
+                || zeroize::Zeroizing::new(plain.clone()),
+                |value| {
+                    let sealed =
+                        record::seal_field(&sealing, &RECORD_ID, "cv_document", black_box(value))
+                            .expect("seal");
+                    let chunks = sealed.stored_chunks();
+                    (sealed, chunks)
                 },
                 BatchSize::PerIteration,
             );
-        });
-        // The same with the layout copy timed: `record::seal_field` on a plain slice.
-        group.bench_function(BenchmarkId::new("kluis-with-copy", label), |b| {
-            b.iter(|| {
-                record::seal_field(&sealing, &RECORD_ID, "cv_document", black_box(&plain))
-                    .expect("seal")
-            });
         });
     }
     group.finish();
@@ -248,7 +245,13 @@ fn bench_field(c: &mut Criterion) {
     for (len, label) in FIELD_SIZES {
         size_config(&mut group, len);
         let plain = data(len);
-        let sealed = record::seal_field(&sealing, &RECORD_ID, "cv_document", &plain).expect("seal");
+        let sealed = record::seal_field(
+            &sealing,
+            &RECORD_ID,
+            "cv_document",
+            zeroize::Zeroizing::new(plain.clone()),
+        )
+        .expect("seal");
         assert_eq!(open_field(&dek, &RECORD_ID, "cv_document", &sealed), plain);
         group.bench_function(BenchmarkId::new("kluis", label), |b| {
             b.iter(|| open_field(&dek, &RECORD_ID, "cv_document", black_box(&sealed)));
@@ -344,8 +347,9 @@ fn encrypt_record(kek: &SecretKey, id: &[u8]) -> Vec<SealedCategory> {
             let fields = fields
                 .iter()
                 .map(|(name, value)| {
-                    let sealed =
-                        record::seal_field(&sealing, id, name, value.as_bytes()).expect("seal");
+                    // The vault seals the parsed value's own buffer.
+                    let value = zeroize::Zeroizing::new(value.as_bytes().to_vec());
+                    let sealed = record::seal_field(&sealing, id, name, value).expect("seal");
                     (*name, sealed)
                 })
                 .collect();
@@ -365,13 +369,13 @@ fn decrypt_record(kek: &SecretKey, id: &[u8], sealed: &[SealedCategory]) -> usiz
             crypto::open(kek, &dek_context(id, cat.category), &cat.wrapped_dek).expect("unwrap");
         let dek = SecretKey::from_bytes(dek_bytes.as_slice().try_into().expect("32-byte DEK"));
         for (name, field) in &cat.fields {
-            let n = u32::try_from(field.chunks.len()).expect("chunk count fits u32");
-            for (i, chunk) in field.chunks.iter().enumerate() {
-                let i = u32::try_from(i).expect("chunk index fits u32");
-                let plain = crypto::open(&dek, &record::chunk_context(id, name, i, n), chunk)
-                    .expect("open");
-                total += plain.len();
-            }
+            // Short values: one envelope each.
+            let SealedValue::Envelope(envelope) = &field.value else {
+                panic!("{name}: a short value is one envelope");
+            };
+            let plain =
+                crypto::open(&dek, &record::chunk_context(id, name, 0, 1), envelope).expect("open");
+            total += plain.len();
         }
     }
     total
@@ -497,17 +501,6 @@ fn summary() {
             ratio(seal_ring, field_seal),
             fmt_gib(len, field_open),
             ratio(open_ring, field_open),
-        );
-    }
-    for (len, label) in FIELD_SIZES {
-        let (ring, copy) = (
-            estimate_ns("seal", "ring", label),
-            estimate_ns("field_seal", "kluis-with-copy", label),
-        );
-        println!(
-            "field_seal/kluis-with-copy/{label}: {} GiB/s, {} of seal ring",
-            fmt_gib(len, copy),
-            ratio(ring, copy)
         );
     }
     for op in ["encrypt", "decrypt"] {

@@ -17,7 +17,7 @@
 //! fails to open.
 
 use bytes::Bytes;
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 use ring::hkdf;
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -35,6 +35,11 @@ pub const HEADER_LEN: usize = 6;
 pub const OVERHEAD: usize = HEADER_LEN + NONCE_LEN + TAG_LEN;
 /// The only envelope format this build writes and reads.
 pub const FORMAT_V1: u8 = 1;
+/// Format byte of a detached seal ([`Detached`]): its header begins the manifest and is
+/// part of each chunk's AAD, so a chunk sealed detached never opens as an envelope's.
+pub const FORMAT_DETACHED: u8 = 2;
+/// Bytes of one chunk's entry in a [`Detached`] manifest: nonce ‖ tag.
+pub const SEAL_LEN: usize = NONCE_LEN + TAG_LEN;
 /// Algorithm id of AES-256-GCM with a random 96-bit nonce.
 pub const ALG_AES_256_GCM: u8 = 1;
 
@@ -151,6 +156,24 @@ impl EnvelopeHeader {
             key_version: u32::from_be_bytes([sealed[2], sealed[3], sealed[4], sealed[5]]),
         };
         if header.format != FORMAT_V1 || header.algorithm != ALG_AES_256_GCM {
+            return Err(CryptoError::Malformed);
+        }
+        Ok(header)
+    }
+
+    /// Reads the header of a [`Detached`] manifest: format [`FORMAT_DETACHED`], followed by
+    /// one or more whole `nonce ‖ tag` entries.
+    pub fn parse_manifest(manifest: &[u8]) -> Result<Self, CryptoError> {
+        let seals = manifest.len().checked_sub(HEADER_LEN);
+        if !seals.is_some_and(|n| n > 0 && n % SEAL_LEN == 0) {
+            return Err(CryptoError::Malformed);
+        }
+        let header = Self {
+            format: manifest[0],
+            algorithm: manifest[1],
+            key_version: u32::from_be_bytes([manifest[2], manifest[3], manifest[4], manifest[5]]),
+        };
+        if header.format != FORMAT_DETACHED || header.algorithm != ALG_AES_256_GCM {
             return Err(CryptoError::Malformed);
         }
         Ok(header)
@@ -304,6 +327,14 @@ pub fn open(
     context: &[u8],
     sealed: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    open_with(&key.aead_key(), context, sealed)
+}
+
+fn open_with(
+    key: &LessSafeKey,
+    context: &[u8],
+    sealed: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
     EnvelopeHeader::parse(sealed)?;
     let (header, rest) = sealed.split_at(HEADER_LEN);
     let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
@@ -311,7 +342,6 @@ pub fn open(
     let aad = aad_bytes(header, context);
     let mut buf = Zeroizing::new(ciphertext.to_vec());
     let len = key
-        .aead_key()
         .open_in_place(nonce, Aad::from(&aad), buf.as_mut_slice())
         .map_err(|_| CryptoError::Authentication)?
         .len();
@@ -342,51 +372,52 @@ impl SealingKey {
         seal_with(&self.key, self.version, context, plaintext)
     }
 
-    /// Seals `plaintext` in chunks of `chunk_len` bytes (at least one chunk, even when empty),
-    /// chunk `i` of `n` under the context `context(i, n, out)` appends to `out`, each with its
-    /// own random nonce: [`LaidOut::new`] (one copy of the plaintext), then
-    /// [`SealingKey::seal_laid_out`].
-    pub fn seal_chunks(
-        &self,
-        plaintext: &[u8],
-        chunk_len: usize,
-        context: impl Fn(u32, u32, &mut Vec<u8>),
-    ) -> Result<Vec<Bytes>, CryptoError> {
-        self.seal_laid_out(LaidOut::new(plaintext, chunk_len)?, context)
+    /// Opens an envelope this key sealed ([`SealingKey::seal`]) under `context`.
+    pub fn reopen(&self, context: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let header = EnvelopeHeader::parse(sealed)?;
+        if header.key_version != self.version {
+            return Err(CryptoError::Malformed);
+        }
+        open_with(&self.key, context, sealed)
     }
 
-    /// Seals a plaintext laid out in the shape of its envelopes ([`LaidOut`]) in place: each
-    /// chunk's header and nonce are written before it, it is encrypted where it lies and its
-    /// tag is written after it. No byte of the plaintext is copied. Chunk `i` of `n` is sealed
-    /// under the context `context(i, n, out)` appends to `out`, with its own random nonce.
-    ///
-    /// The envelopes lie one after the other in the one buffer and are handed out as views of
-    /// it: one allocation per field rather than one per chunk. (Freed 16 KiB chunk buffers go
-    /// back to the operating system in one piece, so every large field used to fault its
-    /// output pages in afresh: 212 faults per 1 MiB field, 2.5× slower sealing.)
-    pub fn seal_laid_out(
+    /// Seals `plaintext` in chunks of `chunk_len` bytes (at least one chunk, even when empty)
+    /// where it lies: chunk `i` of `n` is encrypted in place under the context
+    /// `context(i, n, out)` appends to `out`, with its own random nonce, and its nonce and tag
+    /// go to the manifest ([`Detached`]). No byte of the plaintext is copied: the buffer the
+    /// caller owns (a request's value) becomes the ciphertext.
+    pub fn seal_detached(
         &self,
-        mut laid: LaidOut,
+        mut plaintext: Zeroizing<Vec<u8>>,
+        chunk_len: usize,
         context: impl Fn(u32, u32, &mut Vec<u8>),
-    ) -> Result<Vec<Bytes>, CryptoError> {
-        let count = laid.count();
-        let count32 = u32::try_from(count).map_err(|_| CryptoError::Malformed)?;
+    ) -> Result<Detached, CryptoError> {
+        if chunk_len == 0 {
+            return Err(CryptoError::Malformed);
+        }
+        let count = plaintext.len().div_ceil(chunk_len).max(1);
+        // Below u32::MAX: the count is part of every chunk's context, and the chunk number
+        // u32::MAX names the manifest in the store.
+        let count32 = u32::try_from(count)
+            .ok()
+            .filter(|&n| n < u32::MAX)
+            .ok_or(CryptoError::Malformed)?;
+        let header = EnvelopeHeader {
+            format: FORMAT_DETACHED,
+            algorithm: ALG_AES_256_GCM,
+            key_version: self.version,
+        }
+        .to_bytes();
+        let mut manifest = Vec::with_capacity(HEADER_LEN + count * SEAL_LEN);
+        manifest.extend_from_slice(&header);
         // One AAD buffer for every chunk: the header, then each chunk's context in turn.
-        let header = envelope_header(self.version);
         let mut aad = header.to_vec();
-        let mut ends = Vec::with_capacity(count);
-        for i in 0..count {
-            let (start, len) = laid.span(i);
+        for (i, text) in chunks_of(&mut plaintext, chunk_len).enumerate() {
             // From the thread's pool: a system call per 256 nonces, not one per field.
             let nonce = fresh_nonce()?;
             let i32 = u32::try_from(i).expect("chunk index below chunk count");
             aad.truncate(HEADER_LEN);
             context(i32, count32, &mut aad);
-            let envelope = &mut laid.buf[start..start + OVERHEAD + len];
-            let (head, rest) = envelope.split_at_mut(HEADER_LEN + NONCE_LEN);
-            head[..HEADER_LEN].copy_from_slice(&header);
-            head[HEADER_LEN..].copy_from_slice(&nonce);
-            let (text, tag_out) = rest.split_at_mut(len);
             let tag = self
                 .key
                 .seal_in_place_separate_tag(
@@ -395,159 +426,77 @@ impl SealingKey {
                     text,
                 )
                 .expect("sealing fails only above ring's 64 GiB input limit");
-            tag_out.copy_from_slice(tag.as_ref());
-            ends.push(start + OVERHEAD + len);
+            manifest.extend_from_slice(&nonce);
+            manifest.extend_from_slice(tag.as_ref());
         }
         // Every plaintext byte is now ciphertext: the buffer leaves its zeroizing wrapper.
-        let buf = Bytes::from(std::mem::take(&mut *laid.buf));
-        if count == 1 {
-            return Ok(vec![buf]);
-        }
-        let mut start = 0;
-        Ok(ends
-            .into_iter()
-            .map(|end| {
-                let chunk = buf.slice(start..end);
-                start = end;
-                chunk
-            })
-            .collect())
+        Ok(Detached {
+            manifest,
+            ciphertext: Bytes::from(std::mem::take(&mut *plaintext)),
+        })
     }
 
-    /// Opens envelopes this key sealed with [`SealingKey::seal_laid_out`] (chunk `i` of
-    /// `chunks.len()` under `context(i, n, out)`) back into their layout, each decrypted in
-    /// place: for a write that must seal the same value again, under another key or context.
-    pub fn reopen_laid_out(
+    /// Opens what this key sealed with [`SealingKey::seal_detached`] (chunk `i` of `n` under
+    /// `context(i, n, out)`) back into one zeroizing buffer: for a write that must seal the
+    /// same value again, under another key or for another record.
+    pub fn reopen_detached(
         &self,
-        chunks: &[Bytes],
+        sealed: &Detached,
         chunk_len: usize,
         context: impl Fn(u32, u32, &mut Vec<u8>),
-    ) -> Result<LaidOut, CryptoError> {
-        let count32 = u32::try_from(chunks.len()).map_err(|_| CryptoError::Malformed)?;
-        if chunk_len == 0 || chunks.is_empty() {
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let header = EnvelopeHeader::parse_manifest(&sealed.manifest)?;
+        let count = (sealed.manifest.len() - HEADER_LEN) / SEAL_LEN;
+        if header.key_version != self.version
+            || chunk_len == 0
+            || count != sealed.ciphertext.len().div_ceil(chunk_len).max(1)
+        {
             return Err(CryptoError::Malformed);
         }
-        let total: usize = chunks.iter().map(Bytes::len).sum();
-        let mut laid = LaidOut {
-            buf: Zeroizing::new(Vec::with_capacity(total)),
-            len: 0,
-            chunk_len,
-        };
-        let mut aad = Vec::new();
-        for (i, sealed) in chunks.iter().enumerate() {
-            EnvelopeHeader::parse(sealed)?;
-            let len = sealed.len() - OVERHEAD;
-            // Every chunk but the last is whole; the last holds at least one byte, unless it
-            // is the only one.
-            let last = i + 1 == chunks.len();
-            if len > chunk_len || (!last && len != chunk_len) || (last && i > 0 && len == 0) {
-                return Err(CryptoError::Malformed);
-            }
+        let count32 = u32::try_from(count).map_err(|_| CryptoError::Malformed)?;
+        let mut out = Zeroizing::new(sealed.ciphertext.to_vec());
+        let mut aad = sealed.manifest[..HEADER_LEN].to_vec();
+        let seals = sealed.manifest[HEADER_LEN..].chunks_exact(SEAL_LEN);
+        for (i, (text, seal)) in chunks_of(&mut out, chunk_len).zip(seals).enumerate() {
             let i32 = u32::try_from(i).expect("chunk index below chunk count");
-            aad.clear();
-            aad.extend_from_slice(&sealed[..HEADER_LEN]);
+            aad.truncate(HEADER_LEN);
             context(i32, count32, &mut aad);
-            let start = laid.buf.len();
-            laid.buf.extend_from_slice(sealed);
-            let nonce =
-                Nonce::try_assume_unique_for_key(&sealed[HEADER_LEN..HEADER_LEN + NONCE_LEN])
-                    .map_err(|_| CryptoError::Malformed)?;
+            let (nonce, tag) = split_seal(seal)?;
             self.key
-                .open_in_place(
-                    nonce,
-                    Aad::from(&aad),
-                    &mut laid.buf[start + HEADER_LEN + NONCE_LEN..],
-                )
+                .open_in_place_separate_tag(nonce, Aad::from(&aad), tag, text, 0..)
                 .map_err(|_| CryptoError::Authentication)?;
-            laid.len += len;
         }
-        Ok(laid)
+        Ok(out)
     }
 }
 
-/// A plaintext laid out in the shape of the envelopes it will be sealed into, so that
-/// [`SealingKey::seal_laid_out`] encrypts it where it lies: chunk `i` (of `chunk_len` bytes,
-/// the last one shorter) sits where its ciphertext will be, after room for the envelope header
-/// and nonce and before room for the tag. Zeroized on drop; `Debug` shows the length only.
-///
-/// Laying a value out is the one copy it takes on its way from a request into the store's
-/// envelopes (the vault lays out a field's value when it parses it).
-pub struct LaidOut {
-    buf: Zeroizing<Vec<u8>>,
-    len: usize,
-    chunk_len: usize,
+/// Chunks of `chunk_len` (not zero) bytes of `buf`, the last one shorter; one empty chunk
+/// when `buf` is empty.
+fn chunks_of(buf: &mut [u8], chunk_len: usize) -> impl Iterator<Item = &mut [u8]> {
+    let extra: Option<&mut [u8]> = if buf.is_empty() { Some(&mut []) } else { None };
+    buf.chunks_mut(chunk_len).chain(extra)
 }
 
-impl LaidOut {
-    /// Lays `plaintext` out in chunks of `chunk_len` bytes (at least one chunk, even when
-    /// empty).
-    pub fn new(plaintext: &[u8], chunk_len: usize) -> Result<Self, CryptoError> {
-        if chunk_len == 0 {
-            return Err(CryptoError::Malformed);
-        }
-        let count = plaintext.len().div_ceil(chunk_len).max(1);
-        let mut buf = Zeroizing::new(Vec::with_capacity(count * OVERHEAD + plaintext.len()));
-        for i in 0..count {
-            let start = (i * chunk_len).min(plaintext.len());
-            let end = (start + chunk_len).min(plaintext.len());
-            buf.extend_from_slice(&[0u8; HEADER_LEN + NONCE_LEN]);
-            buf.extend_from_slice(&plaintext[start..end]);
-            buf.extend_from_slice(&[0u8; TAG_LEN]);
-        }
-        Ok(Self {
-            buf,
-            len: plaintext.len(),
-            chunk_len,
-        })
-    }
-
-    /// Bytes of plaintext.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the plaintext is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The plaintext, chunk by chunk.
-    pub fn chunks(&self) -> impl Iterator<Item = &[u8]> {
-        (0..self.count()).map(|i| {
-            let (start, len) = self.span(i);
-            &self.buf[start + HEADER_LEN + NONCE_LEN..start + HEADER_LEN + NONCE_LEN + len]
-        })
-    }
-
-    /// The plaintext in one zeroizing buffer (a copy).
-    pub fn to_plaintext(&self) -> Zeroizing<Vec<u8>> {
-        let mut out = Zeroizing::new(Vec::with_capacity(self.len));
-        for chunk in self.chunks() {
-            out.extend_from_slice(chunk);
-        }
-        out
-    }
-
-    /// Number of chunks (at least one).
-    fn count(&self) -> usize {
-        self.len.div_ceil(self.chunk_len).max(1)
-    }
-
-    /// Where envelope `i` starts in the buffer, and its plaintext length.
-    fn span(&self, i: usize) -> (usize, usize) {
-        let start = i * (self.chunk_len + OVERHEAD);
-        let len = self
-            .len
-            .saturating_sub(i * self.chunk_len)
-            .min(self.chunk_len);
-        (start, len)
-    }
+/// A chunk's nonce and tag from its `nonce ‖ tag` entry in a manifest.
+fn split_seal(seal: &[u8]) -> Result<(Nonce, Tag), CryptoError> {
+    let (nonce, tag) = seal.split_at(NONCE_LEN);
+    Ok((
+        Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoError::Malformed)?,
+        Tag::try_from(tag).map_err(|_| CryptoError::Malformed)?,
+    ))
 }
 
-impl std::fmt::Debug for LaidOut {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LaidOut({} bytes)", self.len)
-    }
+/// A value sealed in chunks with [`SealingKey::seal_detached`]: the ciphertext, chunk after
+/// chunk, exactly as long as the plaintext; and the manifest, the envelope header (format
+/// [`FORMAT_DETACHED`]) followed by each chunk's `nonce ‖ tag` ([`SEAL_LEN`] bytes) in
+/// order. Chunk `i` of the ciphertext is `ciphertext[i * chunk_len..]`, at most `chunk_len`
+/// bytes. Nothing in it is secret.
+#[derive(Clone, Debug)]
+pub struct Detached {
+    /// Header, then `nonce ‖ tag` per chunk.
+    pub manifest: Vec<u8>,
+    /// The ciphertext.
+    pub ciphertext: Bytes,
 }
 
 impl std::fmt::Debug for SealingKey {
@@ -596,6 +545,47 @@ impl OpeningKey {
                 out.truncate(start + len);
                 Ok(())
             }
+            Err(_) => {
+                zeroize::Zeroize::zeroize(&mut out[start..]);
+                out.truncate(start);
+                Err(CryptoError::Authentication)
+            }
+        }
+    }
+}
+
+impl OpeningKey {
+    /// Opens chunk `chunk` of a value sealed with [`SealingKey::seal_detached`] under the
+    /// same key: `ciphertext` is that chunk, `manifest` the value's manifest (checked with
+    /// [`EnvelopeHeader::parse_manifest`] by the caller), `context` the chunk's context. The
+    /// plaintext is appended to `out`, decrypted in place there; on failure `out` is left as
+    /// it was. Reserve the plaintext's length in `out` beforehand, so that it never
+    /// reallocates (a reallocation would leave a plaintext copy behind unzeroized).
+    pub fn open_detached_append(
+        &self,
+        manifest: &[u8],
+        chunk: usize,
+        context: &[u8],
+        ciphertext: &[u8],
+        out: &mut Zeroizing<Vec<u8>>,
+    ) -> Result<(), CryptoError> {
+        let at = chunk
+            .checked_mul(SEAL_LEN)
+            .and_then(|at| at.checked_add(HEADER_LEN))
+            .filter(|&at| at + SEAL_LEN <= manifest.len() && manifest.len() >= HEADER_LEN)
+            .ok_or(CryptoError::Malformed)?;
+        let (nonce, tag) = split_seal(&manifest[at..at + SEAL_LEN])?;
+        let aad = aad_bytes(&manifest[..HEADER_LEN], context);
+        let start = out.len();
+        out.extend_from_slice(ciphertext);
+        match self.key.open_in_place_separate_tag(
+            nonce,
+            Aad::from(&aad),
+            tag,
+            &mut out[start..],
+            0..,
+        ) {
+            Ok(_) => Ok(()),
             Err(_) => {
                 zeroize::Zeroize::zeroize(&mut out[start..]);
                 out.truncate(start);
@@ -793,6 +783,100 @@ mod tests {
         );
         opener.open_append(b"b", &b, &mut out).expect("open b");
         assert_eq!(out.as_slice(), b"hello world");
+    }
+
+    /// A detached seal: ciphertext as long as the plaintext, one nonce ‖ tag per chunk; it
+    /// reopens under its key, version and contexts only, and any altered byte of manifest or
+    /// ciphertext fails.
+    #[test]
+    fn detached_seals_reopen_and_refuse_alteration() {
+        let key = SecretKey::generate().expect("rng");
+        let sealing = SealingKey::new(&key, 9);
+        let ctx = |i: u32, n: u32, out: &mut Vec<u8>| {
+            out.extend_from_slice(&i.to_be_bytes());
+            out.extend_from_slice(&n.to_be_bytes());
+        };
+        for len in [0usize, 1, 63, 64, 65, 200] {
+            let plain: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let sealed = sealing
+                .seal_detached(Zeroizing::new(plain.clone()), 64, ctx)
+                .expect("seal");
+            let count = len.div_ceil(64).max(1);
+            assert_eq!(sealed.ciphertext.len(), len);
+            assert_eq!(sealed.manifest.len(), HEADER_LEN + count * SEAL_LEN);
+            let header = EnvelopeHeader::parse_manifest(&sealed.manifest).expect("manifest");
+            assert_eq!((header.format, header.key_version), (FORMAT_DETACHED, 9));
+            if len > 0 {
+                assert_ne!(sealed.ciphertext.as_ref(), plain.as_slice());
+            }
+            let back = sealing.reopen_detached(&sealed, 64, ctx).expect("reopen");
+            assert_eq!(back.as_slice(), plain.as_slice());
+            // The opening key, chunk by chunk.
+            let opener = OpeningKey::new(&key);
+            let mut out = Zeroizing::new(Vec::with_capacity(len));
+            for (i, chunk) in chunks_of(&mut sealed.ciphertext.to_vec(), 64).enumerate() {
+                let mut aad = Vec::new();
+                ctx(i as u32, count as u32, &mut aad);
+                opener
+                    .open_detached_append(&sealed.manifest, i, &aad, chunk, &mut out)
+                    .expect("chunk");
+            }
+            assert_eq!(out.as_slice(), plain.as_slice());
+            assert_eq!(
+                opener.open_detached_append(&sealed.manifest, count, b"", b"", &mut out),
+                Err(CryptoError::Malformed)
+            );
+            // Every altered byte of the manifest, and of the ciphertext, fails.
+            for at in 0..sealed.manifest.len() {
+                let mut bad = sealed.clone();
+                bad.manifest[at] ^= 0x40;
+                assert!(
+                    sealing.reopen_detached(&bad, 64, ctx).is_err(),
+                    "manifest {at}"
+                );
+            }
+            for at in 0..len {
+                let mut bytes = sealed.ciphertext.to_vec();
+                bytes[at] ^= 1;
+                let bad = Detached {
+                    manifest: sealed.manifest.clone(),
+                    ciphertext: Bytes::from(bytes),
+                };
+                assert_eq!(
+                    sealing.reopen_detached(&bad, 64, ctx),
+                    Err(CryptoError::Authentication),
+                    "ciphertext {at}"
+                );
+            }
+            // Not under another key version, chunk size or context.
+            assert!(SealingKey::new(&key, 8)
+                .reopen_detached(&sealed, 64, ctx)
+                .is_err());
+            if len > 64 {
+                assert!(sealing.reopen_detached(&sealed, 32, ctx).is_err());
+            }
+            let other = |i: u32, n: u32, out: &mut Vec<u8>| ctx(i, n + 1, out);
+            assert!(sealing.reopen_detached(&sealed, 64, other).is_err());
+        }
+        // A manifest needs its header and whole nonce ‖ tag entries, format 2.
+        for bad in [
+            vec![FORMAT_DETACHED, ALG_AES_256_GCM, 0, 0, 0, 1],
+            [
+                &[FORMAT_DETACHED, ALG_AES_256_GCM, 0, 0, 0, 1][..],
+                &[0; SEAL_LEN - 1],
+            ]
+            .concat(),
+            [
+                &[FORMAT_V1, ALG_AES_256_GCM, 0, 0, 0, 1][..],
+                &[0; SEAL_LEN],
+            ]
+            .concat(),
+        ] {
+            assert_eq!(
+                EnvelopeHeader::parse_manifest(&bad),
+                Err(CryptoError::Malformed)
+            );
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
 use prost::Message;
 
 use zeroize::Zeroizing;
@@ -266,6 +267,23 @@ pub struct FieldEntry {
     /// instead of as a separate `fields` entry.
     #[prost(bool, tag = "10")]
     pub in_header: bool,
+    /// The value is sealed detached ([`SealedValue::Detached`]): its chunks hold ciphertext
+    /// only, and its manifest (checked against `digest`) is stored under [`manifest_key`].
+    /// Absent (false) in records written before: their chunks are whole envelopes.
+    #[prost(bool, tag = "11")]
+    pub detached: bool,
+}
+
+impl FieldEntry {
+    /// What the `fields` keyspace holds of this value: its number of chunks (0 when it is
+    /// kept in the header) and whether a manifest goes with them.
+    pub fn stored(&self) -> (u32, bool) {
+        if self.in_header {
+            (0, false)
+        } else {
+            (self.chunks, self.detached)
+        }
+    }
 }
 
 /// Largest chunk envelope kept inside the record header: short text values (names, BSN,
@@ -678,6 +696,16 @@ impl RecordBody {
     }
 }
 
+/// Key of the manifest of a detached value ([`crypto::Detached`]) of `field` written at
+/// `revision` in record `id`: after its chunks, numbered `u32::MAX` (no value has that many
+/// chunks, see [`crypto::SealingKey::seal_detached`]).
+pub fn manifest_key(id: &[u8], field: &str, revision: u64) -> Vec<u8> {
+    chunk_key(id, field, revision, MANIFEST_CHUNK)
+}
+
+/// The chunk number of a detached value's manifest ([`manifest_key`]).
+pub const MANIFEST_CHUNK: u32 = u32::MAX;
+
 /// Key of chunk `chunk` of `field` written at `revision` in record `id`.
 pub fn chunk_key(id: &[u8], field: &str, revision: u64, chunk: u32) -> Vec<u8> {
     let mut key = Vec::with_capacity(id.len() + field.len() + 13);
@@ -726,78 +754,133 @@ pub fn index_key(field: &str, tag: &[u8], id: &[u8]) -> Vec<u8> {
     key
 }
 
-/// Sealed chunks of one field value, with their digest.
+/// A field value as sealed: one envelope (a short value, kept in the header), or in chunks
+/// sealed detached (ciphertext chunks in the `fields` keyspace, their nonces and tags in the
+/// value's manifest).
+#[derive(Clone)]
+pub enum SealedValue {
+    /// One envelope ([`crypto::seal`] format) of a value of at most [`ENVELOPE_MAX`] bytes.
+    Envelope(Vec<u8>),
+    /// A longer value sealed in place in chunks of [`CHUNK_LEN`] ([`crypto::Detached`]).
+    Detached(crypto::Detached),
+}
+
+/// A sealed field value, with its digest.
+#[derive(Clone)]
 pub struct SealedField {
-    /// The chunk envelopes, in order.
-    pub chunks: Vec<bytes::Bytes>,
-    /// SHA-256 over every chunk's nonce ‖ tag, in order (see [`crypto::commitment`]).
+    /// The sealed value.
+    pub value: SealedValue,
+    /// SHA-256 over every chunk's nonce ‖ tag, in order (see [`crypto::commitment`]; for a
+    /// detached seal, its manifest after the header).
     pub digest: [u8; 32],
     /// Bytes of plaintext.
     pub size: usize,
 }
 
-/// Lays a field's plaintext out for sealing in place in chunks of [`CHUNK_LEN`]
-/// ([`crypto::LaidOut`]): the one copy of a value on its way from a request to the store.
-pub fn lay_out(plaintext: &[u8]) -> crypto::LaidOut {
-    crypto::LaidOut::new(plaintext, CHUNK_LEN).expect("CHUNK_LEN is not zero")
+impl SealedField {
+    /// Number of chunks.
+    pub fn chunk_count(&self) -> usize {
+        match &self.value {
+            SealedValue::Envelope(_) => 1,
+            SealedValue::Detached(d) => (d.manifest.len() - crypto::HEADER_LEN) / crypto::SEAL_LEN,
+        }
+    }
+
+    /// What the store keeps as chunk `0..n`: the envelope, or the ciphertext chunks (views
+    /// of the one sealed buffer, nothing copied).
+    pub fn stored_chunks(&self) -> Vec<Bytes> {
+        match &self.value {
+            SealedValue::Envelope(envelope) => vec![Bytes::copy_from_slice(envelope)],
+            SealedValue::Detached(d) => detached_chunks(d),
+        }
+    }
 }
 
-/// Seals `plaintext` for `field` of record `id` under `dek`, in chunks of [`CHUNK_LEN`]:
-/// [`lay_out`], then [`seal_laid_out`].
+/// The ciphertext chunks of a detached value (of [`CHUNK_LEN`] bytes, the last one shorter),
+/// as views of its one buffer: nothing is copied.
+pub fn detached_chunks(sealed: &crypto::Detached) -> Vec<Bytes> {
+    let len = sealed.ciphertext.len();
+    let count = len.div_ceil(CHUNK_LEN).max(1);
+    (0..count)
+        .map(|i| {
+            let start = (i * CHUNK_LEN).min(len);
+            sealed.ciphertext.slice(start..(start + CHUNK_LEN).min(len))
+        })
+        .collect()
+}
+
+/// Longest value sealed into a single envelope, kept in the record header: the envelope
+/// fits [`INLINE_MAX`]. Longer values are sealed detached.
+pub const ENVELOPE_MAX: usize = INLINE_MAX - crypto::OVERHEAD;
+
+/// Seals `plaintext` for `field` of record `id` under `dek`. A value of at most
+/// [`ENVELOPE_MAX`] bytes becomes one envelope; a longer one is sealed where it lies, in
+/// chunks of [`CHUNK_LEN`] ([`crypto::SealingKey::seal_detached`]): the buffer the vault took
+/// from the request becomes the ciphertext, and no byte of it is copied.
 pub fn seal_field(
     dek: &crypto::SealingKey,
     id: &[u8],
     field: &str,
-    plaintext: &[u8],
+    plaintext: Zeroizing<Vec<u8>>,
 ) -> Result<SealedField, crypto::CryptoError> {
-    seal_laid_out(dek, id, field, lay_out(plaintext))
-}
-
-/// Seals a field value laid out by [`lay_out`] for `field` of record `id` under `dek`, in
-/// place: no byte of the plaintext is copied.
-pub fn seal_laid_out(
-    dek: &crypto::SealingKey,
-    id: &[u8],
-    field: &str,
-    laid: crypto::LaidOut,
-) -> Result<SealedField, crypto::CryptoError> {
-    let size = laid.len();
-    let chunks = dek.seal_laid_out(laid, |i, n, out| chunk_context_into(id, field, i, n, out))?;
-    let mut digest = FieldDigest::new();
-    for chunk in &chunks {
-        digest.add(chunk)?;
+    let size = plaintext.len();
+    if size <= ENVELOPE_MAX {
+        let envelope = dek.seal(&chunk_context(id, field, 0, 1), &plaintext)?;
+        let mut digest = FieldDigest::new();
+        digest.add(&envelope)?;
+        return Ok(SealedField {
+            value: SealedValue::Envelope(envelope),
+            digest: digest.finish(),
+            size,
+        });
     }
+    let detached = dek.seal_detached(plaintext, CHUNK_LEN, |i, n, out| {
+        chunk_context_into(id, field, i, n, out)
+    })?;
+    let digest = manifest_digest(&detached.manifest);
     Ok(SealedField {
-        chunks,
-        digest: digest.finish(),
+        value: SealedValue::Detached(detached),
+        digest,
         size,
     })
 }
 
-/// Opens a field `dek` sealed for `field` of record `id` ([`seal_laid_out`]) back into its
-/// layout: for a write whose attempt conflicted, to seal the value again.
+/// The digest a header keeps of a detached value: SHA-256 over its manifest after the
+/// header, i.e. over each chunk's nonce ‖ tag in order, as [`FieldDigest`] for envelopes.
+pub fn manifest_digest(manifest: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    let seals = manifest.get(crypto::HEADER_LEN..).unwrap_or_default();
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, seals).as_ref());
+    out
+}
+
+/// Opens a field `dek` sealed for `field` of record `id` ([`seal_field`]): for a write whose
+/// attempt conflicted, to seal the value again.
 pub fn reopen_field(
     dek: &crypto::SealingKey,
     id: &[u8],
     field: &str,
     sealed: &SealedField,
-) -> Result<crypto::LaidOut, crypto::CryptoError> {
-    let laid = dek.reopen_laid_out(&sealed.chunks, CHUNK_LEN, |i, n, out| {
-        chunk_context_into(id, field, i, n, out)
-    })?;
-    if laid.len() != sealed.size {
+) -> Result<Zeroizing<Vec<u8>>, crypto::CryptoError> {
+    let plaintext = match &sealed.value {
+        SealedValue::Envelope(envelope) => dek.reopen(&chunk_context(id, field, 0, 1), envelope)?,
+        SealedValue::Detached(d) => dek.reopen_detached(d, CHUNK_LEN, |i, n, out| {
+            chunk_context_into(id, field, i, n, out)
+        })?,
+    };
+    if plaintext.len() != sealed.size {
         return Err(crypto::CryptoError::Malformed);
     }
-    Ok(laid)
+    Ok(plaintext)
 }
 
-/// A field value on its way into a write: laid out for sealing in place, or already sealed by
-/// an attempt of the write that did not commit (with the key and record id it was sealed
-/// under, to be opened and sealed again by the next attempt, whose data key or record id may
-/// differ). `Debug` shows the length only.
+/// A field value on its way into a write: the plaintext the vault took from the request, or
+/// the value as an attempt of the write that did not commit sealed it (with the key and
+/// record id it was sealed under, to be opened and sealed again by the next attempt, whose
+/// data key or record id may differ). `Debug` shows the length only.
 pub enum PendingValue {
     /// Not sealed yet.
-    Laid(crypto::LaidOut),
+    Plain(Zeroizing<Vec<u8>>),
     /// Sealed by an earlier attempt.
     Sealed(Box<SealedAttempt>),
 }
@@ -808,20 +891,20 @@ pub struct SealedAttempt {
     pub key: crypto::SealingKey,
     /// The record it was sealed for.
     pub id: Vec<u8>,
-    /// The envelopes (views of one buffer, shared with the attempt's batch).
+    /// The sealed value (its ciphertext shared with the attempt's batch).
     pub sealed: SealedField,
 }
 
 impl PendingValue {
-    /// Lays `plaintext` out ([`lay_out`]).
-    pub fn new(plaintext: &[u8]) -> Self {
-        Self::Laid(lay_out(plaintext))
+    /// A value to seal, taken as it is (it becomes the ciphertext: no copy).
+    pub fn new(plaintext: Zeroizing<Vec<u8>>) -> Self {
+        Self::Plain(plaintext)
     }
 
     /// Bytes of plaintext.
     pub fn len(&self) -> usize {
         match self {
-            Self::Laid(laid) => laid.len(),
+            Self::Plain(plain) => plain.len(),
             Self::Sealed(was) => was.sealed.size,
         }
     }
@@ -831,36 +914,32 @@ impl PendingValue {
         self.len() == 0
     }
 
-    /// The plaintext (a copy), while not sealed yet.
-    pub fn plaintext(&self) -> Option<Zeroizing<Vec<u8>>> {
+    /// The plaintext, while not sealed yet.
+    pub fn plaintext(&self) -> Option<&[u8]> {
         match self {
-            Self::Laid(laid) => Some(laid.to_plaintext()),
+            Self::Plain(plain) => Some(plain),
             Self::Sealed(_) => None,
         }
     }
 
     /// Seals the value for `field` of record `id` under `dek`: in place the first time; after
-    /// that, opened from the earlier attempt's envelopes and sealed again.
+    /// that, opened from the earlier attempt's seal and sealed again.
     pub fn seal(
         &mut self,
         dek: &crypto::SealingKey,
         id: &[u8],
         field: &str,
     ) -> Result<SealedField, crypto::CryptoError> {
-        let laid = match self {
-            Self::Laid(laid) => std::mem::replace(laid, lay_out(&[])),
+        let plain = match self {
+            Self::Plain(plain) => std::mem::replace(plain, Zeroizing::new(Vec::new())),
             // The same field on every attempt: only the key and the record id may differ.
             Self::Sealed(was) => reopen_field(&was.key, &was.id, field, &was.sealed)?,
         };
-        let sealed = seal_laid_out(dek, id, field, laid)?;
+        let sealed = seal_field(dek, id, field, plain)?;
         *self = Self::Sealed(Box::new(SealedAttempt {
             key: dek.clone(),
             id: id.to_vec(),
-            sealed: SealedField {
-                chunks: sealed.chunks.clone(),
-                digest: sealed.digest,
-                size: sealed.size,
-            },
+            sealed: sealed.clone(),
         }));
         Ok(sealed)
     }
@@ -869,7 +948,7 @@ impl PendingValue {
 impl std::fmt::Debug for PendingValue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Laid(laid) => write!(f, "PendingValue({} bytes, laid out)", laid.len()),
+            Self::Plain(plain) => write!(f, "PendingValue({} bytes)", plain.len()),
             Self::Sealed(was) => write!(f, "PendingValue({} bytes, sealed)", was.sealed.size),
         }
     }
@@ -911,6 +990,30 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Opens a sealed field with the crypto module's own primitives (not `reopen_field`).
+    fn open_sealed(key: &SecretKey, id: &[u8], field: &str, sealed: &SealedField) -> Vec<u8> {
+        match &sealed.value {
+            SealedValue::Envelope(envelope) => {
+                crypto::open(key, &chunk_context(id, field, 0, 1), envelope)
+                    .expect("envelope opens")
+                    .to_vec()
+            }
+            SealedValue::Detached(d) => {
+                let opener = crypto::OpeningKey::new(key);
+                let chunks = detached_chunks(d);
+                let n = u32::try_from(chunks.len()).expect("count");
+                let mut out = Zeroizing::new(Vec::new());
+                for (i, chunk) in chunks.iter().enumerate() {
+                    let ctx = chunk_context(id, field, u32::try_from(i).expect("idx"), n);
+                    opener
+                        .open_detached_append(&d.manifest, i, &ctx, chunk, &mut out)
+                        .expect("chunk opens");
+                }
+                out.to_vec()
+            }
+        }
+    }
+
     fn body() -> RecordBody {
         RecordBody {
             format: RECORD_FORMAT,
@@ -931,6 +1034,7 @@ mod tests {
                     content_type: String::new(),
                     index_tag: vec![2; 32],
                     written_ms: 2,
+                    detached: false,
                     inline: Vec::new(),
                     in_header: false,
                 },
@@ -1051,6 +1155,7 @@ mod tests {
                 written_ms: 9,
                 inline: if in_header { chunk } else { Vec::new() },
                 in_header: false,
+                detached: !in_header && revision % 2 == 0,
             });
         (
             arb_deks(),
@@ -1141,59 +1246,73 @@ mod tests {
     }
 
     proptest! {
+        /// A value seals into one envelope up to ENVELOPE_MAX bytes, else detached: its
+        /// ciphertext as long as the value, the manifest one header and one nonce ‖ tag per
+        /// chunk, the digest over the manifest. Either opens back under the key and context.
         #[test]
         fn fields_round_trip_through_chunks(data in proptest::collection::vec(any::<u8>(), 0..(3 * CHUNK_LEN + 17))) {
             let key = SecretKey::generate().expect("rng");
-            let sealing = crypto::SealingKey::new(&key, 1);
-            let sealed = seal_field(&sealing, b"id", "cv_document", &data).expect("seal");
-            let n = u32::try_from(sealed.chunks.len()).expect("count");
-            let mut out = Vec::new();
-            for (i, c) in sealed.chunks.iter().enumerate() {
-                let i = u32::try_from(i).expect("idx");
-                out.extend_from_slice(&crypto::open(&key, &chunk_context(b"id", "cv_document", i, n), c).expect("open"));
-            }
-            prop_assert_eq!(out, data);
-            if n > 1 {
-                // Reordering chunks fails authentication.
-                prop_assert!(crypto::open(&key, &chunk_context(b"id", "cv_document", 0, n), &sealed.chunks[1]).is_err());
+            let sealing = crypto::SealingKey::new(&key, 3);
+            let sealed = seal_field(&sealing, b"id", "cv_document", Zeroizing::new(data.clone())).expect("seal");
+            prop_assert_eq!(sealed.size, data.len());
+            prop_assert_eq!(open_sealed(&key, b"id", "cv_document", &sealed), data.clone());
+            let n = sealed.chunk_count();
+            prop_assert_eq!(n, data.len().div_ceil(CHUNK_LEN).max(1));
+            match &sealed.value {
+                SealedValue::Envelope(envelope) => {
+                    prop_assert!(data.len() <= ENVELOPE_MAX);
+                    prop_assert!(envelope.len() <= INLINE_MAX);
+                    let mut digest = FieldDigest::new();
+                    digest.add(envelope).expect("envelope");
+                    prop_assert_eq!(digest.finish(), sealed.digest);
+                }
+                SealedValue::Detached(d) => {
+                    prop_assert!(data.len() > ENVELOPE_MAX);
+                    prop_assert_eq!(d.ciphertext.len(), data.len());
+                    prop_assert_eq!(d.manifest.len(), crypto::HEADER_LEN + n * crypto::SEAL_LEN);
+                    prop_assert_eq!(manifest_digest(&d.manifest), sealed.digest);
+                    let chunks = detached_chunks(d);
+                    prop_assert_eq!(chunks.len(), n);
+                    prop_assert_eq!(chunks.concat(), d.ciphertext.to_vec());
+                    let opener = crypto::OpeningKey::new(&key);
+                    let n32 = u32::try_from(n).expect("count");
+                    if n > 1 {
+                        // A chunk read in another's place fails authentication.
+                        let mut out = Zeroizing::new(Vec::new());
+                        prop_assert!(opener.open_detached_append(&d.manifest, 0, &chunk_context(b"id", "cv_document", 0, n32), &chunks[1], &mut out).is_err());
+                        prop_assert!(out.is_empty());
+                    }
+                    // A detached chunk put together as an envelope does not open: the
+                    // format byte is part of the AAD.
+                    let mut envelope = d.manifest[..crypto::HEADER_LEN].to_vec();
+                    envelope[0] = crypto::FORMAT_V1;
+                    envelope.extend_from_slice(&d.manifest[crypto::HEADER_LEN..crypto::HEADER_LEN + crypto::NONCE_LEN]);
+                    envelope.extend_from_slice(&chunks[0]);
+                    envelope.extend_from_slice(&d.manifest[crypto::HEADER_LEN + crypto::NONCE_LEN..crypto::HEADER_LEN + crypto::SEAL_LEN]);
+                    prop_assert!(crypto::open(&key, &chunk_context(b"id", "cv_document", 0, n32), &envelope).is_err());
+                    // Nor does a chunk under another record's context.
+                    let mut out = Zeroizing::new(Vec::new());
+                    prop_assert!(opener.open_detached_append(&d.manifest, 0, &chunk_context(b"id2", "cv_document", 0, n32), &chunks[0], &mut out).is_err());
+                }
             }
         }
 
-        /// A laid-out value reads back as itself; sealing it in place gives what sealing the
-        /// plain bytes gives (up to the nonces); reopening gives the layout back, and only
-        /// under the key and context it was sealed under.
+        /// A sealed value reopens (for a retry) only under the key and context it was
+        /// sealed under; sealed again under another key, it opens under that key.
         #[test]
-        fn laid_out_values_seal_in_place_and_reopen(data in proptest::collection::vec(any::<u8>(), 0..(3 * CHUNK_LEN + 17))) {
+        fn sealed_values_reopen_only_under_their_key_and_context(data in proptest::collection::vec(any::<u8>(), 0..(3 * CHUNK_LEN + 17))) {
             let key = SecretKey::generate().expect("rng");
             let sealing = crypto::SealingKey::new(&key, 4);
-            let laid = lay_out(&data);
-            prop_assert_eq!(laid.len(), data.len());
-            prop_assert_eq!(laid.to_plaintext().to_vec(), data.clone());
-            prop_assert_eq!(laid.chunks().count(), data.len().div_ceil(CHUNK_LEN).max(1));
-            let sealed = seal_laid_out(&sealing, b"id", "cv_document", laid).expect("seal");
-            let plain = seal_field(&sealing, b"id", "cv_document", &data).expect("seal");
-            prop_assert_eq!(sealed.size, data.len());
-            prop_assert_eq!(sealed.chunks.len(), plain.chunks.len());
-            let n = u32::try_from(sealed.chunks.len()).expect("count");
-            let mut digest = FieldDigest::new();
-            for (i, (c, p)) in sealed.chunks.iter().zip(&plain.chunks).enumerate() {
-                prop_assert_eq!(c.len(), p.len());
-                prop_assert_eq!(&c[..crypto::HEADER_LEN], &p[..crypto::HEADER_LEN]);
-                let i = u32::try_from(i).expect("idx");
-                let ctx = chunk_context(b"id", "cv_document", i, n);
-                prop_assert_eq!(crypto::open(&key, &ctx, c).expect("open"), crypto::open(&key, &ctx, p).expect("open"));
-                digest.add(c).expect("envelope");
-            }
-            prop_assert_eq!(digest.finish(), sealed.digest);
+            let sealed = seal_field(&sealing, b"id", "cv_document", Zeroizing::new(data.clone())).expect("seal");
             let back = reopen_field(&sealing, b"id", "cv_document", &sealed).expect("reopen");
-            prop_assert_eq!(back.to_plaintext().to_vec(), data.clone());
-            // Sealed again, under another key, it opens under that key.
+            prop_assert_eq!(back.to_vec(), data.clone());
             let other = SecretKey::generate().expect("rng");
-            let again = seal_laid_out(&crypto::SealingKey::new(&other, 5), b"id", "cv_document", back).expect("seal");
-            let ctx = chunk_context(b"id", "cv_document", 0, n);
-            prop_assert_eq!(crypto::open(&other, &ctx, &again.chunks[0]).expect("open").to_vec(), data[..data.len().min(CHUNK_LEN)].to_vec());
-            prop_assert!(reopen_field(&crypto::SealingKey::new(&other, 5), b"id", "cv_document", &sealed).is_err());
+            let other_sealing = crypto::SealingKey::new(&other, 5);
+            let again = seal_field(&other_sealing, b"id", "cv_document", back).expect("seal");
+            prop_assert_eq!(open_sealed(&other, b"id", "cv_document", &again), data.clone());
+            prop_assert!(reopen_field(&crypto::SealingKey::new(&other, 4), b"id", "cv_document", &sealed).is_err());
             prop_assert!(reopen_field(&sealing, b"id2", "cv_document", &sealed).is_err());
+            prop_assert!(reopen_field(&sealing, b"id", "cv_photo", &sealed).is_err());
             prop_assert!(reopen_field(&sealing, b"id", "cv_document", &again).is_err());
         }
 
@@ -1202,17 +1321,18 @@ mod tests {
         #[test]
         fn pending_values_seal_again_for_a_retry(data in proptest::collection::vec(any::<u8>(), 0..(2 * CHUNK_LEN + 5))) {
             let (k1, k2) = (SecretKey::generate().expect("rng"), SecretKey::generate().expect("rng"));
-            let mut pending = PendingValue::new(&data);
-            prop_assert_eq!(pending.plaintext().expect("laid out").to_vec(), data.clone());
+            let mut pending = PendingValue::new(Zeroizing::new(data.clone()));
+            prop_assert_eq!(pending.plaintext().expect("not sealed yet").to_vec(), data.clone());
             let first = pending.seal(&crypto::SealingKey::new(&k1, 1), b"id-1", "cv_document").expect("seal");
             prop_assert!(pending.plaintext().is_none());
             prop_assert_eq!(pending.len(), data.len());
             let second = pending.seal(&crypto::SealingKey::new(&k2, 2), b"id-2", "cv_document").expect("seal");
             let third = pending.seal(&crypto::SealingKey::new(&k2, 2), b"id-2", "cv_document").expect("seal");
-            for (sealed, key, id) in [(&first, &k1, &b"id-1"[..]), (&second, &k2, &b"id-2"[..]), (&third, &k2, &b"id-2"[..])] {
+            for (sealed, key, version, id) in [(&first, &k1, 1, &b"id-1"[..]), (&second, &k2, 2, &b"id-2"[..]), (&third, &k2, 2, &b"id-2"[..])] {
                 prop_assert_eq!(sealed.size, data.len());
-                let back = reopen_field(&crypto::SealingKey::new(key, 1), id, "cv_document", sealed).expect("opens");
-                prop_assert_eq!(back.to_plaintext().to_vec(), data.clone());
+                prop_assert_eq!(open_sealed(key, id, "cv_document", sealed), data.clone());
+                let back = reopen_field(&crypto::SealingKey::new(key, version), id, "cv_document", sealed).expect("opens");
+                prop_assert_eq!(back.to_vec(), data.clone());
             }
             prop_assert!(reopen_field(&crypto::SealingKey::new(&k1, 1), b"id-2", "cv_document", &second).is_err());
         }

@@ -491,20 +491,11 @@ async fn handle_record<S: Store>(
                     }
                     Err(e) => return Err(e),
                 };
-            let sealed = record::seal_field(&sealer, &id, name, &plaintext)?;
-            let stored_before = if entry.in_header { 0 } else { entry.chunks };
-            let (chunks, inline) = crate::vault::place_chunks(
-                &mut own,
-                &id,
-                name,
-                entry.revision,
-                sealed.chunks,
-                stored_before,
-            );
-            entry.in_header = !inline.is_empty();
-            entry.inline = inline;
-            entry.chunks = chunks;
+            // The opened value is sealed under the fresh key where it lies.
+            let sealed = record::seal_field(&sealer, &id, name, plaintext)?;
             entry.digest = sealed.digest.to_vec();
+            crate::vault::place_chunks(&mut own, &id, name, entry.revision, sealed, entry.stored())
+                .record_in(entry);
             fields_touched.push(name.clone());
         }
         let mut wrapped = vault.wrap(&id, category, &fresh)?;
@@ -1642,7 +1633,7 @@ pub async fn scheduled<S: Store>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::SecretKey;
+    use crate::crypto::{self, SecretKey};
     use crate::keys::{KeyRing, MasterKey};
     use crate::policy::{Caller, Policy};
     use crate::schema::Schema;
@@ -2151,10 +2142,15 @@ mod tests {
         assert_eq!(body.deks["contact"].generation(), 1);
         for (name, generation) in [("education", 2u32), ("full_name", 1)] {
             let entry = &body.fields[name];
+            // The header of its envelope, or of its manifest when sealed detached.
             let envelope = if entry.in_header {
                 entry.inline.clone()
             } else {
-                let key = record::chunk_key(uuid.as_bytes(), name, entry.revision, 0);
+                let key = if entry.detached {
+                    record::manifest_key(uuid.as_bytes(), name, entry.revision)
+                } else {
+                    record::chunk_key(uuid.as_bytes(), name, entry.revision, 0)
+                };
                 let chunk = vault
                     .store()
                     .get(Keyspace::Fields, &key)
@@ -2515,6 +2511,113 @@ mod tests {
                 .expect("count"),
             0
         );
+    }
+
+    /// A value stored as whole chunk envelopes (how records written before detached sealing
+    /// keep their values) still reads, and a re-key seals it detached: chunks of ciphertext
+    /// alone and a manifest, under the new data key.
+    #[tokio::test]
+    async fn values_stored_as_envelopes_read_and_a_rekey_seals_them_detached() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+        let vault = Arc::new(vault_over(store.clone(), &master).await);
+        let recruiter = caller("recruiter");
+        let cv: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        let blob = Value::Blob {
+            bytes: Zeroizing::new(cv.clone()),
+            content_type: "application/pdf".into(),
+        };
+        let mut ev = audit::Context::new("CreateRecord");
+        let (id, _) = vault
+            .create(
+                &recruiter,
+                "recruitment",
+                vec![
+                    text("full_name", "Someone"),
+                    ("cv_document".to_string(), blob),
+                ],
+                &mut ev,
+            )
+            .await
+            .expect("create");
+        let read_cv = |vault: Arc<Vault<SledStore>>| async move {
+            let got = vault
+                .get(
+                    &caller("recruiter"),
+                    &id.to_string(),
+                    "recruitment",
+                    &["cv_document".into()],
+                )
+                .await
+                .expect("read");
+            match &got.fields[0].1 {
+                Value::Blob { bytes, .. } => bytes.to_vec(),
+                Value::Text(_) => panic!("blob"),
+            }
+        };
+        let (_, mut body) = vault.load(id).await.expect("load");
+        let mut entry = body.fields["cv_document"].clone();
+        assert!(entry.detached && !entry.in_header);
+        assert_eq!(entry.chunks, 3);
+        // Stored as before: each 16 KiB chunk a whole envelope, no manifest.
+        let stored = body.deks["cv"].clone();
+        let dek = vault
+            .unwrap(id.as_bytes(), Category::Cv, &stored)
+            .expect("unwrap");
+        let sealer = SealingKey::new(&dek, stored.generation());
+        let mut batch = Batch::default();
+        let mut digest = record::FieldDigest::new();
+        for (i, chunk) in cv.chunks(record::CHUNK_LEN).enumerate() {
+            let i = u32::try_from(i).expect("index");
+            let ctx = record::chunk_context(id.as_bytes(), "cv_document", i, 3);
+            let envelope = sealer.seal(&ctx, chunk).expect("seal");
+            digest.add(&envelope).expect("envelope");
+            let key = record::chunk_key(id.as_bytes(), "cv_document", entry.revision, i);
+            batch.put(Keyspace::Fields, key, envelope);
+        }
+        let manifest = record::manifest_key(id.as_bytes(), "cv_document", entry.revision);
+        batch.delete(Keyspace::Fields, manifest.clone());
+        entry.detached = false;
+        entry.digest = digest.finish().to_vec();
+        body.fields.insert("cv_document".into(), entry.clone());
+        let (kv, ik) = vault.keys().integrity_key();
+        batch.put(Keyspace::Records, id.as_bytes().to_vec(), body.seal(kv, ik));
+        store.commit(batch).await.expect("commit");
+        assert_eq!(read_cv(Arc::clone(&vault)).await, cv);
+
+        let jobs = Jobs::new(Arc::clone(&vault));
+        let rx = jobs
+            .start(JobKind::Rekey, Some(Category::Cv), "test", Vec::new())
+            .await
+            .expect("start");
+        let p = finished(rx).await;
+        assert_eq!((p.done, p.total, p.error), (1, 1, None));
+        let (_, body) = vault.load(id).await.expect("load");
+        let after = &body.fields["cv_document"];
+        assert!(after.detached && !after.in_header);
+        assert_eq!((after.chunks, after.revision), (3, entry.revision));
+        assert_eq!(body.deks["cv"].generation(), 2);
+        let held = store
+            .get(Keyspace::Fields, &manifest)
+            .await
+            .expect("get")
+            .expect("a manifest");
+        assert_eq!(held.len(), crypto::HEADER_LEN + 3 * crypto::SEAL_LEN);
+        assert_eq!(
+            held[..2],
+            [crypto::FORMAT_DETACHED, crypto::ALG_AES_256_GCM]
+        );
+        assert_eq!(held[2..6], 2u32.to_be_bytes());
+        let mut sizes = Vec::new();
+        for i in 0..3 {
+            let key = record::chunk_key(id.as_bytes(), "cv_document", entry.revision, i);
+            let chunk = store.get(Keyspace::Fields, &key).await.expect("get");
+            sizes.push(chunk.expect("chunk").len());
+        }
+        assert_eq!(sizes, [16_384, 16_384, 7_232], "ciphertext alone");
+        assert_eq!(read_cv(Arc::clone(&vault)).await, cv);
+        jobs.stop().await;
     }
 
     /// Two instances with a short lease over one gated store, three records needing a rewrap

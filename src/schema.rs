@@ -572,8 +572,9 @@ pub enum ValueError {
 pub enum RawValue<'a> {
     /// Text.
     Text(&'a str),
-    /// Bytes, with the declared content type.
-    Blob(&'a [u8], &'a str),
+    /// Bytes (taken, not copied: they become the sealed value), with the declared content
+    /// type.
+    Blob(Zeroizing<Vec<u8>>, &'a str),
 }
 
 /// A parsed, normalised value, ready to seal.
@@ -646,10 +647,12 @@ impl FieldDef {
                 self.kind.name()
             ))),
             (kind, RawValue::Text(text)) => {
-                let normalised = parse_text(kind, text, today)?;
+                let mut normalised = parse_text(kind, text, today)?;
                 let index_form = self.searchable.then(|| index_form(kind, &normalised));
+                // The normalised text's own buffer, moved (not copied).
+                let bytes = Zeroizing::new(std::mem::take(&mut *normalised).into_bytes());
                 Ok(Parsed {
-                    plaintext: crate::record::PendingValue::new(normalised.as_bytes()),
+                    plaintext: crate::record::PendingValue::new(bytes),
                     content_type: None,
                     index_form,
                 })
@@ -2320,15 +2323,24 @@ mod tests {
         let schema = Schema::default_schema();
         let cv = schema.field("cv_document").expect("cv");
         assert!(cv
-            .parse(RawValue::Blob(b"%PDF-1.7", "application/pdf"), today())
+            .parse(
+                RawValue::Blob(Zeroizing::new(b"%PDF-1.7".to_vec()), "application/pdf"),
+                today()
+            )
             .is_ok());
         assert!(matches!(
-            cv.parse(RawValue::Blob(b"x", "image/gif"), today()),
+            cv.parse(
+                RawValue::Blob(Zeroizing::new(b"x".to_vec()), "image/gif"),
+                today()
+            ),
             Err(ValueError::Invalid(_))
         ));
         let big = vec![0u8; 16 * 1024 * 1024 + 1];
         assert!(matches!(
-            cv.parse(RawValue::Blob(&big, "application/pdf"), today()),
+            cv.parse(
+                RawValue::Blob(Zeroizing::new(big), "application/pdf"),
+                today()
+            ),
             Err(ValueError::TooLarge(_))
         ));
         assert!(cv.parse(RawValue::Text("cv"), today()).is_err());

@@ -9,7 +9,6 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use uuid::Uuid;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -2003,16 +2002,16 @@ impl<S: Store> Vault<S> {
         let today = self.today();
         let mut out = Vec::with_capacity(fields.len());
         for (def, (_, value)) in defs.into_iter().zip(fields) {
-            let raw = match &value {
-                Value::Text(t) => RawValue::Text(t),
+            // A blob's bytes move into the parsed value (sealing turns them into its
+            // ciphertext where they lie).
+            let parsed = match value {
+                Value::Text(t) => def.parse(RawValue::Text(&t), today),
                 Value::Blob {
                     bytes,
                     content_type,
-                } => RawValue::Blob(bytes, content_type),
-            };
-            let parsed = def
-                .parse(raw, today)
-                .map_err(|e| value_error(&format!("{prefix}.{}", def.name), e))?;
+                } => def.parse(RawValue::Blob(bytes, &content_type), today),
+            }
+            .map_err(|e| value_error(&format!("{prefix}.{}", def.name), e))?;
             out.push((def, parsed));
         }
         Ok(out)
@@ -2130,7 +2129,8 @@ impl<S: Store> Vault<S> {
         // In place the first time; a retry after a conflict opens the first attempt's
         // envelopes and seals them again (its data key or record id may differ).
         let sealed = value.plaintext.seal(sealer, id, &def.name)?;
-        let (chunks, inline) = place_chunks(batch, id, &def.name, revision, sealed.chunks, 0);
+        let (size, digest) = (sealed.size, sealed.digest);
+        let placed = place_chunks(batch, id, &def.name, revision, sealed, (0, false));
         let index_tag = match &value.index_form {
             Some(form) => {
                 let tag = crypto::hmac_sha256(&self.keys.index_key(&def.name), &[form.as_bytes()]);
@@ -2143,26 +2143,32 @@ impl<S: Store> Vault<S> {
             }
             None => Vec::new(),
         };
-        Ok(FieldEntry {
+        let mut entry = FieldEntry {
             category: def.category.as_str().into(),
             revision,
-            chunks,
-            size: sealed.size as u64,
-            digest: sealed.digest.to_vec(),
+            size: size as u64,
+            digest: digest.to_vec(),
             content_type: value.content_type.clone().unwrap_or_default(),
             index_tag,
             written_ms: now_ms(),
-            in_header: !inline.is_empty(),
-            inline,
-        })
+            ..FieldEntry::default()
+        };
+        placed.record_in(&mut entry);
+        Ok(entry)
     }
 
     fn delete_field(&self, batch: &mut Batch, id: &[u8], name: &str, entry: &FieldEntry) {
-        let stored_chunks = if entry.in_header { 0 } else { entry.chunks };
+        let (stored_chunks, manifest) = entry.stored();
         for i in 0..stored_chunks {
             batch.delete(
                 Keyspace::Fields,
                 record::chunk_key(id, name, entry.revision, i),
+            );
+        }
+        if manifest {
+            batch.delete(
+                Keyspace::Fields,
+                record::manifest_key(id, name, entry.revision),
             );
         }
         if !entry.index_tag.is_empty() {
@@ -2387,8 +2393,11 @@ impl<S: Store> Vault<S> {
         entry: &FieldEntry,
         opener: &crypto::OpeningKey,
     ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-        let mut digest = record::FieldDigest::new();
         let size = usize::try_from(entry.size).map_err(|_| field_loss(id, name))?;
+        if entry.detached {
+            return self.read_detached(id, name, entry, opener, size).await;
+        }
+        let mut digest = record::FieldDigest::new();
         // Room for the last chunk's tag too, so `out` never reallocates (see `open_append`).
         let mut out = Zeroizing::new(Vec::with_capacity(size + crypto::TAG_LEN));
         for i in 0..entry.chunks {
@@ -2423,38 +2432,152 @@ impl<S: Store> Vault<S> {
     }
 }
 
-/// Puts a field's sealed chunks into `batch` under `revision`, or keeps a single small chunk
-/// for the header ([`record::INLINE_MAX`]); deletes the stored chunks numbered from the new
-/// count up to `stored_before` (chunks of the same revision written before, e.g. by re-key).
-/// Returns the chunk count and the inline chunk (empty when the chunks are stored).
+impl<S: Store> Vault<S> {
+    /// [`Vault::read_field`] for a value sealed detached: its manifest is checked against the
+    /// header's digest before any chunk is read, then each chunk is opened with its nonce and
+    /// tag from the manifest. Anything missing, misplaced or altered is loss of this field.
+    async fn read_detached(
+        &self,
+        id: &[u8],
+        name: &str,
+        entry: &FieldEntry,
+        opener: &crypto::OpeningKey,
+        size: usize,
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        let loss = || field_loss(id, name);
+        let count = usize::try_from(entry.chunks).map_err(|_| loss())?;
+        if entry.in_header || count == 0 || entry.chunks == record::MANIFEST_CHUNK {
+            return Err(loss());
+        }
+        let manifest = self
+            .store
+            .get(
+                Keyspace::Fields,
+                &record::manifest_key(id, name, entry.revision),
+            )
+            .await?
+            .ok_or_else(loss)?;
+        crypto::EnvelopeHeader::parse_manifest(&manifest).map_err(|_| loss())?;
+        if manifest.len() != crypto::HEADER_LEN + count * crypto::SEAL_LEN
+            || !crypto::ct_eq(&record::manifest_digest(&manifest), &entry.digest)
+        {
+            return Err(loss());
+        }
+        let mut out = Zeroizing::new(Vec::with_capacity(size));
+        for i in 0..entry.chunks {
+            let key = record::chunk_key(id, name, entry.revision, i);
+            let chunk = self
+                .store
+                .get(Keyspace::Fields, &key)
+                .await?
+                .ok_or_else(loss)?;
+            if out.len() + chunk.len() > size {
+                return Err(loss());
+            }
+            let ctx = record::chunk_context(id, name, i, entry.chunks);
+            let at = usize::try_from(i).map_err(|_| loss())?;
+            opener
+                .open_detached_append(&manifest, at, &ctx, &chunk, &mut out)
+                .map_err(|_| loss())?;
+        }
+        if out.len() != size {
+            return Err(loss());
+        }
+        Ok(out)
+    }
+}
+
+/// Where [`place_chunks`] put a field's value.
+pub(crate) struct Placed {
+    /// Number of chunks.
+    pub chunks: u32,
+    /// The envelope kept in the header (empty when the chunks are stored).
+    pub inline: Vec<u8>,
+    /// The value is sealed detached, with a manifest ([`record::manifest_key`]).
+    pub detached: bool,
+}
+
+impl Placed {
+    /// Sets where the value is in its header entry.
+    pub fn record_in(self, entry: &mut FieldEntry) {
+        entry.chunks = self.chunks;
+        entry.in_header = !self.inline.is_empty();
+        entry.inline = self.inline;
+        entry.detached = self.detached;
+    }
+}
+
+/// Puts a sealed field value into `batch` under `revision`: a small envelope stays for the
+/// header ([`record::INLINE_MAX`]); detached chunks and their manifest go to the `fields`
+/// keyspace (the chunks as views of the sealed buffer). `stored_before` is what the same
+/// revision held before ([`FieldEntry::stored`], e.g. for a re-key; `(0, false)` for a new
+/// revision): chunks past the new count, and a manifest the new value has no use for, are
+/// deleted.
 pub(crate) fn place_chunks(
     batch: &mut Batch,
     id: &[u8],
     name: &str,
     revision: u64,
-    chunks: Vec<Bytes>,
-    stored_before: u32,
-) -> (u32, Vec<u8>) {
-    let count = u32::try_from(chunks.len()).expect("values are far below 2^32 chunks");
-    let mut chunks = chunks;
-    if count == 1 && chunks[0].len() <= record::INLINE_MAX {
-        for i in 0..stored_before {
+    sealed: record::SealedField,
+    stored_before: (u32, bool),
+) -> Placed {
+    let (chunks_before, manifest_before) = stored_before;
+    let count = u32::try_from(sealed.chunk_count()).expect("values are far below 2^32 chunks");
+    let delete_from = |batch: &mut Batch, first: u32| {
+        for i in first..chunks_before {
             batch.delete(Keyspace::Fields, record::chunk_key(id, name, revision, i));
         }
-        return (count, Vec::from(chunks.pop().expect("one chunk")));
+    };
+    match sealed.value {
+        record::SealedValue::Envelope(envelope) if envelope.len() <= record::INLINE_MAX => {
+            delete_from(batch, 0);
+            if manifest_before {
+                batch.delete(Keyspace::Fields, record::manifest_key(id, name, revision));
+            }
+            Placed {
+                chunks: 1,
+                inline: envelope,
+                detached: false,
+            }
+        }
+        record::SealedValue::Envelope(envelope) => {
+            delete_from(batch, 1);
+            if manifest_before {
+                batch.delete(Keyspace::Fields, record::manifest_key(id, name, revision));
+            }
+            batch.put(
+                Keyspace::Fields,
+                record::chunk_key(id, name, revision, 0),
+                envelope,
+            );
+            Placed {
+                chunks: 1,
+                inline: Vec::new(),
+                detached: false,
+            }
+        }
+        record::SealedValue::Detached(detached) => {
+            delete_from(batch, count);
+            for (i, chunk) in record::detached_chunks(&detached).into_iter().enumerate() {
+                let i = u32::try_from(i).expect("chunk index below chunk count");
+                batch.put(
+                    Keyspace::Fields,
+                    record::chunk_key(id, name, revision, i),
+                    chunk,
+                );
+            }
+            batch.put(
+                Keyspace::Fields,
+                record::manifest_key(id, name, revision),
+                detached.manifest,
+            );
+            Placed {
+                chunks: count,
+                inline: Vec::new(),
+                detached: true,
+            }
+        }
     }
-    for i in count..stored_before {
-        batch.delete(Keyspace::Fields, record::chunk_key(id, name, revision, i));
-    }
-    for (i, chunk) in chunks.into_iter().enumerate() {
-        let i = u32::try_from(i).expect("chunk index below chunk count");
-        batch.put(
-            Keyspace::Fields,
-            record::chunk_key(id, name, revision, i),
-            chunk,
-        );
-    }
-    (count, Vec::new())
 }
 
 /// A write that seals with a category's DEK expects the KEK wrapping it to be the active

@@ -13,15 +13,16 @@
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use kluis::crypto::{
-    self, CryptoError, EnvelopeHeader, SealingKey, SecretKey, ALG_AES_256_GCM, FORMAT_V1,
-    HEADER_LEN, KEY_LEN, NONCE_LEN, OVERHEAD, TAG_LEN,
+    self, CryptoError, EnvelopeHeader, SealingKey, SecretKey, ALG_AES_256_GCM, FORMAT_DETACHED,
+    FORMAT_V1, HEADER_LEN, KEY_LEN, NONCE_LEN, OVERHEAD, TAG_LEN,
 };
-use kluis::record::{self, CHUNK_LEN};
+use kluis::record::{self, SealedValue, CHUNK_LEN};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
+use zeroize::Zeroizing;
 
 // ---------------------------------------------------------------------------------------------
 // Wycheproof files
@@ -347,6 +348,12 @@ fn header(key_version: u32) -> [u8; HEADER_LEN] {
     [FORMAT_V1, ALG_AES_256_GCM, v[0], v[1], v[2], v[3]]
 }
 
+/// The header of a detached value's manifest (format 2), built independently of kluis.
+fn detached_header(key_version: u32) -> [u8; HEADER_LEN] {
+    let v = key_version.to_be_bytes();
+    [2, ALG_AES_256_GCM, v[0], v[1], v[2], v[3]]
+}
+
 /// Opens a kluis envelope with the `aes-gcm` crate: AAD = header ‖ context.
 fn reference_open(key: &[u8; KEY_LEN], context: &[u8], envelope: &[u8]) -> Option<Vec<u8>> {
     assert!(
@@ -525,18 +532,41 @@ proptest! {
         data in field_value(),
     ) {
         let sealing = SealingKey::new(&SecretKey::from_bytes(key), version);
-        let sealed = record::seal_field(&sealing, &id, &field, &data).expect("seal");
+        let sealed = record::seal_field(&sealing, &id, &field, Zeroizing::new(data.clone())).expect("seal");
         let count = data.len().div_ceil(CHUNK_LEN).max(1);
-        prop_assert_eq!(sealed.chunks.len(), count);
+        prop_assert_eq!(sealed.chunk_count(), count);
         let n = u32::try_from(count).expect("count");
+        // Each chunk as an envelope: header ‖ nonce ‖ ciphertext ‖ tag. A detached value
+        // keeps the ciphertext in its chunks and header, nonces and tags in its manifest:
+        // header (format 2) ‖ (nonce ‖ tag) per chunk.
+        let (head, envelopes): ([u8; HEADER_LEN], Vec<Vec<u8>>) = match &sealed.value {
+            SealedValue::Envelope(envelope) => {
+                prop_assert!(data.len() <= record::ENVELOPE_MAX);
+                (header(version), vec![envelope.clone()])
+            }
+            SealedValue::Detached(d) => {
+                prop_assert!(data.len() > record::ENVELOPE_MAX);
+                prop_assert_eq!(d.manifest.len(), HEADER_LEN + count * (NONCE_LEN + TAG_LEN));
+                prop_assert_eq!(d.ciphertext.len(), data.len());
+                let seals = d.manifest[HEADER_LEN..].chunks_exact(NONCE_LEN + TAG_LEN);
+                let envelopes = d
+                    .ciphertext
+                    .chunks(CHUNK_LEN)
+                    .zip(seals)
+                    .map(|(ct, seal)| [&d.manifest[..HEADER_LEN], &seal[..NONCE_LEN], ct, &seal[NONCE_LEN..]].concat())
+                    .collect();
+                (detached_header(version), envelopes)
+            }
+        };
+        prop_assert_eq!(envelopes.len(), count);
         let mut joined = Vec::with_capacity(data.len());
-        for (i, chunk) in sealed.chunks.iter().enumerate() {
+        for (i, chunk) in envelopes.iter().enumerate() {
             let i = u32::try_from(i).expect("index");
             let ctx = record::chunk_context(&id, &field, i, n);
             let parts: [&[u8]; 5] =
                 [b"kluis/v1/field", &id, field.as_bytes(), &i.to_be_bytes(), &n.to_be_bytes()];
             prop_assert_eq!(&ctx, &documented_context(&parts));
-            prop_assert_eq!(&chunk[..HEADER_LEN], &header(version)[..]);
+            prop_assert_eq!(&chunk[..HEADER_LEN], &head[..]);
             let opened = reference_open(&key, &ctx, chunk);
             prop_assert!(opened.is_some(), "chunk {} of {} did not open", i, n);
             joined.extend_from_slice(&opened.unwrap_or_default());
@@ -545,11 +575,14 @@ proptest! {
             prop_assert_eq!(reference_open(&key, &moved, chunk), None);
             let recounted = record::chunk_context(&id, &field, i, n + 1);
             prop_assert_eq!(reference_open(&key, &recounted, chunk), None);
+            // And to its format: the same parts under the other format's header fail.
+            let mut other = chunk.clone();
+            other[0] = if other[0] == FORMAT_V1 { FORMAT_DETACHED } else { FORMAT_V1 };
+            prop_assert_eq!(reference_open(&key, &ctx, &other), None);
         }
         prop_assert_eq!(joined, data);
         // The digest commits to every chunk's nonce ‖ tag (bytes 6..18 and the last 16), in order.
-        let parts: Vec<&[u8]> = sealed
-            .chunks
+        let parts: Vec<&[u8]> = envelopes
             .iter()
             .flat_map(|c| [&c[HEADER_LEN..HEADER_LEN + NONCE_LEN], &c[c.len() - TAG_LEN..]])
             .collect();

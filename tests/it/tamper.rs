@@ -2,7 +2,7 @@
 //! panic, and never spreads to other records. A wrong master key refuses start-up.
 
 use kluis::proto::{CreateRecordRequest, GetRecordRequest};
-use kluis::record::StoredRecord;
+use kluis::record::{self, StoredRecord};
 use kluis::store::{Batch, Keyspace, SledStore, Store};
 use prost::Message;
 use tonic::Code;
@@ -55,6 +55,14 @@ async fn get(
 /// The chunk entries of `field` in record `id` in the `fields` keyspace (fields too large to
 /// live in the header).
 async fn chunks(store: &SledStore, id: &str, field: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut entries = stored_entries(store, id, field).await;
+    entries.retain(|(key, _)| !key.ends_with(&record::MANIFEST_CHUNK.to_be_bytes()));
+    entries
+}
+
+/// Every `fields` entry of `field` in record `id`: its chunks and, for a value sealed
+/// detached, its manifest (chunk number `u32::MAX`, last).
+async fn stored_entries(store: &SledStore, id: &str, field: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
     let uuid = uuid::Uuid::parse_str(id).expect("uuid");
     let mut prefix = uuid.as_bytes().to_vec();
     prefix.extend_from_slice(field.as_bytes());
@@ -409,15 +417,17 @@ async fn reads_never_touch_keys_or_fields_of_categories_they_do_not_return() {
     assert!(err.message().contains("bsn"), "{}", err.message());
 }
 
-/// Values too large for the header live as chunks in the `fields` keyspace: a flipped byte in
-/// one chunk, or a chunk swapped in from another record, is DATA_LOSS naming the field, and
-/// the record's short fields (kept in its header) stay readable.
+/// Values too large for the header live as chunks in the `fields` keyspace, sealed detached
+/// (ciphertext only, nonces and tags in a manifest): a flipped byte in one chunk, a chunk
+/// swapped in from another record, a flipped byte of the manifest, another record's manifest
+/// or none at all is DATA_LOSS naming the field, and the record's short fields (kept in its
+/// header) stay readable.
 #[tokio::test]
 async fn a_damaged_chunk_of_a_large_field_is_data_loss_naming_the_field() {
     let mut vault = spawn_vault().await;
     let mut c = vault.client("recruiter").await;
     let mut ids = Vec::new();
-    for n in 0..2u8 {
+    for n in 0..5u8 {
         let cv: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8 ^ n).collect();
         let id = create_with(
             &mut c,
@@ -430,22 +440,52 @@ async fn a_damaged_chunk_of_a_large_field_is_data_loss_naming_the_field() {
         .await;
         ids.push(id);
     }
-    let (a, b) = (ids[0].clone(), ids[1].clone());
     vault.stop().await;
     {
         let store = SledStore::open(&data_dir(&vault.dir)).expect("open store");
-        let a_chunks = chunks(&store, &a, "cv_document").await;
-        assert_eq!(a_chunks.len(), 3, "40 000 bytes are three 16 KiB chunks");
-        let (key, mut value) = a_chunks[1].clone();
-        value[40] ^= 0x80;
-        let b_first = chunks(&store, &b, "cv_document").await.remove(0);
+        let mut stored = Vec::new();
+        for id in &ids {
+            let entries = stored_entries(&store, id, "cv_document").await;
+            assert_eq!(
+                entries.len(),
+                4,
+                "40 000 bytes are three 16 KiB chunks and a manifest"
+            );
+            let manifest = entries[3].clone();
+            assert!(manifest.0.ends_with(&[0xff; 4]));
+            assert_eq!(manifest.1.len(), 6 + 3 * 28, "header and three nonce ‖ tag");
+            // The chunks hold the ciphertext alone: 16 384 + 16 384 + 7 232 bytes.
+            let sizes: Vec<usize> = entries[..3].iter().map(|(_, v)| v.len()).collect();
+            assert_eq!(sizes, [16_384, 16_384, 7_232]);
+            stored.push(entries);
+        }
         let mut batch = Batch::default();
+        // a: one flipped byte in its second chunk.
+        let (key, mut value) = stored[0][1].clone();
+        value[40] ^= 0x80;
         batch.put(Keyspace::Fields, key, value);
-        batch.put(Keyspace::Fields, b_first.0, a_chunks[0].1.clone());
+        // b: a's first chunk in place of its own.
+        batch.put(
+            Keyspace::Fields,
+            stored[1][0].0.clone(),
+            stored[0][0].1.clone(),
+        );
+        // c: one flipped byte in its manifest (the second chunk's tag).
+        let (key, mut value) = stored[2][3].clone();
+        value[6 + 28 + 20] ^= 1;
+        batch.put(Keyspace::Fields, key, value);
+        // d: a's manifest in place of its own.
+        batch.put(
+            Keyspace::Fields,
+            stored[3][3].0.clone(),
+            stored[0][3].1.clone(),
+        );
+        // e: no manifest.
+        batch.delete(Keyspace::Fields, stored[4][3].0.clone());
         store.commit(batch).await.expect("tamper");
     }
     vault.start().await.expect("restart");
-    for id in [&a, &b] {
+    for id in &ids {
         let err = get(&vault, id, &["cv_document"])
             .await
             .err()
