@@ -1180,13 +1180,24 @@ pub fn checkpoint_key(seq: u64) -> Vec<u8> {
 /// failure, until it signs again. `VerifyChain` answers not ok while it is set: a trail whose
 /// checkpoints have stopped (a rolled-back pointer, a deleted checkpoint, a rewritten anchored
 /// event) leaves its new events unsigned for whoever can edit the store next, so a monitor
-/// must hear of it, not only one log line (review 13).
+/// must hear of it, not only one log line (review 13). The same holds while the anchor file
+/// cannot be written (review 25): the checkpoints it no longer copies outside the store are
+/// no defence against someone who can edit the store.
 #[derive(Debug, Default)]
-pub struct CheckpointHealth(std::sync::Mutex<Option<String>>);
+pub struct CheckpointHealth(std::sync::Mutex<HealthSlots>);
+
+/// What [`CheckpointHealth`] holds.
+#[derive(Debug, Default)]
+struct HealthSlots {
+    /// Why the latest checkpoint was refused, while none has been signed since.
+    refusal: Option<String>,
+    /// Why the latest anchor write failed, while none has succeeded since.
+    anchor: Option<String>,
+}
 
 impl CheckpointHealth {
-    fn slot(&self) -> std::sync::MutexGuard<'_, Option<String>> {
-        // A panic while holding it left a whole `Option`: still usable.
+    fn slot(&self) -> std::sync::MutexGuard<'_, HealthSlots> {
+        // A panic while holding it left whole slots: still usable.
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -1194,17 +1205,32 @@ impl CheckpointHealth {
 
     /// A checkpoint was refused or failed, for `reason`.
     pub fn refused(&self, reason: String) {
-        *self.slot() = Some(reason);
+        self.slot().refusal = Some(reason);
     }
 
     /// A checkpoint was signed, or none was due.
     pub fn signing(&self) {
-        *self.slot() = None;
+        self.slot().refusal = None;
     }
 
     /// Why the latest checkpoint was refused, while none has been signed since.
     pub fn refusal(&self) -> Option<String> {
-        self.slot().clone()
+        self.slot().refusal.clone()
+    }
+
+    /// Writing the anchor file failed, for `reason`.
+    pub fn anchor_failed(&self, reason: String) {
+        self.slot().anchor = Some(reason);
+    }
+
+    /// The anchor file holds the newest checkpoint.
+    pub fn anchored(&self) {
+        self.slot().anchor = None;
+    }
+
+    /// Why the latest anchor write failed, while none has succeeded since.
+    pub fn anchor_failure(&self) -> Option<String> {
+        self.slot().anchor.clone()
     }
 }
 

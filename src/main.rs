@@ -103,17 +103,34 @@ fn main() -> ExitCode {
         | Command::Export(_) => "warn",
         _ => "info",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KLUIS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        // An unwritable log (full disk, file-size limit) must not turn into a panic in a
-        // request handler: tracing-subscriber would otherwise `eprintln!` about it.
-        .log_internal_errors(false)
-        .init();
+    {
+        use tracing_subscriber::filter::{LevelFilter, Targets};
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let filter = tracing_subscriber::EnvFilter::try_from_env("KLUIS_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+        // Whatever KLUIS_LOG says: sled logs the pages it writes at debug and trace, i.e.
+        // every stored value (wrapped keys, record headers, field ciphertext), which would
+        // make the log a copy of the store that erasure cannot reach (review 25); h2 logs
+        // frames at trace.
+        let cap = Targets::new()
+            .with_default(LevelFilter::TRACE)
+            .with_target("sled", LevelFilter::INFO)
+            .with_target("h2", LevelFilter::DEBUG);
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(cap)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_writer(std::io::stderr)
+                    // An unwritable log (full disk, file-size limit) must not turn into a
+                    // panic in a request handler: tracing-subscriber would otherwise
+                    // `eprintln!` about it.
+                    .log_internal_errors(false),
+            )
+            .init();
+    }
     // Key material must not leave the process in a core file or through a debugger.
     if let Err(e) = kluis::keys::keep_out_of_dumps() {
         tracing::warn!(error = %e, "could not turn off core dumps; key material may end up in one if the process crashes");

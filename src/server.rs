@@ -64,6 +64,10 @@ pub enum ServerError {
     /// The vault's state in the store could not be read.
     #[error("opening the vault: {0}")]
     Vault(#[from] crate::error::VaultError),
+    /// The server stopped, but not cleanly: the store refused writes, or the last audit
+    /// checkpoint or anchor could not be written.
+    #[error("stopped uncleanly: {0}")]
+    Unclean(String),
 }
 
 /// A running server.
@@ -85,6 +89,8 @@ pub struct Running {
     adopter: Option<tokio::task::JoinHandle<()>>,
     /// Closes every client connection still open when the grace period ends.
     cutoff: Arc<Cutoff>,
+    /// Whether the checkpointer signs and anchors: read once it has stopped.
+    checkpoint_health: Arc<crate::audit::CheckpointHealth>,
 }
 
 /// How often the health status is checked against the store.
@@ -198,7 +204,18 @@ impl Running {
 
     /// [`Running::shutdown`] with a grace period of `grace`: connections still open then are
     /// closed (their calls fail; none is served afterwards).
-    pub async fn shutdown_within(mut self, grace: Duration) -> Result<(), ServerError> {
+    pub async fn shutdown_within(self, grace: Duration) -> Result<(), ServerError> {
+        self.shutdown_unless(grace, std::future::pending()).await
+    }
+
+    /// [`Running::shutdown_within`], closing the connections still open at once when `force`
+    /// completes first (a second termination signal): their calls fail, and none of them
+    /// was acknowledged.
+    pub async fn shutdown_unless(
+        mut self,
+        grace: Duration,
+        force: impl Future<Output = ()>,
+    ) -> Result<(), ServerError> {
         // A running key job stops first (it resumes from its last page on the next start), so
         // that the streams of the clients watching its progress end and let the server stop.
         if let Some(jobs) = self.jobs.take() {
@@ -207,13 +224,21 @@ impl Running {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let served = match tokio::time::timeout(grace, &mut self.handle).await {
+        let waited = tokio::select! {
+            waited = tokio::time::timeout(grace, &mut self.handle) => waited.map_err(|_| false),
+            () = force => Err(true),
+        };
+        let served = match waited {
             Ok(joined) => self.served(joined),
-            Err(_) => {
-                tracing::warn!(
-                    grace_ms = grace.as_millis() as u64,
-                    "connections still open after the grace period (streams that do not end by themselves): closing them"
-                );
+            Err(forced) => {
+                if forced {
+                    tracing::warn!("termination signal again: closing the connections still open now (their calls fail; none of them was acknowledged)");
+                } else {
+                    tracing::warn!(
+                        grace_ms = grace.as_millis() as u64,
+                        "connections still open after the grace period (streams that do not end by themselves): closing them"
+                    );
+                }
                 // Aborting the serve task leaves hyper's connection tasks running: their
                 // sockets are cut instead, so no call is served after the grace period.
                 self.cutoff.cut();
@@ -286,6 +311,7 @@ impl Running {
                 let _ = task.await;
             }
         }
+        let checkpointing = self.checkpoints.is_some();
         if let Some(cp) = self.checkpoints.take() {
             let _ = cp.stop.send(());
             let _ = cp.task.await;
@@ -297,7 +323,33 @@ impl Running {
         while Arc::strong_count(&self.vault) > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        served
+        served?;
+        // The last line of a run says how it ended (review 25: a clean stop and a killed
+        // process looked alike), and an unclean end is an error (exit code 1).
+        let mut faults = Vec::new();
+        if let Some(why) = self.vault.store().poisoned() {
+            faults.push(format!(
+                "the store refused writes ({why}); a restart replays its write-ahead log"
+            ));
+        }
+        if let Some(why) = self.checkpoint_health.refusal() {
+            faults.push(format!("the last audit checkpoint was not signed ({why})"));
+        }
+        if let Some(why) = self.checkpoint_health.anchor_failure() {
+            faults.push(format!("the audit anchor was not written ({why})"));
+        }
+        if faults.is_empty() {
+            if checkpointing {
+                tracing::info!("stopped cleanly: every acknowledged write is on disk, and the last audit checkpoint is signed and anchored");
+            } else {
+                tracing::info!("stopped cleanly: every acknowledged write is on disk");
+            }
+            Ok(())
+        } else {
+            let faults = faults.join("; ");
+            tracing::error!(%faults, "stopped uncleanly");
+            Err(ServerError::Unclean(faults))
+        }
     }
 }
 
@@ -353,7 +405,7 @@ fn spawn_checkpointer(
         let mut last_forced = tokio::time::Instant::now();
         let mut last_error: Option<(String, tokio::time::Instant)> = None;
         let mut watched = crate::audit::Watched::starting(anchor.checkpoint, own_after);
-        let mut anchor_error: Option<String> = None;
+        let mut anchor_error: Option<(String, tokio::time::Instant)> = None;
         loop {
             let stopping = tokio::select! {
                 _ = &mut stopped => true,
@@ -381,14 +433,23 @@ fn spawn_checkpointer(
                     // holds; the next checkpoint tries again.
                     match crate::anchor::save(&anchor.path, &anchor.store_id, &cp) {
                         Ok(()) => {
+                            if anchor_error.take().is_some() {
+                                tracing::info!(seq = cp.seq, "the audit anchor is written again");
+                            }
                             watched.set_anchor(cp);
-                            anchor_error = None;
+                            health.anchored();
                         }
                         Err(e) => {
+                            // Said once per kind of failure and again every ten minutes while
+                            // it lasts, like a checkpoint's; `VerifyChain` says it all along.
                             let text = e.to_string();
-                            if anchor_error.as_deref() != Some(text.as_str()) {
-                                tracing::error!(error = %text, "writing the audit anchor failed");
-                                anchor_error = Some(text);
+                            health.anchor_failed(text.clone());
+                            let repeat = anchor_error.as_ref().is_none_or(|(said, at)| {
+                                *said != text || at.elapsed() >= CHECKPOINT_ERROR_REPEAT
+                            });
+                            if repeat {
+                                tracing::error!(seq = cp.seq, error = %text, "writing the audit anchor failed: events after the anchored checkpoint are not covered outside the store until it is written again; VerifyChain answers not ok meanwhile");
+                                anchor_error = Some((text, tokio::time::Instant::now()));
                             }
                         }
                     }
@@ -694,7 +755,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         own_after,
         anchoring,
         &settings.audit,
-        checkpoint_health,
+        Arc::clone(&checkpoint_health),
     );
     let jobs = Jobs::new(Arc::clone(&vault));
     if jobs
@@ -801,6 +862,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         health_watch: Some(health_watch),
         adopter,
         cutoff,
+        checkpoint_health,
     })
 }
 
@@ -837,8 +899,14 @@ pub async fn run_staged(
     let _xfsz = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(SIGXFSZ));
     let running = start(settings).await.map_err(|e| (Stage::Starting, e))?;
     signal.await;
-    tracing::info!("shutting down: finishing in-flight requests");
-    running.shutdown().await.map_err(|e| (Stage::Serving, e))
+    tracing::info!(
+        grace_secs = SHUTDOWN_GRACE.as_secs(),
+        "shutting down: finishing in-flight requests (a second SIGTERM or SIGINT closes them at once)"
+    );
+    running
+        .shutdown_unless(SHUTDOWN_GRACE, termination_signal())
+        .await
+        .map_err(|e| (Stage::Serving, e))
 }
 
 /// SIGXFSZ on Linux.

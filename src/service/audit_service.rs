@@ -248,6 +248,16 @@ impl<S: Store> proto::audit_server::Audit for AuditService<S> {
                     v.last_checkpoint
                 );
             }
+            // Nor are they while the anchor file cannot be written: past the anchored
+            // checkpoint, someone who can edit the store could rewrite them unseen.
+            if let (true, Some(why)) = (v.ok, self.checkpoints.anchor_failure()) {
+                let anchored = anchor.as_ref().map_or(0, |cp| cp.seq);
+                v.ok = false;
+                v.first_bad_seq = anchored + 1;
+                v.reason = format!(
+                    "events after the anchored checkpoint of event {anchored} are not anchored outside the store: writing the audit anchor fails ({why})"
+                );
+            }
             if !v.ok {
                 tracing::error!(first_bad_seq = v.first_bad_seq, reason = %v.reason, "audit chain verification failed");
             }

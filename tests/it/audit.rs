@@ -949,8 +949,13 @@ async fn a_rewrite_with_every_checkpoint_deleted_is_caught_by_the_anchor_file() 
     v.start().await.expect("restart");
     let bad = verify(&v).await;
     assert_eq!((bad.ok, bad.first_bad_seq), (false, 1), "{bad:?}");
-    // Nor did the restarted server sign the forgery, running or stopping.
-    v.stop().await;
+    // Nor did the restarted server sign the forgery, running or stopping; and it says it
+    // stopped uncleanly (exit code 1 for `kluis serve`).
+    let ended = v.stop_result().await;
+    assert!(
+        matches!(&ended, Err(kluis::server::ServerError::Unclean(why)) if why.contains("last audit checkpoint was not signed")),
+        "{ended:?}"
+    );
     let store = SledStore::open(&data_dir(&v.dir)).expect("open");
     let signed = store
         .scan(Keyspace::Meta, audit::META_CHECKPOINT, None, 1000)
@@ -1635,4 +1640,60 @@ async fn a_checkpoint_pointer_moved_back_fails_verification_offline_and_live() {
     let live = verify(&v).await;
     assert!(!live.ok, "{live:?}");
     assert_eq!(live.first_bad_seq, oldest + 1);
+}
+
+/// While the anchor file cannot be written, `VerifyChain` answers not ok from the event after
+/// the anchored checkpoint: the checkpoints the server goes on signing are not copied outside
+/// the store, so someone who can edit the store could rewrite what follows unseen. Once the
+/// anchor is written again, it answers ok (review 25: one log line was all there was).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anchor_that_cannot_be_written_fails_verification_until_it_is_written_again() {
+    let v = spawn_vault_with(|s| {
+        s.audit.checkpoint_every = 2;
+        s.audit.checkpoint_interval = Duration::from_millis(200);
+    })
+    .await;
+    let mut recruiter = v.client("recruiter").await;
+    create_people(&mut recruiter, 3, Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(verify(&v).await.ok);
+    let keys = v.dir.path().join("keys");
+    let name = std::fs::read_dir(&keys)
+        .expect("keys dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with(kluis::anchor::FILE_PREFIX))
+        .expect("an anchor file");
+    let pk = audit::read_public_key(&keys.join(audit::PUBLIC_KEY_FILE)).expect("public key");
+    let anchored = || {
+        kluis::anchor::load_any(&keys.join(&name), &pk)
+            .expect("anchor readable")
+            .expect("anchor present")
+            .1
+            .seq
+    };
+    // The server writes the anchor through a temporary file of its process; a directory
+    // there (not empty, so it cannot be removed as a file) makes every write fail.
+    let blocker = keys.join(format!(".{name}.{}.tmp", std::process::id()));
+    std::fs::create_dir(&blocker).expect("blocker");
+    std::fs::write(blocker.join("x"), b"x").expect("blocker content");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stuck = anchored();
+    create_people(&mut recruiter, 4, Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(anchored(), stuck, "no anchor written meanwhile");
+    let head = Head::load(v.vault().store()).await.expect("head").seq;
+    assert!(
+        head > stuck + 2,
+        "events after the anchor: head {head}, anchor {stuck}"
+    );
+    let live = verify(&v).await;
+    assert!(!live.ok, "{live:?}");
+    assert_eq!(live.first_bad_seq, stuck + 1);
+    // Writable again: the next checkpoint is anchored and the trail verifies.
+    std::fs::remove_dir_all(&blocker).expect("unblock");
+    create_people(&mut recruiter, 2, Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(anchored() > stuck);
+    let again = verify(&v).await;
+    assert!(again.ok, "{again:?}");
 }

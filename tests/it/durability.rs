@@ -373,4 +373,99 @@ async fn sigterm_ends_health_watch_streams_and_stops_without_waiting_or_warning(
     for warning in ["after the grace period", "may not all be recorded"] {
         assert!(!log.contains(warning), "{warning}: {log}");
     }
+    // The last line says it stopped cleanly (review 25: a clean stop looked like a kill).
+    assert!(
+        log.lines()
+            .last()
+            .is_some_and(|l| l.contains("stopped cleanly")),
+        "{log}"
+    );
+}
+
+/// Opens an HTTP/2 connection and starts an authenticated CreateRecord whose body never
+/// comes: a call that holds a graceful shutdown open. The socket is returned to keep it open.
+fn stuck_call(addr: &str, token: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let len = u32::try_from(payload.len())
+            .expect("short frame")
+            .to_be_bytes();
+        [&len[1..], &[kind, flags], &stream.to_be_bytes(), payload].concat()
+    };
+    // HPACK: each header a literal without indexing, with a new name; all shorter than 127.
+    let mut block = Vec::new();
+    let bearer = format!("Bearer {token}");
+    for (name, value) in [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/kluis.v1.Records/CreateRecord"),
+        (":authority", addr),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        ("authorization", bearer.as_str()),
+    ] {
+        block.push(0);
+        for part in [name, value] {
+            block.push(u8::try_from(part.len()).expect("short header"));
+            block.extend_from_slice(part.as_bytes());
+        }
+    }
+    let mut socket = std::net::TcpStream::connect(addr).expect("connect");
+    socket
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .expect("preface");
+    socket.write_all(&frame(4, 0, 0, &[])).expect("settings");
+    // HEADERS on stream 1, END_HEADERS and no END_STREAM; then half a message.
+    socket.write_all(&frame(1, 4, 1, &block)).expect("headers");
+    socket
+        .write_all(&frame(0, 0, 1, &[0, 0, 0, 0, 100, 1, 2, 3]))
+        .expect("data");
+    socket
+}
+
+/// A call that holds the shutdown open keeps the server for the grace period (20 s); a
+/// second SIGTERM closes it at once, with a log line that says so (review 25: the second
+/// signal was swallowed and nothing was logged).
+#[test]
+fn a_second_sigterm_closes_the_calls_that_hold_the_shutdown_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut process = start_dev(dir.path(), "second.log");
+    let token = dev_tokens(dir.path())["recruiter"].clone();
+    let _held = stuck_call(&process.addr, &token);
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = process.child.id().to_string();
+    let term = || {
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM")
+    };
+    let stopping = Instant::now();
+    term();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        process.child.try_wait().expect("wait").is_none(),
+        "the held call keeps the server in its grace period"
+    );
+    term();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = process.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no exit after the second SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        stopping.elapsed()
+    );
+    let log = std::fs::read_to_string(&process.log).expect("log");
+    assert!(log.contains("termination signal again"), "{log}");
+    assert!(!log.contains("after the grace period"), "{log}");
 }

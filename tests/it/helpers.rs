@@ -180,6 +180,15 @@ impl TestVault {
         }
     }
 
+    /// Stops the server gracefully (data dir kept), returning how it ended: an unclean end
+    /// (the store refusing writes, the last checkpoint not signed) is an error.
+    pub async fn stop_result(&mut self) -> Result<(), kluis::server::ServerError> {
+        match self.running.take() {
+            Some(r) => r.shutdown().await,
+            None => Ok(()),
+        }
+    }
+
     /// Stops the server with a grace period of `grace` for calls still in flight.
     pub async fn stop_within(&mut self, grace: std::time::Duration) {
         if let Some(r) = self.running.take() {
