@@ -1169,6 +1169,26 @@ pub async fn checkpoint_if_due(
     }
 }
 
+/// The store's newest checkpoint (the one `audit/checkpoint-last` names), if there is one and
+/// it is signed by `public_key`; `None` too when the pointer names no stored checkpoint or
+/// one that does not verify (the checkpointer refuses such a store and says so).
+pub async fn newest_checkpoint(
+    store: &impl Store,
+    public_key: &[u8; 32],
+) -> Result<Option<Checkpoint>, StoreError> {
+    let Some(last) = store.get(Keyspace::Meta, META_CHECKPOINT_LAST).await? else {
+        return Ok(None);
+    };
+    let Ok(seq) = <[u8; 8]>::try_from(last.as_slice()).map(u64::from_be_bytes) else {
+        return Ok(None);
+    };
+    Ok(store
+        .get(Keyspace::Meta, &checkpoint_key(seq))
+        .await?
+        .and_then(|raw| Checkpoint::decode(&raw))
+        .filter(|cp| cp.seq == seq && cp.verify(public_key)))
+}
+
 /// The meta key of the checkpoint at `seq`.
 pub fn checkpoint_key(seq: u64) -> Vec<u8> {
     let mut key = META_CHECKPOINT.to_vec();

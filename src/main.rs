@@ -29,7 +29,7 @@ struct Cli {
 
 /// The exit codes of `serve`, for `--help` (the tools' scheme: 2 for what stops it from
 /// starting, 1 for a failure once it runs).
-const SERVE_EXIT_CODES: &str = "Exit codes:\n  0  stopped cleanly (SIGTERM or SIGINT)\n  1  failed after it had started serving\n  2  could not start: usage, configuration, keys (e.g. a master key file readable by others,\n     or a master key that does not open the data directory), the data directory (e.g. in use\n     by another server), the listen address, or the async runtime";
+const SERVE_EXIT_CODES: &str = "Exit codes:\n  0  stopped cleanly (SIGTERM or SIGINT)\n  1  failed after it had started serving, or stopped uncleanly (the store refused writes,\n     or the last audit checkpoint or anchor could not be written: the last lines say which)\n  2  could not start: usage, configuration, keys (e.g. a master key file readable by others,\n     or a master key that does not open the data directory), the data directory (e.g. in use\n     by another server), the listen address, or the async runtime";
 
 /// `serve`: could not start.
 const SERVE_EXIT_START: u8 = 2;

@@ -404,8 +404,24 @@ fn spawn_checkpointer(
         let poll = std::time::Duration::from_millis(25).min(interval);
         let mut last_forced = tokio::time::Instant::now();
         let mut last_error: Option<(String, tokio::time::Instant)> = None;
+        let anchored_seq = anchor.checkpoint.as_ref().map(|cp| cp.seq);
         let mut watched = crate::audit::Watched::starting(anchor.checkpoint, own_after);
         let mut anchor_error: Option<(String, tokio::time::Instant)> = None;
+        // The newest signed checkpoint the anchor file does not hold yet: tried again every
+        // second, not only at the next checkpoint (an idle server would otherwise stay
+        // unanchored, and say so, long after the cause was gone; review 26). At start, the
+        // store's newest checkpoint when the anchor file is behind it (a run that ended
+        // unanchored), so that a restart neither forgets nor hides it.
+        let mut unanchored: Option<crate::audit::Checkpoint> =
+            match crate::audit::newest_checkpoint(vault.store(), &signer.public_key()).await {
+                Ok(Some(cp)) if anchored_seq.is_none_or(|seq| seq < cp.seq) => Some(cp),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the newest audit checkpoint failed");
+                    None
+                }
+            };
+        let mut anchor_tried: Option<tokio::time::Instant> = None;
         loop {
             let stopping = tokio::select! {
                 _ = &mut stopped => true,
@@ -429,30 +445,10 @@ fn spawn_checkpointer(
                     tracing::debug!(seq = cp.seq, "signed audit checkpoint");
                     last_error = None;
                     health.signing();
-                    // Then outside the store. A failure leaves the older anchor, which still
-                    // holds; the next checkpoint tries again.
-                    match crate::anchor::save(&anchor.path, &anchor.store_id, &cp) {
-                        Ok(()) => {
-                            if anchor_error.take().is_some() {
-                                tracing::info!(seq = cp.seq, "the audit anchor is written again");
-                            }
-                            watched.set_anchor(cp);
-                            health.anchored();
-                        }
-                        Err(e) => {
-                            // Said once per kind of failure and again every ten minutes while
-                            // it lasts, like a checkpoint's; `VerifyChain` says it all along.
-                            let text = e.to_string();
-                            health.anchor_failed(text.clone());
-                            let repeat = anchor_error.as_ref().is_none_or(|(said, at)| {
-                                *said != text || at.elapsed() >= CHECKPOINT_ERROR_REPEAT
-                            });
-                            if repeat {
-                                tracing::error!(seq = cp.seq, error = %text, "writing the audit anchor failed: events after the anchored checkpoint are not covered outside the store until it is written again; VerifyChain answers not ok meanwhile");
-                                anchor_error = Some((text, tokio::time::Instant::now()));
-                            }
-                        }
-                    }
+                    // Then outside the store, at once. A failure leaves the older anchor,
+                    // which still holds.
+                    unanchored = Some(cp);
+                    anchor_tried = None;
                 }
                 // Nothing due; a refusal stands until a checkpoint is signed again.
                 Ok(None) => {}
@@ -472,6 +468,33 @@ fn spawn_checkpointer(
                     }
                 }
             }
+            let due = anchor_tried.is_none_or(|at| at.elapsed() >= ANCHOR_RETRY);
+            if let Some(cp) = unanchored.take_if(|_| due || stopping) {
+                anchor_tried = Some(tokio::time::Instant::now());
+                match crate::anchor::save(&anchor.path, &anchor.store_id, &cp) {
+                    Ok(()) => {
+                        if anchor_error.take().is_some() {
+                            tracing::info!(seq = cp.seq, "the audit anchor is written again");
+                        }
+                        watched.set_anchor(cp);
+                        health.anchored();
+                    }
+                    Err(e) => {
+                        // Said once per kind of failure and again every ten minutes while it
+                        // lasts, like a checkpoint's; `VerifyChain` says it all along.
+                        let text = e.to_string();
+                        health.anchor_failed(text.clone());
+                        let repeat = anchor_error.as_ref().is_none_or(|(said, at)| {
+                            *said != text || at.elapsed() >= CHECKPOINT_ERROR_REPEAT
+                        });
+                        if repeat {
+                            tracing::error!(seq = cp.seq, error = %text, "writing the audit anchor failed: events after the anchored checkpoint are not covered outside the store until it is written again (tried every second); VerifyChain answers not ok meanwhile");
+                            anchor_error = Some((text, tokio::time::Instant::now()));
+                        }
+                        unanchored = Some(cp);
+                    }
+                }
+            }
             if stopping {
                 return;
             }
@@ -479,6 +502,9 @@ fn spawn_checkpointer(
     });
     Checkpointer { stop, task }
 }
+
+/// How often an anchor write that failed is tried again.
+const ANCHOR_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How often a refusal to sign audit checkpoints that lasts is logged again.
 const CHECKPOINT_ERROR_REPEAT: std::time::Duration = std::time::Duration::from_secs(600);
@@ -899,18 +925,44 @@ pub async fn run_staged(
     let _xfsz = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(SIGXFSZ));
     let running = start(settings).await.map_err(|e| (Stage::Starting, e))?;
     signal.await;
+    // Listening for the second signal from here on (review 26: registered only once the
+    // shutdown had stopped the key job, a second signal sent right after the first was lost).
+    let again = next_termination_signal();
     tracing::info!(
         grace_secs = SHUTDOWN_GRACE.as_secs(),
         "shutting down: finishing in-flight requests (a second SIGTERM or SIGINT closes them at once)"
     );
     running
-        .shutdown_unless(SHUTDOWN_GRACE, termination_signal())
+        .shutdown_unless(SHUTDOWN_GRACE, again)
         .await
         .map_err(|e| (Stage::Serving, e))
 }
 
 /// SIGXFSZ on Linux.
 const SIGXFSZ: i32 = 25;
+
+/// Completes on the next SIGTERM or SIGINT delivered after this call: the listeners are
+/// registered here, not when the future is first polled. (Signals sent in the same instant
+/// may arrive as one.)
+pub fn next_termination_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate()).ok();
+    let int = signal(SignalKind::interrupt()).ok();
+    async move {
+        let recv = |s: Option<tokio::signal::unix::Signal>| async move {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = recv(term) => {}
+            () = recv(int) => {}
+        }
+    }
+}
 
 /// Completes on SIGTERM or SIGINT.
 pub async fn termination_signal() {

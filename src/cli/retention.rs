@@ -483,11 +483,17 @@ pub async fn resume_offline(
 ) -> Result<Option<NaiveDate>, CliError> {
     // A date the machine's clock has not reached would turn the pause off until then (a
     // typo, 2206 for 2026; review 14). A day of slack for time zones.
-    let latest = chrono::Utc::now().date_naive() + chrono::Days::new(1);
-    if at > latest {
+    let today = chrono::Utc::now().date_naive();
+    if at > today + chrono::Days::new(1) {
         return Err(CliError::Usage(format!(
-            "--at {at} is more than a day after this machine's date ({}): confirm the date the clock says, not a later one",
-            latest - chrono::Days::new(1)
+            "--at {at} is more than a day after this machine's date ({today}): confirm the date the clock says, not a later one"
+        )));
+    }
+    // Nor one the clock has left behind (1899 for 2026, review 24): the sweeper compares its
+    // own date with it and would pause again at once, having recorded a date no one meant.
+    if at + chrono::Days::new(1) < today {
+        return Err(CliError::Usage(format!(
+            "--at {at} is more than a day before this machine's date ({today}): confirm the date the clock says (if the clock is wrong, set it right first)"
         )));
     }
     let store = open_with_key(&setup, "stop the server first").await?;

@@ -1648,7 +1648,7 @@ async fn a_checkpoint_pointer_moved_back_fails_verification_offline_and_live() {
 /// anchor is written again, it answers ok (review 25: one log line was all there was).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_anchor_that_cannot_be_written_fails_verification_until_it_is_written_again() {
-    let v = spawn_vault_with(|s| {
+    let mut v = spawn_vault_with(|s| {
         s.audit.checkpoint_every = 2;
         s.audit.checkpoint_interval = Duration::from_millis(200);
     })
@@ -1689,11 +1689,33 @@ async fn an_anchor_that_cannot_be_written_fails_verification_until_it_is_written
     let live = verify(&v).await;
     assert!(!live.ok, "{live:?}");
     assert_eq!(live.first_bad_seq, stuck + 1);
-    // Writable again: the next checkpoint is anchored and the trail verifies.
+    // Stopped while it lasts: an unclean stop, naming the anchor.
+    drop(recruiter);
+    let ended = v.stop_result().await;
+    assert!(
+        matches!(&ended, Err(kluis::server::ServerError::Unclean(why)) if why.contains("audit anchor was not written")),
+        "{ended:?}"
+    );
+    assert_eq!(anchored(), stuck);
+    // A restart does not forget it: the anchor file is behind the store's newest checkpoint.
+    v.start().await.expect("restart");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let restarted = verify(&v).await;
+    assert!(!restarted.ok, "{restarted:?}");
+    assert_eq!(restarted.first_bad_seq, stuck + 1);
+    // Writable again, the server idle: the anchor is written within a few seconds, with no
+    // new checkpoint needed, and the trail verifies.
     std::fs::remove_dir_all(&blocker).expect("unblock");
-    create_people(&mut recruiter, 2, Duration::from_millis(100)).await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while anchored() == stuck {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "anchor not written again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(anchored() > stuck);
     let again = verify(&v).await;
     assert!(again.ok, "{again:?}");
+    v.stop_result().await.expect("a clean stop");
 }

@@ -2059,6 +2059,12 @@ async fn a_clock_far_past_the_last_sweep_pauses_the_sweeper_until_the_date_is_co
     let (code, text) = resume(day_from_today(10));
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("after this machine's date"), "{text}");
+    // So is one the clock has left behind (review 24: 1899 was recorded).
+    for past in [day_from_today(-10), "1899-01-01".to_string()] {
+        let (code, text) = resume(past);
+        assert_eq!(code, Some(2), "{text}");
+        assert!(text.contains("before this machine's date"), "{text}");
+    }
     let (code, text) = resume(today.to_string());
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains(&format!("Confirmed {today}")), "{text}");
