@@ -883,6 +883,10 @@ pub enum PendingValue {
     Plain(Zeroizing<Vec<u8>>),
     /// Sealed by an earlier attempt.
     Sealed(Box<SealedAttempt>),
+    /// Lost to a first seal that failed part way (only when the system's random generator
+    /// fails): its buffer was sealed in place, so no retry can seal the value (review 26:
+    /// one would have sealed an empty value).
+    Spent,
 }
 
 /// A value as an attempt of a write sealed it ([`PendingValue::Sealed`]).
@@ -906,6 +910,7 @@ impl PendingValue {
         match self {
             Self::Plain(plain) => plain.len(),
             Self::Sealed(was) => was.sealed.size,
+            Self::Spent => 0,
         }
     }
 
@@ -918,7 +923,7 @@ impl PendingValue {
     pub fn plaintext(&self) -> Option<&[u8]> {
         match self {
             Self::Plain(plain) => Some(plain),
-            Self::Sealed(_) => None,
+            Self::Sealed(_) | Self::Spent => None,
         }
     }
 
@@ -931,9 +936,15 @@ impl PendingValue {
         field: &str,
     ) -> Result<SealedField, crypto::CryptoError> {
         let plain = match self {
-            Self::Plain(plain) => std::mem::replace(plain, Zeroizing::new(Vec::new())),
+            Self::Plain(plain) => {
+                let plain = std::mem::replace(plain, Zeroizing::new(Vec::new()));
+                // Until the seal succeeds: the buffer is sealed where it lies.
+                *self = Self::Spent;
+                plain
+            }
             // The same field on every attempt: only the key and the record id may differ.
             Self::Sealed(was) => reopen_field(&was.key, &was.id, field, &was.sealed)?,
+            Self::Spent => return Err(crypto::CryptoError::Random),
         };
         let sealed = seal_field(dek, id, field, plain)?;
         *self = Self::Sealed(Box::new(SealedAttempt {
@@ -950,6 +961,7 @@ impl std::fmt::Debug for PendingValue {
         match self {
             Self::Plain(plain) => write!(f, "PendingValue({} bytes)", plain.len()),
             Self::Sealed(was) => write!(f, "PendingValue({} bytes, sealed)", was.sealed.size),
+            Self::Spent => f.write_str("PendingValue(lost to a failed seal)"),
         }
     }
 }
@@ -1335,6 +1347,9 @@ mod tests {
                 prop_assert_eq!(back.to_vec(), data.clone());
             }
             prop_assert!(reopen_field(&crypto::SealingKey::new(&k1, 1), b"id-2", "cv_document", &second).is_err());
+            // A value lost to a failed seal is never sealed as an empty one.
+            let mut spent = PendingValue::Spent;
+            prop_assert!(spent.seal(&crypto::SealingKey::new(&k1, 1), b"id-1", "cv_document").is_err());
         }
     }
 }

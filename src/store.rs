@@ -183,8 +183,9 @@ pub enum StoreError {
     /// The storage engine or the file system failed.
     #[error("storage failure: {0}")]
     Io(String),
-    /// An earlier durability failure made the store refuse writes until restart.
-    #[error("storage refuses writes after an earlier flush failure: {0}")]
+    /// A durability failure (this write's or an earlier one's) made the store refuse writes
+    /// until restart.
+    #[error("storage refuses writes since a failed log write or sync: {0}")]
     Poisoned(String),
 }
 
@@ -460,6 +461,22 @@ fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
+/// For `map_err`: a failure of `op` on the file or directory `path`, named (review 25: every
+/// start-up failure read "storage failure: Operation not permitted", whatever the file).
+fn io_at<'a>(op: &'a str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |e| StoreError::Io(format!("{op} {}: {e}", path.display()))
+}
+
+/// For `map_err`: a failure of the embedded sled store in `dir` while `op`.
+fn sled_at<'a>(op: &'a str, dir: &'a Path) -> impl FnOnce(sled::Error) -> StoreError + 'a {
+    move |e| {
+        StoreError::Io(format!(
+            "{op} (sled store in {}): {e}",
+            dir.join("db").display()
+        ))
+    }
+}
+
 impl SledStore {
     /// Before a read of `ks`: waits until every group already answered is applied to sled
     /// (writers are answered once their group is durable, see [`SyncJob::answer_durable`]),
@@ -525,7 +542,8 @@ impl SledStore {
         // A store of this process that was just dropped may still hold sled's file lock for a
         // moment (sled's background threads release it): retry briefly before reporting the
         // directory as in use.
-        drop_unfinished_sled_snapshots(dir).map_err(io)?;
+        drop_unfinished_sled_snapshots(dir)
+            .map_err(io_at("removing unfinished sled snapshots in", dir))?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
         let db = loop {
             match sled::Config::new()
@@ -547,10 +565,13 @@ impl SledStore {
                         dir.display()
                     )))
                 }
-                Err(e) => return Err(io(e)),
+                Err(e) => return Err(sled_at("opening", dir)(e)),
             }
         };
-        let tree = |ks: Keyspace| db.open_tree(ks.name()).map_err(io);
+        let tree = |ks: Keyspace| {
+            db.open_tree(ks.name())
+                .map_err(sled_at("opening a tree", dir))
+        };
         let trees = [
             tree(Keyspace::Meta)?,
             tree(Keyspace::Records)?,
@@ -558,23 +579,24 @@ impl SledStore {
             tree(Keyspace::Index)?,
             tree(Keyspace::Audit)?,
         ];
-        let data_file = std::fs::File::open(dir.join("db")).map_err(io)?;
+        let db_path = dir.join("db");
+        let data_file = std::fs::File::open(&db_path).map_err(io_at("opening", &db_path))?;
         let wal_dir = wal::dir(dir);
-        std::fs::create_dir_all(&wal_dir).map_err(io)?;
+        std::fs::create_dir_all(&wal_dir).map_err(io_at("creating the log directory", &wal_dir))?;
 
         // Replay the log over sled's recovered state.
         let applied = trees[Keyspace::Meta as usize]
             .get(WAL_APPLIED)
-            .map_err(io)?
+            .map_err(sled_at("reading the log position", dir))?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map_or(0, u64::from_be_bytes);
-        let files = wal::list(&wal_dir).map_err(io)?;
+        let files = wal::list(&wal_dir).map_err(io_at("listing the log directory", &wal_dir))?;
         let mut last = applied;
         // A log file that ends in a torn frame or was cut back: only the next frame, in a
         // later file, can show what its end held.
         let mut open_end: Option<OpenEnd> = None;
         for (_, path) in &files {
-            let bytes = std::fs::read(path).map_err(io)?;
+            let bytes = std::fs::read(path).map_err(io_at("reading the log file", path))?;
             let decoded = wal::decode_frames(&bytes, last);
             // A file without frames (the empty next file the writer makes at a rotation or a
             // start) shows nothing of what an earlier file's end held: that end stands.
@@ -647,10 +669,14 @@ impl SledStore {
         // The head is written after its group's events (and logs of earlier versions hold one
         // frame per job of a group): if a crash left events past the stored head, move the
         // head to the last event.
-        if let Some((_, value)) = trees[Keyspace::Audit as usize].last().map_err(io)? {
+        let recovering = "recovering the audit chain head";
+        if let Some((_, value)) = trees[Keyspace::Audit as usize]
+            .last()
+            .map_err(sled_at(recovering, dir))?
+        {
             let stored = trees[Keyspace::Meta as usize]
                 .get(audit::META_HEAD)
-                .map_err(io)?
+                .map_err(sled_at(recovering, dir))?
                 .and_then(|v| audit::Head::decode(&v))
                 .unwrap_or_default();
             let last_event = audit::split_block(&value)
@@ -663,22 +689,23 @@ impl SledStore {
                 };
                 trees[Keyspace::Meta as usize]
                     .insert(audit::META_HEAD, head.encode())
-                    .map_err(io)?;
+                    .map_err(sled_at(recovering, dir))?;
             }
         }
         // Make sled hold everything, then start a fresh log.
-        db.flush().map_err(io)?;
-        data_file.sync_all().map_err(io)?;
-        if let Ok(conf) = std::fs::File::open(dir.join("conf")) {
-            conf.sync_all().map_err(io)?;
+        db.flush().map_err(sled_at("flushing", dir))?;
+        data_file.sync_all().map_err(io_at("syncing", &db_path))?;
+        let conf_path = dir.join("conf");
+        if let Ok(conf) = std::fs::File::open(&conf_path) {
+            conf.sync_all().map_err(io_at("syncing", &conf_path))?;
         }
         let no = files.last().map_or(1, |(no, _)| no + 1);
         let file = create_log_file(&wal_dir, no)?;
         for (_, path) in &files {
-            std::fs::remove_file(path).map_err(io)?;
+            std::fs::remove_file(path).map_err(io_at("removing the replayed log file", path))?;
         }
-        sync_dir(&wal_dir).map_err(io)?;
-        sync_dir(dir).map_err(io)?;
+        sync_dir(&wal_dir).map_err(io_at("syncing the log directory", &wal_dir))?;
+        sync_dir(dir).map_err(io_at("syncing the data directory", dir))?;
         let shared = Arc::new(Shared {
             db,
             trees,
@@ -850,17 +877,18 @@ impl OpenEnd {
 }
 
 fn create_log_file(wal_dir: &Path, no: u64) -> Result<std::fs::File, StoreError> {
+    let path = wal::file_path(wal_dir, no);
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .open(wal::file_path(wal_dir, no))
-        .map_err(io)?;
+        .open(&path)
+        .map_err(io_at("creating the log file", &path))?;
     if let Err(e) = sync_dir(wal_dir) {
         // Not used: removed, so that the next rotation can create it again (an empty file
         // left behind is harmless at start-up too).
         drop(file);
-        let _ = std::fs::remove_file(wal::file_path(wal_dir, no));
-        return Err(io(e));
+        let _ = std::fs::remove_file(&path);
+        return Err(io_at("syncing the log directory", wal_dir)(e));
     }
     Ok(file)
 }
@@ -1152,19 +1180,24 @@ impl Shared {
                     group.iter().flat_map(|j| j.ops.iter()).chain(&chain_ops),
                 );
                 let frames_len = frame.len();
+                // Which operation failed goes into the reason, with the file.
                 let written = (|| {
                     #[cfg(test)]
                     if self.fail_next_write.swap(false, Ordering::SeqCst) {
                         use std::io::Write;
-                        log.file.write_all(&frame[..frame.len() / 2])?;
-                        return Err(std::io::Error::other("injected log write failure"));
+                        let _ = log.file.write_all(&frame[..frame.len() / 2]);
+                        return Err((
+                            "writing",
+                            std::io::Error::other("injected log write failure"),
+                        ));
                     }
-                    log.reserve(frames_len as u64)?;
-                    std::io::Write::write_all(&mut log.file, &frame)?;
-                    log.file.sync_data()
+                    log.reserve(frames_len as u64)
+                        .map_err(|e| ("extending", e))?;
+                    std::io::Write::write_all(&mut log.file, &frame).map_err(|e| ("writing", e))?;
+                    log.file.sync_data().map_err(|e| ("syncing", e))
                 })();
                 self.flushes.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = written {
+                if let Err((op, e)) = written {
                     log.discard_after_frames();
                     {
                         use std::io::Seek;
@@ -1172,8 +1205,9 @@ impl Shared {
                     }
                     // The events are not in the chain.
                     head = head_before;
-                    let reason = format!("write-ahead log write or sync failed: {e}");
-                    tracing::error!(error = %e, "write-ahead log write failed; the store refuses writes until restart");
+                    let file = wal::file_path(&wal::dir(&self.dir), log.no);
+                    let reason = format!("{op} the write-ahead log {}: {e}", file.display());
+                    tracing::error!(error = %reason, "write-ahead log write failed; the store refuses writes until restart");
                     *self.poisoned.lock() = Some(reason.clone());
                     self.fail(group, &reason);
                     continue;
@@ -1322,19 +1356,28 @@ impl Shared {
     /// sled when this runs): one sled flush per `CHECKPOINT_BYTES` of log.
     fn checkpoint(&self, old: u64) -> Result<(), Checkpoint> {
         let wal_dir = wal::dir(&self.dir);
-        self.db
-            .flush()
-            .map_err(|e| Checkpoint::NotDurable(e.to_string()))?;
+        let db_path = self.dir.join("db");
+        self.db.flush().map_err(|e| {
+            Checkpoint::NotDurable(format!(
+                "flushing the sled store {}: {e}",
+                db_path.display()
+            ))
+        })?;
         #[cfg(test)]
         if self.fail_next_checkpoint_sync.swap(false, Ordering::SeqCst) {
             return Err(Checkpoint::NotDurable("injected fdatasync error".into()));
         }
         self.data_file
             .sync_data()
-            .map_err(|e| Checkpoint::NotDurable(e.to_string()))?;
-        std::fs::remove_file(wal::file_path(&wal_dir, old))
-            .and_then(|()| sync_dir(&wal_dir))
-            .map_err(|e| Checkpoint::Cleanup(e.to_string()))
+            .map_err(|e| Checkpoint::NotDurable(format!("syncing {}: {e}", db_path.display())))?;
+        let path = wal::file_path(&wal_dir, old);
+        std::fs::remove_file(&path)
+            .map_err(|e| format!("removing the log file {}: {e}", path.display()))
+            .and_then(|()| {
+                sync_dir(&wal_dir)
+                    .map_err(|e| format!("syncing the log directory {}: {e}", wal_dir.display()))
+            })
+            .map_err(Checkpoint::Cleanup)
     }
 }
 
@@ -1656,6 +1699,25 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A start that fails on a file names the file and what was done to it (review 25: every
+    /// such failure read "storage failure: Operation not permitted").
+    #[test]
+    fn a_failed_start_names_the_file_and_the_operation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(SledStore::open(dir.path()).expect("a new store"));
+        let wal = wal::dir(dir.path());
+        std::fs::remove_dir_all(&wal).expect("remove the log directory");
+        std::fs::write(&wal, b"not a directory").expect("a file in its place");
+        let Err(err) = SledStore::open(dir.path()) else {
+            panic!("opened with a file for the log directory");
+        };
+        let text = err.to_string();
+        assert!(
+            text.contains("the log directory") && text.contains(&wal.display().to_string()),
+            "{text}"
+        );
+    }
     use std::collections::BTreeMap;
 
     #[test]

@@ -26,8 +26,9 @@ pub fn from_vault(e: VaultError) -> Status {
         }
         VaultError::AuditUnavailable(source) => {
             tracing::error!(error = %source, "audit event could not be written; operation refused");
+            // The trail lives in the store: a failing disk shows here too (review 25).
             Status::unavailable(
-                "audit trail unavailable: the operation was refused; nothing was changed or returned",
+                "audit trail unavailable (storage failure: see the server log): the operation was refused; nothing was changed or returned",
             )
         }
         VaultError::Internal(detail) => {
