@@ -11,6 +11,11 @@
 //! rest        ciphertext ‖ tag
 //! ```
 //!
+//! A long value is sealed *detached* instead ([`SealingKey::seal_detached`], format 2): its
+//! buffer is encrypted in place chunk by chunk and becomes the ciphertext, and a manifest
+//! holds the same 6-byte header (format 2) followed by each chunk's nonce ‖ tag. Chunk `i`
+//! opens as the envelope `header ‖ nonce_i ‖ chunk_i ‖ tag_i` would.
+//!
 //! The AEAD's associated data is the 6-byte header followed by the caller's context (record
 //! id, field name, …, each length-prefixed), so the header and the context are both
 //! authenticated: a flipped bit anywhere, or a ciphertext moved to another record or field,
@@ -33,7 +38,7 @@ pub const TAG_LEN: usize = 16;
 pub const HEADER_LEN: usize = 6;
 /// Bytes an envelope adds to its plaintext.
 pub const OVERHEAD: usize = HEADER_LEN + NONCE_LEN + TAG_LEN;
-/// The only envelope format this build writes and reads.
+/// Format byte of an envelope (header, nonce, ciphertext and tag in one piece).
 pub const FORMAT_V1: u8 = 1;
 /// Format byte of a detached seal ([`Detached`]): its header begins the manifest and is
 /// part of each chunk's AAD, so a chunk sealed detached never opens as an envelope's.

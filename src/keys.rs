@@ -9,10 +9,11 @@
 //!       ├─ kek/<category>/<version>   random 256-bit KEKs; the active (highest) version wraps
 //!       │                             new DEKs; older ones are decrypt-only until retired
 //!       │                             (deleted; `kek-info/<category>/<version>` keeps the facts)
-//!       ├─ index-root/1               random; HKDF(root, field name) → blind-index HMAC key;
-//!       │                             HKDF(root, "record-notes") → seals the privacy
-//!       │                             officer's reasons (restriction, legal hold) in headers
-//!       └─ integrity/<version>        random; HMAC-SHA256 over each stored record
+//!       ├─ index-root/1               random; HKDF(root, "kluis/v1/blind-index/" ‖ field)
+//!       │                             → blind-index HMAC key; HKDF(root,
+//!       │                             "kluis/v1/record-notes") → seals the privacy officer's
+//!       │                             reasons (restriction, legal hold) in headers
+//!       └─ integrity/1                random; HMAC-SHA256 over each stored record
 //! ```
 //!
 //! Everything that must be shared by several Kluis instances (KEK versions, which one is

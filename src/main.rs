@@ -78,8 +78,8 @@ enum Command {
         #[command(subcommand)]
         command: kluis::cli::keys::KeysCommand,
     },
-    /// Retention: what the retention sweeper would erase and when, computed offline without
-    /// changing anything.
+    /// Retention, offline: what the retention sweeper would erase and when (`plan`, changes
+    /// nothing), and confirming the date after the sweeper paused (`resume`).
     #[command(after_help = kluis::cli::retention::EXIT_CODES)]
     Retention {
         #[command(subcommand)]

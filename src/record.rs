@@ -2,14 +2,18 @@
 //! field chunks in the `fields` keyspace.
 //!
 //! ```text
-//! records/<record id (16 bytes)>  → StoredRecord { body, mac_key_version, mac }
+//! records/<record id (16 bytes)>  → StoredRecord { body, mac_key_version, mac, inline }
 //!   body = RecordBody { id, revision, timestamps, lifecycle,
 //!                       deks:   category → wrapped DEK,
 //!                       fields: name → { category, revision written, chunk count, size,
-//!                                        SHA-256 of its chunks' nonce ‖ tag, content type,
-//!                                        blind-index tag } }
+//!                                        SHA-256 of its chunks' nonce ‖ tag, detached,
+//!                                        content type, blind-index tag } }
 //!   mac  = HMAC-SHA256(integrity key, context("kluis/v1/record", key version, id, body))
-//! fields/<id> ‖ <name> ‖ 0x00 ‖ <revision u64> ‖ <chunk u32>  → envelope (≤ 16 KiB plaintext)
+//!   inline = name → envelope of a short value (≤ 512 bytes), outside the MAC
+//! fields/<id> ‖ <name> ‖ 0x00 ‖ <revision u64> ‖ <chunk u32>  → a detached value's chunk
+//!                                        ciphertext (16 KiB), or an envelope (records
+//!                                        written before detached sealing)
+//! fields/<id> ‖ <name> ‖ 0x00 ‖ <revision u64> ‖ 0xFFFFFFFF   → its manifest
 //! index/<name> ‖ 0x00 ‖ <HMAC of normalised value> ‖ <id>    → empty
 //! ```
 //!

@@ -579,7 +579,8 @@ pub enum RawValue<'a> {
 
 /// A parsed, normalised value, ready to seal.
 pub struct Parsed {
-    /// The normalised plaintext (UTF-8 for text types), laid out for sealing in place.
+    /// The normalised plaintext (UTF-8 for text types), in its own buffer, which sealing
+    /// turns into the ciphertext.
     pub plaintext: crate::record::PendingValue,
     /// The content type, for blobs.
     pub content_type: Option<String>,
