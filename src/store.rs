@@ -183,9 +183,10 @@ pub enum StoreError {
     /// The storage engine or the file system failed.
     #[error("storage failure: {0}")]
     Io(String),
-    /// A durability failure (this write's or an earlier one's) made the store refuse writes
-    /// until restart.
-    #[error("storage refuses writes since a failed log write or sync: {0}")]
+    /// A storage failure (at this write or an earlier one: a log write or sync, or applying
+    /// logged writes to sled) made the store refuse writes until restart; the reason names
+    /// the file and the operation.
+    #[error("storage refuses writes until restart: {0}")]
     Poisoned(String),
 }
 
@@ -299,6 +300,9 @@ struct Shared {
     /// Test hook: the apply thread panics at its next group.
     #[cfg(test)]
     panic_next_apply: std::sync::atomic::AtomicBool,
+    /// Test hook: applying the next group to sled fails.
+    #[cfg(test)]
+    fail_next_apply: std::sync::atomic::AtomicBool,
     /// Test hook: the next checkpoint's sync of sled's file fails.
     #[cfg(test)]
     fail_next_checkpoint_sync: std::sync::atomic::AtomicBool,
@@ -501,9 +505,10 @@ impl SledStore {
         if *applied.borrow() >= need {
             Ok(())
         } else {
-            Err(StoreError::Poisoned(
-                "applying durable writes to sled failed; restart to replay the log".into(),
-            ))
+            Err(StoreError::Poisoned(format!(
+                "applying logged writes to the sled store {} failed; a restart replays them",
+                shared.dir.join("db").display()
+            )))
         }
     }
 
@@ -727,6 +732,8 @@ impl SledStore {
             apply_gate: Mutex::new(()),
             #[cfg(test)]
             panic_next_apply: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            fail_next_apply: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             fail_next_checkpoint_sync: std::sync::atomic::AtomicBool::new(false),
         });
@@ -1284,6 +1291,13 @@ impl Shared {
                     }
                     let applied = {
                         let _apply = self.apply.write();
+                        #[cfg(test)]
+                        if self.fail_next_apply.swap(false, Ordering::SeqCst) {
+                            Err(StoreError::Io("injected apply failure".into()))
+                        } else {
+                            apply_group(&self.trees, &group, &chain_ops)
+                        }
+                        #[cfg(not(test))]
                         apply_group(&self.trees, &group, &chain_ops)
                     };
                     match applied {
@@ -1303,8 +1317,13 @@ impl Shared {
                         Err(e) => {
                             // The log holds these groups: the next start replays them.
                             // Until then sled may lack them, so refuse every later write.
-                            let reason = format!("applying durable writes to sled failed: {e}");
-                            tracing::error!(error = %e, "applying to sled failed; the store refuses writes until restart");
+                            // Named with the database and the operation: the log write and
+                            // sync had succeeded (review 27).
+                            let reason = format!(
+                                "applying logged writes to the sled store {} failed (they are in the write-ahead log: a restart replays them): {e}",
+                                self.dir.join("db").display()
+                            );
+                            tracing::error!(error = %reason, "applying to sled failed; the store refuses writes until restart");
                             *self.poisoned.lock() = Some(reason.clone());
                             self.fail(group, &reason);
                             // Readers waiting for answered writes must not wait forever: they
@@ -2115,6 +2134,49 @@ mod tests {
         assert!(later.is_err());
         drop(store);
         // The log holds the acknowledged write: the next start replays it.
+        let store = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(
+            store.get(Keyspace::Records, b"r").await.expect("get"),
+            Some(b"1".to_vec())
+        );
+    }
+
+    /// A failure to apply logged writes to sled refuses later writes with a reason that names
+    /// the database and says the log holds them, not a log failure (review 27).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_apply_names_the_database_and_refuses_later_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        store
+            .inner
+            .shared
+            .fail_next_apply
+            .store(true, Ordering::SeqCst);
+        let mut b = Batch::default();
+        b.put(Keyspace::Records, b"r".to_vec(), b"1".to_vec());
+        store.commit(b).await.expect("durable: acknowledged");
+        let ten_s = std::time::Duration::from_secs(10);
+        let read = tokio::time::timeout(ten_s, store.get(Keyspace::Records, b"r"))
+            .await
+            .expect("the reader is not left waiting");
+        assert!(matches!(read, Err(StoreError::Poisoned(_))), "{read:?}");
+        let mut b = Batch::default();
+        b.put(Keyspace::Records, b"later".to_vec(), b"1".to_vec());
+        let later = tokio::time::timeout(ten_s, store.commit(b))
+            .await
+            .expect("the writer is answered");
+        let Err(err) = later else {
+            panic!("a write after a failed apply was accepted");
+        };
+        let text = err.to_string();
+        let db = dir.path().join("db").display().to_string();
+        assert!(
+            text.contains(&db)
+                && text.contains("applying logged writes")
+                && !text.contains("log write or sync"),
+            "{text}"
+        );
+        drop(store);
         let store = SledStore::open(dir.path()).expect("reopen");
         assert_eq!(
             store.get(Keyspace::Records, b"r").await.expect("get"),
