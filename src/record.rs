@@ -32,8 +32,14 @@ use crate::crypto::{self, SecretKey};
 /// Plaintext bytes per sealed chunk. Together with the store's segment size this keeps every
 /// sled page below its blob threshold (see `store`).
 pub const CHUNK_LEN: usize = 16 * 1024;
-/// Current record format.
-pub const RECORD_FORMAT: u32 = 1;
+/// Current record format, written with every record body sealed from a full decode: 2 since
+/// detached field values (`8d9f5f1`), so that a build from before them, which accepts only
+/// format 1, refuses such a record whole (DATA_LOSS) instead of reading its detached chunks
+/// as envelopes, or dropping the `detached` flags it does not know when it writes the header
+/// back (which would lose those values for every build).
+pub const RECORD_FORMAT: u32 = 2;
+/// Oldest record format this build reads (format 1: every field value an envelope).
+pub const RECORD_FORMAT_OLDEST: u32 = 1;
 const CTX_RECORD: &[u8] = b"kluis/v1/record";
 const CTX_FIELD: &[u8] = b"kluis/v1/field";
 
@@ -562,7 +568,7 @@ impl<'a> DekHeader<'a> {
             return Err(HeaderError);
         }
         let ident = BodyIdentity::decode(parts.body).map_err(|_| HeaderError)?;
-        if ident.id != id || ident.format != RECORD_FORMAT {
+        if ident.id != id || !(RECORD_FORMAT_OLDEST..=RECORD_FORMAT).contains(&ident.format) {
             return Err(HeaderError);
         }
         Ok(Self {
@@ -683,9 +689,11 @@ impl RecordBody {
             return Err(HeaderError);
         }
         let mut body = RecordBody::decode(stored.body.as_slice()).map_err(|_| HeaderError)?;
-        if body.id != id || body.format != RECORD_FORMAT {
+        if body.id != id || !(RECORD_FORMAT_OLDEST..=RECORD_FORMAT).contains(&body.format) {
             return Err(HeaderError);
         }
+        // Sealed again, it is sealed in the current format (it may gain detached values).
+        body.format = RECORD_FORMAT;
         let mut inline = stored.inline;
         for (name, entry) in body.fields.iter_mut() {
             // Whatever the MACed body holds here is not trusted; a missing chunk stays
@@ -1093,6 +1101,28 @@ mod tests {
                 "byte {i}"
             );
         }
+    }
+
+    /// A body of format 1 (written before detached values) opens, and is sealed again in the
+    /// current format, which builds from before detached values refuse; a format this build
+    /// does not know is refused.
+    #[test]
+    fn older_formats_open_and_are_sealed_again_in_the_current_one() {
+        let key = SecretKey::generate().expect("rng");
+        let mut old = body();
+        old.format = 1;
+        let stored = old.seal(1, &key);
+        let opened = RecordBody::open(&[7; 16], &stored, 1, &key).expect("format 1 opens");
+        assert_eq!(opened.format, RECORD_FORMAT);
+        assert!(DekHeader::open(&[7; 16], &stored, 1, &key).is_ok());
+        let resealed = opened.seal(1, &key);
+        let again = RecordBody::open(&[7; 16], &resealed, 1, &key).expect("opens");
+        assert_eq!(again.format, 2);
+        let mut future = body();
+        future.format = RECORD_FORMAT + 1;
+        let stored = future.seal(1, &key);
+        assert!(RecordBody::open(&[7; 16], &stored, 1, &key).is_err());
+        assert!(DekHeader::open(&[7; 16], &stored, 1, &key).is_err());
     }
 
     /// A field kept in the header travels outside the MAC: opening restores it; damage to
