@@ -164,10 +164,6 @@ pub fn list(dir: &Path) -> Vec<PathBuf> {
 /// leaves the old anchor or the new one, never a part.
 pub fn save(path: &Path, store_id: &[u8; 16], cp: &Checkpoint) -> Result<(), AnchorError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let io = |e: std::io::Error| AnchorError::Io {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -178,26 +174,43 @@ pub fn save(path: &Path, store_id: &[u8; 16], cp: &Checkpoint) -> Result<(), Anc
     );
     // Named by the process: instances sharing a keys directory do not write each other's.
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    // Each step names what it did to which file (review 28: every failure read as one of
+    // the anchor file itself).
+    let at = |op: &str, file: &Path| {
+        let op = op.to_string();
+        let file = file.display().to_string();
+        move |e: std::io::Error| format!("{op} {file}: {e}")
+    };
     let written = (|| {
         // A temporary file left by a crash (of a process with this id) is replaced.
         match std::fs::remove_file(&tmp) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(at("removing the leftover temporary file", &tmp)(e))
+            }
             _ => {}
         }
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(encode(store_id, cp).as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+            .open(&tmp)
+            .map_err(at("creating the temporary file", &tmp))?;
+        file.write_all(encode(store_id, cp).as_bytes())
+            .map_err(at("writing the temporary file", &tmp))?;
+        file.sync_all()
+            .map_err(at("syncing the temporary file", &tmp))?;
+        std::fs::rename(&tmp, path).map_err(at("renaming it over", path))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(at("syncing the directory", dir))
     })();
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    written.map_err(io)
+    written.map_err(|reason| AnchorError::Io {
+        path: path.display().to_string(),
+        reason,
+    })
 }
 
 /// What the store records as its id.
@@ -306,6 +319,31 @@ mod tests {
             },
             1_700_000_000_500,
         )
+    }
+
+    /// A failed write names the step and the file it failed on, and leaves the anchor.
+    #[test]
+    fn a_failed_save_names_the_step_and_keeps_the_old_anchor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = signer(dir.path());
+        let id = [7u8; 16];
+        let p = path(dir.path(), &id);
+        save(&p, &id, &checkpoint(&s, 10)).expect("save");
+        let name = p.file_name().expect("name").to_string_lossy().into_owned();
+        let tmp = dir
+            .path()
+            .join(format!(".{name}.{}.tmp", std::process::id()));
+        std::fs::create_dir(&tmp).expect("a directory in the way");
+        std::fs::write(tmp.join("x"), b"x").expect("not empty");
+        let err = save(&p, &id, &checkpoint(&s, 20)).expect_err("refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("removing the leftover temporary file")
+                && text.contains(&tmp.display().to_string()),
+            "{text}"
+        );
+        let got = load(&p, &id, &s.public_key()).expect("load").expect("kept");
+        assert_eq!(got.seq, 10);
     }
 
     #[test]

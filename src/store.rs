@@ -269,7 +269,8 @@ struct Shared {
     data_file: std::fs::File,
     dir: PathBuf,
     durability: Durability,
-    /// Set after a failed write or sync.
+    /// Set after a failed write, sync or apply: the first failure's reason (later ones do not
+    /// replace it, so the log's last lines still name the cause; review 28).
     poisoned: Mutex<Option<String>>,
     flushes: AtomicU64,
     /// Writes the leader has accepted but the log writer has not yet applied to sled (they
@@ -983,7 +984,7 @@ fn lead(inner: &Arc<SledInner>) {
             };
             if let Err(job) = sent {
                 let reason = "the log writer stopped".to_string();
-                *shared.poisoned.lock() = Some(reason.clone());
+                shared.poisoned.lock().get_or_insert(reason.clone());
                 shared.forget(&job);
                 job.answer(|_| Err(StoreError::Poisoned(reason.clone())));
             }
@@ -1126,7 +1127,7 @@ impl Shared {
             .spawn(move || applier_shared.apply_durable(durable));
         let Ok(applier) = applier else {
             let reason = "could not start the apply thread".to_string();
-            *self.poisoned.lock() = Some(reason.clone());
+            self.poisoned.lock().get_or_insert(reason.clone());
             while let Ok(job) = jobs.recv() {
                 self.fail(vec![job], &reason);
             }
@@ -1215,7 +1216,7 @@ impl Shared {
                     let file = wal::file_path(&wal::dir(&self.dir), log.no);
                     let reason = format!("{op} the write-ahead log {}: {e}", file.display());
                     tracing::error!(error = %reason, "write-ahead log write failed; the store refuses writes until restart");
-                    *self.poisoned.lock() = Some(reason.clone());
+                    self.poisoned.lock().get_or_insert(reason.clone());
                     self.fail(group, &reason);
                     continue;
                 }
@@ -1237,7 +1238,7 @@ impl Shared {
                 to_applier.send(Durable::Group(group, chain_ops))
             {
                 let reason = "the apply thread stopped".to_string();
-                *self.poisoned.lock() = Some(reason.clone());
+                self.poisoned.lock().get_or_insert(reason.clone());
                 self.fail(group, &reason);
             }
             if log.len > CHECKPOINT_BYTES {
@@ -1268,7 +1269,10 @@ impl Shared {
         impl Drop for OnPanic<'_> {
             fn drop(&mut self) {
                 if std::thread::panicking() {
-                    *self.0.poisoned.lock() = Some("the apply thread stopped".into());
+                    self.0
+                        .poisoned
+                        .lock()
+                        .get_or_insert("the apply thread stopped".into());
                     self.0.apply_failed.store(true, Ordering::Release);
                     self.0.applied.send_modify(|_| {});
                 }
@@ -1324,7 +1328,7 @@ impl Shared {
                                 self.dir.join("db").display()
                             );
                             tracing::error!(error = %reason, "applying to sled failed; the store refuses writes until restart");
-                            *self.poisoned.lock() = Some(reason.clone());
+                            self.poisoned.lock().get_or_insert(reason.clone());
                             self.fail(group, &reason);
                             // Readers waiting for answered writes must not wait forever: they
                             // get an error (the log holds those writes for the next start).
@@ -1346,7 +1350,7 @@ impl Shared {
                         let reason =
                             format!("making sled's file durable failed at a checkpoint: {e}");
                         tracing::error!(error = %e, "checkpoint sync failed; the store refuses writes until restart");
-                        *self.poisoned.lock() = Some(reason.clone());
+                        self.poisoned.lock().get_or_insert(reason.clone());
                         self.apply_failed.store(true, Ordering::Release);
                         self.applied.send_modify(|_| {});
                         broken = Some(reason);
