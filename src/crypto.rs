@@ -155,15 +155,7 @@ impl EnvelopeHeader {
         if sealed.len() < OVERHEAD {
             return Err(CryptoError::Malformed);
         }
-        let header = Self {
-            format: sealed[0],
-            algorithm: sealed[1],
-            key_version: u32::from_be_bytes([sealed[2], sealed[3], sealed[4], sealed[5]]),
-        };
-        if header.format != FORMAT_V1 || header.algorithm != ALG_AES_256_GCM {
-            return Err(CryptoError::Malformed);
-        }
-        Ok(header)
+        Self::read(sealed, FORMAT_V1)
     }
 
     /// Reads the header of a [`Detached`] manifest: format [`FORMAT_DETACHED`], followed by
@@ -173,12 +165,18 @@ impl EnvelopeHeader {
         if !seals.is_some_and(|n| n > 0 && n % SEAL_LEN == 0) {
             return Err(CryptoError::Malformed);
         }
+        Self::read(manifest, FORMAT_DETACHED)
+    }
+
+    /// The header at the start of `bytes` (at least [`HEADER_LEN`] long), if it is of
+    /// `format` and AES-256-GCM.
+    fn read(bytes: &[u8], format: u8) -> Result<Self, CryptoError> {
         let header = Self {
-            format: manifest[0],
-            algorithm: manifest[1],
-            key_version: u32::from_be_bytes([manifest[2], manifest[3], manifest[4], manifest[5]]),
+            format: bytes[0],
+            algorithm: bytes[1],
+            key_version: u32::from_be_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]),
         };
-        if header.format != FORMAT_DETACHED || header.algorithm != ALG_AES_256_GCM {
+        if header.format != format || header.algorithm != ALG_AES_256_GCM {
             return Err(CryptoError::Malformed);
         }
         Ok(header)
