@@ -2507,8 +2507,8 @@ impl Placed {
     }
 }
 
-/// Puts a sealed field value into `batch` under `revision`: a small envelope stays for the
-/// header ([`record::INLINE_MAX`]); detached chunks and their manifest go to the `fields`
+/// Puts a sealed field value into `batch` under `revision`: an envelope (a short value, at
+/// most [`record::INLINE_MAX`] bytes sealed) stays for the header; detached chunks and their manifest go to the `fields`
 /// keyspace (the chunks as views of the sealed buffer). `stored_before` is what the same
 /// revision held before ([`FieldEntry::stored`], e.g. for a re-key; `(0, false)` for a new
 /// revision): chunks past the new count, and a manifest the new value has no use for, are
@@ -2529,7 +2529,12 @@ pub(crate) fn place_chunks(
         }
     };
     match sealed.value {
-        record::SealedValue::Envelope(envelope) if envelope.len() <= record::INLINE_MAX => {
+        // At most `record::ENVELOPE_MAX` bytes sealed: the envelope fits the header.
+        record::SealedValue::Envelope(envelope) => {
+            debug_assert!(
+                envelope.len() <= record::INLINE_MAX,
+                "an envelope fits the header"
+            );
             delete_from(batch, 0);
             if manifest_before {
                 batch.delete(Keyspace::Fields, record::manifest_key(id, name, revision));
@@ -2537,22 +2542,6 @@ pub(crate) fn place_chunks(
             Placed {
                 chunks: 1,
                 inline: envelope,
-                detached: false,
-            }
-        }
-        record::SealedValue::Envelope(envelope) => {
-            delete_from(batch, 1);
-            if manifest_before {
-                batch.delete(Keyspace::Fields, record::manifest_key(id, name, revision));
-            }
-            batch.put(
-                Keyspace::Fields,
-                record::chunk_key(id, name, revision, 0),
-                envelope,
-            );
-            Placed {
-                chunks: 1,
-                inline: Vec::new(),
                 detached: false,
             }
         }
