@@ -20,12 +20,18 @@
 //!
 //! Not asserted on, because kluis cannot wipe it:
 //! - the gRPC transport's buffers (tonic, h2, hyper) and prost's decoded request strings
-//!   (review 8, finding 5): this test calls the [`Vault`] directly, below gRPC;
+//!   (review 8, finding 5): this test calls the [`Vault`] and the records service's handlers
+//!   directly, below the transport;
 //! - buffers internal to libraries that kluis hands a value to: ICU4X's normaliser and the
 //!   `idna` crate keep up to a few hundred characters in inline (stack) buffers and spill to
 //!   the heap only for longer input; `str::to_lowercase` sizes its string to its input and
 //!   grows it only for the few capitals that lower-case to more bytes (`İ`, `Ⱥ`, `Ⱦ`). The
 //!   values planted here trigger none of these, so a hit is always kluis's own copy.
+//!
+//! Covered: every vault operation that handles a value (short values in the record header,
+//! long ones sealed detached in their own buffer), exports, requests refused after their values
+//! were parsed, the service's conversion of request and answer messages, and the bearer tokens
+//! that `kluis init` and dev mode make.
 //!
 //! Determinism: the phases run one after another on one thread (a current-thread runtime,
 //! in the one test that scans). The only other test here uses a value that is not planted.
@@ -67,6 +73,15 @@ const MARKERS: &[(&str, &str)] = &[
     ("restriction reason", "Reasonmarkerzq Jansen"),
     ("legal hold reason", "Holdmarkerzq case 117"),
     ("wage", "4321.77"),
+    // Values sealed detached (longer than `record::ENVELOPE_MAX`), each a repeated 12-byte
+    // unit, and values of requests refused after they were parsed (review 29).
+    ("long blob (detached)", "Blobmarkerzq"),
+    ("long blob, base64 (export)", "QmxvYm1hcmtlcnpx"),
+    ("long text (detached)", "Textmarkerzq"),
+    ("refused long blob", "Refblobmarkq"),
+    ("refused long text", "Reftextmarkq"),
+    ("service long blob", "Svcblobmarkq"),
+    ("service long text", "Svctextmarkq"),
 ];
 
 /// The label of the value the test frees unwiped itself, to see that the scan finds it.
@@ -205,6 +220,35 @@ fn kept_copies<T>(
         .collect()
 }
 
+/// A value of `len` bytes repeating `unit` (12 bytes: base64 stays aligned), built in place.
+fn long(unit: &str, len: usize) -> Zeroizing<Vec<u8>> {
+    let mut v = Zeroizing::new(Vec::with_capacity(len));
+    while v.len() < len {
+        let n = (len - v.len()).min(unit.len());
+        v.extend_from_slice(&unit.as_bytes()[..n]);
+    }
+    v
+}
+fn long_text(unit: &str, len: usize) -> Zeroizing<String> {
+    let mut s = Zeroizing::new(String::with_capacity(len));
+    while s.len() + unit.len() <= len {
+        s.push_str(unit);
+    }
+    s
+}
+fn blob(name: &str, unit: &str, len: usize) -> (String, Value) {
+    (
+        name.to_string(),
+        Value::Blob {
+            bytes: long(unit, len),
+            content_type: "text/plain".into(),
+        },
+    )
+}
+fn ltext(name: &str, unit: &str, len: usize) -> (String, Value) {
+    (name.to_string(), Value::Text(long_text(unit, len)))
+}
+
 #[test]
 fn no_plaintext_value_or_token_is_left_in_freed_heap_memory() {
     NEEDLES.get_or_init(|| {
@@ -255,7 +299,8 @@ fn no_plaintext_value_or_token_is_left_in_freed_heap_memory() {
         .enable_all()
         .build()
         .expect("runtime");
-    let phases = runtime.block_on(values_phases());
+    let mut phases = runtime.block_on(values_phases()).to_vec();
+    phases.extend(runtime.block_on(long_values_phases(phases.len())));
     MODE.store(0, Ordering::SeqCst);
 
     let hits = std::mem::take(&mut *HITS.lock().expect("hits"));
@@ -560,4 +605,272 @@ fn state_change_debug_does_not_show_the_reason() {
         );
         assert!(shown.contains("reason: <redacted>"), "{shown}");
     }
+}
+
+/// The vault's and the service's handling of long values, sealed detached, and of requests
+/// refused after their values were parsed (review 29), as phases numbered from `first`.
+/// Returns the phases' names.
+async fn long_values_phases(first: usize) -> [&'static str; 12] {
+    let phases = [
+        "0 setup (long values)",
+        "1 create: 40 KB blob + 600-byte text (detached)",
+        "2 get (detached read)",
+        "3 update: replace blob and text (detached)",
+        "4 create refused after parsing (last field invalid)",
+        "5 update refused after parsing (stale revision)",
+        "6 update refused after parsing (legal hold / erasure state)",
+        "7 export (blob base64)",
+        "8 service CreateRecord ok + GetRecord",
+        "9 service CreateRecord refused by shape (to_values)",
+        "10 service UpdateRecord refused after parsing (stale revision)",
+        "11 done",
+    ];
+    use kluis::proto::records_server::Records;
+    use kluis::proto::{field_value::Kind, FieldValue};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path()).expect("open");
+    let master = MasterKey::from_secret(SecretKey::generate().expect("rng"));
+    let mut policy = Policy::default_policy();
+    policy
+        .add_token_hash(
+            "t-rec",
+            "recruiter",
+            kluis::policy::token_hash("tok-recruiter"),
+        )
+        .expect("token");
+    let policy = Arc::new(policy);
+    let keys = Arc::new(KeyRing::open(&store, &master).await.expect("keys"));
+    let vault = Arc::new(
+        Vault::new(store, Arc::new(Schema::default_schema()), keys)
+            .with_policy(Arc::clone(&policy)),
+    );
+    let service = kluis::service::RecordsService::new(
+        Arc::clone(&vault),
+        kluis::service::Authenticator::new(Arc::clone(&policy)),
+        160 << 20,
+        kluis::service::answer::AnswerBudget::for_requests(80 << 20),
+    );
+    let who = |role: &str| Caller {
+        principal: Arc::from(format!("t-{role}")),
+        role: Arc::clone(policy.role(role).expect("role")),
+    };
+    let (recruiter, officer) = (who("recruiter"), who("privacy_officer"));
+    let ctx = audit::Context::new;
+
+    MODE.store(SCAN, Ordering::SeqCst);
+    PHASE.store(first + 1, Ordering::SeqCst);
+    let (id, _) = vault
+        .create(
+            &recruiter,
+            "recruitment",
+            vec![
+                blob("cv_document", "Blobmarkerzq", 40_000),
+                ltext("education", "Textmarkerzq", 600),
+                text("full_name", "Plain Name"),
+            ],
+            &mut ctx("CreateRecord"),
+        )
+        .await
+        .expect("create");
+    let id = id.to_string();
+
+    PHASE.store(first + 2, Ordering::SeqCst);
+    drop(
+        vault
+            .get(&recruiter, &id, "recruitment", &[])
+            .await
+            .expect("get"),
+    );
+
+    PHASE.store(first + 3, Ordering::SeqCst);
+    vault
+        .update(
+            &recruiter,
+            &id,
+            "recruitment",
+            Change {
+                expected_revision: 0,
+                set: vec![
+                    blob("cv_document", "Blobmarkerzq", 50_000),
+                    ltext("education", "Textmarkerzq", 900),
+                ],
+                clear: vec![],
+            },
+            &mut ctx("UpdateRecord"),
+        )
+        .await
+        .expect("update");
+    drop(
+        vault
+            .get(&recruiter, &id, "recruitment", &[])
+            .await
+            .expect("get"),
+    );
+
+    PHASE.store(first + 4, Ordering::SeqCst);
+    let refused = vault
+        .create(
+            &recruiter,
+            "recruitment",
+            vec![
+                blob("cv_document", "Refblobmarkq", 40_000),
+                ltext("education", "Reftextmarkq", 600),
+                text("date_of_birth", "2999-01-01"),
+            ],
+            &mut ctx("CreateRecord"),
+        )
+        .await;
+    assert!(refused.is_err());
+
+    PHASE.store(first + 5, Ordering::SeqCst);
+    let refused = vault
+        .update(
+            &recruiter,
+            &id,
+            "recruitment",
+            Change {
+                expected_revision: 1,
+                set: vec![
+                    blob("cv_document", "Refblobmarkq", 40_000),
+                    ltext("education", "Reftextmarkq", 600),
+                ],
+                clear: vec![],
+            },
+            &mut ctx("UpdateRecord"),
+        )
+        .await;
+    assert!(refused.is_err(), "stale");
+
+    MODE.store(0, Ordering::SeqCst);
+    vault
+        .set_state(
+            &officer,
+            &id,
+            kluis::vault::StateChange::LegalHold {
+                hold: true,
+                reason: String::from("some case").into(),
+            },
+            &mut ctx("SetLegalHold"),
+        )
+        .await
+        .expect("hold");
+    vault
+        .set_state(
+            &officer,
+            &id,
+            kluis::vault::StateChange::Restriction {
+                restricted: true,
+                reason: String::from("some reason").into(),
+            },
+            &mut ctx("SetRestriction"),
+        )
+        .await
+        .expect("restrict");
+    MODE.store(SCAN, Ordering::SeqCst);
+    PHASE.store(first + 6, Ordering::SeqCst);
+    let refused = vault
+        .update(
+            &recruiter,
+            &id,
+            "recruitment",
+            Change {
+                expected_revision: 0,
+                set: vec![
+                    blob("cv_document", "Refblobmarkq", 40_000),
+                    ltext("education", "Reftextmarkq", 600),
+                ],
+                clear: vec![],
+            },
+            &mut ctx("UpdateRecord"),
+        )
+        .await;
+    assert!(refused.is_err(), "restricted");
+
+    PHASE.store(first + 7, Ordering::SeqCst);
+    let doc = vault
+        .export(&officer, &id, &mut ctx("ExportRecord"))
+        .await
+        .expect("export");
+    assert!(doc.contains("QmxvYm1hcmtlcnpx"));
+    drop(doc);
+
+    PHASE.store(first + 8, Ordering::SeqCst);
+    let req = |fields: Vec<(&str, FieldValue)>| {
+        let mut r = tonic::Request::new(kluis::proto::CreateRecordRequest {
+            purpose: "recruitment".into(),
+            fields: fields
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v))
+                .collect(),
+        });
+        r.metadata_mut().insert(
+            "authorization",
+            "Bearer tok-recruiter".parse().expect("meta"),
+        );
+        r
+    };
+    let fv_blob = |unit: &str, len: usize| FieldValue {
+        kind: Some(Kind::Blob(std::mem::take(&mut *long(unit, len)))),
+        content_type: "text/plain".into(),
+    };
+    let fv_text = |unit: &str, len: usize| FieldValue {
+        kind: Some(Kind::Text(std::mem::take(&mut *long_text(unit, len)))),
+        content_type: String::new(),
+    };
+    let created = service
+        .create_record(req(vec![
+            ("cv_document", fv_blob("Svcblobmarkq", 40_000)),
+            ("education", fv_text("Svctextmarkq", 600)),
+        ]))
+        .await
+        .expect("service create")
+        .into_inner();
+    let mut g = tonic::Request::new(kluis::proto::GetRecordRequest {
+        record_id: created.record_id.clone(),
+        purpose: "recruitment".into(),
+        field_names: vec![],
+    });
+    g.metadata_mut().insert(
+        "authorization",
+        "Bearer tok-recruiter".parse().expect("meta"),
+    );
+    drop(service.get_record(g).await.expect("service get"));
+
+    PHASE.store(first + 9, Ordering::SeqCst);
+    let shaped = service
+        .create_record(req(vec![
+            ("cv_document", fv_blob("Svcblobmarkq", 40_000)),
+            ("education", fv_text("Svctextmarkq", 600)),
+            (
+                "full_name",
+                FieldValue {
+                    kind: Some(Kind::Text("x".into())),
+                    content_type: "text/plain".into(),
+                },
+            ),
+        ]))
+        .await;
+    assert!(shaped.is_err());
+
+    PHASE.store(first + 10, Ordering::SeqCst);
+    let mut u = tonic::Request::new(kluis::proto::UpdateRecordRequest {
+        record_id: created.record_id.clone(),
+        purpose: "recruitment".into(),
+        expected_revision: 7,
+        set: [
+            ("cv_document".to_string(), fv_blob("Svcblobmarkq", 40_000)),
+            ("education".to_string(), fv_text("Svctextmarkq", 600)),
+        ]
+        .into(),
+        clear: vec![],
+    });
+    u.metadata_mut().insert(
+        "authorization",
+        "Bearer tok-recruiter".parse().expect("meta"),
+    );
+    assert!(service.update_record(u).await.is_err());
+
+    PHASE.store(first + 11, Ordering::SeqCst);
+    MODE.store(0, Ordering::SeqCst);
+    phases
 }
