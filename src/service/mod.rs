@@ -225,7 +225,12 @@ fn to_values(
     prefix: &str,
     fields: impl IntoIterator<Item = (String, proto::FieldValue)>,
 ) -> Result<Vec<(String, Value)>, Status> {
-    let mut out = Vec::new();
+    // In name order (a request's map arrives in no fixed order), so that a request with
+    // several bad fields is refused for the same one every time. Sorting moves the values'
+    // buffers, it copies none.
+    let mut fields: Vec<_> = fields.into_iter().collect();
+    fields.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut out = Vec::with_capacity(fields.len());
     for (name, mut value) in fields {
         if let Some(shape) = shape_error(prefix, &name, &value) {
             return Err(shape);

@@ -345,6 +345,73 @@ async fn validation_errors_name_the_field_and_rule_and_change_nothing() {
 }
 
 #[tokio::test]
+async fn a_request_with_several_bad_fields_is_refused_for_the_first_by_name_every_time() {
+    // Arrange: fields that each break a rule, sent in a map (no fixed order on the wire or
+    // in the server).
+    let vault = spawn_vault().await;
+    let mut recruiter = vault.client("recruiter").await;
+    let mut payroll = vault.client("payroll").await;
+    let bad = || {
+        fields(&[
+            ("postcode", text("33110KG")),
+            ("full_name", text(&"x".repeat(201))),
+            ("phone", text("call me")),
+            ("date_of_birth", text("1990-02-30")),
+            ("email", text("not an address")),
+        ])
+    };
+
+    // Act: the same requests, sent again and again.
+    let mut named = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        let create = recruiter
+            .create_record(CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: bad(),
+            })
+            .await
+            .expect_err("bad fields");
+        named.insert((create.code() as i32, create.message().to_string()));
+    }
+    let id = recruiter
+        .create_record(CreateRecordRequest {
+            purpose: "recruitment".into(),
+            fields: fields(&[("full_name", text("Jan Jansen"))]),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .record_id;
+    let mut updated = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        let update = payroll
+            .update_record(UpdateRecordRequest {
+                record_id: id.clone(),
+                purpose: "payroll".into(),
+                expected_revision: 1,
+                set: fields(&[
+                    ("iban", text("NL00 BANK 0000 0000 00")),
+                    ("bsn", text("111222334")),
+                ]),
+                clear: vec![],
+            })
+            .await
+            .expect_err("bad fields");
+        updated.insert((update.code() as i32, update.message().to_string()));
+    }
+
+    // Assert: one answer each, naming the field first by name.
+    assert_eq!(named.len(), 1, "{named:?}");
+    let (code, message) = named.pop_first().expect("one answer");
+    assert_eq!(code, Code::InvalidArgument as i32, "{message}");
+    assert!(message.starts_with("fields.date_of_birth"), "{message}");
+    assert_eq!(updated.len(), 1, "{updated:?}");
+    let (code, message) = updated.pop_first().expect("one answer");
+    assert_eq!(code, Code::InvalidArgument as i32, "{message}");
+    assert!(message.starts_with("set.bsn"), "{message}");
+}
+
+#[tokio::test]
 async fn stale_revision_and_unknown_record() {
     let vault = spawn_vault().await;
     let mut recruiter = vault.client("recruiter").await;
