@@ -835,7 +835,6 @@ impl<S: Store> Vault<S> {
         purpose: &str,
         field_names: &[String],
     ) -> Result<ReadResult, VaultError> {
-        let id = parse_record_id(record_id)?;
         self.check_purpose(caller, purpose)?;
         let mut wanted = BTreeSet::new();
         for name in field_names {
@@ -845,6 +844,9 @@ impl<S: Store> Vault<S> {
             }
             wanted.insert(def.name.as_str());
         }
+        // The id after the purpose and the rights (ARCHITECTURE.md, "Order of checks"): a
+        // caller without them is `denied`, whatever id it sent.
+        let id = parse_record_id(record_id)?;
         let idb = id.as_bytes();
         let mut attempt = 0;
         loop {
@@ -899,7 +901,6 @@ impl<S: Store> Vault<S> {
             set,
             clear,
         } = change;
-        let id = parse_record_id(record_id)?;
         self.check_purpose(caller, purpose)?;
         if set.is_empty() && clear.is_empty() {
             return Err(VaultError::invalid(
@@ -910,14 +911,14 @@ impl<S: Store> Vault<S> {
         let mut cleared: BTreeMap<&str, &FieldDef> = BTreeMap::new();
         for name in &clear {
             let def = self.field_def("clear", name)?;
+            if !caller.role.may_write(def.category) {
+                return Err(denied_field(caller, "write", def));
+            }
             if set.iter().any(|(n, _)| n == name) {
                 return Err(VaultError::invalid(
                     format!("clear.{name}"),
                     "a field cannot be both set and cleared",
                 ));
-            }
-            if !caller.role.may_write(def.category) {
-                return Err(denied_field(caller, "write", def));
             }
             if cleared.insert(def.name.as_str(), def).is_some() {
                 return Err(VaultError::invalid(
@@ -927,6 +928,8 @@ impl<S: Store> Vault<S> {
             }
         }
         let mut parsed = self.parse_writes(caller, "set", set)?;
+        // The id after the purpose and the rights, as in `get`.
+        let id = parse_record_id(record_id)?;
         let idb = id.as_bytes().to_vec();
         for _ in 0..MAX_RETRIES {
             let (raw, mut body) = self.load(id).await?;
@@ -1222,7 +1225,6 @@ impl<S: Store> Vault<S> {
         today: chrono::NaiveDate,
         event: &mut audit::Context,
     ) -> Result<Erasure, VaultError> {
-        let id = parse_record_id(record_id)?;
         // The right first: a role without it is told which right it lacks, not that a
         // purpose it did not send (data subject requests run under one) is not allowed.
         if !caller.role.records.contains(&RecordRight::Erase) {
@@ -1232,6 +1234,8 @@ impl<S: Store> Vault<S> {
             )));
         }
         self.check_purpose(caller, PURPOSE_DSR)?;
+        // The id after the right and the purpose, as in `get`.
+        let id = parse_record_id(record_id)?;
         if !crate::schema::has_visible_char(reason) {
             return Err(VaultError::invalid(
                 "reason",
@@ -1289,7 +1293,6 @@ impl<S: Store> Vault<S> {
         event: &mut audit::Context,
     ) -> Result<Zeroizing<String>, VaultError> {
         use base64::Engine;
-        let id = parse_record_id(record_id)?;
         // The right first: a role without it is told which right it lacks, not that a
         // purpose it did not send (data subject requests run under one) is not allowed.
         if !caller.role.records.contains(&RecordRight::Export) {
@@ -1299,6 +1302,8 @@ impl<S: Store> Vault<S> {
             )));
         }
         self.check_purpose(caller, PURPOSE_DSR)?;
+        // The id after the right and the purpose, as in `get`.
+        let id = parse_record_id(record_id)?;
         // As in `get`: a concurrent update may replace the chunks between reading the header
         // and the chunks; re-read, and only an unchanged header makes it damage.
         let mut attempt = 0;
@@ -1637,7 +1642,6 @@ impl<S: Store> Vault<S> {
         change: StateChange,
         event: &mut audit::Context,
     ) -> Result<RecordMeta, VaultError> {
-        let id = parse_record_id(record_id)?;
         let right = change.right();
         if !caller.role.records.contains(&right) {
             return Err(VaultError::PermissionDenied(format!(
@@ -1654,6 +1658,8 @@ impl<S: Store> Vault<S> {
                 right.as_str()
             )));
         }
+        // The id after the right, as in `get`.
+        let id = parse_record_id(record_id)?;
         match &change {
             StateChange::Lifecycle { stage, date } => {
                 if !LIFECYCLE_STAGES.contains(&stage.as_str()) {

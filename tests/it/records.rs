@@ -412,6 +412,114 @@ async fn a_request_with_several_bad_fields_is_refused_for_the_first_by_name_ever
 }
 
 #[tokio::test]
+async fn a_caller_without_the_right_is_denied_whatever_record_id_it_sends() {
+    // Arrange: roles without the right each call needs, and ids that are not UUIDs.
+    let vault = spawn_vault().await;
+    let mut recruiter = vault.client("recruiter").await;
+    let mut auditor = vault.client("auditor").await;
+    let id = recruiter
+        .create_record(CreateRecordRequest {
+            purpose: "recruitment".into(),
+            fields: fields(&[("full_name", text("Jan Jansen"))]),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .record_id;
+
+    for bad_id in ["x", "111222333", ""] {
+        // Act and assert: PERMISSION_DENIED, as with a well-formed id.
+        let get = auditor
+            .get_record(GetRecordRequest {
+                record_id: bad_id.into(),
+                purpose: "recruitment".into(),
+                field_names: vec![],
+            })
+            .await
+            .err()
+            .expect("auditor may not read records");
+        assert_eq!(get.code(), Code::PermissionDenied, "{}", get.message());
+        let update = recruiter
+            .update_record(UpdateRecordRequest {
+                record_id: bad_id.into(),
+                purpose: "recruitment".into(),
+                expected_revision: 0,
+                set: fields(&[("bsn", text("111222333"))]),
+                clear: vec![],
+            })
+            .await
+            .err()
+            .expect("recruiter may not write bsn");
+        assert_eq!(
+            update.code(),
+            Code::PermissionDenied,
+            "{}",
+            update.message()
+        );
+        let erase = recruiter
+            .erase_record(kluis::proto::EraseRecordRequest {
+                record_id: bad_id.into(),
+                reason: "asked".into(),
+            })
+            .await
+            .err()
+            .expect("recruiter may not erase");
+        assert_eq!(erase.code(), Code::PermissionDenied, "{}", erase.message());
+        let export = recruiter
+            .export_record(kluis::proto::ExportRecordRequest {
+                record_id: bad_id.into(),
+            })
+            .await
+            .err()
+            .expect("recruiter may not export");
+        assert_eq!(
+            export.code(),
+            Code::PermissionDenied,
+            "{}",
+            export.message()
+        );
+        let hold = recruiter
+            .set_legal_hold(kluis::proto::SetLegalHoldRequest {
+                record_id: bad_id.into(),
+                hold: true,
+                reason: "case".into(),
+            })
+            .await
+            .err()
+            .expect("recruiter may not set a legal hold");
+        assert_eq!(hold.code(), Code::PermissionDenied, "{}", hold.message());
+    }
+    // A field both set and cleared, by a role that may not write it at all.
+    let both = recruiter
+        .update_record(UpdateRecordRequest {
+            record_id: id.clone(),
+            purpose: "recruitment".into(),
+            expected_revision: 0,
+            set: fields(&[("bsn", text("111222333"))]),
+            clear: vec!["bsn".into()],
+        })
+        .await
+        .err()
+        .expect("recruiter may not write bsn");
+    assert_eq!(both.code(), Code::PermissionDenied, "{}", both.message());
+    // With the rights, a bad id is still INVALID_ARGUMENT naming the field.
+    let mut officer = vault.client("privacy_officer").await;
+    let export = officer
+        .export_record(kluis::proto::ExportRecordRequest {
+            record_id: "x".into(),
+        })
+        .await
+        .err()
+        .expect("not a UUID");
+    assert_eq!(export.code(), Code::InvalidArgument, "{}", export.message());
+    assert!(
+        export.message().starts_with("record_id"),
+        "{}",
+        export.message()
+    );
+}
+
+#[tokio::test]
 async fn stale_revision_and_unknown_record() {
     let vault = spawn_vault().await;
     let mut recruiter = vault.client("recruiter").await;
