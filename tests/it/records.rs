@@ -448,8 +448,7 @@ async fn a_caller_without_the_right_is_denied_whatever_record_id_it_sends() {
                 clear: vec![],
             })
             .await
-            .err()
-            .expect("recruiter may not write bsn");
+            .expect_err("recruiter may not write bsn");
         assert_eq!(
             update.code(),
             Code::PermissionDenied,
@@ -462,8 +461,7 @@ async fn a_caller_without_the_right_is_denied_whatever_record_id_it_sends() {
                 reason: "asked".into(),
             })
             .await
-            .err()
-            .expect("recruiter may not erase");
+            .expect_err("recruiter may not erase");
         assert_eq!(erase.code(), Code::PermissionDenied, "{}", erase.message());
         let export = recruiter
             .export_record(kluis::proto::ExportRecordRequest {
@@ -485,8 +483,7 @@ async fn a_caller_without_the_right_is_denied_whatever_record_id_it_sends() {
                 reason: "case".into(),
             })
             .await
-            .err()
-            .expect("recruiter may not set a legal hold");
+            .expect_err("recruiter may not set a legal hold");
         assert_eq!(hold.code(), Code::PermissionDenied, "{}", hold.message());
     }
     // A field both set and cleared, by a role that may not write it at all.
@@ -499,8 +496,7 @@ async fn a_caller_without_the_right_is_denied_whatever_record_id_it_sends() {
             clear: vec!["bsn".into()],
         })
         .await
-        .err()
-        .expect("recruiter may not write bsn");
+        .expect_err("recruiter may not write bsn");
     assert_eq!(both.code(), Code::PermissionDenied, "{}", both.message());
     // With the rights, a bad id is still INVALID_ARGUMENT naming the field.
     let mut officer = vault.client("privacy_officer").await;
