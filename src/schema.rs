@@ -1311,7 +1311,7 @@ impl fmt::Display for Date {
 }
 
 fn parse_amount(text: &str) -> Result<Zeroizing<String>, ValueError> {
-    let rule = "amount must be a non-negative number with at most two decimals, e.g. 3125.50";
+    let rule = "amount must be a non-negative number with at most 12 digits before the point and two after, e.g. 3125.50";
     let s = text.trim();
     let (int, frac) = match s.split_once('.') {
         Some((i, f)) => (i, Some(f)),

@@ -115,6 +115,10 @@ pub fn event_to_proto(e: audit::Event) -> proto::AuditEvent {
     }
 }
 
+/// The longest `principal` filter: a principal is at most `cli:` with a 64-character account
+/// and ` (SUDO_USER=…)` with another (`cli::keys::cli_principal`); policy names are at most 64.
+const MAX_PRINCIPAL_FILTER: usize = 160;
+
 #[tonic::async_trait]
 impl<S: Store> proto::audit_server::Audit for AuditService<S> {
     #[instrument(skip_all)]
@@ -152,6 +156,15 @@ impl<S: Store> proto::audit_server::Audit for AuditService<S> {
                 return Err(Status::invalid_argument(
                     "record_id: not a record id (a UUID such as 3f2c…-…)",
                 ));
+            }
+            // No principal has another shape (policy names, `system:…`, `cli:<account> …`): a
+            // filter that cannot match is refused rather than answered with an empty page.
+            let printable = req.principal.bytes().all(|b| (0x20..0x7f).contains(&b));
+            if !req.principal.is_empty() && (req.principal.len() > MAX_PRINCIPAL_FILTER || !printable)
+            {
+                return Err(Status::invalid_argument(format!(
+                    "principal: a principal is 1 to {MAX_PRINCIPAL_FILTER} printable ASCII characters"
+                )));
             }
             let since_ms = to_ms("since", req.since)?;
             let until_ms = to_ms("until", req.until)?;

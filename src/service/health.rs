@@ -40,9 +40,9 @@ pub struct HealthState {
 
 impl HealthState {
     /// A state reporting `SERVING` for `services` (and `""`), and the service serving it.
-    pub fn new(services: &[&str]) -> (HealthState, HealthServer<HealthService>) {
+    pub fn new(services: &[&str]) -> (HealthState, Undecodable<HealthServer<HealthService>>) {
         let (state, service) = HealthState::parts(services);
-        (state, HealthServer::new(service))
+        (state, Undecodable(HealthServer::new(service)))
     }
 
     fn parts(services: &[&str]) -> (HealthState, HealthService) {
@@ -87,9 +87,11 @@ impl HealthService {
         if self.names.iter().any(|n| n == service) {
             Ok(())
         } else {
+            // Echoed only if it has a name's shape, as every name in an answer (README,
+            // "Status codes"): a value sent here is not shown, nor a name too long for it.
             Err(Status::not_found(format!(
                 "service: `{}` is not served here (one of: \"\", {})",
-                service.escape_default(),
+                crate::error::printable_name(service),
                 self.names
                     .iter()
                     .filter(|n| !n.is_empty())
@@ -104,6 +106,64 @@ impl HealthService {
 fn answer(phase: Phase) -> HealthCheckResponse {
     HealthCheckResponse {
         status: phase.status() as i32,
+    }
+}
+
+/// The health service, with a request that does not decode answered `INVALID_ARGUMENT`, as
+/// the kluis services answer it (tonic answers `INTERNAL`; health answers nothing else with
+/// it). Health needs no credentials and is not audited or logged per call.
+#[derive(Debug, Clone)]
+pub struct Undecodable<Svc>(Svc);
+
+impl<Svc: tonic::server::NamedService> tonic::server::NamedService for Undecodable<Svc> {
+    const NAME: &'static str = Svc::NAME;
+}
+
+type Body = tonic::body::Body;
+
+impl<Svc> tower::Service<http::Request<Body>> for Undecodable<Svc>
+where
+    Svc: tower::Service<
+        http::Request<Body>,
+        Response = http::Response<Body>,
+        Error = std::convert::Infallible,
+    >,
+    Svc::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<
+        Box<
+            dyn std::future::Future<Output = Result<http::Response<Body>, std::convert::Infallible>>
+                + Send
+                + 'static,
+        >,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), std::convert::Infallible>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let answer = self.0.call(request);
+        Box::pin(async move {
+            let response = answer.await?;
+            match Status::from_header_map(response.headers()) {
+                Some(s) if s.code() == tonic::Code::Internal => {
+                    // tonic's text names the message type, the field's path and prost's rule,
+                    // never a value.
+                    Ok(Status::invalid_argument(format!(
+                        "request body is not one valid gRPC health request: {}",
+                        s.message()
+                    ))
+                    .into_http())
+                }
+                _ => Ok(response),
+            }
+        })
     }
 }
 

@@ -653,6 +653,33 @@ async fn query_rights_filters_and_pages() {
         Code::InvalidArgument,
         &["until"],
     );
+    // A principal no caller can have: refused, not answered with an empty page (review 29).
+    for principal in [
+        "dev\u{0}x".to_string(),
+        "x".repeat(161),
+        "jos\u{e9}".to_string(),
+    ] {
+        assert_status(
+            a.query_events(QueryEventsRequest {
+                principal,
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+            &["principal", "printable ASCII"],
+        );
+    }
+    // The longest a CLI principal can be is a filter still.
+    let cli = format!("cli:{} (SUDO_USER={})", "a".repeat(64), "b".repeat(64));
+    let none = all_events(
+        &mut a,
+        QueryEventsRequest {
+            principal: cli,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(none.is_empty());
     // Malformed, or a bare position (the old form; tokens are tagged now, review 10).
     use base64::Engine;
     let bare = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(2u64.to_be_bytes());

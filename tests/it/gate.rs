@@ -397,6 +397,59 @@ fn pb_field(tag: u8, body: &[u8]) -> Vec<u8> {
 }
 
 #[tokio::test]
+async fn health_answers_an_undecodable_body_invalid_and_echoes_only_names() {
+    let v = spawn_vault().await;
+    let addr = v.addr.to_string();
+    // Health needs no credentials: invalid UTF-8 in `service` is INVALID_ARGUMENT.
+    let answer = raw_call(
+        &addr,
+        "/grpc.health.v1.Health/Check",
+        None,
+        None,
+        &pb_field(1, b"111222333\xff"),
+    )
+    .await;
+    assert_eq!(answer.code, Code::InvalidArgument, "{answer:?}");
+    assert!(
+        answer
+            .message
+            .starts_with("request body is not one valid gRPC health request: "),
+        "{answer:?}"
+    );
+    assert!(!answer.message.contains("111222333"), "{answer:?}");
+    // A service name that is not a name's shape (a value, or very long) is not echoed.
+    for service in ["111222333".to_string(), "a".repeat(20_000)] {
+        let answer = raw_call(
+            &addr,
+            "/grpc.health.v1.Health/Check",
+            None,
+            None,
+            &prost::Message::encode_to_vec(&tonic_health::pb::HealthCheckRequest { service }),
+        )
+        .await;
+        assert_eq!(answer.code, Code::NotFound, "{}", &answer.message);
+        assert!(
+            answer.message.contains("<not a name: not shown>") && answer.message.len() < 400,
+            "{}",
+            answer.message
+        );
+    }
+    // A name is, and the server's own still answer.
+    let answer = raw_call(
+        &addr,
+        "/grpc.health.v1.Health/Check",
+        None,
+        None,
+        &pb_field(1, b"kluis.v1.nothing"),
+    )
+    .await;
+    assert_eq!(answer.code, Code::NotFound, "{answer:?}");
+    assert!(answer.message.contains("`kluis.v1.nothing`"), "{answer:?}");
+    let answer = raw_call(&addr, "/grpc.health.v1.Health/Check", None, None, b"").await;
+    assert_eq!(answer.code, Code::Ok, "{answer:?}");
+}
+
+#[tokio::test]
 async fn an_authenticated_request_whose_body_does_not_decode_is_invalid_logged_and_audited() {
     let v = spawn_vault().await;
     let addr = v.addr.to_string();
