@@ -1378,6 +1378,9 @@ impl<S: Store> Vault<S> {
                     "purpose": e.draft.purpose,
                     "action": e.draft.action,
                     "fields": e.draft.field_names,
+                    // Of `fields`, those the caller got masked (the last digits of a BSN
+                    // are not the BSN: review 29).
+                    "masked_fields": e.draft.masked_field_names,
                     "outcome": e.draft.outcome,
                 }));
             }

@@ -234,6 +234,11 @@ impl<S: Store> KeysService<S> {
         };
         let category = request.into_inner();
         let result = async {
+            // Named in the event even when the right is missing (as a rotation's are).
+            let scope = parse_category(&category, empty_ok);
+            if let Ok(scope) = scope {
+                ev.draft.field_names = scope_names(scope);
+            }
             require(
                 &caller,
                 match kind {
@@ -241,8 +246,7 @@ impl<S: Store> KeysService<S> {
                     JobKind::Rekey => KeyRight::Rekey,
                 },
             )?;
-            let scope = parse_category(&category, empty_ok)?;
-            ev.draft.field_names = scope_names(scope);
+            let scope = scope?;
             // The event goes with the job's start (fail closed: no event, no job).
             let vault = self.jobs.vault();
             let events = ok_event(vault, &ev.draft);

@@ -515,6 +515,27 @@ async fn only_the_security_officer_manages_keys_and_it_reads_no_data() {
             &["retire"],
         );
     }
+    // Each denied job names the category it was asked for, as a denied rotation does
+    // (review 29); `Rewrap` without one names every category.
+    let events = v.audit_events(QueryEventsRequest::default()).await;
+    for action in ["Rewrap", "Rekey", "RotateKey"] {
+        let denied: Vec<Vec<&str>> = events
+            .iter()
+            .filter(|e| e.action == action && e.outcome == "denied")
+            .map(|e| e.field_names.iter().map(String::as_str).collect())
+            .collect();
+        assert_eq!(denied.len(), 5, "{action}");
+        let every: Vec<&str> = Category::ALL.iter().map(|c| c.as_str()).collect();
+        let expected = if action == "Rekey" {
+            vec!["identity"]
+        } else {
+            every
+        };
+        assert!(
+            denied.iter().all(|n| *n == expected),
+            "{action}: {denied:?}"
+        );
+    }
     let mut nobody = keys_at(&v.addr.to_string(), "not-a-token").await;
     assert_status(
         nobody.get_key_status(GetKeyStatusRequest {}).await,

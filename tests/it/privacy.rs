@@ -1829,6 +1829,27 @@ async fn lookups_show_bsn_and_iban_masked_but_payroll_and_exports_see_them_in_fu
         doc["fields"]["bsn"]["text"], "111222333",
         "exports are never masked"
     );
+    // The export's history tells the masked read from the full one (review 29).
+    let reads: Vec<(&str, Vec<&str>)> = doc["access_history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter(|h| h["action"] == "GetRecord")
+        .map(|h| {
+            let masked = h["masked_fields"].as_array().expect("masked_fields");
+            (
+                h["principal"].as_str().expect("principal"),
+                masked.iter().map(|m| m.as_str().expect("name")).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reads,
+        vec![
+            ("test-privacy_officer", vec!["bsn", "iban"]),
+            ("test-payroll", vec![]),
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
