@@ -836,9 +836,15 @@ impl<S: Store> Vault<S> {
         field_names: &[String],
     ) -> Result<ReadResult, VaultError> {
         self.check_purpose(caller, purpose)?;
+        // Every name known, then the right on each, in name order (ARCHITECTURE.md, "Order
+        // of checks").
+        let names: Vec<&str> = field_names.iter().map(String::as_str).collect();
+        let mut defs = Vec::with_capacity(names.len());
+        for name in sorted(&names) {
+            defs.push(self.field_def("field_names", name)?);
+        }
         let mut wanted = BTreeSet::new();
-        for name in field_names {
-            let def = self.field_def("field_names", name)?;
+        for def in defs {
             if !self.visible(caller, def) {
                 return Err(denied_field(caller, "read", def));
             }
@@ -908,12 +914,12 @@ impl<S: Store> Vault<S> {
                 "nothing to update: set or clear at least one field",
             ));
         }
+        let set_names: Vec<&str> = set.iter().map(|(n, _)| n.as_str()).collect();
+        let clear_names: Vec<&str> = clear.iter().map(String::as_str).collect();
+        self.check_writable(caller, purpose, "set", &set_names, &clear_names)?;
         let mut cleared: BTreeMap<&str, &FieldDef> = BTreeMap::new();
-        for name in &clear {
+        for name in sorted(&clear_names) {
             let def = self.field_def("clear", name)?;
-            if !caller.role.may_write(def.category) {
-                return Err(denied_field(caller, "write", def));
-            }
             if set.iter().any(|(n, _)| n == name) {
                 return Err(VaultError::invalid(
                     format!("clear.{name}"),
@@ -1661,8 +1667,6 @@ impl<S: Store> Vault<S> {
                 right.as_str()
             )));
         }
-        // The id after the right, as in `get`.
-        let id = parse_record_id(record_id)?;
         match &change {
             StateChange::Lifecycle { stage, date } => {
                 if !LIFECYCLE_STAGES.contains(&stage.as_str()) {
@@ -1726,6 +1730,9 @@ impl<S: Store> Vault<S> {
                 check_reason(reason)?;
             }
         }
+        // The id after the rights and the other values, as in `get` (a stage that needs
+        // `set_employment` is such a right).
+        let id = parse_record_id(record_id)?;
         event.draft.record_id = id.to_string();
         let idb = id.as_bytes().to_vec();
         for _ in 0..MAX_RETRIES {
@@ -1973,17 +1980,20 @@ impl<S: Store> Vault<S> {
     /// Checks names and rights first (nothing parsed for a refused request), then values.
     /// The checks before values, for `fields` named under `prefix`: the purpose, every name
     /// known, and the caller's right to write each.
-    pub fn check_writable<'a>(
+    pub fn check_writable(
         &self,
         caller: &Caller,
         purpose: &str,
         prefix: &str,
-        fields: impl Iterator<Item = &'a str>,
+        set: &[&str],
+        clear: &[&str],
     ) -> Result<(), VaultError> {
         self.check_purpose(caller, purpose)?;
-        let mut defs = Vec::new();
-        for name in fields {
-            defs.push(self.field_def(prefix, name)?);
+        let mut defs = Vec::with_capacity(set.len() + clear.len());
+        for (prefix, names) in [(prefix, set), ("clear", clear)] {
+            for name in sorted(names) {
+                defs.push(self.field_def(prefix, name)?);
+            }
         }
         for def in defs {
             if !caller.role.may_write(def.category) {
@@ -2687,6 +2697,14 @@ fn value_error(field: &str, e: ValueError) -> VaultError {
             rule,
         },
     }
+}
+
+/// `names` in name order: a request's names are checked in this order, so that a request naming
+/// several bad fields is refused for the same one whatever order they came in.
+fn sorted<'a>(names: &[&'a str]) -> Vec<&'a str> {
+    let mut names = names.to_vec();
+    names.sort_unstable();
+    names
 }
 
 fn parse_record_id(text: &str) -> Result<Uuid, VaultError> {

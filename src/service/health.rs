@@ -153,11 +153,17 @@ where
             let response = answer.await?;
             match Status::from_header_map(response.headers()) {
                 Some(s) if s.code() == tonic::Code::Internal => {
-                    // tonic's text names the message type, the field's path and prost's rule,
-                    // never a value.
+                    // tonic's text names the message type, the field's path and prost's rule;
+                    // some of prost's rules end with the bytes they met as a number
+                    // (`invalid key value: 9180250956958063027`), which is left out.
+                    let why: Vec<&str> = s
+                        .message()
+                        .split(": ")
+                        .filter(|part| !part.bytes().all(|b| b.is_ascii_digit()))
+                        .collect();
                     Ok(Status::invalid_argument(format!(
                         "request body is not one valid gRPC health request: {}",
-                        s.message()
+                        why.join(": ")
                     ))
                     .into_http())
                 }

@@ -153,19 +153,22 @@ impl<S: Store> RecordsService<S> {
     }
 
     /// The field names of a request as its log line and event name them: each known name
-    /// once (in order), unknown ones as `<unknown>` (once).
+    /// once, in name order (a request's map arrives in no fixed order), then `<unknown>` once
+    /// if the request named a field the schema does not know.
     fn known_names<'a>(&self, names: impl Iterator<Item = &'a String>) -> Vec<String> {
         let schema = self.vault.schema();
-        let mut out: Vec<String> = Vec::new();
+        let mut known = std::collections::BTreeSet::new();
+        let mut unknown = false;
         for n in names {
-            let name = if schema.field(n).is_some() {
-                n.clone()
+            if schema.field(n).is_some() {
+                known.insert(n.clone());
             } else {
-                "<unknown>".to_string()
-            };
-            if !out.contains(&name) {
-                out.push(name);
+                unknown = true;
             }
+        }
+        let mut out: Vec<String> = known.into_iter().collect();
+        if unknown {
+            out.push("<unknown>".to_string());
         }
         out
     }
@@ -183,17 +186,19 @@ impl<S: Store> RecordsService<S> {
         fields: &std::collections::HashMap<String, proto::FieldValue>,
         cleared: &[String],
     ) -> Result<(), Status> {
-        let Some(shape) = fields
+        // In name order, as every check of a request's names (a map arrives in no fixed order).
+        let mut entries: Vec<(&String, &proto::FieldValue)> = fields.iter().collect();
+        entries.sort_unstable_by_key(|(name, _)| *name);
+        let Some(shape) = entries
             .iter()
             .find_map(|(name, value)| shape_error(prefix, name, value))
         else {
             return Ok(());
         };
+        let names: Vec<&str> = entries.iter().map(|(name, _)| name.as_str()).collect();
+        let cleared: Vec<&str> = cleared.iter().map(String::as_str).collect();
         self.vault
-            .check_writable(caller, purpose, prefix, fields.keys().map(String::as_str))
-            .map_err(status::from_vault)?;
-        self.vault
-            .check_writable(caller, purpose, "clear", cleared.iter().map(String::as_str))
+            .check_writable(caller, purpose, prefix, &names, &cleared)
             .map_err(status::from_vault)?;
         Err(shape)
     }

@@ -417,6 +417,21 @@ async fn health_answers_an_undecodable_body_invalid_and_echoes_only_names() {
         "{answer:?}"
     );
     assert!(!answer.message.contains("111222333"), "{answer:?}");
+    // A key made of the request's bytes is not shown either (review 29).
+    let answer = raw_call(
+        &addr,
+        "/grpc.health.v1.Health/Check",
+        None,
+        None,
+        &[0xb3, 0xb3, 0xb3, 0xb3, 0xb3, 0xb3, 0xb3, 0xb3, 0x7f, 0x00],
+    )
+    .await;
+    assert_eq!(answer.code, Code::InvalidArgument, "{answer:?}");
+    assert!(answer.message.contains("invalid key value"), "{answer:?}");
+    assert!(
+        !answer.message.bytes().any(|b| b.is_ascii_digit()),
+        "{answer:?}"
+    );
     // A service name that is not a name's shape (a value, or very long) is not echoed.
     for service in ["111222333".to_string(), "a".repeat(20_000)] {
         let answer = raw_call(

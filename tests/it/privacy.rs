@@ -272,12 +272,20 @@ async fn lifecycle_stages_with_dates_rights_and_validation() {
             &["date", "YYYY-MM-DD"],
         );
     }
+    // A bad id is a value: a role with the right hears of it, one without is denied.
     assert_status(
-        recruiter
+        payroll
             .set_lifecycle(bad("employed", "2026-01-05", "123"))
             .await,
         Code::InvalidArgument,
         &["record_id"],
+    );
+    assert_status(
+        recruiter
+            .set_lifecycle(bad("employed", "2026-01-05", "123"))
+            .await,
+        Code::PermissionDenied,
+        &["set_employment"],
     );
     assert_status(
         payroll

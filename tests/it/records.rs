@@ -400,7 +400,126 @@ async fn a_request_with_several_bad_fields_is_refused_for_the_first_by_name_ever
         updated.insert((update.code() as i32, update.message().to_string()));
     }
 
+    // The same with values of the wrong shape (checked before values are parsed), unknown
+    // names, and names read and written without the right.
+    let empty = || kluis::proto::FieldValue {
+        kind: None,
+        content_type: String::new(),
+    };
+    let typed_text = kluis::proto::FieldValue {
+        kind: Some(kluis::proto::field_value::Kind::Text("Jan".into())),
+        content_type: "text/plain".into(),
+    };
+    let mut shapes = std::collections::BTreeSet::new();
+    let mut unknown = std::collections::BTreeSet::new();
+    let mut reads = std::collections::BTreeSet::new();
+    let mut writes = std::collections::BTreeSet::new();
+    for i in 0..12 {
+        let shape = recruiter
+            .create_record(CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: [
+                    ("full_name".to_string(), typed_text.clone()),
+                    ("street".to_string(), empty()),
+                    ("city".to_string(), empty()),
+                ]
+                .into(),
+            })
+            .await
+            .expect_err("bad shapes");
+        shapes.insert(shape.message().to_string());
+        let unknowns = recruiter
+            .create_record(CreateRecordRequest {
+                purpose: "recruitment".into(),
+                fields: [
+                    ("zzz_unknown".to_string(), empty()),
+                    ("aaa_unknown".to_string(), empty()),
+                    ("street".to_string(), empty()),
+                ]
+                .into(),
+            })
+            .await
+            .expect_err("unknown names");
+        unknown.insert(unknowns.message().to_string());
+        // Every name is checked before any right, whatever order the names came in.
+        let names = if i % 2 == 0 {
+            vec!["bsn".to_string(), "nope".to_string()]
+        } else {
+            vec!["nope".to_string(), "bsn".to_string()]
+        };
+        let read = recruiter
+            .get_record(GetRecordRequest {
+                record_id: id.clone(),
+                purpose: "recruitment".into(),
+                field_names: names,
+            })
+            .await
+            .err()
+            .expect("an unknown name");
+        reads.insert((read.code() as i32, read.message().to_string()));
+        let write = recruiter
+            .update_record(UpdateRecordRequest {
+                record_id: id.clone(),
+                purpose: "recruitment".into(),
+                expected_revision: 0,
+                set: fields(&[("nope", text("x"))]),
+                clear: vec!["bsn".into()],
+            })
+            .await
+            .expect_err("an unknown name");
+        writes.insert((write.code() as i32, write.message().to_string()));
+    }
+
     // Assert: one answer each, naming the field first by name.
+    assert_eq!(shapes.len(), 1, "{shapes:?}");
+    assert!(
+        shapes
+            .iter()
+            .all(|m| m.starts_with("fields.city: value is empty")),
+        "{shapes:?}"
+    );
+    assert_eq!(unknown.len(), 1, "{unknown:?}");
+    assert!(
+        unknown.iter().all(|m| m.starts_with("fields.aaa_unknown")),
+        "{unknown:?}"
+    );
+    assert_eq!(reads.len(), 1, "{reads:?}");
+    assert!(
+        reads
+            .iter()
+            .all(|(c, m)| *c == Code::InvalidArgument as i32 && m.starts_with("field_names.nope")),
+        "{reads:?}"
+    );
+    assert_eq!(writes.len(), 1, "{writes:?}");
+    assert!(
+        writes
+            .iter()
+            .all(|(c, m)| *c == Code::InvalidArgument as i32 && m.starts_with("set.nope")),
+        "{writes:?}"
+    );
+    // The trail names a request's fields in name order, the same for the same request.
+    let events = vault
+        .audit_events(kluis::proto::QueryEventsRequest::default())
+        .await;
+    let refused: std::collections::BTreeSet<Vec<String>> = events
+        .iter()
+        .filter(|e| e.action == "CreateRecord" && e.outcome == "invalid")
+        .map(|e| e.field_names.clone())
+        .collect();
+    assert!(refused.contains(&vec![
+        "date_of_birth".to_string(),
+        "email".into(),
+        "full_name".into(),
+        "phone".into(),
+        "postcode".into(),
+    ]));
+    assert!(refused.contains(&vec![
+        "city".to_string(),
+        "full_name".into(),
+        "street".into()
+    ]));
+    assert!(refused.contains(&vec!["street".to_string(), "<unknown>".into()]));
+    assert_eq!(refused.len(), 3, "{refused:?}");
     assert_eq!(named.len(), 1, "{named:?}");
     let (code, message) = named.pop_first().expect("one answer");
     assert_eq!(code, Code::InvalidArgument as i32, "{message}");
@@ -485,6 +604,23 @@ async fn a_caller_without_the_right_is_denied_whatever_record_id_it_sends() {
             .await
             .expect_err("recruiter may not set a legal hold");
         assert_eq!(hold.code(), Code::PermissionDenied, "{}", hold.message());
+    }
+    // A stage that needs `set_employment`, by a role that may set the lifecycle but not that.
+    for bad_id in ["x", ""] {
+        let employed = recruiter
+            .set_lifecycle(kluis::proto::SetLifecycleRequest {
+                record_id: bad_id.into(),
+                stage: "employed".into(),
+                date: "2026-11-01".into(),
+            })
+            .await
+            .expect_err("recruiter may not set employment");
+        assert_eq!(
+            employed.code(),
+            Code::PermissionDenied,
+            "{}",
+            employed.message()
+        );
     }
     // A field both set and cleared, by a role that may not write it at all.
     let both = recruiter
