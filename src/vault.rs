@@ -724,16 +724,7 @@ impl<S: Store> Vault<S> {
         fields: Vec<(String, Value)>,
         event: &mut audit::Context,
     ) -> Result<(Uuid, u64), VaultError> {
-        self.check_purpose(caller, purpose)?;
-        if self
-            .policy
-            .purpose(purpose)
-            .is_some_and(|p| p.requires_consent)
-        {
-            return Err(VaultError::FailedPrecondition(format!(
-                "purpose `{purpose}` requires the data subject's consent, which a new record cannot have: create it under another purpose, then record consent with SetConsent"
-            )));
-        }
+        self.check_create_purpose(caller, purpose)?;
         if fields.is_empty() {
             return Err(VaultError::invalid(
                 "fields",
@@ -1240,8 +1231,6 @@ impl<S: Store> Vault<S> {
             )));
         }
         self.check_purpose(caller, PURPOSE_DSR)?;
-        // The id after the right and the purpose, as in `get`.
-        let id = parse_record_id(record_id)?;
         if !crate::schema::has_visible_char(reason) {
             return Err(VaultError::invalid(
                 "reason",
@@ -1249,6 +1238,8 @@ impl<S: Store> Vault<S> {
             ));
         }
         check_reason(reason)?;
+        // The id after the right, the purpose and the other values, as in `get`.
+        let id = parse_record_id(record_id)?;
         event.draft.record_id = id.to_string();
         let idb = id.as_bytes().to_vec();
         for _ in 0..MAX_RETRIES {
@@ -1977,9 +1968,25 @@ impl<S: Store> Vault<S> {
             .join(", ")
     }
 
-    /// Checks names and rights first (nothing parsed for a refused request), then values.
-    /// The checks before values, for `fields` named under `prefix`: the purpose, every name
-    /// known, and the caller's right to write each.
+    /// The purpose checks of a create: allowed to the caller, and not one that needs consent
+    /// (a new record has none).
+    pub fn check_create_purpose(&self, caller: &Caller, purpose: &str) -> Result<(), VaultError> {
+        self.check_purpose(caller, purpose)?;
+        if self
+            .policy
+            .purpose(purpose)
+            .is_some_and(|p| p.requires_consent)
+        {
+            return Err(VaultError::FailedPrecondition(format!(
+                "purpose `{purpose}` requires the data subject's consent, which a new record cannot have: create it under another purpose, then record consent with SetConsent"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The checks before values, for the names to set (under `prefix`) and to clear: the
+    /// purpose, every name known (those to set, then those to clear, each in name order), then
+    /// the caller's right to write each. Nothing is parsed for a request refused here.
     pub fn check_writable(
         &self,
         caller: &Caller,

@@ -197,6 +197,12 @@ impl<S: Store> RecordsService<S> {
         };
         let names: Vec<&str> = entries.iter().map(|(name, _)| name.as_str()).collect();
         let cleared: Vec<&str> = cleared.iter().map(String::as_str).collect();
+        if prefix == "fields" {
+            // A create's purpose is checked as `Vault::create` checks it.
+            self.vault
+                .check_create_purpose(caller, purpose)
+                .map_err(status::from_vault)?;
+        }
         self.vault
             .check_writable(caller, purpose, prefix, &names, &cleared)
             .map_err(status::from_vault)?;
