@@ -722,20 +722,22 @@ async fn long_values_phases(first: usize) -> [&'static str; 12] {
         .await;
     assert!(refused.is_err());
 
+    // The long values of an update that is refused after they were parsed.
+    let refused_change = |expected_revision| Change {
+        expected_revision,
+        set: vec![
+            blob("cv_document", "Refblobmarkq", 40_000),
+            ltext("education", "Reftextmarkq", 600),
+        ],
+        clear: vec![],
+    };
     PHASE.store(first + 5, Ordering::SeqCst);
     let refused = vault
         .update(
             &recruiter,
             &id,
             "recruitment",
-            Change {
-                expected_revision: 1,
-                set: vec![
-                    blob("cv_document", "Refblobmarkq", 40_000),
-                    ltext("education", "Reftextmarkq", 600),
-                ],
-                clear: vec![],
-            },
+            refused_change(1),
             &mut ctx("UpdateRecord"),
         )
         .await;
@@ -773,14 +775,7 @@ async fn long_values_phases(first: usize) -> [&'static str; 12] {
             &recruiter,
             &id,
             "recruitment",
-            Change {
-                expected_revision: 0,
-                set: vec![
-                    blob("cv_document", "Refblobmarkq", 40_000),
-                    ltext("education", "Reftextmarkq", 600),
-                ],
-                clear: vec![],
-            },
+            refused_change(0),
             &mut ctx("UpdateRecord"),
         )
         .await;
