@@ -44,7 +44,7 @@ pub struct Role {
     pub keys: BTreeSet<KeyRight>,
     /// Which record-state operations it may call.
     pub records: BTreeSet<RecordRight>,
-    /// Categories and field names it may read only masked (this wins over `read`).
+    /// Categories and field names it may read only masked (this wins over `read`, within it).
     pub masked: BTreeSet<String>,
 }
 
@@ -133,14 +133,13 @@ impl Role {
         self.read.contains(&category)
     }
 
-    /// Whether the role sees field `field` of `category` only masked.
+    /// Whether the role sees field `field` of `category` only masked, if it may read it at all:
+    /// `masked` narrows `read` and grants nothing (review 30: a role with `masked = ["bsn"]`
+    /// and no read right on identity got the last digits of every BSN, and the service
+    /// unwrapped identity's data keys to make them). [`Policy::check_masked`] refuses such an
+    /// entry at start.
     pub fn masks(&self, category: Category, field: &str) -> bool {
         self.masked.contains(category.as_str()) || self.masked.contains(field)
-    }
-
-    /// Whether the role may read field `field` of `category` at all (in full or masked).
-    pub fn may_see(&self, category: Category, field: &str) -> bool {
-        self.may_read(category) || self.masks(category, field)
     }
 
     /// Whether the role may search by field `field` of `category` (`FindRecords`): it reads
@@ -381,7 +380,9 @@ impl Policy {
             for p in &r.purposes {
                 if !file.purposes.contains_key(p) {
                     return Err(PolicyError::Rule(format!(
-                        "role `{name}` names undefined purpose `{p}`"
+                        "role `{}` names undefined purpose `{}`",
+                        name.escape_default(),
+                        p.escape_default()
                     )));
                 }
             }
@@ -417,8 +418,10 @@ impl Policy {
             if let Some(other) = named.insert(p.name.clone(), p.role.clone()) {
                 if other != p.role {
                     return Err(PolicyError::Rule(format!(
-                        "principal `{}` is mapped to two roles (`{other}` and `{}`): one name, one role",
-                        p.name, p.role
+                        "principal `{}` is mapped to two roles (`{}` and `{}`): one name, one role",
+                        p.name.escape_default(),
+                        other.escape_default(),
+                        p.role.escape_default()
                     )));
                 }
             }
@@ -452,7 +455,11 @@ impl Policy {
 
     fn caller(&self, name: &str, role: &str) -> Result<Caller, PolicyError> {
         let role = self.roles.get(role).ok_or_else(|| {
-            PolicyError::Rule(format!("principal `{name}` names undefined role `{role}`"))
+            PolicyError::Rule(format!(
+                "principal `{}` names undefined role `{}`",
+                name.escape_default(),
+                role.escape_default()
+            ))
         })?;
         Ok(Caller {
             principal: Arc::from(name),
@@ -470,7 +477,8 @@ impl Policy {
         let caller = self.caller(name, role)?;
         if self.tokens.iter().any(|(h, _)| crypto::ct_eq(h, &hash)) {
             return Err(PolicyError::Rule(format!(
-                "principal `{name}`: token hash used twice"
+                "principal `{}`: token hash used twice",
+                name.escape_default()
             )));
         }
         self.tokens.push((hash, caller));
@@ -486,13 +494,15 @@ impl Policy {
     ) -> Result<(), PolicyError> {
         if cn.trim().is_empty() {
             return Err(PolicyError::Rule(format!(
-                "principal `{name}`: cert_cn is empty (it must be the common name of the client certificate)"
+                "principal `{}`: cert_cn is empty (it must be the common name of the client certificate)",
+                name.escape_default()
             )));
         }
         let caller = self.caller(name, role)?;
         if self.certs.insert(cn.to_string(), caller).is_some() {
             return Err(PolicyError::Rule(format!(
-                "certificate name `{cn}` mapped twice"
+                "certificate name `{}` mapped twice",
+                cn.escape_default()
             )));
         }
         Ok(())
@@ -517,8 +527,9 @@ impl Policy {
     }
 
     /// Checks that every `masked` entry names a category or a field of `schema` (a typo would
-    /// otherwise leave a field unmasked); `schema_name` names it in the message (its file, or
-    /// "the built-in schema").
+    /// otherwise leave a field unmasked), one the role may `read`: `masked` narrows `read` and
+    /// grants nothing, so an entry outside it would do nothing but mislead (review 30);
+    /// `schema_name` names the schema in the message (its file, or "the built-in schema").
     pub fn check_masked(
         &self,
         schema: &crate::schema::Schema,
@@ -526,9 +537,19 @@ impl Policy {
     ) -> Result<(), PolicyError> {
         for role in self.roles.values() {
             for name in &role.masked {
-                if Category::parse(name).is_none() && schema.field(name).is_none() {
+                let category = match (Category::parse(name), schema.field(name)) {
+                    (Some(category), _) => category,
+                    (None, Some(def)) => def.category,
+                    (None, None) => {
+                        return Err(PolicyError::Rule(format!(
+                            "role `{}`: masked names `{name}`, which is neither a category nor a field of the schema ({schema_name})",
+                            role.name
+                        )))
+                    }
+                };
+                if !role.may_read(category) {
                     return Err(PolicyError::Rule(format!(
-                        "role `{}`: masked names `{name}`, which is neither a category nor a field of the schema ({schema_name})",
+                        "role `{}`: masked names `{name}` (category {category}), which the role may not read: `masked` only narrows `read` (the role gets those fields masked instead of whole) and grants nothing; add `{category}` to its `read`, or remove the entry",
                         role.name
                     )));
                 }
@@ -687,7 +708,66 @@ mod tests {
         let role = po.role("privacy_officer").expect("role");
         assert!(role.masks(Category::Identity, "bsn"));
         assert!(!role.masks(Category::Identity, "id_scan"));
-        assert!(role.may_see(Category::Identity, "bsn"));
+        // An entry the role may not read is refused, naming it and its category.
+        let text = DEFAULT_POLICY_TOML.replace(
+            "masked = [\"bsn\", \"iban\"]",
+            "masked = [\"bsn\", \"iban\"]\n\n[roles.screener]\nread = [\"contact\"]\nwrite = []\npurposes = [\"recruitment\"]\nmasked = [\"bsn\"]",
+        );
+        let err = Policy::from_toml(&text)
+            .expect("parses")
+            .check_masked(&schema, "the built-in schema")
+            .expect_err("a mask outside read refused")
+            .to_string();
+        assert!(
+            err.contains("role `screener`")
+                && err.contains("`bsn` (category identity), which the role may not read")
+                && err.contains("grants nothing"),
+            "{err}"
+        );
+        let text = text.replace("masked = [\"bsn\"]", "masked = [\"financial\"]");
+        let err = Policy::from_toml(&text)
+            .expect("parses")
+            .check_masked(&schema, "the built-in schema")
+            .expect_err("a masked category outside read refused")
+            .to_string();
+        assert!(err.contains("`financial` (category financial)"), "{err}");
+    }
+
+    #[test]
+    fn names_from_the_policy_file_are_escaped_in_its_errors() {
+        // Review 30: a newline split the `error:` line, a bidi override was printed raw.
+        let role = format!(
+            "{DEFAULT_POLICY_TOML}\n[[principals]]\nname = \"p\"\nrole = \"ghost\\nINJECTED\\u202e\"\ntoken_sha256 = \"{}\"\n",
+            "ab".repeat(32)
+        );
+        let purpose = format!(
+            "{DEFAULT_POLICY_TOML}\n[roles.x]\nread = []\nwrite = []\npurposes = [\"mark\\neting\\u202e\"]\n"
+        );
+        let twice = format!(
+            "{DEFAULT_POLICY_TOML}\n[[principals]]\nname = \"p\"\nrole = \"auditor\"\ntoken_sha256 = \"{}\"\n[[principals]]\nname = \"p\"\nrole = \"x\\u202eevil\"\ntoken_sha256 = \"{}\"\n",
+            "ab".repeat(32),
+            "cd".repeat(32)
+        );
+        for (text, shown) in [
+            (role, "ghost\\nINJECTED\\u{202e}"),
+            (purpose, "mark\\neting\\u{202e}"),
+            (twice, "x\\u{202e}evil"),
+        ] {
+            let err = Policy::from_toml(&text).expect_err("refused").to_string();
+            assert!(
+                !err.contains('\n') && !err.contains('\u{202e}') && err.contains(shown),
+                "{err}"
+            );
+        }
+        let mut policy = Policy::default_policy();
+        policy
+            .add_cert_principal("a", "auditor", "c\nn")
+            .expect("first");
+        let err = policy
+            .add_cert_principal("b", "auditor", "c\nn")
+            .expect_err("twice")
+            .to_string();
+        assert!(err.contains("`c\\nn` mapped twice"), "{err}");
     }
 
     #[test]

@@ -241,6 +241,18 @@ fn check_lifecycle_step(
         && body.lifecycle_day().is_some_and(|begins| begins > today)
         && body.latest_end().is_none();
     if not_begun && stage == "procedure_closed" {
+        // A hire that followed a closed procedure resumed it, and the close of the hire that
+        // fell through re-closes it: a new clock, once, as a reopening gives (it counts as
+        // the reopening). After a reopening, that close keeps the earlier close date or an
+        // earlier one (review 30: hired ahead, fallen through and closed "today" again and
+        // again, an applicant's 28 days were renewed with no end).
+        if let Some(closed) = body.closed_procedure_day() {
+            if body.reopened && date > closed {
+                return Err(VaultError::FailedPrecondition(format!(
+                    "date: record {id}'s procedure closed on {closed}, and a hire that followed the close resumes it: it was reopened or resumed once already, so the hire that fell through closes it on {closed} at the latest (a later close would restart its retention period); a new application is a new record (CreateRecord)"
+                )));
+            }
+        }
         return Ok(());
     }
     let worked = matches!(body.lifecycle.as_str(), "employed" | "ended");
@@ -1796,7 +1808,15 @@ impl<S: Store> Vault<S> {
                             })
                             .collect();
                     check_lifecycle_step(id, &body, stage, day, &self.retention, today)?;
-                    if body.lifecycle == "procedure_closed" && stage == "applicant" {
+                    // A reopening, and the close of a hire that followed a closed procedure
+                    // and fell through (`check_lifecycle_step`), each restart the applicant's
+                    // clock: once.
+                    let resumed_close = body.lifecycle == "employed"
+                        && stage == "procedure_closed"
+                        && body.closed_procedure_day().is_some();
+                    if (body.lifecycle == "procedure_closed" && stage == "applicant")
+                        || resumed_close
+                    {
                         body.reopened = true;
                     }
                     let iso_day = |d: chrono::NaiveDate| d.format("%Y-%m-%d").to_string();
@@ -2657,11 +2677,9 @@ fn masked_blob(caller: &Caller, def: &FieldDef, stored: Category, entry: &FieldE
 
 /// Whether `caller` gets field `def` if it were in `category` (see [`Vault::visible`]).
 fn visible_as(caller: &Caller, category: Category, def: &FieldDef) -> bool {
-    if caller.role.masks(category, &def.name) {
-        !def.kind.is_blob()
-    } else {
-        caller.role.may_read(category)
-    }
+    // Masking narrows the read right and grants nothing (review 30).
+    caller.role.may_read(category)
+        && !(caller.role.masks(category, &def.name) && def.kind.is_blob())
 }
 
 /// The category a stored field entry is sealed under (its data key's), if it differs from
@@ -3144,6 +3162,42 @@ mod tests {
     }
 
     #[test]
+    fn a_hire_after_a_closed_procedure_that_fell_through_restarts_its_clock_once() {
+        let id = Uuid::new_v4();
+        let step =
+            |body: &RecordBody, stage: &str, date: &str| lifecycle_step(id, body, stage, date);
+        let day = |days: i64| {
+            (chrono::Utc::now().date_naive() + chrono::Duration::days(days))
+                .format("%Y-%m-%d")
+                .to_string()
+        };
+        // Closed 20 days ago, then hired to begin in 8 days (its data's due date).
+        let mut hired = RecordBody {
+            lifecycle: "employed".into(),
+            lifecycle_date: day(8),
+            closed_on: day(-20),
+            ..RecordBody::default()
+        };
+        // The hire falls through: the procedure closes again today, a new clock (once).
+        step(&hired, "procedure_closed", &day(0)).expect("the first fall-through");
+        // Reopened (or resumed) once already: the close keeps the earlier date, or moves
+        // earlier (review 30: the loop renewed the 28 days with no end).
+        hired.reopened = true;
+        let err = step(&hired, "procedure_closed", &day(0)).expect_err("a second restart");
+        assert!(
+            err.starts_with("date:")
+                && err.contains(&format!("closed on {}", day(-20)))
+                && err.contains("CreateRecord"),
+            "{err}"
+        );
+        step(&hired, "procedure_closed", &day(-20)).expect("the earlier close date");
+        step(&hired, "procedure_closed", &day(-25)).expect("earlier still");
+        // A hire that followed an open procedure (no close kept) closes it as any close does.
+        hired.closed_on.clear();
+        step(&hired, "procedure_closed", &day(0)).expect("the close of an open procedure");
+    }
+
+    #[test]
     fn lifecycle_dates_compare_as_days_even_in_headers_with_loose_dates() {
         // Request dates: exactly YYYY-MM-DD.
         for bad in [
@@ -3546,7 +3600,7 @@ mod tests {
     #[tokio::test]
     async fn a_moved_field_is_searched_only_with_the_read_right_on_its_stored_category() {
         let f = MovedBsn::new(
-            "[roles.screener]\nread = [\"cv\"]\nwrite = []\npurposes = [\"recruitment\"]\nmasked = [\"identity\"]\n",
+            "[roles.screener]\nread = [\"cv\", \"identity\"]\nwrite = []\npurposes = [\"recruitment\"]\nmasked = [\"identity\"]\n",
             &[("bsn", "111222333")],
         )
         .await;

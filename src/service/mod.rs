@@ -371,7 +371,7 @@ fn data_subject_request(log: &mut RequestLog, ev: &mut audit::Context, record_id
 /// See [`RecordsService::finish`].
 pub(crate) async fn finish<S: Store, T>(
     vault: &Vault<S>,
-    log: RequestLog,
+    mut log: RequestLog,
     ev: audit::Context,
     result: Result<T, Status>,
 ) -> Result<Response<T>, Status> {
@@ -387,6 +387,9 @@ pub(crate) async fn finish<S: Store, T>(
             Err(status::from_vault(e))
         }
     };
+    if let Err(status) = &result {
+        log.refusal(status, |name| vault.schema().field(name).is_some());
+    }
     log.finish(result)
 }
 

@@ -1356,6 +1356,43 @@ async fn when_no_event_can_be_written_nothing_is_returned_or_changed() {
             assert!(lines[0].contains(part), "{part}: {}", lines[0]);
         }
     }
+    // A refused request's line names the request field its refusal names, if the proto or
+    // the schema does (review 25 #5); a name the caller made up stays out.
+    for (request_id, name, value, refused) in [
+        (
+            "refused-known",
+            "email",
+            "not an address",
+            "refused_field=\"fields.email\"",
+        ),
+        ("refused-made-up", "jansen", "x", "refused_field=\"-\""),
+    ] {
+        let mut request = tonic::Request::new(CreateRecordRequest {
+            purpose: "recruitment".into(),
+            fields: fields(&[("full_name", text("Refused Logged")), (name, text(value))]),
+        });
+        request
+            .metadata_mut()
+            .insert("x-request-id", request_id.parse().expect("ascii"));
+        let refused_status = recruiter.create_record(request).await.expect_err("refused");
+        assert_eq!(refused_status.code(), Code::InvalidArgument);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let logged = |log: &str| {
+            log.lines()
+                .filter(|l| l.contains(&format!("request_id={request_id}")))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        while logged(&server.log.lock().expect("log")).is_empty()
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let lines = logged(&server.log.lock().expect("log"));
+        assert_eq!(lines.len(), 1, "one line: {lines:?}");
+        assert!(lines[0].contains(refused), "{refused}: {}", lines[0]);
+        assert!(!lines[0].contains("jansen"), "{}", lines[0]);
+    }
 
     // From now on the server may write no byte past the end of the frames in its log (the
     // zeros after them are written ahead): the next log write fails (EFBIG).

@@ -806,6 +806,15 @@ async fn a_hire_after_a_closed_procedure_begins_before_its_data_falls_due() {
         .set_lifecycle(step("procedure_closed", &day_from_today(0)))
         .await
         .expect("the hire fell through");
+    // That close restarted the closed procedure's clock, as a reopening does: once (review
+    // 30: hired ahead and fallen through again and again, the 28 days had no end).
+    assert_status(
+        recruiter
+            .set_lifecycle(step("applicant", &day_from_today(0)))
+            .await,
+        Code::FailedPrecondition,
+        &["stage", "reopened once already", "CreateRecord"],
+    );
     // An end already past is corrected at most to today, never moved ahead (review 15: a
     // year ahead restarted every clock).
     let former = payroll_record(&mut payroll).await.record_id;
