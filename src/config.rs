@@ -383,6 +383,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// The master key.
     pub master_key: MasterKey,
+    /// Where the master key came from (its file, or the environment variable), for messages.
+    pub master_key_source: String,
     /// Field schema.
     pub schema: Schema,
     /// Access policy.
@@ -601,6 +603,10 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
             base.join(p)
         }
     };
+    let master_key_source = match &file.master_key_file {
+        Some(p) => format!("the file {}", rel(p).display()),
+        None => format!("the {} environment variable", crate::keys::MASTER_KEY_ENV),
+    };
     let master_key = match &file.master_key_file {
         Some(p) => MasterKey::load_server_file(&rel(p))?,
         None => MasterKey::from_env()?.ok_or_else(|| {
@@ -674,6 +680,7 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         )?,
         data_dir: rel(&file.data_dir),
         master_key,
+        master_key_source,
         schema,
         policy,
         tls,
@@ -853,6 +860,7 @@ pub fn ephemeral(data_dir: &Path, master_key: MasterKey, policy: Policy) -> Sett
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         data_dir: data_dir.to_path_buf(),
         master_key,
+        master_key_source: "the key given".into(),
         schema: Schema::default_schema(),
         policy,
         tls: None,
@@ -945,6 +953,7 @@ pub fn dev(
     Ok(Settings {
         listen,
         audit: AuditSettings::in_keys_dir(&keys, true),
+        master_key_source: format!("the file {}", key_path.display()),
         ..ephemeral(&data_dir, master_key, policy)
     })
 }

@@ -643,10 +643,17 @@ impl FieldDef {
             (FieldType::Blob { .. }, RawValue::Text(_)) => Err(ValueError::Invalid(
                 "is a blob field: send bytes in `blob` with a content_type".into(),
             )),
-            (_, RawValue::Blob(..)) => Err(ValueError::Invalid(format!(
-                "is a {} field: send the value in `text`, without content_type",
-                self.kind.name()
-            ))),
+            (_, RawValue::Blob(..)) => {
+                let kind = self.kind.name();
+                let article = if kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                    "an"
+                } else {
+                    "a"
+                };
+                Err(ValueError::Invalid(format!(
+                    "is {article} {kind} field: send the value in `text`, without content_type"
+                )))
+            }
             (kind, RawValue::Text(text)) => {
                 let mut normalised = parse_text(kind, text, today)?;
                 let index_form = self.searchable.then(|| index_form(kind, &normalised));
@@ -2345,6 +2352,23 @@ mod tests {
             Err(ValueError::TooLarge(_))
         ));
         assert!(cv.parse(RawValue::Text("cv"), today()).is_err());
+        // A blob sent for a typed field names the type, with its article (review 30).
+        for (name, kind) in [
+            ("wage", "an amount"),
+            ("email", "an email"),
+            ("bsn", "a bsn"),
+        ] {
+            let err = schema
+                .field(name)
+                .expect("a default field")
+                .parse(
+                    RawValue::Blob(Zeroizing::new(b"x".to_vec()), "application/pdf"),
+                    today(),
+                )
+                .expect_err("a blob for a text field")
+                .to_string();
+            assert!(err.starts_with(&format!("is {kind} field:")), "{err}");
+        }
     }
 
     #[test]

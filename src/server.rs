@@ -43,6 +43,17 @@ pub enum ServerError {
     /// Keys are unusable (e.g. wrong master key).
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The master key does not match the data directory: says which key and which directory
+    /// (review 30).
+    #[error("{source} (master key from {key}; data directory {data_dir})")]
+    WrongMasterKey {
+        /// [`KeyError::WrongMasterKey`].
+        source: KeyError,
+        /// Where the key came from.
+        key: String,
+        /// The data directory.
+        data_dir: String,
+    },
     /// The data directory could not be opened.
     #[error("data directory: {0}")]
     Store(#[from] StoreError),
@@ -369,7 +380,16 @@ pub fn no_huge_pages() -> std::io::Result<()> {
 /// Opens the vault (store and keys) of `settings`. Refuses a wrong master key.
 pub async fn open_vault(settings: &Settings) -> Result<Arc<Vault<SledStore>>, ServerError> {
     let store = SledStore::open_with(&settings.data_dir, settings.durability)?;
-    let keys = KeyRing::open(&store, &settings.master_key).await?;
+    let keys = KeyRing::open(&store, &settings.master_key)
+        .await
+        .map_err(|e| match e {
+            KeyError::WrongMasterKey => ServerError::WrongMasterKey {
+                source: e,
+                key: settings.master_key_source.clone(),
+                data_dir: settings.data_dir.display().to_string(),
+            },
+            e => ServerError::Key(e),
+        })?;
     let vault = Vault::new(store, Arc::new(settings.schema.clone()), Arc::new(keys))
         .with_policy(Arc::new(settings.policy.clone()))
         .with_retention(Arc::new(settings.retention.clone()))

@@ -9,7 +9,11 @@
 //!   answer into `INVALID_ARGUMENT` ("request body is not a valid GetRecordRequest: purpose:
 //!   invalid string value: data is not UTF-8 encoded"), records the call in the audit trail
 //!   (outcome `invalid`; `UNAVAILABLE` if the event cannot be written, as for every call) and
-//!   writes its log line, with its `x-request-id`.
+//!   writes its log line, with its `x-request-id`;
+//! - [`DecodeGuard`] also refuses, before the body is read, a request whose `content-type` is
+//!   not protobuf over gRPC ([`content_type_refusal`]): tonic would decode JSON or plain text
+//!   as protobuf and answer with a misleading decoder error, or serve an empty body as an
+//!   empty message.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -193,8 +197,20 @@ where
         // the others pay for no second request id.
         let started = std::time::Instant::now();
         let request_id = request.headers().get(super::log::REQUEST_ID).cloned();
-        let answer = self.inner.call(request);
         let vault = Arc::clone(&self.vault);
+        if let Some((status, http_status)) = content_type_refusal(request.headers()) {
+            // The body is never read (nor decoded).
+            drop(request);
+            return Box::pin(async move {
+                let log = request_log(action, request_id, started);
+                let mut answer = refuse(&vault, log, action, caller, status)
+                    .await
+                    .into_http();
+                *answer.status_mut() = http_status;
+                Ok(answer)
+            });
+        }
+        let answer = self.inner.call(request);
         Box::pin(async move {
             let response = answer.await?;
             let status = if response.headers().contains_key(UNDECODABLE) {
@@ -223,26 +239,88 @@ where
                             // A message over the size limit: the code of every size limit
                             // (the server's outer layer then names the limit).
                             tonic::Code::OutOfRange => Status::resource_exhausted(s.message()),
-                            code => Status::new(code, s.message()),
+                            code => {
+                                let mut status = Status::new(code, s.message());
+                                // An encoding it does not take: the answer says which it
+                                // takes, as the gRPC compression spec asks (`identity`).
+                                if let Some(accepted) = response
+                                    .headers()
+                                    .get(ACCEPT_ENCODING)
+                                    .and_then(|v| MetadataValue::try_from(v.as_bytes()).ok())
+                                {
+                                    status.metadata_mut().insert(ACCEPT_ENCODING, accepted);
+                                }
+                                status
+                            }
                         }
                     }
                     _ => return Ok(response),
                 }
             };
             drop(response);
-            let mut metadata = MetadataMap::new();
-            if let Some(id) = request_id.and_then(|v| MetadataValue::try_from(v.as_bytes()).ok()) {
-                metadata.insert(super::log::REQUEST_ID, id);
-            }
-            let log = RequestLog::started_at(
-                action,
-                &tonic::Request::from_parts(metadata, Default::default(), ()),
-                started,
-            );
+            let log = request_log(action, request_id, started);
             Ok(refuse(&vault, log, action, caller, status)
                 .await
                 .into_http())
         })
+    }
+}
+
+/// The header in which a gRPC server names the message encodings it takes.
+const ACCEPT_ENCODING: &str = "grpc-accept-encoding";
+
+/// The log of a request refused here, with the request id it sent (if it is a sane one).
+fn request_log(
+    action: &'static str,
+    request_id: Option<http::HeaderValue>,
+    started: std::time::Instant,
+) -> RequestLog {
+    let mut metadata = MetadataMap::new();
+    if let Some(id) = request_id.and_then(|v| MetadataValue::try_from(v.as_bytes()).ok()) {
+        metadata.insert(super::log::REQUEST_ID, id);
+    }
+    RequestLog::started_at(
+        action,
+        &tonic::Request::from_parts(metadata, Default::default(), ()),
+        started,
+    )
+}
+
+/// The refusal of a request whose `content-type` is not protobuf over gRPC, and the HTTP
+/// status to answer it with: `application/grpc` or `application/grpc+proto` (parameters after
+/// `;` allowed, any case) pass. Another gRPC subtype (`application/grpc+json`) is
+/// `UNIMPLEMENTED`; a request that is not gRPC at all (`application/json`, none) gets HTTP
+/// 415, as the gRPC protocol asks, with the same status in its headers.
+fn content_type_refusal(headers: &http::HeaderMap) -> Option<(Status, http::StatusCode)> {
+    const RULE: &str = "Kluis serves gRPC with protobuf messages only: `application/grpc` or `application/grpc+proto`";
+    let value = headers.get(http::header::CONTENT_TYPE);
+    let media = value.and_then(|v| v.to_str().ok()).map(|v| {
+        v.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    });
+    match media.as_deref() {
+        Some("application/grpc" | "application/grpc+proto") => None,
+        Some(other) if other.starts_with("application/grpc+") => Some((
+            Status::unimplemented(format!(
+                "content-type: the message format `{}` is not served: {RULE}",
+                super::super::error::printable_name(&other["application/grpc+".len()..])
+            )),
+            http::StatusCode::OK,
+        )),
+        _ => Some((
+            Status::invalid_argument(format!(
+                "content-type: {}: {RULE}",
+                if value.is_none() {
+                    "missing"
+                } else {
+                    "not a gRPC content type"
+                }
+            )),
+            http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        )),
     }
 }
 
@@ -301,6 +379,64 @@ mod tests {
         let mut out = vec![tag << 3 | 2, body.len() as u8];
         out.extend_from_slice(body);
         out
+    }
+
+    #[test]
+    fn only_protobuf_over_grpc_is_served() {
+        let headers = |value: Option<&str>| {
+            let mut h = http::HeaderMap::new();
+            if let Some(v) = value {
+                h.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_str(v).expect("header"),
+                );
+            }
+            h
+        };
+        for ok in [
+            "application/grpc",
+            "application/grpc+proto",
+            "Application/GRPC",
+            "application/grpc; charset=utf-8",
+        ] {
+            assert!(content_type_refusal(&headers(Some(ok))).is_none(), "{ok}");
+        }
+        let (status, http) =
+            content_type_refusal(&headers(Some("application/grpc+json"))).expect("refused");
+        assert_eq!(
+            (status.code(), http),
+            (tonic::Code::Unimplemented, http::StatusCode::OK)
+        );
+        assert!(
+            status
+                .message()
+                .starts_with("content-type: the message format `json`"),
+            "{}",
+            status.message()
+        );
+        for (value, why) in [
+            (Some("application/json"), "not a gRPC content type"),
+            (Some("text/plain"), "not a gRPC content type"),
+            (Some("application/grpcx"), "not a gRPC content type"),
+            (None, "missing"),
+        ] {
+            let (status, http) = content_type_refusal(&headers(value)).expect("refused");
+            assert_eq!(
+                (status.code(), http),
+                (
+                    tonic::Code::InvalidArgument,
+                    http::StatusCode::UNSUPPORTED_MEDIA_TYPE
+                ),
+                "{value:?}"
+            );
+            assert!(
+                status
+                    .message()
+                    .starts_with(&format!("content-type: {why}")),
+                "{}",
+                status.message()
+            );
+        }
     }
 
     #[test]

@@ -606,11 +606,26 @@ async fn a_body_that_is_not_one_grpc_frame_is_refused_audited_and_logged() {
             Some("gzip"),
             vec![1, 0, 0, 0, 2, 0x0a, 0x00],
         ),
+        // Review 30: JSON or plain text was decoded as protobuf (an empty body answered as an
+        // empty message).
+        ("content-type application/json", None, vec![0, 0, 0, 0, 0]),
+        (
+            "content-type application/grpc+json",
+            None,
+            vec![0, 0, 0, 0, 0],
+        ),
+        ("no content-type", None, vec![0, 0, 0, 0, 0]),
     ];
     let mut answers = Vec::new();
     for (what, enc, frames) in cases {
         let mut headers = vec![("authorization", bearer.as_str())];
         headers.extend(enc.map(|e| ("grpc-encoding", e)));
+        if let Some(content_type) = what.strip_prefix("content-type ") {
+            headers.push(("content-type", content_type));
+        }
+        if what == "no content-type" {
+            headers.push(("content-type", ""));
+        }
         let answer = raw_frames(&addr, path, &headers, frames).await;
         eprintln!("{what}: {answer:?}");
         answers.push((what, answer));
@@ -630,17 +645,27 @@ async fn a_body_that_is_not_one_grpc_frame_is_refused_audited_and_logged() {
             code,
             message,
             request_id,
+            http_status,
+            accept_encoding,
         },
     ) in &answers
     {
-        // An encoding the server does not take is UNIMPLEMENTED (gRPC's code for it); the
-        // framing errors are the caller's: INVALID_ARGUMENT.
-        let expected = if *what == "gzip flag, not gzip" {
-            Code::Unimplemented
-        } else {
-            Code::InvalidArgument
+        // An encoding or message format the server does not take is UNIMPLEMENTED (gRPC's
+        // code for it), and the answer names the encodings it takes; the framing errors are
+        // the caller's: INVALID_ARGUMENT; a request that is not gRPC is HTTP 415.
+        let expected = match *what {
+            "gzip flag, not gzip" | "content-type application/grpc+json" => Code::Unimplemented,
+            _ => Code::InvalidArgument,
         };
         assert_eq!(*code, expected, "{what}: {message}");
+        if *what == "gzip flag, not gzip" {
+            assert_eq!(accept_encoding.as_deref(), Some("identity"), "{what}");
+        }
+        if what.contains("content-type") {
+            assert!(message.starts_with("content-type: "), "{what}: {message}");
+        }
+        let not_grpc = matches!(*what, "content-type application/json" | "no content-type");
+        assert_eq!(*http_status, if not_grpc { 415 } else { 200 }, "{what}");
         assert!(
             request_id.is_some(),
             "{what}: the answer carries x-request-id"

@@ -420,6 +420,10 @@ pub struct RawAnswer {
     pub code: Code,
     pub message: String,
     pub request_id: Option<String>,
+    /// The HTTP status of the answer.
+    pub http_status: u16,
+    /// The `grpc-accept-encoding` the answer names, if any.
+    pub accept_encoding: Option<String>,
 }
 
 /// Calls `path` (e.g. `/kluis.v1.Records/GetRecord`) on the server at `addr` with `body` as
@@ -446,7 +450,8 @@ pub async fn raw_call(
 }
 
 /// A gRPC POST of `path` to the server at `addr` with `frames` as its whole body (gRPC framing
-/// included) and `headers` beside the gRPC ones.
+/// included) and `headers` beside the gRPC ones (a `content-type` among them replaces
+/// `application/grpc`; an empty one sends none).
 pub fn grpc_post(
     addr: &str,
     path: &str,
@@ -456,9 +461,15 @@ pub fn grpc_post(
     let mut request = http::Request::builder()
         .method("POST")
         .uri(format!("http://{addr}{path}"))
-        .header("content-type", "application/grpc")
         .header("te", "trailers");
-    for (name, value) in headers {
+    let content_type = headers
+        .iter()
+        .find(|(name, _)| *name == "content-type")
+        .map_or("application/grpc", |(_, value)| *value);
+    if !content_type.is_empty() {
+        request = request.header("content-type", content_type);
+    }
+    for (name, value) in headers.iter().filter(|(name, _)| *name != "content-type") {
         request = request.header(*name, *value);
     }
     request
@@ -493,6 +504,7 @@ pub async fn raw_frames(
         .await
         .expect("a response");
     let (parts, body) = response.into_parts();
+    let http_status = parts.status.as_u16();
     // A refusal is trailers-only (the status in the headers); an answer ends with trailers.
     let mut headers = parts.headers;
     if !headers.contains_key("grpc-status") {
@@ -507,6 +519,11 @@ pub async fn raw_frames(
         message: status.message().to_string(),
         request_id: headers
             .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        http_status,
+        accept_encoding: headers
+            .get("grpc-accept-encoding")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
     }

@@ -304,6 +304,12 @@ async fn a_wrong_master_key_refuses_to_start() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains("master key does not match"), "{err}");
+    // It names the key's source and the data directory (review 30).
+    assert!(
+        err.contains("(master key from the key given; data directory ")
+            && err.contains(&vault.dir.path().display().to_string()),
+        "{err}"
+    );
     vault.start().await.expect("the right key still works");
 }
 
