@@ -1737,6 +1737,45 @@ pub struct QueryPage {
     pub events: Vec<Event>,
     /// Sequence number to continue after; `None` at the end.
     pub next_after: Option<u64>,
+    /// Events of the scanned range that could not be read in order (damaged, missing or out
+    /// of sequence): a query goes on past them, and says so here, so that no export or
+    /// report looks whole when it is not (review 30). `kluis audit verify` names the cause.
+    pub damage: Option<Damage>,
+}
+
+/// Events a query could not read, in the range it scanned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Damage {
+    /// The first sequence number it could not read in order.
+    pub first_seq: u64,
+    /// How many sequence numbers it could not read in order (out-of-sequence events count
+    /// once each, besides the gap they leave).
+    pub events: u64,
+}
+
+impl Damage {
+    /// `self` and `other` together: the earlier first, the counts added.
+    pub fn merge(self, other: Option<Damage>) -> Damage {
+        match other {
+            None => self,
+            Some(o) => Damage {
+                first_seq: self.first_seq.min(o.first_seq),
+                events: self.events.saturating_add(o.events),
+            },
+        }
+    }
+}
+
+/// Collects a query's [`Damage`].
+#[derive(Default)]
+struct DamageSeen(Option<Damage>);
+
+impl DamageSeen {
+    fn note(&mut self, first_seq: u64, events: u64) {
+        if events > 0 {
+            self.0 = Some(Damage { first_seq, events }.merge(self.0));
+        }
+    }
 }
 
 /// Most events a query examines for one page; a page may hold fewer than asked for (then
@@ -1765,49 +1804,59 @@ pub async fn query(
     let mut events = Vec::new();
     let mut scanned = 0usize;
     let mut cursor = start;
+    let mut damage = DamageSeen::default();
     let mut scan = EventScan::from(cursor + 1);
     loop {
         if cursor >= head.seq {
             return Ok(QueryPage {
                 events,
                 next_after: None,
+                damage: damage.0,
             });
         }
         let Some(stored) = scan.next(store).await? else {
+            // The chain ends before its head: the rest is missing.
+            damage.note(cursor + 1, head.seq - cursor);
             return Ok(QueryPage {
                 events,
                 next_after: None,
+                damage: damage.0,
             });
         };
         scanned += 1;
-        let Some(event) = stored.raw.as_deref().and_then(Event::parse) else {
-            continue;
-        };
-        if event.seq <= cursor {
-            // Out of order (tampered): `verify` names it; a query moves on.
-            continue;
-        }
-        cursor = event.seq;
-        if filter.until_ms.is_some_and(|u| event.time_ms >= u) {
-            return Ok(QueryPage {
-                events,
-                next_after: None,
-            });
-        }
-        if filter.matches(&event) {
-            events.push(event);
-            if events.len() >= limit {
-                let more = cursor < head.seq;
-                return Ok(QueryPage {
-                    events,
-                    next_after: more.then_some(cursor),
-                });
+        // An event that does not parse is counted in the gap the next one shows.
+        if let Some(event) = stored.raw.as_deref().and_then(Event::parse) {
+            if event.seq <= cursor {
+                // Out of order (tampered): `verify` names it; a query moves on, and says so.
+                damage.note(event.seq, 1);
+            } else {
+                damage.note(cursor + 1, event.seq - cursor - 1);
+                cursor = event.seq;
+                if filter.until_ms.is_some_and(|u| event.time_ms >= u) {
+                    return Ok(QueryPage {
+                        events,
+                        next_after: None,
+                        damage: damage.0,
+                    });
+                }
+                if filter.matches(&event) {
+                    events.push(event);
+                    if events.len() >= limit {
+                        let more = cursor < head.seq;
+                        return Ok(QueryPage {
+                            events,
+                            next_after: more.then_some(cursor),
+                            damage: damage.0,
+                        });
+                    }
+                }
             }
         }
         if scanned >= MAX_SCANNED_PER_PAGE {
             return Ok(QueryPage {
                 events,
                 next_after: (cursor < head.seq).then_some(cursor),
+                damage: damage.0,
             });
         }
     }
@@ -2104,6 +2153,90 @@ mod tests {
             b.append_event(draft().encode());
         }
         b
+    }
+
+    #[tokio::test]
+    async fn a_query_goes_on_past_damage_and_says_so() {
+        // Review 30: exports and breach reports dropped unreadable events without a word.
+        use crate::store::SledStore;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(&dir.path().join("data")).expect("open");
+        store.commit(event_batch(30)).await.expect("commit");
+        let all = |page: &QueryPage| page.events.iter().map(|e| e.seq).collect::<Vec<_>>();
+        let page = query(&store, &Filter::default(), 0, 100).await.expect("q");
+        assert_eq!((page.events.len(), page.damage), (30, None));
+        // A lost event.
+        overwrite_raw_event(&store, 10, None).await.expect("delete");
+        let page = query(&store, &Filter::default(), 0, 100).await.expect("q");
+        assert_eq!(page.events.len(), 29);
+        assert_eq!(
+            page.damage,
+            Some(Damage {
+                first_seq: 10,
+                events: 1
+            })
+        );
+        // One that does not parse (cut short).
+        let raw = raw_event(&store, 20).await.expect("get").expect("present");
+        overwrite_raw_event(&store, 20, Some(raw[..raw.len() / 2].to_vec()))
+            .await
+            .expect("cut");
+        let page = query(&store, &Filter::default(), 0, 100).await.expect("q");
+        assert_eq!(page.events.len(), 28);
+        assert_eq!(
+            page.damage,
+            Some(Damage {
+                first_seq: 10,
+                events: 2
+            })
+        );
+        // A page after the first damage names only what it scanned.
+        let page = query(&store, &Filter::default(), 15, 100).await.expect("q");
+        assert_eq!(
+            page.damage,
+            Some(Damage {
+                first_seq: 20,
+                events: 1
+            })
+        );
+        // Two events swapped: the first one's place is a gap, the second is out of order.
+        let (r25, r26) = (
+            raw_event(&store, 25).await.expect("get").expect("25"),
+            raw_event(&store, 26).await.expect("get").expect("26"),
+        );
+        overwrite_raw_event(&store, 26, Some(r25))
+            .await
+            .expect("swap");
+        overwrite_raw_event(&store, 25, Some(r26))
+            .await
+            .expect("swap");
+        let page = query(&store, &Filter::default(), 22, 100).await.expect("q");
+        assert_eq!(all(&page), vec![23, 24, 26, 27, 28, 29, 30]);
+        assert_eq!(
+            page.damage,
+            Some(Damage {
+                first_seq: 25,
+                events: 2
+            })
+        );
+        // A filter that matches nothing still scans, and still says so.
+        let filter = Filter {
+            principal: Some("nobody".into()),
+            ..Filter::default()
+        };
+        let page = query(&store, &filter, 0, 100).await.expect("q");
+        assert!(page.events.is_empty());
+        assert_eq!(page.damage.map(|d| d.first_seq), Some(10));
+        // The tail lost: the chain ends before its head.
+        overwrite_raw_event(&store, 30, None).await.expect("delete");
+        let page = query(&store, &Filter::default(), 27, 100).await.expect("q");
+        assert_eq!(
+            page.damage,
+            Some(Damage {
+                first_seq: 30,
+                events: 1
+            })
+        );
     }
 
     #[tokio::test]

@@ -301,7 +301,9 @@ fn categories(role: &str, what: &str, names: &[String]) -> Result<BTreeSet<Categ
         } else {
             out.insert(Category::parse(name).ok_or_else(|| {
                 PolicyError::Rule(format!(
-                    "role `{role}`: {what} names unknown category `{name}`"
+                    "role `{}`: {what} names unknown category `{}`",
+                    role.escape_default(),
+                    name.escape_default()
                 ))
             })?);
         }
@@ -542,8 +544,9 @@ impl Policy {
                     (None, Some(def)) => def.category,
                     (None, None) => {
                         return Err(PolicyError::Rule(format!(
-                            "role `{}`: masked names `{name}`, which is neither a category nor a field of the schema ({schema_name})",
-                            role.name
+                            "role `{}`: masked names `{}`, which is neither a category nor a field of the schema ({schema_name})",
+                            role.name,
+                            name.escape_default()
                         )))
                     }
                 };
@@ -748,7 +751,11 @@ mod tests {
             "ab".repeat(32),
             "cd".repeat(32)
         );
+        let category = format!(
+            "{DEFAULT_POLICY_TOML}\n[roles.x]\nread = [\"cv\\n\\u202e\"]\nwrite = []\npurposes = []\n"
+        );
         for (text, shown) in [
+            (category, "cv\\n\\u{202e}"),
             (role, "ghost\\nINJECTED\\u{202e}"),
             (purpose, "mark\\neting\\u{202e}"),
             (twice, "x\\u{202e}evil"),

@@ -711,12 +711,15 @@ impl EventSource {
         }
     }
 
-    /// Calls `each` with every event matching `filter`, in sequence order, page by page.
+    /// Calls `each` with every event matching `filter`, in sequence order, page by page;
+    /// returns the events of the trail it could not read in order (damaged, missing, out of
+    /// sequence), if any: it goes on past them.
     pub async fn for_each(
         &mut self,
         filter: &Filter,
         mut each: impl FnMut(AuditRow) -> Result<(), CliError>,
-    ) -> Result<(), CliError> {
+    ) -> Result<Option<audit::Damage>, CliError> {
+        let mut damage: Option<audit::Damage> = None;
         match self {
             EventSource::Store(store) => {
                 let mut after = 0;
@@ -724,12 +727,13 @@ impl EventSource {
                     let page = audit::query(store, filter, after, PAGE_SIZE as usize)
                         .await
                         .map_err(store_error)?;
+                    damage = page.damage.map(|d| d.merge(damage)).or(damage);
                     for event in page.events {
                         each(AuditRow::from(event))?;
                     }
                     match page.next_after {
                         Some(next) if next > after => after = next,
-                        _ => return Ok(()),
+                        _ => return Ok(damage),
                     }
                 }
             }
@@ -749,11 +753,18 @@ impl EventSource {
                         .await
                         .map_err(CliError::status_of("QueryEvents"))?
                         .into_inner();
+                    if page.first_damaged_seq != 0 {
+                        let found = audit::Damage {
+                            first_seq: page.first_damaged_seq,
+                            events: page.damaged_events,
+                        };
+                        damage = Some(found.merge(damage));
+                    }
                     for event in page.events {
                         each(AuditRow::from(event))?;
                     }
                     if page.next_page_token.is_empty() {
-                        return Ok(());
+                        return Ok(damage);
                     }
                     if page.next_page_token == page_token {
                         return Err(CliError::Io(
@@ -1391,9 +1402,22 @@ pub async fn export(args: &ExportArgs, out: &mut dyn Write) -> Result<(), CliErr
         until_ms: args.until,
     };
     let mut source = EventSource::open(&args.source).await?;
-    source
+    let damage = source
         .for_each(&filter, |event| event.write_json_line(out))
-        .await
+        .await?;
+    incomplete("export", damage)
+}
+
+/// A failure ([`CliError::Damaged`], exit 1) if the trail a command read had `damage`: its
+/// output (written already) misses events, and must not pass for whole (review 30).
+fn incomplete(what: &str, damage: Option<audit::Damage>) -> Result<(), CliError> {
+    match damage {
+        None => Ok(()),
+        Some(d) => Err(CliError::Damaged(format!(
+            "the audit trail is damaged: {} event(s) from sequence number {} on could not be read in order (damaged, missing or out of sequence), so this {what} is incomplete; run `kluis audit verify` (or the VerifyChain RPC) to find the cause, and treat the trail as tampered with until it is explained",
+            d.events, d.first_seq
+        ))),
+    }
 }
 
 /// `kluis audit breach-report`.
@@ -1407,7 +1431,7 @@ pub async fn breach(args: &BreachReportArgs, out: &mut dyn Write) -> Result<(), 
     };
     let mut source = EventSource::open(&args.source).await?;
     let mut agg = BreachAggregator::new(&args.principal, args.since, args.until);
-    source
+    let damage = source
         .for_each(&filter, |event| {
             agg.add(&event);
             Ok(())
@@ -1417,13 +1441,14 @@ pub async fn breach(args: &BreachReportArgs, out: &mut dyn Write) -> Result<(), 
     match args.format {
         Format::Table => out
             .write_all(render_table(&report).as_bytes())
-            .map_err(output_error),
+            .map_err(output_error)?,
         Format::Json => {
             let text = serde_json::to_string_pretty(&report)
                 .map_err(|e| CliError::Io(format!("encoding the report: {e}")))?;
-            writeln!(out, "{text}").map_err(output_error)
+            writeln!(out, "{text}").map_err(output_error)?
         }
     }
+    incomplete("report", damage)
 }
 
 #[cfg(test)]

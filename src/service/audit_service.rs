@@ -200,7 +200,16 @@ impl<S: Store> proto::audit_server::Audit for AuditService<S> {
             let page = audit::query(self.vault.store(), &filter, after, size)
                 .await
                 .map_err(|e| super::status::from_vault(e.into()))?;
+            if let Some(damage) = page.damage {
+                tracing::error!(
+                    first_seq = damage.first_seq,
+                    events = damage.events,
+                    "audit query: events of the trail could not be read in order (damaged or tampered with): the answer says so; run VerifyChain"
+                );
+            }
             let answer = proto::QueryEventsResponse {
+                first_damaged_seq: page.damage.map_or(0, |d| d.first_seq),
+                damaged_events: page.damage.map_or(0, |d| d.events),
                 events: page.events.into_iter().map(event_to_proto).collect(),
                 next_page_token: page
                     .next_after

@@ -841,6 +841,21 @@ async fn verify_chain_names_the_first_changed_deleted_or_moved_event() {
     .await;
     let bad = verify(&v).await;
     assert_eq!((bad.ok, bad.first_bad_seq), (false, 4), "{bad:?}");
+    // QueryEvents goes on past it and says so (review 30).
+    let page = kluis::proto::audit_client::AuditClient::with_interceptor(
+        v.channel().await,
+        bearer(&v.tokens["auditor"]),
+    )
+    .query_events(kluis::proto::QueryEventsRequest {
+        page_size: 1000,
+        ..Default::default()
+    })
+    .await
+    .expect("query")
+    .into_inner();
+    assert!(page.events.iter().all(|e| e.seq != 4));
+    assert!(page.events.iter().any(|e| e.seq == 5));
+    assert_eq!((page.first_damaged_seq, page.damaged_events), (4, 1));
 
     // Reordered: events 5 and 6 swapped (on a fresh vault, so 4 is intact).
     let mut w = spawn_vault().await;

@@ -243,6 +243,49 @@ async fn offline_verify_says_ok_then_names_the_tampered_event() {
         "{}",
         deleted.all()
     );
+    // Export and breach report go on past the lost event, but fail and say so (review 30:
+    // they left it out without a word, exit 0).
+    let exported = kluis(&["audit", "export", "--data-dir", &data], None).await;
+    assert_eq!(exported.code, 1, "{}", exported.all());
+    let seqs: Vec<u64> = json_lines(&exported.stdout)
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect();
+    assert!(
+        seqs.contains(&3) && !seqs.contains(&4) && seqs.contains(&5),
+        "{seqs:?}"
+    );
+    assert!(
+        exported
+            .stderr
+            .contains("1 event(s) from sequence number 4 on could not be read in order")
+            && exported.stderr.contains("this export is incomplete"),
+        "{}",
+        exported.all()
+    );
+    let (since, until) = (date(-1), date(2));
+    let report = kluis(
+        &[
+            "audit",
+            "breach-report",
+            "--principal",
+            "test-recruiter",
+            "--since",
+            &since,
+            "--until",
+            &until,
+            "--data-dir",
+            &data,
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(report.code, 1, "{}", report.all());
+    assert!(
+        report.stderr.contains("this report is incomplete"),
+        "{}",
+        report.all()
+    );
     let four = kept.expect("event 4 was there");
     edit(&data, |events| {
         let five = events.remove(&5).expect("event 5");
