@@ -204,6 +204,14 @@ fn parse_principal(s: &str) -> Result<String, String> {
     if s.trim() != s {
         return Err("must not start or end with blanks (principal names are exact)".into());
     }
+    // The server's rule for a principal filter, said here too (review 30: offline such a
+    // name gave an empty report, exit 0; online "the server refused", exit 1).
+    if !crate::service::audit_service::principal_shaped(s) {
+        return Err(format!(
+            "a principal is 1 to {} printable ASCII characters (no principal has another shape)",
+            crate::service::audit_service::MAX_PRINCIPAL_FILTER
+        ));
+    }
     Ok(s.to_string())
 }
 
@@ -275,6 +283,10 @@ pub enum CliError {
     /// The chain does not verify (the details were printed).
     #[error("the audit chain does not verify")]
     VerificationFailed,
+    /// An audit anchor file does not verify (turned into [`CliError::VerificationFailed`]
+    /// once its `FAILED:` line is printed).
+    #[error("{0}")]
+    AnchorInvalid(String),
     /// The command did its work, but found damage (the details were printed).
     #[error("{0}")]
     Damaged(String),
@@ -291,6 +303,7 @@ impl CliError {
             CliError::Refused { .. }
             | CliError::EndedEarly { .. }
             | CliError::VerificationFailed
+            | CliError::AnchorInvalid(_)
             | CliError::Damaged(_) => EXIT_FAILED,
             CliError::OutputClosed => 0,
         }
@@ -1264,7 +1277,26 @@ pub async fn verify(args: &VerifyArgs, out: &mut dyn Write) -> Result<(), CliErr
     let recorded = crate::anchor::recorded_store_id(&store, &public_key)
         .await
         .map_err(store_error)?;
-    let anchor_err = |e: crate::anchor::AnchorError| CliError::Io(e.to_string());
+    // An anchor that cannot be read is an IO error (exit 2); one that does not verify (its
+    // signature, its store, its form) is a failed verification (exit 1, `FAILED:`), as a bad
+    // checkpoint in the store is: the anchor is what catches a rewritten trail (review 30).
+    let anchor_err = |e: crate::anchor::AnchorError| {
+        match e {
+        crate::anchor::AnchorError::Io { .. } => CliError::Io(e.to_string()),
+        crate::anchor::AnchorError::Invalid { path, reason } => CliError::AnchorInvalid(format!(
+            "the audit anchor {path} does not verify: {reason}; it is kept outside the store to catch a rewritten trail: find out who changed it before trusting this store (`--no-anchor` checks the store's own checkpoints only)"
+        )),
+    }
+    };
+    let anchor_loaded = |out: &mut dyn Write, e: CliError| -> CliError {
+        match e {
+            CliError::AnchorInvalid(why) => match writeln!(out, "FAILED: {why}") {
+                Ok(()) => CliError::VerificationFailed,
+                Err(e) => output_error(e),
+            },
+            e => e,
+        }
+    };
     let key_dir = key_path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -1277,7 +1309,8 @@ pub async fn verify(args: &VerifyArgs, out: &mut dyn Write) -> Result<(), CliErr
         (None, "anchor: not checked (--no-anchor)".to_string())
     } else if let Some(path) = &args.anchor {
         let (store_id, cp) = crate::anchor::load_any(path, &public_key)
-            .map_err(anchor_err)?
+            .map_err(anchor_err)
+            .map_err(|e| anchor_loaded(out, e))?
             .ok_or_else(|| CliError::Usage(format!("--anchor {}: no such file", path.display())))?;
         if let crate::anchor::RecordedId::Signed(recorded) = recorded {
             if recorded != store_id {
@@ -1298,7 +1331,10 @@ pub async fn verify(args: &VerifyArgs, out: &mut dyn Write) -> Result<(), CliErr
         match recorded {
             crate::anchor::RecordedId::Signed(id) => {
                 let path = crate::anchor::path(key_dir, &id);
-                match crate::anchor::load(&path, &id, &public_key).map_err(anchor_err)? {
+                match crate::anchor::load(&path, &id, &public_key)
+                    .map_err(anchor_err)
+                    .map_err(|e| anchor_loaded(out, e))?
+                {
                     Some(cp) => {
                         let note = format!("anchor: event {} ({})", cp.seq, path.display());
                         (Some(cp), note)
@@ -1520,6 +1556,14 @@ mod tests {
             parse_principal("dev-recruiter").as_deref(),
             Ok("dev-recruiter")
         );
+        assert_eq!(
+            parse_principal("cli:ops (SUDO_USER=jan)").as_deref(),
+            Ok("cli:ops (SUDO_USER=jan)")
+        );
+        for bad in ["dév", "a\tb", &"x".repeat(161)] {
+            let err = parse_principal(bad).expect_err("no principal has this shape");
+            assert!(err.contains("1 to 160 printable ASCII"), "{err}");
+        }
         let events = vec![with(row(1, 1000, "app", "ListRecords", ""), &[], "ok")];
         let none = render_table(&breach_report("App", 0, 9000, &events));
         assert!(

@@ -117,7 +117,15 @@ pub fn event_to_proto(e: audit::Event) -> proto::AuditEvent {
 
 /// The longest `principal` filter: a principal is at most `cli:` with a 64-character account
 /// and ` (SUDO_USER=…)` with another (`cli::keys::cli_principal`); policy names are at most 64.
-const MAX_PRINCIPAL_FILTER: usize = 160;
+pub const MAX_PRINCIPAL_FILTER: usize = 160;
+
+/// Whether `name` has the shape of a principal (1 to [`MAX_PRINCIPAL_FILTER`] printable ASCII
+/// characters): no principal has another (policy names, `system:…`, `cli:<account> …`).
+pub fn principal_shaped(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_PRINCIPAL_FILTER
+        && name.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
 
 #[tonic::async_trait]
 impl<S: Store> proto::audit_server::Audit for AuditService<S> {
@@ -159,9 +167,7 @@ impl<S: Store> proto::audit_server::Audit for AuditService<S> {
             }
             // No principal has another shape (policy names, `system:…`, `cli:<account> …`): a
             // filter that cannot match is refused rather than answered with an empty page.
-            let printable = req.principal.bytes().all(|b| (0x20..0x7f).contains(&b));
-            if !req.principal.is_empty() && (req.principal.len() > MAX_PRINCIPAL_FILTER || !printable)
-            {
+            if !req.principal.is_empty() && !principal_shaped(&req.principal) {
                 return Err(Status::invalid_argument(format!(
                     "principal: a principal is 1 to {MAX_PRINCIPAL_FILTER} printable ASCII characters"
                 )));

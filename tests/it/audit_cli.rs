@@ -372,6 +372,35 @@ async fn an_older_backup_fails_against_the_live_anchor_unless_no_anchor() {
     let ok = kluis(&["audit", "verify", "--data-dir", live.as_str()], None).await;
     assert_eq!(ok.code, 0, "{}", ok.all());
     assert!(ok.stdout.contains("\nanchor: event "), "{}", ok.all());
+    // An anchor whose signature does not verify is a failed verification, not an IO error
+    // (review 30: exit 2, no `FAILED:` line).
+    let keys = vault.dir.path().join("keys");
+    let anchor = std::fs::read_dir(&keys)
+        .expect("keys dir")
+        .filter_map(|e| Some(e.ok()?.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(kluis::anchor::FILE_PREFIX))
+        })
+        .expect("an anchor file");
+    let text = std::fs::read_to_string(&anchor).expect("read anchor");
+    let flipped: String = {
+        let end = text.trim_end().len() - 1;
+        let last = text.as_bytes()[end];
+        let swap = if last == b'0' { '1' } else { '0' };
+        format!("{}{swap}{}", &text[..end], &text[end + 1..])
+    };
+    assert_ne!(flipped, text);
+    std::fs::write(&anchor, flipped).expect("tamper with the anchor");
+    let bad = kluis(&["audit", "verify", "--data-dir", live.as_str()], None).await;
+    assert_eq!(bad.code, 1, "{}", bad.all());
+    assert!(
+        bad.stdout.starts_with("FAILED: the audit anchor ")
+            && bad.stdout.contains("does not verify"),
+        "{}",
+        bad.all()
+    );
 }
 
 #[tokio::test]
