@@ -293,20 +293,23 @@ fn request_log(
 /// 415, as the gRPC protocol asks, with the same status in its headers.
 fn content_type_refusal(headers: &http::HeaderMap) -> Option<(Status, http::StatusCode)> {
     const RULE: &str = "Kluis serves gRPC with protobuf messages only: `application/grpc` or `application/grpc+proto`";
+    const GRPC: &str = "application/grpc";
     let value = headers.get(http::header::CONTENT_TYPE);
-    let media = value.and_then(|v| v.to_str().ok()).map(|v| {
-        v.split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase()
+    let media = value
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim());
+    // Compared without allocating: this runs on every request.
+    let grpc_subtype = media.and_then(|m| {
+        let head = m.get(..GRPC.len())?;
+        head.eq_ignore_ascii_case(GRPC).then(|| &m[GRPC.len()..])
     });
-    match media.as_deref() {
-        Some("application/grpc" | "application/grpc+proto") => None,
-        Some(other) if other.starts_with("application/grpc+") => Some((
+    match grpc_subtype {
+        Some("") => None,
+        Some(sub) if sub.eq_ignore_ascii_case("+proto") => None,
+        Some(sub) if sub.starts_with('+') => Some((
             Status::unimplemented(format!(
                 "content-type: the message format `{}` is not served: {RULE}",
-                super::super::error::printable_name(&other["application/grpc+".len()..])
+                super::super::error::printable_name(&sub[1..].to_ascii_lowercase())
             )),
             http::StatusCode::OK,
         )),
