@@ -1303,6 +1303,26 @@ fn start_piped(dir: &std::path::Path) -> Piped {
     Piped { child, addr, log }
 }
 
+/// The log lines of the request with `request_id`, once there is one (10 s at most).
+async fn logged_lines(server: &Piped, request_id: &str) -> Vec<String> {
+    let marker = format!("request_id={request_id}");
+    let logged = || {
+        server
+            .log
+            .lock()
+            .expect("log")
+            .lines()
+            .filter(|l| l.contains(&marker))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while logged().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    logged()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_no_event_can_be_written_nothing_is_returned_or_changed() {
     use crate::durability::dev_tokens;
@@ -1349,19 +1369,7 @@ async fn when_no_event_can_be_written_nothing_is_returned_or_changed() {
     .await;
     assert_eq!(answer.code, Code::InvalidArgument, "{answer:?}");
     {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let logged = |log: &str| {
-            log.lines()
-                .filter(|l| l.contains("request_id=undecodable-logged"))
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        };
-        while logged(&server.log.lock().expect("log")).is_empty()
-            && std::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let lines = logged(&server.log.lock().expect("log"));
+        let lines = logged_lines(&server, "undecodable-logged").await;
         assert_eq!(lines.len(), 1, "one line: {lines:?}");
         for part in [
             "principal=\"dev-recruiter\"",
@@ -1391,19 +1399,7 @@ async fn when_no_event_can_be_written_nothing_is_returned_or_changed() {
             .insert("x-request-id", request_id.parse().expect("ascii"));
         let refused_status = recruiter.create_record(request).await.expect_err("refused");
         assert_eq!(refused_status.code(), Code::InvalidArgument);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let logged = |log: &str| {
-            log.lines()
-                .filter(|l| l.contains(&format!("request_id={request_id}")))
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        };
-        while logged(&server.log.lock().expect("log")).is_empty()
-            && std::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let lines = logged(&server.log.lock().expect("log"));
+        let lines = logged_lines(&server, request_id).await;
         assert_eq!(lines.len(), 1, "one line: {lines:?}");
         assert!(lines[0].contains(refused), "{refused}: {}", lines[0]);
         assert!(!lines[0].contains("jansen"), "{}", lines[0]);
