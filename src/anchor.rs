@@ -123,6 +123,13 @@ pub fn load_any(
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        // Read, but not text: not an anchor (review 30: reported as an IO error).
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            return Err(AnchorError::Invalid {
+                path: path.display().to_string(),
+                reason: "not an anchor file (not UTF-8 text)".into(),
+            })
+        }
         Err(e) => {
             return Err(AnchorError::Io {
                 path: path.display().to_string(),
@@ -383,6 +390,14 @@ mod tests {
         // Another store's id.
         let e = load(&p, &[8u8; 16], &s.public_key()).expect_err("other store");
         assert!(e.to_string().contains("anchors store"), "{e}");
+        // Not text: not an anchor, rather than a file that could not be read (review 30).
+        let binary = dir.path().join("binary");
+        std::fs::write(&binary, [0xff, 0xfe, 0x00]).expect("write");
+        let e = load(&binary, &id, &s.public_key()).expect_err("binary");
+        assert!(
+            matches!(&e, AnchorError::Invalid { reason, .. } if reason.contains("not UTF-8")),
+            "{e}"
+        );
         // Another key.
         let other = tempfile::tempdir().expect("tempdir");
         let e = load(&p, &id, &signer(other.path()).public_key()).expect_err("other key");

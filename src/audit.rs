@@ -1827,8 +1827,9 @@ pub async fn query(
         // An event that does not parse is counted in the gap the next one shows.
         if let Some(event) = stored.raw.as_deref().and_then(Event::parse) {
             if event.seq <= cursor {
-                // Out of order (tampered): `verify` names it; a query moves on, and says so.
-                damage.note(event.seq, 1);
+                // Out of order (tampered): `verify` names it; a query moves on, and says so,
+                // at the place it sits.
+                damage.note(cursor + 1, 1);
             } else {
                 damage.note(cursor + 1, event.seq - cursor - 1);
                 cursor = event.seq;
@@ -1871,9 +1872,12 @@ async fn first_at_or_after(
     let (mut lo, mut hi) = (1u64, head_seq + 1);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
+        // An event it cannot read counts as inside the window: the scan then starts at or
+        // before it, and says it could not read it, instead of starting after it and leaving
+        // out the readable events before it (review 30).
         let time = match raw_event(store, mid).await? {
-            Some(v) => Event::parse(&v).map_or(i64::MIN, |e| e.time_ms),
-            None => i64::MIN,
+            Some(v) => Event::parse(&v).map_or(i64::MAX, |e| e.time_ms),
+            None => i64::MAX,
         };
         if time >= time_ms {
             hi = mid;
@@ -2234,6 +2238,39 @@ mod tests {
             page.damage,
             Some(Damage {
                 first_seq: 30,
+                events: 1
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn a_window_never_starts_after_an_event_it_cannot_read() {
+        // Review 30: the search for a window's first event took a lost event for one before
+        // the window, started after it, and left out the readable events before it unsaid.
+        use crate::store::SledStore;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(&dir.path().join("data")).expect("open");
+        for _ in 0..30 {
+            store.commit(event_batch(1)).await.expect("commit");
+            tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        }
+        let page = query(&store, &Filter::default(), 0, 100).await.expect("q");
+        let t10 = page.events[9].time_ms;
+        assert!(page.events[8].time_ms < t10, "distinct times");
+        // Event 16 is the search's first probe.
+        overwrite_raw_event(&store, 16, None).await.expect("delete");
+        let filter = Filter {
+            since_ms: Some(t10),
+            ..Filter::default()
+        };
+        let page = query(&store, &filter, 0, 100).await.expect("q");
+        let seqs: Vec<u64> = page.events.iter().map(|e| e.seq).collect();
+        let want: Vec<u64> = (10..=30).filter(|s| *s != 16).collect();
+        assert_eq!(seqs, want);
+        assert_eq!(
+            page.damage,
+            Some(Damage {
+                first_seq: 16,
                 events: 1
             })
         );

@@ -18,7 +18,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::builder::NonEmptyStringValueParser;
 use clap::{Args, Subcommand, ValueEnum};
 use serde::{Serialize, Serializer};
 use tonic::metadata::{Ascii, MetadataValue};
@@ -154,7 +153,7 @@ pub struct ExportArgs {
     #[arg(long, value_name = "ID", value_parser = parse_record_id)]
     pub record: Option<String>,
     /// Only the events of this principal (its name in the policy).
-    #[arg(long, value_name = "P", value_parser = NonEmptyStringValueParser::new())]
+    #[arg(long, value_name = "P", value_parser = parse_principal)]
     pub principal: Option<String>,
     /// Only events at or after T: RFC 3339 (2026-11-25T10:00:00Z) or a date (2026-11-25,
     /// midnight UTC).
