@@ -688,8 +688,8 @@ impl FieldDef {
 fn index_form(kind: &FieldType, normalised: &str) -> Zeroizing<String> {
     match kind {
         // The stored domain is already lower-case ASCII; the local part keeps its case in the
-        // stored value and is lower-cased here (NFC again: lower-casing can decompose).
-        FieldType::Email => nfc(&lowercase(normalised)),
+        // stored value and is case-folded here (NFC again: folding can decompose).
+        FieldType::Email => nfc(&fold(normalised)),
         _ => Zeroizing::new(normalised.to_owned()),
     }
 }
@@ -716,43 +716,20 @@ pub(crate) fn has_visible_char(text: &str) -> bool {
         .any(|c| !c.is_whitespace() && !is_format_char(c) && c != '\u{2800}')
 }
 
-/// `str::to_lowercase`, exactly, leaving no copy of the value behind. std sizes its result to
-/// the input and grows it for the few capitals that lower-case to more bytes (`İ`, `Ⱥ`, `Ⱦ`),
-/// leaving a copy of the value's beginning in freed memory. A value without them is std's own
-/// result (it never grows). In one with them, each such capital is replaced by `A` in a
-/// zeroizing copy (a cased letter, not case-ignorable, like them: a capital sigma's context,
-/// which decides `ς` or `σ`, stays the same), std lower-cases the copy without growing, and
-/// the result is written into a string sized up front, with the capitals' own lower-case
-/// forms put back (review 22: deciding the sigma with icu's tables differed from std's for
-/// characters newer than std's Unicode version, and stored index tags stopped matching).
-fn lowercase(s: &str) -> Zeroizing<String> {
-    let lower_len = |c: char| c.to_lowercase().map(char::len_utf8).sum::<usize>();
-    let grows = |c: char| lower_len(c) > c.len_utf8();
-    if !s.chars().any(grows) {
-        return Zeroizing::new(s.to_lowercase());
-    }
-    let mut stand_in = Zeroizing::new(String::with_capacity(s.len()));
-    stand_in.extend(s.chars().map(|c| if grows(c) { 'A' } else { c }));
-    let lowered = Zeroizing::new(stand_in.to_lowercase());
-    let mut lowered = lowered.chars();
-    let mut out = Zeroizing::new(String::with_capacity(s.chars().map(lower_len).sum()));
-    for c in s.chars() {
-        if grows(c) {
-            lowered.next();
-            out.extend(c.to_lowercase());
-        } else {
-            // std lower-cases every other character on its own (a capital sigma to one
-            // character, σ or ς).
-            let n = if c == 'Σ' {
-                1
-            } else {
-                c.to_lowercase().count()
-            };
-            out.extend(lowered.by_ref().take(n));
-        }
-    }
-    out
+/// Unicode full case folding (the default, not Turkic), leaving no copy of the value behind.
+/// Folding, unlike lower-casing, has no context: `ΣΑΣ`, `σας` and `σασ` fold alike, and so do
+/// `STRASSE`, `straße` and `STRAẞE` (review 31; lower-casing decides a capital sigma's form by
+/// the letters around it, and keeps `ß`). On ASCII it is lower-casing. A character folds to at
+/// most three times its UTF-8 length (`ΐ`, 2 bytes, to 6), so the buffer never grows.
+fn fold(s: &str) -> Zeroizing<String> {
+    let mut out = WipingString::with_capacity(s.len().saturating_mul(FOLD_MAX_EXPANSION));
+    writeable::Writeable::write_to(&icu_casemap::CaseMapper::new().fold(s), &mut out)
+        .expect("writing to a WipingString never fails");
+    out.into_inner()
 }
+
+/// Case folding makes a string at most three times as long in UTF-8 bytes.
+const FOLD_MAX_EXPANSION: usize = 3;
 
 /// Unicode Normalization Form C, into a buffer that leaves no copy behind when it grows.
 fn nfc(s: &str) -> Zeroizing<String> {
@@ -1452,55 +1429,93 @@ mod tests {
     use super::*;
 
     proptest::proptest! {
-        /// The zeroizing lower-casing is std's, sigma rule included.
+        /// The zeroizing fold is icu's, and on ASCII it is lower-casing (index forms stored
+        /// before folding are unchanged for ASCII addresses).
         #[test]
-        fn lowercase_is_std_lowercase(s in "[a-zA-Z0-9 .'_\u{00AD}\u{0345}\u{0307}ΣσςαβΑΒİȺȾÉéẞ]{0,24}") {
-            proptest::prop_assert_eq!(lowercase(&s).to_string(), s.to_lowercase());
+        fn fold_is_icu_fold(s in "[a-zA-Z0-9 .'_\u{00AD}\u{0345}\u{0307}ΣσςαβΑΒİȺȾÉéẞßſΐﬃ]{0,24}") {
+            let want = icu_casemap::CaseMapper::new().fold_string(&s).into_owned();
+            let folded = fold(&s);
+            proptest::prop_assert_eq!(folded.as_str(), want.as_str());
+        }
+
+        #[test]
+        fn fold_of_ascii_is_lowercase(s in "[ -~]{0,40}") {
+            let folded = fold(&s);
+            proptest::prop_assert_eq!(folded.as_str(), s.to_ascii_lowercase());
         }
     }
 
-    /// Reviews 21 and 22: beside a capital sigma, every character (every 3rd code point, and
-    /// those whose properties differ between icu's and std's Unicode tables) lower-cases as
-    /// std does, with and without a capital that lower-cases to more bytes.
+    /// Every character folds within [`FOLD_MAX_EXPANSION`], so [`fold`]'s buffer never grows
+    /// (a grown buffer would leave a copy of the value's beginning in freed memory).
     #[test]
-    fn lowercase_is_std_lowercase_beside_a_sigma() {
-        let newer = [
-            '\u{05C8}',
-            '\u{0B53}',
-            '\u{1ADE}',
-            '\u{208F}',
-            '\u{A7DD}',
-            '\u{A7E2}',
-            '\u{AB6C}',
-            '\u{10ECB}',
-            '\u{11DF0}',
-            '\u{1D127}',
-            '\u{1D25B}',
-            '\u{1DF1F}',
-        ];
-        for c in (0..0x11_0000u32)
-            .step_by(3)
-            .filter_map(char::from_u32)
-            .chain(newer)
-        {
-            for s in [
-                format!("a{c}Σ"),
-                format!("aΣ{c}"),
-                format!("{c}Σ"),
-                format!("Σ{c}b"),
-                format!("a{c}Σ{c}"),
-                format!("İ{c}Σ"),
-                format!("Ⱥ{c}Σ{c}İ"),
-                format!("Σ{c}Ⱦ"),
-            ] {
-                assert_eq!(
-                    lowercase(&s).as_str(),
-                    s.to_lowercase(),
-                    "U+{:04X}",
-                    u32::from(c)
-                );
+    fn fold_never_outgrows_its_buffer() {
+        let mapper = icu_casemap::CaseMapper::new();
+        for c in (0..0x11_0000u32).filter_map(char::from_u32) {
+            let mut buf = [0u8; 4];
+            let s: &str = c.encode_utf8(&mut buf);
+            let folded = mapper.fold_string(s);
+            assert!(
+                folded.len() <= s.len() * FOLD_MAX_EXPANSION,
+                "U+{:04X} folds to {} bytes",
+                u32::from(c),
+                folded.len()
+            );
+        }
+        for s in ["ΐΐΐ", "ﬃ", "ẞ", "İSTANBUL", "ΣΑΣ.ΜΑΣ", "plain"] {
+            let folded = fold(s);
+            assert!(folded.capacity() == s.len() * FOLD_MAX_EXPANSION, "{s}");
+        }
+    }
+
+    /// Review 31: an address finds its own spellings in other case even where lower-casing
+    /// alone would not (a capital sigma before a dot, a sharp s written as SS or ẞ).
+    #[test]
+    fn email_search_ignores_case_by_folding() {
+        let email = Schema::default_schema()
+            .field("email")
+            .expect("email")
+            .clone();
+        let form = |s: &str| {
+            let stored = email
+                .parse(RawValue::Text(s), today())
+                .expect("plausible address");
+            stored.index_form.expect("email is searchable")
+        };
+        for (stored, spellings) in [
+            (
+                "σας.μας@example.gr",
+                &["ΣΑΣ.ΜΑΣ@example.gr", "σασ.μασ@EXAMPLE.gr"][..],
+            ),
+            ("ΣΑΣ.ΜΑΣ@example.gr", &["σας.μας@example.gr"][..]),
+            (
+                "straße@example.de",
+                &[
+                    "STRASSE@example.de",
+                    "STRAẞE@example.de",
+                    "strasse@example.de",
+                ][..],
+            ),
+            (
+                "Jan.Jansen@Example.NL",
+                &["jan.jansen@example.nl", "JAN.JANSEN@example.nl"][..],
+            ),
+        ] {
+            let form = form(stored);
+            for spelling in spellings {
+                let search = email.parse_search(spelling, today()).expect("searchable");
+                assert_eq!(form.as_str(), search.as_str(), "{stored} by {spelling}");
             }
         }
+        // ASCII addresses keep the index form stored before folding (lower-cased).
+        assert_eq!(
+            form("Jan.Jansen@Example.NL").as_str(),
+            "jan.jansen@example.nl"
+        );
+        // Distinct addresses stay distinct.
+        assert_ne!(
+            form("strase@example.de").as_str(),
+            form("straße@example.de").as_str()
+        );
     }
 
     /// Reviews 22 and 23: a stored value of the field's type keeps its partial mask (also an
@@ -1523,25 +1538,6 @@ mod tests {
         assert_eq!(FieldType::Bsn.mask_stored("TX-777"), "***");
         assert_eq!(FieldType::Iban.mask_stored("not an iban"), "***");
         assert_eq!(date.mask_stored("TX-777"), "***");
-    }
-
-    #[test]
-    fn lowercase_sizes_its_result_up_front() {
-        for s in [
-            "İSTANBUL",
-            "ȺȾ",
-            "ΟΔΟΣ",
-            "ΣΑΣ.ΣΑΣ",
-            "Σ",
-            "aΣ",
-            "aΣb",
-            "a\u{00AD}Σ\u{00AD}",
-            "plain",
-        ] {
-            let lower = lowercase(s);
-            assert_eq!(lower.as_str(), s.to_lowercase(), "{s}");
-            assert_eq!(lower.capacity(), lower.len(), "{s}");
-        }
     }
 
     /// The tests' today.
@@ -2393,7 +2389,8 @@ mod tests {
 
         /// A plausible address: dot-separated atoms, some letters accented (precomposed).
         fn address() -> impl Strategy<Value = (String, String)> {
-            let atom = "[a-zA-Z0-9éüøçÉ+_-]{1,8}";
+            // ß, ς and σ: the local part is case-folded (review 31).
+            let atom = "[a-zA-Z0-9éüøçÉßςσΣ+_-]{1,8}";
             // No ß: upper-casing turns it into SS, another domain.
             let label = "[a-zA-Z0-9üé]{1,10}";
             (
