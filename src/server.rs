@@ -684,7 +684,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         // hyper's default, stated: request metadata past it is refused by HTTP/2 (README).
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .layer(tower::util::MapRequestLayer::new(
-            move |request: http::Request<tonic::body::Body>| request.map(|b| budget.wrap(b)),
+            move |request: http::Request<tonic::body::Body>| budget.wrap_request(request),
         ))
         .layer(tower::util::MapRequestLayer::new(
             gate::note_action::<tonic::body::Body>,
@@ -854,8 +854,16 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     let reflection_error =
         |e: tonic_reflection::server::Error| ConfigError::Rule(format!("reflection: {e}"));
     // v1 for current tools, v1alpha for older grpcurl and grpc_cli.
-    let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
-    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
+    // Calls without credentials are small: their bodies cannot hold much of the anonymous
+    // share of the request-bytes budget either.
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(reflection_error)?
+        .max_decoding_message_size(OPEN_SERVICE_MAX_REQUEST_BYTES);
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(reflection_error)?
+        .max_decoding_message_size(OPEN_SERVICE_MAX_REQUEST_BYTES);
 
     let (tx, rx) = oneshot::channel::<()>();
     let router = builder
@@ -1085,9 +1093,37 @@ pub const BODY_BUDGET_FACTOR: usize = 4;
 /// The least budget of request bytes in flight.
 pub const MIN_BODY_BUDGET: usize = 64 * 1024 * 1024;
 
-/// The budget of request bytes in flight, in KiB permits, shared by every call.
+/// The budget of request bytes in flight, in KiB permits, shared by every call; each
+/// principal may hold at most half of it, and so may the calls that carry no credentials
+/// (health, reflection) together. With one shared total only, any token holder could fill
+/// it with bodies it never finished and lock every other caller out, health checks
+/// included (review 31).
 #[derive(Clone)]
-pub(crate) struct BodyBudget(Arc<Semaphore>);
+pub(crate) struct BodyBudget(Arc<BodyShares>);
+
+struct BodyShares {
+    total: Arc<Semaphore>,
+    /// A principal's share, in KiB.
+    share: usize,
+    /// Each principal's share (principals come from the policy: a bounded set).
+    shares: parking_lot::Mutex<std::collections::HashMap<Arc<str>, Arc<Semaphore>>>,
+    /// The share of calls without a principal.
+    anonymous: Arc<Semaphore>,
+}
+
+/// Whose body a request carries: set by the authentication gate ([`crate::service::gate`])
+/// before the body is read, from the request's extensions, where [`BodyBudget::wrap`] put
+/// it; a body read without it (health, reflection) counts as anonymous.
+#[derive(Clone, Default)]
+pub(crate) struct BodyOwner(Arc<std::sync::OnceLock<Arc<str>>>);
+
+impl BodyOwner {
+    /// Names the principal whose call this is.
+    pub(crate) fn set(&self, principal: &Arc<str>) {
+        // Set once, by the gate; a second set (none happens) would change nothing.
+        let _ = self.0.set(Arc::clone(principal));
+    }
+}
 
 impl BodyBudget {
     /// A budget for a server whose calls may carry `max_request_bytes` each.
@@ -1099,27 +1135,64 @@ impl BodyBudget {
     }
 
     fn of_kib(kib: usize) -> Self {
-        Self(Arc::new(Semaphore::new(
-            kib.clamp(1, Semaphore::MAX_PERMITS),
-        )))
+        let kib = kib.clamp(2, Semaphore::MAX_PERMITS);
+        Self(Arc::new(BodyShares {
+            total: Arc::new(Semaphore::new(kib)),
+            share: kib / 2,
+            shares: parking_lot::Mutex::default(),
+            anonymous: Arc::new(Semaphore::new(kib / 2)),
+        }))
     }
 
-    /// `body`, holding its bytes against the budget until it is dropped.
-    pub(crate) fn wrap(&self, body: tonic::body::Body) -> tonic::body::Body {
+    /// `request` with its body holding its bytes against the budget until it is dropped,
+    /// and the [`BodyOwner`] the gate names its principal in.
+    pub(crate) fn wrap_request(
+        &self,
+        request: http::Request<tonic::body::Body>,
+    ) -> http::Request<tonic::body::Body> {
+        let owner = BodyOwner::default();
+        let (mut parts, body) = request.into_parts();
+        parts.extensions.insert(owner.clone());
+        http::Request::from_parts(parts, self.wrap(body, owner))
+    }
+
+    /// `body`, holding its bytes against the budget (and its owner's share) until dropped.
+    fn wrap(&self, body: tonic::body::Body, owner: BodyOwner) -> tonic::body::Body {
         tonic::body::Body::new(BudgetedBody {
             inner: body,
             budget: Arc::clone(&self.0),
+            owner,
+            share: None,
             held: None,
         })
     }
+
+    /// The share of `owner`'s principal (or the anonymous one).
+    fn share_of(&self, owner: &BodyOwner) -> Arc<Semaphore> {
+        match owner.0.get() {
+            None => Arc::clone(&self.0.anonymous),
+            Some(principal) => Arc::clone(
+                self.0
+                    .shares
+                    .lock()
+                    .entry(Arc::clone(principal))
+                    .or_insert_with(|| Arc::new(Semaphore::new(self.0.share))),
+            ),
+        }
+    }
 }
 
-/// A request body whose data frames take permits (KiB) from the shared budget; when none
-/// are left, the call fails `RESOURCE_EXHAUSTED` rather than wait holding what it has.
+/// A request body whose data frames take permits (KiB) from the shared budget and from its
+/// caller's share; when either has none left, the call fails `RESOURCE_EXHAUSTED` rather
+/// than wait holding what it has.
 struct BudgetedBody {
     inner: tonic::body::Body,
-    budget: Arc<Semaphore>,
-    held: Option<OwnedSemaphorePermit>,
+    budget: Arc<BodyShares>,
+    owner: BodyOwner,
+    /// The caller's share, looked up at the first data frame (after the gate).
+    share: Option<Arc<Semaphore>>,
+    /// What the body holds: of the total, and of its caller's share.
+    held: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 impl http_body::Body for BudgetedBody {
@@ -1137,16 +1210,31 @@ impl http_body::Body for BudgetedBody {
         };
         if let Some(data) = frame.data_ref() {
             let kib = u32::try_from(data.len().div_ceil(1024)).unwrap_or(u32::MAX);
-            match Arc::clone(&this.budget).try_acquire_many_owned(kib) {
-                Ok(permit) => match this.held.as_mut() {
-                    Some(held) => held.merge(permit),
-                    None => this.held = Some(permit),
-                },
+            let share = this
+                .share
+                .get_or_insert_with(|| BodyBudget(Arc::clone(&this.budget)).share_of(&this.owner));
+            let own = match Arc::clone(share).try_acquire_many_owned(kib) {
+                Ok(own) => own,
+                Err(_) => {
+                    return Poll::Ready(Some(Err(tonic::Status::resource_exhausted(
+                        "this caller's calls whose bodies are still arriving already hold its share of the server's budget of request bytes in flight (half of it); finish or cancel them, or retry shortly",
+                    ))))
+                }
+            };
+            let total = match Arc::clone(&this.budget.total).try_acquire_many_owned(kib) {
+                Ok(total) => total,
                 Err(_) => {
                     return Poll::Ready(Some(Err(tonic::Status::resource_exhausted(
                         "the server holds as many request bytes in flight as it takes (calls whose bodies are still arriving); retry shortly",
                     ))))
                 }
+            };
+            match this.held.as_mut() {
+                Some((held_total, held_own)) => {
+                    held_total.merge(total);
+                    held_own.merge(own);
+                }
+                None => this.held = Some((total, own)),
             }
         }
         Poll::Ready(Some(Ok(frame)))
@@ -1160,6 +1248,10 @@ impl http_body::Body for BudgetedBody {
         self.inner.size_hint()
     }
 }
+
+/// Largest request message of the services open without credentials (health, reflection):
+/// their requests name a service or a symbol.
+pub const OPEN_SERVICE_MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// Most bytes of request metadata (HTTP/2 header list) a call may carry.
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
@@ -1400,9 +1492,25 @@ fn request_too_large_status(
                 || m.contains("decoded message length too large")
         });
     if out_of_range && too_large {
-        let status = tonic::Status::resource_exhausted(format!(
-            "request too large: a request may hold at most {limit} bytes (max_request_bytes)"
-        ));
+        // tonic's message ends "the limit is: N bytes"; the services open without
+        // credentials have their own, smaller limit.
+        let open_limit = format!("the limit is: {OPEN_SERVICE_MAX_REQUEST_BYTES} bytes");
+        let open_service = limit != OPEN_SERVICE_MAX_REQUEST_BYTES
+            && headers
+                .get("grpc-message")
+                .and_then(|m| m.to_str().ok())
+                .is_some_and(|m| {
+                    m.contains(&open_limit) || m.contains(&open_limit.replace(' ', "%20"))
+                });
+        let status = tonic::Status::resource_exhausted(if open_service {
+            format!(
+                "request too large: a health or reflection request may hold at most {OPEN_SERVICE_MAX_REQUEST_BYTES} bytes"
+            )
+        } else {
+            format!(
+                "request too large: a request may hold at most {limit} bytes (max_request_bytes)"
+            )
+        });
         let replacement = status.into_http::<tonic::body::Body>();
         for name in ["grpc-status", "grpc-message"] {
             if let Some(value) = replacement.headers().get(name) {
@@ -1420,7 +1528,7 @@ mod tests {
     use crate::keys::MasterKey;
 
     #[tokio::test]
-    async fn request_bodies_share_one_budget_and_give_it_back_when_dropped() {
+    async fn request_bodies_share_one_budget_each_caller_at_most_half_and_give_it_back() {
         use http_body_util::BodyExt;
         let frames = |n: usize| {
             let chunks: Vec<Result<http_body::Frame<bytes::Bytes>, tonic::Status>> = (0..n)
@@ -1430,23 +1538,61 @@ mod tests {
                 chunks,
             )))
         };
-        // 3 KiB in all: a body of 2 KiB fits; a second one gets 1 KiB, then is refused.
-        let budget = BodyBudget::of_kib(3);
-        let mut first = budget.wrap(frames(2));
-        while let Some(frame) = first.frame().await {
-            frame.expect("within the budget");
-        }
-        let mut second = budget.wrap(frames(2));
-        second.frame().await.expect("a frame").expect("1 KiB left");
-        let refused = second.frame().await.expect("a frame").expect_err("over");
+        let owned = |name: &str| {
+            let owner = BodyOwner::default();
+            owner.set(&Arc::from(name));
+            owner
+        };
+        let drain = |mut body: tonic::body::Body| async move {
+            while let Some(frame) = body.frame().await {
+                frame?;
+            }
+            Ok::<_, tonic::Status>(body)
+        };
+        // 6 KiB in all, 3 KiB for each principal and for the anonymous calls together.
+        let budget = BodyBudget::of_kib(6);
+        let a = owned("payroll");
+        let a1 = drain(budget.wrap(frames(2), a.clone()))
+            .await
+            .expect("within the budget");
+        // Review 31: one principal cannot take more than its share, whatever is left.
+        let mut a2 = budget.wrap(frames(2), a.clone());
+        a2.frame()
+            .await
+            .expect("a frame")
+            .expect("its share's last KiB");
+        let refused = a2.frame().await.expect("a frame").expect_err("over");
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().contains("this caller's"), "{refused:?}");
+        // Another principal still gets its own share, and the anonymous calls theirs…
+        let b1 = drain(budget.wrap(frames(2), owned("recruitment-app")))
+            .await
+            .expect("its own share");
+        let mut anonymous = budget.wrap(frames(2), BodyOwner::default());
+        anonymous
+            .frame()
+            .await
+            .expect("a frame")
+            .expect("1 KiB left in all");
+        // … until the whole budget is held.
+        let refused = anonymous
+            .frame()
+            .await
+            .expect("a frame")
+            .expect_err("over the total");
+        assert!(
+            refused.message().contains("the server holds"),
+            "{refused:?}"
+        );
         // Dropped bodies give their bytes back.
-        drop((first, second));
-        let mut third = budget.wrap(frames(3));
-        while let Some(frame) = third.frame().await {
-            frame.expect("the whole budget again");
-        }
-        assert!(BodyBudget::for_requests(1).0.available_permits() >= MIN_BODY_BUDGET / 1024);
+        drop((a1, a2, b1, anonymous));
+        drain(budget.wrap(frames(3), a))
+            .await
+            .expect("a whole share again");
+        drain(budget.wrap(frames(3), BodyOwner::default()))
+            .await
+            .expect("the anonymous share");
+        assert!(BodyBudget::for_requests(1).0.total.available_permits() >= MIN_BODY_BUDGET / 1024);
     }
     use crate::store::{Batch, Keyspace, Store};
     use tonic_health::pb::health_check_response::ServingStatus;

@@ -180,6 +180,11 @@ impl Interceptor for Gate {
                 {
                     connections.mark(peer);
                 }
+                // The body, read after this, counts against this principal's share of the
+                // request-bytes budget.
+                if let Some(owner) = request.extensions().get::<crate::server::BodyOwner>() {
+                    owner.set(&caller.principal);
+                }
                 request.extensions_mut().insert(Authenticated(caller));
                 Ok(request)
             }

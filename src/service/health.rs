@@ -42,7 +42,9 @@ impl HealthState {
     /// A state reporting `SERVING` for `services` (and `""`), and the service serving it.
     pub fn new(services: &[&str]) -> (HealthState, Undecodable<HealthServer<HealthService>>) {
         let (state, service) = HealthState::parts(services);
-        (state, Undecodable(HealthServer::new(service)))
+        let server = HealthServer::new(service)
+            .max_decoding_message_size(crate::server::OPEN_SERVICE_MAX_REQUEST_BYTES);
+        (state, Undecodable(server))
     }
 
     fn parts(services: &[&str]) -> (HealthState, HealthService) {

@@ -449,6 +449,27 @@ async fn health_answers_an_undecodable_body_invalid_and_echoes_only_names() {
             answer.message
         );
     }
+    // A request over the open services' limit is refused naming it (review 31).
+    {
+        let answer = raw_call(
+            &addr,
+            "/grpc.health.v1.Health/Check",
+            None,
+            None,
+            &prost::Message::encode_to_vec(&tonic_health::pb::HealthCheckRequest {
+                service: "a".repeat(70_000),
+            }),
+        )
+        .await;
+        assert_eq!(answer.code, Code::ResourceExhausted, "{}", &answer.message);
+        assert!(
+            answer
+                .message
+                .contains("a health or reflection request may hold at most 65536 bytes"),
+            "{}",
+            answer.message
+        );
+    }
     // A name is, and the server's own still answer.
     let answer = raw_call(
         &addr,
@@ -950,4 +971,117 @@ async fn a_client_reading_a_slow_link_keeps_its_connection() {
         started.elapsed() > Duration::from_secs(3),
         "the link was slow: several stall timeouts long"
     );
+}
+
+/// A CreateRecord whose message declares `declared` bytes and sends `sent` of them, then
+/// stalls for good (the body stays open), as `token`'s caller on `channel`.
+async fn stalled_create(
+    channel: &mut tonic::transport::Channel,
+    addr: std::net::SocketAddr,
+    token: &str,
+    declared: u32,
+    sent: usize,
+) -> Result<http::Response<tonic::body::Body>, tonic::transport::Error> {
+    let mut first = vec![0u8];
+    first.extend_from_slice(&declared.to_be_bytes());
+    let mut chunks = vec![Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(
+        first,
+    )))];
+    for _ in 0..sent / (256 * 1024) {
+        chunks.push(Ok(http_body::Frame::data(Bytes::from(vec![
+            0u8;
+            256 * 1024
+        ]))));
+    }
+    let frames = futures::stream::iter(chunks).chain(futures::stream::pending());
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/kluis.v1.Records/CreateRecord"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", token)
+        .body(tonic::body::Body::new(http_body_util::StreamBody::new(
+            frames,
+        )))
+        .expect("request");
+    channel.ready().await?.call(request).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_caller_holds_at_most_half_the_request_body_budget() {
+    // Review 31: any token holder (here the auditor, who may not even create records) filled
+    // the shared budget of request bytes in flight with bodies it never finished, and every
+    // other call was refused RESOURCE_EXHAUSTED, health checks included.
+    let mut v = spawn_vault().await;
+    v.stop().await;
+    // Request bodies may hold max(4 x 16 MiB, 64 MiB) = 64 MiB; a caller, 32 MiB.
+    v.tweak = Some(|s| s.max_request_bytes = 16 * 1024 * 1024);
+    v.start().await.expect("restart");
+    let token = format!("Bearer {}", v.tokens["auditor"]);
+    // Six bodies of 12 MiB each, stalled: 72 MiB, more than the whole budget.
+    let mut calls = futures::stream::FuturesUnordered::new();
+    for _ in 0..6 {
+        let mut channel = v.channel().await;
+        let token = token.clone();
+        let addr = v.addr;
+        calls.push(async move {
+            stalled_create(
+                &mut channel,
+                addr,
+                &token,
+                15 * 1024 * 1024,
+                12 * 1024 * 1024,
+            )
+            .await
+        });
+    }
+    // Two whole bodies fit in the auditor's half (32 MiB), a third does not: each body whose
+    // next bytes do not fit is refused (and gives back what it held), so four calls are
+    // refused, each naming the caller's share, and two stay open holding 24 MiB.
+    for _ in 0..4 {
+        let response = tokio::time::timeout(Duration::from_secs(60), calls.next())
+            .await
+            .expect("a refusal while the bodies stall")
+            .expect("a call")
+            .expect("a response");
+        let status =
+            tonic::Status::from_header_map(response.headers()).expect("a trailers-only refusal");
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("this caller's calls"),
+            "{status:?}"
+        );
+    }
+    // Meanwhile the other callers are served: a write, and a health check without credentials.
+    let mut recruiter = v.client("recruiter").await;
+    let doc = document(4 * 1024 * 1024);
+    create_with(
+        &mut recruiter,
+        "recruitment",
+        &[
+            ("full_name", text("Anna de Vries")),
+            ("cv_document", blob(&doc, "application/pdf")),
+        ],
+    )
+    .await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(v.channel().await);
+    let answer = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner();
+    assert_eq!(
+        answer.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    // The stalled calls are still open (none answered): their bodies hold the bytes.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), calls.next())
+            .await
+            .is_err(),
+        "the stalled calls stay open"
+    );
+    drop(calls);
 }
