@@ -473,6 +473,11 @@ fn io_at<'a>(op: &'a str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Stor
 }
 
 /// For `map_err`: a failure of the embedded sled store in `dir` while `op`.
+/// What to do when sled cannot recover its own files (after a power cut or a disk fault;
+/// the write-ahead log holds only what came after the last checkpoint, so it cannot rebuild
+/// them).
+pub const SLED_UNRECOVERABLE: &str = "the store cannot be opened as it is: keep a copy of this directory for analysis, restore the newest backup of the data directory (README, \"Backups\"), and check it opens (`kluis audit verify --data-dir DIR`) before serving from it";
+
 fn sled_at<'a>(op: &'a str, dir: &'a Path) -> impl FnOnce(sled::Error) -> StoreError + 'a {
     move |e| {
         StoreError::Io(format!(
@@ -552,12 +557,29 @@ impl SledStore {
             .map_err(io_at("removing unfinished sled snapshots in", dir))?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
         let db = loop {
-            match sled::Config::new()
-                .path(dir)
-                .segment_size(SLED_SEGMENT_SIZE)
-                .cache_capacity(256 * 1024 * 1024)
-                .open()
-            {
+            // sled 0.34 can panic while it recovers its own log after a power cut
+            // ("tried to serialize Uninitialized": spacejam/sled#1387; review 31 saw it in
+            // 1 of 25 simulated power cuts): an error naming the directory and the remedy,
+            // not a panic with sled's backtrace.
+            let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                sled::Config::new()
+                    .path(dir)
+                    .segment_size(SLED_SEGMENT_SIZE)
+                    .cache_capacity(256 * 1024 * 1024)
+                    .open()
+            }))
+            .map_err(|panic| {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                StoreError::Io(format!(
+                    "opening (sled store in {}): sled failed while recovering its own log ({why}); {SLED_UNRECOVERABLE}",
+                    dir.join("db").display()
+                ))
+            })?;
+            match opened {
                 Ok(db) => break db,
                 Err(e)
                     if e.to_string().contains("could not acquire lock")
@@ -569,6 +591,12 @@ impl SledStore {
                     return Err(StoreError::Io(format!(
                         "the data directory {} is in use by another Kluis process (a running server, or an offline command): stop it first",
                         dir.display()
+                    )))
+                }
+                Err(e @ sled::Error::Corruption { .. }) => {
+                    return Err(StoreError::Io(format!(
+                        "opening (sled store in {}): {e}; {SLED_UNRECOVERABLE}",
+                        dir.join("db").display()
                     )))
                 }
                 Err(e) => return Err(sled_at("opening", dir)(e)),
