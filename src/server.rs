@@ -783,7 +783,10 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         .with_answer_budget(answer_budget.clone()),
     )
     .max_decoding_message_size(settings.max_request_bytes);
-    let audit = InterceptedService::new(DecodeGuard::new(audit, Arc::clone(&vault)), gate.clone());
+    let audit = Detached(InterceptedService::new(
+        DecodeGuard::new(audit, Arc::clone(&vault)),
+        gate.clone(),
+    ));
     // On a store this process holds alone, every event past today's head is its own.
     let own_after = if crate::store::Store::exclusive(vault.store()) {
         Some(
@@ -822,7 +825,10 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     );
     let keys = KeysServer::new(KeysService::new(Arc::clone(&jobs), auth.clone()))
         .max_decoding_message_size(settings.max_request_bytes);
-    let keys = InterceptedService::new(DecodeGuard::new(keys, Arc::clone(&vault)), gate.clone());
+    let keys = Detached(InterceptedService::new(
+        DecodeGuard::new(keys, Arc::clone(&vault)),
+        gate.clone(),
+    ));
     // An answer may be larger than a request: an export holds the record's blobs in base64
     // (4/3 of their size) and its access history.
     let answer_limit = settings.max_request_bytes.saturating_mul(2);
@@ -844,7 +850,10 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     ))
     .max_decoding_message_size(settings.max_request_bytes)
     .max_encoding_message_size(answer_limit);
-    let records = InterceptedService::new(DecodeGuard::new(records, Arc::clone(&vault)), gate);
+    let records = Detached(InterceptedService::new(
+        DecodeGuard::new(records, Arc::clone(&vault)),
+        gate,
+    ));
     let (health_state, health) = crate::service::health::HealthState::new(&HEALTH_SERVICES);
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -1114,14 +1123,28 @@ struct BodyShares {
 /// Whose body a request carries: set by the authentication gate ([`crate::service::gate`])
 /// before the body is read, from the request's extensions, where [`BodyBudget::wrap`] put
 /// it; a body read without it (health, reflection) counts as anonymous.
+/// It also says whether the transport cut the body off (the caller reset the stream: it
+/// cancelled the call, or its deadline passed), which the decode guard tells from a body
+/// that was whole but held no message.
 #[derive(Clone, Default)]
-pub(crate) struct BodyOwner(Arc<std::sync::OnceLock<Arc<str>>>);
+pub(crate) struct BodyOwner(Arc<OwnerState>);
+
+#[derive(Default)]
+struct OwnerState {
+    principal: std::sync::OnceLock<Arc<str>>,
+    cut: std::sync::atomic::AtomicBool,
+}
 
 impl BodyOwner {
     /// Names the principal whose call this is.
     pub(crate) fn set(&self, principal: &Arc<str>) {
         // Set once, by the gate; a second set (none happens) would change nothing.
-        let _ = self.0.set(Arc::clone(principal));
+        let _ = self.0.principal.set(Arc::clone(principal));
+    }
+
+    /// Whether the transport ended the body with an error (a reset stream).
+    pub(crate) fn was_cut(&self) -> bool {
+        self.0.cut.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -1169,7 +1192,7 @@ impl BodyBudget {
 
     /// The share of `owner`'s principal (or the anonymous one).
     fn share_of(&self, owner: &BodyOwner) -> Arc<Semaphore> {
-        match owner.0.get() {
+        match owner.0.principal.get() {
             None => Arc::clone(&self.0.anonymous),
             Some(principal) => Arc::clone(
                 self.0
@@ -1206,6 +1229,13 @@ impl http_body::Body for BudgetedBody {
         let this = self.get_mut();
         let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Ready(Some(Err(e))) => {
+                this.owner
+                    .0
+                    .cut
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                return Poll::Ready(Some(Err(e)));
+            }
             other => return other,
         };
         if let Some(data) = frame.data_ref() {
@@ -1246,6 +1276,62 @@ impl http_body::Body for BudgetedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A gated service whose calls run to their end in a task of their own: a call the
+/// transport drops (the caller cancelled it, or its `grpc-timeout` passed) still writes its
+/// log line and its audit event, and a write it started is answered to no one but logged
+/// with its outcome. Before, the whole call was dropped at whatever await it had reached: a
+/// write done but answered `DEADLINE_EXCEEDED` left no log line, and most such calls no
+/// trace at all (review 31). A key job's progress stream is the answer's body, which the
+/// transport still owns.
+#[derive(Clone)]
+pub(crate) struct Detached<S>(S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Detached<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for Detached<S>
+where
+    S: tower::Service<
+        http::Request<B>,
+        Response = http::Response<RB>,
+        Error = std::convert::Infallible,
+    >,
+    S::Future: Send + 'static,
+    RB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    RB::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<
+        Box<
+            dyn Future<Output = Result<http::Response<tonic::body::Body>, std::convert::Infallible>>
+                + Send,
+        >,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let call = tokio::spawn(self.0.call(request));
+        Box::pin(async move {
+            Ok(match call.await {
+                Ok(answer) => answer?.map(tonic::body::Body::new),
+                // A handler that panicked (none should): the call fails, not the connection.
+                Err(e) => {
+                    tracing::error!(
+                        panicked = e.is_panic(),
+                        "a call's task ended without an answer"
+                    );
+                    tonic::Status::internal("the call failed inside the server").into_http()
+                }
+            })
+        })
     }
 }
 

@@ -197,6 +197,10 @@ where
         // the others pay for no second request id.
         let started = std::time::Instant::now();
         let request_id = request.headers().get(super::log::REQUEST_ID).cloned();
+        let body_owner = request
+            .extensions()
+            .get::<crate::server::BodyOwner>()
+            .cloned();
         let vault = Arc::clone(&self.vault);
         if let Some((status, http_status)) = content_type_refusal(request.headers()) {
             // The body is never read (nor decoded).
@@ -232,6 +236,13 @@ where
                             && !response.headers().contains_key(super::log::REQUEST_ID) =>
                     {
                         match s.code() {
+                            // The body did not end: the caller reset the stream (a cancel, or
+                            // its deadline). Not the caller's invalid input (review 31).
+                            _ if body_owner.as_ref().is_some_and(|o| o.was_cut()) => {
+                                Status::cancelled(
+                                    "the call ended before its request body was whole: the caller cancelled it, or its deadline passed",
+                                )
+                            }
                             tonic::Code::Internal => Status::invalid_argument(format!(
                                 "request body is not one valid gRPC message: {}",
                                 s.message()

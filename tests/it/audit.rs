@@ -1794,3 +1794,97 @@ async fn an_anchor_that_cannot_be_written_fails_verification_until_it_is_written
     assert!(again.ok, "{again:?}");
     v.stop_result().await.expect("a clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_its_deadline_cuts_off_is_still_logged_and_audited_as_what_it_did() {
+    // Review 31: a call the transport dropped (its grpc-timeout passed, or the caller
+    // cancelled) was dropped at whatever await it had reached: a write done but answered
+    // DEADLINE_EXCEEDED had no log line, and a body cut off was audited `invalid`.
+    use crate::durability::dev_tokens;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_piped(dir.path());
+    let tokens = dev_tokens(dir.path());
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut recruiter = kluis::proto::records_client::RecordsClient::with_interceptor(
+        channel.clone(),
+        bearer(&tokens["recruiter"]),
+    );
+    let doc = document(8 * 1024 * 1024);
+    let mut cut_off = Vec::new();
+    for n in 0..6 {
+        let request_id = format!("deadline-{n}");
+        let mut request = tonic::Request::new(CreateRecordRequest {
+            purpose: "recruitment".into(),
+            fields: fields(&[
+                ("full_name", text("Deadline Passed")),
+                ("cv_document", blob(&doc, "application/pdf")),
+            ]),
+        });
+        request.set_timeout(Duration::from_millis(2 + 4 * n));
+        request
+            .metadata_mut()
+            .insert("x-request-id", request_id.parse().expect("ascii"));
+        match recruiter.create_record(request).await {
+            Ok(_) => {}
+            Err(status) => {
+                assert!(
+                    matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+                    "{status:?}"
+                );
+                cut_off.push(request_id);
+            }
+        }
+    }
+    assert!(!cut_off.is_empty(), "no call was cut off by its deadline");
+    // Every call cut off still writes its log line, with the outcome the server reached.
+    for request_id in &cut_off {
+        let lines = logged_lines(&server, request_id).await;
+        assert_eq!(lines.len(), 1, "{request_id}: one line: {lines:?}");
+        assert!(
+            lines[0].contains("method=\"CreateRecord\"")
+                && lines[0].contains("principal=\"dev-recruiter\""),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            !lines[0].contains("status=InvalidArgument"),
+            "a body cut off is not the caller's invalid input: {}",
+            lines[0]
+        );
+    }
+    // The audit trail has one CreateRecord event per call (written or not), none `invalid`.
+    let mut auditor = kluis::proto::audit_client::AuditClient::with_interceptor(
+        channel,
+        bearer(&tokens["auditor"]),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = auditor
+            .query_events(kluis::proto::QueryEventsRequest {
+                principal: "dev-recruiter".into(),
+                page_size: 100,
+                ..Default::default()
+            })
+            .await
+            .expect("query")
+            .into_inner()
+            .events;
+        let creates: Vec<_> = events
+            .iter()
+            .filter(|e| e.action == "CreateRecord")
+            .collect();
+        if creates.len() >= 6 || std::time::Instant::now() > deadline {
+            assert_eq!(creates.len(), 6, "{creates:?}");
+            assert!(
+                creates.iter().all(|e| e.outcome != "invalid"),
+                "{creates:?}"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
