@@ -476,7 +476,7 @@ fn io_at<'a>(op: &'a str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Stor
 /// What to do when sled cannot recover its own files (after a power cut or a disk fault;
 /// the write-ahead log holds only what came after the last checkpoint, so it cannot rebuild
 /// them).
-pub const SLED_UNRECOVERABLE: &str = "the store cannot be opened as it is: keep a copy of this directory for analysis, restore the newest backup of the data directory (README, \"Backups\"), and check it opens (`kluis audit verify --data-dir DIR`) before serving from it";
+pub const SLED_UNRECOVERABLE: &str = "the store cannot be opened as it is (sled's failed recovery may already have rewritten its file): keep this directory for analysis, restore the newest backup of the data directory (README, \"Backups\"), and check it opens (`kluis audit verify --data-dir DIR`) before serving from it";
 
 fn sled_at<'a>(op: &'a str, dir: &'a Path) -> impl FnOnce(sled::Error) -> StoreError + 'a {
     move |e| {
