@@ -186,6 +186,16 @@ pub struct KeysFile {
 /// Default seconds between checks of the key rotation schedule.
 pub const DEFAULT_SCHEDULE_CHECK_SECS: u64 = 3600;
 
+/// Most seconds between two runs of a periodic check (the retention sweep, the key-rotation
+/// schedule): a day. A larger interval would quietly turn the check off (review 31).
+pub const MAX_INTERVAL_SECS_SETTING: u64 = 86_400;
+/// Most days a period setting may name (key rotation, applicant retention): ten years.
+pub const MAX_DAYS_SETTING: u64 = 3_650;
+/// Most days `sweep_max_gap_days` may be: past a year the clock-jump guard means nothing.
+pub const MAX_SWEEP_GAP_DAYS: u64 = 366;
+/// Most client connections `max_connections` may allow.
+pub const MAX_CONNECTIONS_LIMIT: usize = 65_536;
+
 /// Resolved key rotation schedule.
 #[derive(Debug, Clone)]
 pub struct KeySettings {
@@ -218,6 +228,11 @@ impl KeysFile {
                     "[keys] rotate_after_days.{name} must be at least 1"
                 )));
             }
+            if u64::from(*days) > MAX_DAYS_SETTING {
+                return Err(ConfigError::Rule(format!(
+                    "[keys] rotate_after_days.{name} = {days}: must be at most {MAX_DAYS_SETTING} (ten years)"
+                )));
+            }
             rotate_after.insert(
                 category,
                 std::time::Duration::from_secs(u64::from(*days) * 86_400),
@@ -225,10 +240,11 @@ impl KeysFile {
         }
         Ok(KeySettings {
             rotate_after,
-            schedule_check: std::time::Duration::from_secs(positive(
+            schedule_check: std::time::Duration::from_secs(bounded(
                 "[keys] schedule_check_secs",
                 self.schedule_check_secs
                     .unwrap_or(DEFAULT_SCHEDULE_CHECK_SECS),
+                MAX_INTERVAL_SECS_SETTING,
             )?),
         })
     }
@@ -607,6 +623,14 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         Some(p) => format!("the file {}", rel(p).display()),
         None => format!("the {} environment variable", crate::keys::MASTER_KEY_ENV),
     };
+    if file.master_key_file.is_some() && std::env::var_os(crate::keys::MASTER_KEY_ENV).is_some() {
+        // Review 31: the variable is not used; an operator who thinks it overrides the file
+        // is told, and the secret should not sit in the environment for nothing.
+        tracing::warn!(
+            variable = crate::keys::MASTER_KEY_ENV,
+            "the master key environment variable is set but not used: master_key_file is set in the config file, and the key is read from that file; unset the variable"
+        );
+    }
     let master_key = match &file.master_key_file {
         Some(p) => MasterKey::load_server_file(&rel(p))?,
         None => MasterKey::from_env()?.ok_or_else(|| {
@@ -701,6 +725,11 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
                     "max_connections = 0: must be at least 1".into(),
                 )))
             }
+            Some(n) if n > MAX_CONNECTIONS_LIMIT => {
+                return Err(in_file(ConfigError::Rule(format!(
+                    "max_connections = {n}: must be at most {MAX_CONNECTIONS_LIMIT} (and well below the process's open-file limit)"
+                ))))
+            }
             Some(n) => n,
         },
         first_request_timeout: crate::server::FIRST_REQUEST_TIMEOUT,
@@ -738,14 +767,16 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
             file.retention
                 .validate()
                 .map_err(|m| in_file(ConfigError::Rule(m)))?;
-            positive(
+            bounded(
                 "[retention] sweep_interval_secs",
                 file.retention.sweep_interval_secs,
+                MAX_INTERVAL_SECS_SETTING,
             )
             .map_err(in_file)?;
-            positive(
+            bounded(
                 "[retention] sweep_max_gap_days",
                 u64::from(file.retention.sweep_max_gap_days),
+                MAX_SWEEP_GAP_DAYS,
             )
             .map_err(in_file)?;
             file.retention.clone()
@@ -1240,6 +1271,31 @@ mod tests {
             (
                 "[retention]\nsweep_max_gap_days = 0\n",
                 "sweep_max_gap_days = 0",
+            ),
+            // Review 31: a huge value quietly turned a safeguard off.
+            (
+                "max_connections = 9223372036854775807\n",
+                "max_connections = 9223372036854775807: must be at most 65536",
+            ),
+            (
+                "[keys]\nschedule_check_secs = 9223372036854775807\n",
+                "schedule_check_secs = 9223372036854775807: must be at most 86400",
+            ),
+            (
+                "[keys.rotate_after_days]\nidentity = 4294967295\n",
+                "rotate_after_days.identity = 4294967295: must be at most 3650",
+            ),
+            (
+                "[retention]\nsweep_interval_secs = 86401\n",
+                "sweep_interval_secs = 86401: must be at most 86400",
+            ),
+            (
+                "[retention]\nsweep_max_gap_days = 4294967295\n",
+                "sweep_max_gap_days = 4294967295: must be at most 366",
+            ),
+            (
+                "[retention]\napplicant_max_days = 4294967295\napplicant_consent_max_days = 4294967295\n",
+                "applicant_max_days = 4294967295: must be at most 3650",
             ),
             (
                 "[retention]\napplicant_consent_purpose = \"talentpool\"\n",

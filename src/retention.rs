@@ -200,6 +200,12 @@ impl RetentionRules {
             if value == 0 {
                 return Err(format!("[retention] {key} = 0: must be at least 1"));
             }
+            if value > crate::config::MAX_DAYS_SETTING {
+                return Err(format!(
+                    "[retention] {key} = {value}: must be at most {} (ten years)",
+                    crate::config::MAX_DAYS_SETTING
+                ));
+            }
         }
         // The basis is what a data subject is shown (exports, plans): it may not be blank.
         if self.applicant_basis.trim().is_empty() {

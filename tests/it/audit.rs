@@ -1815,7 +1815,8 @@ async fn a_call_its_deadline_cuts_off_is_still_logged_and_audited_as_what_it_did
     );
     let doc = document(8 * 1024 * 1024);
     let mut cut_off = Vec::new();
-    for n in 0..6 {
+    let calls = 10;
+    for n in 0..calls {
         let request_id = format!("deadline-{n}");
         let mut request = tonic::Request::new(CreateRecordRequest {
             purpose: "recruitment".into(),
@@ -1824,7 +1825,7 @@ async fn a_call_its_deadline_cuts_off_is_still_logged_and_audited_as_what_it_did
                 ("cv_document", blob(&doc, "application/pdf")),
             ]),
         });
-        request.set_timeout(Duration::from_millis(2 + 4 * n));
+        request.set_timeout(Duration::from_millis(1 + 4 * n));
         request
             .metadata_mut()
             .insert("x-request-id", request_id.parse().expect("ascii"));
@@ -1839,23 +1840,37 @@ async fn a_call_its_deadline_cuts_off_is_still_logged_and_audited_as_what_it_did
             }
         }
     }
-    assert!(!cut_off.is_empty(), "no call was cut off by its deadline");
-    // Every call cut off still writes its log line, with the outcome the server reached.
-    for request_id in &cut_off {
-        let lines = logged_lines(&server, request_id).await;
-        assert_eq!(lines.len(), 1, "{request_id}: one line: {lines:?}");
+    // The client's own timer may cancel a call before it is sent (then the server never saw
+    // it): a call the server saw has its line, and every line is one event below.
+    let mut seen = 0usize;
+    let mut cut_off_seen = 0usize;
+    for n in 0..calls {
+        let request_id = format!("deadline-{n}");
+        let lines = logged_lines(&server, &request_id).await;
+        assert!(lines.len() <= 1, "{request_id}: one line: {lines:?}");
+        let Some(line) = lines.first() else {
+            assert!(
+                cut_off.contains(&request_id),
+                "an answered call has its line"
+            );
+            continue;
+        };
+        seen += 1;
+        cut_off_seen += usize::from(cut_off.contains(&request_id));
         assert!(
-            lines[0].contains("method=\"CreateRecord\"")
-                && lines[0].contains("principal=\"dev-recruiter\""),
-            "{}",
-            lines[0]
+            line.contains("method=\"CreateRecord\"")
+                && line.contains("principal=\"dev-recruiter\""),
+            "{line}"
         );
         assert!(
-            !lines[0].contains("status=InvalidArgument"),
-            "a body cut off is not the caller's invalid input: {}",
-            lines[0]
+            !line.contains("status=InvalidArgument"),
+            "a body cut off is not the caller's invalid input: {line}"
         );
     }
+    assert!(
+        cut_off_seen > 0,
+        "no call that reached the server was cut off by its deadline ({cut_off:?})"
+    );
     // The audit trail has one CreateRecord event per call (written or not), none `invalid`.
     let mut auditor = kluis::proto::audit_client::AuditClient::with_interceptor(
         channel,
@@ -1877,8 +1892,8 @@ async fn a_call_its_deadline_cuts_off_is_still_logged_and_audited_as_what_it_did
             .iter()
             .filter(|e| e.action == "CreateRecord")
             .collect();
-        if creates.len() >= 6 || std::time::Instant::now() > deadline {
-            assert_eq!(creates.len(), 6, "{creates:?}");
+        if creates.len() >= seen || std::time::Instant::now() > deadline {
+            assert_eq!(creates.len(), seen, "{creates:?}");
             assert!(
                 creates.iter().all(|e| e.outcome != "invalid"),
                 "{creates:?}"
