@@ -102,6 +102,8 @@ pub struct Running {
     cutoff: Arc<Cutoff>,
     /// Whether the checkpointer signs and anchors: read once it has stopped.
     checkpoint_health: Arc<crate::audit::CheckpointHealth>,
+    /// Held by every call running in its own task ([`Detached`]).
+    calls: Arc<()>,
 }
 
 /// How often the health status is checked against the store.
@@ -321,6 +323,18 @@ impl Running {
                 task.abort();
                 let _ = task.await;
             }
+        }
+        // Calls whose callers are gone may still run in their own tasks (review 31: one
+        // finished a write after the last checkpoint was signed): wait for them first.
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while Arc::strong_count(&self.calls) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        if Arc::strong_count(&self.calls) > 1 {
+            tracing::warn!(
+                running = Arc::strong_count(&self.calls) - 1,
+                "calls still running after the grace period: their events may come after the last checkpoint"
+            );
         }
         let checkpointing = self.checkpoints.is_some();
         if let Some(cp) = self.checkpoints.take() {
@@ -783,10 +797,11 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         .with_answer_budget(answer_budget.clone()),
     )
     .max_decoding_message_size(settings.max_request_bytes);
-    let audit = Detached(InterceptedService::new(
-        DecodeGuard::new(audit, Arc::clone(&vault)),
-        gate.clone(),
-    ));
+    let calls = Arc::new(());
+    let audit = Detached(
+        InterceptedService::new(DecodeGuard::new(audit, Arc::clone(&vault)), gate.clone()),
+        Arc::clone(&calls),
+    );
     // On a store this process holds alone, every event past today's head is its own.
     let own_after = if crate::store::Store::exclusive(vault.store()) {
         Some(
@@ -825,10 +840,10 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     );
     let keys = KeysServer::new(KeysService::new(Arc::clone(&jobs), auth.clone()))
         .max_decoding_message_size(settings.max_request_bytes);
-    let keys = Detached(InterceptedService::new(
-        DecodeGuard::new(keys, Arc::clone(&vault)),
-        gate.clone(),
-    ));
+    let keys = Detached(
+        InterceptedService::new(DecodeGuard::new(keys, Arc::clone(&vault)), gate.clone()),
+        Arc::clone(&calls),
+    );
     // An answer may be larger than a request: an export holds the record's blobs in base64
     // (4/3 of their size) and its access history.
     let answer_limit = settings.max_request_bytes.saturating_mul(2);
@@ -850,10 +865,10 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
     ))
     .max_decoding_message_size(settings.max_request_bytes)
     .max_encoding_message_size(answer_limit);
-    let records = Detached(InterceptedService::new(
-        DecodeGuard::new(records, Arc::clone(&vault)),
-        gate,
-    ));
+    let records = Detached(
+        InterceptedService::new(DecodeGuard::new(records, Arc::clone(&vault)), gate),
+        Arc::clone(&calls),
+    );
     let (health_state, health) = crate::service::health::HealthState::new(&HEALTH_SERVICES);
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -926,6 +941,7 @@ pub async fn start(settings: Settings) -> Result<Running, ServerError> {
         adopter,
         cutoff,
         checkpoint_health,
+        calls,
     })
 }
 
@@ -1247,7 +1263,11 @@ impl http_body::Body for BudgetedBody {
                 Ok(own) => own,
                 Err(_) => {
                     return Poll::Ready(Some(Err(tonic::Status::resource_exhausted(
-                        "this caller's calls whose bodies are still arriving already hold its share of the server's budget of request bytes in flight (half of it); finish or cancel them, or retry shortly",
+                        if this.owner.0.principal.get().is_some() {
+                            "this caller's calls whose bodies are still arriving already hold its share of the server's budget of request bytes in flight (half of it); finish or cancel them, or retry shortly"
+                        } else {
+                            "calls without credentials whose bodies are still arriving already hold their share of the server's budget of request bytes in flight (half of it); retry shortly"
+                        },
                     ))))
                 }
             };
@@ -1287,7 +1307,7 @@ impl http_body::Body for BudgetedBody {
 /// trace at all (review 31). A key job's progress stream is the answer's body, which the
 /// transport still owns.
 #[derive(Clone)]
-pub(crate) struct Detached<S>(S);
+pub(crate) struct Detached<S>(S, Arc<()>);
 
 impl<S: tonic::server::NamedService> tonic::server::NamedService for Detached<S> {
     const NAME: &'static str = S::NAME;
@@ -1318,7 +1338,14 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let call = tokio::spawn(self.0.call(request));
+        let call = self.0.call(request);
+        // The shutdown waits for every call still running before the last checkpoint.
+        let running = Arc::clone(&self.1);
+        let call = tokio::spawn(async move {
+            let answer = call.await;
+            drop(running);
+            answer
+        });
         Box::pin(async move {
             Ok(match call.await {
                 Ok(answer) => answer?.map(tonic::body::Body::new),
