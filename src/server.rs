@@ -1127,13 +1127,20 @@ pub const MIN_BODY_BUDGET: usize = 64 * 1024 * 1024;
 pub(crate) struct BodyBudget(Arc<BodyShares>);
 
 struct BodyShares {
-    total: Arc<Semaphore>,
-    /// A principal's share, in KiB.
-    share: usize,
-    /// Each principal's share (principals come from the policy: a bounded set).
-    shares: parking_lot::Mutex<std::collections::HashMap<Arc<str>, Arc<Semaphore>>>,
+    /// The total, and each principal's share of it.
+    budget: crate::service::answer::SharedBudget,
     /// The share of calls without a principal.
     anonymous: Arc<Semaphore>,
+}
+
+impl BodyShares {
+    /// The share of `owner`'s principal (or the anonymous one).
+    fn share_of(&self, owner: &BodyOwner) -> Arc<Semaphore> {
+        match owner.0.principal.get() {
+            None => Arc::clone(&self.anonymous),
+            Some(principal) => self.budget.share_of(principal),
+        }
+    }
 }
 
 /// Whose body a request carries: set by the authentication gate ([`crate::service::gate`])
@@ -1174,13 +1181,9 @@ impl BodyBudget {
     }
 
     fn of_kib(kib: usize) -> Self {
-        let kib = kib.clamp(2, Semaphore::MAX_PERMITS);
-        Self(Arc::new(BodyShares {
-            total: Arc::new(Semaphore::new(kib)),
-            share: kib / 2,
-            shares: parking_lot::Mutex::default(),
-            anonymous: Arc::new(Semaphore::new(kib / 2)),
-        }))
+        let budget = crate::service::answer::SharedBudget::of_kib(kib);
+        let anonymous = Arc::new(Semaphore::new(budget.half()));
+        Self(Arc::new(BodyShares { budget, anonymous }))
     }
 
     /// `request` with its body holding its bytes against the budget until it is dropped,
@@ -1204,20 +1207,6 @@ impl BodyBudget {
             share: None,
             held: None,
         })
-    }
-
-    /// The share of `owner`'s principal (or the anonymous one).
-    fn share_of(&self, owner: &BodyOwner) -> Arc<Semaphore> {
-        match owner.0.principal.get() {
-            None => Arc::clone(&self.0.anonymous),
-            Some(principal) => Arc::clone(
-                self.0
-                    .shares
-                    .lock()
-                    .entry(Arc::clone(principal))
-                    .or_insert_with(|| Arc::new(Semaphore::new(self.0.share))),
-            ),
-        }
     }
 }
 
@@ -1258,7 +1247,7 @@ impl http_body::Body for BudgetedBody {
             let kib = u32::try_from(data.len().div_ceil(1024)).unwrap_or(u32::MAX);
             let share = this
                 .share
-                .get_or_insert_with(|| BodyBudget(Arc::clone(&this.budget)).share_of(&this.owner));
+                .get_or_insert_with(|| this.budget.share_of(&this.owner));
             let own = match Arc::clone(share).try_acquire_many_owned(kib) {
                 Ok(own) => own,
                 Err(_) => {
@@ -1271,7 +1260,7 @@ impl http_body::Body for BudgetedBody {
                     ))))
                 }
             };
-            let total = match Arc::clone(&this.budget.total).try_acquire_many_owned(kib) {
+            let total = match Arc::clone(this.budget.budget.total()).try_acquire_many_owned(kib) {
                 Ok(total) => total,
                 Err(_) => {
                     return Poll::Ready(Some(Err(tonic::Status::resource_exhausted(
@@ -1705,7 +1694,14 @@ mod tests {
         drain(budget.wrap(frames(3), BodyOwner::default()))
             .await
             .expect("the anonymous share");
-        assert!(BodyBudget::for_requests(1).0.total.available_permits() >= MIN_BODY_BUDGET / 1024);
+        assert!(
+            BodyBudget::for_requests(1)
+                .0
+                .budget
+                .total()
+                .available_permits()
+                >= MIN_BODY_BUDGET / 1024
+        );
     }
     use crate::store::{Batch, Keyspace, Store};
     use tonic_health::pb::health_check_response::ServingStatus;

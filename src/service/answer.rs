@@ -49,14 +49,48 @@ pub const ANSWER_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// The budget of answer bytes not yet sent, in KiB permits, shared by every call; each
 /// principal may hold at most half of it.
 #[derive(Clone)]
-pub struct AnswerBudget(Arc<Budget>);
+pub struct AnswerBudget(Arc<SharedBudget>);
 
-struct Budget {
+/// A budget of KiB permits shared by every call, of which each principal may hold at most
+/// half: the answer budget here, and the request-body budget (`server::BodyBudget`).
+pub(crate) struct SharedBudget {
     total: Arc<Semaphore>,
     /// A principal's share, in KiB.
     share: usize,
     /// Each principal's share (principals come from the policy: a bounded set).
     shares: parking_lot::Mutex<HashMap<Arc<str>, Arc<Semaphore>>>,
+}
+
+impl SharedBudget {
+    /// A budget of `kib` permits (at least 2), half of it each principal's share.
+    pub(crate) fn of_kib(kib: usize) -> Self {
+        let kib = kib.clamp(2, Semaphore::MAX_PERMITS);
+        Self {
+            total: Arc::new(Semaphore::new(kib)),
+            share: kib / 2,
+            shares: parking_lot::Mutex::default(),
+        }
+    }
+
+    /// The permits every call takes from.
+    pub(crate) fn total(&self) -> &Arc<Semaphore> {
+        &self.total
+    }
+
+    /// Half the budget, in KiB.
+    pub(crate) fn half(&self) -> usize {
+        self.share
+    }
+
+    /// `principal`'s share.
+    pub(crate) fn share_of(&self, principal: &Arc<str>) -> Arc<Semaphore> {
+        Arc::clone(
+            self.shares
+                .lock()
+                .entry(Arc::clone(principal))
+                .or_insert_with(|| Arc::new(Semaphore::new(self.share))),
+        )
+    }
 }
 
 impl AnswerBudget {
@@ -69,12 +103,7 @@ impl AnswerBudget {
     }
 
     fn of_kib(kib: usize) -> Self {
-        let kib = kib.clamp(2, Semaphore::MAX_PERMITS);
-        Self(Arc::new(Budget {
-            total: Arc::new(Semaphore::new(kib)),
-            share: kib / 2,
-            shares: parking_lot::Mutex::default(),
-        }))
+        Self(Arc::new(SharedBudget::of_kib(kib)))
     }
 
     /// Takes an answer of `size` bytes for `principal`, at `peer`, from the budget and from
@@ -91,13 +120,7 @@ impl AnswerBudget {
             return Ok(None);
         }
         let kib = u32::try_from(size.div_ceil(1024)).unwrap_or(u32::MAX);
-        let share = Arc::clone(
-            self.0
-                .shares
-                .lock()
-                .entry(Arc::clone(principal))
-                .or_insert_with(|| Arc::new(Semaphore::new(self.0.share))),
-        );
+        let share = self.0.share_of(principal);
         let own = share.try_acquire_many_owned(kib).map_err(|_| {
             Status::resource_exhausted(format!(
                 "{field}: the answer is {size} bytes, and answers to this caller that it has not read yet already hold its share of the answer budget (half of it); read them, or retry shortly"
